@@ -1,0 +1,158 @@
+/**
+ * Dispatch benchmark (issue #4), on the real mesh (tenant, telemetry, dispatcher, executor,
+ * gateway as processes; the demo agent as a linux/arm64 container on the real engine):
+ * 1. enqueue-to-lease latency p50/p99: an idle executor long-polls; each run's QUEUED -> STARTING
+ *    time is read from the dispatcher's own timestamps (create_time -> update_time of the
+ *    STARTING state seen on WatchDispatch), so client clocks do not enter;
+ * 2. cancel-to-container-stopped p95: a running demo run (sleep=30) is cancelled; the time until
+ *    WatchDispatch shows CANCELLED (the executor stops the container, then reports);
+ * 3. dispatch creates per second through the gateway (executor stopped, so no containers start)
+ *    vs a bare loop of SQLite store inserts (the baseline).
+ */
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
+import { ulid } from "ulid";
+import { SqliteDispatchStore } from "../services/dispatcher/src/store/sqlite-store.ts";
+import type { DispatchRecord } from "../services/dispatcher/src/store/store.ts";
+import { queuedDispatch } from "../services/dispatcher/src/store/store.ts";
+import { startBenchMesh } from "./lib/fixtures.ts";
+import { median, percentile, type BenchResult, type Benchmark } from "./lib/types.ts";
+
+const CONCURRENCY = 8;
+
+function baselineRecord(i: number): DispatchRecord {
+  const now = Date.now();
+  return queuedDispatch({
+    id: ulid(now),
+    tenantId: "bench",
+    agent: "demo",
+    task: `t${i}`,
+    repoUrl: "",
+    repoRef: "",
+    model: "demo-1",
+    modelTier: 3,
+    timeoutMs: 300_000,
+    secretNames: [],
+    env: {},
+    labels: {},
+    requestId: "",
+    traceparent: "",
+    createTime: now,
+  });
+}
+
+/** Bare baseline: the same store the dispatcher uses, inserts in a loop, no RPC, no auth. */
+async function bareInsertsPerSecond(count: number): Promise<number> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-bench-store-"));
+  const store = new SqliteDispatchStore(dir);
+  try {
+    const start = performance.now();
+    for (let i = 0; i < count; i++) await store.insert(baselineRecord(i));
+    return count / ((performance.now() - start) / 1000);
+  } finally {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const dispatchBench: Benchmark = async (ctx): Promise<BenchResult> => {
+  // Quotas and rate limits would otherwise stop a throughput run: the bench tenant gets an
+  // enterprise tier raised far above the load.
+  const tiersDir = mkdtempSync(path.join(os.tmpdir(), "outpost-bench-tiers-"));
+  const tiersFile = path.join(tiersDir, "tiers.json");
+  writeFileSync(
+    tiersFile,
+    JSON.stringify({ enterprise: { concurrent_runs: 100_000, runs_per_day: 1_000_000, create_per_minute: 1_000_000, read_per_minute: 1_000_000 } }),
+  );
+  const bench = await startBenchMesh(undefined, {
+    OUTPOST_LEASE_TTL_MS: "3000",
+    OUTPOST_TIERS_FILE: tiersFile,
+    // The benchmark client is on loopback: exempt it from the per-IP budget (it measures the path, not the limiter).
+    OUTPOST_RATE_LIMIT_ALLOW: "127.0.0.1,::1",
+  });
+  try {
+    const tenant = await bench.newTenant("bench-dispatch");
+    await bench.admin.tenants.updateTenant({ tenantId: tenant.tenantId, tier: Tier.ENTERPRISE });
+    const { dispatches } = tenant.clients;
+
+    // 1. enqueue-to-lease latency.
+    const leaseSamples: number[] = [];
+    const leaseCount = ctx.quick ? 3 : 15;
+    for (let i = 0; i < leaseCount; i++) {
+      const { dispatch } = await dispatches.createDispatch({ agent: "demo", task: "lines=1" });
+      for await (const msg of dispatches.watchDispatch({ dispatchId: dispatch!.id })) {
+        const d = msg.dispatch!;
+        if (d.state === Dispatch_State.QUEUED) continue;
+        leaseSamples.push(timestampMs(d.updateTime!) - timestampMs(d.createTime!));
+        break;
+      }
+      // Let the run finish so the executor is idle and long-polling again.
+      for await (const msg of dispatches.watchDispatch({ dispatchId: dispatch!.id })) void msg;
+    }
+    ctx.log(`lease latency samples (ms): ${leaseSamples.join(", ")}`);
+
+    // 2. cancel-to-stopped.
+    const cancelSamples: number[] = [];
+    const cancelCount = ctx.quick ? 2 : 10;
+    for (let i = 0; i < cancelCount; i++) {
+      const { dispatch } = await dispatches.createDispatch({ agent: "demo", task: "lines=1 sleep=30" });
+      let start = 0;
+      for await (const msg of dispatches.watchDispatch({ dispatchId: dispatch!.id })) {
+        const d = msg.dispatch!;
+        if (d.state === Dispatch_State.RUNNING && start === 0) {
+          start = performance.now();
+          await dispatches.cancelDispatch({ dispatchId: d.id });
+        }
+        if (d.state === Dispatch_State.CANCELLED) {
+          if (start > 0) cancelSamples.push(performance.now() - start);
+          break;
+        }
+        if (d.state !== Dispatch_State.QUEUED && d.state !== Dispatch_State.STARTING && d.state !== Dispatch_State.RUNNING) break;
+      }
+    }
+    ctx.log(`cancel-to-stopped samples (ms): ${cancelSamples.map((s) => s.toFixed(0)).join(", ")}`);
+
+    // 3. creates per second through the gateway, executor stopped so the queue just grows.
+    await bench.mesh.kill("executor");
+    const createCount = ctx.quick ? 200 : 2000;
+    const rates: number[] = [];
+    const baselines: number[] = [];
+    for (let run = 0; run < ctx.runs; run++) {
+      let next = 0;
+      const start = performance.now();
+      await Promise.all(
+        Array.from({ length: CONCURRENCY }, async () => {
+          while (next < createCount) {
+            next++;
+            await dispatches.createDispatch({ agent: "demo", task: "queued only" });
+          }
+        }),
+      );
+      rates.push(createCount / ((performance.now() - start) / 1000));
+      baselines.push(await bareInsertsPerSecond(createCount));
+    }
+    const rate = median(rates);
+    const baseline = median(baselines);
+    return {
+      name: "dispatch",
+      conditions:
+        `creates: ${createCount} per run, ${CONCURRENCY} concurrent, through the gateway (auth, tenant admission, audit; loopback exempt from rate limits) vs a bare loop of SQLite store inserts; ` +
+        `lease latency: ${leaseSamples.length} runs, one idle executor long-polling; cancel: ${cancelSamples.length} running demo containers (arm64 under qemu)`,
+      rows: [
+        { metric: "dispatch creates/s through the gateway (vs bare store inserts/s)", value: rate, unit: "creates/s", baseline, ratio: rate / baseline },
+        { metric: "enqueue-to-lease p50", value: percentile(leaseSamples, 50), unit: "ms" },
+        { metric: "enqueue-to-lease p99", value: percentile(leaseSamples, 99), unit: "ms" },
+        { metric: "cancel-to-container-stopped p95", value: percentile(cancelSamples, 95), unit: "ms", goal: "< 1000 ms" },
+      ],
+    };
+  } finally {
+    await bench.stop();
+    rmSync(tiersDir, { recursive: true, force: true });
+  }
+};
+
+export default dispatchBench;

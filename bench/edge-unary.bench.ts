@@ -1,0 +1,132 @@
+/**
+ * Edge unary throughput and latency (issue #7): an authenticated `GetDispatch` through the
+ * gateway (API key check, signed identity, forwarding over h2c to the dispatcher, its store)
+ * against a bare @connectrpc/connect-node server answering the same method from memory.
+ * Over gRPC (h2load) and over Connect JSON on HTTP/1.1 (autocannon). First each side is
+ * saturated (throughput), then both are driven at half of Outpost's saturated rate, where
+ * the p50/p99 latencies are compared. Goals: >= 0.4 of the bare throughput; p99 <= 2x bare.
+ */
+import { create, toBinary } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { startBenchMesh, startEchoServer } from "./lib/fixtures.ts";
+import { grpcFrame, hasH2load, runAutocannon, runH2load, type LoadFigures } from "./lib/tools.ts";
+import { median, type BenchContext, type BenchResult, type BenchRow, type Benchmark } from "./lib/types.ts";
+
+const METHOD_PATH = "/outpost.dispatch.v1.DispatchService/GetDispatch";
+
+interface Side {
+  saturated: LoadFigures;
+  half: LoadFigures;
+}
+
+const edgeUnary: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
+  const durationS = ctx.quick ? 1 : 5;
+  const grpcClients = 4;
+  const grpcStreams = 8;
+  const h1Connections = 16;
+  // Without an executor the dispatch stays QUEUED, which is all GetDispatch needs.
+  const bench = await startBenchMesh(["tenant", "telemetry", "dispatcher", "gateway"]);
+  const echo = await startEchoServer();
+  try {
+    const tenant = await bench.newTenant("Edge bench");
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "edge benchmark" });
+    const dispatchId = dispatch!.id;
+    const gateway = bench.mesh.urls.gateway;
+    const auth = { authorization: `Bearer ${tenant.apiKey}` };
+
+    // h2load only sees HTTP statuses, and gRPC errors travel in trailers: prove both targets
+    // answer OK through the same path first, and again after each run (a rate limit or a
+    // failure during the run would show there).
+    const probe = async (baseUrl: string, withAuth: boolean) => {
+      const client = createClient(DispatchService, createGrpcTransport({ baseUrl }));
+      const res = await client.getDispatch({ dispatchId }, { headers: withAuth ? auth : {} });
+      if (res.dispatch?.id !== dispatchId) throw new Error(`${baseUrl} answered a different dispatch`);
+    };
+    await probe(gateway, true);
+    await probe(echo.h2, false);
+
+    const grpcBody = grpcFrame(toBinary(GetDispatchRequestSchema, create(GetDispatchRequestSchema, { dispatchId })));
+    const grpcHeaders = { "content-type": "application/grpc", te: "trailers" };
+    const grpc = hasH2load();
+    if (!grpc) ctx.log("h2load not found (apt-get install nghttp2-client): skipping the gRPC rows");
+
+    const outpostGrpc: Side[] = [];
+    const bareGrpc: Side[] = [];
+    const outpostJson: Side[] = [];
+    const bareJson: Side[] = [];
+    let grpcRejected = 0;
+    for (let run = 0; run < ctx.runs; run++) {
+      if (grpc) {
+        const h2 = async (baseUrl: string, headers: Record<string, string>, rpsPerClient?: number) =>
+          runH2load({ url: baseUrl + METHOD_PATH, body: grpcBody, headers, clients: grpcClients, streams: grpcStreams, durationS, rpsPerClient });
+        const checked = async (figures: Promise<LoadFigures>) => {
+          const result = await figures;
+          try {
+            await probe(gateway, true);
+          } catch (err) {
+            if (ConnectError.from(err).code === Code.ResourceExhausted) grpcRejected++;
+            else throw err;
+          }
+          return result;
+        };
+        const o = await checked(h2(gateway, { ...grpcHeaders, ...auth }));
+        const b = await h2(echo.h2, grpcHeaders);
+        const rate = Math.max(1, Math.floor(o.rps / 2 / grpcClients));
+        outpostGrpc.push({ saturated: o, half: await checked(h2(gateway, { ...grpcHeaders, ...auth }, rate)) });
+        bareGrpc.push({ saturated: b, half: await h2(echo.h2, grpcHeaders, rate) });
+        ctx.log(`run ${run + 1} gRPC: outpost ${o.rps.toFixed(0)} req/s, bare ${b.rps.toFixed(0)} req/s`);
+      }
+      const h1 = async (baseUrl: string, headers: Record<string, string>, overallRate?: number) =>
+        runAutocannon({
+          url: baseUrl + METHOD_PATH,
+          method: "POST",
+          headers: { "content-type": "application/json", ...headers },
+          body: JSON.stringify({ dispatchId }),
+          connections: h1Connections,
+          durationS,
+          overallRate,
+        });
+      const o = await h1(gateway, auth);
+      const b = await h1(echo.h1, {});
+      const rate = Math.max(1, Math.floor(o.rps / 2));
+      outpostJson.push({ saturated: o, half: await h1(gateway, auth, rate) });
+      bareJson.push({ saturated: b, half: await h1(echo.h1, {}, rate) });
+      ctx.log(`run ${run + 1} Connect JSON/HTTP 1.1: outpost ${o.rps.toFixed(0)} req/s, bare ${b.rps.toFixed(0)} req/s`);
+    }
+
+    const rows: BenchRow[] = [];
+    if (grpc) rows.push(...rowsFor("gRPC (h2load)", outpostGrpc, bareGrpc));
+    rows.push(...rowsFor("Connect JSON HTTP/1.1 (autocannon)", outpostJson, bareJson));
+    const failed = [...outpostGrpc, ...outpostJson].reduce((n, s) => n + s.saturated.failed + s.half.failed, 0);
+    return {
+      name: "edge-unary",
+      conditions:
+        `authenticated GetDispatch via gateway -> dispatcher (SQLite) vs bare connect-node server; ` +
+        `${durationS}s per measurement; gRPC ${grpcClients} connections x ${grpcStreams} streams; HTTP/1.1 ${h1Connections} connections; ` +
+        `half load = 50% of Outpost's saturated rate; Outpost failed requests ${failed}, rate-limited probes ${grpcRejected}`,
+      rows,
+    };
+  } finally {
+    await echo.stop();
+    await bench.stop();
+  }
+};
+
+function rowsFor(protocol: string, outpost: Side[], bare: Side[]): BenchRow[] {
+  const pick = (sides: Side[], f: (s: Side) => number) => median(sides.map(f));
+  const row = (metric: string, unit: string, f: (s: Side) => number, goal?: string): BenchRow => {
+    const value = pick(outpost, f);
+    const baseline = pick(bare, f);
+    return { metric: `${protocol} ${metric}`, value, unit, baseline, ratio: value / baseline, ...(goal ? { goal } : {}) };
+  };
+  return [
+    row("throughput", "req/s", (s) => s.saturated.rps, ">= 0.4 of bare"),
+    row("p50 at saturation", "ms", (s) => s.saturated.p50Ms),
+    row("p50 at half load", "ms", (s) => s.half.p50Ms),
+    row("p99 at half load", "ms", (s) => s.half.p99Ms, "<= 2x bare"),
+  ];
+}
+
+export default edgeUnary;

@@ -1,0 +1,91 @@
+/**
+ * What the benchmarks run against: the real Outpost processes (started through the same
+ * scripts/lib/mesh.ts that `npm start` and the tests use, on free ports and a throw-away data
+ * directory) and the bare baseline server, each its own process in this process tree.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { outpostClients, type OutpostClients } from "@outpost/cli";
+import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
+import { REPO_ROOT, startMesh, type Mesh, type ServiceName } from "../../scripts/lib/mesh.ts";
+
+export interface BenchMesh {
+  mesh: Mesh;
+  admin: OutpostClients;
+  newTenant(name: string): Promise<{ tenantId: string; apiKey: string; clients: OutpostClients }>;
+  stop(): Promise<void>;
+}
+
+export async function startBenchMesh(only?: readonly ServiceName[], env: Record<string, string> = {}): Promise<BenchMesh> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-bench-"));
+  const adminToken = randomBytes(32).toString("hex");
+  // Benchmarks measure the limiter's cost, not its rejections: bench tenants are enterprise
+  // tier with request rates far above anything one machine produces, and the per-IP limit
+  // (one load generator stands in for many clients) is raised the same way.
+  const tiersFile = path.join(dir, "tiers.json");
+  const huge = 1_000_000_000;
+  writeFileSync(tiersFile, JSON.stringify({ enterprise: { create_per_minute: huge, trigger_per_minute: huge, read_per_minute: huge, runs_per_day: huge, concurrent_runs: 1000 } }));
+  const mesh = await startMesh({
+    dataDir: path.join(dir, "data"),
+    logDir: path.join(dir, "logs"),
+    internalSecret: randomBytes(32).toString("hex"),
+    adminToken,
+    only,
+    // Benchmarks measure the request path, not log volume.
+    env: {
+      OUTPOST_LOG_LEVEL: "warn",
+      OUTPOST_TIERS_FILE: tiersFile,
+      OUTPOST_RATE_LIMITS_PER_IP: `create=${huge},trigger=${huge},read=${huge}`,
+      ...env,
+    },
+  });
+  const admin = outpostClients(mesh.urls.gateway, adminToken);
+  return {
+    mesh,
+    admin,
+    async newTenant(name) {
+      const res = await admin.tenants.createTenant({ name, contactEmail: "bench@example.com", tier: Tier.ENTERPRISE });
+      return { tenantId: res.tenant!.id, apiKey: res.apiKeyPlaintext, clients: outpostClients(mesh.urls.gateway, res.apiKeyPlaintext) };
+    },
+    async stop() {
+      await mesh.stop();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+export interface EchoServer {
+  /** HTTP/1.1 base URL. */
+  h1: string;
+  /** h2c (prior knowledge) base URL. */
+  h2: string;
+  stop(): Promise<void>;
+}
+
+/** Starts bench/lib/echo-server.ts as its own process. */
+export async function startEchoServer(): Promise<EchoServer> {
+  const child: ChildProcess = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", path.join(REPO_ROOT, "bench/lib/echo-server.ts")], {
+    cwd: REPO_ROOT,
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const firstLine = await new Promise<string>((resolve, reject) => {
+    const lines = createInterface({ input: child.stdout! });
+    lines.once("line", resolve);
+    child.once("exit", (code) => reject(new Error(`echo server exited with ${code}`)));
+  });
+  const ports = JSON.parse(firstLine) as { h1: number; h2: number };
+  return {
+    h1: `http://127.0.0.1:${ports.h1}`,
+    h2: `http://127.0.0.1:${ports.h2}`,
+    async stop() {
+      if (child.exitCode !== null) return;
+      const exited = new Promise((resolve) => child.once("exit", resolve));
+      child.kill("SIGTERM");
+      await exited;
+    },
+  };
+}

@@ -1,0 +1,26 @@
+#!/bin/sh
+# Outpost agent contract -> Grok CLI (@vibe-kit/grok-cli) (services/executor/README.md, "Agent contract").
+# In: OUTPOST_TASK (prompt), OUTPOST_MODEL, OUTPOST_WORKSPACE (working directory, the repository
+# checkout when the dispatch named one), OUTPOST_RESULT_PATH; secrets arrive as environment
+# variables of their own names (e.g. GROK_API_KEY). Out: the CLI's output as the live log, its final
+# answer in the result file, its exit code as the run's.
+set -eu
+: "${OUTPOST_TASK:?OUTPOST_TASK is required}"
+workspace="${OUTPOST_WORKSPACE:-/workspace}"
+export OUTPOST_RESULT_PATH="${OUTPOST_RESULT_PATH:-$workspace/.outpost/result.json}"
+# The root filesystem is read-only: the CLI keeps its config and caches in the /tmp tmpfs.
+tmp="${TMPDIR:-/tmp}"
+export HOME="$tmp/home"
+mkdir -p "$HOME"
+cd "$workspace"
+output="$tmp"/outpost-agent-output.txt
+# POSIX sh has no pipefail: the CLI's status travels through a file past tee.
+{
+  set +e
+  # --prompt: headless mode (one task, then exit); --directory: where it works.
+  grok --prompt "$OUTPOST_TASK" ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --directory "$workspace"
+  echo $? >"$tmp"/outpost-agent-status
+} 2>&1 | tee "$output"
+status=$(cat "$tmp"/outpost-agent-status 2>/dev/null || echo 1)
+node "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-result.mjs grok "$status" "$output"
+exit "$status"

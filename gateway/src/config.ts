@@ -1,0 +1,76 @@
+import { setting } from "@outpost/platform";
+import { z } from "zod";
+import { corsPolicyOf } from "./core/cors.ts";
+import { METHOD_CLASSES } from "./core/method-class.ts";
+import { DEFAULT_RATE_LIMITS, parseAllowList, type RateLimits } from "./core/rate-limit.ts";
+
+/** "create=100,trigger=500,read=1000" (per minute); classes left out keep their default. */
+const rateLimits = (fallback: RateLimits = DEFAULT_RATE_LIMITS) =>
+  z
+    .string()
+    .optional()
+    .transform((value, ctx): RateLimits => {
+      const limits = { ...fallback };
+      for (const part of (value ?? "").split(",").map((p) => p.trim()).filter(Boolean)) {
+        const [name, count] = part.split("=").map((s) => s.trim()) as [string, string | undefined];
+        const n = Number(count);
+        if (!(METHOD_CLASSES as readonly string[]).includes(name) || !Number.isInteger(n) || n <= 0) {
+          ctx.addIssue({ code: "custom", message: `expected create=N,trigger=N,read=N (N > 0), got "${part}"` });
+          return z.NEVER;
+        }
+        limits[name as keyof RateLimits] = n;
+      }
+      return limits;
+    });
+
+/** Environment settings of the gateway, validated at start-up. */
+export const gatewayConfigShape = {
+  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_GATEWAY_HOST: setting.host(),
+  OUTPOST_GATEWAY_PORT: setting.port(7100),
+  OUTPOST_TENANT_URL: setting.url(),
+  OUTPOST_DISPATCHER_URL: setting.url(),
+  OUTPOST_TELEMETRY_URL: setting.url(),
+  /** The operator credential (SPEC T6); distinct from tenant keys, at least 32 characters. */
+  OUTPOST_ADMIN_TOKEN: z.string({ error: "is required (the admin credential)" }).min(32, { message: "must be at least 32 characters" }),
+  /** How long a verified API key is trusted before the tenant service is asked again. */
+  OUTPOST_AUTH_CACHE_TTL_MS: setting.durationMs(2000),
+  /** Largest request message accepted at the edge. */
+  OUTPOST_MAX_REQUEST_BYTES: setting.positiveInt(1024 * 1024),
+  /** Shared rate-limit counters and auth-cache invalidation between replicas; absent = in-process only. */
+  OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
+  /** Where rate limits are counted: redis (default when OUTPOST_REDIS_URL is set), memory (default otherwise), or off. */
+  OUTPOST_RATE_LIMIT: z.enum(["redis", "memory", "off"]).optional(),
+  /** Per-tenant request rates per minute by method class, when the tier sets none. */
+  OUTPOST_RATE_LIMITS: rateLimits(),
+  /** Per-client-IP request rates per minute by method class (authenticated or not). */
+  OUTPOST_RATE_LIMITS_PER_IP: rateLimits(),
+  /** IPs and CIDRs never rate limited (internal callers), comma-separated. */
+  OUTPOST_RATE_LIMIT_ALLOW: z
+    .string()
+    .default("")
+    .transform((value, ctx) => {
+      const entries = value.split(",").map((s) => s.trim()).filter(Boolean);
+      try {
+        parseAllowList(entries);
+      } catch (err) {
+        ctx.addIssue({ code: "custom", message: (err as Error).message });
+        return z.NEVER;
+      }
+      return entries;
+    }),
+  /**
+   * Serve Prometheus metrics on this port instead of the public one (production: set it, and
+   * let only the scraper reach it). Unset: /metrics on the main port, as on every service.
+   */
+  OUTPOST_GATEWAY_METRICS_PORT: setting.port().optional(),
+  /** Browser origins allowed to call the gateway (CORS), comma-separated, or `*`; empty = none. */
+  OUTPOST_CORS_ORIGINS: z.string().default("").transform(corsPolicyOf),
+};
+
+export type GatewayConfig = z.infer<z.ZodObject<typeof gatewayConfigShape>>;
+
+/** The rate-limit backend in effect. */
+export function rateLimitModeOf(config: GatewayConfig): "redis" | "memory" | "off" {
+  return config.OUTPOST_RATE_LIMIT ?? (config.OUTPOST_REDIS_URL ? "redis" : "memory");
+}

@@ -1,0 +1,144 @@
+/**
+ * Resolves the credential of an edge call to a caller identity (SPEC G2, T2, T6): the admin
+ * token, or an API key checked by the tenant service and then trusted for a short interval.
+ * The cache is keyed by the key's SHA-256, so no plaintext key stays in memory.
+ */
+import { createHash, timingSafeEqual } from "node:crypto";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { type Identity, unauthenticated, unavailable } from "@outpost/platform";
+import type { RateLimits } from "./rate-limit.ts";
+
+export const API_KEY_PATTERN = /^otp_[0-9a-f]{64}$/;
+
+/** The tenant service's answer for a well-formed key; `rateLimits` are the tier's request rates, if sent. */
+export type KeyLookup = (apiKey: string) => Promise<{ tenantId: string; apiKeyId: string; rateLimits?: Partial<RateLimits> }>;
+
+/** Channel on which the tenant service announces revocations and suspensions (contract E). */
+export const AUTH_INVALIDATE_CHANNEL = "outpost:auth:invalidate";
+
+export interface AuthenticatorOptions {
+  adminToken: string;
+  lookup: KeyLookup;
+  cacheTtlMs: number;
+  now?: () => number;
+}
+
+function sha256(value: string): Buffer {
+  return createHash("sha256").update(value).digest();
+}
+
+/** Extracts the credential from `authorization: Bearer …` or `x-api-key`. */
+export function credentialOf(headers: Headers): string | undefined {
+  const authorization = headers.get("authorization");
+  if (authorization !== null) {
+    const match = /^Bearer\s+(\S+)\s*$/i.exec(authorization);
+    return match ? match[1] : "";
+  }
+  return headers.get("x-api-key") ?? undefined;
+}
+
+export class Authenticator {
+  private readonly adminTokenHash: Buffer;
+  private readonly lookup: KeyLookup;
+  private readonly cacheTtlMs: number;
+  private readonly now: () => number;
+  private readonly cache = new Map<string, { identity: Identity; expiresAt: number }>();
+  /** Tier request rates by tenant, as last sent by the tenant service. */
+  private readonly tenantRates = new Map<string, Partial<RateLimits>>();
+  /** One tenant-service lookup per key at a time; concurrent calls with the same key share it. */
+  private readonly inFlight = new Map<string, Promise<Identity>>();
+  /** Bumped by every invalidation, so a lookup that raced one is not cached. */
+  private generation = 0;
+
+  constructor(options: AuthenticatorOptions) {
+    this.adminTokenHash = sha256(options.adminToken);
+    this.lookup = options.lookup;
+    this.cacheTtlMs = options.cacheTtlMs;
+    this.now = options.now ?? Date.now;
+  }
+
+  async authenticate(headers: Headers): Promise<Identity> {
+    const credential = credentialOf(headers);
+    if (credential === undefined) {
+      throw unauthenticated("API_KEY_MISSING", "missing API key: send `authorization: Bearer otp_…` or `x-api-key: otp_…`");
+    }
+    const hash = sha256(credential);
+    if (timingSafeEqual(hash, this.adminTokenHash)) return { kind: "admin", principal: "admin" };
+    if (!API_KEY_PATTERN.test(credential)) {
+      throw unauthenticated("API_KEY_MALFORMED", "malformed API key: expected otp_ followed by 64 hex characters");
+    }
+    const cacheKey = hash.toString("hex");
+    const cached = this.cache.get(cacheKey);
+    if (cached && cached.expiresAt > this.now()) return cached.identity;
+    const pending = this.inFlight.get(cacheKey);
+    if (pending) return pending;
+    const lookup = this.verify(credential, cacheKey).finally(() => this.inFlight.delete(cacheKey));
+    this.inFlight.set(cacheKey, lookup);
+    return lookup;
+  }
+
+  /** The identity of a credential if it is the admin token or a key trusted right now, without asking anyone. */
+  cachedIdentity(headers: Headers): Identity | undefined {
+    const credential = credentialOf(headers);
+    if (credential === undefined) return undefined;
+    const hash = sha256(credential);
+    if (timingSafeEqual(hash, this.adminTokenHash)) return { kind: "admin", principal: "admin" };
+    const cached = this.cache.get(hash.toString("hex"));
+    return cached && cached.expiresAt > this.now() ? cached.identity : undefined;
+  }
+
+  /** The tier request rates the tenant service sent with the tenant's key, if any. */
+  rateLimitsOf(tenantId: string): Partial<RateLimits> | undefined {
+    return this.tenantRates.get(tenantId);
+  }
+
+  /**
+   * Drops cached trust after a message on AUTH_INVALIDATE_CHANNEL: the SHA-256 hex of a
+   * revoked key, or `tenant:<id>` when a tenant was suspended (all its keys).
+   */
+  invalidate(message: string): void {
+    this.generation++;
+    if (message.startsWith("tenant:")) {
+      const tenantId = message.slice("tenant:".length);
+      for (const [key, entry] of this.cache) {
+        if (entry.identity.kind === "tenant" && entry.identity.tenantId === tenantId) this.cache.delete(key);
+      }
+      this.tenantRates.delete(tenantId);
+    } else {
+      this.cache.delete(message.trim().toLowerCase());
+    }
+  }
+
+  /** Forgets every cached key, e.g. after the invalidation channel was down and messages may be lost. */
+  invalidateAll(): void {
+    this.generation++;
+    this.cache.clear();
+    this.tenantRates.clear();
+  }
+
+  private async verify(credential: string, cacheKey: string): Promise<Identity> {
+    const generation = this.generation;
+    let found: Awaited<ReturnType<KeyLookup>>;
+    try {
+      found = await this.lookup(credential);
+    } catch (err) {
+      if (err instanceof ConnectError && (err.code === Code.Unauthenticated || err.code === Code.PermissionDenied)) throw err;
+      throw unavailable("AUTH_UNAVAILABLE", "cannot verify the API key right now; retry shortly", 1000);
+    }
+    const identity: Identity = { kind: "tenant", tenantId: found.tenantId, principal: `key/${found.apiKeyId}` };
+    if (found.rateLimits) this.tenantRates.set(found.tenantId, found.rateLimits);
+    // A revocation that arrived while the tenant service was answering wins over that answer.
+    if (generation === this.generation) {
+      this.cache.set(cacheKey, { identity, expiresAt: this.now() + this.cacheTtlMs });
+      this.evictExpired();
+    }
+    return identity;
+  }
+
+  /** Keeps the cache bounded by dropping expired entries once it grows. */
+  private evictExpired(): void {
+    if (this.cache.size < 10_000) return;
+    const now = this.now();
+    for (const [key, entry] of this.cache) if (entry.expiresAt <= now) this.cache.delete(key);
+  }
+}

@@ -1,0 +1,86 @@
+/**
+ * Forwarding handlers, derived from the contracts: every method of every public service is
+ * passed to its owning service over gRPC with the caller's identity signed into the metadata,
+ * the client's deadline, and the trace context. Requests and responses are decoded and
+ * re-encoded on the way, so a malformed message is refused at the edge.
+ */
+import { type DescMethod, type DescService, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { type CallOptions, type ConnectRouter, ConnectError, type HandlerContext, type ServiceImpl, type Transport, createClient } from "@connectrpc/connect";
+import { callEndSignal, callerOf, drainSignalKey, writeIdentity } from "@outpost/platform";
+import {
+  ServerReflection,
+  ServerReflectionRequestSchema,
+  ServerReflectionResponseSchema,
+} from "@outpost/proto/grpc/reflection/v1/reflection_pb.js";
+import {
+  ServerReflection as ServerReflectionV1Alpha,
+  ServerReflectionRequestSchema as ServerReflectionRequestV1AlphaSchema,
+  ServerReflectionResponseSchema as ServerReflectionResponseV1AlphaSchema,
+} from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
+import type { ReflectionIndex } from "./core/reflection.ts";
+
+export function registerForwarding(router: ConnectRouter, service: DescService, transport: Transport, internalSecret: string): void {
+  const client = createClient(service, transport) as unknown as Record<string, (req: unknown, options: CallOptions) => unknown>;
+  const impl: Record<string, unknown> = {};
+
+  const optionsFor = (ctx: HandlerContext, streaming: boolean): CallOptions => {
+    const headers = new Headers();
+    writeIdentity(headers, internalSecret, callerOf(ctx));
+    // A unary call finishes on its own when the server drains; only streams need the drain
+    // signal too (combining signals costs on every call of the hot path).
+    return { signal: streaming ? callEndSignal(ctx) : ctx.signal, timeoutMs: ctx.timeoutMs(), headers };
+  };
+
+  for (const method of service.methods) {
+    const call = client[method.localName]!.bind(client);
+    impl[method.localName] = forwarder(method, call, optionsFor);
+  }
+  router.service(service, impl as ServiceImpl<DescService>);
+}
+
+function forwarder(
+  method: DescMethod,
+  call: (req: unknown, options: CallOptions) => unknown,
+  optionsFor: (ctx: HandlerContext, streaming: boolean) => CallOptions,
+) {
+  switch (method.methodKind) {
+    case "unary":
+      return (req: unknown, ctx: HandlerContext) => call(req, optionsFor(ctx, false));
+    case "server_streaming":
+      return async function* (req: unknown, ctx: HandlerContext) {
+        const options = optionsFor(ctx, true);
+        try {
+          yield* call(req, options) as AsyncIterable<unknown>;
+        } catch (err) {
+          // The gateway is draining: end the stream cleanly; clients resume.
+          if (ctx.values.get(drainSignalKey).aborted) return;
+          // The client's deadline passed (or it left): say so, whatever the upstream said first.
+          if (ctx.signal.aborted) throw ConnectError.from(ctx.signal.reason);
+          throw err;
+        }
+      };
+    default:
+      // No public method streams from the client; the contracts would have to change first.
+      throw new Error(`${method.parent.typeName}/${method.name}: ${method.methodKind} methods are not forwarded`);
+  }
+}
+
+/**
+ * gRPC server reflection, v1 and the v1alpha that older tools still ask for. The two are the
+ * same messages under another package, so v1alpha requests are re-read as v1 from their bytes.
+ */
+export function registerReflection(router: ConnectRouter, index: ReflectionIndex): void {
+  router.service(ServerReflection, {
+    async *serverReflectionInfo(requests) {
+      for await (const req of requests) yield index.answer(req);
+    },
+  });
+  router.service(ServerReflectionV1Alpha, {
+    async *serverReflectionInfo(requests) {
+      for await (const req of requests) {
+        const answer = index.answer(fromBinary(ServerReflectionRequestSchema, toBinary(ServerReflectionRequestV1AlphaSchema, req)));
+        yield fromBinary(ServerReflectionResponseV1AlphaSchema, toBinary(ServerReflectionResponseSchema, answer));
+      }
+    },
+  });
+}

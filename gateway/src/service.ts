@@ -1,0 +1,171 @@
+/** Wires the gateway: authenticator, rate limits, upstream transports, forwarding and reflection routes, CORS, server. */
+import type http from "node:http";
+import type http2 from "node:http2";
+import { connectRedis, internalClient, internalTransport, startServer, subscriberOf, type Logger, type Redis } from "@outpost/platform";
+import { Health } from "@outpost/proto/grpc/health/v1/health_pb.js";
+import { ServerReflection } from "@outpost/proto/grpc/reflection/v1/reflection_pb.js";
+import { ServerReflection as ServerReflectionV1Alpha } from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
+import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
+import { type GatewayConfig, rateLimitModeOf } from "./config.ts";
+import { AUTH_INVALIDATE_CHANNEL, Authenticator } from "./core/authenticator.ts";
+import { type CorsPolicy, corsAnswer } from "./core/cors.ts";
+import { type RateCounter, RateLimitPolicy } from "./core/rate-limit.ts";
+import { ReflectionIndex } from "./core/reflection.ts";
+import { PUBLIC_SERVICES, type Upstream } from "./core/routing.ts";
+import { clientIpKey, clientIpOf, edgeInterceptor } from "./edge.ts";
+import { reclassifyDecodeErrors } from "./http/decode-errors.ts";
+import { registerForwarding, registerReflection } from "./routes.ts";
+import { MemoryRateCounter, RedisRateCounter } from "./store/rate-counter.ts";
+
+const AUTH_CALL_TIMEOUT_MS = 2000;
+
+export async function startGateway(config: GatewayConfig, logger: Logger) {
+  const secret = config.OUTPOST_INTERNAL_SECRET;
+  const tenantInternal = internalClient(TenantInternalService, {
+    baseUrl: config.OUTPOST_TENANT_URL,
+    internalSecret: secret,
+    identity: { kind: "service", principal: "gateway" },
+  });
+  const authenticator = new Authenticator({
+    adminToken: config.OUTPOST_ADMIN_TOKEN,
+    cacheTtlMs: config.OUTPOST_AUTH_CACHE_TTL_MS,
+    async lookup(apiKey) {
+      const res = await tenantInternal.authenticateApiKey({ apiKey }, { timeoutMs: AUTH_CALL_TIMEOUT_MS });
+      const limits = res.limits;
+      return {
+        tenantId: res.tenant?.id ?? "",
+        apiKeyId: res.apiKeyId,
+        rateLimits: limits && { create: limits.createPerMinute, trigger: limits.triggerPerMinute, read: limits.readPerMinute },
+      };
+    },
+  });
+
+  const redis = config.OUTPOST_REDIS_URL ? connectRedis(config.OUTPOST_REDIS_URL, logger) : undefined;
+  const subscriber = redis && subscribeToInvalidations(redis, authenticator, logger);
+
+  const mode = rateLimitModeOf(config);
+  let counter: RateCounter | undefined;
+  if (mode === "redis") {
+    if (!redis) throw new Error("OUTPOST_RATE_LIMIT=redis needs OUTPOST_REDIS_URL");
+    counter = new RedisRateCounter(redis, logger);
+  } else if (mode === "memory") counter = new MemoryRateCounter();
+  const rateLimits =
+    counter &&
+    new RateLimitPolicy({
+      counter,
+      defaults: config.OUTPOST_RATE_LIMITS,
+      perIp: config.OUTPOST_RATE_LIMITS_PER_IP,
+      allow: config.OUTPOST_RATE_LIMIT_ALLOW,
+    });
+  logger.info({ rateLimit: mode, allow: config.OUTPOST_RATE_LIMIT_ALLOW }, "rate limits");
+
+  // Forwarded calls are signed per call with the caller's identity, so the transports carry none.
+  const upstreamUrls: Record<Upstream, string> = {
+    tenant: config.OUTPOST_TENANT_URL,
+    dispatcher: config.OUTPOST_DISPATCHER_URL,
+    telemetry: config.OUTPOST_TELEMETRY_URL,
+  };
+  const transports = Object.fromEntries(
+    Object.entries(upstreamUrls).map(([name, baseUrl]) => [name, internalTransport({ baseUrl, internalSecret: secret })]),
+  ) as Record<Upstream, ReturnType<typeof internalTransport>>;
+
+  const reflection = new ReflectionIndex([
+    ...PUBLIC_SERVICES.map((p) => p.service),
+    Health,
+    ServerReflection,
+    ServerReflectionV1Alpha,
+  ]);
+
+  const cors = corsHandler(config.OUTPOST_CORS_ORIGINS);
+  const server = await startServer({
+    name: "gateway",
+    host: config.OUTPOST_GATEWAY_HOST,
+    port: config.OUTPOST_GATEWAY_PORT,
+    logger,
+    internalSecret: undefined,
+    interceptors: [edgeInterceptor({ authenticator, rateLimits, logger })],
+    readMaxBytes: config.OUTPOST_MAX_REQUEST_BYTES,
+    metricsPort: config.OUTPOST_GATEWAY_METRICS_PORT,
+    contextValues(req, values) {
+      values.set(clientIpKey, clientIpOf(req));
+    },
+    httpHandler(req, res) {
+      closeIfBodyUnread(req, res);
+      reclassifyDecodeErrors(req, res);
+      return cors(req, res);
+    },
+    routes(router) {
+      for (const { service, upstream } of PUBLIC_SERVICES) registerForwarding(router, service, transports[upstream], secret);
+      registerReflection(router, reflection);
+    },
+  });
+  return {
+    url: server.url,
+    port: server.port,
+    async close() {
+      await server.close();
+      await rateLimits?.close();
+      subscriber?.disconnect();
+      redis?.disconnect();
+    },
+  };
+}
+
+/**
+ * Revocations and suspensions published by the tenant service drop the matching cached keys
+ * at once on every replica (contract E). Messages sent while this connection was down are
+ * lost, so after a reconnect the whole cache is dropped.
+ */
+function subscribeToInvalidations(redis: Redis, authenticator: Authenticator, logger: Logger): Redis {
+  const subscriber = subscriberOf(redis);
+  let subscribedOnce = false;
+  subscriber.on("message", (channel: string, message: string) => {
+    if (channel === AUTH_INVALIDATE_CHANNEL) authenticator.invalidate(message);
+  });
+  subscriber.on("ready", () => {
+    if (subscribedOnce) {
+      authenticator.invalidateAll();
+      logger.info("auth invalidation channel reconnected; cached keys dropped");
+    }
+  });
+  subscriber.on("error", () => {
+    // connectRedis' main connection logs Redis outages; this one only reconnects.
+  });
+  subscriber.subscribe(AUTH_INVALIDATE_CHANNEL).then(
+    () => (subscribedOnce = true),
+    (err: Error) => logger.warn({ err: err.message }, "cannot subscribe to auth invalidations yet; will retry on reconnect"),
+  );
+  return subscriber;
+}
+
+/** CORS (SPEC G1): answers preflights before Connect and adds the headers to cross-origin calls. */
+function corsHandler(policy: CorsPolicy) {
+  return (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse): boolean => {
+    const origin = req.headers["origin"];
+    const requestMethod = req.headers["access-control-request-method"];
+    const answer = corsAnswer(policy, req.method ?? "", typeof origin === "string" ? origin : undefined, typeof requestMethod === "string" ? requestMethod : undefined);
+    if (answer.kind === "none") return false;
+    if (answer.kind === "preflight") {
+      (res as http.ServerResponse).writeHead(answer.status, answer.headers);
+      res.end();
+      return true;
+    }
+    for (const [name, value] of Object.entries(answer.headers)) res.setHeader(name, value);
+    return false;
+  };
+}
+
+/**
+ * An HTTP/1.1 request refused before its body was read to the end (over the size limit) leaves
+ * the connection unusable for another request: tell the client not to reuse it, otherwise its
+ * next call on that socket fails with ECONNRESET.
+ */
+function closeIfBodyUnread(req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse): void {
+  if (req.httpVersionMajor !== 1) return;
+  const h1 = res as http.ServerResponse;
+  const writeHead = h1.writeHead;
+  h1.writeHead = function (this: http.ServerResponse, ...args: unknown[]) {
+    if (!(req as http.IncomingMessage).complete) this.setHeader("connection", "close");
+    return (writeHead as (...a: unknown[]) => http.ServerResponse).apply(this, args);
+  } as typeof h1.writeHead;
+}

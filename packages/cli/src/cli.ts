@@ -1,0 +1,565 @@
+/**
+ * `outpost` commands (SPEC C2). Exit codes: 0 success; for a followed run, the agent's own
+ * exit code when it failed with one, else 1; 1 for API errors; 2 for usage errors.
+ */
+import { readFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { fromJson, toJson, type JsonValue } from "@bufbuild/protobuf";
+import { durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
+import { parse as parseYaml } from "yaml";
+import {
+  type Agent,
+  Agent_State,
+  AgentSchema,
+  type Dispatch,
+  Dispatch_State,
+  DispatchSchema,
+  ModelTier,
+} from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { ListDispatchesResponseSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { AgentStatus_CircuitState, type GetFleetStatusResponse, GetFleetStatusResponseSchema } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
+import {
+  type ApiKey,
+  ApiKeySchema,
+  type Secret,
+  SecretSchema,
+  type Tenant,
+  TenantSchema,
+  Tenant_State,
+  Tier,
+} from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
+import { CreateApiKeyResponseSchema, CreateTenantResponseSchema } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
+import type { RunEnd } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
+import { outpostClients, type OutpostClients } from "./client.ts";
+import { DEFAULT_GATEWAY_URL, readDevCredentials } from "./credentials.ts";
+import { followLogs, writeChunk } from "./follow.ts";
+
+export interface CliIo {
+  out: NodeJS.WritableStream;
+  err: NodeJS.WritableStream;
+  env: NodeJS.ProcessEnv;
+  /** Where `secret put` reads a value given neither --value nor a terminal. */
+  stdin?: NodeJS.ReadableStream & { isTTY?: boolean };
+}
+
+const USAGE = `usage: outpost <command> [options]
+
+  dispatch --agent <name> --task "<text>" [--follow] [--model <id> | --model-tier fast|balanced|flagship]
+           [--timeout <seconds>] [--env KEY=VALUE]... [--label key=value]... [--secret NAME]... [--request-id <id>]
+  get <dispatch-id>             show a dispatch
+  list [--state <state>] [--agent <name>] [--page-size <n>]
+  cancel <dispatch-id>
+  logs <dispatch-id> [--follow] [--after <seq>]
+  agents                        list the agents you can dispatch
+  key create [--name <label>] | key list | key revoke <key-id>     your own API keys
+  secret put <NAME> [--value <v>]   value from --value or standard input (never echoed)
+  secret list                       names only
+  secret delete <NAME>
+
+admin commands (credential: $OUTPOST_ADMIN_TOKEN):
+  admin tenant create "<name>" <email> [--tier free|pro|enterprise]   prints the new API key once
+  admin tenant list [--page-size <n>]
+  admin tenant get <tenant-id>
+  admin tenant set-tier <tenant-id> free|pro|enterprise
+  admin tenant suspend <tenant-id> --reason "<why>"
+  admin tenant reactivate <tenant-id>
+  admin key create <tenant-id> [--name <label>]                      prints the new API key once
+  admin key list <tenant-id>
+  admin key revoke <key-id>
+  admin agent register --file agent.json|agent.yaml   an Agent in proto JSON form (as printed by --json)
+  admin agent update --file agent.json|agent.yaml
+  admin agent disable <name>
+  fleet                         agents (availability, circuit), executors (slots, warm containers),
+                                queue depth, runs by state over 24 h, degraded parts
+
+global options: --gateway <url> (default $OUTPOST_GATEWAY_URL, the dev credentials file, ${DEFAULT_GATEWAY_URL})
+                --api-key <key> (default $OUTPOST_API_KEY, then the dev credentials file written by npm start)
+                --json          print JSON instead of text`;
+
+class UsageError extends Error {}
+
+const OPTIONS = {
+  gateway: { type: "string" },
+  "api-key": { type: "string" },
+  json: { type: "boolean" },
+  agent: { type: "string" },
+  task: { type: "string" },
+  follow: { type: "boolean", short: "f" },
+  model: { type: "string" },
+  "model-tier": { type: "string" },
+  timeout: { type: "string" },
+  env: { type: "string", multiple: true },
+  label: { type: "string", multiple: true },
+  secret: { type: "string", multiple: true },
+  "request-id": { type: "string" },
+  state: { type: "string" },
+  "page-size": { type: "string" },
+  after: { type: "string" },
+  tier: { type: "string" },
+  reason: { type: "string" },
+  value: { type: "string" },
+  name: { type: "string" },
+  file: { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+export async function runCli(argv: string[], io: CliIo): Promise<number> {
+  try {
+    const { values, positionals } = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
+    const [command, ...rest] = positionals;
+    if (values.help || !command) {
+      io.out.write(`${USAGE}\n`);
+      return command || values.help ? 0 : 2;
+    }
+    const saved = readDevCredentials(io.env);
+    const gatewayUrl = values.gateway ?? io.env.OUTPOST_GATEWAY_URL ?? saved.gatewayUrl ?? DEFAULT_GATEWAY_URL;
+    // Fleet status is for operators: it needs the admin token like the admin commands.
+    const admin = command === "admin" || command === "fleet";
+    const credential = admin
+      ? (io.env.OUTPOST_ADMIN_TOKEN ?? saved.adminToken)
+      : (values["api-key"] ?? io.env.OUTPOST_API_KEY ?? saved.apiKey);
+    if (!credential) {
+      throw new UsageError(
+        admin
+          ? "no admin token: set OUTPOST_ADMIN_TOKEN (npm start writes one to .outpost/credentials.json)"
+          : "no API key: set OUTPOST_API_KEY or pass --api-key (npm start writes a development key to .outpost/credentials.json)",
+      );
+    }
+    const clients = outpostClients(gatewayUrl, credential);
+    // --json prints the proto JSON form (toJson with the message's schema): enum names, int64
+    // as strings, RFC 3339 timestamps — the same shape `admin agent register --file` reads.
+    const print: Print = (json, text) => io.out.write(values.json ? `${JSON.stringify(json, null, 2)}\n` : `${text}\n`);
+
+    switch (command) {
+      case "dispatch": {
+        const dispatch = await createDispatch(clients, values);
+        if (!values.follow) {
+          print(toJson(DispatchSchema, dispatch), dispatch.id);
+          return 0;
+        }
+        io.err.write(`outpost: dispatch ${dispatch.id} ${stateName(dispatch.state)} (agent ${dispatch.agent}, model ${dispatch.model})\n`);
+        return await follow(clients, dispatch.id, 0n, io);
+      }
+      case "get": {
+        const { dispatch } = await clients.dispatches.getDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
+        print(toJson(DispatchSchema, dispatch!), describe(dispatch!));
+        return 0;
+      }
+      case "list": {
+        const res = await clients.dispatches.listDispatches({
+          state: values.state ? parseEnum(Dispatch_State, values.state, "--state") : Dispatch_State.UNSPECIFIED,
+          agent: values.agent ?? "",
+          pageSize: values["page-size"] ? Number(values["page-size"]) : 0,
+        });
+        print(toJson(ListDispatchesResponseSchema, res), res.dispatches.map((d) => `${d.id}  ${stateName(d.state).padEnd(10)} ${d.agent.padEnd(8)} ${d.task.slice(0, 60)}`).join("\n"));
+        return 0;
+      }
+      case "cancel": {
+        const { dispatch } = await clients.dispatches.cancelDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
+        print(toJson(DispatchSchema, dispatch!), `${dispatch!.id} ${stateName(dispatch!.state)}${dispatch!.state === Dispatch_State.CANCELLED ? "" : " (stop requested)"}`);
+        return 0;
+      }
+      case "logs": {
+        const id = requireArg(rest[0], "dispatch id");
+        if (values.after !== undefined && !/^\d+$/.test(values.after)) throw new UsageError("--after takes a sequence number, e.g. --after 42");
+        const after = BigInt(values.after ?? "0");
+        if (values.follow) return await follow(clients, id, after, io);
+        let pageToken = "";
+        do {
+          const page = await clients.logs.getLogs({ dispatchId: id, afterSeq: after, pageToken });
+          for (const chunk of page.chunks) writeChunk(chunk, io.out, io.err);
+          pageToken = page.nextPageToken;
+        } while (pageToken);
+        return 0;
+      }
+      case "agents": {
+        const { agents } = await clients.agents.listAgents({});
+        print(
+          agents.map((a) => toJson(AgentSchema, a)),
+          agents.map(agentLine).join("\n"),
+        );
+        return 0;
+      }
+      case "fleet": {
+        const status = await clients.fleet.getFleetStatus({});
+        print(toJson(GetFleetStatusResponseSchema, status), describeFleet(status));
+        return 0;
+      }
+      case "admin":
+        return await adminCommand(clients, rest, values, print);
+      case "key":
+        return await keyCommand(clients, rest, values, print, undefined);
+      case "secret":
+        return await secretCommand(clients, rest, values, print, io);
+      default:
+        throw new UsageError(`unknown command "${command}"`);
+    }
+  } catch (err) {
+    if (err instanceof UsageError || (err instanceof TypeError && "code" in err && String(err.code).startsWith("ERR_PARSE_ARGS"))) {
+      io.err.write(`outpost: ${err.message}\n\n${USAGE}\n`);
+      return 2;
+    }
+    const connectError = ConnectError.from(err);
+    io.err.write(`outpost: ${Code[connectError.code]}: ${connectError.rawMessage}\n`);
+    if (connectError.code === Code.Unavailable) io.err.write("outpost: is the mesh running? start it with `npm start`\n");
+    return 1;
+  }
+}
+
+type Print = (json: JsonValue, text: string) => void;
+type Values = Record<string, unknown>;
+
+const TENANT_USAGE = "admin tenant create|list|get|set-tier|suspend|reactivate (see --help)";
+
+async function adminCommand(clients: OutpostClients, rest: string[], values: Values, print: Print): Promise<number> {
+  const [area, action, ...args] = rest;
+  if (area === "key") return keyCommand(clients, [action ?? "", ...args], values, print, "admin");
+  if (area === "agent") return agentCommand(clients, [action ?? "", ...args], values, print);
+  if (area !== "tenant") throw new UsageError(`admin commands: ${TENANT_USAGE}; admin key create|list|revoke; ${AGENT_USAGE}`);
+  const tenants = clients.tenants;
+  switch (action) {
+    case "create": {
+      const res = await tenants.createTenant({
+        name: requireArg(args[0], "tenant name"),
+        contactEmail: requireArg(args[1], "contact email"),
+        tier: values.tier ? parseEnum(Tier, values.tier as string, "--tier") : Tier.UNSPECIFIED,
+      });
+      print(toJson(CreateTenantResponseSchema, res), `tenant ${res.tenant!.id} (${res.tenant!.name}, ${tierName(res.tenant!.tier)})\napi key (shown once): ${res.apiKeyPlaintext}`);
+      return 0;
+    }
+    case "list": {
+      const pageSize = pageSizeOption(values);
+      const all: Tenant[] = [];
+      let pageToken = "";
+      do {
+        const page = await tenants.listTenants({ pageSize, pageToken });
+        all.push(...page.tenants);
+        pageToken = page.nextPageToken;
+      } while (pageToken);
+      print(
+        all.map((t) => toJson(TenantSchema, t)),
+        all.map(tenantLine).join("\n"),
+      );
+      return 0;
+    }
+    case "get": {
+      const { tenant } = await tenants.getTenant({ tenantId: requireArg(args[0], "tenant id") });
+      print(toJson(TenantSchema, tenant!), describeTenant(tenant!));
+      return 0;
+    }
+    case "set-tier": {
+      const tenantId = requireArg(args[0], "tenant id");
+      const tier = parseEnum(Tier, requireArg(args[1] ?? (values.tier as string | undefined), "tier (free, pro or enterprise)"), "tier");
+      const { tenant } = await tenants.updateTenant({ tenantId, tier });
+      print(toJson(TenantSchema, tenant!), tenantLine(tenant!));
+      return 0;
+    }
+    case "suspend": {
+      const tenantId = requireArg(args[0], "tenant id");
+      const reason = requireArg(values.reason as string | undefined, '--reason "<why>"');
+      const { tenant } = await tenants.suspendTenant({ tenantId, reason });
+      print(toJson(TenantSchema, tenant!), tenantLine(tenant!));
+      return 0;
+    }
+    case "reactivate": {
+      const { tenant } = await tenants.reactivateTenant({ tenantId: requireArg(args[0], "tenant id") });
+      print(toJson(TenantSchema, tenant!), tenantLine(tenant!));
+      return 0;
+    }
+    default:
+      throw new UsageError(`admin tenant commands: ${TENANT_USAGE}`);
+  }
+}
+
+/** `key …` for a tenant's own keys; `admin key …` names the tenant (create, list) explicitly. */
+async function keyCommand(clients: OutpostClients, rest: string[], values: Values, print: Print, admin: "admin" | undefined): Promise<number> {
+  const [action, ...args] = rest;
+  const tenantArg = () => (admin ? requireArg(args[0], "tenant id") : "");
+  switch (action) {
+    case "create": {
+      const res = await clients.apiKeys.createApiKey({ tenantId: tenantArg(), displayName: (values.name as string | undefined) ?? "" });
+      print(toJson(CreateApiKeyResponseSchema, res), `key ${res.apiKey!.id} (${res.apiKey!.displayName || "unnamed"}) for tenant ${res.apiKey!.tenantId}\napi key (shown once): ${res.apiKeyPlaintext}`);
+      return 0;
+    }
+    case "list": {
+      const tenantId = tenantArg();
+      const all: ApiKey[] = [];
+      let pageToken = "";
+      do {
+        const page = await clients.apiKeys.listApiKeys({ tenantId, pageSize: pageSizeOption(values), pageToken });
+        all.push(...page.apiKeys);
+        pageToken = page.nextPageToken;
+      } while (pageToken);
+      print(
+        all.map((k) => toJson(ApiKeySchema, k)),
+        all.map(keyLine).join("\n"),
+      );
+      return 0;
+    }
+    case "revoke": {
+      const { apiKey } = await clients.apiKeys.revokeApiKey({ apiKeyId: requireArg(args[0], "key id") });
+      print(toJson(ApiKeySchema, apiKey!), `revoked ${keyLine(apiKey!)}`);
+      return 0;
+    }
+    default:
+      throw new UsageError(admin ? "admin key commands: admin key create <tenant-id> [--name <label>] | list <tenant-id> | revoke <key-id>" : "key commands: key create [--name <label>] | list | revoke <key-id>");
+  }
+}
+
+async function secretCommand(clients: OutpostClients, rest: string[], values: Values, print: Print, io: CliIo): Promise<number> {
+  const [action, name] = rest;
+  switch (action) {
+    case "put": {
+      const secretName = requireArg(name, "secret name, e.g. GITHUB_TOKEN");
+      const value = (values.value as string | undefined) ?? (await readValue(io));
+      if (!value) throw new UsageError("no value: pass --value <v> or pipe it on standard input");
+      const { secret } = await clients.secrets.putSecret({ name: secretName, value });
+      print(toJson(SecretSchema, secret!), `secret ${secret!.name} stored`);
+      return 0;
+    }
+    case "list": {
+      const all: Secret[] = [];
+      let pageToken = "";
+      do {
+        const page = await clients.secrets.listSecrets({ pageSize: pageSizeOption(values), pageToken });
+        all.push(...page.secrets);
+        pageToken = page.nextPageToken;
+      } while (pageToken);
+      print(all.map((s) => toJson(SecretSchema, s)), all.map((s) => `${s.name.padEnd(32)} updated ${s.updateTime ? timestampDate(s.updateTime).toISOString() : "-"}`).join("\n"));
+      return 0;
+    }
+    case "delete": {
+      const secretName = requireArg(name, "secret name");
+      await clients.secrets.deleteSecret({ name: secretName });
+      print({ deleted: secretName }, `secret ${secretName} deleted`);
+      return 0;
+    }
+    default:
+      throw new UsageError("secret commands: secret put <NAME> [--value <v>] | list | delete <NAME>");
+  }
+}
+
+/** The whole of standard input, without the one trailing newline `echo` adds; refuses a terminal. */
+async function readValue(io: CliIo): Promise<string> {
+  const stdin = io.stdin;
+  if (!stdin || stdin.isTTY) return "";
+  let text = "";
+  for await (const chunk of stdin) text += typeof chunk === "string" ? chunk : (chunk as Buffer).toString("utf8");
+  return text.replace(/\r?\n$/, "");
+}
+
+function pageSizeOption(values: Values): number {
+  const raw = values["page-size"] as string | undefined;
+  if (raw === undefined) return 0;
+  if (!/^\d+$/.test(raw)) throw new UsageError("--page-size takes a number, e.g. --page-size 50");
+  return Number(raw);
+}
+
+function tierName(tier: Tier): string {
+  return (Tier[tier] ?? String(tier)).toLowerCase();
+}
+
+function tenantLine(t: Tenant): string {
+  const state = (Tenant_State[t.state] ?? String(t.state)).toLowerCase();
+  const why = t.suspendReason ? ` (${t.suspendReason})` : "";
+  return `${t.id}  ${tierName(t.tier).padEnd(10)} ${state}${why}  ${t.name} <${t.contactEmail}>`;
+}
+
+function describeTenant(t: Tenant): string {
+  return [
+    `id:      ${t.id}`,
+    `name:    ${t.name}`,
+    `email:   ${t.contactEmail}`,
+    `tier:    ${tierName(t.tier)}`,
+    `state:   ${(Tenant_State[t.state] ?? String(t.state)).toLowerCase()}${t.suspendReason ? ` — ${t.suspendReason}` : ""}`,
+    `created: ${t.createTime ? timestampDate(t.createTime).toISOString() : "-"}`,
+  ].join("\n");
+}
+
+function keyLine(k: ApiKey): string {
+  const used = k.lastUsedTime ? `last used ${timestampDate(k.lastUsedTime).toISOString()}` : "never used";
+  const revoked = k.revokeTime ? `  REVOKED ${timestampDate(k.revokeTime).toISOString()}` : "";
+  return `${k.id}  ${k.prefix}…${k.lastFour}  ${(k.displayName || "-").padEnd(12)} ${used}${revoked}`;
+}
+
+async function createDispatch(clients: OutpostClients, values: Record<string, unknown>): Promise<Dispatch> {
+  const modelTier = values["model-tier"] as string | undefined;
+  const model = values.model as string | undefined;
+  const timeout = values.timeout as string | undefined;
+  if (timeout !== undefined && !/^\d+(\.\d+)?$/.test(timeout)) throw new UsageError("--timeout takes seconds, e.g. --timeout 300");
+  const { dispatch } = await clients.dispatches.createDispatch({
+    agent: (values.agent as string | undefined) ?? "",
+    task: (values.task as string | undefined) ?? "",
+    model: model
+      ? { case: "modelId", value: model }
+      : modelTier
+        ? { case: "modelTier", value: parseEnum(ModelTier, modelTier, "--model-tier") }
+        : { case: undefined },
+    timeout: timeout === undefined ? undefined : durationFromMs(Number(timeout) * 1000),
+    env: pairs((values.env as string[] | undefined) ?? [], "--env"),
+    labels: pairs((values.label as string[] | undefined) ?? [], "--label"),
+    secretNames: (values.secret as string[] | undefined) ?? [],
+    requestId: (values["request-id"] as string | undefined) ?? "",
+  });
+  return dispatch!;
+}
+
+/** Streams the run's output, shows its state changes on stderr, and maps its end to an exit code. */
+async function follow(clients: OutpostClients, dispatchId: string, afterSeq: bigint, io: CliIo): Promise<number> {
+  const stopWatching = new AbortController();
+  const watching = (async () => {
+    let last: Dispatch_State | undefined;
+    for await (const { dispatch } of clients.dispatches.watchDispatch({ dispatchId }, { signal: stopWatching.signal })) {
+      if (dispatch && dispatch.state !== last && last !== undefined) io.err.write(`outpost: ${stateName(dispatch.state)}\n`);
+      last = dispatch?.state;
+    }
+  })().catch(() => {
+    // Progress display only; the log stream decides the outcome.
+  });
+  let end: RunEnd;
+  try {
+    end = await followLogs(clients.logs, dispatchId, (chunk) => writeChunk(chunk, io.out, io.err), { afterSeq });
+  } finally {
+    stopWatching.abort();
+    await watching;
+  }
+  const code = end.exitCode === undefined ? "" : ` (exit code ${end.exitCode})`;
+  const reason = end.failureReason ? `: ${end.failureReason}` : "";
+  io.err.write(`outpost: dispatch ${dispatchId} ${stateName(end.state)}${code}${reason}\n`);
+  if (end.state === Dispatch_State.SUCCEEDED) return 0;
+  return end.exitCode !== undefined && end.exitCode > 0 ? Math.min(end.exitCode, 125) : 1;
+}
+
+function describe(d: Dispatch): string {
+  const lines = [
+    `id:        ${d.id}`,
+    `agent:     ${d.agent} (model ${d.model})`,
+    `state:     ${stateName(d.state)}${d.failureReason ? ` — ${d.failureReason}` : ""}`,
+    `attempt:   ${d.attempt}`,
+    `created:   ${d.createTime ? timestampDate(d.createTime).toISOString() : "-"}`,
+  ];
+  if (d.exitCode !== undefined) lines.push(`exit code: ${d.exitCode}`);
+  if (d.result) lines.push(`result:    ${JSON.stringify(d.result)}`);
+  return lines.join("\n");
+}
+
+function stateName(state: Dispatch_State): string {
+  return Dispatch_State[state] ?? String(state);
+}
+
+function parseEnum<E extends Record<string, string | number>>(enumObject: E, value: string, flag: string): number {
+  const found = enumObject[value.toUpperCase() as keyof E];
+  if (typeof found !== "number" || found === 0) {
+    const names = Object.keys(enumObject).filter((k) => isNaN(Number(k)) && k !== "UNSPECIFIED").map((k) => k.toLowerCase());
+    throw new UsageError(`${flag} must be one of ${names.join(", ")}`);
+  }
+  return found;
+}
+
+function pairs(items: string[], flag: string): Record<string, string> {
+  const result: Record<string, string> = {};
+  for (const item of items) {
+    const at = item.indexOf("=");
+    if (at <= 0) throw new UsageError(`${flag} takes KEY=VALUE, got "${item}"`);
+    result[item.slice(0, at)] = item.slice(at + 1);
+  }
+  return result;
+}
+
+function requireArg(value: string | undefined, what: string): string {
+  if (!value) throw new UsageError(`missing ${what}`);
+  return value;
+}
+
+const AGENT_USAGE = "admin agent register --file <agent.json|yaml> | update --file <…> | disable <name>";
+
+/** `admin agent …`: the operator's side of the agent registry (AgentService). */
+async function agentCommand(clients: OutpostClients, rest: string[], values: Values, print: Print): Promise<number> {
+  const [action, ...args] = rest;
+  switch (action) {
+    case "register": {
+      const { agent } = await clients.agents.registerAgent({ agent: readAgentFile(values.file as string | undefined) });
+      print(toJson(AgentSchema, agent!), `registered ${agentLine(agent!)}`);
+      return 0;
+    }
+    case "update": {
+      const { agent } = await clients.agents.updateAgent({ agent: readAgentFile(values.file as string | undefined) });
+      print(toJson(AgentSchema, agent!), `updated ${agentLine(agent!)}`);
+      return 0;
+    }
+    case "disable": {
+      const { agent } = await clients.agents.disableAgent({ name: requireArg(args[0], "agent name") });
+      print(toJson(AgentSchema, agent!), `disabled ${agentLine(agent!)}`);
+      return 0;
+    }
+    default:
+      throw new UsageError(`admin agent commands: ${AGENT_USAGE}`);
+  }
+}
+
+/**
+ * Reads an Agent in proto JSON form from a .json, .yaml or .yml file. A file that cannot be
+ * read or is not an Agent is a usage error (exit 2) naming the file; whether the definition is
+ * acceptable is the server's to say (INVALID_ARGUMENT naming the field, printed as is).
+ */
+export function readAgentFile(file: string | undefined): Agent {
+  const name = requireArg(file, "--file <agent.json|agent.yaml>");
+  let text: string;
+  try {
+    text = readFileSync(name, "utf8");
+  } catch (err) {
+    throw new UsageError(`cannot read ${name}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  let parsed: unknown;
+  try {
+    parsed = /\.ya?ml$/i.test(name) ? parseYaml(text) : JSON.parse(text);
+  } catch (err) {
+    throw new UsageError(`${name} is not valid ${/\.ya?ml$/i.test(name) ? "YAML" : "JSON"}: ${(err as Error).message}`);
+  }
+  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new UsageError(`${name} must hold one Agent object`);
+  try {
+    return fromJson(AgentSchema, parsed as JsonValue);
+  } catch (err) {
+    throw new UsageError(`${name} is not an Agent in proto JSON form: ${(err as Error).message}`);
+  }
+}
+
+function agentLine(a: Agent): string {
+  const disabled = a.state === Agent_State.DISABLED ? "  (disabled)" : "";
+  return `${a.name.padEnd(8)} ${a.image.padEnd(44)} ${a.models.map((m) => m.modelId).join(", ")}${disabled}`;
+}
+
+const CIRCUIT: Record<AgentStatus_CircuitState, string> = {
+  [AgentStatus_CircuitState.UNSPECIFIED]: "unknown",
+  [AgentStatus_CircuitState.CLOSED]: "closed",
+  [AgentStatus_CircuitState.OPEN]: "open",
+  [AgentStatus_CircuitState.HALF_OPEN]: "half-open",
+};
+
+/** The operator's text view of fleet status (SPEC D5); degraded parts are listed, never hidden. */
+export function describeFleet(f: GetFleetStatusResponse): string {
+  const lines = ["agents:"];
+  if (f.agents.length === 0) lines.push("  (none)");
+  for (const a of f.agents) {
+    const image = a.imagePresent ? "image present" : "image missing";
+    lines.push(`  ${a.agent.padEnd(10)} ${(a.available ? "available" : "unavailable").padEnd(12)} circuit ${(CIRCUIT[a.circuitState] ?? "unknown").padEnd(10)} ${image}`);
+  }
+  lines.push("executors:");
+  if (f.executors.length === 0) lines.push("  (none)");
+  for (const e of f.executors) {
+    const seen = e.lastSeenTime ? timestampDate(e.lastSeenTime).toISOString() : "-";
+    lines.push(
+      `  ${e.executorId.padEnd(20)} slots ${e.slotsBusy}/${e.slotsTotal} busy  warm ${e.warmContainers}  engine ${e.engineReady ? "ready" : "NOT READY"}  last seen ${seen}`,
+    );
+  }
+  lines.push(`warm containers: ${f.warmContainers}`);
+  lines.push(`queue depth: ${f.queueDepth}`);
+  const runs = f.runsLast24h.filter((r) => r.count > 0n).map((r) => `${stateName(r.state)} ${r.count}`);
+  lines.push(`runs (24 h): ${runs.length > 0 ? runs.join(", ") : "none"}`);
+  if (f.degraded.length > 0) {
+    lines.push("degraded:");
+    for (const note of f.degraded) lines.push(`  - ${note}`);
+  }
+  return lines.join("\n");
+}

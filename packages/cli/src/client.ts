@@ -1,0 +1,36 @@
+/** Connect clients for the edge, authenticated with an API key or the admin token. */
+import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
+import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { FleetService } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
+import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { ApiKeyService, SecretService, TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
+
+export interface OutpostClients {
+  dispatches: Client<typeof DispatchService>;
+  agents: Client<typeof AgentService>;
+  fleet: Client<typeof FleetService>;
+  logs: Client<typeof LogService>;
+  tenants: Client<typeof TenantService>;
+  apiKeys: Client<typeof ApiKeyService>;
+  secrets: Client<typeof SecretService>;
+}
+
+export function outpostClients(gatewayUrl: string, credential: string): OutpostClients {
+  const auth: Interceptor = (next) => (req) => {
+    req.header.set("authorization", `Bearer ${credential}`);
+    return next(req);
+  };
+  // Connect protocol over HTTP/1.1: what browsers and most SDK users speak to the edge.
+  const transport = createConnectTransport({ baseUrl: gatewayUrl, httpVersion: "1.1", interceptors: [auth] });
+  return {
+    dispatches: createClient(DispatchService, transport),
+    agents: createClient(AgentService, transport),
+    fleet: createClient(FleetService, transport),
+    logs: createClient(LogService, transport),
+    tenants: createClient(TenantService, transport),
+    apiKeys: createClient(ApiKeyService, transport),
+    secrets: createClient(SecretService, transport),
+  };
+}

@@ -1,0 +1,287 @@
+/**
+ * Server bootstrap shared by every service. One TCP port serves HTTP/1.1 and HTTP/2
+ * (cleartext, h2c prior knowledge) side by side, so Connect, gRPC and gRPC-Web all work on it;
+ * internal traffic is gRPC over h2c. The liveness path is answered before anything else runs.
+ * On shutdown: health turns NOT_SERVING, the listener stops accepting, long waits and streams
+ * are told to wrap up (the drain signal), in-flight calls finish, then connections close.
+ */
+import http from "node:http";
+import http2 from "node:http2";
+import net from "node:net";
+import type { ConnectRouter, Interceptor, HandlerContext, ContextValues } from "@connectrpc/connect";
+import { Code, ConnectError, createContextKey, createContextValues } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { formatTraceparent, currentTrace } from "./call-context.ts";
+import { initMetrics, metricsInterceptor, metricsText, METRICS_PATH } from "./metrics.ts";
+import { flushTracing, initTracing, serverTraceInterceptor } from "./tracing.ts";
+import { HealthState, registerHealth, type ReadinessCheck } from "./health.ts";
+import { identityKey, readIdentity } from "./identity.ts";
+import type { Logger } from "./logger.ts";
+import { observeCallEnd } from "./call-end.ts";
+
+/** Answered with 200 before any middleware, for process supervisors and load balancers. */
+export const LIVENESS_PATH = "/healthz";
+/** 200 when the readiness check passes, 503 with the reason otherwise. */
+export const READINESS_PATH = "/readyz";
+
+const HTTP2_PREFACE_START = Buffer.from("PRI");
+
+/** Aborted when the server starts draining; long waits and streams end cleanly on it. */
+export const drainSignalKey = createContextKey<AbortSignal>(new AbortController().signal, { description: "server drain" });
+
+/** The signal that fires when this call should wrap up: the client went away or the server is draining. */
+export function callEndSignal(ctx: HandlerContext): AbortSignal {
+  return AbortSignal.any([ctx.signal, ctx.values.get(drainSignalKey)]);
+}
+
+export interface ServerOptions {
+  /** Service name for logs and health. */
+  name: string;
+  host: string;
+  port: number;
+  logger: Logger;
+  /** Registers the service's handlers. */
+  routes: (router: ConnectRouter) => void;
+  /**
+   * Verifies the signed caller identity on every call (internal services). The gateway
+   * authenticates API keys itself and passes `undefined`.
+   */
+  internalSecret: string | undefined;
+  readiness?: ReadinessCheck;
+  /** Interceptors run after the platform's (trace, logging, error masking, identity). */
+  interceptors?: Interceptor[];
+  /** Adds per-call values from the raw request (e.g. the client address). */
+  contextValues?: (req: http.IncomingMessage | http2.Http2ServerRequest, values: ContextValues) => void;
+  /** Largest accepted message; bigger ones answer RESOURCE_EXHAUSTED. */
+  readMaxBytes?: number;
+  /**
+   * Serve GET /metrics on this separate port instead of the main one — for the gateway, whose
+   * main port is public. Undefined: /metrics is on the main port.
+   */
+  metricsPort?: number;
+  /** How long in-flight calls may take to finish on shutdown. */
+  shutdownGraceMs?: number;
+  /**
+   * Runs on every HTTP request after the liveness/readiness paths and before Connect (e.g. the
+   * gateway's CORS: it answers preflights and adds response headers). Returns true when it
+   * answered the request itself.
+   */
+  httpHandler?: (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => boolean;
+}
+
+export interface RunningServer {
+  readonly port: number;
+  readonly url: string;
+  /** Where GET /metrics is served: the main URL, or the separate metrics port. */
+  readonly metricsUrl: string;
+  readonly health: HealthState;
+  /** Drains and closes; resolves when every connection is closed. */
+  close(): Promise<void>;
+}
+
+const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
+
+export async function startServer(options: ServerOptions): Promise<RunningServer> {
+  const { logger } = options;
+  const drain = new AbortController();
+  let inFlight = 0;
+  let onIdle: (() => void) | undefined;
+  const track = {
+    start: () => inFlight++,
+    end: () => {
+      inFlight--;
+      if (inFlight === 0) onIdle?.();
+    },
+  };
+
+  const serviceNames: string[] = [];
+  const health = new HealthState(options.readiness ?? (async () => null), serviceNames);
+
+  // Tracing and metrics for the process (idempotent: in-process tests start several servers).
+  initTracing(options.name);
+  initMetrics(options.name);
+  // Outermost first: the server span is active for everything after it (logs carry its trace
+  // id); metrics see the code the client gets (after masking).
+  const platformInterceptors: Interceptor[] = [
+    serverTraceInterceptor(),
+    metricsInterceptor(),
+    trackingInterceptor(track, logger),
+  ];
+  if (options.internalSecret !== undefined) platformInterceptors.push(identityInterceptor(options.internalSecret));
+
+  const handler = connectNodeAdapter({
+    routes(router) {
+      registerHealth(router, health, drain.signal);
+      options.routes(router);
+      for (const h of router.handlers) serviceNames.push(h.service.typeName);
+    },
+    interceptors: [...platformInterceptors, ...(options.interceptors ?? [])],
+    readMaxBytes: options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES,
+    contextValues(req) {
+      const values = createContextValues();
+      values.set(drainSignalKey, drain.signal);
+      options.contextValues?.(req, values);
+      return values;
+    },
+  });
+
+  const onRequest = (req: http.IncomingMessage, res: http.ServerResponse) => {
+    if (req.url === LIVENESS_PATH) {
+      res.writeHead(200, { "content-type": "text/plain" });
+      res.end("ok\n");
+      return;
+    }
+    if (req.url === READINESS_PATH) {
+      void health.notReadyReason().then((reason) => {
+        res.writeHead(reason === null ? 200 : 503, { "content-type": "text/plain" });
+        res.end(reason === null ? "ready\n" : `not ready: ${reason}\n`);
+      });
+      return;
+    }
+    if (req.url === METRICS_PATH && req.method === "GET" && options.metricsPort === undefined) {
+      serveMetrics(res, logger);
+      return;
+    }
+    if (options.httpHandler?.(req, res)) return;
+    handler(req, res);
+  };
+
+  const h1 = http.createServer(onRequest);
+  // The HTTP/2 compatibility API offers the same request/response surface as HTTP/1.
+  const h2 = http2.createServer({}, onRequest as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void);
+  const sessions = new Set<http2.ServerHttp2Session>();
+  h2.on("session", (session) => {
+    sessions.add(session);
+    session.on("close", () => sessions.delete(session));
+  });
+
+  // Sniffs the first bytes of each connection: the HTTP/2 preface starts with "PRI", which no
+  // HTTP/1 method does.
+  const tcp = net.createServer((socket) => {
+    socket.once("readable", function route() {
+      const head: Buffer | null = socket.read();
+      if (head === null) {
+        socket.once("readable", route);
+        return;
+      }
+      socket.unshift(head);
+      (startsLikeHttp2(head) ? h2 : h1).emit("connection", socket);
+    });
+    socket.on("error", () => socket.destroy());
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    tcp.once("error", reject);
+    tcp.listen(options.port, options.host, () => resolve());
+  });
+  const address = tcp.address() as net.AddressInfo;
+  let metricsServer: http.Server | undefined;
+  if (options.metricsPort !== undefined) {
+    const server = http.createServer((req, res) => {
+      if (req.url === METRICS_PATH && req.method === "GET") return serveMetrics(res, logger);
+      res.writeHead(404).end();
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(options.metricsPort, options.host, () => resolve());
+    });
+    metricsServer = server;
+    logger.info({ port: (server.address() as net.AddressInfo).port }, "metrics listening");
+  }
+  const hostPart = options.host.includes(":") ? `[${options.host}]` : options.host;
+  const url = `http://${hostPart}:${address.port}`;
+  logger.info({ port: address.port, host: options.host }, `${options.name} listening`);
+
+  let closing: Promise<void> | undefined;
+  const close = () =>
+    (closing ??= (async () => {
+      logger.info({ inFlight }, "draining");
+      health.drain();
+      drain.abort();
+      tcp.close();
+      metricsServer?.close();
+      h1.closeIdleConnections();
+      if (inFlight > 0) {
+        await Promise.race([
+          new Promise<void>((resolve) => (onIdle = resolve)),
+          new Promise((resolve) => setTimeout(resolve, options.shutdownGraceMs ?? 10_000).unref()),
+        ]);
+      }
+      for (const session of sessions) session.close();
+      h1.closeAllConnections();
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          for (const session of sessions) session.destroy();
+          resolve();
+        }, 2000).unref();
+        const check = () => (sessions.size === 0 ? (clearTimeout(timer), resolve()) : setTimeout(check, 10).unref());
+        check();
+      });
+      await flushTracing();
+      logger.info("closed");
+    })());
+
+  const metricsUrl = metricsServer ? `http://${hostPart}:${(metricsServer.address() as net.AddressInfo).port}` : url;
+  return { port: address.port, url, metricsUrl, health, close };
+}
+
+function serveMetrics(res: http.ServerResponse, logger: Logger): void {
+  metricsText().then(
+    ({ contentType, body }) => {
+      res.writeHead(200, { "content-type": contentType });
+      res.end(body);
+    },
+    (err: unknown) => {
+      logger.error({ err }, "metrics collection failed");
+      res.writeHead(500, { "content-type": "text/plain" });
+      res.end("metrics collection failed\n");
+    },
+  );
+}
+
+function startsLikeHttp2(head: Buffer): boolean {
+  const n = Math.min(head.length, HTTP2_PREFACE_START.length);
+  return head.subarray(0, n).equals(HTTP2_PREFACE_START.subarray(0, n));
+}
+
+/**
+ * Counts in-flight calls (streams until their last message) for graceful shutdown, logs each
+ * call's outcome, and masks errors that are not ConnectErrors: the client gets INTERNAL with
+ * the trace id, the operator finds the cause under that id in the logs.
+ */
+function trackingInterceptor(track: { start(): void; end(): void }, logger: Logger): Interceptor {
+  return (next) => async (req) => {
+    const startedAt = performance.now();
+    const method = `${req.service.typeName}/${req.method.name}`;
+    const finish = (err?: unknown) => {
+      track.end();
+      const ms = Math.round((performance.now() - startedAt) * 100) / 100;
+      if (err === undefined) logger.debug({ method, ms, code: "ok" }, "rpc");
+      else if (err instanceof ConnectError && err.code !== Code.Internal && err.code !== Code.Unknown) {
+        logger.debug({ method, ms, code: Code[err.code] }, "rpc");
+      } else logger.error({ method, ms, err }, "rpc failed");
+    };
+    const mask = (err: unknown): ConnectError => {
+      if (err instanceof ConnectError && err.code !== Code.Internal && err.code !== Code.Unknown) return err;
+      const traceId = currentTrace()?.traceId ?? "none";
+      return new ConnectError(`internal error (trace id ${traceId})`, Code.Internal, undefined, undefined, err);
+    };
+    track.start();
+    return observeCallEnd(() => next(req), { onEnd: finish, mapError: mask });
+  };
+}
+
+/**
+ * Refuses calls whose caller identity is missing, forged or expired (health excepted).
+ * Exported so in-process tests (createRouterTransport) check identity exactly as servers do.
+ */
+export function identityInterceptor(secret: string): Interceptor {
+  return (next) => (req) => {
+    if (req.service.typeName !== "grpc.health.v1.Health") {
+      req.contextValues.set(identityKey, readIdentity(req.header, secret));
+    }
+    return next(req);
+  };
+}
+
+export { formatTraceparent };

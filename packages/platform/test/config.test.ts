@@ -1,0 +1,71 @@
+import { ConfigError, loadConfig, setting } from "@outpost/platform";
+import { describe, expect, it } from "vitest";
+
+const shape = {
+  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_X_PORT: setting.port(7104),
+  OUTPOST_X_HOST: setting.host(),
+  OUTPOST_TENANT_URL: setting.url(),
+  OUTPOST_DATA_DIR: setting.dataDir(),
+  OUTPOST_LOG_LEVEL: setting.logLevel(),
+  OUTPOST_TTL_MS: setting.durationMs(2000),
+};
+const SECRET = "s".repeat(32);
+const valid = { OUTPOST_INTERNAL_SECRET: SECRET, OUTPOST_TENANT_URL: "http://127.0.0.1:7101" };
+
+function configError(env: NodeJS.ProcessEnv): ConfigError {
+  try {
+    loadConfig(shape, env);
+  } catch (err) {
+    expect(err).toBeInstanceOf(ConfigError);
+    return err as ConfigError;
+  }
+  throw new Error("expected a ConfigError");
+}
+
+describe("loadConfig", () => {
+  it("applies the defaults", () => {
+    expect(loadConfig(shape, valid)).toEqual({
+      ...valid,
+      OUTPOST_X_PORT: 7104,
+      OUTPOST_X_HOST: "127.0.0.1",
+      OUTPOST_DATA_DIR: ".outpost/data",
+      OUTPOST_LOG_LEVEL: "info",
+      OUTPOST_TTL_MS: 2000,
+    });
+  });
+
+  it("coerces numbers from strings", () => {
+    const config = loadConfig(shape, { ...valid, OUTPOST_X_PORT: "8080", OUTPOST_TTL_MS: "50" });
+    expect(config.OUTPOST_X_PORT).toBe(8080);
+    expect(config.OUTPOST_TTL_MS).toBe(50);
+  });
+
+  it("names every missing variable", () => {
+    const err = configError({});
+    expect(err.name).toBe("ConfigError");
+    expect(err.message).toContain("OUTPOST_INTERNAL_SECRET");
+    expect(err.message).toContain("OUTPOST_TENANT_URL");
+    expect(err.message).not.toContain("OUTPOST_X_PORT");
+  });
+
+  it("names a malformed port and nothing valid", () => {
+    for (const port of ["abc", "70000", "-1", "1.5"]) {
+      const err = configError({ ...valid, OUTPOST_X_PORT: port });
+      expect(err.message).toMatch(/OUTPOST_X_PORT: /);
+      expect(err.message).not.toContain("OUTPOST_TENANT_URL");
+    }
+  });
+
+  it("explains a short secret, a bad URL and an unknown log level", () => {
+    expect(configError({ ...valid, OUTPOST_INTERNAL_SECRET: "short" }).message).toMatch(/OUTPOST_INTERNAL_SECRET: must be at least 32 characters/);
+    expect(configError({ ...valid, OUTPOST_TENANT_URL: "not a url" }).message).toMatch(/OUTPOST_TENANT_URL: must be a URL/);
+    expect(configError({ ...valid, OUTPOST_LOG_LEVEL: "loud" }).message).toContain("OUTPOST_LOG_LEVEL");
+    expect(configError({ ...valid, OUTPOST_TTL_MS: "0" }).message).toContain("OUTPOST_TTL_MS");
+  });
+
+  it("a port setting without a default is required", () => {
+    expect(() => loadConfig({ P: setting.port() }, {})).toThrow(/P: /);
+    expect(loadConfig({ P: setting.port() }, { P: "0" })).toEqual({ P: 0 });
+  });
+});

@@ -1,0 +1,71 @@
+/** Shared by the platform tests: a tiny server with a fake LogService whose behaviour is chosen by dispatch_id. */
+import { create } from "@bufbuild/protobuf";
+import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
+import {
+  callEndSignal,
+  currentTrace,
+  invalidArgument,
+  notFound,
+  startServer,
+  type ReadinessCheck,
+  type RunningServer,
+} from "@outpost/platform";
+import { LogChunkSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
+import { GetLogsResponseSchema, LogService, SubscribeLogsResponseSchema } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { pino } from "pino";
+
+export const SECRET = "test-internal-secret-0123456789abcdef";
+
+export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export const silentLogger = pino({ level: "silent" });
+
+/**
+ * GetLogs by dispatch_id: "slow" answers after 300 ms, "boom" throws a plain Error, "invalid" throws
+ * invalidArgument, "missing" throws notFound, "trace" answers the current trace id as next_page_token;
+ * anything else echoes the dispatch id as one chunk. SubscribeLogs sends one chunk, then waits on
+ * callEndSignal and returns.
+ */
+export function fakeLogRoutes(router: ConnectRouter): void {
+  router.service(LogService, {
+    async getLogs(req) {
+      switch (req.dispatchId) {
+        case "slow":
+          await sleep(300);
+          break;
+        case "boom":
+          throw new Error("database password is hunter2");
+        case "invalid":
+          throw invalidArgument("dispatch_id", "must be a ULID");
+        case "missing":
+          throw notFound("dispatch", "D1");
+        case "trace":
+          return create(GetLogsResponseSchema, { nextPageToken: currentTrace()?.traceId ?? "" });
+      }
+      return create(GetLogsResponseSchema, {
+        chunks: [create(LogChunkSchema, { dispatchId: req.dispatchId, seq: 1n, text: req.dispatchId })],
+      });
+    },
+    async *subscribeLogs(req, ctx: HandlerContext) {
+      yield create(SubscribeLogsResponseSchema, { chunks: [create(LogChunkSchema, { dispatchId: req.dispatchId, seq: 1n, text: "first" })] });
+      const signal = callEndSignal(ctx);
+      if (!signal.aborted) await new Promise((resolve) => signal.addEventListener("abort", resolve, { once: true }));
+    },
+  });
+}
+
+export function startTestServer(
+  options: { internalSecret?: string; readiness?: ReadinessCheck; readMaxBytes?: number; shutdownGraceMs?: number } = {},
+): Promise<RunningServer> {
+  return startServer({
+    name: "test",
+    host: "127.0.0.1",
+    port: 0,
+    logger: silentLogger,
+    routes: fakeLogRoutes,
+    internalSecret: options.internalSecret,
+    readiness: options.readiness,
+    readMaxBytes: options.readMaxBytes,
+    shutdownGraceMs: options.shutdownGraceMs,
+  });
+}

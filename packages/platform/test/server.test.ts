@@ -1,0 +1,272 @@
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import { errorInfoOf, internalClient, type RunningServer } from "@outpost/platform";
+import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
+import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SECRET, sleep, startTestServer } from "./helpers.ts";
+
+async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
+  try {
+    await call;
+  } catch (err) {
+    return ConnectError.from(err);
+  }
+  throw new Error("expected the call to fail");
+}
+
+function postJson(url: string, method: string, body: unknown, headers: Record<string, string> = {}) {
+  return fetch(`${url}/outpost.telemetry.v1.LogService/${method}`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: JSON.stringify(body),
+  });
+}
+
+describe("one port, every protocol", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer();
+  });
+  afterAll(() => server.close());
+
+  it("serves Connect JSON over HTTP/1.1 to a plain fetch", async () => {
+    const res = await postJson(server.url, "GetLogs", { dispatchId: "hello" });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("content-type")).toContain("application/json");
+    const body = (await res.json()) as { chunks: { text: string; seq: string }[] };
+    expect(body.chunks).toEqual([expect.objectContaining({ text: "hello", seq: "1" })]);
+  });
+
+  const transports: Record<string, () => Transport> = {
+    "Connect over HTTP/2": () => createConnectTransport({ baseUrl: server.url, httpVersion: "2" }),
+    "Connect over HTTP/1.1": () => createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }),
+    gRPC: () => createGrpcTransport({ baseUrl: server.url }),
+    "gRPC-Web over HTTP/1.1": () => createGrpcWebTransport({ baseUrl: server.url, httpVersion: "1.1" }),
+    "gRPC-Web over HTTP/2": () => createGrpcWebTransport({ baseUrl: server.url, httpVersion: "2" }),
+  };
+  for (const [name, transport] of Object.entries(transports)) {
+    it(`serves ${name} (unary and server streaming)`, async () => {
+      const client = createClient(LogService, transport());
+      const res = await client.getLogs({ dispatchId: name });
+      expect(res.chunks.map((c) => c.text)).toEqual([name]);
+      const controller = new AbortController();
+      for await (const msg of client.subscribeLogs({ dispatchId: "s" }, { signal: controller.signal })) {
+        expect(msg.chunks[0]?.text).toBe("first");
+        break;
+      }
+    });
+  }
+
+  it("masks a plain Error as INTERNAL with a trace id and without the original message", async () => {
+    for (const transport of [transports.gRPC!(), transports["Connect over HTTP/1.1"]!()]) {
+      const err = await errorOf(createClient(LogService, transport).getLogs({ dispatchId: "boom" }));
+      expect(err.code).toBe(Code.Internal);
+      expect(err.rawMessage).toMatch(/trace id [0-9a-f]{32}/);
+      expect(err.message).not.toContain("hunter2");
+      expect(JSON.stringify(err.metadata)).not.toContain("hunter2");
+    }
+    const res = await postJson(server.url, "GetLogs", { dispatchId: "boom" });
+    expect(await res.text()).not.toContain("hunter2");
+  });
+
+  it("passes a ConnectError through unchanged", async () => {
+    const err = await errorOf(createClient(LogService, transports.gRPC!()).getLogs({ dispatchId: "missing" }));
+    expect(err.code).toBe(Code.NotFound);
+    expect(err.rawMessage).toBe('dispatch "D1" not found');
+    expect(errorInfoOf(err)?.reason).toBe("DISPATCH_NOT_FOUND");
+  });
+
+  it("continues the trace of an incoming traceparent", async () => {
+    const traceId = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const res = await postJson(server.url, "GetLogs", { dispatchId: "trace" }, { traceparent: `00-${traceId}-00f067aa0ba902b7-01` });
+    expect(((await res.json()) as { nextPageToken: string }).nextPageToken).toBe(traceId);
+    const viaGrpc = await createClient(LogService, transports.gRPC!()).getLogs(
+      { dispatchId: "trace" },
+      { headers: { traceparent: `00-${traceId}-00f067aa0ba902b7-01` } },
+    );
+    expect(viaGrpc.nextPageToken).toBe(traceId);
+  });
+
+  it("starts a fresh trace per call without (or with an invalid) traceparent", async () => {
+    const client = createClient(LogService, transports.gRPC!());
+    const a = await client.getLogs({ dispatchId: "trace" });
+    const b = await client.getLogs({ dispatchId: "trace" }, { headers: { traceparent: `00-${"0".repeat(32)}-00f067aa0ba902b7-01` } });
+    expect(a.nextPageToken).toMatch(/^[0-9a-f]{32}$/);
+    expect(b.nextPageToken).toMatch(/^[0-9a-f]{32}$/);
+    expect(b.nextPageToken).not.toBe("0".repeat(32));
+    expect(a.nextPageToken).not.toBe(b.nextPageToken);
+  });
+});
+
+describe("liveness and readiness", () => {
+  let reason: string | null = "store unreachable";
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer({ readiness: async () => reason });
+  });
+  afterAll(() => server.close());
+
+  it("/healthz answers 200 ok even when not ready; /readyz answers 503 with the reason", async () => {
+    reason = "store unreachable";
+    const live = await fetch(`${server.url}/healthz`);
+    expect(live.status).toBe(200);
+    expect(await live.text()).toBe("ok\n");
+    const ready = await fetch(`${server.url}/readyz`);
+    expect(ready.status).toBe(503);
+    expect(await ready.text()).toContain("store unreachable");
+  });
+
+  it("grpc.health Check follows readiness", async () => {
+    const health = createClient(Health, createGrpcTransport({ baseUrl: server.url }));
+    reason = "store unreachable";
+    expect((await health.check({ service: "" })).status).toBe(Status.NOT_SERVING);
+    expect((await health.check({ service: "outpost.telemetry.v1.LogService" })).status).toBe(Status.NOT_SERVING);
+    reason = null;
+    expect((await health.check({ service: "" })).status).toBe(Status.SERVING);
+    expect((await fetch(`${server.url}/readyz`)).status).toBe(200);
+    expect((await errorOf(health.check({ service: "no.such.Service" }))).code).toBe(Code.NotFound);
+  });
+
+  it("a readiness check that throws counts as not ready", async () => {
+    const throwing = await startTestServer({
+      readiness: async () => {
+        throw new Error("redis down");
+      },
+    });
+    try {
+      const ready = await fetch(`${throwing.url}/readyz`);
+      expect(ready.status).toBe(503);
+      expect(await ready.text()).toContain("redis down");
+    } finally {
+      await throwing.close();
+    }
+  });
+});
+
+describe("caller identity", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer({ internalSecret: SECRET });
+  });
+  afterAll(() => server.close());
+
+  it("refuses a call without identity, over gRPC and Connect", async () => {
+    const grpcErr = await errorOf(createClient(LogService, createGrpcTransport({ baseUrl: server.url })).getLogs({ dispatchId: "x" }));
+    expect(grpcErr.code).toBe(Code.Unauthenticated);
+    expect(errorInfoOf(grpcErr)?.reason).toBe("IDENTITY_MISSING");
+    const res = await postJson(server.url, "GetLogs", { dispatchId: "x" });
+    expect(res.status).toBe(401);
+  });
+
+  it("refuses an identity signed with another secret", async () => {
+    const client = internalClient(LogService, {
+      baseUrl: server.url,
+      internalSecret: "wrong-secret-0123456789abcdef-0123456",
+      identity: { kind: "service", principal: "dispatcher/1" },
+    });
+    const err = await errorOf(client.getLogs({ dispatchId: "x" }));
+    expect(err.code).toBe(Code.Unauthenticated);
+    expect(errorInfoOf(err)?.reason).toBe("IDENTITY_FORGED");
+  });
+
+  it("accepts a signed call and always allows health", async () => {
+    const client = internalClient(LogService, { baseUrl: server.url, internalSecret: SECRET, identity: { kind: "service", principal: "dispatcher/1" } });
+    expect((await client.getLogs({ dispatchId: "signed" })).chunks[0]?.text).toBe("signed");
+    const health = createClient(Health, createGrpcTransport({ baseUrl: server.url }));
+    expect((await health.check({ service: "" })).status).toBe(Status.SERVING);
+  });
+});
+
+describe("message size limit", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer({ readMaxBytes: 1024 });
+  });
+  afterAll(() => server.close());
+
+  it("refuses an oversize message with RESOURCE_EXHAUSTED and keeps serving", async () => {
+    const big = "x".repeat(4096);
+    const grpc = createClient(LogService, createGrpcTransport({ baseUrl: server.url }));
+    expect((await errorOf(grpc.getLogs({ dispatchId: big }))).code).toBe(Code.ResourceExhausted);
+    const connect = createClient(LogService, createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }));
+    expect((await errorOf(connect.getLogs({ dispatchId: big }))).code).toBe(Code.ResourceExhausted);
+    const res = await postJson(server.url, "GetLogs", { dispatchId: big });
+    expect(((await res.json()) as { code: string }).code).toBe("resource_exhausted");
+    expect((await grpc.getLogs({ dispatchId: "small" })).chunks[0]?.text).toBe("small");
+    expect((await connect.getLogs({ dispatchId: "small" })).chunks[0]?.text).toBe("small");
+  });
+});
+
+describe("graceful close", () => {
+  it("finishes in-flight unary calls, refuses new connections", async () => {
+    const server = await startTestServer({ shutdownGraceMs: 5000 });
+    const grpc = createClient(LogService, createGrpcTransport({ baseUrl: server.url }));
+    const connect = createClient(LogService, createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }));
+    const slowGrpc = grpc.getLogs({ dispatchId: "slow" });
+    const slowConnect = connect.getLogs({ dispatchId: "slow" });
+    const slowFetch = postJson(server.url, "GetLogs", { dispatchId: "slow" }).then(async (r) => ({ status: r.status, body: await r.text() }));
+    await sleep(100);
+    const closing = server.close();
+    await sleep(20);
+    await expect(fetch(`${server.url}/healthz`)).rejects.toThrow();
+    expect((await slowGrpc).chunks[0]?.text).toBe("slow");
+    expect((await slowConnect).chunks[0]?.text).toBe("slow");
+    const fetched = await slowFetch;
+    expect(fetched.status).toBe(200);
+    expect(fetched.body).toContain('"slow"');
+    await closing;
+  });
+
+  it("ends a stream waiting on callEndSignal cleanly when close() is called", async () => {
+    const server = await startTestServer({ shutdownGraceMs: 10_000 });
+    for (const transport of [createGrpcTransport({ baseUrl: server.url })]) {
+      const client = createClient(LogService, transport);
+      const seen: string[] = [];
+      let closing: Promise<void> | undefined;
+      const startedAt = performance.now();
+      for await (const msg of client.subscribeLogs({ dispatchId: "s" })) {
+        seen.push(msg.chunks[0]!.text);
+        closing = server.close();
+      }
+      expect(seen).toEqual(["first"]);
+      await closing;
+      // The stream ended on the drain signal, not after the grace period.
+      expect(performance.now() - startedAt).toBeLessThan(3000);
+    }
+  });
+
+  it("ends a Connect HTTP/1.1 stream cleanly too", async () => {
+    const server = await startTestServer({ shutdownGraceMs: 10_000 });
+    const client = createClient(LogService, createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }));
+    const seen: string[] = [];
+    let closing: Promise<void> | undefined;
+    for await (const msg of client.subscribeLogs({ dispatchId: "s" })) {
+      seen.push(msg.chunks[0]!.text);
+      closing = server.close();
+    }
+    expect(seen).toEqual(["first"]);
+    await closing;
+  });
+
+  it("a grpc.health Watch stream does not hold shutdown for the grace period", async () => {
+    const server = await startTestServer({ shutdownGraceMs: 10_000 });
+    const health = createClient(Health, createGrpcTransport({ baseUrl: server.url }));
+    const statuses: Status[] = [];
+    const watching = (async () => {
+      try {
+        for await (const res of health.watch({ service: "" })) statuses.push(res.status);
+      } catch {
+        // The connection may close under the stream; what matters is how long close() takes.
+      }
+    })();
+    await sleep(100);
+    expect(statuses).toEqual([Status.SERVING]);
+    const startedAt = performance.now();
+    await server.close();
+    expect(performance.now() - startedAt).toBeLessThan(3000);
+    await watching;
+    // Watchers learn that the server went away before their stream ends.
+    expect(statuses).toEqual([Status.SERVING, Status.NOT_SERVING]);
+  });
+});

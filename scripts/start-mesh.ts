@@ -1,0 +1,117 @@
+/**
+ * `npm start`: brings the five processes up on loopback on embedded defaults (SQLite files
+ * under .outpost/data, no Redis or MongoDB needed), provisions a development tenant, writes
+ * its key where the CLI finds it, and prints the next command. `npm run demo` (--demo) also
+ * runs one dispatch of the demo agent, follows its output, and shuts the mesh down.
+ */
+import { randomBytes } from "node:crypto";
+import { readFileSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import path from "node:path";
+import Docker from "dockerode";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { outpostClients, outpostHome, readDevCredentials, runCli, writeDevCredentials, devCredentialsPath } from "@outpost/cli";
+import { DEFAULT_PORTS, REPO_ROOT, startMesh } from "./lib/mesh.ts";
+
+const DEMO_IMAGE = "outpost/demo-agent:latest";
+const demo = process.argv.includes("--demo");
+const home = outpostHome();
+
+function say(line: string) {
+  process.stderr.write(`${line}\n`);
+}
+
+/** Secrets that must stay the same across restarts of the development mesh. */
+function devSecret(name: string): string {
+  const file = path.join(home, name);
+  if (existsSync(file)) return readFileSync(file, "utf8").trim();
+  mkdirSync(home, { recursive: true });
+  const value = randomBytes(32).toString("hex");
+  writeFileSync(file, `${value}\n`, { mode: 0o600 });
+  return value;
+}
+
+async function checkDocker(): Promise<boolean> {
+  const docker = new Docker();
+  try {
+    await docker.ping();
+  } catch {
+    say(
+      [
+        `outpost: the Docker engine is not reachable at ${process.env.DOCKER_HOST ?? "/var/run/docker.sock"}, so runs cannot start.`,
+        "  Install and start it (Debian/Ubuntu, as root):  bash scripts/setup-docker.sh",
+        "  (that is: apt-get install docker.io qemu-user-static binfmt-support; dockerd &; update-binfmts --enable qemu-aarch64)",
+      ].join("\n"),
+    );
+    return false;
+  }
+  try {
+    await docker.getImage(DEMO_IMAGE).inspect();
+  } catch {
+    say(`outpost: building the demo agent image ${DEMO_IMAGE} (offline, from Debian's busybox-static:arm64)…`);
+    const built = spawnSync("bash", [path.join(REPO_ROOT, "test/fixtures/agents/build.sh")], { stdio: "inherit" });
+    if (built.status !== 0) {
+      say("outpost: building the demo agent image failed; see above");
+      return false;
+    }
+  }
+  return true;
+}
+
+const dockerReady = await checkDocker();
+if (demo && !dockerReady) process.exit(1);
+
+const adminToken = devSecret("admin-token");
+const mesh = await startMesh({
+  dataDir: path.join(home, "data"),
+  logDir: path.join(home, "logs"),
+  internalSecret: devSecret("internal-secret"),
+  // Secrets at rest are encrypted under this development master key (key id "dev").
+  serviceEnv: { tenant: { OUTPOST_SECRETS_MASTER_KEYS: `dev:${Buffer.from(devSecret("secrets-master-key"), "hex").toString("base64")}` } },
+  adminToken,
+  ports: DEFAULT_PORTS,
+});
+const gatewayUrl = mesh.urls.gateway;
+
+let stopping = false;
+async function shutdown(code: number) {
+  if (stopping) return;
+  stopping = true;
+  await mesh.stop();
+  process.exit(code);
+}
+process.on("SIGINT", () => void shutdown(0));
+process.on("SIGTERM", () => void shutdown(0));
+
+// Reuse the development tenant's key while it still works; otherwise provision a new tenant.
+const saved = readDevCredentials();
+let apiKey = saved.apiKey;
+if (apiKey) {
+  try {
+    await outpostClients(gatewayUrl, apiKey).agents.listAgents({});
+  } catch (err) {
+    if (!(err instanceof ConnectError && err.code === Code.Unauthenticated)) throw err;
+    apiKey = undefined;
+  }
+}
+if (!apiKey) {
+  const created = await outpostClients(gatewayUrl, adminToken).tenants.createTenant({
+    name: "Development",
+    contactEmail: "dev@localhost.localdomain",
+  });
+  apiKey = created.apiKeyPlaintext;
+  writeDevCredentials({ gatewayUrl, apiKey, adminToken, tenantId: created.tenant!.id });
+}
+
+say(`outpost: mesh up — gateway ${gatewayUrl} (Connect, gRPC, gRPC-Web); logs in ${path.join(home, "logs")}`);
+say(`outpost: development key stored in ${devCredentialsPath()}`);
+if (demo) {
+  const command = ["dispatch", "--agent", "demo", "--task", "say hello from an arm64 container", "--follow"];
+  say(`outpost: running: outpost ${command.join(" ")}`);
+  const code = await runCli(command, { out: process.stdout, err: process.stderr, env: process.env });
+  await shutdown(code);
+} else {
+  say("outpost: next, in another terminal:\n");
+  say(`  npx outpost dispatch --agent demo --task "hello exit=0" --follow\n`);
+  say("outpost: Ctrl-C stops the mesh");
+}

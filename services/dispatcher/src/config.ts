@@ -1,0 +1,34 @@
+import { setting } from "@outpost/platform";
+import { z } from "zod";
+
+/** Environment settings of the dispatcher, validated at start-up. */
+export const dispatcherConfigShape = {
+  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_DISPATCHER_HOST: setting.host(),
+  OUTPOST_DISPATCHER_PORT: setting.port(7102),
+  OUTPOST_DATA_DIR: setting.dataDir(),
+  OUTPOST_TELEMETRY_URL: setting.url(),
+  /**
+   * Tenant service for admission (quotas, secrets, suspension; contract A). Absent: every
+   * dispatch is admitted, capped only by OUTPOST_MAX_TIMEOUT_S (single-tenant development).
+   */
+  OUTPOST_TENANT_URL: setting.url().optional(),
+  /** Redis for cross-replica long-poll wake-ups ("outpost:dispatch:queued"). Absent: in-process only. */
+  OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
+  /** MongoDB for the dispatcher store (production, several replicas). Absent: SQLite in OUTPOST_DATA_DIR. */
+  OUTPOST_MONGO_URL: z.string().url({ message: "must be a URL such as mongodb://127.0.0.1:27017/outpost" }).optional(),
+  /** Circuit breaker per agent (SPEC D6): failures within the window that open it, etc. Shortened only in tests. */
+  OUTPOST_CIRCUIT_WINDOW_MS: setting.durationMs(120_000),
+  OUTPOST_CIRCUIT_HALF_OPEN_AFTER_MS: setting.durationMs(60_000),
+  /** Infrastructure-failure retries: first backoff and attempt bound. */
+  OUTPOST_RETRY_INITIAL_DELAY_MS: setting.durationMs(1000),
+  OUTPOST_RETRY_MAX_ATTEMPTS: setting.positiveInt(5),
+  /** How long a lease lives without a heartbeat. */
+  OUTPOST_LEASE_TTL_MS: setting.durationMs(30_000),
+  /** Upper bound of any run's timeout until tiers set their own (issue #3). */
+  OUTPOST_MAX_TIMEOUT_S: setting.positiveInt(3600),
+  /** Image of the built-in demo agent. */
+  OUTPOST_DEMO_AGENT_IMAGE: z.string().min(1).default("outpost/demo-agent:latest"),
+};
+
+export type DispatcherConfig = z.infer<z.ZodObject<typeof dispatcherConfigShape>>;

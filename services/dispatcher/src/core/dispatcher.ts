@@ -1,0 +1,480 @@
+/**
+ * The dispatcher's core: creating and reading dispatches, the leased queue, and the run
+ * lifecycle QUEUED → STARTING → RUNNING → SUCCEEDED | FAILED | TIMED_OUT | CANCELLED
+ * (SPEC D1–D3, D7). Every transition is a conditional update on the expected state and lease,
+ * so a stale executor or a racing replica changes nothing. Knows nothing of transport.
+ */
+import { monotonicFactory, ulid } from "ulid";
+
+/** Dispatch ids increase strictly within a process, so "oldest first" holds inside one millisecond too. */
+const dispatchId = monotonicFactory();
+import { type Agent, type ModelTier, ResourcesSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { create } from "@bufbuild/protobuf";
+import { failedPrecondition, notFound, type Logger } from "@outpost/platform";
+import type { DispatchRecord, DispatchState, DispatchStore, ExecutorReport, ExecutorStore, ListFilter, ResourceCaps } from "../store/store.ts";
+import { isTerminal, queuedDispatch } from "../store/store.ts";
+import type { AgentRegistry } from "./agents.ts";
+import type { Notifier } from "./notifier.ts";
+import { UnlimitedAdmission, type TenantAdmission } from "./ports.ts";
+import { AgentCircuits, InfraRetry } from "./resilience.ts";
+
+/** Where run starts and ends are announced, so log subscriptions can begin and end (telemetry). */
+export interface RunEvents {
+  /** `logRetentionMs`: how long the tenant's tier keeps the run's logs, when known. */
+  runCreated(dispatch: DispatchRecord, logRetentionMs?: number): Promise<void>;
+  runEnded(dispatch: DispatchRecord, lastLogSeq: bigint): Promise<void>;
+}
+
+export interface CreateDispatchInput {
+  agent: string;
+  task: string;
+  repoUrl: string;
+  repoRef: string;
+  modelId?: string;
+  modelTier?: ModelTier;
+  timeoutMs?: number;
+  secretNames: string[];
+  env: Record<string, string>;
+  labels: Record<string, string>;
+  requestId: string;
+  traceparent: string;
+}
+
+export interface TerminalReport {
+  state: Extract<DispatchState, "SUCCEEDED" | "FAILED" | "TIMED_OUT" | "CANCELLED">;
+  exitCode: number | null;
+  failureReason: string;
+  resultJson: string | null;
+  lastLogSeq: bigint;
+}
+
+export interface DispatcherOptions {
+  store: DispatchStore & ExecutorStore;
+  agents: AgentRegistry;
+  notifier: Notifier;
+  runEvents: RunEvents;
+  logger: Logger;
+  leaseTtlMs: number;
+  /** The platform's upper bound of any run's timeout; the tenant's tier may cap it lower. */
+  maxTimeoutMs: number;
+  /** Tenant quotas, secrets and suspension; everything is admitted when unset. */
+  admission?: TenantAdmission;
+  circuits?: AgentCircuits;
+  infraRetry?: InfraRetry;
+  now?: () => number;
+}
+
+/** Executor capacity as reported with AcquireLease/Heartbeat (contract C). */
+export type CapacityReport = Omit<ExecutorReport, "executorId" | "seenAt">;
+
+/** A replica re-checks the queue at least this often while long-polling (work queued elsewhere). */
+const QUEUE_RECHECK_MS = 1000;
+
+export class Dispatcher {
+  private readonly store: DispatchStore & ExecutorStore;
+  readonly agents: AgentRegistry;
+  readonly admission: TenantAdmission;
+  readonly circuits: AgentCircuits;
+  readonly infraRetry: InfraRetry;
+  private readonly notifier: Notifier;
+  private readonly runEvents: RunEvents;
+  private readonly logger: Logger;
+  private readonly leaseTtlMs: number;
+  private readonly maxTimeoutMs: number;
+  private readonly now: () => number;
+
+  constructor(options: DispatcherOptions) {
+    this.store = options.store;
+    this.agents = options.agents;
+    this.notifier = options.notifier;
+    this.runEvents = options.runEvents;
+    this.logger = options.logger;
+    this.leaseTtlMs = options.leaseTtlMs;
+    this.maxTimeoutMs = options.maxTimeoutMs;
+    this.admission = options.admission ?? new UnlimitedAdmission(options.maxTimeoutMs);
+    this.circuits = options.circuits ?? new AgentCircuits();
+    this.infraRetry = options.infraRetry ?? new InfraRetry();
+    this.now = options.now ?? Date.now;
+  }
+
+  /**
+   * Creates and queues a dispatch. Order matters: an existing dispatch with the same request id
+   * answers without admitting anything; then the agent, model and circuit are checked; then the
+   * tenant service admits the run (quota slot, secrets, tier timeout) before the insert; when the
+   * insert loses a race to a parallel request with the same id, the new id's slot is released.
+   */
+  async create(tenantId: string, input: CreateDispatchInput): Promise<DispatchRecord> {
+    if (input.requestId) {
+      const existing = await this.store.findByRequestId(tenantId, input.requestId);
+      if (existing) return existing;
+    }
+    await this.agents.refreshIfStale();
+    const agent = this.agents.requireEnabled("agent", input.agent);
+    const { model, tier } = this.agents.resolveModel(agent, input.modelId, input.modelTier);
+    this.circuits.assertAccepting(agent.name);
+    const defaultTimeoutMs = agent.defaultTimeout ? Number(agent.defaultTimeout.seconds) * 1000 : this.maxTimeoutMs;
+    const now = this.now();
+    const id = dispatchId(now);
+    const { maxTimeoutMs, logRetentionMs, resourceCaps } = await this.admission.admit(tenantId, id, input.secretNames, input.timeoutMs);
+    const timeoutMs = Math.min(input.timeoutMs ?? defaultTimeoutMs, maxTimeoutMs, this.maxTimeoutMs);
+    const candidate = queuedDispatch({
+      id,
+      tenantId,
+      agent: agent.name,
+      task: input.task,
+      repoUrl: input.repoUrl,
+      repoRef: input.repoRef,
+      model,
+      modelTier: tier,
+      timeoutMs,
+      secretNames: input.secretNames,
+      env: input.env,
+      labels: input.labels,
+      requestId: input.requestId,
+      traceparent: input.traceparent,
+      createTime: now,
+      resourceCaps: resourceCaps ?? null,
+    });
+    let inserted: { record: DispatchRecord; created: boolean };
+    try {
+      inserted = await this.store.insert(candidate);
+    } catch (err) {
+      await this.releaseSlot(candidate);
+      throw err;
+    }
+    const { record, created } = inserted;
+    if (!created) await this.releaseSlot(candidate);
+    if (created) {
+      // Telemetry must know the run's owner before a client subscribes to its logs.
+      await this.announce(() => this.runEvents.runCreated(record, logRetentionMs), record, "register run");
+      this.notifier.workQueued();
+      this.logger.info({ dispatch_id: record.id, agent: record.agent }, "dispatch queued");
+    }
+    return record;
+  }
+
+  /** The tenant's dispatch; another tenant's answers exactly like a missing one (SPEC T4). */
+  async get(tenantId: string, id: string): Promise<DispatchRecord> {
+    const record = await this.store.get(id);
+    if (!record || record.tenantId !== tenantId) throw notFound("dispatch", id);
+    return record;
+  }
+
+  list(tenantId: string, filter: ListFilter, limit: number, afterId?: string): Promise<DispatchRecord[]> {
+    return this.store.list(tenantId, filter, limit, afterId);
+  }
+
+  /** QUEUED ends at once; STARTING/RUNNING are flagged and the executor stops the container. */
+  async cancel(tenantId: string, id: string): Promise<DispatchRecord> {
+    for (;;) {
+      const record = await this.get(tenantId, id);
+      if (isTerminal(record.state)) {
+        throw failedPrecondition("DISPATCH_FINISHED", `dispatch "${id}" already ended in state ${record.state}`, {
+          state: record.state,
+        });
+      }
+      const now = this.now();
+      const updated =
+        record.state === "QUEUED"
+          ? await this.store.update(id, { states: ["QUEUED"] }, { state: "CANCELLED", failureReason: "cancelled before start", endTime: now, updateTime: now })
+          : await this.store.update(id, { states: ["STARTING", "RUNNING"] }, { cancelRequested: true, updateTime: now });
+      if (!updated) continue; // the state moved under us: look again
+      this.notifier.dispatchChanged(id);
+      if (updated.cancelRequested && updated.state !== "CANCELLED") this.notifier.cancelRequested(id);
+      if (updated.state === "CANCELLED") {
+        await this.releaseSlot(updated);
+        await this.announce(() => this.runEvents.runEnded(updated, 0n), updated, "complete run");
+      }
+      return updated;
+    }
+  }
+
+  /** Yields the dispatch now and on every change, until it is terminal or `signal` fires. */
+  async *watch(tenantId: string, id: string, signal: AbortSignal): AsyncGenerator<DispatchRecord> {
+    let last = await this.get(tenantId, id);
+    yield last;
+    while (!isTerminal(last.state) && !signal.aborted) {
+      await this.notifier.waitForChange(id, QUEUE_RECHECK_MS, signal);
+      const current = await this.get(tenantId, id);
+      if (current.updateTime !== last.updateTime || current.state !== last.state) {
+        last = current;
+        yield current;
+      }
+    }
+  }
+
+  /** Long-poll: leases the oldest queued run to the executor, waiting up to `waitMs` for one. */
+  async acquireLease(
+    executorId: string,
+    waitMs: number,
+    signal: AbortSignal,
+    capacity?: CapacityReport,
+  ): Promise<{ dispatch: DispatchRecord; agent: Agent } | undefined> {
+    if (capacity) await this.recordCapacity(executorId, capacity);
+    const deadline = this.now() + waitMs;
+    while (!signal.aborted) {
+      const now = this.now();
+      const suspended = await this.suspendedTenants();
+      const leased = await this.store.leaseNext({
+        executorId,
+        leaseId: ulid(now),
+        expiresAt: now + this.leaseTtlMs,
+        now,
+        excludeTenants: [...suspended],
+      });
+      if (leased) {
+        this.notifier.dispatchChanged(leased.id);
+        this.logger.info({ dispatch_id: leased.id, executor_id: executorId, attempt: leased.attempt }, "dispatch leased");
+        let agent = this.agents.get(leased.agent);
+        if (!agent) {
+          await this.agents.refresh();
+          agent = this.agents.get(leased.agent);
+        }
+        if (agent) return { dispatch: leased, agent: withinCaps(agent, leased.resourceCaps) };
+        await this.finish(leased, { state: "FAILED", exitCode: null, failureReason: `agent "${leased.agent}" is no longer registered`, resultJson: null, lastLogSeq: 0n });
+        continue;
+      }
+      const remaining = deadline - this.now();
+      if (remaining <= 0) return undefined;
+      await this.notifier.waitForWork(Math.min(remaining, QUEUE_RECHECK_MS), signal);
+    }
+    return undefined;
+  }
+
+  /** Extends the lease; tells the executor whether the run was cancelled. */
+  async heartbeat(
+    dispatchId: string,
+    leaseId: string,
+    executor?: { executorId: string; capacity: CapacityReport },
+  ): Promise<{ expiresAt: number; cancelRequested: boolean }> {
+    if (executor) await this.recordCapacity(executor.executorId, executor.capacity);
+    const expiresAt = this.now() + this.leaseTtlMs;
+    const updated = await this.store.update(dispatchId, { states: ["STARTING", "RUNNING"], leaseId }, { leaseExpiresAt: expiresAt });
+    if (!updated) throw leaseLost(dispatchId);
+    return { expiresAt, cancelRequested: updated.cancelRequested };
+  }
+
+  async reportRunning(dispatchId: string, leaseId: string): Promise<DispatchRecord> {
+    const now = this.now();
+    const updated = await this.store.update(dispatchId, { states: ["STARTING"], leaseId }, { state: "RUNNING", startTime: now, updateTime: now });
+    if (!updated) throw leaseLost(dispatchId);
+    this.notifier.dispatchChanged(dispatchId);
+    return updated;
+  }
+
+  async reportTerminal(dispatchId: string, leaseId: string, report: TerminalReport): Promise<DispatchRecord> {
+    const record = await this.store.get(dispatchId);
+    if (!record || record.leaseId !== leaseId) throw leaseLost(dispatchId);
+    const updated = await this.finish(record, report, leaseId);
+    if (!updated) throw leaseLost(dispatchId);
+    return updated;
+  }
+
+  /**
+   * The executor gives back a lease whose agent never started. An infrastructure failure (engine
+   * unreachable, transient pull/create error) re-queues the run after an exponential backoff with
+   * jitter, up to the attempt bound, then fails it with the reason; anything else fails it now.
+   * A cancelled run ends CANCELLED.
+   */
+  async releaseLease(dispatchId: string, leaseId: string, reason: string, infrastructureFailure: boolean): Promise<DispatchRecord> {
+    const record = await this.store.get(dispatchId);
+    if (!record || record.leaseId !== leaseId || (record.state !== "STARTING" && record.state !== "RUNNING")) throw leaseLost(dispatchId);
+    if (record.state === "RUNNING") {
+      throw failedPrecondition("RUN_STARTED", `dispatch "${dispatchId}" already started its agent; report its terminal state instead`, {
+        dispatch_id: dispatchId,
+      });
+    }
+    const end = async (report: TerminalReport) => {
+      const ended = await this.finish(record, report, leaseId);
+      if (!ended) throw leaseLost(dispatchId);
+      return ended;
+    };
+    const failure = (failureReason: string): TerminalReport => ({ state: "FAILED", exitCode: null, failureReason, resultJson: null, lastLogSeq: 0n });
+    if (record.cancelRequested) return end({ ...failure("cancelled before start"), state: "CANCELLED" });
+    if (!infrastructureFailure) return end(failure(reason || "the executor could not start the run"));
+    const delayMs = this.infraRetry.delayAfter(record.attempt);
+    if (delayMs === undefined) {
+      return end(failure(`infrastructure failure after ${record.attempt} attempts: ${reason || "unknown"}`));
+    }
+    const now = this.now();
+    const requeued = await this.store.update(
+      dispatchId,
+      { states: ["STARTING"], leaseId },
+      {
+        state: "QUEUED",
+        executorId: "",
+        leaseId: "",
+        leaseExpiresAt: null,
+        notBefore: now + delayMs,
+        failureReason: `attempt ${record.attempt} failed (infrastructure): ${reason || "unknown"}; retrying`,
+        updateTime: now,
+      },
+    );
+    if (!requeued) throw leaseLost(dispatchId);
+    this.logger.warn({ dispatch_id: dispatchId, attempt: record.attempt, delay_ms: delayMs, reason }, "infrastructure failure; re-queued with backoff");
+    this.notifier.dispatchChanged(dispatchId);
+    // Wake long-pollers once the backoff has passed (their 1 s re-check would find it too).
+    setTimeout(() => this.notifier.workQueued(), delayMs + 5).unref();
+    return requeued;
+  }
+
+  /**
+   * Cancellations of runs leased to the executor: those already flagged, then each new one as
+   * it is requested on any replica, until `signal` fires.
+   */
+  async *cancellationsFor(executorId: string, signal: AbortSignal): AsyncGenerator<{ dispatchId: string; leaseId: string }> {
+    // Subscribe before reading what is already flagged, so nothing falls between the two.
+    const live = this.notifier.cancellations(signal)[Symbol.asyncIterator]();
+    for (const record of await this.store.listLeasedTo(executorId, 1000)) {
+      if (record.cancelRequested) yield { dispatchId: record.id, leaseId: record.leaseId };
+    }
+    for (;;) {
+      const next = await live.next();
+      if (next.done) return;
+      const record = await this.store.get(next.value);
+      if (record && record.executorId === executorId && record.cancelRequested && (record.state === "STARTING" || record.state === "RUNNING")) {
+        yield { dispatchId: record.id, leaseId: record.leaseId };
+      }
+    }
+  }
+
+  /** The runs leased to an executor (STARTING/RUNNING), for its reconciliation after a restart. */
+  async leasesOf(executorId: string): Promise<{ dispatch: DispatchRecord; agent: Agent | undefined }[]> {
+    const records = await this.store.listLeasedTo(executorId, 1000);
+    await this.agents.refreshIfStale();
+    return records.map((dispatch) => {
+      const agent = this.agents.get(dispatch.agent);
+      return { dispatch, agent: agent && withinCaps(agent, dispatch.resourceCaps) };
+    });
+  }
+
+  /**
+   * Settles expired leases: a run that had not started goes back to the queue; one that was
+   * running fails with "executor lost" (its container's fate is unknown).
+   */
+  async expireLeases(): Promise<number> {
+    const now = this.now();
+    const expired = await this.store.listExpiredLeases(now, 100);
+    for (const record of expired) {
+      if (record.cancelRequested) {
+        // The tenant cancelled and the executor is gone: end it, never run it again.
+        await this.finish(record, { state: "CANCELLED", exitCode: null, failureReason: "cancelled; executor lost", resultJson: null, lastLogSeq: 0n }, record.leaseId);
+      } else if (record.state === "STARTING") {
+        const requeued = await this.store.update(
+          record.id,
+          { states: ["STARTING"], leaseId: record.leaseId },
+          { state: "QUEUED", executorId: "", leaseId: "", leaseExpiresAt: null, updateTime: now },
+        );
+        if (requeued) {
+          this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId }, "lease expired before start; re-queued");
+          this.notifier.dispatchChanged(record.id);
+          this.notifier.workQueued();
+        }
+      } else {
+        const failed = await this.finish(record, { state: "FAILED", exitCode: null, failureReason: "executor lost", resultJson: null, lastLogSeq: 0n }, record.leaseId);
+        if (failed) this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId }, "lease expired while running; failed");
+      }
+    }
+    return expired.length;
+  }
+
+  private async finish(record: DispatchRecord, report: TerminalReport, leaseId?: string): Promise<DispatchRecord | undefined> {
+    const now = this.now();
+    const updated = await this.store.update(
+      record.id,
+      { states: ["STARTING", "RUNNING"], ...(leaseId === undefined ? {} : { leaseId }) },
+      {
+        state: report.state,
+        exitCode: report.exitCode,
+        failureReason: report.failureReason,
+        resultJson: report.resultJson,
+        leaseExpiresAt: null,
+        endTime: now,
+        updateTime: now,
+      },
+    );
+    if (!updated) return undefined;
+    this.notifier.dispatchChanged(record.id);
+    this.logger.info({ dispatch_id: record.id, state: updated.state, exit_code: updated.exitCode }, "dispatch ended");
+    await this.releaseSlot(updated);
+    const outcome = agentOutcome(updated);
+    if (outcome !== undefined) await this.circuits.record(updated.agent, outcome);
+    await this.announce(() => this.runEvents.runEnded(updated, report.lastLogSeq), updated, "complete run");
+    return updated;
+  }
+
+  private async suspendedTenants(): Promise<ReadonlySet<string>> {
+    try {
+      return await this.admission.suspendedTenants();
+    } catch (err) {
+      // The tenant service being down must not stop the queue; suspension applies again once it answers.
+      this.logger.warn({ err }, "suspended tenants unknown; leasing without that filter");
+      return new Set();
+    }
+  }
+
+  /** Frees the run's concurrent slot; a failure is logged (the tenant service reconciles it). */
+  private async releaseSlot(record: DispatchRecord): Promise<void> {
+    try {
+      await this.admission.release(record.tenantId, record.id);
+    } catch (err) {
+      this.logger.warn({ err, dispatch_id: record.id }, "tenant admission: release failed");
+    }
+  }
+
+  private async recordCapacity(executorId: string, capacity: CapacityReport): Promise<void> {
+    try {
+      await this.store.recordExecutor({ executorId, ...capacity, seenAt: this.now() });
+    } catch (err) {
+      this.logger.warn({ err, executor_id: executorId }, "could not record executor capacity");
+    }
+  }
+
+  /** Telemetry being down must not lose the dispatch: the failure is logged, the state stands. */
+  private async announce(fn: () => Promise<void>, record: DispatchRecord, what: string): Promise<void> {
+    try {
+      await fn();
+    } catch (err) {
+      this.logger.warn({ err, dispatch_id: record.id }, `telemetry: ${what} failed`);
+    }
+  }
+}
+
+/**
+ * What a run's end says about its agent, for the circuit breaker: success, an agent failure
+ * (it ran and failed or timed out), or nothing (cancelled, executor lost, never started).
+ */
+function agentOutcome(record: DispatchRecord): boolean | undefined {
+  if (record.state === "SUCCEEDED") return true;
+  if (record.state === "TIMED_OUT") return false;
+  if (record.state === "FAILED" && record.startTime !== null && record.exitCode !== null) return false;
+  if (record.state === "FAILED" && record.startTime !== null && record.failureReason !== "executor lost") return false;
+  return undefined;
+}
+
+function leaseLost(dispatchId: string) {
+  return failedPrecondition("LEASE_LOST", `the lease on dispatch "${dispatchId}" is no longer held by this executor`, {
+    dispatch_id: dispatchId,
+  });
+}
+
+/**
+ * The agent as a run of this dispatch gets it: its default resources bounded by the tenant
+ * tier's caps recorded at creation (SPEC E2). A zero default means "unset" and takes the cap.
+ */
+export function withinCaps(agent: Agent, caps: ResourceCaps | null | undefined): Agent {
+  if (!caps) return agent;
+  const bound = (value: bigint | undefined, cap: number) => {
+    const limit = BigInt(cap);
+    return value === undefined || value === 0n || value > limit ? limit : value;
+  };
+  const resources = agent.resources;
+  return {
+    ...agent,
+    resources: create(ResourcesSchema, {
+      cpuMillis: bound(resources?.cpuMillis, caps.cpuMillis),
+      memoryBytes: bound(resources?.memoryBytes, caps.memoryBytes),
+      pidsLimit: bound(resources?.pidsLimit, caps.pidsLimit),
+    }),
+  };
+}

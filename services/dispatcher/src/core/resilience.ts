@@ -1,0 +1,191 @@
+/**
+ * Resilience policies of the dispatcher, on cockatiel (a well-kept policy library):
+ * - `InfraRetry`: how long an infrastructure-failed run waits before it is queued again
+ *   (exponential backoff with jitter, a bounded number of attempts). Agent failures are never
+ *   retried: only ReleaseLease with infrastructure_failure uses this.
+ * - `AgentCircuits`: one circuit breaker per agent. Opens after 5 agent failures within
+ *   2 minutes, half-opens after 60 s, closes after 3 successful runs (a failure while half-open
+ *   opens it again). While open, creates for that agent fail fast with UNAVAILABLE CIRCUIT_OPEN.
+ *
+ * A run's outcome arrives long after its create, through ReportRunState (possibly on another
+ * replica's lease call), so outcomes are fed to cockatiel's CircuitBreakerPolicy as instant
+ * calls that succeed or fail; the creates only read the breaker's state. The breaker state is
+ * per dispatcher replica (each replica sees the outcomes its executors report).
+ */
+import {
+  CircuitBreakerPolicy,
+  CircuitState,
+  ExponentialBackoff,
+  circuitBreaker,
+  halfJitterGenerator,
+  handleAll,
+  type IBackoff,
+  type IBreaker,
+} from "cockatiel";
+import { unavailable } from "@outpost/platform";
+
+export interface InfraRetryOptions {
+  /** Delay before the second attempt (before jitter). */
+  initialDelayMs: number;
+  maxDelayMs: number;
+  /** Leases a run may get in all; the next infrastructure failure fails it. */
+  maxAttempts: number;
+}
+
+export const DEFAULT_INFRA_RETRY: InfraRetryOptions = { initialDelayMs: 1000, maxDelayMs: 60_000, maxAttempts: 5 };
+
+export class InfraRetry {
+  readonly options: InfraRetryOptions;
+  private readonly backoff: ExponentialBackoff<number>;
+
+  constructor(options: InfraRetryOptions = DEFAULT_INFRA_RETRY) {
+    this.options = options;
+    // Half jitter: a delay in [d/2, d] with d doubling per attempt, so replicas retrying the
+    // same failing engine spread out, yet the delay still grows.
+    this.backoff = new ExponentialBackoff({
+      initialDelay: options.initialDelayMs,
+      maxDelay: options.maxDelayMs,
+      exponent: 2,
+      generator: halfJitterGenerator,
+    });
+  }
+
+  /**
+   * The delay before the run is leased again after its `attempt`-th lease failed for an
+   * infrastructure reason, or undefined when its attempts are used up.
+   */
+  delayAfter(attempt: number): number | undefined {
+    if (attempt >= this.options.maxAttempts) return undefined;
+    let step: IBackoff<unknown> = this.backoff.next();
+    for (let i = 1; i < attempt; i++) step = step.next(undefined);
+    return step.duration;
+  }
+}
+
+export interface CircuitOptions {
+  /** Failures within `windowMs` that open the circuit. */
+  failureThreshold: number;
+  windowMs: number;
+  /** How long the circuit stays open before it half-opens. */
+  halfOpenAfterMs: number;
+  /** Successes while half-open that close it. */
+  successesToClose: number;
+}
+
+export const DEFAULT_CIRCUIT: CircuitOptions = { failureThreshold: 5, windowMs: 120_000, halfOpenAfterMs: 60_000, successesToClose: 3 };
+
+export type CircuitStateName = "CLOSED" | "OPEN" | "HALF_OPEN";
+
+/** Opens after `threshold` failures within a sliding window (cockatiel ships count and rate breakers, not this one). */
+class WindowedFailureBreaker implements IBreaker {
+  state: number[] = [];
+  private readonly threshold: number;
+  private readonly windowMs: number;
+  private readonly now: () => number;
+
+  constructor(threshold: number, windowMs: number, now: () => number) {
+    this.threshold = threshold;
+    this.windowMs = windowMs;
+    this.now = now;
+  }
+
+  success(): void {
+    // Successes do not forgive failures inside the window: "5 failures in 2 minutes".
+  }
+
+  failure(state: CircuitState): boolean {
+    if (state === CircuitState.HalfOpen) return true;
+    const now = this.now();
+    this.state = [...this.state.filter((t) => now - t < this.windowMs), now];
+    if (this.state.length >= this.threshold) {
+      this.state = [];
+      return true;
+    }
+    return false;
+  }
+}
+
+class AgentFailure extends Error {}
+
+interface AgentCircuit {
+  policy: CircuitBreakerPolicy;
+  openedAt: number;
+}
+
+export class AgentCircuits {
+  private readonly options: CircuitOptions;
+  private readonly now: () => number;
+  private readonly circuits = new Map<string, AgentCircuit>();
+  private readonly listeners: ((agent: string, state: CircuitStateName) => void)[] = [];
+
+  /**
+   * cockatiel times the open period with Date.now(), so the same clock is used here; tests
+   * shorten the durations instead of faking the clock.
+   */
+  constructor(options: CircuitOptions = DEFAULT_CIRCUIT) {
+    this.options = options;
+    this.now = Date.now;
+  }
+
+  /** Called on every state change (metrics, logs). */
+  onStateChange(listener: (agent: string, state: CircuitStateName) => void): void {
+    this.listeners.push(listener);
+  }
+
+  /** The circuit's state as a create would see it: an open circuit past its wait counts as half-open. */
+  state(agent: string): CircuitStateName {
+    const circuit = this.circuits.get(agent);
+    if (!circuit) return "CLOSED";
+    switch (circuit.policy.state) {
+      case CircuitState.Closed:
+        return "CLOSED";
+      case CircuitState.HalfOpen:
+        return "HALF_OPEN";
+      default:
+        return this.now() - circuit.openedAt >= this.options.halfOpenAfterMs ? "HALF_OPEN" : "OPEN";
+    }
+  }
+
+  /** Throws UNAVAILABLE CIRCUIT_OPEN while the agent's circuit is open. */
+  assertAccepting(agent: string): void {
+    if (this.state(agent) !== "OPEN") return;
+    const circuit = this.circuits.get(agent);
+    const retryAfterMs = circuit ? Math.max(0, circuit.openedAt + this.options.halfOpenAfterMs - this.now()) : undefined;
+    throw unavailable(
+      "CIRCUIT_OPEN",
+      `agent "${agent}" failed ${this.options.failureThreshold} times within ${this.options.windowMs / 1000} s (circuit open); new dispatches are refused for now, retry later`,
+      retryAfterMs,
+    );
+  }
+
+  /** Records a run's outcome: true = the agent succeeded, false = the agent failed. */
+  async record(agent: string, succeeded: boolean): Promise<void> {
+    const circuit = this.circuitOf(agent);
+    try {
+      await circuit.policy.execute(() => {
+        if (!succeeded) throw new AgentFailure(agent);
+      });
+    } catch {
+      // The outcome is recorded; a BrokenCircuitError only says the circuit is open.
+    }
+  }
+
+  private circuitOf(agent: string): AgentCircuit {
+    const circuit = this.circuits.get(agent);
+    if (circuit) return circuit;
+    const policy = circuitBreaker(handleAll, {
+      halfOpenAfter: this.options.halfOpenAfterMs,
+      breaker: new WindowedFailureBreaker(this.options.failureThreshold, this.options.windowMs, this.now),
+      // Close only after this many trial outcomes, all successful (threshold 0: any failure re-opens).
+      halfOpenSampling: { calls: this.options.successesToClose, threshold: 0 },
+    });
+    const created: AgentCircuit = { policy, openedAt: 0 };
+    policy.onStateChange((state) => {
+      if (state === CircuitState.Open) created.openedAt = this.now();
+      const name = this.state(agent);
+      for (const listener of this.listeners) listener(agent, name);
+    });
+    this.circuits.set(agent, created);
+    return created;
+  }
+}

@@ -1,0 +1,443 @@
+/**
+ * Thin handlers: validate the request, call the core, map the answer. Tenant-facing
+ * services take the tenant from the signed caller identity; LeaseService is for executors.
+ */
+import { create } from "@bufbuild/protobuf";
+import { durationMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
+import {
+  callEndSignal,
+  callerOf,
+  outcomeOf,
+  requireAdmin,
+  checkLength,
+  decodePageToken,
+  encodePageToken,
+  invalidArgument,
+  notFound,
+  pageSizeOf,
+  requireEnum,
+  requireNonEmpty,
+  requireService,
+  requireTenant,
+  requireUlid,
+  formatTraceparent,
+  currentTrace,
+} from "@outpost/platform";
+import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
+import {
+  AuditInternalService,
+  AuditService,
+  type AuditEvent,
+  AuditEventSchema,
+} from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
+import { type Agent, Dispatch_State, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import {
+  type CreateDispatchRequest,
+  CreateDispatchResponseSchema,
+  DispatchService,
+  GetDispatchResponseSchema,
+  ListDispatchesResponseSchema,
+  CancelDispatchResponseSchema,
+  WatchDispatchResponseSchema,
+} from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { AgentStatus_CircuitState, FleetService, GetFleetStatusResponseSchema } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
+import {
+  AcquireLeaseResponseSchema,
+  type ExecutorCapacity,
+  HeartbeatResponseSchema,
+  LeaseService,
+  ListExecutorLeasesResponseSchema,
+  ReleaseLeaseResponseSchema,
+  WatchCancellationsResponseSchema,
+  ReportRunStateResponseSchema,
+} from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import type { AgentRegistry } from "./core/agents.ts";
+import type { AuditLog } from "./core/audit.ts";
+import type { CapacityReport, CreateDispatchInput, Dispatcher } from "./core/dispatcher.ts";
+import type { FleetStatus } from "./core/fleet.ts";
+import { dispatchToProto, stateFromProto, stateToProto } from "./mapping.ts";
+import type { AuditRecord, DispatchRecord, DispatchState } from "./store/store.ts";
+
+const MAX_TASK_CHARS = 64 * 1024;
+const MAX_ENV_ENTRIES = 100;
+const MAX_LABELS = 64;
+const MAX_LEASE_WAIT_MS = 30_000;
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
+/** Secret names (contract A): upper-case environment variable names. */
+const SECRET_NAME = /^[A-Z_][A-Z0-9_]{0,127}$/;
+const MAX_SECRETS = 50;
+const MAX_IMAGES_REPORTED = 500;
+const LABEL_KEY = /^[a-z][a-z0-9_.-]{0,62}$/;
+const REPO_PROTOCOLS = new Set(["https:", "http:", "ssh:", "git:", "file:"]);
+
+/** What the routes call besides the dispatcher core. */
+export interface RouteDeps {
+  audit: AuditLog;
+  fleet: () => Promise<FleetStatus>;
+}
+
+export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, agents: AgentRegistry, deps: RouteDeps): void {
+  const { audit } = deps;
+  const DS = "outpost.dispatch.v1.DispatchService";
+  const AS = "outpost.dispatch.v1.AgentService";
+  router.service(DispatchService, {
+    async createDispatch(req, ctx) {
+      const { tenantId } = requireTenant(ctx);
+      return audited(audit, ctx, tenantId, `${DS}/CreateDispatch`, `agent/${req.agent.slice(0, 64)}`, async (setTarget) => {
+        const input = validateCreate(req);
+        const record = await dispatcher.create(tenantId, input);
+        setTarget(`dispatch/${record.id}`);
+        return create(CreateDispatchResponseSchema, { dispatch: dispatchToProto(record) });
+      });
+    },
+    async getDispatch(req, ctx) {
+      const { tenantId } = requireTenant(ctx);
+      const record = await dispatcher.get(tenantId, requireUlid("dispatch_id", req.dispatchId));
+      return create(GetDispatchResponseSchema, { dispatch: dispatchToProto(record) });
+    },
+    async listDispatches(req, ctx) {
+      const { tenantId } = requireTenant(ctx);
+      const limit = pageSizeOf("page_size", req.pageSize);
+      const cursor = decodePageToken<{ after: string }>(req.pageToken, ["after"]);
+      if (req.state !== Dispatch_State.UNSPECIFIED) requireEnum("state", req.state, Dispatch_State);
+      const labels = validateLabels("labels", req.labels);
+      const records = await dispatcher.list(
+        tenantId,
+        { state: stateFromProto(req.state), agent: req.agent ? checkLength("agent", req.agent, 64) : undefined, labels },
+        limit + 1,
+        cursor?.after,
+      );
+      const page = records.slice(0, limit);
+      const last = page.at(-1);
+      return create(ListDispatchesResponseSchema, {
+        dispatches: page.map(dispatchToProto),
+        nextPageToken: records.length > limit && last ? encodePageToken({ after: last.id }) : "",
+      });
+    },
+    async cancelDispatch(req, ctx) {
+      const { tenantId } = requireTenant(ctx);
+      return audited(audit, ctx, tenantId, `${DS}/CancelDispatch`, `dispatch/${req.dispatchId.slice(0, 64)}`, async () => {
+        const record = await dispatcher.cancel(tenantId, requireUlid("dispatch_id", req.dispatchId));
+        return create(CancelDispatchResponseSchema, { dispatch: dispatchToProto(record) });
+      });
+    },
+    async *watchDispatch(req, ctx) {
+      const { tenantId } = requireTenant(ctx);
+      const id = requireUlid("dispatch_id", req.dispatchId);
+      for await (const record of dispatcher.watch(tenantId, id, callEndSignal(ctx))) {
+        yield create(WatchDispatchResponseSchema, { dispatch: dispatchToProto(record) });
+      }
+    },
+  });
+
+  router.service(AgentService, {
+    async listAgents(req) {
+      const limit = pageSizeOf("page_size", req.pageSize);
+      const cursor = decodePageToken<{ after: string }>(req.pageToken, ["after"]);
+      await agents.refreshIfStale();
+      const all = agents.list().filter((a) => cursor === undefined || a.name > cursor.after);
+      const page = all.slice(0, limit);
+      const last = page.at(-1);
+      return { agents: page, nextPageToken: all.length > limit && last ? encodePageToken({ after: last.name }) : "" };
+    },
+    async getAgent(req) {
+      const name = requireNonEmpty("name", req.name, 64);
+      await agents.refreshIfStale();
+      const agent = agents.get(name);
+      if (!agent) throw notFound("agent", name);
+      return { agent };
+    },
+    async registerAgent(req, ctx) {
+      requireAdmin(ctx);
+      const input = requireAgent(req.agent);
+      return audited(audit, ctx, "", `${AS}/RegisterAgent`, `agent/${input.name.slice(0, 64)}`, async () => ({ agent: await agents.register(input) }));
+    },
+    async updateAgent(req, ctx) {
+      requireAdmin(ctx);
+      const input = requireAgent(req.agent);
+      return audited(audit, ctx, "", `${AS}/UpdateAgent`, `agent/${input.name.slice(0, 64)}`, async () => ({ agent: await agents.update(input) }));
+    },
+    async disableAgent(req, ctx) {
+      requireAdmin(ctx);
+      const name = requireNonEmpty("name", req.name, 64);
+      return audited(audit, ctx, "", `${AS}/DisableAgent`, `agent/${name}`, async () => ({ agent: await agents.disable(name) }));
+    },
+  });
+
+  router.service(FleetService, {
+    async getFleetStatus(_req, ctx) {
+      requireAdmin(ctx);
+      return fleetToProto(await deps.fleet());
+    },
+  });
+
+  router.service(AuditService, {
+    async listAuditEvents(req, ctx) {
+      const caller = callerOf(ctx);
+      let tenantId: string | undefined;
+      if (caller.kind === "tenant") {
+        if (req.tenantId && req.tenantId !== caller.tenantId) throw invalidArgument("tenant_id", "only admins may choose the tenant");
+        tenantId = caller.tenantId;
+      } else {
+        requireAdmin(ctx);
+        tenantId = req.tenantId ? checkLength("tenant_id", req.tenantId, 128) : undefined;
+      }
+      const limit = pageSizeOf("page_size", req.pageSize);
+      const cursor = decodePageToken<{ after: string }>(req.pageToken, ["after"]);
+      const events = await audit.list(tenantId, limit + 1, cursor?.after);
+      const page = events.slice(0, limit);
+      const last = page.at(-1);
+      return {
+        events: page.map(auditToProto),
+        nextPageToken: events.length > limit && last ? encodePageToken({ after: last.id }) : "",
+      };
+    },
+  });
+
+  router.service(AuditInternalService, {
+    async recordAuditEvent(req, ctx) {
+      requireService(ctx, "tenant");
+      const event = await audit.record({
+        tenantId: checkLength("tenant_id", req.tenantId, 128),
+        principal: requireNonEmpty("principal", req.principal, 256),
+        method: requireNonEmpty("method", req.method, 256),
+        target: checkLength("target", req.target, 256),
+        outcome: requireNonEmpty("outcome", req.outcome, 64),
+        time: req.time ? timestampMs(req.time) : undefined,
+      });
+      return { event: auditToProto(event) };
+    },
+  });
+
+  router.service(LeaseService, {
+    async acquireLease(req, ctx) {
+      requireService(ctx, "executor");
+      const executorId = requireNonEmpty("executor_id", req.executorId, 128);
+      const waitMs = req.wait ? durationMs(req.wait) : 0;
+      if (!(waitMs >= 0)) throw invalidArgument("wait", "must not be negative");
+      const capacity = req.capacity ? capacityOf("capacity", req.capacity) : undefined;
+      const leased = await dispatcher.acquireLease(executorId, Math.min(waitMs, MAX_LEASE_WAIT_MS), callEndSignal(ctx), capacity);
+      if (!leased) return create(AcquireLeaseResponseSchema, {});
+      return create(AcquireLeaseResponseSchema, { lease: leaseToProto(leased.dispatch, leased.agent) });
+    },
+    async heartbeat(req, ctx) {
+      requireService(ctx, "executor");
+      const id = requireUlid("dispatch_id", req.dispatchId);
+      const lease = requireUlid("lease_id", req.leaseId);
+      const executor =
+        req.capacity && req.executorId
+          ? { executorId: requireNonEmpty("executor_id", req.executorId, 128), capacity: capacityOf("capacity", req.capacity) }
+          : undefined;
+      const { expiresAt, cancelRequested } = await dispatcher.heartbeat(id, lease, executor);
+      return create(HeartbeatResponseSchema, { expireTime: timestampFromMs(expiresAt), cancelRequested });
+    },
+    async releaseLease(req, ctx) {
+      requireService(ctx, "executor");
+      const id = requireUlid("dispatch_id", req.dispatchId);
+      const lease = requireUlid("lease_id", req.leaseId);
+      const reason = checkLength("reason", req.reason, 4096);
+      const record = await dispatcher.releaseLease(id, lease, reason, req.infrastructureFailure);
+      return create(ReleaseLeaseResponseSchema, { dispatch: dispatchToProto(record) });
+    },
+    async *watchCancellations(req, ctx) {
+      requireService(ctx, "executor");
+      const executorId = requireNonEmpty("executor_id", req.executorId, 128);
+      for await (const c of dispatcher.cancellationsFor(executorId, callEndSignal(ctx))) {
+        yield create(WatchCancellationsResponseSchema, c);
+      }
+    },
+    async listExecutorLeases(req, ctx) {
+      requireService(ctx, "executor");
+      const executorId = requireNonEmpty("executor_id", req.executorId, 128);
+      const leases = await dispatcher.leasesOf(executorId);
+      return create(ListExecutorLeasesResponseSchema, { leases: leases.map((l) => leaseToProto(l.dispatch, l.agent)) });
+    },
+    async reportRunState(req, ctx) {
+      requireService(ctx, "executor");
+      const id = requireUlid("dispatch_id", req.dispatchId);
+      const lease = requireUlid("lease_id", req.leaseId);
+      const state = stateFromProto(req.state);
+      if (state === "RUNNING") {
+        return create(ReportRunStateResponseSchema, { dispatch: dispatchToProto(await dispatcher.reportRunning(id, lease)) });
+      }
+      if (state !== "SUCCEEDED" && state !== "FAILED" && state !== "TIMED_OUT" && state !== "CANCELLED") {
+        throw invalidArgument("state", "must be STATE_RUNNING or a terminal state");
+      }
+      const record = await dispatcher.reportTerminal(id, lease, {
+        state,
+        exitCode: req.exitCode ?? null,
+        failureReason: checkLength("failure_reason", req.failureReason, 4096),
+        resultJson: req.result ? JSON.stringify(req.result) : null,
+        lastLogSeq: req.lastLogSeq,
+      });
+      return create(ReportRunStateResponseSchema, { dispatch: dispatchToProto(record) });
+    },
+  });
+}
+
+function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
+  const agent = requireNonEmpty("agent", req.agent, 64);
+  const task = requireNonEmpty("task", req.task, MAX_TASK_CHARS);
+  let repoUrl = "";
+  let repoRef = "";
+  if (req.repo) {
+    repoUrl = requireNonEmpty("repo.url", req.repo.url, 2048);
+    let protocol: string;
+    try {
+      protocol = new URL(repoUrl).protocol;
+    } catch {
+      throw invalidArgument("repo.url", "is not a URL");
+    }
+    if (!REPO_PROTOCOLS.has(protocol)) throw invalidArgument("repo.url", `protocol ${protocol} is not supported (https, http, ssh, git, file)`);
+    repoRef = checkLength("repo.ref", req.repo.ref, 256);
+  }
+  let modelId: string | undefined;
+  let modelTier: ModelTier | undefined;
+  if (req.model.case === "modelId") modelId = requireNonEmpty("model_id", req.model.value, 200);
+  if (req.model.case === "modelTier") modelTier = requireEnum("model_tier", req.model.value, ModelTier);
+  let timeoutMs: number | undefined;
+  if (req.timeout) {
+    if (req.timeout.nanos < 0 || req.timeout.nanos > 999_999_999) throw invalidArgument("timeout", "nanos out of range");
+    timeoutMs = durationMs(req.timeout);
+    if (!(timeoutMs > 0)) throw invalidArgument("timeout", "must be positive");
+  }
+  if (req.secretNames.length > MAX_SECRETS) throw invalidArgument("secret_names", `at most ${MAX_SECRETS} secrets`);
+  req.secretNames.forEach((name, i) => {
+    if (!SECRET_NAME.test(name)) throw invalidArgument(`secret_names[${i}]`, "must match ^[A-Z_][A-Z0-9_]{0,127}$");
+  });
+  if (new Set(req.secretNames).size !== req.secretNames.length) throw invalidArgument("secret_names", "must not repeat a name");
+  const envEntries = Object.entries(req.env);
+  if (envEntries.length > MAX_ENV_ENTRIES) throw invalidArgument("env", `at most ${MAX_ENV_ENTRIES} entries`);
+  for (const [key, value] of envEntries) {
+    if (!ENV_NAME.test(key)) throw invalidArgument(`env[${JSON.stringify(key.slice(0, 64))}]`, "must be an environment variable name");
+    if (key.startsWith("OUTPOST_") || key === "TRACEPARENT") throw invalidArgument(`env[${key}]`, "is reserved for the platform");
+    checkLength(`env[${key}]`, value, 32 * 1024);
+  }
+  return {
+    agent,
+    task,
+    repoUrl,
+    repoRef,
+    modelId,
+    modelTier,
+    timeoutMs,
+    secretNames: [...req.secretNames],
+    env: { ...req.env },
+    labels: validateLabels("labels", req.labels),
+    requestId: checkLength("request_id", req.requestId, 128),
+    traceparent: traceparentOfCall(),
+  };
+}
+
+/** The trace of the creating call continues into the container (TRACEPARENT). */
+function traceparentOfCall(): string {
+  const trace = currentTrace();
+  return trace ? formatTraceparent(trace) : "";
+}
+
+function validateLabels(field: string, labels: Record<string, string>): Record<string, string> {
+  const entries = Object.entries(labels);
+  if (entries.length > MAX_LABELS) throw invalidArgument(field, `at most ${MAX_LABELS} labels`);
+  for (const [key, value] of entries) {
+    if (!LABEL_KEY.test(key)) throw invalidArgument(`${field}[${JSON.stringify(key.slice(0, 64))}]`, "key must match [a-z][a-z0-9_.-]{0,62}");
+    checkLength(`${field}[${key}]`, value, 256);
+  }
+  return { ...labels };
+}
+
+function leaseToProto(dispatch: DispatchRecord, agent: Agent | undefined) {
+  return {
+    leaseId: dispatch.leaseId,
+    expireTime: timestampFromMs(dispatch.leaseExpiresAt ?? 0),
+    dispatch: dispatchToProto(dispatch),
+    agent,
+    traceparent: dispatch.traceparent,
+  };
+}
+
+function capacityOf(field: string, c: ExecutorCapacity): CapacityReport {
+  if (c.slotsTotal < 0 || c.slotsBusy < 0 || c.warmContainers < 0) throw invalidArgument(field, "counts must not be negative");
+  if (c.imagesPresent.length > MAX_IMAGES_REPORTED) throw invalidArgument(`${field}.images_present`, `at most ${MAX_IMAGES_REPORTED} images`);
+  c.imagesPresent.forEach((image, i) => checkLength(`${field}.images_present[${i}]`, image, 512));
+  return {
+    slotsTotal: c.slotsTotal,
+    slotsBusy: c.slotsBusy,
+    warmContainers: c.warmContainers,
+    engineReady: c.engineReady,
+    imagesPresent: [...c.imagesPresent],
+  };
+}
+
+function requireAgent(agent: Agent | undefined): Agent {
+  if (!agent) throw invalidArgument("agent", "is required", "FIELD_REQUIRED");
+  return agent;
+}
+
+/** Runs a mutating call and records it in the audit trail with its outcome (SPEC D9). */
+async function audited<T>(
+  audit: AuditLog,
+  ctx: HandlerContext,
+  tenantId: string,
+  method: string,
+  target: string,
+  fn: (setTarget: (target: string) => void) => Promise<T>,
+): Promise<T> {
+  const principal = callerOf(ctx).principal;
+  let finalTarget = target;
+  try {
+    const result = await fn((t) => {
+      finalTarget = t;
+    });
+    await audit.record({ tenantId, principal, method, target: finalTarget, outcome: "OK" });
+    return result;
+  } catch (err) {
+    await audit.record({ tenantId, principal, method, target: finalTarget, outcome: outcomeOf(err) });
+    throw err;
+  }
+}
+
+function auditToProto(event: AuditRecord): AuditEvent {
+  return create(AuditEventSchema, {
+    id: event.id,
+    tenantId: event.tenantId,
+    principal: event.principal,
+    method: event.method,
+    target: event.target,
+    outcome: event.outcome,
+    time: timestampFromMs(event.time),
+  });
+}
+
+const CIRCUIT_TO_PROTO = {
+  CLOSED: AgentStatus_CircuitState.CLOSED,
+  OPEN: AgentStatus_CircuitState.OPEN,
+  HALF_OPEN: AgentStatus_CircuitState.HALF_OPEN,
+} as const;
+
+function fleetToProto(status: FleetStatus) {
+  return create(GetFleetStatusResponseSchema, {
+    agents: status.agents.map((a) => ({
+      agent: a.agent,
+      available: a.available,
+      imagePresent: a.imagePresent,
+      circuitState: CIRCUIT_TO_PROTO[a.circuit],
+    })),
+    executors: status.executors.map((e) => ({
+      executorId: e.executorId,
+      slotsTotal: e.slotsTotal,
+      slotsBusy: e.slotsBusy,
+      warmContainers: e.warmContainers,
+      engineReady: e.engineReady,
+      lastSeenTime: timestampFromMs(e.seenAt),
+      imagesPresent: e.imagesPresent,
+    })),
+    queueDepth: BigInt(status.queueDepth),
+    runsLast24h: (Object.entries(status.runsLast24h) as [DispatchState, number][]).map(([state, count]) => ({
+      state: stateToProto(state),
+      count: BigInt(count),
+    })),
+    degraded: status.degraded,
+    warmContainers: BigInt(status.warmContainers),
+  });
+}

@@ -1,0 +1,135 @@
+/** Wires the dispatcher: store, registry, core, telemetry client, lease sweeper, server. */
+import { create } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { connectRedis, gauge, internalClient, recordCircuitState, startServer, subscriberOf, type Logger } from "@outpost/platform";
+import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
+import { GrpcTenantAdmission } from "./adapters/tenant-admission.ts";
+import { AgentRegistry, builtinAgents } from "./core/agents.ts";
+import { Dispatcher, type RunEvents } from "./core/dispatcher.ts";
+import { AuditLog } from "./core/audit.ts";
+import { fleetStatus } from "./core/fleet.ts";
+import { Notifier, redisWakeupBus } from "./core/notifier.ts";
+import { AgentCircuits, DEFAULT_CIRCUIT, InfraRetry, DEFAULT_INFRA_RETRY } from "./core/resilience.ts";
+import type { DispatcherConfig } from "./config.ts";
+import { stateToProto } from "./mapping.ts";
+import { registerRoutes } from "./routes.ts";
+import { MongoDispatchStore } from "./store/mongo-store.ts";
+import { SqliteDispatchStore } from "./store/sqlite-store.ts";
+import type { DispatcherStore } from "./store/store.ts";
+import { RunEndSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
+
+/** Bounds each call to telemetry so a slow telemetry cannot stall dispatch creation. */
+const TELEMETRY_CALL_TIMEOUT_MS = 2000;
+
+export async function startDispatcher(config: DispatcherConfig, logger: Logger) {
+  // MongoDB when configured (several replicas in production); the embedded SQLite file otherwise.
+  const store: DispatcherStore = config.OUTPOST_MONGO_URL
+    ? await MongoDispatchStore.connect(config.OUTPOST_MONGO_URL)
+    : new SqliteDispatchStore(config.OUTPOST_DATA_DIR);
+  const agents = new AgentRegistry(builtinAgents(config.OUTPOST_DEMO_AGENT_IMAGE), store);
+  await agents.refresh();
+  // Cross-replica wake-ups over Redis when configured; in-process (plus the 1 s re-check) otherwise.
+  let notifier: Notifier;
+  if (config.OUTPOST_REDIS_URL) {
+    const publisher = connectRedis(config.OUTPOST_REDIS_URL, logger);
+    notifier = new Notifier(redisWakeupBus(publisher, subscriberOf(publisher), logger));
+    // Do not block start-up on Redis: it is optional, wake-ups work in-process until it answers.
+    notifier.start().catch((err: unknown) => logger.warn({ err }, "redis subscribe failed; peers' work is found by the 1 s re-check"));
+  } else {
+    notifier = new Notifier();
+  }
+  const circuits = new AgentCircuits({
+    ...DEFAULT_CIRCUIT,
+    windowMs: config.OUTPOST_CIRCUIT_WINDOW_MS,
+    halfOpenAfterMs: config.OUTPOST_CIRCUIT_HALF_OPEN_AFTER_MS,
+  });
+  const circuitMetric = { CLOSED: "closed", OPEN: "open", HALF_OPEN: "halfOpen" } as const;
+  circuits.onStateChange((agent, state) => {
+    recordCircuitState(`agent:${agent}`, circuitMetric[state]);
+    logger.warn({ agent, circuit: state }, "agent circuit changed");
+  });
+  const infraRetry = new InfraRetry({
+    ...DEFAULT_INFRA_RETRY,
+    initialDelayMs: config.OUTPOST_RETRY_INITIAL_DELAY_MS,
+    maxAttempts: config.OUTPOST_RETRY_MAX_ATTEMPTS,
+  });
+  const audit = new AuditLog(store, logger);
+  const telemetry = internalClient(LogIngestService, {
+    baseUrl: config.OUTPOST_TELEMETRY_URL,
+    internalSecret: config.OUTPOST_INTERNAL_SECRET,
+    identity: { kind: "service", principal: "dispatcher" },
+  });
+  const runEvents: RunEvents = {
+    async runCreated(d, logRetentionMs) {
+      const retention = logRetentionMs === undefined ? undefined : durationFromMs(logRetentionMs);
+      await telemetry.registerRun({ dispatchId: d.id, tenantId: d.tenantId, retention }, { timeoutMs: TELEMETRY_CALL_TIMEOUT_MS });
+    },
+    async runEnded(d, lastLogSeq) {
+      const runEnd = create(RunEndSchema, {
+        state: stateToProto(d.state),
+        exitCode: d.exitCode ?? undefined,
+        failureReason: d.failureReason,
+        lastSeq: lastLogSeq,
+      });
+      await telemetry.completeRun({ dispatchId: d.id, tenantId: d.tenantId, runEnd }, { timeoutMs: TELEMETRY_CALL_TIMEOUT_MS });
+    },
+  };
+  // Quotas, secrets and suspension are the tenant service's (contract A).
+  const admission = config.OUTPOST_TENANT_URL
+    ? new GrpcTenantAdmission({ baseUrl: config.OUTPOST_TENANT_URL, internalSecret: config.OUTPOST_INTERNAL_SECRET })
+    : undefined;
+  if (!admission) logger.warn("OUTPOST_TENANT_URL is not set: dispatches are admitted without tenant quotas or secret checks");
+  const dispatcher = new Dispatcher({
+    admission,
+    store,
+    agents,
+    notifier,
+    circuits,
+    infraRetry,
+    runEvents,
+    logger,
+    leaseTtlMs: config.OUTPOST_LEASE_TTL_MS,
+    maxTimeoutMs: config.OUTPOST_MAX_TIMEOUT_S * 1000,
+  });
+
+  const fleet = () =>
+    fleetStatus({ store, agents, circuits, logger, executorStaleMs: 3 * config.OUTPOST_LEASE_TTL_MS });
+  // Read at scrape time from the store, so every replica reports the shared queue.
+  gauge("outpost_dispatch_queue_depth", "Dispatches waiting in the queue (QUEUED).", [], async (g) => {
+    g.set(await store.queueDepth());
+  });
+  gauge("outpost_dispatch_active_leases", "Dispatches leased to executors (STARTING or RUNNING).", [], async (g) => {
+    const counts = await store.countByStateSince(0);
+    g.set((counts.STARTING ?? 0) + (counts.RUNNING ?? 0));
+  });
+
+  const sweeper = setInterval(
+    () => void dispatcher.expireLeases().catch((err: unknown) => logger.error({ err }, "lease sweep failed")),
+    Math.max(250, Math.floor(config.OUTPOST_LEASE_TTL_MS / 4)),
+  );
+
+  const server = await startServer({
+    name: "dispatcher",
+    host: config.OUTPOST_DISPATCHER_HOST,
+    port: config.OUTPOST_DISPATCHER_PORT,
+    logger,
+    internalSecret: config.OUTPOST_INTERNAL_SECRET,
+    routes: (router) => registerRoutes(router, dispatcher, agents, { audit, fleet }),
+    readiness: async () => {
+      await store.get("0"); // the store answers
+      return null;
+    },
+  });
+
+  return {
+    url: server.url,
+    port: server.port,
+    dispatcher,
+    async close() {
+      clearInterval(sweeper);
+      await server.close();
+      await notifier.close();
+      await store.close();
+    },
+  };
+}

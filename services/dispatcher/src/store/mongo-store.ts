@@ -1,0 +1,260 @@
+/**
+ * The dispatcher store on MongoDB (official driver), for several dispatcher replicas in
+ * production (OUTPOST_MONGO_URL). Same contract as the SQLite adapter:
+ * - conditional updates are findOneAndUpdate with the expected state (and lease) in the filter;
+ * - leaseNext picks the fairest candidate, then claims it with findOneAndUpdate on
+ *   {_id, state: "QUEUED"}: of two replicas racing for one run, exactly one matches; the
+ *   loser picks again;
+ * - the request-id idempotency is a unique partial index (duplicate key -> the existing one);
+ * - indexes are created at start-up; audit events and executor reports expire by TTL indexes.
+ */
+import { MongoClient, MongoServerError, type Collection, type Db, type Filter } from "mongodb";
+import type {
+  AuditRecord,
+  DispatchPatch,
+  DispatchRecord,
+  DispatcherStore,
+  DispatchState,
+  Expectation,
+  ExecutorReport,
+  LeaseRequest,
+  ListFilter,
+  StoredAgent,
+} from "./store.ts";
+
+type DispatchDoc = Omit<DispatchRecord, "id"> & { _id: string };
+type AgentDoc = Omit<StoredAgent, "name"> & { _id: string };
+type AuditDoc = Omit<AuditRecord, "id"> & { _id: string; expireAt: Date };
+type ExecutorDoc = Omit<ExecutorReport, "executorId"> & { _id: string; expireAt: Date };
+type TurnDoc = { _id: string; lastTurn: number };
+
+/** How long audit events are kept (SPEC D9 retention). */
+export const AUDIT_RETENTION_MS = 365 * 24 * 60 * 60 * 1000;
+/** Executor reports older than this are deleted (they drop out of fleet status far sooner). */
+const EXECUTOR_RETENTION_MS = 24 * 60 * 60 * 1000;
+/** Candidates examined per leaseNext pick before trying to claim one. */
+const LEASE_CANDIDATES = 5;
+const DUPLICATE_KEY = 11000;
+
+function toDoc(record: DispatchRecord): DispatchDoc {
+  const { id, ...rest } = record;
+  return { _id: id, ...rest };
+}
+
+function fromDoc(doc: DispatchDoc): DispatchRecord {
+  const { _id, ...rest } = doc;
+  return { id: _id, ...rest };
+}
+
+export class MongoDispatchStore implements DispatcherStore {
+  private readonly client: MongoClient;
+  private readonly dispatches: Collection<DispatchDoc>;
+  private readonly agents: Collection<AgentDoc>;
+  private readonly audit: Collection<AuditDoc>;
+  private readonly executors: Collection<ExecutorDoc>;
+  private readonly turns: Collection<TurnDoc>;
+
+  private constructor(client: MongoClient, db: Db) {
+    this.client = client;
+    this.dispatches = db.collection<DispatchDoc>("dispatches");
+    this.agents = db.collection<AgentDoc>("agents");
+    this.audit = db.collection<AuditDoc>("audit_events");
+    this.executors = db.collection<ExecutorDoc>("executors");
+    this.turns = db.collection<TurnDoc>("tenant_turns");
+  }
+
+  /** Connects and creates the indexes (idempotent). `dbName` defaults to the URL's database or "outpost". */
+  static async connect(url: string, dbName?: string): Promise<MongoDispatchStore> {
+    const client = new MongoClient(url, { serverSelectionTimeoutMS: 5000 });
+    await client.connect();
+    const store = new MongoDispatchStore(client, client.db(dbName));
+    await store.createIndexes();
+    return store;
+  }
+
+  private async createIndexes(): Promise<void> {
+    await Promise.all([
+      this.dispatches.createIndex(
+        { tenantId: 1, requestId: 1 },
+        { unique: true, partialFilterExpression: { requestId: { $gt: "" } }, name: "request_id" },
+      ),
+      this.dispatches.createIndex({ tenantId: 1, _id: -1 }, { name: "tenant" }),
+      this.dispatches.createIndex({ state: 1, tenantId: 1, _id: 1 }, { name: "queue" }),
+      this.dispatches.createIndex({ state: 1, leaseExpiresAt: 1 }, { name: "lease" }),
+      this.dispatches.createIndex({ executorId: 1, state: 1 }, { name: "executor" }),
+      this.dispatches.createIndex({ createTime: 1 }, { name: "created" }),
+      this.audit.createIndex({ tenantId: 1, _id: -1 }, { name: "tenant" }),
+      this.audit.createIndex({ expireAt: 1 }, { expireAfterSeconds: 0, name: "retention" }),
+      this.executors.createIndex({ expireAt: 1 }, { expireAfterSeconds: 0, name: "retention" }),
+    ]);
+  }
+
+  async insert(record: DispatchRecord) {
+    try {
+      await this.dispatches.insertOne(toDoc(record));
+      return { record, created: true };
+    } catch (err) {
+      if (!(err instanceof MongoServerError && err.code === DUPLICATE_KEY) || !record.requestId) throw err;
+      const existing = await this.findByRequestId(record.tenantId, record.requestId);
+      if (!existing) throw new Error(`dispatch ${record.id} conflicted but no existing document was found`, { cause: err });
+      return { record: existing, created: false };
+    }
+  }
+
+  async get(id: string) {
+    const doc = await this.dispatches.findOne({ _id: id });
+    return doc ? fromDoc(doc) : undefined;
+  }
+
+  async findByRequestId(tenantId: string, requestId: string) {
+    if (!requestId) return undefined;
+    const doc = await this.dispatches.findOne({ tenantId, requestId });
+    return doc ? fromDoc(doc) : undefined;
+  }
+
+  async list(tenantId: string, filter: ListFilter, limit: number, afterId?: string) {
+    const query: Filter<DispatchDoc> = { tenantId };
+    if (afterId) query._id = { $lt: afterId };
+    if (filter.state) query.state = filter.state;
+    if (filter.agent) query.agent = filter.agent;
+    for (const [key, value] of Object.entries(filter.labels ?? {})) (query as Record<string, unknown>)[`labels.${key}`] = value;
+    const docs = await this.dispatches.find(query).sort({ _id: -1 }).limit(limit).toArray();
+    return docs.map(fromDoc);
+  }
+
+  async update(id: string, expected: Expectation, patch: DispatchPatch) {
+    const filter: Filter<DispatchDoc> = { _id: id, state: { $in: [...expected.states] } };
+    if (expected.leaseId !== undefined) filter.leaseId = expected.leaseId;
+    const doc = await this.dispatches.findOneAndUpdate(filter, { $set: patch }, { returnDocument: "after" });
+    return doc ? fromDoc(doc) : undefined;
+  }
+
+  async leaseNext(lease: LeaseRequest) {
+    for (let round = 0; round < 10; round++) {
+      const candidates = await this.candidates(lease);
+      if (candidates.length === 0) return undefined;
+      for (const id of candidates) {
+        const doc = await this.dispatches.findOneAndUpdate(
+          { _id: id, state: "QUEUED" },
+          {
+            $set: { state: "STARTING", executorId: lease.executorId, leaseId: lease.leaseId, leaseExpiresAt: lease.expiresAt, updateTime: lease.now },
+            $inc: { attempt: 1 },
+          },
+          { returnDocument: "after" },
+        );
+        if (!doc) continue; // another replica won this one
+        await this.takeTurn(doc.tenantId);
+        return fromDoc(doc);
+      }
+    }
+    return undefined;
+  }
+
+  /** Oldest leasable run of each tenant, least recently served tenant first. */
+  private async candidates(lease: LeaseRequest): Promise<string[]> {
+    const heads = await this.dispatches
+      .aggregate<{ _id: string; first: string }>([
+        { $match: { state: "QUEUED", notBefore: { $lte: lease.now }, tenantId: { $nin: [...(lease.excludeTenants ?? [])] } } },
+        { $sort: { tenantId: 1, _id: 1 } },
+        { $group: { _id: "$tenantId", first: { $first: "$_id" } } },
+      ])
+      .toArray();
+    if (heads.length === 0) return [];
+    const turns = new Map((await this.turns.find({ _id: { $in: heads.map((h) => h._id) } }).toArray()).map((t) => [t._id, t.lastTurn]));
+    return heads
+      .sort((a, b) => (turns.get(a._id) ?? 0) - (turns.get(b._id) ?? 0) || a.first.localeCompare(b.first))
+      .slice(0, LEASE_CANDIDATES)
+      .map((h) => h.first);
+  }
+
+  /** Marks the tenant as served now: its turn number becomes the highest. */
+  private async takeTurn(tenantId: string): Promise<void> {
+    const top = await this.turns.find().sort({ lastTurn: -1 }).limit(1).toArray();
+    await this.turns.updateOne({ _id: tenantId }, { $set: { lastTurn: (top[0]?.lastTurn ?? 0) + 1 } }, { upsert: true });
+  }
+
+  async listExpiredLeases(now: number, limit: number) {
+    const docs = await this.dispatches
+      .find({ state: { $in: ["STARTING", "RUNNING"] }, leaseExpiresAt: { $lt: now } })
+      .sort({ leaseExpiresAt: 1 })
+      .limit(limit)
+      .toArray();
+    return docs.map(fromDoc);
+  }
+
+  async listLeasedTo(executorId: string, limit: number) {
+    const docs = await this.dispatches
+      .find({ executorId, state: { $in: ["STARTING", "RUNNING"] } })
+      .sort({ _id: 1 })
+      .limit(limit)
+      .toArray();
+    return docs.map(fromDoc);
+  }
+
+  queueDepth() {
+    return this.dispatches.countDocuments({ state: "QUEUED" });
+  }
+
+  async countByStateSince(since: number) {
+    const rows = await this.dispatches
+      .aggregate<{ _id: DispatchState; n: number }>([{ $match: { createTime: { $gte: since } } }, { $group: { _id: "$state", n: { $sum: 1 } } }])
+      .toArray();
+    const counts: Partial<Record<DispatchState, number>> = {};
+    for (const row of rows) counts[row._id] = row.n;
+    return counts;
+  }
+
+  async listAgents(): Promise<StoredAgent[]> {
+    const docs = await this.agents.find().sort({ _id: 1 }).toArray();
+    return docs.map(({ _id, ...rest }) => ({ name: _id, ...rest }));
+  }
+
+  async putAgent(name: string, agentJson: string, expectedVersion: number, now: number): Promise<StoredAgent | undefined> {
+    if (expectedVersion === 0) {
+      try {
+        await this.agents.insertOne({ _id: name, agentJson, version: 1, updateTime: now });
+        return { name, agentJson, version: 1, updateTime: now };
+      } catch (err) {
+        if (err instanceof MongoServerError && err.code === DUPLICATE_KEY) return undefined;
+        throw err;
+      }
+    }
+    const doc = await this.agents.findOneAndUpdate(
+      { _id: name, version: expectedVersion },
+      { $set: { agentJson, updateTime: now }, $inc: { version: 1 } },
+      { returnDocument: "after" },
+    );
+    return doc ? { name, agentJson: doc.agentJson, version: doc.version, updateTime: doc.updateTime } : undefined;
+  }
+
+  async appendAudit(event: AuditRecord) {
+    const { id, ...rest } = event;
+    await this.audit.insertOne({ _id: id, ...rest, expireAt: new Date(event.time + AUDIT_RETENTION_MS) });
+  }
+
+  async listAudit(tenantId: string | undefined, limit: number, afterId?: string): Promise<AuditRecord[]> {
+    const query: Filter<AuditDoc> = {};
+    if (tenantId !== undefined) query.tenantId = tenantId;
+    if (afterId) query._id = { $lt: afterId };
+    const docs = await this.audit.find(query).sort({ _id: -1 }).limit(limit).toArray();
+    return docs.map(({ _id, expireAt: _e, ...rest }) => ({ id: _id, ...rest }));
+  }
+
+  async recordExecutor(report: ExecutorReport) {
+    const { executorId, ...rest } = report;
+    await this.executors.replaceOne(
+      { _id: executorId },
+      { ...rest, expireAt: new Date(report.seenAt + EXECUTOR_RETENTION_MS) },
+      { upsert: true },
+    );
+  }
+
+  async listExecutors(seenSince: number): Promise<ExecutorReport[]> {
+    const docs = await this.executors.find({ seenAt: { $gte: seenSince } }).sort({ _id: 1 }).toArray();
+    return docs.map(({ _id, expireAt: _e, ...rest }) => ({ executorId: _id, ...rest }));
+  }
+
+  async close() {
+    await this.client.close();
+  }
+}

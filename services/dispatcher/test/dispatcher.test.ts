@@ -1,0 +1,491 @@
+/** The dispatcher core against a real in-memory store, with a recording RunEvents and a controllable clock. */
+import { beforeEach, describe, expect, it } from "vitest";
+import { Code } from "@connectrpc/connect";
+import { ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { createLogger, errorInfoOf } from "@outpost/platform";
+import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
+import { Dispatcher, type CreateDispatchInput, type RunEvents } from "../src/core/dispatcher.ts";
+import { Notifier } from "../src/core/notifier.ts";
+import type { Admission } from "../src/core/ports.ts";
+import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
+import type { DispatchRecord } from "../src/store/store.ts";
+import { expectError } from "./helpers.ts";
+
+const LEASE_TTL_MS = 10_000;
+const MAX_TIMEOUT_MS = 3_600_000;
+const TENANT = "tenant-a";
+const OTHER = "tenant-b";
+
+class RecordingRunEvents implements RunEvents {
+  created: DispatchRecord[] = [];
+  retentions: (number | undefined)[] = [];
+  ended: { dispatch: DispatchRecord; lastLogSeq: bigint }[] = [];
+  failWith: Error | undefined;
+  async runCreated(dispatch: DispatchRecord, logRetentionMs?: number) {
+    this.created.push(dispatch);
+    this.retentions.push(logRetentionMs);
+    if (this.failWith) throw this.failWith;
+  }
+  async runEnded(dispatch: DispatchRecord, lastLogSeq: bigint) {
+    this.ended.push({ dispatch, lastLogSeq });
+    if (this.failWith) throw this.failWith;
+  }
+}
+
+let store: SqliteDispatchStore;
+let events: RecordingRunEvents;
+let clock: { now: number } | undefined;
+let dispatcher: Dispatcher;
+
+function makeDispatcher(options: { fakeClock?: boolean; maxTimeoutMs?: number } = {}) {
+  clock = options.fakeClock ? { now: Date.parse("2025-06-01T00:00:00Z") } : undefined;
+  const c = clock;
+  dispatcher = new Dispatcher({
+    store,
+    agents: new AgentRegistry(builtinAgents("outpost/demo-agent:test")),
+    notifier: new Notifier(),
+    runEvents: events,
+    logger: createLogger("dispatcher-test", "silent"),
+    leaseTtlMs: LEASE_TTL_MS,
+    maxTimeoutMs: options.maxTimeoutMs ?? MAX_TIMEOUT_MS,
+    now: c ? () => c.now : undefined,
+  });
+  return dispatcher;
+}
+
+/** A dispatcher over the same store whose admission grants `granted` to every dispatch. */
+function withAdmission(granted: Admission): Dispatcher {
+  return new Dispatcher({
+    store,
+    agents: new AgentRegistry(builtinAgents("outpost/demo-agent:test")),
+    notifier: new Notifier(),
+    runEvents: events,
+    logger: createLogger("dispatcher-test", "silent"),
+    leaseTtlMs: LEASE_TTL_MS,
+    maxTimeoutMs: MAX_TIMEOUT_MS,
+    admission: { admit: async () => granted, release: async () => {}, suspendedTenants: async () => new Set<string>() },
+  });
+}
+
+function input(overrides: Partial<CreateDispatchInput> = {}): CreateDispatchInput {
+  return {
+    agent: "claude",
+    task: "fix the flaky test",
+    repoUrl: "",
+    repoRef: "",
+    secretNames: [],
+    env: {},
+    labels: {},
+    requestId: "",
+    traceparent: "",
+    ...overrides,
+  };
+}
+
+const never = new AbortController().signal;
+
+beforeEach(() => {
+  store = new SqliteDispatchStore(":memory:");
+  events = new RecordingRunEvents();
+  makeDispatcher();
+});
+
+/** Creates and leases a dispatch; answers the leased record. */
+async function leased(overrides: Partial<CreateDispatchInput> = {}) {
+  const created = await dispatcher.create(TENANT, input(overrides));
+  const got = await dispatcher.acquireLease("executor/host-1", 0, never);
+  expect(got?.dispatch.id).toBe(created.id);
+  return got!.dispatch;
+}
+
+describe("create", () => {
+  it("queues a dispatch with the agent's default tier model and default timeout", async () => {
+    const d = await dispatcher.create(TENANT, input());
+    expect(d.id).toMatch(/^[0-9A-HJKMNP-TV-Z]{26}$/);
+    expect(d.state).toBe("QUEUED");
+    expect(d.attempt).toBe(0);
+    expect(d.tenantId).toBe(TENANT);
+    expect(d.model).toBe("claude-sonnet-4-5");
+    expect(d.modelTier).toBe(ModelTier.BALANCED);
+    expect(d.timeoutMs).toBe(1800_000);
+    expect(await store.get(d.id)).toEqual(d);
+    expect(events.created.map((r) => r.id)).toEqual([d.id]);
+  });
+
+  it("resolves the model by tier and by explicit id", async () => {
+    const flagship = await dispatcher.create(TENANT, input({ modelTier: ModelTier.FLAGSHIP }));
+    expect(flagship.model).toBe("claude-opus-4-5");
+    expect(flagship.modelTier).toBe(ModelTier.FLAGSHIP);
+    const fast = await dispatcher.create(TENANT, input({ modelTier: ModelTier.FAST }));
+    expect(fast.model).toBe("claude-haiku-4-5");
+    const explicit = await dispatcher.create(TENANT, input({ modelId: "claude-custom-1" }));
+    expect(explicit.model).toBe("claude-custom-1");
+    expect(explicit.modelTier).toBe(ModelTier.UNSPECIFIED);
+    const codex = await dispatcher.create(TENANT, input({ agent: "codex" }));
+    expect(codex.model).toBe("gpt-5.2-codex");
+  });
+
+  it("an unknown agent is INVALID_ARGUMENT listing the available agents", async () => {
+    const err = await expectError(dispatcher.create(TENANT, input({ agent: "hal9000" })), Code.InvalidArgument, "AGENT_UNKNOWN");
+    expect(errorInfoOf(err)?.metadata.field).toBe("agent");
+    for (const name of ["claude", "codex", "gemini", "aider", "grok", "demo"]) expect(err.rawMessage).toContain(name);
+    expect(events.created).toEqual([]);
+    expect(await store.list(TENANT, {}, 10)).toEqual([]);
+  });
+
+  it("a tier the agent does not offer is INVALID_ARGUMENT on model_tier", async () => {
+    const err = await expectError(dispatcher.create(TENANT, input({ agent: "codex", modelTier: ModelTier.FAST })), Code.InvalidArgument);
+    expect(errorInfoOf(err)?.metadata.field).toBe("model_tier");
+    expect(err.rawMessage).toContain("FLAGSHIP");
+    expect(await store.list(TENANT, {}, 10)).toEqual([]);
+  });
+
+  it("takes the given timeout, capped at maxTimeoutMs; the default is capped too", async () => {
+    expect((await dispatcher.create(TENANT, input({ timeoutMs: 120_000 }))).timeoutMs).toBe(120_000);
+    expect((await dispatcher.create(TENANT, input({ timeoutMs: MAX_TIMEOUT_MS * 10 }))).timeoutMs).toBe(MAX_TIMEOUT_MS);
+    expect((await dispatcher.create(TENANT, input({ agent: "demo" }))).timeoutMs).toBe(300_000);
+    makeDispatcher({ maxTimeoutMs: 60_000 });
+    expect((await dispatcher.create(TENANT, input())).timeoutMs).toBe(60_000);
+  });
+
+  it("the same request_id returns the same dispatch and announces it once", async () => {
+    const first = await dispatcher.create(TENANT, input({ requestId: "req-1", task: "one" }));
+    const second = await dispatcher.create(TENANT, input({ requestId: "req-1", task: "two" }));
+    expect(second.id).toBe(first.id);
+    expect(second.task).toBe("one");
+    expect(events.created).toHaveLength(1);
+    const parallel = await Promise.all(Array.from({ length: 5 }, () => dispatcher.create(TENANT, input({ requestId: "req-2" }))));
+    expect(new Set(parallel.map((d) => d.id)).size).toBe(1);
+    expect(events.created).toHaveLength(2);
+    // Another tenant's request_id is its own.
+    const other = await dispatcher.create(OTHER, input({ requestId: "req-1" }));
+    expect(other.id).not.toBe(first.id);
+  });
+
+  it("a telemetry failure does not fail create, and the run is still leasable", async () => {
+    events.failWith = new Error("telemetry unavailable");
+    const d = await dispatcher.create(TENANT, input());
+    expect(d.state).toBe("QUEUED");
+    expect(events.created).toHaveLength(1);
+    expect(await store.get(d.id)).toEqual(d);
+    const got = await dispatcher.acquireLease("executor/1", 0, never);
+    expect(got?.dispatch.id).toBe(d.id);
+  });
+});
+
+describe("get", () => {
+  it("another tenant's dispatch answers exactly like a missing one", async () => {
+    const d = await dispatcher.create(TENANT, input());
+    expect((await dispatcher.get(TENANT, d.id)).id).toBe(d.id);
+    const foreign = await expectError(dispatcher.get(OTHER, d.id), Code.NotFound, "DISPATCH_NOT_FOUND");
+    const missingId = d.id.slice(0, -1) + (d.id.endsWith("0") ? "1" : "0");
+    const missing = await expectError(dispatcher.get(OTHER, missingId), Code.NotFound, "DISPATCH_NOT_FOUND");
+    expect(foreign.rawMessage.replace(d.id, "ID")).toBe(missing.rawMessage.replace(missingId, "ID"));
+    expect(Object.keys(errorInfoOf(foreign)!.metadata).sort()).toEqual(Object.keys(errorInfoOf(missing)!.metadata).sort());
+    expect(JSON.stringify(errorInfoOf(foreign)!.metadata)).not.toContain(TENANT);
+    // Nor can the other tenant cancel or watch it.
+    await expectError(dispatcher.cancel(OTHER, d.id), Code.NotFound);
+    await expectError(dispatcher.watch(OTHER, d.id, never).next(), Code.NotFound);
+    expect((await store.get(d.id))?.state).toBe("QUEUED");
+  });
+});
+
+describe("cancel", () => {
+  it("a QUEUED dispatch is CANCELLED at once and its run ended", async () => {
+    const d = await dispatcher.create(TENANT, input());
+    const cancelled = await dispatcher.cancel(TENANT, d.id);
+    expect(cancelled.state).toBe("CANCELLED");
+    expect(cancelled.endTime).not.toBeNull();
+    expect(events.ended.map((e) => e.dispatch.id)).toEqual([d.id]);
+    expect(events.ended[0]!.dispatch.state).toBe("CANCELLED");
+    // It is no longer in the queue.
+    expect(await dispatcher.acquireLease("executor/1", 0, never)).toBeUndefined();
+  });
+
+  it("a RUNNING dispatch is flagged; the heartbeat tells the executor", async () => {
+    const run = await leased();
+    await dispatcher.reportRunning(run.id, run.leaseId);
+    expect((await dispatcher.heartbeat(run.id, run.leaseId)).cancelRequested).toBe(false);
+    const flagged = await dispatcher.cancel(TENANT, run.id);
+    expect(flagged.state).toBe("RUNNING");
+    expect(flagged.cancelRequested).toBe(true);
+    expect(events.ended).toEqual([]);
+    expect((await dispatcher.heartbeat(run.id, run.leaseId)).cancelRequested).toBe(true);
+    const ended = await dispatcher.reportTerminal(run.id, run.leaseId, { state: "CANCELLED", exitCode: 137, failureReason: "cancelled", resultJson: null, lastLogSeq: 3n });
+    expect(ended.state).toBe("CANCELLED");
+    expect(events.ended.map((e) => e.lastLogSeq)).toEqual([3n]);
+  });
+
+  it("a finished dispatch is FAILED_PRECONDITION", async () => {
+    const d = await dispatcher.create(TENANT, input());
+    await dispatcher.cancel(TENANT, d.id);
+    const err = await expectError(dispatcher.cancel(TENANT, d.id), Code.FailedPrecondition, "DISPATCH_FINISHED");
+    expect(errorInfoOf(err)?.metadata.state).toBe("CANCELLED");
+    expect(events.ended).toHaveLength(1);
+  });
+});
+
+describe("acquireLease", () => {
+  it("answers undefined after the wait when the queue stays empty", async () => {
+    const started = Date.now();
+    expect(await dispatcher.acquireLease("executor/1", 300, never)).toBeUndefined();
+    const elapsed = Date.now() - started;
+    expect(elapsed).toBeGreaterThanOrEqual(280);
+    expect(elapsed).toBeLessThan(2000);
+  });
+
+  it("wakes promptly when a dispatch is created during the wait", async () => {
+    const started = Date.now();
+    const waiting = dispatcher.acquireLease("executor/1", 20_000, never);
+    await new Promise((r) => setTimeout(r, 100));
+    const d = await dispatcher.create(TENANT, input());
+    const got = await waiting;
+    expect(got?.dispatch.id).toBe(d.id);
+    expect(got?.dispatch.state).toBe("STARTING");
+    expect(got?.agent.name).toBe("claude");
+    // Well before the 1 s re-check interval would have found it.
+    expect(Date.now() - started).toBeLessThan(800);
+  });
+
+  it("returns undefined when the signal aborts", async () => {
+    const abort = new AbortController();
+    const waiting = dispatcher.acquireLease("executor/1", 20_000, abort.signal);
+    setTimeout(() => abort.abort(), 50);
+    const started = Date.now();
+    expect(await waiting).toBeUndefined();
+    expect(Date.now() - started).toBeLessThan(1000);
+  });
+
+  it("leases oldest first, with lease fields set", async () => {
+    makeDispatcher({ fakeClock: true });
+    const a = await dispatcher.create(TENANT, input());
+    clock!.now += 1;
+    const b = await dispatcher.create(OTHER, input());
+    const first = await dispatcher.acquireLease("executor/1", 0, never);
+    expect(first?.dispatch.id).toBe(a.id);
+    expect(first?.dispatch.executorId).toBe("executor/1");
+    expect(first?.dispatch.leaseId).toMatch(/^[0-9A-HJKMNP-TV-Z]{26}$/);
+    expect(first?.dispatch.leaseExpiresAt).toBe(clock!.now + LEASE_TTL_MS);
+    expect(first?.dispatch.attempt).toBe(1);
+    expect((await dispatcher.acquireLease("executor/2", 0, never))?.dispatch.id).toBe(b.id);
+  });
+});
+
+describe("lease lifecycle", () => {
+  it("heartbeat extends the lease; a wrong lease is FAILED_PRECONDITION LEASE_LOST", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased();
+    clock!.now += 5000;
+    const hb = await dispatcher.heartbeat(run.id, run.leaseId);
+    expect(hb.expiresAt).toBe(clock!.now + LEASE_TTL_MS);
+    expect((await store.get(run.id))?.leaseExpiresAt).toBe(hb.expiresAt);
+    const err = await expectError(dispatcher.heartbeat(run.id, "01ARZ3NDEKTSV4RRFFQ69G5FAV"), Code.FailedPrecondition, "LEASE_LOST");
+    expect(errorInfoOf(err)?.metadata.dispatch_id).toBe(run.id);
+    expect((await store.get(run.id))?.leaseExpiresAt).toBe(hb.expiresAt);
+  });
+
+  it("reportRunning then reportTerminal SUCCEEDED records exit code and passes lastLogSeq to runEnded", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased();
+    clock!.now += 1000;
+    const running = await dispatcher.reportRunning(run.id, run.leaseId);
+    expect(running.state).toBe("RUNNING");
+    expect(running.startTime).toBe(clock!.now);
+    clock!.now += 2000;
+    const done = await dispatcher.reportTerminal(run.id, run.leaseId, {
+      state: "SUCCEEDED",
+      exitCode: 0,
+      failureReason: "",
+      resultJson: '{"summary":"done"}',
+      lastLogSeq: 42n,
+    });
+    expect(done.state).toBe("SUCCEEDED");
+    expect(done.exitCode).toBe(0);
+    expect(done.endTime).toBe(clock!.now);
+    expect(done.resultJson).toBe('{"summary":"done"}');
+    expect(done.leaseExpiresAt).toBeNull();
+    expect(events.ended).toHaveLength(1);
+    expect(events.ended[0]!.lastLogSeq).toBe(42n);
+    expect(events.ended[0]!.dispatch.exitCode).toBe(0);
+    expect(events.ended[0]!.dispatch.state).toBe("SUCCEEDED");
+    // Terminal is final: another report and a heartbeat are refused.
+    await expectError(dispatcher.reportTerminal(run.id, run.leaseId, { state: "FAILED", exitCode: 1, failureReason: "x", resultJson: null, lastLogSeq: 0n }), Code.FailedPrecondition, "LEASE_LOST");
+    await expectError(dispatcher.heartbeat(run.id, run.leaseId), Code.FailedPrecondition, "LEASE_LOST");
+    expect((await store.get(run.id))?.state).toBe("SUCCEEDED");
+    expect(events.ended).toHaveLength(1);
+  });
+
+  it("a stale lease cannot report after the run was re-queued and leased again", async () => {
+    makeDispatcher({ fakeClock: true });
+    const first = await leased();
+    clock!.now += LEASE_TTL_MS + 1;
+    expect(await dispatcher.expireLeases()).toBe(1);
+    const second = await dispatcher.acquireLease("executor/host-2", 0, never);
+    expect(second?.dispatch.id).toBe(first.id);
+    expect(second?.dispatch.leaseId).not.toBe(first.leaseId);
+    await expectError(dispatcher.reportRunning(first.id, first.leaseId), Code.FailedPrecondition, "LEASE_LOST");
+    await expectError(
+      dispatcher.reportTerminal(first.id, first.leaseId, { state: "FAILED", exitCode: 1, failureReason: "stale", resultJson: null, lastLogSeq: 0n }),
+      Code.FailedPrecondition,
+      "LEASE_LOST",
+    );
+    await expectError(dispatcher.heartbeat(first.id, first.leaseId), Code.FailedPrecondition, "LEASE_LOST");
+    const now = await store.get(first.id);
+    expect(now?.state).toBe("STARTING");
+    expect(now?.executorId).toBe("executor/host-2");
+    // The current holder can.
+    expect((await dispatcher.reportRunning(first.id, second!.dispatch.leaseId)).state).toBe("RUNNING");
+  });
+
+  it("expireLeases re-queues an expired STARTING run; the next lease is attempt 2", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased();
+    expect(run.attempt).toBe(1);
+    clock!.now += LEASE_TTL_MS - 1;
+    expect(await dispatcher.expireLeases()).toBe(0);
+    expect((await store.get(run.id))?.state).toBe("STARTING");
+    clock!.now += 2;
+    expect(await dispatcher.expireLeases()).toBe(1);
+    const requeued = await store.get(run.id);
+    expect(requeued?.state).toBe("QUEUED");
+    expect(requeued?.leaseId).toBe("");
+    expect(requeued?.executorId).toBe("");
+    expect(events.ended).toEqual([]);
+    const again = await dispatcher.acquireLease("executor/2", 0, never);
+    expect(again?.dispatch.id).toBe(run.id);
+    expect(again?.dispatch.attempt).toBe(2);
+  });
+
+  it("expireLeases fails an expired RUNNING run with reason \"executor lost\"", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased();
+    await dispatcher.reportRunning(run.id, run.leaseId);
+    clock!.now += LEASE_TTL_MS + 1;
+    expect(await dispatcher.expireLeases()).toBe(1);
+    const failed = await store.get(run.id);
+    expect(failed?.state).toBe("FAILED");
+    expect(failed?.failureReason).toBe("executor lost");
+    expect(failed?.endTime).toBe(clock!.now);
+    expect(events.ended.map((e) => e.dispatch.failureReason)).toEqual(["executor lost"]);
+    // Nothing is left to lease, and the lost executor cannot report.
+    expect(await dispatcher.acquireLease("executor/2", 0, never)).toBeUndefined();
+    await expectError(dispatcher.reportTerminal(run.id, run.leaseId, { state: "SUCCEEDED", exitCode: 0, failureReason: "", resultJson: null, lastLogSeq: 0n }), Code.FailedPrecondition);
+  });
+
+  it("an expired STARTING run that was cancelled ends CANCELLED instead of running again", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased();
+    expect((await dispatcher.cancel(TENANT, run.id)).cancelRequested).toBe(true);
+    clock!.now += LEASE_TTL_MS + 1;
+    expect(await dispatcher.expireLeases()).toBe(1);
+    const ended = await store.get(run.id);
+    expect(ended?.state).toBe("CANCELLED");
+    expect(events.ended.map((e) => e.dispatch.state)).toEqual(["CANCELLED"]);
+    expect(await dispatcher.acquireLease("executor/2", 0, never)).toBeUndefined();
+  });
+
+  it("a heartbeat keeps a run from expiring", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased();
+    await dispatcher.reportRunning(run.id, run.leaseId);
+    clock!.now += LEASE_TTL_MS - 100;
+    await dispatcher.heartbeat(run.id, run.leaseId);
+    clock!.now += LEASE_TTL_MS - 100;
+    expect(await dispatcher.expireLeases()).toBe(0);
+    expect((await store.get(run.id))?.state).toBe("RUNNING");
+  });
+});
+
+describe("watch", () => {
+  it("yields the states in order and ends at a terminal state", async () => {
+    const d = await dispatcher.create(TENANT, input());
+    const watch = dispatcher.watch(TENANT, d.id, never);
+    const states: string[] = [];
+    const step = async () => {
+      const r = await watch.next();
+      if (!r.done) states.push(r.value.state);
+      return r;
+    };
+    await step(); // QUEUED
+    const pending = step();
+    const got = await dispatcher.acquireLease("executor/1", 0, never);
+    await pending; // STARTING
+    const lease = got!.dispatch.leaseId;
+    const pending2 = step();
+    await dispatcher.reportRunning(d.id, lease);
+    await pending2; // RUNNING
+    const pending3 = step();
+    await dispatcher.reportTerminal(d.id, lease, { state: "SUCCEEDED", exitCode: 0, failureReason: "", resultJson: null, lastLogSeq: 0n });
+    await pending3; // SUCCEEDED
+    expect((await watch.next()).done).toBe(true);
+    expect(states).toEqual(["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]);
+  });
+
+  it("ends at once for a dispatch that already ended", async () => {
+    const d = await dispatcher.create(TENANT, input());
+    await dispatcher.cancel(TENANT, d.id);
+    const seen: string[] = [];
+    for await (const r of dispatcher.watch(TENANT, d.id, never)) seen.push(r.state);
+    expect(seen).toEqual(["CANCELLED"]);
+  });
+
+  it("ends when the signal aborts", async () => {
+    const d = await dispatcher.create(TENANT, input());
+    const abort = new AbortController();
+    const seen: string[] = [];
+    setTimeout(() => abort.abort(), 100);
+    for await (const r of dispatcher.watch(TENANT, d.id, abort.signal)) seen.push(r.state);
+    expect(seen).toEqual(["QUEUED"]);
+  });
+});
+
+describe("cancellation fast path", () => {
+  it("streams a cancel of a leased run to its executor at once, and flagged runs when it connects", async () => {
+    const first = await leased();
+    await dispatcher.cancel(TENANT, first.id); // flagged before the executor watches
+    const stop = new AbortController();
+    const seen: { dispatchId: string; leaseId: string }[] = [];
+    const watching = (async () => {
+      for await (const c of dispatcher.cancellationsFor("executor/host-1", stop.signal)) {
+        seen.push(c);
+        if (seen.length === 2) stop.abort();
+      }
+    })();
+    await new Promise((r) => setTimeout(r, 20));
+    expect(seen).toEqual([{ dispatchId: first.id, leaseId: first.leaseId }]);
+
+    const second = await leased();
+    const other = await dispatcher.create(TENANT, input());
+    await dispatcher.acquireLease("executor/host-2", 0, never);
+    await dispatcher.cancel(TENANT, other.id); // another executor's run: not sent here
+    await dispatcher.cancel(TENANT, second.id);
+    await watching; // ends only once the second cancel arrived: no heartbeat is involved
+    expect(seen[1]).toEqual({ dispatchId: second.id, leaseId: second.leaseId });
+  });
+});
+
+describe("log retention", () => {
+  it("hands the tier's log retention from admission to telemetry's run registration", async () => {
+    const retaining = withAdmission({ maxTimeoutMs: MAX_TIMEOUT_MS, logRetentionMs: 30 * 86_400_000 });
+    await retaining.create(TENANT, input());
+    await dispatcher.create(TENANT, input()); // unlimited admission: telemetry's default
+    expect(events.retentions).toEqual([30 * 86_400_000, undefined]);
+  });
+});
+
+describe("resource caps", () => {
+  it("bounds the leased agent's resources by the tier's caps recorded at creation", async () => {
+    const capped = withAdmission({ maxTimeoutMs: MAX_TIMEOUT_MS, resourceCaps: { cpuMillis: 1000, memoryBytes: 1024 ** 3, pidsLimit: 512 } });
+    const created = await capped.create(TENANT, input({ agent: "claude" })); // claude: 2 CPUs, 4 GiB, 256 pids
+    expect(created.resourceCaps).toEqual({ cpuMillis: 1000, memoryBytes: 1024 ** 3, pidsLimit: 512 });
+    const leasedRun = await capped.acquireLease("executor/host-1", 0, never);
+    expect(leasedRun?.agent.resources).toMatchObject({ cpuMillis: 1000n, memoryBytes: BigInt(1024 ** 3), pidsLimit: 256n });
+    const [held] = await capped.leasesOf("executor/host-1");
+    expect(held?.agent?.resources?.memoryBytes).toBe(BigInt(1024 ** 3));
+
+    // Without caps (no tenant service), the agent's own defaults stand.
+    await dispatcher.create(TENANT, input({ agent: "claude" }));
+    const uncapped = await dispatcher.acquireLease("executor/host-2", 0, never);
+    expect(uncapped?.agent.resources?.memoryBytes).toBe(4096n * 1024n * 1024n);
+  });
+});

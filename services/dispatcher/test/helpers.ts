@@ -1,0 +1,41 @@
+/** Shared by the dispatcher tests: identities, in-process clients behind the real identity check, error assertions. */
+import type { DescService } from "@bufbuild/protobuf";
+import type { Identity } from "@outpost/platform";
+import { expectError, signedRouterClient } from "../../../test/support/rpc.ts";
+import { AgentRegistry } from "../src/core/agents.ts";
+import type { Dispatcher } from "../src/core/dispatcher.ts";
+import { registerRoutes, type RouteDeps } from "../src/routes.ts";
+import { AuditLog } from "../src/core/audit.ts";
+import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
+import { createLogger } from "@outpost/platform";
+
+/** Route dependencies over their own in-memory store, for tests that do not look at them. */
+export function defaultRouteDeps(): RouteDeps {
+  return {
+    audit: new AuditLog(new SqliteDispatchStore(":memory:"), createLogger("dispatcher-test", "silent")),
+    fleet: () => Promise.reject(new Error("fleet status is not part of this test")),
+  };
+}
+
+export const TEST_SECRET = "dispatcher-test-secret-0123456789abcdef";
+
+export const ADMIN: Identity = { kind: "admin", principal: "admin" };
+export const EXECUTOR: Identity = { kind: "service", principal: "executor/host-1" };
+export const GATEWAY: Identity = { kind: "service", principal: "gateway/test" };
+
+export function tenantIdentity(tenantId: string): Identity {
+  return { kind: "tenant", tenantId, principal: `key/${tenantId}` };
+}
+
+/** A client of `service` whose calls are signed as `identity` and checked exactly as the server does. */
+export function clientFor<T extends DescService>(
+  dispatcher: Dispatcher,
+  agents: AgentRegistry,
+  service: T,
+  identity: Identity,
+  deps: RouteDeps = defaultRouteDeps(),
+) {
+  return signedRouterClient(service, (router) => registerRoutes(router, dispatcher, agents, deps), identity, TEST_SECRET);
+}
+
+export { expectError };

@@ -1,0 +1,75 @@
+/** Spawning dispatcher processes for tests that cross the real boundary. */
+import { spawn, type ChildProcess } from "node:child_process";
+import net from "node:net";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../src/main.ts");
+export const SECRET = "dispatcher-boundary-secret-0123456789abcdef";
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+export type Proc = { child: ChildProcess; output: () => string; exited: Promise<number | null> };
+
+export function startProcess(env: Record<string, string>): Proc {
+  const { OUTPOST_INTERNAL_SECRET: _a, OUTPOST_TELEMETRY_URL: _b, ...inherited } = process.env;
+  const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", MAIN], {
+    env: { ...inherited, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  child.stdout!.on("data", (b: Buffer) => (out += b.toString()));
+  child.stderr!.on("data", (b: Buffer) => (out += b.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  return { child, output: () => out, exited };
+}
+
+export async function waitHealthy(baseUrl: string, proc: Proc): Promise<void> {
+  let done = false;
+  void proc.exited.then(() => (done = true));
+  const deadline = Date.now() + 20_000;
+  while (Date.now() < deadline) {
+    if (done) throw new Error(`dispatcher process exited early:\n${proc.output()}`);
+    try {
+      const res = await fetch(`${baseUrl}/healthz`);
+      if (res.ok) return;
+    } catch {
+      // not listening yet
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`dispatcher process not healthy in time:\n${proc.output()}`);
+}
+
+export async function startDispatcherProcess(dataDir: string, extra: Record<string, string> = {}) {
+  const port = await freePort();
+  const telemetryPort = await freePort(); // nothing listens there
+  const baseUrl = `http://127.0.0.1:${port}`;
+  const proc = startProcess({
+    OUTPOST_INTERNAL_SECRET: SECRET,
+    OUTPOST_DISPATCHER_HOST: "127.0.0.1",
+    OUTPOST_DISPATCHER_PORT: String(port),
+    OUTPOST_DATA_DIR: dataDir,
+    OUTPOST_TELEMETRY_URL: `http://127.0.0.1:${telemetryPort}`,
+    ...extra,
+  });
+  await waitHealthy(baseUrl, proc);
+  return { baseUrl, proc };
+}
+
+export async function stop(proc: Proc | undefined) {
+  if (proc && proc.child.exitCode === null) {
+    proc.child.kill("SIGTERM");
+    await proc.exited;
+  }
+}
+

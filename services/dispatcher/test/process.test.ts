@@ -1,0 +1,111 @@
+/**
+ * Crosses the real boundary: the dispatcher as its own process on a real port, called over gRPC
+ * (h2c) as a tenant and as an executor, with telemetry unreachable.
+ */
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { internalClient } from "@outpost/platform";
+import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { EXECUTOR, tenantIdentity } from "./helpers.ts";
+
+import { SECRET, freePort, startDispatcherProcess, startProcess, stop, type Proc } from "./process-helpers.ts";
+const TENANT = "01JTENANTAAAAAAAAAAAAAAAAA";
+
+describe("dispatcher process", () => {
+  let dataDir: string;
+  let baseUrl: string;
+  let proc: Proc;
+
+  beforeAll(async () => {
+    dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-proc-"));
+    ({ baseUrl, proc } = await startDispatcherProcess(dataDir));
+  });
+
+  afterAll(async () => {
+    await stop(proc);
+    if (dataDir) rmSync(dataDir, { recursive: true, force: true });
+  });
+
+  it("runs a dispatch end to end over gRPC with telemetry down", async () => {
+    const tenant = internalClient(DispatchService, { baseUrl, internalSecret: SECRET, identity: tenantIdentity(TENANT) });
+    const executor = internalClient(LeaseService, { baseUrl, internalSecret: SECRET, identity: EXECUTOR });
+
+    const created = (await tenant.createDispatch({ agent: "demo", task: "exit=3", requestId: "proc-1" })).dispatch!;
+    expect(created.state).toBe(Dispatch_State.QUEUED);
+    expect(created.model).toBe("demo-1");
+    const fetched = (await tenant.getDispatch({ dispatchId: created.id })).dispatch!;
+    expect(fetched.id).toBe(created.id);
+    expect(fetched.task).toBe("exit=3");
+
+    const { lease } = await executor.acquireLease({ executorId: "host-1", wait: durationFromMs(2000) });
+    expect(lease?.dispatch?.id).toBe(created.id);
+    expect(lease?.agent?.name).toBe("demo");
+    expect(lease?.dispatch?.attempt).toBe(1);
+    const hb = await executor.heartbeat({ dispatchId: created.id, leaseId: lease!.leaseId });
+    expect(hb.cancelRequested).toBe(false);
+    expect(hb.expireTime).toBeDefined();
+
+    const running = await executor.reportRunState({ dispatchId: created.id, leaseId: lease!.leaseId, state: Dispatch_State.RUNNING });
+    expect(running.dispatch?.state).toBe(Dispatch_State.RUNNING);
+    const done = await executor.reportRunState({
+      dispatchId: created.id,
+      leaseId: lease!.leaseId,
+      state: Dispatch_State.SUCCEEDED,
+      exitCode: 3,
+      lastLogSeq: 5n,
+    });
+    expect(done.dispatch?.state).toBe(Dispatch_State.SUCCEEDED);
+
+    const final = (await tenant.getDispatch({ dispatchId: created.id })).dispatch!;
+    expect(final.state).toBe(Dispatch_State.SUCCEEDED);
+    expect(final.attempt).toBe(1);
+    expect(final.exitCode).toBe(3);
+    expect(final.startTime).toBeDefined();
+    expect(final.endTime).toBeDefined();
+    // The queue is empty now.
+    expect((await executor.acquireLease({ executorId: "host-1" })).lease).toBeUndefined();
+  });
+});
+
+describe("dispatcher process lifecycle", () => {
+  it("exits 78 naming OUTPOST_TELEMETRY_URL when it is missing", async () => {
+    const dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-cfg-"));
+    try {
+      const proc = startProcess({
+        OUTPOST_INTERNAL_SECRET: SECRET,
+        OUTPOST_DISPATCHER_PORT: String(await freePort()),
+        OUTPOST_DATA_DIR: dataDir,
+      });
+      expect(await proc.exited).toBe(78);
+      expect(proc.output()).toContain("OUTPOST_TELEMETRY_URL");
+    } finally {
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+
+  it("on SIGTERM an open AcquireLease long-poll returns empty and the process exits 0", async () => {
+    const dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-term-"));
+    let proc: Proc | undefined;
+    try {
+      const started = await startDispatcherProcess(dataDir);
+      proc = started.proc;
+      const executor = internalClient(LeaseService, { baseUrl: started.baseUrl, internalSecret: SECRET, identity: EXECUTOR });
+      const t0 = Date.now();
+      const polling = executor.acquireLease({ executorId: "host-1", wait: durationFromMs(25_000) });
+      await new Promise((r) => setTimeout(r, 500));
+      proc.child.kill("SIGTERM");
+      const res = await polling;
+      expect(res.lease).toBeUndefined();
+      expect(await proc.exited).toBe(0);
+      expect(Date.now() - t0).toBeLessThan(15_000);
+    } finally {
+      await stop(proc);
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+});

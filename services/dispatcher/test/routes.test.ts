@@ -1,0 +1,230 @@
+/** The handlers in-process: real routes behind the platform's identity check, no ports. */
+import { beforeEach, describe, expect, it } from "vitest";
+import { Code, createClient, createRouterTransport } from "@connectrpc/connect";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { createLogger, errorInfoOf, identityInterceptor, type Identity } from "@outpost/platform";
+import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
+import { Dispatch_State, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { DispatchService, type CreateDispatchRequest } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { FleetService } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
+import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { CreateDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
+import { Dispatcher, type RunEvents } from "../src/core/dispatcher.ts";
+import { Notifier } from "../src/core/notifier.ts";
+import { registerRoutes } from "../src/routes.ts";
+import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
+import { ADMIN, EXECUTOR, GATEWAY, TEST_SECRET, clientFor, defaultRouteDeps, expectError, tenantIdentity } from "./helpers.ts";
+
+const TENANT = "01JTENANTAAAAAAAAAAAAAAAAA";
+const OTHER = "01JTENANTBBBBBBBBBBBBBBBBB";
+
+let agents: AgentRegistry;
+let dispatcher: Dispatcher;
+
+beforeEach(() => {
+  agents = new AgentRegistry(builtinAgents("outpost/demo-agent:test"));
+  const runEvents: RunEvents = { async runCreated() {}, async runEnded() {} };
+  dispatcher = new Dispatcher({
+    store: new SqliteDispatchStore(":memory:"),
+    agents,
+    notifier: new Notifier(),
+    runEvents,
+    logger: createLogger("dispatcher-test", "silent"),
+    leaseTtlMs: 30_000,
+    maxTimeoutMs: 3_600_000,
+  });
+});
+
+const dispatches = (identity: Identity = tenantIdentity(TENANT)) => clientFor(dispatcher, agents, DispatchService, identity);
+const leases = (identity: Identity = EXECUTOR) => clientFor(dispatcher, agents, LeaseService, identity);
+
+type CreateInit = MessageInitShape<typeof CreateDispatchRequestSchema>;
+const ok: CreateInit = { agent: "claude", task: "fix it" };
+
+async function expectInvalid(call: Promise<unknown>, field: string) {
+  const err = await expectError(call, Code.InvalidArgument);
+  expect(errorInfoOf(err)?.metadata.field).toBe(field);
+  expect(err.rawMessage).toContain(field);
+  return err;
+}
+
+describe("identity", () => {
+  it("tenant-only methods refuse admin and service identities", async () => {
+    const created = await dispatches().createDispatch(ok);
+    const id = created.dispatch!.id;
+    for (const identity of [ADMIN, EXECUTOR, GATEWAY]) {
+      const c = dispatches(identity);
+      await expectError(c.createDispatch(ok), Code.PermissionDenied, "TENANT_REQUIRED");
+      await expectError(c.getDispatch({ dispatchId: id }), Code.PermissionDenied, "TENANT_REQUIRED");
+      await expectError(c.listDispatches({}), Code.PermissionDenied, "TENANT_REQUIRED");
+      await expectError(c.cancelDispatch({ dispatchId: id }), Code.PermissionDenied, "TENANT_REQUIRED");
+      await expectError(
+        (async () => {
+          for await (const _ of c.watchDispatch({ dispatchId: id })) break;
+        })(),
+        Code.PermissionDenied,
+        "TENANT_REQUIRED",
+      );
+    }
+    // Nothing was created or cancelled by the refused calls.
+    const listed = await dispatches().listDispatches({});
+    expect(listed.dispatches.map((d) => [d.id, d.state])).toEqual([[id, Dispatch_State.QUEUED]]);
+  });
+
+  it("LeaseService refuses tenants, admins and non-executor services", async () => {
+    await dispatches().createDispatch(ok);
+    for (const identity of [tenantIdentity(TENANT), ADMIN, GATEWAY]) {
+      const c = leases(identity);
+      await expectError(c.acquireLease({ executorId: "x" }), Code.PermissionDenied, "SERVICE_REQUIRED");
+      await expectError(c.heartbeat({ dispatchId: TENANT, leaseId: TENANT }), Code.PermissionDenied, "SERVICE_REQUIRED");
+      await expectError(c.reportRunState({ dispatchId: TENANT, leaseId: TENANT, state: Dispatch_State.RUNNING }), Code.PermissionDenied, "SERVICE_REQUIRED");
+    }
+    // The run is still there for a real executor.
+    const got = await leases().acquireLease({ executorId: "host-1" });
+    expect(got.lease?.dispatch?.state).toBe(Dispatch_State.STARTING);
+  });
+
+  it("a call without a signed identity is UNAUTHENTICATED; another tenant's dispatch is NOT_FOUND", async () => {
+    const unsigned = createClient(
+      DispatchService,
+      createRouterTransport((router) => registerRoutes(router, dispatcher, agents, defaultRouteDeps()), {
+        router: { interceptors: [identityInterceptor(TEST_SECRET)] },
+      }),
+    );
+    await expectError(unsigned.createDispatch(ok), Code.Unauthenticated, "IDENTITY_MISSING");
+    const created = await dispatches().createDispatch(ok);
+    await expectError(dispatches(tenantIdentity(OTHER)).getDispatch({ dispatchId: created.dispatch!.id }), Code.NotFound, "DISPATCH_NOT_FOUND");
+    await expectError(dispatches(tenantIdentity(OTHER)).cancelDispatch({ dispatchId: created.dispatch!.id }), Code.NotFound, "DISPATCH_NOT_FOUND");
+    expect((await dispatches(tenantIdentity(OTHER)).listDispatches({})).dispatches).toEqual([]);
+  });
+});
+
+describe("CreateDispatch validation", () => {
+  const create = (overrides: Partial<CreateDispatchRequest> | CreateInit) => dispatches().createDispatch({ ...ok, ...overrides } as CreateInit);
+
+  it("refuses bad inputs naming the field", async () => {
+    await expectInvalid(create({ agent: "" }), "agent");
+    await expectInvalid(create({ task: "" }), "task");
+    await expectInvalid(create({ task: "x".repeat(64 * 1024 + 1) }), "task");
+    await expectInvalid(create({ model: { case: "modelTier", value: 99 as ModelTier } }), "model_tier");
+    await expectInvalid(create({ labels: { "Bad Key": "v" } }), 'labels["Bad Key"]');
+    await expectInvalid(create({ env: { OUTPOST_X: "1" } }), "env[OUTPOST_X]");
+    await expectInvalid(create({ env: { "1BAD": "1" } }), 'env["1BAD"]');
+    await expectInvalid(create({ repo: { url: "ftp://x", ref: "" } }), "repo.url");
+    await expectInvalid(create({ repo: { url: "not a url", ref: "" } }), "repo.url");
+    await expectInvalid(create({ timeout: durationFromMs(-1000) }), "timeout");
+    await expectInvalid(create({ agent: "nope" }), "agent");
+    // None of them created anything.
+    expect((await dispatches().listDispatches({})).dispatches).toEqual([]);
+  });
+
+  it("accepts boundary values", async () => {
+    const res = await create({
+      task: "x".repeat(64 * 1024),
+      labels: { "team.core-1_x": "v" },
+      env: { _OK: "1", lower_case: "2" },
+      repo: { url: "https://github.com/acme/repo.git", ref: "main" },
+      model: { case: "modelTier", value: ModelTier.FLAGSHIP },
+      timeout: durationFromMs(90_000),
+      requestId: "req-1",
+    });
+    const d = res.dispatch!;
+    expect(d.state).toBe(Dispatch_State.QUEUED);
+    expect(d.model).toBe("claude-opus-4-5");
+    expect(d.repo?.url).toBe("https://github.com/acme/repo.git");
+    expect(d.labels).toEqual({ "team.core-1_x": "v" });
+    expect(Number(d.timeout?.seconds)).toBe(90);
+    expect(d.tenantId).toBe(TENANT);
+    const again = await create({ requestId: "req-1" });
+    expect(again.dispatch?.id).toBe(d.id);
+  });
+
+  it("secret_names are checked for syntax and repeats, then kept on the dispatch", async () => {
+    await expectInvalid(create({ secretNames: ["gh_token"] }), "secret_names[0]");
+    await expectInvalid(create({ secretNames: ["OK", "1BAD"] }), "secret_names[1]");
+    await expectInvalid(create({ secretNames: ["A", "A"] }), "secret_names");
+    expect((await dispatches().listDispatches({})).dispatches).toEqual([]);
+    const res = await create({ secretNames: ["GH_TOKEN", "_X1"] });
+    expect(res.dispatch?.secretNames).toEqual(["GH_TOKEN", "_X1"]);
+  });
+});
+
+describe("other request validation", () => {
+  it("GetDispatch/CancelDispatch need a ULID dispatch_id", async () => {
+    await expectInvalid(dispatches().getDispatch({ dispatchId: "" }), "dispatch_id");
+    await expectInvalid(dispatches().getDispatch({ dispatchId: "not-a-ulid" }), "dispatch_id");
+    await expectInvalid(dispatches().cancelDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FA!" }), "dispatch_id");
+    await expectError(dispatches().getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }), Code.NotFound, "DISPATCH_NOT_FOUND");
+  });
+
+  it("ListDispatches checks page_size, page_token and label filters", async () => {
+    await expectInvalid(dispatches().listDispatches({ pageSize: -1 }), "page_size");
+    await expectInvalid(dispatches().listDispatches({ pageSize: 1001 }), "page_size");
+    await expectInvalid(dispatches().listDispatches({ pageToken: "garbage!!" }), "page_token");
+    await expectInvalid(dispatches().listDispatches({ pageToken: Buffer.from('{"x":1}').toString("base64url") }), "page_token");
+    await expectInvalid(dispatches().listDispatches({ labels: { "Bad Key": "v" } }), 'labels["Bad Key"]');
+    await expectInvalid(dispatches().listDispatches({ state: 99 as Dispatch_State }), "state");
+    await dispatches().listDispatches({ pageSize: 1000 });
+  });
+
+  it("LeaseService checks its inputs", async () => {
+    await expectInvalid(leases().acquireLease({ executorId: "" }), "executor_id");
+    await expectInvalid(leases().heartbeat({ dispatchId: "x", leaseId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }), "dispatch_id");
+    await expectInvalid(leases().heartbeat({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV", leaseId: "" }), "lease_id");
+    await dispatches().createDispatch(ok);
+    const lease = (await leases().acquireLease({ executorId: "host-1" })).lease!;
+    await expectInvalid(
+      leases().reportRunState({ dispatchId: lease.dispatch!.id, leaseId: lease.leaseId, state: Dispatch_State.QUEUED }),
+      "state",
+    );
+    await expectError(
+      leases().heartbeat({ dispatchId: lease.dispatch!.id, leaseId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }),
+      Code.FailedPrecondition,
+      "LEASE_LOST",
+    );
+  });
+});
+
+describe("operator methods", () => {
+  it("RegisterAgent and GetFleetStatus need the admin credential; an empty agent is INVALID_ARGUMENT", async () => {
+    await expectError(clientFor(dispatcher, agents, AgentService, tenantIdentity(TENANT)).registerAgent({}), Code.PermissionDenied, "ADMIN_REQUIRED");
+    await expectError(clientFor(dispatcher, agents, FleetService, tenantIdentity(TENANT)).getFleetStatus({}), Code.PermissionDenied, "ADMIN_REQUIRED");
+    const a = await expectError(clientFor(dispatcher, agents, AgentService, ADMIN).registerAgent({}), Code.InvalidArgument);
+    expect(errorInfoOf(a)?.metadata.field).toBe("agent");
+  });
+});
+
+describe("ListDispatches paging", () => {
+  it("pages 7 dispatches by 3 as 3, 3, 1, newest first, no duplicates, empty final token", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 7; i++) ids.push((await dispatches().createDispatch({ ...ok, task: `t${i}` })).dispatch!.id);
+    await dispatches(tenantIdentity(OTHER)).createDispatch(ok);
+    const sizes: number[] = [];
+    const seen: string[] = [];
+    let token = "";
+    let pages = 0;
+    do {
+      const res = await dispatches().listDispatches({ pageSize: 3, pageToken: token });
+      sizes.push(res.dispatches.length);
+      seen.push(...res.dispatches.map((d) => d.id));
+      token = res.nextPageToken;
+      pages++;
+    } while (token !== "" && pages < 10);
+    expect(sizes).toEqual([3, 3, 1]);
+    expect(token).toBe("");
+    expect(new Set(seen).size).toBe(7);
+    expect(seen).toEqual([...ids].sort().reverse());
+  });
+
+  it("filters by state and agent", async () => {
+    const a = (await dispatches().createDispatch(ok)).dispatch!;
+    const b = (await dispatches().createDispatch({ ...ok, agent: "codex" })).dispatch!;
+    await dispatches().cancelDispatch({ dispatchId: a.id });
+    const cancelled = await dispatches().listDispatches({ state: Dispatch_State.CANCELLED });
+    expect(cancelled.dispatches.map((d) => d.id)).toEqual([a.id]);
+    const codex = await dispatches().listDispatches({ agent: "codex" });
+    expect(codex.dispatches.map((d) => d.id)).toEqual([b.id]);
+  });
+});

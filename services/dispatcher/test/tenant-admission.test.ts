@@ -1,0 +1,93 @@
+/**
+ * The dispatcher's TenantAdmission adapter against a real tenant service on a real port
+ * (contract A): admission and release over gRPC, the tenant service's errors passed through
+ * unchanged, the suspended-tenant cache, and an unreachable tenant service as UNAVAILABLE.
+ */
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { ulid } from "ulid";
+import { createLogger, errorInfoOf, internalClient } from "@outpost/platform";
+import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
+import { TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
+import { startTenant, type RunningTenant } from "../../tenant/src/service.ts";
+import { GrpcTenantAdmission } from "../src/adapters/tenant-admission.ts";
+
+const SECRET = "admission-adapter-secret-0123456789abcdef";
+let tenantService: RunningTenant;
+
+beforeAll(async () => {
+  tenantService = await startTenant(
+    {
+      OUTPOST_INTERNAL_SECRET: SECRET,
+      OUTPOST_TENANT_HOST: "127.0.0.1",
+      OUTPOST_TENANT_PORT: 0,
+      OUTPOST_DATA_DIR: ":memory:",
+      OUTPOST_SECRETS_MASTER_KEYS: `k1:${Buffer.alloc(32, 4).toString("base64")}`,
+    },
+    createLogger("tenant-test", "silent"),
+  );
+});
+
+afterAll(async () => {
+  await tenantService?.close();
+});
+
+const admin = () => internalClient(TenantService, { baseUrl: tenantService.url, internalSecret: SECRET, identity: { kind: "admin", principal: "admin" } });
+
+async function failure(p: Promise<unknown>): Promise<ConnectError> {
+  return p.then(
+    () => {
+      throw new Error("expected a failure");
+    },
+    (e: unknown) => ConnectError.from(e),
+  );
+}
+
+describe("GrpcTenantAdmission", () => {
+  it("admits up to the tier's concurrent limit, answers its max timeout, and release frees a slot", async () => {
+    const { tenant } = await admin().createTenant({ name: "A", contactEmail: "a@a.test", tier: Tier.FREE }); // default free: 2 concurrent, 600 s
+    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, internalSecret: SECRET });
+    const first = ulid();
+    expect(await adapter.admit(tenant!.id, first, [], 30_000)).toEqual({ maxTimeoutMs: 600_000, logRetentionMs: 7 * 86_400_000, resourceCaps: { cpuMillis: 1000, memoryBytes: 1024 ** 3, pidsLimit: 256 } });
+    await adapter.admit(tenant!.id, ulid(), [], undefined);
+    const err = await failure(adapter.admit(tenant!.id, ulid(), [], undefined));
+    expect(err.code).toBe(Code.ResourceExhausted);
+    expect(errorInfoOf(err)?.metadata.quota).toBe("concurrent_runs");
+    await adapter.release(tenant!.id, first);
+    await adapter.release(tenant!.id, first); // idempotent
+    await adapter.admit(tenant!.id, ulid(), [], undefined);
+  });
+
+  it("passes SECRET_NOT_FOUND and TENANT_SUSPENDED through unchanged", async () => {
+    const { tenant } = await admin().createTenant({ name: "B", contactEmail: "b@b.test" });
+    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, internalSecret: SECRET });
+    const missing = await failure(adapter.admit(tenant!.id, ulid(), ["NOPE"], undefined));
+    expect(missing.code).toBe(Code.NotFound);
+    expect(errorInfoOf(missing)?.metadata.secret).toBe("NOPE");
+    await admin().suspendTenant({ tenantId: tenant!.id, reason: "test" });
+    const suspended = await failure(adapter.admit(tenant!.id, ulid(), [], undefined));
+    expect(suspended.code).toBe(Code.PermissionDenied);
+    expect(errorInfoOf(suspended)?.reason).toBe("TENANT_SUSPENDED");
+  });
+
+  it("caches the suspended-tenant list for its age, then asks again", async () => {
+    let now = 1_000_000;
+    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, internalSecret: SECRET, suspendedCacheMs: 3000, now: () => now });
+    const { tenant } = await admin().createTenant({ name: "C", contactEmail: "c@c.test" });
+    const before = await adapter.suspendedTenants();
+    expect(before.has(tenant!.id)).toBe(false);
+    await admin().suspendTenant({ tenantId: tenant!.id, reason: "test" });
+    now += 2000;
+    expect((await adapter.suspendedTenants()).has(tenant!.id)).toBe(false); // still cached
+    now += 1500;
+    expect((await adapter.suspendedTenants()).has(tenant!.id)).toBe(true);
+  });
+
+  it("an unreachable tenant service is UNAVAILABLE for admission, and a failure for the suspended list", async () => {
+    const adapter = new GrpcTenantAdmission({ baseUrl: "http://127.0.0.1:1", internalSecret: SECRET, callTimeoutMs: 2000 });
+    const err = await failure(adapter.admit(ulid(), ulid(), [], undefined));
+    expect(err.code).toBe(Code.Unavailable);
+    expect(errorInfoOf(err)?.reason).toBe("TENANT_SERVICE_UNAVAILABLE");
+    await expect(adapter.suspendedTenants()).rejects.toBeInstanceOf(ConnectError);
+  });
+});

@@ -1,0 +1,190 @@
+/**
+ * Run directories on the executor's host (SPEC E1): `<runsDir>/<run>/workspace` is bind-mounted
+ * at /workspace (so the repository checkout is there before the agent starts and the result
+ * file outlives the container), `<run>/control` read-only at /run/outpost (a warm container's
+ * start FIFO). Both belong to the container user. The Docker engine must see the same paths,
+ * so the executor and its engine share a filesystem (the normal one-executor-per-host layout).
+ */
+import { execFile } from "node:child_process";
+import { constants as fsConstants } from "node:fs";
+import fs from "node:fs/promises";
+import path from "node:path";
+import { promisify } from "node:util";
+import { CheckoutError, type RunFiles, type Workspaces } from "../core/ports.ts";
+import { RESULT_RELATIVE_PATH } from "../core/run.ts";
+
+const execFileAsync = promisify(execFile);
+
+export interface HostWorkspacesOptions {
+  /** Absolute directory holding one directory per run. */
+  runsDir: string;
+  /** uid:gid of the container user. */
+  uid: number;
+  gid: number;
+  /** URL schemes a repository may use; file: is left out by default (it would read the executor host's disk). */
+  repoSchemes: ReadonlySet<string>;
+  checkoutTimeoutMs: number;
+}
+
+export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces {
+  const runsDir = path.resolve(options.runsDir);
+  const isRoot = process.getuid?.() === 0;
+
+  const filesOf = (name: string): RunFiles => {
+    if (!/^[a-z0-9][a-z0-9_.-]*$/.test(name)) throw new Error(`bad run name ${name}`);
+    const root = path.join(runsDir, name);
+    return { root, workspace: path.join(root, "workspace"), control: path.join(root, "control") };
+  };
+
+  /** Hands a directory tree to the container user (only root can; otherwise leave it world-writable). */
+  const giveToContainerUser = async (dir: string, recursive: boolean) => {
+    if (isRoot) {
+      if (recursive) await execFileAsync("chown", ["-R", "--no-dereference", `${options.uid}:${options.gid}`, dir]);
+      else await fs.chown(dir, options.uid, options.gid);
+    } else {
+      await fs.chmod(dir, 0o777);
+    }
+  };
+
+  return {
+    filesOf,
+
+    async create(name) {
+      const files = filesOf(name);
+      await fs.rm(files.root, { recursive: true, force: true });
+      await fs.mkdir(files.workspace, { recursive: true, mode: 0o700 });
+      await fs.mkdir(files.control, { mode: 0o700 });
+      await giveToContainerUser(files.workspace, false);
+      await giveToContainerUser(files.control, false);
+      return files;
+    },
+
+    async checkout(files, url, ref, signal) {
+      let scheme: string;
+      try {
+        scheme = new URL(url).protocol.replace(/:$/, "");
+      } catch {
+        throw new CheckoutError(`repository url is not a URL`);
+      }
+      if (!options.repoSchemes.has(scheme)) {
+        throw new CheckoutError(`repository scheme ${scheme} is not allowed on this executor (allowed: ${[...options.repoSchemes].join(", ")})`);
+      }
+      const git = async (...args: string[]) => {
+        try {
+          const config = [
+            "-c", `protocol.file.allow=${options.repoSchemes.has("file") ? "always" : "never"}`,
+            // The workspace belongs to the container user, not to the executor running git.
+            "-c", `safe.directory=${files.workspace}`,
+          ];
+          await execFileAsync("git", [...config, ...args], {
+            cwd: files.workspace,
+            timeout: options.checkoutTimeoutMs,
+            signal,
+            // Never prompt for credentials: a private repository without them fails at once.
+            env: { ...process.env, GIT_TERMINAL_PROMPT: "0", GIT_ASKPASS: "true", LC_ALL: "C" },
+            maxBuffer: 1024 * 1024,
+          });
+        } catch (err) {
+          const stderr = String((err as { stderr?: string }).stderr ?? "").trim();
+          const lines = stderr.split("\n").map((l) => l.trim()).filter(Boolean);
+          const line = lines.find((l) => /^(fatal|error):/.test(l)) ?? lines.pop() ?? (err instanceof Error ? err.message : String(err));
+          throw new CheckoutError(line.slice(0, 500), { cause: err });
+        }
+      };
+      // The workspace is empty here; clone into it, then move to the ref (branch, tag or commit).
+      await git("clone", "--quiet", "--no-checkout", "--", url, ".");
+      if (ref) await git("checkout", "--quiet", "--detach", ref);
+      else await git("checkout", "--quiet");
+      await giveToContainerUser(files.workspace, true);
+    },
+
+    async readResult(files, maxBytes) {
+      // The agent controlled the workspace: refuse symlinks anywhere on the path, so the executor
+      // (often root) never reads a host file through the agent's link.
+      const parts = RESULT_RELATIVE_PATH.split("/");
+      let current = files.workspace;
+      for (let i = 0; i < parts.length; i++) {
+        current = path.join(current, parts[i]!);
+        let stat;
+        try {
+          stat = await fs.lstat(current);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+          throw err;
+        }
+        const last = i === parts.length - 1;
+        if (stat.isSymbolicLink()) throw new Error(`${RESULT_RELATIVE_PATH} must not be a symbolic link`);
+        if (last && !stat.isFile()) throw new Error(`${RESULT_RELATIVE_PATH} is not a regular file`);
+        if (!last && !stat.isDirectory()) return undefined;
+        if (last && stat.size > maxBytes) throw new Error(`result is ${stat.size} bytes, more than the ${maxBytes} allowed`);
+      }
+      const handle = await fs.open(current, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+      try {
+        const buffer = Buffer.alloc(maxBytes + 1);
+        const { bytesRead } = await handle.read(buffer, 0, maxBytes + 1, 0);
+        if (bytesRead > maxBytes) throw new Error(`result is more than the ${maxBytes} bytes allowed`);
+        return buffer.subarray(0, bytesRead).toString("utf8");
+      } finally {
+        await handle.close();
+      }
+    },
+
+    async recordClaim(files, claim) {
+      await fs.writeFile(path.join(files.root, "claim.json"), JSON.stringify(claim), { mode: 0o600 });
+    },
+
+    async readClaim(files) {
+      try {
+        const claim = JSON.parse(await fs.readFile(path.join(files.root, "claim.json"), "utf8")) as { dispatchId?: unknown; leaseId?: unknown };
+        return typeof claim.dispatchId === "string" && typeof claim.leaseId === "string"
+          ? { dispatchId: claim.dispatchId, leaseId: claim.leaseId }
+          : undefined;
+      } catch {
+        return undefined;
+      }
+    },
+
+    async makeStartFifo(files) {
+      const fifo = path.join(files.control, "start");
+      await execFileAsync("mkfifo", ["-m", "0600", fifo]);
+      if (isRoot) await fs.chown(fifo, options.uid, options.gid);
+      else await fs.chmod(fifo, 0o666);
+    },
+
+    async writeStartFile(files, content, timeoutMs) {
+      // The warm container blocks reading this FIFO; O_NONBLOCK makes a missing reader (a dead
+      // warm container) fail at once with ENXIO instead of hanging.
+      const fifo = path.join(files.control, "start");
+      const handle = await fs.open(fifo, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK);
+      try {
+        const data = Buffer.from(content, "utf8");
+        const deadline = Date.now() + timeoutMs;
+        let offset = 0;
+        while (offset < data.length) {
+          try {
+            const { bytesWritten } = await handle.write(data, offset);
+            offset += bytesWritten;
+          } catch (err) {
+            if ((err as NodeJS.ErrnoException).code !== "EAGAIN" || Date.now() > deadline) throw err;
+            await new Promise((r) => setTimeout(r, 5));
+          }
+        }
+      } finally {
+        await handle.close();
+      }
+    },
+
+    async remove(files) {
+      await fs.rm(files.root, { recursive: true, force: true });
+    },
+
+    async listRuns() {
+      try {
+        return (await fs.readdir(runsDir, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => e.name);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
+        throw err;
+      }
+    },
+  };
+}

@@ -1,0 +1,50 @@
+/** Executor settings, validated at start-up (fails fast naming the variable). */
+import os from "node:os";
+import { z } from "zod";
+import { loadConfig, setting } from "@outpost/platform";
+
+export const executorConfigShape = {
+  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_EXECUTOR_HOST: setting.host(),
+  OUTPOST_EXECUTOR_PORT: setting.port(7103),
+  /** Names this executor to the dispatcher and in container labels; `<hostname>-<pid>` by default. */
+  OUTPOST_EXECUTOR_ID: z.string().min(1).max(128).regex(/^[A-Za-z0-9._-]+$/, "letters, digits, '.', '_' and '-' only").optional(),
+  /** Containers run at most at once. */
+  OUTPOST_EXECUTOR_SLOTS: setting.positiveInt(2),
+  OUTPOST_DISPATCHER_URL: setting.url(),
+  OUTPOST_TELEMETRY_URL: setting.url(),
+  /** Secrets come from the tenant service (SPEC T5); without it, runs that name secrets fail. */
+  OUTPOST_TENANT_URL: setting.url().optional(),
+  /** Run directories (workspace bind mounts) live under <data dir>/executor/<executor id>/runs. */
+  OUTPOST_DATA_DIR: setting.dataDir(),
+  /** Warm containers per agent, e.g. "demo=2,claude=1" (SPEC E4). */
+  OUTPOST_WARM_POOL: z.string().default(""),
+  /** Agent images to check (and pull) ahead of work, comma-separated; images seen in leases are added. */
+  OUTPOST_EXECUTOR_IMAGES: z.string().default(""),
+  /** Try `docker pull` for missing images (failures are tolerated). */
+  OUTPOST_EXECUTOR_PULL_IMAGES: z.enum(["true", "false"]).default("true").transform((v) => v === "true"),
+  /** URL schemes a dispatch's repository may use; add "file" only where the host's disk holds nothing tenants may not read. */
+  OUTPOST_EXECUTOR_REPO_SCHEMES: z.string().default("https,http,ssh,git"),
+  /** Longest repository checkout. */
+  OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS: setting.durationMs(300_000),
+  /** Engine address (unix:// or tcp://); the local socket when unset. */
+  DOCKER_HOST: z.string().min(1).optional(),
+  OUTPOST_DOCKER_SOCKET: z.string().min(1).default("/var/run/docker.sock"),
+  /** SIGTERM-to-SIGKILL grace when a run is cancelled or times out (SPEC E2). */
+  OUTPOST_STOP_GRACE_MS: setting.durationMs(10_000),
+  /** How long SIGTERM waits for running containers to finish before the executor leaves them. */
+  OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS: setting.durationMs(30_000),
+  /** Longest wait of one AcquireLease long poll. */
+  OUTPOST_EXECUTOR_LEASE_WAIT_MS: setting.durationMs(20_000),
+  OUTPOST_LOG_LEVEL: setting.logLevel(),
+};
+
+export type ExecutorConfig = ReturnType<typeof loadExecutorConfig>;
+
+export function loadExecutorConfig(env: NodeJS.ProcessEnv = process.env) {
+  const config = loadConfig(executorConfigShape, env);
+  // The host name by default: stable across restarts, so a restarted executor finds and settles
+  // the containers it left behind (reconciliation matches on this id). Several executors on one
+  // host must each set their own id.
+  return { ...config, OUTPOST_EXECUTOR_ID: config.OUTPOST_EXECUTOR_ID ?? os.hostname() };
+}

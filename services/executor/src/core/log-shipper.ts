@@ -1,0 +1,210 @@
+/**
+ * Ships one run's output to telemetry (SPEC L1). Lines get sequence numbers as they are read;
+ * the first line goes out at once and whatever accumulates while a batch is unacknowledged
+ * goes out as the next batch, so latency stays low without a batching delay. Unacked lines stay
+ * in a bounded buffer (the producer waits for room: backpressure); when the stream fails or
+ * stalls, it reconnects with backoff and resends everything unacked; telemetry ignores
+ * duplicates. `finish` waits (bounded) until everything is acked and answers the highest
+ * acked sequence, which the terminal state report carries as `last_log_seq`.
+ */
+import type { Logger } from "@outpost/platform";
+import { Backoff } from "./backoff.ts";
+import type { LogConnection, LogLine, LogSink, OutputStream } from "./ports.ts";
+
+export interface LogShipperOptions {
+  dispatchId: string;
+  tenantId: string;
+  sink: LogSink;
+  logger: Logger;
+  /** Unacked lines kept at most before the producer has to wait. */
+  maxBuffered?: number;
+  /** Lines per request at most. */
+  maxBatch?: number;
+  /** A batch unacked for this long counts as a failed stream. */
+  ackTimeoutMs?: number;
+  backoff?: Backoff;
+  now?: () => Date;
+}
+
+export class LogShipper {
+  private readonly options: LogShipperOptions;
+  private readonly maxBuffered: number;
+  private readonly maxBatch: number;
+  private readonly ackTimeoutMs: number;
+  private readonly backoff: Backoff;
+  /** Unacked lines, in sequence order. */
+  private pending: LogLine[] = [];
+  private lastSeq = 0;
+  private ackedSeq = 0;
+  /** Highest sequence sent on the current connection. */
+  private sentSeq = 0;
+  private conn: LogConnection | undefined;
+  /** Bumped per connection, so callbacks of an old one are ignored. */
+  private generation = 0;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  private ackTimer: NodeJS.Timeout | undefined;
+  private closed = false;
+  private waiters: Array<() => void> = [];
+
+  constructor(options: LogShipperOptions) {
+    this.options = options;
+    this.maxBuffered = options.maxBuffered ?? 10_000;
+    this.maxBatch = options.maxBatch ?? 500;
+    this.ackTimeoutMs = options.ackTimeoutMs ?? 5_000;
+    this.backoff = options.backoff ?? new Backoff({ baseMs: 100, maxMs: 5_000 });
+  }
+
+  /** Highest sequence number handed out so far (0 when none). */
+  get lastSequence(): number {
+    return this.lastSeq;
+  }
+
+  get acked(): number {
+    return this.ackedSeq;
+  }
+
+  /** Whether the producer should wait (`room()`) before adding more. */
+  get full(): boolean {
+    return this.pending.length >= this.maxBuffered;
+  }
+
+  /** Adds one line and sends it as soon as the connection allows. */
+  add(stream: OutputStream, text: string): LogLine {
+    const line: LogLine = { seq: ++this.lastSeq, stream, text, time: (this.options.now ?? (() => new Date()))() };
+    this.pending.push(line);
+    this.pump();
+    return line;
+  }
+
+  /** Resolves when the buffer has room again (or the shipper closed). */
+  async room(): Promise<void> {
+    while (this.full && !this.closed) await this.nextChange();
+  }
+
+  /**
+   * Waits until every line is acked or `timeoutMs` passes, then closes the stream. Returns the
+   * highest acked sequence.
+   */
+  async finish(timeoutMs: number): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    this.pump();
+    while (this.ackedSeq < this.lastSeq && Date.now() < deadline && !this.closed) {
+      await Promise.race([this.nextChange(), new Promise((resolve) => setTimeout(resolve, Math.max(0, deadline - Date.now())).unref())]);
+    }
+    if (this.ackedSeq < this.lastSeq) {
+      this.options.logger.warn(
+        { dispatchId: this.options.dispatchId, acked: this.ackedSeq, last: this.lastSeq },
+        "log lines not acknowledged by telemetry in time",
+      );
+    }
+    this.close();
+    return this.ackedSeq;
+  }
+
+  /** Stops sending; unacked lines are dropped. */
+  close(): void {
+    this.closed = true;
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.ackTimer);
+    this.generation++;
+    const conn = this.conn;
+    this.conn = undefined;
+    conn?.close();
+    this.notify();
+  }
+
+  private pump(): void {
+    if (this.closed || this.lastSeq === this.sentSeq) return;
+    if (this.conn === undefined) {
+      if (this.reconnectTimer === undefined) this.connect();
+      return;
+    }
+    if (this.sentSeq > this.ackedSeq) return; // a batch is in flight; the rest accumulates
+    const start = this.pending.findIndex((line) => line.seq > this.sentSeq);
+    if (start < 0) return;
+    const batch = takeBatch(this.pending, start, this.maxBatch, MAX_BATCH_CHARS);
+    this.sentSeq = batch[batch.length - 1]!.seq;
+    this.armAckTimer();
+    this.conn.send(batch);
+  }
+
+  private connect(): void {
+    const generation = ++this.generation;
+    this.sentSeq = this.ackedSeq;
+    this.conn = this.options.sink.open(
+      { dispatchId: this.options.dispatchId, tenantId: this.options.tenantId },
+      {
+        onAck: (seq) => generation === this.generation && this.onAck(seq),
+        onClose: (err) => generation === this.generation && this.onClose(err),
+      },
+    );
+    this.pump();
+  }
+
+  private onAck(seq: number): void {
+    // Telemetry cannot have stored what was never sent on any connection.
+    const acked = Math.min(seq, this.sentSeq);
+    if (acked <= this.ackedSeq) return;
+    this.ackedSeq = acked;
+    this.backoff.reset();
+    let drop = 0;
+    while (drop < this.pending.length && this.pending[drop]!.seq <= acked) drop++;
+    this.pending.splice(0, drop);
+    if (this.sentSeq > this.ackedSeq) this.armAckTimer();
+    else clearTimeout(this.ackTimer);
+    this.notify();
+    this.pump();
+  }
+
+  private onClose(err: unknown): void {
+    if (this.closed) return;
+    this.generation++;
+    const conn = this.conn;
+    this.conn = undefined;
+    conn?.close();
+    clearTimeout(this.ackTimer);
+    this.sentSeq = this.ackedSeq;
+    if (this.ackedSeq === this.lastSeq && err === undefined) return; // nothing to resend
+    const delay = this.backoff.next();
+    this.options.logger.warn(
+      { dispatchId: this.options.dispatchId, err, delayMs: delay, unacked: this.lastSeq - this.ackedSeq },
+      "log stream to telemetry broke; reconnecting",
+    );
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = undefined;
+      if (!this.closed && this.lastSeq > this.ackedSeq) this.connect();
+    }, delay);
+  }
+
+  private armAckTimer(): void {
+    clearTimeout(this.ackTimer);
+    this.ackTimer = setTimeout(() => this.onClose(new Error(`no acknowledgement within ${this.ackTimeoutMs} ms`)), this.ackTimeoutMs);
+  }
+
+  private nextChange(): Promise<void> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  private notify(): void {
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const resolve of waiters) resolve();
+  }
+}
+
+/**
+ * Telemetry bounds a message (4 MiB) as well as a batch's count; lines are at most
+ * MAX_LINE_CHARS (line-splitter.ts), so a batch of at most this many characters always fits.
+ */
+const MAX_BATCH_CHARS = 512 * 1024;
+
+function takeBatch<T extends { text: string }>(pending: T[], start: number, maxCount: number, maxChars: number): T[] {
+  let chars = 0;
+  let end = start;
+  while (end < pending.length && end - start < maxCount) {
+    chars += pending[end]!.text.length;
+    if (chars > maxChars && end > start) break;
+    end++;
+  }
+  return pending.slice(start, end);
+}

@@ -1,0 +1,151 @@
+/**
+ * Start-up reconciliation (SPEC E5): an executor that crashed or was killed left containers
+ * and run directories behind. Before leasing anything it finds its containers by label and
+ * settles each run with the dispatcher, then removes them, so no run stays RUNNING forever and
+ * no container is orphaned.
+ *
+ * - A container still running: its output since the crash is lost and its log sequence cannot
+ *   be continued reliably, so it is stopped and the run reported FAILED "executor lost".
+ * - A container that already exited: settled by its real exit code (and result, checked
+ *   against the agent's schema when the dispatcher's lease list provides the agent).
+ * - A container created but never started (the crash came between create and start): its
+ *   agent did not run, so it is removed and the lease given back to be retried, like a lease
+ *   with no container at all.
+ * - A lease the dispatcher holds for this executor with no container (the crash came between
+ *   lease and start): given back as an infrastructure failure so it is retried.
+ * The dispatcher's ListExecutorLeases (contract C) is optional: without it, the labels and the
+ * run directory's claim file name the run, and a run this executor cannot settle is failed by
+ * the dispatcher's lease expiry ("executor lost").
+ */
+import type { Logger } from "@outpost/platform";
+import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { NotSupportedError, LeaseLostError, type ContainerRuntime, type LeaseClient, type RunStateReport, type Workspaces } from "./ports.ts";
+import { checkResult, MAX_RESULT_BYTES } from "./result.ts";
+import { LABEL_PREFIX } from "./run.ts";
+
+export interface ReconcileDeps {
+  executorId: string;
+  runtime: ContainerRuntime;
+  leases: LeaseClient;
+  workspaces: Workspaces;
+  logger: Logger;
+}
+
+export interface ReconcileOutcome {
+  containersRemoved: number;
+  runsSettled: number;
+  leasesReleased: number;
+}
+
+export const EXECUTOR_LOST = "executor lost: it restarted while the run was in progress";
+
+export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> {
+  const { runtime, leases, workspaces, logger } = deps;
+  const outcome: ReconcileOutcome = { containersRemoved: 0, runsSettled: 0, leasesReleased: 0 };
+  let held: Lease[] | undefined;
+  try {
+    held = await leases.listLeases(deps.executorId);
+  } catch (err) {
+    logger.warn({ err: err instanceof NotSupportedError ? err.message : err }, "leases held by this executor unknown; settling from labels only");
+  }
+  const heldById = new Map((held ?? []).map((l) => [l.dispatch?.id ?? "", l]));
+  const settled = new Set<string>();
+  const containers = await runtime.list({ [`${LABEL_PREFIX}managed`]: "true", [`${LABEL_PREFIX}executor-id`]: deps.executorId });
+  for (const container of containers) {
+    const runDir = container.labels[`${LABEL_PREFIX}run-dir`];
+    const files = runDir ? safeFilesOf(workspaces, runDir) : undefined;
+    const claim =
+      container.labels[`${LABEL_PREFIX}dispatch-id`] && container.labels[`${LABEL_PREFIX}lease-id`]
+        ? { dispatchId: container.labels[`${LABEL_PREFIX}dispatch-id`]!, leaseId: container.labels[`${LABEL_PREFIX}lease-id`]! }
+        : files
+          ? await workspaces.readClaim(files)
+          : undefined;
+    try {
+      if (claim && !container.started && (held === undefined || heldById.has(claim.dispatchId))) {
+        await runtime.remove(container.id);
+        outcome.containersRemoved++;
+        if (await giveBack(claim.dispatchId, claim.leaseId)) outcome.leasesReleased++;
+        settled.add(claim.dispatchId);
+      } else if (claim && (held === undefined || heldById.has(claim.dispatchId))) {
+        const lease = heldById.get(claim.dispatchId);
+        let report: Omit<RunStateReport, "dispatchId" | "leaseId">;
+        if (container.running) {
+          report = { state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST, lastLogSeq: 0 };
+        } else {
+          const exit = await runtime.wait(container.id);
+          if (exit.exitCode === 0 && !exit.oomKilled && files) {
+            let raw: string | undefined;
+            try {
+              raw = await workspaces.readResult(files, MAX_RESULT_BYTES);
+            } catch {
+              raw = undefined;
+            }
+            const check = checkResult(raw, lease?.agent?.outputSchema ?? "");
+            report = check.ok
+              ? { state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq: 0, ...(check.result ? { result: check.result } : {}) }
+              : { state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq: 0 };
+          } else {
+            const failureReason = exit.oomKilled ? "out of memory" : `agent exited with code ${exit.exitCode}`;
+            report = { state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason, lastLogSeq: 0 };
+          }
+        }
+        // The container goes before the report, so nothing is left running once the run is settled.
+        await runtime.remove(container.id);
+        outcome.containersRemoved++;
+        try {
+          await leases.report({ dispatchId: claim.dispatchId, leaseId: claim.leaseId, ...report });
+          outcome.runsSettled++;
+          logger.info({ dispatchId: claim.dispatchId, state: Dispatch_State[report.state], reason: report.failureReason }, "left-over run settled");
+        } catch (err) {
+          logger.warn({ dispatchId: claim.dispatchId, err: err instanceof LeaseLostError ? err.message : err }, "left-over run not settled (lease gone)");
+        }
+        settled.add(claim.dispatchId);
+      } else {
+        await runtime.remove(container.id);
+        outcome.containersRemoved++;
+        logger.info({ container: container.name }, "left-over container removed");
+      }
+    } catch (err) {
+      logger.warn({ err, container: container.name }, "left-over container not settled");
+    }
+    if (files) await workspaces.remove(files).catch(() => undefined);
+  }
+  for (const lease of held ?? []) {
+    const dispatchId = lease.dispatch?.id;
+    if (!dispatchId || settled.has(dispatchId)) continue;
+    if (await giveBack(dispatchId, lease.leaseId)) outcome.leasesReleased++;
+    else outcome.runsSettled++;
+  }
+  // Run directories whose container is gone (e.g. removed by hand while the executor was down).
+  for (const name of await workspaces.listRuns()) {
+    await workspaces.remove(workspaces.filesOf(name)).catch(() => undefined);
+  }
+  return outcome;
+
+  /**
+   * A run whose agent never started goes back to the queue (an infrastructure failure, retried);
+   * if the dispatcher cannot take it back, it fails. True when it was given back.
+   */
+  async function giveBack(dispatchId: string, leaseId: string): Promise<boolean> {
+    try {
+      await leases.release(dispatchId, leaseId, "executor restarted before the agent started", true);
+      return true;
+    } catch (err) {
+      try {
+        await leases.report({ dispatchId, leaseId, state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST, lastLogSeq: 0 });
+      } catch {
+        logger.warn({ dispatchId, err }, "run whose agent never started not settled");
+      }
+      return false;
+    }
+  }
+}
+
+function safeFilesOf(workspaces: Workspaces, name: string) {
+  try {
+    return workspaces.filesOf(name);
+  } catch {
+    return undefined;
+  }
+}

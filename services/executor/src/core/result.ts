@@ -1,0 +1,67 @@
+/**
+ * The agent's result (SPEC E3): the JSON document it wrote to the result path, validated
+ * against the agent's output schema with ajv. An empty schema accepts any JSON object and also
+ * a missing result; a schema makes the result required. The reason of a failure names what did
+ * not match (ajv's instancePath + message), so a tenant can fix the agent or the schema.
+ */
+import type { JsonObject } from "@bufbuild/protobuf";
+import { Ajv, type ValidateFunction } from "ajv";
+import addFormatsModule from "ajv-formats";
+
+// ajv-formats is CommonJS: at run time its default export is the plugin function, but its
+// typings describe a module namespace, hence the cast.
+const addFormats = addFormatsModule as unknown as (ajv: Ajv) => Ajv;
+
+export type ResultCheck = { ok: true; result?: JsonObject } | { ok: false; reason: string };
+
+/** Largest result read from the workspace (it is stored on the dispatch). */
+export const MAX_RESULT_BYTES = 1024 * 1024;
+
+const ajv = addFormats(new Ajv({ allErrors: true, strict: false }));
+/** Compiled schemas by their text: agents are few and their schemas change rarely. */
+const compiled = new Map<string, ValidateFunction>();
+
+function validatorFor(schemaText: string): ValidateFunction | string {
+  const cached = compiled.get(schemaText);
+  if (cached) return cached;
+  let schema: unknown;
+  try {
+    schema = JSON.parse(schemaText);
+  } catch (err) {
+    return `the agent's output schema is not JSON: ${err instanceof Error ? err.message : String(err)}`;
+  }
+  try {
+    const validate = ajv.compile(schema as object);
+    if (compiled.size > 256) compiled.clear();
+    compiled.set(schemaText, validate);
+    return validate;
+  } catch (err) {
+    return `the agent's output schema is invalid: ${err instanceof Error ? err.message : String(err)}`;
+  }
+}
+
+/** Checks the raw result text (undefined when the agent wrote none) against `schemaText` ("" for none). */
+export function checkResult(raw: string | undefined, schemaText: string): ResultCheck {
+  const hasSchema = schemaText.trim() !== "";
+  if (raw === undefined || raw.trim() === "") {
+    return hasSchema ? { ok: false, reason: "the agent wrote no result (its output schema requires one)" } : { ok: true };
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(raw);
+  } catch (err) {
+    return { ok: false, reason: `the result is not valid JSON: ${err instanceof Error ? err.message : String(err)}` };
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    return { ok: false, reason: "the result must be a JSON object" };
+  }
+  if (hasSchema) {
+    const validate = validatorFor(schemaText);
+    if (typeof validate === "string") return { ok: false, reason: validate };
+    if (!validate(value)) {
+      const problems = (validate.errors ?? []).slice(0, 5).map((e) => `${e.instancePath || "(root)"} ${e.message ?? "is invalid"}`);
+      return { ok: false, reason: `the result does not match the output schema: ${problems.join("; ")}` };
+    }
+  }
+  return { ok: true, result: value as JsonObject };
+}

@@ -1,0 +1,435 @@
+/**
+ * One leased dispatch from container creation to its terminal report (SPEC D3, D7, E1, E2).
+ * Attach before start so no output is lost; heartbeat at a third of the lease TTL and learn
+ * of cancellation from it; enforce the timeout with SIGTERM, grace, SIGKILL; wait (bounded)
+ * for telemetry to ack every line before reporting, so `last_log_seq` is exact; always remove
+ * the container.
+ */
+import type { JsonObject } from "@bufbuild/protobuf";
+import type { Logger } from "@outpost/platform";
+import { Dispatch_State, NetworkPolicy, type Agent } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { Backoff, sleep } from "./backoff.ts";
+import { LineSplitter } from "./line-splitter.ts";
+import { LogShipper } from "./log-shipper.ts";
+import { Redactor } from "./redactor.ts";
+import { checkResult, MAX_RESULT_BYTES, type ResultCheck } from "./result.ts";
+import type { Cancellations } from "./cancellations.ts";
+import type { WarmPool } from "./warm-pool.ts";
+import {
+  ImageNotFoundError,
+  LeaseLostError,
+  NotSupportedError,
+  SecretsError,
+  type CapacityReport,
+  type ContainerRuntime,
+  type RunFiles,
+  type SecretResolver,
+  type Workspaces,
+  type ContainerSpec,
+  type LeaseClient,
+  type LogSink,
+  type OutputFrame,
+  type OutputStream,
+  type RunStateReport,
+} from "./ports.ts";
+
+/** Where the agent finds its workspace and writes its result (the agent contract, README). */
+export const WORKSPACE_DIR = "/workspace";
+export const RESULT_RELATIVE_PATH = ".outpost/result.json";
+export const RESULT_PATH = `${WORKSPACE_DIR}/${RESULT_RELATIVE_PATH}`;
+/** Where a warm container sees its control directory (the start FIFO). */
+export const CONTROL_DIR = "/run/outpost";
+export const LABEL_PREFIX = "dev.outpost.";
+export const CONTAINER_UID = 65534;
+export const CONTAINER_GID = 65534;
+
+export const DEFAULT_RESOURCES = { pidsLimit: 256, memoryBytes: 512 * 1024 * 1024, cpuMillis: 1000 };
+
+export interface RunDeps {
+  executorId: string;
+  runtime: ContainerRuntime;
+  leases: LeaseClient;
+  logs: LogSink;
+  workspaces: Workspaces;
+  /** Absent when no tenant service is configured: runs that name secrets then fail. */
+  secrets?: SecretResolver;
+  /** Pre-created containers a run can take instead of creating one (SPEC E4). */
+  warmPool?: WarmPool;
+  logger: Logger;
+  /** Between SIGTERM and SIGKILL when a run is stopped. */
+  stopGraceMs: number;
+  /** How long to wait for telemetry to ack the last lines before reporting. */
+  logAckWaitMs?: number;
+  /** Heartbeat period when the lease carries no expiry. */
+  defaultHeartbeatMs?: number;
+  /** Try `docker pull` when the image is missing (a registry may be reachable). */
+  pullImages?: boolean;
+  /** What the executor reports about itself with each heartbeat. */
+  capacity?: () => CapacityReport;
+  /** Cancellations streamed by the dispatcher (faster than heartbeats). */
+  cancellations?: Cancellations;
+}
+
+/** Why the executor stopped a container, if it did. */
+type StopCause = { kind: "cancelled" } | { kind: "timed-out"; timeoutMs: number } | { kind: "lease-lost" };
+
+/** The container's name for a run (also its run directory's name). */
+export function runNameFor(lease: Lease): string {
+  return `outpost-${lease.dispatch!.id.toLowerCase()}-${lease.leaseId.slice(-8).toLowerCase()}`;
+}
+
+/** The contract's environment for a run (README "Agent contract"); secrets are added by the caller. */
+export function runEnvFor(lease: Lease): Record<string, string> {
+  const dispatch = lease.dispatch!;
+  const agent = lease.agent!;
+  return {
+    ...dispatch.env,
+    OUTPOST_TASK: dispatch.task,
+    OUTPOST_MODEL: dispatch.model,
+    OUTPOST_DISPATCH_ID: dispatch.id,
+    OUTPOST_AGENT: agent.name || dispatch.agent,
+    OUTPOST_WORKSPACE: WORKSPACE_DIR,
+    OUTPOST_RESULT_PATH: RESULT_PATH,
+    ...(dispatch.repo?.url ? { OUTPOST_REPO_URL: dispatch.repo.url, OUTPOST_REPO_REF: dispatch.repo.ref } : {}),
+    ...(lease.traceparent ? { TRACEPARENT: lease.traceparent } : {}),
+  };
+}
+
+/** Image, command, limits and network of an agent: what a warm container must match to serve a run. */
+export function agentShapeOf(agent: Agent): Omit<ContainerSpec, "name" | "env" | "labels" | "binds"> {
+  const resources = agent.resources;
+  const positive = (value: bigint | undefined, fallback: number) => (value !== undefined && value > 0n ? Number(value) : fallback);
+  return {
+    image: agent.image,
+    command: [...agent.command],
+    platform: "linux/arm64",
+    user: `${CONTAINER_UID}:${CONTAINER_GID}`,
+    readonlyRootfs: true,
+    tmpfs: { "/tmp": "rw,size=64m" },
+    capDrop: ["ALL"],
+    securityOpt: ["no-new-privileges"],
+    pidsLimit: positive(resources?.pidsLimit, DEFAULT_RESOURCES.pidsLimit),
+    memoryBytes: positive(resources?.memoryBytes, DEFAULT_RESOURCES.memoryBytes),
+    nanoCpus: positive(resources?.cpuMillis, DEFAULT_RESOURCES.cpuMillis) * 1_000_000,
+    networkMode: agent.networkPolicy === NetworkPolicy.EGRESS ? "bridge" : "none",
+  };
+}
+
+/** The host directory mounts of a run: its workspace, and its control directory read-only. */
+export function bindsFor(files: RunFiles): string[] {
+  return [`${files.workspace}:${WORKSPACE_DIR}`, `${files.control}:${CONTROL_DIR}:ro`];
+}
+
+/** The container spec for a lease: image and command of the agent, the contract's env, lock-down. */
+export function containerSpecFor(lease: Lease, executorId: string, files?: RunFiles, extraEnv: Record<string, string> = {}): ContainerSpec {
+  const dispatch = lease.dispatch!;
+  const name = runNameFor(lease);
+  return {
+    ...agentShapeOf(lease.agent!),
+    name,
+    env: { ...runEnvFor(lease), ...extraEnv },
+    labels: {
+      [`${LABEL_PREFIX}managed`]: "true",
+      [`${LABEL_PREFIX}dispatch-id`]: dispatch.id,
+      [`${LABEL_PREFIX}tenant-id`]: dispatch.tenantId,
+      [`${LABEL_PREFIX}executor-id`]: executorId,
+      [`${LABEL_PREFIX}lease-id`]: lease.leaseId,
+      ...(files ? { [`${LABEL_PREFIX}run-dir`]: name } : {}),
+    },
+    binds: files ? bindsFor(files) : [],
+  };
+}
+
+/** What a restarted executor needs to settle a run it finds on disk (reconcile.ts). */
+export interface RunClaim {
+  dispatchId: string;
+  leaseId: string;
+}
+
+/** Runs one lease to the end. Never throws: every failure becomes a report (or a log line). */
+export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
+  const dispatch = lease.dispatch;
+  if (!dispatch || !lease.agent) {
+    deps.logger.error({ leaseId: lease.leaseId }, "lease without dispatch or agent; ignored");
+    return;
+  }
+  const logger = deps.logger.child({ dispatchId: dispatch.id, leaseId: lease.leaseId });
+  const report = (r: Omit<RunStateReport, "dispatchId" | "leaseId">) =>
+    reportWithRetry(deps.leases, { dispatchId: dispatch.id, leaseId: lease.leaseId, ...r }, logger);
+  /** The agent never started: an infrastructure problem goes back to the queue, others fail the run. */
+  const giveBack = async (reason: string, infrastructureFailure: boolean) => {
+    if (infrastructureFailure) {
+      try {
+        await deps.leases.release(dispatch.id, lease.leaseId, reason, true);
+        logger.warn({ reason }, "lease released for a retry (infrastructure failure)");
+        return;
+      } catch (err) {
+        if (!(err instanceof NotSupportedError)) logger.warn({ err }, "releasing the lease failed; failing the run instead");
+      }
+    }
+    await report({ state: Dispatch_State.FAILED, failureReason: reason, lastLogSeq: 0 });
+  };
+
+  // Secrets first: nothing is created for a run whose secrets cannot be had.
+  let secretEnv: Record<string, string> = {};
+  if (dispatch.secretNames.length > 0) {
+    if (!deps.secrets) {
+      await giveBack("secrets requested but this executor has no tenant service configured (OUTPOST_TENANT_URL)", true);
+      return;
+    }
+    try {
+      secretEnv = await deps.secrets.resolve(dispatch.tenantId, [...dispatch.secretNames]);
+    } catch (err) {
+      const transient = err instanceof SecretsError ? err.transient : true;
+      logger.warn({ transient, error: messageOf(err) }, "secrets not resolved");
+      await giveBack(messageOf(err), transient);
+      return;
+    }
+  }
+  const redactor = new Redactor(secretEnv);
+
+  const warm = deps.warmPool?.claim(lease);
+  let files: RunFiles;
+  try {
+    files = warm ? warm.files : await deps.workspaces.create(runNameFor(lease));
+    await deps.workspaces.recordClaim(files, { dispatchId: dispatch.id, leaseId: lease.leaseId });
+  } catch (err) {
+    if (warm) await deps.runtime.remove(warm.id).catch(() => undefined);
+    await giveBack(`run directory could not be created: ${messageOf(err)}`, true);
+    return;
+  }
+  let containerId = warm?.id ?? "";
+  const cleanUp = async () => {
+    if (containerId) await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
+    containerId = "";
+    await deps.workspaces.remove(files).catch((err: unknown) => logger.warn({ err }, "run directory not removed"));
+  };
+
+  if (dispatch.repo?.url) {
+    try {
+      await deps.workspaces.checkout(files, dispatch.repo.url, dispatch.repo.ref);
+      logger.info({ ref: dispatch.repo.ref }, "repository checked out");
+    } catch (err) {
+      await cleanUp();
+      const reason = `repository checkout failed: ${messageOf(err)}`;
+      logger.warn({ reason }, "checkout failed");
+      await report({ state: Dispatch_State.FAILED, failureReason: reason, lastLogSeq: 0 });
+      return;
+    }
+  }
+
+  const spec = containerSpecFor(lease, deps.executorId, files, secretEnv);
+  if (!warm) {
+    try {
+      containerId = await createWithPull(deps, spec, logger);
+    } catch (err) {
+      await cleanUp();
+      const missing = err instanceof ImageNotFoundError;
+      const reason = missing ? err.message : `container could not be created: ${messageOf(err)}`;
+      logger.warn({ err: missing ? undefined : err, image: spec.image }, "create failed");
+      // Another executor may have the image, and an engine error may pass: both are retried elsewhere/later.
+      await giveBack(reason, true);
+      return;
+    }
+  } else {
+    await deps.runtime.rename(containerId, spec.name).catch((err: unknown) => logger.debug({ err }, "warm container keeps its name"));
+  }
+  const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, sink: deps.logs, logger });
+  let pumping: Promise<void> | undefined;
+  const timers: NodeJS.Timeout[] = [];
+  let heartbeatTimer: NodeJS.Timeout | undefined;
+  let stopCause: StopCause | undefined;
+  let stopping: Promise<void> | undefined;
+  /** Set once the container has exited: late heartbeat answers must not act any more. */
+  let exited = false;
+  let unregisterCancel: (() => void) | undefined;
+  const stop = (cause: StopCause) => {
+    if (stopCause || exited) return;
+    stopCause = cause;
+    logger.info({ cause: cause.kind }, "stopping container");
+    stopping = deps.runtime.stop(containerId, deps.stopGraceMs).catch((err: unknown) => logger.warn({ err }, "stop failed"));
+  };
+  try {
+    try {
+      const output = await deps.runtime.attach(containerId);
+      pumping = pumpOutput(output, shipper, redactor, logger);
+      if (warm) await deps.workspaces.writeStartFile(files, startScript(spec.env), 5000);
+      else await deps.runtime.start(containerId);
+    } catch (err) {
+      const reason = err instanceof ImageNotFoundError ? err.message : `container could not be started: ${messageOf(err)}`;
+      logger.warn({ err, warm: Boolean(warm) }, "start failed");
+      await cleanUp();
+      await shipper.finish(1000);
+      await giveBack(reason, true);
+      return;
+    }
+    logger.info({ containerId, image: spec.image, warm: Boolean(warm) }, "container started");
+
+    unregisterCancel = deps.cancellations?.register(dispatch.id, lease.leaseId, () => stop({ kind: "cancelled" }));
+    const timeoutMs = durationMs(dispatch.timeout);
+    if (timeoutMs > 0) timers.push(setTimeout(() => stop({ kind: "timed-out", timeoutMs }), timeoutMs));
+    const heartbeat = (expireTime: Date | undefined) => {
+      if (exited) return;
+      const ttl = expireTime ? expireTime.getTime() - Date.now() : (deps.defaultHeartbeatMs ?? 10_000) * 3;
+      heartbeatTimer = setTimeout(() => {
+        deps.leases.heartbeat(dispatch.id, lease.leaseId, deps.capacity?.()).then(
+          (answer) => {
+            if (answer.cancelRequested) stop({ kind: "cancelled" });
+            if (!stopCause || stopCause.kind !== "lease-lost") heartbeat(answer.expireTime);
+          },
+          (err: unknown) => {
+            if (err instanceof LeaseLostError) {
+              logger.warn({ err }, "lease lost; stopping without reporting");
+              stop({ kind: "lease-lost" });
+              return;
+            }
+            logger.warn({ err }, "heartbeat failed; retrying");
+            heartbeat(expireTime);
+          },
+        );
+      }, Math.max(200, Math.min(ttl / 3, 60_000)));
+    };
+    heartbeat(lease.expireTime ? new Date(Number(lease.expireTime.seconds) * 1000 + lease.expireTime.nanos / 1e6) : undefined);
+
+    try {
+      await deps.leases.report({ dispatchId: dispatch.id, leaseId: lease.leaseId, state: Dispatch_State.RUNNING, lastLogSeq: 0 });
+    } catch (err) {
+      if (err instanceof LeaseLostError) stop({ kind: "lease-lost" });
+      else logger.warn({ err }, "reporting RUNNING failed; the run goes on");
+    }
+
+    const exit = await deps.runtime.wait(containerId);
+    exited = true;
+    clearTimeout(heartbeatTimer);
+    for (const timer of timers) clearTimeout(timer);
+    await stopping;
+    // The output stream ends when the container exits; bounded in case the engine keeps it open.
+    const pumpWait = new AbortController();
+    await Promise.race([pumping, sleep(5000, pumpWait.signal)]);
+    pumpWait.abort();
+    const lastLogSeq = await shipper.finish(deps.logAckWaitMs ?? 10_000);
+    await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
+    containerId = "";
+    logger.info({ exitCode: exit.exitCode, oomKilled: exit.oomKilled, stopCause: stopCause?.kind, lastLogSeq }, "container exited");
+
+    const cause = stopCause as StopCause | undefined;
+    if (cause?.kind === "lease-lost") return;
+    if (cause?.kind === "cancelled") {
+      await report({ state: Dispatch_State.CANCELLED, exitCode: exit.exitCode, failureReason: "cancelled", lastLogSeq });
+    } else if (cause?.kind === "timed-out") {
+      const failureReason = `timed out after ${formatSeconds(cause.timeoutMs)}s`;
+      await report({ state: Dispatch_State.TIMED_OUT, exitCode: exit.exitCode, failureReason, lastLogSeq });
+    } else if (exit.exitCode === 0 && !exit.oomKilled) {
+      // The result file outlives the container in the bind-mounted workspace.
+      let check: ResultCheck;
+      try {
+        check = checkResult(await deps.workspaces.readResult(files, MAX_RESULT_BYTES), lease.agent.outputSchema);
+      } catch (err) {
+        check = { ok: false, reason: `the result could not be read: ${messageOf(err)}` };
+      }
+      if (check.ok) {
+        await report({ state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq, ...(check.result ? { result: redactResult(check.result, redactor) } : {}) });
+      } else {
+        await report({ state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq });
+      }
+    } else {
+      const failureReason = exit.oomKilled ? "out of memory" : `agent exited with code ${exit.exitCode}`;
+      await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason, lastLogSeq });
+    }
+  } catch (err) {
+    // The engine failed us mid-run (e.g. wait broke): settle the run rather than leave it RUNNING.
+    logger.error({ err }, "run failed in the executor");
+    exited = true;
+    clearTimeout(heartbeatTimer);
+    for (const timer of timers) clearTimeout(timer);
+    const lastLogSeq = await shipper.finish(2000);
+    if (stopCause?.kind !== "lease-lost") {
+      await report({ state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}`, lastLogSeq });
+    }
+  } finally {
+    unregisterCancel?.();
+    shipper.close();
+    await cleanUp();
+  }
+}
+
+/** Creates the container; a missing image is pulled once (where a registry is reachable) and the create retried. */
+async function createWithPull(deps: RunDeps, spec: ContainerSpec, logger: Logger): Promise<string> {
+  try {
+    return await deps.runtime.create(spec);
+  } catch (err) {
+    if (!(err instanceof ImageNotFoundError) || !deps.pullImages) throw err;
+    try {
+      await deps.runtime.pull(spec.image);
+    } catch (pullErr) {
+      logger.warn({ image: spec.image, error: messageOf(pullErr) }, "image pull failed");
+      throw err;
+    }
+    return await deps.runtime.create(spec);
+  }
+}
+
+/**
+ * The shell script a warm container sources from its start FIFO: the run's environment as
+ * exports. Values are single-quoted (no expansion); names that are not shell names are skipped.
+ */
+export function startScript(env: Record<string, string>): string {
+  const lines = Object.entries(env)
+    .filter(([name]) => /^[A-Za-z_][A-Za-z0-9_]*$/.test(name))
+    .map(([name, value]) => `export ${name}='${value.replaceAll("'", `'\\''`)}'`);
+  return lines.join("\n") + "\n";
+}
+
+/** Secret values never leave in the result either. */
+function redactResult(result: JsonObject, redactor: Redactor): JsonObject {
+  if (redactor.empty) return result;
+  return JSON.parse(JSON.stringify(result, (_key, value: unknown) => (typeof value === "string" ? redactor.redact(value) : value))) as JsonObject;
+}
+
+/** Reads frames, splits lines per stream, ships them; flushes unterminated tails at the end. */
+async function pumpOutput(output: AsyncIterable<OutputFrame>, shipper: LogShipper, redactor: Redactor, logger: Logger): Promise<void> {
+  const options = redactor.empty ? {} : { transform: (text: string) => redactor.redact(text), holdBack: redactor.maxValueLength - 1 };
+  const splitters: Record<OutputStream, LineSplitter> = { stdout: new LineSplitter(options), stderr: new LineSplitter(options) };
+  try {
+    for await (const frame of output) {
+      for (const line of splitters[frame.stream].push(frame.data)) shipper.add(frame.stream, line);
+      if (shipper.full) await shipper.room();
+    }
+  } catch (err) {
+    logger.warn({ err }, "output stream broke");
+  }
+  for (const stream of ["stdout", "stderr"] as const) {
+    for (const line of splitters[stream].flush()) shipper.add(stream, line);
+  }
+}
+
+/** Reports with retries on transient failures; a lost lease ends it (someone else owns the run). */
+async function reportWithRetry(leases: LeaseClient, report: RunStateReport, logger: Logger): Promise<void> {
+  const backoff = new Backoff({ baseMs: 200, maxMs: 5000 });
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await leases.report(report);
+      logger.info({ state: Dispatch_State[report.state], exitCode: report.exitCode, lastLogSeq: report.lastLogSeq }, "run state reported");
+      return;
+    } catch (err) {
+      if (err instanceof LeaseLostError || attempt >= 6) {
+        logger.warn({ err, state: Dispatch_State[report.state] }, "run state not reported");
+        return;
+      }
+      await sleep(backoff.next());
+    }
+  }
+}
+
+function durationMs(duration: { seconds: bigint; nanos: number } | undefined): number {
+  return duration ? Number(duration.seconds) * 1000 + Math.floor(duration.nanos / 1e6) : 0;
+}
+
+function formatSeconds(ms: number): string {
+  return ms % 1000 === 0 ? String(ms / 1000) : (ms / 1000).toFixed(1);
+}
+
+function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,0 +1,82 @@
+/**
+ * Wires the executor: Docker runtime, host run directories, dispatcher lease client, telemetry
+ * log sink, tenant secrets, the warm pool, the work loop, and a health-only server whose
+ * readiness is the engine's ping.
+ */
+import path from "node:path";
+import { gauge, startServer, type Logger } from "@outpost/platform";
+import { createDockerRuntime } from "./adapters/docker-runtime.ts";
+import { createHostWorkspaces } from "./adapters/host-workspaces.ts";
+import { createLeaseClient } from "./adapters/lease-client.ts";
+import { createSecretResolver } from "./adapters/secret-resolver.ts";
+import { createTelemetryLogSink } from "./adapters/telemetry-log-sink.ts";
+import type { ExecutorConfig } from "./config.ts";
+import { Executor } from "./core/executor.ts";
+import { CONTAINER_GID, CONTAINER_UID } from "./core/run.ts";
+import { parseWarmPool, WarmPool } from "./core/warm-pool.ts";
+import { executorRoutes } from "./routes.ts";
+
+const list = (text: string) => text.split(",").map((s) => s.trim()).filter(Boolean);
+
+export async function startExecutor(config: ExecutorConfig, logger: Logger) {
+  const executorId = config.OUTPOST_EXECUTOR_ID;
+  const runtime = createDockerRuntime({ dockerHost: config.DOCKER_HOST, socketPath: config.OUTPOST_DOCKER_SOCKET });
+  // Per executor id, so executors sharing a data directory never touch each other's runs.
+  const workspaces = createHostWorkspaces({
+    runsDir: path.resolve(config.OUTPOST_DATA_DIR, "executor", executorId, "runs"),
+    uid: CONTAINER_UID,
+    gid: CONTAINER_GID,
+    repoSchemes: new Set(list(config.OUTPOST_EXECUTOR_REPO_SCHEMES)),
+    checkoutTimeoutMs: config.OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS,
+  });
+  const warmTargets = parseWarmPool(config.OUTPOST_WARM_POOL);
+  const warmPool = warmTargets.size > 0 ? new WarmPool({ targets: warmTargets, runtime, workspaces, executorId, logger }) : undefined;
+  const executor = new Executor({
+    executorId,
+    slots: config.OUTPOST_EXECUTOR_SLOTS,
+    runtime,
+    workspaces,
+    warmPool,
+    leases: createLeaseClient({
+      dispatcherUrl: config.OUTPOST_DISPATCHER_URL,
+      internalSecret: config.OUTPOST_INTERNAL_SECRET,
+      executorId,
+    }),
+    logs: createTelemetryLogSink({
+      telemetryUrl: config.OUTPOST_TELEMETRY_URL,
+      internalSecret: config.OUTPOST_INTERNAL_SECRET,
+      executorId,
+    }),
+    secrets: config.OUTPOST_TENANT_URL
+      ? createSecretResolver({ tenantUrl: config.OUTPOST_TENANT_URL, internalSecret: config.OUTPOST_INTERNAL_SECRET, executorId })
+      : undefined,
+    logger,
+    stopGraceMs: config.OUTPOST_STOP_GRACE_MS,
+    leaseWaitMs: config.OUTPOST_EXECUTOR_LEASE_WAIT_MS,
+    images: list(config.OUTPOST_EXECUTOR_IMAGES),
+    pullImages: config.OUTPOST_EXECUTOR_PULL_IMAGES,
+  });
+  // Read at scrape time (SPEC L4): running containers, free slots, warm containers.
+  gauge("outpost_executor_running_containers", "Runs (containers) in progress on this executor.", [], (g) => g.set(executor.busySlots));
+  gauge("outpost_executor_slots", "Run slots of this executor.", [], (g) => g.set(executor.capacity().slotsTotal));
+  gauge("outpost_executor_warm_containers", "Pre-created containers waiting for a run.", [], (g) => g.set(executor.capacity().warmContainers));
+  const server = await startServer({
+    name: "executor",
+    host: config.OUTPOST_EXECUTOR_HOST,
+    port: config.OUTPOST_EXECUTOR_PORT,
+    logger,
+    routes: executorRoutes(),
+    internalSecret: config.OUTPOST_INTERNAL_SECRET,
+    readiness: () => executor.notReadyReason(),
+  });
+  void executor.start();
+  logger.info({ executorId, slots: config.OUTPOST_EXECUTOR_SLOTS, warmPool: Object.fromEntries(warmTargets) }, "executor leasing work");
+  return {
+    url: server.url,
+    port: server.port,
+    async close() {
+      await executor.shutdown(config.OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS);
+      await server.close();
+    },
+  };
+}

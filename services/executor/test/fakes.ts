@@ -1,0 +1,229 @@
+/** Fakes of the executor core's ports, for unit tests without Docker or a network. */
+import { pino } from "pino";
+import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import type {
+  ContainerSummary,
+  RunFiles,
+  Workspaces,
+  ContainerExit,
+  ContainerRuntime,
+  ContainerSpec,
+  HeartbeatAnswer,
+  LeaseClient,
+  LogConnection,
+  LogConnectionHandlers,
+  LogLine,
+  LogSink,
+  OutputFrame,
+  RunStateReport,
+} from "../src/core/ports.ts";
+import { ImageNotFoundError, NotSupportedError } from "../src/core/ports.ts";
+import { PushQueue } from "../src/adapters/push-queue.ts";
+
+export const silentLogger = pino({ level: "silent" });
+
+/** A log sink whose connections the test drives: it sees every batch and acks by hand. */
+export class FakeSink implements LogSink {
+  readonly connections: FakeConnection[] = [];
+  /** Ack every batch at once. */
+  autoAck = false;
+
+  open(_run: { dispatchId: string; tenantId: string }, handlers: LogConnectionHandlers): LogConnection {
+    const conn = new FakeConnection(handlers, this);
+    this.connections.push(conn);
+    return conn;
+  }
+
+  get last(): FakeConnection {
+    return this.connections[this.connections.length - 1]!;
+  }
+
+  /** Every line sent on any connection, in order of sending. */
+  get allSent(): LogLine[] {
+    return this.connections.flatMap((c) => c.batches.flat());
+  }
+}
+
+export class FakeConnection implements LogConnection {
+  readonly batches: LogLine[][] = [];
+  closed = false;
+  readonly handlers: LogConnectionHandlers;
+  private readonly sink: FakeSink;
+
+  constructor(handlers: LogConnectionHandlers, sink: FakeSink) {
+    this.handlers = handlers;
+    this.sink = sink;
+  }
+
+  send(lines: LogLine[]): void {
+    this.batches.push(lines);
+    if (this.sink.autoAck) queueMicrotask(() => this.handlers.onAck(lines[lines.length - 1]!.seq));
+  }
+
+  close(): void {
+    this.closed = true;
+  }
+
+  ack(seq: number): void {
+    this.handlers.onAck(seq);
+  }
+
+  fail(err = new Error("stream broke")): void {
+    this.handlers.onClose(err);
+  }
+}
+
+/** A container that writes the given frames, then exits with `exitCode` (or when stopped). */
+export class FakeRuntime implements ContainerRuntime {
+  pingError: Error | undefined;
+  imageMissing = false;
+  frames: OutputFrame[] = [];
+  exitCode = 0;
+  oomKilled = false;
+  /** Keeps running until stopped. */
+  runForever = false;
+  readonly created: ContainerSpec[] = [];
+  readonly events: string[] = [];
+  private output = new PushQueue<OutputFrame>();
+  private exited!: (exit: ContainerExit) => void;
+  private readonly exit = new Promise<ContainerExit>((resolve) => (this.exited = resolve));
+
+  async ping() {
+    if (this.pingError) throw this.pingError;
+  }
+  async create(spec: ContainerSpec) {
+    if (this.imageMissing) throw new ImageNotFoundError(spec.image);
+    this.created.push(spec);
+    this.events.push("create");
+    return "c1";
+  }
+  async attach() {
+    this.events.push("attach");
+    return this.output;
+  }
+  async start() {
+    this.events.push("start");
+    setTimeout(() => {
+      for (const frame of this.frames) this.output.push(frame);
+      if (!this.runForever) this.finish(this.exitCode);
+    }, 5);
+  }
+  wait() {
+    return this.exit;
+  }
+  async stop(_id: string, graceMs: number) {
+    this.events.push(`stop:${graceMs}`);
+    this.finish(143);
+  }
+  async remove() {
+    this.events.push("remove");
+  }
+  async list(): Promise<ContainerSummary[]> {
+    return [];
+  }
+  presentImages = new Set<string>(["outpost/demo-agent:latest"]);
+  pullable = new Set<string>();
+  async imagePresent(image: string) {
+    return this.presentImages.has(image);
+  }
+  async pull(image: string) {
+    this.events.push(`pull:${image}`);
+    if (!this.pullable.has(image)) throw new Error("registry unreachable");
+    this.presentImages.add(image);
+    this.imageMissing = false;
+  }
+  async defaultCommand() {
+    return ["/bin/sh", "/agent/run.sh"];
+  }
+  async rename(_id: string, name: string) {
+    this.events.push(`rename:${name}`);
+  }
+  private finish(exitCode: number) {
+    this.output.end();
+    this.exited({ exitCode, oomKilled: this.oomKilled });
+  }
+}
+
+export class FakeLeases implements LeaseClient {
+  readonly reports: RunStateReport[] = [];
+  heartbeats = 0;
+  heartbeatAnswer: () => HeartbeatAnswer | Promise<HeartbeatAnswer> = () => ({
+    expireTime: new Date(Date.now() + 600),
+    cancelRequested: false,
+  });
+  acquired = 0;
+
+  async acquire(): Promise<Lease | undefined> {
+    this.acquired++;
+    return undefined;
+  }
+  async heartbeat(): Promise<HeartbeatAnswer> {
+    this.heartbeats++;
+    return this.heartbeatAnswer();
+  }
+  async report(report: RunStateReport) {
+    this.reports.push(report);
+  }
+  readonly released: Array<{ dispatchId: string; reason: string; infrastructureFailure: boolean }> = [];
+  /** Answers like a dispatcher without contract C when false. */
+  supportsRelease = true;
+  held: Lease[] | undefined = [];
+  async release(dispatchId: string, _leaseId: string, reason: string, infrastructureFailure: boolean) {
+    if (!this.supportsRelease) throw new NotSupportedError("no ReleaseLease");
+    this.released.push({ dispatchId, reason, infrastructureFailure });
+  }
+  async *watchCancellations(): AsyncIterable<{ dispatchId: string; leaseId: string }> {
+    yield* [];
+    throw new NotSupportedError("no WatchCancellations");
+  }
+  async listLeases(): Promise<Lease[]> {
+    if (!this.held) throw new NotSupportedError("no ListExecutorLeases");
+    return this.held;
+  }
+}
+
+/** Run directories in memory: the test sets the result the "agent" wrote. */
+export class FakeWorkspaces implements Workspaces {
+  result: string | undefined;
+  readonly created: string[] = [];
+  readonly removed: string[] = [];
+  readonly checkouts: Array<{ url: string; ref: string }> = [];
+  checkoutError: Error | undefined;
+  readonly startFiles: string[] = [];
+  filesOf(name: string): RunFiles {
+    return { root: `/runs/${name}`, workspace: `/runs/${name}/workspace`, control: `/runs/${name}/control` };
+  }
+  async create(name: string) {
+    this.created.push(name);
+    return this.filesOf(name);
+  }
+  async checkout(_files: RunFiles, url: string, ref: string) {
+    if (this.checkoutError) throw this.checkoutError;
+    this.checkouts.push({ url, ref });
+  }
+  async readResult() {
+    return this.result;
+  }
+  async recordClaim() {}
+  async readClaim() {
+    return undefined;
+  }
+  async makeStartFifo() {}
+  async writeStartFile(_files: RunFiles, content: string) {
+    this.startFiles.push(content);
+  }
+  async remove(files: RunFiles) {
+    this.removed.push(files.root);
+  }
+  async listRuns() {
+    return [];
+  }
+}
+
+export function stdout(text: string): OutputFrame {
+  return { stream: "stdout", data: Buffer.from(text) };
+}
+
+export function stderr(text: string): OutputFrame {
+  return { stream: "stderr", data: Buffer.from(text) };
+}

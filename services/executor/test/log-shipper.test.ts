@@ -1,0 +1,132 @@
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { Backoff } from "../src/core/backoff.ts";
+import { LogShipper } from "../src/core/log-shipper.ts";
+import { FakeSink, silentLogger } from "./fakes.ts";
+
+function shipper(sink: FakeSink, extra: Partial<ConstructorParameters<typeof LogShipper>[0]> = {}) {
+  return new LogShipper({
+    dispatchId: "D1",
+    tenantId: "T1",
+    sink,
+    logger: silentLogger,
+    backoff: new Backoff({ baseMs: 10, maxMs: 10, random: () => 0.5 }),
+    ...extra,
+  });
+}
+
+describe("LogShipper", () => {
+  afterEach(() => vi.useRealTimers());
+
+  it("sends the first line at once and batches what accumulates while it is unacked", () => {
+    const sink = new FakeSink();
+    const s = shipper(sink);
+    s.add("stdout", "first");
+    expect(sink.connections).toHaveLength(1);
+    expect(sink.last.batches).toEqual([[expect.objectContaining({ seq: 1, text: "first", stream: "stdout" })]]);
+    s.add("stdout", "second");
+    s.add("stderr", "third");
+    expect(sink.last.batches).toHaveLength(1); // in flight: nothing more sent yet
+    sink.last.ack(1);
+    expect(sink.last.batches).toHaveLength(2);
+    expect(sink.last.batches[1]!.map((l) => [l.seq, l.stream, l.text])).toEqual([
+      [2, "stdout", "second"],
+      [3, "stderr", "third"],
+    ]);
+    s.close();
+  });
+
+  it("caps a batch by size so it fits telemetry's message limit", () => {
+    const sink = new FakeSink();
+    const s = shipper(sink);
+    s.add("stdout", "first");
+    const big = "z".repeat(16 * 1024);
+    for (let i = 0; i < 100; i++) s.add("stdout", big); // 1.6 M characters waiting
+    sink.last.ack(1);
+    const batch = sink.last.batches[1]!;
+    expect(batch.length).toBeGreaterThan(1);
+    expect(batch.length).toBeLessThan(100);
+    expect(batch.reduce((n, l) => n + l.text.length, 0)).toBeLessThanOrEqual(512 * 1024);
+    s.close();
+  });
+
+  it("resends unacked lines on a new connection after a failure, and finish returns the acked seq", async () => {
+    const sink = new FakeSink();
+    const s = shipper(sink);
+    s.add("stdout", "a");
+    sink.last.ack(1);
+    s.add("stdout", "b");
+    s.add("stdout", "c");
+    sink.last.ack(2); // b acked, c in the next batch
+    expect(sink.last.batches.map((b) => b.map((l) => l.seq))).toEqual([[1], [2], [3]]);
+    sink.last.fail();
+    s.add("stdout", "d");
+    expect(sink.connections).toHaveLength(1); // reconnect waits for the backoff
+    await vi.waitFor(() => expect(sink.connections).toHaveLength(2));
+    expect(sink.last.batches.map((b) => b.map((l) => l.seq))).toEqual([[3, 4]]);
+    // acks of the dead connection are ignored
+    sink.connections[0]!.ack(4);
+    expect(s.acked).toBe(2);
+    const done = s.finish(1000);
+    sink.last.ack(4);
+    expect(await done).toBe(4);
+    expect(sink.last.closed).toBe(true);
+  });
+
+  it("treats a stalled stream as failed and resends", async () => {
+    const sink = new FakeSink();
+    const s = shipper(sink, { ackTimeoutMs: 30 });
+    s.add("stdout", "x");
+    await vi.waitFor(() => expect(sink.connections.length).toBeGreaterThanOrEqual(2));
+    expect(sink.connections[0]!.closed).toBe(true);
+    expect(sink.last.batches[0]!.map((l) => l.seq)).toEqual([1]);
+    s.close();
+  });
+
+  it("finish gives up after its bound and answers what was acked", async () => {
+    const sink = new FakeSink();
+    const s = shipper(sink);
+    s.add("stdout", "1");
+    s.add("stdout", "2");
+    sink.last.ack(1);
+    const started = Date.now();
+    expect(await s.finish(100)).toBe(1);
+    expect(Date.now() - started).toBeLessThan(1000);
+  });
+
+  it("never claims more than was sent, and answers 0 when nothing was written", async () => {
+    const sink = new FakeSink();
+    const s = shipper(sink);
+    s.add("stdout", "1");
+    sink.last.ack(99);
+    expect(s.acked).toBe(1);
+    expect(await shipper(new FakeSink()).finish(10)).toBe(0);
+    s.close();
+  });
+
+  it("bounds the buffer: the producer waits for room until acks arrive", async () => {
+    const sink = new FakeSink();
+    const s = shipper(sink, { maxBuffered: 3, maxBatch: 2 });
+    for (const t of ["a", "b", "c"]) s.add("stdout", t);
+    expect(s.full).toBe(true);
+    let roomy = false;
+    const waiting = s.room().then(() => (roomy = true));
+    await new Promise((r) => setTimeout(r, 20));
+    expect(roomy).toBe(false);
+    sink.last.ack(1);
+    await waiting;
+    expect(s.full).toBe(false);
+    // the first line went alone; the two that accumulated meanwhile went together
+    expect(sink.last.batches.map((b) => b.map((l) => l.seq))).toEqual([[1], [2, 3]]);
+    s.close();
+  });
+
+  it("keeps sequence numbers contiguous from 1 under heavy output", async () => {
+    const sink = new FakeSink();
+    sink.autoAck = true;
+    const s = shipper(sink, { maxBatch: 7 });
+    for (let i = 0; i < 100; i++) s.add(i % 3 === 0 ? "stderr" : "stdout", `line ${i}`);
+    expect(await s.finish(1000)).toBe(100);
+    expect(sink.allSent.map((l) => l.seq)).toEqual(Array.from({ length: 100 }, (_, i) => i + 1));
+    expect(Math.max(...sink.last.batches.map((b) => b.length))).toBeLessThanOrEqual(7);
+  });
+});

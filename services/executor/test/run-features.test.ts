@@ -1,0 +1,250 @@
+/** Secrets, results, checkout, warm containers and reconciliation in the executor core, with fakes. */
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { Dispatch_State, NetworkPolicy } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { describe, expect, it, vi } from "vitest";
+import { CheckoutError, SecretsError, type ContainerSummary, type SecretResolver } from "../src/core/ports.ts";
+import { EXECUTOR_LOST, reconcile } from "../src/core/reconcile.ts";
+import { executeRun, startScript } from "../src/core/run.ts";
+import { parseWarmPool, WarmPool } from "../src/core/warm-pool.ts";
+import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stdout } from "./fakes.ts";
+
+function lease(extra: { secretNames?: string[]; schema?: string; repo?: { url: string; ref: string }; id?: string } = {}): Lease {
+  return create(LeaseSchema, {
+    leaseId: "01JLEASE00000000000000000A",
+    expireTime: timestampFromDate(new Date(Date.now() + 600)),
+    dispatch: {
+      id: extra.id ?? "01JDISPATCH000000000000000",
+      tenantId: "tenant-a",
+      agent: "demo",
+      task: "hello",
+      model: "demo-model",
+      secretNames: extra.secretNames ?? [],
+      ...(extra.repo ? { repo: extra.repo } : {}),
+    },
+    agent: { name: "demo", image: "outpost/demo-agent:latest", networkPolicy: NetworkPolicy.NONE, outputSchema: extra.schema ?? "" },
+  });
+}
+
+function setup() {
+  const runtime = new FakeRuntime();
+  const leases = new FakeLeases();
+  const sink = new FakeSink();
+  sink.autoAck = true;
+  const workspaces = new FakeWorkspaces();
+  const deps = { executorId: "ex-1", runtime, leases, logs: sink, workspaces, logger: silentLogger, stopGraceMs: 1000, logAckWaitMs: 500 };
+  return { runtime, leases, sink, workspaces, deps };
+}
+
+const resolver = (values: Record<string, string> | Error): SecretResolver & { calls: string[][] } => {
+  const calls: string[][] = [];
+  return {
+    calls,
+    async resolve(_tenant, names) {
+      calls.push(names);
+      if (values instanceof Error) throw values;
+      return Object.fromEntries(names.map((n) => [n, values[n]!]));
+    },
+  };
+};
+
+describe("secrets", () => {
+  it("injects resolved secrets as env vars and redacts their values from shipped lines", async () => {
+    const { runtime, sink, deps } = setup();
+    runtime.frames = [stdout("token is tok-4242-xyz\nand the other: pa"), stdout("ssw0rd!\n")];
+    const secrets = resolver({ API_TOKEN: "tok-4242-xyz", DB_PASS: "passw0rd!" });
+    await executeRun(lease({ secretNames: ["API_TOKEN", "DB_PASS"] }), { ...deps, secrets });
+    expect(secrets.calls).toEqual([["API_TOKEN", "DB_PASS"]]);
+    expect(runtime.created[0]!.env).toMatchObject({ API_TOKEN: "tok-4242-xyz", DB_PASS: "passw0rd!" });
+    expect(sink.allSent.map((l) => l.text)).toEqual(["token is [REDACTED:API_TOKEN]", "and the other: [REDACTED:DB_PASS]"]);
+  });
+
+  it("fails the run naming a missing secret, and gives it back when the tenant service is unreachable", async () => {
+    const a = setup();
+    await executeRun(lease({ secretNames: ["NOPE"] }), { ...a.deps, secrets: resolver(new SecretsError("secret NOPE not found", false)) });
+    expect(a.leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: "secret NOPE not found" })]);
+    expect(a.runtime.created).toEqual([]);
+
+    const b = setup();
+    await executeRun(lease({ secretNames: ["X_KEY"] }), { ...b.deps, secrets: resolver(new SecretsError("tenant service answered UNAVAILABLE", true)) });
+    expect(b.leases.reports).toEqual([]);
+    expect(b.leases.released).toEqual([expect.objectContaining({ infrastructureFailure: true, reason: "tenant service answered UNAVAILABLE" })]);
+  });
+});
+
+describe("result", () => {
+  const schema = JSON.stringify({ type: "object", required: ["summary"], properties: { summary: { type: "string" } } });
+
+  it("returns a valid result on the SUCCEEDED report", async () => {
+    const { leases, workspaces, deps } = setup();
+    workspaces.result = '{"summary":"fixed it"}';
+    await executeRun(lease({ schema }), deps);
+    expect(leases.reports[1]).toMatchObject({ state: Dispatch_State.SUCCEEDED, result: { summary: "fixed it" } });
+    expect(workspaces.removed).toEqual(["/runs/outpost-01jdispatch000000000000000-0000000a"]);
+  });
+
+  it("fails an exit-0 run whose result does not match, naming what did not", async () => {
+    const { leases, workspaces, deps } = setup();
+    workspaces.result = '{"summary":42}';
+    await executeRun(lease({ schema }), deps);
+    expect(leases.reports[1]).toMatchObject({
+      state: Dispatch_State.FAILED,
+      exitCode: 0,
+      failureReason: "the result does not match the output schema: /summary must be string",
+    });
+  });
+
+  it("succeeds without a result when the agent has no schema; fails without one when it has", async () => {
+    const a = setup();
+    await executeRun(lease(), a.deps);
+    expect(a.leases.reports[1]).toMatchObject({ state: Dispatch_State.SUCCEEDED });
+    expect(a.leases.reports[1]!.result).toBeUndefined();
+    const b = setup();
+    await executeRun(lease({ schema }), b.deps);
+    expect(b.leases.reports[1]).toMatchObject({ state: Dispatch_State.FAILED, failureReason: "the agent wrote no result (its output schema requires one)" });
+  });
+
+  it("redacts secret values inside the result", async () => {
+    const { leases, workspaces, deps } = setup();
+    workspaces.result = '{"note":"used key-9999-abc","n":1}';
+    await executeRun(lease({ secretNames: ["K"] }), { ...deps, secrets: resolver({ K: "key-9999-abc" }) });
+    expect(leases.reports[1]!.result).toEqual({ note: "used [REDACTED:K]", n: 1 });
+  });
+});
+
+describe("repository checkout", () => {
+  it("checks out before the container is created; a failed checkout fails the run without a container", async () => {
+    const a = setup();
+    await executeRun(lease({ repo: { url: "https://example.invalid/r.git", ref: "v1" } }), a.deps);
+    expect(a.workspaces.checkouts).toEqual([{ url: "https://example.invalid/r.git", ref: "v1" }]);
+    expect(a.runtime.created[0]!.env).toMatchObject({ OUTPOST_REPO_URL: "https://example.invalid/r.git", OUTPOST_REPO_REF: "v1" });
+    expect(a.runtime.created[0]!.binds).toEqual([
+      "/runs/outpost-01jdispatch000000000000000-0000000a/workspace:/workspace",
+      "/runs/outpost-01jdispatch000000000000000-0000000a/control:/run/outpost:ro",
+    ]);
+
+    const b = setup();
+    b.workspaces.checkoutError = new CheckoutError("fatal: couldn't find remote ref v9");
+    await executeRun(lease({ repo: { url: "https://example.invalid/r.git", ref: "v9" } }), b.deps);
+    expect(b.runtime.created).toEqual([]);
+    expect(b.leases.reports).toEqual([
+      expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: "repository checkout failed: fatal: couldn't find remote ref v9" }),
+    ]);
+    expect(b.workspaces.removed).toHaveLength(1);
+  });
+});
+
+describe("warm pool", () => {
+  it("parses OUTPOST_WARM_POOL and refuses nonsense", () => {
+    expect(parseWarmPool("demo=2, claude=1")).toEqual(new Map([["demo", 2], ["claude", 1]]));
+    expect(parseWarmPool("")).toEqual(new Map());
+    expect(() => parseWarmPool("demo")).toThrow(/not <agent>=<count>/);
+  });
+
+  it("learns the agent from its first lease, keeps N warm, and hands one to a matching run started through the FIFO", async () => {
+    const { runtime, leases, workspaces, deps } = setup();
+    // A warm container only waits until its start file arrives; then the "agent" runs.
+    const runAgent = runtime.start.bind(runtime);
+    runtime.start = async () => void runtime.events.push("start-warm");
+    workspaces.writeStartFile = async (_files, content) => {
+      workspaces.startFiles.push(content);
+      await runAgent();
+    };
+    const pool = new WarmPool({ targets: new Map([["demo", 2]]), runtime, workspaces, executorId: "ex-1", logger: silentLogger });
+    expect(pool.claim(lease())).toBeUndefined(); // first sight: learn, fill
+    await pool.settled();
+    expect(pool.size).toBe(2);
+    const warmSpec = runtime.created[0]!;
+    expect(warmSpec.entrypoint).toEqual(["/bin/sh", "-c", '. /run/outpost/start && exec "$@"', "outpost-warm"]);
+    expect(warmSpec.command).toEqual(["/bin/sh", "/agent/run.sh"]);
+    expect(warmSpec.labels["dev.outpost.warm-agent"]).toBe("demo");
+    expect(warmSpec).toMatchObject({ readonlyRootfs: true, capDrop: ["ALL"], networkMode: "none", user: "65534:65534" });
+    runtime.events.length = 0;
+
+    await executeRun(lease(), { ...deps, warmPool: pool });
+    // No create/start for the run: the warm container is renamed, attached, then fed its env.
+    // (create/start-warm events are the pool refilling behind the claim)
+    const runEvents = runtime.events.filter((e) => e !== "create" && e !== "start-warm");
+    expect(runEvents.slice(0, 3)).toEqual(["rename:outpost-01jdispatch000000000000000-0000000a", "attach", "start"]);
+    expect(runtime.created.every((spec) => spec.entrypoint !== undefined)).toBe(true); // only warm containers were created
+    expect(workspaces.startFiles[0]).toContain("export OUTPOST_TASK='hello'\n");
+    expect(workspaces.startFiles[0]).toContain("export OUTPOST_DISPATCH_ID='01JDISPATCH000000000000000'\n");
+    expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "SUCCEEDED"]);
+    await pool.settled();
+    expect(pool.size).toBe(2); // refilled
+    await pool.close();
+    expect(pool.size).toBe(0);
+  });
+
+  it("quotes values so the start script cannot be escaped", () => {
+    expect(startScript({ A: "it's $(rm -rf /)", "bad-name": "x" })).toBe("export A='it'\\''s $(rm -rf /)'\n");
+  });
+});
+
+describe("reconcile", () => {
+  const summary = (labels: Record<string, string>, running: boolean): ContainerSummary => ({ id: "c-left", name: "left", labels, running, started: true });
+
+  it("stops and removes a running left-over container and fails its run as executor lost", async () => {
+    const { runtime, leases, workspaces } = setup();
+    runtime.list = vi.fn(async () => [
+      summary({ "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A", "dev.outpost.run-dir": "outpost-x" }, true),
+    ]);
+    leases.held = [lease()];
+    const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger });
+    expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 1, leasesReleased: 0 });
+    expect(runtime.events).toContain("remove");
+    expect(leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST })]);
+    expect(workspaces.removed).toContain("/runs/outpost-x");
+  });
+
+  it("gives back (never reports SUCCEEDED) a run whose container was created but never started", async () => {
+    const { runtime, leases, workspaces } = setup();
+    runtime.list = vi.fn(async () => [
+      {
+        ...summary({ "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A" }, false),
+        started: false,
+      },
+    ]);
+    leases.held = [lease()];
+    const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger });
+    expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 0, leasesReleased: 1 });
+    expect(leases.reports).toEqual([]);
+    expect(leases.released).toEqual([expect.objectContaining({ dispatchId: "01JDISPATCH000000000000000", infrastructureFailure: true })]);
+  });
+
+  it("releases a held lease that has no container, and works without ListExecutorLeases", async () => {
+    const a = setup();
+    a.leases.held = [lease({ id: "01JDISPATCH00000000000000B" })];
+    expect(await reconcile({ executorId: "ex-1", runtime: a.runtime, leases: a.leases, workspaces: a.workspaces, logger: silentLogger })).toEqual({
+      containersRemoved: 0, runsSettled: 0, leasesReleased: 1,
+    });
+    expect(a.leases.released[0]).toMatchObject({ dispatchId: "01JDISPATCH00000000000000B", infrastructureFailure: true });
+
+    const b = setup();
+    b.leases.held = undefined; // UNIMPLEMENTED
+    b.runtime.list = vi.fn(async () => [
+      summary({ "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A" }, true),
+      summary({ "dev.outpost.warm-agent": "demo" }, true),
+    ]);
+    const outcome = await reconcile({ executorId: "ex-1", runtime: b.runtime, leases: b.leases, workspaces: b.workspaces, logger: silentLogger });
+    expect(outcome).toEqual({ containersRemoved: 2, runsSettled: 1, leasesReleased: 0 });
+  });
+});
+
+describe("Cancellations", () => {
+  it("routes a streamed cancel to its run, and keeps one that came before the run registered", async () => {
+    const { Cancellations } = await import("../src/core/cancellations.ts");
+    const hub = new Cancellations();
+    const seen: string[] = [];
+    const off = hub.register("d1", "l1", () => seen.push("d1"));
+    hub.notify("d1", "l1");
+    hub.notify("d1", "other-lease"); // another attempt's lease: not this run
+    expect(seen).toEqual(["d1"]);
+    off();
+    hub.notify("d2", "l2");
+    hub.register("d2", "l2", () => seen.push("d2"));
+    await Promise.resolve();
+    expect(seen).toEqual(["d1", "d2"]);
+  });
+});

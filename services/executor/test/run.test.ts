@@ -1,0 +1,231 @@
+import { create } from "@bufbuild/protobuf";
+import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { Dispatch_State, NetworkPolicy } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { describe, expect, it, vi } from "vitest";
+import { Executor } from "../src/core/executor.ts";
+import { LeaseLostError } from "../src/core/ports.ts";
+import { containerSpecFor, executeRun } from "../src/core/run.ts";
+import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stderr, stdout } from "./fakes.ts";
+
+function lease(extra: { task?: string; timeoutMs?: number; egress?: boolean } = {}): Lease {
+  return create(LeaseSchema, {
+    leaseId: "01JLEASE00000000000000000A",
+    expireTime: timestampFromDate(new Date(Date.now() + 600)),
+    traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    dispatch: {
+      id: "01JDISPATCH000000000000000",
+      tenantId: "tenant-a",
+      agent: "demo",
+      task: extra.task ?? "hello",
+      model: "demo-model",
+      env: { EXTRA: "1" },
+      ...(extra.timeoutMs ? { timeout: durationFromMs(extra.timeoutMs) } : {}),
+    },
+    agent: {
+      name: "demo",
+      image: "outpost/demo-agent:latest",
+      networkPolicy: extra.egress ? NetworkPolicy.EGRESS : NetworkPolicy.NONE,
+      resources: { memoryBytes: 64n * 1024n * 1024n },
+    },
+  });
+}
+
+function deps(runtime: FakeRuntime, leases: FakeLeases, sink: FakeSink, workspaces = new FakeWorkspaces()) {
+  return { executorId: "ex-1", runtime, leases, logs: sink, workspaces, logger: silentLogger, stopGraceMs: 1000, logAckWaitMs: 500 };
+}
+
+describe("containerSpecFor", () => {
+  it("locks the container down and passes the agent contract", () => {
+    const spec = containerSpecFor(lease(), "ex-1");
+    expect(spec).toMatchObject({
+      platform: "linux/arm64",
+      user: "65534:65534",
+      readonlyRootfs: true,
+      capDrop: ["ALL"],
+      securityOpt: ["no-new-privileges"],
+      networkMode: "none",
+      pidsLimit: 256,
+      memoryBytes: 64 * 1024 * 1024,
+      nanoCpus: 1_000_000_000,
+      command: [],
+    });
+    expect(spec.env).toMatchObject({
+      OUTPOST_TASK: "hello",
+      OUTPOST_MODEL: "demo-model",
+      OUTPOST_DISPATCH_ID: "01JDISPATCH000000000000000",
+      OUTPOST_AGENT: "demo",
+      OUTPOST_WORKSPACE: "/workspace",
+      OUTPOST_RESULT_PATH: "/workspace/.outpost/result.json",
+      TRACEPARENT: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+      EXTRA: "1",
+    });
+    expect(spec.tmpfs).toEqual({ "/tmp": "rw,size=64m" });
+    expect(spec.labels).toEqual({
+      "dev.outpost.managed": "true",
+      "dev.outpost.dispatch-id": "01JDISPATCH000000000000000",
+      "dev.outpost.tenant-id": "tenant-a",
+      "dev.outpost.executor-id": "ex-1",
+      "dev.outpost.lease-id": "01JLEASE00000000000000000A",
+    });
+    expect(containerSpecFor(lease({ egress: true }), "ex-1").networkMode).toBe("bridge");
+  });
+});
+
+describe("executeRun", () => {
+  it("attaches before start, streams lines in order, reports RUNNING then SUCCEEDED with the last acked seq", async () => {
+    const runtime = new FakeRuntime();
+    runtime.frames = [stdout("one\ntw"), stderr("warn\n"), stdout("o\ntail")];
+    const leases = new FakeLeases();
+    const sink = new FakeSink();
+    sink.autoAck = true;
+    await executeRun(lease(), deps(runtime, leases, sink));
+    expect(runtime.events.slice(0, 3)).toEqual(["create", "attach", "start"]);
+    expect(runtime.events).toContain("remove");
+    expect(sink.allSent.map((l) => [l.seq, l.stream, l.text])).toEqual([
+      [1, "stdout", "one"],
+      [2, "stderr", "warn"],
+      [3, "stdout", "two"],
+      [4, "stdout", "tail"],
+    ]);
+    expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "SUCCEEDED"]);
+    expect(leases.reports[1]).toMatchObject({ exitCode: 0, lastLogSeq: 4 });
+  });
+
+  it("reports FAILED with the exit code, or out of memory", async () => {
+    const runtime = new FakeRuntime();
+    runtime.exitCode = 3;
+    const leases = new FakeLeases();
+    await executeRun(lease(), deps(runtime, leases, new FakeSink()));
+    expect(leases.reports[1]).toMatchObject({ state: Dispatch_State.FAILED, exitCode: 3, failureReason: "agent exited with code 3" });
+
+    const oom = new FakeRuntime();
+    oom.exitCode = 137;
+    oom.oomKilled = true;
+    const leases2 = new FakeLeases();
+    await executeRun(lease(), deps(oom, leases2, new FakeSink()));
+    expect(leases2.reports[1]).toMatchObject({ state: Dispatch_State.FAILED, failureReason: "out of memory" });
+  });
+
+  it("gives a lease whose image is missing back as an infrastructure failure, after trying a pull", async () => {
+    const runtime = new FakeRuntime();
+    runtime.imageMissing = true;
+    const leases = new FakeLeases();
+    await executeRun(lease(), { ...deps(runtime, leases, new FakeSink()), pullImages: true });
+    expect(runtime.events).toContain("pull:outpost/demo-agent:latest");
+    expect(leases.reports).toEqual([]);
+    expect(leases.released).toEqual([
+      { dispatchId: "01JDISPATCH000000000000000", reason: "image outpost/demo-agent:latest not present on executor host", infrastructureFailure: true },
+    ]);
+  });
+
+  it("runs after pulling a missing image when a registry serves it", async () => {
+    const runtime = new FakeRuntime();
+    runtime.imageMissing = true;
+    runtime.pullable.add("outpost/demo-agent:latest");
+    const leases = new FakeLeases();
+    const sink = new FakeSink();
+    sink.autoAck = true;
+    await executeRun(lease(), { ...deps(runtime, leases, sink), pullImages: true });
+    expect(runtime.events.slice(0, 3)).toEqual(["pull:outpost/demo-agent:latest", "create", "attach"]);
+    expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "SUCCEEDED"]);
+  });
+
+  it("reports FAILED naming a missing image when the dispatcher has no ReleaseLease, without RUNNING", async () => {
+    const runtime = new FakeRuntime();
+    runtime.imageMissing = true;
+    const leases = new FakeLeases();
+    leases.supportsRelease = false;
+    await executeRun(lease(), deps(runtime, leases, new FakeSink()));
+    expect(leases.reports).toHaveLength(1);
+    expect(leases.reports[0]).toMatchObject({
+      state: Dispatch_State.FAILED,
+      failureReason: "image outpost/demo-agent:latest not present on executor host",
+    });
+  });
+
+  it("stops the container and reports CANCELLED when the heartbeat says so", async () => {
+    const runtime = new FakeRuntime();
+    runtime.runForever = true;
+    const leases = new FakeLeases();
+    leases.heartbeatAnswer = () => ({ expireTime: new Date(Date.now() + 600), cancelRequested: leases.heartbeats >= 2 });
+    await executeRun(lease(), deps(runtime, leases, new FakeSink()));
+    expect(runtime.events).toContain("stop:1000");
+    expect(runtime.events[runtime.events.length - 1]).toBe("remove");
+    expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "CANCELLED"]);
+  });
+
+  it("stops the container at the timeout and reports TIMED_OUT", async () => {
+    const runtime = new FakeRuntime();
+    runtime.runForever = true;
+    const leases = new FakeLeases();
+    await executeRun(lease({ timeoutMs: 300 }), deps(runtime, leases, new FakeSink()));
+    expect(leases.reports[1]).toMatchObject({ state: Dispatch_State.TIMED_OUT, failureReason: "timed out after 0.3s" });
+  });
+
+  it("stops without reporting when the lease is lost", async () => {
+    const runtime = new FakeRuntime();
+    runtime.runForever = true;
+    const leases = new FakeLeases();
+    leases.heartbeatAnswer = () => {
+      throw new LeaseLostError("lease expired");
+    };
+    await executeRun(lease(), deps(runtime, leases, new FakeSink()));
+    expect(runtime.events).toContain("stop:1000");
+    expect(runtime.events).toContain("remove");
+    expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING"]);
+  });
+});
+
+describe("Executor", () => {
+  it("leases nothing and reports not ready while the engine is unreachable", async () => {
+    const runtime = new FakeRuntime();
+    runtime.pingError = new Error("connect ENOENT /var/run/docker.sock");
+    const leases = new FakeLeases();
+    const executor = new Executor({
+      executorId: "ex-1",
+      slots: 2,
+      runtime,
+      leases,
+      logs: new FakeSink(),
+      workspaces: new FakeWorkspaces(),
+      logger: silentLogger,
+      stopGraceMs: 1000,
+      leaseWaitMs: 50,
+      minPollIntervalMs: 10,
+    });
+    void executor.start();
+    await new Promise((r) => setTimeout(r, 100));
+    expect(leases.acquired).toBe(0);
+    expect(await executor.notReadyReason()).toMatch(/docker engine unreachable: connect ENOENT/);
+    runtime.pingError = undefined;
+    expect(await executor.notReadyReason()).toBeNull();
+    await executor.shutdown(1000);
+  });
+
+  it("on shutdown stops leasing and gives a running container the grace period, then leaves it", async () => {
+    const runtime = new FakeRuntime();
+    runtime.runForever = true;
+    const leases = new FakeLeases();
+    let handedOut = false;
+    leases.acquire = async () => {
+      leases.acquired++;
+      if (handedOut) return undefined;
+      handedOut = true;
+      return lease();
+    };
+    const executor = new Executor({
+      executorId: "ex-1", slots: 1, runtime, leases, logs: new FakeSink(), workspaces: new FakeWorkspaces(), logger: silentLogger,
+      stopGraceMs: 1000, leaseWaitMs: 50, minPollIntervalMs: 10,
+    });
+    void executor.start();
+    await vi.waitFor(() => expect(executor.busySlots).toBe(1));
+    const started = Date.now();
+    await executor.shutdown(200);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(150);
+    expect(runtime.events).not.toContain("remove"); // left for reconciliation
+    const acquiredAtShutdown = leases.acquired;
+    await new Promise((r) => setTimeout(r, 50));
+    expect(leases.acquired).toBe(acquiredAtShutdown);
+  });
+});

@@ -1,0 +1,74 @@
+/**
+ * The audit trail (SPEC D9) lives in the dispatcher's store; the tenant service reports its own
+ * mutating calls there (AuditInternalService.RecordAuditEvent), with the caller, the target and
+ * the outcome, successful or not. Reporting is bounded in time and never fails the call: a lost
+ * audit event is logged loudly instead.
+ */
+import { type Interceptor } from "@connectrpc/connect";
+import { identityKey, internalClient, outcomeOf, type Logger } from "@outpost/platform";
+import { AuditInternalService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
+
+/** Methods of the tenant service that change something, and the resource each acts on. */
+const MUTATIONS: Record<string, (req: Record<string, unknown>, res: Record<string, unknown> | undefined) => { tenantId?: string; target: string }> = {
+  "outpost.tenant.v1.TenantService/CreateTenant": (_req, res) => {
+    const id = (res?.tenant as { id?: string } | undefined)?.id ?? "";
+    return { tenantId: id, target: `tenant/${id}` };
+  },
+  "outpost.tenant.v1.TenantService/UpdateTenant": (req) => ({ tenantId: String(req.tenantId ?? ""), target: `tenant/${String(req.tenantId ?? "")}` }),
+  "outpost.tenant.v1.TenantService/SuspendTenant": (req) => ({ tenantId: String(req.tenantId ?? ""), target: `tenant/${String(req.tenantId ?? "")}` }),
+  "outpost.tenant.v1.TenantService/ReactivateTenant": (req) => ({ tenantId: String(req.tenantId ?? ""), target: `tenant/${String(req.tenantId ?? "")}` }),
+  "outpost.tenant.v1.ApiKeyService/CreateApiKey": (req, res) => {
+    const key = res?.apiKey as { id?: string; tenantId?: string } | undefined;
+    return { tenantId: key?.tenantId ?? String(req.tenantId ?? ""), target: `api_key/${key?.id ?? ""}` };
+  },
+  "outpost.tenant.v1.ApiKeyService/RevokeApiKey": (req, res) => {
+    const key = res?.apiKey as { tenantId?: string } | undefined;
+    return { tenantId: key?.tenantId, target: `api_key/${String(req.apiKeyId ?? "")}` };
+  },
+  "outpost.tenant.v1.SecretService/PutSecret": (req) => ({ target: `secret/${String(req.name ?? "")}` }),
+  "outpost.tenant.v1.SecretService/DeleteSecret": (req) => ({ target: `secret/${String(req.name ?? "")}` }),
+};
+
+/** How long a call may wait for its audit record to be written. */
+const RECORD_TIMEOUT_MS = 2000;
+
+export interface AuditReporterOptions {
+  dispatcherUrl: string;
+  internalSecret: string;
+  logger: Logger;
+}
+
+export function auditReporter({ dispatcherUrl, internalSecret, logger }: AuditReporterOptions): Interceptor {
+  const audit = internalClient(AuditInternalService, { baseUrl: dispatcherUrl, internalSecret, identity: { kind: "service", principal: "tenant" } });
+  return (next) => async (req) => {
+    const method = `${req.service.typeName}/${req.method.name}`;
+    const describe = MUTATIONS[method];
+    if (!describe || req.stream) return next(req);
+    const caller = req.contextValues.get(identityKey);
+    const record = async (res: Record<string, unknown> | undefined, err?: unknown) => {
+      let described: { tenantId?: string; target: string };
+      try {
+        described = describe(req.message as Record<string, unknown>, res);
+      } catch {
+        described = { target: "" };
+      }
+      const tenantId = caller?.kind === "tenant" ? caller.tenantId : (described.tenantId ?? "");
+      try {
+        await audit.recordAuditEvent(
+          { tenantId, principal: caller?.principal ?? "unknown", method, target: described.target, outcome: outcomeOf(err) },
+          { timeoutMs: RECORD_TIMEOUT_MS },
+        );
+      } catch (auditErr) {
+        logger.error({ err: auditErr, method, tenant_id: tenantId }, "audit event not recorded");
+      }
+    };
+    try {
+      const res = await next(req);
+      await record(res.message as unknown as Record<string, unknown>);
+      return res;
+    } catch (err) {
+      await record(undefined, err);
+      throw err;
+    }
+  };
+}

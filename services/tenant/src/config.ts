@@ -1,0 +1,37 @@
+/** Settings of the tenant service, validated at start-up (the process stops naming a bad one). */
+import { setting } from "@outpost/platform";
+import { z } from "zod";
+
+export const tenantConfigShape = {
+  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_TENANT_HOST: setting.host(),
+  OUTPOST_TENANT_PORT: setting.port(7101),
+  OUTPOST_DATA_DIR: setting.dataDir(),
+  OUTPOST_LOG_LEVEL: setting.logLevel(),
+  /** JSON or YAML overriding the default tier limits (docs/tenancy.md); validated at start-up. */
+  OUTPOST_TIERS_FILE: z.string().min(1).optional(),
+  /**
+   * "k2:<base64 32 bytes>,k1:<base64 32 bytes>": AES-256-GCM master keys, the first current.
+   * Absent: secret methods answer FAILED_PRECONDITION SECRETS_NOT_CONFIGURED.
+   */
+  OUTPOST_SECRETS_MASTER_KEYS: z.string().min(1).optional(),
+  /** Redis for publishing auth invalidations to gateway replicas; absent = none (cache TTL applies). */
+  OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
+  /** MongoDB for the tenant store (production, several replicas). Absent: SQLite in OUTPOST_DATA_DIR. */
+  OUTPOST_MONGO_URL: z.string().url({ message: "must be a URL such as mongodb://127.0.0.1:27017/outpost" }).optional(),
+  /** The dispatcher, which keeps the audit trail these mutations are reported to; absent = not audited. */
+  OUTPOST_DISPATCHER_URL: z.string().url({ message: "must be a URL such as http://127.0.0.1:7102" }).optional(),
+};
+
+export interface TenantConfig {
+  OUTPOST_INTERNAL_SECRET: string;
+  OUTPOST_TENANT_HOST: string;
+  OUTPOST_TENANT_PORT: number;
+  /** ":memory:" keeps the store in memory (tests). */
+  OUTPOST_DATA_DIR: string;
+  OUTPOST_TIERS_FILE?: string | undefined;
+  OUTPOST_SECRETS_MASTER_KEYS?: string | undefined;
+  OUTPOST_REDIS_URL?: string | undefined;
+  OUTPOST_MONGO_URL?: string | undefined;
+  OUTPOST_DISPATCHER_URL?: string | undefined;
+}

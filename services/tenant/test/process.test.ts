@@ -1,0 +1,149 @@
+/**
+ * Crosses the real boundary: the tenant service as its own process on a real port, called over
+ * gRPC (h2c) with signed identities, forged ones and none at all.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code, createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { internalClient } from "@outpost/platform";
+import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
+import { Tenant_State, Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
+import { TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
+import { ADMIN, GATEWAY, expectError } from "./helpers.ts";
+
+const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../src/main.ts");
+const SECRET = "boundary-test-secret-0123456789abcdefghij";
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+function startProcess(env: Record<string, string>): { child: ChildProcess; output: () => string; exited: Promise<number | null> } {
+  const { OUTPOST_INTERNAL_SECRET: _drop, ...inherited } = process.env;
+  const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", MAIN], {
+    env: { ...inherited, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  child.stdout!.on("data", (b: Buffer) => (out += b.toString()));
+  child.stderr!.on("data", (b: Buffer) => (out += b.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  return { child, output: () => out, exited };
+}
+
+async function waitHealthy(baseUrl: string, exited: Promise<unknown>, output: () => string): Promise<void> {
+  let done = false;
+  void exited.then(() => (done = true));
+  const deadline = Date.now() + 20_000;
+  while (Date.now() < deadline) {
+    if (done) throw new Error(`tenant process exited early:\n${output()}`);
+    try {
+      const res = await fetch(`${baseUrl}/healthz`);
+      if (res.ok) return;
+    } catch {
+      // not listening yet
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`tenant process not healthy in time:\n${output()}`);
+}
+
+describe("tenant process", () => {
+  let dataDir: string;
+  let baseUrl: string;
+  let proc: ReturnType<typeof startProcess>;
+
+  beforeAll(async () => {
+    dataDir = mkdtempSync(path.join(tmpdir(), "outpost-tenant-proc-"));
+    const port = await freePort();
+    baseUrl = `http://127.0.0.1:${port}`;
+    proc = startProcess({
+      OUTPOST_INTERNAL_SECRET: SECRET,
+      OUTPOST_TENANT_HOST: "127.0.0.1",
+      OUTPOST_TENANT_PORT: String(port),
+      OUTPOST_DATA_DIR: dataDir,
+      OUTPOST_LOG_LEVEL: "debug",
+    });
+    await waitHealthy(baseUrl, proc.exited, proc.output);
+  });
+
+  afterAll(async () => {
+    if (proc && proc.child.exitCode === null) {
+      proc.child.kill("SIGTERM");
+      await proc.exited;
+    }
+    if (dataDir) rmSync(dataDir, { recursive: true, force: true });
+  });
+
+  it("creates a tenant as admin and authenticates its key as the gateway, over gRPC", async () => {
+    const admin = internalClient(TenantService, { baseUrl, internalSecret: SECRET, identity: ADMIN });
+    const created = await admin.createTenant({ name: "Boundary Inc", contactEmail: "ops@boundary.test", tier: Tier.PRO });
+    expect(created.apiKeyPlaintext).toMatch(/^otp_[0-9a-f]{64}$/);
+    expect(created.tenant?.state).toBe(Tenant_State.ACTIVE);
+
+    const gateway = internalClient(TenantInternalService, { baseUrl, internalSecret: SECRET, identity: GATEWAY });
+    const auth = await gateway.authenticateApiKey({ apiKey: created.apiKeyPlaintext });
+    expect(auth.tenant?.id).toBe(created.tenant?.id);
+    expect(auth.apiKeyId).toBe(created.apiKey?.id);
+
+    await expectError(
+      gateway.authenticateApiKey({ apiKey: "otp_" + "0".repeat(64) }),
+      Code.Unauthenticated,
+      "API_KEY_UNKNOWN",
+    );
+    const fetched = await admin.getTenant({ tenantId: created.tenant!.id });
+    expect(fetched.tenant?.name).toBe("Boundary Inc");
+
+    // The plaintext key never reaches the logs, even at debug level.
+    expect(proc.output()).not.toContain(created.apiKeyPlaintext.slice(4));
+  });
+
+  it("refuses a forged signature with UNAUTHENTICATED", async () => {
+    const forged = internalClient(TenantService, {
+      baseUrl,
+      internalSecret: "a-different-secret-that-is-32-chars-long!",
+      identity: ADMIN,
+    });
+    await expectError(forged.createTenant({ name: "Evil", contactEmail: "evil@x.test" }), Code.Unauthenticated, "IDENTITY_FORGED");
+  });
+
+  it("refuses a call with no identity headers with UNAUTHENTICATED", async () => {
+    const bare = createClient(TenantInternalService, createGrpcTransport({ baseUrl }));
+    await expectError(bare.authenticateApiKey({ apiKey: "otp_" + "0".repeat(64) }), Code.Unauthenticated, "IDENTITY_MISSING");
+  });
+});
+
+describe("tenant process configuration", () => {
+  it("exits non-zero naming OUTPOST_INTERNAL_SECRET when it is missing", async () => {
+    const port = await freePort();
+    const dataDir = mkdtempSync(path.join(tmpdir(), "outpost-tenant-cfg-"));
+    try {
+      const proc = startProcess({ OUTPOST_TENANT_PORT: String(port), OUTPOST_DATA_DIR: dataDir });
+      const code = await proc.exited;
+      expect(code).not.toBe(0);
+      expect(code).not.toBeNull();
+      expect(proc.output()).toContain("OUTPOST_INTERNAL_SECRET");
+    } finally {
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  });
+
+  it("exits non-zero when OUTPOST_INTERNAL_SECRET is too short", async () => {
+    const proc = startProcess({ OUTPOST_INTERNAL_SECRET: "short", OUTPOST_DATA_DIR: ":memory:" });
+    expect(await proc.exited).toBe(78);
+    expect(proc.output()).toMatch(/OUTPOST_INTERNAL_SECRET: must be at least 32 characters/);
+  });
+});

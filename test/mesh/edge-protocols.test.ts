@@ -1,0 +1,355 @@
+/**
+ * The edge over real sockets (issue #3, SPEC G1, G4, C4): CORS for browsers, gRPC server
+ * reflection read by a real reflection client, a @grpc/grpc-js client on the unary and
+ * streaming methods, the request size limit, deadlines reaching the services, and internal
+ * errors masked with a trace id the operator finds in the gateway log.
+ */
+import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
+import http2 from "node:http2";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import * as grpc from "@grpc/grpc-js";
+import { create, createFileRegistry, fromBinary, toBinary, type DescMessage } from "@bufbuild/protobuf";
+import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { connectNodeAdapter, createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { errorInfoOf } from "@outpost/platform";
+import { ServerReflection, type ServerReflectionRequest, type ServerReflectionResponse } from "@outpost/proto/grpc/reflection/v1/reflection_pb.js";
+import { ServerReflection as ServerReflectionV1Alpha } from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
+import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import {
+  DispatchService,
+  GetDispatchRequestSchema,
+  GetDispatchResponseSchema,
+  type GetDispatchResponse,
+} from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { SubscribeLogsRequestSchema, SubscribeLogsResponseSchema, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { startMesh, freePort, type Mesh } from "../../scripts/lib/mesh.ts";
+import { startTestMesh, type TestMesh } from "./harness.ts";
+
+const ORIGIN = "https://console.example";
+let t: TestMesh;
+let tenant: Awaited<ReturnType<TestMesh["newTenant"]>>;
+
+beforeAll(async () => {
+  t = await startTestMesh({ serviceEnv: { gateway: { OUTPOST_CORS_ORIGINS: ORIGIN } } });
+  tenant = await t.newTenant("Edge");
+});
+
+afterAll(async () => {
+  await t?.mesh.stop();
+});
+
+async function failure(call: Promise<unknown> | (() => Promise<unknown>)): Promise<ConnectError> {
+  try {
+    await (typeof call === "function" ? call() : call);
+  } catch (err) {
+    return ConnectError.from(err);
+  }
+  throw new Error("expected the call to fail");
+}
+
+const traceIdPattern = /trace id ([0-9a-f]{32})/;
+
+describe("CORS (G1)", () => {
+  it("answers a browser preflight from an allowed origin with the protocol headers", async () => {
+    const res = await fetch(`${t.mesh.urls.gateway}/outpost.dispatch.v1.DispatchService/GetDispatch`, {
+      method: "OPTIONS",
+      headers: {
+        origin: ORIGIN,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type,connect-protocol-version,authorization,x-grpc-web",
+      },
+    });
+    expect(res.status).toBe(204);
+    expect(res.headers.get("access-control-allow-origin")).toBe(ORIGIN);
+    const allowed = res.headers.get("access-control-allow-headers")!.toLowerCase().split(/,\s*/);
+    for (const h of ["content-type", "connect-protocol-version", "connect-timeout-ms", "authorization", "x-api-key", "x-grpc-web", "grpc-timeout"]) {
+      expect(allowed).toContain(h);
+    }
+    expect(res.headers.get("access-control-allow-methods")).toContain("POST");
+  });
+
+  it("refuses the preflight of an origin that is not configured", async () => {
+    const res = await fetch(`${t.mesh.urls.gateway}/outpost.dispatch.v1.DispatchService/GetDispatch`, {
+      method: "OPTIONS",
+      headers: { origin: "https://evil.example", "access-control-request-method": "POST" },
+    });
+    expect(res.status).toBe(403);
+    expect(res.headers.get("access-control-allow-origin")).toBeNull();
+  });
+
+  it("lets the browser read the status and rate-limit headers of a cross-origin call", async () => {
+    const res = await fetch(`${t.mesh.urls.gateway}/outpost.dispatch.v1.DispatchService/GetDispatch`, {
+      method: "POST",
+      headers: { origin: ORIGIN, "content-type": "application/json", authorization: `Bearer ${tenant.apiKey}` },
+      body: JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }),
+    });
+    expect(res.status).toBe(404); // Connect maps NOT_FOUND to 404
+    expect(((await res.json()) as { code: string }).code).toBe("not_found");
+    expect(res.headers.get("access-control-allow-origin")).toBe(ORIGIN);
+    const exposed = res.headers.get("access-control-expose-headers")!.toLowerCase();
+    for (const h of ["grpc-status", "grpc-message", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after"]) expect(exposed).toContain(h);
+  });
+});
+
+/** Runs one reflection stream: sends the requests, collects one answer per request. */
+async function reflect(requests: Partial<ServerReflectionRequest>[], alpha = false): Promise<ServerReflectionResponse[]> {
+  const transport = createGrpcTransport({ baseUrl: t.mesh.urls.gateway });
+  const client = createClient(alpha ? ServerReflectionV1Alpha : ServerReflection, transport) as unknown as ReturnType<typeof createClient<typeof ServerReflection>>;
+  async function* input() {
+    for (const r of requests) yield r as ServerReflectionRequest;
+  }
+  const out: ServerReflectionResponse[] = [];
+  for await (const res of client.serverReflectionInfo(input(), { timeoutMs: 10_000 })) out.push(res);
+  return out;
+}
+
+describe("gRPC server reflection (G1)", () => {
+  it("lists the public services and describes DispatchService with its imports, enough to call it", async () => {
+    const [list, symbol, missing] = await reflect([
+      { messageRequest: { case: "listServices", value: "" } },
+      { messageRequest: { case: "fileContainingSymbol", value: "outpost.dispatch.v1.DispatchService" } },
+      { messageRequest: { case: "fileContainingSymbol", value: "outpost.nothing.v1.Nope" } },
+    ]);
+    expect(list!.messageResponse.case).toBe("listServicesResponse");
+    const names = list!.messageResponse.case === "listServicesResponse" ? list!.messageResponse.value.service.map((s) => s.name) : [];
+    for (const name of [
+      "outpost.dispatch.v1.DispatchService",
+      "outpost.dispatch.v1.AgentService",
+      "outpost.telemetry.v1.LogService",
+      "outpost.tenant.v1.TenantService",
+      "outpost.tenant.v1.ApiKeyService",
+      "outpost.tenant.v1.SecretService",
+      "grpc.reflection.v1.ServerReflection",
+    ]) {
+      expect(names).toContain(name);
+    }
+    // Internal services are not exposed at the edge, so reflection does not list them either.
+    expect(names).not.toContain("outpost.executor.v1.LeaseService");
+    expect(names).not.toContain("outpost.tenant.v1.TenantInternalService");
+
+    expect(symbol!.messageResponse.case).toBe("fileDescriptorResponse");
+    const bytes = symbol!.messageResponse.case === "fileDescriptorResponse" ? symbol!.messageResponse.value.fileDescriptorProto : [];
+    const files = bytes.map((b) => fromBinary(FileDescriptorProtoSchema, b));
+    expect(files[0]!.name).toBe("outpost/dispatch/v1/dispatch_service.proto");
+    expect(files[0]!.service[0]!.method.map((m) => m.name)).toContain("GetDispatch");
+    const fileNames = files.map((f) => f.name);
+    expect(fileNames).toContain("outpost/dispatch/v1/dispatch.proto");
+    expect(fileNames).toContain("google/protobuf/timestamp.proto");
+
+    // What grpcurl does next: build the types from the descriptors alone and make the call.
+    // Reflection sends files in any order; a registry wants imports first.
+    const ordered: typeof files = [];
+    while (ordered.length < files.length) {
+      const next = files.find((f) => !ordered.includes(f) && f.dependency.every((d) => ordered.some((o) => o.name === d)));
+      expect(next, "every import of the answer is in the answer").toBeDefined();
+      ordered.push(next!);
+    }
+    const registry = createFileRegistry(create(FileDescriptorSetSchema, { file: ordered }));
+    const service = registry.getService("outpost.dispatch.v1.DispatchService")!;
+    expect(service.methods.map((m) => m.name)).toContain("WatchDispatch");
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "reflected" });
+    const dynamic = createClient(service, createGrpcTransport({ baseUrl: t.mesh.urls.gateway })) as unknown as Record<
+      string,
+      (req: unknown, o: unknown) => Promise<{ dispatch?: { id: string } }>
+    >;
+    const got = await dynamic["getDispatch"]!({ dispatchId: dispatch!.id }, { headers: { authorization: `Bearer ${tenant.apiKey}` } });
+    expect(got.dispatch!.id).toBe(dispatch!.id);
+
+    expect(missing!.messageResponse.case).toBe("errorResponse");
+    if (missing!.messageResponse.case === "errorResponse") expect(missing!.messageResponse.value.errorCode).toBe(Code.NotFound);
+  });
+
+  it("answers file_by_filename and method symbols, and speaks v1alpha for older tools", async () => {
+    const [byName, method] = await reflect([
+      { messageRequest: { case: "fileByFilename", value: "outpost/telemetry/v1/log_service.proto" } },
+      { messageRequest: { case: "fileContainingSymbol", value: "outpost.telemetry.v1.LogService.SubscribeLogs" } },
+    ]);
+    for (const res of [byName!, method!]) {
+      expect(res.messageResponse.case).toBe("fileDescriptorResponse");
+      if (res.messageResponse.case === "fileDescriptorResponse") {
+        expect(fromBinary(FileDescriptorProtoSchema, res.messageResponse.value.fileDescriptorProto[0]!).name).toBe("outpost/telemetry/v1/log_service.proto");
+      }
+    }
+    const [alphaList] = await reflect([{ messageRequest: { case: "listServices", value: "*" } }], true);
+    expect(alphaList!.messageResponse.case).toBe("listServicesResponse");
+    if (alphaList!.messageResponse.case === "listServicesResponse") {
+      expect(alphaList!.messageResponse.value.service.map((s) => s.name)).toContain("outpost.dispatch.v1.DispatchService");
+    }
+  });
+});
+
+/** A @grpc/grpc-js client built only from the contracts, with protobuf-es doing the bytes. */
+function grpcJsClient(address: string) {
+  const serializerOf = <T extends DescMessage>(schema: T) => ({
+    serialize: (m: object) => Buffer.from(toBinary(schema, create(schema, m as never))),
+  });
+  const definition: grpc.ServiceDefinition = {
+    GetDispatch: {
+      path: "/outpost.dispatch.v1.DispatchService/GetDispatch",
+      requestStream: false,
+      responseStream: false,
+      requestSerialize: serializerOf(GetDispatchRequestSchema).serialize,
+      requestDeserialize: (b: Buffer) => fromBinary(GetDispatchRequestSchema, b),
+      responseSerialize: (m: object) => Buffer.from(toBinary(GetDispatchResponseSchema, m as GetDispatchResponse)),
+      responseDeserialize: (b: Buffer) => fromBinary(GetDispatchResponseSchema, b),
+    },
+    SubscribeLogs: {
+      path: "/outpost.telemetry.v1.LogService/SubscribeLogs",
+      requestStream: false,
+      responseStream: true,
+      requestSerialize: serializerOf(SubscribeLogsRequestSchema).serialize,
+      requestDeserialize: (b: Buffer) => fromBinary(SubscribeLogsRequestSchema, b),
+      responseSerialize: (m: object) => Buffer.from(toBinary(SubscribeLogsResponseSchema, m as SubscribeLogsResponse)),
+      responseDeserialize: (b: Buffer) => fromBinary(SubscribeLogsResponseSchema, b),
+    },
+  };
+  const Client = grpc.makeGenericClientConstructor(definition, "DispatchAndLogs");
+  return new Client(address, grpc.credentials.createInsecure()) as unknown as grpc.Client & {
+    GetDispatch(req: object, md: grpc.Metadata, cb: (err: grpc.ServiceError | null, res?: GetDispatchResponse) => void): void;
+    SubscribeLogs(req: object, md: grpc.Metadata): grpc.ClientReadableStream<SubscribeLogsResponse>;
+  };
+}
+
+describe("@grpc/grpc-js against the edge (C4)", () => {
+  it("gets a dispatch and follows its log stream to the end", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "grpc-js lines=3" });
+    const client = grpcJsClient(new URL(t.mesh.urls.gateway).host);
+    const md = new grpc.Metadata();
+    md.set("authorization", `Bearer ${tenant.apiKey}`);
+    try {
+      const got = await new Promise<GetDispatchResponse>((resolve, reject) =>
+        client.GetDispatch({ dispatchId: dispatch!.id }, md, (err, res) => (err ? reject(err) : resolve(res!))),
+      );
+      expect(got.dispatch!.id).toBe(dispatch!.id);
+      expect(got.dispatch!.tenantId).toBe(tenant.tenantId);
+
+      const lines: string[] = [];
+      let endState: Dispatch_State | undefined;
+      const stream = client.SubscribeLogs({ dispatchId: dispatch!.id, afterSeq: 0n }, md);
+      for await (const message of stream as AsyncIterable<SubscribeLogsResponse>) {
+        for (const chunk of message.chunks) lines.push(chunk.text);
+        if (message.runEnd) endState = message.runEnd.state;
+      }
+      expect(endState).toBe(Dispatch_State.SUCCEEDED);
+      expect(lines).toContain("aarch64");
+      expect(lines.filter((l) => /^line \d+$/.test(l)).length).toBeGreaterThanOrEqual(3);
+
+      // A missing key is refused with the gRPC status a grpc-js client expects.
+      const err = await new Promise<grpc.ServiceError>((resolve) =>
+        client.GetDispatch({ dispatchId: dispatch!.id }, new grpc.Metadata(), (e) => resolve(e!)),
+      );
+      expect(err.code).toBe(grpc.status.UNAUTHENTICATED);
+    } finally {
+      client.close();
+    }
+  });
+});
+
+describe("request hygiene (G4)", () => {
+  it("refuses a 2 MiB message with RESOURCE_EXHAUSTED over gRPC and Connect, and keeps serving", async () => {
+    const task = "x".repeat(2 * 1024 * 1024);
+    const auth = { authorization: `Bearer ${tenant.apiKey}` };
+    for (const [name, transport] of [
+      ["grpc", createGrpcTransport({ baseUrl: t.mesh.urls.gateway })],
+      ["connect h1 json", createConnectTransport({ baseUrl: t.mesh.urls.gateway, httpVersion: "1.1" })],
+      ["connect h2 binary", createConnectTransport({ baseUrl: t.mesh.urls.gateway, httpVersion: "2", useBinaryFormat: true })],
+    ] as const) {
+      const client = createClient(DispatchService, transport);
+      const err = await failure(client.createDispatch({ agent: "demo", task }, { headers: auth }));
+      expect(`${name}: ${Code[err.code]} ${err.rawMessage}`).toMatch(new RegExp(`^${name}: ResourceExhausted`));
+    }
+    const { dispatches } = await tenant.clients.dispatches.listDispatches({});
+    expect(Array.isArray(dispatches)).toBe(true);
+    expect((await fetch(`${t.mesh.urls.gateway}/healthz`)).status).toBe(200);
+  });
+
+  it("ends a call at the client's deadline with DEADLINE_EXCEEDED and cancels the upstream call", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "slow sleep=20" });
+    const traceId = randomBytes(16).toString("hex");
+    const started = Date.now();
+    const err = await failure(async () => {
+      for await (const _ of tenant.clients.dispatches.watchDispatch(
+        { dispatchId: dispatch!.id },
+        { timeoutMs: 1500, headers: { traceparent: `00-${traceId}-${randomBytes(8).toString("hex")}-01` } },
+      )) {
+        // state changes until the deadline
+      }
+    });
+    expect(err.code).toBe(Code.DeadlineExceeded);
+    expect(Date.now() - started).toBeLessThan(10_000);
+    // The dispatcher's side of the same trace ended too, long before the run would have.
+    const dispatcherLog = path.join(t.dir, "logs", "dispatcher.log");
+    let ended: { ms: number } | undefined;
+    for (let i = 0; i < 50 && !ended; i++) {
+      ended = readFileSync(dispatcherLog, "utf8")
+        .split("\n")
+        .filter((l) => l.includes(traceId) && l.includes("WatchDispatch"))
+        .map((l) => JSON.parse(l) as { ms: number; msg: string })
+        .find((l) => l.msg === "rpc" || l.msg === "rpc failed");
+      if (!ended) await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(ended, "the dispatcher logged the end of the watch under the client's trace id").toBeDefined();
+    expect(ended!.ms).toBeLessThan(5000);
+    await tenant.clients.dispatches.cancelDispatch({ dispatchId: dispatch!.id });
+  });
+
+  it("masks an upstream's internal error as INTERNAL with a trace id found in the gateway log", async () => {
+    // A stand-in dispatcher whose handler fails with a detail clients must not see.
+    const leak = `db password ${randomBytes(6).toString("hex")}`;
+    const fake = http2.createServer(
+      connectNodeAdapter({
+        routes(router) {
+          router.service(DispatchService, {
+            getDispatch() {
+              // What a buggy or foreign upstream might send: an internal error with its cause spelled out.
+              throw new ConnectError(`connection to mongodb failed: ${leak}`, Code.Internal);
+            },
+          });
+        },
+      }),
+    );
+    const fakePort = await freePort();
+    await new Promise<void>((resolve) => fake.listen(fakePort, "127.0.0.1", resolve));
+    let edge: Mesh | undefined;
+    try {
+      edge = await startMesh({
+        dataDir: path.join(t.dir, "data-masking"),
+        logDir: path.join(t.dir, "logs-masking"),
+        internalSecret: t.internalSecret,
+        adminToken: t.adminToken,
+        only: ["gateway"],
+        ports: { tenant: Number(new URL(t.mesh.urls.tenant).port), telemetry: Number(new URL(t.mesh.urls.telemetry).port), dispatcher: fakePort },
+      });
+      const client = createClient(DispatchService, createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" }));
+      const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers: { authorization: `Bearer ${tenant.apiKey}` } }));
+      expect(err.code).toBe(Code.Internal);
+      expect(err.rawMessage).not.toContain(leak);
+      expect(err.rawMessage).not.toContain("mongodb");
+      const traceId = traceIdPattern.exec(err.rawMessage)?.[1];
+      expect(traceId).toMatch(/^[0-9a-f]{32}$/);
+      // The log reaches the file through a pipe: give it a moment.
+      let found = false;
+      for (let i = 0; i < 50 && !found; i++) {
+        found = readFileSync(path.join(t.dir, "logs-masking", "gateway.log"), "utf8")
+          .split("\n")
+          .some((l) => l.includes(`"trace_id":"${traceId!}"`) && l.includes(leak));
+        if (!found) await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(found, "the cause is in the gateway log under the trace id").toBe(true);
+    } finally {
+      await edge?.stop();
+      fake.close();
+    }
+  });
+});
+
+describe("errors keep their details through the edge", () => {
+  it("passes an upstream NOT_FOUND with its ErrorInfo unchanged", async () => {
+    const err = await failure(tenant.clients.dispatches.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }));
+    expect(err.code).toBe(Code.NotFound);
+    expect(errorInfoOf(err)?.reason).toBe("DISPATCH_NOT_FOUND");
+  });
+});

@@ -1,0 +1,85 @@
+/**
+ * The executor inside the real mesh (issue #5): results validated and returned on the
+ * dispatch, timeout and cancellation by signal, and reconciliation after the executor process
+ * is killed with SIGKILL mid-run and started again.
+ */
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { followLogs } from "@outpost/cli";
+import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import Docker from "dockerode";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startTestMesh, type TestMesh } from "./harness.ts";
+
+const docker = new Docker();
+const EXECUTOR_LABEL = `dev.outpost.executor-id=test-${process.pid}`;
+const TERMINAL = new Set([Dispatch_State.SUCCEEDED, Dispatch_State.FAILED, Dispatch_State.TIMED_OUT, Dispatch_State.CANCELLED]);
+let t: TestMesh;
+let tenant: Awaited<ReturnType<TestMesh["newTenant"]>>;
+
+beforeAll(async () => {
+  await docker.ping();
+  t = await startTestMesh({ env: { OUTPOST_STOP_GRACE_MS: "2000" } });
+  tenant = await t.newTenant("Executor");
+});
+
+afterAll(async () => {
+  await t?.mesh.stop();
+});
+
+async function labelledContainers(): Promise<number> {
+  return (await docker.listContainers({ all: true, filters: { label: [EXECUTOR_LABEL] } })).length;
+}
+
+async function waitFor(dispatchId: string, states: Set<Dispatch_State>, timeoutMs = 60_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const { dispatch } = await tenant.clients.dispatches.getDispatch({ dispatchId });
+    if (states.has(dispatch!.state)) return dispatch!;
+    if (Date.now() > deadline) throw new Error(`dispatch ${dispatchId} stayed ${Dispatch_State[dispatch!.state]}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+describe("executor in the mesh", () => {
+  it("returns the agent's result on the dispatch", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: 'result={"summary":"mesh-ok","n":3}' });
+    const lines: string[] = [];
+    const end = await followLogs(tenant.clients.logs, dispatch!.id, (chunk) => lines.push(chunk.text));
+    expect(end.state).toBe(Dispatch_State.SUCCEEDED);
+    const { dispatch: final } = await tenant.clients.dispatches.getDispatch({ dispatchId: dispatch!.id });
+    expect(final!.result).toEqual({ summary: "mesh-ok", n: 3 });
+  });
+
+  it("times out an agent that ignores SIGTERM (TIMED_OUT) and cancels a running one (CANCELLED)", async () => {
+    const stubborn = await tenant.clients.dispatches.createDispatch({
+      agent: "demo",
+      task: "ignore-term sleep=60",
+      timeout: durationFromMs(3000),
+    });
+    const cancelled = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "sleep=60" });
+    await waitFor(cancelled.dispatch!.id, new Set([Dispatch_State.RUNNING]));
+    await tenant.clients.dispatches.cancelDispatch({ dispatchId: cancelled.dispatch!.id });
+    const [timedOut, stopped] = await Promise.all([
+      waitFor(stubborn.dispatch!.id, TERMINAL),
+      waitFor(cancelled.dispatch!.id, TERMINAL),
+    ]);
+    expect(timedOut.state).toBe(Dispatch_State.TIMED_OUT);
+    expect(timedOut.failureReason).toBe("timed out after 3s");
+    expect(timedOut.exitCode).toBe(137);
+    expect(stopped.state).toBe(Dispatch_State.CANCELLED);
+    expect(await labelledContainers()).toBe(0);
+  });
+
+  it("after kill -9 of the executor mid-run and a restart, the dispatch ends and no container is left", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "sleep=60" });
+    await waitFor(dispatch!.id, new Set([Dispatch_State.RUNNING]));
+    expect(await labelledContainers()).toBe(1);
+    await t.mesh.kill("executor", "SIGKILL");
+    expect(await labelledContainers()).toBe(1); // the agent outlives its executor
+    await t.mesh.start("executor");
+    const final = await waitFor(dispatch!.id, TERMINAL);
+    expect(final.state).toBe(Dispatch_State.FAILED);
+    expect(final.failureReason).toMatch(/executor lost/);
+    expect(await labelledContainers()).toBe(0);
+  });
+});

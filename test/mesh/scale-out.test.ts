@@ -1,0 +1,203 @@
+/**
+ * Scale-out failure test (issue #7, SPEC O3): the two-of-everything topology on one machine
+ * (scripts/lib/scale-out.ts: private Redis, shared SQLite store, loopback balancers) under a
+ * load of N dispatches of the demo agent (200 by default; OUTPOST_SCALE_OUT_DISPATCHES), while
+ * one replica of each kind is killed with SIGKILL in turn and restarted. Asserts: every
+ * dispatch reaches a terminal state, none is lost (every create's request_id maps to one
+ * dispatch, and the tenant lists exactly those), none runs twice (Docker `start` events per
+ * dispatch-id label), no container is orphaned; prints the client-visible error rate during
+ * each failover.
+ *
+ * It depends on Redis wake-ups between dispatchers, executor reconciliation after a crash and
+ * telemetry fan-out between replicas. Takes about two minutes for 200 dispatches on two cores;
+ * OUTPOST_SKIP_SCALE_OUT_TEST=1 skips it on a machine where that is too long.
+ */
+import { randomBytes } from "node:crypto";
+import { mkdtempSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import Docker from "dockerode";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { outpostClients, type OutpostClients } from "@outpost/cli";
+import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
+import { startScaleOut, type ScaleOut } from "../../scripts/lib/scale-out.ts";
+import type { ServiceName } from "../../scripts/lib/mesh.ts";
+import { MethodStats } from "../../load/stats.ts";
+import { isTerminal } from "../../load/workload.ts";
+
+const LABEL = "dev.outpost.dispatch-id";
+const COUNT = Number(process.env.OUTPOST_SCALE_OUT_DISPATCHES ?? 200);
+// Canceled: when an upstream replica dies mid-call the gateway currently answers CANCELED (not
+// UNAVAILABLE); the client did not cancel, so it retries with the same request_id like the others.
+const RETRYABLE = new Set([Code.Unavailable, Code.Unknown, Code.Internal, Code.DeadlineExceeded, Code.Aborted, Code.Canceled]);
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+const docker = new Docker();
+let topology: ScaleOut | undefined;
+
+afterAll(async () => {
+  await topology?.stop();
+});
+
+/** Retries a call on transport-level failures (a replica died under it), counting each failure. */
+async function withRetry<T>(stats: MethodStats, method: string, call: () => Promise<T>, attempts = 30): Promise<T> {
+  for (let i = 1; ; i++) {
+    const started = performance.now();
+    try {
+      const result = await call();
+      stats.record(method, performance.now() - started);
+      return result;
+    } catch (err) {
+      // The tenant's concurrent-run quota is back-pressure, not a fault: wait as a client would.
+      if (ConnectError.from(err).code === Code.ResourceExhausted) {
+        await sleep(500);
+        i--;
+        continue;
+      }
+      stats.fail(method, err);
+      if (!RETRYABLE.has(ConnectError.from(err).code) || i >= attempts) throw err;
+      await sleep(Math.min(2000, 100 * i));
+    }
+  }
+}
+
+describe("scale-out topology under failover", () => {
+  it.skipIf(Boolean(process.env.OUTPOST_SKIP_SCALE_OUT_TEST))(
+    `runs ${COUNT} dispatches to a terminal state exactly once while one replica of each kind is killed and restarted`,
+    { timeout: 15 * 60_000 },
+    async () => {
+      await docker.ping();
+      const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-scale-out-test-"));
+      const adminToken = randomBytes(32).toString("hex");
+      topology = await startScaleOut({
+        dataDir: path.join(dir, "data"),
+        logDir: path.join(dir, "logs"),
+        internalSecret: randomBytes(32).toString("hex"),
+        adminToken,
+        env: {
+          OUTPOST_LOG_LEVEL: "info",
+          OUTPOST_LEASE_TTL_MS: "5000",
+          OUTPOST_EXECUTOR_SLOTS: "3",
+          OUTPOST_EXECUTOR_ID: `scale-test-${process.pid}`,
+          OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS: "5000",
+          OUTPOST_RATE_LIMITS: "create=100000,trigger=100000,read=10000000",
+          OUTPOST_RATE_LIMITS_PER_IP: "create=100000,trigger=100000,read=10000000",
+        },
+      });
+      const { mesh } = topology;
+      const gateway = mesh.urls.gateway;
+      const admin = outpostClients(gateway, adminToken);
+      const created = await admin.tenants.createTenant({ name: "Scale-out test", contactEmail: "ops@example.com", tier: Tier.ENTERPRISE });
+      const clients: OutpostClients = outpostClients(gateway, created.apiKeyPlaintext);
+      const run = `so-${Date.now()}`;
+
+      // Container starts per dispatch, from the engine itself.
+      const starts = new Map<string, number>();
+      const events = (await docker.getEvents({ filters: { type: ["container"], event: ["start"], label: [LABEL] } })) as NodeJS.ReadableStream;
+      let buffered = "";
+      events.on("data", (chunk: Buffer) => {
+        buffered += chunk.toString();
+        let nl: number;
+        while ((nl = buffered.indexOf("\n")) >= 0) {
+          const line = buffered.slice(0, nl);
+          buffered = buffered.slice(nl + 1);
+          const id = (JSON.parse(line) as { Actor?: { Attributes?: Record<string, string> } }).Actor?.Attributes?.[LABEL];
+          if (id) starts.set(id, (starts.get(id) ?? 0) + 1);
+        }
+      });
+
+      const stats = new MethodStats();
+      const ids = new Map<string, string>(); // request_id -> dispatch id
+      let chaosDone = false;
+
+      async function creator() {
+        for (let n = 0; n < COUNT; n++) {
+          const requestId = `${run}-${n}`;
+          const res = await withRetry(stats, "CreateDispatch", () =>
+            clients.dispatches.createDispatch({ agent: "demo", task: `scale-out ${n} lines=2`, requestId, labels: { run } }),
+          );
+          ids.set(requestId, res.dispatch!.id);
+          await sleep(150);
+        }
+      }
+
+      async function reader() {
+        // Readers run through every failover window, so each has client calls to measure.
+        while (!chaosDone) {
+          const all = [...ids.values()];
+          if (all.length) {
+            const dispatchId = all[Math.floor(Math.random() * all.length)]!;
+            await stats.time("GetDispatch", () => clients.dispatches.getDispatch({ dispatchId }));
+          }
+          await sleep(50);
+        }
+      }
+
+      const failovers: { service: ServiceName; requests: number; errors: number; errorRate: number }[] = [];
+      async function chaos() {
+        const order: ServiceName[] = ["gateway", "dispatcher", "telemetry", "executor"];
+        for (const [i, service] of order.entries()) {
+          await sleep(4000);
+          const index = i % 2;
+          stats.openWindow();
+          await mesh.killReplica(service, index, "SIGKILL");
+          await sleep(2000);
+          await mesh.startReplica(service, index);
+          await sleep(2000);
+          failovers.push({ service, ...stats.closeWindow() });
+        }
+        chaosDone = true;
+      }
+
+      await Promise.all([creator(), reader(), reader(), chaos()]);
+      expect(ids.size).toBe(COUNT);
+      expect(new Set(ids.values()).size).toBe(COUNT);
+
+      // Every dispatch reaches a terminal state (bounded wait).
+      const final = new Map<string, Dispatch_State>();
+      const deadline = Date.now() + 8 * 60_000;
+      while (final.size < COUNT && Date.now() < deadline) {
+        for (const id of ids.values()) {
+          if (final.has(id)) continue;
+          const res = await withRetry(stats, "GetDispatch", () => clients.dispatches.getDispatch({ dispatchId: id }));
+          if (isTerminal(res.dispatch!.state)) final.set(id, res.dispatch!.state);
+        }
+        if (final.size < COUNT) await sleep(1000);
+      }
+      // Let executors remove the last containers before looking for orphans.
+      await sleep(3000);
+      (events as unknown as { destroy(): void }).destroy();
+
+      const byState = new Map<string, number>();
+      for (const state of final.values()) byState.set(Dispatch_State[state], (byState.get(Dispatch_State[state]) ?? 0) + 1);
+      const twice = [...starts].filter(([id, n]) => n > 1 && [...ids.values()].includes(id));
+      const leftovers = await docker.listContainers({ all: true, filters: { label: [LABEL] } });
+      const orphans = leftovers.filter((c) => [...ids.values()].includes(c.Labels[LABEL] ?? ""));
+
+      process.stdout.write(
+        [
+          `scale-out: ${COUNT} dispatches; terminal ${final.size}; states ${JSON.stringify(Object.fromEntries(byState))}`,
+          ...failovers.map((f) => `  failover ${f.service}: ${f.requests} client calls, ${f.errors} errors, error rate ${(f.errorRate * 100).toFixed(2)}%`),
+          `  containers started twice: ${twice.length}; orphaned: ${orphans.length}`,
+        ].join("\n") + "\n",
+      );
+
+      expect(final.size, "dispatches not terminal").toBe(COUNT);
+      // None lost: the tenant's list for this run holds exactly the dispatches created.
+      const listed = new Set<string>();
+      let pageToken = "";
+      do {
+        const page = await withRetry(stats, "ListDispatches", () => clients.dispatches.listDispatches({ pageSize: 100, pageToken, labels: { run } }));
+        for (const d of page.dispatches) listed.add(d.id);
+        pageToken = page.nextPageToken;
+      } while (pageToken);
+      expect([...listed].sort()).toEqual([...ids.values()].sort());
+      expect(twice, "dispatches whose container started more than once").toEqual([]);
+      expect(orphans.map((c) => c.Labels[LABEL]), "orphaned containers").toEqual([]);
+      // Runs that succeeded actually ran (a start event each).
+      for (const [id, state] of final) if (state === Dispatch_State.SUCCEEDED) expect(starts.get(id), id).toBe(1);
+    },
+  );
+});
