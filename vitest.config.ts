@@ -7,5 +7,7 @@ export default defineConfig({
     hookTimeout: 120_000,
     // Mesh tests start real processes and containers; two cores do not like them in parallel.
     fileParallelism: false,
+    // Prints mesh process logs when a test fails (CI keeps only the test output).
+    setupFiles: ["test/support/mesh-logs-on-failure.ts"],
   },
 });

@@ -10,6 +10,7 @@ import path from "node:path";
 import Docker from "dockerode";
 import { outpostClients, type OutpostClients } from "@outpost/cli";
 import { startMesh, type Mesh, type MeshOptions } from "../../scripts/lib/mesh.ts";
+import { unwatchLogDir, watchLogDir } from "../support/mesh-logs-on-failure.ts";
 
 export const DEMO_IMAGE = "outpost/demo-agent:latest";
 
@@ -27,9 +28,11 @@ export async function startTestMesh(overrides: Partial<MeshOptions> = {}): Promi
   const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-mesh-"));
   const internalSecret = randomBytes(32).toString("hex");
   const adminToken = randomBytes(32).toString("hex");
+  const logDir = path.join(dir, "logs");
+  watchLogDir(logDir);
   const mesh = await startMesh({
     dataDir: path.join(dir, "data"),
-    logDir: path.join(dir, "logs"),
+    logDir,
     internalSecret,
     adminToken,
     ...overrides,
@@ -49,6 +52,7 @@ export async function startTestMesh(overrides: Partial<MeshOptions> = {}): Promi
   // start to settle; a test mesh never starts again, so its containers are removed here.
   mesh.stop = async () => {
     await stop();
+    unwatchLogDir(logDir);
     const docker = new Docker();
     const leftovers = await docker.listContainers({ all: true, filters: { label: [`dev.outpost.executor-id=${executorId}`] } }).catch(() => []);
     await Promise.all(leftovers.map((c) => docker.getContainer(c.Id).remove({ force: true }).catch(() => undefined)));

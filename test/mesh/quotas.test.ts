@@ -110,7 +110,7 @@ describe("quotas through the gateway", () => {
     const after = await fire(clients, 1, "quick");
     expect(after.accepted).toHaveLength(0);
     expect(errorInfoOf(after.rejected[0]!)?.metadata.quota).toBe("runs_per_day");
-  });
+  }, 120_000);
 
   it("names a missing secret with NOT_FOUND before anything is queued", async () => {
     const { clients } = await tenantOf(Tier.FREE, "Secretless");
@@ -165,5 +165,5 @@ describe("suspension", () => {
     } finally {
       if (t.mesh.processes.get("executor")?.exitCode !== null) await t.mesh.start("executor");
     }
-  });
+  }, 90_000);
 });
