@@ -218,4 +218,54 @@ describe("subscriptions across reconnects, replicas and restarts", () => {
     expect(numbered(history)).toEqual(range(1, lines));
     expect(Number(end.lastSeq)).toBe(history.length);
   });
+
+  it("a subscriber that stops reading (SIGSTOP) through the gateway slows neither the run nor another subscriber, and resumes from storage", async () => {
+    const lines = 100_000;
+    const overflows = async () => {
+      const text = await (await fetch(`${t.mesh.urls.telemetry}/metrics`)).text();
+      return Number(/^outpost_log_subscriber_overflows_total\{[^}]*\} (\d+)/m.exec(text)?.[1] ?? 0);
+    };
+    const overflowsBefore = await overflows();
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: `lines=${lines}`, timeout: { seconds: 300n, nanos: 0 } });
+    const id = dispatch!.id;
+    const summaryFile = path.join(t.dir, `stalled-${id}.json`);
+    const stalled = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", "test/fixtures/raw-subscriber.ts", t.mesh.urls.gateway, tenant.apiKey, id, summaryFile], {
+      cwd: REPO_ROOT,
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    const exited = new Promise((resolve) => stalled.once("exit", resolve));
+    try {
+      await new Promise<void>((resolve, reject) => {
+        stalled.stdout!.once("data", () => resolve());
+        stalled.once("exit", (code) => reject(new Error(`subscriber exited (${code}) before its first chunk`)));
+      });
+      stalled.kill("SIGSTOP");
+
+      // Another subscriber, reading normally, gets the whole run while the first one is stopped.
+      const received: LogChunk[] = [];
+      let end: SubscribeLogsResponse["runEnd"];
+      for await (const msg of tenant.clients.logs.subscribeLogs({ dispatchId: id })) {
+        received.push(...msg.chunks);
+        if (msg.runEnd) end = msg.runEnd;
+      }
+      expect(end?.state).toBe(Dispatch_State.SUCCEEDED);
+      expectExactlyOnce(received);
+      expect(numbered(received)).toEqual(range(1, lines));
+
+      // Telemetry noticed the stopped one fell behind (its live buffer overflowed) while it was still stopped.
+      const deadline = Date.now() + 30_000;
+      while ((await overflows()) <= overflowsBefore && Date.now() < deadline) await sleep(250);
+      expect(await overflows()).toBeGreaterThan(overflowsBefore);
+
+      // Woken up, it catches up from storage: every chunk once, in order, then the run's end.
+      stalled.kill("SIGCONT");
+      await Promise.race([exited, sleep(60_000)]);
+      const summary = JSON.parse(readFileSync(summaryFile, "utf8")) as Record<string, unknown>;
+      expect(summary).toMatchObject({ count: received.length, inOrderOnce: true, resumedFromStorage: true, ended: true });
+      expect(summary.droppedLiveChunks).toBeGreaterThan(0);
+    } finally {
+      stalled.kill("SIGCONT");
+      stalled.kill("SIGKILL");
+    }
+  }, 180_000);
 });

@@ -25,8 +25,12 @@ export class SubscriberBuffer implements LiveListener {
   /** Live chunks dropped by overflows (the subscription read them from storage instead). */
   dropped = 0;
 
-  constructor(maxChunks: number) {
+  readonly #onOverflow: (() => void) | undefined;
+
+  /** `onOverflow` runs at the moment the inbox overflows, even while its reader is stuck in a write. */
+  constructor(maxChunks: number, onOverflow?: () => void) {
     this.#maxChunks = maxChunks;
+    this.#onOverflow = onOverflow;
   }
 
   onChunks(chunks: StoredChunk[]): void {
@@ -36,6 +40,7 @@ export class SubscriberBuffer implements LiveListener {
         this.#chunks = [];
         this.#overflowed = true;
         this.overflows++;
+        this.#onOverflow?.();
       } else {
         for (const chunk of chunks) this.#chunks.push(chunk);
       }

@@ -125,7 +125,8 @@ export class TelemetryCore {
    */
   async *subscribe(tenantId: string, dispatchId: string, afterSeq: number, signal: AbortSignal): AsyncGenerator<SubscriptionBatch> {
     await this.#ownRun(tenantId, dispatchId);
-    const inbox = new SubscriberBuffer(this.#bufferChunks);
+    // Counted when it happens: a subscriber that stopped reading never gets to take() again.
+    const inbox = new SubscriberBuffer(this.#bufferChunks, () => this.#observer?.subscriberOverflowed());
     const unsubscribe = this.#feed.subscribe(dispatchId, inbox);
     this.#observer?.subscriptionOpened();
     let behind = false;
@@ -149,10 +150,7 @@ export class TelemetryCore {
         const taken = inbox.take();
         if (!end && taken.end) progressAt = Date.now();
         end ??= taken.end;
-        if (taken.overflowed) {
-          behind = true;
-          this.#observer?.subscriberOverflowed();
-        }
+        if (taken.overflowed) behind = true;
         // After the end only a trickle can arrive: storage alone decides completeness.
         if (taken.overflowed || end) fromStorage = true;
         const cap = end && end.lastSeq > 0 ? end.lastSeq : Number.POSITIVE_INFINITY;
