@@ -102,15 +102,38 @@ try {
   const memory = (): Record<ServiceName, number | undefined> =>
     Object.fromEntries(SERVICES.map((s) => [s, rssKiB(mesh.processes.get(s)?.pid)])) as Record<ServiceName, number | undefined>;
   const memoryStart = memory();
+  // Resident memory alone cannot tell a leak from a heap that has not been collected yet: the
+  // V8 heap in use (from each process's /metrics) is sampled along the run as well.
+  const heapMiB = async (s: ServiceName): Promise<number | undefined> => {
+    try {
+      const text = await (await fetch(`${mesh.urls[s]}/metrics`, { signal: AbortSignal.timeout(5000) })).text();
+      const m = /^nodejs_heap_size_used_bytes(?:\{[^}]*\})? (\S+)/m.exec(text);
+      return m ? Number(m[1]) / 1048576 : undefined;
+    } catch {
+      return undefined;
+    }
+  };
+  const samples: MemorySample[] = [];
+  const sample = async () => {
+    const rss = memory();
+    const heap = Object.fromEntries(await Promise.all(SERVICES.map(async (s) => [s, await heapMiB(s)]))) as Record<ServiceName, number | undefined>;
+    const atS = Math.round((Date.now() - started) / 1000);
+    if (samples.at(-1)?.atS === atS) samples.pop(); // the last periodic one coincides with the end
+    samples.push({ atS, rss, heap });
+  };
   say(
     `profile ${profile.name}: ${profile.clients} clients, ${tenantCount} tenants, ${(profile.durationMs / 1000).toFixed(0)} s, ` +
       `${profile.createsPerMinute} creates/min, think ${profile.thinkMs} ms`,
   );
   const stats = new MethodStats();
   const started = Date.now();
+  await sample();
+  const sampler = setInterval(() => void sample(), Math.max(5_000, profile.durationMs / 6));
   const outcome = await runWorkload({ ...profile, tenants, stats });
+  clearInterval(sampler);
   const elapsedS = (Date.now() - started) / 1000;
   const memoryEnd = memory();
+  await sample();
   say(`load done in ${elapsedS.toFixed(1)} s; settling ${outcome.created.length} created runs`);
   const open = await settle(outcome.created, 120_000, 60_000);
 
@@ -130,12 +153,19 @@ try {
       ["process", "pid", "VmRSS start MiB", "VmRSS end MiB"],
       SERVICES.map((s) => [s, String(mesh.processes.get(s)?.pid ?? "-"), mib(memoryStart[s]), mib(memoryEnd[s])]),
     ),
+    "",
+    "VmRSS / V8 heap in use, MiB, along the run:",
+    "",
+    table(
+      ["process", ...samples.map((m) => `t=${m.atS}s`)],
+      SERVICES.map((s) => [s, ...samples.map((m) => `${mib(m.rss[s])} / ${m.heap[s] === undefined ? "-" : m.heap[s].toFixed(1)}`)]),
+    ),
   ];
   process.stdout.write(`${out.join("\n")}\n`);
   if (values.json) {
     writeFileSync(
       values.json,
-      `${JSON.stringify({ profile, tenants: tenantCount, elapsedS, total, errors, methods: summary, created: outcome.created.length, cancelled: outcome.cancelled, openAfterSettling: open, memoryStart, memoryEnd }, null, 2)}\n`,
+      `${JSON.stringify({ profile, tenants: tenantCount, elapsedS, total, errors, methods: summary, created: outcome.created.length, cancelled: outcome.cancelled, openAfterSettling: open, memoryStart, memoryEnd, memorySamples: samples }, null, 2)}\n`,
     );
   }
   if (open.length) exitCode = 1;
@@ -148,6 +178,14 @@ try {
   else rmSync(dir, { recursive: true, force: true });
 }
 process.exit(exitCode);
+
+interface MemorySample {
+  atS: number;
+  /** VmRSS in KiB. */
+  rss: Record<ServiceName, number | undefined>;
+  /** V8 heap in use in MiB. */
+  heap: Record<ServiceName, number | undefined>;
+}
 
 function mib(kib: number | undefined): string {
   return kib === undefined ? "-" : (kib / 1024).toFixed(1);
