@@ -103,7 +103,11 @@ describe("Kubernetes manifests (deploy/k8s)", () => {
     expect(scaled).toHaveLength(1);
     expect(scaled[0]!.spec.scaleTargetRef).toMatchObject({ kind: "Deployment", name: "executor" });
     expect(scaled[0]!.spec.triggers[0]).toMatchObject({ type: "prometheus" });
-    expect(scaled[0]!.spec.triggers[0].metadata.query).toContain("outpost_queue_depth");
+    // The query must name a gauge the dispatcher really exports, or the scaler never fires.
+    const queried = /outpost_[a-z_]+/.exec(scaled[0]!.spec.triggers[0].metadata.query as string)?.[0];
+    const dispatcherGauges = [...readFileSync(path.join(REPO_ROOT, "services/dispatcher/src/service.ts"), "utf8").matchAll(/gauge\(\s*"(outpost_[a-z_]+)"/g)].map((m) => m[1]);
+    expect(dispatcherGauges).toContain("outpost_dispatch_queue_depth");
+    expect(queried).toBe("outpost_dispatch_queue_depth");
     // The executor is not also scaled by an HPA (two controllers would fight).
     expect(ofKind("HorizontalPodAutoscaler").map((h) => h.spec.scaleTargetRef.name)).not.toContain("executor");
   });

@@ -10,7 +10,15 @@ export interface Stoppable {
 }
 
 export async function runProcess(name: string, start: (logger: Logger) => Promise<Stoppable>): Promise<void> {
-  const logger = createLogger(name);
+  let logger: Logger;
+  try {
+    logger = createLogger(name);
+  } catch (err) {
+    // No logger yet: the level itself is the bad setting.
+    if (!(err instanceof ConfigError)) throw err;
+    process.stderr.write(`${name}: ${err.message}\n`);
+    process.exit(78);
+  }
   let service: Stoppable;
   try {
     service = await start(logger);

@@ -4,10 +4,17 @@
  */
 import { pino, type Logger } from "pino";
 import { currentTrace } from "./call-context.ts";
+import { ConfigError } from "./config.ts";
 
 export type { Logger };
 
+export const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
+
+/** Throws ConfigError naming OUTPOST_LOG_LEVEL when the level is not one of LOG_LEVELS. */
 export function createLogger(service: string, level = process.env.OUTPOST_LOG_LEVEL ?? "info"): Logger {
+  if (!(LOG_LEVELS as readonly string[]).includes(level)) {
+    throw new ConfigError(`OUTPOST_LOG_LEVEL: must be one of ${LOG_LEVELS.join(", ")} (got "${level}")`);
+  }
   return pino({
     level,
     base: { service, pid: process.pid },

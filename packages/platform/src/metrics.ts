@@ -86,10 +86,6 @@ export function rateLimitRejections(): client.Counter<"limit"> {
 export const CIRCUIT_STATE = { closed: 0, halfOpen: 1, open: 2 } as const;
 export type CircuitStateName = keyof typeof CIRCUIT_STATE;
 
-export function recordCircuitState(circuit: string, state: CircuitStateName): void {
-  gauge("outpost_circuit_state", "Circuit breaker state by circuit: 0 closed, 1 half-open, 2 open.", ["circuit"]).set({ circuit }, CIRCUIT_STATE[state]);
-}
-
 /** gRPC-style code name in snake case, as Prometheus labels usually spell them ("ok", "not_found"). */
 function codeLabel(err: unknown): string {
   if (err === undefined) return "ok";

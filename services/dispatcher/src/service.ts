@@ -1,7 +1,7 @@
 /** Wires the dispatcher: store, registry, core, telemetry client, lease sweeper, server. */
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { connectRedis, gauge, internalClient, recordCircuitState, startServer, subscriberOf, type Logger } from "@outpost/platform";
+import { connectRedis, gauge, internalClient, startServer, subscriberOf, type Logger } from "@outpost/platform";
 import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { GrpcTenantAdmission } from "./adapters/tenant-admission.ts";
 import { AgentRegistry, builtinAgents } from "./core/agents.ts";
@@ -9,6 +9,7 @@ import { Dispatcher, type RunEvents } from "./core/dispatcher.ts";
 import { AuditLog } from "./core/audit.ts";
 import { fleetStatus } from "./core/fleet.ts";
 import { Notifier, redisWakeupBus } from "./core/notifier.ts";
+import { exportCircuitStates } from "./adapters/circuit-metrics.ts";
 import { AgentCircuits, DEFAULT_CIRCUIT, InfraRetry, DEFAULT_INFRA_RETRY } from "./core/resilience.ts";
 import type { DispatcherConfig } from "./config.ts";
 import { stateToProto } from "./mapping.ts";
@@ -43,11 +44,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     windowMs: config.OUTPOST_CIRCUIT_WINDOW_MS,
     halfOpenAfterMs: config.OUTPOST_CIRCUIT_HALF_OPEN_AFTER_MS,
   });
-  const circuitMetric = { CLOSED: "closed", OPEN: "open", HALF_OPEN: "halfOpen" } as const;
-  circuits.onStateChange((agent, state) => {
-    recordCircuitState(`agent:${agent}`, circuitMetric[state]);
-    logger.warn({ agent, circuit: state }, "agent circuit changed");
-  });
+  exportCircuitStates(circuits, logger);
   const infraRetry = new InfraRetry({
     ...DEFAULT_INFRA_RETRY,
     initialDelayMs: config.OUTPOST_RETRY_INITIAL_DELAY_MS,

@@ -7,7 +7,7 @@ import { beforeEach, describe, expect, it } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { createLogger, errorInfoOf, resourceExhausted } from "@outpost/platform";
+import { createLogger, errorInfoOf, metricsRegistry, resourceExhausted } from "@outpost/platform";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
 import { AuditInternalService, AuditService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
 import { Agent_State, type AgentSchema, AgentSchema as AgentMessage, NetworkPolicy, RiskLevel, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
@@ -18,6 +18,7 @@ import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
 import { AuditLog } from "../src/core/audit.ts";
 import { Dispatcher, type CreateDispatchInput, type RunEvents } from "../src/core/dispatcher.ts";
 import { fleetStatus } from "../src/core/fleet.ts";
+import { exportCircuitStates } from "../src/adapters/circuit-metrics.ts";
 import { Notifier } from "../src/core/notifier.ts";
 import type { TenantAdmission } from "../src/core/ports.ts";
 import { AgentCircuits, InfraRetry } from "../src/core/resilience.ts";
@@ -206,11 +207,14 @@ describe("infrastructure retries (ReleaseLease)", () => {
 describe("circuit breaker per agent (shortened clock: half-open after 300 ms)", () => {
   it("opens after 5 failures, refuses creates with UNAVAILABLE CIRCUIT_OPEN, half-opens, closes after 3 successes", async () => {
     setup({ circuitMs: 300 });
+    exportCircuitStates(circuits, logger);
+    const gauge = async () => /outpost_circuit_state\{[^}]*circuit="agent:demo"[^}]*\} (\d+)/.exec(await metricsRegistry.metrics())?.[1];
     for (let i = 0; i < 5; i++) {
       await dispatcher.create(A, input());
       await runToEnd("FAILED", 1);
     }
     expect(circuits.state("demo")).toBe("OPEN");
+    expect(await gauge()).toBe("2");
     const err = await expectError(dispatcher.create(A, input()), Code.Unavailable, "CIRCUIT_OPEN");
     expect(err.rawMessage).toContain("demo");
     // Other agents are not affected.
@@ -221,12 +225,14 @@ describe("circuit breaker per agent (shortened clock: half-open after 300 ms)", 
 
     await new Promise((r) => setTimeout(r, 350));
     expect(circuits.state("demo")).toBe("HALF_OPEN");
+    expect(await gauge()).toBe("1");
     for (let i = 0; i < 3; i++) await dispatcher.create(A, input());
     await runToEnd("SUCCEEDED", 0);
     await runToEnd("SUCCEEDED", 0);
     expect(circuits.state("demo")).toBe("HALF_OPEN");
     await runToEnd("SUCCEEDED", 0);
     expect(circuits.state("demo")).toBe("CLOSED");
+    expect(await gauge()).toBe("0");
     await dispatcher.create(A, input());
   });
 

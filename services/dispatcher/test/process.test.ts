@@ -88,6 +88,13 @@ describe("dispatcher process lifecycle", () => {
     }
   });
 
+  it("exits 78 naming OUTPOST_LOG_LEVEL when the level is not one pino knows", async () => {
+    const proc = startProcess({ OUTPOST_INTERNAL_SECRET: SECRET, OUTPOST_LOG_LEVEL: "loud" });
+    expect(await proc.exited).toBe(78);
+    expect(proc.output()).toContain("OUTPOST_LOG_LEVEL");
+    expect(proc.output()).toContain("loud");
+  });
+
   it("on SIGTERM an open AcquireLease long-poll returns empty and the process exits 0", async () => {
     const dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-term-"));
     let proc: Proc | undefined;

@@ -132,6 +132,11 @@ export class AgentCircuits {
     this.listeners.push(listener);
   }
 
+  /** Agents that have a circuit (those that were called at least once). */
+  agents(): string[] {
+    return [...this.circuits.keys()];
+  }
+
   /** The circuit's state as a create would see it: an open circuit past its wait counts as half-open. */
   state(agent: string): CircuitStateName {
     const circuit = this.circuits.get(agent);
