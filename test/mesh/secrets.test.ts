@@ -7,7 +7,8 @@
 import { spawnSync } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
 import path from "node:path";
-import { Readable, Writable } from "node:stream";
+import { Readable } from "node:stream";
+import { Capture } from "../../packages/cli/test/capture.ts";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code, ConnectError } from "@connectrpc/connect";
 import Docker from "dockerode";
@@ -34,14 +35,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await t?.mesh.stop();
 });
-
-class Capture extends Writable {
-  text = "";
-  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: () => void) {
-    this.text += chunk.toString();
-    callback();
-  }
-}
 
 async function cli(args: string[], credential: { apiKey?: string; adminToken?: string }, stdin?: string) {
   const out = new Capture();

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { Writable } from "node:stream";
+import { Capture } from "./capture.ts";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
@@ -10,14 +10,6 @@ import { LogChunkSchema, LogStream, RunEndSchema } from "@outpost/proto/outpost/
 import { LogService, SubscribeLogsResponseSchema } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { followLogs, runCli } from "../src/index.ts";
-
-class Capture extends Writable {
-  text = "";
-  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: () => void) {
-    this.text += chunk.toString();
-    callback();
-  }
-}
 
 let home: string;
 beforeAll(() => {

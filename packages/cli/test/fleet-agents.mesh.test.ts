@@ -5,18 +5,10 @@
  */
 import { rmSync, writeFileSync } from "node:fs";
 import path from "node:path";
-import { Writable } from "node:stream";
+import { Capture } from "./capture.ts";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runCli } from "../src/index.ts";
 import { DEMO_IMAGE, startTestMesh, type TestMesh } from "../../../test/mesh/harness.ts";
-
-class Capture extends Writable {
-  text = "";
-  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: () => void) {
-    this.text += chunk.toString();
-    callback();
-  }
-}
 
 let t: TestMesh;
 let apiKey: string;
