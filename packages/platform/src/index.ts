@@ -13,3 +13,4 @@ export * from "./paging.ts";
 export * from "./redis.ts";
 export * from "./tracing.ts";
 export * from "./metrics.ts";
+export * from "./streams.ts";

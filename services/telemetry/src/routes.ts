@@ -17,6 +17,7 @@ import {
   requireService,
   requireTenant,
   requireUlid,
+  untilSignal,
 } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import {
@@ -109,25 +110,6 @@ function runEndMessage(end: RunEndRecord) {
     failureReason: end.failureReason,
     lastSeq: BigInt(end.lastSeq),
   });
-}
-
-/** Yields from `source` until it ends or `signal` fires (then returns without waiting for it). */
-async function* untilSignal<T>(source: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
-  const iterator = source[Symbol.asyncIterator]();
-  const aborted = new Promise<"aborted">((resolve) => {
-    if (signal.aborted) resolve("aborted");
-    else signal.addEventListener("abort", () => resolve("aborted"), { once: true });
-  });
-  for (;;) {
-    const next = iterator.next();
-    const result = await Promise.race([next, aborted]);
-    if (result === "aborted") {
-      next.catch(() => undefined); // the stream closes under it
-      return;
-    }
-    if (result.done) return;
-    yield result.value;
-  }
 }
 
 export function telemetryRoutes(core: TelemetryCore) {

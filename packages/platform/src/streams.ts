@@ -1,0 +1,35 @@
+/** Helpers for consuming request streams in handlers. */
+
+/**
+ * Yields from `source` until it ends or `signal` fires (then returns without waiting for the
+ * pending read, which the closing stream settles).
+ *
+ * Each read races against its own abort promise, removed afterwards. Racing every read against
+ * one long-lived promise instead would leak: each `Promise.race` leaves a reaction on that
+ * promise holding the race's result, so a stream that lives as long as a run would keep every
+ * message it ever received.
+ */
+export async function* untilSignal<T>(source: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
+  const iterator = source[Symbol.asyncIterator]();
+  for (;;) {
+    if (signal.aborted) return;
+    const next = iterator.next();
+    let onAbort: (() => void) | undefined;
+    const aborted = new Promise<"aborted">((resolve) => {
+      onAbort = () => resolve("aborted");
+      signal.addEventListener("abort", onAbort, { once: true });
+    });
+    let result: IteratorResult<T> | "aborted";
+    try {
+      result = await Promise.race([next, aborted]);
+    } finally {
+      signal.removeEventListener("abort", onAbort!);
+    }
+    if (result === "aborted") {
+      next.catch(() => undefined); // the stream closes under it
+      return;
+    }
+    if (result.done) return;
+    yield result.value;
+  }
+}
