@@ -25,6 +25,8 @@ export const dispatcherConfigShape = {
   OUTPOST_RETRY_MAX_ATTEMPTS: setting.positiveInt(5),
   /** How long a lease lives without a heartbeat. */
   OUTPOST_LEASE_TTL_MS: setting.durationMs(30_000),
+  /** How often long-polls and watches re-read the store when nothing woke them (lost cross-replica wake-ups). */
+  OUTPOST_QUEUE_RECHECK_MS: setting.durationMs(1000),
   /** Upper bound of any run's timeout until tiers set their own (issue #3). */
   OUTPOST_MAX_TIMEOUT_S: setting.positiveInt(3600),
   /** Image of the built-in demo agent. */

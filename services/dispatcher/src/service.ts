@@ -29,13 +29,13 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     : new SqliteDispatchStore(config.OUTPOST_DATA_DIR);
   const agents = new AgentRegistry(builtinAgents(config.OUTPOST_DEMO_AGENT_IMAGE), store);
   await agents.refresh();
-  // Cross-replica wake-ups over Redis when configured; in-process (plus the 1 s re-check) otherwise.
+  // Cross-replica wake-ups over Redis when configured; in-process (plus the periodic re-check) otherwise.
   let notifier: Notifier;
   if (config.OUTPOST_REDIS_URL) {
     const publisher = connectRedis(config.OUTPOST_REDIS_URL, logger);
     notifier = new Notifier(redisWakeupBus(publisher, subscriberOf(publisher), logger));
     // Do not block start-up on Redis: it is optional, wake-ups work in-process until it answers.
-    notifier.start().catch((err: unknown) => logger.warn({ err }, "redis subscribe failed; peers' work is found by the 1 s re-check"));
+    notifier.start().catch((err: unknown) => logger.warn({ err }, "redis subscribe failed; peers' work is found by the periodic re-check"));
   } else {
     notifier = new Notifier();
   }
@@ -87,6 +87,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     logger,
     leaseTtlMs: config.OUTPOST_LEASE_TTL_MS,
     maxTimeoutMs: config.OUTPOST_MAX_TIMEOUT_S * 1000,
+    queueRecheckMs: config.OUTPOST_QUEUE_RECHECK_MS,
   });
 
   const fleet = () =>

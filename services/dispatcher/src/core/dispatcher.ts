@@ -61,14 +61,18 @@ export interface DispatcherOptions {
   admission?: TenantAdmission;
   circuits?: AgentCircuits;
   infraRetry?: InfraRetry;
+  /**
+   * How often a long-poll (or a watch) re-reads the store without being woken: the safety net
+   * for work or changes made on another replica whose wake-up was lost. Default 1000 ms.
+   */
+  queueRecheckMs?: number;
   now?: () => number;
 }
 
 /** Executor capacity as reported with AcquireLease/Heartbeat (contract C). */
 export type CapacityReport = Omit<ExecutorReport, "executorId" | "seenAt">;
 
-/** A replica re-checks the queue at least this often while long-polling (work queued elsewhere). */
-const QUEUE_RECHECK_MS = 1000;
+const DEFAULT_QUEUE_RECHECK_MS = 1000;
 
 export class Dispatcher {
   private readonly store: DispatchStore & ExecutorStore;
@@ -82,6 +86,7 @@ export class Dispatcher {
   private readonly leaseTtlMs: number;
   private readonly maxTimeoutMs: number;
   private readonly now: () => number;
+  private readonly queueRecheckMs: number;
 
   constructor(options: DispatcherOptions) {
     this.store = options.store;
@@ -95,6 +100,7 @@ export class Dispatcher {
     this.circuits = options.circuits ?? new AgentCircuits();
     this.infraRetry = options.infraRetry ?? new InfraRetry();
     this.now = options.now ?? Date.now;
+    this.queueRecheckMs = options.queueRecheckMs ?? DEFAULT_QUEUE_RECHECK_MS;
   }
 
   /**
@@ -194,7 +200,7 @@ export class Dispatcher {
     let last = await this.get(tenantId, id);
     yield last;
     while (!isTerminal(last.state) && !signal.aborted) {
-      await this.notifier.waitForChange(id, QUEUE_RECHECK_MS, signal);
+      await this.notifier.waitForChange(id, this.queueRecheckMs, signal);
       const current = await this.get(tenantId, id);
       if (current.updateTime !== last.updateTime || current.state !== last.state) {
         last = current;
@@ -236,7 +242,7 @@ export class Dispatcher {
       }
       const remaining = deadline - this.now();
       if (remaining <= 0) return undefined;
-      await this.notifier.waitForWork(Math.min(remaining, QUEUE_RECHECK_MS), signal);
+      await this.notifier.waitForWork(Math.min(remaining, this.queueRecheckMs), signal);
     }
     return undefined;
   }
