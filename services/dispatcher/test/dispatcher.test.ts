@@ -37,7 +37,7 @@ let events: RecordingRunEvents;
 let clock: { now: number } | undefined;
 let dispatcher: Dispatcher;
 
-function makeDispatcher(options: { fakeClock?: boolean; maxTimeoutMs?: number } = {}) {
+function makeDispatcher(options: { fakeClock?: boolean; maxTimeoutMs?: number; queueRecheckMs?: number } = {}) {
   clock = options.fakeClock ? { now: Date.parse("2025-06-01T00:00:00Z") } : undefined;
   const c = clock;
   dispatcher = new Dispatcher({
@@ -49,6 +49,7 @@ function makeDispatcher(options: { fakeClock?: boolean; maxTimeoutMs?: number } 
     leaseTtlMs: LEASE_TTL_MS,
     maxTimeoutMs: options.maxTimeoutMs ?? MAX_TIMEOUT_MS,
     now: c ? () => c.now : undefined,
+    queueRecheckMs: options.queueRecheckMs,
   });
   return dispatcher;
 }
@@ -235,6 +236,8 @@ describe("acquireLease", () => {
   });
 
   it("wakes promptly when a dispatch is created during the wait", async () => {
+    // The store re-check is out of the picture (60 s): only the wake-up can end the wait early.
+    makeDispatcher({ queueRecheckMs: 60_000 });
     const started = Date.now();
     const waiting = dispatcher.acquireLease("executor/1", 20_000, never);
     await new Promise((r) => setTimeout(r, 100));
@@ -243,8 +246,8 @@ describe("acquireLease", () => {
     expect(got?.dispatch.id).toBe(d.id);
     expect(got?.dispatch.state).toBe("STARTING");
     expect(got?.agent.name).toBe("claude");
-    // Well before the 1 s re-check interval would have found it.
-    expect(Date.now() - started).toBeLessThan(800);
+    // Not woken, it would have waited its full 20 s.
+    expect(Date.now() - started).toBeLessThan(10_000);
   });
 
   it("returns undefined when the signal aborts", async () => {
