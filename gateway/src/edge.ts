@@ -64,35 +64,59 @@ export interface EdgeOptions {
   logger: Logger;
 }
 
-export function edgeInterceptor({ authenticator, rateLimits }: EdgeOptions): Interceptor {
-  return (next) => async (req) => {
-    const ip = req.contextValues.get(clientIpKey);
-    const methodClass = methodClassOf(req.method.name);
-    const keyless = PUBLIC_WITHOUT_KEY.has(req.service.typeName);
+/** Who the caller is and what it has left, for a call the edge let through. */
+export interface Admitted {
+  /** Undefined only for keyless services (health, reflection). */
+  identity: Identity | undefined;
+  /** RateLimit-* headers for the response. */
+  budget: [string, string][];
+}
 
-    let identity: Identity | undefined = keyless ? undefined : authenticator.cachedIdentity(req.header);
-    let ipDecision: RateDecision | undefined;
-    let tenantDecision: RateDecision | undefined;
-    if (identity !== undefined || keyless) {
-      // Trusted credential already known: both budgets at once, one round trip to Redis.
-      [ipDecision, tenantDecision] = await Promise.all([
-        rateLimits?.checkIp(ip, methodClass),
-        identity?.kind === "tenant" ? rateLimits?.checkTenant(ip, identity.tenantId, methodClass, authenticator.rateLimitsOf(identity.tenantId)) : undefined,
-      ]);
-    } else {
-      // Unknown credential: the IP budget first, so floods of bad keys never reach the tenant service.
-      ipDecision = await rateLimits?.checkIp(ip, methodClass);
-      if (ipDecision && !ipDecision.allowed) throw rateLimited(ipDecision);
-      identity = await authenticator.authenticate(req.header);
-      if (identity.kind === "tenant") {
-        tenantDecision = await rateLimits?.checkTenant(ip, identity.tenantId, methodClass, authenticator.rateLimitsOf(identity.tenantId));
-      }
+/**
+ * The edge's decision for one call: credential (G2) and rate budgets (G3). Throws the
+ * ConnectError the client gets (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED).
+ * Shared by the Connect interceptor and the raw unary forwarder (http/raw-unary.ts).
+ */
+export async function admitCall(
+  { authenticator, rateLimits }: Pick<EdgeOptions, "authenticator" | "rateLimits">,
+  call: { ip: string; serviceTypeName: string; methodName: string; header: Headers },
+): Promise<Admitted> {
+  const { ip } = call;
+  const methodClass = methodClassOf(call.methodName);
+  const keyless = PUBLIC_WITHOUT_KEY.has(call.serviceTypeName);
+
+  let identity: Identity | undefined = keyless ? undefined : authenticator.cachedIdentity(call.header);
+  let ipDecision: RateDecision | undefined;
+  let tenantDecision: RateDecision | undefined;
+  if (identity !== undefined || keyless) {
+    // Trusted credential already known: both budgets at once, one round trip to Redis.
+    [ipDecision, tenantDecision] = await Promise.all([
+      rateLimits?.checkIp(ip, methodClass),
+      identity?.kind === "tenant" ? rateLimits?.checkTenant(ip, identity.tenantId, methodClass, authenticator.rateLimitsOf(identity.tenantId)) : undefined,
+    ]);
+  } else {
+    // Unknown credential: the IP budget first, so floods of bad keys never reach the tenant service.
+    ipDecision = await rateLimits?.checkIp(ip, methodClass);
+    if (ipDecision && !ipDecision.allowed) throw rateLimited(ipDecision);
+    identity = await authenticator.authenticate(call.header);
+    if (identity.kind === "tenant") {
+      tenantDecision = await rateLimits?.checkTenant(ip, identity.tenantId, methodClass, authenticator.rateLimitsOf(identity.tenantId));
     }
-    const decision = tightest(ipDecision, tenantDecision);
-    if (decision && !decision.allowed) throw rateLimited(decision);
-    if (identity) req.contextValues.set(identityKey, identity);
+  }
+  const decision = tightest(ipDecision, tenantDecision);
+  if (decision && !decision.allowed) throw rateLimited(decision);
+  return { identity, budget: decision ? Object.entries(rateLimitHeaders(decision)) : [] };
+}
 
-    const budget = decision ? Object.entries(rateLimitHeaders(decision)) : [];
+export function edgeInterceptor(options: EdgeOptions): Interceptor {
+  return (next) => async (req) => {
+    const { identity, budget } = await admitCall(options, {
+      ip: req.contextValues.get(clientIpKey),
+      serviceTypeName: req.service.typeName,
+      methodName: req.method.name,
+      header: req.header,
+    });
+    if (identity) req.contextValues.set(identityKey, identity);
     try {
       const res = await next(req.stream ? { ...req, message: decodeFailuresAsInvalid(req.message) } : req);
       for (const [name, value] of budget) res.header.set(name, value);

@@ -14,6 +14,7 @@ import { ReflectionIndex } from "./core/reflection.ts";
 import { PUBLIC_SERVICES, type Upstream } from "./core/routing.ts";
 import { clientIpKey, clientIpOf, edgeInterceptor } from "./edge.ts";
 import { reclassifyDecodeErrors } from "./http/decode-errors.ts";
+import { rawUnaryForwarder } from "./http/raw-unary.ts";
 import { registerForwarding, registerReflection } from "./routes.ts";
 import { MemoryRateCounter, RedisRateCounter } from "./store/rate-counter.ts";
 
@@ -77,6 +78,14 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
   ]);
 
   const cors = corsHandler(config.OUTPOST_CORS_ORIGINS);
+  const rawUnary = rawUnaryForwarder({
+    authenticator,
+    rateLimits,
+    upstreamUrls,
+    internalSecret: secret,
+    readMaxBytes: config.OUTPOST_MAX_REQUEST_BYTES,
+    logger,
+  });
   const server = await startServer({
     name: "gateway",
     host: config.OUTPOST_GATEWAY_HOST,
@@ -89,10 +98,12 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     contextValues(req, values) {
       values.set(clientIpKey, clientIpOf(req));
     },
-    httpHandler(req, res) {
+    httpHandler(req, res, calls) {
+      if (cors(req, res)) return true;
+      if (req.httpVersionMajor === 2 && rawUnary.handle(req as http2.Http2ServerRequest, res as http2.Http2ServerResponse, calls)) return true;
       closeIfBodyUnread(req, res);
       reclassifyDecodeErrors(req, res);
-      return cors(req, res);
+      return false;
     },
     routes(router) {
       for (const { service, upstream } of PUBLIC_SERVICES) registerForwarding(router, service, transports[upstream], secret);
@@ -104,6 +115,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     port: server.port,
     async close() {
       await server.close();
+      rawUnary.close();
       await rateLimits?.close();
       subscriber?.disconnect();
       redis?.disconnect();

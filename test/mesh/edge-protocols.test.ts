@@ -323,22 +323,28 @@ describe("request hygiene (G4)", () => {
         only: ["gateway"],
         ports: { tenant: Number(new URL(t.mesh.urls.tenant).port), telemetry: Number(new URL(t.mesh.urls.telemetry).port), dispatcher: fakePort },
       });
-      const client = createClient(DispatchService, createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" }));
-      const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers: { authorization: `Bearer ${tenant.apiKey}` } }));
-      expect(err.code).toBe(Code.Internal);
-      expect(err.rawMessage).not.toContain(leak);
-      expect(err.rawMessage).not.toContain("mongodb");
-      const traceId = traceIdPattern.exec(err.rawMessage)?.[1];
-      expect(traceId).toMatch(/^[0-9a-f]{32}$/);
-      // The log reaches the file through a pipe: give it a moment.
-      let found = false;
-      for (let i = 0; i < 50 && !found; i++) {
-        found = readFileSync(path.join(t.dir, "logs-masking", "gateway.log"), "utf8")
-          .split("\n")
-          .some((l) => l.includes(`"trace_id":"${traceId!}"`) && l.includes(leak));
-        if (!found) await new Promise((r) => setTimeout(r, 100));
+      // Connect over HTTP/1.1 (the Connect path) and gRPC over HTTP/2 (the raw unary path).
+      for (const transport of [
+        createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" }),
+        createGrpcTransport({ baseUrl: edge.urls.gateway }),
+      ]) {
+        const client = createClient(DispatchService, transport);
+        const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers: { authorization: `Bearer ${tenant.apiKey}` } }));
+        expect(err.code).toBe(Code.Internal);
+        expect(err.rawMessage).not.toContain(leak);
+        expect(err.rawMessage).not.toContain("mongodb");
+        const traceId = traceIdPattern.exec(err.rawMessage)?.[1];
+        expect(traceId).toMatch(/^[0-9a-f]{32}$/);
+        // The log reaches the file through a pipe: give it a moment.
+        let found = false;
+        for (let i = 0; i < 50 && !found; i++) {
+          found = readFileSync(path.join(t.dir, "logs-masking", "gateway.log"), "utf8")
+            .split("\n")
+            .some((l) => l.includes(`"trace_id":"${traceId!}"`) && l.includes(leak));
+          if (!found) await new Promise((r) => setTimeout(r, 100));
+        }
+        expect(found, "the cause is in the gateway log under the trace id").toBe(true);
       }
-      expect(found, "the cause is in the gateway log under the trace id").toBe(true);
     } finally {
       await edge?.stop();
       fake.close();
@@ -347,9 +353,21 @@ describe("request hygiene (G4)", () => {
 });
 
 describe("errors keep their details through the edge", () => {
-  it("passes an upstream NOT_FOUND with its ErrorInfo unchanged", async () => {
+  it("passes an upstream NOT_FOUND with its ErrorInfo unchanged, over Connect and over gRPC", async () => {
     const err = await failure(tenant.clients.dispatches.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }));
     expect(err.code).toBe(Code.NotFound);
     expect(errorInfoOf(err)?.reason).toBe("DISPATCH_NOT_FOUND");
+    const viaGrpc = createClient(DispatchService, createGrpcTransport({ baseUrl: t.mesh.urls.gateway }));
+    const grpcErr = await failure(viaGrpc.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers: { authorization: `Bearer ${tenant.apiKey}` } }));
+    expect(grpcErr.code).toBe(Code.NotFound);
+    expect(errorInfoOf(grpcErr)?.reason).toBe("DISPATCH_NOT_FOUND");
+    expect(errorInfoOf(grpcErr)?.metadata).toEqual(errorInfoOf(err)?.metadata);
+  });
+
+  it("refuses a unary gRPC call with a bad key with UNAUTHENTICATED and its ErrorInfo", async () => {
+    const viaGrpc = createClient(DispatchService, createGrpcTransport({ baseUrl: t.mesh.urls.gateway }));
+    const err = await failure(viaGrpc.listDispatches({}, { headers: { authorization: `Bearer otp_${"0".repeat(64)}` } }));
+    expect(err.code).toBe(Code.Unauthenticated);
+    expect(errorInfoOf(err)?.reason).toBeTruthy();
   });
 });

@@ -66,7 +66,12 @@ export interface ServerOptions {
    * gateway's CORS: it answers preflights and adds response headers). Returns true when it
    * answered the request itself.
    */
-  httpHandler?: (req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse) => boolean;
+  httpHandler?: (
+    req: http.IncomingMessage | http2.Http2ServerRequest,
+    res: http.ServerResponse | http2.Http2ServerResponse,
+    /** For calls the handler serves itself: counted in flight, so draining waits for them. */
+    calls: { start(): void; end(): void },
+  ) => boolean;
 }
 
 export interface RunningServer {
@@ -142,7 +147,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       serveMetrics(res, logger);
       return;
     }
-    if (options.httpHandler?.(req, res)) return;
+    if (options.httpHandler?.(req, res, track)) return;
     handler(req, res);
   };
 
