@@ -76,9 +76,13 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
     if (existing && !existing.closed && !existing.destroyed) return existing;
     const session = http2.connect(options.upstreamUrls[upstream]);
     session.on("error", (err) => options.logger.warn({ upstream, err: err.message }, "upstream session failed"));
-    session.on("close", () => {
+    // A closed session, or one the upstream is draining (GOAWAY), takes no new calls: the next
+    // call opens a fresh one while the old one finishes what it carries.
+    const forget = () => {
       if (sessions.get(upstream) === session) sessions.delete(upstream);
-    });
+    };
+    session.on("close", forget);
+    session.on("goaway", forget);
     session.unref();
     sessions.set(upstream, session);
     return session;
