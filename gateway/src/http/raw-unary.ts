@@ -134,7 +134,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
           const mask = (trailers: Record<string, string>): Record<string, string> => {
             const status = Number(trailers["grpc-status"]);
             if (status !== Code.Internal && status !== Code.Unknown) return trailers;
-            const cause = decodeURIComponent(trailers["grpc-message"] ?? "");
+            const cause = percentDecoded(trailers["grpc-message"] ?? "");
             otelContext.with(ctx, () => options.logger.error({ method: methodName, upstreamStatus: Code[status], cause }, "upstream failed"));
             const { "grpc-status-details-bin": _details, ...rest } = trailers;
             return { ...rest, "grpc-status": String(Code.Internal), "grpc-message": encodeURIComponent(`internal error (trace id ${traceId})`) };
@@ -194,7 +194,11 @@ function validateRequest(method: DescMethodUnary, body: Buffer): void {
   }
 }
 
-/** Sends the call upstream and relays the answer; resolves with the gRPC status code. */
+/**
+ * Sends the call upstream and relays the answer. Resolves with the gRPC status code the client
+ * got (CANCELLED when it left first); rejects with UNAVAILABLE when the upstream failed before
+ * answering, so the caller can answer instead. Every path settles exactly once.
+ */
 function relay(
   req: http2.Http2ServerRequest,
   res: http2.Http2ServerResponse,
@@ -215,18 +219,36 @@ function relay(
       reject(new ConnectError(`upstream unavailable: ${err instanceof Error ? err.message : String(err)}`, Code.Unavailable));
       return;
     }
+    let settled = false;
     let responded = false;
+    const settle = (outcome: { code: Code | 0 } | { error: ConnectError }) => {
+      if (settled) return;
+      settled = true;
+      req.off("close", onClientGone);
+      if ("error" in outcome) reject(outcome.error);
+      else resolve(outcome.code);
+    };
     // The client left: stop the upstream call too.
     const onClientGone = () => {
-      if (!res.writableEnded) upstream.close(http2.constants.NGHTTP2_CANCEL);
+      upstream.close(http2.constants.NGHTTP2_CANCEL);
+      settle({ code: Code.Canceled });
     };
     req.once("close", onClientGone);
-    upstream.once("error", (err) => {
-      req.off("close", onClientGone);
-      if (!responded) reject(new ConnectError(`upstream unavailable: ${err.message}`, Code.Unavailable));
-      else res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
-    });
+    const upstreamFailed = (why: string) => {
+      if (settled) return;
+      if (!responded) {
+        settle({ error: new ConnectError(`upstream unavailable: ${why}`, Code.Unavailable) });
+      } else {
+        // Part of the answer is out: all the client can be told is that the stream broke.
+        if (!res.stream.destroyed) res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+        settle({ code: Code.Unavailable });
+      }
+    };
+    upstream.once("error", (err) => upstreamFailed(err.message));
+    // Closed without an answer and without an error (e.g. reset with CANCEL or NO_ERROR).
+    upstream.once("close", () => upstreamFailed(`the call was closed (code ${upstream.rstCode ?? "none"})`));
     upstream.once("response", (upstreamHeaders, flags) => {
+      if (settled) return;
       responded = true;
       const status = Number(upstreamHeaders[":status"] ?? 200);
       const response: Record<string, string | string[]> = {};
@@ -241,22 +263,22 @@ function relay(
       res.writeHead(status, response);
       let trailers: http2.IncomingHttpHeaders = {};
       upstream.once("trailers", (t) => (trailers = t));
-      const endStream = (flags & http2.constants.NGHTTP2_FLAG_END_STREAM) !== 0;
       const finish = () => {
-        req.off("close", onClientGone);
+        if (settled) return;
         let out: Record<string, string> = { ...statusTrailers };
         for (const [name, value] of Object.entries(trailers)) if (typeof value === "string") out[name] = value;
         out = mask(out);
         res.addTrailers(out);
         res.end();
-        resolve(Number(out["grpc-status"] ?? Code.Unknown) as Code | 0);
+        settle({ code: Number(out["grpc-status"] ?? Code.Unknown) as Code | 0 });
       };
-      if (endStream) {
+      if ((flags & http2.constants.NGHTTP2_FLAG_END_STREAM) !== 0) {
         finish();
+        upstream.resume(); // nothing to read; let the stream close
         return;
       }
       upstream.on("data", (chunk: Buffer) => {
-        if (!res.write(chunk)) {
+        if (!res.write(chunk) && !res.stream.destroyed) {
           upstream.pause();
           res.once("drain", () => upstream.resume());
         }
@@ -283,6 +305,15 @@ function respondError(res: http2.Http2ServerResponse, error: ConnectError, budge
   res.writeHead(200, headers);
   res.addTrailers(trailers);
   res.end();
+}
+
+/** grpc-message is percent-encoded; a malformed one is shown as sent. */
+function percentDecoded(text: string): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text;
+  }
 }
 
 /** Snake-case code label, as the Connect path's metrics interceptor writes it. */
