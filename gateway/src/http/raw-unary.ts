@@ -100,7 +100,13 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
     const route = routes.get(req.url);
     if (!route) return false;
     calls.start();
-    void forward(req, res, route).finally(() => calls.end());
+    forward(req, res, route)
+      .catch((err: unknown) => {
+        // Nothing more can be told to this client (its stream broke); keep the process up.
+        options.logger.error({ err, path: req.url }, "raw unary call failed after its answer began");
+        if (!res.stream.destroyed) res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+      })
+      .finally(() => calls.end());
     return true;
   }
 
@@ -291,6 +297,7 @@ function relay(
 
 /** A gRPC error answered by the gateway itself: status, message and details in the trailers. */
 function respondError(res: http2.Http2ServerResponse, error: ConnectError, budget: [string, string][]): void {
+  if (res.stream.destroyed) return; // the client is gone
   if (res.headersSent) {
     res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
     return;
