@@ -233,6 +233,13 @@ describe("malformed bytes and framing", () => {
     // A protobuf message whose length prefix overruns it.
     const overrun = await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), grpcFrame(Buffer.from([0x0a, 0x7f, 0x41])));
     expect(grpcStatusOf(overrun)).toBe(Code.InvalidArgument);
+    // The "compressed" flag with no grpc-encoding.
+    const flagged = grpcFrame(message);
+    flagged[0] = 1;
+    expect(grpcStatusOf(await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), flagged))).toBe(Code.InvalidArgument);
+    // Two messages where a unary call takes one.
+    const twice = Buffer.concat([grpcFrame(message), grpcFrame(message)]);
+    expect(grpcStatusOf(await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), twice))).toBe(Code.InvalidArgument);
     await expectAlive();
   });
 

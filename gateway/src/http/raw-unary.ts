@@ -24,13 +24,12 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import {
   injectTraceHeaders,
+  maskedInternalMessage,
   otelContext,
-  otelTrace,
+  rpcCodeLabel,
   rpcMetrics,
-  SpanKind,
   SpanStatusCode,
-  tracer,
-  extractTraceHeaders,
+  startServerSpan,
   writeIdentity,
   type Logger,
 } from "@outpost/platform";
@@ -117,9 +116,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
     for (const [name, value] of Object.entries(req.headers)) {
       if (!name.startsWith(":") && typeof value === "string") header.set(name, value);
     }
-    const parent = extractTraceHeaders(header);
-    const span = tracer().startSpan(methodName, { kind: SpanKind.SERVER, attributes: { "rpc.system": "grpc", "rpc.service": route.method.parent.typeName, "rpc.method": route.method.name } }, parent);
-    const ctx = otelTrace.setSpan(parent, span);
+    const { span, ctx } = startServerSpan(route.method.parent.typeName, route.method.name, header);
     let code = Code.Unknown as Code | 0;
     try {
       code = await otelContext.with(ctx, async () => {
@@ -143,7 +140,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
             const cause = percentDecoded(trailers["grpc-message"] ?? "");
             otelContext.with(ctx, () => options.logger.error({ method: methodName, upstreamStatus: Code[status], cause }, "upstream failed"));
             const { "grpc-status-details-bin": _details, ...rest } = trailers;
-            return { ...rest, "grpc-status": String(Code.Internal), "grpc-message": encodeURIComponent(`internal error (trace id ${traceId})`) };
+            return { ...rest, "grpc-status": String(Code.Internal), "grpc-message": encodeURIComponent(maskedInternalMessage(traceId)) };
           };
           return await relay(req, res, sessionTo(route.upstream), req.url, outgoing, body, budget, mask);
         } catch (err) {
@@ -154,7 +151,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
         }
       });
     } finally {
-      const label = codeLabel(code);
+      const label = rpcCodeLabel(code);
       requests.inc({ method: methodName, code: label });
       endTimer({ code: label });
       if (code !== 0) span.setStatus({ code: SpanStatusCode.ERROR, message: Code[code] });
@@ -321,10 +318,4 @@ function percentDecoded(text: string): string {
   } catch {
     return text;
   }
-}
-
-/** Snake-case code label, as the Connect path's metrics interceptor writes it. */
-function codeLabel(code: Code | 0): string {
-  if (code === 0) return "ok";
-  return (Code[code] ?? "unknown").replace(/([a-z])([A-Z])/g, "$1_$2").toLowerCase();
 }

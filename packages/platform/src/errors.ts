@@ -92,3 +92,8 @@ export function outcomeOf(err?: unknown): string {
   const code = err instanceof ConnectError ? err.code : Code.Internal;
   return Code[code]!.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
 }
+
+/** What a client sees instead of an internal error's cause; the cause is logged under the trace id. */
+export function maskedInternalMessage(traceId: string): string {
+  return `internal error (trace id ${traceId})`;
+}

@@ -89,8 +89,13 @@ export type CircuitStateName = keyof typeof CIRCUIT_STATE;
 /** gRPC-style code name in snake case, as Prometheus labels usually spell them ("ok", "not_found"). */
 function codeLabel(err: unknown): string {
   if (err === undefined) return "ok";
-  const code = err instanceof ConnectError ? err.code : Code.Internal;
-  return Code[code]!.replace(/([a-z])([A-Z])/g, "$1_$2").toLowerCase();
+  return rpcCodeLabel(err instanceof ConnectError ? err.code : Code.Internal);
+}
+
+/** The `code` label of the RPC metrics for a status code (0 is "ok"). */
+export function rpcCodeLabel(code: Code | 0): string {
+  if (code === 0) return "ok";
+  return (Code[code] ?? "unknown").replace(/([a-z])([A-Z])/g, "$1_$2").toLowerCase();
 }
 
 /**

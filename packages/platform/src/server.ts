@@ -18,6 +18,7 @@ import { HealthState, registerHealth, type ReadinessCheck } from "./health.ts";
 import { identityKey, readIdentity } from "./identity.ts";
 import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
+import { maskedInternalMessage } from "./errors.ts";
 
 /** Answered with 200 before any middleware, for process supervisors and load balancers. */
 export const LIVENESS_PATH = "/healthz";
@@ -269,7 +270,7 @@ function trackingInterceptor(track: { start(): void; end(): void }, logger: Logg
     const mask = (err: unknown): ConnectError => {
       if (err instanceof ConnectError && err.code !== Code.Internal && err.code !== Code.Unknown) return err;
       const traceId = currentTrace()?.traceId ?? "none";
-      return new ConnectError(`internal error (trace id ${traceId})`, Code.Internal, undefined, undefined, err);
+      return new ConnectError(maskedInternalMessage(traceId), Code.Internal, undefined, undefined, err);
     };
     track.start();
     return observeCallEnd(() => next(req), { onEnd: finish, mapError: mask });

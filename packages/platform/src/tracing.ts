@@ -181,19 +181,24 @@ function rpcAttributes(service: string, method: string) {
   return { "rpc.system": "grpc", "rpc.service": service, "rpc.method": method };
 }
 
+/** The server span of one RPC, child of the caller's `traceparent` in `header` (or a new trace); with its context. */
+export function startServerSpan(service: string, method: string, header: Headers): { span: Span; ctx: Context } {
+  const parent = extractTraceHeaders(header);
+  const span = tracer().startSpan(
+    `${service}/${method}`,
+    { kind: SpanKind.SERVER, attributes: rpcAttributes(service, method) },
+    parent,
+  );
+  return { span, ctx: trace.setSpan(parent, span) };
+}
+
 /**
  * Server span per RPC, continuing the caller's `traceparent` (or starting a trace). The span is
  * active for the whole call, streams included, so logs and downstream calls share its trace.
  */
 export function serverTraceInterceptor(): Interceptor {
   return (next) => async (req) => {
-    const parent = extractTraceHeaders(req.header);
-    const span = tracer().startSpan(
-      `${req.service.typeName}/${req.method.name}`,
-      { kind: SpanKind.SERVER, attributes: rpcAttributes(req.service.typeName, req.method.name) },
-      parent,
-    );
-    const ctx = trace.setSpan(parent, span);
+    const { span, ctx } = startServerSpan(req.service.typeName, req.method.name, req.header);
     return observeCallEnd(() => context.with(ctx, () => next(req)), {
       onEnd: (err) => endSpan(span, err),
       wrapStream: (messages) => bindIterable(ctx, messages),
