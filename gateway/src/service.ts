@@ -100,7 +100,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     },
     httpHandler(req, res, calls) {
       if (cors(req, res)) return true;
-      if (req.httpVersionMajor === 2 && rawUnary.handle(req as http2.Http2ServerRequest, res as http2.Http2ServerResponse, calls)) return true;
+      if (rawUnary.handle(req, res, calls)) return true;
       closeIfBodyUnread(req, res);
       reclassifyDecodeErrors(req, res);
       return false;

@@ -1,0 +1,127 @@
+/**
+ * Unary Connect on the raw path (raw-unary.ts): a POST with a JSON or binary message as the
+ * whole body, over HTTP/1.1 or HTTP/2. The answer is the HTTP status and the message, or an
+ * error as JSON (`{"code": "...", "message": "...", "details": [...]}`) with the status that
+ * goes with its code. Compressed requests and Connect GET take the Connect path instead.
+ */
+import type http from "node:http";
+import zlib from "node:zlib";
+import { fromBinary, fromJsonString, type DescMethodUnary } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { codeFromHttpStatus, codeToHttpStatus, contentTypeUnaryRegExp, errorFromJsonBytes, errorToJsonBytes } from "@connectrpc/connect/protocol-connect";
+import { HOP_HEADERS, isGone, passChunk, type UnaryWireProtocol } from "./raw-unary.ts";
+
+/** Request headers passed on as they are; everything else the gateway sets itself. */
+const PASSED_HEADERS = ["content-type", "connect-protocol-version", "connect-timeout-ms", "accept-encoding", "user-agent"];
+/** An error answer is read whole to learn its code; a bigger one is not an error body of ours. */
+const MAX_ERROR_BODY_BYTES = 1024 * 1024;
+const jsonDecoder = new TextDecoder();
+
+export function connectUnary(): UnaryWireProtocol {
+  return {
+    accepts(req) {
+      const contentType = req.headers["content-type"];
+      if (typeof contentType !== "string" || !contentTypeUnaryRegExp.test(contentType)) return false;
+      const encoding = req.headers["content-encoding"];
+      if (encoding !== undefined && encoding !== "identity") return false;
+      // Another protocol version is refused by connect-node on the Connect path, precisely.
+      const version = req.headers["connect-protocol-version"];
+      return version === undefined || version === "1";
+    },
+
+    validate(method: DescMethodUnary, body: Buffer, clientHeader: Headers) {
+      // The same reading connect-node gives it: unknown JSON fields are ignored.
+      try {
+        if (isJson(clientHeader.get("content-type") ?? "")) fromJsonString(method.input, jsonDecoder.decode(body), { ignoreUnknownFields: true });
+        else fromBinary(method.input, body);
+      } catch (err) {
+        throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+      }
+    },
+
+    upstreamHeaders(clientHeader) {
+      const outgoing = new Headers();
+      for (const name of PASSED_HEADERS) {
+        const value = clientHeader.get(name);
+        if (value !== null) outgoing.set(name, value);
+      }
+      return outgoing;
+    },
+
+    relayAnswer({ stream: upstream, headers: upstreamHeaders, ended }, res, budget, mask, done) {
+      const status = Number(upstreamHeaders[":status"] ?? 200);
+      const response: Record<string, string | string[]> = {};
+      for (const [name, value] of Object.entries(upstreamHeaders)) {
+        if (!HOP_HEADERS.has(name) && value !== undefined) response[name] = value as string | string[];
+      }
+      for (const [name, value] of budget) response[name] = value;
+      const out = res as http.ServerResponse;
+      if (status === 200) {
+        out.writeHead(200, response);
+        if (ended) {
+          out.end();
+          return done(0);
+        }
+        upstream.on("data", (chunk: Buffer) => passChunk(upstream, res, chunk));
+        upstream.once("end", () => {
+          out.end();
+          done(0);
+        });
+        return;
+      }
+      // An error: its code is in the body, which is read whole (it is small) to mask it if need be.
+      const chunks: Buffer[] = [];
+      let size = 0;
+      const finish = () => {
+        let body = Buffer.concat(chunks);
+        const error = size > MAX_ERROR_BODY_BYTES ? new ConnectError(`error body of ${size} bytes`, Code.Internal) : errorOf(status, response["content-encoding"], body);
+        let answerStatus = status;
+        if (error.code === Code.Internal || error.code === Code.Unknown) {
+          body = Buffer.from(errorToJsonBytes(new ConnectError(mask(error.code, error.rawMessage), Code.Internal), {}));
+          answerStatus = codeToHttpStatus(Code.Internal);
+          delete response["content-encoding"];
+          response["content-type"] = "application/json";
+          response["content-length"] = String(body.length);
+        }
+        out.writeHead(answerStatus, response);
+        out.end(body);
+        done(error.code === Code.Unknown ? Code.Internal : error.code);
+      };
+      if (ended) return finish();
+      upstream.on("data", (chunk: Buffer) => {
+        size += chunk.length;
+        if (size <= MAX_ERROR_BODY_BYTES) chunks.push(chunk);
+      });
+      upstream.once("end", finish);
+    },
+
+    respondError(req, res, error, budget) {
+      if (isGone(res)) return;
+      const headers: Record<string, string> = { "content-type": "application/json" };
+      for (const [name, value] of error.metadata) headers[name] = value;
+      for (const [name, value] of budget) headers[name] = value;
+      // An HTTP/1.1 request refused before its body was read: the rest of it would be read as
+      // the connection's next request.
+      if (req.httpVersionMajor === 1 && !(req as http.IncomingMessage).complete) headers["connection"] = "close";
+      const body = errorToJsonBytes(error, {});
+      headers["content-length"] = String(body.byteLength);
+      (res as http.ServerResponse).writeHead(codeToHttpStatus(error.code), headers);
+      (res as http.ServerResponse).end(body);
+    },
+  };
+}
+
+function isJson(contentType: string): boolean {
+  return !contentType.toLowerCase().endsWith("/proto");
+}
+
+/** The error an upstream answered with; a body that is not a Connect error is judged by its HTTP status. */
+function errorOf(status: number, encoding: string | string[] | undefined, body: Buffer): ConnectError {
+  const fallback = new ConnectError(`HTTP ${status} without a Connect error body`, codeFromHttpStatus(status));
+  try {
+    const plain = encoding === "gzip" ? zlib.gunzipSync(body) : encoding === "br" ? zlib.brotliDecompressSync(body) : body;
+    return errorFromJsonBytes(plain, undefined, fallback);
+  } catch {
+    return fallback;
+  }
+}

@@ -1,0 +1,109 @@
+/**
+ * Unary gRPC on the raw path (raw-unary.ts): binary protobuf over HTTP/2, one uncompressed
+ * length-prefixed message each way, the status in trailers (or in the headers of a
+ * trailers-only answer).
+ */
+import http2 from "node:http2";
+import { fromBinary, type DescMethodUnary } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
+import { HOP_HEADERS, isGone, passChunk, type ClientRequest, type ClientResponse, type UnaryWireProtocol } from "./raw-unary.ts";
+
+const GRPC_CONTENT_TYPES = new Set(["application/grpc", "application/grpc+proto"]);
+/** Request headers passed on as they are; everything else the gateway sets itself. */
+const PASSED_HEADERS = ["grpc-timeout", "grpc-accept-encoding", "user-agent"];
+const STATUS_HEADERS = new Set(["grpc-status", "grpc-message", "grpc-status-details-bin"]);
+
+export function grpcUnary(): UnaryWireProtocol {
+  return {
+    accepts(req) {
+      if (req.httpVersionMajor !== 2) return false;
+      const contentType = req.headers["content-type"];
+      if (typeof contentType !== "string" || !GRPC_CONTENT_TYPES.has(contentType)) return false;
+      const encoding = req.headers["grpc-encoding"];
+      return encoding === undefined || encoding === "identity";
+    },
+
+    validate(method: DescMethodUnary, body: Buffer) {
+      if (body.length < 5) throw new ConnectError("protocol error: the request holds no complete message", Code.InvalidArgument);
+      if (body[0] !== 0) throw new ConnectError("protocol error: compressed message without grpc-encoding", Code.InvalidArgument);
+      const length = body.readUInt32BE(1);
+      if (length !== body.length - 5) {
+        throw new ConnectError(`protocol error: a unary request holds exactly one message (${length} bytes promised, ${body.length - 5} sent)`, Code.InvalidArgument);
+      }
+      try {
+        fromBinary(method.input, body.subarray(5));
+      } catch (err) {
+        throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+      }
+    },
+
+    upstreamHeaders(clientHeader) {
+      const outgoing = new Headers({ "content-type": "application/grpc", te: "trailers" });
+      for (const name of PASSED_HEADERS) {
+        const value = clientHeader.get(name);
+        if (value !== null) outgoing.set(name, value);
+      }
+      return outgoing;
+    },
+
+    relayAnswer({ stream: upstream, headers: upstreamHeaders, ended }, res, budget, mask, done) {
+      const status = Number(upstreamHeaders[":status"] ?? 200);
+      const response: Record<string, string | string[]> = {};
+      const statusTrailers: Record<string, string> = {};
+      for (const [name, value] of Object.entries(upstreamHeaders)) {
+        if (HOP_HEADERS.has(name) || value === undefined) continue;
+        // A trailers-only answer carries its status in the headers: relay it as trailers.
+        if (STATUS_HEADERS.has(name) && typeof value === "string") statusTrailers[name] = value;
+        else response[name] = value as string | string[];
+      }
+      for (const [name, value] of budget) response[name] = value;
+      const out = res as http2.Http2ServerResponse;
+      out.writeHead(status, response);
+      let trailers: http2.IncomingHttpHeaders = {};
+      upstream.once("trailers", (t) => (trailers = t));
+      const finish = () => {
+        const sent: Record<string, string> = { ...statusTrailers };
+        for (const [name, value] of Object.entries(trailers)) if (typeof value === "string") sent[name] = value;
+        const code = Number(sent["grpc-status"] ?? Code.Unknown) as Code | 0;
+        out.addTrailers(code === Code.Internal || code === Code.Unknown ? maskedTrailers(sent, code, mask) : sent);
+        out.end();
+        done(code === Code.Unknown ? Code.Internal : code);
+      };
+      if (ended) return finish();
+      upstream.on("data", (chunk: Buffer) => passChunk(upstream, res, chunk));
+      upstream.once("end", finish);
+    },
+
+    respondError(_req: ClientRequest, res: ClientResponse, error: ConnectError, budget) {
+      if (isGone(res)) return;
+      const out = res as http2.Http2ServerResponse;
+      const headers: Record<string, string> = { "content-type": "application/grpc" };
+      for (const [name, value] of budget) headers[name] = value;
+      const trailer = new Headers();
+      setTrailerStatus(trailer, error);
+      const trailers: Record<string, string> = {};
+      for (const [name, value] of error.metadata) trailers[name] = value;
+      for (const [name, value] of trailer) trailers[name] = value;
+      out.writeHead(200, headers);
+      out.addTrailers(trailers);
+      out.end();
+    },
+  };
+}
+
+/** An upstream INTERNAL/UNKNOWN: the client gets INTERNAL with the trace id and no details. */
+function maskedTrailers(trailers: Record<string, string>, code: Code, mask: (code: Code, cause: string) => string): Record<string, string> {
+  const { "grpc-status-details-bin": _details, ...rest } = trailers;
+  const message = mask(code, percentDecoded(trailers["grpc-message"] ?? ""));
+  return { ...rest, "grpc-status": String(Code.Internal), "grpc-message": encodeURIComponent(message) };
+}
+
+/** grpc-message is percent-encoded; a malformed one is shown as sent. */
+function percentDecoded(text: string): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text;
+  }
+}
