@@ -103,16 +103,26 @@ const logs: Benchmark = async (ctx): Promise<BenchResult> => {
       ctx.log(`run ${run + 1}: outpost ${outpostRate.toFixed(0)} lines/s, docker logs -f ${dockerRate.toFixed(0)} lines/s`);
     }
 
-    // Paced run for latency, about 1,000 lines/s: a pause after every 20 lines (a pause per line
-    // cannot go below ~50 ms under qemu, where every `sleep` is a slow fork).
-    const { dispatch: paced } = await tenant.clients.dispatches.createDispatch({
-      agent: "demo",
-      task: `lines=${pacedLines} interval=0.01 burst=20`,
-    });
-    const pacedResult = await subscribe(bench, tenant.clients, paced!.id);
-    const pacedRate = pacedLines / ((pacedResult.arrivals.at(-1)! - pacedResult.arrivals[0]!) / 1000);
-    const p50 = percentile(pacedResult.latencies, 50);
-    const p99 = percentile(pacedResult.latencies, 99);
+    // Paced run for latency at about 1,000 lines/s: a 10 ms pause after every `burst` lines (a
+    // pause per line cannot go below ~50 ms under qemu, where every `sleep` is a slow fork, whose
+    // cost varies by machine). A run that falls short of 900 lines/s is repeated with bursts
+    // scaled up to the rate it missed by, at most twice.
+    let burst = 20;
+    let paced: { latencies: number[]; rate: number } | undefined;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const { dispatch } = await tenant.clients.dispatches.createDispatch({
+        agent: "demo",
+        task: `lines=${pacedLines} interval=0.01 burst=${burst}`,
+      });
+      const result = await subscribe(bench, tenant.clients, dispatch!.id);
+      paced = { latencies: result.latencies, rate: pacedLines / ((result.arrivals.at(-1)! - result.arrivals[0]!) / 1000) };
+      ctx.log(`paced, bursts of ${burst}: ${paced.rate.toFixed(0)} lines/s`);
+      if (paced.rate >= 900) break;
+      burst = Math.ceil((burst * 1000) / paced.rate);
+    }
+    const pacedRate = paced!.rate;
+    const p50 = percentile(paced!.latencies, 50);
+    const p99 = percentile(paced!.latencies, 99);
     ctx.log(`paced: ${pacedRate.toFixed(0)} lines/s, latency p50 ${p50} ms p99 ${p99} ms`);
 
     // Memory: many subscribers on one live run, through the gateway over 10 HTTP/2 connections.
@@ -155,7 +165,7 @@ const logs: Benchmark = async (ctx): Promise<BenchResult> => {
       name: "logs",
       conditions:
         `demo agent (linux/arm64 under qemu) printing ${lines} lines; subscriber through the gateway vs docker logs -f on the same container; ` +
-        `latency over ${pacedLines} lines paced in bursts of 20 every 10 ms (reached ${pacedRate.toFixed(0)} lines/s); ` +
+        `latency over ${pacedLines} lines paced in bursts of ${burst} every 10 ms (reached ${pacedRate.toFixed(0)} lines/s); ` +
         `memory: telemetry RSS with ${opened}/${subscribers} subscribers on one live run through the gateway over 10 HTTP/2 connections`,
       rows: [
         {

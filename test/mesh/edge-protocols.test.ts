@@ -13,7 +13,7 @@ import * as grpc from "@grpc/grpc-js";
 import { create, createFileRegistry, fromBinary, toBinary, type DescMessage } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { connectNodeAdapter, createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { connectNodeAdapter, createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { errorInfoOf } from "@outpost/platform";
 import { ServerReflection, type ServerReflectionRequest, type ServerReflectionResponse } from "@outpost/proto/grpc/reflection/v1/reflection_pb.js";
 import { ServerReflection as ServerReflectionV1Alpha } from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
@@ -296,14 +296,19 @@ describe("request hygiene (G4)", () => {
     await tenant.clients.dispatches.cancelDispatch({ dispatchId: dispatch!.id });
   });
 
-  it("masks an upstream's internal error as INTERNAL with a trace id found in the gateway log", async () => {
-    // A stand-in dispatcher whose handler fails with a detail clients must not see.
+  it("masks an upstream's internal error as INTERNAL with a trace id found in the gateway log, over every path", async () => {
+    // A stand-in dispatcher whose handler fails with a detail clients must not see, or with a
+    // DATA_LOSS (also HTTP 500 in Connect) whose long message it compresses for clients that
+    // accept gzip: that one must come through as it is, not be mistaken for an internal error.
     const leak = `db password ${randomBytes(6).toString("hex")}`;
+    const longLoss = `chunk store lost segment ${"x".repeat(2048)}`;
+    const LOSS_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
     const fake = http2.createServer(
       connectNodeAdapter({
         routes(router) {
           router.service(DispatchService, {
-            getDispatch() {
+            getDispatch(req) {
+              if (req.dispatchId === LOSS_ID) throw new ConnectError(longLoss, Code.DataLoss);
               // What a buggy or foreign upstream might send: an internal error with its cause spelled out.
               throw new ConnectError(`connection to mongodb failed: ${leak}`, Code.Internal);
             },
@@ -323,14 +328,18 @@ describe("request hygiene (G4)", () => {
         only: ["gateway"],
         ports: { tenant: Number(new URL(t.mesh.urls.tenant).port), telemetry: Number(new URL(t.mesh.urls.telemetry).port), dispatcher: fakePort },
       });
-      // Connect over HTTP/1.1 (the Connect path) and gRPC over HTTP/2 (the raw unary path).
-      for (const transport of [
-        createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" }),
-        createGrpcTransport({ baseUrl: edge.urls.gateway }),
-      ]) {
+      // The raw path in both protocols (Connect JSON over HTTP/1.1, Connect binary over HTTP/2,
+      // gRPC) and the Connect path (gRPC-Web).
+      for (const [name, transport] of [
+        ["connect h1 json", createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" })],
+        ["connect h2 binary", createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "2", useBinaryFormat: true })],
+        ["grpc", createGrpcTransport({ baseUrl: edge.urls.gateway })],
+        ["grpc-web", createGrpcWebTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" })],
+      ] as const) {
         const client = createClient(DispatchService, transport);
-        const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers: { authorization: `Bearer ${tenant.apiKey}` } }));
-        expect(err.code).toBe(Code.Internal);
+        const headers = { authorization: `Bearer ${tenant.apiKey}` };
+        const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers }));
+        expect(`${name}: ${Code[err.code]}`).toBe(`${name}: Internal`);
         expect(err.rawMessage).not.toContain(leak);
         expect(err.rawMessage).not.toContain("mongodb");
         const traceId = traceIdPattern.exec(err.rawMessage)?.[1];
@@ -343,7 +352,10 @@ describe("request hygiene (G4)", () => {
             .some((l) => l.includes(`"trace_id":"${traceId!}"`) && l.includes(leak));
           if (!found) await new Promise((r) => setTimeout(r, 100));
         }
-        expect(found, "the cause is in the gateway log under the trace id").toBe(true);
+        expect(found, `${name}: the cause is in the gateway log under the trace id`).toBe(true);
+
+        const loss = await failure(client.getDispatch({ dispatchId: LOSS_ID }, { headers }));
+        expect(`${name}: ${Code[loss.code]} ${loss.rawMessage.length}`).toBe(`${name}: DataLoss ${longLoss.length}`);
       }
     } finally {
       await edge?.stop();
@@ -364,13 +376,61 @@ describe("errors keep their details through the edge", () => {
     expect(errorInfoOf(grpcErr)?.metadata).toEqual(errorInfoOf(err)?.metadata);
   });
 
-  it("refuses a unary gRPC call with a bad key with UNAUTHENTICATED and its ErrorInfo", async () => {
-    const viaGrpc = createClient(DispatchService, createGrpcTransport({ baseUrl: t.mesh.urls.gateway }));
-    const err = await failure(viaGrpc.listDispatches({}, { headers: { authorization: `Bearer otp_${"0".repeat(64)}` } }));
-    expect(err.code).toBe(Code.Unauthenticated);
-    expect(errorInfoOf(err)?.reason).toBeTruthy();
+  it("refuses a unary call with a bad key with UNAUTHENTICATED and its ErrorInfo, in every protocol", async () => {
+    for (const [name, transport] of [
+      ["grpc", createGrpcTransport({ baseUrl: t.mesh.urls.gateway })],
+      ["connect h1 json", createConnectTransport({ baseUrl: t.mesh.urls.gateway, httpVersion: "1.1" })],
+      ["connect h2 binary", createConnectTransport({ baseUrl: t.mesh.urls.gateway, httpVersion: "2", useBinaryFormat: true })],
+      ["grpc-web", createGrpcWebTransport({ baseUrl: t.mesh.urls.gateway, httpVersion: "1.1" })],
+    ] as const) {
+      const client = createClient(DispatchService, transport);
+      const err = await failure(client.listDispatches({}, { headers: { authorization: `Bearer otp_${"0".repeat(64)}` } }));
+      expect(`${name}: ${Code[err.code]}`).toBe(`${name}: Unauthenticated`);
+      expect(errorInfoOf(err)?.reason, name).toBeTruthy();
+    }
+  });
+
+  it("answers hand-made Connect unary calls over HTTP/1.1 and HTTP/2, and refuses a malformed one at the edge", async () => {
+    // (The RateLimit-* headers of these answers are checked in edge-redis.test.ts; this mesh
+    // allow-lists loopback.)
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "raw connect" });
+    for (const http of ["1.1", "2"] as const) {
+      const answer = await rawConnectCall(http, "/outpost.dispatch.v1.DispatchService/GetDispatch", JSON.stringify({ dispatchId: dispatch!.id, unknownField: 1 }));
+      expect(answer.status).toBe(200);
+      expect(answer.headers["content-type"]).toBe("application/json");
+      expect(Number(answer.headers["content-length"])).toBe(Buffer.byteLength(answer.body));
+      expect((JSON.parse(answer.body) as { dispatch: { id: string } }).dispatch.id).toBe(dispatch!.id);
+      // The client's own mistakes are answered at the edge, in Connect's error format.
+      const bad = await rawConnectCall(http, "/outpost.dispatch.v1.DispatchService/GetDispatch", '{"dispatchId": 7');
+      expect(bad.status).toBe(400);
+      expect(JSON.parse(bad.body)).toMatchObject({ code: "invalid_argument" });
+    }
   });
 });
+
+/** A Connect unary POST by hand, over HTTP/1.1 or HTTP/2: status, headers and body as sent. */
+async function rawConnectCall(version: "1.1" | "2", path: string, body: string) {
+  const headers = { "content-type": "application/json", "connect-protocol-version": "1", authorization: `Bearer ${tenant.apiKey}` };
+  if (version === "1.1") {
+    const res = await fetch(`${t.mesh.urls.gateway}${path}`, { method: "POST", headers, body });
+    return { status: res.status, headers: Object.fromEntries(res.headers), body: await res.text() };
+  }
+  const session = http2.connect(t.mesh.urls.gateway);
+  try {
+    return await new Promise<{ status: number; headers: Record<string, string>; body: string }>((resolve, reject) => {
+      const stream = session.request({ ":method": "POST", ":path": path, ...headers });
+      let answer: Record<string, string> = {};
+      let text = "";
+      stream.on("response", (h) => (answer = Object.fromEntries(Object.entries(h).map(([k, v]) => [k, String(v)]))));
+      stream.on("data", (chunk: Buffer) => (text += chunk.toString("utf8")));
+      stream.on("end", () => resolve({ status: Number(answer[":status"]), headers: answer, body: text }));
+      stream.on("error", reject);
+      stream.end(body);
+    });
+  } finally {
+    session.close();
+  }
+}
 
 describe("the raw unary path across an upstream restart", () => {
   it("drains with the dispatcher (SIGTERM ends promptly) and serves gRPC again over a fresh session", async () => {

@@ -9,7 +9,7 @@ import zlib from "node:zlib";
 import { fromBinary, fromJsonString, type DescMethodUnary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { codeFromHttpStatus, codeToHttpStatus, contentTypeUnaryRegExp, errorFromJsonBytes, errorToJsonBytes } from "@connectrpc/connect/protocol-connect";
-import { HOP_HEADERS, isGone, passChunk, type UnaryWireProtocol } from "./raw-unary.ts";
+import { errorHeaders, HOP_HEADERS, isGone, passChunk, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "connect-timeout-ms", "accept-encoding", "user-agent"];
@@ -97,9 +97,7 @@ export function connectUnary(): UnaryWireProtocol {
 
     respondError(req, res, error, budget) {
       if (isGone(res)) return;
-      const headers: Record<string, string> = { "content-type": "application/json" };
-      for (const [name, value] of error.metadata) headers[name] = value;
-      for (const [name, value] of budget) headers[name] = value;
+      const headers: Record<string, string> = { ...errorHeaders(error, budget), "content-type": "application/json" };
       // An HTTP/1.1 request refused before its body was read: the rest of it would be read as
       // the connection's next request.
       if (req.httpVersionMajor === 1 && !(req as http.IncomingMessage).complete) headers["connection"] = "close";

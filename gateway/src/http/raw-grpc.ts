@@ -7,7 +7,7 @@ import http2 from "node:http2";
 import { fromBinary, type DescMethodUnary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
-import { HOP_HEADERS, isGone, passChunk, type ClientRequest, type ClientResponse, type UnaryWireProtocol } from "./raw-unary.ts";
+import { errorHeaders, HOP_HEADERS, isGone, passChunk, type ClientRequest, type ClientResponse, type UnaryWireProtocol } from "./raw-unary.ts";
 
 const GRPC_CONTENT_TYPES = new Set(["application/grpc", "application/grpc+proto"]);
 /** Request headers passed on as they are; everything else the gateway sets itself. */
@@ -78,14 +78,11 @@ export function grpcUnary(): UnaryWireProtocol {
     respondError(_req: ClientRequest, res: ClientResponse, error: ConnectError, budget) {
       if (isGone(res)) return;
       const out = res as http2.Http2ServerResponse;
-      const headers: Record<string, string> = { "content-type": "application/grpc" };
-      for (const [name, value] of budget) headers[name] = value;
-      const trailer = new Headers();
-      setTrailerStatus(trailer, error);
-      const trailers: Record<string, string> = {};
-      for (const [name, value] of error.metadata) trailers[name] = value;
-      for (const [name, value] of trailer) trailers[name] = value;
-      out.writeHead(200, headers);
+      // The budget goes in the headers; the error's metadata in the trailers, beside the status.
+      const status = new Headers();
+      setTrailerStatus(status, error);
+      const trailers = { ...errorHeaders(error, []), ...Object.fromEntries(status) };
+      out.writeHead(200, { "content-type": "application/grpc", ...Object.fromEntries(budget) });
       out.addTrailers(trailers);
       out.end();
     },

@@ -22,6 +22,7 @@ import type http from "node:http";
 import http2 from "node:http2";
 import type { DescMethodUnary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { mergeNonProtocolHeaders } from "@connectrpc/connect/protocol";
 import {
   injectTraceHeaders,
   maskedInternalMessage,
@@ -207,6 +208,18 @@ export function breakAnswer(res: ClientResponse): void {
   if (isGone(res)) return;
   if ("stream" in res) res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
   else res.destroy();
+}
+
+/**
+ * Headers for an error the gateway answers itself: the error's own metadata (e.g. Retry-After)
+ * without protocol headers, and none from an error that came over the wire (the tenant
+ * service's answer to a key lookup carries its own content type and status), then the budget.
+ */
+export function errorHeaders(error: ConnectError, budget: [string, string][]): Record<string, string> {
+  const headers = new Headers();
+  if (!error.isWireError) mergeNonProtocolHeaders(headers, error.metadata);
+  for (const [name, value] of budget) headers.set(name, value);
+  return Object.fromEntries(headers);
 }
 
 /** The client's stream or connection is closed: nothing more can reach it. */
