@@ -67,12 +67,15 @@ export async function runH2load(options: H2loadOptions): Promise<LoadFigures> {
     const finished = /finished in ([\d.]+)(m?s), ([\d.]+) req\/s/.exec(output);
     const counts = /requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout/.exec(output);
     if (!finished || !counts) throw new Error(`h2load output not understood:\n${output}`);
-    // Columns: start (µs since epoch), HTTP status, µs until the end of the response.
+    // Columns: start (µs since epoch), HTTP status, µs until the end of the response. Status 0
+    // marks a stream still open when the timed run ended: h2load cuts it off and counts it
+    // neither done nor failed (the bare server gets the same few per connection), so it is
+    // neither a failure nor a latency.
     const latencies: number[] = [];
     let non2xx = 0;
     for (const line of readFileSync(logFile, "utf8").split("\n")) {
       const [, status, micros] = line.split("\t");
-      if (!micros) continue;
+      if (!micros || status === "0") continue;
       if (!status?.startsWith("2")) non2xx++;
       latencies.push(Number(micros) / 1000);
     }
