@@ -296,19 +296,52 @@ describe("request hygiene (G4)", () => {
     await tenant.clients.dispatches.cancelDispatch({ dispatchId: dispatch!.id });
   });
 
-  it("masks an upstream's internal error as INTERNAL with a trace id found in the gateway log, over every path", async () => {
-    // A stand-in dispatcher whose handler fails with a detail clients must not see, or with a
-    // DATA_LOSS (also HTTP 500 in Connect) whose long message it compresses for clients that
-    // accept gzip: that one must come through as it is, not be mistaken for an internal error.
-    const leak = `db password ${randomBytes(6).toString("hex")}`;
-    const longLoss = `chunk store lost segment ${"x".repeat(2048)}`;
-    const LOSS_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
-    const fake = http2.createServer(
+});
+
+/**
+ * Against a stand-in dispatcher (a bare connect-node server) behind a gateway of its own: what
+ * a buggy or slow upstream does, over the raw path in both protocols (Connect JSON over
+ * HTTP/1.1, Connect binary over HTTP/2, gRPC) and over the Connect path (gRPC-Web).
+ */
+describe("a misbehaving upstream, over every path", () => {
+  const leak = `db password ${randomBytes(6).toString("hex")}`;
+  // A DATA_LOSS is also HTTP 500 in Connect, and its long message is gzipped for clients that
+  // accept it: it must come through as it is, not be mistaken for an internal error.
+  const longLoss = `chunk store lost segment ${"x".repeat(2048)}`;
+  const LOSS_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
+  const SLOW_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAX";
+  /** Calls of the slow method, and whether the stand-in saw each one cancelled. */
+  const slowCalls: { cancelled: boolean }[] = [];
+  let fake: http2.Http2Server;
+  let edge: Mesh;
+  const paths = () =>
+    [
+      ["connect h1 json", createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" })],
+      ["connect h2 binary", createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "2", useBinaryFormat: true })],
+      ["grpc", createGrpcTransport({ baseUrl: edge.urls.gateway })],
+      ["grpc-web", createGrpcWebTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" })],
+    ] as const;
+
+  beforeAll(async () => {
+    fake = http2.createServer(
       connectNodeAdapter({
         routes(router) {
           router.service(DispatchService, {
-            getDispatch(req) {
+            async getDispatch(req, ctx) {
               if (req.dispatchId === LOSS_ID) throw new ConnectError(longLoss, Code.DataLoss);
+              if (req.dispatchId === SLOW_ID) {
+                const call = { cancelled: false };
+                slowCalls.push(call);
+                await new Promise((resolve) => {
+                  const timer = setTimeout(resolve, 10_000);
+                  ctx.signal.addEventListener("abort", () => {
+                    call.cancelled = true;
+                    clearTimeout(timer);
+                    resolve(undefined);
+                  });
+                });
+                return {};
+              }
               // What a buggy or foreign upstream might send: an internal error with its cause spelled out.
               throw new ConnectError(`connection to mongodb failed: ${leak}`, Code.Internal);
             },
@@ -318,48 +351,65 @@ describe("request hygiene (G4)", () => {
     );
     const fakePort = await freePort();
     await new Promise<void>((resolve) => fake.listen(fakePort, "127.0.0.1", resolve));
-    let edge: Mesh | undefined;
-    try {
-      edge = await startMesh({
-        dataDir: path.join(t.dir, "data-masking"),
-        logDir: path.join(t.dir, "logs-masking"),
-        internalSecret: t.internalSecret,
-        adminToken: t.adminToken,
-        only: ["gateway"],
-        ports: { tenant: Number(new URL(t.mesh.urls.tenant).port), telemetry: Number(new URL(t.mesh.urls.telemetry).port), dispatcher: fakePort },
-      });
-      // The raw path in both protocols (Connect JSON over HTTP/1.1, Connect binary over HTTP/2,
-      // gRPC) and the Connect path (gRPC-Web).
-      for (const [name, transport] of [
-        ["connect h1 json", createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" })],
-        ["connect h2 binary", createConnectTransport({ baseUrl: edge.urls.gateway, httpVersion: "2", useBinaryFormat: true })],
-        ["grpc", createGrpcTransport({ baseUrl: edge.urls.gateway })],
-        ["grpc-web", createGrpcWebTransport({ baseUrl: edge.urls.gateway, httpVersion: "1.1" })],
-      ] as const) {
-        const client = createClient(DispatchService, transport);
-        const headers = { authorization: `Bearer ${tenant.apiKey}` };
-        const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers }));
-        expect(`${name}: ${Code[err.code]}`).toBe(`${name}: Internal`);
-        expect(err.rawMessage).not.toContain(leak);
-        expect(err.rawMessage).not.toContain("mongodb");
-        const traceId = traceIdPattern.exec(err.rawMessage)?.[1];
-        expect(traceId).toMatch(/^[0-9a-f]{32}$/);
-        // The log reaches the file through a pipe: give it a moment.
-        let found = false;
-        for (let i = 0; i < 50 && !found; i++) {
-          found = readFileSync(path.join(t.dir, "logs-masking", "gateway.log"), "utf8")
-            .split("\n")
-            .some((l) => l.includes(`"trace_id":"${traceId!}"`) && l.includes(leak));
-          if (!found) await new Promise((r) => setTimeout(r, 100));
-        }
-        expect(found, `${name}: the cause is in the gateway log under the trace id`).toBe(true);
+    edge = await startMesh({
+      dataDir: path.join(t.dir, "data-masking"),
+      logDir: path.join(t.dir, "logs-masking"),
+      internalSecret: t.internalSecret,
+      adminToken: t.adminToken,
+      only: ["gateway"],
+      ports: { tenant: Number(new URL(t.mesh.urls.tenant).port), telemetry: Number(new URL(t.mesh.urls.telemetry).port), dispatcher: fakePort },
+    });
+  });
 
-        const loss = await failure(client.getDispatch({ dispatchId: LOSS_ID }, { headers }));
-        expect(`${name}: ${Code[loss.code]} ${loss.rawMessage.length}`).toBe(`${name}: DataLoss ${longLoss.length}`);
+  afterAll(async () => {
+    await edge?.stop();
+    fake?.close();
+  });
+
+  it("masks an internal error as INTERNAL with a trace id found in the gateway log; a compressed DATA_LOSS passes", async () => {
+    for (const [name, transport] of paths()) {
+      const client = createClient(DispatchService, transport);
+      const headers = { authorization: `Bearer ${tenant.apiKey}` };
+      const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers }));
+      expect(`${name}: ${Code[err.code]}`).toBe(`${name}: Internal`);
+      expect(err.rawMessage).not.toContain(leak);
+      expect(err.rawMessage).not.toContain("mongodb");
+      const traceId = traceIdPattern.exec(err.rawMessage)?.[1];
+      expect(traceId).toMatch(/^[0-9a-f]{32}$/);
+      // The log reaches the file through a pipe: give it a moment.
+      let found = false;
+      for (let i = 0; i < 50 && !found; i++) {
+        found = readFileSync(path.join(t.dir, "logs-masking", "gateway.log"), "utf8")
+          .split("\n")
+          .some((l) => l.includes(`"trace_id":"${traceId!}"`) && l.includes(leak));
+        if (!found) await new Promise((r) => setTimeout(r, 100));
       }
-    } finally {
-      await edge?.stop();
-      fake.close();
+      expect(found, `${name}: the cause is in the gateway log under the trace id`).toBe(true);
+
+      const loss = await failure(client.getDispatch({ dispatchId: LOSS_ID }, { headers }));
+      expect(`${name}: ${Code[loss.code]} ${loss.rawMessage.length}`).toBe(`${name}: DataLoss ${longLoss.length}`);
+    }
+  });
+
+  it("ends a slow unary call at the client's deadline, or when the client leaves, and cancels it upstream", async () => {
+    const headers = { authorization: `Bearer ${tenant.apiKey}` };
+    for (const [name, transport] of paths()) {
+      const client = createClient(DispatchService, transport);
+      // The deadline travels with the call; the client leaving (no deadline sent) must too.
+      for (const [how, options] of [
+        ["deadline", () => ({ headers, timeoutMs: 700 })],
+        ["client gone", () => ({ headers, signal: AbortSignal.timeout(700) })],
+      ] as const) {
+        const before = slowCalls.length;
+        const started = Date.now();
+        const err = await failure(client.getDispatch({ dispatchId: SLOW_ID }, options()));
+        expect(`${name}, ${how}: ${Code[err.code]}`).toBe(`${name}, ${how}: ${how === "deadline" ? "DeadlineExceeded" : "Canceled"}`);
+        expect(Date.now() - started, name).toBeLessThan(5000);
+        // The stand-in got the call and saw it end long before its 10 s.
+        for (let i = 0; i < 50 && !slowCalls[before]?.cancelled; i++) await new Promise((r) => setTimeout(r, 100));
+        expect(slowCalls.length, `${name}, ${how}`).toBe(before + 1);
+        expect(slowCalls[before]!.cancelled, `${name}, ${how}: cancelled upstream`).toBe(true);
+      }
     }
   });
 });
