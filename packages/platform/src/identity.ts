@@ -33,13 +33,36 @@ function sign(secret: string, payload: string): string {
   return createHmac("sha256", secret).update(payload).digest("base64url");
 }
 
+/**
+ * Signing and checking cost an HMAC each per call on the hot path, so both are remembered
+ * briefly: a signed identity is reused for up to a second (its expiry is then 59 s to 60 s
+ * away, never more), and a payload and signature that verified are trusted again until their
+ * expiry. Both caches are keyed by the secret too (in-process tests run servers with different
+ * secrets) and bounded: when full they are emptied and refilled.
+ */
+const SIGNATURE_REUSE_MS = 1_000;
+const MAX_CACHED = 10_000;
+const signedCache = new Map<string, { payload: string; signature: string; signedAt: number }>();
+const verifiedCache = new Map<string, { identity: Identity; exp: number }>();
+
+function remember<V>(cache: Map<string, V>, key: string, value: V): void {
+  if (cache.size >= MAX_CACHED) cache.clear();
+  cache.set(key, value);
+}
+
 /** Writes the signed identity into outgoing request headers. */
 export function writeIdentity(headers: Headers, secret: string, identity: Identity, now = Date.now()): void {
-  const payload = Buffer.from(JSON.stringify({ id: identity, exp: now + IDENTITY_TTL_MS } satisfies SignedPayload)).toString(
-    "base64url",
-  );
-  headers.set(IDENTITY_HEADER, payload);
-  headers.set(IDENTITY_SIGNATURE_HEADER, sign(secret, payload));
+  const id = JSON.stringify(identity);
+  const key = `${secret}\n${id}`;
+  let signed = signedCache.get(key);
+  if (signed === undefined || now < signed.signedAt || now - signed.signedAt >= SIGNATURE_REUSE_MS) {
+    // The same bytes as JSON.stringify({ id, exp } satisfies SignedPayload).
+    const payload = Buffer.from(`{"id":${id},"exp":${now + IDENTITY_TTL_MS}}`).toString("base64url");
+    signed = { payload, signature: sign(secret, payload), signedAt: now };
+    remember(signedCache, key, signed);
+  }
+  headers.set(IDENTITY_HEADER, signed.payload);
+  headers.set(IDENTITY_SIGNATURE_HEADER, signed.signature);
 }
 
 /** Verifies the identity in incoming headers; throws UNAUTHENTICATED when it cannot be trusted. */
@@ -48,6 +71,12 @@ export function readIdentity(headers: Headers, secret: string, now = Date.now())
   const signature = headers.get(IDENTITY_SIGNATURE_HEADER);
   if (!payload || !signature) {
     throw unauthenticated("IDENTITY_MISSING", "no caller identity: tenant calls must come through the gateway");
+  }
+  const key = `${secret}\n${payload}\n${signature}`;
+  const verified = verifiedCache.get(key);
+  if (verified !== undefined) {
+    if (verified.exp < now) throw unauthenticated("IDENTITY_EXPIRED", "caller identity has expired");
+    return verified.identity;
   }
   const expected = Buffer.from(sign(secret, payload));
   const given = Buffer.from(signature);
@@ -64,7 +93,9 @@ export function readIdentity(headers: Headers, secret: string, now = Date.now())
   if (typeof parsed.exp !== "number" || parsed.exp < now) {
     throw unauthenticated("IDENTITY_EXPIRED", "caller identity has expired");
   }
-  return parsed.id;
+  const identity = Object.freeze(parsed.id);
+  remember(verifiedCache, key, { identity, exp: parsed.exp });
+  return identity;
 }
 
 /** Shape check of a decoded payload (`exp` is checked separately, as expiry). */

@@ -87,6 +87,29 @@ describe("writeIdentity / readIdentity", () => {
     expect(reasonOf(() => readIdentity(headers, SECRET, NOW + 61_000))).toEqual(unauth("IDENTITY_EXPIRED"));
   });
 
+  it("reuses a signature for up to a second, then signs a later expiry", () => {
+    const first = signed(TENANT, NOW);
+    const again = signed(TENANT, NOW + 999);
+    expect(again.get(IDENTITY_HEADER)).toBe(first.get(IDENTITY_HEADER));
+    expect(again.get(IDENTITY_SIGNATURE_HEADER)).toBe(first.get(IDENTITY_SIGNATURE_HEADER));
+    const later = signed(TENANT, NOW + 1000);
+    expect(later.get(IDENTITY_HEADER)).not.toBe(first.get(IDENTITY_HEADER));
+    // The reused one expires with its own time, the new one a second later.
+    expect(reasonOf(() => readIdentity(again, SECRET, NOW + 60_500))).toEqual(unauth("IDENTITY_EXPIRED"));
+    expect(readIdentity(later, SECRET, NOW + 60_500)).toEqual(TENANT);
+    // Another identity or another secret never gets a remembered signature.
+    expect(signed({ ...TENANT, tenantId: "T2" }, NOW).get(IDENTITY_HEADER)).not.toBe(first.get(IDENTITY_HEADER));
+    expect(signed(TENANT, NOW, "another-secret-0123456789abcdef-xyz").get(IDENTITY_SIGNATURE_HEADER)).not.toBe(first.get(IDENTITY_SIGNATURE_HEADER));
+  });
+
+  it("trusts a verified identity again only under the same secret", () => {
+    const other = "another-secret-0123456789abcdef-xyz";
+    const headers = signed(TENANT, NOW, other);
+    expect(readIdentity(headers, other, NOW)).toEqual(TENANT);
+    expect(reasonOf(() => readIdentity(headers, SECRET, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(readIdentity(headers, other, NOW + 1)).toEqual(TENANT);
+  });
+
   it("refuses a signed payload without an expiry as expired", () => {
     const payload = Buffer.from(JSON.stringify({ id: TENANT })).toString("base64url");
     expect(reasonOf(() => readIdentity(signedRaw(payload), SECRET, NOW))).toEqual(unauth("IDENTITY_EXPIRED"));
