@@ -3,7 +3,8 @@
  * gateway (API key check, signed identity, forwarding over h2c to the dispatcher, its store)
  * against a bare @connectrpc/connect-node server answering the same method from memory.
  * Over gRPC (h2load) and over Connect JSON on HTTP/1.1 (autocannon). First each side is
- * saturated (throughput), then both are driven at half of Outpost's saturated rate, where
+ * saturated (throughput), then both are driven at half of Outpost's saturated rate, evenly
+ * paced (h2load --rps; with --h1 for HTTP/1.1, since autocannon's rate limit is bursty), where
  * the p50/p99 latencies are compared. Goals: >= 0.4 of the bare throughput; p99 <= 2x bare.
  */
 import { create, toBinary } from "@bufbuild/protobuf";
@@ -88,24 +89,40 @@ const edgeUnary: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => 
           durationS,
           overallRate,
         });
+      // Half load must be evenly paced: autocannon's rate limit sends each second's quota as
+      // fast as it can and then waits, i.e. saturation for part of every second. h2load paces
+      // HTTP/1.1 too (--h1 --rps), so it drives the half-load runs when it is installed.
+      const h1Half = async (baseUrl: string, headers: Record<string, string>, overallRate: number) =>
+        grpc
+          ? runH2load({
+              url: baseUrl + METHOD_PATH,
+              body: Buffer.from(JSON.stringify({ dispatchId })),
+              headers: { "content-type": "application/json", ...headers },
+              clients: h1Connections,
+              streams: 1,
+              durationS,
+              rpsPerClient: Math.max(1, Math.floor(overallRate / h1Connections)),
+              http1: true,
+            })
+          : h1(baseUrl, headers, overallRate);
       const o = await h1(gateway, auth);
       const b = await h1(echo.h1, {});
       const rate = Math.max(1, Math.floor(o.rps / 2));
-      outpostJson.push({ saturated: o, half: await h1(gateway, auth, rate) });
-      bareJson.push({ saturated: b, half: await h1(echo.h1, {}, rate) });
+      outpostJson.push({ saturated: o, half: await h1Half(gateway, auth, rate) });
+      bareJson.push({ saturated: b, half: await h1Half(echo.h1, {}, rate) });
       ctx.log(`run ${run + 1} Connect JSON/HTTP 1.1: outpost ${o.rps.toFixed(0)} req/s, bare ${b.rps.toFixed(0)} req/s`);
     }
 
     const rows: BenchRow[] = [];
     if (grpc) rows.push(...rowsFor("gRPC (h2load)", outpostGrpc, bareGrpc));
-    rows.push(...rowsFor("Connect JSON HTTP/1.1 (autocannon)", outpostJson, bareJson));
+    rows.push(...rowsFor("Connect JSON HTTP/1.1 (autocannon; half load h2load --h1)", outpostJson, bareJson));
     const failed = [...outpostGrpc, ...outpostJson].reduce((n, s) => n + s.saturated.failed + s.half.failed, 0);
     return {
       name: "edge-unary",
       conditions:
         `authenticated GetDispatch via gateway -> dispatcher (SQLite) vs bare connect-node server; ` +
         `${durationS}s per measurement; gRPC ${grpcClients} connections x ${grpcStreams} streams; HTTP/1.1 ${h1Connections} connections; ` +
-        `half load = 50% of Outpost's saturated rate; Outpost failed requests ${failed}, rate-limited probes ${grpcRejected}`,
+        `half load = 50% of Outpost's saturated rate, evenly paced (${grpc ? "h2load --rps, --h1 for HTTP/1.1" : "autocannon: bursty, h2load missing"}); Outpost failed requests ${failed}, rate-limited probes ${grpcRejected}`,
       rows,
     };
   } finally {

@@ -30,8 +30,10 @@ export interface H2loadOptions {
   /** Concurrent streams per connection. */
   streams: number;
   durationS: number;
-  /** Fixed rate per client (open loop); unset = as fast as possible. */
+  /** Fixed rate per client (open loop, evenly paced); unset = as fast as possible. */
   rpsPerClient?: number;
+  /** HTTP/1.1 instead of HTTP/2 (one request at a time per connection). */
+  http1?: boolean;
 }
 
 /** gRPC framing of one message: a zero compression flag, the length (big endian), the bytes. */
@@ -62,6 +64,7 @@ export async function runH2load(options: H2loadOptions): Promise<LoadFigures> {
       ...Object.entries(options.headers).flatMap(([k, v]) => ["-H", `${k}: ${v}`]),
     ];
     if (options.rpsPerClient) args.push(`--rps=${options.rpsPerClient}`);
+    if (options.http1) args.push("--h1");
     args.push(options.url);
     const output = await run("h2load", args);
     const finished = /finished in ([\d.]+)(m?s), ([\d.]+) req\/s/.exec(output);

@@ -163,7 +163,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
 
   // Sniffs the first bytes of each connection: the HTTP/2 preface starts with "PRI", which no
   // HTTP/1 method does.
-  const tcp = net.createServer((socket) => {
+  const tcp = net.createServer({ noDelay: true }, (socket) => {
     socket.once("readable", function route() {
       const head: Buffer | null = socket.read();
       if (head === null) {
