@@ -30,7 +30,12 @@ export interface H2loadOptions {
   /** Concurrent streams per connection. */
   streams: number;
   durationS: number;
-  /** Fixed rate per client (open loop, evenly paced); unset = as fast as possible. */
+  /**
+   * Fixed rate per client (open loop, evenly paced); unset = as fast as possible. Paced runs
+   * start their connections 1 ms apart (h2load's finest), so the clients' request timers are
+   * spread out instead of firing together: otherwise every tick is a burst of one request per
+   * client, i.e. short saturation, and "half load" would measure queueing in bursts.
+   */
   rpsPerClient?: number;
   /** HTTP/1.1 instead of HTTP/2 (one request at a time per connection). */
   http1?: boolean;
@@ -54,16 +59,19 @@ export async function runH2load(options: H2loadOptions): Promise<LoadFigures> {
     const bodyFile = path.join(dir, "body");
     const logFile = path.join(dir, "requests.tsv");
     writeFileSync(bodyFile, options.body);
+    // h2load takes either a duration or a connection rate: a paced run asks for its duration's
+    // worth of requests instead.
+    const span = options.rpsPerClient
+      ? ["-n", String(options.rpsPerClient * options.clients * options.durationS), "-r", "1", "--rate-period=1ms", `--rps=${options.rpsPerClient}`]
+      : ["-D", String(options.durationS), "--warm-up-time=1"];
     const args = [
       "-c", String(options.clients),
       "-m", String(options.streams),
-      "-D", String(options.durationS),
-      "--warm-up-time=1",
+      ...span,
       "-d", bodyFile,
       `--log-file=${logFile}`,
       ...Object.entries(options.headers).flatMap(([k, v]) => ["-H", `${k}: ${v}`]),
     ];
-    if (options.rpsPerClient) args.push(`--rps=${options.rpsPerClient}`);
     if (options.http1) args.push("--h1");
     args.push(options.url);
     const output = await run("h2load", args);
