@@ -266,6 +266,28 @@ describe("request hygiene (G4)", () => {
     expect((await fetch(`${t.mesh.urls.gateway}/healthz`)).status).toBe(200);
   });
 
+  it("draws the size line exactly at OUTPOST_MAX_REQUEST_BYTES (1 MiB here) for a Connect JSON body", async () => {
+    const limit = 1024 * 1024;
+    // A body of exactly `size` bytes: the task pads it (the dispatcher then refuses the task
+    // as too long, which is its own, different answer).
+    const bodyOf = (size: number) => {
+      const head = '{"agent":"demo","task":"';
+      return head + "x".repeat(size - head.length - 2) + '"}';
+    };
+    const call = async (size: number) => {
+      const body = bodyOf(size);
+      expect(Buffer.byteLength(body)).toBe(size);
+      const res = await fetch(`${t.mesh.urls.gateway}/outpost.dispatch.v1.DispatchService/CreateDispatch`, {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: `Bearer ${tenant.apiKey}` },
+        body,
+      });
+      return (JSON.parse(await res.text()) as { code: string }).code;
+    };
+    expect(await call(limit)).toBe("invalid_argument");
+    expect(await call(limit + 1)).toBe("resource_exhausted");
+  });
+
   it("ends a call at the client's deadline with DEADLINE_EXCEEDED and cancels the upstream call", async () => {
     const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "slow sleep=20" });
     const traceId = randomBytes(16).toString("hex");

@@ -19,6 +19,8 @@ const jsonDecoder = new TextDecoder();
 
 export function connectUnary(): UnaryWireProtocol {
   return {
+    envelopeBytes: 0,
+
     accepts(req) {
       const contentType = req.headers["content-type"];
       if (typeof contentType !== "string" || !contentTypeUnaryRegExp.test(contentType)) return false;

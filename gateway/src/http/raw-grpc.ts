@@ -16,6 +16,8 @@ const STATUS_HEADERS = new Set(["grpc-status", "grpc-message", "grpc-status-deta
 
 export function grpcUnary(): UnaryWireProtocol {
   return {
+    envelopeBytes: 5,
+
     accepts(req) {
       if (req.httpVersionMajor !== 2) return false;
       const contentType = req.headers["content-type"];

@@ -48,6 +48,8 @@ export const HOP_HEADERS = new Set([":status", "connection", "keep-alive", "tran
 
 /** What differs between the wire protocols the raw path speaks. */
 export interface UnaryWireProtocol {
+  /** Bytes a request body holds besides the message (gRPC's 5-byte frame header). */
+  readonly envelopeBytes: number;
   /** True when this is a call of this protocol the raw path can take (else Connect takes it). */
   accepts(req: ClientRequest): boolean;
   /** Throws INVALID_ARGUMENT unless `body` is exactly one request message of `method`. */
@@ -149,7 +151,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
       code = await otelContext.with(ctx, async () => {
         let budget: [string, string][] = [];
         try {
-          const body = await readBody(req, options.readMaxBytes);
+          const body = await readBody(req, options.readMaxBytes, protocol.envelopeBytes);
           protocol.validate(route.method, body, header);
           const admitted = await admitCall(options, { ip: clientIpOf(req), serviceTypeName: route.method.parent.typeName, methodName: route.method.name, header });
           budget = admitted.budget;
@@ -193,13 +195,13 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
   };
 }
 
-/** Reads the whole request body, refusing more than `maxBytes` (plus a gRPC frame header). */
-async function readBody(req: ClientRequest, maxBytes: number): Promise<Buffer> {
+/** Reads the whole request body, refusing a message of more than `maxBytes`. */
+async function readBody(req: ClientRequest, maxBytes: number, envelopeBytes: number): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of req as AsyncIterable<Buffer>) {
     size += chunk.length;
-    if (size > maxBytes + 5) {
+    if (size > maxBytes + envelopeBytes) {
       throw new ConnectError(`message size is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
     }
     chunks.push(chunk);

@@ -92,9 +92,11 @@ describe.skipIf(!engineAvailable)("lock-down of every run, by behaviour", () => 
     const line = texts.find((t) => t.startsWith("fork bomb started"));
     expect(line).toBeDefined();
     const started = Number(/started (\d+) processes/.exec(line!)?.[1]);
-    // Each busybox process is a qemu process with threads here: fewer than 32 fit, never the 1000 tried.
+    // Each busybox process is a qemu process with threads here, so usually fewer than 32 fit.
+    // A child whose qemu cannot start its threads dies at once and frees its slot, so the count
+    // of starts can pass 32 a little (35 was seen); never anywhere near the 1000 tried.
     expect(started).toBeGreaterThan(0);
-    expect(started).toBeLessThan(32);
+    expect(started).toBeLessThan(64);
     expect(TERMINAL.has(end.state)).toBe(true);
   });
 
