@@ -332,6 +332,7 @@ describe("a misbehaving upstream, over every path", () => {
   const longLoss = `chunk store lost segment ${"x".repeat(2048)}`;
   const LOSS_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
   const SLOW_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAX";
+  const RESET_AFTER_HEADERS = "outpost-test/reset-after-headers";
   /** Calls of the slow method, and whether the stand-in saw each one cancelled. */
   const slowCalls: { cancelled: boolean }[] = [];
   let fake: http2.Http2Server;
@@ -345,8 +346,7 @@ describe("a misbehaving upstream, over every path", () => {
     ] as const;
 
   beforeAll(async () => {
-    fake = http2.createServer(
-      connectNodeAdapter({
+    const adapter = connectNodeAdapter({
         routes(router) {
           router.service(DispatchService, {
             async getDispatch(req, ctx) {
@@ -369,8 +369,14 @@ describe("a misbehaving upstream, over every path", () => {
             },
           });
         },
-      }),
-    );
+      });
+    fake = http2.createServer((req, res) => {
+      if (req.headers["user-agent"] !== RESET_AFTER_HEADERS) return adapter(req, res);
+      // An upstream that dies (its connection drops) between its response headers and its body.
+      const grpc = String(req.headers["content-type"]).startsWith("application/grpc");
+      res.stream.respond({ ":status": grpc ? 200 : 500, "content-type": grpc ? "application/grpc" : "application/json" });
+      setTimeout(() => res.stream.session?.destroy(), 50);
+    });
     const fakePort = await freePort();
     await new Promise<void>((resolve) => fake.listen(fakePort, "127.0.0.1", resolve));
     edge = await startMesh({
@@ -411,6 +417,20 @@ describe("a misbehaving upstream, over every path", () => {
       const loss = await failure(client.getDispatch({ dispatchId: LOSS_ID }, { headers }));
       expect(`${name}: ${Code[loss.code]} ${loss.rawMessage.length}`).toBe(`${name}: DataLoss ${longLoss.length}`);
     }
+  });
+
+  it("answers UNAVAILABLE when the upstream's connection drops after its headers but before its error body", async () => {
+    const headers = { authorization: `Bearer ${tenant.apiKey}`, "user-agent": RESET_AFTER_HEADERS };
+    for (const [name, transport] of paths()) {
+      const client = createClient(DispatchService, transport);
+      const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers }));
+      // Over Connect nothing had reached the client yet, so it gets a proper answer. Over gRPC
+      // the headers were out, so all it can be told is that the stream broke (a reset, which
+      // clients read as INTERNAL); gRPC-Web goes through connect-node, which masks it.
+      const want = name.startsWith("connect") ? "Unavailable" : "Internal";
+      expect(`${name}: ${Code[err.code]}`).toBe(`${name}: ${want}`);
+    }
+    expect((await fetch(`${edge.urls.gateway}/healthz`)).status).toBe(200);
   });
 
   it("ends a slow unary call at the client's deadline, or when the client leaves, and cancels it upstream", async () => {

@@ -9,7 +9,7 @@ import zlib from "node:zlib";
 import { fromBinary, fromJsonString, type DescMethodUnary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { codeFromHttpStatus, codeToHttpStatus, contentTypeUnaryRegExp, errorFromJsonBytes, errorToJsonBytes } from "@connectrpc/connect/protocol-connect";
-import { errorHeaders, HOP_HEADERS, isGone, passChunk, type UnaryWireProtocol } from "./raw-unary.ts";
+import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "connect-timeout-ms", "accept-encoding", "user-agent"];
@@ -65,7 +65,7 @@ export function connectUnary(): UnaryWireProtocol {
           return done(0);
         }
         upstream.on("data", (chunk: Buffer) => passChunk(upstream, res, chunk));
-        upstream.once("end", () => {
+        onceComplete(upstream, () => {
           out.end();
           done(0);
         });
@@ -94,7 +94,7 @@ export function connectUnary(): UnaryWireProtocol {
         size += chunk.length;
         if (size <= MAX_ERROR_BODY_BYTES) chunks.push(chunk);
       });
-      upstream.once("end", finish);
+      onceComplete(upstream, finish);
     },
 
     respondError(req, res, error, budget) {

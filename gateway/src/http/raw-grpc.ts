@@ -7,7 +7,7 @@ import http2 from "node:http2";
 import { fromBinary, type DescMethodUnary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
-import { errorHeaders, HOP_HEADERS, isGone, passChunk, type ClientRequest, type ClientResponse, type UnaryWireProtocol } from "./raw-unary.ts";
+import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ClientRequest, type ClientResponse, type UnaryWireProtocol } from "./raw-unary.ts";
 
 const GRPC_CONTENT_TYPES = new Set(["application/grpc", "application/grpc+proto"]);
 /** Request headers passed on as they are; everything else the gateway sets itself. */
@@ -74,7 +74,7 @@ export function grpcUnary(): UnaryWireProtocol {
       };
       if (ended) return finish();
       upstream.on("data", (chunk: Buffer) => passChunk(upstream, res, chunk));
-      upstream.once("end", finish);
+      onceComplete(upstream, finish);
     },
 
     respondError(_req: ClientRequest, res: ClientResponse, error: ConnectError, budget) {

@@ -233,6 +233,17 @@ export function isGone(res: ClientResponse): boolean {
   return "stream" in res ? res.stream.destroyed : res.destroyed;
 }
 
+/**
+ * Calls `then` when the upstream's answer is complete. A stream whose connection dropped (or was
+ * reset) also ends, but with a reset code: that is not an answer; the upstream's `close` that
+ * follows makes `exchange` fail the call instead.
+ */
+export function onceComplete(upstream: http2.ClientHttp2Stream, then: () => void): void {
+  upstream.once("end", () => {
+    if (upstream.rstCode === undefined || upstream.rstCode === http2.constants.NGHTTP2_NO_ERROR) then();
+  });
+}
+
 /** Writes an upstream body chunk to the client, pausing the upstream while the client is behind. */
 export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse, chunk: Buffer): void {
   if (!(res as http.ServerResponse).write(chunk) && !isGone(res)) {
@@ -244,7 +255,8 @@ export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse
 /**
  * Sends the call upstream and hands its answer to `onAnswer`. Resolves with the code the client
  * got (CANCELLED when it left first); rejects with UNAVAILABLE when the upstream failed before
- * answering, so the caller can answer instead. Every path settles exactly once.
+ * anything reached the client, so the caller can answer instead; after that, the client's
+ * answer is broken off. Every path settles exactly once.
  */
 function exchange(
   session: http2.ClientHttp2Session,
@@ -265,7 +277,6 @@ function exchange(
       return;
     }
     let settled = false;
-    let answered = false;
     const settle = (outcome: { code: Code | 0 } | { error: ConnectError }) => {
       if (settled) return;
       settled = true;
@@ -281,7 +292,9 @@ function exchange(
     res.once("close", onClientGone);
     const upstreamFailed = (why: string) => {
       if (settled) return;
-      if (!answered) {
+      // Nothing written yet (no answer, or a Connect error body still being read): the caller
+      // answers UNAVAILABLE properly.
+      if (!res.headersSent) {
         settle({ error: new ConnectError(`upstream unavailable: ${why}`, Code.Unavailable) });
       } else {
         // Part of the answer is out: all the client can be told is that the answer broke.
@@ -294,7 +307,6 @@ function exchange(
     upstream.once("close", () => upstreamFailed(`the call was closed (code ${upstream.rstCode ?? "none"})`));
     upstream.once("response", (upstreamHeaders, flags) => {
       if (settled) return;
-      answered = true;
       const ended = (flags & http2.constants.NGHTTP2_FLAG_END_STREAM) !== 0;
       onAnswer({ stream: upstream, headers: upstreamHeaders, ended }, (code) => settle({ code }));
       if (ended) upstream.resume(); // nothing to read; let the stream close
