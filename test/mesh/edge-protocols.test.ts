@@ -333,6 +333,7 @@ describe("a misbehaving upstream, over every path", () => {
   const LOSS_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
   const SLOW_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAX";
   const RESET_AFTER_HEADERS = "outpost-test/reset-after-headers";
+  const NEVER_ANSWER = "outpost-test/never-answer";
   /** Calls of the slow method, and whether the stand-in saw each one cancelled. */
   const slowCalls: { cancelled: boolean }[] = [];
   let fake: http2.Http2Server;
@@ -364,13 +365,16 @@ describe("a misbehaving upstream, over every path", () => {
                 });
                 return {};
               }
-              // What a buggy or foreign upstream might send: an internal error with its cause spelled out.
-              throw new ConnectError(`connection to mongodb failed: ${leak}`, Code.Internal);
+              // What a buggy or foreign upstream might send: an internal error with its cause
+              // spelled out, in its message and in its metadata.
+              throw new ConnectError(`connection to mongodb failed: ${leak}`, Code.Internal, { "x-upstream-debug": leak });
             },
           });
         },
       });
     fake = http2.createServer((req, res) => {
+      // An upstream that takes the call and never answers, whatever its deadline.
+      if (req.headers["user-agent"] === NEVER_ANSWER) return;
       if (req.headers["user-agent"] !== RESET_AFTER_HEADERS) return adapter(req, res);
       // An upstream that dies (its connection drops) between its response headers and its body.
       const grpc = String(req.headers["content-type"]).startsWith("application/grpc");
@@ -402,6 +406,7 @@ describe("a misbehaving upstream, over every path", () => {
       expect(`${name}: ${Code[err.code]}`).toBe(`${name}: Internal`);
       expect(err.rawMessage).not.toContain(leak);
       expect(err.rawMessage).not.toContain("mongodb");
+      expect(err.metadata.get("x-upstream-debug"), `${name}: metadata`).toBeNull();
       const traceId = traceIdPattern.exec(err.rawMessage)?.[1];
       expect(traceId).toMatch(/^[0-9a-f]{32}$/);
       // The log reaches the file through a pipe: give it a moment.
@@ -431,6 +436,32 @@ describe("a misbehaving upstream, over every path", () => {
       expect(`${name}: ${Code[err.code]}`).toBe(`${name}: ${want}`);
     }
     expect((await fetch(`${edge.urls.gateway}/healthz`)).status).toBe(200);
+  });
+
+  it("holds the client's deadline itself: an upstream that never answers cannot keep the client waiting", async () => {
+    // The raw path passes the client's user-agent on, which is how the stand-in knows to hang;
+    // the Connect path (gRPC-Web) does not, and its deadline is connect-node's own.
+    const headers = { authorization: `Bearer ${tenant.apiKey}`, "user-agent": NEVER_ANSWER };
+    for (const [name, transport] of paths().filter(([name]) => name !== "grpc-web")) {
+      const client = createClient(DispatchService, transport);
+      const started = Date.now();
+      const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers, timeoutMs: 700 }));
+      expect(`${name}: ${Code[err.code]}`).toBe(`${name}: DeadlineExceeded`);
+      expect(Date.now() - started, name).toBeLessThan(5000);
+    }
+    // Over plain HTTP/1.1, where only the gateway can end the call: the deadline answer comes
+    // from the gateway, and a malformed deadline is refused as connect-node would.
+    const raw = (timeout: string) =>
+      fetch(`${edge.urls.gateway}/outpost.dispatch.v1.DispatchService/GetDispatch`, {
+        method: "POST",
+        headers: { "content-type": "application/json", "connect-timeout-ms": timeout, authorization: `Bearer ${tenant.apiKey}`, "user-agent": NEVER_ANSWER },
+        body: JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }),
+      });
+    const late = await raw("500");
+    expect(((await late.json()) as { code: string }).code).toBe("deadline_exceeded");
+    const malformed = await raw("soon");
+    expect(malformed.status).toBe(400);
+    expect(((await malformed.json()) as { code: string }).code).toBe("invalid_argument");
   });
 
   it("ends a slow unary call at the client's deadline, or when the client leaves, and cancels it upstream", async () => {

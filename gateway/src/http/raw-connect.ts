@@ -8,11 +8,18 @@ import type http from "node:http";
 import zlib from "node:zlib";
 import { fromBinary, fromJsonString, type DescMethodUnary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { codeFromHttpStatus, codeToHttpStatus, contentTypeUnaryRegExp, errorFromJsonBytes, errorToJsonBytes } from "@connectrpc/connect/protocol-connect";
+import {
+  codeFromHttpStatus,
+  codeToHttpStatus,
+  contentTypeUnaryRegExp,
+  errorFromJsonBytes,
+  errorToJsonBytes,
+  parseTimeout,
+} from "@connectrpc/connect/protocol-connect";
 import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
-const PASSED_HEADERS = ["content-type", "connect-protocol-version", "connect-timeout-ms", "accept-encoding", "user-agent"];
+const PASSED_HEADERS = ["content-type", "connect-protocol-version", "accept-encoding", "user-agent"];
 /** An error answer is read whole to learn its code; a bigger one is not an error body of ours. */
 const MAX_ERROR_BODY_BYTES = 1024 * 1024;
 const jsonDecoder = new TextDecoder();
@@ -50,6 +57,14 @@ export function connectUnary(): UnaryWireProtocol {
       return outgoing;
     },
 
+    timeoutOf(clientHeader) {
+      return parseTimeout(clientHeader.get("connect-timeout-ms"), Number.MAX_SAFE_INTEGER);
+    },
+
+    setTimeout(upstreamHeader, timeoutMs) {
+      upstreamHeader.set("connect-timeout-ms", String(timeoutMs));
+    },
+
     relayAnswer({ stream: upstream, headers: upstreamHeaders, ended }, res, budget, mask, done) {
       const status = Number(upstreamHeaders[":status"] ?? 200);
       const response: Record<string, string | string[]> = {};
@@ -78,14 +93,14 @@ export function connectUnary(): UnaryWireProtocol {
         let body = Buffer.concat(chunks);
         const error = size > MAX_ERROR_BODY_BYTES ? new ConnectError(`error body of ${size} bytes`, Code.Internal) : errorOf(status, response["content-encoding"], body);
         let answerStatus = status;
+        let answerHeaders = response;
         if (error.code === Code.Internal || error.code === Code.Unknown) {
+          // Nothing of the upstream's answer goes out, its headers included: only the budget.
           body = Buffer.from(errorToJsonBytes(new ConnectError(mask(error.code, error.rawMessage), Code.Internal), {}));
           answerStatus = codeToHttpStatus(Code.Internal);
-          delete response["content-encoding"];
-          response["content-type"] = "application/json";
-          response["content-length"] = String(body.length);
+          answerHeaders = { ...Object.fromEntries(budget), "content-type": "application/json", "content-length": String(body.length) };
         }
-        out.writeHead(answerStatus, response);
+        out.writeHead(answerStatus, answerHeaders);
         out.end(body);
         done(error.code === Code.Unknown ? Code.Internal : error.code);
       };

@@ -6,12 +6,12 @@
 import http2 from "node:http2";
 import { fromBinary, type DescMethodUnary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
+import { parseTimeout, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ClientRequest, type ClientResponse, type UnaryWireProtocol } from "./raw-unary.ts";
 
 const GRPC_CONTENT_TYPES = new Set(["application/grpc", "application/grpc+proto"]);
 /** Request headers passed on as they are; everything else the gateway sets itself. */
-const PASSED_HEADERS = ["grpc-timeout", "grpc-accept-encoding", "user-agent"];
+const PASSED_HEADERS = ["grpc-accept-encoding", "user-agent"];
 const STATUS_HEADERS = new Set(["grpc-status", "grpc-message", "grpc-status-details-bin"]);
 
 export function grpcUnary(): UnaryWireProtocol {
@@ -49,6 +49,14 @@ export function grpcUnary(): UnaryWireProtocol {
       return outgoing;
     },
 
+    timeoutOf(clientHeader) {
+      return parseTimeout(clientHeader.get("grpc-timeout"), Number.MAX_SAFE_INTEGER);
+    },
+
+    setTimeout(upstreamHeader, timeoutMs) {
+      upstreamHeader.set("grpc-timeout", grpcTimeout(timeoutMs));
+    },
+
     relayAnswer({ stream: upstream, headers: upstreamHeaders, ended }, res, budget, mask, done) {
       const status = Number(upstreamHeaders[":status"] ?? 200);
       const response: Record<string, string | string[]> = {};
@@ -61,7 +69,10 @@ export function grpcUnary(): UnaryWireProtocol {
       }
       for (const [name, value] of budget) response[name] = value;
       const out = res as http2.Http2ServerResponse;
-      out.writeHead(status, response);
+      // A trailers-only INTERNAL/UNKNOWN carries its metadata in these headers: none goes out.
+      const early = Number(statusTrailers["grpc-status"]);
+      const masked = early === Code.Internal || early === Code.Unknown;
+      out.writeHead(status, masked ? { "content-type": "application/grpc", ...Object.fromEntries(budget) } : response);
       let trailers: http2.IncomingHttpHeaders = {};
       upstream.once("trailers", (t) => (trailers = t));
       const finish = () => {
@@ -91,11 +102,17 @@ export function grpcUnary(): UnaryWireProtocol {
   };
 }
 
-/** An upstream INTERNAL/UNKNOWN: the client gets INTERNAL with the trace id and no details. */
+/** An upstream INTERNAL/UNKNOWN: the client gets INTERNAL with the trace id, no details and no other trailers. */
 function maskedTrailers(trailers: Record<string, string>, code: Code, mask: (code: Code, cause: string) => string): Record<string, string> {
-  const { "grpc-status-details-bin": _details, ...rest } = trailers;
   const message = mask(code, percentDecoded(trailers["grpc-message"] ?? ""));
-  return { ...rest, "grpc-status": String(Code.Internal), "grpc-message": encodeURIComponent(message) };
+  return { "grpc-status": String(Code.Internal), "grpc-message": encodeURIComponent(message) };
+}
+
+/** A gRPC timeout header: at most 8 digits, so long deadlines are written in coarser units. */
+function grpcTimeout(ms: number): string {
+  if (ms <= 99_999_999) return `${ms}m`;
+  if (ms <= 99_999_999_000) return `${Math.ceil(ms / 1000)}S`;
+  return `${Math.min(99_999_999, Math.ceil(ms / 3_600_000))}H`;
 }
 
 /** grpc-message is percent-encoded; a malformed one is shown as sent. */

@@ -54,8 +54,12 @@ export interface UnaryWireProtocol {
   accepts(req: ClientRequest): boolean;
   /** Throws INVALID_ARGUMENT unless `body` is exactly one request message of `method`. */
   validate(method: DescMethodUnary, body: Buffer, clientHeader: Headers): void;
-  /** Request headers for the upstream, before identity and trace context are added. */
+  /** Request headers for the upstream, before identity, deadline and trace context are added. */
   upstreamHeaders(clientHeader: Headers): Headers;
+  /** The client's deadline from its headers, or the protocol's error for a malformed one. */
+  timeoutOf(clientHeader: Headers): { timeoutMs?: number; error?: ConnectError };
+  /** Writes what is left of the deadline into the upstream's headers. */
+  setTimeout(upstreamHeader: Headers, timeoutMs: number): void;
   /**
    * Relays the upstream's answer, starting from its response headers, and calls `done` once
    * with the code the client got. `mask` logs an INTERNAL/UNKNOWN cause and returns what the
@@ -151,11 +155,23 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
       code = await otelContext.with(ctx, async () => {
         let budget: [string, string][] = [];
         try {
+          const timeout = protocol.timeoutOf(header);
+          if (timeout.error) throw timeout.error;
+          const deadline = timeout.timeoutMs === undefined ? undefined : startedAt + timeout.timeoutMs;
           const body = await readBody(req, options.readMaxBytes, protocol.envelopeBytes);
           protocol.validate(route.method, body, header);
           const admitted = await admitCall(options, { ip: clientIpOf(req), serviceTypeName: route.method.parent.typeName, methodName: route.method.name, header });
           budget = admitted.budget;
+          // The client may have left while its credential and budget were checked.
+          if (isGone(res)) return Code.Canceled;
           const outgoing = protocol.upstreamHeaders(header);
+          // The upstream gets what is left of the client's deadline; the gateway holds it too,
+          // so an upstream that stops answering cannot hold the client past it.
+          const remainingMs = deadline === undefined ? undefined : Math.floor(deadline - performance.now());
+          if (remainingMs !== undefined) {
+            if (remainingMs <= 0) throw new ConnectError("the deadline passed before the call was forwarded", Code.DeadlineExceeded);
+            protocol.setTimeout(outgoing, remainingMs);
+          }
           if (admitted.identity) writeIdentity(outgoing, options.internalSecret, admitted.identity);
           injectTraceHeaders(outgoing);
           const traceId = span.spanContext().traceId;
@@ -163,12 +179,18 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
             otelContext.with(ctx, () => options.logger.error({ method: methodName, upstreamStatus: Code[upstreamCode], cause }, "upstream failed"));
             return maskedInternalMessage(traceId);
           };
-          return await exchange(sessionTo(route.upstream), req.url!, outgoing, body, res, (answer, done) =>
+          return await exchange(sessionTo(route.upstream), req.url!, outgoing, body, res, remainingMs, (answer, done) =>
             protocol.relayAnswer(answer, res, budget, mask, done),
           );
         } catch (err) {
-          const error = ConnectError.from(err);
-          if (error.code === Code.Internal || error.code === Code.Unknown) options.logger.error({ err, method: methodName }, "raw unary forward failed");
+          // The client left (e.g. while its body was being read): nobody to answer.
+          if (isGone(res)) return Code.Canceled;
+          let error = ConnectError.from(err);
+          if (error.code === Code.Internal || error.code === Code.Unknown) {
+            // As on the Connect path: the cause goes to the log, the client gets the trace id.
+            options.logger.error({ err, method: methodName }, "raw unary forward failed");
+            error = new ConnectError(maskedInternalMessage(span.spanContext().traceId), Code.Internal);
+          }
           if (!res.headersSent) protocol.respondError(req, res, error, budget);
           else breakAnswer(res);
           return error.code;
@@ -256,7 +278,8 @@ export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse
  * Sends the call upstream and hands its answer to `onAnswer`. Resolves with the code the client
  * got (CANCELLED when it left first); rejects with UNAVAILABLE when the upstream failed before
  * anything reached the client, so the caller can answer instead; after that, the client's
- * answer is broken off. Every path settles exactly once.
+ * answer is broken off. The same when `timeoutMs` passes, with DEADLINE_EXCEEDED. Every path
+ * settles exactly once.
  */
 function exchange(
   session: http2.ClientHttp2Session,
@@ -264,6 +287,7 @@ function exchange(
   headers: Headers,
   body: Buffer,
   res: ClientResponse,
+  timeoutMs: number | undefined,
   onAnswer: (answer: UpstreamAnswer, done: (code: Code | 0) => void) => void,
 ): Promise<Code | 0> {
   return new Promise((resolve, reject) => {
@@ -277,9 +301,11 @@ function exchange(
       return;
     }
     let settled = false;
+    let deadlineTimer: NodeJS.Timeout | undefined;
     const settle = (outcome: { code: Code | 0 } | { error: ConnectError }) => {
       if (settled) return;
       settled = true;
+      clearTimeout(deadlineTimer);
       res.off("close", onClientGone);
       if ("error" in outcome) reject(outcome.error);
       else resolve(outcome.code);
@@ -290,6 +316,16 @@ function exchange(
       settle({ code: Code.Canceled });
     };
     res.once("close", onClientGone);
+    if (timeoutMs !== undefined) {
+      deadlineTimer = setTimeout(() => {
+        upstream.close(http2.constants.NGHTTP2_CANCEL);
+        if (!res.headersSent) settle({ error: new ConnectError("the deadline passed before the service answered", Code.DeadlineExceeded) });
+        else {
+          breakAnswer(res);
+          settle({ code: Code.DeadlineExceeded });
+        }
+      }, timeoutMs);
+    }
     const upstreamFailed = (why: string) => {
       if (settled) return;
       // Nothing written yet (no answer, or a Connect error body still being read): the caller
