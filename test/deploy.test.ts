@@ -12,7 +12,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { Ajv2020 } from "ajv/dist/2020.js";
 import { parseAllDocuments, parse } from "yaml";
-import { REPO_ROOT, SERVICES } from "../scripts/lib/mesh.ts";
+import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES, serviceNodeOptions } from "../scripts/lib/mesh.ts";
 
 const K8S = path.join(REPO_ROOT, "deploy/k8s");
 const schema = JSON.parse(readFileSync(path.join(K8S, "schemas/kubernetes-subset.schema.json"), "utf8")) as { $defs: Record<string, unknown> };
@@ -152,6 +152,14 @@ describe("image and compose (deploy/)", () => {
     expect(dockerfile).toMatch(/npm run generate/);
     expect(dockerfile).toMatch(/^USER 1000:1000$/m);
     expect(dockerfile).toContain('ENTRYPOINT ["/app/deploy/entrypoint.sh"]');
+  });
+
+  it("the image runs the services with the launcher's V8 flags, and an operator's young-generation size wins", () => {
+    const dockerfile = readFileSync(path.join(REPO_ROOT, "deploy/Dockerfile"), "utf8");
+    expect(dockerfile).toMatch(new RegExp(`^\\s*NODE_OPTIONS=${SERVICE_NODE_OPTIONS}\\b`, "m"));
+    expect(serviceNodeOptions(undefined)).toBe(SERVICE_NODE_OPTIONS);
+    expect(serviceNodeOptions("--enable-source-maps")).toBe(`--enable-source-maps ${SERVICE_NODE_OPTIONS}`);
+    expect(serviceNodeOptions("--max-semi-space-size=32")).toBe("--max-semi-space-size=32");
   });
 
   it("compose parses, wires every service by environment to MongoDB and Redis, and publishes only the gateway", () => {

@@ -318,6 +318,52 @@ describe("request hygiene (G4)", () => {
     await tenant.clients.dispatches.cancelDispatch({ dispatchId: dispatch!.id });
   });
 
+  it("serves calls with very long deadlines: gRPC ones rewritten in units the service accepts, none ended at once", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "long deadline" });
+    const message = toBinary(GetDispatchRequestSchema, create(GetDispatchRequestSchema, { dispatchId: dispatch!.id }));
+    const frame = Buffer.alloc(5 + message.length);
+    frame.writeUInt32BE(message.length, 1);
+    frame.set(message, 5);
+    // 99999999 hours and 9999999 seconds: in milliseconds both take more than 8 digits, which
+    // the dispatcher would refuse, so the gateway must write what is left in coarser units.
+    for (const timeout of ["99999999H", "9999999S"]) {
+      const session = http2.connect(t.mesh.urls.gateway);
+      try {
+        const answer = await new Promise<{ status: string; body: Buffer }>((resolve, reject) => {
+          const stream = session.request({
+            ":method": "POST",
+            ":path": "/outpost.dispatch.v1.DispatchService/GetDispatch",
+            "content-type": "application/grpc",
+            te: "trailers",
+            "grpc-timeout": timeout,
+            authorization: `Bearer ${tenant.apiKey}`,
+          });
+          const chunks: Buffer[] = [];
+          let status = "";
+          stream.on("response", (h) => (status = String(h["grpc-status"] ?? "")));
+          stream.on("trailers", (h) => (status = String(h["grpc-status"] ?? status)));
+          stream.on("data", (chunk: Buffer) => chunks.push(chunk));
+          stream.on("end", () => resolve({ status, body: Buffer.concat(chunks) }));
+          stream.on("error", reject);
+          stream.end(frame);
+        });
+        expect(`${timeout}: grpc-status ${answer.status}`).toBe(`${timeout}: grpc-status 0`);
+        expect(fromBinary(GetDispatchResponseSchema, answer.body.subarray(5)).dispatch?.id).toBe(dispatch!.id);
+      } finally {
+        session.close();
+      }
+    }
+    // The longest Connect deadline (10 digits of milliseconds, ~116 days) is past what a timer
+    // can hold: the call is still served, not ended at once.
+    const res = await fetch(`${t.mesh.urls.gateway}/outpost.dispatch.v1.DispatchService/GetDispatch`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "connect-timeout-ms": "9999999999", authorization: `Bearer ${tenant.apiKey}` },
+      body: JSON.stringify({ dispatchId: dispatch!.id }),
+    });
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as GetDispatchResponse).dispatch?.id).toBe(dispatch!.id);
+  });
+
 });
 
 /**

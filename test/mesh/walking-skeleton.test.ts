@@ -19,7 +19,7 @@ import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpos
 import { Health, HealthCheckResponse_ServingStatus } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { startTestMesh, type TestMesh } from "./harness.ts";
-import { REPO_ROOT, SERVICES } from "../../scripts/lib/mesh.ts";
+import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES } from "../../scripts/lib/mesh.ts";
 
 const docker = new Docker();
 let t: TestMesh;
@@ -265,6 +265,17 @@ describe("trust between services", () => {
       const { status } = await health.check({});
       expect(status, name).toBe(HealthCheckResponse_ServingStatus.SERVING);
       expect((await fetch(`${t.mesh.urls[name]}/healthz`)).status, name).toBe(200);
+    }
+  });
+});
+
+describe("service processes", () => {
+  it("starts every service process with the runtime's V8 flags (the young-generation cap)", () => {
+    for (const name of SERVICES) {
+      const pid = t.mesh.processes.get(name)?.pid;
+      expect(pid, name).toBeTypeOf("number");
+      const environ = readFileSync(`/proc/${pid}/environ`, "utf8").split("\0");
+      expect(environ.find((e) => e.startsWith("NODE_OPTIONS=")), name).toContain(SERVICE_NODE_OPTIONS);
     }
   });
 });

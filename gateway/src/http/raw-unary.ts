@@ -274,6 +274,9 @@ export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse
   }
 }
 
+/** The longest delay setTimeout honours (2^31 - 1 ms). */
+const MAX_TIMER_MS = 2_147_483_647;
+
 /**
  * Sends the call upstream and hands its answer to `onAnswer`. Resolves with the code the client
  * got (CANCELLED when it left first); rejects with UNAVAILABLE when the upstream failed before
@@ -316,7 +319,9 @@ function exchange(
       settle({ code: Code.Canceled });
     };
     res.once("close", onClientGone);
-    if (timeoutMs !== undefined) {
+    // A timer cannot wait longer than MAX_TIMER_MS (a longer delay fires at once): a deadline
+    // further off than that (about 24.8 days) is passed on but not held here.
+    if (timeoutMs !== undefined && timeoutMs <= MAX_TIMER_MS) {
       deadlineTimer = setTimeout(() => {
         upstream.close(http2.constants.NGHTTP2_CANCEL);
         if (!res.headersSent) settle({ error: new ConnectError("the deadline passed before the service answered", Code.DeadlineExceeded) });

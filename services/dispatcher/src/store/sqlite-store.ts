@@ -134,9 +134,12 @@ function toColumn(field: keyof DispatchRecord, value: unknown): SQLInputValue {
   return value as SQLInputValue;
 }
 
+/** COLUMNS as pairs, made once: every read of a row walks them (GetDispatch is the hot path). */
+const COLUMN_PAIRS = Object.entries(COLUMNS) as [keyof DispatchRecord, string][];
+
 function fromRow(row: Record<string, unknown>): DispatchRecord {
   const record = {} as Record<string, unknown>;
-  for (const [field, column] of Object.entries(COLUMNS) as [keyof DispatchRecord, string][]) {
+  for (const [field, column] of COLUMN_PAIRS) {
     const value = row[column];
     record[field] = JSON_FIELDS.has(field) ? JSON.parse(value as string) : value;
   }
@@ -159,12 +162,13 @@ export class SqliteDispatchStore implements DispatcherStore {
   }
 
   constructor(dataDir: string) {
-    this.db = openSqlite(dataDir, "dispatcher.db");
-    const existing = this.statement("SELECT name FROM pragma_table_info('dispatches')").all().map((r) => r.name);
-    if (existing.length > 0) {
-      for (const [column, ddl] of MIGRATIONS) if (!existing.includes(column)) this.db.exec(ddl);
-    }
-    this.db.exec(SCHEMA);
+    this.db = openSqlite(dataDir, "dispatcher.db", (db) => {
+      const existing = db.prepare("SELECT name FROM pragma_table_info('dispatches')").all().map((r) => r.name);
+      if (existing.length > 0) {
+        for (const [column, ddl] of MIGRATIONS) if (!existing.includes(column)) db.exec(ddl);
+      }
+      db.exec(SCHEMA);
+    });
   }
 
   async findByRequestId(tenantId: string, requestId: string) {

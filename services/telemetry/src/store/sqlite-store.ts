@@ -96,9 +96,10 @@ export class SqliteTelemetryStore implements TelemetryStore {
 
   constructor(dataDir: string, options: SqliteTelemetryStoreOptions = {}) {
     this.#defaultRetentionMs = options.defaultRetentionMs ?? DEFAULT_RETENTION_MS;
-    this.#db = openSqlite(dataDir, "telemetry.db");
-    this.#db.exec(SCHEMA);
-    this.#migrate();
+    this.#db = openSqlite(dataDir, "telemetry.db", (db) => {
+      db.exec(SCHEMA);
+      this.#migrate(db);
+    });
     this.#insertRun = this.#db.prepare(
       "INSERT INTO runs (dispatch_id, tenant_id, create_time, expire_time) VALUES (?, ?, ?, ?) ON CONFLICT (dispatch_id) DO NOTHING",
     );
@@ -120,16 +121,14 @@ export class SqliteTelemetryStore implements TelemetryStore {
     this.#listChunks = this.#db.prepare("SELECT * FROM chunks WHERE dispatch_id = ? AND seq > ? ORDER BY seq LIMIT ?");
   }
 
-  /** Data directories from before retention (issue 6) get the column, filled with the default. */
-  #migrate(): void {
-    const columns = this.#db.prepare("PRAGMA table_info(runs)").all() as Array<{ name: string }>;
+  /** Data directories from before retention (issue 6) get the column, filled with the default. Runs in openSqlite's transaction. */
+  #migrate(db: DatabaseSync): void {
+    const columns = db.prepare("PRAGMA table_info(runs)").all() as Array<{ name: string }>;
     if (!columns.some((c) => c.name === "expire_time")) {
-      inTransaction(this.#db, () => {
-        this.#db.exec("ALTER TABLE runs ADD COLUMN expire_time INTEGER NOT NULL DEFAULT 0");
-        this.#db.prepare("UPDATE runs SET expire_time = create_time + ?").run(this.#defaultRetentionMs);
-      });
+      db.exec("ALTER TABLE runs ADD COLUMN expire_time INTEGER NOT NULL DEFAULT 0");
+      db.prepare("UPDATE runs SET expire_time = create_time + ?").run(this.#defaultRetentionMs);
     }
-    this.#db.exec("CREATE INDEX IF NOT EXISTS runs_by_expire_time ON runs (expire_time)");
+    db.exec("CREATE INDEX IF NOT EXISTS runs_by_expire_time ON runs (expire_time)");
   }
 
   /** Inserts the run if missing and returns it; the caller holds the write transaction. */

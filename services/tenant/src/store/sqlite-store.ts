@@ -121,12 +121,13 @@ export class SqliteTenantStore implements TenantStore {
 
   /** `dataDir` ":memory:" keeps everything in memory (tests). */
   constructor(dataDir: string) {
-    this.db = openSqlite(dataDir, "tenant.db");
-    this.db.exec(SCHEMA);
-    for (const { table, column, definition } of ADDED_COLUMNS) {
-      const columns = this.db.prepare(`PRAGMA table_info(${table})`).all();
-      if (!columns.some((c) => c.name === column)) this.db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${definition}`);
-    }
+    this.db = openSqlite(dataDir, "tenant.db", (db) => {
+      db.exec(SCHEMA);
+      for (const { table, column, definition } of ADDED_COLUMNS) {
+        const columns = db.prepare(`PRAGMA table_info(${table})`).all();
+        if (!columns.some((c) => c.name === column)) db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${definition}`);
+      }
+    });
   }
 
   async createTenantWithKey(tenant: TenantRecord, key: ApiKeyRecord): Promise<void> {
