@@ -8,15 +8,51 @@ import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { DatabaseSync } from "node:sqlite";
 
-export function openSqlite(dataDir: string, fileName: string): DatabaseSync {
-  if (dataDir === ":memory:") return configure(new DatabaseSync(":memory:"));
-  mkdirSync(dataDir, { recursive: true });
-  return configure(new DatabaseSync(path.join(dataDir, fileName)));
+/**
+ * Opens (creating if needed) the service's database and brings its schema up to date.
+ * `prepareSchema` runs inside one write transaction, so replicas starting together on a
+ * fresh file apply it one after the other: the second sees the first one's tables and
+ * columns instead of racing it (a duplicate-column ALTER, or a "database is locked").
+ */
+export function openSqlite(dataDir: string, fileName: string, prepareSchema?: (db: DatabaseSync) => void): DatabaseSync {
+  let db: DatabaseSync;
+  if (dataDir === ":memory:") db = configure(new DatabaseSync(":memory:"));
+  else {
+    mkdirSync(dataDir, { recursive: true });
+    db = configure(new DatabaseSync(path.join(dataDir, fileName)));
+  }
+  if (prepareSchema) inTransaction(db, () => prepareSchema(db));
+  return db;
 }
 
+const LOCKED_RETRIES = 50;
+
 function configure(db: DatabaseSync): DatabaseSync {
-  db.exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;");
+  // The busy timeout comes first so the statements after it wait for a lock instead of failing.
+  db.exec("PRAGMA busy_timeout = 5000");
+  // Switching a fresh file to WAL upgrades a shared lock to an exclusive one; when two
+  // processes do it at once SQLite refuses one at once (a waiting upgrade could deadlock) and
+  // the busy timeout does not apply, so that step is retried briefly.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      db.exec("PRAGMA journal_mode = WAL");
+      break;
+    } catch (err) {
+      if (attempt >= LOCKED_RETRIES || !isLocked(err)) throw err;
+      sleepSync(5 + Math.random() * 20);
+    }
+  }
+  db.exec("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;");
   return db;
+}
+
+function isLocked(err: unknown): boolean {
+  return err instanceof Error && /database is locked|SQLITE_BUSY/i.test(err.message);
+}
+
+/** Blocks the thread: only used while opening the store, before the process serves anything. */
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 }
 
 /** Runs `fn` in a write transaction (BEGIN IMMEDIATE takes the write lock up front). */

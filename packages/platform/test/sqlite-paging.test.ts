@@ -1,6 +1,41 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { Worker } from "node:worker_threads";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { decodePageToken, encodePageToken, errorInfoOf, inTransaction, openSqlite } from "@outpost/platform";
 import { describe, expect, it } from "vitest";
+
+describe("openSqlite", () => {
+  // Replicas of one service started together open the same fresh file at the same moment;
+  // before the fix about one start in five failed with "database is locked".
+  it("lets replicas open and migrate the same fresh file at the same moment", async () => {
+    const root = mkdtempSync(path.join(tmpdir(), "outpost-sqlite-open-"));
+    try {
+      const parties = 3;
+      for (let round = 0; round < 15; round++) {
+        const dataDir = path.join(root, String(round));
+        const barrier = new SharedArrayBuffer(4);
+        const outcomes = await Promise.all(
+          Array.from({ length: parties }, () => {
+            const worker = new Worker(new URL("./sqlite-open-worker.ts", import.meta.url), { workerData: { dataDir, barrier, parties } });
+            return new Promise<string>((resolve, reject) => {
+              worker.once("message", resolve);
+              worker.once("error", reject);
+            });
+          }),
+        );
+        expect(outcomes).toEqual(Array(parties).fill("ok"));
+        const db = openSqlite(dataDir, "shared.db");
+        expect(db.prepare("PRAGMA journal_mode").get()).toEqual({ journal_mode: "wal" });
+        expect(db.prepare("PRAGMA table_info(items)").all().map((c) => c.name)).toEqual(["id", "added"]);
+        db.close();
+      }
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+});
 
 describe("inTransaction", () => {
   const count = (db: ReturnType<typeof openSqlite>) => (db.prepare("SELECT COUNT(*) AS n FROM t").get() as { n: number }).n;
