@@ -378,6 +378,10 @@ describe("a misbehaving upstream, over every path", () => {
   const longLoss = `chunk store lost segment ${"x".repeat(2048)}`;
   const LOSS_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
   const SLOW_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAX";
+  const STREAM_FAIL_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAY";
+  const STREAM_HANG_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAZ";
+  /** Streams of the hanging kind, and whether the stand-in saw each one cancelled. */
+  const hangingStreams: { cancelled: boolean }[] = [];
   const RESET_AFTER_HEADERS = "outpost-test/reset-after-headers";
   const NEVER_ANSWER = "outpost-test/never-answer";
   /** Calls of the slow method, and whether the stand-in saw each one cancelled. */
@@ -414,6 +418,27 @@ describe("a misbehaving upstream, over every path", () => {
               // What a buggy or foreign upstream might send: an internal error with its cause
               // spelled out, in its message and in its metadata.
               throw new ConnectError(`connection to mongodb failed: ${leak}`, Code.Internal, { "x-upstream-debug": leak });
+            },
+            async *watchDispatch(req, ctx) {
+              for (let i = 1; i <= 3; i++) {
+                yield { dispatch: { id: req.dispatchId, attempt: i, failureReason: "x".repeat(i === 2 ? 40_000 : 10) } };
+                if (req.dispatchId === STREAM_HANG_ID) {
+                  const stream = { cancelled: false };
+                  hangingStreams.push(stream);
+                  await new Promise<void>((resolve) => {
+                    const timer = setTimeout(resolve, 10_000);
+                    ctx.signal.addEventListener("abort", () => {
+                      stream.cancelled = true;
+                      clearTimeout(timer);
+                      resolve();
+                    });
+                  });
+                  return;
+                }
+                if (req.dispatchId === STREAM_FAIL_ID && i === 2) {
+                  throw new ConnectError(`cursor lost: ${leak}`, Code.Internal, { "x-upstream-debug": leak });
+                }
+              }
             },
           });
         },
@@ -468,6 +493,91 @@ describe("a misbehaving upstream, over every path", () => {
       const loss = await failure(client.getDispatch({ dispatchId: LOSS_ID }, { headers }));
       expect(`${name}: ${Code[loss.code]} ${loss.rawMessage.length}`).toBe(`${name}: DataLoss ${longLoss.length}`);
     }
+  });
+
+  it("passes a server stream's messages through, and masks an INTERNAL that ends it, over every path", async () => {
+    const headers = { authorization: `Bearer ${tenant.apiKey}` };
+    const collect = async (client: ReturnType<typeof createClient<typeof DispatchService>>, dispatchId: string) => {
+      const got: number[] = [];
+      try {
+        for await (const res of client.watchDispatch({ dispatchId }, { headers })) got.push(res.dispatch!.attempt);
+        return { got };
+      } catch (err) {
+        return { got, error: ConnectError.from(err) };
+      }
+    };
+    for (const [name, transport] of paths()) {
+      const client = createClient(DispatchService, transport);
+      // Three messages, one of them 40 kB (several DATA frames, split anywhere), then OK.
+      const ok = await collect(client, "01ARZ3NDEKTSV4RRFFQ69G5FAV");
+      expect(`${name}: ${ok.got.join(",")} ${ok.error?.message ?? "ok"}`).toBe(`${name}: 1,2,3 ok`);
+      // Two messages, then an internal error: the client gets both, then INTERNAL with a trace id only.
+      const failed = await collect(client, STREAM_FAIL_ID);
+      expect(`${name}: ${failed.got.join(",")} ${Code[failed.error?.code ?? 0]}`).toBe(`${name}: 1,2 Internal`);
+      expect(failed.error!.rawMessage).not.toContain(leak);
+      expect(failed.error!.rawMessage).toMatch(traceIdPattern);
+      expect(failed.error!.metadata.get("x-upstream-debug"), `${name}: metadata`).toBeNull();
+    }
+  });
+
+  it("cancels a stream upstream when its client leaves", async () => {
+    const headers = { authorization: `Bearer ${tenant.apiKey}` };
+    for (const [name, transport] of paths()) {
+      const client = createClient(DispatchService, transport);
+      const before = hangingStreams.length;
+      const leave = new AbortController();
+      const got: number[] = [];
+      const err = await failure(async () => {
+        for await (const res of client.watchDispatch({ dispatchId: STREAM_HANG_ID }, { headers, signal: leave.signal })) {
+          got.push(res.dispatch!.attempt);
+          leave.abort();
+        }
+      });
+      expect(`${name}: ${got.join(",")} ${Code[err.code]}`).toBe(`${name}: 1 Canceled`);
+      for (let i = 0; i < 50 && !hangingStreams[before]?.cancelled; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(hangingStreams[before]?.cancelled, `${name}: cancelled upstream`).toBe(true);
+    }
+  });
+
+  it("refuses a malformed Connect stream request at the edge, in the stream's own terms", async () => {
+    const call = (body: Buffer) =>
+      fetch(`${edge.urls.gateway}/outpost.dispatch.v1.DispatchService/WatchDispatch`, {
+        method: "POST",
+        headers: { "content-type": "application/connect+json", authorization: `Bearer ${tenant.apiKey}` },
+        body,
+      });
+    const frame = (flags: number, text: string) => {
+      const message = Buffer.from(text);
+      const out = Buffer.alloc(5 + message.length);
+      out[0] = flags;
+      out.writeUInt32BE(message.length, 1);
+      message.copy(out, 5);
+      return out;
+    };
+    const endOf = async (res: Response) => {
+      expect(res.status).toBe(200);
+      const bytes = Buffer.from(await res.arrayBuffer());
+      expect(bytes[0]).toBe(2); // the end-of-stream message, and nothing before it
+      expect(bytes.readUInt32BE(1)).toBe(bytes.length - 5);
+      return JSON.parse(bytes.subarray(5).toString()) as { error?: { code: string; message: string } };
+    };
+    for (const [why, body] of [
+      ["truncated", frame(0, JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" })).subarray(0, 12)],
+      ["two messages", Buffer.concat([frame(0, "{}"), frame(0, "{}")])],
+      ["end-of-stream flag", frame(2, "{}")],
+      ["not JSON", frame(0, "{nope")],
+      ["wrong field type", frame(0, JSON.stringify({ dispatchId: 7 }))],
+    ] as const) {
+      const end = await endOf(await call(body));
+      expect(`${why}: ${end.error?.code}`).toBe(`${why}: invalid_argument`);
+    }
+    // A good one passes, in the stream's own framing, and ends OK.
+    const res = await call(frame(0, JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" })));
+    expect(res.headers.get("content-type")).toBe("application/connect+json");
+    const bytes = Buffer.from(await res.arrayBuffer());
+    const flags: number[] = [];
+    for (let i = 0; i < bytes.length; i += 5 + bytes.readUInt32BE(i + 1)) flags.push(bytes[i]!);
+    expect(flags).toEqual([0, 0, 0, 2]);
   });
 
   it("answers UNAVAILABLE when the upstream's connection drops after its headers but before its error body", async () => {
@@ -530,6 +640,30 @@ describe("a misbehaving upstream, over every path", () => {
         expect(slowCalls[before]!.cancelled, `${name}, ${how}: cancelled upstream`).toBe(true);
       }
     }
+  });
+
+  // Last here: it stops the gateway of this describe.
+  it("ends open streams cleanly when the gateway drains (SIGTERM), and cancels them upstream", async () => {
+    const headers = { authorization: `Bearer ${tenant.apiKey}` };
+    const before = hangingStreams.length;
+    const streams = paths().map(async ([name, transport]) => {
+      const client = createClient(DispatchService, transport);
+      const got: number[] = [];
+      try {
+        for await (const res of client.watchDispatch({ dispatchId: STREAM_HANG_ID }, { headers })) got.push(res.dispatch!.attempt);
+        return `${name}: ${got.join(",")} ended ok`;
+      } catch (err) {
+        return `${name}: ${got.join(",")} ${Code[ConnectError.from(err).code]}`;
+      }
+    });
+    for (let i = 0; i < 100 && hangingStreams.length < before + paths().length; i++) await new Promise((r) => setTimeout(r, 50));
+    expect(hangingStreams.length).toBe(before + paths().length);
+    const started = Date.now();
+    expect(await edge.kill("gateway")).toBe(0);
+    expect(Date.now() - started).toBeLessThan(5000);
+    expect(await Promise.all(streams)).toEqual(paths().map(([name]) => `${name}: 1 ended ok`));
+    for (let i = 0; i < 50 && hangingStreams.slice(before).some((s) => !s.cancelled); i++) await new Promise((r) => setTimeout(r, 100));
+    expect(hangingStreams.slice(before).every((s) => s.cancelled)).toBe(true);
   });
 });
 

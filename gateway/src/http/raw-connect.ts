@@ -6,7 +6,7 @@
  */
 import type http from "node:http";
 import zlib from "node:zlib";
-import { fromBinary, fromJsonString, type DescMethodUnary } from "@bufbuild/protobuf";
+import { fromBinary, fromJsonString, } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
   codeFromHttpStatus,
@@ -16,7 +16,7 @@ import {
   errorToJsonBytes,
   parseTimeout,
 } from "@connectrpc/connect/protocol-connect";
-import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type UnaryWireProtocol } from "./raw-unary.ts";
+import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "accept-encoding", "user-agent"];
@@ -27,6 +27,7 @@ const jsonDecoder = new TextDecoder();
 export function connectUnary(): UnaryWireProtocol {
   return {
     envelopeBytes: 0,
+    methodKinds: new Set(["unary"]),
 
     accepts(req) {
       const contentType = req.headers["content-type"];
@@ -38,7 +39,7 @@ export function connectUnary(): UnaryWireProtocol {
       return version === undefined || version === "1";
     },
 
-    validate(method: DescMethodUnary, body: Buffer, clientHeader: Headers) {
+    validate(method: ForwardedMethod, body: Buffer, clientHeader: Headers) {
       // The same reading connect-node gives it: unknown JSON fields are ignored.
       try {
         if (isJson(clientHeader.get("content-type") ?? "")) fromJsonString(method.input, jsonDecoder.decode(body), { ignoreUnknownFields: true });

@@ -1,13 +1,24 @@
 /**
- * Unary gRPC on the raw path (raw-unary.ts): binary protobuf over HTTP/2, one uncompressed
- * length-prefixed message each way, the status in trailers (or in the headers of a
- * trailers-only answer).
+ * gRPC on the raw path (raw-unary.ts): binary protobuf over HTTP/2, one uncompressed
+ * length-prefixed request message, the answer's messages (one, or a server stream's) passed
+ * through, the status in trailers (or in the headers of a trailers-only answer).
  */
 import http2 from "node:http2";
-import { fromBinary, type DescMethodUnary } from "@bufbuild/protobuf";
+import { fromBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { parseTimeout, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
-import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ClientRequest, type ClientResponse, type UnaryWireProtocol } from "./raw-unary.ts";
+import { EnvelopeScanner, singleMessage } from "./envelopes.ts";
+import {
+  errorHeaders,
+  HOP_HEADERS,
+  isGone,
+  onceComplete,
+  passChunk,
+  type ClientRequest,
+  type ClientResponse,
+  type ForwardedMethod,
+  type UnaryWireProtocol,
+} from "./raw-unary.ts";
 
 const GRPC_CONTENT_TYPES = new Set(["application/grpc", "application/grpc+proto"]);
 /** Request headers passed on as they are; everything else the gateway sets itself. */
@@ -17,6 +28,7 @@ const STATUS_HEADERS = new Set(["grpc-status", "grpc-message", "grpc-status-deta
 export function grpcUnary(): UnaryWireProtocol {
   return {
     envelopeBytes: 5,
+    methodKinds: new Set(["unary", "server_streaming"]),
 
     accepts(req) {
       if (req.httpVersionMajor !== 2) return false;
@@ -26,15 +38,12 @@ export function grpcUnary(): UnaryWireProtocol {
       return encoding === undefined || encoding === "identity";
     },
 
-    validate(method: DescMethodUnary, body: Buffer) {
-      if (body.length < 5) throw new ConnectError("protocol error: the request holds no complete message", Code.InvalidArgument);
-      if (body[0] !== 0) throw new ConnectError("protocol error: compressed message without grpc-encoding", Code.InvalidArgument);
-      const length = body.readUInt32BE(1);
-      if (length !== body.length - 5) {
-        throw new ConnectError(`protocol error: a unary request holds exactly one message (${length} bytes promised, ${body.length - 5} sent)`, Code.InvalidArgument);
-      }
+    validate(method: ForwardedMethod, body: Buffer) {
+      const single = singleMessage(body);
+      if ("problem" in single) throw new ConnectError(`protocol error: ${single.problem}`, Code.InvalidArgument);
+      if (single.flags !== 0) throw new ConnectError("protocol error: compressed message without grpc-encoding", Code.InvalidArgument);
       try {
-        fromBinary(method.input, body.subarray(5));
+        fromBinary(method.input, single.message);
       } catch (err) {
         throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
       }
@@ -84,8 +93,11 @@ export function grpcUnary(): UnaryWireProtocol {
         done(code === Code.Unknown ? Code.Internal : code);
       };
       if (ended) return finish();
-      upstream.on("data", (chunk: Buffer) => passChunk(upstream, res, chunk));
+      // Messages pass through as they come; the scanner knows whether a drain may end cleanly here.
+      const scanner = new EnvelopeScanner();
+      upstream.on("data", (chunk: Buffer) => passChunk(upstream, res, scanner.scan(chunk).pass));
       onceComplete(upstream, finish);
+      return scanner;
     },
 
     respondError(_req: ClientRequest, res: ClientResponse, error: ConnectError, budget) {
@@ -99,8 +111,16 @@ export function grpcUnary(): UnaryWireProtocol {
       out.addTrailers(trailers);
       out.end();
     },
+
+    endStream(_req, res, budget) {
+      const out = res as http2.Http2ServerResponse;
+      if (!out.headersSent) out.writeHead(200, { "content-type": "application/grpc", ...Object.fromEntries(budget) });
+      out.addTrailers({ "grpc-status": "0" });
+      out.end();
+    },
   };
 }
+
 
 /** An upstream INTERNAL/UNKNOWN: the client gets INTERNAL with the trace id, no details and no other trailers. */
 function maskedTrailers(trailers: Record<string, string>, code: Code, mask: (code: Code, cause: string) => string): Record<string, string> {

@@ -1,8 +1,10 @@
 /**
- * The gateway's fast path for unary calls, the bulk of SDK traffic: unary gRPC (raw-grpc.ts) and
- * unary Connect, JSON or binary over HTTP/1.1 or HTTP/2 (raw-connect.ts). Connect's server and
- * client machinery on both sides of the hop cost about 1.4 ms of CPU per call; here the call is
- * checked and passed on as bytes:
+ * The gateway's fast path for unary calls, the bulk of SDK traffic, and for server streams (log
+ * subscriptions, dispatch watches): gRPC (raw-grpc.ts), unary Connect, JSON or binary over
+ * HTTP/1.1 or HTTP/2 (raw-connect.ts), and Connect server streams (raw-connect-stream.ts).
+ * Connect's server and client machinery on both sides of the hop cost about 1.4 ms of CPU per
+ * call, and decode and re-encode every message of a stream; here the call is checked and passed
+ * on as bytes:
  *
  * - the same edge decision as every other call (`admitCall`: credential, rate budgets);
  * - the request is read within the size limit and must decode as the method's input type, so
@@ -13,14 +15,17 @@
  * - the upstream's answer comes back unchanged (statuses and error details included) with the
  *   caller's RateLimit-* headers added; only an INTERNAL or UNKNOWN error is masked, as on the
  *   Connect path: the client gets INTERNAL with the trace id, the upstream's message goes to the
- *   gateway's log under that id.
+ *   gateway's log under that id;
+ * - a stream's messages pass through as they come, with backpressure (a client that stops
+ *   reading pauses its upstream stream, not the others); when the gateway drains, its streams
+ *   end cleanly (OK), as on the Connect path, and clients resume from their last sequence.
  *
- * Everything else (gRPC-Web, streams, compressed requests, Connect GET, reflection, health) takes
- * the Connect path in routes.ts, which behaves the same.
+ * Everything else (gRPC-Web, compressed requests, Connect GET, reflection, health) takes the
+ * Connect path in routes.ts, which behaves the same.
  */
 import type http from "node:http";
 import http2 from "node:http2";
-import type { DescMethodUnary } from "@bufbuild/protobuf";
+import type { DescMethodServerStreaming, DescMethodUnary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { mergeNonProtocolHeaders } from "@connectrpc/connect/protocol";
 import {
@@ -38,6 +43,7 @@ import type { EdgeOptions } from "../edge.ts";
 import { admitCall, clientIpOf } from "../edge.ts";
 import { PUBLIC_SERVICES, type Upstream } from "../core/routing.ts";
 import { connectUnary } from "./raw-connect.ts";
+import { connectServerStream } from "./raw-connect-stream.ts";
 import { grpcUnary } from "./raw-grpc.ts";
 
 export type ClientRequest = http.IncomingMessage | http2.Http2ServerRequest;
@@ -46,14 +52,19 @@ export type ClientResponse = http.ServerResponse | http2.Http2ServerResponse;
 /** Response headers that belong to one hop. */
 export const HOP_HEADERS = new Set([":status", "connection", "keep-alive", "transfer-encoding", "upgrade", "date"]);
 
+/** A method the raw path forwards: one request message, one answer or a stream of them. */
+export type ForwardedMethod = DescMethodUnary | DescMethodServerStreaming;
+
 /** What differs between the wire protocols the raw path speaks. */
 export interface UnaryWireProtocol {
   /** Bytes a request body holds besides the message (gRPC's 5-byte frame header). */
   readonly envelopeBytes: number;
+  /** The kinds of method this protocol's calls are (gRPC frames both alike; Connect does not). */
+  readonly methodKinds: ReadonlySet<ForwardedMethod["methodKind"]>;
   /** True when this is a call of this protocol the raw path can take (else Connect takes it). */
   accepts(req: ClientRequest): boolean;
   /** Throws INVALID_ARGUMENT unless `body` is exactly one request message of `method`. */
-  validate(method: DescMethodUnary, body: Buffer, clientHeader: Headers): void;
+  validate(method: ForwardedMethod, body: Buffer, clientHeader: Headers): void;
   /** Request headers for the upstream, before identity, deadline and trace context are added. */
   upstreamHeaders(clientHeader: Headers): Headers;
   /** The client's deadline from its headers, or the protocol's error for a malformed one. */
@@ -63,14 +74,25 @@ export interface UnaryWireProtocol {
   /**
    * Relays the upstream's answer, starting from its response headers, and calls `done` once
    * with the code the client got. `mask` logs an INTERNAL/UNKNOWN cause and returns what the
-   * client is told instead.
+   * client is told instead. Returns what it passes messages through, when it does, so a drain
+   * knows whether the client's answer stops between two messages.
    */
-  relayAnswer(answer: UpstreamAnswer, res: ClientResponse, budget: [string, string][], mask: (code: Code, cause: string) => string, done: (code: Code | 0) => void): void;
+  relayAnswer(
+    answer: UpstreamAnswer,
+    res: ClientResponse,
+    budget: [string, string][],
+    mask: (code: Code, cause: string) => string,
+    done: (code: Code | 0) => void,
+  ): { readonly atBoundary: boolean } | void;
   /** Answers with an error of the gateway's own (validation, credential, rate limit). */
   respondError(req: ClientRequest, res: ClientResponse, error: ConnectError, budget: [string, string][]): void;
+  /** Ends a stream cleanly (OK) when the gateway drains, whether or not its answer began (protocols that carry streams). */
+  endStream?(req: ClientRequest, res: ClientResponse, budget: [string, string][]): void;
 }
 
 export interface UpstreamAnswer {
+  /** The client's request this answers. */
+  request: ClientRequest;
   stream: http2.ClientHttp2Stream;
   headers: http2.IncomingHttpHeaders;
   /** The response headers ended the stream (no body, no trailers follow). */
@@ -78,7 +100,7 @@ export interface UpstreamAnswer {
 }
 
 interface Route {
-  method: DescMethodUnary;
+  method: ForwardedMethod;
   upstream: Upstream;
 }
 
@@ -89,18 +111,21 @@ export interface RawUnaryOptions extends Pick<EdgeOptions, "authenticator" | "ra
   logger: Logger;
 }
 
-/** Counts a call as in flight, so a draining server waits for it. */
+/** Counts a call as in flight, so a draining server waits for it; streams end on `drainSignal`. */
 export interface CallTracker {
   start(): void;
   end(): void;
+  readonly drainSignal: AbortSignal;
 }
 
 export function rawUnaryForwarder(options: RawUnaryOptions) {
-  const protocols: UnaryWireProtocol[] = [grpcUnary(), connectUnary()];
+  const protocols: UnaryWireProtocol[] = [grpcUnary(), connectUnary(), connectServerStream()];
   const routes = new Map<string, Route>();
   for (const { service, upstream } of PUBLIC_SERVICES) {
     for (const method of service.methods) {
-      if (method.methodKind === "unary") routes.set(`/${service.typeName}/${method.name}`, { method: method as DescMethodUnary, upstream });
+      if (method.methodKind === "unary" || method.methodKind === "server_streaming") {
+        routes.set(`/${service.typeName}/${method.name}`, { method: method as ForwardedMethod, upstream });
+      }
     }
   }
   const sessions = new Map<Upstream, http2.ClientHttp2Session>();
@@ -123,25 +148,25 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
   const requests = rpcMetrics.requests();
   const duration = rpcMetrics.duration();
 
-  /** Takes the call when it is a unary call of a forwarded method in a protocol spoken here; false leaves it to Connect. */
+  /** Takes the call when it is a call of a forwarded method in a protocol spoken here; false leaves it to Connect. */
   function handle(req: ClientRequest, res: ClientResponse, calls: CallTracker): boolean {
     if (req.method !== "POST") return false;
     const route = routes.get(req.url ?? "");
     if (!route) return false;
-    const protocol = protocols.find((p) => p.accepts(req));
+    const protocol = protocols.find((p) => p.methodKinds.has(route.method.methodKind) && p.accepts(req));
     if (!protocol) return false;
     calls.start();
-    forward(protocol, req, res, route)
+    forward(protocol, req, res, route, calls.drainSignal)
       .catch((err: unknown) => {
         // Nothing more can be told to this client (its answer broke); keep the process up.
-        options.logger.error({ err, path: req.url }, "raw unary call failed after its answer began");
+        options.logger.error({ err, path: req.url }, "raw call failed after its answer began");
         breakAnswer(res);
       })
       .finally(() => calls.end());
     return true;
   }
 
-  async function forward(protocol: UnaryWireProtocol, req: ClientRequest, res: ClientResponse, route: Route): Promise<void> {
+  async function forward(protocol: UnaryWireProtocol, req: ClientRequest, res: ClientResponse, route: Route, drainSignal: AbortSignal): Promise<void> {
     const methodName = `${route.method.parent.typeName}/${route.method.name}`;
     const startedAt = performance.now();
     const endTimer = duration.startTimer({ method: methodName });
@@ -179,7 +204,12 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
             otelContext.with(ctx, () => options.logger.error({ method: methodName, upstreamStatus: Code[upstreamCode], cause }, "upstream failed"));
             return maskedInternalMessage(traceId);
           };
-          return await exchange(sessionTo(route.upstream), req.url!, outgoing, body, res, remainingMs, (answer, done) =>
+          // A unary call finishes on its own when the gateway drains; a stream is ended.
+          const drain =
+            route.method.methodKind === "server_streaming" && protocol.endStream
+              ? { signal: drainSignal, endStream: () => protocol.endStream!(req, res, budget) }
+              : undefined;
+          return await exchange(sessionTo(route.upstream), req, res, outgoing, body, remainingMs, drain, (answer, done) =>
             protocol.relayAnswer(answer, res, budget, mask, done),
           );
         } catch (err) {
@@ -188,7 +218,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
           let error = ConnectError.from(err);
           if (error.code === Code.Internal || error.code === Code.Unknown) {
             // As on the Connect path: the cause goes to the log, the client gets the trace id.
-            options.logger.error({ err, method: methodName }, "raw unary forward failed");
+            options.logger.error({ err, method: methodName }, "raw forward failed");
             error = new ConnectError(maskedInternalMessage(span.spanContext().traceId), Code.Internal);
           }
           if (!res.headersSent) protocol.respondError(req, res, error, budget);
@@ -281,20 +311,22 @@ const MAX_TIMER_MS = 2_147_483_647;
  * Sends the call upstream and hands its answer to `onAnswer`. Resolves with the code the client
  * got (CANCELLED when it left first); rejects with UNAVAILABLE when the upstream failed before
  * anything reached the client, so the caller can answer instead; after that, the client's
- * answer is broken off. The same when `timeoutMs` passes, with DEADLINE_EXCEEDED. Every path
- * settles exactly once.
+ * answer is broken off. The same when `timeoutMs` passes, with DEADLINE_EXCEEDED. When `drain`
+ * fires (streams only), the upstream call is cancelled and the client's answer ends cleanly (OK).
+ * Every path settles exactly once.
  */
 function exchange(
   session: http2.ClientHttp2Session,
-  path: string,
+  req: ClientRequest,
+  res: ClientResponse,
   headers: Headers,
   body: Buffer,
-  res: ClientResponse,
   timeoutMs: number | undefined,
-  onAnswer: (answer: UpstreamAnswer, done: (code: Code | 0) => void) => void,
+  drain: { signal: AbortSignal; endStream: () => void } | undefined,
+  onAnswer: (answer: UpstreamAnswer, done: (code: Code | 0) => void) => { readonly atBoundary: boolean } | void,
 ): Promise<Code | 0> {
   return new Promise((resolve, reject) => {
-    const outgoing: http2.OutgoingHttpHeaders = { ":method": "POST", ":path": path };
+    const outgoing: http2.OutgoingHttpHeaders = { ":method": "POST", ":path": req.url! };
     for (const [name, value] of headers) outgoing[name] = value;
     let upstream: http2.ClientHttp2Stream;
     try {
@@ -310,6 +342,7 @@ function exchange(
       settled = true;
       clearTimeout(deadlineTimer);
       res.off("close", onClientGone);
+      drain?.signal.removeEventListener("abort", onDrain);
       if ("error" in outcome) reject(outcome.error);
       else resolve(outcome.code);
     };
@@ -319,6 +352,19 @@ function exchange(
       settle({ code: Code.Canceled });
     };
     res.once("close", onClientGone);
+    let relay: { readonly atBoundary: boolean } | void;
+    const onDrain = () => {
+      if (settled) return;
+      settle({ code: 0 });
+      upstream.close(http2.constants.NGHTTP2_CANCEL);
+      if (isGone(res)) return;
+      // Cut inside a message, the answer cannot end cleanly; the client resumes either way.
+      if (res.headersSent && relay && !relay.atBoundary) breakAnswer(res);
+      else drain!.endStream();
+    };
+    if (drain?.signal.aborted) {
+      queueMicrotask(onDrain);
+    } else drain?.signal.addEventListener("abort", onDrain, { once: true });
     // A timer cannot wait longer than MAX_TIMER_MS (a longer delay fires at once): a deadline
     // further off than that (about 24.8 days) is passed on but not held here.
     if (timeoutMs !== undefined && timeoutMs <= MAX_TIMER_MS) {
@@ -349,7 +395,7 @@ function exchange(
     upstream.once("response", (upstreamHeaders, flags) => {
       if (settled) return;
       const ended = (flags & http2.constants.NGHTTP2_FLAG_END_STREAM) !== 0;
-      onAnswer({ stream: upstream, headers: upstreamHeaders, ended }, (code) => settle({ code }));
+      relay = onAnswer({ request: req, stream: upstream, headers: upstreamHeaders, ended }, (code) => settle({ code }));
       if (ended) upstream.resume(); // nothing to read; let the stream close
     });
     upstream.end(body);

@@ -5,6 +5,7 @@
  * On shutdown: health turns NOT_SERVING, the listener stops accepting, long waits and streams
  * are told to wrap up (the drain signal), in-flight calls finish, then connections close.
  */
+import { setMaxListeners } from "node:events";
 import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
@@ -70,8 +71,11 @@ export interface ServerOptions {
   httpHandler?: (
     req: http.IncomingMessage | http2.Http2ServerRequest,
     res: http.ServerResponse | http2.Http2ServerResponse,
-    /** For calls the handler serves itself: counted in flight, so draining waits for them. */
-    calls: { start(): void; end(): void },
+    /**
+     * For calls the handler serves itself: counted in flight, so draining waits for them;
+     * `drainSignal` fires when the server starts draining (streams end cleanly on it).
+     */
+    calls: { start(): void; end(): void; readonly drainSignal: AbortSignal },
   ) => boolean;
 }
 
@@ -90,9 +94,12 @@ const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   const { logger } = options;
   const drain = new AbortController();
+  // Every stream served outside Connect (the gateway's raw path) listens for the drain.
+  setMaxListeners(0, drain.signal);
   let inFlight = 0;
   let onIdle: (() => void) | undefined;
   const track = {
+    drainSignal: drain.signal,
     start: () => inFlight++,
     end: () => {
       inFlight--;

@@ -1,0 +1,79 @@
+/**
+ * Follows the length-prefixed messages of a streamed answer as its bytes pass through the raw
+ * path (gRPC and Connect frame them alike: one flags byte, a 4-byte big-endian length, the
+ * message), without copying message bodies. The relay needs two things from it: where a
+ * Connect end-of-stream message begins (it carries the status, which may have to be masked),
+ * and whether the bytes passed so far end on a message boundary (a draining gateway can end
+ * such a stream cleanly; one cut inside a message can only be broken off).
+ */
+
+/** Connect's end-of-stream flag (gRPC never sets it). */
+const END_STREAM_FLAG = 0x02;
+
+export interface Scanned {
+  /** Bytes to pass on now: whole messages and the parts of a body seen so far. */
+  pass: Buffer;
+  /** The end-of-stream message's bytes, once it began (the caller collects them until the end). */
+  endStream?: Buffer;
+}
+
+export class EnvelopeScanner {
+  /** Bytes of the current message's body not seen yet. */
+  #bodyLeft = 0;
+  /** A header split across chunks, held until it is whole. */
+  #held: Buffer | undefined;
+  #inEndStream = false;
+
+  /** True when everything passed on so far ends on a message boundary. */
+  get atBoundary(): boolean {
+    return this.#bodyLeft === 0 && this.#held === undefined && !this.#inEndStream;
+  }
+
+  scan(chunk: Buffer): Scanned {
+    if (this.#inEndStream) return { pass: EMPTY, endStream: chunk };
+    const buf = this.#held ? Buffer.concat([this.#held, chunk]) : chunk;
+    this.#held = undefined;
+    let i = 0;
+    while (i < buf.length) {
+      if (this.#bodyLeft > 0) {
+        const n = Math.min(this.#bodyLeft, buf.length - i);
+        i += n;
+        this.#bodyLeft -= n;
+        continue;
+      }
+      if (buf.length - i < 5) {
+        this.#held = buf.subarray(i);
+        return { pass: buf.subarray(0, i) };
+      }
+      if ((buf[i]! & END_STREAM_FLAG) !== 0) {
+        this.#inEndStream = true;
+        return { pass: buf.subarray(0, i), endStream: buf.subarray(i) };
+      }
+      this.#bodyLeft = buf.readUInt32BE(i + 1);
+      i += 5;
+    }
+    return { pass: buf };
+  }
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** One message framed with `flags`. */
+export function envelope(flags: number, message: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(5 + message.byteLength);
+  out[0] = flags;
+  out.writeUInt32BE(message.byteLength, 1);
+  out.set(message, 5);
+  return out;
+}
+
+/**
+ * The single message of a request body that must hold exactly one: its flags and bytes, or a
+ * description of what is wrong with the framing.
+ */
+export function singleMessage(body: Buffer): { flags: number; message: Buffer } | { problem: string } {
+  if (body.length < 5) return { problem: "the request holds no complete message" };
+  const length = body.readUInt32BE(1);
+  if (length !== body.length - 5) return { problem: `the request holds exactly one message (${length} bytes promised, ${body.length - 5} sent)` };
+  return { flags: body[0]!, message: body.subarray(5) };
+}

@@ -1,0 +1,172 @@
+/**
+ * Connect server streams on the raw path (raw-unary.ts): a POST whose body is one enveloped
+ * request message (`application/connect+json` or `+proto`), over HTTP/1.1 or HTTP/2. The answer
+ * is HTTP 200 and enveloped messages, then an end-of-stream message (flag 2, JSON) carrying the
+ * error, if any, and the trailers. Messages pass through as bytes; only the end-of-stream
+ * message is read, to mask an INTERNAL/UNKNOWN error as everywhere else. Compressed requests
+ * take the Connect path, and the upstream is not offered compression (no
+ * connect-accept-encoding), so every envelope it sends can be read here.
+ *
+ * endStreamFromJson/endStreamToJson are connect-es's own reading and writing of that message
+ * (marked internal there; the version is pinned in the lockfile).
+ */
+import type http from "node:http";
+import { fromBinary, fromJsonString } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import {
+  codeFromHttpStatus,
+  contentTypeStreamRegExp,
+  endStreamFromJson,
+  endStreamToJson,
+  parseContentType,
+  parseTimeout,
+} from "@connectrpc/connect/protocol-connect";
+import { envelope, EnvelopeScanner, singleMessage } from "./envelopes.ts";
+import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
+
+/** Request headers passed on as they are; everything else the gateway sets itself. */
+const PASSED_HEADERS = ["content-type", "connect-protocol-version", "user-agent"];
+/** Connect's end-of-stream flag. */
+const END_STREAM = 0x02;
+/** An end-of-stream message is small; a bigger one is not one of ours. */
+const MAX_END_STREAM_BYTES = 1024 * 1024;
+const jsonDecoder = new TextDecoder();
+const jsonEncoder = new TextEncoder();
+
+export function connectServerStream(): UnaryWireProtocol {
+  return {
+    envelopeBytes: 5,
+    methodKinds: new Set(["server_streaming"]),
+
+    accepts(req) {
+      const contentType = req.headers["content-type"];
+      if (typeof contentType !== "string" || !contentTypeStreamRegExp.test(contentType)) return false;
+      const encoding = req.headers["connect-content-encoding"];
+      if (encoding !== undefined && encoding !== "identity") return false;
+      const version = req.headers["connect-protocol-version"];
+      return version === undefined || version === "1";
+    },
+
+    validate(method: ForwardedMethod, body: Buffer, clientHeader: Headers) {
+      const single = singleMessage(body);
+      if ("problem" in single) throw new ConnectError(`protocol error: ${single.problem}`, Code.InvalidArgument);
+      if (single.flags !== 0) throw new ConnectError(`protocol error: request message with flags ${single.flags} (compressed without connect-content-encoding, or an end of stream)`, Code.InvalidArgument);
+      try {
+        if (!parseContentType(clientHeader.get("content-type"))?.binary) fromJsonString(method.input, jsonDecoder.decode(single.message), { ignoreUnknownFields: true });
+        else fromBinary(method.input, single.message);
+      } catch (err) {
+        throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+      }
+    },
+
+    upstreamHeaders(clientHeader) {
+      const outgoing = new Headers();
+      for (const name of PASSED_HEADERS) {
+        const value = clientHeader.get(name);
+        if (value !== null) outgoing.set(name, value);
+      }
+      return outgoing;
+    },
+
+    timeoutOf(clientHeader) {
+      return parseTimeout(clientHeader.get("connect-timeout-ms"), Number.MAX_SAFE_INTEGER);
+    },
+
+    setTimeout(upstreamHeader, timeoutMs) {
+      upstreamHeader.set("connect-timeout-ms", String(timeoutMs));
+    },
+
+    relayAnswer({ request, stream: upstream, headers: upstreamHeaders, ended }, res, budget, mask, done) {
+      const status = Number(upstreamHeaders[":status"] ?? 200);
+      const response: Record<string, string | string[]> = {};
+      for (const [name, value] of Object.entries(upstreamHeaders)) {
+        if (!HOP_HEADERS.has(name) && value !== undefined) response[name] = value as string | string[];
+      }
+      for (const [name, value] of budget) response[name] = value;
+      const out = res as http.ServerResponse;
+      const scanner = new EnvelopeScanner();
+      const endChunks: Buffer[] = [];
+      let endSize = 0;
+      const finish = () => {
+        const end = status === 200 ? endStreamOf(Buffer.concat(endChunks), endSize) : { error: new ConnectError(`HTTP ${status} from the service`, codeFromHttpStatus(status)), metadata: new Headers() };
+        let code: Code | 0 = end.error ? end.error.code : 0;
+        let message: Buffer;
+        if (code === Code.Internal || code === Code.Unknown) {
+          // Nothing of the upstream's end goes out, its trailers included: only the trace id.
+          code = Code.Internal;
+          message = endStreamMessage(new ConnectError(mask(end.error!.code, end.error!.rawMessage), Code.Internal), new Headers());
+        } else if (status === 200) {
+          message = Buffer.concat(endChunks); // the upstream's own end, unchanged
+        } else {
+          message = endStreamMessage(end.error, new Headers());
+        }
+        if (!out.headersSent) out.writeHead(200, status === 200 ? response : streamHeaders(request, budget));
+        out.end(message);
+        done(code);
+      };
+      if (status !== 200) {
+        // Not a stream at all (the service refused the request at the HTTP level): say so in the
+        // stream's own terms once the body is read.
+        upstream.resume();
+        if (ended) finish();
+        else onceComplete(upstream, finish);
+        return;
+      }
+      out.writeHead(200, response);
+      if (ended) return finish();
+      upstream.on("data", (chunk: Buffer) => {
+        const scanned = scanner.scan(chunk);
+        if (scanned.pass.length > 0) passChunk(upstream, res, scanned.pass);
+        if (scanned.endStream) {
+          endSize += scanned.endStream.length;
+          if (endSize <= MAX_END_STREAM_BYTES) endChunks.push(scanned.endStream);
+        }
+      });
+      onceComplete(upstream, finish);
+      return scanner;
+    },
+
+    respondError(req, res, error, budget) {
+      if (isGone(res)) return;
+      const headers = streamHeaders(req, budget);
+      // An HTTP/1.1 request refused before its body was read: the rest of it would be read as
+      // the connection's next request.
+      if (req.httpVersionMajor === 1 && !(req as http.IncomingMessage).complete) headers["connection"] = "close";
+      // The error's own metadata (e.g. Retry-After) travels as the stream's trailers.
+      const out = res as http.ServerResponse;
+      out.writeHead(200, headers);
+      out.end(endStreamMessage(error, new Headers(errorHeaders(error, []))));
+    },
+
+    endStream(req, res, budget) {
+      const out = res as http.ServerResponse;
+      if (!out.headersSent) out.writeHead(200, streamHeaders(req, budget));
+      out.end(endStreamMessage(undefined, new Headers()));
+    },
+  };
+}
+
+/**
+ * Headers of a stream the gateway answers itself. The content type is the request's codec (the
+ * client checks it), though the end message is JSON whatever the codec.
+ */
+function streamHeaders(req: ClientRequest, budget: [string, string][]): Record<string, string> {
+  return { "content-type": req.headers["content-type"] ?? "application/connect+json", ...Object.fromEntries(budget) };
+}
+
+function endStreamMessage(error: ConnectError | undefined, metadata: Headers): Buffer {
+  return envelope(END_STREAM, jsonEncoder.encode(JSON.stringify(endStreamToJson(metadata, error, undefined))));
+}
+
+/** The upstream's end of stream; a missing, oversized or malformed one is an internal error. */
+function endStreamOf(bytes: Buffer, size: number): { error?: ConnectError; metadata: Headers } {
+  if (size === 0) return { error: new ConnectError("the stream ended without its end message", Code.Internal), metadata: new Headers() };
+  if (size > MAX_END_STREAM_BYTES) return { error: new ConnectError(`end message of ${size} bytes`, Code.Internal), metadata: new Headers() };
+  const single = singleMessage(bytes);
+  if ("problem" in single || (single.flags & 0x01) !== 0) return { error: new ConnectError("malformed end message", Code.Internal), metadata: new Headers() };
+  try {
+    return endStreamFromJson(single.message);
+  } catch (err) {
+    return { error: ConnectError.from(err, Code.Internal), metadata: new Headers() };
+  }
+}
