@@ -10,10 +10,12 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { createLogger } from "@outpost/platform";
+import { connectRedis, createLogger } from "@outpost/platform";
 import { ulid } from "ulid";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freePort } from "../../../scripts/lib/mesh.ts";
+import { RedisLiveFeed } from "../src/adapters/redis-live-feed.ts";
+import type { StoredChunk } from "../src/core/model.ts";
 import { loadTelemetryConfig } from "../src/config.ts";
 import { startTelemetry, type RunningTelemetry } from "../src/service.ts";
 import { batch, clientsFor, ingest, range, runEnd, SECRET, sleep } from "./helpers.ts";
@@ -98,6 +100,34 @@ describe("live fan-out between replicas through Redis", () => {
     await onA.dispatcher.completeRun({ dispatchId: id, tenantId: "t-a", runEnd: runEnd(10) });
     for (let i = 0; i < 50 && seen.length < 10; i++) await sleep(50);
     expect(seen).toEqual(range(1, 10));
+  });
+
+  it("feeds each listener once: the publishing replica locally, the other through Redis (its own echo skipped)", async () => {
+    const logger = createLogger("feed-test", "silent");
+    const redisA = connectRedis(`redis://127.0.0.1:${redisPort}`, logger);
+    const redisB = connectRedis(`redis://127.0.0.1:${redisPort}`, logger);
+    const feedA = new RedisLiveFeed(redisA, logger);
+    const feedB = new RedisLiveFeed(redisB, logger);
+    try {
+      const id = ulid();
+      const got = { a: [] as number[], b: [] as number[] };
+      const listener = (into: number[]) => ({ onChunks: (chunks: StoredChunk[]) => into.push(...chunks.map((c) => c.seq)), onEnd: () => undefined });
+      feedA.subscribe(id, listener(got.a));
+      feedB.subscribe(id, listener(got.b));
+      await sleep(200); // both SUBSCRIBEs took effect
+      const chunk = (seq: number): StoredChunk => ({ dispatchId: id, seq, stream: 1, text: `line ${seq}`, timeMs: Date.now() });
+      feedA.publish(id, [chunk(1), chunk(2)]);
+      expect(got.a).toEqual([1, 2]); // at once, without Redis
+      for (let i = 0; i < 50 && got.b.length < 2; i++) await sleep(20);
+      expect(got.b).toEqual([1, 2]);
+      await sleep(200); // A's own message came back from Redis meanwhile, and was skipped
+      expect(got.a).toEqual([1, 2]);
+    } finally {
+      await feedA.close();
+      await feedB.close();
+      redisA.disconnect();
+      redisB.disconnect();
+    }
   });
 
   it("keeps ingesting with Redis down; a subscriber on another replica completes from storage", async () => {

@@ -30,6 +30,8 @@ export class RedisLiveFeed implements LiveFeed {
   readonly #subscriber: Redis;
   readonly #logger: Logger;
   readonly #origin = randomUUID();
+  /** How this replica's own messages begin (`o` is written first), to skip them unparsed. */
+  readonly #ownPrefix = `{"o":${JSON.stringify(this.#origin)}`;
   /** Local listeners per channel, to SUBSCRIBE on the first and UNSUBSCRIBE after the last. */
   readonly #channels = new Map<string, number>();
   #lastWarnAt = 0;
@@ -86,6 +88,9 @@ export class RedisLiveFeed implements LiveFeed {
 
   #onMessage(channel: string, raw: string): void {
     if (!channel.startsWith(LOG_CHANNEL_PREFIX)) return;
+    // Its own messages come back to every replica that has subscribers of the run; they were
+    // delivered locally already, and parsing every batch twice costs the ingest path.
+    if (raw.startsWith(this.#ownPrefix)) return;
     let message: FeedMessage;
     try {
       message = JSON.parse(raw) as FeedMessage;
