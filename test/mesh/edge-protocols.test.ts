@@ -380,6 +380,8 @@ describe("a misbehaving upstream, over every path", () => {
   const SLOW_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAX";
   const STREAM_FAIL_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAY";
   const STREAM_HANG_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAZ";
+  const STREAM_CHATTY_ID = "01ARZ3NDEKTSV4RRFFQ69G5FB0";
+  const TRUNCATED_STREAM = "outpost-test/truncated-stream";
   /** Streams of the hanging kind, and whether the stand-in saw each one cancelled. */
   const hangingStreams: { cancelled: boolean }[] = [];
   const RESET_AFTER_HEADERS = "outpost-test/reset-after-headers";
@@ -420,6 +422,11 @@ describe("a misbehaving upstream, over every path", () => {
               throw new ConnectError(`connection to mongodb failed: ${leak}`, Code.Internal, { "x-upstream-debug": leak });
             },
             async *watchDispatch(req, ctx) {
+              // A message every couple of milliseconds until the call ends.
+              for (let i = 1; req.dispatchId === STREAM_CHATTY_ID && !ctx.signal.aborted; i++) {
+                yield { dispatch: { id: req.dispatchId, attempt: i } };
+                await new Promise((resolve) => setTimeout(resolve, 2));
+              }
               for (let i = 1; i <= 3; i++) {
                 yield { dispatch: { id: req.dispatchId, attempt: i, failureReason: "x".repeat(i === 2 ? 40_000 : 10) } };
                 if (req.dispatchId === STREAM_HANG_ID) {
@@ -446,6 +453,16 @@ describe("a misbehaving upstream, over every path", () => {
     fake = http2.createServer((req, res) => {
       // An upstream that takes the call and never answers, whatever its deadline.
       if (req.headers["user-agent"] === NEVER_ANSWER) return;
+      if (req.headers["user-agent"] === TRUNCATED_STREAM) {
+        // A stream whose body stops inside a message, then ends as if complete.
+        const grpc = String(req.headers["content-type"]).startsWith("application/grpc");
+        const partial = Buffer.from([0, 0, 0, 0, 100, 1, 2, 3]);
+        res.writeHead(200, { "content-type": grpc ? "application/grpc" : String(req.headers["content-type"]) });
+        if (grpc) res.addTrailers({ "grpc-status": "0" });
+        req.resume();
+        res.end(partial);
+        return;
+      }
       if (req.headers["user-agent"] !== RESET_AFTER_HEADERS) return adapter(req, res);
       // An upstream that dies (its connection drops) between its response headers and its body.
       const grpc = String(req.headers["content-type"]).startsWith("application/grpc");
@@ -537,6 +554,41 @@ describe("a misbehaving upstream, over every path", () => {
       for (let i = 0; i < 50 && !hangingStreams[before]?.cancelled; i++) await new Promise((r) => setTimeout(r, 100));
       expect(hangingStreams[before]?.cancelled, `${name}: cancelled upstream`).toBe(true);
     }
+  });
+
+  it("ends a stream at its deadline with DEADLINE_EXCEEDED in the stream's own terms, and breaks off one the upstream cut mid-message", async () => {
+    const call = (dispatchId: string, extra: Record<string, string>) =>
+      fetch(`${edge.urls.gateway}/outpost.dispatch.v1.DispatchService/WatchDispatch`, {
+        method: "POST",
+        headers: { "content-type": "application/connect+json", authorization: `Bearer ${tenant.apiKey}`, ...extra },
+        body: (() => {
+          const message = Buffer.from(JSON.stringify({ dispatchId }));
+          const out = Buffer.alloc(5 + message.length);
+          out.writeUInt32BE(message.length, 1);
+          message.copy(out, 5);
+          return out;
+        })(),
+      });
+    // A plain HTTP client enforces no deadline itself: the gateway ends the stream properly.
+    const late = await call(STREAM_HANG_ID, { "connect-timeout-ms": "600" });
+    const bytes = Buffer.from(await late.arrayBuffer());
+    const frames: { flags: number; json: string }[] = [];
+    for (let i = 0; i < bytes.length; i += 5 + bytes.readUInt32BE(i + 1)) {
+      frames.push({ flags: bytes[i]!, json: bytes.subarray(i + 5, i + 5 + bytes.readUInt32BE(i + 1)).toString() });
+    }
+    expect(frames.map((f) => f.flags)).toEqual([0, 2]);
+    expect((JSON.parse(frames[1]!.json) as { error?: { code: string } }).error?.code).toBe("deadline_exceeded");
+    // The upstream's body stops inside a message: the client's answer breaks, it does not look complete.
+    const cut = await call("01ARZ3NDEKTSV4RRFFQ69G5FAV", { "user-agent": TRUNCATED_STREAM });
+    await expect(cut.arrayBuffer()).rejects.toThrow();
+    const grpcClient = createClient(DispatchService, createGrpcTransport({ baseUrl: edge.urls.gateway }));
+    const grpcErr = await failure(async () => {
+      for await (const _ of grpcClient.watchDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers: { authorization: `Bearer ${tenant.apiKey}`, "user-agent": TRUNCATED_STREAM } })) {
+        // nothing whole arrives
+      }
+    });
+    expect(Code[grpcErr.code]).toBe("Internal");
+    expect((await fetch(`${edge.urls.gateway}/healthz`)).status).toBe(200);
   });
 
   it("refuses a malformed Connect stream request at the edge, in the stream's own terms", async () => {
@@ -646,6 +698,18 @@ describe("a misbehaving upstream, over every path", () => {
   it("ends open streams cleanly when the gateway drains (SIGTERM), and cancels them upstream", async () => {
     const headers = { authorization: `Bearer ${tenant.apiKey}` };
     const before = hangingStreams.length;
+    // Streams with messages in flight at the moment of the drain: each ends (cleanly, or broken
+    // off inside a message), and none takes the gateway down (it exits 0).
+    const chatty = paths().map(async ([name, transport]) => {
+      const client = createClient(DispatchService, transport);
+      let got = 0;
+      try {
+        for await (const _ of client.watchDispatch({ dispatchId: STREAM_CHATTY_ID }, { headers })) got++;
+        return `${name}: ended, ${got > 0 ? "messages" : "none"}`;
+      } catch (err) {
+        return `${name}: ${Code[ConnectError.from(err).code]}, ${got > 0 ? "messages" : "none"}`;
+      }
+    });
     const streams = paths().map(async ([name, transport]) => {
       const client = createClient(DispatchService, transport);
       const got: number[] = [];
@@ -662,6 +726,7 @@ describe("a misbehaving upstream, over every path", () => {
     expect(await edge.kill("gateway")).toBe(0);
     expect(Date.now() - started).toBeLessThan(5000);
     expect(await Promise.all(streams)).toEqual(paths().map(([name]) => `${name}: 1 ended ok`));
+    for (const outcome of await Promise.all(chatty)) expect(outcome).toMatch(/: (ended|Internal|Unavailable|Unknown), messages$/);
     for (let i = 0; i < 50 && hangingStreams.slice(before).some((s) => !s.cancelled); i++) await new Promise((r) => setTimeout(r, 100));
     expect(hangingStreams.slice(before).every((s) => s.cancelled)).toBe(true);
   });

@@ -1,10 +1,11 @@
 /**
  * Follows the length-prefixed messages of a streamed answer as its bytes pass through the raw
  * path (gRPC and Connect frame them alike: one flags byte, a 4-byte big-endian length, the
- * message), without copying message bodies. The relay needs two things from it: where a
- * Connect end-of-stream message begins (it carries the status, which may have to be masked),
- * and whether the bytes passed so far end on a message boundary (a draining gateway can end
- * such a stream cleanly; one cut inside a message can only be broken off).
+ * message), without copying message bodies. The relay needs three things from it: where a
+ * Connect end-of-stream message begins (it carries the status, which may have to be masked);
+ * whether the bytes passed so far end on a message boundary (a gateway that stops a stream
+ * there can end it with a status; one cut inside a message can only be broken off); and whether
+ * the upstream's bytes stopped inside a message (a broken answer, not a complete one).
  */
 
 /** Connect's end-of-stream flag (gRPC never sets it). */
@@ -18,15 +19,26 @@ export interface Scanned {
 }
 
 export class EnvelopeScanner {
+  /** Whether flag 0x02 marks an end-of-stream message (Connect); gRPC reserves it. */
+  readonly #endStreamFlag: boolean;
   /** Bytes of the current message's body not seen yet. */
   #bodyLeft = 0;
-  /** A header split across chunks, held until it is whole. */
+  /** A header split across chunks, held (not passed on) until it is whole. */
   #held: Buffer | undefined;
   #inEndStream = false;
 
-  /** True when everything passed on so far ends on a message boundary. */
+  constructor(options: { endStreamFlag: boolean }) {
+    this.#endStreamFlag = options.endStreamFlag;
+  }
+
+  /** True when everything passed on so far ends on a message boundary (held bytes were not passed). */
   get atBoundary(): boolean {
-    return this.#bodyLeft === 0 && this.#held === undefined && !this.#inEndStream;
+    return this.#bodyLeft === 0;
+  }
+
+  /** True when the bytes scanned so far stop inside a message (its header or its body). */
+  get midMessage(): boolean {
+    return this.#bodyLeft > 0 || this.#held !== undefined;
   }
 
   scan(chunk: Buffer): Scanned {
@@ -45,7 +57,7 @@ export class EnvelopeScanner {
         this.#held = buf.subarray(i);
         return { pass: buf.subarray(0, i) };
       }
-      if ((buf[i]! & END_STREAM_FLAG) !== 0) {
+      if (this.#endStreamFlag && (buf[i]! & END_STREAM_FLAG) !== 0) {
         this.#inEndStream = true;
         return { pass: buf.subarray(0, i), endStream: buf.subarray(i) };
       }

@@ -22,10 +22,15 @@ import {
   parseTimeout,
 } from "@connectrpc/connect/protocol-connect";
 import { envelope, EnvelopeScanner, singleMessage } from "./envelopes.ts";
-import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
+import { breakAnswer, errorHeaders, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "user-agent"];
+/**
+ * Response headers passed back. They go out before the stream's status is known, so an upstream
+ * that ends with an INTERNAL error cannot have leaked anything through them.
+ */
+const ANSWER_HEADERS = ["content-type", "connect-content-encoding"];
 /** Connect's end-of-stream flag. */
 const END_STREAM = 0x02;
 /** An end-of-stream message is small; a bigger one is not one of ours. */
@@ -79,15 +84,21 @@ export function connectServerStream(): UnaryWireProtocol {
     relayAnswer({ request, stream: upstream, headers: upstreamHeaders, ended }, res, budget, mask, done) {
       const status = Number(upstreamHeaders[":status"] ?? 200);
       const response: Record<string, string | string[]> = {};
-      for (const [name, value] of Object.entries(upstreamHeaders)) {
-        if (!HOP_HEADERS.has(name) && value !== undefined) response[name] = value as string | string[];
+      for (const name of ANSWER_HEADERS) {
+        const value = upstreamHeaders[name];
+        if (value !== undefined) response[name] = value;
       }
       for (const [name, value] of budget) response[name] = value;
       const out = res as http.ServerResponse;
-      const scanner = new EnvelopeScanner();
+      const scanner = new EnvelopeScanner({ endStreamFlag: true });
       const endChunks: Buffer[] = [];
       let endSize = 0;
       const finish = () => {
+        // The upstream's body stopped inside a message: a broken answer, not a complete one.
+        if (scanner.midMessage) {
+          breakAnswer(res);
+          return done(Code.Internal);
+        }
         const end = status === 200 ? endStreamOf(Buffer.concat(endChunks), endSize) : { error: new ConnectError(`HTTP ${status} from the service`, codeFromHttpStatus(status)), metadata: new Headers() };
         let code: Code | 0 = end.error ? end.error.code : 0;
         let message: Buffer;
@@ -138,10 +149,10 @@ export function connectServerStream(): UnaryWireProtocol {
       out.end(endStreamMessage(error, new Headers(errorHeaders(error, []))));
     },
 
-    endStream(req, res, budget) {
+    endStream(req, res, budget, error) {
       const out = res as http.ServerResponse;
       if (!out.headersSent) out.writeHead(200, streamHeaders(req, budget));
-      out.end(endStreamMessage(undefined, new Headers()));
+      out.end(endStreamMessage(error, new Headers()));
     },
   };
 }

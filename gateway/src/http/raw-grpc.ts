@@ -9,6 +9,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { parseTimeout, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { EnvelopeScanner, singleMessage } from "./envelopes.ts";
 import {
+  breakAnswer,
   errorHeaders,
   HOP_HEADERS,
   isGone,
@@ -84,7 +85,13 @@ export function grpcUnary(): UnaryWireProtocol {
       out.writeHead(status, masked ? { "content-type": "application/grpc", ...Object.fromEntries(budget) } : response);
       let trailers: http2.IncomingHttpHeaders = {};
       upstream.once("trailers", (t) => (trailers = t));
+      const scanner = new EnvelopeScanner({ endStreamFlag: false });
       const finish = () => {
+        // The upstream's body stopped inside a message: a broken answer, not a complete one.
+        if (scanner.midMessage) {
+          breakAnswer(res);
+          return done(Code.Internal);
+        }
         const sent: Record<string, string> = { ...statusTrailers };
         for (const [name, value] of Object.entries(trailers)) if (typeof value === "string") sent[name] = value;
         const code = Number(sent["grpc-status"] ?? Code.Unknown) as Code | 0;
@@ -93,8 +100,8 @@ export function grpcUnary(): UnaryWireProtocol {
         done(code === Code.Unknown ? Code.Internal : code);
       };
       if (ended) return finish();
-      // Messages pass through as they come; the scanner knows whether a drain may end cleanly here.
-      const scanner = new EnvelopeScanner();
+      // Messages pass through as they come; the scanner knows whether the gateway may end the
+      // stream with a status here (drain, deadline) and whether the upstream's answer was whole.
       upstream.on("data", (chunk: Buffer) => passChunk(upstream, res, scanner.scan(chunk).pass));
       onceComplete(upstream, finish);
       return scanner;
@@ -112,10 +119,12 @@ export function grpcUnary(): UnaryWireProtocol {
       out.end();
     },
 
-    endStream(_req, res, budget) {
+    endStream(_req, res, budget, error) {
       const out = res as http2.Http2ServerResponse;
       if (!out.headersSent) out.writeHead(200, { "content-type": "application/grpc", ...Object.fromEntries(budget) });
-      out.addTrailers({ "grpc-status": "0" });
+      const status = new Headers();
+      if (error) setTrailerStatus(status, error);
+      out.addTrailers(error ? Object.fromEntries(status) : { "grpc-status": "0" });
       out.end();
     },
   };

@@ -83,11 +83,14 @@ export interface UnaryWireProtocol {
     budget: [string, string][],
     mask: (code: Code, cause: string) => string,
     done: (code: Code | 0) => void,
-  ): { readonly atBoundary: boolean } | void;
+  ): RelayState | void;
   /** Answers with an error of the gateway's own (validation, credential, rate limit). */
   respondError(req: ClientRequest, res: ClientResponse, error: ConnectError, budget: [string, string][]): void;
-  /** Ends a stream cleanly (OK) when the gateway drains, whether or not its answer began (protocols that carry streams). */
-  endStream?(req: ClientRequest, res: ClientResponse, budget: [string, string][]): void;
+  /**
+   * Ends a stream the gateway stops (protocols that carry streams): cleanly (OK) when it drains,
+   * with DEADLINE_EXCEEDED at the deadline; whether or not the answer began.
+   */
+  endStream?(req: ClientRequest, res: ClientResponse, budget: [string, string][], error?: ConnectError): void;
 }
 
 export interface UpstreamAnswer {
@@ -205,11 +208,11 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
             return maskedInternalMessage(traceId);
           };
           // A unary call finishes on its own when the gateway drains; a stream is ended.
-          const drain =
+          const stream: StreamEnding | undefined =
             route.method.methodKind === "server_streaming" && protocol.endStream
-              ? { signal: drainSignal, endStream: () => protocol.endStream!(req, res, budget) }
+              ? { drainSignal, end: (error) => protocol.endStream!(req, res, budget, error) }
               : undefined;
-          return await exchange(sessionTo(route.upstream), req, res, outgoing, body, remainingMs, drain, (answer, done) =>
+          return await exchange(sessionTo(route.upstream), req, res, outgoing, body, remainingMs, stream, (answer, done) =>
             protocol.relayAnswer(answer, res, budget, mask, done),
           );
         } catch (err) {
@@ -298,6 +301,7 @@ export function onceComplete(upstream: http2.ClientHttp2Stream, then: () => void
 
 /** Writes an upstream body chunk to the client, pausing the upstream while the client is behind. */
 export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse, chunk: Buffer): void {
+  if (chunk.length === 0 || res.writableEnded || isGone(res)) return;
   if (!(res as http.ServerResponse).write(chunk) && !isGone(res)) {
     upstream.pause();
     res.once("drain", () => upstream.resume());
@@ -307,13 +311,31 @@ export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse
 /** The longest delay setTimeout honours (2^31 - 1 ms). */
 const MAX_TIMER_MS = 2_147_483_647;
 
+/** What a relay tells `exchange` about a stream in progress. */
+export interface RelayState {
+  /** True when what reached the client so far ends between two messages. */
+  readonly atBoundary: boolean;
+}
+
+/** A server stream's own way to end (protocols that carry streams). */
+export interface StreamEnding {
+  /** Fires when the server drains: the stream ends cleanly (OK). */
+  drainSignal: AbortSignal;
+  /** Ends the client's answer with `error` as its status, or OK. */
+  end(error?: ConnectError): void;
+}
+
+/** How long a draining gateway waits for a stream's last bytes to reach a slow client. */
+const DRAIN_FLUSH_MS = 1000;
+
 /**
  * Sends the call upstream and hands its answer to `onAnswer`. Resolves with the code the client
  * got (CANCELLED when it left first); rejects with UNAVAILABLE when the upstream failed before
  * anything reached the client, so the caller can answer instead; after that, the client's
- * answer is broken off. The same when `timeoutMs` passes, with DEADLINE_EXCEEDED. When `drain`
- * fires (streams only), the upstream call is cancelled and the client's answer ends cleanly (OK).
- * Every path settles exactly once.
+ * answer is broken off. The same when `timeoutMs` passes, with DEADLINE_EXCEEDED, except that a
+ * stream between two messages ends with that status. When the server drains (streams only), the
+ * upstream call is cancelled and the client's answer ends cleanly (OK). Every path settles
+ * exactly once, and nothing of the upstream reaches the client after it settled.
  */
 function exchange(
   session: http2.ClientHttp2Session,
@@ -322,10 +344,16 @@ function exchange(
   headers: Headers,
   body: Buffer,
   timeoutMs: number | undefined,
-  drain: { signal: AbortSignal; endStream: () => void } | undefined,
-  onAnswer: (answer: UpstreamAnswer, done: (code: Code | 0) => void) => { readonly atBoundary: boolean } | void,
+  stream: StreamEnding | undefined,
+  onAnswer: (answer: UpstreamAnswer, done: (code: Code | 0) => void) => RelayState | void,
 ): Promise<Code | 0> {
   return new Promise((resolve, reject) => {
+    // Already draining: no upstream call for a stream that would be ended at once.
+    if (stream?.drainSignal.aborted) {
+      stream.end();
+      resolve(0);
+      return;
+    }
     const outgoing: http2.OutgoingHttpHeaders = { ":method": "POST", ":path": req.url! };
     for (const [name, value] of headers) outgoing[name] = value;
     let upstream: http2.ClientHttp2Stream;
@@ -337,12 +365,17 @@ function exchange(
     }
     let settled = false;
     let deadlineTimer: NodeJS.Timeout | undefined;
+    let relay: RelayState | void;
+    /** The gateway itself ended the upstream call (drain, deadline): its close is no failure. */
+    let stopped = false;
     const settle = (outcome: { code: Code | 0 } | { error: ConnectError }) => {
       if (settled) return;
       settled = true;
       clearTimeout(deadlineTimer);
       res.off("close", onClientGone);
-      drain?.signal.removeEventListener("abort", onDrain);
+      stream?.drainSignal.removeEventListener("abort", onDrain);
+      // A cancelled upstream may still deliver a chunk or two: none may reach a finished answer.
+      upstream.removeAllListeners("data");
       if ("error" in outcome) reject(outcome.error);
       else resolve(outcome.code);
     };
@@ -352,33 +385,45 @@ function exchange(
       settle({ code: Code.Canceled });
     };
     res.once("close", onClientGone);
-    let relay: { readonly atBoundary: boolean } | void;
-    const onDrain = () => {
-      if (settled) return;
-      settle({ code: 0 });
+    /** Ends a stream the gateway stops: with a status between two messages, else broken off. */
+    const endStreamHere = (error?: ConnectError) => {
+      stopped = true;
+      upstream.removeAllListeners("data");
       upstream.close(http2.constants.NGHTTP2_CANCEL);
       if (isGone(res)) return;
-      // Cut inside a message, the answer cannot end cleanly; the client resumes either way.
       if (res.headersSent && relay && !relay.atBoundary) breakAnswer(res);
-      else drain!.endStream();
+      else stream!.end(error);
     };
-    if (drain?.signal.aborted) {
-      queueMicrotask(onDrain);
-    } else drain?.signal.addEventListener("abort", onDrain, { once: true });
+    const onDrain = () => {
+      if (settled) return;
+      endStreamHere();
+      // Counted in flight until the end reached the client (or a moment passed), so a draining
+      // server does not close the connection under a slow reader's last bytes.
+      const flushed = () => settle({ code: 0 });
+      if (isGone(res) || res.writableFinished) return flushed();
+      res.once("finish", flushed);
+      setTimeout(flushed, DRAIN_FLUSH_MS).unref();
+    };
+    stream?.drainSignal.addEventListener("abort", onDrain, { once: true });
     // A timer cannot wait longer than MAX_TIMER_MS (a longer delay fires at once): a deadline
     // further off than that (about 24.8 days) is passed on but not held here.
     if (timeoutMs !== undefined && timeoutMs <= MAX_TIMER_MS) {
       deadlineTimer = setTimeout(() => {
-        upstream.close(http2.constants.NGHTTP2_CANCEL);
-        if (!res.headersSent) settle({ error: new ConnectError("the deadline passed before the service answered", Code.DeadlineExceeded) });
-        else {
-          breakAnswer(res);
-          settle({ code: Code.DeadlineExceeded });
+        const late = new ConnectError("the deadline passed before the service answered", Code.DeadlineExceeded);
+        if (!res.headersSent) {
+          upstream.close(http2.constants.NGHTTP2_CANCEL);
+          return settle({ error: late });
         }
+        if (stream) endStreamHere(new ConnectError("the deadline passed", Code.DeadlineExceeded));
+        else {
+          upstream.close(http2.constants.NGHTTP2_CANCEL);
+          breakAnswer(res);
+        }
+        settle({ code: Code.DeadlineExceeded });
       }, timeoutMs);
     }
     const upstreamFailed = (why: string) => {
-      if (settled) return;
+      if (settled || stopped) return;
       // Nothing written yet (no answer, or a Connect error body still being read): the caller
       // answers UNAVAILABLE properly.
       if (!res.headersSent) {
