@@ -37,6 +37,8 @@ export const gatewayConfigShape = {
   OUTPOST_AUTH_CACHE_TTL_MS: setting.durationMs(2000),
   /** Largest request message accepted at the edge. */
   OUTPOST_MAX_REQUEST_BYTES: setting.positiveInt(1024 * 1024),
+  /** Concurrent HTTP/2 streams (calls, log subscriptions) one client connection may hold open. */
+  OUTPOST_GATEWAY_MAX_STREAMS_PER_CONNECTION: setting.positiveInt(1000),
   /** Shared rate-limit counters and auth-cache invalidation between replicas; absent = in-process only. */
   OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
   /** Where rate limits are counted: redis (default when OUTPOST_REDIS_URL is set), memory (default otherwise), or off. */

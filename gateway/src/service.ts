@@ -94,6 +94,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     internalSecret: undefined,
     interceptors: [edgeInterceptor({ authenticator, rateLimits, logger })],
     readMaxBytes: config.OUTPOST_MAX_REQUEST_BYTES,
+    maxStreamsPerConnection: config.OUTPOST_GATEWAY_MAX_STREAMS_PER_CONNECTION,
     metricsPort: config.OUTPOST_GATEWAY_METRICS_PORT,
     contextValues(req, values) {
       values.set(clientIpKey, clientIpOf(req));

@@ -266,6 +266,23 @@ describe("request hygiene (G4)", () => {
     expect((await fetch(`${t.mesh.urls.gateway}/healthz`)).status).toBe(200);
   });
 
+  it("advertises its limit of concurrent streams per HTTP/2 connection; the internal services set none", async () => {
+    const settingsOf = async (url: string) => {
+      const session = http2.connect(url);
+      try {
+        await new Promise<void>((resolve, reject) => {
+          session.once("remoteSettings", () => resolve());
+          session.once("error", reject);
+        });
+        return session.remoteSettings.maxConcurrentStreams;
+      } finally {
+        session.close();
+      }
+    };
+    expect(await settingsOf(t.mesh.urls.gateway)).toBe(1000);
+    expect(await settingsOf(t.mesh.urls.telemetry)).toBeGreaterThan(1_000_000);
+  });
+
   it("draws the size line exactly at OUTPOST_MAX_REQUEST_BYTES (1 MiB here) for a Connect JSON body", async () => {
     const limit = 1024 * 1024;
     // A body of exactly `size` bytes: the task pads it (the dispatcher then refuses the task

@@ -64,6 +64,12 @@ export interface ServerOptions {
   /** How long in-flight calls may take to finish on shutdown. */
   shutdownGraceMs?: number;
   /**
+   * Concurrent HTTP/2 streams a client may open on one connection (advertised in SETTINGS;
+   * clients queue the rest). Unset: no limit beyond nghttp2's session memory, which suits the
+   * internal services, whose callers share one connection for everything.
+   */
+  maxStreamsPerConnection?: number;
+  /**
    * Runs on every HTTP request after the liveness/readiness paths and before Connect (e.g. the
    * gateway's CORS: it answers preflights and adds response headers). Returns true when it
    * answered the request itself.
@@ -161,7 +167,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
 
   const h1 = http.createServer(onRequest);
   // The HTTP/2 compatibility API offers the same request/response surface as HTTP/1.
-  const h2 = http2.createServer({}, onRequest as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void);
+  const h2 = http2.createServer(
+    options.maxStreamsPerConnection === undefined ? {} : { settings: { maxConcurrentStreams: options.maxStreamsPerConnection } },
+    onRequest as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void);
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (session) => {
     sessions.add(session);
