@@ -11,7 +11,6 @@
  * (marked internal there; the version is pinned in the lockfile).
  */
 import type http from "node:http";
-import { fromBinary, fromJsonString } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
   codeFromHttpStatus,
@@ -19,10 +18,10 @@ import {
   endStreamFromJson,
   endStreamToJson,
   parseContentType,
-  parseTimeout,
 } from "@connectrpc/connect/protocol-connect";
 import { envelope, EnvelopeScanner, singleMessage } from "./envelopes.ts";
-import { breakAnswer, errorHeaders, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
+import { connectDeadline, decodeConnectMessage } from "./raw-connect.ts";
+import { breakAnswer, copyHeaders, errorHeaders, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "user-agent"];
@@ -35,7 +34,6 @@ const ANSWER_HEADERS = ["content-type", "connect-content-encoding"];
 const END_STREAM = 0x02;
 /** An end-of-stream message is small; a bigger one is not one of ours. */
 const MAX_END_STREAM_BYTES = 1024 * 1024;
-const jsonDecoder = new TextDecoder();
 const jsonEncoder = new TextEncoder();
 
 export function connectServerStream(): UnaryWireProtocol {
@@ -56,30 +54,14 @@ export function connectServerStream(): UnaryWireProtocol {
       const single = singleMessage(body);
       if ("problem" in single) throw new ConnectError(`protocol error: ${single.problem}`, Code.InvalidArgument);
       if (single.flags !== 0) throw new ConnectError(`protocol error: request message with flags ${single.flags} (compressed without connect-content-encoding, or an end of stream)`, Code.InvalidArgument);
-      try {
-        if (!parseContentType(clientHeader.get("content-type"))?.binary) fromJsonString(method.input, jsonDecoder.decode(single.message), { ignoreUnknownFields: true });
-        else fromBinary(method.input, single.message);
-      } catch (err) {
-        throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
-      }
+      decodeConnectMessage(method, single.message, !parseContentType(clientHeader.get("content-type"))?.binary);
     },
 
     upstreamHeaders(clientHeader) {
-      const outgoing = new Headers();
-      for (const name of PASSED_HEADERS) {
-        const value = clientHeader.get(name);
-        if (value !== null) outgoing.set(name, value);
-      }
-      return outgoing;
+      return copyHeaders(clientHeader, PASSED_HEADERS);
     },
 
-    timeoutOf(clientHeader) {
-      return parseTimeout(clientHeader.get("connect-timeout-ms"), Number.MAX_SAFE_INTEGER);
-    },
-
-    setTimeout(upstreamHeader, timeoutMs) {
-      upstreamHeader.set("connect-timeout-ms", String(timeoutMs));
-    },
+    ...connectDeadline,
 
     relayAnswer({ request, stream: upstream, headers: upstreamHeaders, ended }, res, budget, mask, done) {
       const status = Number(upstreamHeaders[":status"] ?? 200);

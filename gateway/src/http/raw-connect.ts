@@ -6,7 +6,7 @@
  */
 import type http from "node:http";
 import zlib from "node:zlib";
-import { fromBinary, fromJsonString, } from "@bufbuild/protobuf";
+import { fromBinary, fromJsonString } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
   codeFromHttpStatus,
@@ -16,7 +16,7 @@ import {
   errorToJsonBytes,
   parseTimeout,
 } from "@connectrpc/connect/protocol-connect";
-import { errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
+import { copyHeaders, errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "accept-encoding", "user-agent"];
@@ -41,30 +41,14 @@ export function connectUnary(): UnaryWireProtocol {
 
     validate(method: ForwardedMethod, body: Buffer, clientHeader: Headers) {
       // The same reading connect-node gives it: unknown JSON fields are ignored.
-      try {
-        if (isJson(clientHeader.get("content-type") ?? "")) fromJsonString(method.input, jsonDecoder.decode(body), { ignoreUnknownFields: true });
-        else fromBinary(method.input, body);
-      } catch (err) {
-        throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
-      }
+      decodeConnectMessage(method, body, isJson(clientHeader.get("content-type") ?? ""));
     },
 
     upstreamHeaders(clientHeader) {
-      const outgoing = new Headers();
-      for (const name of PASSED_HEADERS) {
-        const value = clientHeader.get(name);
-        if (value !== null) outgoing.set(name, value);
-      }
-      return outgoing;
+      return copyHeaders(clientHeader, PASSED_HEADERS);
     },
 
-    timeoutOf(clientHeader) {
-      return parseTimeout(clientHeader.get("connect-timeout-ms"), Number.MAX_SAFE_INTEGER);
-    },
-
-    setTimeout(upstreamHeader, timeoutMs) {
-      upstreamHeader.set("connect-timeout-ms", String(timeoutMs));
-    },
+    ...connectDeadline,
 
     relayAnswer({ stream: upstream, headers: upstreamHeaders, ended }, res, budget, mask, done) {
       const status = Number(upstreamHeaders[":status"] ?? 200);
@@ -126,6 +110,29 @@ export function connectUnary(): UnaryWireProtocol {
     },
   };
 }
+
+/**
+ * Throws INVALID_ARGUMENT unless `message` decodes as the method's input, read as connect-node
+ * reads it: JSON with unknown fields ignored, or binary. Unary calls and streams alike.
+ */
+export function decodeConnectMessage(method: ForwardedMethod, message: Uint8Array, json: boolean): void {
+  try {
+    if (json) fromJsonString(method.input, jsonDecoder.decode(message), { ignoreUnknownFields: true });
+    else fromBinary(method.input, message);
+  } catch (err) {
+    throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+  }
+}
+
+/** Connect's deadline header, the same for unary calls and streams. */
+export const connectDeadline: Pick<UnaryWireProtocol, "timeoutOf" | "setTimeout"> = {
+  timeoutOf(clientHeader) {
+    return parseTimeout(clientHeader.get("connect-timeout-ms"), Number.MAX_SAFE_INTEGER);
+  },
+  setTimeout(upstreamHeader, timeoutMs) {
+    upstreamHeader.set("connect-timeout-ms", String(timeoutMs));
+  },
+};
 
 function isJson(contentType: string): boolean {
   return !contentType.toLowerCase().endsWith("/proto");

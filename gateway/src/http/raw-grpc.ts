@@ -10,6 +10,7 @@ import { parseTimeout, setTrailerStatus } from "@connectrpc/connect/protocol-grp
 import { EnvelopeScanner, singleMessage } from "./envelopes.ts";
 import {
   breakAnswer,
+  copyHeaders,
   errorHeaders,
   HOP_HEADERS,
   isGone,
@@ -51,12 +52,7 @@ export function grpcUnary(): UnaryWireProtocol {
     },
 
     upstreamHeaders(clientHeader) {
-      const outgoing = new Headers({ "content-type": "application/grpc", te: "trailers" });
-      for (const name of PASSED_HEADERS) {
-        const value = clientHeader.get(name);
-        if (value !== null) outgoing.set(name, value);
-      }
-      return outgoing;
+      return copyHeaders(clientHeader, PASSED_HEADERS, new Headers({ "content-type": "application/grpc", te: "trailers" }));
     },
 
     timeoutOf(clientHeader) {

@@ -299,6 +299,15 @@ export function onceComplete(upstream: http2.ClientHttp2Stream, then: () => void
   });
 }
 
+/** `names` of the client's headers that it sent, copied into `into` (a fresh Headers by default). */
+export function copyHeaders(from: Headers, names: readonly string[], into: Headers = new Headers()): Headers {
+  for (const name of names) {
+    const value = from.get(name);
+    if (value !== null) into.set(name, value);
+  }
+  return into;
+}
+
 /** Writes an upstream body chunk to the client, pausing the upstream while the client is behind. */
 export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse, chunk: Buffer): void {
   if (chunk.length === 0 || res.writableEnded || isGone(res)) return;
