@@ -280,7 +280,7 @@ function prng(seed: number) {
 }
 
 describe("randomized malformed requests (bounded)", () => {
-  it("500 seeded requests over gRPC and Connect: every answer has a proper code and the gateway stays up", async () => {
+  it("500 seeded requests over gRPC and Connect (unary and streams): every answer has a proper code and the gateway stays up", async () => {
     const seed = Number(process.env.OUTPOST_FUZZ_SEED ?? 20261123);
     const random = prng(seed);
     const pick = <T>(items: readonly T[]) => items[Math.floor(random() * items.length)]!;
@@ -334,9 +334,55 @@ describe("randomized malformed requests (bounded)", () => {
       }
     };
 
+    /** A Connect server stream: HTTP 200 and an end-of-stream message whose error names the code. */
+    const connectStreamCall = async (path: string, json: boolean, body: Buffer) => {
+      const res = await fetch(`${t.mesh.urls.gateway}${path}`, {
+        method: "POST",
+        headers: { "content-type": json ? "application/connect+json" : "application/connect+proto", authorization: `Bearer ${tenant.apiKey}` },
+        body,
+        signal: AbortSignal.timeout(10_000),
+      }).catch(() => undefined);
+      if (!res) return "hang";
+      const bytes = Buffer.from(await res.arrayBuffer().catch(() => new ArrayBuffer(0)));
+      if (res.status !== 200) return `http ${res.status}`;
+      for (let at = 0; at + 5 <= bytes.length; at += 5 + bytes.readUInt32BE(at + 1)) {
+        if ((bytes[at]! & 2) === 0) continue;
+        try {
+          const end = JSON.parse(bytes.subarray(at + 5, at + 5 + bytes.readUInt32BE(at + 1)).toString()) as { error?: { code: string } };
+          return end.error?.code ?? "ok";
+        } catch {
+          return "malformed end";
+        }
+      }
+      return "no end";
+    };
+    const envelopeOf = (flags: number, message: Buffer, promised = message.length) => {
+      const out = Buffer.alloc(5 + message.length);
+      out[0] = flags;
+      out.writeUInt32BE(promised, 1);
+      message.copy(out, 5);
+      return out;
+    };
+
     const one = async (i: number) => {
       const { path, streaming } = pick(methods);
-      const kind = streaming ? "grpc" : pick(["grpc", "connect-proto", "connect-json"] as const);
+      const kind = streaming ? pick(["grpc", "connect-stream-proto", "connect-stream-json"] as const) : pick(["grpc", "connect-proto", "connect-json"] as const);
+      if (kind === "connect-stream-proto" || kind === "connect-stream-json") {
+        const json = kind === "connect-stream-json";
+        const message = json ? Buffer.from(junkJson()) : randomBytes(Math.floor(random() * 64));
+        const shape = random();
+        const body =
+          shape < 0.4 ? envelopeOf(0, message)
+          : shape < 0.55 ? envelopeOf(0, message, message.length + 1 + Math.floor(random() * 1000)) // truncated
+          : shape < 0.7 ? envelopeOf(pick([1, 2, 3, 0x80]), message) // compressed or end-of-stream flags
+          : shape < 0.85 ? Buffer.concat([envelopeOf(0, message), envelopeOf(0, message)]) // two messages
+          : randomBytes(Math.floor(random() * 5)); // cut header
+        const answer = await connectStreamCall(path, json, body);
+        if (["hang", "internal", "unknown", "unavailable", "data_loss", "deadline_exceeded", "malformed end", "no end"].includes(answer) || answer.startsWith("http")) {
+          bad.push(`#${i} ${kind} ${path}: ${answer}`);
+        }
+        return;
+      }
       if (kind === "grpc") {
         const shape = random();
         const body =
