@@ -317,13 +317,16 @@ describe("randomized malformed requests (bounded)", () => {
         req.on("close", () => (clearTimeout(timer), resolve(status ?? -2)));
         req.end(body);
       });
-    const connectCall = async (path: string, json: boolean, body: Buffer | string) => {
-      const res = await fetch(`${t.mesh.urls.gateway}${path}`, {
+    /** An authenticated POST to the gateway; undefined when no answer came within 10 s. */
+    const post = (path: string, contentType: string, body: Buffer | string) =>
+      fetch(`${t.mesh.urls.gateway}${path}`, {
         method: "POST",
-        headers: { "content-type": json ? "application/json" : "application/proto", authorization: `Bearer ${tenant.apiKey}` },
+        headers: { "content-type": contentType, authorization: `Bearer ${tenant.apiKey}` },
         body,
         signal: AbortSignal.timeout(10_000),
       }).catch(() => undefined);
+    const connectCall = async (path: string, json: boolean, body: Buffer | string) => {
+      const res = await post(path, json ? "application/json" : "application/proto", body);
       if (!res) return "hang";
       const text = await res.text();
       if (res.status === 200) return "ok";
@@ -336,12 +339,7 @@ describe("randomized malformed requests (bounded)", () => {
 
     /** A Connect server stream: HTTP 200 and an end-of-stream message whose error names the code. */
     const connectStreamCall = async (path: string, json: boolean, body: Buffer) => {
-      const res = await fetch(`${t.mesh.urls.gateway}${path}`, {
-        method: "POST",
-        headers: { "content-type": json ? "application/connect+json" : "application/connect+proto", authorization: `Bearer ${tenant.apiKey}` },
-        body,
-        signal: AbortSignal.timeout(10_000),
-      }).catch(() => undefined);
+      const res = await post(path, json ? "application/connect+json" : "application/connect+proto", body);
       if (!res) return "hang";
       const bytes = Buffer.from(await res.arrayBuffer().catch(() => new ArrayBuffer(0)));
       if (res.status !== 200) return `http ${res.status}`;

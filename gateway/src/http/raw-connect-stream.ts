@@ -20,7 +20,7 @@ import {
   parseContentType,
 } from "@connectrpc/connect/protocol-connect";
 import { envelope, EnvelopeScanner, singleMessage } from "./envelopes.ts";
-import { connectDeadline, decodeConnectMessage } from "./raw-connect.ts";
+import { acceptsConnect, connectDeadline, decodeConnectMessage } from "./raw-connect.ts";
 import { breakAnswer, copyHeaders, errorHeaders, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
@@ -41,14 +41,7 @@ export function connectServerStream(): UnaryWireProtocol {
     envelopeBytes: 5,
     methodKinds: new Set(["server_streaming"]),
 
-    accepts(req) {
-      const contentType = req.headers["content-type"];
-      if (typeof contentType !== "string" || !contentTypeStreamRegExp.test(contentType)) return false;
-      const encoding = req.headers["connect-content-encoding"];
-      if (encoding !== undefined && encoding !== "identity") return false;
-      const version = req.headers["connect-protocol-version"];
-      return version === undefined || version === "1";
-    },
+    accepts: (req) => acceptsConnect(req, contentTypeStreamRegExp, "connect-content-encoding"),
 
     validate(method: ForwardedMethod, body: Buffer, clientHeader: Headers) {
       const single = singleMessage(body);

@@ -16,7 +16,7 @@ import {
   errorToJsonBytes,
   parseTimeout,
 } from "@connectrpc/connect/protocol-connect";
-import { copyHeaders, errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
+import { copyHeaders, errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "accept-encoding", "user-agent"];
@@ -24,20 +24,26 @@ const PASSED_HEADERS = ["content-type", "connect-protocol-version", "accept-enco
 const MAX_ERROR_BODY_BYTES = 1024 * 1024;
 const jsonDecoder = new TextDecoder();
 
+/**
+ * A Connect call the raw path can take: the content type of its kind, no compression (left to
+ * the Connect path) and protocol version 1 or none. Another version is refused by connect-node
+ * on the Connect path, precisely.
+ */
+export function acceptsConnect(req: ClientRequest, contentType: RegExp, encodingHeader: "content-encoding" | "connect-content-encoding"): boolean {
+  const type = req.headers["content-type"];
+  if (typeof type !== "string" || !contentType.test(type)) return false;
+  const encoding = req.headers[encodingHeader];
+  if (encoding !== undefined && encoding !== "identity") return false;
+  const version = req.headers["connect-protocol-version"];
+  return version === undefined || version === "1";
+}
+
 export function connectUnary(): UnaryWireProtocol {
   return {
     envelopeBytes: 0,
     methodKinds: new Set(["unary"]),
 
-    accepts(req) {
-      const contentType = req.headers["content-type"];
-      if (typeof contentType !== "string" || !contentTypeUnaryRegExp.test(contentType)) return false;
-      const encoding = req.headers["content-encoding"];
-      if (encoding !== undefined && encoding !== "identity") return false;
-      // Another protocol version is refused by connect-node on the Connect path, precisely.
-      const version = req.headers["connect-protocol-version"];
-      return version === undefined || version === "1";
-    },
+    accepts: (req) => acceptsConnect(req, contentTypeUnaryRegExp, "content-encoding"),
 
     validate(method: ForwardedMethod, body: Buffer, clientHeader: Headers) {
       // The same reading connect-node gives it: unknown JSON fields are ignored.
