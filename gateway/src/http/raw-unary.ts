@@ -23,6 +23,7 @@
  * Everything else (gRPC-Web, compressed requests, Connect GET, reflection, health) takes the
  * Connect path in routes.ts, which behaves the same.
  */
+import { AsyncResource } from "node:async_hooks";
 import type http from "node:http";
 import http2 from "node:http2";
 import type { DescMethodServerStreaming, DescMethodUnary } from "@bufbuild/protobuf";
@@ -317,6 +318,21 @@ export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse
   }
 }
 
+/**
+ * Node keeps a closed HTTP/2 stream reachable for young-generation collections until the next
+ * full one (measured: a bare `node:http2` client promotes about a fifth of what it allocates to
+ * the old generation, `node:http` 0.3 %), so whatever the stream still references is promoted
+ * with it and filled the gateway's old generation: a full collection every 3 s at 2,400 calls/s.
+ * Two references are cut. Its listeners are removed once it closed (in `exchange`). And it is
+ * created in this scope, made once at start-up, instead of the call's: the stream keeps the
+ * async context it was created in, which held the call's trace context and server span. Its
+ * events need neither (the relay gets the trace id explicitly; the call's own code resumes in
+ * its context when `exchange` settles). Together they halve the gateway's promotion; docs/edge.md.
+ */
+const UPSTREAM_SCOPE = new AsyncResource("OutpostUpstreamCall");
+
+const ignore = () => {};
+
 /** The longest delay setTimeout honours (2^31 - 1 ms). */
 const MAX_TIMER_MS = 2_147_483_647;
 
@@ -367,7 +383,7 @@ function exchange(
     for (const [name, value] of headers) outgoing[name] = value;
     let upstream: http2.ClientHttp2Stream;
     try {
-      upstream = session.request(outgoing);
+      upstream = UPSTREAM_SCOPE.runInAsyncScope(() => session.request(outgoing));
     } catch (err) {
       reject(new ConnectError(`upstream unavailable: ${err instanceof Error ? err.message : String(err)}`, Code.Unavailable));
       return;
@@ -446,6 +462,14 @@ function exchange(
     upstream.once("error", (err) => upstreamFailed(err.message));
     // Closed without an answer and without an error (e.g. reset with CANCEL or NO_ERROR).
     upstream.once("close", () => upstreamFailed(`the call was closed (code ${upstream.rstCode ?? "none"})`));
+    // See UPSTREAM_SCOPE: a closed stream lingers, and its listeners hold this call's client
+    // request and response. Nothing is emitted after "close"; the no-op stays in case.
+    upstream.once("close", () =>
+      setImmediate(() => {
+        upstream.removeAllListeners();
+        upstream.on("error", ignore);
+      }),
+    );
     upstream.once("response", (upstreamHeaders, flags) => {
       if (settled) return;
       const ended = (flags & http2.constants.NGHTTP2_FLAG_END_STREAM) !== 0;
