@@ -11,7 +11,7 @@ import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
-import { startBenchMesh, startEchoServer } from "./lib/fixtures.ts";
+import { gcTotals, startBenchMesh, startEchoServer, type GcTotals } from "./lib/fixtures.ts";
 import { grpcFrame, hasH2load, runAutocannon, runH2load, type LoadFigures } from "./lib/tools.ts";
 import { median, type BenchContext, type BenchResult, type BenchRow, type Benchmark } from "./lib/types.ts";
 
@@ -20,6 +20,12 @@ const METHOD_PATH = "/outpost.dispatch.v1.DispatchService/GetDispatch";
 interface Side {
   saturated: LoadFigures;
   half: LoadFigures;
+}
+
+/** Garbage collection in one Outpost process during a half-load run, per call. */
+interface GcPerCall {
+  fullPer10k: number;
+  pauseMsPer1k: number;
 }
 
 const edgeUnary: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
@@ -57,6 +63,7 @@ const edgeUnary: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => 
     const bareGrpc: Side[] = [];
     const outpostJson: Side[] = [];
     const bareJson: Side[] = [];
+    const gcDuringHalfLoad: Record<"gateway" | "dispatcher", GcPerCall[]> = { gateway: [], dispatcher: [] };
     let grpcRejected = 0;
     for (let run = 0; run < ctx.runs; run++) {
       if (grpc) {
@@ -108,7 +115,14 @@ const edgeUnary: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => 
       const o = await h1(gateway, auth);
       const b = await h1(echo.h1, {});
       const rate = Math.max(1, Math.floor(o.rps / 2));
-      outpostJson.push({ saturated: o, half: await h1Half(gateway, auth, rate) });
+      // What the tail at half load is made of (README, Benchmarks): the collections each process
+      // of the edge call ran meanwhile, from their own metrics.
+      const processes = ["gateway", "dispatcher"] as const;
+      const gcBefore = await Promise.all(processes.map((p) => gcTotals(bench.mesh.urls[p])));
+      const half = await h1Half(gateway, auth, rate);
+      const gcAfter = await Promise.all(processes.map((p) => gcTotals(bench.mesh.urls[p])));
+      processes.forEach((p, i) => gcDuringHalfLoad[p].push(perCall(gcBefore[i]!, gcAfter[i]!, half.requests)));
+      outpostJson.push({ saturated: o, half });
       bareJson.push({ saturated: b, half: await h1Half(echo.h1, {}, rate) });
       ctx.log(`run ${run + 1} Connect JSON/HTTP 1.1: outpost ${o.rps.toFixed(0)} req/s, bare ${b.rps.toFixed(0)} req/s`);
     }
@@ -116,6 +130,12 @@ const edgeUnary: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => 
     const rows: BenchRow[] = [];
     if (grpc) rows.push(...rowsFor("gRPC (h2load)", outpostGrpc, bareGrpc));
     rows.push(...rowsFor("Connect JSON HTTP/1.1 (autocannon; half load h2load --h1)", outpostJson, bareJson));
+    for (const [service, samples] of Object.entries(gcDuringHalfLoad)) {
+      rows.push(
+        { metric: `${service}: full collections per 10k calls (Connect JSON, half load)`, value: median(samples.map((s) => s.fullPer10k)), unit: "count" },
+        { metric: `${service}: GC pause per 1k calls (Connect JSON, half load)`, value: median(samples.map((s) => s.pauseMsPer1k)), unit: "ms" },
+      );
+    }
     const failed = [...outpostGrpc, ...outpostJson].reduce((n, s) => n + s.saturated.failed + s.half.failed, 0);
     return {
       name: "edge-unary",
@@ -130,6 +150,13 @@ const edgeUnary: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => 
     await bench.stop();
   }
 };
+
+function perCall(before: GcTotals, after: GcTotals, calls: number): GcPerCall {
+  return {
+    fullPer10k: ((after.full - before.full) / Math.max(1, calls)) * 10_000,
+    pauseMsPer1k: ((after.pauseMs - before.pauseMs) / Math.max(1, calls)) * 1000,
+  };
+}
 
 function rowsFor(protocol: string, outpost: Side[], bare: Side[]): BenchRow[] {
   const pick = (sides: Side[], f: (s: Side) => number) => median(sides.map(f));

@@ -4,10 +4,13 @@
  * machine); what is asserted is the table's shape and the bookkeeping around it.
  */
 import { spawn } from "node:child_process";
+import http from "node:http";
+import type { AddressInfo } from "node:net";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
+import { gcTotals } from "../bench/lib/fixtures.ts";
 import { REPO_ROOT } from "../scripts/lib/mesh.ts";
 
 interface Outcome {
@@ -75,5 +78,33 @@ describe("bench/run.ts --quick", () => {
     const unknown = await runBench(["--quick", "--only", "nope"]);
     expect(unknown.code).toBe(2);
     expect(unknown.stderr).toContain("unknown benchmark(s) nope");
+  });
+});
+
+describe("gcTotals (the edge benchmark's GC rows)", () => {
+  it("reads a service's /metrics: full collections by count, pauses of every kind summed", async () => {
+    // prom-client's default GC histogram, as every service exports it.
+    const text = [
+      "# TYPE nodejs_gc_duration_seconds histogram",
+      'nodejs_gc_duration_seconds_bucket{le="0.001",kind="minor"} 5',
+      'nodejs_gc_duration_seconds_sum{kind="minor"} 0.012',
+      'nodejs_gc_duration_seconds_count{kind="minor"} 7',
+      'nodejs_gc_duration_seconds_sum{kind="major"} 0.03',
+      'nodejs_gc_duration_seconds_count{kind="major"} 2',
+      'nodejs_gc_duration_seconds_sum{kind="incremental"} 0.005',
+      'nodejs_gc_duration_seconds_count{kind="incremental"} 4',
+      'outpost_rpc_requests_total{method="x",code="ok",kind="major"} 99',
+    ].join("\n");
+    const server = http.createServer((req, res) => (req.url === "/metrics" ? res.end(text) : res.writeHead(404).end()));
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    try {
+      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+      const totals = await gcTotals(url);
+      expect(totals.full).toBe(2);
+      expect(totals.pauseMs).toBeCloseTo(47, 6);
+      await expect(gcTotals(`${url}/elsewhere`)).rejects.toThrow(/answered 404/);
+    } finally {
+      server.close();
+    }
   });
 });

@@ -89,3 +89,25 @@ export async function startEchoServer(): Promise<EchoServer> {
     },
   };
 }
+
+/** A process's garbage collections so far, from its Prometheus metrics (prom-client's default GC histogram). */
+export interface GcTotals {
+  /** Full (mark-compact) collections. */
+  full: number;
+  /** Main-thread time spent in collections of every kind, ms. */
+  pauseMs: number;
+}
+
+export async function gcTotals(serviceUrl: string): Promise<GcTotals> {
+  const res = await fetch(`${serviceUrl}/metrics`);
+  if (!res.ok) throw new Error(`${serviceUrl}/metrics answered ${res.status}`);
+  const totals: GcTotals = { full: 0, pauseMs: 0 };
+  for (const line of (await res.text()).split("\n")) {
+    const sample = /^nodejs_gc_duration_seconds_(count|sum)\{([^}]*)\} (\S+)$/.exec(line);
+    if (!sample) continue;
+    const [, series, labels, value] = sample;
+    if (series === "count" && /\bkind="major"/.test(labels!)) totals.full += Number(value);
+    if (series === "sum") totals.pauseMs += Number(value) * 1000;
+  }
+  return totals;
+}
