@@ -14,3 +14,4 @@ export * from "./redis.ts";
 export * from "./tracing.ts";
 export * from "./metrics.ts";
 export * from "./streams.ts";
+export * from "./runtime.ts";

@@ -20,6 +20,7 @@ import { identityKey, readIdentity } from "./identity.ts";
 import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
 import { maskedInternalMessage } from "./errors.ts";
+import { applyRuntimeFixes } from "./runtime.ts";
 
 /** Answered with 200 before any middleware, for process supervisors and load balancers. */
 export const LIVENESS_PATH = "/healthz";
@@ -98,6 +99,7 @@ export interface RunningServer {
 const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
 
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
+  applyRuntimeFixes();
   const { logger } = options;
   const drain = new AbortController();
   // Every stream served outside Connect (the gateway's raw path) listens for the drain.

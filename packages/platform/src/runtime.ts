@@ -1,0 +1,56 @@
+/**
+ * Process-wide runtime fixes every service applies at start-up (`startServer`); the V8 flags
+ * that go with them are in scripts/lib/mesh.ts and the image (docs/operations.md, "Runtime").
+ *
+ * `AsyncResource#bind`: Node 24 defines a deprecated `asyncResource` accessor (DEP0172) on every
+ * function it returns, with a fresh getter and setter each time. V8 then keeps the function
+ * reachable for young-generation collections until the next full one, and with it whatever the
+ * function closes over (measured: a loop binding one function per iteration promotes 15 % of what
+ * it allocates to the old generation, 0.1 % without the accessor). Node's HTTP/2 client binds one
+ * such function per request, so each call the gateway forwarded went to the old generation whole,
+ * and full collections came every few seconds under load (README, Benchmarks). The replacement
+ * behaves the same (runs `fn` in the resource's async scope with the caller's `this`, or
+ * `thisArg`; keeps `fn.length`) and keeps `asyncResource` as a plain property, without the
+ * deprecation warning.
+ */
+import { AsyncResource } from "node:async_hooks";
+
+const APPLIED = Symbol.for("outpost.runtime-fixes");
+
+type Bind = (this: AsyncResource, fn: (...args: unknown[]) => unknown, thisArg?: unknown) => (...args: unknown[]) => unknown;
+
+function bindTo(resource: AsyncResource, fn: (...args: unknown[]) => unknown, thisArg?: unknown): (...args: unknown[]) => unknown {
+  if (typeof fn !== "function") {
+    throw Object.assign(new TypeError(`The "fn" argument must be of type function. Received ${fn === null ? "null" : typeof fn}`), {
+      code: "ERR_INVALID_ARG_TYPE",
+    });
+  }
+  const bound =
+    thisArg === undefined
+      ? function (this: unknown, ...args: unknown[]) {
+          return resource.runInAsyncScope(fn, this, ...args);
+        }
+      : resource.runInAsyncScope.bind(resource, fn, thisArg);
+  Object.defineProperty(bound, "length", { configurable: true, enumerable: false, writable: false, value: fn.length });
+  Object.defineProperty(bound, "asyncResource", { configurable: true, enumerable: true, writable: true, value: resource });
+  return bound;
+}
+
+const bind: Bind = function bind(fn, thisArg) {
+  return bindTo(this, fn, thisArg);
+};
+
+const registry = globalThis as { [APPLIED]?: { nodeBind: Bind } };
+const prototype = AsyncResource.prototype as unknown as { bind: Bind };
+
+/** Applies the fixes above once per process; later calls do nothing. */
+export function applyRuntimeFixes(): void {
+  if (registry[APPLIED]) return;
+  registry[APPLIED] = { nodeBind: prototype.bind };
+  prototype.bind = bind;
+}
+
+/** Node's own `AsyncResource#bind`, also after the fix (its test shows why the fix exists). */
+export function nodeAsyncResourceBind(): Bind {
+  return registry[APPLIED]?.nodeBind ?? prototype.bind;
+}
