@@ -6,6 +6,8 @@
  * saturated (throughput), then both are driven at half of Outpost's saturated rate, evenly
  * paced (h2load --rps; with --h1 for HTTP/1.1, since autocannon's rate limit is bursty), where
  * the p50/p99 latencies are compared. Goals: >= 0.4 of the bare throughput; p99 <= 2x bare.
+ * The garbage collections the gateway and the dispatcher ran during the Connect half-load runs
+ * (from their /metrics) are reported per call too: they are what that p99 is made of.
  */
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";

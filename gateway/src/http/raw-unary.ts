@@ -319,11 +319,11 @@ export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse
 }
 
 /**
- * Node keeps a closed HTTP/2 stream reachable for young-generation collections until the next
- * full one (measured: a bare `node:http2` client promotes about a fifth of what it allocates to
- * the old generation, `node:http` 0.3 %), so whatever the stream still references is promoted
- * with it and filled the gateway's old generation: a full collection every 3 s at 2,400 calls/s.
- * Two references are cut. Its listeners are removed once it closed (in `exchange`). And it is
+ * A closed HTTP/2 stream stays reachable for young-generation collections until the next full
+ * one (through two V8 behaviours, packages/platform/src/runtime.ts: one fixed there, one inside
+ * Node's Writable; a bare `node:http2` client promoted a fifth of what it allocated to the old
+ * generation, `node:http` 0.3 %), so whatever the stream still references is promoted with it
+ * and filled the gateway's old generation. Two references the gateway owns are cut. Its listeners are removed once it closed (in `exchange`). And it is
  * created in this scope, made once at start-up, instead of the call's: the stream keeps the
  * async context it was created in, which held the call's trace context and server span. Its
  * events need neither (the relay gets the trace id explicitly; the call's own code resumes in
