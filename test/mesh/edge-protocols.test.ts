@@ -449,12 +449,15 @@ describe("a misbehaving upstream, over every path", () => {
                 if (req.dispatchId === STREAM_HANG_ID) {
                   const stream = { cancelled: false };
                   hangingStreams.push(stream);
-                  await new Promise<void>((resolve) => {
+                  await new Promise<void>((resolve, reject) => {
                     const timer = setTimeout(resolve, 10_000);
                     ctx.signal.addEventListener("abort", () => {
                       stream.cancelled = true;
                       clearTimeout(timer);
-                      resolve();
+                      // As a service honouring its deadline does: the stream ends with the
+                      // signal's reason (DEADLINE_EXCEEDED when the propagated deadline passed),
+                      // never OK. Ending OK here raced the gateway's own deadline (same instant).
+                      reject(ConnectError.from(ctx.signal.reason));
                     });
                   });
                   return;
