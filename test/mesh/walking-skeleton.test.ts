@@ -234,6 +234,46 @@ describe("the edge", () => {
   });
 });
 
+/** The end-of-stream message of a Connect server stream called over plain HTTP, which holds no deadline of its own. */
+async function connectStreamEnd(url: string, headers: Record<string, string>, message: object): Promise<{ error?: { code: string } }> {
+  const json = Buffer.from(JSON.stringify(message));
+  const body = Buffer.alloc(5 + json.length);
+  body.writeUInt32BE(json.length, 1);
+  json.copy(body, 5);
+  const res = await fetch(url, { method: "POST", headers: { "content-type": "application/connect+json", ...headers }, body });
+  const bytes = Buffer.from(await res.arrayBuffer());
+  for (let i = 0; i < bytes.length; i += 5 + bytes.readUInt32BE(i + 1)) {
+    if (bytes[i] === 2) return JSON.parse(bytes.subarray(i + 5, i + 5 + bytes.readUInt32BE(i + 1)).toString()) as { error?: { code: string } };
+  }
+  throw new Error(`${url}: no end-of-stream message`);
+}
+
+describe("deadlines", () => {
+  it("a watch or log subscription cut by its deadline ends DEADLINE_EXCEEDED, not OK, at the service and through the gateway", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "long sleep=10" });
+    const signed = new Headers();
+    writeIdentity(signed, t.internalSecret, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" });
+    const direct = Object.fromEntries(signed);
+    const viaGateway = { authorization: `Bearer ${tenant.apiKey}` };
+    const watch = `/${DispatchService.typeName}/WatchDispatch`;
+    const subscribe = `/${LogService.typeName}/SubscribeLogs`;
+    const cases: [string, Record<string, string>][] = [
+      [t.mesh.urls.dispatcher + watch, direct],
+      [t.mesh.urls.telemetry + subscribe, direct],
+      [t.mesh.urls.gateway + watch, viaGateway],
+      [t.mesh.urls.gateway + subscribe, viaGateway],
+    ];
+    try {
+      for (const [url, headers] of cases) {
+        const end = await connectStreamEnd(url, { ...headers, "connect-timeout-ms": "300" }, { dispatchId: dispatch!.id });
+        expect(end.error?.code, url).toBe("deadline_exceeded");
+      }
+    } finally {
+      await tenant.clients.dispatches.cancelDispatch({ dispatchId: dispatch!.id });
+    }
+  });
+});
+
 describe("trust between services", () => {
   it("a service refuses a direct call with forged or missing identity metadata", async () => {
     const forgedWithWrongSecret = internalClient(DispatchService, {

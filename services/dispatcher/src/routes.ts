@@ -7,6 +7,7 @@ import { durationMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt
 import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import {
   callEndSignal,
+  throwIfCallAborted,
   callerOf,
   outcomeOf,
   requireAdmin,
@@ -128,6 +129,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       for await (const record of dispatcher.watch(tenantId, id, callEndSignal(ctx))) {
         yield create(WatchDispatchResponseSchema, { dispatch: dispatchToProto(record) });
       }
+      throwIfCallAborted(ctx);
     },
   });
 

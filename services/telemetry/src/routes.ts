@@ -7,6 +7,7 @@ import { durationMs, timestampFromMs, timestampMs, type Duration } from "@bufbui
 import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import {
   callEndSignal,
+  throwIfCallAborted,
   checkLength,
   decodePageToken,
   encodePageToken,
@@ -150,6 +151,7 @@ export function telemetryRoutes(core: TelemetryCore) {
             droppedLiveChunks: BigInt(batch.droppedLiveChunks ?? 0),
           });
         }
+        throwIfCallAborted(ctx);
       },
       async getLogs(req, ctx) {
         const { tenantId } = requireTenant(ctx);
