@@ -22,6 +22,7 @@ import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { ApiKeyService, SecretService, TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
 import { PUBLIC_SERVICES } from "../../gateway/src/core/routing.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
+import { envelope, envelopesOf } from "../support/envelopes.ts";
 
 let t: TestMesh;
 let tenant: Awaited<ReturnType<TestMesh["newTenant"]>>;
@@ -343,23 +344,13 @@ describe("randomized malformed requests (bounded)", () => {
       if (!res) return "hang";
       const bytes = Buffer.from(await res.arrayBuffer().catch(() => new ArrayBuffer(0)));
       if (res.status !== 200) return `http ${res.status}`;
-      for (let at = 0; at + 5 <= bytes.length; at += 5 + bytes.readUInt32BE(at + 1)) {
-        if ((bytes[at]! & 2) === 0) continue;
-        try {
-          const end = JSON.parse(bytes.subarray(at + 5, at + 5 + bytes.readUInt32BE(at + 1)).toString()) as { error?: { code: string } };
-          return end.error?.code ?? "ok";
-        } catch {
-          return "malformed end";
-        }
+      const end = envelopesOf(bytes).find((e) => (e.flags & 2) !== 0);
+      if (!end) return "no end";
+      try {
+        return (JSON.parse(end.message.toString()) as { error?: { code: string } }).error?.code ?? "ok";
+      } catch {
+        return "malformed end";
       }
-      return "no end";
-    };
-    const envelopeOf = (flags: number, message: Buffer, promised = message.length) => {
-      const out = Buffer.alloc(5 + message.length);
-      out[0] = flags;
-      out.writeUInt32BE(promised, 1);
-      message.copy(out, 5);
-      return out;
     };
 
     const one = async (i: number) => {
@@ -370,10 +361,10 @@ describe("randomized malformed requests (bounded)", () => {
         const message = json ? Buffer.from(junkJson()) : randomBytes(Math.floor(random() * 64));
         const shape = random();
         const body =
-          shape < 0.4 ? envelopeOf(0, message)
-          : shape < 0.55 ? envelopeOf(0, message, message.length + 1 + Math.floor(random() * 1000)) // truncated
-          : shape < 0.7 ? envelopeOf(pick([1, 2, 3, 0x80]), message) // compressed or end-of-stream flags
-          : shape < 0.85 ? Buffer.concat([envelopeOf(0, message), envelopeOf(0, message)]) // two messages
+          shape < 0.4 ? envelope(0, message)
+          : shape < 0.55 ? envelope(0, message, message.length + 1 + Math.floor(random() * 1000)) // truncated
+          : shape < 0.7 ? envelope(pick([1, 2, 3, 0x80]), message) // compressed or end-of-stream flags
+          : shape < 0.85 ? Buffer.concat([envelope(0, message), envelope(0, message)]) // two messages
           : randomBytes(Math.floor(random() * 5)); // cut header
         const answer = await connectStreamCall(path, json, body);
         if (["hang", "internal", "unknown", "unavailable", "data_loss", "deadline_exceeded", "malformed end", "no end"].includes(answer) || answer.startsWith("http")) {

@@ -27,6 +27,7 @@ import {
 import { SubscribeLogsRequestSchema, SubscribeLogsResponseSchema, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { startMesh, freePort, type Mesh } from "../../scripts/lib/mesh.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
+import { envelope, envelopesOf } from "../support/envelopes.ts";
 
 const ORIGIN = "https://console.example";
 let t: TestMesh;
@@ -338,9 +339,7 @@ describe("request hygiene (G4)", () => {
   it("serves calls with very long deadlines: gRPC ones rewritten in units the service accepts, none ended at once", async () => {
     const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "long deadline" });
     const message = toBinary(GetDispatchRequestSchema, create(GetDispatchRequestSchema, { dispatchId: dispatch!.id }));
-    const frame = Buffer.alloc(5 + message.length);
-    frame.writeUInt32BE(message.length, 1);
-    frame.set(message, 5);
+    const frame = envelope(0, message);
     // 99999999 hours and 9999999 seconds: in milliseconds both take more than 8 digits, which
     // the dispatcher would refuse, so the gateway must write what is left in coarser units.
     for (const timeout of ["99999999H", "9999999S"]) {
@@ -581,23 +580,13 @@ describe("a misbehaving upstream, over every path", () => {
       fetch(`${edge.urls.gateway}/outpost.dispatch.v1.DispatchService/WatchDispatch`, {
         method: "POST",
         headers: { "content-type": "application/connect+json", authorization: `Bearer ${tenant.apiKey}`, ...extra },
-        body: (() => {
-          const message = Buffer.from(JSON.stringify({ dispatchId }));
-          const out = Buffer.alloc(5 + message.length);
-          out.writeUInt32BE(message.length, 1);
-          message.copy(out, 5);
-          return out;
-        })(),
+        body: envelope(0, JSON.stringify({ dispatchId })),
       });
     // A plain HTTP client enforces no deadline itself: the gateway ends the stream properly.
     const late = await call(STREAM_HANG_ID, { "connect-timeout-ms": "600" });
-    const bytes = Buffer.from(await late.arrayBuffer());
-    const frames: { flags: number; json: string }[] = [];
-    for (let i = 0; i < bytes.length; i += 5 + bytes.readUInt32BE(i + 1)) {
-      frames.push({ flags: bytes[i]!, json: bytes.subarray(i + 5, i + 5 + bytes.readUInt32BE(i + 1)).toString() });
-    }
+    const frames = envelopesOf(Buffer.from(await late.arrayBuffer()));
     expect(frames.map((f) => f.flags)).toEqual([0, 2]);
-    expect((JSON.parse(frames[1]!.json) as { error?: { code: string } }).error?.code).toBe("deadline_exceeded");
+    expect((JSON.parse(frames[1]!.message.toString()) as { error?: { code: string } }).error?.code).toBe("deadline_exceeded");
     // The upstream's body stops inside a message: the client's answer breaks, it does not look complete.
     const cut = await call("01ARZ3NDEKTSV4RRFFQ69G5FAV", { "user-agent": TRUNCATED_STREAM });
     await expect(cut.arrayBuffer()).rejects.toThrow();
@@ -618,14 +607,6 @@ describe("a misbehaving upstream, over every path", () => {
         headers: { "content-type": "application/connect+json", authorization: `Bearer ${tenant.apiKey}` },
         body,
       });
-    const frame = (flags: number, text: string) => {
-      const message = Buffer.from(text);
-      const out = Buffer.alloc(5 + message.length);
-      out[0] = flags;
-      out.writeUInt32BE(message.length, 1);
-      message.copy(out, 5);
-      return out;
-    };
     const endOf = async (res: Response) => {
       expect(res.status).toBe(200);
       const bytes = Buffer.from(await res.arrayBuffer());
@@ -634,22 +615,19 @@ describe("a misbehaving upstream, over every path", () => {
       return JSON.parse(bytes.subarray(5).toString()) as { error?: { code: string; message: string } };
     };
     for (const [why, body] of [
-      ["truncated", frame(0, JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" })).subarray(0, 12)],
-      ["two messages", Buffer.concat([frame(0, "{}"), frame(0, "{}")])],
-      ["end-of-stream flag", frame(2, "{}")],
-      ["not JSON", frame(0, "{nope")],
-      ["wrong field type", frame(0, JSON.stringify({ dispatchId: 7 }))],
+      ["truncated", envelope(0, JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" })).subarray(0, 12)],
+      ["two messages", Buffer.concat([envelope(0, "{}"), envelope(0, "{}")])],
+      ["end-of-stream flag", envelope(2, "{}")],
+      ["not JSON", envelope(0, "{nope")],
+      ["wrong field type", envelope(0, JSON.stringify({ dispatchId: 7 }))],
     ] as const) {
       const end = await endOf(await call(body));
       expect(`${why}: ${end.error?.code}`).toBe(`${why}: invalid_argument`);
     }
     // A good one passes, in the stream's own framing, and ends OK.
-    const res = await call(frame(0, JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" })));
+    const res = await call(envelope(0, JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" })));
     expect(res.headers.get("content-type")).toBe("application/connect+json");
-    const bytes = Buffer.from(await res.arrayBuffer());
-    const flags: number[] = [];
-    for (let i = 0; i < bytes.length; i += 5 + bytes.readUInt32BE(i + 1)) flags.push(bytes[i]!);
-    expect(flags).toEqual([0, 0, 0, 2]);
+    expect(envelopesOf(Buffer.from(await res.arrayBuffer())).map((e) => e.flags)).toEqual([0, 0, 0, 2]);
   });
 
   it("answers UNAVAILABLE when the upstream's connection drops after its headers but before its error body", async () => {

@@ -19,6 +19,7 @@ import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpos
 import { Health, HealthCheckResponse_ServingStatus } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { startTestMesh, type TestMesh } from "./harness.ts";
+import { envelope, envelopesOf } from "../support/envelopes.ts";
 import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES } from "../../scripts/lib/mesh.ts";
 
 const docker = new Docker();
@@ -236,16 +237,11 @@ describe("the edge", () => {
 
 /** The end-of-stream message of a Connect server stream called over plain HTTP, which holds no deadline of its own. */
 async function connectStreamEnd(url: string, headers: Record<string, string>, message: object): Promise<{ error?: { code: string } }> {
-  const json = Buffer.from(JSON.stringify(message));
-  const body = Buffer.alloc(5 + json.length);
-  body.writeUInt32BE(json.length, 1);
-  json.copy(body, 5);
+  const body = envelope(0, JSON.stringify(message));
   const res = await fetch(url, { method: "POST", headers: { "content-type": "application/connect+json", ...headers }, body });
-  const bytes = Buffer.from(await res.arrayBuffer());
-  for (let i = 0; i < bytes.length; i += 5 + bytes.readUInt32BE(i + 1)) {
-    if (bytes[i] === 2) return JSON.parse(bytes.subarray(i + 5, i + 5 + bytes.readUInt32BE(i + 1)).toString()) as { error?: { code: string } };
-  }
-  throw new Error(`${url}: no end-of-stream message`);
+  const end = envelopesOf(Buffer.from(await res.arrayBuffer())).find((e) => e.flags === 2);
+  if (!end) throw new Error(`${url}: no end-of-stream message`);
+  return JSON.parse(end.message.toString()) as { error?: { code: string } };
 }
 
 describe("deadlines", () => {

@@ -323,11 +323,12 @@ export function passChunk(upstream: http2.ClientHttp2Stream, res: ClientResponse
  * one (through two V8 behaviours, packages/platform/src/runtime.ts: one fixed there, one inside
  * Node's Writable; a bare `node:http2` client promoted a fifth of what it allocated to the old
  * generation, `node:http` 0.3 %), so whatever the stream still references is promoted with it
- * and filled the gateway's old generation. Two references the gateway owns are cut. Its listeners are removed once it closed (in `exchange`). And it is
- * created in this scope, made once at start-up, instead of the call's: the stream keeps the
- * async context it was created in, which held the call's trace context and server span. Its
- * events need neither (the relay gets the trace id explicitly; the call's own code resumes in
- * its context when `exchange` settles). Together they halve the gateway's promotion; docs/edge.md.
+ * and filled the gateway's old generation. Two references the gateway owns are cut. Its
+ * listeners are removed once it closed (in `exchange`). And it is created in this scope, made
+ * once at start-up, instead of the call's: the stream keeps the async context it was created
+ * in, which held the call's trace context and server span. Its events need neither (the relay
+ * gets the trace id explicitly; the call's own code resumes in its context when `exchange`
+ * settles). Together they halved the gateway's promotion; docs/edge.md.
  */
 const UPSTREAM_SCOPE = new AsyncResource("OutpostUpstreamCall");
 

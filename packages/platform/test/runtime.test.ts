@@ -52,8 +52,11 @@ describe("applyRuntimeFixes: AsyncResource#bind", () => {
     // Node's types leave out the documented thisArg.
     const bindWithThis = AsyncResource.prototype.bind as unknown as (this: AsyncResource, fn: typeof seen, thisArg: unknown) => typeof seen;
     expect(bindWithThis.call(resource, seen, withThis).call(caller, 2, 2)).toMatchObject({ self: withThis, sum: 4, asyncId: resource.asyncId() });
-    // The static form goes through the same method.
-    expect(AsyncResource.bind(() => executionAsyncId())()).not.toBe(executionAsyncId());
+    // The static form goes through the same method: a bound function of its own scope, with the
+    // plain property.
+    const staticBound = AsyncResource.bind(() => executionAsyncId());
+    expect(staticBound()).not.toBe(executionAsyncId());
+    expect(Object.getOwnPropertyDescriptor(staticBound, "asyncResource")?.get).toBeUndefined();
   });
 
   it("keeps asyncResource as a plain property, not a per-call accessor", () => {
