@@ -2,7 +2,8 @@
  * Two real dispatcher processes sharing one SQLite file and one real Redis (127.0.0.1:6379):
  * concurrent executors on both replicas never lease the same run twice, and an executor
  * long-polling replica 2 wakes promptly for work created through replica 1 (Redis pub/sub,
- * well under the 1 s re-check).
+ * well under the 1 s re-check), and an agent's circuit opened by failures reported to one
+ * replica refuses creates on the other.
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -12,6 +13,8 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { internalClient } from "@outpost/platform";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { EXECUTOR, tenantIdentity } from "./helpers.ts";
 import { SECRET, startDispatcherProcess, stop, type Proc } from "./process-helpers.ts";
 
@@ -77,5 +80,38 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     expect(leased.length).toBe(60);
     expect(new Set(leased).size).toBe(60);
     expect(new Set(leased)).toEqual(ids);
+  });
+
+  it("five agent failures reported to replica 1 open the agent's circuit on replica 2 too", async () => {
+    // claude: an agent no other test here runs, so its circuit starts closed on both replicas.
+    const mine = new Set<string>();
+    for (let i = 0; i < 5; i++) mine.add((await tenant(0).createDispatch({ agent: "claude", task: `fails ${i}` })).dispatch!.id);
+    // Replica 2 accepts claude before the failures.
+    const before = (await tenant(1).createDispatch({ agent: "claude", task: "before" })).dispatch!;
+    mine.add(before.id);
+    let failed = 0;
+    while (failed < 5) {
+      const { lease } = await executor(0).acquireLease({ executorId: "host-circuit", wait: durationFromMs(0) });
+      if (!lease) throw new Error("the queue ran dry before five claude runs failed");
+      const dispatchId = lease.dispatch!.id;
+      if (!mine.has(dispatchId) || dispatchId === before.id) continue;
+      await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.RUNNING });
+      await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.FAILED, exitCode: 1 });
+      failed++;
+    }
+    // The outcomes reach replica 2 over Redis: poll briefly rather than assume a delivery time.
+    let refusal: ConnectError | undefined;
+    for (let i = 0; i < 50 && !refusal; i++) {
+      try {
+        await tenant(1).createDispatch({ agent: "claude", task: "after" });
+        await new Promise((r) => setTimeout(r, 100));
+      } catch (err) {
+        refusal = ConnectError.from(err);
+      }
+    }
+    expect(refusal?.code).toBe(Code.Unavailable);
+    expect(refusal?.rawMessage).toContain("circuit open");
+    // Other agents are not affected on either replica.
+    await tenant(1).createDispatch({ agent: "demo", task: "unaffected" });
   });
 });

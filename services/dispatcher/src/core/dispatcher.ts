@@ -101,6 +101,10 @@ export class Dispatcher {
     this.infraRetry = options.infraRetry ?? new InfraRetry();
     this.now = options.now ?? Date.now;
     this.queueRecheckMs = options.queueRecheckMs ?? DEFAULT_QUEUE_RECHECK_MS;
+    // Every replica's breakers count every run's outcome, whichever replica its end was reported to.
+    this.notifier.onPeerOutcome((agent, succeeded) => {
+      this.circuits.record(agent, succeeded).catch((err: unknown) => this.logger.warn({ err, agent }, "recording a peer's run outcome failed"));
+    });
   }
 
   /**
@@ -404,7 +408,10 @@ export class Dispatcher {
     this.logger.info({ dispatch_id: record.id, state: updated.state, exit_code: updated.exitCode }, "dispatch ended");
     await this.releaseSlot(updated);
     const outcome = agentOutcome(updated);
-    if (outcome !== undefined) await this.circuits.record(updated.agent, outcome);
+    if (outcome !== undefined) {
+      await this.circuits.record(updated.agent, outcome);
+      this.notifier.runOutcome(updated.agent, outcome);
+    }
     await this.announce(() => this.runEvents.runEnded(updated, report.lastLogSeq), updated, "complete run");
     return updated;
   }

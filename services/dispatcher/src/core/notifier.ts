@@ -4,6 +4,10 @@
  * "outpost:dispatch:queued" (when OUTPOST_REDIS_URL is set), so an executor long-polling one
  * replica wakes at once for work created through another. Without Redis (or while it is down)
  * every replica still re-checks its queue at least once a second, so nothing is lost, only later.
+ *
+ * The same bus carries cancel requests to the replica whose executor runs the dispatch, and
+ * runs' outcomes to every replica's circuit breakers: a run's end is reported to whichever
+ * replica its executor calls, and without this each replica's breaker would count only those.
  */
 import { EventEmitter, on } from "node:events";
 import type { Logger, Redis } from "@outpost/platform";
@@ -11,6 +15,8 @@ import type { Logger, Redis } from "@outpost/platform";
 export const QUEUED_CHANNEL = "outpost:dispatch:queued";
 /** Carries "<dispatch id>" when a running dispatch is asked to cancel, to every replica. */
 export const CANCEL_CHANNEL = "outpost:dispatch:cancel";
+/** Carries "<origin> <1|0> <agent>" for each run outcome the circuit breakers count (1 = succeeded). */
+export const OUTCOME_CHANNEL = "outpost:dispatch:outcome";
 
 /** Publishes and receives cross-replica wake-ups. */
 export interface WakeupBus {
@@ -59,6 +65,10 @@ export class Notifier {
       const [origin, dispatchId] = message.split(" ");
       if (origin !== this.origin && dispatchId) this.events.emit("cancel", dispatchId);
     });
+    await this.bus?.subscribe(OUTCOME_CHANNEL, (message) => {
+      const [origin, succeeded, agent] = message.split(" ", 3);
+      if (origin !== this.origin && agent && (succeeded === "1" || succeeded === "0")) this.events.emit("peer-outcome", agent, succeeded === "1");
+    });
   }
 
   async close(): Promise<void> {
@@ -87,6 +97,16 @@ export class Notifier {
         if (!signal.aborted) throw err;
       }
     })();
+  }
+
+  /** A run of `agent` ended with an outcome this replica's breaker counted: peers count it too. */
+  runOutcome(agent: string, succeeded: boolean): void {
+    this.bus?.publish(OUTCOME_CHANNEL, `${this.origin} ${succeeded ? 1 : 0} ${agent}`);
+  }
+
+  /** Calls `listener` for every run outcome another replica counted. */
+  onPeerOutcome(listener: (agent: string, succeeded: boolean) => void): void {
+    this.events.on("peer-outcome", listener);
   }
 
   dispatchChanged(id: string): void {

@@ -9,8 +9,9 @@
  *
  * A run's outcome arrives long after its create, through ReportRunState (possibly on another
  * replica's lease call), so outcomes are fed to cockatiel's CircuitBreakerPolicy as instant
- * calls that succeed or fail; the creates only read the breaker's state. The breaker state is
- * per dispatcher replica (each replica sees the outcomes its executors report).
+ * calls that succeed or fail; the creates only read the breaker's state. Each replica keeps its
+ * own breakers, and the dispatcher core feeds them every replica's outcomes (the Notifier
+ * carries them over Redis), so they agree on an agent's state.
  */
 import {
   CircuitBreakerPolicy,
