@@ -6,6 +6,7 @@
  */
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
+import http2 from "node:http2";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { create } from "@bufbuild/protobuf";
@@ -18,6 +19,8 @@ import { Dispatch_State, type ModelTier } from "@outpost/proto/outpost/dispatch/
 import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { Health, HealthCheckResponse_ServingStatus } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
+import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { startTestMesh, type TestMesh } from "./harness.ts";
 import { envelope, envelopesOf } from "../support/envelopes.ts";
 import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES } from "../../scripts/lib/mesh.ts";
@@ -244,8 +247,36 @@ async function connectStreamEnd(url: string, headers: Record<string, string>, me
   return JSON.parse(end.message.toString()) as { error?: { code: string } };
 }
 
+/**
+ * The grpc-status of a gRPC call over HTTP/2 whose request stream is left open (a client stream
+ * that never ends), with its deadline in grpc-timeout only: the client holds none of its own.
+ */
+async function openGrpcStreamStatus(baseUrl: string, path: string, headers: Record<string, string>): Promise<string | undefined> {
+  const session = http2.connect(baseUrl);
+  try {
+    return await new Promise<string | undefined>((resolve, reject) => {
+      const call = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers", ...headers });
+      // The status comes in the trailers, or in the headers of a trailers-only answer; either
+      // ends the call for the client, which then closes its side as a gRPC client does.
+      const settle = (h: http2.IncomingHttpHeaders) => {
+        const status = h["grpc-status"] as string | undefined;
+        if (status === undefined) return;
+        resolve(status);
+        call.close();
+      };
+      call.on("response", settle);
+      call.on("trailers", settle);
+      call.on("close", () => resolve(undefined));
+      call.on("error", reject);
+      call.resume();
+    });
+  } finally {
+    session.close();
+  }
+}
+
 describe("deadlines", () => {
-  it("a watch or log subscription cut by its deadline ends DEADLINE_EXCEEDED, not OK, at the service and through the gateway", async () => {
+  it("a watch or log stream cut by its deadline ends DEADLINE_EXCEEDED, not OK, at the service and through the gateway", async () => {
     const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "long sleep=10" });
     const signed = new Headers();
     writeIdentity(signed, t.internalSecret, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" });
@@ -264,6 +295,18 @@ describe("deadlines", () => {
         const end = await connectStreamEnd(url, { ...headers, "connect-timeout-ms": "300" }, { dispatchId: dispatch!.id });
         expect(end.error?.code, url).toBe("deadline_exceeded");
       }
+      // The executor-facing streams likewise: its cancellation watch, and a log ingest stream
+      // whose client keeps it open without sending.
+      const executor = new Headers();
+      writeIdentity(executor, t.internalSecret, { kind: "service", principal: "executor" });
+      const cancellations = await connectStreamEnd(
+        `${t.mesh.urls.dispatcher}/${LeaseService.typeName}/WatchCancellations`,
+        { ...Object.fromEntries(executor), "connect-timeout-ms": "300" },
+        { executorId: "deadline-test" },
+      );
+      expect(cancellations.error?.code).toBe("deadline_exceeded");
+      const ingest = await openGrpcStreamStatus(t.mesh.urls.telemetry, `/${LogIngestService.typeName}/IngestLogs`, { ...Object.fromEntries(executor), "grpc-timeout": "300m" });
+      expect(ingest).toBe(String(Code.DeadlineExceeded));
     } finally {
       await tenant.clients.dispatches.cancelDispatch({ dispatchId: dispatch!.id });
     }

@@ -248,6 +248,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       for await (const c of dispatcher.cancellationsFor(executorId, callEndSignal(ctx))) {
         yield create(WatchCancellationsResponseSchema, c);
       }
+      throwIfCallAborted(ctx);
     },
     async listExecutorLeases(req, ctx) {
       requireService(ctx, "executor");

@@ -123,6 +123,7 @@ export function telemetryRoutes(core: TelemetryCore) {
           const acked = await core.ingest(batch.dispatchId, batch.tenantId, batch.chunks);
           yield create(IngestLogsResponseSchema, { dispatchId: batch.dispatchId, ackedSeq: BigInt(acked) });
         }
+        throwIfCallAborted(ctx);
       },
       async registerRun(req, ctx) {
         requireService(ctx, "dispatcher");
