@@ -87,3 +87,44 @@ describe("applyRuntimeFixes: AsyncResource#bind", () => {
     expect(AsyncResource.prototype.bind).toBe(current);
   });
 });
+
+describe("applyRuntimeFixes: AbortController#abort", () => {
+  beforeAll(() => applyRuntimeFixes());
+
+  it("without a reason aborts with a new AbortError DOMException, as Node's does, made without a stack", () => {
+    const controller = new AbortController();
+    let events = 0;
+    controller.signal.addEventListener("abort", () => events++);
+    controller.abort();
+    const reason = controller.signal.reason as DOMException;
+    expect(controller.signal.aborted).toBe(true);
+    expect(reason).toBeInstanceOf(DOMException);
+    expect([reason.name, reason.message, reason.code]).toEqual(["AbortError", "This operation was aborted", 20]);
+    // The stack capture is what the fix saves: no frames.
+    expect(reason.stack).toBe("AbortError: This operation was aborted");
+    expect(() => controller.signal.throwIfAborted()).toThrow(reason);
+    // A second abort changes nothing; each controller gets its own reason.
+    controller.abort();
+    expect(controller.signal.reason).toBe(reason);
+    expect(events).toBe(1);
+    const other = new AbortController();
+    other.abort(undefined);
+    expect(other.signal.reason).not.toBe(reason);
+    expect((other.signal.reason as DOMException).name).toBe("AbortError");
+  });
+
+  it("with a reason aborts with that reason, and leaves Error.stackTraceLimit as it was", () => {
+    const controller = new AbortController();
+    const reason = new Error("mine");
+    const limit = Error.stackTraceLimit;
+    controller.abort(reason);
+    expect(controller.signal.reason).toBe(reason);
+    new AbortController().abort();
+    expect(Error.stackTraceLimit).toBe(limit);
+    // A signal Node derives from a controller follows it.
+    const source = new AbortController();
+    const any = AbortSignal.any([source.signal]);
+    source.abort();
+    expect((any.reason as DOMException).name).toBe("AbortError");
+  });
+});
