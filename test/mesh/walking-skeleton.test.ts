@@ -251,11 +251,13 @@ async function connectStreamEnd(url: string, headers: Record<string, string>, me
  * The grpc-status of a gRPC call over HTTP/2 whose request stream is left open (a client stream
  * that never ends), with its deadline in grpc-timeout only: the client holds none of its own.
  */
-async function openGrpcStreamStatus(baseUrl: string, path: string, headers: Record<string, string>): Promise<string | undefined> {
+async function openGrpcStreamStatus(baseUrl: string, methodPath: string, headers: Record<string, string>): Promise<string | undefined> {
   const session = http2.connect(baseUrl);
   try {
     return await new Promise<string | undefined>((resolve, reject) => {
-      const call = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers", ...headers });
+      const call = session.request({ ":method": "POST", ":path": methodPath, "content-type": "application/grpc", te: "trailers", ...headers });
+      // A server that never answers fails the test here rather than at the test's own timeout.
+      call.setTimeout(10_000, () => reject(new Error(`${methodPath}: no status within 10 s`)));
       // The status comes in the trailers, or in the headers of a trailers-only answer; either
       // ends the call for the client, which then closes its side as a gRPC client does.
       const settle = (h: http2.IncomingHttpHeaders) => {
@@ -307,6 +309,9 @@ describe("deadlines", () => {
       expect(cancellations.error?.code).toBe("deadline_exceeded");
       const ingest = await openGrpcStreamStatus(t.mesh.urls.telemetry, `/${LogIngestService.typeName}/IngestLogs`, { ...Object.fromEntries(executor), "grpc-timeout": "300m" });
       expect(ingest).toBe(String(Code.DeadlineExceeded));
+      // And the health watch every service serves.
+      const healthWatch = await connectStreamEnd(`${t.mesh.urls.dispatcher}/${Health.typeName}/Watch`, { "connect-timeout-ms": "300" }, { service: "" });
+      expect(healthWatch.error?.code).toBe("deadline_exceeded");
     } finally {
       await tenant.clients.dispatches.cancelDispatch({ dispatchId: dispatch!.id });
     }

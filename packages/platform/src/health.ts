@@ -6,6 +6,7 @@ import { create } from "@bufbuild/protobuf";
 import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import { Health, HealthCheckResponse_ServingStatus as Status, HealthCheckResponseSchema } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { outpostError } from "./errors.ts";
+import { throwIfCallAborted } from "./streams.ts";
 import { Code } from "@connectrpc/connect";
 
 /** Returns null when ready, or the reason it is not. */
@@ -66,7 +67,10 @@ export function registerHealth(router: ConnectRouter, health: HealthState, drain
           last = status;
           yield create(HealthCheckResponseSchema, { status });
         }
-        if (signal.aborted) return;
+        if (signal.aborted) {
+          throwIfCallAborted(ctx);
+          return;
+        }
         await new Promise<void>((resolve) => {
           const timer = setTimeout(done, WATCH_INTERVAL_MS).unref();
           function done() {

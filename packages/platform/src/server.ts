@@ -37,15 +37,6 @@ export function callEndSignal(ctx: HandlerContext): AbortSignal {
   return AbortSignal.any([ctx.signal, ctx.values.get(drainSignalKey)]);
 }
 
-/**
- * For a stream that follows `callEndSignal` and has stopped: one stopped by the call's own
- * signal (its deadline passed, or the client left) ends with that reason, so a client whose
- * deadline cut a watch is not told the watch finished; one stopped by a draining server ends
- * cleanly (OK) and its client resumes on another replica.
- */
-export function throwIfCallAborted(ctx: HandlerContext): void {
-  if (ctx.signal.aborted) throw ConnectError.from(ctx.signal.reason, Code.Canceled);
-}
 
 export interface ServerOptions {
   /** Service name for logs and health. */

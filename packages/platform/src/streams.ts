@@ -1,4 +1,15 @@
-/** Helpers for consuming request streams in handlers. */
+/** Helpers for streaming handlers: consuming request streams, ending response streams. */
+import { Code, ConnectError, type HandlerContext } from "@connectrpc/connect";
+
+/**
+ * For a stream that follows `callEndSignal` and has stopped: one stopped by the call's own
+ * signal (its deadline passed, or the client left) ends with that reason, so a client whose
+ * deadline cut a watch is not told the watch finished; one stopped by a draining server ends
+ * cleanly (OK) and its client resumes on another replica.
+ */
+export function throwIfCallAborted(ctx: HandlerContext): void {
+  if (ctx.signal.aborted) throw ConnectError.from(ctx.signal.reason, Code.Canceled);
+}
 
 /**
  * Yields from `source` until it ends or `signal` fires (then returns without waiting for the

@@ -1,12 +1,13 @@
 /**
  * The runtime fixes every service applies (src/runtime.ts): `AsyncResource#bind` behaves as
- * Node's does, and what it binds is not promoted to the old generation.
+ * Node's does, and what it binds is not promoted to the old generation; `AbortController#abort`
+ * behaves as Node's does, without the stack capture of a reason-less abort.
  */
 import { AsyncLocalStorage, AsyncResource, executionAsyncId } from "node:async_hooks";
 import v8 from "node:v8";
 import vm from "node:vm";
 import { beforeAll, describe, expect, it } from "vitest";
-import { applyRuntimeFixes, nodeAsyncResourceBind } from "../src/runtime.ts";
+import { applyRuntimeFixes, nodeAbortControllerAbort, nodeAsyncResourceBind } from "../src/runtime.ts";
 
 v8.setFlagsFromString("--expose-gc");
 const gc = vm.runInNewContext("gc") as (options?: { type: "minor" | "major" }) => void;
@@ -126,5 +127,18 @@ describe("applyRuntimeFixes: AbortController#abort", () => {
     const any = AbortSignal.any([source.signal]);
     source.abort();
     expect((any.reason as DOMException).name).toBe("AbortError");
+  });
+
+  it("has the shape of Node's method: length 0, not a constructor", () => {
+    expect(AbortController.prototype.abort.length).toBe(0);
+    expect(() => new (AbortController.prototype.abort as unknown as new () => unknown)()).toThrow(TypeError);
+    // Called on something that is not a controller, it refuses as Node's does.
+    expect(() => AbortController.prototype.abort.call({} as AbortController)).toThrow(TypeError);
+  });
+
+  it("Node's own abort() captures the stack frames the fix skips (when it stops, remove the fix)", () => {
+    const controller = new AbortController();
+    nodeAbortControllerAbort().call(controller);
+    expect((controller.signal.reason as DOMException).stack).toContain("\n    at ");
   });
 });

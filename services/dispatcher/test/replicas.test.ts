@@ -89,16 +89,27 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     // Replica 2 accepts claude before the failures.
     const before = (await tenant(1).createDispatch({ agent: "claude", task: "before" })).dispatch!;
     mine.add(before.id);
+    // Both replicas' subscribers are attached (as in the first test) before outcomes flow.
+    await new Promise((r) => setTimeout(r, 300));
     let failed = 0;
-    while (failed < 5) {
-      const { lease } = await executor(0).acquireLease({ executorId: "host-circuit", wait: durationFromMs(0) });
-      if (!lease) throw new Error("the queue ran dry before five claude runs failed");
-      const dispatchId = lease.dispatch!.id;
-      if (!mine.has(dispatchId) || dispatchId === before.id) continue;
-      await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.RUNNING });
-      await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.FAILED, exitCode: 1 });
-      failed++;
-    }
+    const failNext = async () => {
+      for (;;) {
+        const { lease } = await executor(0).acquireLease({ executorId: "host-circuit", wait: durationFromMs(0) });
+        if (!lease) throw new Error("the queue ran dry before five claude runs failed");
+        const dispatchId = lease.dispatch!.id;
+        if (!mine.has(dispatchId) || dispatchId === before.id) continue;
+        await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.RUNNING });
+        await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.FAILED, exitCode: 1 });
+        failed++;
+        return;
+      }
+    };
+    while (failed < 4) await failNext();
+    // Four failures open it nowhere: an outcome counted twice (e.g. a replica's own echo) would.
+    await new Promise((r) => setTimeout(r, 300));
+    await tenant(0).createDispatch({ agent: "claude", task: "after four, replica 1" });
+    await tenant(1).createDispatch({ agent: "claude", task: "after four, replica 2" });
+    await failNext();
     // The outcomes reach replica 2 over Redis: poll briefly rather than assume a delivery time.
     let refusal: ConnectError | undefined;
     for (let i = 0; i < 50 && !refusal; i++) {

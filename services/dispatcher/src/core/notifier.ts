@@ -3,13 +3,17 @@
  * dispatch. Between replicas, "work queued" travels over Redis pub/sub on the channel
  * "outpost:dispatch:queued" (when OUTPOST_REDIS_URL is set), so an executor long-polling one
  * replica wakes at once for work created through another. Without Redis (or while it is down)
- * every replica still re-checks its queue at least once a second, so nothing is lost, only later.
+ * every replica still re-checks its queue at least once a second, so no work is lost, only
+ * found later.
  *
- * The same bus carries cancel requests to the replica whose executor runs the dispatch, and
- * runs' outcomes to every replica's circuit breakers: a run's end is reported to whichever
- * replica its executor calls, and without this each replica's breaker would count only those.
+ * The same bus carries cancel requests to the replica whose executor runs the dispatch (while
+ * Redis is down, heartbeats still carry them), and runs' outcomes to every replica's circuit
+ * breakers: a run's end is reported to whichever replica its executor calls, and without this
+ * each replica's breaker would count only those. An outcome published while Redis is down is
+ * counted only by the replica that saw it.
  */
 import { EventEmitter, on } from "node:events";
+import { ExponentialBackoff, handleAll, retry } from "cockatiel";
 import type { Logger, Redis } from "@outpost/platform";
 
 export const QUEUED_CHANNEL = "outpost:dispatch:queued";
@@ -26,19 +30,33 @@ export interface WakeupBus {
   close(): Promise<void>;
 }
 
-/** Redis pub/sub: one connection publishes, a duplicate subscribes. Failures only log. */
+/**
+ * Redis pub/sub: one connection publishes, a duplicate subscribes. Publish failures only log.
+ * A subscribe that fails (Redis down at start-up) is retried with backoff until it succeeds or
+ * the bus closes: ioredis re-subscribes by itself after a reconnect, but only to channels it
+ * had subscribed, so a replica that gave up would miss its peers for good.
+ */
 export function redisWakeupBus(publisher: Redis, subscriber: Redis, logger: Logger): WakeupBus {
+  const handlers = new Map<string, (message: string) => void>();
+  subscriber.on("message", (channel: string, message: string) => handlers.get(channel)?.(message));
+  const closing = new AbortController();
+  const subscribeRetry = retry(handleAll, { backoff: new ExponentialBackoff({ initialDelay: 500, maxDelay: 30_000 }) });
+  subscribeRetry.onRetry(({ delay }) => logger.warn({ retry_in_ms: Math.round(delay) }, "redis subscribe failed; retrying (peers' messages are missed meanwhile)"));
   return {
     publish(channel, message) {
-      publisher.publish(channel, message).catch((err: unknown) => logger.debug({ err }, "wake-up publish failed; peers re-check within 1 s"));
+      publisher.publish(channel, message).catch((err: unknown) => logger.debug({ err, channel }, "cross-replica publish failed"));
     },
     async subscribe(channel, onMessage) {
-      subscriber.on("message", (ch: string, message: string) => {
-        if (ch === channel) onMessage(message);
-      });
-      await subscriber.subscribe(channel);
+      handlers.set(channel, onMessage);
+      try {
+        await subscribeRetry.execute(() => subscriber.subscribe(channel), closing.signal);
+      } catch (err) {
+        // Only closing the bus ends the retries.
+        if (!closing.signal.aborted) throw err;
+      }
     },
     async close() {
+      closing.abort();
       subscriber.disconnect();
       publisher.disconnect();
     },
@@ -56,19 +74,22 @@ export class Notifier {
     this.bus = bus;
   }
 
-  /** Starts receiving other replicas' wake-ups. */
+  /** Starts receiving other replicas' messages; resolves once every channel is subscribed. */
   async start(): Promise<void> {
-    await this.bus?.subscribe(QUEUED_CHANNEL, (message) => {
-      if (message !== this.origin) this.events.emit("queued");
-    });
-    await this.bus?.subscribe(CANCEL_CHANNEL, (message) => {
-      const [origin, dispatchId] = message.split(" ");
-      if (origin !== this.origin && dispatchId) this.events.emit("cancel", dispatchId);
-    });
-    await this.bus?.subscribe(OUTCOME_CHANNEL, (message) => {
-      const [origin, succeeded, agent] = message.split(" ", 3);
-      if (origin !== this.origin && agent && (succeeded === "1" || succeeded === "0")) this.events.emit("peer-outcome", agent, succeeded === "1");
-    });
+    if (!this.bus) return;
+    await Promise.all([
+      this.bus.subscribe(QUEUED_CHANNEL, (message) => {
+        if (message !== this.origin) this.events.emit("queued");
+      }),
+      this.bus.subscribe(CANCEL_CHANNEL, (message) => {
+        const [origin, dispatchId] = message.split(" ");
+        if (origin !== this.origin && dispatchId) this.events.emit("cancel", dispatchId);
+      }),
+      this.bus.subscribe(OUTCOME_CHANNEL, (message) => {
+        const [origin, succeeded, agent] = message.split(" ", 3);
+        if (origin !== this.origin && agent && (succeeded === "1" || succeeded === "0")) this.events.emit("peer-outcome", agent, succeeded === "1");
+      }),
+    ]);
   }
 
   async close(): Promise<void> {
@@ -99,7 +120,7 @@ export class Notifier {
     })();
   }
 
-  /** A run of `agent` ended with an outcome this replica's breaker counted: peers count it too. */
+  /** A run of `agent` ended with an outcome for the circuit breakers: peers count it too (their breakers may be in another state than this one's). */
   runOutcome(agent: string, succeeded: boolean): void {
     this.bus?.publish(OUTCOME_CHANNEL, `${this.origin} ${succeeded ? 1 : 0} ${agent}`);
   }
