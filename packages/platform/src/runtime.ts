@@ -16,8 +16,8 @@
  * `AbortController#abort()` without a reason: Node makes the reason a new `DOMException`
  * ("AbortError"), which captures a stack trace, async frames included. connect aborts two
  * controllers so at the end of every call it serves over HTTP/2 (the call's context, the request
- * when its stream closes), and under load those stack captures were 6.6 % of the dispatcher's CPU (a CPU profile at saturation, 2026-11-23: about
- * 50 µs a call). The replacement passes a new AbortError DOMException made without the stack
+ * when its stream closes), and under load those stack captures were 6.6 % of the dispatcher's
+ * CPU (a CPU profile at saturation, 2026-11-23: about 50 µs a call). The replacement passes a new AbortError DOMException made without the stack
  * (same name, message and code; only `stack` lacks the frames); an abort with a reason is
  * unchanged.
  */

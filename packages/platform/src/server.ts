@@ -37,7 +37,6 @@ export function callEndSignal(ctx: HandlerContext): AbortSignal {
   return AbortSignal.any([ctx.signal, ctx.values.get(drainSignalKey)]);
 }
 
-
 export interface ServerOptions {
   /** Service name for logs and health. */
   name: string;

@@ -35,8 +35,9 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     const publisher = connectRedis(config.OUTPOST_REDIS_URL, logger);
     notifier = new Notifier(redisWakeupBus(publisher, subscriberOf(publisher), logger));
     // Do not block start-up on Redis: it is optional, wake-ups work in-process until it answers.
-    // The bus retries failed subscribes until Redis answers; this only logs what it cannot retry.
-    notifier.start().catch((err: unknown) => logger.warn({ err }, "redis subscribe failed; peers' work is found by the periodic re-check"));
+    // The bus retries failed subscribes until Redis answers or the bus closes; this catch is a
+    // safety net for anything else.
+    notifier.start().catch((err: unknown) => logger.warn({ err }, "redis subscribe stopped; peers' work is found by the periodic re-check"));
   } else {
     notifier = new Notifier();
   }

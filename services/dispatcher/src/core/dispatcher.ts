@@ -102,9 +102,8 @@ export class Dispatcher {
     this.now = options.now ?? Date.now;
     this.queueRecheckMs = options.queueRecheckMs ?? DEFAULT_QUEUE_RECHECK_MS;
     // Every replica's breakers count every run's outcome, whichever replica its end was reported to.
-    this.notifier.onPeerOutcome((agent, succeeded) => {
-      this.circuits.record(agent, succeeded).catch((err: unknown) => this.logger.warn({ err, agent }, "recording a peer's run outcome failed"));
-    });
+    // (record settles the outcome itself and never rejects.)
+    this.notifier.onPeerOutcome((agent, succeeded) => void this.circuits.record(agent, succeeded));
   }
 
   /**

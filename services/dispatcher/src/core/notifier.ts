@@ -17,7 +17,7 @@ import { ExponentialBackoff, handleAll, retry } from "cockatiel";
 import type { Logger, Redis } from "@outpost/platform";
 
 export const QUEUED_CHANNEL = "outpost:dispatch:queued";
-/** Carries "<dispatch id>" when a running dispatch is asked to cancel, to every replica. */
+/** Carries "<origin> <dispatch id>" when a running dispatch is asked to cancel, to every replica. */
 export const CANCEL_CHANNEL = "outpost:dispatch:cancel";
 /** Carries "<origin> <1|0> <agent>" for each run outcome the circuit breakers count (1 = succeeded). */
 export const OUTCOME_CHANNEL = "outpost:dispatch:outcome";
