@@ -21,6 +21,7 @@ import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
 import { maskedInternalMessage } from "./errors.ts";
 import { applyRuntimeFixes } from "./runtime.ts";
+import { leanUnaryPath } from "./lean-unary.ts";
 
 /** Answered with 200 before any middleware, for process supervisors and load balancers. */
 export const LIVENESS_PATH = "/healthz";
@@ -130,20 +131,26 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   ];
   if (options.internalSecret !== undefined) platformInterceptors.push(identityInterceptor(options.internalSecret));
 
+  const interceptors = [...platformInterceptors, ...(options.interceptors ?? [])];
+  const readMaxBytes = options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES;
+  const contextValues = (req: http.IncomingMessage | http2.Http2ServerRequest) => {
+    const values = createContextValues();
+    values.set(drainSignalKey, drain.signal);
+    options.contextValues?.(req, values);
+    return values;
+  };
+  // Unary gRPC and Connect calls (nearly all traffic) take the lean path; the rest connect-node.
+  const leanUnary = leanUnaryPath({ interceptors, readMaxBytes, contextValues });
   const handler = connectNodeAdapter({
     routes(router) {
-      registerHealth(router, health, drain.signal);
-      options.routes(router);
+      const recording = leanUnary.recording(router);
+      registerHealth(recording, health, drain.signal);
+      options.routes(recording);
       for (const h of router.handlers) serviceNames.push(h.service.typeName);
     },
-    interceptors: [...platformInterceptors, ...(options.interceptors ?? [])],
-    readMaxBytes: options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES,
-    contextValues(req) {
-      const values = createContextValues();
-      values.set(drainSignalKey, drain.signal);
-      options.contextValues?.(req, values);
-      return values;
-    },
+    interceptors,
+    readMaxBytes,
+    contextValues,
   });
 
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse) => {
@@ -164,6 +171,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       return;
     }
     if (options.httpHandler?.(req, res, track)) return;
+    if (leanUnary.serve(req, res)) return;
     handler(req, res);
   };
 

@@ -1,6 +1,6 @@
 /** Shared by the platform tests: a tiny server with a fake LogService whose behaviour is chosen by dispatch_id. */
 import { create } from "@bufbuild/protobuf";
-import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
+import { ConnectError, type ConnectRouter, type HandlerContext } from "@connectrpc/connect";
 import {
   callEndSignal,
   currentTrace,
@@ -22,14 +22,26 @@ export const silentLogger = pino({ level: "silent" });
 
 /**
  * GetLogs by dispatch_id: "slow" answers after 300 ms, "boom" throws a plain Error, "invalid" throws
- * invalidArgument, "missing" throws notFound, "trace" answers the current trace id as next_page_token;
- * anything else echoes the dispatch id as one chunk. SubscribeLogs sends one chunk, then waits on
+ * invalidArgument, "missing" throws notFound, "trace" answers the current trace id as next_page_token,
+ * "wait" waits for the call's signal and records its reason in `callAborts` before failing with it,
+ * "headers" sets a response header and trailer; anything else echoes the dispatch id as one chunk. SubscribeLogs sends one chunk, then waits on
  * callEndSignal and returns.
  */
+/** Why each "wait" call's signal fired, in order. */
+export const callAborts: unknown[] = [];
+
 export function fakeLogRoutes(router: ConnectRouter): void {
   router.service(LogService, {
-    async getLogs(req) {
+    async getLogs(req, ctx) {
       switch (req.dispatchId) {
+        case "wait":
+          if (!ctx.signal.aborted) await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve, { once: true }));
+          callAborts.push(ctx.signal.reason);
+          throw ConnectError.from(ctx.signal.reason);
+        case "headers":
+          ctx.responseHeader.set("x-answer", "head");
+          ctx.responseTrailer.set("x-answer-trailer", "tail");
+          break;
         case "slow":
           await sleep(300);
           break;

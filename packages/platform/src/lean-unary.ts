@@ -1,0 +1,383 @@
+/**
+ * The server's lean path for unary calls over gRPC and Connect: all of the internal hop
+ * (gateway to service, executor to dispatcher, every service to the tenant service) and most of
+ * what the gateway passes on. connect-node serves every call through a pipeline of async
+ * generators (body, envelope split, parse, invoke, serialize, join); at saturation that
+ * machinery, and the garbage it leaves (its generators survive young collections: README,
+ * "Benchmarks"), were most of the dispatcher's CPU. Here a unary call is read whole, parsed
+ * with connect's own serialization, and handed to connect's own `invokeUnaryImplementation`:
+ * the same handler context, the same interceptors (trace, metrics, in-flight tracking and
+ * masking, identity) and the same implementation as through connect-node. The answer, or the
+ * error in the protocol's form (gRPC trailers; Connect's HTTP status and JSON body), is written
+ * in one piece, compressed as connect-node would (gzip or brotli, from 1 KiB, when the client
+ * accepts it).
+ *
+ * It takes POSTs of a recorded unary method: gRPC over HTTP/2 (`application/grpc`, `+proto`,
+ * `+json`) and Connect over HTTP/1.1 or HTTP/2 (`application/proto`, `application/json`).
+ * Everything else (streams, gRPC-Web, Connect GET, other content types) goes to connect-node,
+ * which answers it as before.
+ */
+import type http from "node:http";
+import http2 from "node:http2";
+import type { DescMessage, DescMethod, DescService } from "@bufbuild/protobuf";
+import {
+  Code,
+  ConnectError,
+  createHandlerContext,
+  createServiceImplSpec,
+  type ConnectRouter,
+  type ContextValues,
+  type HandlerContext,
+  type Interceptor,
+  type MethodImplSpec,
+} from "@connectrpc/connect";
+import { compressionGzip, compressionBrotli } from "@connectrpc/connect-node";
+import {
+  compressionNegotiate,
+  createMethodSerializationLookup,
+  invokeUnaryImplementation,
+  mergeNonProtocolHeaders,
+  validateReadWriteMaxBytes,
+  type Compression,
+  type MethodSerializationLookup,
+} from "@connectrpc/connect/protocol";
+import * as grpc from "@connectrpc/connect/protocol-grpc";
+import * as connect from "@connectrpc/connect/protocol-connect";
+
+type UnarySpec = Extract<MethodImplSpec, { kind: "unary" }>;
+type Request = http.IncomingMessage | http2.Http2ServerRequest;
+type Response = http.ServerResponse | http2.Http2ServerResponse;
+
+/** connect-node's defaults, so answers are compressed exactly as they were through it. */
+const ACCEPT_COMPRESSION: Compression[] = [compressionGzip, compressionBrotli];
+const ENVELOPE_HEADER_BYTES = 5;
+
+export interface LeanUnaryOptions {
+  interceptors: Interceptor[];
+  readMaxBytes: number;
+  /** Per-call values, built as for connect-node (drain signal, client address...). */
+  contextValues: (req: Request) => ContextValues;
+}
+
+export interface LeanUnaryPath {
+  /**
+   * A router that registers on `router` and records the unary methods registered through it.
+   * A registration with options (per-service interceptors, say) is left to connect-node alone.
+   */
+  recording(router: ConnectRouter): ConnectRouter;
+  /** Serves the call when it is one this path takes (see the module comment); false otherwise. */
+  serve(req: Request, res: Response): boolean;
+}
+
+interface Route {
+  spec: UnarySpec;
+  serialization: MethodSerializationLookup<DescMessage, DescMessage>;
+}
+
+interface Limits {
+  readMaxBytes: number;
+  writeMaxBytes: number;
+  compressMinBytes: number;
+}
+
+export function leanUnaryPath(options: LeanUnaryOptions): LeanUnaryPath {
+  const limits: Limits = validateReadWriteMaxBytes(options.readMaxBytes, undefined, undefined);
+  const routes = new Map<string, Route>();
+  const record = (spec: MethodImplSpec) => {
+    if (spec.kind !== "unary") return;
+    const serialization = createMethodSerializationLookup(spec.method, undefined, undefined, limits);
+    routes.set(`/${spec.method.parent.typeName}/${spec.method.name}`, { spec, serialization });
+  };
+
+  return {
+    recording(router) {
+      const recorder = {
+        get handlers() {
+          return router.handlers;
+        },
+        service(service: DescService, impl: Parameters<ConnectRouter["service"]>[1], routeOptions?: unknown) {
+          router.service(service, impl, routeOptions as never);
+          if (routeOptions === undefined) {
+            for (const method of Object.values(createServiceImplSpec(service, impl).methods)) record(method);
+          }
+          return recorder;
+        },
+        rpc(method: DescMethod, impl: never, routeOptions?: unknown) {
+          router.rpc(method as never, impl, routeOptions as never);
+          if (routeOptions === undefined) record({ kind: method.methodKind, method, impl } as MethodImplSpec);
+          return recorder;
+        },
+      } as unknown as ConnectRouter;
+      return recorder;
+    },
+
+    serve(req, res) {
+      if (req.method !== "POST") return false;
+      const route = routes.get(req.url ?? "");
+      if (route === undefined) return false;
+      const contentType = req.headers["content-type"] ?? null;
+      const protocol = req.httpVersionMajor === 2 && contentType?.startsWith("application/grpc") ? GRPC : CONNECT;
+      const format = protocol.format(contentType);
+      if (format === undefined) return false;
+      void serveCall(route, protocol, format.binary, req, res, options.interceptors, options.contextValues, limits);
+      return true;
+    },
+  };
+}
+
+/** What differs between gRPC and Connect for a unary call. */
+interface WireProtocol {
+  name: "grpc" | "connect";
+  /** The message format of a request this path takes over this protocol; undefined: not taken. */
+  format(contentType: string | null): { binary: boolean } | undefined;
+  /** Request header names, in lower case as Node gives them. */
+  timeoutHeader: string;
+  parseTimeout(value: string | null, maxTimeoutMs: number): { timeoutMs?: number; error?: ConnectError };
+  encodingHeader: string;
+  acceptEncodingHeader: string;
+  /** Bytes a request body holds besides the message. */
+  envelopeBytes: number;
+  responseHeader(binary: boolean): Record<string, string>;
+  responseTrailer: Record<string, string> | undefined;
+  /** The message bytes of a request body, and whether they are compressed with the request's encoding. */
+  requestMessage(body: Buffer, compression: Compression | null): { bytes: Buffer; compressed: boolean };
+  /** Writes the answer (message bytes, compressed with `compression` when set) or the error. */
+  respond(res: Response, context: HandlerContext, outcome: Outcome): void;
+}
+
+type Outcome = { message: Uint8Array; compression: Compression | null } | { error: ConnectError };
+
+const GRPC: WireProtocol = {
+  name: "grpc",
+  format: (contentType) => grpc.parseContentType(contentType),
+  timeoutHeader: grpc.headerTimeout.toLowerCase(),
+  parseTimeout: grpc.parseTimeout,
+  encodingHeader: grpc.headerEncoding.toLowerCase(),
+  acceptEncodingHeader: grpc.headerAcceptEncoding.toLowerCase(),
+  envelopeBytes: ENVELOPE_HEADER_BYTES,
+  responseHeader: (binary) => ({ [grpc.headerContentType]: binary ? grpc.contentTypeProto : grpc.contentTypeJson }),
+  responseTrailer: { [grpc.headerGrpcStatus]: grpc.grpcStatusOk },
+
+  requestMessage(body, compression) {
+    if (body.length < ENVELOPE_HEADER_BYTES) {
+      throw new ConnectError(`protocol error: the request holds no complete message (${body.length} bytes)`, Code.InvalidArgument);
+    }
+    const length = body.readUInt32BE(1);
+    if (length !== body.length - ENVELOPE_HEADER_BYTES) {
+      throw new ConnectError(
+        `protocol error: a unary request holds exactly one message (${length} bytes promised, ${body.length - ENVELOPE_HEADER_BYTES} sent)`,
+        Code.InvalidArgument,
+      );
+    }
+    const flags = body[0]!;
+    if (flags === 1 && compression === null) {
+      throw new ConnectError("protocol error: a compressed message without grpc-encoding", Code.InvalidArgument);
+    }
+    if (flags > 1) throw new ConnectError(`protocol error: unknown message flags ${flags}`, Code.InvalidArgument);
+    return { bytes: body.subarray(ENVELOPE_HEADER_BYTES), compressed: flags === 1 };
+  },
+
+  respond(res, context, outcome) {
+    let body: Buffer | undefined;
+    if ("error" in outcome) grpc.setTrailerStatus(context.responseTrailer, outcome.error);
+    else {
+      if (outcome.compression) context.responseHeader.set(grpc.headerEncoding, outcome.compression.name);
+      body = envelope(outcome.compression ? 1 : 0, outcome.message);
+    }
+    const out = res as http2.Http2ServerResponse;
+    out.writeHead(200, plainHeaders(context.responseHeader));
+    out.addTrailers(plainHeaders(context.responseTrailer));
+    if (body) out.end(body);
+    else out.end();
+  },
+};
+
+const CONNECT: WireProtocol = {
+  name: "connect",
+  format(contentType) {
+    const type = connect.parseContentType(contentType);
+    return type === undefined || type.stream ? undefined : type;
+  },
+  timeoutHeader: connect.headerTimeout.toLowerCase(),
+  parseTimeout: connect.parseTimeout,
+  encodingHeader: connect.headerUnaryEncoding.toLowerCase(),
+  acceptEncodingHeader: connect.headerUnaryAcceptEncoding.toLowerCase(),
+  envelopeBytes: 0,
+  responseHeader: (binary) => ({ [connect.headerContentType]: binary ? connect.contentTypeUnaryProto : connect.contentTypeUnaryJson }),
+  responseTrailer: undefined,
+  requestMessage: (body, compression) => ({ bytes: body, compressed: compression !== null }),
+
+  respond(res, context, outcome) {
+    let status = 200;
+    let body: Uint8Array;
+    if ("error" in outcome) {
+      status = connect.codeToHttpStatus(outcome.error.code);
+      context.responseHeader.set(connect.headerContentType, connect.contentTypeUnaryJson);
+      if (!outcome.error.isWireError) mergeNonProtocolHeaders(context.responseHeader, outcome.error.metadata);
+      body = connect.errorToJsonBytes(outcome.error, {});
+    } else {
+      if (outcome.compression) context.responseHeader.set(connect.headerUnaryEncoding, outcome.compression.name);
+      body = outcome.message;
+    }
+    const header = connect.trailerMux(context.responseHeader, context.responseTrailer);
+    header.set(connect.headerUnaryContentLength, String(body.byteLength));
+    // Both responses take writeHead(status, headers) and end(body); their types differ only in `this`.
+    (res as http.ServerResponse).writeHead(status, plainHeaders(header));
+    res.end(body);
+  },
+};
+
+async function serveCall(
+  route: Route,
+  protocol: WireProtocol,
+  binary: boolean,
+  req: Request,
+  res: Response,
+  interceptors: Interceptor[],
+  contextValues: (req: Request) => ContextValues,
+  limits: Limits,
+): Promise<void> {
+  const { spec, serialization } = route;
+  // Aborted when the client goes away before its answer: the handler's signal follows it.
+  const requestAbort = new AbortController();
+  let answered = false;
+  ("stream" in res ? res.stream : res).once("close", () => {
+    if (!answered) requestAbort.abort();
+  });
+  const timeout = protocol.parseTimeout(headerValue(req, protocol.timeoutHeader), Number.MAX_SAFE_INTEGER);
+  const context = createHandlerContext({
+    ...spec,
+    service: spec.method.parent,
+    requestMethod: "POST",
+    protocolName: protocol.name,
+    timeoutMs: timeout.timeoutMs,
+    requestSignal: requestAbort.signal,
+    requestHeader: webHeaders(req.headers),
+    url: req.url!,
+    responseHeader: protocol.responseHeader(binary),
+    responseTrailer: protocol.responseTrailer,
+    contextValues: contextValues(req),
+  });
+  const compression = compressionNegotiate(
+    ACCEPT_COMPRESSION,
+    headerValue(req, protocol.encodingHeader),
+    headerValue(req, protocol.acceptEncodingHeader),
+    protocol.acceptEncodingHeader,
+  );
+  let outcome: Outcome;
+  try {
+    if (compression.error) throw compression.error;
+    if (timeout.error) throw timeout.error;
+    const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes);
+    const request = protocol.requestMessage(body, compression.request);
+    const bytes = request.compressed ? await compression.request!.decompress(request.bytes, limits.readMaxBytes) : request.bytes;
+    const input = parse(serialization, binary, bytes);
+    const output = await invokeUnaryImplementation(spec, context, input, interceptors);
+    let message = serialization.getO(binary).serialize(output);
+    const compress = compression.response !== null && message.byteLength >= limits.compressMinBytes;
+    if (compress) message = await compression.response!.compress(message);
+    outcome = { message, compression: compress ? compression.response : null };
+  } catch (err) {
+    outcome = { error: err instanceof ConnectError ? err : new ConnectError("internal error", Code.Internal, undefined, undefined, err) };
+  }
+  answered = true;
+  context.abort("error" in outcome ? outcome.error : undefined); // ends the deadline timer and whatever follows the call's signal
+  if ("stream" in res ? res.stream.destroyed : res.destroyed) return;
+  protocol.respond(res, context, outcome);
+  // Answered before the request ended (an oversize message, a bad deadline): the rest is not
+  // wanted. Over HTTP/2 the stream closes only when both sides have ended: drop what still
+  // comes and, once the trailers are out, reset it (NO_ERROR: the answer is complete) as gRPC
+  // servers do. The trailers go out during the send that asks for them (compat's
+  // 'wantTrailers' listener, registered first, sends them), so the reset waits a turn.
+  // (HTTP/1.1: Node's server discards an unread body itself.)
+  if (!req.complete && "stream" in res) {
+    req.resume();
+    res.stream.once("wantTrailers", () => setImmediate(() => res.stream.close(http2.constants.NGHTTP2_NO_ERROR)));
+  }
+}
+
+/** The request message; one that cannot be read is the client's error, not the server's. */
+function parse(serialization: MethodSerializationLookup<DescMessage, DescMessage>, binary: boolean, bytes: Uint8Array) {
+  try {
+    return serialization.getI(binary).parse(bytes);
+  } catch (err) {
+    const error = ConnectError.from(err);
+    if (error.code === Code.ResourceExhausted) throw error;
+    throw new ConnectError(`request message could not be decoded: ${error.rawMessage}`, Code.InvalidArgument);
+  }
+}
+
+/**
+ * The request body, read whole. A body of more than `readMaxBytes` (plus the envelope) is
+ * refused as it arrives; over gRPC, as soon as the envelope's header promises more.
+ */
+function readBody(req: Request, readMaxBytes: number, envelopeBytes: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const onData = (chunk: Buffer) => {
+      chunks.push(chunk);
+      size += chunk.length;
+      const promised = envelopeBytes > 0 && size >= envelopeBytes ? envelopeLength(chunks) : 0;
+      if (promised > readMaxBytes || size > readMaxBytes + envelopeBytes) {
+        cleanup();
+        const messageSize = Math.max(promised, size - envelopeBytes);
+        reject(new ConnectError(`message size ${messageSize} is larger than configured readMaxBytes ${readMaxBytes}`, Code.ResourceExhausted));
+      }
+    };
+    const onEnd = () => {
+      cleanup();
+      resolve(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size));
+    };
+    const onError = (err: Error) => {
+      cleanup();
+      reject(ConnectError.from(err, Code.Canceled));
+    };
+    const cleanup = () => {
+      req.off("data", onData);
+      req.off("end", onEnd);
+      req.off("error", onError);
+    };
+    req.on("data", onData);
+    req.once("end", onEnd);
+    req.once("error", onError);
+  });
+}
+
+/** The message length a gRPC envelope header promises (the header may span chunks). */
+function envelopeLength(chunks: Buffer[]): number {
+  const first = chunks[0]!;
+  const head = first.length >= ENVELOPE_HEADER_BYTES ? first : Buffer.concat(chunks);
+  return head.readUInt32BE(1);
+}
+
+function envelope(flags: number, message: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(ENVELOPE_HEADER_BYTES + message.byteLength);
+  out[0] = flags;
+  out.writeUInt32BE(message.byteLength, 1);
+  out.set(message, ENVELOPE_HEADER_BYTES);
+  return out;
+}
+
+function headerValue(req: Request, name: string): string | null {
+  const value = req.headers[name];
+  return typeof value === "string" ? value : null;
+}
+
+/** Node's request headers as web Headers, HTTP/2 pseudo-headers left out. */
+function webHeaders(incoming: http.IncomingHttpHeaders): Headers {
+  const headers = new Headers();
+  for (const name of Object.keys(incoming)) {
+    if (name.charCodeAt(0) === 0x3a /* ":" */) continue;
+    const value = incoming[name];
+    if (typeof value === "string") headers.append(name, value);
+    else if (value !== undefined) for (const v of value) headers.append(name, v);
+  }
+  return headers;
+}
+
+function plainHeaders(headers: Headers): Record<string, string> {
+  const out: Record<string, string> = {};
+  headers.forEach((value, name) => (out[name] = value));
+  return out;
+}

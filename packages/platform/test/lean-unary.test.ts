@@ -1,0 +1,234 @@
+/**
+ * The lean unary path (lean-unary.ts), over raw HTTP/2 and plain fetch so every byte and header
+ * is the test's choice. The other platform tests cover it too: every unary gRPC and Connect call
+ * they make takes it.
+ */
+import http2 from "node:http2";
+import { gunzipSync, gzipSync } from "node:zlib";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { compressionGzip, createGrpcTransport } from "@connectrpc/connect-node";
+import type { RunningServer } from "@outpost/platform";
+import { GetLogsRequestSchema, GetLogsResponseSchema, LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { callAborts, sleep, startTestServer } from "./helpers.ts";
+
+const GET_LOGS = "/outpost.telemetry.v1.LogService/GetLogs";
+
+interface RawAnswer {
+  headers: http2.IncomingHttpHeaders;
+  trailers: http2.IncomingHttpHeaders;
+  body: Buffer;
+  /** grpc-status and grpc-message, from the trailers (or the headers of a trailers-only answer). */
+  code: number;
+  message: string;
+}
+
+function envelope(message: Uint8Array, flags = 0, promised = message.byteLength): Buffer {
+  const out = Buffer.alloc(5 + message.byteLength);
+  out[0] = flags;
+  out.writeUInt32BE(promised, 1);
+  out.set(message, 5);
+  return out;
+}
+
+const getLogs = (dispatchId: string) => toBinary(GetLogsRequestSchema, create(GetLogsRequestSchema, { dispatchId }));
+
+/**
+ * One gRPC call over its own HTTP/2 session. `end: false` leaves the request open (the answer
+ * must come anyway); `cancelAfterMs` resets the stream from the client's side.
+ */
+function rawGrpc(
+  url: string,
+  body: Buffer,
+  options: { headers?: Record<string, string>; end?: boolean; cancelAfterMs?: number } = {},
+): Promise<RawAnswer | "cancelled"> {
+  const session = http2.connect(url);
+  return new Promise<RawAnswer | "cancelled">((resolve, reject) => {
+    const stream = session.request({
+      ":method": "POST",
+      ":path": GET_LOGS,
+      "content-type": "application/grpc",
+      te: "trailers",
+      ...options.headers,
+    });
+    let headers: http2.IncomingHttpHeaders = {};
+    let trailers: http2.IncomingHttpHeaders = {};
+    const chunks: Buffer[] = [];
+    stream.on("response", (h) => (headers = h));
+    stream.on("trailers", (t) => (trailers = t));
+    stream.on("data", (chunk: Buffer) => chunks.push(chunk));
+    stream.on("error", reject);
+    stream.on("close", () => {
+      if (options.cancelAfterMs !== undefined) return resolve("cancelled");
+      const status = trailers["grpc-status"] ?? headers["grpc-status"];
+      const message = trailers["grpc-message"] ?? headers["grpc-message"] ?? "";
+      resolve({ headers, trailers, body: Buffer.concat(chunks), code: Number(status), message: decodeURIComponent(String(message)) });
+    });
+    if (options.end === false) stream.write(body);
+    else stream.end(body);
+    if (options.cancelAfterMs !== undefined) setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), options.cancelAfterMs);
+  }).finally(() => session.close());
+}
+
+async function answerOf(call: Promise<RawAnswer | "cancelled">): Promise<RawAnswer> {
+  const answer = await call;
+  if (answer === "cancelled") throw new Error("expected an answer");
+  return answer;
+}
+
+describe("lean unary path, gRPC", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer({ readMaxBytes: 1024 });
+  });
+  afterAll(() => server.close());
+
+  it("answers with the handler's message, response headers and trailers", async () => {
+    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("headers"))));
+    expect(answer.code).toBe(0);
+    expect(answer.headers["content-type"]).toBe("application/grpc+proto");
+    expect(answer.headers["x-answer"]).toBe("head");
+    expect(answer.trailers["x-answer-trailer"]).toBe("tail");
+    expect(answer.body.readUInt32BE(1)).toBe(answer.body.length - 5);
+    const message = fromBinary(GetLogsResponseSchema, answer.body.subarray(5));
+    expect(message.chunks.map((c) => c.text)).toEqual(["headers"]);
+  });
+
+  it("refuses framing and messages it cannot read with INVALID_ARGUMENT naming the problem", async () => {
+    const valid = getLogs("x");
+    const cases: [string, Buffer, RegExp][] = [
+      ["an empty body", Buffer.alloc(0), /no complete message \(0 bytes\)/],
+      ["a cut envelope header", Buffer.from([0, 0, 0]), /no complete message \(3 bytes\)/],
+      ["a cut message", envelope(valid, 0, valid.length + 10), /\d+ bytes promised, \d+ sent/],
+      ["two messages", Buffer.concat([envelope(valid), envelope(valid)]), /exactly one message/],
+      ["a compressed flag without grpc-encoding", envelope(valid, 1), /compressed message without grpc-encoding/],
+      ["unknown flags", envelope(valid, 4), /unknown message flags 4/],
+      ["bytes that are no GetLogsRequest", envelope(Buffer.from([0xff, 0xff, 0xff])), /request message could not be decoded/],
+    ];
+    for (const [name, body, expected] of cases) {
+      const answer = await answerOf(rawGrpc(server.url, body));
+      expect({ name, code: answer.code }).toEqual({ name, code: Code.InvalidArgument });
+      expect(answer.message).toMatch(expected);
+    }
+    const after = await answerOf(rawGrpc(server.url, envelope(valid)));
+    expect(after.code).toBe(0);
+  });
+
+  it("refuses an oversize message once its envelope header arrives, without waiting for the body", async () => {
+    const header = envelope(Buffer.alloc(0), 0, 1024 * 1024);
+    const answer = await answerOf(rawGrpc(server.url, header, { end: false }));
+    expect(answer.code).toBe(Code.ResourceExhausted);
+    expect(answer.message).toBe("message size 1048576 is larger than configured readMaxBytes 1024");
+  });
+
+  it("refuses a malformed grpc-timeout", async () => {
+    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("x")), { headers: { "grpc-timeout": "soon" } }));
+    expect(answer.code).toBe(Code.InvalidArgument);
+    expect(answer.message).toContain("invalid grpc timeout value: soon");
+  });
+
+  it("aborts the handler's signal at the deadline", async () => {
+    const before = callAborts.length;
+    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("wait")), { headers: { "grpc-timeout": "50m" } }));
+    expect(answer.code).toBe(Code.DeadlineExceeded);
+    expect(ConnectError.from(callAborts[before]).code).toBe(Code.DeadlineExceeded);
+  });
+
+  it("aborts the handler's signal when the client goes away, and keeps serving", async () => {
+    const before = callAborts.length;
+    expect(await rawGrpc(server.url, envelope(getLogs("wait")), { cancelAfterMs: 100 })).toBe("cancelled");
+    for (let i = 0; i < 100 && callAborts.length === before; i++) await sleep(10);
+    expect(callAborts.length).toBe(before + 1);
+    expect((callAborts[before] as Error).name).toBe("AbortError");
+    expect((await answerOf(rawGrpc(server.url, envelope(getLogs("x"))))).code).toBe(0);
+  });
+
+  it("reads compressed requests and compresses answers of 1 KiB or more for clients that accept it", async () => {
+    const transport = createGrpcTransport({ baseUrl: server.url, sendCompression: compressionGzip, compressMinBytes: 1 });
+    const res = await createClient(LogService, transport).getLogs({ dispatchId: "compressed" });
+    expect(res.chunks.map((c) => c.text)).toEqual(["compressed"]);
+
+    const long = "x".repeat(900);
+    const gzipped = await answerOf(
+      rawGrpc(server.url, envelope(gzipSync(getLogs(long)), 1), { headers: { "grpc-encoding": "gzip", "grpc-accept-encoding": "gzip" } }),
+    );
+    expect(gzipped.code).toBe(0);
+    expect(gzipped.headers["grpc-encoding"]).toBe("gzip");
+    expect(gzipped.body[0]).toBe(1);
+    expect(fromBinary(GetLogsResponseSchema, gunzipSync(gzipped.body.subarray(5))).chunks[0]?.text).toBe(long);
+
+    const small = await answerOf(rawGrpc(server.url, envelope(getLogs("small")), { headers: { "grpc-accept-encoding": "gzip" } }));
+    expect(small.headers["grpc-encoding"]).toBeUndefined();
+    expect(small.body[0]).toBe(0);
+  });
+
+  it("refuses an unknown compression with UNIMPLEMENTED naming the supported ones", async () => {
+    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("x"), 1), { headers: { "grpc-encoding": "snappy" } }));
+    expect(answer.code).toBe(Code.Unimplemented);
+    expect(answer.message).toBe('unknown compression "snappy": supported encodings are gzip,br');
+    const garbage = await answerOf(rawGrpc(server.url, envelope(Buffer.from("not gzip"), 1), { headers: { "grpc-encoding": "gzip" } }));
+    expect(garbage.code).not.toBe(0);
+    expect((await answerOf(rawGrpc(server.url, envelope(getLogs("x"))))).code).toBe(0);
+  });
+});
+
+describe("lean unary path, Connect", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer({ readMaxBytes: 1024 });
+  });
+  afterAll(() => server.close());
+
+  const post = (body: string | Uint8Array, headers: Record<string, string> = {}, signal?: AbortSignal) =>
+    fetch(`${server.url}${GET_LOGS}`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body, signal });
+
+  it("answers JSON with the handler's headers, its trailers as trailer- headers", async () => {
+    const res = await post(JSON.stringify({ dispatchId: "headers" }));
+    expect(res.status).toBe(200);
+    expect(res.headers.get("content-type")).toBe("application/json");
+    expect(res.headers.get("x-answer")).toBe("head");
+    expect(res.headers.get("trailer-x-answer-trailer")).toBe("tail");
+    expect(await res.json()).toEqual({ chunks: [expect.objectContaining({ text: "headers", seq: "1" })] });
+  });
+
+  it("answers binary for application/proto", async () => {
+    const res = await post(getLogs("binary"), { "content-type": "application/proto" });
+    expect(res.headers.get("content-type")).toBe("application/proto");
+    const message = fromBinary(GetLogsResponseSchema, new Uint8Array(await res.arrayBuffer()));
+    expect(message.chunks[0]?.text).toBe("binary");
+  });
+
+  it("answers errors as Connect does: HTTP status, JSON code, message and details", async () => {
+    const res = await post(JSON.stringify({ dispatchId: "missing" }));
+    expect(res.status).toBe(404);
+    const body = (await res.json()) as { code: string; message: string; details: { type: string }[] };
+    expect(body.code).toBe("not_found");
+    expect(body.message).toBe('dispatch "D1" not found');
+    expect(body.details.map((d) => d.type)).toEqual(["google.rpc.ErrorInfo"]);
+  });
+
+  it("refuses JSON that is no GetLogsRequest, and an oversize body, naming the problem", async () => {
+    const bad = await post("{\"dispatchId\": 7");
+    expect(bad.status).toBe(400);
+    expect(await bad.json()).toEqual({ code: "invalid_argument", message: expect.stringMatching(/^request message could not be decoded: /) });
+    const big = await post(JSON.stringify({ dispatchId: "x".repeat(2000) }));
+    expect(big.status).toBe(429);
+    expect(((await big.json()) as { code: string }).code).toBe("resource_exhausted");
+  });
+
+  it("aborts the handler's signal at connect-timeout-ms and when the client goes away", async () => {
+    const before = callAborts.length;
+    const res = await post(JSON.stringify({ dispatchId: "wait" }), { "connect-timeout-ms": "50" });
+    expect(((await res.json()) as { code: string }).code).toBe("deadline_exceeded");
+    expect(ConnectError.from(callAborts[before]).code).toBe(Code.DeadlineExceeded);
+
+    const gone = new AbortController();
+    const call = post(JSON.stringify({ dispatchId: "wait" }), {}, gone.signal);
+    await sleep(100);
+    gone.abort();
+    await expect(call).rejects.toThrow();
+    for (let i = 0; i < 100 && callAborts.length === before + 1; i++) await sleep(10);
+    expect(callAborts.length).toBe(before + 2);
+  });
+});
