@@ -51,6 +51,8 @@ type Response = http.ServerResponse | http2.Http2ServerResponse;
 /** connect-node's defaults, so answers are compressed exactly as they were through it. */
 const ACCEPT_COMPRESSION: Compression[] = [compressionGzip, compressionBrotli];
 const ENVELOPE_HEADER_BYTES = 5;
+/** Why a call's signal fires once it has been answered. */
+const CALL_OVER = new ConnectError("the call is over", Code.Canceled);
 
 export interface LeanUnaryOptions {
   interceptors: Interceptor[];
@@ -240,10 +242,9 @@ async function serveCall(
   const { spec, serialization } = route;
   // Aborted when the client goes away before its answer: the handler's signal follows it.
   const requestAbort = new AbortController();
-  let answered = false;
-  ("stream" in res ? res.stream : res).once("close", () => {
-    if (!answered) requestAbort.abort();
-  });
+  const closing = "stream" in res ? res.stream : res;
+  const onClose = () => requestAbort.abort();
+  closing.once("close", onClose);
   const timeout = protocol.parseTimeout(headerValue(req, protocol.timeoutHeader), Number.MAX_SAFE_INTEGER);
   const context = createHandlerContext({
     ...spec,
@@ -280,8 +281,10 @@ async function serveCall(
   } catch (err) {
     outcome = { error: err instanceof ConnectError ? err : new ConnectError("internal error", Code.Internal, undefined, undefined, err) };
   }
-  answered = true;
-  context.abort("error" in outcome ? outcome.error : undefined); // ends the deadline timer and whatever follows the call's signal
+  closing.off("close", onClose);
+  // Ends the deadline timer and whatever still follows the call's signal, as connect-node does;
+  // with a reason made once, not an AbortError per call.
+  context.abort("error" in outcome ? outcome.error : CALL_OVER);
   if ("stream" in res ? res.stream.destroyed : res.destroyed) return;
   protocol.respond(res, context, outcome);
   // Answered before the request ended (an oversize message, a bad deadline): the rest is not
