@@ -10,7 +10,9 @@
  * masking, identity) and the same implementation as through connect-node. The answer, or the
  * error in the protocol's form (gRPC trailers; Connect's HTTP status and JSON body), is written
  * in one piece, compressed as connect-node would (gzip or brotli, from 1 KiB, when the client
- * accepts it).
+ * accepts it). It leans on connect's protocol helpers (serialization, compression negotiation,
+ * timeouts, status and error encoding), which connect marks internal: package.json pins the
+ * exact connect version, and these tests and every other unary test cross this path.
  *
  * It takes POSTs of a recorded unary method: gRPC over HTTP/2 (`application/grpc`, `+proto`,
  * `+json`) and Connect over HTTP/1.1 or HTTP/2 (`application/proto`, `application/json`).
@@ -43,6 +45,7 @@ import {
 } from "@connectrpc/connect/protocol";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as connect from "@connectrpc/connect/protocol-connect";
+import type { Logger } from "./logger.ts";
 
 type UnarySpec = Extract<MethodImplSpec, { kind: "unary" }>;
 type Request = http.IncomingMessage | http2.Http2ServerRequest;
@@ -51,14 +54,15 @@ type Response = http.ServerResponse | http2.Http2ServerResponse;
 /** connect-node's defaults, so answers are compressed exactly as they were through it. */
 const ACCEPT_COMPRESSION: Compression[] = [compressionGzip, compressionBrotli];
 const ENVELOPE_HEADER_BYTES = 5;
-/** Why a call's signal fires once it has been answered. */
-const CALL_OVER = new ConnectError("the call is over", Code.Canceled);
+/** Node's timers take at most this; a longer deadline is as good as none. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export interface LeanUnaryOptions {
   interceptors: Interceptor[];
   readMaxBytes: number;
   /** Per-call values, built as for connect-node (drain signal, client address...). */
   contextValues: (req: Request) => ContextValues;
+  logger: Logger;
 }
 
 export interface LeanUnaryPath {
@@ -82,13 +86,25 @@ interface Limits {
   compressMinBytes: number;
 }
 
+/** A call this path takes. */
+interface Call {
+  route: Route;
+  protocol: WireProtocol;
+  /** Binary protobuf, else JSON. */
+  binary: boolean;
+  /** The request's URL, as connect-node gives it to handlers. */
+  url: string;
+}
+
 export function leanUnaryPath(options: LeanUnaryOptions): LeanUnaryPath {
   const limits: Limits = validateReadWriteMaxBytes(options.readMaxBytes, undefined, undefined);
   const routes = new Map<string, Route>();
-  const record = (spec: MethodImplSpec) => {
-    if (spec.kind !== "unary") return;
+  const pathOf = (method: DescMethod) => `/${method.parent.typeName}/${method.name}`;
+  const record = (spec: MethodImplSpec, routeOptions: unknown) => {
+    // A later registration replaces an earlier one, as in connect's router.
+    if (spec.kind !== "unary" || routeOptions !== undefined) return void routes.delete(pathOf(spec.method));
     const serialization = createMethodSerializationLookup(spec.method, undefined, undefined, limits);
-    routes.set(`/${spec.method.parent.typeName}/${spec.method.name}`, { spec, serialization });
+    routes.set(pathOf(spec.method), { spec, serialization });
   };
 
   return {
@@ -99,14 +115,12 @@ export function leanUnaryPath(options: LeanUnaryOptions): LeanUnaryPath {
         },
         service(service: DescService, impl: Parameters<ConnectRouter["service"]>[1], routeOptions?: unknown) {
           router.service(service, impl, routeOptions as never);
-          if (routeOptions === undefined) {
-            for (const method of Object.values(createServiceImplSpec(service, impl).methods)) record(method);
-          }
+          for (const method of Object.values(createServiceImplSpec(service, impl).methods)) record(method, routeOptions);
           return recorder;
         },
         rpc(method: DescMethod, impl: never, routeOptions?: unknown) {
           router.rpc(method as never, impl, routeOptions as never);
-          if (routeOptions === undefined) record({ kind: method.methodKind, method, impl } as MethodImplSpec);
+          record({ kind: method.methodKind, method, impl } as MethodImplSpec, routeOptions);
           return recorder;
         },
       } as unknown as ConnectRouter;
@@ -120,8 +134,17 @@ export function leanUnaryPath(options: LeanUnaryOptions): LeanUnaryPath {
       const contentType = req.headers["content-type"] ?? null;
       const protocol = req.httpVersionMajor === 2 && contentType?.startsWith("application/grpc") ? GRPC : CONNECT;
       const format = protocol.format(contentType);
-      if (format === undefined) return false;
-      void serveCall(route, protocol, format.binary, req, res, options.interceptors, options.contextValues, limits);
+      // Without an authority connect-node cannot make the URL either; it answers the call.
+      const authority = "authority" in req ? req.authority : req.headers.host;
+      if (format === undefined || !authority) return false;
+      const call = { route, protocol, binary: format.binary, url: `http://${authority}${req.url}` };
+      serveCall(call, req, res, options.interceptors, options.contextValues(req), limits).catch((err: unknown) => {
+        // The answer could not be written (a handler's header that HTTP forbids, say): the
+        // client's call breaks, the process goes on, as with connect-node.
+        options.logger.error({ err, method: `${route.spec.method.parent.typeName}/${route.spec.method.name}` }, "rpc answer could not be written");
+        if ("stream" in res) res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+        else res.destroy();
+      });
       return true;
     },
   };
@@ -139,15 +162,20 @@ interface WireProtocol {
   acceptEncodingHeader: string;
   /** Bytes a request body holds besides the message. */
   envelopeBytes: number;
+  /** Whether the body's size is checked against content-length (Connect's unary body is the message). */
+  checksContentLength: boolean;
   responseHeader(binary: boolean): Record<string, string>;
   responseTrailer: Record<string, string> | undefined;
   /** The message bytes of a request body, and whether they are compressed with the request's encoding. */
   requestMessage(body: Buffer, compression: Compression | null): { bytes: Buffer; compressed: boolean };
-  /** Writes the answer (message bytes, compressed with `compression` when set) or the error. */
-  respond(res: Response, context: HandlerContext, outcome: Outcome): void;
+  /**
+   * Writes the answer or the error, compressed with the negotiated `compression` (as
+   * connect-node: from `compressMinBytes`) where the protocol compresses it.
+   */
+  respond(res: Response, context: HandlerContext, outcome: Outcome, compression: Compression | null, compressMinBytes: number): Promise<void>;
 }
 
-type Outcome = { message: Uint8Array; compression: Compression | null } | { error: ConnectError };
+type Outcome = { message: Uint8Array } | { error: ConnectError };
 
 const GRPC: WireProtocol = {
   name: "grpc",
@@ -157,6 +185,7 @@ const GRPC: WireProtocol = {
   encodingHeader: grpc.headerEncoding.toLowerCase(),
   acceptEncodingHeader: grpc.headerAcceptEncoding.toLowerCase(),
   envelopeBytes: ENVELOPE_HEADER_BYTES,
+  checksContentLength: false,
   responseHeader: (binary) => ({ [grpc.headerContentType]: binary ? grpc.contentTypeProto : grpc.contentTypeJson }),
   responseTrailer: { [grpc.headerGrpcStatus]: grpc.grpcStatusOk },
 
@@ -179,16 +208,19 @@ const GRPC: WireProtocol = {
     return { bytes: body.subarray(ENVELOPE_HEADER_BYTES), compressed: flags === 1 };
   },
 
-  respond(res, context, outcome) {
+  async respond(res, context, outcome, compression, compressMinBytes) {
+    // connect-node names the negotiated encoding whether or not this answer is compressed.
+    if (compression) context.responseHeader.set(grpc.headerEncoding, compression.name);
     let body: Buffer | undefined;
     if ("error" in outcome) grpc.setTrailerStatus(context.responseTrailer, outcome.error);
     else {
-      if (outcome.compression) context.responseHeader.set(grpc.headerEncoding, outcome.compression.name);
-      body = envelope(outcome.compression ? 1 : 0, outcome.message);
+      const compress = compression !== null && outcome.message.byteLength >= compressMinBytes;
+      body = envelope(compress ? 1 : 0, compress ? await compression.compress(outcome.message) : outcome.message);
     }
+    if (isGone(res)) return;
     const out = res as http2.Http2ServerResponse;
-    out.writeHead(200, plainHeaders(context.responseHeader));
-    out.addTrailers(plainHeaders(context.responseTrailer));
+    out.writeHead(200, nodeHeaders(context.responseHeader));
+    out.addTrailers(nodeHeaders(context.responseTrailer));
     if (body) out.end(body);
     else out.end();
   },
@@ -205,11 +237,12 @@ const CONNECT: WireProtocol = {
   encodingHeader: connect.headerUnaryEncoding.toLowerCase(),
   acceptEncodingHeader: connect.headerUnaryAcceptEncoding.toLowerCase(),
   envelopeBytes: 0,
+  checksContentLength: true,
   responseHeader: (binary) => ({ [connect.headerContentType]: binary ? connect.contentTypeUnaryProto : connect.contentTypeUnaryJson }),
   responseTrailer: undefined,
   requestMessage: (body, compression) => ({ bytes: body, compressed: compression !== null }),
 
-  respond(res, context, outcome) {
+  async respond(res, context, outcome, compression, compressMinBytes) {
     let status = 200;
     let body: Uint8Array;
     if ("error" in outcome) {
@@ -217,33 +250,35 @@ const CONNECT: WireProtocol = {
       context.responseHeader.set(connect.headerContentType, connect.contentTypeUnaryJson);
       if (!outcome.error.isWireError) mergeNonProtocolHeaders(context.responseHeader, outcome.error.metadata);
       body = connect.errorToJsonBytes(outcome.error, {});
-    } else {
-      if (outcome.compression) context.responseHeader.set(connect.headerUnaryEncoding, outcome.compression.name);
-      body = outcome.message;
+    } else body = outcome.message;
+    // connect-node compresses error bodies too.
+    if (compression !== null && body.byteLength >= compressMinBytes) {
+      body = await compression.compress(body);
+      context.responseHeader.set(connect.headerUnaryEncoding, compression.name);
     }
     const header = connect.trailerMux(context.responseHeader, context.responseTrailer);
     header.set(connect.headerUnaryContentLength, String(body.byteLength));
+    if (isGone(res)) return;
     // Both responses take writeHead(status, headers) and end(body); their types differ only in `this`.
-    (res as http.ServerResponse).writeHead(status, plainHeaders(header));
+    (res as http.ServerResponse).writeHead(status, nodeHeaders(header));
     res.end(body);
   },
 };
 
 async function serveCall(
-  route: Route,
-  protocol: WireProtocol,
-  binary: boolean,
+  call: Call,
   req: Request,
   res: Response,
   interceptors: Interceptor[],
-  contextValues: (req: Request) => ContextValues,
+  values: ContextValues,
   limits: Limits,
 ): Promise<void> {
-  const { spec, serialization } = route;
-  // Aborted when the client goes away before its answer: the handler's signal follows it.
+  const { route: { spec, serialization }, protocol, binary } = call;
+  // Aborted when the client goes away before its answer (with connect-node's reason for an
+  // HTTP/2 reset): the handler's signal follows it.
   const requestAbort = new AbortController();
   const closing = "stream" in res ? res.stream : res;
-  const onClose = () => requestAbort.abort();
+  const onClose = () => requestAbort.abort("stream" in res ? resetReason(res.stream.rstCode) : undefined);
   closing.once("close", onClose);
   const timeout = protocol.parseTimeout(headerValue(req, protocol.timeoutHeader), Number.MAX_SAFE_INTEGER);
   const context = createHandlerContext({
@@ -251,13 +286,13 @@ async function serveCall(
     service: spec.method.parent,
     requestMethod: "POST",
     protocolName: protocol.name,
-    timeoutMs: timeout.timeoutMs,
+    timeoutMs: timeout.timeoutMs !== undefined && timeout.timeoutMs > MAX_TIMER_MS ? undefined : timeout.timeoutMs,
     requestSignal: requestAbort.signal,
     requestHeader: webHeaders(req.headers),
-    url: req.url!,
+    url: call.url,
     responseHeader: protocol.responseHeader(binary),
     responseTrailer: protocol.responseTrailer,
-    contextValues: contextValues(req),
+    contextValues: values,
   });
   const compression = compressionNegotiate(
     ACCEPT_COMPRESSION,
@@ -269,24 +304,24 @@ async function serveCall(
   try {
     if (compression.error) throw compression.error;
     if (timeout.error) throw timeout.error;
-    const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes);
+    const lengthHint = protocol.checksContentLength ? contentLength(req, limits.readMaxBytes) : undefined;
+    const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes, context.signal);
+    if (lengthHint !== undefined && lengthHint !== body.length) {
+      throw new ConnectError(`protocol error: promised ${lengthHint} bytes, received ${body.length}`, Code.InvalidArgument);
+    }
     const request = protocol.requestMessage(body, compression.request);
     const bytes = request.compressed ? await compression.request!.decompress(request.bytes, limits.readMaxBytes) : request.bytes;
     const input = parse(serialization, binary, bytes);
     const output = await invokeUnaryImplementation(spec, context, input, interceptors);
-    let message = serialization.getO(binary).serialize(output);
-    const compress = compression.response !== null && message.byteLength >= limits.compressMinBytes;
-    if (compress) message = await compression.response!.compress(message);
-    outcome = { message, compression: compress ? compression.response : null };
+    outcome = { message: serialization.getO(binary).serialize(output) };
   } catch (err) {
     outcome = { error: err instanceof ConnectError ? err : new ConnectError("internal error", Code.Internal, undefined, undefined, err) };
   }
   closing.off("close", onClose);
-  // Ends the deadline timer and whatever still follows the call's signal, as connect-node does;
-  // with a reason made once, not an AbortError per call.
-  context.abort("error" in outcome ? outcome.error : CALL_OVER);
-  if ("stream" in res ? res.stream.destroyed : res.destroyed) return;
-  protocol.respond(res, context, outcome);
+  // Ends the deadline timer and whatever still follows the call's signal, as connect-node does.
+  context.abort("error" in outcome ? outcome.error : undefined);
+  if (isGone(res)) return;
+  await protocol.respond(res, context, outcome, compression.response, limits.compressMinBytes);
   // Answered before the request ended (an oversize message, a bad deadline): the rest is not
   // wanted. Over HTTP/2 the stream closes only when both sides have ended: drop what still
   // comes and, once the trailers are out, reset it (NO_ERROR: the answer is complete) as gRPC
@@ -299,6 +334,10 @@ async function serveCall(
   }
 }
 
+function isGone(res: Response): boolean {
+  return "stream" in res ? res.stream.destroyed : res.destroyed;
+}
+
 /** The request message; one that cannot be read is the client's error, not the server's. */
 function parse(serialization: MethodSerializationLookup<DescMessage, DescMessage>, binary: boolean, bytes: Uint8Array) {
   try {
@@ -306,44 +345,61 @@ function parse(serialization: MethodSerializationLookup<DescMessage, DescMessage
   } catch (err) {
     const error = ConnectError.from(err);
     if (error.code === Code.ResourceExhausted) throw error;
-    throw new ConnectError(`request message could not be decoded: ${error.rawMessage}`, Code.InvalidArgument);
+    throw new ConnectError(`request message could not be decoded: ${error.rawMessage}`, Code.InvalidArgument, undefined, undefined, err);
   }
+}
+
+/** A Connect request's content-length, refused at once when it is over the limit (as connect-node). */
+function contentLength(req: Request, readMaxBytes: number): number | undefined {
+  const value = req.headers["content-length"];
+  if (value === undefined) return undefined;
+  const length = Number.parseInt(value, 10);
+  if (!Number.isSafeInteger(length) || length < 0) throw new ConnectError(`protocol error: invalid content-length ${value}`, Code.InvalidArgument);
+  if (length > readMaxBytes) throw new ConnectError(`message size ${length} is larger than configured readMaxBytes ${readMaxBytes}`, Code.ResourceExhausted);
+  return length;
 }
 
 /**
  * The request body, read whole. A body of more than `readMaxBytes` (plus the envelope) is
- * refused as it arrives; over gRPC, as soon as the envelope's header promises more.
+ * refused as it arrives; over gRPC, as soon as the envelope's header promises more. Reading
+ * stops when the call's deadline passes or its client goes away (`signal`).
  */
-function readBody(req: Request, readMaxBytes: number, envelopeBytes: number): Promise<Buffer> {
+function readBody(req: Request, readMaxBytes: number, envelopeBytes: number, signal: AbortSignal): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
+    /** The message length the envelope header promises, once its bytes are in. */
+    let promised: number | undefined;
+    const fail = (error: ConnectError) => {
+      cleanup();
+      reject(error);
+    };
     const onData = (chunk: Buffer) => {
       chunks.push(chunk);
       size += chunk.length;
-      const promised = envelopeBytes > 0 && size >= envelopeBytes ? envelopeLength(chunks) : 0;
-      if (promised > readMaxBytes || size > readMaxBytes + envelopeBytes) {
-        cleanup();
-        const messageSize = Math.max(promised, size - envelopeBytes);
-        reject(new ConnectError(`message size ${messageSize} is larger than configured readMaxBytes ${readMaxBytes}`, Code.ResourceExhausted));
+      if (envelopeBytes > 0 && promised === undefined && size >= envelopeBytes) promised = envelopeLength(chunks);
+      if ((promised ?? 0) > readMaxBytes || size > readMaxBytes + envelopeBytes) {
+        const messageSize = Math.max(promised ?? 0, size - envelopeBytes);
+        fail(new ConnectError(`message size ${messageSize} is larger than configured readMaxBytes ${readMaxBytes}`, Code.ResourceExhausted));
       }
     };
     const onEnd = () => {
       cleanup();
       resolve(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, size));
     };
-    const onError = (err: Error) => {
-      cleanup();
-      reject(ConnectError.from(err, Code.Canceled));
-    };
+    const onError = (err: Error) => fail(ConnectError.from(err, Code.Canceled));
+    const onAbort = () => fail(ConnectError.from(signal.reason, Code.Canceled));
     const cleanup = () => {
       req.off("data", onData);
       req.off("end", onEnd);
       req.off("error", onError);
+      signal.removeEventListener("abort", onAbort);
     };
+    if (signal.aborted) return onAbort();
     req.on("data", onData);
     req.once("end", onEnd);
     req.once("error", onError);
+    signal.addEventListener("abort", onAbort, { once: true });
   });
 }
 
@@ -362,6 +418,29 @@ function envelope(flags: number, message: Uint8Array): Buffer {
   return out;
 }
 
+/** What the handler's signal says when the client reset its HTTP/2 stream (connect-node's mapping). */
+function resetReason(rstCode: number): ConnectError | undefined {
+  const known = RESET_CODES.get(rstCode);
+  if (known === undefined) return undefined;
+  const [name, code] = known;
+  return new ConnectError(`http/2 stream closed with error code ${name} (0x${rstCode.toString(16)})`, code);
+}
+
+const RESET_CODES = new Map<number, [string, Code]>([
+  [0x1, ["PROTOCOL_ERROR", Code.Internal]],
+  [0x2, ["INTERNAL_ERROR", Code.Internal]],
+  [0x3, ["FLOW_CONTROL_ERROR", Code.Internal]],
+  [0x4, ["SETTINGS_TIMEOUT", Code.Internal]],
+  [0x6, ["FRAME_SIZE_ERROR", Code.Internal]],
+  [0x7, ["REFUSED_STREAM", Code.Unavailable]],
+  [0x8, ["CANCEL", Code.Canceled]],
+  [0x9, ["COMPRESSION_ERROR", Code.Internal]],
+  [0xa, ["CONNECT_ERROR", Code.Internal]],
+  [0xb, ["ENHANCE_YOUR_CALM", Code.ResourceExhausted]],
+  [0xc, ["INADEQUATE_SECURITY", Code.PermissionDenied]],
+  [0xd, ["HTTP_1_1_REQUIRED", Code.PermissionDenied]],
+]);
+
 function headerValue(req: Request, name: string): string | null {
   const value = req.headers[name];
   return typeof value === "string" ? value : null;
@@ -379,8 +458,22 @@ function webHeaders(incoming: http.IncomingHttpHeaders): Headers {
   return headers;
 }
 
-function plainHeaders(headers: Headers): Record<string, string> {
-  const out: Record<string, string> = {};
-  headers.forEach((value, name) => (out[name] = value));
+/**
+ * Headers that belong to one connection: HTTP/2 refuses them (Node throws, which in a trailer
+ * would take the process down), and over HTTP/1.1 the server sets its own.
+ */
+const CONNECTION_HEADERS = new Set(["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "http2-settings", "te"]);
+
+/**
+ * Web Headers for Node's writeHead/addTrailers: several set-cookie values stay several, and
+ * connection headers a handler or an error's metadata carried are left out.
+ */
+function nodeHeaders(headers: Headers): Record<string, string | string[]> {
+  const out: Record<string, string | string[]> = {};
+  headers.forEach((value, name) => {
+    if (!CONNECTION_HEADERS.has(name)) out[name] = value;
+  });
+  const cookies = headers.getSetCookie();
+  if (cookies.length > 1) out["set-cookie"] = cookies;
   return out;
 }

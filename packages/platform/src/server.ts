@@ -140,7 +140,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     return values;
   };
   // Unary gRPC and Connect calls (nearly all traffic) take the lean path; the rest connect-node.
-  const leanUnary = leanUnaryPath({ interceptors, readMaxBytes, contextValues });
+  const leanUnary = leanUnaryPath({ interceptors, readMaxBytes, contextValues, logger });
   const handler = connectNodeAdapter({
     routes(router) {
       const recording = leanUnary.recording(router);

@@ -1,6 +1,6 @@
 /** Shared by the platform tests: a tiny server with a fake LogService whose behaviour is chosen by dispatch_id. */
 import { create } from "@bufbuild/protobuf";
-import { ConnectError, type ConnectRouter, type HandlerContext } from "@connectrpc/connect";
+import { Code, ConnectError, type ConnectRouter, type HandlerContext } from "@connectrpc/connect";
 import {
   callEndSignal,
   currentTrace,
@@ -24,7 +24,9 @@ export const silentLogger = pino({ level: "silent" });
  * GetLogs by dispatch_id: "slow" answers after 300 ms, "boom" throws a plain Error, "invalid" throws
  * invalidArgument, "missing" throws notFound, "trace" answers the current trace id as next_page_token,
  * "wait" waits for the call's signal and records its reason in `callAborts` before failing with it,
- * "headers" sets a response header and trailer; anything else echoes the dispatch id as one chunk. SubscribeLogs sends one chunk, then waits on
+ * "headers" sets a response header and trailer, "url" answers ctx.url as next_page_token,
+ * "connection-header" fails with metadata HTTP/2 forbids (and one it allows); anything else
+ * echoes the dispatch id as one chunk. SubscribeLogs sends one chunk, then waits on
  * callEndSignal and returns.
  */
 /** Why each "wait" call's signal fired, in order. */
@@ -38,6 +40,10 @@ export function fakeLogRoutes(router: ConnectRouter): void {
           if (!ctx.signal.aborted) await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve, { once: true }));
           callAborts.push(ctx.signal.reason);
           throw ConnectError.from(ctx.signal.reason);
+        case "url":
+          return create(GetLogsResponseSchema, { nextPageToken: ctx.url });
+        case "connection-header":
+          throw new ConnectError("refused", Code.FailedPrecondition, { "transfer-encoding": "chunked", "x-kept": "yes" });
         case "headers":
           ctx.responseHeader.set("x-answer", "head");
           ctx.responseTrailer.set("x-answer-trailer", "tail");

@@ -140,7 +140,9 @@ describe("lean unary path, gRPC", () => {
     expect(await rawGrpc(server.url, envelope(getLogs("wait")), { cancelAfterMs: 100 })).toBe("cancelled");
     for (let i = 0; i < 100 && callAborts.length === before; i++) await sleep(10);
     expect(callAborts.length).toBe(before + 1);
-    expect((callAborts[before] as Error).name).toBe("AbortError");
+    // connect-node's reason for a client's HTTP/2 CANCEL: the call is logged and counted as CANCELED.
+    expect(ConnectError.from(callAborts[before]).code).toBe(Code.Canceled);
+    expect(ConnectError.from(callAborts[before]).rawMessage).toBe("http/2 stream closed with error code CANCEL (0x8)");
     expect((await answerOf(rawGrpc(server.url, envelope(getLogs("x"))))).code).toBe(0);
   });
 
@@ -158,9 +160,39 @@ describe("lean unary path, gRPC", () => {
     expect(gzipped.body[0]).toBe(1);
     expect(fromBinary(GetLogsResponseSchema, gunzipSync(gzipped.body.subarray(5))).chunks[0]?.text).toBe(long);
 
+    // As connect-node: the negotiated encoding is named, a small message goes uncompressed.
     const small = await answerOf(rawGrpc(server.url, envelope(getLogs("small")), { headers: { "grpc-accept-encoding": "gzip" } }));
-    expect(small.headers["grpc-encoding"]).toBeUndefined();
+    expect(small.headers["grpc-encoding"]).toBe("gzip");
     expect(small.body[0]).toBe(0);
+  });
+
+  it("gives the handler the full URL, as connect-node does", async () => {
+    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("url"))));
+    expect(fromBinary(GetLogsResponseSchema, answer.body.subarray(5)).nextPageToken).toBe(`${server.url}${GET_LOGS}`);
+  });
+
+  it("reads an envelope whose header arrives split across frames", async () => {
+    const body = envelope(getLogs("split"));
+    const session = http2.connect(server.url);
+    const stream = session.request({ ":method": "POST", ":path": GET_LOGS, "content-type": "application/grpc", te: "trailers" });
+    stream.write(body.subarray(0, 1));
+    await sleep(20);
+    stream.write(body.subarray(1, 3));
+    await sleep(20);
+    stream.end(body.subarray(3));
+    const chunks: Buffer[] = [];
+    stream.on("data", (c: Buffer) => chunks.push(c));
+    await new Promise((resolve) => stream.on("close", resolve));
+    session.close();
+    expect(fromBinary(GetLogsResponseSchema, Buffer.concat(chunks).subarray(5)).chunks[0]?.text).toBe("split");
+  });
+
+  it("leaves out connection headers an error carries instead of failing the process", async () => {
+    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("connection-header"))));
+    expect(answer.code).toBe(Code.FailedPrecondition);
+    expect(answer.trailers["x-kept"]).toBe("yes");
+    expect(answer.trailers["transfer-encoding"]).toBeUndefined();
+    expect((await answerOf(rawGrpc(server.url, envelope(getLogs("x"))))).code).toBe(0);
   });
 
   it("refuses an unknown compression with UNIMPLEMENTED naming the supported ones", async () => {
@@ -215,6 +247,26 @@ describe("lean unary path, Connect", () => {
     const big = await post(JSON.stringify({ dispatchId: "x".repeat(2000) }));
     expect(big.status).toBe(429);
     expect(((await big.json()) as { code: string }).code).toBe("resource_exhausted");
+  });
+
+  it("gives the handler the full URL; leaves out connection headers an error carries", async () => {
+    const url = await post(JSON.stringify({ dispatchId: "url" }));
+    expect(((await url.json()) as { nextPageToken: string }).nextPageToken).toBe(`${server.url}${GET_LOGS}`);
+    const res = await post(JSON.stringify({ dispatchId: "connection-header" }));
+    expect(res.status).toBe(400);
+    expect(res.headers.get("x-kept")).toBe("yes");
+    expect(((await res.json()) as { code: string }).code).toBe("failed_precondition");
+  });
+
+  it("refuses a body whose content-length is over the limit before reading it (HTTP/2)", async () => {
+    const answer = await answerOf(
+      rawGrpc(server.url, Buffer.from("{"), { headers: { "content-type": "application/json", "content-length": "1000000" }, end: false }),
+    );
+    expect(answer.headers[":status"]).toBe(429);
+    expect(JSON.parse(answer.body.toString())).toEqual({
+      code: "resource_exhausted",
+      message: "message size 1000000 is larger than configured readMaxBytes 1024",
+    });
   });
 
   it("aborts the handler's signal at connect-timeout-ms and when the client goes away", async () => {
