@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { envelope, EnvelopeScanner, singleMessage } from "../src/http/envelopes.ts";
+import { envelope } from "@outpost/platform";
+import { EnvelopeScanner } from "../src/http/envelopes.ts";
 
 /** A small seeded generator, so a failure can be replayed. */
 function prng(seed: number) {
@@ -59,15 +60,5 @@ describe("EnvelopeScanner", () => {
     const cutInHeader = new EnvelopeScanner({ endStreamFlag: false });
     expect(cutInHeader.scan(bytes.subarray(0, 3)).pass.length).toBe(0); // a partial header is held back
     expect([cutInHeader.midMessage, cutInHeader.atBoundary]).toEqual([true, true]);
-  });
-});
-
-describe("singleMessage", () => {
-  it("takes exactly one message and says what is wrong otherwise", () => {
-    expect(singleMessage(envelope(0, Buffer.from("hi")))).toEqual({ flags: 0, message: Buffer.from("hi") });
-    expect(singleMessage(Buffer.from([0, 0, 0]))).toEqual({ problem: "the request holds no complete message" });
-    expect(singleMessage(Buffer.concat([envelope(0, Buffer.from("a")), envelope(0, Buffer.from("b"))]))).toEqual({
-      problem: "the request holds exactly one message (1 bytes promised, 7 sent)",
-    });
   });
 });

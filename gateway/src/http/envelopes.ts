@@ -69,23 +69,3 @@ export class EnvelopeScanner {
 }
 
 const EMPTY = Buffer.alloc(0);
-
-/** One message framed with `flags`. */
-export function envelope(flags: number, message: Uint8Array): Buffer {
-  const out = Buffer.allocUnsafe(5 + message.byteLength);
-  out[0] = flags;
-  out.writeUInt32BE(message.byteLength, 1);
-  out.set(message, 5);
-  return out;
-}
-
-/**
- * The single message of a request body that must hold exactly one: its flags and bytes, or a
- * description of what is wrong with the framing.
- */
-export function singleMessage(body: Buffer): { flags: number; message: Buffer } | { problem: string } {
-  if (body.length < 5) return { problem: "the request holds no complete message" };
-  const length = body.readUInt32BE(1);
-  if (length !== body.length - 5) return { problem: `the request holds exactly one message (${length} bytes promised, ${body.length - 5} sent)` };
-  return { flags: body[0]!, message: body.subarray(5) };
-}

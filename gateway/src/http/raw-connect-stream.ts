@@ -19,7 +19,8 @@ import {
   endStreamToJson,
   parseContentType,
 } from "@connectrpc/connect/protocol-connect";
-import { envelope, EnvelopeScanner, singleMessage } from "./envelopes.ts";
+import { envelope, singleMessage } from "@outpost/platform";
+import { EnvelopeScanner } from "./envelopes.ts";
 import { acceptsConnect, connectDeadline, decodeConnectMessage } from "./raw-connect.ts";
 import { breakAnswer, copyHeaders, errorHeaders, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 

@@ -7,7 +7,8 @@ import http2 from "node:http2";
 import { fromBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { parseTimeout, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
-import { EnvelopeScanner, singleMessage } from "./envelopes.ts";
+import { singleMessage } from "@outpost/platform";
+import { EnvelopeScanner } from "./envelopes.ts";
 import {
   breakAnswer,
   copyHeaders,

@@ -1,6 +1,7 @@
 export * from "./call-context.ts";
 export * from "./clients.ts";
 export * from "./config.ts";
+export * from "./envelope.ts";
 export * from "./errors.ts";
 export * from "./health.ts";
 export * from "./identity.ts";

@@ -45,6 +45,7 @@ import {
 } from "@connectrpc/connect/protocol";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as connect from "@connectrpc/connect/protocol-connect";
+import { envelope, ENVELOPE_HEADER_BYTES, singleMessage } from "./envelope.ts";
 import type { Logger } from "./logger.ts";
 
 type UnarySpec = Extract<MethodImplSpec, { kind: "unary" }>;
@@ -53,7 +54,6 @@ type Response = http.ServerResponse | http2.Http2ServerResponse;
 
 /** connect-node's defaults, so answers are compressed exactly as they were through it. */
 const ACCEPT_COMPRESSION: Compression[] = [compressionGzip, compressionBrotli];
-const ENVELOPE_HEADER_BYTES = 5;
 /** Node's timers take at most this; a longer deadline is as good as none. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
@@ -190,22 +190,14 @@ const GRPC: WireProtocol = {
   responseTrailer: { [grpc.headerGrpcStatus]: grpc.grpcStatusOk },
 
   requestMessage(body, compression) {
-    if (body.length < ENVELOPE_HEADER_BYTES) {
-      throw new ConnectError(`protocol error: the request holds no complete message (${body.length} bytes)`, Code.InvalidArgument);
-    }
-    const length = body.readUInt32BE(1);
-    if (length !== body.length - ENVELOPE_HEADER_BYTES) {
-      throw new ConnectError(
-        `protocol error: a unary request holds exactly one message (${length} bytes promised, ${body.length - ENVELOPE_HEADER_BYTES} sent)`,
-        Code.InvalidArgument,
-      );
-    }
-    const flags = body[0]!;
+    const single = singleMessage(body);
+    if ("problem" in single) throw new ConnectError(`protocol error: ${single.problem}`, Code.InvalidArgument);
+    const { flags, message } = single;
     if (flags === 1 && compression === null) {
       throw new ConnectError("protocol error: a compressed message without grpc-encoding", Code.InvalidArgument);
     }
     if (flags > 1) throw new ConnectError(`protocol error: unknown message flags ${flags}`, Code.InvalidArgument);
-    return { bytes: body.subarray(ENVELOPE_HEADER_BYTES), compressed: flags === 1 };
+    return { bytes: message, compressed: flags === 1 };
   },
 
   async respond(res, context, outcome, compression, compressMinBytes) {
@@ -408,14 +400,6 @@ function envelopeLength(chunks: Buffer[]): number {
   const first = chunks[0]!;
   const head = first.length >= ENVELOPE_HEADER_BYTES ? first : Buffer.concat(chunks);
   return head.readUInt32BE(1);
-}
-
-function envelope(flags: number, message: Uint8Array): Buffer {
-  const out = Buffer.allocUnsafe(ENVELOPE_HEADER_BYTES + message.byteLength);
-  out[0] = flags;
-  out.writeUInt32BE(message.byteLength, 1);
-  out.set(message, ENVELOPE_HEADER_BYTES);
-  return out;
 }
 
 /** What the handler's signal says when the client reset its HTTP/2 stream (connect-node's mapping). */

@@ -11,6 +11,7 @@ import { compressionGzip, createGrpcTransport } from "@connectrpc/connect-node";
 import type { RunningServer } from "@outpost/platform";
 import { GetLogsRequestSchema, GetLogsResponseSchema, LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { envelope } from "../../../test/support/envelopes.ts";
 import { callAborts, sleep, startTestServer } from "./helpers.ts";
 
 const GET_LOGS = "/outpost.telemetry.v1.LogService/GetLogs";
@@ -22,14 +23,6 @@ interface RawAnswer {
   /** grpc-status and grpc-message, from the trailers (or the headers of a trailers-only answer). */
   code: number;
   message: string;
-}
-
-function envelope(message: Uint8Array, flags = 0, promised = message.byteLength): Buffer {
-  const out = Buffer.alloc(5 + message.byteLength);
-  out[0] = flags;
-  out.writeUInt32BE(promised, 1);
-  out.set(message, 5);
-  return out;
 }
 
 const getLogs = (dispatchId: string) => toBinary(GetLogsRequestSchema, create(GetLogsRequestSchema, { dispatchId }));
@@ -85,7 +78,7 @@ describe("lean unary path, gRPC", () => {
   afterAll(() => server.close());
 
   it("answers with the handler's message, response headers and trailers", async () => {
-    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("headers"))));
+    const answer = await answerOf(rawGrpc(server.url, envelope(0, getLogs("headers"))));
     expect(answer.code).toBe(0);
     expect(answer.headers["content-type"]).toBe("application/grpc+proto");
     expect(answer.headers["x-answer"]).toBe("head");
@@ -100,50 +93,55 @@ describe("lean unary path, gRPC", () => {
     const cases: [string, Buffer, RegExp][] = [
       ["an empty body", Buffer.alloc(0), /no complete message \(0 bytes\)/],
       ["a cut envelope header", Buffer.from([0, 0, 0]), /no complete message \(3 bytes\)/],
-      ["a cut message", envelope(valid, 0, valid.length + 10), /\d+ bytes promised, \d+ sent/],
-      ["two messages", Buffer.concat([envelope(valid), envelope(valid)]), /exactly one message/],
-      ["a compressed flag without grpc-encoding", envelope(valid, 1), /compressed message without grpc-encoding/],
-      ["unknown flags", envelope(valid, 4), /unknown message flags 4/],
-      ["bytes that are no GetLogsRequest", envelope(Buffer.from([0xff, 0xff, 0xff])), /request message could not be decoded/],
+      ["a cut message", envelope(0, valid, valid.length + 10), /\d+ bytes promised, \d+ sent/],
+      ["two messages", Buffer.concat([envelope(0, valid), envelope(0, valid)]), /exactly one message/],
+      ["a compressed flag without grpc-encoding", envelope(1, valid), /compressed message without grpc-encoding/],
+      ["unknown flags", envelope(4, valid), /unknown message flags 4/],
+      ["bytes that are no GetLogsRequest", envelope(0, Buffer.from([0xff, 0xff, 0xff])), /request message could not be decoded/],
     ];
     for (const [name, body, expected] of cases) {
       const answer = await answerOf(rawGrpc(server.url, body));
       expect({ name, code: answer.code }).toEqual({ name, code: Code.InvalidArgument });
       expect(answer.message).toMatch(expected);
     }
-    const after = await answerOf(rawGrpc(server.url, envelope(valid)));
+    const after = await answerOf(rawGrpc(server.url, envelope(0, valid)));
     expect(after.code).toBe(0);
   });
 
   it("refuses an oversize message once its envelope header arrives, without waiting for the body", async () => {
-    const header = envelope(Buffer.alloc(0), 0, 1024 * 1024);
+    const header = envelope(0, Buffer.alloc(0), 1024 * 1024);
     const answer = await answerOf(rawGrpc(server.url, header, { end: false }));
     expect(answer.code).toBe(Code.ResourceExhausted);
     expect(answer.message).toBe("message size 1048576 is larger than configured readMaxBytes 1024");
   });
 
   it("refuses a malformed grpc-timeout", async () => {
-    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("x")), { headers: { "grpc-timeout": "soon" } }));
+    const answer = await answerOf(rawGrpc(server.url, envelope(0, getLogs("x")), { headers: { "grpc-timeout": "soon" } }));
     expect(answer.code).toBe(Code.InvalidArgument);
     expect(answer.message).toContain("invalid grpc timeout value: soon");
   });
 
+  it("stops waiting for a body that never ends at the deadline", async () => {
+    const answer = await answerOf(rawGrpc(server.url, envelope(0, getLogs("x")).subarray(0, 4), { headers: { "grpc-timeout": "100m" }, end: false }));
+    expect(answer.code).toBe(Code.DeadlineExceeded);
+  });
+
   it("aborts the handler's signal at the deadline", async () => {
     const before = callAborts.length;
-    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("wait")), { headers: { "grpc-timeout": "50m" } }));
+    const answer = await answerOf(rawGrpc(server.url, envelope(0, getLogs("wait")), { headers: { "grpc-timeout": "50m" } }));
     expect(answer.code).toBe(Code.DeadlineExceeded);
     expect(ConnectError.from(callAborts[before]).code).toBe(Code.DeadlineExceeded);
   });
 
   it("aborts the handler's signal when the client goes away, and keeps serving", async () => {
     const before = callAborts.length;
-    expect(await rawGrpc(server.url, envelope(getLogs("wait")), { cancelAfterMs: 100 })).toBe("cancelled");
+    expect(await rawGrpc(server.url, envelope(0, getLogs("wait")), { cancelAfterMs: 100 })).toBe("cancelled");
     for (let i = 0; i < 100 && callAborts.length === before; i++) await sleep(10);
     expect(callAborts.length).toBe(before + 1);
     // connect-node's reason for a client's HTTP/2 CANCEL: the call is logged and counted as CANCELED.
     expect(ConnectError.from(callAborts[before]).code).toBe(Code.Canceled);
     expect(ConnectError.from(callAborts[before]).rawMessage).toBe("http/2 stream closed with error code CANCEL (0x8)");
-    expect((await answerOf(rawGrpc(server.url, envelope(getLogs("x"))))).code).toBe(0);
+    expect((await answerOf(rawGrpc(server.url, envelope(0, getLogs("x"))))).code).toBe(0);
   });
 
   it("reads compressed requests and compresses answers of 1 KiB or more for clients that accept it", async () => {
@@ -153,7 +151,7 @@ describe("lean unary path, gRPC", () => {
 
     const long = "x".repeat(900);
     const gzipped = await answerOf(
-      rawGrpc(server.url, envelope(gzipSync(getLogs(long)), 1), { headers: { "grpc-encoding": "gzip", "grpc-accept-encoding": "gzip" } }),
+      rawGrpc(server.url, envelope(1, gzipSync(getLogs(long))), { headers: { "grpc-encoding": "gzip", "grpc-accept-encoding": "gzip" } }),
     );
     expect(gzipped.code).toBe(0);
     expect(gzipped.headers["grpc-encoding"]).toBe("gzip");
@@ -161,18 +159,18 @@ describe("lean unary path, gRPC", () => {
     expect(fromBinary(GetLogsResponseSchema, gunzipSync(gzipped.body.subarray(5))).chunks[0]?.text).toBe(long);
 
     // As connect-node: the negotiated encoding is named, a small message goes uncompressed.
-    const small = await answerOf(rawGrpc(server.url, envelope(getLogs("small")), { headers: { "grpc-accept-encoding": "gzip" } }));
+    const small = await answerOf(rawGrpc(server.url, envelope(0, getLogs("small")), { headers: { "grpc-accept-encoding": "gzip" } }));
     expect(small.headers["grpc-encoding"]).toBe("gzip");
     expect(small.body[0]).toBe(0);
   });
 
   it("gives the handler the full URL, as connect-node does", async () => {
-    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("url"))));
+    const answer = await answerOf(rawGrpc(server.url, envelope(0, getLogs("url"))));
     expect(fromBinary(GetLogsResponseSchema, answer.body.subarray(5)).nextPageToken).toBe(`${server.url}${GET_LOGS}`);
   });
 
   it("reads an envelope whose header arrives split across frames", async () => {
-    const body = envelope(getLogs("split"));
+    const body = envelope(0, getLogs("split"));
     const session = http2.connect(server.url);
     const stream = session.request({ ":method": "POST", ":path": GET_LOGS, "content-type": "application/grpc", te: "trailers" });
     stream.write(body.subarray(0, 1));
@@ -188,20 +186,20 @@ describe("lean unary path, gRPC", () => {
   });
 
   it("leaves out connection headers an error carries instead of failing the process", async () => {
-    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("connection-header"))));
+    const answer = await answerOf(rawGrpc(server.url, envelope(0, getLogs("connection-header"))));
     expect(answer.code).toBe(Code.FailedPrecondition);
     expect(answer.trailers["x-kept"]).toBe("yes");
     expect(answer.trailers["transfer-encoding"]).toBeUndefined();
-    expect((await answerOf(rawGrpc(server.url, envelope(getLogs("x"))))).code).toBe(0);
+    expect((await answerOf(rawGrpc(server.url, envelope(0, getLogs("x"))))).code).toBe(0);
   });
 
   it("refuses an unknown compression with UNIMPLEMENTED naming the supported ones", async () => {
-    const answer = await answerOf(rawGrpc(server.url, envelope(getLogs("x"), 1), { headers: { "grpc-encoding": "snappy" } }));
+    const answer = await answerOf(rawGrpc(server.url, envelope(1, getLogs("x")), { headers: { "grpc-encoding": "snappy" } }));
     expect(answer.code).toBe(Code.Unimplemented);
     expect(answer.message).toBe('unknown compression "snappy": supported encodings are gzip,br');
-    const garbage = await answerOf(rawGrpc(server.url, envelope(Buffer.from("not gzip"), 1), { headers: { "grpc-encoding": "gzip" } }));
+    const garbage = await answerOf(rawGrpc(server.url, envelope(1, Buffer.from("not gzip")), { headers: { "grpc-encoding": "gzip" } }));
     expect(garbage.code).not.toBe(0);
-    expect((await answerOf(rawGrpc(server.url, envelope(getLogs("x"))))).code).toBe(0);
+    expect((await answerOf(rawGrpc(server.url, envelope(0, getLogs("x"))))).code).toBe(0);
   });
 });
 
