@@ -20,8 +20,8 @@ import { IDENTITY_HEADER, IDENTITY_SIGNATURE_HEADER, writeIdentity } from "@outp
 import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { freePort, startMesh, type Mesh } from "../scripts/lib/mesh.ts";
-import { startEchoServer } from "./lib/fixtures.ts";
-import { grpcFrame, hasH2load, runH2load, type LoadFigures } from "./lib/tools.ts";
+import { startEchoServer, type EchoServer } from "./lib/fixtures.ts";
+import { grpcFrame, requireTools, runH2load, type LoadFigures } from "./lib/tools.ts";
 import { median, type BenchContext, type BenchResult, type BenchRow, type Benchmark } from "./lib/types.ts";
 
 const METHOD_PATH = "/outpost.dispatch.v1.DispatchService/GetDispatch";
@@ -40,12 +40,16 @@ async function startRedis(port: number, dir: string): Promise<ChildProcess> {
     if (ok) return child;
     await new Promise((r) => setTimeout(r, 50));
   }
-  child.kill();
+  if (child.exitCode === null && child.signalCode === null) {
+    const exited = new Promise((resolve) => child.once("exit", resolve));
+    child.kill();
+    await exited;
+  }
   throw new Error("redis-server did not start");
 }
 
 const edge: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
-  if (!hasH2load()) throw new Error("h2load is required (apt package nghttp2-client)");
+  requireTools("edge", "h2load", "redis-server", "redis-cli");
   const durationS = ctx.quick ? 1 : 5;
   const clients = 4;
   const streams = 8;
@@ -57,11 +61,13 @@ const edge: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
   const tiersFile = path.join(dir, "tiers.json");
   writeFileSync(tiersFile, JSON.stringify({ enterprise: { create_per_minute: huge, trigger_per_minute: huge, read_per_minute: huge } }));
   const redisPort = await freePort();
-  const redis = await startRedis(redisPort, dir);
+  let redis: ChildProcess | undefined;
+  let echo: EchoServer | undefined;
   let core: Mesh | undefined;
   const gateways = new Map<(typeof MODES)[number], Mesh>();
-  const echo = await startEchoServer();
   try {
+    redis = await startRedis(redisPort, dir);
+    echo = await startEchoServer();
     core = await startMesh({
       dataDir: path.join(dir, "data"),
       logDir: path.join(dir, "logs"),
@@ -165,8 +171,12 @@ const edge: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
   } finally {
     for (const g of gateways.values()) await g.stop();
     await core?.stop();
-    await echo.stop();
-    redis.kill("SIGTERM");
+    await echo?.stop();
+    if (redis && redis.exitCode === null && redis.signalCode === null) {
+      const exited = new Promise((resolve) => redis!.once("exit", resolve));
+      redis.kill("SIGTERM");
+      await exited;
+    }
     rmSync(dir, { recursive: true, force: true });
   }
 };

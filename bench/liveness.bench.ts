@@ -13,7 +13,10 @@ const liveness: Benchmark = async (ctx): Promise<BenchResult> => {
   const connections = 4;
   // The gateway alone: liveness must not depend on any peer being up.
   const bench = await startBenchMesh(["gateway"]);
-  const echo = await startEchoServer();
+  const echo = await startEchoServer().catch(async (err: unknown) => {
+    await bench.stop();
+    throw err;
+  });
   try {
     // Warm both up first (JIT, connection set-up), unmeasured.
     await runAutocannon({ url: `${bench.mesh.urls.gateway}/healthz`, connections, durationS: 1, overallRate: rate });

@@ -19,6 +19,7 @@ import { createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { startBenchMesh, type BenchMesh } from "./lib/fixtures.ts";
+import { requireTools } from "./lib/tools.ts";
 import { median, percentile, type BenchResult, type Benchmark } from "./lib/types.ts";
 
 const docker = new Docker();
@@ -78,6 +79,7 @@ const logs: Benchmark = async (ctx): Promise<BenchResult> => {
   const lines = ctx.quick ? 2_000 : 20_000;
   const pacedLines = ctx.quick ? 300 : 2_000;
   const subscribers = ctx.quick ? 100 : 1_000;
+  requireTools("logs", "docker");
   await docker.ping();
   // Rate limits off: 1,000 subscriptions open at once by design here.
   const bench = await startBenchMesh(undefined, { OUTPOST_LEASE_TTL_MS: "10000", OUTPOST_RATE_LIMIT: "off" });

@@ -15,11 +15,18 @@ export interface MethodSummary {
   p99Ms: number;
 }
 
+/** Client calls during one window (e.g. one failover), with the errors' gRPC code names. */
+export interface FailureWindow {
+  requests: number;
+  errors: number;
+  errorCodes: Record<string, number>;
+}
+
 export class MethodStats {
   private readonly latencies = new Map<string, number[]>();
   private readonly errors = new Map<string, Map<string, number>>();
   /** Set while a window is open (e.g. one failover), for client-visible error rates. */
-  private window: { requests: number; errors: number } | undefined;
+  private window: FailureWindow | undefined;
 
   async time<T>(method: string, call: () => Promise<T>): Promise<T | undefined> {
     const started = performance.now();
@@ -49,15 +56,16 @@ export class MethodStats {
     if (this.window) {
       this.window.requests++;
       this.window.errors++;
+      this.window.errorCodes[code] = (this.window.errorCodes[code] ?? 0) + 1;
     }
   }
 
   openWindow(): void {
-    this.window = { requests: 0, errors: 0 };
+    this.window = { requests: 0, errors: 0, errorCodes: {} };
   }
 
-  closeWindow(): { requests: number; errors: number; errorRate: number } {
-    const w = this.window ?? { requests: 0, errors: 0 };
+  closeWindow(): FailureWindow & { errorRate: number } {
+    const w = this.window ?? { requests: 0, errors: 0, errorCodes: {} };
     this.window = undefined;
     return { ...w, errorRate: w.requests ? w.errors / w.requests : 0 };
   }

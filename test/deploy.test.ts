@@ -1,10 +1,14 @@
 /**
- * Deployment artifacts (issue #7, SPEC O2), checked offline: every Kubernetes manifest
- * validates against the vendored schema subset (deploy/k8s/schemas; ajv, strict about unknown
- * fields), and the properties the operations design relies on hold — probes on the health
- * endpoints, limits, non-root read-only containers, PDBs, only the gateway exposed, executors
- * on arm64 and scaled on queue depth. The compose file parses and names real entry points;
- * the image's entry script picks a service and refuses anything else.
+ * Deployment artifacts (issue #7, SPEC O2), checked offline. Every Kubernetes manifest is
+ * validated twice: by kubernetes-models (the upstream Kubernetes OpenAPI schemas, and KEDA's CRD
+ * through @kubernetes-models/keda: types, required fields, enums, quantities), chosen by its
+ * apiVersion and kind so an unknown type fails; and by the vendored strict subset
+ * (deploy/k8s/schemas; ajv), which rejects the unknown fields the upstream schemas let through,
+ * so a misspelt field fails. Then the properties the operations design relies on: probes on the
+ * health endpoints, limits, non-root read-only containers, PDBs, only the gateway exposed,
+ * executors on arm64, scaled on demand, and drained on scale-in for as long as their longest run.
+ * The compose file parses and names real entry points; the image's entry script picks a service
+ * and refuses anything else.
  */
 import { spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
@@ -12,7 +16,18 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { Ajv2020 } from "ajv/dist/2020.js";
 import { parseAllDocuments, parse } from "yaml";
+import { Deployment } from "kubernetes-models/apps/v1/Deployment";
+import { HorizontalPodAutoscaler } from "kubernetes-models/autoscaling/v2/HorizontalPodAutoscaler";
+import { NetworkPolicy } from "kubernetes-models/networking.k8s.io/v1/NetworkPolicy";
+import { PodDisruptionBudget } from "kubernetes-models/policy/v1/PodDisruptionBudget";
+import { ConfigMap } from "kubernetes-models/v1/ConfigMap";
+import { Namespace } from "kubernetes-models/v1/Namespace";
+import { Secret } from "kubernetes-models/v1/Secret";
+import { Service } from "kubernetes-models/v1/Service";
+import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
 import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES, serviceNodeOptions } from "../scripts/lib/mesh.ts";
+import { executorConfigShape } from "../services/executor/src/config.ts";
+import { loadTiers, TIER_NAMES } from "../services/tenant/src/core/tiers.ts";
 
 const K8S = path.join(REPO_ROOT, "deploy/k8s");
 const schema = JSON.parse(readFileSync(path.join(K8S, "schemas/kubernetes-subset.schema.json"), "utf8")) as { $defs: Record<string, unknown> };
@@ -29,9 +44,40 @@ const docs: { file: string; doc: Doc }[] = readdirSync(K8S)
   )
   .filter((d) => d.doc);
 const ofKind = (kind: string) => docs.filter((d) => d.doc.kind === kind).map((d) => d.doc);
+const deployment = (name: string) => ofKind("Deployment").find((d) => d.metadata.name === name)!;
+const envOf = (container: Doc) => new Map<string, Doc>((container.env ?? []).map((e: Doc) => [e.name, e]));
 
+/**
+ * The upstream layer: kubernetes-models' classes (validators compiled from the Kubernetes OpenAPI
+ * definitions, KEDA's from its CRD), keyed by their own apiVersion and kind. A manifest of a type
+ * not listed here fails: add its model, never skip it.
+ */
+type ModelClass = { apiVersion: string; kind: string; new (data: Doc): { validate(): void } };
+const MODELS = new Map(
+  ([Namespace, ConfigMap, Secret, Service, Deployment, PodDisruptionBudget, HorizontalPodAutoscaler, NetworkPolicy, ScaledObject] as unknown as ModelClass[]).map(
+    (model) => [`${model.apiVersion} ${model.kind}`, model],
+  ),
+);
+function upstreamErrors(doc: Doc): string[] {
+  const model = MODELS.get(`${doc.apiVersion} ${doc.kind}`);
+  if (!model) return [`no Kubernetes model for apiVersion ${doc.apiVersion} kind ${doc.kind}`];
+  try {
+    new model(doc).validate();
+    return [];
+  } catch (err) {
+    return [(err as Error).message];
+  }
+}
+
+/** The strict layer: the vendored subset, which names every field deploy/k8s may use. */
 const ajv = new Ajv2020({ allErrors: true, strict: true });
 ajv.addSchema(schema, "k8s");
+function strictErrors(doc: Doc): string[] {
+  const validate = ajv.getSchema(`k8s#/$defs/${doc.kind}`);
+  if (!validate) return [`no strict schema for kind ${doc.kind}`];
+  if (validate(doc)) return [];
+  return validate.errors!.map((e) => `${e.instancePath || "/"} ${e.message}${e.params.additionalProperty ? `: ${e.params.additionalProperty}` : ""}`);
+}
 
 /** Every OUTPOST_* variable some service's configuration declares. */
 function declaredSettings(): Set<string> {
@@ -44,21 +90,69 @@ function declaredSettings(): Set<string> {
 }
 
 describe("Kubernetes manifests (deploy/k8s)", () => {
-  it("all validate against the Kubernetes schemas, and a wrong field is caught", () => {
+  it("every manifest validates against the upstream schemas (kubernetes-models) and the strict subset", () => {
     expect(docs.length).toBeGreaterThan(10);
     for (const { file, doc } of docs) {
-      const validate = ajv.getSchema(`k8s#/$defs/${doc.kind}`);
-      expect(validate, `${file}: kind ${doc.kind} has no schema`).toBeDefined();
-      const ok = validate!(doc);
-      expect(ok, `${file} ${doc.kind}/${doc.metadata?.name}: ${ajv.errorsText(validate!.errors)}`).toBe(true);
+      const label = `${file} ${doc.apiVersion} ${doc.kind}/${doc.metadata?.name}`;
+      expect(upstreamErrors(doc).join("; "), `${label} (kubernetes-models)`).toBe("");
+      expect(strictErrors(doc).join("; "), `${label} (strict subset)`).toBe("");
     }
-    // The validator is not a rubber stamp: a misspelt probe field and a bad port fail.
-    const deployment = structuredClone(ofKind("Deployment")[0]!);
-    deployment.spec.template.spec.containers[0].livenessProbe.httpGett = deployment.spec.template.spec.containers[0].livenessProbe.httpGet;
-    expect(ajv.getSchema("k8s#/$defs/Deployment")!(deployment)).toBe(false);
+  });
+
+  it("fails a manifest of an unknown apiVersion or kind instead of skipping it", () => {
+    const pdb = ofKind("PodDisruptionBudget")[0]!;
+    // policy/v1beta1 was removed in Kubernetes 1.25; a typo'd kind is no type at all.
+    const wrong: Doc[] = [{ ...pdb, apiVersion: "policy/v1beta1" }, { ...pdb, kind: "PodDisruptionBudgit" }, { ...pdb, apiVersion: undefined }];
+    for (const doc of wrong) {
+      expect(upstreamErrors(doc).join(), `${doc.apiVersion} ${doc.kind}`).toMatch(/^no Kubernetes model for/);
+      expect(strictErrors(doc), `${doc.apiVersion} ${doc.kind}`).not.toEqual([]);
+    }
+  });
+
+  it("rejects a wrong type, a missing required field and a misspelt field in copies of the real manifests", () => {
+    const executor = () => structuredClone(deployment("executor"));
+    const container = (d: Doc) => d.spec.template.spec.containers[0] as Doc;
+    const scaled = () => structuredClone(ofKind("ScaledObject")[0]!);
+    const change = <T extends Doc>(doc: T, edit: (doc: T) => void): T => (edit(doc), doc);
+
+    // Wrong types and missing required fields: the upstream schemas reject them (and the subset too).
+    const upstreamRejects: [string, Doc, RegExp][] = [
+      ["replicas: \"two\"", change(executor(), (d) => (d.spec.replicas = "two")), /\/spec\/replicas must be integer/],
+      ["an env value that is a number", change(executor(), (d) => (container(d).env[0].value = 7103)), /\/env\/0\/value must be string/],
+      ["cpu: \"lots\"", change(executor(), (d) => (container(d).resources.limits.cpu = "lots")), /\/limits\/cpu must match format "quantity"/],
+      ["protocol: TPC", change(executor(), (d) => (container(d).ports[0].protocol = "TPC")), /\/protocol must be equal to one of the allowed values/],
+      ["a container without a name", change(executor(), (d) => delete container(d).name), /containers\/0 must have required property '?name'?/],
+      ["a Deployment without a selector", change(executor(), (d) => delete d.spec.selector), /\/spec must have required property '?selector'?/],
+      ["minReplicaCount: \"one\" (KEDA)", change(scaled(), (d) => (d.spec.minReplicaCount = "one")), /\/spec\/minReplicaCount must be integer/],
+      ["a ScaledObject without triggers (KEDA)", change(scaled(), (d) => delete d.spec.triggers), /\/spec must have required property '?triggers'?/],
+      ["a trigger threshold that is a number (KEDA)", change(scaled(), (d) => (d.spec.triggers[0].metadata.threshold = 4)), /\/threshold must be string/],
+    ];
+    for (const [what, doc, message] of upstreamRejects) {
+      expect(upstreamErrors(doc).join("; "), what).toMatch(message);
+      expect(strictErrors(doc), what).not.toEqual([]);
+    }
+
+    // What only the strict layer catches. The upstream schemas let unknown fields through (a
+    // misspelt field would silently do nothing); the OpenAPI leaves a container's image optional
+    // and has no port ranges, though the API server requires an image and a port below 65536.
+    // If kubernetes-models starts rejecting these, the subset's field list may be dropped.
     const service = structuredClone(ofKind("Service")[0]!);
-    service.spec.ports[0].port = 70000;
-    expect(ajv.getSchema("k8s#/$defs/Service")!(service)).toBe(false);
+    const strictOnly: [string, Doc, RegExp][] = [
+      ["livenessProbes (misspelt)", change(executor(), (d) => ((container(d).livenessProbes = container(d).livenessProbe), delete container(d).livenessProbe)), /must NOT have additional properties: livenessProbes/],
+      ["httpGett (misspelt)", change(executor(), (d) => (container(d).livenessProbe.httpGett = container(d).livenessProbe.httpGet)), /must NOT have additional properties: httpGett/],
+      ["coolDownPeriod (misspelt, KEDA)", change(scaled(), (d) => (d.spec.coolDownPeriod = d.spec.cooldownPeriod)), /must NOT have additional properties: coolDownPeriod/],
+      [
+        "stabilisationWindowSeconds (misspelt, KEDA's HPA behaviour)",
+        change(scaled(), (d) => (d.spec.advanced.horizontalPodAutoscalerConfig.behavior.scaleDown.stabilisationWindowSeconds = 600)),
+        /must NOT have additional properties: stabilisationWindowSeconds/,
+      ],
+      ["a container without an image", change(executor(), (d) => delete container(d).image), /must have required property 'image'/],
+      ["a Service port of 70000", change(service, (d) => (d.spec.ports[0].port = 70000)), /\/spec\/ports\/0\/port must be <= 65535/],
+    ];
+    for (const [what, doc, message] of strictOnly) {
+      expect(upstreamErrors(doc).join("; "), `${what}: the upstream schemas accept it`).toBe("");
+      expect(strictErrors(doc).join("; "), what).toMatch(message);
+    }
   });
 
   it("runs every service, each with health probes, limits, a non-root read-only container and a PDB", () => {
@@ -87,29 +181,89 @@ describe("Kubernetes manifests (deploy/k8s)", () => {
     }
   });
 
-  it("schedules executors on arm64 nodes with an engine, and autoscales them on queue depth", () => {
-    const executor = ofKind("Deployment").find((d) => d.metadata.name === "executor")!;
-    expect(executor.spec.template.spec.nodeSelector).toEqual({ "kubernetes.io/arch": "arm64" });
-    const containers = executor.spec.template.spec.containers as Doc[];
-    const dockerHost = containers[0]!.env.find((e: Doc) => e.name === "DOCKER_HOST").value as string;
-    const dind = containers.find((c) => c.name === "dind")!;
+  it("schedules executors on arm64 nodes with an engine, and autoscales them on demand, scaling in gradually", () => {
+    const executor = deployment("executor");
+    const pod = executor.spec.template.spec;
+    expect(pod.nodeSelector).toEqual({ "kubernetes.io/arch": "arm64" });
+    const main = pod.containers[0] as Doc;
+    const dockerHost = envOf(main).get("DOCKER_HOST")!.value as string;
+    const dind = (pod.initContainers as Doc[]).find((c) => c.name === "dind")!;
     // The executor's engine address is the socket the sidecar listens on, in a shared volume.
     expect(dind.args).toContain(`--host=${dockerHost}`);
     const socketDir = path.posix.dirname(dockerHost.replace("unix://", ""));
-    expect(containers[0]!.volumeMounts.some((m: Doc) => m.mountPath === socketDir)).toBe(true);
+    expect(main.volumeMounts.some((m: Doc) => m.mountPath === socketDir)).toBe(true);
     expect(dind.volumeMounts.some((m: Doc) => m.mountPath === socketDir)).toBe(true);
+    // The executor asks the engine to bind-mount run directories by the executor's own path: the
+    // engine must see the same volume at the same path (the image's /data unless set).
+    const dataDir = (envOf(main).get("OUTPOST_DATA_DIR")?.value as string | undefined) ?? "/data";
+    const runs = (main.volumeMounts as Doc[]).find((m) => m.mountPath === dataDir);
+    expect(runs, "the executor's data directory is a volume (the root filesystem is read-only)").toBeDefined();
+    expect(dind.volumeMounts, "the engine sees the run directories at the executor's path").toContainEqual(expect.objectContaining({ name: runs!.name, mountPath: dataDir }));
 
     const scaled = ofKind("ScaledObject");
     expect(scaled).toHaveLength(1);
-    expect(scaled[0]!.spec.scaleTargetRef).toMatchObject({ kind: "Deployment", name: "executor" });
-    expect(scaled[0]!.spec.triggers[0]).toMatchObject({ type: "prometheus" });
-    // The query must name a gauge the dispatcher really exports, or the scaler never fires.
-    const queried = /outpost_[a-z_]+/.exec(scaled[0]!.spec.triggers[0].metadata.query as string)?.[0];
+    const spec = scaled[0]!.spec;
+    expect(spec.scaleTargetRef).toMatchObject({ kind: "Deployment", name: "executor" });
+    expect(spec.triggers).toHaveLength(1);
+    expect(spec.triggers[0]).toMatchObject({ type: "prometheus" });
+    // The query must name only gauges the dispatcher really exports, or the scaler never fires;
+    // and it counts leased runs as well as queued ones, or an empty queue scales in busy executors.
+    const queried = [...(spec.triggers[0].metadata.query as string).matchAll(/outpost_[a-z_]+/g)].map((m) => m[0]);
     const dispatcherGauges = [...readFileSync(path.join(REPO_ROOT, "services/dispatcher/src/service.ts"), "utf8").matchAll(/gauge\(\s*"(outpost_[a-z_]+)"/g)].map((m) => m[1]);
-    expect(dispatcherGauges).toContain("outpost_dispatch_queue_depth");
-    expect(queried).toBe("outpost_dispatch_queue_depth");
+    expect(dispatcherGauges).toEqual(expect.arrayContaining(["outpost_dispatch_queue_depth", "outpost_dispatch_active_leases"]));
+    expect(queried.sort()).toEqual(["outpost_dispatch_active_leases", "outpost_dispatch_queue_depth"]);
+    // One replica per OUTPOST_EXECUTOR_SLOTS runs; a lost metric holds the size instead of reading 0.
+    expect(spec.triggers[0].metadata.threshold).toBe(envOf(main).get("OUTPOST_EXECUTOR_SLOTS")!.value);
+    expect(spec.triggers[0].metadata.ignoreNullValues).toBe("false");
+    // Scale-in is gradual: only after demand stayed low a while, one executor at a time.
+    const scaleDown = spec.advanced.horizontalPodAutoscalerConfig.behavior.scaleDown;
+    expect(scaleDown.stabilizationWindowSeconds).toBeGreaterThanOrEqual(300);
+    expect(scaleDown.policies.length).toBeGreaterThan(0);
+    for (const policy of scaleDown.policies) expect(policy, "remove at most one executor per minute or longer").toMatchObject({ type: "Pods", value: 1, periodSeconds: expect.toSatisfy((s: number) => s >= 60) });
+    expect(spec.minReplicaCount).toBeGreaterThanOrEqual(1);
     // The executor is not also scaled by an HPA (two controllers would fight).
     expect(ofKind("HorizontalPodAutoscaler").map((h) => h.spec.scaleTargetRef.name)).not.toContain("executor");
+  });
+
+  it("lets a scaled-in executor finish its longest run: pod grace > executor grace >= longest run, engine stopped last", () => {
+    const pod = deployment("executor").spec.template.spec;
+    const main = (pod.containers as Doc[]).find((c) => c.name === "executor")!;
+    const env = envOf(main);
+    /** A duration setting as the executor reads it: the manifest's value, else the config default. */
+    const ms = (name: "OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS" | "OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS" | "OUTPOST_STOP_GRACE_MS") => {
+      const entry = env.get(name);
+      expect(entry === undefined || typeof entry.value === "string", `${name} is a literal value, so this test can read it`).toBe(true);
+      return executorConfigShape[name].parse(entry?.value);
+    };
+
+    // The longest timeout any run may have: the largest tier's, from the table the tenant service
+    // loads (its defaults, since tenant.yaml names no OUTPOST_TIERS_FILE).
+    const tenantEnv = envOf(deployment("tenant").spec.template.spec.containers[0]);
+    expect(tenantEnv.has("OUTPOST_TIERS_FILE"), "tenant.yaml now sets OUTPOST_TIERS_FILE: read the longest timeout from that file here").toBe(false);
+    const tiers = loadTiers(undefined);
+    const longestTimeoutMs = Math.max(...TIER_NAMES.map((tier) => tiers[tier].maxTimeoutMs));
+    expect(longestTimeoutMs).toBeGreaterThanOrEqual(tiers.pro.maxTimeoutMs);
+
+    // A slot leased just before SIGTERM: checkout (the run's timeout starts after it), the timeout,
+    // SIGTERM-to-SIGKILL, then output drain (5 s), log acks (10 s) and the report's retries
+    // (core/run.ts): 60 s for those. The image pull has no bound; the manifest adds headroom for it.
+    const longestRunMs = ms("OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS") + longestTimeoutMs + ms("OUTPOST_STOP_GRACE_MS") + 60_000;
+    const executorGraceMs = ms("OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS");
+    expect(executorGraceMs, "OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS covers the longest run").toBeGreaterThanOrEqual(longestRunMs);
+    // Then the executor exits (warm pool cleared, server drained in <= 10 s) and the engine stops:
+    // the kubelet's SIGKILL must come after all of it.
+    const podGraceMs = (pod.terminationGracePeriodSeconds as number) * 1000;
+    expect(podGraceMs, "terminationGracePeriodSeconds exceeds the executor's grace by 30 s or more").toBeGreaterThanOrEqual(executorGraceMs + 30_000);
+
+    // The engine outlives the executor: a native sidecar (Kubernetes >= 1.29), which the kubelet
+    // stops only after the regular containers have exited, and which starts (engine answering) before them.
+    const dockerHost = env.get("DOCKER_HOST")!.value as string;
+    const engines = [...(pod.initContainers ?? []), ...pod.containers].filter((c: Doc) => (c.args ?? []).includes(`--host=${dockerHost}`));
+    expect(engines).toHaveLength(1);
+    expect(pod.initContainers, "the engine is an init container (a sidecar), not a regular container").toContain(engines[0]);
+    expect(engines[0].restartPolicy, "restartPolicy: Always makes the init container a sidecar").toBe("Always");
+    expect(engines[0].startupProbe?.exec?.command, "the executor starts once the engine answers").toContain(`--host=${dockerHost}`);
+    expect(pod.containers.map((c: Doc) => c.name)).toEqual(["executor"]);
   });
 
   it("exposes only the gateway: default-deny ingress, the gateway alone open to all, no other external Service", () => {
@@ -181,5 +335,10 @@ describe("image and compose (deploy/)", () => {
       expect(Boolean(s.ports), name).toBe(name === "gateway");
     }
     expect(services.executor!.volumes).toContain("/var/run/docker.sock:/var/run/docker.sock");
+    // Run directories are bind-mounted into agent containers by the host's engine, by path: the
+    // executor keeps them in a host directory mounted at that same path.
+    const runDir = services.executor!.environment.OUTPOST_DATA_DIR as string;
+    expect(runDir).toBeDefined();
+    expect(services.executor!.volumes).toContain(`${runDir}:${runDir}`);
   });
 });

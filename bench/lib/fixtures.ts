@@ -9,6 +9,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
+import Docker from "dockerode";
 import { outpostClients, type OutpostClients } from "@outpost/cli";
 import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { REPO_ROOT, startMesh, type Mesh, type ServiceName } from "../../scripts/lib/mesh.ts";
@@ -20,8 +21,27 @@ export interface BenchMesh {
   stop(): Promise<void>;
 }
 
+/**
+ * Names this run of the benchmarks. bench/run.ts sets OUTPOST_BENCH_RUN_ID (unless given) so
+ * every process a benchmark starts inherits it; the executors' ids (hence their containers'
+ * `dev.outpost.executor-id` labels) and the bare containers' BENCH_RUN_LABEL carry it too, so
+ * whatever a run leaves behind can be found (test/bench-harness.test.ts looks).
+ */
+export function benchRunId(): string {
+  return (process.env.OUTPOST_BENCH_RUN_ID ??= randomBytes(6).toString("hex"));
+}
+
+/** Label on containers a benchmark starts itself (bare baselines), valued with benchRunId(). */
+export const BENCH_RUN_LABEL = "dev.outpost.bench-run";
+
+let meshesStarted = 0;
+
 export async function startBenchMesh(only?: readonly ServiceName[], env: Record<string, string> = {}): Promise<BenchMesh> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-bench-"));
+  // Its own executor id: the executor reconciles (adopts or removes) containers labelled with
+  // its id at start-up, which must not reach containers of anything else on this machine.
+  const executorId = `bench-${benchRunId()}-${++meshesStarted}`;
+  const withExecutor = !only || only.includes("executor");
   const adminToken = randomBytes(32).toString("hex");
   // Benchmarks measure the limiter's cost, not its rejections: bench tenants are enterprise
   // tier with request rates far above anything one machine produces, and the per-IP limit
@@ -29,20 +49,27 @@ export async function startBenchMesh(only?: readonly ServiceName[], env: Record<
   const tiersFile = path.join(dir, "tiers.json");
   const huge = 1_000_000_000;
   writeFileSync(tiersFile, JSON.stringify({ enterprise: { create_per_minute: huge, trigger_per_minute: huge, read_per_minute: huge, runs_per_day: huge, concurrent_runs: 1000 } }));
-  const mesh = await startMesh({
-    dataDir: path.join(dir, "data"),
-    logDir: path.join(dir, "logs"),
-    internalSecret: randomBytes(32).toString("hex"),
-    adminToken,
-    only,
-    // Benchmarks measure the request path, not log volume.
-    env: {
-      OUTPOST_LOG_LEVEL: "warn",
-      OUTPOST_TIERS_FILE: tiersFile,
-      OUTPOST_RATE_LIMITS_PER_IP: `create=${huge},trigger=${huge},read=${huge}`,
-      ...env,
-    },
-  });
+  let mesh: Mesh;
+  try {
+    mesh = await startMesh({
+      dataDir: path.join(dir, "data"),
+      logDir: path.join(dir, "logs"),
+      internalSecret: randomBytes(32).toString("hex"),
+      adminToken,
+      only,
+      // Benchmarks measure the request path, not log volume.
+      env: {
+        OUTPOST_LOG_LEVEL: "warn",
+        OUTPOST_TIERS_FILE: tiersFile,
+        OUTPOST_RATE_LIMITS_PER_IP: `create=${huge},trigger=${huge},read=${huge}`,
+        OUTPOST_EXECUTOR_ID: executorId,
+        ...env,
+      },
+    });
+  } catch (err) {
+    rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
   const admin = outpostClients(mesh.urls.gateway, adminToken);
   return {
     mesh,
@@ -52,8 +79,19 @@ export async function startBenchMesh(only?: readonly ServiceName[], env: Record<
       return { tenantId: res.tenant!.id, apiKey: res.apiKeyPlaintext, clients: outpostClients(mesh.urls.gateway, res.apiKeyPlaintext) };
     },
     async stop() {
-      await mesh.stop();
-      rmSync(dir, { recursive: true, force: true });
+      try {
+        await mesh.stop();
+        // The executor removes its containers when it stops; one that outlived its shutdown
+        // grace (or a run a failing benchmark abandoned) is removed here, and said.
+        if (withExecutor) {
+          const docker = new Docker();
+          const left = await docker.listContainers({ all: true, filters: { label: [`dev.outpost.executor-id=${executorId}`] } });
+          for (const c of left) await docker.getContainer(c.Id).remove({ force: true });
+          if (left.length) process.stderr.write(`bench: removed ${left.length} container(s) executor ${executorId} left behind\n`);
+        }
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
     },
   };
 }

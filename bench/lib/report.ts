@@ -46,5 +46,6 @@ export function formatTable(result: BenchResult): string {
     line(all[0]!),
     `|${widths.map((w, i) => (i === 0 || i >= 4 ? `:${"-".repeat(w + 1)}` : `${"-".repeat(w + 1)}:`)).join("|")}|`,
     ...rows.map(line),
+    ...(result.warnings ?? []).map((w) => `warning: ${w}`),
   ].join("\n");
 }

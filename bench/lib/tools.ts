@@ -49,8 +49,29 @@ export function grpcFrame(message: Uint8Array): Buffer {
   return frame;
 }
 
+/** Whether `command --version` runs (the command is on the PATH and works). */
+export function hasTool(command: string): boolean {
+  return spawnSync(command, ["--version"], { stdio: "ignore" }).status === 0;
+}
+
 export function hasH2load(): boolean {
-  return spawnSync("h2load", ["--version"], { stdio: "ignore" }).status === 0;
+  return hasTool("h2load");
+}
+
+/** The command-line tools benchmarks run, and the Debian package each comes from. */
+export const TOOL_PACKAGES = {
+  h2load: "nghttp2-client",
+  "redis-server": "redis-server",
+  "redis-cli": "redis-tools",
+  docker: "docker.io",
+} as const;
+
+/** Throws, naming the tool and its Debian package, unless every tool is on the PATH. */
+export function requireTools(bench: string, ...tools: (keyof typeof TOOL_PACKAGES)[]): void {
+  const missing = tools.filter((t) => !hasTool(t));
+  if (missing.length) {
+    throw new Error(`${bench} needs ${missing.map((t) => `${t} (Debian package ${TOOL_PACKAGES[t]})`).join(", ")}, not found on the PATH`);
+  }
 }
 
 export async function runH2load(options: H2loadOptions): Promise<LoadFigures> {

@@ -30,6 +30,11 @@ export interface BenchResult {
   /** Conditions: counts, concurrency, protocol, machine notes. */
   conditions: string;
   rows: BenchRow[];
+  /**
+   * What the benchmark could not measure as designed (a missing tool, a row left out), printed
+   * under its table and in the run's summary: never a silent gap.
+   */
+  warnings?: string[];
 }
 
 export type Benchmark = (ctx: BenchContext) => Promise<BenchResult>;
@@ -48,4 +53,13 @@ export function percentile(values: number[], p: number): number {
   const sorted = [...values].sort((a, b) => a - b);
   const rank = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
   return sorted[rank]!;
+}
+
+/**
+ * The name a tail percentile deserves over `n` samples: by nearest rank, p99 differs from the
+ * maximum only from 100 samples on (p95 from 20); below that the figure is the maximum and is
+ * called so, e.g. "max of 5".
+ */
+export function tailLabel(p: number, n: number): string {
+  return Math.ceil((p / 100) * n) < n ? `p${p}` : `max of ${n}`;
 }

@@ -5,7 +5,7 @@
  * re-encoded on the way, so a malformed message is refused at the edge.
  */
 import { type DescMethod, type DescService, fromBinary, toBinary } from "@bufbuild/protobuf";
-import { type CallOptions, type ConnectRouter, ConnectError, type HandlerContext, type ServiceImpl, type Transport, createClient } from "@connectrpc/connect";
+import { type CallOptions, Code, type ConnectRouter, ConnectError, type HandlerContext, type ServiceImpl, type Transport, createClient } from "@connectrpc/connect";
 import { callEndSignal, callerOf, drainSignalKey, writeIdentity } from "@outpost/platform";
 import {
   ServerReflection,
@@ -45,7 +45,13 @@ function forwarder(
 ) {
   switch (method.methodKind) {
     case "unary":
-      return (req: unknown, ctx: HandlerContext) => call(req, optionsFor(ctx, false));
+      return async (req: unknown, ctx: HandlerContext) => {
+        try {
+          return await call(req, optionsFor(ctx, false));
+        } catch (err) {
+          throw ctx.signal.aborted ? err : upstreamFailure(err);
+        }
+      };
     case "server_streaming":
       return async function* (req: unknown, ctx: HandlerContext) {
         const options = optionsFor(ctx, true);
@@ -56,13 +62,37 @@ function forwarder(
           if (ctx.values.get(drainSignalKey).aborted) return;
           // The client's deadline passed (or it left): say so, whatever the upstream said first.
           if (ctx.signal.aborted) throw ConnectError.from(ctx.signal.reason);
-          throw err;
+          throw upstreamFailure(err);
         }
       };
     default:
       // No public method streams from the client; the contracts would have to change first.
       throw new Error(`${method.parent.typeName}/${method.name}: ${method.methodKind} methods are not forwarded`);
   }
+}
+
+/**
+ * An error the gateway's client raised itself rather than the service's answer (not a wire
+ * error), while the caller was still there: the upstream's connection was refused, dropped or
+ * reset under the call. connect-node reports that as CANCELED, ABORTED or INTERNAL, which no
+ * retry policy retries; the client gets UNAVAILABLE instead, as on the raw path. The service's
+ * own errors, deadlines and undecodable answers pass unchanged.
+ */
+export function upstreamFailure(err: unknown): unknown {
+  if (!(err instanceof ConnectError) || err.isWireError) return err;
+  const transportFailure =
+    err.code === Code.Unavailable ||
+    err.code === Code.Canceled ||
+    err.code === Code.Aborted ||
+    (err.code === Code.Internal && (err.rawMessage.startsWith("http/2 stream closed") || hasSystemErrorCode(err.cause)));
+  return transportFailure ? new ConnectError(`upstream unavailable: ${err.rawMessage}`, Code.Unavailable, undefined, undefined, err) : err;
+}
+
+/** True when `cause`, or one of its causes, is an error Node raised (it has a string `code`). */
+function hasSystemErrorCode(cause: unknown, depth = 0): boolean {
+  if (!(cause instanceof Error) || depth > 8) return false;
+  if (typeof (cause as { code?: unknown }).code === "string") return true;
+  return hasSystemErrorCode(cause.cause, depth + 1);
 }
 
 /**

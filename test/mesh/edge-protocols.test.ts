@@ -8,9 +8,9 @@ import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import http2 from "node:http2";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import * as grpc from "@grpc/grpc-js";
-import { create, createFileRegistry, fromBinary, toBinary, type DescMessage } from "@bufbuild/protobuf";
+import { create, createFileRegistry, fromBinary, toBinary, toJsonString, type DescMessage } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { connectNodeAdapter, createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
@@ -23,6 +23,7 @@ import {
   GetDispatchRequestSchema,
   GetDispatchResponseSchema,
   type GetDispatchResponse,
+  WatchDispatchResponseSchema,
 } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { SubscribeLogsRequestSchema, SubscribeLogsResponseSchema, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { startMesh, freePort, type Mesh } from "../../scripts/lib/mesh.ts";
@@ -401,6 +402,12 @@ describe("a misbehaving upstream, over every path", () => {
   /** Streams of the hanging kind, and whether the stand-in saw each one cancelled. */
   const hangingStreams: { cancelled: boolean }[] = [];
   const RESET_AFTER_HEADERS = "outpost-test/reset-after-headers";
+  const DIES_MID_STREAM = "outpost-test/dies-mid-stream";
+  /**
+   * How the stand-in misbehaves: named by the client's user-agent, which the raw path passes on,
+   * or set here for every call (the Connect path, gRPC-Web's, passes no user-agent on).
+   */
+  let misbehaviour: string | undefined;
   const NEVER_ANSWER = "outpost-test/never-answer";
   /** Calls of the slow method, and whether the stand-in saw each one cancelled. */
   const slowCalls: { cancelled: boolean }[] = [];
@@ -470,6 +477,7 @@ describe("a misbehaving upstream, over every path", () => {
         },
       });
     fake = http2.createServer((req, res) => {
+      const mode = misbehaviour ?? req.headers["user-agent"];
       // An upstream that takes the call and never answers, whatever its deadline.
       if (req.headers["user-agent"] === NEVER_ANSWER) return;
       if (req.headers["user-agent"] === TRUNCATED_STREAM) {
@@ -482,7 +490,20 @@ describe("a misbehaving upstream, over every path", () => {
         res.end(partial);
         return;
       }
-      if (req.headers["user-agent"] !== RESET_AFTER_HEADERS) return adapter(req, res);
+      if (mode === DIES_MID_STREAM) {
+        // An upstream that dies (its connection drops) after two whole messages of a stream.
+        const contentType = String(req.headers["content-type"]);
+        const message = (attempt: number) => {
+          const msg = create(WatchDispatchResponseSchema, { dispatch: { id: "01ARZ3NDEKTSV4RRFFQ69G5FAV", attempt } });
+          return envelope(0, contentType.endsWith("json") ? toJsonString(WatchDispatchResponseSchema, msg) : toBinary(WatchDispatchResponseSchema, msg));
+        };
+        req.resume();
+        res.stream.respond({ ":status": 200, "content-type": contentType });
+        res.stream.write(Buffer.concat([message(1), message(2)]));
+        setTimeout(() => res.stream.session?.destroy(), 50);
+        return;
+      }
+      if (mode !== RESET_AFTER_HEADERS) return adapter(req, res);
       // An upstream that dies (its connection drops) between its response headers and its body.
       const grpc = String(req.headers["content-type"]).startsWith("application/grpc");
       res.stream.respond({ ":status": grpc ? 200 : 500, "content-type": grpc ? "application/grpc" : "application/json" });
@@ -503,6 +524,10 @@ describe("a misbehaving upstream, over every path", () => {
   afterAll(async () => {
     await edge?.stop();
     fake?.close();
+  });
+
+  afterEach(() => {
+    misbehaviour = undefined;
   });
 
   it("masks an internal error as INTERNAL with a trace id found in the gateway log; a compressed DATA_LOSS passes", async () => {
@@ -630,16 +655,35 @@ describe("a misbehaving upstream, over every path", () => {
     expect(envelopesOf(Buffer.from(await res.arrayBuffer())).map((e) => e.flags)).toEqual([0, 0, 0, 2]);
   });
 
-  it("answers UNAVAILABLE when the upstream's connection drops after its headers but before its error body", async () => {
-    const headers = { authorization: `Bearer ${tenant.apiKey}`, "user-agent": RESET_AFTER_HEADERS };
+  it("answers UNAVAILABLE when the upstream's connection drops after its headers but before its answer", async () => {
+    const headers = { authorization: `Bearer ${tenant.apiKey}` };
+    misbehaviour = RESET_AFTER_HEADERS;
     for (const [name, transport] of paths()) {
       const client = createClient(DispatchService, transport);
       const err = await failure(client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers }));
-      // Over Connect nothing had reached the client yet, so it gets a proper answer. Over gRPC
-      // the headers were out, so all it can be told is that the stream broke (a reset, which
-      // clients read as INTERNAL); gRPC-Web goes through connect-node, which masks it.
-      const want = name.startsWith("connect") ? "Unavailable" : "Internal";
-      expect(`${name}: ${Code[err.code]}`).toBe(`${name}: ${want}`);
+      // Over Connect nothing had reached the client yet, so it gets a proper answer; over gRPC
+      // the headers were out, and the answer ends with the status in trailers; gRPC-Web goes
+      // through connect-node, whose client error for the dropped connection is mapped too.
+      // Either way a retry policy can retry it (a reset reads as INTERNAL, which none does).
+      expect(`${name}: ${Code[err.code]}`).toBe(`${name}: Unavailable`);
+    }
+    expect((await fetch(`${edge.urls.gateway}/healthz`)).status).toBe(200);
+  });
+
+  it("ends a stream whose upstream dies between two messages with UNAVAILABLE, after the messages that came", async () => {
+    // What a log subscriber sees when its telemetry replica is killed: what reached it, then a
+    // status it can act on (resume from its last sequence), not a broken stream.
+    const headers = { authorization: `Bearer ${tenant.apiKey}` };
+    misbehaviour = DIES_MID_STREAM;
+    for (const [name, transport] of paths()) {
+      const client = createClient(DispatchService, transport);
+      const got: number[] = [];
+      const err = await failure(
+        (async () => {
+          for await (const res of client.watchDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }, { headers })) got.push(res.dispatch!.attempt);
+        })(),
+      );
+      expect(`${name}: ${got.join(",")} ${Code[err.code]}`).toBe(`${name}: 1,2 Unavailable`);
     }
     expect((await fetch(`${edge.urls.gateway}/healthz`)).status).toBe(200);
   });

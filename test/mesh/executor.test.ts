@@ -1,7 +1,8 @@
 /**
  * The executor inside the real mesh (issue #5): results validated and returned on the
  * dispatch, timeout and cancellation by signal, and reconciliation after the executor process
- * is killed with SIGKILL mid-run and started again.
+ * is killed with SIGKILL mid-run and started again, or not started again: then the dispatcher's
+ * own lease expiry ends the run (leases live 3 s here; heartbeats renew them each second).
  */
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { followLogs } from "@outpost/cli";
@@ -18,7 +19,7 @@ let tenant: Awaited<ReturnType<TestMesh["newTenant"]>>;
 
 beforeAll(async () => {
   await docker.ping();
-  t = await startTestMesh({ env: { OUTPOST_STOP_GRACE_MS: "2000" } });
+  t = await startTestMesh({ env: { OUTPOST_STOP_GRACE_MS: "2000", OUTPOST_LEASE_TTL_MS: "3000" } });
   tenant = await t.newTenant("Executor");
 });
 
@@ -80,6 +81,21 @@ describe("executor in the mesh", () => {
     const final = await waitFor(dispatch!.id, TERMINAL);
     expect(final.state).toBe(Dispatch_State.FAILED);
     expect(final.failureReason).toMatch(/executor lost/);
+    expect(await labelledContainers()).toBe(0);
+  });
+
+  it("with its executor gone for good, the lease expires and the dispatcher fails the run \"executor lost\"", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "sleep=60" });
+    await waitFor(dispatch!.id, new Set([Dispatch_State.RUNNING]));
+    await t.mesh.kill("executor", "SIGKILL");
+    // No executor reports or reconciles: only the dispatcher's sweep can end it.
+    const final = await waitFor(dispatch!.id, TERMINAL, 30_000);
+    expect(final.state).toBe(Dispatch_State.FAILED);
+    expect(final.failureReason).toBe("executor lost");
+    // An executor that comes back removes the container its predecessor left.
+    await t.mesh.start("executor");
+    const deadline = Date.now() + 30_000;
+    while ((await labelledContainers()) > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 250));
     expect(await labelledContainers()).toBe(0);
   });
 });

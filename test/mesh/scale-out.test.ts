@@ -20,18 +20,25 @@ import { afterAll, describe, expect, it } from "vitest";
 import Docker from "dockerode";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { outpostClients, type OutpostClients } from "@outpost/cli";
+import { internalClient } from "@outpost/platform";
+import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { startScaleOut, type ScaleOut } from "../../scripts/lib/scale-out.ts";
 import type { ServiceName } from "../../scripts/lib/mesh.ts";
-import { MethodStats } from "../../load/stats.ts";
+import { MethodStats, type FailureWindow } from "../../load/stats.ts";
 import { isTerminal } from "../../load/workload.ts";
 
 const LABEL = "dev.outpost.dispatch-id";
 const COUNT = Number(process.env.OUTPOST_SCALE_OUT_DISPATCHES ?? 200);
-// Canceled: when an upstream replica dies mid-call the gateway currently answers CANCELED (not
-// UNAVAILABLE); the client did not cancel, so it retries with the same request_id like the others.
-const RETRYABLE = new Set([Code.Unavailable, Code.Unknown, Code.Internal, Code.DeadlineExceeded, Code.Aborted, Code.Canceled]);
+/** Clients creating at once, so several creates are in flight when a replica is killed. */
+const CREATORS = 4;
+// What a client sees when a replica dies under its call: the gateway answers UNAVAILABLE for a
+// dead upstream; a gateway dying under the client's own connection is reported by connect-node's
+// client as ABORTED (ECONNRESET) or INTERNAL (other socket errors). The client retries those with
+// the same request_id, as any client surviving a failover does. CANCELED is not retried: nobody
+// cancelled, so a CANCELED answer would be a gateway bug and fail the test.
+const RETRYABLE = new Set([Code.Unavailable, Code.Unknown, Code.Internal, Code.DeadlineExceeded, Code.Aborted]);
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 const docker = new Docker();
@@ -71,10 +78,11 @@ describe("scale-out topology under failover", () => {
       await docker.ping();
       const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-scale-out-test-"));
       const adminToken = randomBytes(32).toString("hex");
+      const internalSecret = randomBytes(32).toString("hex");
       topology = await startScaleOut({
         dataDir: path.join(dir, "data"),
         logDir: path.join(dir, "logs"),
-        internalSecret: randomBytes(32).toString("hex"),
+        internalSecret,
         adminToken,
         env: {
           OUTPOST_LOG_LEVEL: "info",
@@ -92,6 +100,22 @@ describe("scale-out topology under failover", () => {
       const created = await admin.tenants.createTenant({ name: "Scale-out test", contactEmail: "ops@example.com", tier: Tier.ENTERPRISE });
       const clients: OutpostClients = outpostClients(gateway, created.apiKeyPlaintext);
       const run = `so-${Date.now()}`;
+
+      // Idempotency across replicas: the same request_id sent to both dispatcher processes at
+      // once (as the tenant, the way the gateways call them) creates exactly one dispatch.
+      const tenantId = created.tenant!.id;
+      const direct = mesh.instances("dispatcher").map((d) =>
+        internalClient(DispatchService, { baseUrl: d.url, internalSecret, identity: { kind: "tenant", tenantId, principal: `key/${tenantId}` } }),
+      );
+      expect(direct).toHaveLength(2);
+      const twinIds = await Promise.all(
+        Array.from({ length: 10 }, (_, i) =>
+          direct[i % 2]!.createDispatch({ agent: "demo", task: "twin lines=1", requestId: `${run}-twin`, labels: { run: `${run}-twin` } }).then((r) => r.dispatch!.id),
+        ),
+      );
+      expect(new Set(twinIds).size, "one dispatch for one request_id across both replicas").toBe(1);
+      const twinListed = await clients.dispatches.listDispatches({ labels: { run: `${run}-twin` } });
+      expect(twinListed.dispatches.map((d) => d.id)).toEqual([twinIds[0]]);
 
       // Container starts per dispatch, from the engine itself.
       const starts = new Map<string, number>();
@@ -112,14 +136,17 @@ describe("scale-out topology under failover", () => {
       const ids = new Map<string, string>(); // request_id -> dispatch id
       let chaosDone = false;
 
-      async function creator() {
-        for (let n = 0; n < COUNT; n++) {
+      // CREATORS clients, each creating every CREATORS-th dispatch, one every 600 ms: together
+      // one every 150 ms as before, with several in flight when a replica dies.
+      async function creator(first: number) {
+        await sleep(150 * first);
+        for (let n = first; n < COUNT; n += CREATORS) {
           const requestId = `${run}-${n}`;
           const res = await withRetry(stats, "CreateDispatch", () =>
             clients.dispatches.createDispatch({ agent: "demo", task: `scale-out ${n} lines=2`, requestId, labels: { run } }),
           );
           ids.set(requestId, res.dispatch!.id);
-          await sleep(150);
+          await sleep(150 * CREATORS);
         }
       }
 
@@ -135,7 +162,7 @@ describe("scale-out topology under failover", () => {
         }
       }
 
-      const failovers: { service: ServiceName; requests: number; errors: number; errorRate: number }[] = [];
+      const failovers: ({ service: ServiceName; errorRate: number } & FailureWindow)[] = [];
       async function chaos() {
         const order: ServiceName[] = ["gateway", "dispatcher", "telemetry", "executor"];
         for (const [i, service] of order.entries()) {
@@ -151,7 +178,8 @@ describe("scale-out topology under failover", () => {
         chaosDone = true;
       }
 
-      await Promise.all([creator(), reader(), reader(), chaos()]);
+      const creators = Array.from({ length: CREATORS }, (_, i) => creator(i));
+      await Promise.all([...creators, reader(), reader(), chaos()]);
       expect(ids.size).toBe(COUNT);
       expect(new Set(ids.values()).size).toBe(COUNT);
 
@@ -179,7 +207,7 @@ describe("scale-out topology under failover", () => {
       process.stdout.write(
         [
           `scale-out: ${COUNT} dispatches; terminal ${final.size}; states ${JSON.stringify(Object.fromEntries(byState))}`,
-          ...failovers.map((f) => `  failover ${f.service}: ${f.requests} client calls, ${f.errors} errors, error rate ${(f.errorRate * 100).toFixed(2)}%`),
+          ...failovers.map((f) => `  failover ${f.service}: ${f.requests} client calls, ${f.errors} errors, error rate ${(f.errorRate * 100).toFixed(2)}% ${JSON.stringify(f.errorCodes)}`),
           `  containers started twice: ${twice.length}; orphaned: ${orphans.length}`,
         ].join("\n") + "\n",
       );

@@ -208,12 +208,16 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
             otelContext.with(ctx, () => options.logger.error({ method: methodName, upstreamStatus: Code[upstreamCode], cause }, "upstream failed"));
             return maskedInternalMessage(traceId);
           };
-          // A unary call finishes on its own when the gateway drains; a stream is ended.
-          const stream: StreamEnding | undefined =
-            route.method.methodKind === "server_streaming" && protocol.endStream
-              ? { drainSignal, end: (error) => protocol.endStream!(req, res, budget, error) }
-              : undefined;
-          return await exchange(sessionTo(route.upstream), req, res, outgoing, body, remainingMs, stream, (answer, done) =>
+          // Where the protocol can end an answer with a status between two messages (gRPC, any
+          // kind; Connect streams), a failing upstream or the deadline ends it that way. A unary
+          // call finishes on its own when the gateway drains; a stream is ended.
+          const ending: AnswerEnding | undefined = protocol.endStream
+            ? {
+                end: (error) => protocol.endStream!(req, res, budget, error),
+                drainSignal: route.method.methodKind === "server_streaming" ? drainSignal : undefined,
+              }
+            : undefined;
+          return await exchange(sessionTo(route.upstream), req, res, outgoing, body, remainingMs, ending, (answer, done) =>
             protocol.relayAnswer(answer, res, budget, mask, done),
           );
         } catch (err) {
@@ -343,12 +347,12 @@ export interface RelayState {
   readonly atBoundary: boolean;
 }
 
-/** A server stream's own way to end (protocols that carry streams). */
-export interface StreamEnding {
-  /** Fires when the server drains: the stream ends cleanly (OK). */
-  drainSignal: AbortSignal;
+/** How the gateway ends a client's answer itself, between two messages (protocols that can). */
+export interface AnswerEnding {
   /** Ends the client's answer with `error` as its status, or OK. */
   end(error?: ConnectError): void;
+  /** Server streams only: fires when the server drains, and the stream then ends cleanly (OK). */
+  drainSignal?: AbortSignal;
 }
 
 /** How long a draining gateway waits for a stream's last bytes to reach a slow client. */
@@ -358,10 +362,11 @@ const DRAIN_FLUSH_MS = 1000;
  * Sends the call upstream and hands its answer to `onAnswer`. Resolves with the code the client
  * got (CANCELLED when it left first); rejects with UNAVAILABLE when the upstream failed before
  * anything reached the client, so the caller can answer instead; after that, the client's
- * answer is broken off. The same when `timeoutMs` passes, with DEADLINE_EXCEEDED, except that a
- * stream between two messages ends with that status. When the server drains (streams only), the
- * upstream call is cancelled and the client's answer ends cleanly (OK). Every path settles
- * exactly once, and nothing of the upstream reaches the client after it settled.
+ * answer ends with UNAVAILABLE as its status where `ending` can end it between two messages
+ * (retryable, and a log subscriber resumes from its last sequence), and is broken off otherwise.
+ * The same when `timeoutMs` passes, with DEADLINE_EXCEEDED. When the server drains (streams
+ * only), the upstream call is cancelled and the client's answer ends cleanly (OK). Every path
+ * settles exactly once, and nothing of the upstream reaches the client after it settled.
  */
 function exchange(
   session: http2.ClientHttp2Session,
@@ -370,13 +375,13 @@ function exchange(
   headers: Headers,
   body: Buffer,
   timeoutMs: number | undefined,
-  stream: StreamEnding | undefined,
+  ending: AnswerEnding | undefined,
   onAnswer: (answer: UpstreamAnswer, done: (code: Code | 0) => void) => RelayState | void,
 ): Promise<Code | 0> {
   return new Promise((resolve, reject) => {
     // Already draining: no upstream call for a stream that would be ended at once.
-    if (stream?.drainSignal.aborted) {
-      stream.end();
+    if (ending?.drainSignal?.aborted) {
+      ending.end();
       resolve(0);
       return;
     }
@@ -399,7 +404,7 @@ function exchange(
       settled = true;
       clearTimeout(deadlineTimer);
       res.off("close", onClientGone);
-      stream?.drainSignal.removeEventListener("abort", onDrain);
+      ending?.drainSignal?.removeEventListener("abort", onDrain);
       // A cancelled upstream may still deliver a chunk or two: none may reach a finished answer.
       upstream.removeAllListeners("data");
       if ("error" in outcome) reject(outcome.error);
@@ -411,18 +416,18 @@ function exchange(
       settle({ code: Code.Canceled });
     };
     res.once("close", onClientGone);
-    /** Ends a stream the gateway stops: with a status between two messages, else broken off. */
-    const endStreamHere = (error?: ConnectError) => {
+    /** Ends an answer the gateway stops: with a status between two messages, else broken off. */
+    const endAnswerHere = (ending: AnswerEnding, error?: ConnectError) => {
       stopped = true;
       upstream.removeAllListeners("data");
       upstream.close(http2.constants.NGHTTP2_CANCEL);
       if (isGone(res)) return;
       if (res.headersSent && relay && !relay.atBoundary) breakAnswer(res);
-      else stream!.end(error);
+      else ending.end(error);
     };
     const onDrain = () => {
       if (settled) return;
-      endStreamHere();
+      endAnswerHere(ending!);
       // Counted in flight until the end reached the client (or a moment passed), so a draining
       // server does not close the connection under a slow reader's last bytes.
       const flushed = () => settle({ code: 0 });
@@ -430,7 +435,7 @@ function exchange(
       res.once("finish", flushed);
       setTimeout(flushed, DRAIN_FLUSH_MS).unref();
     };
-    stream?.drainSignal.addEventListener("abort", onDrain, { once: true });
+    ending?.drainSignal?.addEventListener("abort", onDrain, { once: true });
     // A timer cannot wait longer than MAX_TIMER_MS (a longer delay fires at once): a deadline
     // further off than that (about 24.8 days) is passed on but not held here.
     if (timeoutMs !== undefined && timeoutMs <= MAX_TIMER_MS) {
@@ -440,7 +445,7 @@ function exchange(
           upstream.close(http2.constants.NGHTTP2_CANCEL);
           return settle({ error: late });
         }
-        if (stream) endStreamHere(new ConnectError("the deadline passed", Code.DeadlineExceeded));
+        if (ending) endAnswerHere(ending, new ConnectError("the deadline passed", Code.DeadlineExceeded));
         else {
           upstream.close(http2.constants.NGHTTP2_CANCEL);
           breakAnswer(res);
@@ -452,13 +457,13 @@ function exchange(
       if (settled || stopped) return;
       // Nothing written yet (no answer, or a Connect error body still being read): the caller
       // answers UNAVAILABLE properly.
-      if (!res.headersSent) {
-        settle({ error: new ConnectError(`upstream unavailable: ${why}`, Code.Unavailable) });
-      } else {
-        // Part of the answer is out: all the client can be told is that the answer broke.
-        breakAnswer(res);
-        settle({ code: Code.Unavailable });
-      }
+      const unavailable = new ConnectError(`upstream unavailable: ${why}`, Code.Unavailable);
+      if (!res.headersSent) return settle({ error: unavailable });
+      // Part of the answer is out: between two messages it can still end with the status (gRPC,
+      // Connect streams); otherwise all the client can be told is that the answer broke.
+      if (ending) endAnswerHere(ending, unavailable);
+      else breakAnswer(res);
+      settle({ code: Code.Unavailable });
     };
     upstream.once("error", (err) => upstreamFailed(err.message));
     // Closed without an answer and without an error (e.g. reset with CANCEL or NO_ERROR).

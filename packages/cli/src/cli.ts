@@ -70,6 +70,7 @@ admin commands (credential: $OUTPOST_ADMIN_TOKEN):
   admin agent register --file agent.json|agent.yaml   an Agent in proto JSON form (as printed by --json)
   admin agent update --file agent.json|agent.yaml
   admin agent disable <name>
+  admin agent enable <name>
   fleet                         agents (availability, circuit), executors (slots, warm containers),
                                 queue depth, runs by state over 24 h, degraded parts
 
@@ -472,7 +473,7 @@ function requireArg(value: string | undefined, what: string): string {
   return value;
 }
 
-const AGENT_USAGE = "admin agent register --file <agent.json|yaml> | update --file <…> | disable <name>";
+const AGENT_USAGE = "admin agent register --file <agent.json|yaml> | update --file <…> | disable <name> | enable <name>";
 
 /** `admin agent …`: the operator's side of the agent registry (AgentService). */
 async function agentCommand(clients: OutpostClients, rest: string[], values: Values, print: Print): Promise<number> {
@@ -491,6 +492,11 @@ async function agentCommand(clients: OutpostClients, rest: string[], values: Val
     case "disable": {
       const { agent } = await clients.agents.disableAgent({ name: requireArg(args[0], "agent name") });
       print(toJson(AgentSchema, agent!), `disabled ${agentLine(agent!)}`);
+      return 0;
+    }
+    case "enable": {
+      const { agent } = await clients.agents.enableAgent({ name: requireArg(args[0], "agent name") });
+      print(toJson(AgentSchema, agent!), `enabled ${agentLine(agent!)}`);
       return 0;
     }
     default:

@@ -74,7 +74,7 @@ describe("outpost fleet / admin agent against the real mesh", () => {
     expect(asTenant).toBe(1);
   });
 
-  it("registers an agent from a YAML file, lists it, disables it, and a dispatch to it is refused with INVALID_ARGUMENT", async () => {
+  it("registers an agent from a YAML file, lists it, disables it (a dispatch to it is refused with INVALID_ARGUMENT), enables it again", async () => {
     const name = `cli-bot-${process.pid}`;
     const file = path.join(t.dir, "agent.yaml");
     writeFileSync(
@@ -117,5 +117,13 @@ describe("outpost fleet / admin agent against the real mesh", () => {
     expect(refused.code).toBe(1);
     expect(refused.err).toMatch(new RegExp(`InvalidArgument: .*unknown or disabled agent "${name}"`));
     expect(refused.err).toContain("demo");
+
+    // Back into service, and dispatches are accepted again.
+    const enabled = await outpost(["admin", "agent", "enable", name], "admin");
+    expect(enabled.code, enabled.err).toBe(0);
+    expect(enabled.out).toContain(`enabled ${name}`);
+    expect(enabled.out).not.toContain("(disabled)");
+    const accepted = await outpost(["dispatch", "--agent", name, "--task", "hello"], "tenant");
+    expect(accepted.code, accepted.err).toBe(0);
   });
 });

@@ -27,8 +27,11 @@ export const dispatcherConfigShape = {
   OUTPOST_LEASE_TTL_MS: setting.durationMs(30_000),
   /** How often long-polls and watches re-read the store when nothing woke them (lost cross-replica wake-ups). */
   OUTPOST_QUEUE_RECHECK_MS: setting.durationMs(1000),
-  /** Upper bound of any run's timeout until tiers set their own (issue #3). */
-  OUTPOST_MAX_TIMEOUT_S: setting.positiveInt(3600),
+  /**
+   * The operator's ceiling on any run's timeout, above the tiers' own maximums (enterprise: 2 h),
+   * which are the real limit; without a tenant service (development) it is the only one.
+   */
+  OUTPOST_MAX_TIMEOUT_S: setting.positiveInt(86_400),
   /** Image of the built-in demo agent. */
   OUTPOST_DEMO_AGENT_IMAGE: z.string().min(1).default("outpost/demo-agent:latest"),
 };

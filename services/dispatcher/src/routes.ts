@@ -150,20 +150,31 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       if (!agent) throw notFound("agent", name);
       return { agent };
     },
+    // Refused calls are recorded too (a tenant key trying an admin method, a malformed agent):
+    // under the calling tenant, so it sees its own attempts, and admins see every one.
     async registerAgent(req, ctx) {
-      requireAdmin(ctx);
-      const input = requireAgent(req.agent);
-      return audited(audit, ctx, "", `${AS}/RegisterAgent`, `agent/${input.name.slice(0, 64)}`, async () => ({ agent: await agents.register(input) }));
+      return audited(audit, ctx, callingTenantOf(ctx), `${AS}/RegisterAgent`, `agent/${(req.agent?.name ?? "").slice(0, 64)}`, async () => {
+        requireAdmin(ctx);
+        return { agent: await agents.register(requireAgent(req.agent)) };
+      });
     },
     async updateAgent(req, ctx) {
-      requireAdmin(ctx);
-      const input = requireAgent(req.agent);
-      return audited(audit, ctx, "", `${AS}/UpdateAgent`, `agent/${input.name.slice(0, 64)}`, async () => ({ agent: await agents.update(input) }));
+      return audited(audit, ctx, callingTenantOf(ctx), `${AS}/UpdateAgent`, `agent/${(req.agent?.name ?? "").slice(0, 64)}`, async () => {
+        requireAdmin(ctx);
+        return { agent: await agents.update(requireAgent(req.agent)) };
+      });
     },
     async disableAgent(req, ctx) {
-      requireAdmin(ctx);
-      const name = requireNonEmpty("name", req.name, 64);
-      return audited(audit, ctx, "", `${AS}/DisableAgent`, `agent/${name}`, async () => ({ agent: await agents.disable(name) }));
+      return audited(audit, ctx, callingTenantOf(ctx), `${AS}/DisableAgent`, `agent/${req.name.slice(0, 64)}`, async () => {
+        requireAdmin(ctx);
+        return { agent: await agents.disable(requireNonEmpty("name", req.name, 64)) };
+      });
+    },
+    async enableAgent(req, ctx) {
+      return audited(audit, ctx, callingTenantOf(ctx), `${AS}/EnableAgent`, `agent/${req.name.slice(0, 64)}`, async () => {
+        requireAdmin(ctx);
+        return { agent: await agents.enable(requireNonEmpty("name", req.name, 64)) };
+      });
     },
   });
 
@@ -239,7 +250,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       const id = requireUlid("dispatch_id", req.dispatchId);
       const lease = requireUlid("lease_id", req.leaseId);
       const reason = checkLength("reason", req.reason, 4096);
-      const record = await dispatcher.releaseLease(id, lease, reason, req.infrastructureFailure);
+      const record = await dispatcher.releaseLease(id, lease, reason, req.infrastructureFailure, req.runtimeFailure);
       return create(ReleaseLeaseResponseSchema, { dispatch: dispatchToProto(record) });
     },
     async *watchCancellations(req, ctx) {
@@ -378,6 +389,12 @@ function requireAgent(agent: Agent | undefined): Agent {
 }
 
 /** Runs a mutating call and records it in the audit trail with its outcome (SPEC D9). */
+/** The caller's tenant when a tenant calls, else "" (admins, services). */
+function callingTenantOf(ctx: HandlerContext): string {
+  const caller = callerOf(ctx);
+  return caller.kind === "tenant" ? caller.tenantId : "";
+}
+
 async function audited<T>(
   audit: AuditLog,
   ctx: HandlerContext,

@@ -31,8 +31,10 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   await agents.refresh();
   // Cross-replica wake-ups over Redis when configured; in-process (plus the periodic re-check) otherwise.
   let notifier: Notifier;
+  let redisReady: (() => boolean) | undefined;
   if (config.OUTPOST_REDIS_URL) {
     const publisher = connectRedis(config.OUTPOST_REDIS_URL, logger);
+    redisReady = () => publisher.status === "ready";
     notifier = new Notifier(redisWakeupBus(publisher, subscriberOf(publisher), logger));
     // Do not block start-up on Redis: it is optional, wake-ups work in-process until it answers.
     // The bus retries failed subscribes until Redis answers or the bus closes; this catch is a
@@ -93,7 +95,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   });
 
   const fleet = () =>
-    fleetStatus({ store, agents, circuits, logger, executorStaleMs: 3 * config.OUTPOST_LEASE_TTL_MS });
+    fleetStatus({ store, agents, circuits, logger, executorStaleMs: 3 * config.OUTPOST_LEASE_TTL_MS, redisReady });
   // Read at scrape time from the store, so every replica reports the shared queue.
   gauge("outpost_dispatch_queue_depth", "Dispatches waiting in the queue (QUEUED).", [], async (g) => {
     g.set(await store.queueDepth());

@@ -323,6 +323,7 @@ describe("lease lifecycle", () => {
     const first = await leased();
     clock!.now += LEASE_TTL_MS + 1;
     expect(await dispatcher.expireLeases()).toBe(1);
+    clock!.now = (await store.get(first.id))!.notBefore; // past the retry's backoff
     const second = await dispatcher.acquireLease("executor/host-2", 0, never);
     expect(second?.dispatch.id).toBe(first.id);
     expect(second?.dispatch.leaseId).not.toBe(first.leaseId);
@@ -353,10 +354,35 @@ describe("lease lifecycle", () => {
     expect(requeued?.state).toBe("QUEUED");
     expect(requeued?.leaseId).toBe("");
     expect(requeued?.executorId).toBe("");
+    expect(requeued?.failureReason).toBe("attempt 1 failed (infrastructure): executor lost before the run started; retrying");
     expect(events.ended).toEqual([]);
+    // After a backoff, as any infrastructure failure.
+    expect(requeued!.notBefore).toBeGreaterThan(clock!.now);
+    expect(await dispatcher.acquireLease("executor/2", 0, never)).toBeUndefined();
+    clock!.now = requeued!.notBefore;
     const again = await dispatcher.acquireLease("executor/2", 0, never);
     expect(again?.dispatch.id).toBe(run.id);
     expect(again?.dispatch.attempt).toBe(2);
+  });
+
+  it("expireLeases fails a run whose executors keep being lost before it starts, once its attempts are used up", async () => {
+    // A run that takes its executor down at start must not take down every executor in turn.
+    makeDispatcher({ fakeClock: true });
+    const created = await dispatcher.create(TENANT, input());
+    for (let attempt = 1; attempt <= 5; attempt++) {
+      const record = (await store.get(created.id))!;
+      clock!.now = Math.max(clock!.now, record.notBefore);
+      const got = await dispatcher.acquireLease(`executor/${attempt}`, 0, never);
+      expect(got?.dispatch.attempt).toBe(attempt);
+      clock!.now += LEASE_TTL_MS + 1;
+      expect(await dispatcher.expireLeases()).toBe(1);
+    }
+    const failed = await store.get(created.id);
+    expect(failed?.state).toBe("FAILED");
+    expect(failed?.failureReason).toBe("infrastructure failure after 5 attempts: executor lost before the run started");
+    expect(events.ended.map((e) => e.dispatch.state)).toEqual(["FAILED"]);
+    clock!.now += 3_600_000;
+    expect(await dispatcher.acquireLease("executor/6", 0, never)).toBeUndefined();
   });
 
   it("expireLeases fails an expired RUNNING run with reason \"executor lost\"", async () => {

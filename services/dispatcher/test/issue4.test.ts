@@ -236,6 +236,43 @@ describe("circuit breaker per agent (shortened clock: half-open after 300 ms)", 
     await dispatcher.create(A, input());
   });
 
+  it("counts runs whose agent's runtime failed before start (image, container), not the tenant's input or lost executors", async () => {
+    setup({ circuitMs: 300 });
+    const leaseNext = async () => (await dispatcher.acquireLease("host-1", 0, never))!.dispatch;
+    // Not the agent's fault: a tenant's secret or repository, an executor lost under the run.
+    for (let i = 0; i < 5; i++) {
+      await dispatcher.create(A, input());
+      const run = await leaseNext();
+      await dispatcher.releaseLease(run.id, run.leaseId, "secret \"gh\" could not be read", false);
+      await dispatcher.create(A, input());
+      const lost = await leaseNext();
+      await dispatcher.reportRunning(lost.id, lost.leaseId);
+      await dispatcher.reportTerminal(lost.id, lost.leaseId, { state: "FAILED", exitCode: null, failureReason: "executor lost: it restarted while the run was in progress", resultJson: null, lastLogSeq: 0n });
+    }
+    expect(circuits.state("demo")).toBe("CLOSED");
+    // The agent's image cannot be had: after its retries (or at once), each run counts once.
+    // These four over the wire, as the executor reports them (the route passes the flag on).
+    const leases = clientFor(dispatcher, agents, LeaseService, EXECUTOR, deps);
+    for (let i = 0; i < 4; i++) {
+      await dispatcher.create(A, input());
+      const run = await leaseNext();
+      await leases.releaseLease({ dispatchId: run.id, leaseId: run.leaseId, reason: "image outpost/x:1 not present on executor host", runtimeFailure: true });
+    }
+    expect(circuits.state("demo")).toBe("CLOSED");
+    await dispatcher.create(A, input());
+    let run = await leaseNext();
+    // Retried (one outcome per run, not per attempt), then failed for good: the fifth failure.
+    const retried = await dispatcher.releaseLease(run.id, run.leaseId, "pull: registry timeout", true, true);
+    expect(retried.state).toBe("QUEUED");
+    expect(circuits.state("demo")).toBe("CLOSED");
+    await store.update(run.id, { states: ["QUEUED"] }, { notBefore: 0, attempt: 99 });
+    run = await leaseNext();
+    const failed = await dispatcher.releaseLease(run.id, run.leaseId, "pull: registry timeout", true, true);
+    expect(failed.state).toBe("FAILED");
+    expect(circuits.state("demo")).toBe("OPEN");
+    await expectError(dispatcher.create(A, input()), Code.Unavailable, "CIRCUIT_OPEN");
+  });
+
   it("a failure while half-open opens it again; 4 failures do not open it", async () => {
     setup({ circuitMs: 300 });
     for (let i = 0; i < 4; i++) {
@@ -275,17 +312,21 @@ describe("agent registry", () => {
     expect(registered.builtin).toBe(false);
     await expectError(admin().registerAgent({ agent: custom }), Code.AlreadyExists, "AGENT_EXISTS");
     await expectError(admin().registerAgent({ agent: { ...custom, name: "claude" } }), Code.AlreadyExists, "AGENT_EXISTS");
+    // APPROVAL_REQUIRED: no run starts unapproved (approvals are not built), nothing is queued.
+    const refused = await expectError(dispatcher.create(A, input({ agent: "reviewer" })), Code.FailedPrecondition, "APPROVAL_REQUIRED");
+    expect(refused.rawMessage).toContain("reviewer");
+    expect(await store.queueDepth()).toBe(0);
+
+    const updated = (await admin().updateAgent({ agent: { ...custom, description: "v2", riskLevel: RiskLevel.AUTO } })).agent!;
+    expect(updated.description).toBe("v2");
     const d = await dispatcher.create(A, input({ agent: "reviewer" }));
     expect(d.model).toBe("m-1");
     expect(d.timeoutMs).toBe(600_000);
-
-    const updated = (await admin().updateAgent({ agent: { ...custom, description: "v2" } })).agent!;
-    expect(updated.description).toBe("v2");
     // A second registry on the same store (another replica) sees it.
     const peer = new AgentRegistry(builtinAgents("x"), store);
     await peer.refresh();
     expect(peer.get("reviewer")?.description).toBe("v2");
-    expect(peer.get("reviewer")?.riskLevel).toBe(RiskLevel.APPROVAL_REQUIRED);
+    expect(peer.get("reviewer")?.riskLevel).toBe(RiskLevel.AUTO);
 
     expect((await admin().disableAgent({ name: "reviewer" })).agent?.state).toBe(Agent_State.DISABLED);
     const err = await expectError(dispatcher.create(A, input({ agent: "reviewer" })), Code.InvalidArgument, "AGENT_UNKNOWN");
@@ -294,6 +335,17 @@ describe("agent registry", () => {
     await admin().disableAgent({ name: "grok" });
     await expectError(dispatcher.create(A, input({ agent: "grok" })), Code.InvalidArgument, "AGENT_UNKNOWN");
     await expectError(admin().disableAgent({ name: "nope" }), Code.NotFound);
+    // And taken back into service, by an admin only; the peer replica follows.
+    const tenantErr = await expectError(clientFor(dispatcher, agents, AgentService, tenantIdentity(A), deps).enableAgent({ name: "grok" }), Code.PermissionDenied);
+    expect(errorInfoOf(tenantErr)?.reason).toBe("ADMIN_REQUIRED");
+    expect((await admin().enableAgent({ name: "grok" })).agent?.state).toBe(Agent_State.ENABLED);
+    expect((await admin().enableAgent({ name: "grok" })).agent?.state).toBe(Agent_State.ENABLED);
+    expect((await dispatcher.create(A, input({ agent: "grok" }))).agent).toBe("grok");
+    await peer.refresh();
+    expect(peer.get("grok")?.state).toBe(Agent_State.ENABLED);
+    expect(peer.get("reviewer")?.state).toBe(Agent_State.DISABLED);
+    await expectError(admin().enableAgent({ name: "nope" }), Code.NotFound);
+    await expectError(admin().enableAgent({ name: "" }), Code.InvalidArgument);
   });
 
   it("refuses bad definitions naming the field, including an invalid JSON Schema", async () => {
@@ -330,6 +382,9 @@ describe("audit", () => {
     await expectError(tenantA.cancelDispatch({ dispatchId: d.id }), Code.FailedPrecondition);
     await expectError(tenantB.createDispatch({ agent: "nope", task: "x" }), Code.InvalidArgument);
     await clientFor(dispatcher, agents, AgentService, ADMIN, deps).registerAgent({ agent: custom });
+    // Refused privileged calls are recorded too: a tenant's (under that tenant), a malformed one.
+    await expectError(clientFor(dispatcher, agents, AgentService, tenantIdentity(B), deps).disableAgent({ name: "claude" }), Code.PermissionDenied);
+    await expectError(clientFor(dispatcher, agents, AgentService, ADMIN, deps).updateAgent({ agent: { ...custom, image: "" } }), Code.InvalidArgument);
 
     const auditA = await clientFor(dispatcher, agents, AuditService, tenantIdentity(A), deps).listAuditEvents({});
     expect(auditA.events.map((e) => [e.method.split("/")[1], e.target, e.outcome])).toEqual([
@@ -352,8 +407,19 @@ describe("audit", () => {
       all.push(...page.events.map((e) => e.outcome + ":" + e.method.split("/")[1]));
       token = page.nextPageToken;
     } while (token);
-    expect(all).toEqual(["OK:RegisterAgent", "INVALID_ARGUMENT:CreateDispatch", "FAILED_PRECONDITION:CancelDispatch", "OK:CancelDispatch", "OK:CreateDispatch"]);
-    expect((await adminAudit.listAuditEvents({ tenantId: B })).events.map((e) => e.outcome)).toEqual(["INVALID_ARGUMENT"]);
+    expect(all).toEqual([
+      "INVALID_ARGUMENT:UpdateAgent",
+      "PERMISSION_DENIED:DisableAgent",
+      "OK:RegisterAgent",
+      "INVALID_ARGUMENT:CreateDispatch",
+      "FAILED_PRECONDITION:CancelDispatch",
+      "OK:CancelDispatch",
+      "OK:CreateDispatch",
+    ]);
+    expect((await adminAudit.listAuditEvents({ tenantId: B })).events.map((e) => [e.outcome, e.target])).toEqual([
+      ["PERMISSION_DENIED", "agent/claude"],
+      ["INVALID_ARGUMENT", "agent/nope"],
+    ]);
   });
 
   it("RecordAuditEvent is for the tenant service only and lands in the trail", async () => {
@@ -374,6 +440,10 @@ describe("fleet status and executor leases", () => {
     await dispatcher.create(A, input());
     const empty = await fleet.getFleetStatus({});
     expect(empty.degraded.join()).toContain("executors");
+    expect(empty.degraded.join()).not.toContain("redis"); // none configured: nothing is missing
+    const withRedis = (ready: boolean) => fleetStatus({ store, agents, circuits, logger, executorStaleMs: 30_000, redisReady: () => ready });
+    expect((await withRedis(false)).degraded.filter((d) => d.startsWith("redis: unreachable"))).toHaveLength(1);
+    expect((await withRedis(true)).degraded.join()).not.toContain("redis");
     expect(empty.queueDepth).toBe(1n);
     expect(empty.agents.find((a) => a.agent === "demo")?.available).toBe(false);
 

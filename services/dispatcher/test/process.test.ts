@@ -11,7 +11,8 @@ import { internalClient } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
-import { EXECUTOR, tenantIdentity } from "./helpers.ts";
+import { FleetService } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
+import { ADMIN, EXECUTOR, tenantIdentity } from "./helpers.ts";
 
 import { SECRET, freePort, startDispatcherProcess, startProcess, stop, type Proc } from "./process-helpers.ts";
 const TENANT = "01JTENANTAAAAAAAAAAAAAAAAA";
@@ -93,6 +94,22 @@ describe("dispatcher process lifecycle", () => {
     expect(await proc.exited).toBe(78);
     expect(proc.output()).toContain("OUTPOST_LOG_LEVEL");
     expect(proc.output()).toContain("loud");
+  });
+
+  it("serves with its Redis unreachable, and fleet status says so instead of failing", async () => {
+    const dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-redis-"));
+    let proc: Proc | undefined;
+    try {
+      const started = await startDispatcherProcess(dataDir, { OUTPOST_REDIS_URL: `redis://127.0.0.1:${await freePort()}` });
+      proc = started.proc;
+      const fleet = internalClient(FleetService, { baseUrl: started.baseUrl, internalSecret: SECRET, identity: ADMIN });
+      const status = await fleet.getFleetStatus({});
+      expect(status.degraded.some((d) => d.startsWith("redis: unreachable"))).toBe(true);
+      expect(status.agents.map((a) => a.agent)).toContain("demo");
+    } finally {
+      await stop(proc);
+      rmSync(dataDir, { recursive: true, force: true });
+    }
   });
 
   it("on SIGTERM an open AcquireLease long-poll returns empty and the process exits 0", async () => {

@@ -148,6 +148,19 @@ export function dispatchStoreConformance(name: string, factory: StoreFactory, op
         expect(await ids({ agent: "claude", state: "QUEUED", labels: { env: "prod" } })).toEqual([queued.id]);
       });
 
+      it("filters on label keys with dots and values with '=' as on any other label", async () => {
+        const web = dispatchFixture({ labels: { "app.kubernetes.io": "web", query: "a=b" } });
+        const api = dispatchFixture({ labels: { "app.kubernetes.io": "api", app: "x" } });
+        for (const r of [web, api]) await store.insert(r);
+        const ids = async (labels: Record<string, string>) => (await store.list("tenant-a", { labels }, 10)).map((r) => r.id);
+        expect(await ids({ "app.kubernetes.io": "web" })).toEqual([web.id]);
+        expect(await ids({ "app.kubernetes.io": "api", app: "x" })).toEqual([api.id]);
+        expect(await ids({ query: "a=b" })).toEqual([web.id]);
+        expect(await ids({ query: "a" })).toEqual([]);
+        expect(await ids({ app: "kubernetes.io" })).toEqual([]);
+        expect((await store.get(web.id))?.labels).toEqual({ "app.kubernetes.io": "web", query: "a=b" });
+      });
+
       it("pages with limit and afterId without gaps or duplicates", async () => {
         const records = Array.from({ length: 7 }, () => dispatchFixture());
         for (const r of records) await store.insert(r);

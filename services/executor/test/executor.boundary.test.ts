@@ -337,7 +337,7 @@ describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)
     const lease = demoLease({ task: "anything", image: "outpost/not-built-here:latest" });
     dispatcher.enqueue(lease);
     const release = await until("ReleaseLease", () => dispatcher.releases.find((r) => r.dispatchId === lease.dispatch!.id));
-    expect(release).toMatchObject({ infrastructureFailure: true, reason: "image outpost/not-built-here:latest not present on executor host" });
+    expect(release).toMatchObject({ infrastructureFailure: true, runtimeFailure: true, reason: "image outpost/not-built-here:latest not present on executor host" });
     expect(dispatcher.reportsFor(lease.dispatch!.id)).toEqual([]);
   });
 });

@@ -164,13 +164,13 @@ export class FakeLeases implements LeaseClient {
   async report(report: RunStateReport) {
     this.reports.push(report);
   }
-  readonly released: Array<{ dispatchId: string; reason: string; infrastructureFailure: boolean }> = [];
+  readonly released: Array<{ dispatchId: string; reason: string; infrastructureFailure: boolean; runtimeFailure: boolean }> = [];
   /** Answers like a dispatcher without contract C when false. */
   supportsRelease = true;
   held: Lease[] | undefined = [];
-  async release(dispatchId: string, _leaseId: string, reason: string, infrastructureFailure: boolean) {
+  async release(dispatchId: string, _leaseId: string, reason: string, infrastructureFailure: boolean, runtimeFailure = false) {
     if (!this.supportsRelease) throw new NotSupportedError("no ReleaseLease");
-    this.released.push({ dispatchId, reason, infrastructureFailure });
+    this.released.push({ dispatchId, reason, infrastructureFailure, runtimeFailure });
   }
   async *watchCancellations(): AsyncIterable<{ dispatchId: string; leaseId: string }> {
     yield* [];

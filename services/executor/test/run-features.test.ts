@@ -69,7 +69,7 @@ describe("secrets", () => {
     const b = setup();
     await executeRun(lease({ secretNames: ["X_KEY"] }), { ...b.deps, secrets: resolver(new SecretsError("tenant service answered UNAVAILABLE", true)) });
     expect(b.leases.reports).toEqual([]);
-    expect(b.leases.released).toEqual([expect.objectContaining({ infrastructureFailure: true, reason: "tenant service answered UNAVAILABLE" })]);
+    expect(b.leases.released).toEqual([expect.objectContaining({ infrastructureFailure: true, runtimeFailure: false, reason: "tenant service answered UNAVAILABLE" })]);
   });
 });
 
@@ -210,7 +210,7 @@ describe("reconcile", () => {
     const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger });
     expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 0, leasesReleased: 1 });
     expect(leases.reports).toEqual([]);
-    expect(leases.released).toEqual([expect.objectContaining({ dispatchId: "01JDISPATCH000000000000000", infrastructureFailure: true })]);
+    expect(leases.released).toEqual([expect.objectContaining({ dispatchId: "01JDISPATCH000000000000000", infrastructureFailure: true, runtimeFailure: false })]);
   });
 
   it("releases a held lease that has no container, and works without ListExecutorLeases", async () => {

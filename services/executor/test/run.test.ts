@@ -115,7 +115,7 @@ describe("executeRun", () => {
     expect(runtime.events).toContain("pull:outpost/demo-agent:latest");
     expect(leases.reports).toEqual([]);
     expect(leases.released).toEqual([
-      { dispatchId: "01JDISPATCH000000000000000", reason: "image outpost/demo-agent:latest not present on executor host", infrastructureFailure: true },
+      { dispatchId: "01JDISPATCH000000000000000", reason: "image outpost/demo-agent:latest not present on executor host", infrastructureFailure: true, runtimeFailure: true },
     ]);
   });
 

@@ -213,11 +213,21 @@ export class AgentRegistry {
 
   /** Disables an agent (admin): new dispatches are refused; queued and running ones go on. */
   async disable(name: string): Promise<Agent> {
+    return this.setState(name, Agent_State.DISABLED);
+  }
+
+  /** Enables a disabled agent again (admin); enabling an enabled one changes nothing. */
+  async enable(name: string): Promise<Agent> {
+    return this.setState(name, Agent_State.ENABLED);
+  }
+
+  private async setState(name: string, state: Agent_State): Promise<Agent> {
     await this.refresh();
     const current = this.agents.get(name);
     if (!current) throw notFound("agent", name);
+    if (current.state === state) return current;
     const agent = clone(AgentSchema, current);
-    agent.state = Agent_State.DISABLED;
+    agent.state = state;
     return this.write(agent);
   }
 

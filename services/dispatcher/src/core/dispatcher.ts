@@ -8,7 +8,7 @@ import { monotonicFactory, ulid } from "ulid";
 
 /** Dispatch ids increase strictly within a process, so "oldest first" holds inside one millisecond too. */
 const dispatchId = monotonicFactory();
-import { type Agent, type ModelTier, ResourcesSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { type Agent, type ModelTier, ResourcesSchema, RiskLevel } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { create } from "@bufbuild/protobuf";
 import { failedPrecondition, notFound, type Logger } from "@outpost/platform";
 import type { DispatchRecord, DispatchState, DispatchStore, ExecutorReport, ExecutorStore, ListFilter, ResourceCaps } from "../store/store.ts";
@@ -119,6 +119,15 @@ export class Dispatcher {
     }
     await this.agents.refreshIfStale();
     const agent = this.agents.requireEnabled("agent", input.agent);
+    // An operator who marked the agent so wants a person to approve each run; approvals are not
+    // built (SPEC W3), so its runs are refused rather than started unapproved.
+    if (agent.riskLevel === RiskLevel.APPROVAL_REQUIRED) {
+      throw failedPrecondition(
+        "APPROVAL_REQUIRED",
+        `agent "${agent.name}" has risk level APPROVAL_REQUIRED: each run needs an approval, and approvals are not available yet; an operator can set its risk level to AUTO (UpdateAgent)`,
+        { agent: agent.name },
+      );
+    }
     const { model, tier } = this.agents.resolveModel(agent, input.modelId, input.modelTier);
     this.circuits.assertAccepting(agent.name);
     const defaultTimeoutMs = agent.defaultTimeout ? Number(agent.defaultTimeout.seconds) * 1000 : this.maxTimeoutMs;
@@ -283,9 +292,10 @@ export class Dispatcher {
    * The executor gives back a lease whose agent never started. An infrastructure failure (engine
    * unreachable, transient pull/create error) re-queues the run after an exponential backoff with
    * jitter, up to the attempt bound, then fails it with the reason; anything else fails it now.
-   * A cancelled run ends CANCELLED.
+   * A cancelled run ends CANCELLED. A run failed by its agent's runtime (image, container) counts
+   * against the agent's circuit breaker when it ends.
    */
-  async releaseLease(dispatchId: string, leaseId: string, reason: string, infrastructureFailure: boolean): Promise<DispatchRecord> {
+  async releaseLease(dispatchId: string, leaseId: string, reason: string, infrastructureFailure: boolean, runtimeFailure = false): Promise<DispatchRecord> {
     const record = await this.store.get(dispatchId);
     if (!record || record.leaseId !== leaseId || (record.state !== "STARTING" && record.state !== "RUNNING")) throw leaseLost(dispatchId);
     if (record.state === "RUNNING") {
@@ -293,21 +303,40 @@ export class Dispatcher {
         dispatch_id: dispatchId,
       });
     }
-    const end = async (report: TerminalReport) => {
-      const ended = await this.finish(record, report, leaseId);
+    const end = async (report: TerminalReport, countsAgainstAgent = false) => {
+      const ended = await this.finish(record, report, leaseId, countsAgainstAgent);
       if (!ended) throw leaseLost(dispatchId);
       return ended;
     };
     const failure = (failureReason: string): TerminalReport => ({ state: "FAILED", exitCode: null, failureReason, resultJson: null, lastLogSeq: 0n });
     if (record.cancelRequested) return end({ ...failure("cancelled before start"), state: "CANCELLED" });
-    if (!infrastructureFailure) return end(failure(reason || "the executor could not start the run"));
+    if (!infrastructureFailure) return end(failure(reason || "the executor could not start the run"), runtimeFailure);
+    const retried = await this.retryOrFail(record, leaseId, reason || "unknown", runtimeFailure);
+    if (!retried) throw leaseLost(dispatchId);
+    return retried;
+  }
+
+  /**
+   * A run whose lease failed before its agent started, for an infrastructure reason (the
+   * executor released it so, or was lost): queued again after an exponential backoff with
+   * jitter, or, once its attempts are used up, FAILED with the reason. Undefined when the lease
+   * was no longer the one given (another replica settled it first). `runtimeFailure`: the
+   * agent's image or container failed, which counts against the agent if it ends the run.
+   */
+  private async retryOrFail(record: DispatchRecord, leaseId: string, reason: string, runtimeFailure = false): Promise<DispatchRecord | undefined> {
     const delayMs = this.infraRetry.delayAfter(record.attempt);
     if (delayMs === undefined) {
-      return end(failure(`infrastructure failure after ${record.attempt} attempts: ${reason || "unknown"}`));
+      const failureReason = `infrastructure failure after ${record.attempt} attempts: ${reason}`;
+      return this.finish(
+        record,
+        { state: "FAILED", exitCode: null, failureReason, resultJson: null, lastLogSeq: 0n },
+        leaseId,
+        runtimeFailure,
+      );
     }
     const now = this.now();
     const requeued = await this.store.update(
-      dispatchId,
+      record.id,
       { states: ["STARTING"], leaseId },
       {
         state: "QUEUED",
@@ -315,13 +344,13 @@ export class Dispatcher {
         leaseId: "",
         leaseExpiresAt: null,
         notBefore: now + delayMs,
-        failureReason: `attempt ${record.attempt} failed (infrastructure): ${reason || "unknown"}; retrying`,
+        failureReason: `attempt ${record.attempt} failed (infrastructure): ${reason}; retrying`,
         updateTime: now,
       },
     );
-    if (!requeued) throw leaseLost(dispatchId);
-    this.logger.warn({ dispatch_id: dispatchId, attempt: record.attempt, delay_ms: delayMs, reason }, "infrastructure failure; re-queued with backoff");
-    this.notifier.dispatchChanged(dispatchId);
+    if (!requeued) return undefined;
+    this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId, attempt: record.attempt, delay_ms: delayMs, reason }, "run failed before start; re-queued with backoff");
+    this.notifier.dispatchChanged(record.id);
     // Wake long-pollers once the backoff has passed (their 1 s re-check would find it too).
     setTimeout(() => this.notifier.workQueued(), delayMs + 5).unref();
     return requeued;
@@ -358,8 +387,10 @@ export class Dispatcher {
   }
 
   /**
-   * Settles expired leases: a run that had not started goes back to the queue; one that was
-   * running fails with "executor lost" (its container's fate is unknown).
+   * Settles expired leases: a run that had not started goes back to the queue, as an
+   * infrastructure failure (with backoff, and FAILED once its attempts are used up, so a run
+   * that takes its executors down at start cannot do so for ever); one that was running fails
+   * with "executor lost" (its container's fate is unknown).
    */
   async expireLeases(): Promise<number> {
     const now = this.now();
@@ -369,16 +400,7 @@ export class Dispatcher {
         // The tenant cancelled and the executor is gone: end it, never run it again.
         await this.finish(record, { state: "CANCELLED", exitCode: null, failureReason: "cancelled; executor lost", resultJson: null, lastLogSeq: 0n }, record.leaseId);
       } else if (record.state === "STARTING") {
-        const requeued = await this.store.update(
-          record.id,
-          { states: ["STARTING"], leaseId: record.leaseId },
-          { state: "QUEUED", executorId: "", leaseId: "", leaseExpiresAt: null, updateTime: now },
-        );
-        if (requeued) {
-          this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId }, "lease expired before start; re-queued");
-          this.notifier.dispatchChanged(record.id);
-          this.notifier.workQueued();
-        }
+        await this.retryOrFail(record, record.leaseId, EXECUTOR_LOST_BEFORE_START);
       } else {
         const failed = await this.finish(record, { state: "FAILED", exitCode: null, failureReason: "executor lost", resultJson: null, lastLogSeq: 0n }, record.leaseId);
         if (failed) this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId }, "lease expired while running; failed");
@@ -387,7 +409,8 @@ export class Dispatcher {
     return expired.length;
   }
 
-  private async finish(record: DispatchRecord, report: TerminalReport, leaseId?: string): Promise<DispatchRecord | undefined> {
+  /** `runtimeFailure`: the run ends because its agent's image or container failed (counts against the agent). */
+  private async finish(record: DispatchRecord, report: TerminalReport, leaseId?: string, runtimeFailure = false): Promise<DispatchRecord | undefined> {
     const now = this.now();
     const updated = await this.store.update(
       record.id,
@@ -406,7 +429,7 @@ export class Dispatcher {
     this.notifier.dispatchChanged(record.id);
     this.logger.info({ dispatch_id: record.id, state: updated.state, exit_code: updated.exitCode }, "dispatch ended");
     await this.releaseSlot(updated);
-    const outcome = agentOutcome(updated);
+    const outcome = runtimeFailure && updated.state === "FAILED" ? false : agentOutcome(updated);
     if (outcome !== undefined) {
       await this.circuits.record(updated.agent, outcome);
       this.notifier.runOutcome(updated.agent, outcome);
@@ -452,15 +475,20 @@ export class Dispatcher {
   }
 }
 
+/** Why a run is retried when the executor holding its lease was lost before the run started. */
+const EXECUTOR_LOST_BEFORE_START = "executor lost before the run started";
+
 /**
- * What a run's end says about its agent, for the circuit breaker: success, an agent failure
- * (it ran and failed or timed out), or nothing (cancelled, executor lost, never started).
+ * What a run's end says about its agent, for the circuit breaker: success; a failure when it
+ * ran and failed or timed out; or nothing (cancelled, executor lost, never started). A run
+ * that never started because its agent's runtime failed (image, container) is counted by the
+ * caller instead (`finish`), once per run, when that failure ends it.
  */
 function agentOutcome(record: DispatchRecord): boolean | undefined {
   if (record.state === "SUCCEEDED") return true;
   if (record.state === "TIMED_OUT") return false;
-  if (record.state === "FAILED" && record.startTime !== null && record.exitCode !== null) return false;
-  if (record.state === "FAILED" && record.startTime !== null && record.failureReason !== "executor lost") return false;
+  // Started, then failed: the agent's failure, unless its executor was lost under it.
+  if (record.state === "FAILED" && record.startTime !== null && (record.exitCode !== null || !record.failureReason.startsWith("executor lost"))) return false;
   return undefined;
 }
 

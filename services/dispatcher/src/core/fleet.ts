@@ -36,6 +36,8 @@ export interface FleetOptions {
   logger: Logger;
   /** Executors not heard from for this long drop out (3 lease TTLs). */
   executorStaleMs: number;
+  /** Whether the configured Redis answers now; absent when none is configured (one replica). */
+  redisReady?: () => boolean;
   now?: () => number;
 }
 
@@ -59,6 +61,11 @@ export async function fleetStatus(options: FleetOptions): Promise<FleetStatus> {
   await part("agents", undefined, () => options.agents.refreshIfStale());
   if (executors.length === 0 && !degraded.some((d) => d.startsWith("executors"))) {
     degraded.push("executors: no executor reported its capacity recently; image presence is unknown");
+  }
+  if (options.redisReady && !options.redisReady()) {
+    // Work still flows (long-polls re-read the store every second), but more slowly across
+    // replicas, and this replica's circuit breakers see only the outcomes reported to it.
+    degraded.push("redis: unreachable; queue wake-ups, cancels and circuit outcomes reach other replicas only through the store's periodic re-check, or not at all (circuits)");
   }
   const ready = executors.filter((e) => e.engineReady);
   const images = new Set(ready.flatMap((e) => e.imagesPresent));

@@ -22,7 +22,12 @@ import type {
   StoredAgent,
 } from "./store.ts";
 
-type DispatchDoc = Omit<DispatchRecord, "id"> & { _id: string };
+/**
+ * `labelPairs` ("key=value", derived from `labels` on every write) is what label filters query:
+ * label keys may hold dots ("app.kubernetes.io"), which a query path `labels.<key>` would read
+ * as nested fields and never match. Keys cannot hold "=", so a pair is unambiguous.
+ */
+type DispatchDoc = Omit<DispatchRecord, "id"> & { _id: string; labelPairs: string[] };
 type AgentDoc = Omit<StoredAgent, "name"> & { _id: string };
 type AuditDoc = Omit<AuditRecord, "id"> & { _id: string; expireAt: Date };
 type ExecutorDoc = Omit<ExecutorReport, "executorId"> & { _id: string; expireAt: Date };
@@ -36,14 +41,29 @@ const EXECUTOR_RETENTION_MS = 24 * 60 * 60 * 1000;
 const LEASE_CANDIDATES = 5;
 const DUPLICATE_KEY = 11000;
 
-function toDoc(record: DispatchRecord): DispatchDoc {
+export function toDoc(record: DispatchRecord): DispatchDoc {
   const { id, ...rest } = record;
-  return { _id: id, ...rest };
+  return { _id: id, ...rest, labelPairs: labelPairsOf(record.labels) };
 }
 
-function fromDoc(doc: DispatchDoc): DispatchRecord {
-  const { _id, ...rest } = doc;
+export function fromDoc(doc: DispatchDoc): DispatchRecord {
+  const { _id, labelPairs: _derived, ...rest } = doc;
   return { id: _id, ...rest };
+}
+
+function labelPairsOf(labels: Record<string, string>): string[] {
+  return Object.entries(labels).map(([key, value]) => `${key}=${value}`);
+}
+
+/** The query of `list`: the tenant's dispatches matching every filter, before `afterId`. */
+export function listQuery(tenantId: string, filter: ListFilter, afterId?: string): Filter<DispatchDoc> {
+  const query: Filter<DispatchDoc> = { tenantId };
+  if (afterId) query._id = { $lt: afterId };
+  if (filter.state) query.state = filter.state;
+  if (filter.agent) query.agent = filter.agent;
+  const pairs = labelPairsOf(filter.labels ?? {});
+  if (pairs.length > 0) query.labelPairs = { $all: pairs };
+  return query;
 }
 
 export class MongoDispatchStore implements DispatcherStore {
@@ -79,6 +99,7 @@ export class MongoDispatchStore implements DispatcherStore {
         { unique: true, partialFilterExpression: { requestId: { $gt: "" } }, name: "request_id" },
       ),
       this.dispatches.createIndex({ tenantId: 1, _id: -1 }, { name: "tenant" }),
+      this.dispatches.createIndex({ tenantId: 1, labelPairs: 1 }, { name: "labels" }),
       this.dispatches.createIndex({ state: 1, tenantId: 1, _id: 1 }, { name: "queue" }),
       this.dispatches.createIndex({ state: 1, leaseExpiresAt: 1 }, { name: "lease" }),
       this.dispatches.createIndex({ executorId: 1, state: 1 }, { name: "executor" }),
@@ -113,19 +134,15 @@ export class MongoDispatchStore implements DispatcherStore {
   }
 
   async list(tenantId: string, filter: ListFilter, limit: number, afterId?: string) {
-    const query: Filter<DispatchDoc> = { tenantId };
-    if (afterId) query._id = { $lt: afterId };
-    if (filter.state) query.state = filter.state;
-    if (filter.agent) query.agent = filter.agent;
-    for (const [key, value] of Object.entries(filter.labels ?? {})) (query as Record<string, unknown>)[`labels.${key}`] = value;
-    const docs = await this.dispatches.find(query).sort({ _id: -1 }).limit(limit).toArray();
+    const docs = await this.dispatches.find(listQuery(tenantId, filter, afterId)).sort({ _id: -1 }).limit(limit).toArray();
     return docs.map(fromDoc);
   }
 
   async update(id: string, expected: Expectation, patch: DispatchPatch) {
     const filter: Filter<DispatchDoc> = { _id: id, state: { $in: [...expected.states] } };
     if (expected.leaseId !== undefined) filter.leaseId = expected.leaseId;
-    const doc = await this.dispatches.findOneAndUpdate(filter, { $set: patch }, { returnDocument: "after" });
+    const set: Partial<DispatchDoc> = patch.labels ? { ...patch, labelPairs: labelPairsOf(patch.labels) } : patch;
+    const doc = await this.dispatches.findOneAndUpdate(filter, { $set: set }, { returnDocument: "after" });
     return doc ? fromDoc(doc) : undefined;
   }
 

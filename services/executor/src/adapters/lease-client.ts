@@ -86,9 +86,9 @@ export function createLeaseClient(options: LeaseClientOptions): LeaseClient {
         throw leaseLost(err);
       }
     },
-    async release(dispatchId, leaseId, reason, infrastructureFailure) {
+    async release(dispatchId, leaseId, reason, infrastructureFailure, runtimeFailure = false) {
       try {
-        await client.releaseLease({ dispatchId, leaseId, reason: reason.slice(0, 4000), infrastructureFailure }, { timeoutMs });
+        await client.releaseLease({ dispatchId, leaseId, reason: reason.slice(0, 4000), infrastructureFailure, runtimeFailure }, { timeoutMs });
       } catch (err) {
         throw leaseLost(notSupported(err, "ReleaseLease"));
       }

@@ -133,9 +133,11 @@ export interface LeaseClient {
   report(report: RunStateReport): Promise<void>;
   /**
    * Gives back a lease whose agent never started; `infrastructureFailure` asks the dispatcher
-   * to re-queue it with backoff. Throws NotSupportedError when the dispatcher lacks the call.
+   * to re-queue it with backoff; `runtimeFailure` says the agent's image or container failed
+   * (it counts against the agent's circuit breaker when it ends the run). Throws
+   * NotSupportedError when the dispatcher lacks the call.
    */
-  release(dispatchId: string, leaseId: string, reason: string, infrastructureFailure: boolean): Promise<void>;
+  release(dispatchId: string, leaseId: string, reason: string, infrastructureFailure: boolean, runtimeFailure?: boolean): Promise<void>;
   /** The runs the dispatcher holds leased to `executorId`; throws NotSupportedError when it lacks the call. */
   listLeases(executorId: string): Promise<Lease[]>;
   /**

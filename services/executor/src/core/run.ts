@@ -157,11 +157,14 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
   const logger = deps.logger.child({ dispatchId: dispatch.id, leaseId: lease.leaseId });
   const report = (r: Omit<RunStateReport, "dispatchId" | "leaseId">) =>
     reportWithRetry(deps.leases, { dispatchId: dispatch.id, leaseId: lease.leaseId, ...r }, logger);
-  /** The agent never started: an infrastructure problem goes back to the queue, others fail the run. */
-  const giveBack = async (reason: string, infrastructureFailure: boolean) => {
+  /**
+   * The agent never started: an infrastructure problem goes back to the queue, others fail the
+   * run. `runtimeFailure`: the agent's image or container failed (not the tenant's input).
+   */
+  const giveBack = async (reason: string, infrastructureFailure: boolean, runtimeFailure = false) => {
     if (infrastructureFailure) {
       try {
-        await deps.leases.release(dispatch.id, lease.leaseId, reason, true);
+        await deps.leases.release(dispatch.id, lease.leaseId, reason, true, runtimeFailure);
         logger.warn({ reason }, "lease released for a retry (infrastructure failure)");
         return;
       } catch (err) {
@@ -229,7 +232,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       const reason = missing ? err.message : `container could not be created: ${messageOf(err)}`;
       logger.warn({ err: missing ? undefined : err, image: spec.image }, "create failed");
       // Another executor may have the image, and an engine error may pass: both are retried elsewhere/later.
-      await giveBack(reason, true);
+      await giveBack(reason, true, true);
       return;
     }
   } else {
@@ -261,7 +264,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       logger.warn({ err, warm: Boolean(warm) }, "start failed");
       await cleanUp();
       await shipper.finish(1000);
-      await giveBack(reason, true);
+      await giveBack(reason, true, true);
       return;
     }
     logger.info({ containerId, image: spec.image, warm: Boolean(warm) }, "container started");
