@@ -5,10 +5,12 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, mkdirSync } from "node:fs";
-import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { startBalancer, type Balancer } from "./balancer.ts";
+import { freePort } from "./ports.ts";
+
+export { freePort };
 
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
@@ -75,17 +77,6 @@ export interface Mesh {
   startReplica(name: ServiceName, index: number): Promise<void>;
   /** Signals one replica (SIGKILL for a crash) and waits for it to exit. */
   killReplica(name: ServiceName, index: number, signal?: NodeJS.Signals): Promise<number | null>;
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
 }
 
 /**
@@ -159,7 +150,8 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     child.stderr.pipe(log);
     if (index === 0) processes.set(name, child);
     replicaProcesses.set(`${name}#${index}`, child);
-    await waitForLiveness(replicaCount(name) > 1 ? `${name}-${index}` : name, `http://127.0.0.1:${port}`, child);
+    const bound = boundSignal(child, port);
+    await waitForLiveness(replicaCount(name) > 1 ? `${name}-${index}` : name, `http://127.0.0.1:${port}`, child, bound);
   }
 
   async function killReplica(name: ServiceName, index: number, signal: NodeJS.Signals = "SIGTERM") {
@@ -219,10 +211,30 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   return mesh;
 }
 
-async function waitForLiveness(name: string, url: string, child: ChildProcess, timeoutMs = 20_000): Promise<void> {
+/**
+ * Whether the child has logged that it listens on `port`. A liveness answer alone could come
+ * from another process holding the port, while ours fails to bind it.
+ */
+function boundSignal(child: ChildProcess, port: number): () => boolean {
+  let seen = "";
+  let bound = false;
+  const onData = (chunk: Buffer) => {
+    seen += chunk.toString("utf8");
+    bound = seen.split("\n").some((line) => line.includes(`"port":${port},`) && line.includes(' listening"'));
+    if (bound) child.stdout?.off("data", onData);
+  };
+  child.stdout?.on("data", onData);
+  return () => bound;
+}
+
+async function waitForLiveness(name: string, url: string, child: ChildProcess, bound: () => boolean, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (child.exitCode !== null) throw new Error(`${name} exited with code ${child.exitCode} during start-up (see its log)`);
+    if (!bound()) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      continue;
+    }
     try {
       const res = await fetch(`${url}/healthz`);
       if (res.ok) return;

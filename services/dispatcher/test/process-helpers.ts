@@ -1,22 +1,13 @@
 /** Spawning dispatcher processes for tests that cross the real boundary. */
 import { spawn, type ChildProcess } from "node:child_process";
-import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { freePort } from "../../../scripts/lib/ports.ts";
+
+export { freePort };
 
 const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../src/main.ts");
 export const SECRET = "dispatcher-boundary-secret-0123456789abcdef";
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 export type Proc = { child: ChildProcess; output: () => string; exited: Promise<number | null> };
 

@@ -6,7 +6,6 @@
  */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import type { RunningServer } from "@outpost/platform";
@@ -28,19 +27,12 @@ import {
   until,
   type ExecutorProcess,
 } from "./boundary-harness.ts";
+import { freePort } from "../../../scripts/lib/ports.ts";
 
 const EXECUTOR_ID = `test-executor-${process.pid}`;
 const engineAvailable = dockerUp();
 if (!engineAvailable) {
   console.warn("SKIPPED executor boundary tests: the Docker engine is unreachable (run scripts/setup-docker.sh as root)");
-}
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const port = (server.address() as net.AddressInfo).port;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
 }
 
 describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)", () => {

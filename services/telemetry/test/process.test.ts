@@ -4,7 +4,6 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -12,16 +11,9 @@ import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.j
 import { ulid } from "ulid";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { batch, clientsFor, collect, ingest, range, runEnd, SECRET, sleep } from "./helpers.ts";
+import { freePort } from "../../../scripts/lib/ports.ts";
 
 const MAIN = fileURLToPath(new URL("../src/main.ts", import.meta.url));
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 async function waitHealthy(baseUrl: string, child: ChildProcess): Promise<void> {
   const deadline = Date.now() + 20_000;

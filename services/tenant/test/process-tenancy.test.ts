@@ -5,7 +5,6 @@
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -20,23 +19,13 @@ import { ApiKeyService, SecretService, TenantService } from "@outpost/proto/outp
 import { hashApiKey } from "../src/core/api-keys.ts";
 import { AUTH_INVALIDATE_CHANNEL } from "../src/core/invalidation.ts";
 import { ADMIN, GATEWAY, expectError } from "./helpers.ts";
+import { freePort } from "../../../scripts/lib/ports.ts";
 
 const SRC = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../src");
 const SECRET = "tenancy-boundary-secret-0123456789abcdef";
 const REDIS_URL = process.env.OUTPOST_TEST_REDIS_URL ?? "redis://127.0.0.1:6379";
 const K1 = `k1:${Buffer.alloc(32, 1).toString("base64")}`;
 const K2 = `k2:${Buffer.alloc(32, 2).toString("base64")}`;
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 interface Proc {
   child: ChildProcess;

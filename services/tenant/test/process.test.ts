@@ -4,7 +4,6 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -16,20 +15,10 @@ import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_i
 import { Tenant_State, Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
 import { ADMIN, GATEWAY, expectError } from "./helpers.ts";
+import { freePort } from "../../../scripts/lib/ports.ts";
 
 const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../src/main.ts");
 const SECRET = "boundary-test-secret-0123456789abcdefghij";
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 function startProcess(env: Record<string, string>): { child: ChildProcess; output: () => string; exited: Promise<number | null> } {
   const { OUTPOST_INTERNAL_SECRET: _drop, ...inherited } = process.env;
