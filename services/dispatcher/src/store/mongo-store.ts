@@ -32,6 +32,8 @@ type AgentDoc = Omit<StoredAgent, "name"> & { _id: string };
 type AuditDoc = Omit<AuditRecord, "id"> & { _id: string; expireAt: Date };
 type ExecutorDoc = Omit<ExecutorReport, "executorId"> & { _id: string; expireAt: Date };
 type TurnDoc = { _id: string; lastTurn: number };
+/** One document, `_id: "turn"`: the turn counter every replica increments atomically. */
+type CounterDoc = { _id: string; value: number };
 
 /** How long audit events are kept (SPEC D9 retention). */
 export const AUDIT_RETENTION_MS = 365 * 24 * 60 * 60 * 1000;
@@ -73,6 +75,7 @@ export class MongoDispatchStore implements DispatcherStore {
   private readonly audit: Collection<AuditDoc>;
   private readonly executors: Collection<ExecutorDoc>;
   private readonly turns: Collection<TurnDoc>;
+  private readonly counters: Collection<CounterDoc>;
 
   private constructor(client: MongoClient, db: Db) {
     this.client = client;
@@ -81,6 +84,7 @@ export class MongoDispatchStore implements DispatcherStore {
     this.audit = db.collection<AuditDoc>("audit_events");
     this.executors = db.collection<ExecutorDoc>("executors");
     this.turns = db.collection<TurnDoc>("tenant_turns");
+    this.counters = db.collection<CounterDoc>("counters");
   }
 
   /** Connects and creates the indexes (idempotent). `dbName` defaults to the URL's database or "outpost". */
@@ -184,10 +188,14 @@ export class MongoDispatchStore implements DispatcherStore {
       .map((h) => h.first);
   }
 
-  /** Marks the tenant as served now: its turn number becomes the highest. */
+  /**
+   * Marks the tenant as served now: its turn number becomes the highest. The number comes from
+   * one counter incremented atomically, so replicas leasing at the same moment never give two
+   * tenants the same turn (reading the highest and adding one would).
+   */
   private async takeTurn(tenantId: string): Promise<void> {
-    const top = await this.turns.find().sort({ lastTurn: -1 }).limit(1).toArray();
-    await this.turns.updateOne({ _id: tenantId }, { $set: { lastTurn: (top[0]?.lastTurn ?? 0) + 1 } }, { upsert: true });
+    const counter = await this.counters.findOneAndUpdate({ _id: "turn" }, { $inc: { value: 1 } }, { upsert: true, returnDocument: "after" });
+    await this.turns.updateOne({ _id: tenantId }, { $max: { lastTurn: counter?.value ?? 0 } }, { upsert: true });
   }
 
   async listExpiredLeases(now: number, limit: number) {
