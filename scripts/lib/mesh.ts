@@ -150,8 +150,7 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     child.stderr.pipe(log);
     if (index === 0) processes.set(name, child);
     replicaProcesses.set(`${name}#${index}`, child);
-    const bound = boundSignal(child, port);
-    await waitForLiveness(replicaCount(name) > 1 ? `${name}-${index}` : name, `http://127.0.0.1:${port}`, child, bound);
+    await waitForLiveness(replicaCount(name) > 1 ? `${name}-${index}` : name, `http://127.0.0.1:${port}`, child);
   }
 
   async function killReplica(name: ServiceName, index: number, signal: NodeJS.Signals = "SIGTERM") {
@@ -211,30 +210,10 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   return mesh;
 }
 
-/**
- * Whether the child has logged that it listens on `port`. A liveness answer alone could come
- * from another process holding the port, while ours fails to bind it.
- */
-function boundSignal(child: ChildProcess, port: number): () => boolean {
-  let seen = "";
-  let bound = false;
-  const onData = (chunk: Buffer) => {
-    seen += chunk.toString("utf8");
-    bound = seen.split("\n").some((line) => line.includes(`"port":${port},`) && line.includes(' listening"'));
-    if (bound) child.stdout?.off("data", onData);
-  };
-  child.stdout?.on("data", onData);
-  return () => bound;
-}
-
-async function waitForLiveness(name: string, url: string, child: ChildProcess, bound: () => boolean, timeoutMs = 20_000): Promise<void> {
+async function waitForLiveness(name: string, url: string, child: ChildProcess, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (child.exitCode !== null) throw new Error(`${name} exited with code ${child.exitCode} during start-up (see its log)`);
-    if (!bound()) {
-      await new Promise((resolve) => setTimeout(resolve, 50));
-      continue;
-    }
     try {
       const res = await fetch(`${url}/healthz`);
       if (res.ok) return;
