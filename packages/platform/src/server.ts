@@ -29,6 +29,8 @@ export const LIVENESS_PATH = "/healthz";
 export const READINESS_PATH = "/readyz";
 
 const HTTP2_PREFACE_START = Buffer.from("PRI");
+/** A client that connects and says nothing for this long is disconnected. */
+const FIRST_BYTES_TIMEOUT_MS = 10_000;
 
 /** Aborted when the server starts draining; long waits and streams end cleanly on it. */
 export const drainSignalKey = createContextKey<AbortSignal>(new AbortController().signal, { description: "server drain" });
@@ -65,6 +67,8 @@ export interface ServerOptions {
   metricsPort?: number;
   /** How long in-flight calls may take to finish on shutdown. */
   shutdownGraceMs?: number;
+  /** How long a new connection may stay silent before it is closed (default 10 s). */
+  firstBytesTimeoutMs?: number;
   /**
    * Concurrent HTTP/2 streams a client may open on one connection (advertised in SETTINGS;
    * clients queue the rest). Unset: no limit beyond nghttp2's session memory, which suits the
@@ -188,13 +192,22 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
 
   // Sniffs the first bytes of each connection: the HTTP/2 preface starts with "PRI", which no
   // HTTP/1 method does.
+  // A connection that sends nothing would reach neither server, so neither one's timeouts
+  // would ever close it: it gets a deadline for its first bytes.
+  // Shutdown closes the ones still silent.
+  const silent = new Set<net.Socket>();
   const tcp = net.createServer({ noDelay: true }, (socket) => {
+    silent.add(socket);
+    socket.once("close", () => silent.delete(socket));
+    socket.setTimeout(options.firstBytesTimeoutMs ?? FIRST_BYTES_TIMEOUT_MS, () => socket.destroy());
     socket.once("readable", function route() {
       const head: Buffer | null = socket.read();
       if (head === null) {
         socket.once("readable", route);
         return;
       }
+      silent.delete(socket);
+      socket.setTimeout(0);
       socket.unshift(head);
       (startsLikeHttp2(head) ? h2 : h1).emit("connection", socket);
     });
@@ -230,6 +243,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       health.drain();
       drain.abort();
       tcp.close();
+      for (const socket of silent) socket.destroy();
       metricsServer?.close();
       h1.closeIdleConnections();
       if (inFlight > 0) {

@@ -73,7 +73,7 @@ export function fakeLogRoutes(router: ConnectRouter): void {
 }
 
 export function startTestServer(
-  options: { internalSecret?: string; readiness?: ReadinessCheck; readMaxBytes?: number; shutdownGraceMs?: number } = {},
+  options: { internalSecret?: string; readiness?: ReadinessCheck; readMaxBytes?: number; shutdownGraceMs?: number; firstBytesTimeoutMs?: number } = {},
 ): Promise<RunningServer> {
   return startServer({
     name: "test",
@@ -85,5 +85,6 @@ export function startTestServer(
     readiness: options.readiness,
     readMaxBytes: options.readMaxBytes,
     shutdownGraceMs: options.shutdownGraceMs,
+    firstBytesTimeoutMs: options.firstBytesTimeoutMs,
   });
 }

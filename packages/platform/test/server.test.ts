@@ -1,3 +1,4 @@
+import net from "node:net";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { errorInfoOf, internalClient, type RunningServer } from "@outpost/platform";
@@ -195,6 +196,48 @@ describe("message size limit", () => {
     expect(((await res.json()) as { code: string }).code).toBe("resource_exhausted");
     expect((await grpc.getLogs({ dispatchId: "small" })).chunks[0]?.text).toBe("small");
     expect((await connect.getLogs({ dispatchId: "small" })).chunks[0]?.text).toBe("small");
+  });
+});
+
+describe("connections that say nothing", () => {
+  function connect(port: number): Promise<net.Socket> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect(port, "127.0.0.1", () => resolve(socket));
+      socket.once("error", reject);
+    });
+  }
+  const closed = (socket: net.Socket) => new Promise<number>((resolve) => socket.once("close", () => resolve(Date.now())));
+
+  it("are closed after the first-bytes deadline; one that speaks in time is served", async () => {
+    const server = await startTestServer({ firstBytesTimeoutMs: 300 });
+    try {
+      const opened = Date.now();
+      const quiet = await connect(server.port);
+      const quietClosed = closed(quiet);
+      const talker = await connect(server.port);
+      let answer = "";
+      talker.on("data", (chunk: Buffer) => (answer += chunk.toString()));
+      await sleep(150);
+      talker.write("GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+      expect((await quietClosed) - opened).toBeGreaterThanOrEqual(250);
+      await sleep(400); // past the deadline: the talker's connection is the HTTP server's now
+      expect(answer).toMatch(/^HTTP\/1\.1 200/);
+      expect(talker.destroyed).toBe(false);
+      talker.write("GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+      await sleep(100);
+      expect(answer.match(/HTTP\/1\.1 200/g)).toHaveLength(2);
+      talker.destroy();
+    } finally {
+      await server.close();
+    }
+  });
+
+  it("are closed at shutdown", async () => {
+    const server = await startTestServer({ firstBytesTimeoutMs: 60_000 });
+    const quiet = await connect(server.port);
+    const quietClosed = closed(quiet);
+    await server.close();
+    await expect(Promise.race([quietClosed, sleep(1000).then(() => "still open")])).resolves.not.toBe("still open");
   });
 });
 
