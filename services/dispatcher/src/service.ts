@@ -10,7 +10,8 @@ import { AuditLog } from "./core/audit.ts";
 import { fleetStatus } from "./core/fleet.ts";
 import { Notifier, redisWakeupBus } from "./core/notifier.ts";
 import { exportCircuitStates } from "./adapters/circuit-metrics.ts";
-import { AgentCircuits, DEFAULT_CIRCUIT, InfraRetry, DEFAULT_INFRA_RETRY } from "./core/resilience.ts";
+import { AgentCircuits, DEFAULT_CIRCUIT, InfraRetry, DEFAULT_INFRA_RETRY, type CircuitStateStore } from "./core/resilience.ts";
+import { redisCircuitStates } from "./adapters/circuit-states.ts";
 import type { DispatcherConfig } from "./config.ts";
 import { stateToProto } from "./mapping.ts";
 import { registerRoutes } from "./routes.ts";
@@ -32,9 +33,11 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   // Cross-replica wake-ups over Redis when configured; in-process (plus the periodic re-check) otherwise.
   let notifier: Notifier;
   let redisReady: (() => boolean) | undefined;
+  let circuitStates: CircuitStateStore | undefined;
   if (config.OUTPOST_REDIS_URL) {
     const publisher = connectRedis(config.OUTPOST_REDIS_URL, logger);
     redisReady = () => publisher.status === "ready";
+    circuitStates = redisCircuitStates(publisher, logger);
     notifier = new Notifier(redisWakeupBus(publisher, subscriberOf(publisher), logger));
     // Do not block start-up on Redis: it is optional, wake-ups work in-process until it answers.
     // The bus retries failed subscribes until Redis answers or the bus closes; this catch is a
@@ -43,12 +46,12 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   } else {
     notifier = new Notifier();
   }
-  const circuits = new AgentCircuits({
-    ...DEFAULT_CIRCUIT,
-    windowMs: config.OUTPOST_CIRCUIT_WINDOW_MS,
-    halfOpenAfterMs: config.OUTPOST_CIRCUIT_HALF_OPEN_AFTER_MS,
-  });
+  const circuits = new AgentCircuits(
+    { ...DEFAULT_CIRCUIT, windowMs: config.OUTPOST_CIRCUIT_WINDOW_MS, halfOpenAfterMs: config.OUTPOST_CIRCUIT_HALF_OPEN_AFTER_MS },
+    circuitStates,
+  );
   exportCircuitStates(circuits, logger);
+  if (circuitStates) await restoreCircuits(circuits, circuitStates, logger);
   const infraRetry = new InfraRetry({
     ...DEFAULT_INFRA_RETRY,
     initialDelayMs: config.OUTPOST_RETRY_INITIAL_DELAY_MS,
@@ -134,4 +137,15 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
       await store.close();
     },
   };
+}
+
+/** Takes up the circuit states peers saved; without them (Redis down) every circuit starts closed. */
+async function restoreCircuits(circuits: AgentCircuits, states: CircuitStateStore, logger: Logger): Promise<void> {
+  try {
+    const restored = circuits.restore(await states.load());
+    const open = restored.filter((agent) => circuits.state(agent) !== "CLOSED");
+    logger.info({ restored: restored.length, not_closed: open }, "circuit states restored from redis");
+  } catch (err) {
+    logger.warn({ err }, "circuit states could not be read from redis; every circuit starts closed");
+  }
 }

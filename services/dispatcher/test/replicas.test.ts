@@ -1,9 +1,10 @@
 /**
- * Two real dispatcher processes sharing one SQLite file and one real Redis (127.0.0.1:6379):
- * concurrent executors on both replicas never lease the same run twice, and an executor
- * long-polling replica 2 wakes promptly for work created through replica 1 (Redis pub/sub,
- * well under the 1 s re-check), and an agent's circuit opened by failures reported to one
- * replica refuses creates on the other.
+ * Two real dispatcher processes sharing one SQLite file and one real Redis (a private
+ * redis-server: the circuit states saved there must not outlive the test): concurrent executors
+ * on both replicas never lease the same run twice, an executor long-polling replica 2 wakes
+ * promptly for work created through replica 1 (Redis pub/sub, well under the 1 s re-check), an
+ * agent's circuit opened by failures reported to one replica refuses creates on the other, and
+ * a third replica started afterwards begins with that circuit open.
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -17,27 +18,30 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { EXECUTOR, tenantIdentity } from "./helpers.ts";
 import { SECRET, startDispatcherProcess, stop, type Proc } from "./process-helpers.ts";
-
-const REDIS_URL = process.env.OUTPOST_TEST_REDIS_URL ?? "redis://127.0.0.1:6379";
+import { startPrivateRedis, type PrivateRedis } from "../../../scripts/lib/scale-out.ts";
 
 describe("two dispatcher replicas on one store and one Redis", () => {
   let dataDir: string;
+  let redis: PrivateRedis | undefined;
   const procs: Proc[] = [];
   const urls: string[] = [];
+  const startReplica = async () => {
+    // The store re-check is set far beyond the 5 s long-poll below, so only a Redis wake-up
+    // can hand a poll on one replica work created on the other.
+    const { baseUrl, proc } = await startDispatcherProcess(dataDir, { OUTPOST_REDIS_URL: redis!.url, OUTPOST_LOG_LEVEL: "warn", OUTPOST_QUEUE_RECHECK_MS: "60000" });
+    procs.push(proc);
+    urls.push(baseUrl);
+  };
 
   beforeAll(async () => {
     dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-replicas-"));
-    for (let i = 0; i < 2; i++) {
-      // The store re-check is set far beyond the 5 s long-poll below, so only a Redis wake-up
-      // can hand a poll on one replica work created on the other.
-      const { baseUrl, proc } = await startDispatcherProcess(dataDir, { OUTPOST_REDIS_URL: REDIS_URL, OUTPOST_LOG_LEVEL: "warn", OUTPOST_QUEUE_RECHECK_MS: "60000" });
-      procs.push(proc);
-      urls.push(baseUrl);
-    }
+    redis = await startPrivateRedis(path.join(dataDir, "redis"));
+    for (let i = 0; i < 2; i++) await startReplica();
   });
 
   afterAll(async () => {
     for (const proc of procs) await stop(proc);
+    await redis?.stop();
     if (dataDir) rmSync(dataDir, { recursive: true, force: true });
   });
 
@@ -124,5 +128,12 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     expect(refusal?.rawMessage).toContain("circuit open");
     // Other agents are not affected on either replica.
     await tenant(1).createDispatch({ agent: "demo", task: "unaffected" });
+
+    // A replica started now saw none of those outcomes; it takes up the state its peers saved.
+    await startReplica();
+    const late = ConnectError.from(await tenant(2).createDispatch({ agent: "claude", task: "late replica" }).catch((err: unknown) => err));
+    expect(late.code).toBe(Code.Unavailable);
+    expect(late.rawMessage).toContain("circuit open");
+    await tenant(2).createDispatch({ agent: "demo", task: "unaffected on the late replica" });
   });
 });

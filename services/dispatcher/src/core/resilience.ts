@@ -11,7 +11,10 @@
  * replica's lease call), so outcomes are fed to cockatiel's CircuitBreakerPolicy as instant
  * calls that succeed or fail; the creates only read the breaker's state. Each replica keeps its
  * own breakers, and the dispatcher core feeds them every replica's outcomes (the Notifier
- * carries them over Redis), so they agree on an agent's state.
+ * carries them over Redis), so they agree on an agent's state. A replica that starts later
+ * (or restarts) would begin with every circuit closed; so after each outcome the circuit's state
+ * (cockatiel's own serialised form, plus when it opened) is saved to a `CircuitStateStore`
+ * (Redis), and a starting replica restores it before it serves.
  */
 import {
   CircuitBreakerPolicy,
@@ -113,6 +116,33 @@ interface AgentCircuit {
   openedAt: number;
 }
 
+/** Where every replica saves its circuits' states and a starting one reads them (agent -> saved state). */
+export interface CircuitStateStore {
+  load(): Promise<Record<string, string>>;
+  save(agent: string, state: string): Promise<void>;
+}
+
+/** A circuit as saved: cockatiel's serialised policy and when it last opened. */
+interface SavedCircuit {
+  policy: unknown;
+  openedAt: number;
+}
+
+function parseSaved(text: string): SavedCircuit | undefined {
+  try {
+    const saved = JSON.parse(text) as Partial<SavedCircuit>;
+    const policy = saved.policy as { ownState?: { value?: unknown }; breakerState?: unknown } | undefined;
+    const valid =
+      typeof saved.openedAt === "number" &&
+      typeof policy?.ownState?.value === "number" &&
+      Array.isArray(policy.breakerState) &&
+      policy.breakerState.every((t) => typeof t === "number");
+    return valid ? (saved as SavedCircuit) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 export class AgentCircuits {
   private readonly options: CircuitOptions;
   private readonly now: () => number;
@@ -123,9 +153,28 @@ export class AgentCircuits {
    * cockatiel times the open period with Date.now(), so the same clock is used here; tests
    * shorten the durations instead of faking the clock.
    */
-  constructor(options: CircuitOptions = DEFAULT_CIRCUIT) {
+  private readonly stateStore: CircuitStateStore | undefined;
+
+  constructor(options: CircuitOptions = DEFAULT_CIRCUIT, stateStore?: CircuitStateStore) {
     this.options = options;
     this.now = Date.now;
+    this.stateStore = stateStore;
+  }
+
+  /**
+   * Takes up the states other replicas saved (before this one records anything). A saved state
+   * that does not parse is skipped; a circuit this replica already has is left as it is.
+   * Returns the agents whose circuits were restored.
+   */
+  restore(saved: Record<string, string>): string[] {
+    const restored: string[] = [];
+    for (const [agent, text] of Object.entries(saved)) {
+      const circuit = parseSaved(text);
+      if (!circuit || this.circuits.has(agent)) continue;
+      this.circuitOf(agent, circuit);
+      restored.push(agent);
+    }
+    return restored;
   }
 
   /** Called on every state change (metrics, logs). */
@@ -174,9 +223,14 @@ export class AgentCircuits {
     } catch {
       // The outcome is recorded; a BrokenCircuitError only says the circuit is open.
     }
+    if (this.stateStore) {
+      const saved: SavedCircuit = { policy: circuit.policy.toJSON(), openedAt: circuit.openedAt };
+      // Best effort: the adapter logs a failed save; the next outcome saves again.
+      this.stateStore.save(agent, JSON.stringify(saved)).catch(() => undefined);
+    }
   }
 
-  private circuitOf(agent: string): AgentCircuit {
+  private circuitOf(agent: string, saved?: SavedCircuit): AgentCircuit {
     const circuit = this.circuits.get(agent);
     if (circuit) return circuit;
     const policy = circuitBreaker(handleAll, {
@@ -184,8 +238,11 @@ export class AgentCircuits {
       breaker: new WindowedFailureBreaker(this.options.failureThreshold, this.options.windowMs, this.now),
       // Close only after this many trial outcomes, all successful (threshold 0: any failure re-opens).
       halfOpenSampling: { calls: this.options.successesToClose, threshold: 0 },
+      // A half-open circuit is saved as open since 0 (cockatiel's form): it restores half-open,
+      // with its trial successes counted from zero again.
+      initialState: saved?.policy,
     });
-    const created: AgentCircuit = { policy, openedAt: 0 };
+    const created: AgentCircuit = { policy, openedAt: saved?.openedAt ?? 0 };
     policy.onStateChange((state) => {
       if (state === CircuitState.Open) created.openedAt = this.now();
       const name = this.state(agent);
