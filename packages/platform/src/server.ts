@@ -199,7 +199,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   const tcp = net.createServer({ noDelay: true }, (socket) => {
     silent.add(socket);
     socket.once("close", () => silent.delete(socket));
-    socket.setTimeout(options.firstBytesTimeoutMs ?? FIRST_BYTES_TIMEOUT_MS, () => socket.destroy());
+    const onSilent = () => socket.destroy();
+    socket.setTimeout(options.firstBytesTimeoutMs ?? FIRST_BYTES_TIMEOUT_MS, onSilent);
     socket.once("readable", function route() {
       const head: Buffer | null = socket.read();
       if (head === null) {
@@ -207,7 +208,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         return;
       }
       silent.delete(socket);
+      // The deadline and its listener go: the HTTP servers set their own socket timeouts.
       socket.setTimeout(0);
+      socket.off("timeout", onSilent);
       socket.unshift(head);
       (startsLikeHttp2(head) ? h2 : h1).emit("connection", socket);
     });
