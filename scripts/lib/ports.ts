@@ -1,13 +1,14 @@
 /**
  * Loopback ports for processes the tests, benchmarks and scripts are about to start.
  *
- * Asking the kernel for port 0 and closing it again hands out ports from the ephemeral range,
- * where two test files running in parallel could be given the same one: both start a service
- * on it, one loses the bind and exits, and the other file's client talks to a stranger's
- * service (it happened in CI: a gateway port answered by another mesh, `HTTP 404`). So ports
- * come from below the ephemeral range (no outgoing connection takes one between this call and
- * the bind), each vitest worker has its own block (parallel files never share one), and within
- * a process they are handed out in turn and probed before use (never twice, never one in use).
+ * Asking the kernel for port 0 and closing it again hands out a port from the ephemeral range,
+ * which the kernel also hands to outgoing connections, docker-proxy's published ports and every
+ * in-process test server: between that call and the service's own bind, something else can take
+ * it, and a client then talks to a stranger (it happened in CI: a gateway port answered by
+ * another server, `HTTP 404`). So ports come from below the ephemeral range, where nothing is
+ * handed out unasked; each vitest worker has its own block (in case files ever run in parallel
+ * again; today vitest.config.ts runs them one at a time); within a process they are handed out
+ * in turn and probed before use.
  */
 import net from "node:net";
 

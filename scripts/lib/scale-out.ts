@@ -18,9 +18,9 @@ export interface PrivateRedis {
 }
 
 /** A throw-away redis-server on a free loopback port (no persistence), so tests never touch the shared one. */
-export async function startPrivateRedis(dir: string): Promise<PrivateRedis> {
+export async function startPrivateRedis(dir: string, port?: number): Promise<PrivateRedis> {
   mkdirSync(dir, { recursive: true });
-  const port = await freePort();
+  port ??= await freePort();
   const child: ChildProcess = spawn(
     "redis-server",
     ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir, "--logfile", path.join(dir, "redis.log")],

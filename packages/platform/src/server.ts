@@ -28,7 +28,7 @@ export const LIVENESS_PATH = "/healthz";
 /** 200 when the readiness check passes, 503 with the reason otherwise. */
 export const READINESS_PATH = "/readyz";
 
-const HTTP2_PREFACE_START = Buffer.from("PRI");
+const HTTP2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
 /** A client that connects and says nothing for this long is disconnected. */
 const FIRST_BYTES_TIMEOUT_MS = 10_000;
 
@@ -190,29 +190,28 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     session.on("close", () => sessions.delete(session));
   });
 
-  // Sniffs the first bytes of each connection: the HTTP/2 preface starts with "PRI", which no
-  // HTTP/1 method does.
-  // A connection that sends nothing would reach neither server, so neither one's timeouts
-  // would ever close it: it gets a deadline for its first bytes.
-  // Shutdown closes the ones still silent.
-  const silent = new Set<net.Socket>();
+  // Sniffs the first bytes of each connection: HTTP/2 starts with its 24-byte preface, which no
+  // HTTP/1 request does. Until the bytes decide (the whole preface, or one that differs from
+  // it), the connection belongs to neither server, and neither one's timeouts would close it:
+  // it has a deadline of its own, and shutdown closes it.
+  const undecided = new Set<net.Socket>();
   const tcp = net.createServer({ noDelay: true }, (socket) => {
-    silent.add(socket);
-    socket.once("close", () => silent.delete(socket));
+    undecided.add(socket);
+    socket.once("close", () => undecided.delete(socket));
     const onSilent = () => socket.destroy();
     socket.setTimeout(options.firstBytesTimeoutMs ?? FIRST_BYTES_TIMEOUT_MS, onSilent);
-    socket.once("readable", function route() {
-      const head: Buffer | null = socket.read();
-      if (head === null) {
-        socket.once("readable", route);
-        return;
-      }
-      silent.delete(socket);
+    let head = Buffer.alloc(0);
+    socket.on("readable", function route() {
+      for (let chunk: Buffer | null; (chunk = socket.read() as Buffer | null) !== null; ) head = Buffer.concat([head, chunk]);
+      const protocol = protocolOf(head);
+      if (protocol === undefined) return; // a prefix of the HTTP/2 preface so far
+      socket.off("readable", route);
+      undecided.delete(socket);
       // The deadline and its listener go: the HTTP servers set their own socket timeouts.
       socket.setTimeout(0);
       socket.off("timeout", onSilent);
       socket.unshift(head);
-      (startsLikeHttp2(head) ? h2 : h1).emit("connection", socket);
+      (protocol === "h2" ? h2 : h1).emit("connection", socket);
     });
     socket.on("error", () => socket.destroy());
   });
@@ -246,7 +245,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       health.drain();
       drain.abort();
       tcp.close();
-      for (const socket of silent) socket.destroy();
+      for (const socket of undecided) socket.destroy();
       metricsServer?.close();
       h1.closeIdleConnections();
       if (inFlight > 0) {
@@ -287,9 +286,11 @@ function serveMetrics(res: http.ServerResponse, logger: Logger): void {
   );
 }
 
-function startsLikeHttp2(head: Buffer): boolean {
-  const n = Math.min(head.length, HTTP2_PREFACE_START.length);
-  return head.subarray(0, n).equals(HTTP2_PREFACE_START.subarray(0, n));
+/** "h2" once `head` holds the whole HTTP/2 preface, "h1" once it differs from it, else undefined. */
+function protocolOf(head: Buffer): "h1" | "h2" | undefined {
+  const n = Math.min(head.length, HTTP2_PREFACE.length);
+  if (!head.subarray(0, n).equals(HTTP2_PREFACE.subarray(0, n))) return "h1";
+  return n === HTTP2_PREFACE.length ? "h2" : undefined;
 }
 
 /**

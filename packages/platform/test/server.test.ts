@@ -217,7 +217,6 @@ describe("connections that say nothing", () => {
       const talker = await connect(server.port);
       let answer = "";
       talker.on("data", (chunk: Buffer) => (answer += chunk.toString()));
-      await sleep(150);
       talker.write("GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
       expect((await quietClosed) - opened).toBeGreaterThanOrEqual(250);
       await sleep(400); // past the deadline: the talker's connection is the HTTP server's now
@@ -227,6 +226,23 @@ describe("connections that say nothing", () => {
       await sleep(100);
       expect(answer.match(/HTTP\/1\.1 200/g)).toHaveLength(2);
       talker.destroy();
+    } finally {
+      await server.close();
+    }
+  });
+
+  it("a connection that sends only part of the HTTP/2 preface is closed at the deadline too", async () => {
+    const server = await startTestServer({ firstBytesTimeoutMs: 300 });
+    try {
+      for (const start of ["P", "PRI * HTTP/2.0\r\n"]) {
+        const opened = Date.now();
+        const socket = await connect(server.port);
+        const socketClosed = closed(socket);
+        socket.write(start);
+        const outcome = await Promise.race([socketClosed, sleep(3000).then(() => "still open")]);
+        expect(outcome, start).not.toBe("still open");
+        expect((outcome as number) - opened).toBeGreaterThanOrEqual(250);
+      }
     } finally {
       await server.close();
     }

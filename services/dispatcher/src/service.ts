@@ -22,6 +22,8 @@ import { RunEndSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 
 /** Bounds each call to telemetry so a slow telemetry cannot stall dispatch creation. */
 const TELEMETRY_CALL_TIMEOUT_MS = 2000;
+/** How often a replica that could not read the saved circuit states tries again. */
+const CIRCUIT_RESTORE_RETRY_MS = 5000;
 
 export async function startDispatcher(config: DispatcherConfig, logger: Logger) {
   // MongoDB when configured (several replicas in production); the embedded SQLite file otherwise.
@@ -51,7 +53,14 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     circuitStates,
   );
   exportCircuitStates(circuits, logger);
-  if (circuitStates) await restoreCircuits(circuits, circuitStates, logger);
+  // Restored before serving; when Redis does not answer yet, again every few seconds until it does.
+  let restoreRetry: NodeJS.Timeout | undefined;
+  if (circuitStates && !(await restoreCircuits(circuits, circuitStates, logger))) {
+    const states = circuitStates;
+    restoreRetry = setInterval(() => {
+      void restoreCircuits(circuits, states, logger, "debug").then((done) => done && clearInterval(restoreRetry));
+    }, CIRCUIT_RESTORE_RETRY_MS);
+  }
   const infraRetry = new InfraRetry({
     ...DEFAULT_INFRA_RETRY,
     initialDelayMs: config.OUTPOST_RETRY_INITIAL_DELAY_MS,
@@ -132,6 +141,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     dispatcher,
     async close() {
       clearInterval(sweeper);
+      clearInterval(restoreRetry);
       await server.close();
       await notifier.close();
       await store.close();
@@ -139,13 +149,18 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   };
 }
 
-/** Takes up the circuit states peers saved; without them (Redis down) every circuit starts closed. */
-async function restoreCircuits(circuits: AgentCircuits, states: CircuitStateStore, logger: Logger): Promise<void> {
+/**
+ * Takes up the circuit states peers saved (those of agents this replica has no circuit for yet).
+ * Resolves false when Redis did not answer: until then every circuit starts closed.
+ */
+async function restoreCircuits(circuits: AgentCircuits, states: CircuitStateStore, logger: Logger, failureLevel: "warn" | "debug" = "warn"): Promise<boolean> {
   try {
     const restored = circuits.restore(await states.load());
     const open = restored.filter((agent) => circuits.state(agent) !== "CLOSED");
     logger.info({ restored: restored.length, not_closed: open }, "circuit states restored from redis");
+    return true;
   } catch (err) {
-    logger.warn({ err }, "circuit states could not be read from redis; every circuit starts closed");
+    logger[failureLevel]({ err: err instanceof Error ? err.message : String(err) }, "circuit states could not be read from redis; circuits start closed until it answers");
+    return false;
   }
 }

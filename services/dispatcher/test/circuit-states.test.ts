@@ -1,10 +1,17 @@
 /**
  * Circuit states saved after each outcome and taken up by a replica that starts later
- * (AgentCircuits.restore), in process with a Map for the store; the Redis adapter and a real
- * third replica are in replicas.test.ts.
+ * (AgentCircuits.restore), in process with a Map for the store; the Redis adapter against a
+ * private redis-server that starts late; a real third replica is in replicas.test.ts.
  */
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
 import { describe, expect, it } from "vitest";
+import { connectRedis, createLogger } from "@outpost/platform";
+import { CIRCUITS_KEY, redisCircuitStates } from "../src/adapters/circuit-states.ts";
 import { AgentCircuits, type CircuitOptions, type CircuitStateStore } from "../src/core/resilience.ts";
+import { freePort } from "../../../scripts/lib/ports.ts";
+import { startPrivateRedis, type PrivateRedis } from "../../../scripts/lib/scale-out.ts";
 
 const OPTIONS: CircuitOptions = { failureThreshold: 5, windowMs: 60_000, halfOpenAfterMs: 300, successesToClose: 3 };
 
@@ -21,6 +28,7 @@ function memoryStates(): CircuitStateStore & { saved: Map<string, string> } {
   };
 }
 
+const silentLogger = createLogger("circuit-states-test", "silent");
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 describe("circuit states across replicas", () => {
@@ -64,17 +72,63 @@ describe("circuit states across replicas", () => {
     expect(late.state("gemini")).toBe("OPEN");
   });
 
-  it("skips saved states that do not parse, and leaves circuits it already has alone", async () => {
+  it("refuses saved states record could not have written; leaves circuits it already has alone", async () => {
     const states = memoryStates();
     const late = new AgentCircuits(OPTIONS, states);
+    const saved = (ownState: unknown, breakerState: unknown = [], openedAt: unknown = Date.now()) =>
+      JSON.stringify({ policy: { ownState, breakerState }, openedAt });
+    const open = { value: 1, openedAt: Date.now(), attemptNo: 1 };
     await late.record("aider", true);
     const restored = late.restore({
       garbage: "{not json",
-      wrongShape: JSON.stringify({ policy: { ownState: { value: "x" }, breakerState: "nope" }, openedAt: 1 }),
-      aider: JSON.stringify({ policy: { ownState: { value: 2, openedAt: Date.now(), attemptNo: 1 }, breakerState: [] }, openedAt: Date.now() }),
+      wrongShape: saved({ value: "x" }, "nope"),
+      isolated: saved({ value: 3, counters: 1 }), // would never open again
+      halfOpen: saved({ value: 2 }),
+      unknownState: saved({ value: 7 }),
+      openWithoutTime: saved({ value: 1, attemptNo: 1 }),
+      badFailures: saved({ value: 0 }, ["soon"]),
+      noOpenedAt: saved({ value: 0 }, [], null),
+      aider: saved(open), // well formed, but this replica has counted aider already
+      grok: saved(open),
     });
-    expect(restored).toEqual([]);
+    expect(restored).toEqual(["grok"]);
     expect(late.state("aider")).toBe("CLOSED");
-    expect(late.state("garbage")).toBe("CLOSED");
+    expect(late.state("grok")).toBe("OPEN");
+    for (const agent of ["isolated", "unknownState"]) {
+      for (let i = 0; i < 5; i++) await late.record(agent, false);
+      expect(late.state(agent)).toBe("OPEN");
+    }
+  });
+
+  it("saves what this replica handled, not what peers report (they save it themselves)", async () => {
+    const states = memoryStates();
+    const circuits = new AgentCircuits(OPTIONS, states);
+    await circuits.record("claude", false, "peer");
+    expect(states.saved.has("claude")).toBe(false);
+    await circuits.record("claude", false);
+    expect(JSON.parse(states.saved.get("claude")!).policy.breakerState).toHaveLength(2);
+  });
+});
+
+describe("redisCircuitStates", () => {
+  it("waits for a Redis that starts a moment after the dispatcher, then reads what was saved", async () => {
+    const dir = mkdtempSync(path.join(tmpdir(), "outpost-circuit-states-"));
+    const port = await freePort();
+    const redis = connectRedis(`redis://127.0.0.1:${port}`, silentLogger);
+    let server: PrivateRedis | undefined;
+    try {
+      const states = redisCircuitStates(redis, silentLogger, { readyTimeoutMs: 10_000 });
+      const loading = states.load();
+      await sleep(300); // refused connections meanwhile
+      server = await startPrivateRedis(dir, port);
+      expect(await loading).toEqual({});
+      await states.save("claude", "saved state");
+      expect(await states.load()).toEqual({ claude: "saved state" });
+      expect(await redis.ttl(CIRCUITS_KEY)).toBeGreaterThan(86_000);
+    } finally {
+      redis.disconnect();
+      await server?.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

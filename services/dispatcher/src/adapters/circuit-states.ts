@@ -1,12 +1,13 @@
 /**
  * Circuit states saved in Redis (one hash, `outpost:dispatch:circuits`, agent -> saved state), so
  * a dispatcher replica that starts after an agent's failures begins with that agent's circuit
- * where its peers have it, not closed. Every replica saves after each outcome it counts; they
- * all count the same outcomes, so whichever write lands last is as good as any (at worst one
- * outcome behind). The hash expires a day after its last write: a saved state older than the
- * failure window and the open period restores as closed or half-open anyway.
+ * where its peers have it, not closed. The replica that handles a run's end saves the agent's
+ * circuit after counting it (peers count it too, without saving). Replicas agree while Redis
+ * carries every outcome to all of them; one that missed outcomes (cut off from Redis, or
+ * restored a half-open circuit, whose trial successes start again from zero) saves its own view
+ * with the next outcome it handles. The hash expires a day after its last write: a saved state
+ * older than the failure window and the open period restores as closed or half-open anyway.
  */
-import { once } from "node:events";
 import type { Logger, Redis } from "@outpost/platform";
 import type { CircuitStateStore } from "../core/resilience.ts";
 
@@ -18,8 +19,18 @@ export function redisCircuitStates(redis: Redis, logger: Logger, options: { read
     async load() {
       // Commands fail at once while disconnected (no offline queue), and at start-up the
       // connection is usually still being made: wait for it, briefly.
+      // (Not events.once: it rejects on the first connection error, and a refused connection
+      // is what a Redis that starts a moment later looks like.)
       if (redis.status !== "ready") {
-        await Promise.race([once(redis, "ready"), new Promise((resolve) => setTimeout(resolve, options.readyTimeoutMs ?? 2000).unref())]);
+        await new Promise<void>((resolve) => {
+          const done = () => {
+            clearTimeout(timer);
+            redis.off("ready", done);
+            resolve();
+          };
+          const timer = setTimeout(done, options.readyTimeoutMs ?? 2000);
+          redis.once("ready", done);
+        });
       }
       return redis.hgetall(CIRCUITS_KEY);
     },

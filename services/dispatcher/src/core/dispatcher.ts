@@ -103,7 +103,7 @@ export class Dispatcher {
     this.queueRecheckMs = options.queueRecheckMs ?? DEFAULT_QUEUE_RECHECK_MS;
     // Every replica's breakers count every run's outcome, whichever replica its end was reported to.
     // (record settles the outcome itself and never rejects.)
-    this.notifier.onPeerOutcome((agent, succeeded) => void this.circuits.record(agent, succeeded));
+    this.notifier.onPeerOutcome((agent, succeeded) => void this.circuits.record(agent, succeeded, "peer"));
   }
 
   /**

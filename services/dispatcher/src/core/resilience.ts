@@ -128,15 +128,21 @@ interface SavedCircuit {
   openedAt: number;
 }
 
+/**
+ * A saved circuit, if it is one `record` could have written: closed, or open with when and how
+ * often (cockatiel's toJSON never writes half-open or isolated). Anything else is refused; an
+ * isolated state, say, would never open again, and every replica would save it on.
+ */
 function parseSaved(text: string): SavedCircuit | undefined {
+  const finite = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v);
   try {
     const saved = JSON.parse(text) as Partial<SavedCircuit>;
-    const policy = saved.policy as { ownState?: { value?: unknown }; breakerState?: unknown } | undefined;
-    const valid =
-      typeof saved.openedAt === "number" &&
-      typeof policy?.ownState?.value === "number" &&
-      Array.isArray(policy.breakerState) &&
-      policy.breakerState.every((t) => typeof t === "number");
+    const policy = saved.policy as { ownState?: Record<string, unknown>; breakerState?: unknown } | undefined;
+    const own = policy?.ownState;
+    const validOwn =
+      own?.value === CircuitState.Closed ||
+      (own?.value === CircuitState.Open && finite(own.openedAt) && Number.isInteger(own.attemptNo) && (own.attemptNo as number) >= 1);
+    const valid = finite(saved.openedAt) && validOwn && Array.isArray(policy?.breakerState) && policy.breakerState.every(finite);
     return valid ? (saved as SavedCircuit) : undefined;
   } catch {
     return undefined;
@@ -213,8 +219,12 @@ export class AgentCircuits {
     );
   }
 
-  /** Records a run's outcome: true = the agent succeeded, false = the agent failed. */
-  async record(agent: string, succeeded: boolean): Promise<void> {
+  /**
+   * Records a run's outcome: true = the agent succeeded, false = the agent failed. `own`: this
+   * replica handled the run's end (and saves the circuit's state); `peer`: another replica did
+   * and saves it, so each outcome is saved once, by the replica that saw it first.
+   */
+  async record(agent: string, succeeded: boolean, source: "own" | "peer" = "own"): Promise<void> {
     const circuit = this.circuitOf(agent);
     try {
       await circuit.policy.execute(() => {
@@ -223,7 +233,7 @@ export class AgentCircuits {
     } catch {
       // The outcome is recorded; a BrokenCircuitError only says the circuit is open.
     }
-    if (this.stateStore) {
+    if (this.stateStore && source === "own") {
       const saved: SavedCircuit = { policy: circuit.policy.toJSON(), openedAt: circuit.openedAt };
       // Best effort: the adapter logs a failed save; the next outcome saves again.
       this.stateStore.save(agent, JSON.stringify(saved)).catch(() => undefined);

@@ -93,6 +93,7 @@ export class MongoDispatchStore implements DispatcherStore {
     await client.connect();
     const store = new MongoDispatchStore(client, client.db(dbName));
     await store.createIndexes();
+    await store.seedTurnCounter();
     return store;
   }
 
@@ -186,6 +187,16 @@ export class MongoDispatchStore implements DispatcherStore {
       .sort((a, b) => (turns.get(a._id) ?? 0) - (turns.get(b._id) ?? 0) || a.first.localeCompare(b.first))
       .slice(0, LEASE_CANDIDATES)
       .map((h) => h.first);
+  }
+
+  /**
+   * The turn counter starts at the highest turn already given (a database whose turns were
+   * numbered before the counter existed); otherwise the tenants with the lowest old turns would
+   * be served again and again until the counter caught up. Idempotent ($max).
+   */
+  private async seedTurnCounter(): Promise<void> {
+    const top = await this.turns.find().sort({ lastTurn: -1 }).limit(1).toArray();
+    await this.counters.updateOne({ _id: "turn" }, { $max: { value: top[0]?.lastTurn ?? 0 } }, { upsert: true });
   }
 
   /**
