@@ -12,9 +12,9 @@
  * calls that succeed or fail; the creates only read the breaker's state. Each replica keeps its
  * own breakers, and the dispatcher core feeds them every replica's outcomes (the Notifier
  * carries them over Redis), so they agree on an agent's state. A replica that starts later
- * (or restarts) would begin with every circuit closed; so after each outcome the circuit's state
- * (cockatiel's own serialised form, plus when it opened) is saved to a `CircuitStateStore`
- * (Redis), and a starting replica restores it before it serves.
+ * (or restarts) would begin with every circuit closed; so the replica that handles a run's end
+ * saves the agent's circuit (cockatiel's own serialised form, plus when it opened) to a
+ * `CircuitStateStore` (Redis), and a starting replica restores them before it serves.
  */
 import {
   CircuitBreakerPolicy,
@@ -155,12 +155,12 @@ export class AgentCircuits {
   private readonly circuits = new Map<string, AgentCircuit>();
   private readonly listeners: ((agent: string, state: CircuitStateName) => void)[] = [];
 
+  private readonly stateStore: CircuitStateStore | undefined;
+
   /**
    * cockatiel times the open period with Date.now(), so the same clock is used here; tests
    * shorten the durations instead of faking the clock.
    */
-  private readonly stateStore: CircuitStateStore | undefined;
-
   constructor(options: CircuitOptions = DEFAULT_CIRCUIT, stateStore?: CircuitStateStore) {
     this.options = options;
     this.now = Date.now;
