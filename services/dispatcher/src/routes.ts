@@ -388,13 +388,13 @@ function requireAgent(agent: Agent | undefined): Agent {
   return agent;
 }
 
-/** Runs a mutating call and records it in the audit trail with its outcome (SPEC D9). */
 /** The caller's tenant when a tenant calls, else "" (admins, services). */
 function callingTenantOf(ctx: HandlerContext): string {
   const caller = callerOf(ctx);
   return caller.kind === "tenant" ? caller.tenantId : "";
 }
 
+/** Runs a mutating call and records it in the audit trail with its outcome (SPEC D9). */
 async function audited<T>(
   audit: AuditLog,
   ctx: HandlerContext,

@@ -249,7 +249,7 @@ export class Dispatcher {
           agent = this.agents.get(leased.agent);
         }
         if (agent) return { dispatch: leased, agent: withinCaps(agent, leased.resourceCaps) };
-        await this.finish(leased, { state: "FAILED", exitCode: null, failureReason: `agent "${leased.agent}" is no longer registered`, resultJson: null, lastLogSeq: 0n });
+        await this.finish(leased, endWithoutReport("FAILED", `agent "${leased.agent}" is no longer registered`));
         continue;
       }
       const remaining = deadline - this.now();
@@ -308,9 +308,8 @@ export class Dispatcher {
       if (!ended) throw leaseLost(dispatchId);
       return ended;
     };
-    const failure = (failureReason: string): TerminalReport => ({ state: "FAILED", exitCode: null, failureReason, resultJson: null, lastLogSeq: 0n });
-    if (record.cancelRequested) return end({ ...failure("cancelled before start"), state: "CANCELLED" });
-    if (!infrastructureFailure) return end(failure(reason || "the executor could not start the run"), runtimeFailure);
+    if (record.cancelRequested) return end(endWithoutReport("CANCELLED", "cancelled before start"));
+    if (!infrastructureFailure) return end(endWithoutReport("FAILED", reason || "the executor could not start the run"), runtimeFailure);
     const retried = await this.retryOrFail(record, leaseId, reason || "unknown", runtimeFailure);
     if (!retried) throw leaseLost(dispatchId);
     return retried;
@@ -326,13 +325,7 @@ export class Dispatcher {
   private async retryOrFail(record: DispatchRecord, leaseId: string, reason: string, runtimeFailure = false): Promise<DispatchRecord | undefined> {
     const delayMs = this.infraRetry.delayAfter(record.attempt);
     if (delayMs === undefined) {
-      const failureReason = `infrastructure failure after ${record.attempt} attempts: ${reason}`;
-      return this.finish(
-        record,
-        { state: "FAILED", exitCode: null, failureReason, resultJson: null, lastLogSeq: 0n },
-        leaseId,
-        runtimeFailure,
-      );
+      return this.finish(record, endWithoutReport("FAILED", `infrastructure failure after ${record.attempt} attempts: ${reason}`), leaseId, runtimeFailure);
     }
     const now = this.now();
     const requeued = await this.store.update(
@@ -398,11 +391,11 @@ export class Dispatcher {
     for (const record of expired) {
       if (record.cancelRequested) {
         // The tenant cancelled and the executor is gone: end it, never run it again.
-        await this.finish(record, { state: "CANCELLED", exitCode: null, failureReason: "cancelled; executor lost", resultJson: null, lastLogSeq: 0n }, record.leaseId);
+        await this.finish(record, endWithoutReport("CANCELLED", "cancelled; executor lost"), record.leaseId);
       } else if (record.state === "STARTING") {
         await this.retryOrFail(record, record.leaseId, EXECUTOR_LOST_BEFORE_START);
       } else {
-        const failed = await this.finish(record, { state: "FAILED", exitCode: null, failureReason: "executor lost", resultJson: null, lastLogSeq: 0n }, record.leaseId);
+        const failed = await this.finish(record, endWithoutReport("FAILED", "executor lost"), record.leaseId);
         if (failed) this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId }, "lease expired while running; failed");
       }
     }
@@ -473,6 +466,11 @@ export class Dispatcher {
       this.logger.warn({ err, dispatch_id: record.id }, `telemetry: ${what} failed`);
     }
   }
+}
+
+/** An end no executor reported (never started, lost, cancelled): no exit code, no result, no log lines counted. */
+function endWithoutReport(state: "FAILED" | "CANCELLED", failureReason: string): TerminalReport {
+  return { state, exitCode: null, failureReason, resultJson: null, lastLogSeq: 0n };
 }
 
 /** Why a run is retried when the executor holding its lease was lost before the run started. */
