@@ -32,7 +32,11 @@ export function connectRedis(url: string, logger: Logger, options: RedisOptions 
 
 /** A duplicate connection for SUBSCRIBE (a subscribed connection cannot run other commands). */
 export function subscriberOf(redis: Redis): Redis {
-  return redis.duplicate({ enableOfflineQueue: true });
+  const subscriber = redis.duplicate({ enableOfflineQueue: true });
+  // The connection it duplicates logs Redis going and coming; without a listener ioredis would
+  // print every failed reconnect of this one to stderr as an unhandled error.
+  subscriber.on("error", () => undefined);
+  return subscriber;
 }
 
 function redactUrl(url: string): string {

@@ -1,7 +1,8 @@
 /**
  * Circuit states saved after each outcome and taken up by a replica that starts later
  * (AgentCircuits.restore), in process with a Map for the store; the Redis adapter against a
- * private redis-server that starts late; a real third replica is in replicas.test.ts.
+ * private redis-server that starts late, and one it is cut off from for a while; a real third
+ * replica is in replicas.test.ts.
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -12,6 +13,7 @@ import { CIRCUITS_KEY, redisCircuitStates } from "../src/adapters/circuit-states
 import { AgentCircuits, type CircuitOptions, type CircuitStateStore } from "../src/core/resilience.ts";
 import { freePort } from "../../../scripts/lib/ports.ts";
 import { startPrivateRedis, type PrivateRedis } from "../../../scripts/lib/scale-out.ts";
+import { startBalancer } from "../../../scripts/lib/balancer.ts";
 
 const OPTIONS: CircuitOptions = { failureThreshold: 5, windowMs: 60_000, halfOpenAfterMs: 300, successesToClose: 3 };
 
@@ -128,6 +130,35 @@ describe("redisCircuitStates", () => {
     } finally {
       redis.disconnect();
       await server?.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("keeps a save that failed while Redis was unreachable and writes it when Redis is back", async () => {
+    const dir = mkdtempSync(path.join(tmpdir(), "outpost-circuit-states-"));
+    const server = await startPrivateRedis(dir);
+    const redisPort = Number(new URL(server.url).port);
+    const proxyPort = await freePort();
+    let proxy = await startBalancer(() => [redisPort], "127.0.0.1", proxyPort);
+    const cutOff = connectRedis(`redis://127.0.0.1:${proxyPort}`, silentLogger);
+    const direct = connectRedis(server.url, silentLogger);
+    try {
+      const states = redisCircuitStates(cutOff, silentLogger);
+      await states.load(); // connected
+      await proxy.close();
+      await states.save("claude", "older");
+      await states.save("claude", "newer"); // only the latest state of an agent is kept
+      await states.save("codex", "codex state");
+      expect(await direct.hgetall(CIRCUITS_KEY)).toEqual({});
+      proxy = await startBalancer(() => [redisPort], "127.0.0.1", proxyPort);
+      const deadline = Date.now() + 15_000;
+      while (Object.keys(await direct.hgetall(CIRCUITS_KEY)).length < 2 && Date.now() < deadline) await sleep(50);
+      expect(await direct.hgetall(CIRCUITS_KEY)).toEqual({ claude: "newer", codex: "codex state" });
+    } finally {
+      cutOff.disconnect();
+      direct.disconnect();
+      await proxy.close();
+      await server.stop();
       rmSync(dir, { recursive: true, force: true });
     }
   });

@@ -1,12 +1,19 @@
 /**
  * The Redis wake-up bus: a subscribe that fails (Redis down when the replica starts) is retried
  * until it succeeds, so the replica does not miss its peers for good; messages reach the handler
- * of their channel only; peers' run outcomes reach the Notifier, its own do not.
+ * of their channel only; peers' run outcomes reach the Notifier, its own do not; the outcome
+ * stream on a real Redis carries outcomes across a replica's disconnect, both ways.
  */
 import { EventEmitter } from "node:events";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
 import { describe, expect, it } from "vitest";
-import type { Logger, Redis } from "@outpost/platform";
-import { Notifier, OUTCOME_CHANNEL, QUEUED_CHANNEL, redisWakeupBus } from "../src/core/notifier.ts";
+import { connectRedis, createLogger, subscriberOf, type Logger, type Redis } from "@outpost/platform";
+import { Notifier, OUTCOME_STREAM, QUEUED_CHANNEL, redisWakeupBus, type WakeupBus } from "../src/core/notifier.ts";
+import { startPrivateRedis } from "../../../scripts/lib/scale-out.ts";
+import { startBalancer } from "../../../scripts/lib/balancer.ts";
+import { freePort } from "../../../scripts/lib/ports.ts";
 
 /** Stands in for ioredis's subscriber: SUBSCRIBE fails `failures` times, then succeeds. */
 class FlakySubscriber extends EventEmitter {
@@ -27,7 +34,7 @@ class FlakySubscriber extends EventEmitter {
 }
 
 const published: [string, string][] = [];
-const publisher = { publish: async (channel: string, message: string) => void published.push([channel, message]), disconnect() {} };
+const publisher = Object.assign(new EventEmitter(), { publish: async (channel: string, message: string) => void published.push([channel, message]), disconnect() {} });
 const warnings: string[] = [];
 const logger = { warn: (_: unknown, msg: string) => void warnings.push(msg), debug() {} } as unknown as Logger;
 
@@ -60,24 +67,45 @@ describe("redisWakeupBus", () => {
   });
 });
 
+/** Stands in for the Redis bus in process: channels and streams as lists of handlers. */
+function memoryBus() {
+  const channels = new Map<string, ((message: string) => void)[]>();
+  const streams = new Map<string, ((message: string) => void)[]>();
+  const appended: [string, string][] = [];
+  const bus: WakeupBus = {
+    publish: (channel, message) => channels.get(channel)?.forEach((h) => h(message)),
+    async subscribe(channel, onMessage) {
+      channels.set(channel, [...(channels.get(channel) ?? []), onMessage]);
+    },
+    append(stream, message) {
+      appended.push([stream, message]);
+    },
+    async follow(stream, onMessage) {
+      streams.set(stream, [...(streams.get(stream) ?? []), onMessage]);
+    },
+    async close() {},
+  };
+  /** An entry as Redis would hand it to every follower (its own appends included). */
+  const deliver = (stream: string, message: string) => streams.get(stream)?.forEach((h) => h(message));
+  return { bus, appended, deliver, publish: bus.publish };
+}
+
 describe("Notifier over a bus", () => {
   it("hands peers' run outcomes to its listeners, not its own, and ignores malformed ones", async () => {
-    const subscriber = new FlakySubscriber(0);
-    const bus = redisWakeupBus(publisher as unknown as Redis, subscriber as unknown as Redis, logger);
+    const { bus, appended, deliver, publish } = memoryBus();
     const notifier = new Notifier(bus);
     await notifier.start();
     const outcomes: [string, boolean][] = [];
     notifier.onPeerOutcome((agent, succeeded) => outcomes.push([agent, succeeded]));
-    published.length = 0;
     notifier.runOutcome("demo", false);
-    const [[channel, own]] = published as [[string, string]];
-    expect(channel).toBe(OUTCOME_CHANNEL);
-    subscriber.emit("message", OUTCOME_CHANNEL, own); // its own message, echoed by Redis
-    subscriber.emit("message", OUTCOME_CHANNEL, "peer-1 0 claude");
-    subscriber.emit("message", OUTCOME_CHANNEL, "peer-1 1 demo");
-    subscriber.emit("message", OUTCOME_CHANNEL, "peer-1 maybe demo");
-    subscriber.emit("message", OUTCOME_CHANNEL, "peer-1 1");
-    subscriber.emit("message", QUEUED_CHANNEL, "peer-1 1 demo");
+    const [[stream, own]] = appended as [[string, string]];
+    expect(stream).toBe(OUTCOME_STREAM);
+    deliver(OUTCOME_STREAM, own); // its own entry, read back from the stream
+    deliver(OUTCOME_STREAM, "peer-1 0 claude");
+    deliver(OUTCOME_STREAM, "peer-1 1 demo");
+    deliver(OUTCOME_STREAM, "peer-1 maybe demo");
+    deliver(OUTCOME_STREAM, "peer-1 1");
+    publish(QUEUED_CHANNEL, "peer-1 1 demo");
     expect(outcomes).toEqual([
       ["claude", false],
       ["demo", true],
@@ -85,3 +113,61 @@ describe("Notifier over a bus", () => {
     await notifier.close();
   });
 });
+
+describe("the outcome stream on a real Redis", () => {
+  /**
+   * Replica B reaches a private redis-server through a loopback proxy the test closes: B is cut
+   * off while A stays connected, as when one machine loses its network.
+   */
+  it("a replica cut off from Redis gets its peers' outcomes when it is back, and they get the ones it saw meanwhile", async () => {
+    const dir = mkdtempSync(path.join(tmpdir(), "outpost-outcome-stream-"));
+    const server = await startPrivateRedis(dir);
+    const redisPort = Number(new URL(server.url).port);
+    const proxyPort = await freePort();
+    let proxy = await startBalancer(() => [redisPort], "127.0.0.1", proxyPort);
+    const silent = createLogger("outcome-stream-test", "silent");
+    const busOf = (url: string) => {
+      const publisher = connectRedis(url, silent);
+      return { publisher, bus: redisWakeupBus(publisher, subscriberOf(publisher), silent) };
+    };
+    const a = busOf(server.url);
+    const b = busOf(`redis://127.0.0.1:${proxyPort}`);
+    const gotA: string[] = [];
+    const gotB: string[] = [];
+    try {
+      await a.bus.follow(OUTCOME_STREAM, (m) => gotA.push(m));
+      await b.bus.follow(OUTCOME_STREAM, (m) => gotB.push(m));
+      a.bus.append(OUTCOME_STREAM, "a 0 claude");
+      await until(() => gotB.length === 1);
+
+      await proxy.close(); // B is cut off; its reads fail and its appends are kept
+      await until(() => b.publisher.status !== "ready");
+      for (let i = 1; i <= 3; i++) a.bus.append(OUTCOME_STREAM, `a ${i} while-b-away`);
+      b.bus.append(OUTCOME_STREAM, "b 0 seen-while-away");
+      b.bus.append(OUTCOME_STREAM, "b 1 seen-while-away");
+      await new Promise((r) => setTimeout(r, 500));
+      expect(gotB).toEqual(["a 0 claude"]);
+      expect(gotA.filter((m) => m.startsWith("b "))).toEqual([]);
+
+      proxy = await startBalancer(() => [redisPort], "127.0.0.1", proxyPort);
+      await until(() => gotB.length === 6 && gotA.length === 6, 15_000);
+      // Each reads every entry once, in the order appended (B's own come after A's: appended on reconnect).
+      expect(gotB).toEqual(["a 0 claude", "a 1 while-b-away", "a 2 while-b-away", "a 3 while-b-away", "b 0 seen-while-away", "b 1 seen-while-away"]);
+      expect(gotA).toEqual(gotB);
+    } finally {
+      await a.bus.close();
+      await b.bus.close();
+      await proxy.close();
+      await server.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error("condition not met in time");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

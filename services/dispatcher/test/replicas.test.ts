@@ -3,8 +3,10 @@
  * redis-server: the circuit states saved there must not outlive the test): concurrent executors
  * on both replicas never lease the same run twice, an executor long-polling replica 2 wakes
  * promptly for work created through replica 1 (Redis pub/sub, well under the 1 s re-check), an
- * agent's circuit opened by failures reported to one replica refuses creates on the other, and
- * a third replica started afterwards begins with that circuit open.
+ * agent's circuit opened by failures reported to one replica refuses creates on the other, a
+ * third replica started afterwards begins with that circuit open, and a replica cut off from
+ * Redis while an agent failed on its peer refuses that agent once it is back (replica 2 reaches
+ * Redis through a loopback proxy the test closes).
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -19,28 +21,40 @@ import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.j
 import { EXECUTOR, tenantIdentity } from "./helpers.ts";
 import { SECRET, startDispatcherProcess, stop, type Proc } from "./process-helpers.ts";
 import { startPrivateRedis, type PrivateRedis } from "../../../scripts/lib/scale-out.ts";
+import { startBalancer, type Balancer } from "../../../scripts/lib/balancer.ts";
+import { freePort } from "../../../scripts/lib/ports.ts";
 
 describe("two dispatcher replicas on one store and one Redis", () => {
   let dataDir: string;
   let redis: PrivateRedis | undefined;
+  /** Replica 2's way to Redis. */
+  let proxy: Balancer | undefined;
+  let proxyPort = 0;
   const procs: Proc[] = [];
   const urls: string[] = [];
-  const startReplica = async () => {
+  const startReplica = async (redisUrl = redis!.url) => {
     // The store re-check is set far beyond the 5 s long-poll below, so only a Redis wake-up
     // can hand a poll on one replica work created on the other.
-    const { baseUrl, proc } = await startDispatcherProcess(dataDir, { OUTPOST_REDIS_URL: redis!.url, OUTPOST_LOG_LEVEL: "warn", OUTPOST_QUEUE_RECHECK_MS: "60000" });
+    const { baseUrl, proc } = await startDispatcherProcess(dataDir, { OUTPOST_REDIS_URL: redisUrl, OUTPOST_LOG_LEVEL: "warn", OUTPOST_QUEUE_RECHECK_MS: "60000" });
     procs.push(proc);
     urls.push(baseUrl);
+  };
+  const openProxy = async () => {
+    proxy = await startBalancer(() => [Number(new URL(redis!.url).port)], "127.0.0.1", proxyPort);
   };
 
   beforeAll(async () => {
     dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-replicas-"));
     redis = await startPrivateRedis(path.join(dataDir, "redis"));
-    for (let i = 0; i < 2; i++) await startReplica();
+    proxyPort = await freePort();
+    await openProxy();
+    await startReplica();
+    await startReplica(`redis://127.0.0.1:${proxyPort}`);
   });
 
   afterAll(async () => {
     for (const proc of procs) await stop(proc);
+    await proxy?.close();
     await redis?.stop();
     if (dataDir) rmSync(dataDir, { recursive: true, force: true });
   });
@@ -48,6 +62,32 @@ describe("two dispatcher replicas on one store and one Redis", () => {
   const tenant = (i: number, t = "01JTENANTAAAAAAAAAAAAAAAAA") =>
     internalClient(DispatchService, { baseUrl: urls[i]!, internalSecret: SECRET, identity: tenantIdentity(t) });
   const executor = (i: number) => internalClient(LeaseService, { baseUrl: urls[i]!, internalSecret: SECRET, identity: EXECUTOR });
+
+  /** Leases runs on replica 1 until one of `ids` (not `skip`), and reports it failed by the agent. */
+  const failOne = async (ids: Set<string>, skip?: string) => {
+    for (;;) {
+      const { lease } = await executor(0).acquireLease({ executorId: "host-circuit", wait: durationFromMs(0) });
+      if (!lease) throw new Error("the queue ran dry before the agent's runs failed");
+      const dispatchId = lease.dispatch!.id;
+      if (!ids.has(dispatchId) || dispatchId === skip) continue;
+      await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.RUNNING });
+      await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.FAILED, exitCode: 1 });
+      return;
+    }
+  };
+
+  /** Creates on replica `i` until one is refused (polling: peers' outcomes arrive over Redis). */
+  const refusalOn = async (i: number, agent: string, attempts = 50): Promise<ConnectError | undefined> => {
+    for (let n = 0; n < attempts; n++) {
+      try {
+        await tenant(i).createDispatch({ agent, task: "after the failures" });
+        await new Promise((r) => setTimeout(r, 100));
+      } catch (err) {
+        return ConnectError.from(err);
+      }
+    }
+    return undefined;
+  };
 
   it("an executor long-polling replica 2 gets work created on replica 1 promptly", async () => {
     // Warm up both connections and let the subscriber attach.
@@ -97,16 +137,8 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     await new Promise((r) => setTimeout(r, 300));
     let failed = 0;
     const failNext = async () => {
-      for (;;) {
-        const { lease } = await executor(0).acquireLease({ executorId: "host-circuit", wait: durationFromMs(0) });
-        if (!lease) throw new Error("the queue ran dry before five claude runs failed");
-        const dispatchId = lease.dispatch!.id;
-        if (!mine.has(dispatchId) || dispatchId === before.id) continue;
-        await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.RUNNING });
-        await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.FAILED, exitCode: 1 });
-        failed++;
-        return;
-      }
+      await failOne(mine, before.id);
+      failed++;
     };
     while (failed < 4) await failNext();
     // Four failures open it nowhere: an outcome counted twice (e.g. a replica's own echo) would.
@@ -115,15 +147,7 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     await tenant(1).createDispatch({ agent: "claude", task: "after four, replica 2" });
     await failNext();
     // The outcomes reach replica 2 over Redis: poll briefly rather than assume a delivery time.
-    let refusal: ConnectError | undefined;
-    for (let i = 0; i < 50 && !refusal; i++) {
-      try {
-        await tenant(1).createDispatch({ agent: "claude", task: "after" });
-        await new Promise((r) => setTimeout(r, 100));
-      } catch (err) {
-        refusal = ConnectError.from(err);
-      }
-    }
+    const refusal = await refusalOn(1, "claude");
     expect(refusal?.code).toBe(Code.Unavailable);
     expect(refusal?.rawMessage).toContain("circuit open");
     // Other agents are not affected on either replica.
@@ -135,5 +159,22 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     expect(late.code).toBe(Code.Unavailable);
     expect(late.rawMessage).toContain("circuit open");
     await tenant(2).createDispatch({ agent: "demo", task: "unaffected on the late replica" });
+  });
+
+  it("a replica cut off from Redis while an agent failed on its peer refuses that agent once it is back", async () => {
+    // codex: an agent no other test here runs.
+    const mine = new Set<string>();
+    for (let i = 0; i < 5; i++) mine.add((await tenant(0).createDispatch({ agent: "codex", task: `fails ${i}` })).dispatch!.id);
+    await proxy!.close(); // replica 2 loses Redis; replica 1 keeps it
+    for (let i = 0; i < 5; i++) await failOne(mine);
+    await expect(tenant(0).createDispatch({ agent: "codex", task: "refused on replica 1" })).rejects.toThrow(/circuit open/);
+    // Replica 2 has not heard: it still accepts codex.
+    await new Promise((r) => setTimeout(r, 300));
+    await tenant(1).createDispatch({ agent: "codex", task: "accepted while cut off" });
+    await openProxy();
+    // Back on Redis (its reconnect backs off up to 5 s), it reads the outcomes it missed.
+    const refusal = await refusalOn(1, "codex", 150);
+    expect(refusal?.code).toBe(Code.Unavailable);
+    expect(refusal?.rawMessage).toContain("circuit open");
   });
 });

@@ -64,8 +64,8 @@ export async function fleetStatus(options: FleetOptions): Promise<FleetStatus> {
   }
   if (options.redisReady && !options.redisReady()) {
     // Work still flows (long-polls re-read the store every second), but more slowly across
-    // replicas, and this replica's circuit breakers see only the outcomes reported to it.
-    degraded.push("redis: unreachable; queue wake-ups, cancels and circuit outcomes reach other replicas only through the store's periodic re-check, or not at all (circuits)");
+    // replicas, and circuit outcomes wait for Redis to come back in each direction.
+    degraded.push("redis: unreachable; queue wake-ups and cancels reach other replicas only through the store's periodic re-check, and circuit outcomes are exchanged when it is back");
   }
   const ready = executors.filter((e) => e.engineReady);
   const images = new Set(ready.flatMap((e) => e.imagesPresent));

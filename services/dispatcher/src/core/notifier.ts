@@ -9,8 +9,10 @@
  * The same bus carries cancel requests to the replica whose executor runs the dispatch (while
  * Redis is down, heartbeats still carry them), and runs' outcomes to every replica's circuit
  * breakers: a run's end is reported to whichever replica its executor calls, and without this
- * each replica's breaker would count only those. An outcome published while Redis is down is
- * counted only by the replica that saw it.
+ * each replica's breaker would count only those. Outcomes have no other way round, so they go
+ * through a Redis stream rather than pub/sub: each replica reads it from where it left off, so
+ * one cut off from Redis for a while counts its peers' outcomes when it is back, and the
+ * outcomes it saw meanwhile wait in memory (bounded) until it can append them.
  */
 import { EventEmitter, on } from "node:events";
 import { ExponentialBackoff, handleAll, retry } from "cockatiel";
@@ -19,14 +21,29 @@ import type { Logger, Redis } from "@outpost/platform";
 export const QUEUED_CHANNEL = "outpost:dispatch:queued";
 /** Carries "<origin> <dispatch id>" when a running dispatch is asked to cancel, to every replica. */
 export const CANCEL_CHANNEL = "outpost:dispatch:cancel";
-/** Carries "<origin> <1|0> <agent>" for each run outcome the circuit breakers count (1 = succeeded). */
-export const OUTCOME_CHANNEL = "outpost:dispatch:outcome";
+/** A stream of "<origin> <1|0> <agent>", one entry per run outcome the circuit breakers count (1 = succeeded). */
+export const OUTCOME_STREAM = "outpost:dispatch:outcomes";
+/** Entries a stream keeps (about): hours of outcomes, more than any reconnect needs. */
+const STREAM_LENGTH = 10_000;
+/** Entries a replica keeps while it cannot append them; the oldest are dropped past this. */
+const UNSENT_LIMIT = 1000;
+/** How long one XREAD waits for new entries before asking again. */
+const STREAM_BLOCK_MS = 5000;
 
 /** Publishes and receives cross-replica wake-ups. */
 export interface WakeupBus {
+  /** Fire and forget: a peer that is not listening misses it. */
   publish(channel: string, message: string): void;
   /** Calls `onMessage` for every message on `channel`. */
   subscribe(channel: string, onMessage: (message: string) => void): Promise<void>;
+  /** Appends to a stream every peer reads in order; kept and appended later while Redis is down. */
+  append(stream: string, message: string): void;
+  /**
+   * Calls `onMessage` for every entry appended to `stream` from now on, including those appended
+   * while this replica could not read (it resumes after the last entry it read). Resolves once
+   * "now" is fixed, retrying until Redis answers or the bus closes.
+   */
+  follow(stream: string, onMessage: (message: string) => void): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -35,13 +52,72 @@ export interface WakeupBus {
  * A subscribe that fails (Redis down at start-up) is retried with backoff until it succeeds or
  * the bus closes: ioredis re-subscribes by itself after a reconnect, but only to channels it
  * had subscribed, so a replica that gave up would miss its peers for good.
+ *
+ * Streams: the publisher appends (XADD, trimmed to about 10,000 entries); each `follow` reads on
+ * a connection of its own (XREAD BLOCK holds the connection) from the id of the last entry it
+ * read, so after a disconnect it picks up what it missed. Entries that could not be appended
+ * are appended, in order, when the publisher is connected again.
  */
 export function redisWakeupBus(publisher: Redis, subscriber: Redis, logger: Logger): WakeupBus {
   const handlers = new Map<string, (message: string) => void>();
   subscriber.on("message", (channel: string, message: string) => handlers.get(channel)?.(message));
   const closing = new AbortController();
+  const readers: Redis[] = [];
   const subscribeRetry = retry(handleAll, { backoff: new ExponentialBackoff({ initialDelay: 500, maxDelay: 30_000 }) });
   subscribeRetry.onRetry(({ delay }) => logger.warn({ retry_in_ms: Math.round(delay) }, "redis subscribe failed; retrying (peers' messages are missed meanwhile)"));
+
+  const unsent: [stream: string, message: string][] = [];
+  let flushing = false;
+  const xadd = (stream: string, message: string) => publisher.xadd(stream, "MAXLEN", "~", STREAM_LENGTH, "*", "m", message);
+  const keepUnsent = (stream: string, message: string) => {
+    if (unsent.length === 0) logger.warn({ stream }, "redis unavailable; keeping stream entries until it is back");
+    unsent.push([stream, message]);
+    if (unsent.length > UNSENT_LIMIT) unsent.shift();
+  };
+  const flushUnsent = async () => {
+    if (flushing) return;
+    flushing = true;
+    let appended = 0;
+    try {
+      while (unsent.length > 0 && !closing.signal.aborted) {
+        const [stream, message] = unsent[0]!;
+        await xadd(stream, message);
+        unsent.shift();
+        appended++;
+      }
+      logger.info({ appended }, "stream entries kept while redis was unavailable are appended");
+    } catch {
+      // Disconnected again: the next "ready" tries again.
+    } finally {
+      flushing = false;
+    }
+  };
+  publisher.on("ready", () => {
+    if (unsent.length > 0) void flushUnsent();
+  });
+
+  /** Reads `stream` after `lastId` until the bus closes; a failed read waits (backing off) and resumes from the same id. */
+  const readFrom = async (reader: Redis, stream: string, lastId: string, onMessage: (message: string) => void) => {
+    let delayMs = 250;
+    while (!closing.signal.aborted) {
+      try {
+        const reply = await reader.xread("COUNT", 500, "BLOCK", STREAM_BLOCK_MS, "STREAMS", stream, lastId);
+        delayMs = 250;
+        for (const [, entries] of reply ?? []) {
+          for (const [id, fields] of entries) {
+            lastId = id;
+            if (fields[0] === "m" && fields[1] !== undefined) onMessage(fields[1]);
+          }
+        }
+      } catch (err) {
+        if (closing.signal.aborted) return;
+        logger.debug({ err, stream }, "stream read failed; resuming after the last entry read");
+        await new Promise((resolve) => setTimeout(resolve, delayMs));
+        delayMs = Math.min(delayMs * 2, 5000);
+      }
+    }
+  };
+
   return {
     publish(channel, message) {
       publisher.publish(channel, message).catch((err: unknown) => logger.debug({ err, channel }, "cross-replica publish failed"));
@@ -55,10 +131,38 @@ export function redisWakeupBus(publisher: Redis, subscriber: Redis, logger: Logg
         if (!closing.signal.aborted) throw err;
       }
     },
+    append(stream, message) {
+      // Behind earlier unsent entries, or while disconnected: keep it, so peers get them in order.
+      if (unsent.length > 0 || publisher.status !== "ready") {
+        keepUnsent(stream, message);
+        return;
+      }
+      xadd(stream, message).catch(() => {
+        keepUnsent(stream, message);
+        if (publisher.status === "ready") void flushUnsent();
+      });
+    },
+    async follow(stream, onMessage) {
+      // Queued while disconnected: the first read waits for the connection instead of failing.
+      const reader = publisher.duplicate({ enableOfflineQueue: true });
+      reader.on("error", () => undefined); // the read loop handles a lost connection
+      readers.push(reader);
+      // "From now on" is the id of the stream's last entry (XREAD's "$" would be re-read as
+      // "now" on every call and lose entries appended between two reads).
+      let lastId: string;
+      try {
+        lastId = await subscribeRetry.execute(async () => (await reader.xrevrange(stream, "+", "-", "COUNT", 1))[0]?.[0] ?? "0-0", closing.signal);
+      } catch (err) {
+        if (closing.signal.aborted) return;
+        throw err;
+      }
+      void readFrom(reader, stream, lastId, onMessage);
+    },
     async close() {
       closing.abort();
       subscriber.disconnect();
       publisher.disconnect();
+      for (const reader of readers) reader.disconnect();
     },
   };
 }
@@ -85,7 +189,7 @@ export class Notifier {
         const [origin, dispatchId] = message.split(" ");
         if (origin !== this.origin && dispatchId) this.events.emit("cancel", dispatchId);
       }),
-      this.bus.subscribe(OUTCOME_CHANNEL, (message) => {
+      this.bus.follow(OUTCOME_STREAM, (message) => {
         const [origin, succeeded, agent] = message.split(" ", 3);
         if (origin !== this.origin && agent && (succeeded === "1" || succeeded === "0")) this.events.emit("peer-outcome", agent, succeeded === "1");
       }),
@@ -122,7 +226,7 @@ export class Notifier {
 
   /** A run of `agent` ended with an outcome for the circuit breakers: peers count it too (their breakers may be in another state than this one's). */
   runOutcome(agent: string, succeeded: boolean): void {
-    this.bus?.publish(OUTCOME_CHANNEL, `${this.origin} ${succeeded ? 1 : 0} ${agent}`);
+    this.bus?.append(OUTCOME_STREAM, `${this.origin} ${succeeded ? 1 : 0} ${agent}`);
   }
 
   /** Calls `listener` for every run outcome another replica counted. */
