@@ -1,7 +1,12 @@
 import { createHash } from "node:crypto";
+import http2 from "node:http2";
+import net from "node:net";
 import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
-import { describe, expect, it, vi } from "vitest";
+import { Code } from "@connectrpc/connect";
+import { loadConfig } from "@outpost/platform";
+import { pino } from "pino";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { create } from "@bufbuild/protobuf";
 import { ServerReflectionRequestSchema } from "@outpost/proto/grpc/reflection/v1/reflection_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
@@ -12,6 +17,9 @@ import { methodClassOf } from "../src/core/method-class.ts";
 import { RateLimitPolicy, parseAllowList, tightest, type RateDecision } from "../src/core/rate-limit.ts";
 import { ReflectionIndex } from "../src/core/reflection.ts";
 import { MemoryRateCounter } from "../src/store/rate-counter.ts";
+import { gatewayConfigShape } from "../src/config.ts";
+import { startGateway } from "../src/service.ts";
+import { envelope } from "../../test/support/envelopes.ts";
 
 describe("methodClassOf", () => {
   it("classifies by verb", () => {
@@ -126,5 +134,113 @@ describe("Authenticator invalidation", () => {
     await Promise.all(calls);
     expect(lookup).toHaveBeenCalledTimes(1);
     expect(auth.cachedIdentity(headers)).toBeUndefined();
+  });
+});
+
+/**
+ * A gateway in this process on a real port, its upstreams nowhere (nothing here reaches them):
+ * what a hostile client gets from the edge itself, over raw sockets.
+ */
+describe("the edge against a hostile client (real socket)", () => {
+  const ADMIN = "a".repeat(40);
+  let gateway: Awaited<ReturnType<typeof startGateway>>;
+  let port: number;
+  beforeAll(async () => {
+    const config = loadConfig(gatewayConfigShape, {
+      OUTPOST_INTERNAL_SECRET: "s".repeat(40),
+      OUTPOST_ADMIN_TOKEN: ADMIN,
+      OUTPOST_GATEWAY_PORT: "0",
+      OUTPOST_TENANT_URL: "http://127.0.0.1:9",
+      OUTPOST_DISPATCHER_URL: "http://127.0.0.1:9",
+      OUTPOST_TELEMETRY_URL: "http://127.0.0.1:9",
+      OUTPOST_RATE_LIMIT: "off",
+      OUTPOST_MAX_REQUEST_BYTES: "1024",
+    });
+    gateway = await startGateway(config, pino({ level: "silent" }));
+    port = gateway.port;
+  });
+  afterAll(() => gateway?.close());
+
+  const GET = "/outpost.dispatch.v1.DispatchService/GetDispatch";
+  const SUBSCRIBE = "/outpost.telemetry.v1.LogService/SubscribeLogs";
+
+  /**
+   * One HTTP/2 request whose body is written but never ended; resolves the answer once the stream
+   * has closed (the gateway must close it: the client never ends its side).
+   */
+  function unendedH2(path: string, headers: Record<string, string>, body: Buffer) {
+    const session = http2.connect(`http://127.0.0.1:${port}`);
+    session.on("error", () => {});
+    return new Promise<{ grpcStatus?: string; status?: number; body: Buffer; ms: number } | "no answer">((resolve) => {
+      const started = Date.now();
+      const stream = session.request({ ":method": "POST", ":path": path, authorization: `Bearer ${ADMIN}`, ...headers });
+      let head: http2.IncomingHttpHeaders = {};
+      let trailers: http2.IncomingHttpHeaders = {};
+      const chunks: Buffer[] = [];
+      const timer = setTimeout(() => resolve("no answer"), 5000);
+      stream.on("response", (h) => (head = h));
+      stream.on("trailers", (t) => (trailers = t));
+      stream.on("data", (c: Buffer) => chunks.push(c));
+      stream.on("error", () => {});
+      stream.on("close", () => {
+        clearTimeout(timer);
+        const grpcStatus = trailers["grpc-status"] ?? head["grpc-status"];
+        resolve({ grpcStatus: grpcStatus as string | undefined, status: Number(head[":status"]), body: Buffer.concat(chunks), ms: Date.now() - started });
+      });
+      stream.write(body);
+    }).finally(() => session.destroy());
+  }
+
+  /** Raw HTTP/1.1: writes `payload` and keeps the socket open; resolves what came back within 5 s. */
+  function h1(payload: string) {
+    return new Promise<{ text: string; ms: number }>((resolve) => {
+      const started = Date.now();
+      const socket = net.connect(port, "127.0.0.1");
+      let text = "";
+      const done = () => resolve({ text, ms: Date.now() - started });
+      socket.on("data", (c) => (text += c.toString("latin1")));
+      socket.on("close", done);
+      socket.on("error", () => {});
+      socket.write(payload);
+      setTimeout(() => socket.destroy(), 5000).unref();
+    });
+  }
+
+  const message = Buffer.from([0x0a, 0x1a, ...Buffer.from("01ARZ3NDEKTSV4RRFFQ69G5FAV")]);
+
+  it("ends a raw-path call whose body never ends at the client's deadline (gRPC unary and stream, Connect unary and stream)", async () => {
+    const grpc = { "content-type": "application/grpc", te: "trailers", "grpc-timeout": "300m" };
+    for (const path of [GET, SUBSCRIBE]) {
+      const answer = await unendedH2(path, grpc, envelope(0, message).subarray(0, 10));
+      expect(answer, `gRPC ${path}`).not.toBe("no answer");
+      if (answer === "no answer") return;
+      expect(answer.grpcStatus, `gRPC ${path}`).toBe(String(Code.DeadlineExceeded));
+      expect(answer.ms).toBeLessThan(2000);
+    }
+    const unary = await unendedH2(GET, { "content-type": "application/json", "connect-timeout-ms": "300" }, Buffer.from('{"dispatchId":'));
+    expect(unary).not.toBe("no answer");
+    if (unary === "no answer") return;
+    expect(unary.status).toBe(504);
+    expect(JSON.parse(unary.body.toString()).code).toBe("deadline_exceeded");
+    const stream = await unendedH2(SUBSCRIBE, { "content-type": "application/connect+json", "connect-timeout-ms": "300" }, envelope(0, '{"dispatchId":', 100));
+    expect(stream).not.toBe("no answer");
+    if (stream === "no answer") return;
+    expect(stream.body.toString()).toContain('"code":"deadline_exceeded"');
+    // HTTP/1.1: the answer, and the connection closed (the rest of the body will not come).
+    const h1Answer = await h1(
+      `POST ${GET} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnect-Timeout-Ms: 300\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Length: 100\r\n\r\n{"dispatchId":`,
+    );
+    expect(h1Answer.text).toMatch(/^HTTP\/1\.1 504 /);
+    expect(h1Answer.text.toLowerCase()).toContain("connection: close");
+    expect(h1Answer.ms).toBeLessThan(2000);
+  });
+
+  it("refuses a Connect body whose content-length is over the limit before reading it", async () => {
+    const answer = await h1(
+      `POST ${GET} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Length: 5000\r\n\r\n{"dispatchId":`,
+    );
+    expect(answer.text).toMatch(/^HTTP\/1\.1 429 /);
+    expect(answer.text).toContain("resource_exhausted");
+    expect(answer.ms).toBeLessThan(2000);
   });
 });

@@ -187,7 +187,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
           const timeout = protocol.timeoutOf(header);
           if (timeout.error) throw timeout.error;
           const deadline = timeout.timeoutMs === undefined ? undefined : startedAt + timeout.timeoutMs;
-          const body = await readBody(req, options.readMaxBytes, protocol.envelopeBytes);
+          const body = await readBody(req, options.readMaxBytes, protocol.envelopeBytes, deadline);
           protocol.validate(route.method, body, header);
           const admitted = await admitCall(options, { ip: clientIpOf(req), serviceTypeName: route.method.parent.typeName, methodName: route.method.name, header });
           budget = admitted.budget;
@@ -231,6 +231,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
           }
           if (!res.headersSent) protocol.respondError(req, res, error, budget);
           else breakAnswer(res);
+          discardUnreadBody(req, res);
           return error.code;
         }
       });
@@ -255,18 +256,57 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
   };
 }
 
-/** Reads the whole request body, refusing a message of more than `maxBytes`. */
-async function readBody(req: ClientRequest, maxBytes: number, envelopeBytes: number): Promise<Buffer> {
+/**
+ * Reads the whole request body, refusing a message of more than `maxBytes` (at once when its
+ * content-length says so) and giving up at the client's deadline (`deadline`, on the
+ * performance.now() clock): a client that never ends its body gets DEADLINE_EXCEEDED on time.
+ */
+async function readBody(req: ClientRequest, maxBytes: number, envelopeBytes: number, deadline: number | undefined): Promise<Buffer> {
+  const tooBig = () => new ConnectError(`message size is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
+  const promised = Number(req.headers["content-length"]);
+  if (promised > maxBytes + envelopeBytes) throw tooBig();
   const chunks: Buffer[] = [];
   let size = 0;
-  for await (const chunk of req as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > maxBytes + envelopeBytes) {
-      throw new ConnectError(`message size is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
+  const iterator = (req as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
+  let timer: NodeJS.Timeout | undefined;
+  // A deadline beyond a timer's reach is as good as none here (exchange holds it the same way).
+  const remainingMs = deadline === undefined ? undefined : deadline - performance.now();
+  const late =
+    remainingMs === undefined || remainingMs > MAX_TIMER_MS
+      ? undefined
+      : new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new ConnectError("the deadline passed before the request was read", Code.DeadlineExceeded)), Math.max(0, remainingMs));
+        });
+  try {
+    for (;;) {
+      const next = late ? await Promise.race([iterator.next(), late]) : await iterator.next();
+      if (next.done) break;
+      size += next.value.length;
+      if (size > maxBytes + envelopeBytes) throw tooBig();
+      chunks.push(next.value);
     }
-    chunks.push(chunk);
+  } catch (err) {
+    // Stop reading (a next() still waiting for bytes that never come finishes when the stream does).
+    iterator.return?.().catch(ignore);
+    throw err;
+  } finally {
+    clearTimeout(timer);
   }
   return Buffer.concat(chunks, size);
+}
+
+/**
+ * After an answer given before the request's body ended (over the limit, past the deadline): over
+ * HTTP/2 the stream closes only when both sides have ended, so once the answer is out it is reset
+ * with NO_ERROR (the answer is complete), as gRPC servers do, instead of waiting for a client that
+ * may never end it. (HTTP/1.1: the answer said `connection: close`.)
+ */
+function discardUnreadBody(req: ClientRequest, res: ClientResponse): void {
+  if (req.complete || !("stream" in res) || res.stream.destroyed) return;
+  req.resume();
+  // The trailers go out during the send that asks for them (the compat layer's own 'wantTrailers'
+  // listener, registered first), so the reset waits a turn.
+  res.stream.once("wantTrailers", () => setImmediate(() => res.stream.close(http2.constants.NGHTTP2_NO_ERROR)));
 }
 
 /** The client's answer cannot be completed: reset its stream (HTTP/2) or close its connection (HTTP/1.1). */
