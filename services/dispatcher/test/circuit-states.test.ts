@@ -10,7 +10,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { connectRedis, createLogger } from "@outpost/platform";
 import { CIRCUITS_KEY, redisCircuitStates } from "../src/adapters/circuit-states.ts";
-import { AgentCircuits, type CircuitOptions, type CircuitStateStore } from "../src/core/resilience.ts";
+import { AgentCircuits, type CircuitOptions, type CircuitStateStore, type RunOutcome } from "../src/core/resilience.ts";
 import { freePort } from "../../../scripts/lib/ports.ts";
 import { startPrivateRedis, type PrivateRedis } from "../../../scripts/lib/scale-out.ts";
 import { startBalancer } from "../../../scripts/lib/balancer.ts";
@@ -31,18 +31,20 @@ function memoryStates(): CircuitStateStore & { saved: Map<string, string> } {
 }
 
 const silentLogger = createLogger("circuit-states-test", "silent");
+const failed = (tenantId = "t0"): RunOutcome => ({ succeeded: false, tenantId, runtimeFailure: false });
+const SUCCEEDED: RunOutcome = { succeeded: true, tenantId: "t0", runtimeFailure: false };
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 describe("circuit states across replicas", () => {
   it("a replica restored after three failures opens on the next two, not five", async () => {
     const states = memoryStates();
     const first = new AgentCircuits(OPTIONS, states);
-    for (let i = 0; i < 3; i++) await first.record("claude", false);
+    for (let i = 0; i < 3; i++) await first.record("claude", failed(`t${i % 2}`));
     const late = new AgentCircuits(OPTIONS, states);
     expect(late.restore(await states.load())).toEqual(["claude"]);
-    await late.record("claude", false);
+    await late.record("claude", failed("t1"));
     expect(late.state("claude")).toBe("CLOSED");
-    await late.record("claude", false);
+    await late.record("claude", failed("t1"));
     expect(late.state("claude")).toBe("OPEN");
     expect(() => late.assertAccepting("claude")).toThrow(/circuit open/);
   });
@@ -50,27 +52,27 @@ describe("circuit states across replicas", () => {
   it("an open circuit restores open with its wait, half-opens on time, and closes after three successes", async () => {
     const states = memoryStates();
     const first = new AgentCircuits(OPTIONS, states);
-    for (let i = 0; i < 5; i++) await first.record("codex", false);
+    for (let i = 0; i < 5; i++) await first.record("codex", failed(`t${i % 2}`));
     expect(first.state("codex")).toBe("OPEN");
     const late = new AgentCircuits(OPTIONS, states);
     late.restore(await states.load());
     expect(late.state("codex")).toBe("OPEN");
     await sleep(350);
     expect(late.state("codex")).toBe("HALF_OPEN");
-    for (let i = 0; i < 3; i++) await late.record("codex", true);
+    for (let i = 0; i < 3; i++) await late.record("codex", SUCCEEDED);
     expect(late.state("codex")).toBe("CLOSED");
   });
 
   it("a half-open circuit restores half-open: one failure opens it again", async () => {
     const states = memoryStates();
     const first = new AgentCircuits(OPTIONS, states);
-    for (let i = 0; i < 5; i++) await first.record("gemini", false);
+    for (let i = 0; i < 5; i++) await first.record("gemini", failed(`t${i % 2}`));
     await sleep(350);
-    await first.record("gemini", true); // the first trial: half-open, saved so
+    await first.record("gemini", SUCCEEDED); // the first trial: half-open, saved so
     const late = new AgentCircuits(OPTIONS, states);
     late.restore(await states.load());
     expect(late.state("gemini")).toBe("HALF_OPEN");
-    await late.record("gemini", false);
+    await late.record("gemini", failed());
     expect(late.state("gemini")).toBe("OPEN");
   });
 
@@ -80,7 +82,7 @@ describe("circuit states across replicas", () => {
     const saved = (ownState: unknown, breakerState: unknown = [], openedAt: unknown = Date.now()) =>
       JSON.stringify({ policy: { ownState, breakerState }, openedAt });
     const open = { value: 1, openedAt: Date.now(), attemptNo: 1 };
-    await late.record("aider", true);
+    await late.record("aider", SUCCEEDED);
     const restored = late.restore({
       garbage: "{not json",
       wrongShape: saved({ value: "x" }, "nope"),
@@ -97,7 +99,7 @@ describe("circuit states across replicas", () => {
     expect(late.state("aider")).toBe("CLOSED");
     expect(late.state("grok")).toBe("OPEN");
     for (const agent of ["isolated", "unknownState"]) {
-      for (let i = 0; i < 5; i++) await late.record(agent, false);
+      for (let i = 0; i < 5; i++) await late.record(agent, failed(`t${i % 2}`));
       expect(late.state(agent)).toBe("OPEN");
     }
   });
@@ -105,10 +107,42 @@ describe("circuit states across replicas", () => {
   it("saves what this replica handled, not what peers report (they save it themselves)", async () => {
     const states = memoryStates();
     const circuits = new AgentCircuits(OPTIONS, states);
-    await circuits.record("claude", false, "peer");
+    await circuits.record("claude", failed(), "peer");
     expect(states.saved.has("claude")).toBe(false);
-    await circuits.record("claude", false);
+    await circuits.record("claude", failed("t1"));
     expect(JSON.parse(states.saved.get("claude")!).policy.breakerState).toHaveLength(2);
+  });
+});
+
+describe("one tenant cannot open an agent's circuit for all", () => {
+  it("counts a tenant's run failures up to one fewer than the threshold; a second tenant's failure opens it", async () => {
+    const circuits = new AgentCircuits(OPTIONS);
+    for (let i = 0; i < 20; i++) await circuits.record("claude", failed("mallory"));
+    expect(circuits.state("claude")).toBe("CLOSED");
+    await circuits.record("claude", failed("alice"));
+    expect(circuits.state("claude")).toBe("OPEN");
+  });
+
+  it("counts runtime failures (image, container) in full, whoever's run it was", async () => {
+    const circuits = new AgentCircuits(OPTIONS);
+    for (let i = 0; i < 5; i++) await circuits.record("codex", { succeeded: false, tenantId: "alice", runtimeFailure: true });
+    expect(circuits.state("codex")).toBe("OPEN");
+  });
+
+  it("a tenant's failures leave the count with the window, and a restored replica remembers them", async () => {
+    const states = memoryStates();
+    const circuits = new AgentCircuits({ ...OPTIONS, windowMs: 300 }, states);
+    for (let i = 0; i < 4; i++) await circuits.record("aider", failed("mallory"));
+    const late = new AgentCircuits({ ...OPTIONS, windowMs: 300 }, states);
+    late.restore(await states.load());
+    await late.record("aider", failed("mallory")); // over mallory's share: not counted
+    expect(late.state("aider")).toBe("CLOSED");
+    await sleep(350);
+    // The window moved on: mallory's four are gone, from the breaker and from its share.
+    for (let i = 0; i < 4; i++) await late.record("aider", failed("mallory"));
+    expect(late.state("aider")).toBe("CLOSED");
+    await late.record("aider", failed("alice"));
+    expect(late.state("aider")).toBe("OPEN");
   });
 });
 

@@ -209,8 +209,9 @@ describe("circuit breaker per agent (shortened clock: half-open after 300 ms)", 
     setup({ circuitMs: 300 });
     exportCircuitStates(circuits, logger);
     const gauge = async () => /outpost_circuit_state\{[^}]*circuit="agent:demo"[^}]*\} (\d+)/.exec(await metricsRegistry.metrics())?.[1];
+    // Two tenants' runs: one tenant's failures alone cannot open it (the next test).
     for (let i = 0; i < 5; i++) {
-      await dispatcher.create(A, input());
+      await dispatcher.create(i % 2 === 0 ? A : B, input());
       await runToEnd("FAILED", 1);
     }
     expect(circuits.state("demo")).toBe("OPEN");
@@ -273,10 +274,29 @@ describe("circuit breaker per agent (shortened clock: half-open after 300 ms)", 
     await expectError(dispatcher.create(A, input()), Code.Unavailable, "CIRCUIT_OPEN");
   });
 
+  it("one tenant's run failures and timeouts alone do not open it, for others or for itself", async () => {
+    setup({ circuitMs: 300 });
+    for (let i = 0; i < 10; i++) {
+      await dispatcher.create(A, input());
+      const leased = (await dispatcher.acquireLease("host-1", 0, never))!;
+      await dispatcher.reportRunning(leased.dispatch.id, leased.dispatch.leaseId);
+      // A task that exits 1, or a timeout the tenant chose too short: both in the tenant's hands.
+      const state = i % 2 === 0 ? "FAILED" : "TIMED_OUT";
+      await dispatcher.reportTerminal(leased.dispatch.id, leased.dispatch.leaseId, { state, exitCode: state === "FAILED" ? 1 : null, failureReason: "", resultJson: null, lastLogSeq: 0n });
+    }
+    expect(circuits.state("demo")).toBe("CLOSED");
+    await dispatcher.create(B, input());
+    await dispatcher.create(A, input());
+    // Four of A's counted, and one failure of B's: five failures from two tenants open it.
+    await runToEnd("FAILED", 1);
+    expect(circuits.state("demo")).toBe("OPEN");
+    await expectError(dispatcher.create(B, input()), Code.Unavailable, "CIRCUIT_OPEN");
+  });
+
   it("a failure while half-open opens it again; 4 failures do not open it", async () => {
     setup({ circuitMs: 300 });
     for (let i = 0; i < 4; i++) {
-      await dispatcher.create(A, input());
+      await dispatcher.create(i % 2 === 0 ? A : B, input());
       await runToEnd("FAILED", 2);
     }
     expect(circuits.state("demo")).toBe("CLOSED");

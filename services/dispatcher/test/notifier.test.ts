@@ -11,6 +11,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { connectRedis, createLogger, subscriberOf, type Logger, type Redis } from "@outpost/platform";
 import { Notifier, OUTCOME_STREAM, QUEUED_CHANNEL, redisWakeupBus, type WakeupBus } from "../src/core/notifier.ts";
+import type { RunOutcome } from "../src/core/resilience.ts";
 import { startPrivateRedis } from "../../../scripts/lib/scale-out.ts";
 import { startBalancer } from "../../../scripts/lib/balancer.ts";
 import { freePort } from "../../../scripts/lib/ports.ts";
@@ -95,20 +96,25 @@ describe("Notifier over a bus", () => {
     const { bus, appended, deliver, publish } = memoryBus();
     const notifier = new Notifier(bus);
     await notifier.start();
-    const outcomes: [string, boolean][] = [];
-    notifier.onPeerOutcome((agent, succeeded) => outcomes.push([agent, succeeded]));
-    notifier.runOutcome("demo", false);
+    const outcomes: [string, RunOutcome][] = [];
+    notifier.onPeerOutcome((agent, outcome) => outcomes.push([agent, outcome]));
+    notifier.runOutcome("demo", { succeeded: false, tenantId: "01JTENANTAAAAAAAAAAAAAAAAA", runtimeFailure: false });
     const [[stream, own]] = appended as [[string, string]];
     expect(stream).toBe(OUTCOME_STREAM);
     deliver(OUTCOME_STREAM, own); // its own entry, read back from the stream
-    deliver(OUTCOME_STREAM, "peer-1 0 claude");
-    deliver(OUTCOME_STREAM, "peer-1 1 demo");
-    deliver(OUTCOME_STREAM, "peer-1 maybe demo");
+    expect(own).toBe(`${own.split(" ")[0]} 0 demo 01JTENANTAAAAAAAAAAAAAAAAA`);
+    deliver(OUTCOME_STREAM, "peer-1 0 claude t1");
+    deliver(OUTCOME_STREAM, "peer-1 1 demo t2");
+    deliver(OUTCOME_STREAM, "peer-1 R codex t1");
+    deliver(OUTCOME_STREAM, "peer-1 0 aider"); // an older replica's entry: no tenant
+    deliver(OUTCOME_STREAM, "peer-1 maybe demo t1");
     deliver(OUTCOME_STREAM, "peer-1 1");
-    publish(QUEUED_CHANNEL, "peer-1 1 demo");
+    publish(QUEUED_CHANNEL, "peer-1 1 demo t1");
     expect(outcomes).toEqual([
-      ["claude", false],
-      ["demo", true],
+      ["claude", { succeeded: false, tenantId: "t1", runtimeFailure: false }],
+      ["demo", { succeeded: true, tenantId: "t2", runtimeFailure: false }],
+      ["codex", { succeeded: false, tenantId: "t1", runtimeFailure: true }],
+      ["aider", { succeeded: false, tenantId: "", runtimeFailure: false }],
     ]);
     await notifier.close();
   });

@@ -59,7 +59,8 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     if (dataDir) rmSync(dataDir, { recursive: true, force: true });
   });
 
-  const tenant = (i: number, t = "01JTENANTAAAAAAAAAAAAAAAAA") =>
+  const TENANTS = ["01JTENANTAAAAAAAAAAAAAAAAA", "01JTENANTBBBBBBBBBBBBBBBBB"] as const;
+  const tenant = (i: number, t: string = TENANTS[0]) =>
     internalClient(DispatchService, { baseUrl: urls[i]!, internalSecret: SECRET, identity: tenantIdentity(t) });
   const executor = (i: number) => internalClient(LeaseService, { baseUrl: urls[i]!, internalSecret: SECRET, identity: EXECUTOR });
 
@@ -109,8 +110,7 @@ describe("two dispatcher replicas on one store and one Redis", () => {
   it("executors on both replicas lease 60 runs concurrently, none twice", async () => {
     const ids = new Set<string>();
     for (let i = 0; i < 60; i++) {
-      const t = i % 2 === 0 ? "01JTENANTAAAAAAAAAAAAAAAAA" : "01JTENANTBBBBBBBBBBBBBBBBB";
-      ids.add((await tenant(i % 2, t).createDispatch({ agent: "demo", task: `run ${i}` })).dispatch!.id);
+      ids.add((await tenant(i % 2, TENANTS[i % 2]).createDispatch({ agent: "demo", task: `run ${i}` })).dispatch!.id);
     }
     const leased: string[] = [];
     const worker = async (replica: number, n: number) => {
@@ -129,7 +129,8 @@ describe("two dispatcher replicas on one store and one Redis", () => {
   it("five agent failures reported to replica 1 open the agent's circuit on replica 2 too", async () => {
     // claude: an agent no other test here runs, so its circuit starts closed on both replicas.
     const mine = new Set<string>();
-    for (let i = 0; i < 5; i++) mine.add((await tenant(0).createDispatch({ agent: "claude", task: `fails ${i}` })).dispatch!.id);
+    // Two tenants' runs: one tenant's failures alone never open an agent's circuit.
+    for (let i = 0; i < 5; i++) mine.add((await tenant(0, TENANTS[i % 2]).createDispatch({ agent: "claude", task: `fails ${i}` })).dispatch!.id);
     // Replica 2 accepts claude before the failures.
     const before = (await tenant(1).createDispatch({ agent: "claude", task: "before" })).dispatch!;
     mine.add(before.id);
@@ -164,7 +165,7 @@ describe("two dispatcher replicas on one store and one Redis", () => {
   it("a replica cut off from Redis while an agent failed on its peer refuses that agent once it is back", async () => {
     // codex: an agent no other test here runs.
     const mine = new Set<string>();
-    for (let i = 0; i < 5; i++) mine.add((await tenant(0).createDispatch({ agent: "codex", task: `fails ${i}` })).dispatch!.id);
+    for (let i = 0; i < 5; i++) mine.add((await tenant(0, TENANTS[i % 2]).createDispatch({ agent: "codex", task: `fails ${i}` })).dispatch!.id);
     await proxy!.close(); // replica 2 loses Redis; replica 1 keeps it
     for (let i = 0; i < 5; i++) await failOne(mine);
     await expect(tenant(0).createDispatch({ agent: "codex", task: "refused on replica 1" })).rejects.toThrow(/circuit open/);

@@ -16,7 +16,7 @@ import { isTerminal, queuedDispatch } from "../store/store.ts";
 import type { AgentRegistry } from "./agents.ts";
 import type { Notifier } from "./notifier.ts";
 import { UnlimitedAdmission, type TenantAdmission } from "./ports.ts";
-import { AgentCircuits, InfraRetry } from "./resilience.ts";
+import { AgentCircuits, InfraRetry, type RunOutcome } from "./resilience.ts";
 
 /** Where run starts and ends are announced, so log subscriptions can begin and end (telemetry). */
 export interface RunEvents {
@@ -103,7 +103,7 @@ export class Dispatcher {
     this.queueRecheckMs = options.queueRecheckMs ?? DEFAULT_QUEUE_RECHECK_MS;
     // Every replica's breakers count every run's outcome, whichever replica its end was reported to.
     // (record settles the outcome itself and never rejects.)
-    this.notifier.onPeerOutcome((agent, succeeded) => void this.circuits.record(agent, succeeded, "peer"));
+    this.notifier.onPeerOutcome((agent, outcome) => void this.circuits.record(agent, outcome, "peer"));
   }
 
   /**
@@ -422,8 +422,10 @@ export class Dispatcher {
     this.notifier.dispatchChanged(record.id);
     this.logger.info({ dispatch_id: record.id, state: updated.state, exit_code: updated.exitCode }, "dispatch ended");
     await this.releaseSlot(updated);
-    const outcome = runtimeFailure && updated.state === "FAILED" ? false : agentOutcome(updated);
-    if (outcome !== undefined) {
+    const runtime = runtimeFailure && updated.state === "FAILED";
+    const succeeded = runtime ? false : agentOutcome(updated);
+    if (succeeded !== undefined) {
+      const outcome: RunOutcome = { succeeded, tenantId: updated.tenantId, runtimeFailure: runtime };
       await this.circuits.record(updated.agent, outcome);
       this.notifier.runOutcome(updated.agent, outcome);
     }

@@ -17,11 +17,15 @@
 import { EventEmitter, on } from "node:events";
 import { ExponentialBackoff, handleAll, retry } from "cockatiel";
 import type { Logger, Redis } from "@outpost/platform";
+import type { RunOutcome } from "./resilience.ts";
 
 export const QUEUED_CHANNEL = "outpost:dispatch:queued";
 /** Carries "<origin> <dispatch id>" when a running dispatch is asked to cancel, to every replica. */
 export const CANCEL_CHANNEL = "outpost:dispatch:cancel";
-/** A stream of "<origin> <1|0> <agent>", one entry per run outcome the circuit breakers count (1 = succeeded). */
+/**
+ * A stream of "<origin> <outcome> <agent> <tenant>", one entry per run outcome the circuit
+ * breakers count: 1 = succeeded, 0 = the run failed, R = the agent's runtime failed.
+ */
 export const OUTCOME_STREAM = "outpost:dispatch:outcomes";
 /** Entries a stream keeps (about): hours of outcomes, more than any reconnect needs. */
 const STREAM_LENGTH = 10_000;
@@ -190,8 +194,10 @@ export class Notifier {
         if (origin !== this.origin && dispatchId) this.events.emit("cancel", dispatchId);
       }),
       this.bus.follow(OUTCOME_STREAM, (message) => {
-        const [origin, succeeded, agent] = message.split(" ", 3);
-        if (origin !== this.origin && agent && (succeeded === "1" || succeeded === "0")) this.events.emit("peer-outcome", agent, succeeded === "1");
+        const [origin, code, agent, tenantId = ""] = message.split(" ", 4);
+        if (origin === this.origin || !agent || (code !== "1" && code !== "0" && code !== "R")) return;
+        const outcome: RunOutcome = { succeeded: code === "1", tenantId, runtimeFailure: code === "R" };
+        this.events.emit("peer-outcome", agent, outcome);
       }),
     ]);
   }
@@ -225,12 +231,13 @@ export class Notifier {
   }
 
   /** A run of `agent` ended with an outcome for the circuit breakers: peers count it too (their breakers may be in another state than this one's). */
-  runOutcome(agent: string, succeeded: boolean): void {
-    this.bus?.append(OUTCOME_STREAM, `${this.origin} ${succeeded ? 1 : 0} ${agent}`);
+  runOutcome(agent: string, outcome: RunOutcome): void {
+    const code = outcome.succeeded ? "1" : outcome.runtimeFailure ? "R" : "0";
+    this.bus?.append(OUTCOME_STREAM, `${this.origin} ${code} ${agent} ${outcome.tenantId}`);
   }
 
   /** Calls `listener` for every run outcome another replica counted. */
-  onPeerOutcome(listener: (agent: string, succeeded: boolean) => void): void {
+  onPeerOutcome(listener: (agent: string, outcome: RunOutcome) => void): void {
     this.events.on("peer-outcome", listener);
   }
 

@@ -6,6 +6,10 @@
  * - `AgentCircuits`: one circuit breaker per agent. Opens after 5 agent failures within
  *   2 minutes, half-opens after 60 s, closes after 3 successful runs (a failure while half-open
  *   opens it again). While open, creates for that agent fail fast with UNAVAILABLE CIRCUIT_OPEN.
+ *   The circuit is shared by every tenant, and a tenant decides what its runs do (a task that
+ *   exits 1, a 1 ms timeout), so one tenant's run failures count up to one fewer than the
+ *   threshold: opening it takes failures from at least two tenants. Runtime failures (the
+ *   agent's image or container, before the run starts) are the agent's alone and count in full.
  *
  * A run's outcome arrives long after its create, through ReportRunState (possibly on another
  * replica's lease call), so outcomes are fed to cockatiel's CircuitBreakerPolicy as instant
@@ -69,6 +73,8 @@ export class InfraRetry {
 export interface CircuitOptions {
   /** Failures within `windowMs` that open the circuit. */
   failureThreshold: number;
+  /** A tenant's run failures counted within `windowMs` (default: `failureThreshold` − 1). */
+  maxFailuresPerTenant?: number;
   windowMs: number;
   /** How long the circuit stays open before it half-opens. */
   halfOpenAfterMs: number;
@@ -114,6 +120,16 @@ class AgentFailure extends Error {}
 interface AgentCircuit {
   policy: CircuitBreakerPolicy;
   openedAt: number;
+  /** Tenant -> when its counted run failures happened (within the window). */
+  tenantFailures: Map<string, number[]>;
+}
+
+/** A run's end as the circuit breakers see it. */
+export interface RunOutcome {
+  succeeded: boolean;
+  tenantId: string;
+  /** The agent's image or container failed before the run started: counted whoever's run it was. */
+  runtimeFailure: boolean;
 }
 
 /** Where every replica saves its circuits' states and a starting one reads them (agent -> saved state). */
@@ -122,10 +138,11 @@ export interface CircuitStateStore {
   save(agent: string, state: string): Promise<void>;
 }
 
-/** A circuit as saved: cockatiel's serialised policy and when it last opened. */
+/** A circuit as saved: cockatiel's serialised policy, when it last opened, and each tenant's counted failures. */
 interface SavedCircuit {
   policy: unknown;
   openedAt: number;
+  tenantFailures?: Record<string, number[]>;
 }
 
 /**
@@ -142,7 +159,10 @@ function parseSaved(text: string): SavedCircuit | undefined {
     const validOwn =
       own?.value === CircuitState.Closed ||
       (own?.value === CircuitState.Open && finite(own.openedAt) && Number.isInteger(own.attemptNo) && (own.attemptNo as number) >= 1);
-    const valid = finite(saved.openedAt) && validOwn && Array.isArray(policy?.breakerState) && policy.breakerState.every(finite);
+    const tenants = saved.tenantFailures;
+    const validTenants =
+      tenants === undefined || (typeof tenants === "object" && tenants !== null && Object.values(tenants).every((times) => Array.isArray(times) && times.every(finite)));
+    const valid = finite(saved.openedAt) && validOwn && Array.isArray(policy?.breakerState) && policy.breakerState.every(finite) && validTenants;
     return valid ? (saved as SavedCircuit) : undefined;
   } catch {
     return undefined;
@@ -220,24 +240,42 @@ export class AgentCircuits {
   }
 
   /**
-   * Records a run's outcome: true = the agent succeeded, false = the agent failed. `own`: this
-   * replica handled the run's end (and saves the circuit's state); `peer`: another replica did
-   * and saves it, so each outcome is saved once, by the replica that saw it first.
+   * Records a run's outcome. A run failure of a tenant that has had its share of counted
+   * failures within the window is not counted (see the header). `own`: this replica handled
+   * the run's end (and saves the circuit's state); `peer`: another replica did and saves it,
+   * so each outcome is saved once, by the replica that saw it first.
    */
-  async record(agent: string, succeeded: boolean, source: "own" | "peer" = "own"): Promise<void> {
+  async record(agent: string, outcome: RunOutcome, source: "own" | "peer" = "own"): Promise<void> {
     const circuit = this.circuitOf(agent);
+    if (!outcome.succeeded && !outcome.runtimeFailure && !this.countTenantFailure(circuit, outcome.tenantId)) return;
     try {
       await circuit.policy.execute(() => {
-        if (!succeeded) throw new AgentFailure(agent);
+        if (!outcome.succeeded) throw new AgentFailure(agent);
       });
     } catch {
       // The outcome is recorded; a BrokenCircuitError only says the circuit is open.
     }
     if (this.stateStore && source === "own") {
-      const saved: SavedCircuit = { policy: circuit.policy.toJSON(), openedAt: circuit.openedAt };
-      // Best effort: the adapter logs a failed save; the next outcome saves again.
+      const saved: SavedCircuit = { policy: circuit.policy.toJSON(), openedAt: circuit.openedAt, tenantFailures: Object.fromEntries(circuit.tenantFailures) };
+      // Best effort: the adapter keeps a failed save for when Redis is back.
       this.stateStore.save(agent, JSON.stringify(saved)).catch(() => undefined);
     }
+  }
+
+  /** Notes a tenant's run failure; false when the tenant's failures within the window are already at its limit. */
+  private countTenantFailure(circuit: AgentCircuit, tenantId: string): boolean {
+    const now = this.now();
+    const limit = this.options.maxFailuresPerTenant ?? this.options.failureThreshold - 1;
+    // Forget tenants whose failures have all left the window (the map stays as small as the window's tenants).
+    for (const [tenant, times] of circuit.tenantFailures) {
+      const recent = times.filter((t) => now - t < this.options.windowMs);
+      if (recent.length === 0) circuit.tenantFailures.delete(tenant);
+      else circuit.tenantFailures.set(tenant, recent);
+    }
+    const times = circuit.tenantFailures.get(tenantId) ?? [];
+    if (times.length >= limit) return false;
+    circuit.tenantFailures.set(tenantId, [...times, now]);
+    return true;
   }
 
   private circuitOf(agent: string, saved?: SavedCircuit): AgentCircuit {
@@ -252,7 +290,7 @@ export class AgentCircuits {
       // with its trial successes counted from zero again.
       initialState: saved?.policy,
     });
-    const created: AgentCircuit = { policy, openedAt: saved?.openedAt ?? 0 };
+    const created: AgentCircuit = { policy, openedAt: saved?.openedAt ?? 0, tenantFailures: new Map(Object.entries(saved?.tenantFailures ?? {})) };
     policy.onStateChange((state) => {
       if (state === CircuitState.Open) created.openedAt = this.now();
       const name = this.state(agent);
