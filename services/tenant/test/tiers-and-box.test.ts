@@ -93,6 +93,14 @@ describe("SecretBox", () => {
     expect(() => dropped.open("T1", "TOKEN", sealed)).toThrow(SecretKeyUnavailableError);
   });
 
+  it("rolling rotation: a new key listed second is not used to seal, yet opens what a replica already on it sealed", () => {
+    const phase1 = SecretBox.fromSetting(`k1:${key(1)},k2:${key(2)}`);
+    expect(phase1.currentKeyId).toBe("k1");
+    expect(phase1.seal("T1", "TOKEN", "v").keyId).toBe("k1");
+    const phase2 = SecretBox.fromSetting(`k2:${key(2)},k1:${key(1)}`);
+    expect(phase1.open("T1", "TOKEN", phase2.seal("T1", "TOKEN", "resealed"))).toBe("resealed");
+  });
+
   it("refuses malformed settings naming OUTPOST_SECRETS_MASTER_KEYS", () => {
     for (const bad of ["", "nokey", `:${key(1)}`, "k1:short", `k1:${key(1)},k1:${key(2)}`, `k 1:${key(1)}`, `k1:${key(1)}!!`]) {
       expect(() => SecretBox.fromSetting(bad)).toThrow(/OUTPOST_SECRETS_MASTER_KEYS/);
