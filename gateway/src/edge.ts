@@ -130,15 +130,16 @@ export function edgeInterceptor(options: EdgeOptions): Interceptor {
 }
 
 /**
- * A streamed request message that cannot be decoded is the client's mistake; connect-es calls
- * it INTERNAL (it cannot tell a request from a response). Unary requests are reclassified on
- * the way out (http/decode-errors.ts); streamed ones here, as the handler reads them.
+ * A streamed request message that cannot be decoded, or decompressed (cut short, not in its
+ * encoding), is the client's mistake; connect-es calls it INTERNAL (it cannot tell a request
+ * from a response). Unary requests are reclassified on the way out (http/decode-errors.ts);
+ * streamed ones here, as the handler reads them.
  */
 async function* decodeFailuresAsInvalid<T>(messages: AsyncIterable<T>): AsyncIterable<T> {
   try {
     yield* messages;
   } catch (err) {
-    if (err instanceof ConnectError && err.code === Code.Internal && err.rawMessage.startsWith("parse binary: ")) {
+    if (err instanceof ConnectError && err.code === Code.Internal && /^(parse binary: |decompression failed)/.test(err.rawMessage)) {
       throw new ConnectError(`request message could not be decoded: ${err.rawMessage}`, Code.InvalidArgument);
     }
     throw err;

@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import http2 from "node:http2";
 import net from "node:net";
+import { gzipSync } from "node:zlib";
 import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { Code } from "@connectrpc/connect";
@@ -233,6 +234,44 @@ describe("the edge against a hostile client (real socket)", () => {
     expect(h1Answer.text).toMatch(/^HTTP\/1\.1 504 /);
     expect(h1Answer.text.toLowerCase()).toContain("connection: close");
     expect(h1Answer.ms).toBeLessThan(2000);
+  });
+
+  it("answers a compressed request that does not decompress with INVALID_ARGUMENT over every protocol", async () => {
+    const gzipped = gzipSync(message);
+    const cut = gzipped.subarray(0, gzipped.length - 6);
+    const answers: Record<string, string> = {};
+    const call = (path: string, headers: Record<string, string>, body: Buffer) =>
+      fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers: { authorization: `Bearer ${ADMIN}`, ...headers }, body, signal: AbortSignal.timeout(5000) });
+    for (const path of [GET, SUBSCRIBE]) {
+      // gRPC-Web: the status is in the trailer frame at the end of the body.
+      const web = await call(path, { "content-type": "application/grpc-web+proto", "grpc-encoding": "gzip" }, envelope(1, cut));
+      answers[`gRPC-Web ${path}`] = /grpc-status: (\d+)/.exec(Buffer.from(await web.arrayBuffer()).toString("latin1"))?.[1] ?? "none";
+      // gRPC (HTTP/2): compressed calls take the Connect path.
+      const session = http2.connect(`http://127.0.0.1:${port}`);
+      answers[`gRPC ${path}`] = await new Promise<string>((resolve) => {
+        const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers", "grpc-encoding": "gzip", authorization: `Bearer ${ADMIN}` });
+        let status = "none";
+        stream.on("response", (h) => (status = String(h["grpc-status"] ?? status)));
+        stream.on("trailers", (t) => (status = String(t["grpc-status"])));
+        stream.on("data", () => {});
+        stream.on("close", () => resolve(status));
+        stream.end(envelope(1, cut));
+      });
+      session.close();
+    }
+    const unary = await call(GET, { "content-type": "application/proto", "content-encoding": "gzip" }, cut);
+    answers["Connect unary"] = String(unary.status);
+    const stream = await call(SUBSCRIBE, { "content-type": "application/connect+proto", "connect-content-encoding": "gzip" }, envelope(1, cut));
+    answers["Connect stream"] = /"code":"(\w+)"/.exec(Buffer.from(await stream.arrayBuffer()).toString("latin1"))?.[1] ?? "none";
+    const invalid = String(Code.InvalidArgument);
+    expect(answers).toEqual({
+      [`gRPC-Web ${GET}`]: invalid,
+      [`gRPC ${GET}`]: invalid,
+      [`gRPC-Web ${SUBSCRIBE}`]: invalid,
+      [`gRPC ${SUBSCRIBE}`]: invalid,
+      "Connect unary": "400",
+      "Connect stream": "invalid_argument",
+    });
   });
 
   it("refuses a Connect body whose content-length is over the limit before reading it", async () => {

@@ -1,6 +1,7 @@
 /**
  * connect-es reports a request message that cannot be decoded (truncated or garbage protobuf,
- * invalid UTF-8 in a string field) and a compressed frame without a known encoding as INTERNAL
+ * invalid UTF-8 in a string field), or decompressed (gzip cut short, garbage brotli), and a
+ * compressed frame without a known encoding as INTERNAL
  * — its serializer cannot tell a bad request from a bad response — and it does so before any
  * interceptor runs. At the edge those are the client's mistakes, so this rewrites exactly those
  * answers to INVALID_ARGUMENT (UNIMPLEMENTED for the unknown compression) on the way out: gRPC
@@ -13,7 +14,7 @@ import type http2 from "node:http2";
 type Response = http.ServerResponse | http2.Http2ServerResponse;
 type Headers = Record<string, string | string[] | number | undefined>;
 
-const DECODE_FAILURE = /^(parse binary: |received compressed envelope, but do not know how to decompress)/;
+const DECODE_FAILURE = /^(parse binary: |decompression failed|received compressed envelope, but do not know how to decompress)/;
 
 /** The right code for a decode failure message, or undefined for any other error. */
 function reclassify(message: string): { grpc: string; connect: string; http: number } | undefined {

@@ -302,7 +302,7 @@ async function serveCall(
       throw new ConnectError(`protocol error: promised ${lengthHint} bytes, received ${body.length}`, Code.InvalidArgument);
     }
     const request = protocol.requestMessage(body, compression.request);
-    const bytes = request.compressed ? await compression.request!.decompress(request.bytes, limits.readMaxBytes) : request.bytes;
+    const bytes = request.compressed ? await decompress(compression.request!, request.bytes, limits.readMaxBytes) : request.bytes;
     const input = parse(serialization, binary, bytes);
     const output = await invokeUnaryImplementation(spec, context, input, interceptors);
     outcome = { message: serialization.getO(binary).serialize(output) };
@@ -328,6 +328,21 @@ async function serveCall(
 
 function isGone(res: Response): boolean {
   return "stream" in res ? res.stream.destroyed : res.destroyed;
+}
+
+/**
+ * The request message decompressed. connect's gzip and brotli call a message cut short or not in
+ * their encoding INTERNAL (only some corrupt gzip is INVALID_ARGUMENT); it is the client's error.
+ */
+async function decompress(compression: Compression, bytes: Uint8Array, readMaxBytes: number): Promise<Uint8Array> {
+  try {
+    return await compression.decompress(bytes, readMaxBytes);
+  } catch (err) {
+    const error = ConnectError.from(err);
+    if (error.code === Code.ResourceExhausted) throw error;
+    const cause = error.cause instanceof Error ? `: ${error.cause.message}` : "";
+    throw new ConnectError(`request message could not be decompressed (${compression.name}${cause})`, Code.InvalidArgument, undefined, undefined, err);
+  }
 }
 
 /** The request message; one that cannot be read is the client's error, not the server's. */

@@ -201,6 +201,19 @@ describe("lean unary path, gRPC", () => {
     expect(garbage.code).not.toBe(0);
     expect((await answerOf(rawGrpc(server.url, envelope(0, getLogs("x"))))).code).toBe(0);
   });
+
+  it("refuses a compressed message that does not decompress (cut, or not that encoding) with INVALID_ARGUMENT", async () => {
+    const gzipped = gzipSync(getLogs("x"));
+    for (const [encoding, bytes] of [
+      ["gzip", gzipped.subarray(0, gzipped.length - 6)], // cut before its end
+      ["gzip", gzipped.subarray(0, 12)],
+      ["br", Buffer.from("not brotli")],
+    ] as const) {
+      const answer = await answerOf(rawGrpc(server.url, envelope(1, bytes), { headers: { "grpc-encoding": encoding } }));
+      expect(answer.code, `${encoding}, ${bytes.length} bytes`).toBe(Code.InvalidArgument);
+      expect(answer.message).toContain("request message could not be decompressed");
+    }
+  });
 });
 
 describe("lean unary path, Connect", () => {
