@@ -287,6 +287,16 @@ describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)
     expect(texts.join("\n")).not.toContain("tok-very-secret-4242");
     expect(executor.output()).not.toContain("tok-very-secret-4242");
 
+    // Nor in the result or its failure reason: a result that is the secret (not JSON), one with it as a key.
+    const notJson = demoLease({ task: "result=tok-very-secret-4242", secretNames: ["API_TOKEN"] });
+    const asKey = demoLease({ task: 'result={"tok-very-secret-4242":"tok-very-secret-4242"}', secretNames: ["API_TOKEN"] });
+    dispatcher.enqueue(notJson);
+    dispatcher.enqueue(asKey);
+    const [notJsonEnd, asKeyEnd] = await Promise.all([terminalReport(notJson.dispatch!.id), terminalReport(asKey.dispatch!.id)]);
+    expect(notJsonEnd).toMatchObject({ state: Dispatch_State.FAILED, failureReason: expect.stringContaining("the result is not valid JSON") });
+    expect(asKeyEnd).toMatchObject({ state: Dispatch_State.SUCCEEDED, result: { "[REDACTED:API_TOKEN]": "[REDACTED:API_TOKEN]" } });
+    expect(JSON.stringify([notJsonEnd, asKeyEnd], (_k, v: unknown) => (typeof v === "bigint" ? String(v) : v))).not.toContain("tok-very");
+
     const missing = demoLease({ task: "print=NOPE", secretNames: ["NOPE_KEY"] });
     dispatcher.enqueue(missing);
     const failed = await terminalReport(missing.dispatch!.id);

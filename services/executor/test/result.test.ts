@@ -34,4 +34,21 @@ describe("checkResult", () => {
     expect(checkResult("{}", "{oops")).toMatchObject({ ok: false, reason: expect.stringContaining("output schema is not JSON") });
     expect(checkResult("{}", '{"type":"nonsense"}')).toMatchObject({ ok: false, reason: expect.stringContaining("output schema is invalid") });
   });
+
+  it("puts agent text in a failure reason only through the redactor, and never V8's quote of the input", () => {
+    const secret = "tok-very-secret-4242";
+    const redact = (text: string) => text.replaceAll(secret, "[REDACTED:T]");
+    // JSON.parse quotes the input, cut short when long: a cut-off value escapes whole-value redaction.
+    for (const raw of [secret, `{"a":${secret}-and-more-and-more-and-more}`]) {
+      const check = checkResult(raw, "", redact);
+      expect(check).toMatchObject({ ok: false, reason: expect.stringContaining("the result is not valid JSON") });
+      if (!check.ok) expect(check.reason).not.toContain("tok-very");
+    }
+    // ajv's paths are built from the result's keys; a JSON pointer escapes "/" as "~1".
+    const strict = JSON.stringify({ type: "object", additionalProperties: { type: "string" } });
+    const slashed = "tok/very/secret";
+    const check = checkResult(JSON.stringify({ [secret]: 1, [slashed]: 2 }), strict, (text) => redact(text).replaceAll(slashed, "[REDACTED:S]"));
+    expect(check).toEqual({ ok: false, reason: "the result does not match the output schema: /[REDACTED:T] must be string; /[REDACTED:S] must be string" });
+  });
 });
+

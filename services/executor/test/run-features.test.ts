@@ -5,7 +5,7 @@ import { Dispatch_State, NetworkPolicy } from "@outpost/proto/outpost/dispatch/v
 import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { describe, expect, it, vi } from "vitest";
 import { CheckoutError, SecretsError, type ContainerSummary, type SecretResolver } from "../src/core/ports.ts";
-import { EXECUTOR_LOST, reconcile } from "../src/core/reconcile.ts";
+import { EXECUTOR_LOST, reconcile, RESULT_WITHHELD } from "../src/core/reconcile.ts";
 import { executeRun, startScript } from "../src/core/run.ts";
 import { parseWarmPool, WarmPool } from "../src/core/warm-pool.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stdout } from "./fakes.ts";
@@ -111,6 +111,27 @@ describe("result", () => {
     await executeRun(lease({ secretNames: ["K"] }), { ...deps, secrets: resolver({ K: "key-9999-abc" }) });
     expect(leases.reports[1]!.result).toEqual({ note: "used [REDACTED:K]", n: 1 });
   });
+
+  it("never shows a secret value in a failure reason or a result key", async () => {
+    const secrets = resolver({ K: "key-9999-abc" });
+    const strict = JSON.stringify({ type: "object", additionalProperties: { type: "string" } });
+    const cases = [
+      { result: "key-9999-abc", schema: "" }, // not JSON: V8's message quotes it
+      { result: '{"key-9999-abc":1}', schema: strict }, // a key in ajv's instancePath
+      { result: '{"key-9999-abc":"v","x":{"pre-key-9999-abc":["key-9999-abc"]}}', schema: "" }, // valid: keys too
+    ];
+    const reports = [];
+    for (const { result, schema } of cases) {
+      const { leases, workspaces, deps } = setup();
+      workspaces.result = result;
+      await executeRun(lease({ secretNames: ["K"], schema }), { ...deps, secrets });
+      reports.push(leases.reports[1]!);
+    }
+    for (const report of reports) expect(JSON.stringify(report)).not.toContain("9999");
+    expect(reports[0]).toMatchObject({ state: Dispatch_State.FAILED, failureReason: expect.stringContaining("the result is not valid JSON") });
+    expect(reports[1]).toMatchObject({ state: Dispatch_State.FAILED, failureReason: "the result does not match the output schema: /[REDACTED:K] must be string" });
+    expect(reports[2]).toMatchObject({ state: Dispatch_State.SUCCEEDED, result: { "[REDACTED:K]": "v", x: { "pre-[REDACTED:K]": ["[REDACTED:K]"] } } });
+  });
 });
 
 describe("repository checkout", () => {
@@ -211,6 +232,24 @@ describe("reconcile", () => {
     expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 0, leasesReleased: 1 });
     expect(leases.reports).toEqual([]);
     expect(leases.released).toEqual([expect.objectContaining({ dispatchId: "01JDISPATCH000000000000000", infrastructureFailure: true, runtimeFailure: false })]);
+  });
+
+  it("redacts a left-over run's result with its secrets, and withholds it when they cannot be resolved", async () => {
+    const labels = { "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A", "dev.outpost.run-dir": "outpost-x" };
+    const settle = async (secrets: SecretResolver | undefined) => {
+      const { runtime, leases, workspaces } = setup();
+      runtime.list = vi.fn(async () => [summary(labels, false)]);
+      runtime.wait = async () => ({ exitCode: 0, oomKilled: false });
+      workspaces.result = '{"key-9999-abc":"used key-9999-abc"}';
+      leases.held = [lease({ secretNames: ["K"] })];
+      await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger, ...(secrets ? { secrets } : {}) });
+      return leases.reports[0]!;
+    };
+    const redacted = await settle(resolver({ K: "key-9999-abc" }));
+    expect(redacted).toMatchObject({ state: Dispatch_State.SUCCEEDED, result: { "[REDACTED:K]": "used [REDACTED:K]" } });
+    const withheld = await settle(resolver(new SecretsError("tenant service answered UNAVAILABLE", true)));
+    expect(withheld).toMatchObject({ state: Dispatch_State.FAILED, failureReason: RESULT_WITHHELD });
+    expect(JSON.stringify(withheld)).not.toContain("9999");
   });
 
   it("releases a held lease that has no container, and works without ListExecutorLeases", async () => {

@@ -13,6 +13,8 @@
  *   with no container at all.
  * - A lease the dispatcher holds for this executor with no container (the crash came between
  *   lease and start): given back as an infrastructure failure so it is retried.
+ * A settled run's result and failure reason go through its secret redactor, as in a live run:
+ * when the lease names secrets that cannot be resolved now, the result is withheld (FAILED).
  * The dispatcher's ListExecutorLeases (contract C) is optional: without it, the labels and the
  * run directory's claim file name the run, and a run this executor cannot settle is failed by
  * the dispatcher's lease expiry ("executor lost").
@@ -20,7 +22,8 @@
 import type { Logger } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
-import { NotSupportedError, LeaseLostError, type ContainerRuntime, type LeaseClient, type RunStateReport, type Workspaces } from "./ports.ts";
+import { NotSupportedError, LeaseLostError, type ContainerRuntime, type LeaseClient, type RunStateReport, type SecretResolver, type Workspaces } from "./ports.ts";
+import { Redactor } from "./redactor.ts";
 import { checkResult, MAX_RESULT_BYTES } from "./result.ts";
 import { LABEL_PREFIX } from "./run.ts";
 
@@ -29,6 +32,8 @@ export interface ReconcileDeps {
   runtime: ContainerRuntime;
   leases: LeaseClient;
   workspaces: Workspaces;
+  /** Resolves the secrets of a left-over run so its result can be redacted. */
+  secrets?: SecretResolver;
   logger: Logger;
 }
 
@@ -39,6 +44,21 @@ export interface ReconcileOutcome {
 }
 
 export const EXECUTOR_LOST = "executor lost: it restarted while the run was in progress";
+
+export const RESULT_WITHHELD = "executor lost: the result was withheld (its secrets could not be resolved to redact it)";
+
+/** The run's redactor; undefined when it names secrets that cannot be resolved now. */
+async function redactorFor(deps: ReconcileDeps, lease: Lease | undefined): Promise<Redactor | undefined> {
+  const names = lease?.dispatch?.secretNames ?? [];
+  if (names.length === 0) return new Redactor({});
+  if (!deps.secrets) return undefined;
+  try {
+    return new Redactor(await deps.secrets.resolve(lease!.dispatch!.tenantId, [...names]));
+  } catch (err) {
+    deps.logger.warn({ dispatchId: lease!.dispatch!.id, error: err instanceof Error ? err.message : String(err) }, "secrets of a left-over run not resolved");
+    return undefined;
+  }
+}
 
 export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> {
   const { runtime, leases, workspaces, logger } = deps;
@@ -81,10 +101,15 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
             } catch {
               raw = undefined;
             }
-            const check = checkResult(raw, lease?.agent?.outputSchema ?? "");
-            report = check.ok
-              ? { state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq: 0, ...(check.result ? { result: check.result } : {}) }
-              : { state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq: 0 };
+            const redactor = await redactorFor(deps, lease);
+            if (!redactor) {
+              report = { state: Dispatch_State.FAILED, exitCode: 0, failureReason: RESULT_WITHHELD, lastLogSeq: 0 };
+            } else {
+              const check = checkResult(raw, lease?.agent?.outputSchema ?? "", (text) => redactor.redact(text));
+              report = check.ok
+                ? { state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq: 0, ...(check.result ? { result: redactor.redactJson(check.result) } : {}) }
+                : { state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq: 0 };
+            }
           } else {
             const failureReason = exit.oomKilled ? "out of memory" : `agent exited with code ${exit.exitCode}`;
             report = { state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason, lastLogSeq: 0 };

@@ -54,4 +54,29 @@ export class Redactor {
     }
     return out + text.slice(cursor);
   }
+
+  /**
+   * A JSON value with secret values redacted in its strings and in its object keys (a key is
+   * the agent's text too). Keys that redact to the same text keep both entries: later ones get
+   * a ` (2)`, ` (3)`… suffix. Built with Object.fromEntries, so a `__proto__` key stays data.
+   */
+  redactJson<T>(value: T): T {
+    if (this.needles.length === 0) return value;
+    return this.redactValue(value) as T;
+  }
+
+  private redactValue(value: unknown): unknown {
+    if (typeof value === "string") return this.redact(value);
+    if (Array.isArray(value)) return value.map((item) => this.redactValue(item));
+    if (value === null || typeof value !== "object") return value;
+    const entries: Array<[string, unknown]> = [];
+    const seen = new Set<string>();
+    for (const [key, item] of Object.entries(value)) {
+      let name = this.redact(key);
+      for (let n = 2; seen.has(name); n++) name = `${this.redact(key)} (${n})`;
+      seen.add(name);
+      entries.push([name, this.redactValue(item)]);
+    }
+    return Object.fromEntries(entries);
+  }
 }

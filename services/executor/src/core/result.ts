@@ -3,6 +3,10 @@
  * against the agent's output schema with ajv. An empty schema accepts any JSON object and also
  * a missing result; a schema makes the result required. The reason of a failure names what did
  * not match (ajv's instancePath + message), so a tenant can fix the agent or the schema.
+ *
+ * A failure reason built from the agent's text (the JSON parser's message, the paths made of
+ * the result's keys) goes through `redact`, the run's secret redactor: the reason is stored on
+ * the dispatch and shown to whoever reads it, like the result itself.
  */
 import type { JsonObject } from "@bufbuild/protobuf";
 import { Ajv, type ValidateFunction } from "ajv";
@@ -40,8 +44,30 @@ function validatorFor(schemaText: string): ValidateFunction | string {
   }
 }
 
-/** Checks the raw result text (undefined when the agent wrote none) against `schemaText` ("" for none). */
-export function checkResult(raw: string | undefined, schemaText: string): ResultCheck {
+/**
+ * V8's JSON.parse message quotes the input ("Unexpected token 'o', \"tok-…\" is not valid
+ * JSON"), cut short for long input: a cut-off secret would escape whole-value redaction, so the
+ * quote is dropped and the message keeps only what the parser says and where.
+ */
+function jsonErrorOf(err: unknown): string {
+  const message = err instanceof Error ? err.message : String(err);
+  return message.replace(/, ".*is not valid JSON$/s, "");
+}
+
+/** ajv's instancePath is a JSON pointer made of the result's own keys: each key is redacted (unescaped first, so `~1`/`~0` hide nothing). */
+function pathOf(instancePath: string, redact: (text: string) => string): string {
+  if (instancePath === "") return "(root)";
+  const keys = instancePath.split("/").slice(1).map((key) => key.replaceAll("~1", "/").replaceAll("~0", "~"));
+  return redact(keys.map((key) => "/" + redact(key)).join(""));
+}
+
+const noRedaction = (text: string) => text;
+
+/**
+ * Checks the raw result text (undefined when the agent wrote none) against `schemaText` ("" for
+ * none). `redact` is applied to every part of a failure reason that comes from the agent.
+ */
+export function checkResult(raw: string | undefined, schemaText: string, redact: (text: string) => string = noRedaction): ResultCheck {
   const hasSchema = schemaText.trim() !== "";
   if (raw === undefined || raw.trim() === "") {
     return hasSchema ? { ok: false, reason: "the agent wrote no result (its output schema requires one)" } : { ok: true };
@@ -50,7 +76,7 @@ export function checkResult(raw: string | undefined, schemaText: string): Result
   try {
     value = JSON.parse(raw);
   } catch (err) {
-    return { ok: false, reason: `the result is not valid JSON: ${err instanceof Error ? err.message : String(err)}` };
+    return { ok: false, reason: redact(`the result is not valid JSON: ${jsonErrorOf(err)}`) };
   }
   if (typeof value !== "object" || value === null || Array.isArray(value)) {
     return { ok: false, reason: "the result must be a JSON object" };
@@ -59,8 +85,8 @@ export function checkResult(raw: string | undefined, schemaText: string): Result
     const validate = validatorFor(schemaText);
     if (typeof validate === "string") return { ok: false, reason: validate };
     if (!validate(value)) {
-      const problems = (validate.errors ?? []).slice(0, 5).map((e) => `${e.instancePath || "(root)"} ${e.message ?? "is invalid"}`);
-      return { ok: false, reason: `the result does not match the output schema: ${problems.join("; ")}` };
+      const problems = (validate.errors ?? []).slice(0, 5).map((e) => `${pathOf(e.instancePath, redact)} ${e.message ?? "is invalid"}`);
+      return { ok: false, reason: redact(`the result does not match the output schema: ${problems.join("; ")}`) };
     }
   }
   return { ok: true, result: value as JsonObject };

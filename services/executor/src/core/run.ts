@@ -5,7 +5,6 @@
  * for telemetry to ack every line before reporting, so `last_log_seq` is exact; always remove
  * the container.
  */
-import type { JsonObject } from "@bufbuild/protobuf";
 import type { Logger } from "@outpost/platform";
 import { Dispatch_State, NetworkPolicy, type Agent } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
@@ -327,12 +326,12 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       // The result file outlives the container in the bind-mounted workspace.
       let check: ResultCheck;
       try {
-        check = checkResult(await deps.workspaces.readResult(files, MAX_RESULT_BYTES), lease.agent.outputSchema);
+        check = checkResult(await deps.workspaces.readResult(files, MAX_RESULT_BYTES), lease.agent.outputSchema, (text) => redactor.redact(text));
       } catch (err) {
-        check = { ok: false, reason: `the result could not be read: ${messageOf(err)}` };
+        check = { ok: false, reason: redactor.redact(`the result could not be read: ${messageOf(err)}`) };
       }
       if (check.ok) {
-        await report({ state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq, ...(check.result ? { result: redactResult(check.result, redactor) } : {}) });
+        await report({ state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq, ...(check.result ? { result: redactor.redactJson(check.result) } : {}) });
       } else {
         await report({ state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq });
       }
@@ -382,12 +381,6 @@ export function startScript(env: Record<string, string>): string {
     .filter(([name]) => /^[A-Za-z_][A-Za-z0-9_]*$/.test(name))
     .map(([name, value]) => `export ${name}='${value.replaceAll("'", `'\\''`)}'`);
   return lines.join("\n") + "\n";
-}
-
-/** Secret values never leave in the result either. */
-function redactResult(result: JsonObject, redactor: Redactor): JsonObject {
-  if (redactor.empty) return result;
-  return JSON.parse(JSON.stringify(result, (_key, value: unknown) => (typeof value === "string" ? redactor.redact(value) : value))) as JsonObject;
 }
 
 /** Reads frames, splits lines per stream, ships them; flushes unterminated tails at the end. */
