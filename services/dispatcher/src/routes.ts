@@ -290,13 +290,23 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
   });
 }
 
+/**
+ * Strings that become a container's environment variables or arguments must not hold NUL: the
+ * engine refuses such a container ("environment variable value can't contain null"), which would
+ * count as the runtime's failure instead of the caller's bad input.
+ */
+function requireNoNul(field: string, value: string): string {
+  if (value.includes("\0")) throw invalidArgument(field, "must not contain NUL characters", "FIELD_MALFORMED");
+  return value;
+}
+
 function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
   const agent = requireNonEmpty("agent", req.agent, 64);
-  const task = requireNonEmpty("task", req.task, MAX_TASK_CHARS);
+  const task = requireNoNul("task", requireNonEmpty("task", req.task, MAX_TASK_CHARS));
   let repoUrl = "";
   let repoRef = "";
   if (req.repo) {
-    repoUrl = requireNonEmpty("repo.url", req.repo.url, 2048);
+    repoUrl = requireNoNul("repo.url", requireNonEmpty("repo.url", req.repo.url, 2048));
     let protocol: string;
     try {
       protocol = new URL(repoUrl).protocol;
@@ -304,11 +314,11 @@ function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
       throw invalidArgument("repo.url", "is not a URL");
     }
     if (!REPO_PROTOCOLS.has(protocol)) throw invalidArgument("repo.url", `protocol ${protocol} is not supported (https, http, ssh, git, file)`);
-    repoRef = checkLength("repo.ref", req.repo.ref, 256);
+    repoRef = requireNoNul("repo.ref", checkLength("repo.ref", req.repo.ref, 256));
   }
   let modelId: string | undefined;
   let modelTier: ModelTier | undefined;
-  if (req.model.case === "modelId") modelId = requireNonEmpty("model_id", req.model.value, 200);
+  if (req.model.case === "modelId") modelId = requireNoNul("model_id", requireNonEmpty("model_id", req.model.value, 200));
   if (req.model.case === "modelTier") modelTier = requireEnum("model_tier", req.model.value, ModelTier);
   let timeoutMs: number | undefined;
   if (req.timeout) {
@@ -326,7 +336,7 @@ function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
   for (const [key, value] of envEntries) {
     if (!ENV_NAME.test(key)) throw invalidArgument(`env[${JSON.stringify(key.slice(0, 64))}]`, "must be an environment variable name");
     if (key.startsWith("OUTPOST_") || key === "TRACEPARENT") throw invalidArgument(`env[${key}]`, "is reserved for the platform");
-    checkLength(`env[${key}]`, value, 32 * 1024);
+    requireNoNul(`env[${key}]`, checkLength(`env[${key}]`, value, 32 * 1024));
   }
   return {
     agent,
@@ -339,7 +349,7 @@ function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
     secretNames: [...req.secretNames],
     env: { ...req.env },
     labels: validateLabels("labels", req.labels),
-    requestId: checkLength("request_id", req.requestId, 128),
+    requestId: requireNoNul("request_id", checkLength("request_id", req.requestId, 128)),
     traceparent: traceparentOfCall(),
   };
 }
@@ -355,7 +365,7 @@ function validateLabels(field: string, labels: Record<string, string>): Record<s
   if (entries.length > MAX_LABELS) throw invalidArgument(field, `at most ${MAX_LABELS} labels`);
   for (const [key, value] of entries) {
     if (!LABEL_KEY.test(key)) throw invalidArgument(`${field}[${JSON.stringify(key.slice(0, 64))}]`, "key must match [a-z][a-z0-9_.-]{0,62}");
-    checkLength(`${field}[${key}]`, value, 256);
+    requireNoNul(`${field}[${key}]`, checkLength(`${field}[${key}]`, value, 256));
   }
   return { ...labels };
 }
@@ -385,6 +395,8 @@ function capacityOf(field: string, c: ExecutorCapacity): CapacityReport {
 
 function requireAgent(agent: Agent | undefined): Agent {
   if (!agent) throw invalidArgument("agent", "is required", "FIELD_REQUIRED");
+  requireNoNul("agent.image", agent.image);
+  agent.command.forEach((arg, i) => requireNoNul(`agent.command[${i}]`, arg));
   return agent;
 }
 

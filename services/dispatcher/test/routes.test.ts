@@ -120,6 +120,20 @@ describe("CreateDispatch validation", () => {
     expect((await dispatches().listDispatches({})).dispatches).toEqual([]);
   });
 
+  it("refuses NUL in every string that becomes a container's environment or argument", async () => {
+    // The engine refuses such a container ("environment variable value can't contain null"): the caller's error, not the runtime's.
+    await expectInvalid(create({ task: "fix\0it" }), "task");
+    await expectInvalid(create({ env: { GOOD: "a\0b" } }), "env[GOOD]");
+    await expectInvalid(create({ labels: { team: "core\0" } }), "labels[team]");
+    await expectInvalid(create({ model: { case: "modelId", value: "claude\0" } }), "model_id");
+    await expectInvalid(create({ repo: { url: "https://example.com/r\0.git", ref: "" } }), "repo.url");
+    await expectInvalid(create({ repo: { url: "https://example.com/r.git", ref: "main\0" } }), "repo.ref");
+    await expectInvalid(create({ requestId: "req\0" }), "request_id");
+    expect((await dispatches().listDispatches({})).dispatches).toEqual([]);
+    const admin = clientFor(dispatcher, agents, AgentService, ADMIN);
+    await expectInvalid(admin.registerAgent({ agent: { name: "nul-agent", image: "x/y:1", command: ["/bin/sh", "-c\0"] } }), "agent.command[1]");
+  });
+
   it("accepts boundary values", async () => {
     const res = await create({
       task: "x".repeat(64 * 1024),
