@@ -61,6 +61,8 @@ async function drain(stream: AsyncIterable<unknown>) {
 }
 
 const long = (n: number) => "x".repeat(n);
+/** A page token built by the client (base64url JSON, as the services issue them) with values of the wrong type. */
+const crafted = (cursor: unknown) => Buffer.from(JSON.stringify(cursor)).toString("base64url");
 const ULID = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
 
 /** [label, call, field the error must name] — all must answer INVALID_ARGUMENT. */
@@ -85,6 +87,10 @@ function cases(): [string, () => Promise<unknown>, string][] {
     ["ListDispatches: negative page_size", () => d.listDispatches({ pageSize: -1 }), "page_size"],
     ["ListDispatches: huge page_size", () => d.listDispatches({ pageSize: 2_000_000_000 }), "page_size"],
     ["ListDispatches: forged page_token", () => d.listDispatches({ pageToken: "garbage!!" }), "page_token"],
+    ["ListDispatches: crafted page_token (an object where the id belongs)", () => d.listDispatches({ pageToken: crafted({ after: { $gt: "" } }) }), "page_token"],
+    ["ListAuditEvents: crafted page_token", () => audit.listAuditEvents({ pageToken: crafted({ after: 7 }) }), "page_token"],
+    ["ListApiKeys: crafted page_token", () => keys.listApiKeys({ pageToken: crafted({ after: ["x"] }) }), "page_token"],
+    ["GetLogs: crafted page_token", () => logs.getLogs({ dispatchId: ULID, pageToken: crafted({ d: ULID, a: "1" }) }), "page_token"],
     ["ListDispatches: unknown state", () => d.listDispatches({ state: 77 as Dispatch_State }), "state"],
     ["CancelDispatch: missing id", () => d.cancelDispatch({}), "dispatch_id"],
     ["WatchDispatch: missing id", () => drain(d.watchDispatch({})), "dispatch_id"],

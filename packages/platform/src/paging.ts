@@ -8,11 +8,21 @@ export function encodePageToken(cursor: Record<string, string | number>): string
   return Buffer.from(JSON.stringify(cursor)).toString("base64url");
 }
 
-export function decodePageToken<T extends Record<string, string | number>>(token: string, keys: (keyof T)[]): T | undefined {
+/**
+ * The cursor in `token`, checked against `shape` (each key's type): a token that does not
+ * decode, lacks a key or holds another type there (a crafted `{"after": {...}}` would reach a
+ * query otherwise) answers INVALID_ARGUMENT PAGE_TOKEN_INVALID.
+ */
+export function decodePageToken<T extends Record<string, string | number>>(
+  token: string,
+  shape: { [K in keyof T]: T[K] extends number ? "number" : "string" },
+): T | undefined {
   if (token === "") return undefined;
   try {
-    const value = JSON.parse(Buffer.from(token, "base64url").toString("utf8")) as T;
-    if (typeof value === "object" && value !== null && keys.every((k) => k in value)) return value;
+    const value = JSON.parse(Buffer.from(token, "base64url").toString("utf8")) as Record<string, unknown>;
+    const fits = (key: string, kind: "number" | "string") =>
+      kind === "number" ? typeof value[key] === "number" && Number.isFinite(value[key]) : typeof value[key] === "string";
+    if (typeof value === "object" && value !== null && Object.entries(shape).every(([key, kind]) => fits(key, kind as "number" | "string"))) return value as T;
   } catch {
     // fall through
   }

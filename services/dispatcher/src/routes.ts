@@ -70,7 +70,14 @@ const SECRET_NAME = /^[A-Z_][A-Z0-9_]{0,127}$/;
 const MAX_SECRETS = 50;
 const MAX_IMAGES_REPORTED = 500;
 const LABEL_KEY = /^[a-z][a-z0-9_.-]{0,62}$/;
-const REPO_PROTOCOLS = new Set(["https:", "http:", "ssh:", "git:", "file:"]);
+/**
+ * Repository URL schemes a tenant may name. Not file: it would have the executor clone from its
+ * own disk (other runs' workspaces, anything readable); executors refuse it by default too
+ * (OUTPOST_EXECUTOR_REPO_SCHEMES), and no tenant-facing setting turns it back on.
+ */
+const REPO_PROTOCOLS = new Set(["https:", "http:", "ssh:", "git:"]);
+/** Characters git refuses in a ref name (check-ref-format): controls, space, ~ ^ : ? * [ \\. */
+const REF_FORBIDDEN = /[\x00-\x20\x7f~^:?*[\\]/;
 
 /** What the routes call besides the dispatcher core. */
 export interface RouteDeps {
@@ -300,6 +307,28 @@ function requireNoNul(field: string, value: string): string {
   return value;
 }
 
+/**
+ * A repository ref: a branch, tag or commit id ("" for the default branch), checked loosely by
+ * git's ref-name rules (check-ref-format). Above all it never starts with "-", where git would
+ * take it for an option; revision syntax (~, ^, ranges, @{…}) is refused with the rest.
+ */
+function requireRef(field: string, ref: string): string {
+  if (ref === "") return ref;
+  if (ref.startsWith("-")) throw invalidArgument(field, "must not start with '-'", "FIELD_MALFORMED");
+  if (REF_FORBIDDEN.test(ref)) throw invalidArgument(field, "must not contain spaces, control characters or any of ~ ^ : ? * [ \\", "FIELD_MALFORMED");
+  const components = ref.split("/");
+  if (
+    ref === "@" ||
+    ref.includes("..") ||
+    ref.includes("@{") ||
+    ref.endsWith(".") ||
+    components.some((c) => c === "" || c.startsWith(".") || c.endsWith(".lock"))
+  ) {
+    throw invalidArgument(field, "is not a valid branch, tag or commit name (git check-ref-format)", "FIELD_MALFORMED");
+  }
+  return ref;
+}
+
 function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
   const agent = requireNonEmpty("agent", req.agent, 64);
   const task = requireNoNul("task", requireNonEmpty("task", req.task, MAX_TASK_CHARS));
@@ -313,8 +342,8 @@ function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
     } catch {
       throw invalidArgument("repo.url", "is not a URL");
     }
-    if (!REPO_PROTOCOLS.has(protocol)) throw invalidArgument("repo.url", `protocol ${protocol} is not supported (https, http, ssh, git, file)`);
-    repoRef = requireNoNul("repo.ref", checkLength("repo.ref", req.repo.ref, 256));
+    if (!REPO_PROTOCOLS.has(protocol)) throw invalidArgument("repo.url", `protocol ${protocol} is not supported (https, http, ssh, git)`);
+    repoRef = requireRef("repo.ref", requireNoNul("repo.ref", checkLength("repo.ref", req.repo.ref, 256)));
   }
   let modelId: string | undefined;
   let modelTier: ModelTier | undefined;

@@ -161,7 +161,7 @@ export function telemetryRoutes(core: TelemetryCore) {
         const pageSize = pageSizeOf("page_size", req.pageSize, 100, 1000);
         const endSeq = req.endSeq === 0n ? undefined : seqOf("end_seq", req.endSeq, 1);
         if (endSeq !== undefined && endSeq <= afterSeq) throw invalidArgument("end_seq", "must be greater than after_seq", "FIELD_OUT_OF_RANGE");
-        const cursor = decodePageToken<{ d: string; a: number }>(req.pageToken, ["d", "a"]);
+        const cursor = decodePageToken<{ d: string; a: number }>(req.pageToken, { d: "string", a: "number" });
         if (cursor) {
           if (cursor.d !== dispatchId || !Number.isSafeInteger(cursor.a) || cursor.a < 0) {
             throw invalidArgument("page_token", "does not belong to this dispatch_id", "PAGE_TOKEN_INVALID");

@@ -186,7 +186,7 @@ export function tenantRoutes(cores: TenantCores) {
 }
 
 function cursorOf(pageToken: string): string | undefined {
-  const cursor = decodePageToken<{ after: string }>(pageToken, ["after"]);
+  const cursor = decodePageToken<{ after: string }>(pageToken, { after: "string" });
   if (cursor !== undefined && typeof cursor.after !== "string") {
     throw invalidArgument("page_token", "is not a token this service issued", "PAGE_TOKEN_INVALID");
   }
