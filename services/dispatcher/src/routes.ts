@@ -76,7 +76,7 @@ const LABEL_KEY = /^[a-z][a-z0-9_.-]{0,62}$/;
  * (OUTPOST_EXECUTOR_REPO_SCHEMES), and no tenant-facing setting turns it back on.
  */
 const REPO_PROTOCOLS = new Set(["https:", "http:", "ssh:", "git:"]);
-/** Characters git refuses in a ref name (check-ref-format): controls, space, ~ ^ : ? * [ \\. */
+/** Characters git refuses in a ref name (check-ref-format): controls, space, ~ ^ : ? * [ and backslash. */
 const REF_FORBIDDEN = /[\x00-\x20\x7f~^:?*[\\]/;
 
 /** What the routes call besides the dispatcher core. */
