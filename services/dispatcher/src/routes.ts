@@ -107,7 +107,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
     async listDispatches(req, ctx) {
       const { tenantId } = requireTenant(ctx);
       const limit = pageSizeOf("page_size", req.pageSize);
-      const cursor = decodePageToken<{ after: string }>(req.pageToken, ["after"]);
+      const cursor = decodePageToken<{ after: string }>(req.pageToken, { after: "string" });
       if (req.state !== Dispatch_State.UNSPECIFIED) requireEnum("state", req.state, Dispatch_State);
       const labels = validateLabels("labels", req.labels);
       const records = await dispatcher.list(
@@ -143,7 +143,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
   router.service(AgentService, {
     async listAgents(req) {
       const limit = pageSizeOf("page_size", req.pageSize);
-      const cursor = decodePageToken<{ after: string }>(req.pageToken, ["after"]);
+      const cursor = decodePageToken<{ after: string }>(req.pageToken, { after: "string" });
       await agents.refreshIfStale();
       const all = agents.list().filter((a) => cursor === undefined || a.name > cursor.after);
       const page = all.slice(0, limit);
@@ -204,7 +204,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
         tenantId = req.tenantId ? checkLength("tenant_id", req.tenantId, 128) : undefined;
       }
       const limit = pageSizeOf("page_size", req.pageSize);
-      const cursor = decodePageToken<{ after: string }>(req.pageToken, ["after"]);
+      const cursor = decodePageToken<{ after: string }>(req.pageToken, { after: "string" });
       const events = await audit.list(tenantId, limit + 1, cursor?.after);
       const page = events.slice(0, limit);
       const last = page.at(-1);
