@@ -11,6 +11,8 @@ import http2 from "node:http2";
 import net from "node:net";
 import type { ConnectRouter, Interceptor, HandlerContext, ContextValues } from "@connectrpc/connect";
 import { Code, ConnectError, createContextKey, createContextValues } from "@connectrpc/connect";
+import { parseTimeout as parseGrpcTimeout } from "@connectrpc/connect/protocol-grpc";
+import { parseTimeout as parseConnectTimeout } from "@connectrpc/connect/protocol-connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { formatTraceparent, currentTrace } from "./call-context.ts";
 import { initMetrics, metricsInterceptor, metricsText, METRICS_PATH } from "./metrics.ts";
@@ -176,6 +178,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     }
     if (options.httpHandler?.(req, res, track)) return;
     if (leanUnary.serve(req, res)) return;
+    readBodyUntilDeadline(req, res);
     handler(req, res);
   };
 
@@ -284,6 +287,57 @@ function serveMetrics(res: http.ServerResponse, logger: Logger): void {
       res.end("metrics collection failed\n");
     },
   );
+}
+
+/** Node's timers take at most this; a longer deadline is as good as none. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * connect-node reads a request body (gRPC-Web, streams, everything the lean path leaves to it)
+ * without regard to the call's deadline: a client that never ended its body held the call
+ * forever. Here the body's reader gives up at the deadline (grpc-timeout, or connect-timeout-ms)
+ * with DEADLINE_EXCEEDED, which connect-node answers in the call's protocol; over HTTP/2 the
+ * stream is then reset with NO_ERROR once that answer is out (the client's side is still open).
+ * Malformed deadlines are left to connect-node, which refuses them.
+ */
+function readBodyUntilDeadline(req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse): void {
+  if (req.method !== "POST" || req.complete) return;
+  const grpcTimeout = req.headers["grpc-timeout"];
+  const connectTimeout = req.headers["connect-timeout-ms"];
+  const { timeoutMs } =
+    typeof grpcTimeout === "string" ? parseGrpcTimeout(grpcTimeout, Number.MAX_SAFE_INTEGER)
+    : typeof connectTimeout === "string" ? parseConnectTimeout(connectTimeout, Number.MAX_SAFE_INTEGER)
+    : {};
+  if (timeoutMs === undefined || timeoutMs > MAX_TIMER_MS) return;
+  const read = (req as AsyncIterable<Buffer>)[Symbol.asyncIterator].bind(req);
+  const onLate = () => {
+    if (req.complete || !("stream" in res) || res.stream.destroyed) return;
+    req.resume();
+    // The trailers go out during the send that asks for them (the compat layer's own listener,
+    // registered first), so the reset waits a turn.
+    res.stream.once("wantTrailers", () => setImmediate(() => res.stream.close(http2.constants.NGHTTP2_NO_ERROR)));
+  };
+  Object.defineProperty(req, Symbol.asyncIterator, { configurable: true, value: () => chunksUntil(read(), timeoutMs, onLate) });
+}
+
+async function* chunksUntil(chunks: AsyncIterator<Buffer>, timeoutMs: number, onLate: () => void): AsyncGenerator<Buffer> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      onLate();
+      reject(new ConnectError("the deadline passed before the request was read", Code.DeadlineExceeded));
+    }, timeoutMs);
+  });
+  late.catch(() => {}); // a reader that stopped early never sees it
+  try {
+    for (;;) {
+      const next = await Promise.race([chunks.next(), late]);
+      if (next.done) return;
+      yield next.value;
+    }
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** "h2" once `head` holds the whole HTTP/2 preface, "h1" once it differs from it, else undefined. */

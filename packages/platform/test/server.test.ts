@@ -1,3 +1,4 @@
+import http2 from "node:http2";
 import net from "node:net";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
@@ -196,6 +197,51 @@ describe("message size limit", () => {
     expect(((await res.json()) as { code: string }).code).toBe("resource_exhausted");
     expect((await grpc.getLogs({ dispatchId: "small" })).chunks[0]?.text).toBe("small");
     expect((await connect.getLogs({ dispatchId: "small" })).chunks[0]?.text).toBe("small");
+  });
+});
+
+describe("a request body that never ends, on the connect-node path (gRPC-Web, streams)", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer();
+  });
+  afterAll(() => server.close());
+
+  /** Writes part of a body and never ends it; resolves the status once the server closed the stream. */
+  function unended(path: string, headers: Record<string, string>, body: Buffer) {
+    const session = http2.connect(server.url);
+    session.on("error", () => {});
+    return new Promise<{ grpcStatus?: string; body: string; ms: number } | "no answer">((resolve) => {
+      const started = Date.now();
+      const stream = session.request({ ":method": "POST", ":path": `/outpost.telemetry.v1.LogService/${path}`, ...headers });
+      let head: http2.IncomingHttpHeaders = {};
+      let trailers: http2.IncomingHttpHeaders = {};
+      const chunks: Buffer[] = [];
+      const timer = setTimeout(() => resolve("no answer"), 5000);
+      stream.on("response", (h) => (head = h));
+      stream.on("trailers", (t) => (trailers = t));
+      stream.on("data", (c: Buffer) => chunks.push(c));
+      stream.on("error", () => {});
+      stream.on("close", () => {
+        clearTimeout(timer);
+        const text = Buffer.concat(chunks).toString("latin1");
+        const grpcStatus = trailers["grpc-status"] ?? head["grpc-status"] ?? /grpc-status: (\d+)/.exec(text)?.[1];
+        resolve({ grpcStatus: grpcStatus as string | undefined, body: text, ms: Date.now() - started });
+      });
+      stream.write(body);
+    }).finally(() => session.destroy());
+  }
+
+  const partial = Buffer.from([0, 0, 0, 0, 20, 0x0a]); // an envelope promising 20 bytes, 1 sent
+
+  it("answers DEADLINE_EXCEEDED at the deadline and closes the stream", async () => {
+    const web = await unended("GetLogs", { "content-type": "application/grpc-web+proto", "grpc-timeout": "200m" }, partial);
+    const stream = await unended("SubscribeLogs", { "content-type": "application/grpc", te: "trailers", "grpc-timeout": "200m" }, partial);
+    const connectStream = await unended("SubscribeLogs", { "content-type": "application/connect+proto", "connect-timeout-ms": "200" }, partial);
+    expect(web !== "no answer" && web.grpcStatus).toBe(String(Code.DeadlineExceeded));
+    expect(stream !== "no answer" && stream.grpcStatus).toBe(String(Code.DeadlineExceeded));
+    expect(connectStream !== "no answer" && connectStream.body).toContain('"code":"deadline_exceeded"');
+    for (const answer of [web, stream, connectStream]) expect(answer !== "no answer" && answer.ms).toBeLessThan(2000);
   });
 });
 
