@@ -134,6 +134,18 @@ describe("CreateDispatch validation", () => {
     await expectInvalid(admin.registerAgent({ agent: { name: "nul-agent", image: "x/y:1", command: ["/bin/sh", "-c\0"] } }), "agent.command[1]");
   });
 
+  it("refuses repository refs git would take for an option or refuse as a name, and file: URLs", async () => {
+    const url = "https://example.com/r.git";
+    for (const ref of ["-f", "--force", "--upload-pack=touch /tmp/x", "a..b", "main~1", "v1^{commit}", "a b", "x:y", "*", "[a", "a\\b", "@", "a@{1}", "/a", "a/", "a//b", ".hidden", "a/.b", "x.lock", "a.", "tab\tref", "del\x7f"]) {
+      await expectInvalid(create({ repo: { url, ref } }), "repo.ref");
+    }
+    await expectInvalid(create({ repo: { url: "file:///srv/outpost/data/runs/other/workspace", ref: "" } }), "repo.url");
+    expect((await dispatches().listDispatches({})).dispatches).toEqual([]);
+    for (const ref of ["main", "release/1.2", "v1.0.0", "feature/x-y_z", "0123456789abcdef0123456789abcdef01234567", "a-b", "a.b/c@d"]) {
+      expect((await create({ repo: { url, ref } })).dispatch?.repo?.ref).toBe(ref);
+    }
+  });
+
   it("accepts boundary values", async () => {
     const res = await create({
       task: "x".repeat(64 * 1024),

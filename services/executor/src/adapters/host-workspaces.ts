@@ -69,14 +69,14 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
       if (!options.repoSchemes.has(scheme)) {
         throw new CheckoutError(`repository scheme ${scheme} is not allowed on this executor (allowed: ${[...options.repoSchemes].join(", ")})`);
       }
-      const git = async (...args: string[]) => {
+      const git = async (...args: string[]): Promise<string> => {
         try {
           const config = [
             "-c", `protocol.file.allow=${options.repoSchemes.has("file") ? "always" : "never"}`,
             // The workspace belongs to the container user, not to the executor running git.
             "-c", `safe.directory=${files.workspace}`,
           ];
-          await execFileAsync("git", [...config, ...args], {
+          const { stdout } = await execFileAsync("git", [...config, ...args], {
             cwd: files.workspace,
             timeout: options.checkoutTimeoutMs,
             signal,
@@ -84,6 +84,7 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
             env: { ...process.env, GIT_TERMINAL_PROMPT: "0", GIT_ASKPASS: "true", LC_ALL: "C" },
             maxBuffer: 1024 * 1024,
           });
+          return stdout;
         } catch (err) {
           const stderr = String((err as { stderr?: string }).stderr ?? "").trim();
           const lines = stderr.split("\n").map((l) => l.trim()).filter(Boolean);
@@ -93,8 +94,21 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
       };
       // The workspace is empty here; clone into it, then move to the ref (branch, tag or commit).
       await git("clone", "--quiet", "--no-checkout", "--", url, ".");
-      if (ref) await git("checkout", "--quiet", "--detach", ref);
-      else await git("checkout", "--quiet");
+      if (ref) {
+        // The ref is the tenant's text: it is only ever read as a revision, after --end-of-options
+        // (`git checkout --detach` refuses --end-of-options, at least up to git 2.39), and the checkout is given
+        // the commit id it names, so a ref like "--force" or "--orphan=x" is never an option.
+        let commit: string;
+        try {
+          commit = (await git("rev-parse", "--verify", "--quiet", "--end-of-options", `${ref}^{commit}`)).trim();
+        } catch (err) {
+          throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} is not a branch, tag or commit of the repository`, { cause: err });
+        }
+        if (!/^[0-9a-f]{40}([0-9a-f]{24})?$/.test(commit)) throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} did not name one commit`);
+        await git("checkout", "--quiet", "--detach", commit);
+      } else {
+        await git("checkout", "--quiet");
+      }
       await giveToContainerUser(files.workspace, true);
     },
 
