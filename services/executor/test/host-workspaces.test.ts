@@ -65,3 +65,48 @@ describe("repository checkout", () => {
     await expect(checkout("run-missing", "no-such-branch")).rejects.toThrow('ref "no-such-branch" is not a branch, tag or commit of the repository');
   });
 });
+
+describe("git's environment", () => {
+  const saved = { ...process.env };
+  afterAll(() => {
+    for (const name of Object.keys(process.env)) if (!(name in saved)) delete process.env[name];
+    Object.assign(process.env, saved);
+  });
+
+  it("is not the executor's: no HOME gitconfig, no OUTPOST_* or SSH_AUTH_SOCK, ssh without agent or keys", async () => {
+    // The executor's own HOME with a global gitconfig that rewrites a URL, and its secrets.
+    const operatorHome = path.join(base, "operator-home");
+    fs.mkdirSync(operatorHome);
+    const fake = "file:///nonexistent/outpost-rewritten.git";
+    fs.writeFileSync(path.join(operatorHome, ".gitconfig"), `[url "${repoUrl}"]\n\tinsteadOf = ${fake}\n`);
+    // A stand-in ssh first on PATH records what git's ssh would see.
+    const bin = path.join(base, "bin");
+    const dump = path.join(base, "ssh-saw.txt");
+    fs.mkdirSync(bin);
+    fs.writeFileSync(path.join(bin, "ssh"), `#!/bin/sh\n{ echo "ARGS $*"; env; } > '${dump}'\nexit 1\n`, { mode: 0o755 });
+    Object.assign(process.env, {
+      HOME: operatorHome,
+      PATH: `${bin}:${process.env.PATH}`,
+      OUTPOST_INTERNAL_SECRET: "internal-secret-of-the-executor-0123456789",
+      OUTPOST_ADMIN_TOKEN: "admin-token-of-the-executor",
+      SSH_AUTH_SOCK: path.join(base, "agent.sock"),
+    });
+    expect(git(base, "config", "--global", "--get-regexp", "url")).toContain(fake); // the executor's git would rewrite it
+
+    const ws = createHostWorkspaces({ runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["file", "ssh"]), checkoutTimeoutMs: 30_000 });
+    const rewritten = await ws.create("run-rewrite");
+    await expect(ws.checkout(rewritten, fake, "")).rejects.toBeInstanceOf(CheckoutError);
+
+    const overSsh = await ws.create("run-ssh");
+    await expect(ws.checkout(overSsh, "ssh://git.example.invalid/acme/repo.git", "")).rejects.toBeInstanceOf(CheckoutError);
+    const saw = fs.readFileSync(dump, "utf8");
+    expect(saw).not.toMatch(/^(OUTPOST_|SSH_AUTH_SOCK=)/m);
+    expect(saw).not.toContain("internal-secret-of-the-executor");
+    expect(saw).not.toContain(operatorHome);
+    expect(saw).toMatch(/^ARGS -F \/dev\/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=\/dev\/null -o IdentityAgent=none /m);
+    expect(saw).toMatch(/^GIT_CONFIG_NOSYSTEM=1$/m);
+    expect(saw).toMatch(/^GIT_CONFIG_GLOBAL=\/dev\/null$/m);
+    // The checkout's HOME was its own, and it is gone.
+    expect(fs.existsSync(path.join(overSsh.root, "git-home"))).toBe(false);
+  });
+});

@@ -69,6 +69,11 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
       if (!options.repoSchemes.has(scheme)) {
         throw new CheckoutError(`repository scheme ${scheme} is not allowed on this executor (allowed: ${[...options.repoSchemes].join(", ")})`);
       }
+      // git fetches a tenant's URL: it gets an empty HOME of its own (in the run directory, not
+      // mounted into the container) and only the environment it needs, never the executor's.
+      const home = path.join(files.root, "git-home");
+      await fs.mkdir(home, { mode: 0o700 });
+      const env = gitEnvironment(home, options.repoSchemes);
       const git = async (...args: string[]): Promise<string> => {
         try {
           const config = [
@@ -80,8 +85,7 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
             cwd: files.workspace,
             timeout: options.checkoutTimeoutMs,
             signal,
-            // Never prompt for credentials: a private repository without them fails at once.
-            env: { ...process.env, GIT_TERMINAL_PROMPT: "0", GIT_ASKPASS: "true", LC_ALL: "C" },
+            env,
             maxBuffer: 1024 * 1024,
           });
           return stdout;
@@ -92,22 +96,10 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
           throw new CheckoutError(line.slice(0, 500), { cause: err });
         }
       };
-      // The workspace is empty here; clone into it, then move to the ref (branch, tag or commit).
-      await git("clone", "--quiet", "--no-checkout", "--", url, ".");
-      if (ref) {
-        // The ref is the tenant's text: it is only ever read as a revision, after --end-of-options
-        // (`git checkout --detach` refuses --end-of-options, at least up to git 2.39), and the checkout is given
-        // the commit id it names, so a ref like "--force" or "--orphan=x" is never an option.
-        let commit: string;
-        try {
-          commit = (await git("rev-parse", "--verify", "--quiet", "--end-of-options", `${ref}^{commit}`)).trim();
-        } catch (err) {
-          throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} is not a branch, tag or commit of the repository`, { cause: err });
-        }
-        if (!/^[0-9a-f]{40}([0-9a-f]{24})?$/.test(commit)) throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} did not name one commit`);
-        await git("checkout", "--quiet", "--detach", commit);
-      } else {
-        await git("checkout", "--quiet");
+      try {
+        await cloneAt(git, url, ref);
+      } finally {
+        await fs.rm(home, { recursive: true, force: true });
       }
       await giveToContainerUser(files.workspace, true);
     },
@@ -201,4 +193,58 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
       }
     },
   };
+}
+
+/** Variables of the executor's environment git may see: what it needs to reach the network the operator set up. */
+const PASSED_TO_GIT = ["PATH", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"];
+
+/**
+ * git's environment for a checkout (the URL is the tenant's): an empty HOME and no system or
+ * global config (no operator gitconfig, credential helpers or url rewrites), no prompts, ssh
+ * with no agent, no keys and no user or system ssh config, only the allowed transports (also for
+ * redirects and submodules) — and nothing else of the executor's environment, so
+ * OUTPOST_INTERNAL_SECRET, OUTPOST_ADMIN_TOKEN, SSH_AUTH_SOCK and the like never reach git or
+ * what it runs.
+ */
+export function gitEnvironment(home: string, repoSchemes: ReadonlySet<string>): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const name of PASSED_TO_GIT) {
+    const value = process.env[name];
+    if (value !== undefined) env[name] = value;
+  }
+  env.PATH ??= "/usr/local/bin:/usr/bin:/bin";
+  return {
+    ...env,
+    HOME: home,
+    XDG_CONFIG_HOME: home,
+    GIT_CONFIG_NOSYSTEM: "1",
+    GIT_CONFIG_GLOBAL: "/dev/null",
+    // Never prompt for credentials: a private repository without them fails at once.
+    GIT_TERMINAL_PROMPT: "0",
+    GIT_ASKPASS: "true",
+    SSH_ASKPASS: "true",
+    GIT_SSH_COMMAND: "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=/dev/null -o IdentityAgent=none",
+    GIT_ALLOW_PROTOCOL: [...repoSchemes].join(":"),
+    LC_ALL: "C",
+  };
+}
+
+/** Clones `url` into the (empty) workspace, then moves to `ref` (default branch when empty). */
+async function cloneAt(git: (...args: string[]) => Promise<string>, url: string, ref: string): Promise<void> {
+  await git("clone", "--quiet", "--no-checkout", "--", url, ".");
+  if (ref) {
+    // The ref is the tenant's text: it is only ever read as a revision, after --end-of-options
+    // (`git checkout --detach` refuses --end-of-options, at least up to git 2.39), and the checkout is given
+    // the commit id it names, so a ref like "--force" or "--orphan=x" is never an option.
+    let commit: string;
+    try {
+      commit = (await git("rev-parse", "--verify", "--quiet", "--end-of-options", `${ref}^{commit}`)).trim();
+    } catch (err) {
+      throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} is not a branch, tag or commit of the repository`, { cause: err });
+    }
+    if (!/^[0-9a-f]{40}([0-9a-f]{24})?$/.test(commit)) throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} did not name one commit`);
+    await git("checkout", "--quiet", "--detach", commit);
+  } else {
+    await git("checkout", "--quiet");
+  }
 }
