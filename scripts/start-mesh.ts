@@ -5,12 +5,21 @@
  * runs one dispatch of the demo agent, follows its output, and shuts the mesh down.
  */
 import { randomBytes } from "node:crypto";
-import { readFileSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { readFileSync, existsSync, chmodSync } from "node:fs";
 import { spawnSync } from "node:child_process";
 import path from "node:path";
 import Docker from "dockerode";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { outpostClients, outpostHome, readDevCredentials, runCli, writeDevCredentials, devCredentialsPath } from "@outpost/cli";
+import {
+  outpostClients,
+  outpostHome,
+  readDevCredentials,
+  runCli,
+  writeDevCredentials,
+  devCredentialsPath,
+  ensurePrivateDir,
+  writePrivateFile,
+} from "@outpost/cli";
 import { DEFAULT_PORTS, REPO_ROOT, startMesh } from "./lib/mesh.ts";
 
 const DEMO_IMAGE = "outpost/demo-agent:latest";
@@ -21,13 +30,19 @@ function say(line: string) {
   process.stderr.write(`${line}\n`);
 }
 
-/** Secrets that must stay the same across restarts of the development mesh. */
+/**
+ * Secrets that must stay the same across restarts of the development mesh: 0600 files in a
+ * 0700 .outpost (files an older version left with the umask's mode are tightened on read).
+ */
 function devSecret(name: string): string {
+  ensurePrivateDir(home);
   const file = path.join(home, name);
-  if (existsSync(file)) return readFileSync(file, "utf8").trim();
-  mkdirSync(home, { recursive: true });
+  if (existsSync(file)) {
+    chmodSync(file, 0o600);
+    return readFileSync(file, "utf8").trim();
+  }
   const value = randomBytes(32).toString("hex");
-  writeFileSync(file, `${value}\n`, { mode: 0o600 });
+  writePrivateFile(file, `${value}\n`);
   return value;
 }
 
