@@ -274,13 +274,54 @@ describe("Kubernetes manifests (deploy/k8s)", () => {
     const open = policies.filter((p) => (p.spec.ingress ?? []).some((rule: Doc) => !rule.from));
     expect(open.map((p) => p.spec.podSelector.matchLabels["app.kubernetes.io/name"])).toEqual(["gateway"]);
     for (const service of SERVICES.filter((s) => s !== "gateway")) {
-      const own = policies.filter((p) => p.spec.podSelector.matchLabels?.["app.kubernetes.io/name"] === service);
+      const own = policies.filter((p) => p.spec.podSelector.matchLabels?.["app.kubernetes.io/name"] === service && p.spec.policyTypes.includes("Ingress"));
       expect(own.length, `${service} has a policy naming its callers`).toBe(1);
       const from = own[0]!.spec.ingress.flatMap((r: Doc) => r.from.map((f: Doc) => f.podSelector?.matchLabels?.["app.kubernetes.io/name"]).filter(Boolean));
       expect(from, service).not.toContain(undefined);
     }
     const external = ofKind("Service").filter((s) => s.spec.type === "LoadBalancer" || s.spec.type === "NodePort");
     expect(external.map((s) => s.metadata.name)).toEqual(["gateway"]);
+  });
+
+  it("lets executor pods (and the agents inside their engine) reach DNS, their three services and the internet only", () => {
+    const egress = ofKind("NetworkPolicy").filter((p) => p.spec.policyTypes.includes("Egress"));
+    expect(egress.map((p) => p.spec.podSelector.matchLabels?.["app.kubernetes.io/name"])).toEqual(["executor"]);
+    const rules = egress[0]!.spec.egress as Doc[];
+    const peers = rules.flatMap((rule) => (rule.to as Doc[]).map((to) => ({ to, ports: (rule.ports ?? []) as Doc[] })));
+    // DNS: kube-dns in kube-system, port 53 only.
+    const dns = peers.filter(({ to }) => to.podSelector?.matchLabels?.["k8s-app"] === "kube-dns");
+    expect(dns).toHaveLength(1);
+    expect(dns[0]!.to.namespaceSelector.matchLabels).toEqual({ "kubernetes.io/metadata.name": "kube-system" });
+    expect(dns[0]!.ports.map((p) => `${p.protocol}/${p.port}`).sort()).toEqual(["TCP/53", "UDP/53"]);
+    // The services the executor calls, each on its own port (the URLs the executor is given).
+    const env = envOf(deployment("executor").spec.template.spec.containers.find((c: Doc) => c.name === "executor"));
+    const services = peers.filter(({ to }) => to.podSelector?.matchLabels?.["app.kubernetes.io/name"] && !to.namespaceSelector);
+    const allowed = services.map(({ to, ports }) => `${to.podSelector.matchLabels["app.kubernetes.io/name"]}:${ports.map((p) => p.port).join(",")}`).sort();
+    const called = ["TENANT", "DISPATCHER", "TELEMETRY"].map((peer) => {
+      const url = new URL(env.get(`OUTPOST_${peer}_URL`)!.value as string);
+      return `${url.hostname}:${url.port}`;
+    });
+    expect(allowed).toEqual(called.sort());
+    // The internet: every address but the private, link-local (cloud metadata) and CGNAT ranges.
+    const blocks = peers.filter(({ to }) => to.ipBlock);
+    const v4 = blocks.find(({ to }) => to.ipBlock.cidr === "0.0.0.0/0");
+    expect(v4?.ports, "the internet on any port").toEqual([]);
+    expect([...v4!.to.ipBlock.except].sort()).toEqual(["10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"]);
+    for (const { to } of blocks) expect(to.ipBlock.cidr === "0.0.0.0/0" || (to.ipBlock.cidr === "::/0" && to.ipBlock.except.includes("fc00::/7")), to.ipBlock.cidr).toBe(true);
+    // Nothing else: no namespace-wide peer (Redis and MongoDB live in outpost-data), no other pod.
+    expect(peers.length).toBe(dns.length + services.length + blocks.length);
+    // The executor does not use Redis, so it is given no Redis URL (which carries the password).
+    expect(env.has("OUTPOST_REDIS_URL")).toBe(false);
+  });
+
+  it("gives Redis a password: the URL comes from the Secret, never the ConfigMap", () => {
+    const secret = ofKind("Secret").find((s) => s.metadata.name === "outpost-secrets")!;
+    expect(new URL(secret.stringData["redis-url"] as string).password).not.toBe("");
+    expect(ofKind("ConfigMap").some((c) => "redis-url" in (c.data ?? {}))).toBe(false);
+    for (const d of ofKind("Deployment")) {
+      const url = envOf(d.spec.template.spec.containers[0]).get("OUTPOST_REDIS_URL");
+      if (url) expect(url.valueFrom, d.metadata.name).toEqual({ secretKeyRef: { name: "outpost-secrets", key: "redis-url" } });
+    }
   });
 });
 
@@ -325,7 +366,9 @@ describe("image and compose (deploy/)", () => {
       const s = services[name]!;
       expect(s.command, name).toEqual([name]);
       expect(s.read_only, name).toBe(true);
-      expect(s.environment.OUTPOST_REDIS_URL, name).toBe("redis://redis:6379");
+      // Redis requires a password; the executor does not use Redis and is not given it.
+      if (name === "executor") expect(s.environment.OUTPOST_REDIS_URL, name).toBeUndefined();
+      else expect(s.environment.OUTPOST_REDIS_URL, name).toMatch(/^redis:\/\/:\$\{OUTPOST_REDIS_PASSWORD:\?[^}]*\}@redis:6379$/);
       expect(s.environment.OUTPOST_MONGO_URL, name).toMatch(/^mongodb:\/\/mongo:27017\//);
       for (const key of Object.keys(s.environment)) expect(settings.has(key), `${name}: ${key}`).toBe(true);
       for (const peer of ["TENANT", "DISPATCHER", "TELEMETRY"]) {
@@ -334,6 +377,7 @@ describe("image and compose (deploy/)", () => {
       }
       expect(Boolean(s.ports), name).toBe(name === "gateway");
     }
+    expect(services.redis!.command.join(" ")).toMatch(/--requirepass \$\{OUTPOST_REDIS_PASSWORD:\?/);
     expect(services.executor!.volumes).toContain("/var/run/docker.sock:/var/run/docker.sock");
     // Run directories are bind-mounted into agent containers by the host's engine, by path: the
     // executor keeps them in a host directory mounted at that same path.
