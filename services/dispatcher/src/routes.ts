@@ -77,6 +77,7 @@ const LABEL_KEY = /^[a-z][a-z0-9_.-]{0,62}$/;
  */
 const REPO_PROTOCOLS = new Set(["https:", "http:", "ssh:", "git:"]);
 /** Characters git refuses in a ref name (check-ref-format): controls, space, ~ ^ : ? * [ and backslash. */
+// eslint-disable-next-line no-control-regex -- matching control characters is the point
 const REF_FORBIDDEN = /[\x00-\x20\x7f~^:?*[\\]/;
 
 /** What the routes call besides the dispatcher core. */
