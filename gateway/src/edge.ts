@@ -10,7 +10,7 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Interceptor, createContextKey } from "@connectrpc/connect";
 import type http from "node:http";
 import type http2 from "node:http2";
-import { type Identity, type Logger, identityKey, outpostError, rateLimitRejections } from "@outpost/platform";
+import { type Identity, type Logger, explainMalformed, identityKey, outpostError, rateLimitRejections } from "@outpost/platform";
 import { RetryInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import type { Authenticator } from "./core/authenticator.ts";
 import { methodClassOf } from "./core/method-class.ts";
@@ -122,9 +122,13 @@ export function edgeInterceptor(options: EdgeOptions): Interceptor {
       for (const [name, value] of budget) res.header.set(name, value);
       return res;
     } catch (err) {
-      // Refused calls count too; the client sees what it has left either way.
-      if (err instanceof ConnectError) for (const [name, value] of budget) err.metadata.set(name, value);
-      throw err;
+      // Refused calls count too; the client sees what it has left either way. A request the
+      // Connect path could not read (a stream's framing, message or compression) says what was
+      // wrong in an ErrorInfo; the upstream's own errors pass as they are.
+      if (!(err instanceof ConnectError)) throw err;
+      const error = err.isWireError ? err : explainMalformed(err);
+      for (const [name, value] of budget) error.metadata.set(name, value);
+      throw error;
     }
   };
 }
@@ -139,9 +143,9 @@ async function* decodeFailuresAsInvalid<T>(messages: AsyncIterable<T>): AsyncIte
   try {
     yield* messages;
   } catch (err) {
-    if (err instanceof ConnectError && err.code === Code.Internal && /^(parse binary: |decompression failed)/.test(err.rawMessage)) {
-      throw new ConnectError(`request message could not be decoded: ${err.rawMessage}`, Code.InvalidArgument);
+    if (err instanceof ConnectError && err.code === Code.Internal && /^(parse binary: |decompression failed|received compressed envelope)/.test(err.rawMessage)) {
+      throw explainMalformed(new ConnectError(`request message could not be decoded: ${err.rawMessage}`, Code.InvalidArgument));
     }
-    throw err;
+    throw err instanceof ConnectError ? explainMalformed(err) : err;
   }
 }

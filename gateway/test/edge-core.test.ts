@@ -1,10 +1,13 @@
 import { createHash } from "node:crypto";
 import http2 from "node:http2";
 import net from "node:net";
-import { gzipSync } from "node:zlib";
+import { gunzipSync, gzipSync } from "node:zlib";
 import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
-import { Code } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { endStreamFromJson, errorFromJsonBytes } from "@connectrpc/connect/protocol-connect";
+import { findTrailerError } from "@connectrpc/connect/protocol-grpc";
+import { ErrorInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { loadConfig } from "@outpost/platform";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
@@ -20,7 +23,7 @@ import { ReflectionIndex } from "../src/core/reflection.ts";
 import { MemoryRateCounter } from "../src/store/rate-counter.ts";
 import { gatewayConfigShape } from "../src/config.ts";
 import { startGateway } from "../src/service.ts";
-import { envelope } from "../../test/support/envelopes.ts";
+import { envelope, envelopesOf } from "../../test/support/envelopes.ts";
 
 describe("methodClassOf", () => {
   it("classifies by verb", () => {
@@ -272,6 +275,133 @@ describe("the edge against a hostile client (real socket)", () => {
       "Connect unary": "400",
       "Connect stream": "invalid_argument",
     });
+  });
+
+  /**
+   * One HTTP/2 call, its answer read as the client's protocol reads it: the error's code, and the
+   * reason and field of its ErrorInfo ("none" without one).
+   */
+  async function h2Error(path: string, headers: Record<string, string>, body: Buffer): Promise<string> {
+    const session = http2.connect(`http://127.0.0.1:${port}`);
+    session.on("error", () => {});
+    try {
+      const answer = await new Promise<{ head: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders; body: Buffer }>((resolve, reject) => {
+        const stream = session.request({ ":method": "POST", ":path": path, authorization: `Bearer ${ADMIN}`, ...headers });
+        let head: http2.IncomingHttpHeaders = {};
+        let trailers: http2.IncomingHttpHeaders = {};
+        const chunks: Buffer[] = [];
+        const timer = setTimeout(() => reject(new Error("no answer")), 5000);
+        stream.on("response", (h) => (head = h));
+        stream.on("trailers", (t) => (trailers = t));
+        stream.on("data", (c: Buffer) => chunks.push(c));
+        stream.on("error", () => {});
+        stream.on("close", () => {
+          clearTimeout(timer);
+          resolve({ head, trailers, body: Buffer.concat(chunks) });
+        });
+        stream.end(body);
+      });
+      const webHeaders = (from: Record<string, unknown>) => {
+        const out = new Headers();
+        for (const [name, value] of Object.entries(from)) if (!name.startsWith(":") && typeof value === "string") out.set(name, value);
+        return out;
+      };
+      const requestType = headers["content-type"]!;
+      let error: ConnectError | undefined;
+      if (requestType.startsWith("application/grpc-web")) {
+        const frame = envelopesOf(answer.body).find((e) => e.flags === 0x80);
+        const trailer = new Headers();
+        for (const line of frame?.message.toString("latin1").split("\r\n") ?? []) {
+          const at = line.indexOf(":");
+          if (at > 0) trailer.set(line.slice(0, at).trim(), line.slice(at + 1).trim());
+        }
+        error = findTrailerError(trailer);
+      } else if (requestType.startsWith("application/grpc")) {
+        error = findTrailerError(webHeaders({ ...answer.head, ...answer.trailers }));
+      } else if (requestType.startsWith("application/connect+")) {
+        // The end of the stream is compressed (flag 1) when the answer is, and it is long enough.
+        const end = envelopesOf(answer.body).find((e) => (e.flags & 2) === 2);
+        error = end ? endStreamFromJson(end.flags & 1 ? gunzipSync(end.message) : end.message).error : undefined;
+      } else {
+        try {
+          const bytes = answer.head["content-encoding"] === "gzip" ? gunzipSync(answer.body) : answer.body;
+          error = errorFromJsonBytes(bytes, undefined, new ConnectError("", Code.Unknown));
+        } catch {
+          return `HTTP ${String(answer.head[":status"])} ${answer.body.toString("latin1")}`;
+        }
+      }
+      if (!error) return "OK";
+      const info = error.findDetails(ErrorInfoSchema)[0];
+      return `${Code[error.code]} ${info?.reason ?? "none"} ${info?.metadata["field"] ?? "none"}`;
+    } finally {
+      session.destroy();
+    }
+  }
+
+  it("answers every malformed request with INVALID_ARGUMENT and an ErrorInfo naming the header or the body, on every path", async () => {
+    const grpc = { "content-type": "application/grpc", te: "trailers" };
+    const grpcWeb = { "content-type": "application/grpc-web+proto" };
+    const json = { "content-type": "application/json" };
+    const proto = { "content-type": "application/proto" };
+    const connectStream = { "content-type": "application/connect+proto" };
+    const gzipped = gzipSync(message);
+    const cutGzip = gzipped.subarray(0, gzipped.length - 6);
+    const garbage = Buffer.from([0xff, 0xff, 0xff, 0xff, 0x0f]);
+    const timeout = "MALFORMED_TIMEOUT";
+    const frame = "MALFORMED_FRAME";
+    const msg = "MALFORMED_MESSAGE";
+    const compression = "MALFORMED_COMPRESSION";
+    const body = "(request body)";
+    // [what, path, headers, body, expected reason, expected field]; the path the call takes in brackets.
+    const cases: [string, string, Record<string, string>, Buffer, string, string][] = [
+      // the raw path (uncompressed gRPC, unary Connect, Connect streams)
+      ["raw gRPC timeout", GET, { ...grpc, "grpc-timeout": "soon" }, envelope(0, message), timeout, "grpc-timeout"],
+      ["raw gRPC stream timeout", SUBSCRIBE, { ...grpc, "grpc-timeout": "123456789m" }, envelope(0, message), timeout, "grpc-timeout"],
+      ["raw Connect timeout", GET, { ...json, "connect-timeout-ms": "-5" }, Buffer.from("{}"), timeout, "connect-timeout-ms"],
+      ["raw Connect stream timeout", SUBSCRIBE, { ...connectStream, "connect-timeout-ms": "x" }, envelope(0, message), timeout, "connect-timeout-ms"],
+      ["raw gRPC truncated frame", GET, grpc, envelope(0, message, message.length + 10), frame, body],
+      ["raw gRPC frame longer than declared", GET, grpc, envelope(0, message, message.length - 3), frame, body],
+      ["raw Connect stream truncated frame", SUBSCRIBE, connectStream, envelope(0, message, message.length + 10), frame, body],
+      ["raw gRPC garbage message", GET, grpc, envelope(0, garbage), msg, body],
+      ["raw Connect bad JSON", GET, json, Buffer.from('{"dispatchId":'), msg, body],
+      ["raw Connect garbage proto", GET, proto, garbage, msg, body],
+      ["raw Connect stream garbage", SUBSCRIBE, connectStream, envelope(0, garbage), msg, body],
+      ["raw gRPC compressed flag without encoding", GET, grpc, envelope(1, message), compression, body],
+      ["raw gRPC unknown flag", SUBSCRIBE, grpc, envelope(4, message), compression, body],
+      ["raw Connect stream compressed flag", SUBSCRIBE, connectStream, envelope(1, message), compression, body],
+      // the platform's lean unary path (compressed unary gRPC and Connect)
+      ["lean gRPC timeout", GET, { ...grpc, "grpc-encoding": "gzip", "grpc-timeout": "1x" }, envelope(1, gzipped), timeout, "grpc-timeout"],
+      ["lean Connect timeout", GET, { ...proto, "content-encoding": "gzip", "connect-timeout-ms": "soon" }, gzipped, timeout, "connect-timeout-ms"],
+      ["lean gRPC truncated frame", GET, { ...grpc, "grpc-encoding": "gzip" }, envelope(1, gzipped, gzipped.length + 10), frame, body],
+      ["lean gRPC cut gzip", GET, { ...grpc, "grpc-encoding": "gzip" }, envelope(1, cutGzip), compression, body],
+      ["lean gRPC unknown flag", GET, { ...grpc, "grpc-encoding": "gzip" }, envelope(6, gzipped), compression, body],
+      ["lean gRPC garbage message", GET, { ...grpc, "grpc-encoding": "gzip" }, envelope(1, gzipSync(garbage)), msg, body],
+      ["lean Connect garbage JSON", GET, { ...json, "content-encoding": "gzip" }, gzipSync('{"dispatchId":'), msg, body],
+      ["lean Connect cut gzip", GET, { ...proto, "content-encoding": "gzip" }, cutGzip, compression, body],
+      // connect-node (gRPC-Web; compressed streams)
+      ["gRPC-Web timeout", GET, { ...grpcWeb, "grpc-timeout": "soon" }, envelope(0, message), timeout, "grpc-timeout"],
+      ["gRPC-Web stream timeout", SUBSCRIBE, { ...grpcWeb, "grpc-timeout": "soon" }, envelope(0, message), timeout, "grpc-timeout"],
+      ["gRPC-Web truncated frame", GET, grpcWeb, envelope(0, message, message.length + 10), frame, body],
+      ["gRPC-Web stream truncated frame", SUBSCRIBE, grpcWeb, envelope(0, message, message.length + 10), frame, body],
+      ["gRPC-Web garbage message", GET, grpcWeb, envelope(0, garbage), msg, body],
+      ["gRPC-Web stream garbage message", SUBSCRIBE, grpcWeb, envelope(0, garbage), msg, body],
+      ["gRPC-Web compressed flag without encoding", GET, grpcWeb, envelope(1, message), compression, body],
+      ["gRPC-Web cut gzip", GET, { ...grpcWeb, "grpc-encoding": "gzip" }, envelope(1, cutGzip), compression, body],
+      ["compressed gRPC stream timeout", SUBSCRIBE, { ...grpc, "grpc-encoding": "gzip", "grpc-timeout": "soon" }, envelope(1, gzipped), timeout, "grpc-timeout"],
+      ["compressed gRPC stream truncated frame", SUBSCRIBE, { ...grpc, "grpc-encoding": "gzip" }, envelope(1, gzipped, gzipped.length + 10), frame, body],
+      ["compressed gRPC stream cut gzip", SUBSCRIBE, { ...grpc, "grpc-encoding": "gzip" }, envelope(1, cutGzip), compression, body],
+      ["compressed Connect stream timeout", SUBSCRIBE, { ...connectStream, "connect-content-encoding": "gzip", "connect-timeout-ms": "soon" }, envelope(1, gzipped), timeout, "connect-timeout-ms"],
+      ["compressed Connect stream truncated frame", SUBSCRIBE, { ...connectStream, "connect-content-encoding": "gzip" }, envelope(1, gzipped, gzipped.length + 10), frame, body],
+      ["compressed Connect stream cut gzip", SUBSCRIBE, { ...connectStream, "connect-content-encoding": "gzip" }, envelope(1, cutGzip), compression, body],
+      ["compressed Connect stream garbage", SUBSCRIBE, { ...connectStream, "connect-content-encoding": "gzip" }, envelope(1, gzipSync(garbage)), msg, body],
+    ];
+    const got: Record<string, string> = {};
+    const want: Record<string, string> = {};
+    for (const [what, path, headers, bytes, reason, field] of cases) {
+      got[what] = await h2Error(path, headers, bytes);
+      want[what] = `InvalidArgument ${reason} ${field}`;
+    }
+    expect(got).toEqual(want);
   });
 
   it("refuses a Connect body whose content-length is over the limit before reading it", async () => {

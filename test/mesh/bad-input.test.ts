@@ -11,6 +11,8 @@ import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
+import { findTrailerError } from "@connectrpc/connect/protocol-grpc";
+import { ErrorInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import type { DescService } from "@bufbuild/protobuf";
 import { errorInfoOf } from "@outpost/platform";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
@@ -166,6 +168,18 @@ const grpcFrame = (message: Buffer, declaredLength = message.length) => {
 };
 const grpcHeaders = () => ({ "content-type": "application/grpc+proto", te: "trailers", authorization: `Bearer ${tenant.apiKey}` });
 const grpcStatusOf = (r: { headers: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders }) => Number(r.trailers["grpc-status"] ?? r.headers["grpc-status"]);
+/** The reason and field of the ErrorInfo in a gRPC answer's status ("none" without one). */
+const grpcErrorInfoOf = (r: { headers: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders }) => {
+  const status = new Headers();
+  for (const [name, value] of Object.entries({ ...r.headers, ...r.trailers })) if (typeof value === "string" && !name.startsWith(":")) status.set(name, value);
+  const info = findTrailerError(status)?.findDetails(ErrorInfoSchema)[0];
+  return `${info?.reason ?? "none"} ${info?.metadata["field"] ?? "none"}`;
+};
+/** The same from a Connect error body. */
+const connectErrorInfoOf = (body: { details?: { type: string; debug?: { reason?: string; metadata?: Record<string, string> } }[] }) => {
+  const info = body.details?.find((d) => d.type === "google.rpc.ErrorInfo")?.debug;
+  return `${info?.reason ?? "none"} ${info?.metadata?.["field"] ?? "none"}`;
+};
 
 async function expectAlive() {
   const res = await fetch(`${t.mesh.urls.gateway}/healthz`);
@@ -185,13 +199,16 @@ describe("malformed bytes and framing", () => {
     ] as const) {
       const r = await h2Request(path, grpcHeaders(), grpcFrame(body));
       expect(grpcStatusOf(r), `${path} over gRPC`).toBe(Code.InvalidArgument);
+      expect(grpcErrorInfoOf(r), `${path} over gRPC`).toBe("MALFORMED_MESSAGE (request body)");
       const c = await fetch(`${t.mesh.urls.gateway}${path}`, {
         method: "POST",
         headers: { "content-type": "application/proto", authorization: `Bearer ${tenant.apiKey}` },
         body,
       });
       expect(c.status, `${path} over Connect`).toBe(400);
-      expect(((await c.json()) as { code: string }).code).toBe("invalid_argument");
+      const answer = (await c.json()) as { code: string; details?: [] };
+      expect(answer.code).toBe("invalid_argument");
+      expect(connectErrorInfoOf(answer), `${path} over Connect`).toBe("MALFORMED_MESSAGE (request body)");
       // gRPC-Web: the status travels in the trailer frame of the body.
       const w = await fetch(`${t.mesh.urls.gateway}${path}`, {
         method: "POST",
@@ -201,6 +218,7 @@ describe("malformed bytes and framing", () => {
       const trailer = Buffer.from(await w.arrayBuffer()).toString("latin1");
       expect(trailer, `${path} over gRPC-Web`).toMatch(/grpc-status: 3\r\n/);
       expect(decodeURIComponent(trailer.slice(5))).toContain("request message could not be decoded");
+      expect(trailer, `${path} over gRPC-Web`).toMatch(/grpc-status-details-bin: /);
     }
     await expectAlive();
   });
@@ -225,7 +243,9 @@ describe("malformed bytes and framing", () => {
       body: '{"dispatchId": ',
     });
     expect(json.status).toBe(400);
-    expect(((await json.json()) as { code: string }).code).toBe("invalid_argument");
+    const jsonAnswer = (await json.json()) as { code: string; details?: [] };
+    expect(jsonAnswer.code).toBe("invalid_argument");
+    expect(connectErrorInfoOf(jsonAnswer)).toBe("MALFORMED_MESSAGE (request body)");
     await expectAlive();
   });
 
@@ -234,19 +254,30 @@ describe("malformed bytes and framing", () => {
     // The frame says 100 bytes; the stream ends after 28.
     const r = await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), grpcFrame(message, 100));
     expect(grpcStatusOf(r)).toBe(Code.InvalidArgument);
+    expect(grpcErrorInfoOf(r)).toBe("MALFORMED_FRAME (request body)");
     // A frame header cut in the middle.
     const cut = await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), Buffer.from([0, 0, 0]));
     expect(grpcStatusOf(cut)).toBe(Code.InvalidArgument);
+    expect(grpcErrorInfoOf(cut)).toBe("MALFORMED_FRAME (request body)");
     // A protobuf message whose length prefix overruns it.
     const overrun = await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), grpcFrame(Buffer.from([0x0a, 0x7f, 0x41])));
     expect(grpcStatusOf(overrun)).toBe(Code.InvalidArgument);
+    expect(grpcErrorInfoOf(overrun)).toBe("MALFORMED_MESSAGE (request body)");
     // The "compressed" flag with no grpc-encoding.
     const flagged = grpcFrame(message);
     flagged[0] = 1;
-    expect(grpcStatusOf(await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), flagged))).toBe(Code.InvalidArgument);
+    const flaggedAnswer = await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), flagged);
+    expect(grpcStatusOf(flaggedAnswer)).toBe(Code.InvalidArgument);
+    expect(grpcErrorInfoOf(flaggedAnswer)).toBe("MALFORMED_COMPRESSION (request body)");
     // Two messages where a unary call takes one.
     const twice = Buffer.concat([grpcFrame(message), grpcFrame(message)]);
-    expect(grpcStatusOf(await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), twice))).toBe(Code.InvalidArgument);
+    const twiceAnswer = await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", grpcHeaders(), twice);
+    expect(grpcStatusOf(twiceAnswer)).toBe(Code.InvalidArgument);
+    expect(grpcErrorInfoOf(twiceAnswer)).toBe("MALFORMED_FRAME (request body)");
+    // A malformed deadline names its header.
+    const late = await h2Request("/outpost.dispatch.v1.DispatchService/GetDispatch", { ...grpcHeaders(), "grpc-timeout": "1 hour" }, grpcFrame(message));
+    expect(grpcStatusOf(late)).toBe(Code.InvalidArgument);
+    expect(grpcErrorInfoOf(late)).toBe("MALFORMED_TIMEOUT grpc-timeout");
     await expectAlive();
   });
 

@@ -19,7 +19,7 @@ import {
   endStreamToJson,
   parseContentType,
 } from "@connectrpc/connect/protocol-connect";
-import { envelope, singleMessage } from "@outpost/platform";
+import { envelope, invalidArgument, MALFORMED, REQUEST_BODY_FIELD, singleMessage } from "@outpost/platform";
 import { EnvelopeScanner } from "./envelopes.ts";
 import { acceptsConnect, connectDeadline, decodeConnectMessage } from "./raw-connect.ts";
 import { breakAnswer, copyHeaders, errorHeaders, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
@@ -46,8 +46,8 @@ export function connectServerStream(): UnaryWireProtocol {
 
     validate(method: ForwardedMethod, body: Buffer, clientHeader: Headers) {
       const single = singleMessage(body);
-      if ("problem" in single) throw new ConnectError(`protocol error: ${single.problem}`, Code.InvalidArgument);
-      if (single.flags !== 0) throw new ConnectError(`protocol error: request message with flags ${single.flags} (compressed without connect-content-encoding, or an end of stream)`, Code.InvalidArgument);
+      if ("problem" in single) throw invalidArgument(REQUEST_BODY_FIELD, `protocol error: ${single.problem}`, MALFORMED.FRAME);
+      if (single.flags !== 0) throw invalidArgument(REQUEST_BODY_FIELD, `protocol error: request message with flags ${single.flags} (compressed without connect-content-encoding, or an end of stream)`, MALFORMED.COMPRESSION);
       decodeConnectMessage(method, single.message, !parseContentType(clientHeader.get("content-type"))?.binary);
     },
 

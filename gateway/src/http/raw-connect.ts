@@ -16,6 +16,7 @@ import {
   errorToJsonBytes,
   parseTimeout,
 } from "@connectrpc/connect/protocol-connect";
+import { invalidArgument, MALFORMED, REQUEST_BODY_FIELD } from "@outpost/platform";
 import { copyHeaders, errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
@@ -126,14 +127,15 @@ export function decodeConnectMessage(method: ForwardedMethod, message: Uint8Arra
     if (json) fromJsonString(method.input, jsonDecoder.decode(message), { ignoreUnknownFields: true });
     else fromBinary(method.input, message);
   } catch (err) {
-    throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+    throw invalidArgument(REQUEST_BODY_FIELD, `request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, MALFORMED.MESSAGE);
   }
 }
 
 /** Connect's deadline header, the same for unary calls and streams. */
 export const connectDeadline: Pick<UnaryWireProtocol, "timeoutOf" | "setTimeout"> = {
   timeoutOf(clientHeader) {
-    return parseTimeout(clientHeader.get("connect-timeout-ms"), Number.MAX_SAFE_INTEGER);
+    const timeout = parseTimeout(clientHeader.get("connect-timeout-ms"), Number.MAX_SAFE_INTEGER);
+    return timeout.error ? { error: invalidArgument("connect-timeout-ms", timeout.error.rawMessage, MALFORMED.TIMEOUT) } : timeout;
   },
   setTimeout(upstreamHeader, timeoutMs) {
     upstreamHeader.set("connect-timeout-ms", String(timeoutMs));

@@ -7,7 +7,7 @@ import http2 from "node:http2";
 import { fromBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { parseTimeout, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
-import { singleMessage } from "@outpost/platform";
+import { invalidArgument, MALFORMED, REQUEST_BODY_FIELD, singleMessage } from "@outpost/platform";
 import { EnvelopeScanner } from "./envelopes.ts";
 import {
   breakAnswer,
@@ -43,12 +43,12 @@ export function grpcUnary(): UnaryWireProtocol {
 
     validate(method: ForwardedMethod, body: Buffer) {
       const single = singleMessage(body);
-      if ("problem" in single) throw new ConnectError(`protocol error: ${single.problem}`, Code.InvalidArgument);
-      if (single.flags !== 0) throw new ConnectError("protocol error: compressed message without grpc-encoding", Code.InvalidArgument);
+      if ("problem" in single) throw invalidArgument(REQUEST_BODY_FIELD, `protocol error: ${single.problem}`, MALFORMED.FRAME);
+      if (single.flags !== 0) throw invalidArgument(REQUEST_BODY_FIELD, `protocol error: message flags ${single.flags} without grpc-encoding`, MALFORMED.COMPRESSION);
       try {
         fromBinary(method.input, single.message);
       } catch (err) {
-        throw new ConnectError(`request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+        throw invalidArgument(REQUEST_BODY_FIELD, `request message could not be decoded: ${err instanceof Error ? err.message : String(err)}`, MALFORMED.MESSAGE);
       }
     },
 
@@ -57,7 +57,8 @@ export function grpcUnary(): UnaryWireProtocol {
     },
 
     timeoutOf(clientHeader) {
-      return parseTimeout(clientHeader.get("grpc-timeout"), Number.MAX_SAFE_INTEGER);
+      const timeout = parseTimeout(clientHeader.get("grpc-timeout"), Number.MAX_SAFE_INTEGER);
+      return timeout.error ? { error: invalidArgument("grpc-timeout", timeout.error.rawMessage, MALFORMED.TIMEOUT) } : timeout;
     },
 
     setTimeout(upstreamHeader, timeoutMs) {

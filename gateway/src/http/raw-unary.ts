@@ -30,6 +30,7 @@ import type { DescMethodServerStreaming, DescMethodUnary } from "@bufbuild/proto
 import { Code, ConnectError } from "@connectrpc/connect";
 import { mergeNonProtocolHeaders } from "@connectrpc/connect/protocol";
 import {
+  explainMalformed,
   injectTraceHeaders,
   maskedInternalMessage,
   otelContext,
@@ -223,7 +224,9 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
         } catch (err) {
           // The client left (e.g. while its body was being read): nobody to answer.
           if (isGone(res)) return Code.Canceled;
+          // Bad input of any kind carries ErrorInfo naming what was wrong.
           let error = ConnectError.from(err);
+          if (!error.isWireError) error = explainMalformed(error);
           if (error.code === Code.Internal || error.code === Code.Unknown) {
             // As on the Connect path: the cause goes to the log, the client gets the trace id.
             options.logger.error({ err, method: methodName }, "raw forward failed");

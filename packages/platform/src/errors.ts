@@ -40,6 +40,47 @@ export function invalidArgument(field: string, description: string, reason = "IN
   ]);
 }
 
+/** ErrorInfo `metadata.field` of a problem with the request's body rather than one field of its message. */
+export const REQUEST_BODY_FIELD = "(request body)";
+
+/**
+ * ErrorInfo reasons of a request that is malformed below its message's fields (docs/edge.md,
+ * "Malformed requests"): the deadline header, the framing, the message's encoding, its compression,
+ * the Connect protocol version.
+ */
+export const MALFORMED = {
+  TIMEOUT: "MALFORMED_TIMEOUT",
+  FRAME: "MALFORMED_FRAME",
+  MESSAGE: "MALFORMED_MESSAGE",
+  COMPRESSION: "MALFORMED_COMPRESSION",
+  PROTOCOL_VERSION: "UNSUPPORTED_PROTOCOL_VERSION",
+} as const;
+
+/**
+ * An INVALID_ARGUMENT without ErrorInfo (connect-es raises those from its protocol code: a
+ * deadline header it cannot read, broken framing, a message it cannot decode or decompress) as
+ * the project answers bad input: ErrorInfo and BadRequest naming the header, or
+ * `(request body)`, and the reason. Anything else is returned as it is.
+ */
+export function explainMalformed(err: ConnectError): ConnectError {
+  if (err.code !== Code.InvalidArgument || err.findDetails(ErrorInfoSchema).length > 0) return err;
+  const message = err.rawMessage;
+  const [reason, field] = /grpc timeout/i.test(message)
+    ? [MALFORMED.TIMEOUT, "grpc-timeout"]
+    : /connect timeout|^timeout \d+ms/i.test(message)
+      ? [MALFORMED.TIMEOUT, /grpc/i.test(message) ? "grpc-timeout" : "connect-timeout-ms"]
+      : /connect-protocol-version/i.test(message)
+        ? [MALFORMED.PROTOCOL_VERSION, "connect-protocol-version"]
+        : /compress|flag/i.test(message)
+          ? [MALFORMED.COMPRESSION, REQUEST_BODY_FIELD]
+          : /envelope|promised|incomplete|frame|exactly one message|no complete message|content-length/i.test(message)
+            ? [MALFORMED.FRAME, REQUEST_BODY_FIELD]
+            : [MALFORMED.MESSAGE, REQUEST_BODY_FIELD];
+  const explained = invalidArgument(field, message, reason);
+  for (const [name, value] of err.metadata) explained.metadata.set(name, value);
+  return explained;
+}
+
 /** NOT_FOUND: also the answer for another tenant's resource, so it must not say more. */
 export function notFound(resource: string, id: string): ConnectError {
   return outpostError(Code.NotFound, `${resource.toUpperCase()}_NOT_FOUND`, `${resource} "${id}" not found`, {

@@ -46,6 +46,7 @@ import {
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as connect from "@connectrpc/connect/protocol-connect";
 import { envelope, ENVELOPE_HEADER_BYTES, singleMessage } from "./envelope.ts";
+import { invalidArgument, MALFORMED, REQUEST_BODY_FIELD } from "./errors.ts";
 import type { Logger } from "./logger.ts";
 
 type UnarySpec = Extract<MethodImplSpec, { kind: "unary" }>;
@@ -191,12 +192,12 @@ const GRPC: WireProtocol = {
 
   requestMessage(body, compression) {
     const single = singleMessage(body);
-    if ("problem" in single) throw new ConnectError(`protocol error: ${single.problem}`, Code.InvalidArgument);
+    if ("problem" in single) throw invalidArgument(REQUEST_BODY_FIELD, `protocol error: ${single.problem}`, MALFORMED.FRAME);
     const { flags, message } = single;
     if (flags === 1 && compression === null) {
-      throw new ConnectError("protocol error: a compressed message without grpc-encoding", Code.InvalidArgument);
+      throw invalidArgument(REQUEST_BODY_FIELD, "protocol error: a compressed message without grpc-encoding", MALFORMED.COMPRESSION);
     }
-    if (flags > 1) throw new ConnectError(`protocol error: unknown message flags ${flags}`, Code.InvalidArgument);
+    if (flags > 1) throw invalidArgument(REQUEST_BODY_FIELD, `protocol error: unknown message flags ${flags}`, MALFORMED.COMPRESSION);
     return { bytes: message, compressed: flags === 1 };
   },
 
@@ -295,11 +296,11 @@ async function serveCall(
   let outcome: Outcome;
   try {
     if (compression.error) throw compression.error;
-    if (timeout.error) throw timeout.error;
+    if (timeout.error) throw invalidArgument(protocol.timeoutHeader, timeout.error.rawMessage, MALFORMED.TIMEOUT);
     const lengthHint = protocol.checksContentLength ? contentLength(req, limits.readMaxBytes) : undefined;
     const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes, context.signal);
     if (lengthHint !== undefined && lengthHint !== body.length) {
-      throw new ConnectError(`protocol error: promised ${lengthHint} bytes, received ${body.length}`, Code.InvalidArgument);
+      throw invalidArgument(REQUEST_BODY_FIELD, `protocol error: promised ${lengthHint} bytes, received ${body.length}`, MALFORMED.FRAME);
     }
     const request = protocol.requestMessage(body, compression.request);
     const bytes = request.compressed ? await decompress(compression.request!, request.bytes, limits.readMaxBytes) : request.bytes;
@@ -341,7 +342,7 @@ async function decompress(compression: Compression, bytes: Uint8Array, readMaxBy
     const error = ConnectError.from(err);
     if (error.code === Code.ResourceExhausted) throw error;
     const cause = error.cause instanceof Error ? `: ${error.cause.message}` : "";
-    throw new ConnectError(`request message could not be decompressed (${compression.name}${cause})`, Code.InvalidArgument, undefined, undefined, err);
+    throw invalidArgument(REQUEST_BODY_FIELD, `request message could not be decompressed (${compression.name}${cause})`, MALFORMED.COMPRESSION);
   }
 }
 
@@ -352,7 +353,7 @@ function parse(serialization: MethodSerializationLookup<DescMessage, DescMessage
   } catch (err) {
     const error = ConnectError.from(err);
     if (error.code === Code.ResourceExhausted) throw error;
-    throw new ConnectError(`request message could not be decoded: ${error.rawMessage}`, Code.InvalidArgument, undefined, undefined, err);
+    throw invalidArgument(REQUEST_BODY_FIELD, `request message could not be decoded: ${error.rawMessage}`, MALFORMED.MESSAGE);
   }
 }
 
@@ -361,7 +362,7 @@ function contentLength(req: Request, readMaxBytes: number): number | undefined {
   const value = req.headers["content-length"];
   if (value === undefined) return undefined;
   const length = Number.parseInt(value, 10);
-  if (!Number.isSafeInteger(length) || length < 0) throw new ConnectError(`protocol error: invalid content-length ${value}`, Code.InvalidArgument);
+  if (!Number.isSafeInteger(length) || length < 0) throw invalidArgument("content-length", `protocol error: invalid content-length ${value}`, MALFORMED.FRAME);
   if (length > readMaxBytes) throw new ConnectError(`message size ${length} is larger than configured readMaxBytes ${readMaxBytes}`, Code.ResourceExhausted);
   return length;
 }

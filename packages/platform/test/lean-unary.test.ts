@@ -9,6 +9,8 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { compressionGzip, createGrpcTransport } from "@connectrpc/connect-node";
 import type { RunningServer } from "@outpost/platform";
+import { findTrailerError } from "@connectrpc/connect/protocol-grpc";
+import { ErrorInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { GetLogsRequestSchema, GetLogsResponseSchema, LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { envelope } from "../../../test/support/envelopes.ts";
@@ -64,6 +66,14 @@ function rawGrpc(
   }).finally(() => session.close());
 }
 
+/** The reason and field of the ErrorInfo a gRPC answer's status carries ("none" without one). */
+function errorInfoOf(answer: RawAnswer): string {
+  const status = new Headers();
+  for (const [name, value] of Object.entries({ ...answer.headers, ...answer.trailers })) if (typeof value === "string" && !name.startsWith(":")) status.set(name, value);
+  const info = findTrailerError(status)?.findDetails(ErrorInfoSchema)[0];
+  return `${info?.reason ?? "none"} ${info?.metadata["field"] ?? "none"}`;
+}
+
 async function answerOf(call: Promise<RawAnswer | "cancelled">): Promise<RawAnswer> {
   const answer = await call;
   if (answer === "cancelled") throw new Error("expected an answer");
@@ -90,18 +100,18 @@ describe("lean unary path, gRPC", () => {
 
   it("refuses framing and messages it cannot read with INVALID_ARGUMENT naming the problem", async () => {
     const valid = getLogs("x");
-    const cases: [string, Buffer, RegExp][] = [
-      ["an empty body", Buffer.alloc(0), /no complete message \(0 bytes\)/],
-      ["a cut envelope header", Buffer.from([0, 0, 0]), /no complete message \(3 bytes\)/],
-      ["a cut message", envelope(0, valid, valid.length + 10), /\d+ bytes promised, \d+ sent/],
-      ["two messages", Buffer.concat([envelope(0, valid), envelope(0, valid)]), /exactly one message/],
-      ["a compressed flag without grpc-encoding", envelope(1, valid), /compressed message without grpc-encoding/],
-      ["unknown flags", envelope(4, valid), /unknown message flags 4/],
-      ["bytes that are no GetLogsRequest", envelope(0, Buffer.from([0xff, 0xff, 0xff])), /request message could not be decoded/],
+    const cases: [string, Buffer, RegExp, string][] = [
+      ["an empty body", Buffer.alloc(0), /no complete message \(0 bytes\)/, "MALFORMED_FRAME"],
+      ["a cut envelope header", Buffer.from([0, 0, 0]), /no complete message \(3 bytes\)/, "MALFORMED_FRAME"],
+      ["a cut message", envelope(0, valid, valid.length + 10), /\d+ bytes promised, \d+ sent/, "MALFORMED_FRAME"],
+      ["two messages", Buffer.concat([envelope(0, valid), envelope(0, valid)]), /exactly one message/, "MALFORMED_FRAME"],
+      ["a compressed flag without grpc-encoding", envelope(1, valid), /compressed message without grpc-encoding/, "MALFORMED_COMPRESSION"],
+      ["unknown flags", envelope(4, valid), /unknown message flags 4/, "MALFORMED_COMPRESSION"],
+      ["bytes that are no GetLogsRequest", envelope(0, Buffer.from([0xff, 0xff, 0xff])), /request message could not be decoded/, "MALFORMED_MESSAGE"],
     ];
-    for (const [name, body, expected] of cases) {
+    for (const [name, body, expected, reason] of cases) {
       const answer = await answerOf(rawGrpc(server.url, body));
-      expect({ name, code: answer.code }).toEqual({ name, code: Code.InvalidArgument });
+      expect({ name, code: answer.code, info: errorInfoOf(answer) }).toEqual({ name, code: Code.InvalidArgument, info: `${reason} (request body)` });
       expect(answer.message).toMatch(expected);
     }
     const after = await answerOf(rawGrpc(server.url, envelope(0, valid)));
@@ -119,6 +129,7 @@ describe("lean unary path, gRPC", () => {
     const answer = await answerOf(rawGrpc(server.url, envelope(0, getLogs("x")), { headers: { "grpc-timeout": "soon" } }));
     expect(answer.code).toBe(Code.InvalidArgument);
     expect(answer.message).toContain("invalid grpc timeout value: soon");
+    expect(errorInfoOf(answer)).toBe("MALFORMED_TIMEOUT grpc-timeout");
   });
 
   it("stops waiting for a body that never ends at the deadline", async () => {
@@ -212,6 +223,7 @@ describe("lean unary path, gRPC", () => {
       const answer = await answerOf(rawGrpc(server.url, envelope(1, bytes), { headers: { "grpc-encoding": encoding } }));
       expect(answer.code, `${encoding}, ${bytes.length} bytes`).toBe(Code.InvalidArgument);
       expect(answer.message).toContain("request message could not be decompressed");
+      expect(errorInfoOf(answer)).toBe("MALFORMED_COMPRESSION (request body)");
     }
   });
 });
@@ -254,7 +266,14 @@ describe("lean unary path, Connect", () => {
   it("refuses JSON that is no GetLogsRequest, and an oversize body, naming the problem", async () => {
     const bad = await post("{\"dispatchId\": 7");
     expect(bad.status).toBe(400);
-    expect(await bad.json()).toEqual({ code: "invalid_argument", message: expect.stringMatching(/^request message could not be decoded: /) });
+    const refusal = (await bad.json()) as { code: string; message: string; details: { type: string; debug: unknown }[] };
+    expect(refusal.code).toBe("invalid_argument");
+    expect(refusal.message).toMatch(/^\(request body\): request message could not be decoded: /);
+    expect(refusal.details.find((d) => d.type === "google.rpc.ErrorInfo")?.debug).toMatchObject({ reason: "MALFORMED_MESSAGE", metadata: { field: "(request body)" } });
+    const timeout = await post(JSON.stringify({ dispatchId: "x" }), { "connect-timeout-ms": "soon" });
+    expect(timeout.status).toBe(400);
+    const timeoutInfo = ((await timeout.json()) as typeof refusal).details.find((d) => d.type === "google.rpc.ErrorInfo")?.debug;
+    expect(timeoutInfo).toMatchObject({ reason: "MALFORMED_TIMEOUT", metadata: { field: "connect-timeout-ms" } });
     const big = await post(JSON.stringify({ dispatchId: "x".repeat(2000) }));
     expect(big.status).toBe(429);
     expect(((await big.json()) as { code: string }).code).toBe("resource_exhausted");
