@@ -404,6 +404,27 @@ describe("the edge against a hostile client (real socket)", () => {
     expect(got).toEqual(want);
   });
 
+  it("refuses a Connect call whose connect-protocol-version is not 1, on every path (INVALID_ARGUMENT with ErrorInfo)", async () => {
+    const refused = "InvalidArgument UNSUPPORTED_PROTOCOL_VERSION connect-protocol-version";
+    const v2 = { "connect-protocol-version": "2" };
+    const answers = {
+      unary: await h2Error(GET, { "content-type": "application/json", ...v2 }, Buffer.from(JSON.stringify({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }))),
+      "compressed unary": await h2Error(GET, { "content-type": "application/proto", "content-encoding": "gzip", ...v2 }, gzipSync(message)),
+      stream: await h2Error(SUBSCRIBE, { "content-type": "application/connect+proto", ...v2 }, envelope(0, message)),
+      "compressed stream": await h2Error(SUBSCRIBE, { "content-type": "application/connect+proto", "connect-content-encoding": "gzip", ...v2 }, envelope(1, gzipSync(message))),
+    };
+    expect(answers).toEqual({ unary: refused, "compressed unary": refused, stream: refused, "compressed stream": refused });
+    // Over HTTP/1.1 too.
+    const h1Answer = await fetch(`http://127.0.0.1:${port}${GET}`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json", "connect-protocol-version": "0" },
+      body: "{}",
+      signal: AbortSignal.timeout(5000),
+    });
+    expect(h1Answer.status).toBe(400);
+    expect(await h1Answer.text()).toContain("UNSUPPORTED_PROTOCOL_VERSION");
+  });
+
   it("refuses a Connect body whose content-length is over the limit before reading it", async () => {
     const answer = await h1(
       `POST ${GET} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer ${ADMIN}\r\nContent-Length: 5000\r\n\r\n{"dispatchId":`,

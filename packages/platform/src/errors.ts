@@ -81,6 +81,11 @@ export function explainMalformed(err: ConnectError): ConnectError {
   return explained;
 }
 
+/** A Connect request whose `connect-protocol-version` header is not 1 (docs/edge.md). */
+export function unsupportedConnectVersion(version: string): ConnectError {
+  return invalidArgument("connect-protocol-version", `must be "1": got "${version}"`, MALFORMED.PROTOCOL_VERSION);
+}
+
 /** NOT_FOUND: also the answer for another tenant's resource, so it must not say more. */
 export function notFound(resource: string, id: string): ConnectError {
   return outpostError(Code.NotFound, `${resource.toUpperCase()}_NOT_FOUND`, `${resource} "${id}" not found`, {

@@ -46,7 +46,7 @@ import {
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as connect from "@connectrpc/connect/protocol-connect";
 import { envelope, ENVELOPE_HEADER_BYTES, singleMessage } from "./envelope.ts";
-import { invalidArgument, MALFORMED, REQUEST_BODY_FIELD } from "./errors.ts";
+import { invalidArgument, MALFORMED, REQUEST_BODY_FIELD, unsupportedConnectVersion } from "./errors.ts";
 import type { Logger } from "./logger.ts";
 
 type UnarySpec = Extract<MethodImplSpec, { kind: "unary" }>;
@@ -297,6 +297,9 @@ async function serveCall(
   try {
     if (compression.error) throw compression.error;
     if (timeout.error) throw invalidArgument(protocol.timeoutHeader, timeout.error.rawMessage, MALFORMED.TIMEOUT);
+    // Connect's protocol version: absent, or 1 (connect-node checks it only when told to).
+    const version = headerValue(req, connect.headerProtocolVersion.toLowerCase());
+    if (protocol.name === "connect" && version !== null && version !== connect.protocolVersion) throw unsupportedConnectVersion(version);
     const lengthHint = protocol.checksContentLength ? contentLength(req, limits.readMaxBytes) : undefined;
     const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes, context.signal);
     if (lengthHint !== undefined && lengthHint !== body.length) {

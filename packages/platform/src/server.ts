@@ -21,7 +21,7 @@ import { HealthState, registerHealth, type ReadinessCheck } from "./health.ts";
 import { identityKey, readIdentity } from "./identity.ts";
 import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
-import { maskedInternalMessage } from "./errors.ts";
+import { maskedInternalMessage, unsupportedConnectVersion } from "./errors.ts";
 import { applyRuntimeFixes } from "./runtime.ts";
 import { leanUnaryPath } from "./lean-unary.ts";
 
@@ -134,6 +134,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     serverTraceInterceptor(),
     metricsInterceptor(),
     trackingInterceptor(track, logger),
+    connectVersionInterceptor(),
   ];
   if (options.internalSecret !== undefined) platformInterceptors.push(identityInterceptor(options.internalSecret));
 
@@ -371,6 +372,22 @@ function trackingInterceptor(track: { start(): void; end(): void }, logger: Logg
     };
     track.start();
     return observeCallEnd(() => next(req), { onEnd: finish, mapError: mask });
+  };
+}
+
+/**
+ * Refuses a Connect call (any content type but gRPC's and gRPC-Web's) whose
+ * connect-protocol-version header is present and not 1, as docs/edge.md says: connect-node
+ * checks it only when told to require it, which would refuse clients that leave it out. (The
+ * lean unary path checks it before reading the body; this covers connect-node's calls.)
+ */
+function connectVersionInterceptor(): Interceptor {
+  return (next) => async (req) => {
+    const version = req.header.get("connect-protocol-version");
+    if (version !== null && version !== "1" && !(req.header.get("content-type") ?? "").startsWith("application/grpc")) {
+      throw unsupportedConnectVersion(version);
+    }
+    return await next(req);
   };
 }
 

@@ -279,6 +279,20 @@ describe("lean unary path, Connect", () => {
     expect(((await big.json()) as { code: string }).code).toBe("resource_exhausted");
   });
 
+  it("refuses a connect-protocol-version other than 1 before reading the body; 1 or none is served", async () => {
+    const two = await post(JSON.stringify({ dispatchId: "headers" }), { "connect-protocol-version": "2" });
+    expect(two.status).toBe(400);
+    const body = (await two.json()) as { code: string; message: string; details: { type: string; debug: unknown }[] };
+    expect(body.code).toBe("invalid_argument");
+    expect(body.details.find((d) => d.type === "google.rpc.ErrorInfo")?.debug).toMatchObject({
+      reason: "UNSUPPORTED_PROTOCOL_VERSION",
+      metadata: { field: "connect-protocol-version" },
+    });
+    for (const version of [{ "connect-protocol-version": "1" }, {}] as Record<string, string>[]) {
+      expect((await post(JSON.stringify({ dispatchId: "headers" }), version)).status).toBe(200);
+    }
+  });
+
   it("gives the handler the full URL; leaves out connection headers an error carries", async () => {
     const url = await post(JSON.stringify({ dispatchId: "url" }));
     expect(((await url.json()) as { nextPageToken: string }).nextPageToken).toBe(`${server.url}${GET_LOGS}`);
