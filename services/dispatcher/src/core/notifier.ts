@@ -100,24 +100,24 @@ export function redisWakeupBus(publisher: Redis, subscriber: Redis, logger: Logg
     if (unsent.length > 0) void flushUnsent();
   });
 
-  /** Reads `stream` after `lastId` until the bus closes; a failed read waits (backing off) and resumes from the same id. */
+  // A failed read (Redis gone) is tried again, backing off, from the same id: nothing is skipped.
+  const readRetry = retry(handleAll, { backoff: new ExponentialBackoff({ initialDelay: 250, maxDelay: 5000 }) });
+  readRetry.onRetry(({ delay }) => logger.debug({ retry_in_ms: Math.round(delay) }, "stream read failed; resuming after the last entry read"));
+
+  /** Reads `stream` after `lastId` until the bus closes. */
   const readFrom = async (reader: Redis, stream: string, lastId: string, onMessage: (message: string) => void) => {
-    let delayMs = 250;
     while (!closing.signal.aborted) {
+      let reply: [string, [string, string[]][]][] | null;
       try {
-        const reply = await reader.xread("COUNT", 500, "BLOCK", STREAM_BLOCK_MS, "STREAMS", stream, lastId);
-        delayMs = 250;
-        for (const [, entries] of reply ?? []) {
-          for (const [id, fields] of entries) {
-            lastId = id;
-            if (fields[0] === "m" && fields[1] !== undefined) onMessage(fields[1]);
-          }
+        reply = await readRetry.execute(() => reader.xread("COUNT", 500, "BLOCK", STREAM_BLOCK_MS, "STREAMS", stream, lastId), closing.signal);
+      } catch {
+        return; // only closing the bus ends the retries
+      }
+      for (const [, entries] of reply ?? []) {
+        for (const [id, fields] of entries) {
+          lastId = id;
+          if (fields[0] === "m" && fields[1] !== undefined) onMessage(fields[1]);
         }
-      } catch (err) {
-        if (closing.signal.aborted) return;
-        logger.debug({ err, stream }, "stream read failed; resuming after the last entry read");
-        await new Promise((resolve) => setTimeout(resolve, delayMs));
-        delayMs = Math.min(delayMs * 2, 5000);
       }
     }
   };
