@@ -24,6 +24,7 @@ import { MemoryRateCounter } from "../src/store/rate-counter.ts";
 import { gatewayConfigShape } from "../src/config.ts";
 import { startGateway } from "../src/service.ts";
 import { envelope, envelopesOf } from "../../test/support/envelopes.ts";
+import { h2Exchange } from "../../test/support/h2.ts";
 
 describe("methodClassOf", () => {
   it("classifies by verb", () => {
@@ -172,27 +173,11 @@ describe("the edge against a hostile client (real socket)", () => {
    * One HTTP/2 request whose body is written but never ended; resolves the answer once the stream
    * has closed (the gateway must close it: the client never ends its side).
    */
-  function unendedH2(path: string, headers: Record<string, string>, body: Buffer) {
-    const session = http2.connect(`http://127.0.0.1:${port}`);
-    session.on("error", () => {});
-    return new Promise<{ grpcStatus?: string; status?: number; body: Buffer; ms: number } | "no answer">((resolve) => {
-      const started = Date.now();
-      const stream = session.request({ ":method": "POST", ":path": path, authorization: `Bearer ${ADMIN}`, ...headers });
-      let head: http2.IncomingHttpHeaders = {};
-      let trailers: http2.IncomingHttpHeaders = {};
-      const chunks: Buffer[] = [];
-      const timer = setTimeout(() => resolve("no answer"), 5000);
-      stream.on("response", (h) => (head = h));
-      stream.on("trailers", (t) => (trailers = t));
-      stream.on("data", (c: Buffer) => chunks.push(c));
-      stream.on("error", () => {});
-      stream.on("close", () => {
-        clearTimeout(timer);
-        const grpcStatus = trailers["grpc-status"] ?? head["grpc-status"];
-        resolve({ grpcStatus: grpcStatus as string | undefined, status: Number(head[":status"]), body: Buffer.concat(chunks), ms: Date.now() - started });
-      });
-      stream.write(body);
-    }).finally(() => session.destroy());
+  async function unendedH2(path: string, headers: Record<string, string>, body: Buffer) {
+    const answer = await h2Exchange(`http://127.0.0.1:${port}`, { ":path": path, authorization: `Bearer ${ADMIN}`, ...headers }, body, { end: false });
+    if (answer === "no answer") return answer;
+    const grpcStatus = answer.trailers["grpc-status"] ?? answer.head["grpc-status"];
+    return { grpcStatus: grpcStatus as string | undefined, status: Number(answer.head[":status"]), body: answer.body, ms: answer.ms };
   }
 
   /** Raw HTTP/1.1: writes `payload` and keeps the socket open; resolves what came back within 5 s. */
@@ -282,60 +267,40 @@ describe("the edge against a hostile client (real socket)", () => {
    * reason and field of its ErrorInfo ("none" without one).
    */
   async function h2Error(path: string, headers: Record<string, string>, body: Buffer): Promise<string> {
-    const session = http2.connect(`http://127.0.0.1:${port}`);
-    session.on("error", () => {});
-    try {
-      const answer = await new Promise<{ head: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders; body: Buffer }>((resolve, reject) => {
-        const stream = session.request({ ":method": "POST", ":path": path, authorization: `Bearer ${ADMIN}`, ...headers });
-        let head: http2.IncomingHttpHeaders = {};
-        let trailers: http2.IncomingHttpHeaders = {};
-        const chunks: Buffer[] = [];
-        const timer = setTimeout(() => reject(new Error("no answer")), 5000);
-        stream.on("response", (h) => (head = h));
-        stream.on("trailers", (t) => (trailers = t));
-        stream.on("data", (c: Buffer) => chunks.push(c));
-        stream.on("error", () => {});
-        stream.on("close", () => {
-          clearTimeout(timer);
-          resolve({ head, trailers, body: Buffer.concat(chunks) });
-        });
-        stream.end(body);
-      });
-      const webHeaders = (from: Record<string, unknown>) => {
-        const out = new Headers();
-        for (const [name, value] of Object.entries(from)) if (!name.startsWith(":") && typeof value === "string") out.set(name, value);
-        return out;
-      };
-      const requestType = headers["content-type"]!;
-      let error: ConnectError | undefined;
-      if (requestType.startsWith("application/grpc-web")) {
-        const frame = envelopesOf(answer.body).find((e) => e.flags === 0x80);
-        const trailer = new Headers();
-        for (const line of frame?.message.toString("latin1").split("\r\n") ?? []) {
-          const at = line.indexOf(":");
-          if (at > 0) trailer.set(line.slice(0, at).trim(), line.slice(at + 1).trim());
-        }
-        error = findTrailerError(trailer);
-      } else if (requestType.startsWith("application/grpc")) {
-        error = findTrailerError(webHeaders({ ...answer.head, ...answer.trailers }));
-      } else if (requestType.startsWith("application/connect+")) {
-        // The end of the stream is compressed (flag 1) when the answer is, and it is long enough.
-        const end = envelopesOf(answer.body).find((e) => (e.flags & 2) === 2);
-        error = end ? endStreamFromJson(end.flags & 1 ? gunzipSync(end.message) : end.message).error : undefined;
-      } else {
-        try {
-          const bytes = answer.head["content-encoding"] === "gzip" ? gunzipSync(answer.body) : answer.body;
-          error = errorFromJsonBytes(bytes, undefined, new ConnectError("", Code.Unknown));
-        } catch {
-          return `HTTP ${String(answer.head[":status"])} ${answer.body.toString("latin1")}`;
-        }
+    const answer = await h2Exchange(`http://127.0.0.1:${port}`, { ":path": path, authorization: `Bearer ${ADMIN}`, ...headers }, body);
+    if (answer === "no answer") throw new Error(`no answer from ${path}`);
+    const webHeaders = (from: Record<string, unknown>) => {
+      const out = new Headers();
+      for (const [name, value] of Object.entries(from)) if (!name.startsWith(":") && typeof value === "string") out.set(name, value);
+      return out;
+    };
+    const requestType = headers["content-type"]!;
+    let error: ConnectError | undefined;
+    if (requestType.startsWith("application/grpc-web")) {
+      const frame = envelopesOf(answer.body).find((e) => e.flags === 0x80);
+      const trailer = new Headers();
+      for (const line of frame?.message.toString("latin1").split("\r\n") ?? []) {
+        const at = line.indexOf(":");
+        if (at > 0) trailer.set(line.slice(0, at).trim(), line.slice(at + 1).trim());
       }
-      if (!error) return "OK";
-      const info = error.findDetails(ErrorInfoSchema)[0];
-      return `${Code[error.code]} ${info?.reason ?? "none"} ${info?.metadata["field"] ?? "none"}`;
-    } finally {
-      session.destroy();
+      error = findTrailerError(trailer);
+    } else if (requestType.startsWith("application/grpc")) {
+      error = findTrailerError(webHeaders({ ...answer.head, ...answer.trailers }));
+    } else if (requestType.startsWith("application/connect+")) {
+      // The end of the stream is compressed (flag 1) when the answer is, and it is long enough.
+      const end = envelopesOf(answer.body).find((e) => (e.flags & 2) === 2);
+      error = end ? endStreamFromJson(end.flags & 1 ? gunzipSync(end.message) : end.message).error : undefined;
+    } else {
+      try {
+        const bytes = answer.head["content-encoding"] === "gzip" ? gunzipSync(answer.body) : answer.body;
+        error = errorFromJsonBytes(bytes, undefined, new ConnectError("", Code.Unknown));
+      } catch {
+        return `HTTP ${String(answer.head[":status"])} ${answer.body.toString("latin1")}`;
+      }
     }
+    if (!error) return "OK";
+    const info = error.findDetails(ErrorInfoSchema)[0];
+    return `${Code[error.code]} ${info?.reason ?? "none"} ${info?.metadata["field"] ?? "none"}`;
   }
 
   it("answers every malformed request with INVALID_ARGUMENT and an ErrorInfo naming the header or the body, on every path", async () => {

@@ -1,4 +1,3 @@
-import http2 from "node:http2";
 import net from "node:net";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
@@ -7,6 +6,7 @@ import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/pr
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SECRET, sleep, startTestServer } from "./helpers.ts";
+import { h2Exchange } from "../../../test/support/h2.ts";
 
 async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
   try {
@@ -208,28 +208,12 @@ describe("a request body that never ends, on the connect-node path (gRPC-Web, st
   afterAll(() => server.close());
 
   /** Writes part of a body and never ends it; resolves the status once the server closed the stream. */
-  function unended(path: string, headers: Record<string, string>, body: Buffer) {
-    const session = http2.connect(server.url);
-    session.on("error", () => {});
-    return new Promise<{ grpcStatus?: string; body: string; ms: number } | "no answer">((resolve) => {
-      const started = Date.now();
-      const stream = session.request({ ":method": "POST", ":path": `/outpost.telemetry.v1.LogService/${path}`, ...headers });
-      let head: http2.IncomingHttpHeaders = {};
-      let trailers: http2.IncomingHttpHeaders = {};
-      const chunks: Buffer[] = [];
-      const timer = setTimeout(() => resolve("no answer"), 5000);
-      stream.on("response", (h) => (head = h));
-      stream.on("trailers", (t) => (trailers = t));
-      stream.on("data", (c: Buffer) => chunks.push(c));
-      stream.on("error", () => {});
-      stream.on("close", () => {
-        clearTimeout(timer);
-        const text = Buffer.concat(chunks).toString("latin1");
-        const grpcStatus = trailers["grpc-status"] ?? head["grpc-status"] ?? /grpc-status: (\d+)/.exec(text)?.[1];
-        resolve({ grpcStatus: grpcStatus as string | undefined, body: text, ms: Date.now() - started });
-      });
-      stream.write(body);
-    }).finally(() => session.destroy());
+  async function unended(path: string, headers: Record<string, string>, body: Buffer) {
+    const answer = await h2Exchange(server.url, { ":path": `/outpost.telemetry.v1.LogService/${path}`, ...headers }, body, { end: false });
+    if (answer === "no answer") return answer;
+    const text = answer.body.toString("latin1");
+    const grpcStatus = answer.trailers["grpc-status"] ?? answer.head["grpc-status"] ?? /grpc-status: (\d+)/.exec(text)?.[1];
+    return { grpcStatus: grpcStatus as string | undefined, body: text, ms: answer.ms };
   }
 
   const partial = Buffer.from([0, 0, 0, 0, 20, 0x0a]); // an envelope promising 20 bytes, 1 sent

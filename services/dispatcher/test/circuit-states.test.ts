@@ -13,7 +13,7 @@ import { CIRCUITS_KEY, redisCircuitStates } from "../src/adapters/circuit-states
 import { AgentCircuits, type CircuitOptions, type CircuitStateStore, type RunOutcome } from "../src/core/resilience.ts";
 import { freePort } from "../../../scripts/lib/ports.ts";
 import { startPrivateRedis, type PrivateRedis } from "../../../scripts/lib/scale-out.ts";
-import { startBalancer } from "../../../scripts/lib/balancer.ts";
+import { startCuttableRedis } from "../../../test/support/cuttable-redis.ts";
 
 const OPTIONS: CircuitOptions = { failureThreshold: 5, windowMs: 60_000, halfOpenAfterMs: 300, successesToClose: 3 };
 
@@ -170,29 +170,25 @@ describe("redisCircuitStates", () => {
 
   it("keeps a save that failed while Redis was unreachable and writes it when Redis is back", async () => {
     const dir = mkdtempSync(path.join(tmpdir(), "outpost-circuit-states-"));
-    const server = await startPrivateRedis(dir);
-    const redisPort = Number(new URL(server.url).port);
-    const proxyPort = await freePort();
-    let proxy = await startBalancer(() => [redisPort], "127.0.0.1", proxyPort);
-    const cutOff = connectRedis(`redis://127.0.0.1:${proxyPort}`, silentLogger);
-    const direct = connectRedis(server.url, silentLogger);
+    const redisServer = await startCuttableRedis(dir);
+    const cutOff = connectRedis(redisServer.proxiedUrl, silentLogger);
+    const direct = connectRedis(redisServer.url, silentLogger);
     try {
       const states = redisCircuitStates(cutOff, silentLogger);
       await states.load(); // connected
-      await proxy.close();
+      await redisServer.cut();
       await states.save("claude", "older");
       await states.save("claude", "newer"); // only the latest state of an agent is kept
       await states.save("codex", "codex state");
       expect(await direct.hgetall(CIRCUITS_KEY)).toEqual({});
-      proxy = await startBalancer(() => [redisPort], "127.0.0.1", proxyPort);
+      await redisServer.restore();
       const deadline = Date.now() + 15_000;
       while (Object.keys(await direct.hgetall(CIRCUITS_KEY)).length < 2 && Date.now() < deadline) await sleep(50);
       expect(await direct.hgetall(CIRCUITS_KEY)).toEqual({ claude: "newer", codex: "codex state" });
     } finally {
       cutOff.disconnect();
       direct.disconnect();
-      await proxy.close();
-      await server.stop();
+      await redisServer.stop();
       rmSync(dir, { recursive: true, force: true });
     }
   });

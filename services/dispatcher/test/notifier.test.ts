@@ -12,9 +12,7 @@ import { describe, expect, it } from "vitest";
 import { connectRedis, createLogger, subscriberOf, type Logger, type Redis } from "@outpost/platform";
 import { Notifier, OUTCOME_STREAM, QUEUED_CHANNEL, redisWakeupBus, type WakeupBus } from "../src/core/notifier.ts";
 import type { RunOutcome } from "../src/core/resilience.ts";
-import { startPrivateRedis } from "../../../scripts/lib/scale-out.ts";
-import { startBalancer } from "../../../scripts/lib/balancer.ts";
-import { freePort } from "../../../scripts/lib/ports.ts";
+import { startCuttableRedis } from "../../../test/support/cuttable-redis.ts";
 
 /** Stands in for ioredis's subscriber: SUBSCRIBE fails `failures` times, then succeeds. */
 class FlakySubscriber extends EventEmitter {
@@ -127,17 +125,14 @@ describe("the outcome stream on a real Redis", () => {
    */
   it("a replica cut off from Redis gets its peers' outcomes when it is back, and they get the ones it saw meanwhile", async () => {
     const dir = mkdtempSync(path.join(tmpdir(), "outpost-outcome-stream-"));
-    const server = await startPrivateRedis(dir);
-    const redisPort = Number(new URL(server.url).port);
-    const proxyPort = await freePort();
-    let proxy = await startBalancer(() => [redisPort], "127.0.0.1", proxyPort);
+    const redis = await startCuttableRedis(dir);
     const silent = createLogger("outcome-stream-test", "silent");
     const busOf = (url: string) => {
       const publisher = connectRedis(url, silent);
       return { publisher, bus: redisWakeupBus(publisher, subscriberOf(publisher), silent) };
     };
-    const a = busOf(server.url);
-    const b = busOf(`redis://127.0.0.1:${proxyPort}`);
+    const a = busOf(redis.url);
+    const b = busOf(redis.proxiedUrl);
     const gotA: string[] = [];
     const gotB: string[] = [];
     try {
@@ -146,7 +141,7 @@ describe("the outcome stream on a real Redis", () => {
       a.bus.append(OUTCOME_STREAM, "a 0 claude");
       await until(() => gotB.length === 1);
 
-      await proxy.close(); // B is cut off; its reads fail and its appends are kept
+      await redis.cut(); // B is cut off; its reads fail and its appends are kept
       await until(() => b.publisher.status !== "ready");
       for (let i = 1; i <= 3; i++) a.bus.append(OUTCOME_STREAM, `a ${i} while-b-away`);
       b.bus.append(OUTCOME_STREAM, "b 0 seen-while-away");
@@ -155,7 +150,7 @@ describe("the outcome stream on a real Redis", () => {
       expect(gotB).toEqual(["a 0 claude"]);
       expect(gotA.filter((m) => m.startsWith("b "))).toEqual([]);
 
-      proxy = await startBalancer(() => [redisPort], "127.0.0.1", proxyPort);
+      await redis.restore();
       await until(() => gotB.length === 6 && gotA.length === 6, 15_000);
       // Each reads every entry once, in the order appended (B's own come after A's: appended on reconnect).
       expect(gotB).toEqual(["a 0 claude", "a 1 while-b-away", "a 2 while-b-away", "a 3 while-b-away", "b 0 seen-while-away", "b 1 seen-while-away"]);
@@ -163,8 +158,7 @@ describe("the outcome stream on a real Redis", () => {
     } finally {
       await a.bus.close();
       await b.bus.close();
-      await proxy.close();
-      await server.stop();
+      await redis.stop();
       rmSync(dir, { recursive: true, force: true });
     }
   });

@@ -20,16 +20,12 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { EXECUTOR, tenantIdentity } from "./helpers.ts";
 import { SECRET, startDispatcherProcess, stop, type Proc } from "./process-helpers.ts";
-import { startPrivateRedis, type PrivateRedis } from "../../../scripts/lib/scale-out.ts";
-import { startBalancer, type Balancer } from "../../../scripts/lib/balancer.ts";
-import { freePort } from "../../../scripts/lib/ports.ts";
+import { startCuttableRedis, type CuttableRedis } from "../../../test/support/cuttable-redis.ts";
 
 describe("two dispatcher replicas on one store and one Redis", () => {
   let dataDir: string;
-  let redis: PrivateRedis | undefined;
-  /** Replica 2's way to Redis. */
-  let proxy: Balancer | undefined;
-  let proxyPort = 0;
+  /** Replica 2 reaches it through the proxy (`proxiedUrl`), which the last test cuts. */
+  let redis: CuttableRedis | undefined;
   const procs: Proc[] = [];
   const urls: string[] = [];
   const startReplica = async (redisUrl = redis!.url) => {
@@ -39,22 +35,16 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     procs.push(proc);
     urls.push(baseUrl);
   };
-  const openProxy = async () => {
-    proxy = await startBalancer(() => [Number(new URL(redis!.url).port)], "127.0.0.1", proxyPort);
-  };
 
   beforeAll(async () => {
     dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-replicas-"));
-    redis = await startPrivateRedis(path.join(dataDir, "redis"));
-    proxyPort = await freePort();
-    await openProxy();
+    redis = await startCuttableRedis(path.join(dataDir, "redis"));
     await startReplica();
-    await startReplica(`redis://127.0.0.1:${proxyPort}`);
+    await startReplica(redis.proxiedUrl);
   });
 
   afterAll(async () => {
     for (const proc of procs) await stop(proc);
-    await proxy?.close();
     await redis?.stop();
     if (dataDir) rmSync(dataDir, { recursive: true, force: true });
   });
@@ -166,13 +156,13 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     // codex: an agent no other test here runs.
     const mine = new Set<string>();
     for (let i = 0; i < 5; i++) mine.add((await tenant(0, TENANTS[i % 2]).createDispatch({ agent: "codex", task: `fails ${i}` })).dispatch!.id);
-    await proxy!.close(); // replica 2 loses Redis; replica 1 keeps it
+    await redis!.cut(); // replica 2 loses Redis; replica 1 keeps it
     for (let i = 0; i < 5; i++) await failOne(mine);
     await expect(tenant(0).createDispatch({ agent: "codex", task: "refused on replica 1" })).rejects.toThrow(/circuit open/);
     // Replica 2 has not heard: it still accepts codex.
     await new Promise((r) => setTimeout(r, 300));
     await tenant(1).createDispatch({ agent: "codex", task: "accepted while cut off" });
-    await openProxy();
+    await redis!.restore();
     // Back on Redis (its reconnect backs off up to 5 s), it reads the outcomes it missed.
     const refusal = await refusalOn(1, "codex", 150);
     expect(refusal?.code).toBe(Code.Unavailable);

@@ -5,6 +5,7 @@
  * secrets from a stub tenant service and checks repositories out from a git daemon on loopback.
  */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { makeTwoCommitRepo } from "./git-fixture.ts";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -61,21 +62,7 @@ describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)
 
     // A real git repository served by `git daemon` on loopback: two commits, a tag on the first.
     gitBase = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-git-"));
-    const repo = path.join(gitBase, "project.git");
-    const work = path.join(gitBase, "work");
-    const git = (cwd: string, ...args: string[]) =>
-      execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.invalid", ...args], { cwd, encoding: "utf8" }).trim();
-    fs.mkdirSync(work);
-    git(work, "init", "-q", "-b", "main");
-    fs.writeFileSync(path.join(work, "version.txt"), "one");
-    git(work, "add", ".");
-    git(work, "commit", "-q", "-m", "one");
-    git(work, "tag", "v1");
-    repoTagCommit = git(work, "rev-parse", "HEAD");
-    fs.writeFileSync(path.join(work, "version.txt"), "two");
-    git(work, "commit", "-q", "-am", "two");
-    repoHead = git(work, "rev-parse", "HEAD");
-    git(gitBase, "clone", "-q", "--bare", work, repo);
+    ({ tagCommit: repoTagCommit, headCommit: repoHead } = makeTwoCommitRepo(gitBase));
     const gitPort = await freePort();
     gitDaemon = spawn("git", ["daemon", "--reuseaddr", "--export-all", `--base-path=${gitBase}`, "--listen=127.0.0.1", `--port=${gitPort}`, gitBase], {
       stdio: "ignore",

@@ -1,34 +1,20 @@
 /** Repository checkout on the host (host-workspaces.ts) against a real git repository on disk; no Docker. */
-import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createHostWorkspaces } from "../src/adapters/host-workspaces.ts";
 import { CheckoutError } from "../src/core/ports.ts";
+import { git, makeTwoCommitRepo } from "./git-fixture.ts";
 
 let base: string;
 let repoUrl: string;
 let tagCommit: string;
 let headCommit: string;
 
-const git = (cwd: string, ...args: string[]) =>
-  execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.invalid", ...args], { cwd, encoding: "utf8" }).trim();
-
 beforeAll(() => {
   base = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-ws-"));
-  const work = path.join(base, "work");
-  fs.mkdirSync(work);
-  git(work, "init", "-q", "-b", "main");
-  fs.writeFileSync(path.join(work, "version.txt"), "one");
-  git(work, "add", ".");
-  git(work, "commit", "-q", "-m", "one");
-  git(work, "tag", "v1");
-  tagCommit = git(work, "rev-parse", "HEAD");
-  fs.writeFileSync(path.join(work, "version.txt"), "two");
-  git(work, "commit", "-q", "-am", "two");
-  headCommit = git(work, "rev-parse", "HEAD");
-  git(base, "clone", "-q", "--bare", work, path.join(base, "project.git"));
+  ({ tagCommit, headCommit } = makeTwoCommitRepo(base));
   repoUrl = `file://${base}/project.git`;
 });
 
