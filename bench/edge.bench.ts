@@ -16,7 +16,7 @@ import { create, toBinary } from "@bufbuild/protobuf";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { outpostClients } from "@outpost/cli";
-import { IDENTITY_HEADER, IDENTITY_SIGNATURE_HEADER, writeIdentity } from "@outpost/platform";
+import { IDENTITY_HEADER, IDENTITY_SIGNATURE_HEADER, generateSigningKeySet, signingKeysOf } from "@outpost/platform";
 import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { freePort, startMesh, type Mesh } from "../scripts/lib/mesh.ts";
@@ -54,7 +54,8 @@ const edge: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
   const clients = 4;
   const streams = 8;
   const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-edge-bench-"));
-  const internalSecret = randomBytes(32).toString("hex");
+  // One key set for the core and the gateways (each mesh would otherwise make its own).
+  const signingKeys = generateSigningKeySet();
   const adminToken = randomBytes(32).toString("hex");
   const huge = 1_000_000_000;
   // The limiter counts every call but never refuses one: its cost is measured, not its rejections.
@@ -71,7 +72,7 @@ const edge: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
     core = await startMesh({
       dataDir: path.join(dir, "data"),
       logDir: path.join(dir, "logs"),
-      internalSecret,
+      signingKeys,
       adminToken,
       only: ["tenant", "telemetry", "dispatcher"],
       env: { OUTPOST_LOG_LEVEL: "warn", OUTPOST_TIERS_FILE: tiersFile },
@@ -83,7 +84,7 @@ const edge: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
         await startMesh({
           dataDir: path.join(dir, "data"),
           logDir: path.join(dir, `logs-${mode}`),
-          internalSecret,
+          signingKeys,
           adminToken,
           only: ["gateway"],
           ports: { tenant: port("tenant"), dispatcher: port("dispatcher"), telemetry: port("telemetry") },
@@ -115,7 +116,7 @@ const edge: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
         // What the gateway sends: the tenant's identity, signed (valid 60 s, signed per run).
         headers: () => {
           const h = new Headers();
-          writeIdentity(h, internalSecret, { kind: "tenant", tenantId: created.tenant!.id, principal: "key/bench" });
+          signingKeysOf(signingKeys, "gateway").writeIdentity(h, { kind: "tenant", tenantId: created.tenant!.id, principal: "key/bench" });
           return { ...grpcHeaders, [IDENTITY_HEADER]: h.get(IDENTITY_HEADER)!, [IDENTITY_SIGNATURE_HEADER]: h.get(IDENTITY_SIGNATURE_HEADER)! };
         },
       },

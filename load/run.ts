@@ -72,7 +72,6 @@ const adminToken = randomBytes(32).toString("hex");
 const mesh = await startMesh({
   dataDir: path.join(dir, "data"),
   logDir: path.join(dir, "logs"),
-  internalSecret: randomBytes(32).toString("hex"),
   adminToken,
   env: {
     OUTPOST_LOG_LEVEL: "warn",

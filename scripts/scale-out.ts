@@ -20,7 +20,6 @@ const say = (line: string) => process.stderr.write(`${line}\n`);
 const topology = await startScaleOut({
   dataDir: path.join(dir, "data"),
   logDir: path.join(dir, "logs"),
-  internalSecret: randomBytes(32).toString("hex"),
   adminToken,
   redisUrl: values.redis,
   env: { OUTPOST_EXECUTOR_ID: `scale-${process.pid}` },

@@ -80,7 +80,6 @@ const adminToken = devSecret("admin-token");
 const mesh = await startMesh({
   dataDir: path.join(home, "data"),
   logDir: path.join(home, "logs"),
-  internalSecret: devSecret("internal-secret"),
   // Secrets at rest are encrypted under this development master key (key id "dev").
   serviceEnv: { tenant: { OUTPOST_SECRETS_MASTER_KEYS: `dev:${Buffer.from(devSecret("secrets-master-key"), "hex").toString("base64")}` } },
   adminToken,

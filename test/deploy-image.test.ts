@@ -162,7 +162,6 @@ function imageSuite(target: Target): void {
   // os/arch: the image's, every `docker run` asks for it.
   let platform = "";
   const ports = {} as Record<ServiceName, number>;
-  const internalSecret = randomHex();
   const adminToken = randomHex();
   const containerOf = (service: ServiceName) => `${RUN}-${service}`;
 
@@ -286,11 +285,11 @@ function imageSuite(target: Target): void {
   it("refuses an unknown service (64) and a missing setting (78), saying which", async () => {
     const bad = await docker(["run", "--rm", "--platform", platform, ...productionFlags(), IMAGE, "nonsense"]);
     expect(bad.code).toBe(64);
-    expect(bad.stderr).toContain("gateway|tenant|dispatcher|executor|telemetry");
+    expect(bad.stderr).toContain("gateway|tenant|dispatcher|executor|telemetry|signing-keys");
 
     const unset = await docker(["run", "--rm", "--platform", platform, ...productionFlags(), IMAGE, "tenant"], 60_000 * slow);
     expect(unset.code).toBe(78);
-    expect(unset.stderr).toMatch(/tenant: invalid configuration: OUTPOST_INTERNAL_SECRET: .*required/);
+    expect(unset.stderr).toMatch(/tenant: invalid configuration: OUTPOST_SIGNING_KEY: .*required/);
   }, 60_000 * slow);
 
   it("runs all five services on one network, each as uid 1000 with no capabilities, ready", async () => {
@@ -305,8 +304,12 @@ function imageSuite(target: Target): void {
     const socketGid = statSync(socket).gid;
 
     const env = (vars: Record<string, string>) => Object.entries(vars).flatMap(([k, v]) => ["-e", `${k}=${v}`]);
+    // The image makes the key set itself, as an operator would: `<image> signing-keys`.
+    const printed = await must("docker run signing-keys", docker(["run", "--rm", "--platform", platform, ...productionFlags(), IMAGE, "signing-keys"]));
+    const keys = Object.fromEntries(printed.split("\n").filter((l) => l.startsWith("OUTPOST_")).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+    const signingKeyOf = (service: ServiceName) => env({ OUTPOST_SIGNING_KEY: keys[`OUTPOST_${service.toUpperCase()}_SIGNING_KEY`]! });
     const common = env({
-      OUTPOST_INTERNAL_SECRET: internalSecret,
+      OUTPOST_TRUSTED_SIGNERS: keys.OUTPOST_TRUSTED_SIGNERS!,
       OUTPOST_TENANT_URL: "http://tenant:7101",
       OUTPOST_DISPATCHER_URL: "http://dispatcher:7102",
       OUTPOST_TELEMETRY_URL: "http://telemetry:7104",
@@ -338,7 +341,7 @@ function imageSuite(target: Target): void {
         `docker run ${service}`,
         docker([
           "run", "-d", "--platform", platform, "--name", name, "--label", LABEL, "--network", NETWORK, "--network-alias", service,
-          ...productionFlags(), ...data, "-p", `127.0.0.1::${port}`, ...common, ...perService[service], IMAGE, service,
+          ...productionFlags(), ...data, "-p", `127.0.0.1::${port}`, ...common, ...signingKeyOf(service), ...perService[service], IMAGE, service,
         ]),
       );
       const published = await must("docker port", docker(["port", name, `${port}/tcp`]));

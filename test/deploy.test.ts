@@ -10,7 +10,7 @@
  * The compose file parses and names real entry points; the image's entry script picks a service
  * and refuses anything else.
  */
-import { spawnSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
@@ -25,6 +25,7 @@ import { Namespace } from "kubernetes-models/v1/Namespace";
 import { Secret } from "kubernetes-models/v1/Secret";
 import { Service } from "kubernetes-models/v1/Service";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
+import { SigningKeys, type SignerRole } from "@outpost/platform";
 import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES, serviceNodeOptions } from "../scripts/lib/mesh.ts";
 import { executorConfigShape } from "../services/executor/src/config.ts";
 import { loadTiers, TIER_NAMES } from "../services/tenant/src/core/tiers.ts";
@@ -175,7 +176,11 @@ describe("Kubernetes manifests (deploy/k8s)", () => {
       const env = new Map<string, Doc>(c.env.map((e: Doc) => [e.name, e]));
       expect(env.get(`OUTPOST_${name.toUpperCase()}_PORT`)?.value, name).toBe(String(port));
       expect(env.get(`OUTPOST_${name.toUpperCase()}_HOST`)?.value, name).toBe("0.0.0.0");
-      expect(env.get("OUTPOST_INTERNAL_SECRET")?.valueFrom?.secretKeyRef, name).toBeDefined();
+      // Each service reads its own signing key from its own Secret, and (all but the gateway,
+      // which verifies nothing) the public keys from the ConfigMap.
+      expect(env.get("OUTPOST_SIGNING_KEY")?.valueFrom?.secretKeyRef, name).toEqual({ name: `outpost-signing-${name}`, key: "signing-key" });
+      const trusted = env.get("OUTPOST_TRUSTED_SIGNERS")?.valueFrom?.configMapKeyRef;
+      expect(trusted, name).toEqual(name === "gateway" ? undefined : { name: "outpost-config", key: "trusted-signers" });
       for (const key of env.keys()) expect(settings.has(key), `${name}: ${key} is not a setting any service reads`).toBe(true);
       if (name !== "executor") expect(d.spec.replicas, `${name} runs replicated`).toBeGreaterThanOrEqual(2);
     }
@@ -357,6 +362,26 @@ describe("image and compose (deploy/)", () => {
     expect(serviceNodeOptions("--max-semi-space-size=32")).toBe("--max-semi-space-size=32");
   });
 
+  it("npm run signing-keys prints a key per service that the services accept, in env and Kubernetes form", async () => {
+    const run = (...args: string[]) =>
+      execFileSync(process.execPath, ["--disable-warning=ExperimentalWarning", "scripts/signing-keys.ts", ...args], { cwd: REPO_ROOT, encoding: "utf8" });
+    const lines = Object.fromEntries(run().split("\n").filter((l) => l.startsWith("OUTPOST_")).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+    const keysOf = (role: SignerRole) => SigningKeys.fromSettings(role, lines[`OUTPOST_${role.toUpperCase()}_SIGNING_KEY`]!, lines.OUTPOST_TRUSTED_SIGNERS);
+    // The gateway signs a tenant; every other service accepts it. An executor signing a tenant is refused.
+    const tenant = { kind: "tenant", tenantId: "T1", principal: "key/k" } as const;
+    const headers = new Headers();
+    keysOf("gateway").writeIdentity(headers, tenant);
+    for (const role of ["tenant", "dispatcher", "executor", "telemetry"] as const) expect(keysOf(role).readIdentity(headers), role).toEqual(tenant);
+    const forged = new Headers();
+    keysOf("executor").writeIdentity(forged, tenant);
+    expect(() => keysOf("dispatcher").readIdentity(forged)).toThrow(/not signed by an Outpost service that may sign it/);
+    // A fresh set each time.
+    expect(run()).not.toContain(lines.OUTPOST_GATEWAY_SIGNING_KEY);
+    const k8s = parseAllDocuments(run("--format", "k8s")).map((d) => d.toJS() as Doc);
+    expect(k8s.map((d) => d.metadata.name)).toEqual(["gateway", "tenant", "dispatcher", "executor", "telemetry"].map((r) => `outpost-signing-${r}`));
+    expect(k8s.every((d) => d.kind === "Secret" && SigningKeys.fromSettings("tenant", d.stringData["signing-key"]))).toBe(true);
+  });
+
   it("compose parses, wires every service by environment to MongoDB and Redis, and publishes only the gateway", () => {
     const compose = parse(readFileSync(path.join(REPO_ROOT, "deploy/compose.yaml"), "utf8"), { merge: true }) as Doc;
     const services = compose.services as Record<string, Doc>;
@@ -370,6 +395,8 @@ describe("image and compose (deploy/)", () => {
       if (name === "executor") expect(s.environment.OUTPOST_REDIS_URL, name).toBeUndefined();
       else expect(s.environment.OUTPOST_REDIS_URL, name).toMatch(/^redis:\/\/:\$\{OUTPOST_REDIS_PASSWORD:\?[^}]*\}@redis:6379$/);
       expect(s.environment.OUTPOST_MONGO_URL, name).toMatch(/^mongodb:\/\/mongo:27017\//);
+      // Its own signing key (one variable per service, as `npm run signing-keys` prints them).
+      expect(s.environment.OUTPOST_SIGNING_KEY, name).toMatch(new RegExp(`^\\$\\{OUTPOST_${name.toUpperCase()}_SIGNING_KEY:\\?`));
       for (const key of Object.keys(s.environment)) expect(settings.has(key), `${name}: ${key}`).toBe(true);
       for (const peer of ["TENANT", "DISPATCHER", "TELEMETRY"]) {
         const url = new URL(s.environment[`OUTPOST_${peer}_URL`]);

@@ -54,7 +54,6 @@ export async function startBenchMesh(only?: readonly ServiceName[], env: Record<
     mesh = await startMesh({
       dataDir: path.join(dir, "data"),
       logDir: path.join(dir, "logs"),
-      internalSecret: randomBytes(32).toString("hex"),
       adminToken,
       only,
       // Benchmarks measure the request path, not log volume.

@@ -1,4 +1,4 @@
-import { setting } from "@outpost/platform";
+import { ConfigError, ENVELOPE_HEADER_BYTES, setting } from "@outpost/platform";
 import { z } from "zod";
 import { corsPolicyOf } from "./core/cors.ts";
 import { METHOD_CLASSES } from "./core/method-class.ts";
@@ -25,7 +25,8 @@ const rateLimits = (fallback: RateLimits = DEFAULT_RATE_LIMITS) =>
 
 /** Environment settings of the gateway, validated at start-up. */
 export const gatewayConfigShape = {
-  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  /** The gateway signs the identities it authenticates; it verifies none, so it trusts no signer. */
+  OUTPOST_SIGNING_KEY: setting.signingKey(),
   OUTPOST_GATEWAY_HOST: setting.host(),
   OUTPOST_GATEWAY_PORT: setting.port(7100),
   OUTPOST_TENANT_URL: setting.url(),
@@ -39,6 +40,10 @@ export const gatewayConfigShape = {
   OUTPOST_MAX_REQUEST_BYTES: setting.positiveInt(1024 * 1024),
   /** Concurrent HTTP/2 streams (calls, log subscriptions) one client connection may hold open. */
   OUTPOST_GATEWAY_MAX_STREAMS_PER_CONNECTION: setting.positiveInt(1000),
+  /** Bytes of request bodies the gateway holds at once while receiving them, all clients together (docs/edge.md). */
+  OUTPOST_GATEWAY_BODY_BUDGET_BYTES: setting.positiveInt(64 * 1024 * 1024),
+  /** Of the body budget, what the calls of one client IP may hold; default a quarter of it (bodyBudgetOf). */
+  OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES: z.coerce.number().int().positive().optional(),
   /** Shared rate-limit counters and auth-cache invalidation between replicas; absent = in-process only. */
   OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
   /** Where rate limits are counted: redis (default when OUTPOST_REDIS_URL is set), memory (default otherwise), or off. */
@@ -71,6 +76,25 @@ export const gatewayConfigShape = {
 };
 
 export type GatewayConfig = z.infer<z.ZodObject<typeof gatewayConfigShape>>;
+
+/**
+ * The body budget in effect: the total, and each client IP's share (a quarter of the total by
+ * default, so one client cannot take it all). Each must hold at least one largest request
+ * (OUTPOST_MAX_REQUEST_BYTES and its 5-byte frame header), else such a request could never
+ * pass; a share above the total is refused too. Throws ConfigError naming the setting.
+ */
+export function bodyBudgetOf(config: GatewayConfig): { limitBytes: number; perClientBytes: number; largestBodyBytes: number } {
+  const largestBodyBytes = config.OUTPOST_MAX_REQUEST_BYTES + ENVELOPE_HEADER_BYTES;
+  const limitBytes = config.OUTPOST_GATEWAY_BODY_BUDGET_BYTES;
+  const perClientBytes = config.OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES ?? Math.min(limitBytes, Math.max(largestBodyBytes, Math.floor(limitBytes / 4)));
+  const largest = `at least one largest request (OUTPOST_MAX_REQUEST_BYTES + ${ENVELOPE_HEADER_BYTES} = ${largestBodyBytes} bytes)`;
+  if (limitBytes < largestBodyBytes) throw new ConfigError(`OUTPOST_GATEWAY_BODY_BUDGET_BYTES: must hold ${largest}, got ${limitBytes}`);
+  if (perClientBytes < largestBodyBytes) throw new ConfigError(`OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES: must hold ${largest}, got ${perClientBytes}`);
+  if (perClientBytes > limitBytes) {
+    throw new ConfigError(`OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES: must not exceed OUTPOST_GATEWAY_BODY_BUDGET_BYTES (${limitBytes}), got ${perClientBytes}`);
+  }
+  return { limitBytes, perClientBytes, largestBodyBytes };
+}
 
 /** The rate-limit backend in effect. */
 export function rateLimitModeOf(config: GatewayConfig): "redis" | "memory" | "off" {

@@ -10,8 +10,9 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Interceptor, createContextKey } from "@connectrpc/connect";
 import type http from "node:http";
 import type http2 from "node:http2";
-import { type Identity, type Logger, explainMalformed, identityKey, outpostError, rateLimitRejections } from "@outpost/platform";
+import { BodyBudget, type Identity, type Logger, explainMalformed, identityKey, outpostError, rateLimitRejections } from "@outpost/platform";
 import { RetryInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
+import { bodyBudgetOf, type GatewayConfig } from "./config.ts";
 import type { Authenticator } from "./core/authenticator.ts";
 import { methodClassOf } from "./core/method-class.ts";
 import { type RateDecision, type RateLimitPolicy, tightest } from "./core/rate-limit.ts";
@@ -21,6 +22,19 @@ export const clientIpKey = createContextKey<string>("", { description: "client I
 
 export function clientIpOf(req: http.IncomingMessage | http2.Http2ServerRequest): string {
   return req.socket?.remoteAddress ?? "";
+}
+
+/**
+ * The budget of request-body bytes the edge holds at once while receiving them (docs/edge.md,
+ * "Request bodies"): every path that reads a body whole charges it, per client IP too.
+ */
+export function edgeBodyBudget(config: GatewayConfig, logger: Logger): BodyBudget {
+  return new BodyBudget({
+    ...bodyBudgetOf(config),
+    settings: { total: "OUTPOST_GATEWAY_BODY_BUDGET_BYTES", per_client_ip: "OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES" },
+    clientOf: clientIpOf,
+    logger,
+  });
 }
 
 /** Services anyone may call without a key: health and reflection describe nothing private. */

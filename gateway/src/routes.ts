@@ -6,7 +6,7 @@
  */
 import { type DescMethod, type DescService, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { type CallOptions, Code, type ConnectRouter, ConnectError, type HandlerContext, type ServiceImpl, type Transport, createClient } from "@connectrpc/connect";
-import { callEndSignal, callerOf, drainSignalKey, writeIdentity } from "@outpost/platform";
+import { callEndSignal, callerOf, drainSignalKey, type SigningKeys } from "@outpost/platform";
 import {
   ServerReflection,
   ServerReflectionRequestSchema,
@@ -19,13 +19,13 @@ import {
 } from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
 import type { ReflectionIndex } from "./core/reflection.ts";
 
-export function registerForwarding(router: ConnectRouter, service: DescService, transport: Transport, internalSecret: string): void {
+export function registerForwarding(router: ConnectRouter, service: DescService, transport: Transport, signingKeys: SigningKeys): void {
   const client = createClient(service, transport) as unknown as Record<string, (req: unknown, options: CallOptions) => unknown>;
   const impl: Record<string, unknown> = {};
 
   const optionsFor = (ctx: HandlerContext, streaming: boolean): CallOptions => {
     const headers = new Headers();
-    writeIdentity(headers, internalSecret, callerOf(ctx));
+    signingKeys.writeIdentity(headers, callerOf(ctx));
     // A unary call finishes on its own when the server drains; only streams need the drain
     // signal too (combining signals costs on every call of the hot path).
     return { signal: streaming ? callEndSignal(ctx) : ctx.signal, timeoutMs: ctx.timeoutMs(), headers };

@@ -1,7 +1,7 @@
 /** Wires the gateway: authenticator, rate limits, upstream transports, forwarding and reflection routes, CORS, server. */
 import type http from "node:http";
 import type http2 from "node:http2";
-import { connectRedis, internalClient, internalTransport, startServer, subscriberOf, type Logger, type Redis } from "@outpost/platform";
+import { connectRedis, internalClient, internalTransport, SigningKeys, startServer, subscriberOf, type Logger, type Redis } from "@outpost/platform";
 import { Health } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { ServerReflection } from "@outpost/proto/grpc/reflection/v1/reflection_pb.js";
 import { ServerReflection as ServerReflectionV1Alpha } from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
@@ -12,7 +12,7 @@ import { type CorsPolicy, corsAnswer } from "./core/cors.ts";
 import { type RateCounter, RateLimitPolicy } from "./core/rate-limit.ts";
 import { ReflectionIndex } from "./core/reflection.ts";
 import { PUBLIC_SERVICES, type Upstream } from "./core/routing.ts";
-import { clientIpKey, clientIpOf, edgeInterceptor } from "./edge.ts";
+import { clientIpKey, clientIpOf, edgeBodyBudget, edgeInterceptor } from "./edge.ts";
 import { reclassifyDecodeErrors } from "./http/decode-errors.ts";
 import { rawUnaryForwarder } from "./http/raw-unary.ts";
 import { registerForwarding, registerReflection } from "./routes.ts";
@@ -21,10 +21,10 @@ import { MemoryRateCounter, RedisRateCounter } from "./store/rate-counter.ts";
 const AUTH_CALL_TIMEOUT_MS = 2000;
 
 export async function startGateway(config: GatewayConfig, logger: Logger) {
-  const secret = config.OUTPOST_INTERNAL_SECRET;
+  const signingKeys = SigningKeys.fromSettings("gateway", config.OUTPOST_SIGNING_KEY);
   const tenantInternal = internalClient(TenantInternalService, {
     baseUrl: config.OUTPOST_TENANT_URL,
-    internalSecret: secret,
+    signingKeys,
     identity: { kind: "service", principal: "gateway" },
   });
   const authenticator = new Authenticator({
@@ -67,7 +67,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     telemetry: config.OUTPOST_TELEMETRY_URL,
   };
   const transports = Object.fromEntries(
-    Object.entries(upstreamUrls).map(([name, baseUrl]) => [name, internalTransport({ baseUrl, internalSecret: secret })]),
+    Object.entries(upstreamUrls).map(([name, baseUrl]) => [name, internalTransport({ baseUrl, signingKeys })]),
   ) as Record<Upstream, ReturnType<typeof internalTransport>>;
 
   const reflection = new ReflectionIndex([
@@ -78,12 +78,15 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
   ]);
 
   const cors = corsHandler(config.OUTPOST_CORS_ORIGINS);
+  // One budget for the bodies every path reads: the raw path's and the platform server's.
+  const bodyBudget = edgeBodyBudget(config, logger);
   const rawUnary = rawUnaryForwarder({
     authenticator,
     rateLimits,
     upstreamUrls,
-    internalSecret: secret,
+    signingKeys,
     readMaxBytes: config.OUTPOST_MAX_REQUEST_BYTES,
+    bodyBudget,
     logger,
   });
   const server = await startServer({
@@ -91,9 +94,10 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     host: config.OUTPOST_GATEWAY_HOST,
     port: config.OUTPOST_GATEWAY_PORT,
     logger,
-    internalSecret: undefined,
+    signingKeys: undefined,
     interceptors: [edgeInterceptor({ authenticator, rateLimits, logger })],
     readMaxBytes: config.OUTPOST_MAX_REQUEST_BYTES,
+    bodyBudget,
     maxStreamsPerConnection: config.OUTPOST_GATEWAY_MAX_STREAMS_PER_CONNECTION,
     metricsPort: config.OUTPOST_GATEWAY_METRICS_PORT,
     contextValues(req, values) {
@@ -107,7 +111,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
       return false;
     },
     routes(router) {
-      for (const { service, upstream } of PUBLIC_SERVICES) registerForwarding(router, service, transports[upstream], secret);
+      for (const { service, upstream } of PUBLIC_SERVICES) registerForwarding(router, service, transports[upstream], signingKeys);
       registerReflection(router, reflection);
     },
   });
@@ -117,6 +121,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     async close() {
       await server.close();
       rawUnary.close();
+      bodyBudget.close();
       await rateLimits?.close();
       subscriber?.disconnect();
       redis?.disconnect();

@@ -1,12 +1,10 @@
 import { createHash } from "node:crypto";
 import http2 from "node:http2";
 import net from "node:net";
-import { gunzipSync, gzipSync } from "node:zlib";
+import { gzipSync } from "node:zlib";
 import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { endStreamFromJson, errorFromJsonBytes } from "@connectrpc/connect/protocol-connect";
-import { findTrailerError } from "@connectrpc/connect/protocol-grpc";
 import { ErrorInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { loadConfig } from "@outpost/platform";
 import { pino } from "pino";
@@ -23,8 +21,9 @@ import { ReflectionIndex } from "../src/core/reflection.ts";
 import { MemoryRateCounter } from "../src/store/rate-counter.ts";
 import { gatewayConfigShape } from "../src/config.ts";
 import { startGateway } from "../src/service.ts";
-import { envelope, envelopesOf } from "../../test/support/envelopes.ts";
-import { h2Exchange } from "../../test/support/h2.ts";
+import { envelope } from "../../test/support/envelopes.ts";
+import { answerError, h2Exchange } from "../../test/support/h2.ts";
+import { signingEnv } from "../../test/support/signing.ts";
 
 describe("methodClassOf", () => {
   it("classifies by verb", () => {
@@ -152,7 +151,7 @@ describe("the edge against a hostile client (real socket)", () => {
   let port: number;
   beforeAll(async () => {
     const config = loadConfig(gatewayConfigShape, {
-      OUTPOST_INTERNAL_SECRET: "s".repeat(40),
+      ...signingEnv("gateway"),
       OUTPOST_ADMIN_TOKEN: ADMIN,
       OUTPOST_GATEWAY_PORT: "0",
       OUTPOST_TENANT_URL: "http://127.0.0.1:9",
@@ -269,34 +268,11 @@ describe("the edge against a hostile client (real socket)", () => {
   async function h2Error(path: string, headers: Record<string, string>, body: Buffer): Promise<string> {
     const answer = await h2Exchange(`http://127.0.0.1:${port}`, { ":path": path, authorization: `Bearer ${ADMIN}`, ...headers }, body);
     if (answer === "no answer") throw new Error(`no answer from ${path}`);
-    const webHeaders = (from: Record<string, unknown>) => {
-      const out = new Headers();
-      for (const [name, value] of Object.entries(from)) if (!name.startsWith(":") && typeof value === "string") out.set(name, value);
-      return out;
-    };
-    const requestType = headers["content-type"]!;
     let error: ConnectError | undefined;
-    if (requestType.startsWith("application/grpc-web")) {
-      const frame = envelopesOf(answer.body).find((e) => e.flags === 0x80);
-      const trailer = new Headers();
-      for (const line of frame?.message.toString("latin1").split("\r\n") ?? []) {
-        const at = line.indexOf(":");
-        if (at > 0) trailer.set(line.slice(0, at).trim(), line.slice(at + 1).trim());
-      }
-      error = findTrailerError(trailer);
-    } else if (requestType.startsWith("application/grpc")) {
-      error = findTrailerError(webHeaders({ ...answer.head, ...answer.trailers }));
-    } else if (requestType.startsWith("application/connect+")) {
-      // The end of the stream is compressed (flag 1) when the answer is, and it is long enough.
-      const end = envelopesOf(answer.body).find((e) => (e.flags & 2) === 2);
-      error = end ? endStreamFromJson(end.flags & 1 ? gunzipSync(end.message) : end.message).error : undefined;
-    } else {
-      try {
-        const bytes = answer.head["content-encoding"] === "gzip" ? gunzipSync(answer.body) : answer.body;
-        error = errorFromJsonBytes(bytes, undefined, new ConnectError("", Code.Unknown));
-      } catch {
-        return `HTTP ${String(answer.head[":status"])} ${answer.body.toString("latin1")}`;
-      }
+    try {
+      error = answerError(answer, headers["content-type"]!);
+    } catch {
+      return `HTTP ${String(answer.head[":status"])} ${answer.body.toString("latin1")}`;
     }
     if (!error) return "OK";
     const info = error.findDetails(ErrorInfoSchema)[0];

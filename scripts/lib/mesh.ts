@@ -7,6 +7,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, mkdirSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { generateSigningKeySet, type SigningKeySet } from "@outpost/platform";
 import { startBalancer, type Balancer } from "./balancer.ts";
 import { freePort } from "./ports.ts";
 
@@ -36,7 +37,8 @@ export const DEFAULT_PORTS: Record<ServiceName, number> = {
 export interface MeshOptions {
   dataDir: string;
   logDir: string;
-  internalSecret: string;
+  /** Each process's signing key and the trusted signers (identity.ts); a fresh set when omitted. */
+  signingKeys?: SigningKeySet;
   adminToken: string;
   /** Fixed ports; omitted ones are picked free. */
   ports?: Partial<Record<ServiceName, number>>;
@@ -110,8 +112,9 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   }
   const urls = Object.fromEntries(SERVICES.map((n) => [n, `http://127.0.0.1:${ports[n]}`])) as Record<ServiceName, string>;
 
+  const signing = options.signingKeys ?? generateSigningKeySet();
   const baseEnv: Record<string, string> = {
-    OUTPOST_INTERNAL_SECRET: options.internalSecret,
+    OUTPOST_TRUSTED_SIGNERS: signing.trustedSigners,
     OUTPOST_ADMIN_TOKEN: options.adminToken,
     OUTPOST_DATA_DIR: options.dataDir,
     OUTPOST_TENANT_URL: urls.tenant,
@@ -142,7 +145,7 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     }
     const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", ENTRY[name]], {
       cwd: REPO_ROOT,
-      env: { ...process.env, NODE_OPTIONS: serviceNodeOptions(process.env.NODE_OPTIONS), ...baseEnv, ...options.serviceEnv?.[name], ...replicaEnv },
+      env: { ...process.env, NODE_OPTIONS: serviceNodeOptions(process.env.NODE_OPTIONS), ...baseEnv, OUTPOST_SIGNING_KEY: signing.signingKeys[name], ...options.serviceEnv?.[name], ...replicaEnv },
       stdio: ["ignore", "pipe", "pipe"],
     });
     const log = createWriteStream(path.join(options.logDir, index === 0 ? `${name}.log` : `${name}-${index}.log`), { flags: "a" });

@@ -15,6 +15,7 @@ import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/pr
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { connectNodeAdapter, createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { errorInfoOf } from "@outpost/platform";
+import { TEST_SIGNING_KEY_SET } from "../support/signing.ts";
 import { ServerReflection, type ServerReflectionRequest, type ServerReflectionResponse } from "@outpost/proto/grpc/reflection/v1/reflection_pb.js";
 import { ServerReflection as ServerReflectionV1Alpha } from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
@@ -514,7 +515,7 @@ describe("a misbehaving upstream, over every path", () => {
     edge = await startMesh({
       dataDir: path.join(t.dir, "data-masking"),
       logDir: path.join(t.dir, "logs-masking"),
-      internalSecret: t.internalSecret,
+      signingKeys: TEST_SIGNING_KEY_SET,
       adminToken: t.adminToken,
       only: ["gateway"],
       ports: { tenant: Number(new URL(t.mesh.urls.tenant).port), telemetry: Number(new URL(t.mesh.urls.telemetry).port), dispatcher: fakePort },

@@ -15,6 +15,7 @@ import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { Redis } from "ioredis";
 import { errorInfoOf } from "@outpost/platform";
+import { TEST_SIGNING_KEY_SET } from "../support/signing.ts";
 import { outpostClients, type OutpostClients } from "@outpost/cli";
 import { RetryInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
@@ -252,7 +253,7 @@ describe("auth cache invalidation across gateway replicas (G2)", () => {
     second = await startMesh({
       dataDir: path.join(t.dir, "data-gw2"),
       logDir: path.join(t.dir, "logs-gw2"),
-      internalSecret: t.internalSecret,
+      signingKeys: TEST_SIGNING_KEY_SET,
       adminToken: t.adminToken,
       only: ["gateway"],
       ports: { tenant: port("tenant"), dispatcher: port("dispatcher"), telemetry: port("telemetry") },

@@ -11,13 +11,13 @@ import Docker from "dockerode";
 import { outpostClients, type OutpostClients } from "@outpost/cli";
 import { startMesh, type Mesh, type MeshOptions } from "../../scripts/lib/mesh.ts";
 import { unwatchLogDir, watchLogDir } from "../support/mesh-logs-on-failure.ts";
+import { TEST_SIGNING_KEY_SET } from "../support/signing.ts";
 
 export const DEMO_IMAGE = "outpost/demo-agent:latest";
 
 export interface TestMesh {
   mesh: Mesh;
   dir: string;
-  internalSecret: string;
   adminToken: string;
   admin: OutpostClients;
   /** Creates a tenant through the gateway and returns its clients and key. */
@@ -26,14 +26,14 @@ export interface TestMesh {
 
 export async function startTestMesh(overrides: Partial<MeshOptions> = {}): Promise<TestMesh> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-mesh-"));
-  const internalSecret = randomBytes(32).toString("hex");
   const adminToken = randomBytes(32).toString("hex");
   const logDir = path.join(dir, "logs");
   watchLogDir(logDir);
   const mesh = await startMesh({
     dataDir: path.join(dir, "data"),
     logDir,
-    internalSecret,
+    // The test module's set, so tests can sign as any role (keysOf in test/support/signing.ts).
+    signingKeys: TEST_SIGNING_KEY_SET,
     adminToken,
     ...overrides,
     env: {
@@ -60,7 +60,6 @@ export async function startTestMesh(overrides: Partial<MeshOptions> = {}): Promi
   return {
     mesh,
     dir,
-    internalSecret,
     adminToken,
     admin,
     async newTenant(name = "Test tenant") {

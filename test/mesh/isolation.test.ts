@@ -10,7 +10,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { errorInfoOf, writeIdentity } from "@outpost/platform";
+import { errorInfoOf } from "@outpost/platform";
+import { signAs } from "../support/signing.ts";
 import { AuditInternalService, AuditService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
@@ -47,7 +48,7 @@ function directAsB<T extends DescService>(service: T, url: string): Client<T> {
       baseUrl: url,
       interceptors: [
         (next) => (req) => {
-          writeIdentity(req.header, t.internalSecret, { kind: "tenant", tenantId: b.tenantId, principal: "key/direct" });
+          signAs(req.header, { kind: "tenant", tenantId: b.tenantId, principal: "key/direct" });
           return next(req);
         },
       ],

@@ -10,6 +10,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import Docker from "dockerode";
 import { outpostClients, type OutpostClients } from "@outpost/cli";
 import { errorInfoOf, internalClient } from "@outpost/platform";
+import { keysOf } from "../support/signing.ts";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
@@ -147,7 +148,7 @@ describe("suspension", () => {
       // Read straight from the dispatcher as the tenant (signed identity), past the edge.
       const direct = internalClient(DispatchService, {
         baseUrl: t.mesh.urls.dispatcher,
-        internalSecret: t.internalSecret,
+        signingKeys: keysOf("gateway"),
         identity: { kind: "tenant", tenantId, principal: "test" },
       });
       // Several lease polls of the restarted executor.

@@ -21,6 +21,7 @@ import Docker from "dockerode";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { outpostClients, type OutpostClients } from "@outpost/cli";
 import { internalClient } from "@outpost/platform";
+import { keysOf, TEST_SIGNING_KEY_SET } from "../support/signing.ts";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
@@ -78,11 +79,10 @@ describe("scale-out topology under failover", () => {
       await docker.ping();
       const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-scale-out-test-"));
       const adminToken = randomBytes(32).toString("hex");
-      const internalSecret = randomBytes(32).toString("hex");
       topology = await startScaleOut({
         dataDir: path.join(dir, "data"),
         logDir: path.join(dir, "logs"),
-        internalSecret,
+        signingKeys: TEST_SIGNING_KEY_SET,
         adminToken,
         env: {
           OUTPOST_LOG_LEVEL: "info",
@@ -105,7 +105,7 @@ describe("scale-out topology under failover", () => {
       // once (as the tenant, the way the gateways call them) creates exactly one dispatch.
       const tenantId = created.tenant!.id;
       const direct = mesh.instances("dispatcher").map((d) =>
-        internalClient(DispatchService, { baseUrl: d.url, internalSecret, identity: { kind: "tenant", tenantId, principal: `key/${tenantId}` } }),
+        internalClient(DispatchService, { baseUrl: d.url, signingKeys: keysOf("gateway"), identity: { kind: "tenant", tenantId, principal: `key/${tenantId}` } }),
       );
       expect(direct).toHaveLength(2);
       const twinIds = await Promise.all(

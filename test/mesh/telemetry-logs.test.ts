@@ -16,6 +16,7 @@ import path from "node:path";
 import { ConnectError } from "@connectrpc/connect";
 import Docker from "dockerode";
 import { internalClient } from "@outpost/platform";
+import { keysOf, signingEnv } from "../support/signing.ts";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LogService, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import type { LogChunk } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
@@ -115,7 +116,7 @@ describe("subscriptions across reconnects, replicas and restarts", () => {
       cwd: REPO_ROOT,
       env: {
         ...process.env,
-        OUTPOST_INTERNAL_SECRET: t.internalSecret,
+        ...signingEnv("telemetry"),
         OUTPOST_DATA_DIR: path.join(t.dir, "data"), // the shared store (MongoDB in production)
         OUTPOST_TELEMETRY_PORT: String(port),
         OUTPOST_REDIS_URL: REDIS_URL,
@@ -137,7 +138,7 @@ describe("subscriptions across reconnects, replicas and restarts", () => {
       }
       const logs = internalClient(LogService, {
         baseUrl: url,
-        internalSecret: t.internalSecret,
+        signingKeys: keysOf("gateway"),
         identity: { kind: "tenant", tenantId: tenant.tenantId, principal: "key/test" },
       });
       const lines = 60;

@@ -14,7 +14,8 @@ import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport, createGrpcWebTransport, createConnectTransport } from "@connectrpc/connect-node";
 import Docker from "dockerode";
 import { followLogs } from "@outpost/cli";
-import { internalClient, writeIdentity, errorInfoOf } from "@outpost/platform";
+import { generateSigningKeySet, internalClient, errorInfoOf, SigningKeys, parseSigningKey, signingKeysOf } from "@outpost/platform";
+import { keysOf, signAs, TEST_SIGNING_KEY_SET } from "../support/signing.ts";
 import { Dispatch_State, type ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { Health, HealthCheckResponse_ServingStatus } from "@outpost/proto/grpc/health/v1/health_pb.js";
@@ -281,7 +282,7 @@ describe("deadlines", () => {
   it("a watch or log stream cut by its deadline ends DEADLINE_EXCEEDED, not OK, at the service and through the gateway", async () => {
     const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "long sleep=10" });
     const signed = new Headers();
-    writeIdentity(signed, t.internalSecret, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" });
+    signAs(signed, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" });
     const direct = Object.fromEntries(signed);
     const viaGateway = { authorization: `Bearer ${tenant.apiKey}` };
     const watch = `/${DispatchService.typeName}/WatchDispatch`;
@@ -300,7 +301,7 @@ describe("deadlines", () => {
       // The executor-facing streams likewise: its cancellation watch, and a log ingest stream
       // whose client keeps it open without sending.
       const executor = new Headers();
-      writeIdentity(executor, t.internalSecret, { kind: "service", principal: "executor" });
+      signAs(executor, { kind: "service", principal: "executor" });
       const cancellations = await connectStreamEnd(
         `${t.mesh.urls.dispatcher}/${LeaseService.typeName}/WatchCancellations`,
         { ...Object.fromEntries(executor), "connect-timeout-ms": "300" },
@@ -320,14 +321,30 @@ describe("deadlines", () => {
 
 describe("trust between services", () => {
   it("a service refuses a direct call with forged or missing identity metadata", async () => {
-    const forgedWithWrongSecret = internalClient(DispatchService, {
+    const asTenant = { kind: "tenant", tenantId: tenant.tenantId, principal: "forged" } as const;
+    // Signed with a gateway key the mesh does not trust.
+    const forgedWithWrongKey = internalClient(DispatchService, {
       baseUrl: t.mesh.urls.dispatcher,
-      internalSecret: "f".repeat(64),
-      identity: { kind: "tenant", tenantId: tenant.tenantId, principal: "forged" },
+      signingKeys: signingKeysOf(generateSigningKeySet(), "gateway"),
+      identity: asTenant,
     });
-    const forged = (await forgedWithWrongSecret.listDispatches({}).catch((e: unknown) => e)) as ConnectError;
+    const forged = (await forgedWithWrongKey.listDispatches({}).catch((e: unknown) => e)) as ConnectError;
     expect(forged.code).toBe(Code.Unauthenticated);
     expect(errorInfoOf(forged)?.reason).toBe("IDENTITY_FORGED");
+    // Signed with the mesh's real executor key: an executor may speak only as an executor, so
+    // one that was broken into cannot call as a tenant (or an admin, or another service).
+    for (const [role, identity] of [
+      ["executor", asTenant],
+      ["executor", { kind: "admin", principal: "admin" }],
+      ["executor", { kind: "service", principal: "dispatcher" }],
+      ["telemetry", asTenant],
+    ] as const) {
+      const keys = new SigningKeys(role, parseSigningKey(TEST_SIGNING_KEY_SET.signingKeys[role]));
+      const overreaching = internalClient(DispatchService, { baseUrl: t.mesh.urls.dispatcher, signingKeys: keys, identity });
+      const refused = (await overreaching.listDispatches({}).catch((e: unknown) => e)) as ConnectError;
+      expect(refused.code, `${role} as ${identity.kind}`).toBe(Code.Unauthenticated);
+      expect(errorInfoOf(refused)?.reason).toBe("IDENTITY_FORGED");
+    }
 
     const bare = createClient(DispatchService, createGrpcTransport({ baseUrl: t.mesh.urls.dispatcher }));
     const headers = new Headers({ "outpost-identity": Buffer.from(JSON.stringify({ id: { kind: "tenant", tenantId: tenant.tenantId, principal: "x" }, exp: Date.now() + 60_000 })).toString("base64url") });
@@ -337,9 +354,9 @@ describe("trust between services", () => {
     const apiKeyDirect = (await bare.listDispatches({}, { headers: { authorization: `Bearer ${tenant.apiKey}` } }).catch((e: unknown) => e)) as ConnectError;
     expect(apiKeyDirect.code).toBe(Code.Unauthenticated);
 
-    // The same call signed with the real secret is accepted: the refusals above are about trust.
+    // The same call signed with the gateway's real key is accepted: the refusals above are about trust.
     const signed = new Headers();
-    writeIdentity(signed, t.internalSecret, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" });
+    signAs(signed, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" });
     await expect(bare.listDispatches({}, { headers: signed })).resolves.toBeDefined();
   });
 
@@ -381,7 +398,7 @@ describe("graceful shutdown", () => {
     // executor stops the container before it is asked to stop.
     const direct = internalClient(DispatchService, {
       baseUrl: t.mesh.urls.dispatcher,
-      internalSecret: t.internalSecret,
+      signingKeys: keysOf("gateway"),
       identity: { kind: "tenant", tenantId: tenant.tenantId, principal: "test" },
     });
     await direct.cancelDispatch({ dispatchId: dispatch!.id });

@@ -1,25 +1,26 @@
 /**
  * Shared by the services' in-process handler tests: a client whose calls are signed as a given
- * caller and checked by the platform's own identity interceptor (no ports), and an assertion for
+ * caller (with the key of the role that may sign it) and checked by the platform's own identity interceptor (no ports), and an assertion for
  * calls that must fail with a code and an ErrorInfo reason.
  */
 import type { DescService } from "@bufbuild/protobuf";
 import { ConnectError, createClient, createRouterTransport, type Client, type Code, type ConnectRouter, type Interceptor } from "@connectrpc/connect";
-import { errorInfoOf, identityInterceptor, writeIdentity, type Identity } from "@outpost/platform";
+import { errorInfoOf, identityInterceptor, type Identity } from "@outpost/platform";
 import { expect } from "vitest";
+import { keysOf, signAs } from "./signing.ts";
 
 export function signedRouterClient<T extends DescService>(
   service: T,
   routes: (router: ConnectRouter) => void,
   identity: Identity,
-  secret: string,
 ): Client<T> {
   const sign: Interceptor = (next) => (req) => {
-    writeIdentity(req.header, secret, identity);
+    signAs(req.header, identity);
     return next(req);
   };
   const transport = createRouterTransport(routes, {
-    router: { interceptors: [identityInterceptor(secret)] },
+    // Any role's keys verify: each trusts the whole test set.
+    router: { interceptors: [identityInterceptor(keysOf("tenant"))] },
     transport: { interceptors: [sign] },
   });
   return createClient(service, transport);

@@ -30,6 +30,8 @@ import type { DescMethodServerStreaming, DescMethodUnary } from "@bufbuild/proto
 import { Code, ConnectError } from "@connectrpc/connect";
 import { mergeNonProtocolHeaders } from "@connectrpc/connect/protocol";
 import {
+  type BodyBudget,
+  type BodyCharge,
   explainMalformed,
   injectTraceHeaders,
   maskedInternalMessage,
@@ -38,8 +40,8 @@ import {
   rpcMetrics,
   SpanStatusCode,
   startServerSpan,
-  writeIdentity,
   type Logger,
+  type SigningKeys,
 } from "@outpost/platform";
 import type { EdgeOptions } from "../edge.ts";
 import { admitCall, clientIpOf } from "../edge.ts";
@@ -111,8 +113,10 @@ interface Route {
 
 export interface RawUnaryOptions extends Pick<EdgeOptions, "authenticator" | "rateLimits"> {
   upstreamUrls: Record<Upstream, string>;
-  internalSecret: string;
+  signingKeys: SigningKeys;
   readMaxBytes: number;
+  /** Request bodies count against it while they are read; undefined: no budget. */
+  bodyBudget?: BodyBudget;
   logger: Logger;
 }
 
@@ -188,7 +192,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
           const timeout = protocol.timeoutOf(header);
           if (timeout.error) throw timeout.error;
           const deadline = timeout.timeoutMs === undefined ? undefined : startedAt + timeout.timeoutMs;
-          const body = await readBody(req, options.readMaxBytes, protocol.envelopeBytes, deadline);
+          const body = await readBody(req, options.readMaxBytes, protocol.envelopeBytes, deadline, () => options.bodyBudget?.charge(req, res));
           protocol.validate(route.method, body, header);
           const admitted = await admitCall(options, { ip: clientIpOf(req), serviceTypeName: route.method.parent.typeName, methodName: route.method.name, header });
           budget = admitted.budget;
@@ -202,7 +206,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
             if (remainingMs <= 0) throw new ConnectError("the deadline passed before the call was forwarded", Code.DeadlineExceeded);
             protocol.setTimeout(outgoing, remainingMs);
           }
-          if (admitted.identity) writeIdentity(outgoing, options.internalSecret, admitted.identity);
+          if (admitted.identity) options.signingKeys.writeIdentity(outgoing, admitted.identity);
           injectTraceHeaders(outgoing);
           const traceId = span.spanContext().traceId;
           const mask = (upstreamCode: Code, cause: string): string => {
@@ -263,11 +267,20 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
  * Reads the whole request body, refusing a message of more than `maxBytes` (at once when its
  * content-length says so) and giving up at the client's deadline (`deadline`, on the
  * performance.now() clock): a client that never ends its body gets DEADLINE_EXCEEDED on time.
+ * While it is read the body holds its charge of the body budget (`openCharge`), given back
+ * once it is read or its read failed; one that would take the budget over is refused.
  */
-async function readBody(req: ClientRequest, maxBytes: number, envelopeBytes: number, deadline: number | undefined): Promise<Buffer> {
+async function readBody(
+  req: ClientRequest,
+  maxBytes: number,
+  envelopeBytes: number,
+  deadline: number | undefined,
+  openCharge: () => BodyCharge | undefined,
+): Promise<Buffer> {
   const tooBig = () => new ConnectError(`message size is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
   const promised = Number(req.headers["content-length"]);
   if (promised > maxBytes + envelopeBytes) throw tooBig();
+  const charge = openCharge();
   const chunks: Buffer[] = [];
   let size = 0;
   const iterator = (req as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
@@ -286,6 +299,7 @@ async function readBody(req: ClientRequest, maxBytes: number, envelopeBytes: num
       if (next.done) break;
       size += next.value.length;
       if (size > maxBytes + envelopeBytes) throw tooBig();
+      charge?.add(next.value);
       chunks.push(next.value);
     }
   } catch (err) {
@@ -294,6 +308,7 @@ async function readBody(req: ClientRequest, maxBytes: number, envelopeBytes: num
     throw err;
   } finally {
     clearTimeout(timer);
+    charge?.release();
   }
   return Buffer.concat(chunks, size);
 }

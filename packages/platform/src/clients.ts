@@ -5,12 +5,13 @@
 import type { DescService } from "@bufbuild/protobuf";
 import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { writeIdentity, type Identity } from "./identity.ts";
+import type { Identity, SigningKeys } from "./identity.ts";
 import { clientTraceInterceptor } from "./tracing.ts";
 
 export interface InternalClientOptions {
   baseUrl: string;
-  internalSecret: string;
+  /** Signs each call's identity. */
+  signingKeys: SigningKeys;
   /**
    * Who every call is made as. Omitted by the gateway, which signs each forwarded call with
    * its caller's identity in the call's headers.
@@ -21,7 +22,7 @@ export interface InternalClientOptions {
 
 export function internalTransport(options: InternalClientOptions) {
   const identityInterceptor: Interceptor = (next) => (req) => {
-    if (options.identity) writeIdentity(req.header, options.internalSecret, options.identity);
+    if (options.identity) options.signingKeys.writeIdentity(req.header, options.identity);
     return next(req);
   };
   return createGrpcTransport({

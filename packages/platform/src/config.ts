@@ -3,6 +3,7 @@
  * setting stops the process with a message naming the variable, before anything listens.
  */
 import { z } from "zod";
+import { parseSigningKey, parseTrustedSigners } from "./identity.ts";
 
 export class ConfigError extends Error {
   override name = "ConfigError";
@@ -18,6 +19,17 @@ export function loadConfig<T extends z.ZodRawShape>(shape: T, env: NodeJS.Proces
   return result.data;
 }
 
+/** A zod refinement that runs `parse` and reports the message of the Error it throws. */
+export function reportErrorOf(parse: (value: string) => unknown) {
+  return (value: string, ctx: z.RefinementCtx): void => {
+    try {
+      parse(value);
+    } catch (err) {
+      ctx.addIssue({ code: "custom", message: (err as Error).message });
+    }
+  };
+}
+
 /** Reusable setting types, so every service reads ports, URLs and secrets the same way. */
 export const setting = {
   port: (fallback?: number) => {
@@ -30,11 +42,20 @@ export const setting = {
       .string({ error: "is required" })
       .url({ message: "must be a URL such as http://127.0.0.1:7101" }),
   dataDir: (fallback = ".outpost/data") => z.string().min(1).default(fallback),
-  /** HMAC key shared by the services to sign the caller identity; at least 32 characters. */
-  internalSecret: () =>
-    z.string({ error: "is required (shared by all services to sign caller identity)" }).min(32, {
-      message: "must be at least 32 characters",
-    }),
+  /** This process's Ed25519 private key for signing caller identities (identity.ts). */
+  signingKey: () =>
+    z
+      .string({ error: "is required (this process's Ed25519 key for signing caller identities; `npm run signing-keys` makes a set)" })
+      .superRefine(reportErrorOf(parseSigningKey)),
+  /** The public keys of the roles whose calls this process accepts, "gateway:<key>,…" (identity.ts). */
+  trustedSigners: () =>
+    z
+      .string({ error: "is required (public keys of the roles this process accepts calls from, role:<base64>,…)" })
+      .superRefine(
+        reportErrorOf((value) => {
+          if (parseTrustedSigners(value).size === 0) throw new Error("names no signer");
+        }),
+      ),
   logLevel: () => z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   durationMs: (fallback: number) => z.coerce.number().int().positive().default(fallback),
   positiveInt: (fallback: number) => z.coerce.number().int().positive().default(fallback),

@@ -1,12 +1,20 @@
 /**
  * Caller identity between services (SPEC G2). The gateway authenticates API keys and the
  * services trust it to say who is calling; services also call each other. Every internal call
- * carries the identity in `outpost-identity` and an HMAC-SHA256 of it, under a secret only
- * the services share, in `outpost-identity-signature`. A service refuses a call whose identity
- * is missing, unsigned, forged or expired, so a client that reaches a service port directly
- * cannot claim to be a tenant.
+ * carries the identity in `outpost-identity` and a signature of it in
+ * `outpost-identity-signature`. A service refuses a call whose identity is missing, unsigned,
+ * forged or expired, so a client that reaches a service port directly cannot claim to be a
+ * tenant.
+ *
+ * Signatures are Ed25519, one key pair per signer role: each process holds only its own
+ * private key (OUTPOST_SIGNING_KEY) and the public keys of the roles it takes calls from
+ * (OUTPOST_TRUSTED_SIGNERS). A role signs only what it is: the gateway signs tenants, admins
+ * and itself; every other role signs only service identities of its own role. So a process
+ * that is broken into (an executor host, say) can speak as what it already is and nothing
+ * more: it cannot sign a tenant, an admin or another service. The same keys sign short-lived
+ * grants (`signToken`), such as the dispatcher's grant of a leased run's secrets.
  */
-import { createHmac, timingSafeEqual } from "node:crypto";
+import { createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from "node:crypto";
 import { createContextKey, type HandlerContext } from "@connectrpc/connect";
 import { permissionDenied, unauthenticated } from "./errors.ts";
 
@@ -21,90 +29,224 @@ export type Identity =
 export const IDENTITY_HEADER = "outpost-identity";
 export const IDENTITY_SIGNATURE_HEADER = "outpost-identity-signature";
 
+/** The processes that sign: each has its own key pair. */
+export const SIGNER_ROLES = ["gateway", "tenant", "dispatcher", "executor", "telemetry"] as const;
+export type SignerRole = (typeof SIGNER_ROLES)[number];
+
 /** How long a signed identity stays valid; calls are signed as they are made. */
 const IDENTITY_TTL_MS = 60_000;
 
-interface SignedPayload {
-  id: Identity;
+/**
+ * The role whose key may sign this identity: tenants and admins only the gateway (which
+ * authenticated them), services only their own role ("executor/host-1" → "executor").
+ */
+export function signerRoleOf(identity: Identity): string {
+  return identity.kind === "service" ? identity.principal.split("/")[0]! : "gateway";
+}
+
+/** Why a signed payload was not accepted. */
+export type SignatureProblem = "MALFORMED" | "UNKNOWN_SIGNER" | "FORGED" | "EXPIRED";
+
+interface SignedClaims {
+  /** The signing role. */
+  iss: string;
+  /** Expiry, ms since the epoch. */
   exp: number;
 }
 
-function sign(secret: string, payload: string): string {
-  return createHmac("sha256", secret).update(payload).digest("base64url");
-}
-
 /**
- * Signing and checking cost an HMAC each per call on the hot path, so both are remembered
- * briefly: a signed identity is reused for up to a second (its expiry is then 59 s to 60 s
- * away, never more), and a payload and signature that verified are trusted again until their
- * expiry. Both caches are keyed by the secret too (in-process tests run servers with different
- * secrets) and bounded: when full they are emptied and refilled.
+ * Signing and checking cost a signature operation each per call on the hot path, so both are
+ * remembered briefly: a signed identity is reused for up to a second (its expiry is then 59 s
+ * to 60 s away, never more), and a payload and signature that verified are trusted again until
+ * their expiry. Both caches are bounded: when full they are emptied and refilled.
  */
 const SIGNATURE_REUSE_MS = 1_000;
 const MAX_CACHED = 10_000;
-const signedCache = new Map<string, { payload: string; signature: string; signedAt: number }>();
-const verifiedCache = new Map<string, { identity: Identity; exp: number }>();
 
 function remember<V>(cache: Map<string, V>, key: string, value: V): void {
   if (cache.size >= MAX_CACHED) cache.clear();
   cache.set(key, value);
 }
 
-/** Writes the signed identity into outgoing request headers. */
-export function writeIdentity(headers: Headers, secret: string, identity: Identity, now = Date.now()): void {
-  const id = JSON.stringify(identity);
-  const key = `${secret}\n${id}`;
-  let signed = signedCache.get(key);
-  if (signed === undefined || now < signed.signedAt || now - signed.signedAt >= SIGNATURE_REUSE_MS) {
-    // The same bytes as JSON.stringify({ id, exp } satisfies SignedPayload).
-    const payload = Buffer.from(`{"id":${id},"exp":${now + IDENTITY_TTL_MS}}`).toString("base64url");
-    signed = { payload, signature: sign(secret, payload), signedAt: now };
-    remember(signedCache, key, signed);
-  }
-  headers.set(IDENTITY_HEADER, signed.payload);
-  headers.set(IDENTITY_SIGNATURE_HEADER, signed.signature);
-}
+const PKCS8_HINT = "must be an Ed25519 private key as base64 PKCS#8 DER (`npm run signing-keys` makes a set)";
+const SPKI_HINT = "must be an Ed25519 public key as base64 SPKI DER";
 
-/** Verifies the identity in incoming headers; throws UNAUTHENTICATED when it cannot be trusted. */
-export function readIdentity(headers: Headers, secret: string, now = Date.now()): Identity {
-  const payload = headers.get(IDENTITY_HEADER);
-  const signature = headers.get(IDENTITY_SIGNATURE_HEADER);
-  if (!payload || !signature) {
-    throw unauthenticated("IDENTITY_MISSING", "no caller identity: tenant calls must come through the gateway");
-  }
-  const key = `${secret}\n${payload}\n${signature}`;
-  const verified = verifiedCache.get(key);
-  if (verified !== undefined) {
-    if (verified.exp < now) throw unauthenticated("IDENTITY_EXPIRED", "caller identity has expired");
-    return verified.identity;
-  }
-  const expected = Buffer.from(sign(secret, payload));
-  const given = Buffer.from(signature);
-  if (expected.length !== given.length || !timingSafeEqual(expected, given)) {
-    throw unauthenticated("IDENTITY_FORGED", "caller identity is not signed by an Outpost service");
-  }
-  let parsed: SignedPayload;
+/** Parses OUTPOST_SIGNING_KEY; throws an Error whose message says what is wrong. */
+export function parseSigningKey(value: string): KeyObject {
+  let key: KeyObject;
   try {
-    parsed = JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as SignedPayload;
+    key = createPrivateKey({ key: Buffer.from(value.trim(), "base64"), format: "der", type: "pkcs8" });
   } catch {
-    throw unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
+    throw new Error(PKCS8_HINT);
   }
-  if (!isSignedPayload(parsed)) throw unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
-  if (typeof parsed.exp !== "number" || parsed.exp < now) {
-    throw unauthenticated("IDENTITY_EXPIRED", "caller identity has expired");
-  }
-  const identity = Object.freeze(parsed.id);
-  remember(verifiedCache, key, { identity, exp: parsed.exp });
-  return identity;
+  if (key.asymmetricKeyType !== "ed25519") throw new Error(PKCS8_HINT);
+  return key;
 }
 
-/** Shape check of a decoded payload (`exp` is checked separately, as expiry). */
-function isSignedPayload(value: unknown): value is SignedPayload {
-  if (typeof value !== "object" || value === null) return false;
-  const id = (value as { id?: unknown }).id as Partial<Record<string, unknown>> | null | undefined;
+/**
+ * Parses OUTPOST_TRUSTED_SIGNERS, "gateway:<key>,dispatcher:<key>,…": the public key of each
+ * role this process takes calls or grants from. A role may be listed twice while its key is
+ * rotated (docs/operations.md). Throws an Error naming the bad entry.
+ */
+export function parseTrustedSigners(value: string): Map<string, KeyObject[]> {
+  const trusted = new Map<string, KeyObject[]>();
+  for (const [i, entry] of value.split(",").map((e) => e.trim()).filter(Boolean).entries()) {
+    const colon = entry.indexOf(":");
+    const role = colon < 0 ? "" : entry.slice(0, colon);
+    if (!(SIGNER_ROLES as readonly string[]).includes(role)) {
+      throw new Error(`entry ${i + 1} must be <role>:<public key> with role one of ${SIGNER_ROLES.join(", ")}`);
+    }
+    let key: KeyObject;
+    try {
+      key = createPublicKey({ key: Buffer.from(entry.slice(colon + 1), "base64"), format: "der", type: "spki" });
+    } catch {
+      throw new Error(`entry ${i + 1} (${role}): ${SPKI_HINT}`);
+    }
+    if (key.asymmetricKeyType !== "ed25519") throw new Error(`entry ${i + 1} (${role}): ${SPKI_HINT}`);
+    trusted.set(role, [...(trusted.get(role) ?? []), key]);
+  }
+  return trusted;
+}
+
+/** One process's signing key and the public keys it trusts. */
+export class SigningKeys {
+  private readonly signedIdentities = new Map<string, { payload: string; signature: string; signedAt: number }>();
+  private readonly verifiedIdentities = new Map<string, { identity: Identity; exp: number }>();
+
+  /** The role this process signs as. */
+  readonly role: SignerRole;
+  private readonly privateKey: KeyObject;
+  private readonly trusted: ReadonlyMap<string, readonly KeyObject[]>;
+
+  constructor(role: SignerRole, privateKey: KeyObject, trusted: ReadonlyMap<string, readonly KeyObject[]> = new Map()) {
+    this.role = role;
+    this.privateKey = privateKey;
+    this.trusted = trusted;
+  }
+
+  /** From the two settings, as validated at start-up. */
+  static fromSettings(role: SignerRole, signingKey: string, trustedSigners = ""): SigningKeys {
+    return new SigningKeys(role, parseSigningKey(signingKey), parseTrustedSigners(trustedSigners));
+  }
+
+  /** Signs claims for `ttlMs`; the answer is the base64url payload and signature. */
+  sign(claims: object, ttlMs: number, now = Date.now()): { payload: string; signature: string } {
+    const payload = Buffer.from(JSON.stringify({ ...claims, iss: this.role, exp: now + ttlMs })).toString("base64url");
+    return { payload, signature: sign(null, Buffer.from(payload), this.privateKey).toString("base64url") };
+  }
+
+  /** Checks a payload and signature from any trusted role; answers the claims or the problem. */
+  verify(payload: string, signature: string, now = Date.now()): { claims: Record<string, unknown> & SignedClaims } | { problem: SignatureProblem } {
+    let claims: unknown;
+    try {
+      claims = JSON.parse(Buffer.from(payload, "base64url").toString("utf8"));
+    } catch {
+      return { problem: "MALFORMED" };
+    }
+    if (typeof claims !== "object" || claims === null || typeof (claims as { iss?: unknown }).iss !== "string") return { problem: "MALFORMED" };
+    const signed = claims as Record<string, unknown> & SignedClaims;
+    const keys = this.trusted.get(signed.iss);
+    if (!keys) return { problem: "UNKNOWN_SIGNER" };
+    const signatureBytes = Buffer.from(signature, "base64url");
+    if (signatureBytes.length !== 64 || !keys.some((key) => verify(null, Buffer.from(payload), key, signatureBytes))) return { problem: "FORGED" };
+    if (typeof signed.exp !== "number" || signed.exp < now) return { problem: "EXPIRED" };
+    return { claims: signed };
+  }
+
+  /** A grant as one string, "<payload>.<signature>". */
+  signToken(claims: object, ttlMs: number, now = Date.now()): string {
+    const { payload, signature } = this.sign(claims, ttlMs, now);
+    return `${payload}.${signature}`;
+  }
+
+  /** Checks a token from `signToken`, which must come from `issuer`. */
+  verifyToken(token: string, issuer: SignerRole, now = Date.now()): { claims: Record<string, unknown> } | { problem: SignatureProblem } {
+    const [payload, signature, extra] = token.split(".");
+    if (!payload || !signature || extra !== undefined) return { problem: "MALFORMED" };
+    const checked = this.verify(payload, signature, now);
+    if ("claims" in checked && checked.claims.iss !== issuer) return { problem: "UNKNOWN_SIGNER" };
+    return checked;
+  }
+
+  /** Writes the signed identity into outgoing request headers. */
+  writeIdentity(headers: Headers, identity: Identity, now = Date.now()): void {
+    const id = JSON.stringify(identity);
+    let signed = this.signedIdentities.get(id);
+    if (signed === undefined || now < signed.signedAt || now - signed.signedAt >= SIGNATURE_REUSE_MS) {
+      signed = { ...this.sign({ id: identity }, IDENTITY_TTL_MS, now), signedAt: now };
+      remember(this.signedIdentities, id, signed);
+    }
+    headers.set(IDENTITY_HEADER, signed.payload);
+    headers.set(IDENTITY_SIGNATURE_HEADER, signed.signature);
+  }
+
+  /** Verifies the identity in incoming headers; throws UNAUTHENTICATED when it cannot be trusted. */
+  readIdentity(headers: Headers, now = Date.now()): Identity {
+    const payload = headers.get(IDENTITY_HEADER);
+    const signature = headers.get(IDENTITY_SIGNATURE_HEADER);
+    if (!payload || !signature) {
+      throw unauthenticated("IDENTITY_MISSING", "no caller identity: tenant calls must come through the gateway");
+    }
+    const key = `${payload}\n${signature}`;
+    const remembered = this.verifiedIdentities.get(key);
+    if (remembered !== undefined) {
+      if (remembered.exp < now) throw unauthenticated("IDENTITY_EXPIRED", "caller identity has expired");
+      return remembered.identity;
+    }
+    const checked = this.verify(payload, signature, now);
+    if ("problem" in checked) throw identityProblem(checked.problem);
+    const { id, iss, exp } = checked.claims;
+    if (!isIdentity(id)) throw unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
+    // A role speaks only for what it is (module comment).
+    if (signerRoleOf(id) !== iss) throw identityProblem("FORGED");
+    const identity = Object.freeze(id);
+    remember(this.verifiedIdentities, key, { identity, exp });
+    return identity;
+  }
+}
+
+function identityProblem(problem: SignatureProblem) {
+  switch (problem) {
+    case "EXPIRED":
+      return unauthenticated("IDENTITY_EXPIRED", "caller identity has expired");
+    case "MALFORMED":
+      return unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
+    default:
+      return unauthenticated("IDENTITY_FORGED", "caller identity is not signed by an Outpost service that may sign it");
+  }
+}
+
+/** Shape check of a decoded identity. */
+function isIdentity(value: unknown): value is Identity {
+  const id = value as Partial<Record<string, unknown>> | null | undefined;
   if (typeof id !== "object" || id === null || typeof id.principal !== "string") return false;
   if (id.kind === "tenant") return typeof id.tenantId === "string";
   return id.kind === "admin" || id.kind === "service";
+}
+
+/** A key pair per role, as the settings take them. */
+export interface SigningKeySet {
+  /** OUTPOST_SIGNING_KEY of each role. */
+  signingKeys: Record<SignerRole, string>;
+  /** OUTPOST_TRUSTED_SIGNERS for every process: all the roles' public keys. */
+  trustedSigners: string;
+}
+
+/** A fresh key pair per role: for the dev mesh, tests and `npm run signing-keys`. */
+export function generateSigningKeySet(roles: readonly SignerRole[] = SIGNER_ROLES): SigningKeySet {
+  const signingKeys = {} as Record<SignerRole, string>;
+  const trusted: string[] = [];
+  for (const role of roles) {
+    const { privateKey, publicKey } = generateKeyPairSync("ed25519");
+    signingKeys[role] = privateKey.export({ format: "der", type: "pkcs8" }).toString("base64");
+    trusted.push(`${role}:${publicKey.export({ format: "der", type: "spki" }).toString("base64")}`);
+  }
+  return { signingKeys, trustedSigners: trusted.join(",") };
+}
+
+/** The keys of one role from a set (tests, tools). */
+export function signingKeysOf(set: SigningKeySet, role: SignerRole): SigningKeys {
+  return SigningKeys.fromSettings(role, set.signingKeys[role], set.trustedSigners);
 }
 
 export const identityKey = createContextKey<Identity | undefined>(undefined, { description: "caller identity" });
@@ -135,7 +277,7 @@ export function requireAdmin(ctx: HandlerContext): Extract<Identity, { kind: "ad
 /** Internal methods: only other Outpost services, optionally only some of them. */
 export function requireService(ctx: HandlerContext, ...allowed: string[]): Extract<Identity, { kind: "service" }> {
   const identity = callerOf(ctx);
-  const role = identity.kind === "service" ? identity.principal.split("/")[0]! : "";
+  const role = identity.kind === "service" ? signerRoleOf(identity) : "";
   if (identity.kind !== "service" || (allowed.length > 0 && !allowed.includes(role))) {
     throw permissionDenied("SERVICE_REQUIRED", "this method is internal to Outpost");
   }

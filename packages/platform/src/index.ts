@@ -1,3 +1,4 @@
+export * from "./body-budget.ts";
 export * from "./call-context.ts";
 export * from "./clients.ts";
 export * from "./config.ts";
@@ -5,6 +6,7 @@ export * from "./envelope.ts";
 export * from "./errors.ts";
 export * from "./health.ts";
 export * from "./identity.ts";
+export * from "./secret-grant.ts";
 export * from "./lifecycle.ts";
 export * from "./logger.ts";
 export * from "./server.ts";

@@ -45,6 +45,7 @@ import {
 } from "@connectrpc/connect/protocol";
 import * as grpc from "@connectrpc/connect/protocol-grpc";
 import * as connect from "@connectrpc/connect/protocol-connect";
+import type { BodyBudget, BodyCharge } from "./body-budget.ts";
 import { envelope, ENVELOPE_HEADER_BYTES, singleMessage } from "./envelope.ts";
 import { invalidArgument, MALFORMED, REQUEST_BODY_FIELD, unsupportedConnectVersion } from "./errors.ts";
 import type { Logger } from "./logger.ts";
@@ -64,6 +65,8 @@ export interface LeanUnaryOptions {
   /** Per-call values, built as for connect-node (drain signal, client address...). */
   contextValues: (req: Request) => ContextValues;
   logger: Logger;
+  /** Request bodies count against it while they are read (body-budget.ts). */
+  bodyBudget?: BodyBudget;
 }
 
 export interface LeanUnaryPath {
@@ -139,7 +142,7 @@ export function leanUnaryPath(options: LeanUnaryOptions): LeanUnaryPath {
       const authority = "authority" in req ? req.authority : req.headers.host;
       if (format === undefined || !authority) return false;
       const call = { route, protocol, binary: format.binary, url: `http://${authority}${req.url}` };
-      serveCall(call, req, res, options.interceptors, options.contextValues(req), limits).catch((err: unknown) => {
+      serveCall(call, req, res, options.interceptors, options.contextValues(req), limits, options.bodyBudget).catch((err: unknown) => {
         // The answer could not be written (a handler's header that HTTP forbids, say): the
         // client's call breaks, the process goes on, as with connect-node.
         options.logger.error({ err, method: `${route.spec.method.parent.typeName}/${route.spec.method.name}` }, "rpc answer could not be written");
@@ -265,6 +268,7 @@ async function serveCall(
   interceptors: Interceptor[],
   values: ContextValues,
   limits: Limits,
+  bodyBudget: BodyBudget | undefined,
 ): Promise<void> {
   const { route: { spec, serialization }, protocol, binary } = call;
   // Aborted when the client goes away before its answer (with connect-node's reason for an
@@ -301,7 +305,7 @@ async function serveCall(
     const version = headerValue(req, connect.headerProtocolVersion.toLowerCase());
     if (protocol.name === "connect" && version !== null && version !== connect.protocolVersion) throw unsupportedConnectVersion(version);
     const lengthHint = protocol.checksContentLength ? contentLength(req, limits.readMaxBytes) : undefined;
-    const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes, context.signal);
+    const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes, context.signal, bodyBudget?.charge(req, res));
     if (lengthHint !== undefined && lengthHint !== body.length) {
       throw invalidArgument(REQUEST_BODY_FIELD, `protocol error: promised ${lengthHint} bytes, received ${body.length}`, MALFORMED.FRAME);
     }
@@ -373,9 +377,10 @@ function contentLength(req: Request, readMaxBytes: number): number | undefined {
 /**
  * The request body, read whole. A body of more than `readMaxBytes` (plus the envelope) is
  * refused as it arrives; over gRPC, as soon as the envelope's header promises more. Reading
- * stops when the call's deadline passes or its client goes away (`signal`).
+ * stops when the call's deadline passes or its client goes away (`signal`). The body holds its
+ * `charge` of the body budget until then.
  */
-function readBody(req: Request, readMaxBytes: number, envelopeBytes: number, signal: AbortSignal): Promise<Buffer> {
+function readBody(req: Request, readMaxBytes: number, envelopeBytes: number, signal: AbortSignal, charge: BodyCharge | undefined): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
@@ -391,7 +396,12 @@ function readBody(req: Request, readMaxBytes: number, envelopeBytes: number, sig
       if (envelopeBytes > 0 && promised === undefined && size >= envelopeBytes) promised = envelopeLength(chunks);
       if ((promised ?? 0) > readMaxBytes || size > readMaxBytes + envelopeBytes) {
         const messageSize = Math.max(promised ?? 0, size - envelopeBytes);
-        fail(new ConnectError(`message size ${messageSize} is larger than configured readMaxBytes ${readMaxBytes}`, Code.ResourceExhausted));
+        return fail(new ConnectError(`message size ${messageSize} is larger than configured readMaxBytes ${readMaxBytes}`, Code.ResourceExhausted));
+      }
+      try {
+        charge?.add(chunk);
+      } catch (err) {
+        fail(err as ConnectError);
       }
     };
     const onEnd = () => {
@@ -401,6 +411,7 @@ function readBody(req: Request, readMaxBytes: number, envelopeBytes: number, sig
     const onError = (err: Error) => fail(ConnectError.from(err, Code.Canceled));
     const onAbort = () => fail(ConnectError.from(signal.reason, Code.Canceled));
     const cleanup = () => {
+      charge?.release();
       req.off("data", onData);
       req.off("end", onEnd);
       req.off("error", onError);

@@ -18,12 +18,13 @@ import { formatTraceparent, currentTrace } from "./call-context.ts";
 import { initMetrics, metricsInterceptor, metricsText, METRICS_PATH } from "./metrics.ts";
 import { flushTracing, initTracing, serverTraceInterceptor } from "./tracing.ts";
 import { HealthState, registerHealth, type ReadinessCheck } from "./health.ts";
-import { identityKey, readIdentity } from "./identity.ts";
+import { identityKey, type SigningKeys } from "./identity.ts";
 import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
 import { maskedInternalMessage, unsupportedConnectVersion } from "./errors.ts";
 import { applyRuntimeFixes } from "./runtime.ts";
 import { leanUnaryPath } from "./lean-unary.ts";
+import { isBodyBudgetRefusal, type BodyBudget, type BodyCharge } from "./body-budget.ts";
 
 /** Answered with 200 before any middleware, for process supervisors and load balancers. */
 export const LIVENESS_PATH = "/healthz";
@@ -51,10 +52,10 @@ export interface ServerOptions {
   /** Registers the service's handlers. */
   routes: (router: ConnectRouter) => void;
   /**
-   * Verifies the signed caller identity on every call (internal services). The gateway
-   * authenticates API keys itself and passes `undefined`.
+   * Verifies the signed caller identity on every call (internal services) against the keys'
+   * trusted signers. The gateway authenticates API keys itself and passes `undefined`.
    */
-  internalSecret: string | undefined;
+  signingKeys: SigningKeys | undefined;
   readiness?: ReadinessCheck;
   /** Interceptors run after the platform's (trace, logging, error masking, identity). */
   interceptors?: Interceptor[];
@@ -62,6 +63,12 @@ export interface ServerOptions {
   contextValues?: (req: http.IncomingMessage | http2.Http2ServerRequest, values: ContextValues) => void;
   /** Largest accepted message; bigger ones answer RESOURCE_EXHAUSTED. */
   readMaxBytes?: number;
+  /**
+   * Request bodies count against this budget while they are received, on the lean unary path
+   * and connect-node's (body-budget.ts); one that would take it over is refused
+   * RESOURCE_EXHAUSTED. An `httpHandler` that reads bodies itself charges them itself.
+   */
+  bodyBudget?: BodyBudget;
   /**
    * Serve GET /metrics on this separate port instead of the main one — for the gateway, whose
    * main port is public. Undefined: /metrics is on the main port.
@@ -136,7 +143,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     trackingInterceptor(track, logger),
     connectVersionInterceptor(),
   ];
-  if (options.internalSecret !== undefined) platformInterceptors.push(identityInterceptor(options.internalSecret));
+  if (options.signingKeys !== undefined) platformInterceptors.push(identityInterceptor(options.signingKeys));
 
   const interceptors = [...platformInterceptors, ...(options.interceptors ?? [])];
   const readMaxBytes = options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES;
@@ -147,7 +154,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     return values;
   };
   // Unary gRPC and Connect calls (nearly all traffic) take the lean path; the rest connect-node.
-  const leanUnary = leanUnaryPath({ interceptors, readMaxBytes, contextValues, logger });
+  const leanUnary = leanUnaryPath({ interceptors, readMaxBytes, contextValues, logger, bodyBudget: options.bodyBudget });
   const handler = connectNodeAdapter({
     routes(router) {
       const recording = leanUnary.recording(router);
@@ -180,6 +187,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     if (options.httpHandler?.(req, res, track)) return;
     if (leanUnary.serve(req, res)) return;
     readBodyUntilDeadline(req, res);
+    if (options.bodyBudget) chargeBodyReads(req, res, options.bodyBudget);
     handler(req, res);
   };
 
@@ -311,14 +319,51 @@ function readBodyUntilDeadline(req: http.IncomingMessage | http2.Http2ServerRequ
     : {};
   if (timeoutMs === undefined || timeoutMs > MAX_TIMER_MS) return;
   const read = (req as AsyncIterable<Buffer>)[Symbol.asyncIterator].bind(req);
-  const onLate = () => {
-    if (req.complete || !("stream" in res) || res.stream.destroyed) return;
-    req.resume();
-    // The trailers go out during the send that asks for them (the compat layer's own listener,
-    // registered first), so the reset waits a turn.
-    res.stream.once("wantTrailers", () => setImmediate(() => res.stream.close(http2.constants.NGHTTP2_NO_ERROR)));
-  };
+  const onLate = () => discardRestOnceAnswered(req, res);
   Object.defineProperty(req, Symbol.asyncIterator, { configurable: true, value: () => chunksUntil(read(), timeoutMs, onLate) });
+}
+
+/**
+ * The call is answered before its body ended (the answer is an error): over HTTP/2 the stream
+ * then closes only when the client ends its side, so what still comes is dropped and, once the
+ * answer is out, the stream is reset with NO_ERROR. (HTTP/1.1: Node's server discards it.)
+ */
+function discardRestOnceAnswered(req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse): void {
+  if (req.complete || !("stream" in res) || res.stream.destroyed) return;
+  req.resume();
+  // The trailers go out during the send that asks for them (the compat layer's own listener,
+  // registered first), so the reset waits a turn.
+  res.stream.once("wantTrailers", () => setImmediate(() => res.stream.close(http2.constants.NGHTTP2_NO_ERROR)));
+}
+
+/**
+ * connect-node's reads of a request body (gRPC-Web, streams, compressed calls the lean path
+ * leaves to it) count against the body budget as they come; a body that would take it over
+ * ends the read with RESOURCE_EXHAUSTED, which connect-node answers in the call's protocol.
+ * The charge is given back when the body ends, its read fails, or the response closes.
+ */
+function chargeBodyReads(req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse, budget: BodyBudget): void {
+  if (req.method !== "POST") return;
+  const read = (req as AsyncIterable<Buffer>)[Symbol.asyncIterator].bind(req);
+  Object.defineProperty(req, Symbol.asyncIterator, {
+    configurable: true,
+    value: async function* charged(): AsyncGenerator<Buffer> {
+      const chunks = read();
+      let charge: BodyCharge | undefined;
+      try {
+        charge = budget.charge(req, res);
+        for (let next = await chunks.next(); next.done !== true; next = await chunks.next()) {
+          charge.add(next.value);
+          yield next.value;
+        }
+      } catch (err) {
+        if (isBodyBudgetRefusal(err)) discardRestOnceAnswered(req, res);
+        throw err;
+      } finally {
+        charge?.release();
+      }
+    },
+  });
 }
 
 async function* chunksUntil(chunks: AsyncIterator<Buffer>, timeoutMs: number, onLate: () => void): AsyncGenerator<Buffer> {
@@ -395,10 +440,10 @@ function connectVersionInterceptor(): Interceptor {
  * Refuses calls whose caller identity is missing, forged or expired (health excepted).
  * Exported so in-process tests (createRouterTransport) check identity exactly as servers do.
  */
-export function identityInterceptor(secret: string): Interceptor {
+export function identityInterceptor(keys: SigningKeys): Interceptor {
   return (next) => (req) => {
     if (req.service.typeName !== "grpc.health.v1.Health") {
-      req.contextValues.set(identityKey, readIdentity(req.header, secret));
+      req.contextValues.set(identityKey, keys.readIdentity(req.header));
     }
     return next(req);
   };

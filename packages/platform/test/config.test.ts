@@ -1,8 +1,9 @@
-import { ConfigError, loadConfig, setting } from "@outpost/platform";
+import { ConfigError, generateSigningKeySet, loadConfig, setting } from "@outpost/platform";
 import { describe, expect, it } from "vitest";
 
 const shape = {
-  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_SIGNING_KEY: setting.signingKey(),
+  OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_X_PORT: setting.port(7104),
   OUTPOST_X_HOST: setting.host(),
   OUTPOST_TENANT_URL: setting.url(),
@@ -10,8 +11,8 @@ const shape = {
   OUTPOST_LOG_LEVEL: setting.logLevel(),
   OUTPOST_TTL_MS: setting.durationMs(2000),
 };
-const SECRET = "s".repeat(32);
-const valid = { OUTPOST_INTERNAL_SECRET: SECRET, OUTPOST_TENANT_URL: "http://127.0.0.1:7101" };
+const keys = generateSigningKeySet(["gateway", "tenant"]);
+const valid = { OUTPOST_SIGNING_KEY: keys.signingKeys.tenant, OUTPOST_TRUSTED_SIGNERS: keys.trustedSigners, OUTPOST_TENANT_URL: "http://127.0.0.1:7101" };
 
 function configError(env: NodeJS.ProcessEnv): ConfigError {
   try {
@@ -44,7 +45,8 @@ describe("loadConfig", () => {
   it("names every missing variable", () => {
     const err = configError({});
     expect(err.name).toBe("ConfigError");
-    expect(err.message).toContain("OUTPOST_INTERNAL_SECRET");
+    expect(err.message).toContain("OUTPOST_SIGNING_KEY");
+    expect(err.message).toContain("OUTPOST_TRUSTED_SIGNERS");
     expect(err.message).toContain("OUTPOST_TENANT_URL");
     expect(err.message).not.toContain("OUTPOST_X_PORT");
   });
@@ -57,8 +59,15 @@ describe("loadConfig", () => {
     }
   });
 
-  it("explains a short secret, a bad URL and an unknown log level", () => {
-    expect(configError({ ...valid, OUTPOST_INTERNAL_SECRET: "short" }).message).toMatch(/OUTPOST_INTERNAL_SECRET: must be at least 32 characters/);
+  it("explains a bad signing key or trust list, a bad URL and an unknown log level", () => {
+    expect(configError({ ...valid, OUTPOST_SIGNING_KEY: "short" }).message).toMatch(/OUTPOST_SIGNING_KEY: must be an Ed25519 private key/);
+    const [gatewayEntry] = keys.trustedSigners.split(",");
+    expect(configError({ ...valid, OUTPOST_TRUSTED_SIGNERS: "" }).message).toMatch(/OUTPOST_TRUSTED_SIGNERS: names no signer/);
+    expect(configError({ ...valid, OUTPOST_TRUSTED_SIGNERS: `${gatewayEntry},tenant:AAAA` }).message).toMatch(
+      /OUTPOST_TRUSTED_SIGNERS: entry 2 \(tenant\): must be an Ed25519 public key/,
+    );
+    // A private key in the trust list is refused too (it must hold public keys only).
+    expect(configError({ ...valid, OUTPOST_TRUSTED_SIGNERS: `tenant:${keys.signingKeys.tenant}` }).message).toMatch(/entry 1 \(tenant\)/);
     expect(configError({ ...valid, OUTPOST_TENANT_URL: "not a url" }).message).toMatch(/OUTPOST_TENANT_URL: must be a URL/);
     expect(configError({ ...valid, OUTPOST_LOG_LEVEL: "loud" }).message).toContain("OUTPOST_LOG_LEVEL");
     expect(configError({ ...valid, OUTPOST_TTL_MS: "0" }).message).toContain("OUTPOST_TTL_MS");

@@ -9,12 +9,12 @@ import {
   startServer,
   type ReadinessCheck,
   type RunningServer,
+  type SigningKeys,
 } from "@outpost/platform";
 import { LogChunkSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { GetLogsResponseSchema, LogService, SubscribeLogsResponseSchema } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { pino } from "pino";
 
-export const SECRET = "test-internal-secret-0123456789abcdef";
 
 export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -73,7 +73,7 @@ export function fakeLogRoutes(router: ConnectRouter): void {
 }
 
 export function startTestServer(
-  options: { internalSecret?: string; readiness?: ReadinessCheck; readMaxBytes?: number; shutdownGraceMs?: number; firstBytesTimeoutMs?: number } = {},
+  options: { signingKeys?: SigningKeys; readiness?: ReadinessCheck; readMaxBytes?: number; shutdownGraceMs?: number; firstBytesTimeoutMs?: number } = {},
 ): Promise<RunningServer> {
   return startServer({
     name: "test",
@@ -81,7 +81,7 @@ export function startTestServer(
     port: 0,
     logger: silentLogger,
     routes: fakeLogRoutes,
-    internalSecret: options.internalSecret,
+    signingKeys: options.signingKeys,
     readiness: options.readiness,
     readMaxBytes: options.readMaxBytes,
     shutdownGraceMs: options.shutdownGraceMs,

@@ -1,37 +1,47 @@
-import { createHmac } from "node:crypto";
+import { sign as cryptoSign } from "node:crypto";
 import { Code, ConnectError, createContextValues, type HandlerContext } from "@connectrpc/connect";
 import {
   ERROR_DOMAIN,
   IDENTITY_HEADER,
   IDENTITY_SIGNATURE_HEADER,
+  SigningKeys,
+  checkSecretGrant,
   errorInfoOf,
+  generateSigningKeySet,
   identityKey,
-  readIdentity,
+  issueSecretGrant,
+  parseSigningKey,
+  parseTrustedSigners,
   requireAdmin,
   requireService,
   requireTenant,
-  writeIdentity,
+  signerRoleOf,
   type Identity,
+  type SignerRole,
 } from "@outpost/platform";
 import { describe, expect, it } from "vitest";
 
-const SECRET = "test-internal-secret-0123456789abcdef";
+const SET = generateSigningKeySet();
+/** A role's keys trusting every role of SET: what each process of one mesh holds. */
+const keysOf = (role: SignerRole, set = SET) => SigningKeys.fromSettings(role, set.signingKeys[role], SET.trustedSigners);
 const TENANT: Identity = { kind: "tenant", tenantId: "T1", principal: "key/K1" };
 const NOW = 1_700_000_000_000;
 
-function signed(identity: Identity, now = NOW, secret = SECRET): Headers {
+/** Signed by the role that may sign `identity` (the gateway for tenants and admins). */
+function signed(identity: Identity, now = NOW, keys = keysOf(signerRoleOf(identity) as SignerRole)): Headers {
   const headers = new Headers();
-  writeIdentity(headers, secret, identity, now);
+  keys.writeIdentity(headers, identity, now);
   return headers;
 }
 
-/** Headers whose payload is `payload`, correctly signed, so only the payload is wrong. */
-function signedRaw(payload: string): Headers {
-  return new Headers({
-    [IDENTITY_HEADER]: payload,
-    [IDENTITY_SIGNATURE_HEADER]: createHmac("sha256", SECRET).update(payload).digest("base64url"),
-  });
+/** Headers whose payload is `payload`, correctly signed by `role`, so only the payload is wrong. */
+function signedRaw(payload: string, role: SignerRole = "gateway"): Headers {
+  const signature = cryptoSign(null, Buffer.from(payload), parseSigningKey(SET.signingKeys[role])).toString("base64url");
+  return new Headers({ [IDENTITY_HEADER]: payload, [IDENTITY_SIGNATURE_HEADER]: signature });
 }
+
+const verifier = () => keysOf("dispatcher");
+const b64 = (value: unknown) => Buffer.from(JSON.stringify(value)).toString("base64url");
 
 function reasonOf(fn: () => unknown): { code: Code; reason: string | undefined } {
   try {
@@ -48,87 +58,152 @@ function reasonOf(fn: () => unknown): { code: Code; reason: string | undefined }
 const unauth = (reason: string) => ({ code: Code.Unauthenticated, reason });
 
 describe("writeIdentity / readIdentity", () => {
-  it("round-trips every kind of identity", () => {
-    const identities: Identity[] = [TENANT, { kind: "admin", principal: "admin" }, { kind: "service", principal: "executor/h1" }];
-    for (const identity of identities) expect(readIdentity(signed(identity), SECRET, NOW + 1000)).toEqual(identity);
+  it("round-trips every kind of identity, each signed by the role that may sign it", () => {
+    const identities: Identity[] = [TENANT, { kind: "admin", principal: "admin" }, { kind: "service", principal: "executor/h1" }, { kind: "service", principal: "gateway" }];
+    for (const identity of identities) expect(verifier().readIdentity(signed(identity), NOW + 1000)).toEqual(identity);
   });
 
-  it("refuses a tampered payload", () => {
+  it("refuses an identity its signer may not assert: only the gateway speaks for tenants and admins, a service only for itself", () => {
+    const overreach: [SignerRole, Identity][] = [
+      ["executor", TENANT],
+      ["executor", { kind: "admin", principal: "admin" }],
+      ["executor", { kind: "service", principal: "dispatcher" }],
+      ["tenant", TENANT],
+      ["dispatcher", { kind: "service", principal: "executor/h1" }],
+      ["gateway", { kind: "service", principal: "executor/h1" }],
+      ["telemetry", { kind: "service", principal: "telemetryx/1" }],
+    ];
+    for (const [role, identity] of overreach) {
+      expect(reasonOf(() => verifier().readIdentity(signed(identity, NOW, keysOf(role)), NOW)), `${role} as ${JSON.stringify(identity)}`).toEqual(
+        unauth("IDENTITY_FORGED"),
+      );
+    }
+  });
+
+  it("refuses a tampered payload, and a payload that names another signer than the one that signed it", () => {
     const headers = signed(TENANT);
-    const forged = Buffer.from(JSON.stringify({ id: { ...TENANT, tenantId: "T2" }, exp: NOW + 60_000 })).toString("base64url");
-    headers.set(IDENTITY_HEADER, forged);
-    expect(reasonOf(() => readIdentity(headers, SECRET, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    headers.set(IDENTITY_HEADER, b64({ id: { ...TENANT, tenantId: "T2" }, iss: "gateway", exp: NOW + 60_000 }));
+    expect(reasonOf(() => verifier().readIdentity(headers, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    // An executor's signature over a payload claiming the gateway signed it.
+    const relabelled = b64({ id: TENANT, iss: "gateway", exp: NOW + 60_000 });
+    expect(reasonOf(() => verifier().readIdentity(signedRaw(relabelled, "executor"), NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
-  it("refuses an identity signed with another secret", () => {
-    const headers = signed(TENANT, NOW, "another-secret-0123456789abcdef-xyz");
-    expect(reasonOf(() => readIdentity(headers, SECRET, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+  it("refuses an identity signed with a key it does not trust, or by a role it has no key for", () => {
+    const foreign = generateSigningKeySet();
+    expect(reasonOf(() => verifier().readIdentity(signed(TENANT, NOW, keysOf("gateway", foreign)), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    const trustsOnlyExecutors = new SigningKeys("tenant", parseSigningKey(SET.signingKeys.tenant), parseTrustedSigners(SET.trustedSigners.split(",").filter((e) => e.startsWith("executor:")).join(",")));
+    expect(reasonOf(() => trustsOnlyExecutors.readIdentity(signed(TENANT), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(trustsOnlyExecutors.readIdentity(signed({ kind: "service", principal: "executor/h1" }), NOW)).toEqual({ kind: "service", principal: "executor/h1" });
+  });
+
+  it("accepts either key of a role listed twice (rotation)", () => {
+    const next = generateSigningKeySet(["gateway"]);
+    const both = new SigningKeys("tenant", parseSigningKey(SET.signingKeys.tenant), parseTrustedSigners(`${SET.trustedSigners},${next.trustedSigners}`));
+    expect(both.readIdentity(signed(TENANT), NOW)).toEqual(TENANT);
+    expect(both.readIdentity(signed(TENANT, NOW, keysOf("gateway", next)), NOW)).toEqual(TENANT);
+    // Before the new key is listed, its signatures are refused.
+    expect(reasonOf(() => verifier().readIdentity(signed(TENANT, NOW, keysOf("gateway", next)), NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
   it("refuses a truncated signature", () => {
     const headers = signed(TENANT);
     headers.set(IDENTITY_SIGNATURE_HEADER, headers.get(IDENTITY_SIGNATURE_HEADER)!.slice(1));
-    expect(reasonOf(() => readIdentity(headers, SECRET, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => verifier().readIdentity(headers, NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
   it("refuses a missing signature or payload", () => {
     const noSignature = signed(TENANT);
     noSignature.delete(IDENTITY_SIGNATURE_HEADER);
-    expect(reasonOf(() => readIdentity(noSignature, SECRET, NOW))).toEqual(unauth("IDENTITY_MISSING"));
+    expect(reasonOf(() => verifier().readIdentity(noSignature, NOW))).toEqual(unauth("IDENTITY_MISSING"));
     const noPayload = signed(TENANT);
     noPayload.delete(IDENTITY_HEADER);
-    expect(reasonOf(() => readIdentity(noPayload, SECRET, NOW))).toEqual(unauth("IDENTITY_MISSING"));
-    expect(reasonOf(() => readIdentity(new Headers(), SECRET, NOW))).toEqual(unauth("IDENTITY_MISSING"));
+    expect(reasonOf(() => verifier().readIdentity(noPayload, NOW))).toEqual(unauth("IDENTITY_MISSING"));
+    expect(reasonOf(() => verifier().readIdentity(new Headers(), NOW))).toEqual(unauth("IDENTITY_MISSING"));
   });
 
   it("accepts an identity until its expiry and refuses it after", () => {
     const headers = signed(TENANT, NOW);
-    expect(readIdentity(headers, SECRET, NOW + 59_000)).toEqual(TENANT);
-    expect(reasonOf(() => readIdentity(headers, SECRET, NOW + 61_000))).toEqual(unauth("IDENTITY_EXPIRED"));
+    const keys = verifier();
+    expect(keys.readIdentity(headers, NOW + 59_000)).toEqual(TENANT);
+    // Remembered as verified, and still refused once expired.
+    expect(reasonOf(() => keys.readIdentity(headers, NOW + 61_000))).toEqual(unauth("IDENTITY_EXPIRED"));
+    expect(reasonOf(() => verifier().readIdentity(headers, NOW + 61_000))).toEqual(unauth("IDENTITY_EXPIRED"));
   });
 
   it("reuses a signature for up to a second, then signs a later expiry", () => {
-    const first = signed(TENANT, NOW);
-    const again = signed(TENANT, NOW + 999);
+    const gateway = keysOf("gateway");
+    const first = signed(TENANT, NOW, gateway);
+    const again = signed(TENANT, NOW + 999, gateway);
     expect(again.get(IDENTITY_HEADER)).toBe(first.get(IDENTITY_HEADER));
     expect(again.get(IDENTITY_SIGNATURE_HEADER)).toBe(first.get(IDENTITY_SIGNATURE_HEADER));
-    const later = signed(TENANT, NOW + 1000);
+    const later = signed(TENANT, NOW + 1000, gateway);
     expect(later.get(IDENTITY_HEADER)).not.toBe(first.get(IDENTITY_HEADER));
     // The reused one expires with its own time, the new one a second later.
-    expect(reasonOf(() => readIdentity(again, SECRET, NOW + 60_500))).toEqual(unauth("IDENTITY_EXPIRED"));
-    expect(readIdentity(later, SECRET, NOW + 60_500)).toEqual(TENANT);
-    // Another identity or another secret never gets a remembered signature.
-    expect(signed({ ...TENANT, tenantId: "T2" }, NOW).get(IDENTITY_HEADER)).not.toBe(first.get(IDENTITY_HEADER));
-    expect(signed(TENANT, NOW, "another-secret-0123456789abcdef-xyz").get(IDENTITY_SIGNATURE_HEADER)).not.toBe(first.get(IDENTITY_SIGNATURE_HEADER));
-  });
-
-  it("trusts a verified identity again only under the same secret", () => {
-    const other = "another-secret-0123456789abcdef-xyz";
-    const headers = signed(TENANT, NOW, other);
-    expect(readIdentity(headers, other, NOW)).toEqual(TENANT);
-    expect(reasonOf(() => readIdentity(headers, SECRET, NOW))).toEqual(unauth("IDENTITY_FORGED"));
-    expect(readIdentity(headers, other, NOW + 1)).toEqual(TENANT);
+    expect(reasonOf(() => verifier().readIdentity(again, NOW + 60_500))).toEqual(unauth("IDENTITY_EXPIRED"));
+    expect(verifier().readIdentity(later, NOW + 60_500)).toEqual(TENANT);
+    // Another identity never gets a remembered signature.
+    expect(signed({ ...TENANT, tenantId: "T2" }, NOW, gateway).get(IDENTITY_HEADER)).not.toBe(first.get(IDENTITY_HEADER));
   });
 
   it("refuses a signed payload without an expiry as expired", () => {
-    const payload = Buffer.from(JSON.stringify({ id: TENANT })).toString("base64url");
-    expect(reasonOf(() => readIdentity(signedRaw(payload), SECRET, NOW))).toEqual(unauth("IDENTITY_EXPIRED"));
+    expect(reasonOf(() => verifier().readIdentity(signedRaw(b64({ id: TENANT, iss: "gateway" })), NOW))).toEqual(unauth("IDENTITY_EXPIRED"));
   });
 
   it("refuses malformed base64 and JSON as IDENTITY_MALFORMED", () => {
-    for (const payload of ["!!!not-base64***", Buffer.from("{not json").toString("base64url"), ""]) {
-      if (payload === "") continue; // empty is "missing", covered above
-      expect(reasonOf(() => readIdentity(signedRaw(payload), SECRET, NOW))).toEqual(unauth("IDENTITY_MALFORMED"));
+    for (const payload of ["!!!not-base64***", Buffer.from("{not json").toString("base64url")]) {
+      expect(reasonOf(() => verifier().readIdentity(signedRaw(payload), NOW))).toEqual(unauth("IDENTITY_MALFORMED"));
     }
   });
 
   it("refuses signed JSON that is not an identity object as IDENTITY_MALFORMED (never a TypeError)", () => {
     const far = NOW + 60_000;
-    const payloads = ["null", "42", '"text"', JSON.stringify({ exp: far }), JSON.stringify({ id: { kind: "root" }, exp: far })];
+    const payloads = ["null", "42", '"text"', JSON.stringify({ exp: far }), JSON.stringify({ iss: "gateway", exp: far }), JSON.stringify({ id: { kind: "root" }, iss: "gateway", exp: far })];
     for (const json of payloads) {
       const payload = Buffer.from(json).toString("base64url");
-      expect(reasonOf(() => readIdentity(signedRaw(payload), SECRET, NOW))).toEqual(unauth("IDENTITY_MALFORMED"));
+      expect(reasonOf(() => verifier().readIdentity(signedRaw(payload), NOW)), json).toEqual(unauth("IDENTITY_MALFORMED"));
     }
+  });
+});
+
+describe("secret grants", () => {
+  const grant = { dispatchId: "D1", tenantId: "T1", names: ["A", "B"], executor: "executor/h1" };
+  const covers = { tenantId: "T1", names: ["A", "B"], executor: "executor/h1" };
+  const refusal = (token: string, request = covers, now = NOW) => {
+    try {
+      checkSecretGrant(keysOf("tenant"), token, request, now);
+      return "accepted";
+    } catch (err) {
+      const e = err as ConnectError;
+      return `${Code[e.code]} ${errorInfoOf(e)?.reason}: ${e.rawMessage}`;
+    }
+  };
+
+  it("accepts the dispatcher's grant for the executor, tenant and names it binds, within a minute", () => {
+    const token = issueSecretGrant(keysOf("dispatcher"), grant, NOW);
+    expect(refusal(token)).toBe("accepted");
+    expect(refusal(token, { ...covers, names: ["B"] })).toBe("accepted");
+    expect(refusal(token, covers, NOW + 60_000)).toBe("accepted");
+    expect(refusal(token, covers, NOW + 60_001)).toMatch(/PermissionDenied SECRET_GRANT_INVALID: .*expired/);
+  });
+
+  it("refuses a grant for another executor, tenant or name, or from any signer but the dispatcher", () => {
+    const token = issueSecretGrant(keysOf("dispatcher"), grant, NOW);
+    expect(refusal(token, { ...covers, executor: "executor/h2" })).toMatch(/SECRET_GRANT_INVALID: .*another executor/);
+    expect(refusal(token, { ...covers, tenantId: "T2" })).toMatch(/SECRET_GRANT_INVALID: .*another tenant/);
+    expect(refusal(token, { ...covers, names: ["A", "C"] })).toMatch(/SECRET_GRANT_INVALID: .*does not cover secret C/);
+    // An executor (or the gateway) signing its own grant, and a dispatcher key the tenant does not trust.
+    for (const keys of [keysOf("executor"), keysOf("gateway"), keysOf("dispatcher", generateSigningKeySet())]) {
+      expect(refusal(issueSecretGrant(keys, grant, NOW))).toMatch(/SECRET_GRANT_INVALID: .*not signed by the dispatcher/);
+    }
+    // An identity header's payload and signature are not a grant.
+    const headers = signed({ kind: "service", principal: "dispatcher" }, NOW);
+    expect(refusal(`${headers.get(IDENTITY_HEADER)}.${headers.get(IDENTITY_SIGNATURE_HEADER)}`)).toMatch(/SECRET_GRANT_INVALID: .*not a secret grant/);
+  });
+
+  it("answers INVALID_ARGUMENT for a missing grant and PERMISSION_DENIED for garbage", () => {
+    expect(refusal("")).toBe("InvalidArgument FIELD_REQUIRED: grant: is required (Lease.secret_grant of the run)");
+    for (const garbage of ["x", "a.b.c", "...", "e30.AAAA"]) expect(refusal(garbage), garbage).toMatch(/^PermissionDenied SECRET_GRANT_INVALID/);
   });
 });
 

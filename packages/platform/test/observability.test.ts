@@ -22,8 +22,8 @@ import {
 import { GetLogsResponseSchema, LogService, SubscribeLogsResponseSchema } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { silentLogger } from "./helpers.ts";
+import { keysOf } from "../../../test/support/signing.ts";
 
-const SECRET = "observability-test-secret-0123456789";
 
 /** A downstream server that answers the trace id and parent span it saw. */
 let downstream: RunningServer;
@@ -36,7 +36,7 @@ beforeAll(async () => {
     host: "127.0.0.1",
     port: 0,
     logger: silentLogger,
-    internalSecret: SECRET,
+    signingKeys: keysOf("dispatcher"),
     routes(router) {
       router.service(LogService, {
         async getLogs(_req, ctx) {
@@ -49,13 +49,13 @@ beforeAll(async () => {
       });
     },
   });
-  const down = internalClient(LogService, { baseUrl: downstream.url, internalSecret: SECRET, identity: { kind: "service", principal: "obs/1" } });
+  const down = internalClient(LogService, { baseUrl: downstream.url, signingKeys: keysOf("dispatcher"), identity: { kind: "service", principal: "dispatcher/obs" } });
   upstream = await startServer({
     name: "obs-up",
     host: "127.0.0.1",
     port: 0,
     logger: silentLogger,
-    internalSecret: undefined,
+    signingKeys: undefined,
     routes(router) {
       router.service(LogService, {
         async getLogs(req) {
@@ -94,7 +94,7 @@ describe("traces", () => {
   it("keeps the span active inside a server stream", async () => {
     const traceId = "0af7651916cd43dd8448eb211c80319c";
     // The stream's handler body runs after the interceptor returned: the span must still be active there.
-    const internal = internalClient(LogService, { baseUrl: downstream.url, internalSecret: SECRET, identity: { kind: "service", principal: "t/1" } });
+    const internal = internalClient(LogService, { baseUrl: downstream.url, signingKeys: keysOf("tenant"), identity: { kind: "service", principal: "tenant/1" } });
     const texts: string[] = [];
     await withSpan("test-parent", { traceparent: `00-${traceId}-b7ad6b7169203331-01` }, async () => {
       for await (const msg of internal.subscribeLogs({ dispatchId: "s" })) texts.push(...msg.chunks.map((c) => c.text));
@@ -147,7 +147,7 @@ describe("metrics", () => {
       port: 0,
       metricsPort: 0,
       logger: silentLogger,
-      internalSecret: undefined,
+      signingKeys: undefined,
       routes() {},
     });
     try {

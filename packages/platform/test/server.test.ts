@@ -1,11 +1,12 @@
 import net from "node:net";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
-import { errorInfoOf, internalClient, type RunningServer } from "@outpost/platform";
+import { errorInfoOf, generateSigningKeySet, internalClient, signingKeysOf, type RunningServer } from "@outpost/platform";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { SECRET, sleep, startTestServer } from "./helpers.ts";
+import { sleep, startTestServer } from "./helpers.ts";
+import { keysOf } from "../../../test/support/signing.ts";
 import { h2Exchange } from "../../../test/support/h2.ts";
 
 async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
@@ -149,7 +150,7 @@ describe("liveness and readiness", () => {
 describe("caller identity", () => {
   let server: RunningServer;
   beforeAll(async () => {
-    server = await startTestServer({ internalSecret: SECRET });
+    server = await startTestServer({ signingKeys: keysOf("telemetry") });
   });
   afterAll(() => server.close());
 
@@ -161,10 +162,10 @@ describe("caller identity", () => {
     expect(res.status).toBe(401);
   });
 
-  it("refuses an identity signed with another secret", async () => {
+  it("refuses an identity signed with a key it does not trust", async () => {
     const client = internalClient(LogService, {
       baseUrl: server.url,
-      internalSecret: "wrong-secret-0123456789abcdef-0123456",
+      signingKeys: signingKeysOf(generateSigningKeySet(), "dispatcher"),
       identity: { kind: "service", principal: "dispatcher/1" },
     });
     const err = await errorOf(client.getLogs({ dispatchId: "x" }));
@@ -173,7 +174,7 @@ describe("caller identity", () => {
   });
 
   it("accepts a signed call and always allows health", async () => {
-    const client = internalClient(LogService, { baseUrl: server.url, internalSecret: SECRET, identity: { kind: "service", principal: "dispatcher/1" } });
+    const client = internalClient(LogService, { baseUrl: server.url, signingKeys: keysOf("dispatcher"), identity: { kind: "service", principal: "dispatcher/1" } });
     expect((await client.getLogs({ dispatchId: "signed" })).chunks[0]?.text).toBe("signed");
     const health = createClient(Health, createGrpcTransport({ baseUrl: server.url }));
     expect((await health.check({ service: "" })).status).toBe(Status.SERVING);

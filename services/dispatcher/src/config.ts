@@ -3,7 +3,8 @@ import { z } from "zod";
 
 /** Environment settings of the dispatcher, validated at start-up. */
 export const dispatcherConfigShape = {
-  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_SIGNING_KEY: setting.signingKey(),
+  OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_DISPATCHER_HOST: setting.host(),
   OUTPOST_DISPATCHER_PORT: setting.port(7102),
   OUTPOST_DATA_DIR: setting.dataDir(),

@@ -24,6 +24,9 @@ import {
   requireUlid,
   formatTraceparent,
   currentTrace,
+  issueSecretGrant,
+  type Identity,
+  type SigningKeys,
 } from "@outpost/platform";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
 import {
@@ -84,10 +87,15 @@ const REF_FORBIDDEN = /[\x00-\x20\x7f~^:?*[\\]/;
 export interface RouteDeps {
   audit: AuditLog;
   fleet: () => Promise<FleetStatus>;
+  /** Signs the secret grant that comes with a lease (secret-grant.ts). */
+  signingKeys: SigningKeys;
 }
 
 export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, agents: AgentRegistry, deps: RouteDeps): void {
   const { audit } = deps;
+  // A leased run's secrets are released to the executor holding the lease, and only to it.
+  const grantsTo = (executor: Identity) => (d: DispatchRecord) =>
+    d.secretNames.length > 0 ? issueSecretGrant(deps.signingKeys, { dispatchId: d.id, tenantId: d.tenantId, names: d.secretNames, executor: executor.principal }) : "";
   const DS = "outpost.dispatch.v1.DispatchService";
   const AS = "outpost.dispatch.v1.AgentService";
   router.service(DispatchService, {
@@ -233,14 +241,14 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
 
   router.service(LeaseService, {
     async acquireLease(req, ctx) {
-      requireService(ctx, "executor");
+      const executor = requireService(ctx, "executor");
       const executorId = requireNonEmpty("executor_id", req.executorId, 128);
       const waitMs = req.wait ? durationMs(req.wait) : 0;
       if (!(waitMs >= 0)) throw invalidArgument("wait", "must not be negative");
       const capacity = req.capacity ? capacityOf("capacity", req.capacity) : undefined;
       const leased = await dispatcher.acquireLease(executorId, Math.min(waitMs, MAX_LEASE_WAIT_MS), callEndSignal(ctx), capacity);
       if (!leased) return create(AcquireLeaseResponseSchema, {});
-      return create(AcquireLeaseResponseSchema, { lease: leaseToProto(leased.dispatch, leased.agent) });
+      return create(AcquireLeaseResponseSchema, { lease: leaseToProto(leased.dispatch, leased.agent, grantsTo(executor)) });
     },
     async heartbeat(req, ctx) {
       requireService(ctx, "executor");
@@ -270,10 +278,10 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       throwIfCallAborted(ctx);
     },
     async listExecutorLeases(req, ctx) {
-      requireService(ctx, "executor");
+      const executor = requireService(ctx, "executor");
       const executorId = requireNonEmpty("executor_id", req.executorId, 128);
       const leases = await dispatcher.leasesOf(executorId);
-      return create(ListExecutorLeasesResponseSchema, { leases: leases.map((l) => leaseToProto(l.dispatch, l.agent)) });
+      return create(ListExecutorLeasesResponseSchema, { leases: leases.map((l) => leaseToProto(l.dispatch, l.agent, grantsTo(executor))) });
     },
     async reportRunState(req, ctx) {
       requireService(ctx, "executor");
@@ -400,13 +408,15 @@ function validateLabels(field: string, labels: Record<string, string>): Record<s
   return { ...labels };
 }
 
-function leaseToProto(dispatch: DispatchRecord, agent: Agent | undefined) {
+/** `grant` signs the run's secret grant to the calling executor (secret-grant.ts). */
+function leaseToProto(dispatch: DispatchRecord, agent: Agent | undefined, grant: (dispatch: DispatchRecord) => string) {
   return {
     leaseId: dispatch.leaseId,
     expireTime: timestampFromMs(dispatch.leaseExpiresAt ?? 0),
     dispatch: dispatchToProto(dispatch),
     agent,
     traceparent: dispatch.traceparent,
+    secretGrant: grant(dispatch),
   };
 }
 

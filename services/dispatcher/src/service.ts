@@ -1,7 +1,7 @@
 /** Wires the dispatcher: store, registry, core, telemetry client, lease sweeper, server. */
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { connectRedis, gauge, internalClient, startServer, subscriberOf, type Logger } from "@outpost/platform";
+import { connectRedis, gauge, internalClient, SigningKeys, startServer, subscriberOf, type Logger } from "@outpost/platform";
 import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { GrpcTenantAdmission } from "./adapters/tenant-admission.ts";
 import { AgentRegistry, builtinAgents } from "./core/agents.ts";
@@ -26,6 +26,7 @@ const TELEMETRY_CALL_TIMEOUT_MS = 2000;
 const CIRCUIT_RESTORE_RETRY_MS = 5000;
 
 export async function startDispatcher(config: DispatcherConfig, logger: Logger) {
+  const signingKeys = SigningKeys.fromSettings("dispatcher", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS);
   // MongoDB when configured (several replicas in production); the embedded SQLite file otherwise.
   const store: DispatcherStore = config.OUTPOST_MONGO_URL
     ? await MongoDispatchStore.connect(config.OUTPOST_MONGO_URL)
@@ -69,7 +70,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   const audit = new AuditLog(store, logger);
   const telemetry = internalClient(LogIngestService, {
     baseUrl: config.OUTPOST_TELEMETRY_URL,
-    internalSecret: config.OUTPOST_INTERNAL_SECRET,
+    signingKeys,
     identity: { kind: "service", principal: "dispatcher" },
   });
   const runEvents: RunEvents = {
@@ -89,7 +90,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   };
   // Quotas, secrets and suspension are the tenant service's (contract A).
   const admission = config.OUTPOST_TENANT_URL
-    ? new GrpcTenantAdmission({ baseUrl: config.OUTPOST_TENANT_URL, internalSecret: config.OUTPOST_INTERNAL_SECRET })
+    ? new GrpcTenantAdmission({ baseUrl: config.OUTPOST_TENANT_URL, signingKeys })
     : undefined;
   if (!admission) logger.warn("OUTPOST_TENANT_URL is not set: dispatches are admitted without tenant quotas or secret checks");
   const dispatcher = new Dispatcher({
@@ -127,8 +128,8 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     host: config.OUTPOST_DISPATCHER_HOST,
     port: config.OUTPOST_DISPATCHER_PORT,
     logger,
-    internalSecret: config.OUTPOST_INTERNAL_SECRET,
-    routes: (router) => registerRoutes(router, dispatcher, agents, { audit, fleet }),
+    signingKeys,
+    routes: (router) => registerRoutes(router, dispatcher, agents, { audit, fleet, signingKeys }),
     readiness: async () => {
       await store.get("0"); // the store answers
       return null;

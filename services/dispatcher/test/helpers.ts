@@ -2,6 +2,7 @@
 import type { DescService } from "@bufbuild/protobuf";
 import type { Identity } from "@outpost/platform";
 import { expectError, signedRouterClient } from "../../../test/support/rpc.ts";
+import { keysOf } from "../../../test/support/signing.ts";
 import { AgentRegistry } from "../src/core/agents.ts";
 import type { Dispatcher } from "../src/core/dispatcher.ts";
 import { registerRoutes, type RouteDeps } from "../src/routes.ts";
@@ -14,10 +15,9 @@ export function defaultRouteDeps(): RouteDeps {
   return {
     audit: new AuditLog(new SqliteDispatchStore(":memory:"), createLogger("dispatcher-test", "silent")),
     fleet: () => Promise.reject(new Error("fleet status is not part of this test")),
+    signingKeys: keysOf("dispatcher"),
   };
 }
-
-export const TEST_SECRET = "dispatcher-test-secret-0123456789abcdef";
 
 export const ADMIN: Identity = { kind: "admin", principal: "admin" };
 export const EXECUTOR: Identity = { kind: "service", principal: "executor/host-1" };
@@ -35,7 +35,7 @@ export function clientFor<T extends DescService>(
   identity: Identity,
   deps: RouteDeps = defaultRouteDeps(),
 ) {
-  return signedRouterClient(service, (router) => registerRoutes(router, dispatcher, agents, deps), identity, TEST_SECRET);
+  return signedRouterClient(service, (router) => registerRoutes(router, dispatcher, agents, deps), identity);
 }
 
 export { expectError };

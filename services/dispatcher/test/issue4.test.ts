@@ -25,6 +25,7 @@ import { AgentCircuits, InfraRetry } from "../src/core/resilience.ts";
 import type { RouteDeps } from "../src/routes.ts";
 import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
 import { ADMIN, EXECUTOR, clientFor, expectError, tenantIdentity } from "./helpers.ts";
+import { keysOf } from "../../../test/support/signing.ts";
 
 const A = "tenant-a";
 const B = "tenant-b";
@@ -85,6 +86,7 @@ function setup(options: { circuitMs?: number; retry?: InfraRetry } = {}) {
   deps = {
     audit: new AuditLog(store, logger),
     fleet: () => fleetStatus({ store, agents, circuits, logger, executorStaleMs: 30_000 }),
+    signingKeys: keysOf("dispatcher"),
   };
 }
 

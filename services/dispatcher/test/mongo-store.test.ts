@@ -12,6 +12,7 @@ import { dispatcherConfigShape } from "../src/config.ts";
 import { startDispatcher } from "../src/service.ts";
 import { fromDoc, listQuery, MongoDispatchStore, toDoc } from "../src/store/mongo-store.ts";
 import { dispatchFixture, dispatchStoreConformance, dispatcherStoreExtrasConformance } from "./store-conformance.ts";
+import { signingEnv } from "../../../test/support/signing.ts";
 
 describe("MongoDispatchStore without a server", () => {
   it("stores each label as a key=value pair too, and filters on those (dotted keys are not paths)", () => {
@@ -31,7 +32,7 @@ describe("MongoDispatchStore without a server", () => {
   });
 
   it("selects MongoDB when OUTPOST_MONGO_URL is set: start-up fails on a dead server instead of using SQLite", async () => {
-    const base = { OUTPOST_INTERNAL_SECRET: "x".repeat(32), OUTPOST_DISPATCHER_PORT: "0", OUTPOST_DATA_DIR: ":memory:", OUTPOST_TELEMETRY_URL: "http://127.0.0.1:1" };
+    const base = { ...signingEnv("dispatcher"), OUTPOST_DISPATCHER_PORT: "0", OUTPOST_DATA_DIR: ":memory:", OUTPOST_TELEMETRY_URL: "http://127.0.0.1:1" };
     const logger = createLogger("dispatcher-test", "silent");
     await expect(startDispatcher(loadConfig(dispatcherConfigShape, { ...base, OUTPOST_MONGO_URL: "mongodb://127.0.0.1:1/outpost" }), logger)).rejects.toThrow(/127\.0\.0\.1:1/);
     const running = await startDispatcher(loadConfig(dispatcherConfigShape, base), logger);

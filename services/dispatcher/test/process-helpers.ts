@@ -3,16 +3,16 @@ import { spawn, type ChildProcess } from "node:child_process";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { freePort } from "../../../scripts/lib/ports.ts";
+import { signingEnv } from "../../../test/support/signing.ts";
 
 export { freePort };
 
 const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../src/main.ts");
-export const SECRET = "dispatcher-boundary-secret-0123456789abcdef";
 
 export type Proc = { child: ChildProcess; output: () => string; exited: Promise<number | null> };
 
 export function startProcess(env: Record<string, string>): Proc {
-  const { OUTPOST_INTERNAL_SECRET: _a, OUTPOST_TELEMETRY_URL: _b, ...inherited } = process.env;
+  const { OUTPOST_SIGNING_KEY: _a, OUTPOST_TRUSTED_SIGNERS: _c, OUTPOST_TELEMETRY_URL: _b, ...inherited } = process.env;
   const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", MAIN], {
     env: { ...inherited, ...env },
     stdio: ["ignore", "pipe", "pipe"],
@@ -46,7 +46,7 @@ export async function startDispatcherProcess(dataDir: string, extra: Record<stri
   const telemetryPort = await freePort(); // nothing listens there
   const baseUrl = `http://127.0.0.1:${port}`;
   const proc = startProcess({
-    OUTPOST_INTERNAL_SECRET: SECRET,
+    ...signingEnv("dispatcher"),
     OUTPOST_DISPATCHER_HOST: "127.0.0.1",
     OUTPOST_DISPATCHER_PORT: String(port),
     OUTPOST_DATA_DIR: dataDir,

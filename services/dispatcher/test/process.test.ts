@@ -14,7 +14,8 @@ import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_p
 import { FleetService } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
 import { ADMIN, EXECUTOR, tenantIdentity } from "./helpers.ts";
 
-import { SECRET, freePort, startDispatcherProcess, startProcess, stop, type Proc } from "./process-helpers.ts";
+import { freePort, startDispatcherProcess, startProcess, stop, type Proc } from "./process-helpers.ts";
+import { signerFor, signingEnv } from "../../../test/support/signing.ts";
 const TENANT = "01JTENANTAAAAAAAAAAAAAAAAA";
 
 describe("dispatcher process", () => {
@@ -33,8 +34,8 @@ describe("dispatcher process", () => {
   });
 
   it("runs a dispatch end to end over gRPC with telemetry down", async () => {
-    const tenant = internalClient(DispatchService, { baseUrl, internalSecret: SECRET, identity: tenantIdentity(TENANT) });
-    const executor = internalClient(LeaseService, { baseUrl, internalSecret: SECRET, identity: EXECUTOR });
+    const tenant = internalClient(DispatchService, { baseUrl, signingKeys: signerFor(tenantIdentity(TENANT)), identity: tenantIdentity(TENANT) });
+    const executor = internalClient(LeaseService, { baseUrl, signingKeys: signerFor(EXECUTOR), identity: EXECUTOR });
 
     const created = (await tenant.createDispatch({ agent: "demo", task: "exit=3", requestId: "proc-1" })).dispatch!;
     expect(created.state).toBe(Dispatch_State.QUEUED);
@@ -78,7 +79,7 @@ describe("dispatcher process lifecycle", () => {
     const dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-cfg-"));
     try {
       const proc = startProcess({
-        OUTPOST_INTERNAL_SECRET: SECRET,
+        ...signingEnv("dispatcher"),
         OUTPOST_DISPATCHER_PORT: String(await freePort()),
         OUTPOST_DATA_DIR: dataDir,
       });
@@ -90,7 +91,7 @@ describe("dispatcher process lifecycle", () => {
   });
 
   it("exits 78 naming OUTPOST_LOG_LEVEL when the level is not one pino knows", async () => {
-    const proc = startProcess({ OUTPOST_INTERNAL_SECRET: SECRET, OUTPOST_LOG_LEVEL: "loud" });
+    const proc = startProcess({ ...signingEnv("dispatcher"), OUTPOST_LOG_LEVEL: "loud" });
     expect(await proc.exited).toBe(78);
     expect(proc.output()).toContain("OUTPOST_LOG_LEVEL");
     expect(proc.output()).toContain("loud");
@@ -102,7 +103,7 @@ describe("dispatcher process lifecycle", () => {
     try {
       const started = await startDispatcherProcess(dataDir, { OUTPOST_REDIS_URL: `redis://127.0.0.1:${await freePort()}` });
       proc = started.proc;
-      const fleet = internalClient(FleetService, { baseUrl: started.baseUrl, internalSecret: SECRET, identity: ADMIN });
+      const fleet = internalClient(FleetService, { baseUrl: started.baseUrl, signingKeys: signerFor(ADMIN), identity: ADMIN });
       const status = await fleet.getFleetStatus({});
       expect(status.degraded.some((d) => d.startsWith("redis: unreachable"))).toBe(true);
       expect(status.agents.map((a) => a.agent)).toContain("demo");
@@ -118,7 +119,7 @@ describe("dispatcher process lifecycle", () => {
     try {
       const started = await startDispatcherProcess(dataDir);
       proc = started.proc;
-      const executor = internalClient(LeaseService, { baseUrl: started.baseUrl, internalSecret: SECRET, identity: EXECUTOR });
+      const executor = internalClient(LeaseService, { baseUrl: started.baseUrl, signingKeys: signerFor(EXECUTOR), identity: EXECUTOR });
       const t0 = Date.now();
       const polling = executor.acquireLease({ executorId: "host-1", wait: durationFromMs(25_000) });
       await new Promise((r) => setTimeout(r, 500));

@@ -19,8 +19,9 @@ import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_p
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { EXECUTOR, tenantIdentity } from "./helpers.ts";
-import { SECRET, startDispatcherProcess, stop, type Proc } from "./process-helpers.ts";
+import { startDispatcherProcess, stop, type Proc } from "./process-helpers.ts";
 import { startCuttableRedis, type CuttableRedis } from "../../../test/support/cuttable-redis.ts";
+import { signerFor } from "../../../test/support/signing.ts";
 
 describe("two dispatcher replicas on one store and one Redis", () => {
   let dataDir: string;
@@ -51,8 +52,8 @@ describe("two dispatcher replicas on one store and one Redis", () => {
 
   const TENANTS = ["01JTENANTAAAAAAAAAAAAAAAAA", "01JTENANTBBBBBBBBBBBBBBBBB"] as const;
   const tenant = (i: number, t: string = TENANTS[0]) =>
-    internalClient(DispatchService, { baseUrl: urls[i]!, internalSecret: SECRET, identity: tenantIdentity(t) });
-  const executor = (i: number) => internalClient(LeaseService, { baseUrl: urls[i]!, internalSecret: SECRET, identity: EXECUTOR });
+    internalClient(DispatchService, { baseUrl: urls[i]!, signingKeys: signerFor(tenantIdentity(t)), identity: tenantIdentity(t) });
+  const executor = (i: number) => internalClient(LeaseService, { baseUrl: urls[i]!, signingKeys: signerFor(EXECUTOR), identity: EXECUTOR });
 
   /** Leases runs on replica 1 until one of `ids` (not `skip`), and reports it failed by the agent. */
   const failOne = async (ids: Set<string>, skip?: string) => {

@@ -1,8 +1,8 @@
 /** The handlers in-process: real routes behind the platform's identity check, no ports. */
 import { beforeEach, describe, expect, it } from "vitest";
-import { Code, createClient, createRouterTransport } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { createLogger, errorInfoOf, identityInterceptor, type Identity } from "@outpost/platform";
+import { checkSecretGrant, createLogger, errorInfoOf, identityInterceptor, type Identity } from "@outpost/platform";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
 import { Dispatch_State, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService, type CreateDispatchRequest } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
@@ -15,7 +15,8 @@ import { Dispatcher, type RunEvents } from "../src/core/dispatcher.ts";
 import { Notifier } from "../src/core/notifier.ts";
 import { registerRoutes } from "../src/routes.ts";
 import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
-import { ADMIN, EXECUTOR, GATEWAY, TEST_SECRET, clientFor, defaultRouteDeps, expectError, tenantIdentity } from "./helpers.ts";
+import { ADMIN, EXECUTOR, GATEWAY, clientFor, defaultRouteDeps, expectError, tenantIdentity } from "./helpers.ts";
+import { keysOf } from "../../../test/support/signing.ts";
 
 const TENANT = "01JTENANTAAAAAAAAAAAAAAAAA";
 const OTHER = "01JTENANTBBBBBBBBBBBBBBBBB";
@@ -86,11 +87,39 @@ describe("identity", () => {
     expect(got.lease?.dispatch?.state).toBe(Dispatch_State.STARTING);
   });
 
+  it("a lease of a run that names secrets carries the dispatcher's grant of them to the executor that took it", async () => {
+    const withSecrets = await dispatches().createDispatch({ ...ok, secretNames: ["GH_TOKEN", "NPM_TOKEN"] });
+    const { lease } = await leases().acquireLease({ executorId: "host-1" });
+    expect(lease?.dispatch?.id).toBe(withSecrets.dispatch!.id);
+    // What the tenant service checks (secret-grant.ts), with its own keys.
+    const tenantKeys = keysOf("tenant");
+    const grant = lease!.secretGrant;
+    const covers = { tenantId: TENANT, names: ["GH_TOKEN", "NPM_TOKEN"], executor: EXECUTOR.principal };
+    expect(() => checkSecretGrant(tenantKeys, grant, covers)).not.toThrow();
+    const refusal = (request: typeof covers) => {
+      try {
+        checkSecretGrant(tenantKeys, grant, request);
+      } catch (err) {
+        return errorInfoOf(err as ConnectError)?.reason;
+      }
+      return "accepted";
+    };
+    expect(refusal({ ...covers, executor: "executor/host-2" })).toBe("SECRET_GRANT_INVALID");
+    expect(refusal({ ...covers, tenantId: OTHER })).toBe("SECRET_GRANT_INVALID");
+    expect(refusal({ ...covers, names: ["GH_TOKEN", "AWS_KEY"] })).toBe("SECRET_GRANT_INVALID");
+    // A restarted executor listing its leases gets a fresh grant too (to redact a re-adopted run).
+    const listed = await leases().listExecutorLeases({ executorId: "host-1" });
+    expect(() => checkSecretGrant(tenantKeys, listed.leases[0]!.secretGrant, covers)).not.toThrow();
+    // A run without secrets gets no grant.
+    await dispatches().createDispatch(ok);
+    expect((await leases().acquireLease({ executorId: "host-1" })).lease?.secretGrant).toBe("");
+  });
+
   it("a call without a signed identity is UNAUTHENTICATED; another tenant's dispatch is NOT_FOUND", async () => {
     const unsigned = createClient(
       DispatchService,
       createRouterTransport((router) => registerRoutes(router, dispatcher, agents, defaultRouteDeps()), {
-        router: { interceptors: [identityInterceptor(TEST_SECRET)] },
+        router: { interceptors: [identityInterceptor(keysOf("dispatcher"))] },
       }),
     );
     await expectError(unsigned.createDispatch(ok), Code.Unauthenticated, "IDENTITY_MISSING");

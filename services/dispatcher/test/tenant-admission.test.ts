@@ -11,14 +11,14 @@ import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
 import { startTenant, type RunningTenant } from "../../tenant/src/service.ts";
 import { GrpcTenantAdmission } from "../src/adapters/tenant-admission.ts";
+import { keysOf, signerFor, signingEnv } from "../../../test/support/signing.ts";
 
-const SECRET = "admission-adapter-secret-0123456789abcdef";
 let tenantService: RunningTenant;
 
 beforeAll(async () => {
   tenantService = await startTenant(
     {
-      OUTPOST_INTERNAL_SECRET: SECRET,
+      ...signingEnv("tenant"),
       OUTPOST_TENANT_HOST: "127.0.0.1",
       OUTPOST_TENANT_PORT: 0,
       OUTPOST_DATA_DIR: ":memory:",
@@ -32,7 +32,7 @@ afterAll(async () => {
   await tenantService?.close();
 });
 
-const admin = () => internalClient(TenantService, { baseUrl: tenantService.url, internalSecret: SECRET, identity: { kind: "admin", principal: "admin" } });
+const admin = () => internalClient(TenantService, { baseUrl: tenantService.url, signingKeys: signerFor({ kind: "admin", principal: "admin" }), identity: { kind: "admin", principal: "admin" } });
 
 async function failure(p: Promise<unknown>): Promise<ConnectError> {
   return p.then(
@@ -46,7 +46,7 @@ async function failure(p: Promise<unknown>): Promise<ConnectError> {
 describe("GrpcTenantAdmission", () => {
   it("admits up to the tier's concurrent limit, answers its max timeout, and release frees a slot", async () => {
     const { tenant } = await admin().createTenant({ name: "A", contactEmail: "a@a.test", tier: Tier.FREE }); // default free: 2 concurrent, 600 s
-    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, internalSecret: SECRET });
+    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, signingKeys: keysOf("dispatcher") });
     const first = ulid();
     expect(await adapter.admit(tenant!.id, first, [], 30_000)).toEqual({ maxTimeoutMs: 600_000, logRetentionMs: 7 * 86_400_000, resourceCaps: { cpuMillis: 1000, memoryBytes: 1024 ** 3, pidsLimit: 256 } });
     await adapter.admit(tenant!.id, ulid(), [], undefined);
@@ -60,7 +60,7 @@ describe("GrpcTenantAdmission", () => {
 
   it("passes SECRET_NOT_FOUND and TENANT_SUSPENDED through unchanged", async () => {
     const { tenant } = await admin().createTenant({ name: "B", contactEmail: "b@b.test" });
-    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, internalSecret: SECRET });
+    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, signingKeys: keysOf("dispatcher") });
     const missing = await failure(adapter.admit(tenant!.id, ulid(), ["NOPE"], undefined));
     expect(missing.code).toBe(Code.NotFound);
     expect(errorInfoOf(missing)?.metadata.secret).toBe("NOPE");
@@ -72,7 +72,7 @@ describe("GrpcTenantAdmission", () => {
 
   it("caches the suspended-tenant list for its age, then asks again", async () => {
     let now = 1_000_000;
-    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, internalSecret: SECRET, suspendedCacheMs: 3000, now: () => now });
+    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, signingKeys: keysOf("dispatcher"), suspendedCacheMs: 3000, now: () => now });
     const { tenant } = await admin().createTenant({ name: "C", contactEmail: "c@c.test" });
     const before = await adapter.suspendedTenants();
     expect(before.has(tenant!.id)).toBe(false);
@@ -84,7 +84,7 @@ describe("GrpcTenantAdmission", () => {
   });
 
   it("an unreachable tenant service is UNAVAILABLE for admission, and a failure for the suspended list", async () => {
-    const adapter = new GrpcTenantAdmission({ baseUrl: "http://127.0.0.1:1", internalSecret: SECRET, callTimeoutMs: 2000 });
+    const adapter = new GrpcTenantAdmission({ baseUrl: "http://127.0.0.1:1", signingKeys: keysOf("dispatcher"), callTimeoutMs: 2000 });
     const err = await failure(adapter.admit(ulid(), ulid(), [], undefined));
     expect(err.code).toBe(Code.Unavailable);
     expect(errorInfoOf(err)?.reason).toBe("TENANT_SERVICE_UNAVAILABLE");

@@ -4,7 +4,8 @@ import { z } from "zod";
 import { loadConfig, setting } from "@outpost/platform";
 
 export const executorConfigShape = {
-  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_SIGNING_KEY: setting.signingKey(),
+  OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_EXECUTOR_HOST: setting.host(),
   OUTPOST_EXECUTOR_PORT: setting.port(7103),
   /** Names this executor to the dispatcher and in container labels; `<hostname>-<pid>` by default. */
@@ -27,6 +28,15 @@ export const executorConfigShape = {
   OUTPOST_EXECUTOR_REPO_SCHEMES: z.string().default("https,http,ssh,git"),
   /** Longest repository checkout. */
   OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS: setting.durationMs(300_000),
+  /** Disk a run's workspace may take on the host, in bytes (10 GiB; 0: no quota); see docs/executor.md. */
+  OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES: z
+    .string()
+    .regex(/^\d+$/, "must be a whole number of bytes (0: no quota)")
+    .default(String(10 * 1024 ** 3))
+    .transform(Number)
+    .refine(Number.isSafeInteger, "is too large"),
+  /** Shortest pause between two measurements of a running workspace (longer when measuring takes long). */
+  OUTPOST_EXECUTOR_WORKSPACE_CHECK_MS: setting.durationMs(2000),
   /** Engine address (unix:// or tcp://); the local socket when unset. */
   DOCKER_HOST: z.string().min(1).optional(),
   OUTPOST_DOCKER_SOCKET: z.string().min(1).default("/var/run/docker.sock"),

@@ -4,7 +4,7 @@
  * readiness is the engine's ping.
  */
 import path from "node:path";
-import { gauge, startServer, type Logger } from "@outpost/platform";
+import { gauge, SigningKeys, startServer, type Logger } from "@outpost/platform";
 import { createDockerRuntime } from "./adapters/docker-runtime.ts";
 import { createHostWorkspaces } from "./adapters/host-workspaces.ts";
 import { createLeaseClient } from "./adapters/lease-client.ts";
@@ -20,6 +20,7 @@ const list = (text: string) => text.split(",").map((s) => s.trim()).filter(Boole
 
 export async function startExecutor(config: ExecutorConfig, logger: Logger) {
   const executorId = config.OUTPOST_EXECUTOR_ID;
+  const signingKeys = SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS);
   const runtime = createDockerRuntime({ dockerHost: config.DOCKER_HOST, socketPath: config.OUTPOST_DOCKER_SOCKET });
   // Per executor id, so executors sharing a data directory never touch each other's runs.
   const workspaces = createHostWorkspaces({
@@ -39,22 +40,26 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     warmPool,
     leases: createLeaseClient({
       dispatcherUrl: config.OUTPOST_DISPATCHER_URL,
-      internalSecret: config.OUTPOST_INTERNAL_SECRET,
+      signingKeys,
       executorId,
     }),
     logs: createTelemetryLogSink({
       telemetryUrl: config.OUTPOST_TELEMETRY_URL,
-      internalSecret: config.OUTPOST_INTERNAL_SECRET,
+      signingKeys,
       executorId,
     }),
     secrets: config.OUTPOST_TENANT_URL
-      ? createSecretResolver({ tenantUrl: config.OUTPOST_TENANT_URL, internalSecret: config.OUTPOST_INTERNAL_SECRET, executorId })
+      ? createSecretResolver({ tenantUrl: config.OUTPOST_TENANT_URL, signingKeys, executorId })
       : undefined,
     logger,
     stopGraceMs: config.OUTPOST_STOP_GRACE_MS,
     leaseWaitMs: config.OUTPOST_EXECUTOR_LEASE_WAIT_MS,
     images: list(config.OUTPOST_EXECUTOR_IMAGES),
     pullImages: config.OUTPOST_EXECUTOR_PULL_IMAGES,
+    workspaceQuota:
+      config.OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES > 0
+        ? { limitBytes: config.OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES, checkIntervalMs: config.OUTPOST_EXECUTOR_WORKSPACE_CHECK_MS }
+        : undefined,
   });
   // Read at scrape time (SPEC L4): running containers, free slots, warm containers.
   gauge("outpost_executor_running_containers", "Runs (containers) in progress on this executor.", [], (g) => g.set(executor.busySlots));
@@ -66,7 +71,7 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     port: config.OUTPOST_EXECUTOR_PORT,
     logger,
     routes: executorRoutes(),
-    internalSecret: config.OUTPOST_INTERNAL_SECRET,
+    signingKeys,
     readiness: () => executor.notReadyReason(),
   });
   void executor.start();

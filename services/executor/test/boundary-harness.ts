@@ -10,7 +10,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { callEndSignal, failedPrecondition, notFound, startServer, unimplemented, type RunningServer } from "@outpost/platform";
+import { callEndSignal, callerOf, checkSecretGrant, failedPrecondition, issueSecretGrant, notFound, startServer, unimplemented, type RunningServer } from "@outpost/platform";
 import { Dispatch_State, NetworkPolicy, type Agent } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import {
   LeaseSchema,
@@ -25,10 +25,10 @@ import type { LogChunk } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import { ulid } from "ulid";
 import { silentLogger } from "./fakes.ts";
+import { keysOf, signingEnv } from "../../../test/support/signing.ts";
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const IMAGE = "outpost/demo-agent:latest";
-export const SECRET = "boundary-test-secret-0123456789abcdef";
 export const LEASE_TTL_MS = 3000;
 export const TERMINAL = new Set([Dispatch_State.SUCCEEDED, Dispatch_State.FAILED, Dispatch_State.TIMED_OUT, Dispatch_State.CANCELLED]);
 
@@ -98,6 +98,11 @@ export class StubDispatcher {
         }
         const lease = this.queue.shift();
         if (lease) lease.expireTime = timestampFromDate(new Date(Date.now() + LEASE_TTL_MS));
+        // As the real dispatcher does: the run's secrets granted to the executor that took it.
+        const { id: dispatchId = "", tenantId = "", secretNames: names = [] } = lease?.dispatch ?? {};
+        if (lease && names.length > 0) {
+          lease.secretGrant = issueSecretGrant(keysOf("dispatcher"), { dispatchId, tenantId, names, executor: callerOf(ctx).principal });
+        }
         return { lease };
       },
       heartbeat: async (req) => {
@@ -185,7 +190,9 @@ export class StubTenant {
   readonly callers: string[] = [];
   routes = (router: Router) => {
     router.service(TenantInternalService, {
-      resolveSecrets: async (req) => {
+      resolveSecrets: async (req, ctx) => {
+        // The tenant service's own check of the grant the executor passes on.
+        checkSecretGrant(keysOf("tenant"), req.grant, { tenantId: req.tenantId, names: req.names, executor: callerOf(ctx).principal });
         const known = this.secrets.get(req.tenantId) ?? {};
         const missing = req.names.find((n) => known[n] === undefined);
         if (missing) throw notFound("secret", missing);
@@ -196,7 +203,7 @@ export class StubTenant {
 }
 
 export async function startStub(name: string, routes: (router: Router) => void): Promise<RunningServer> {
-  return startServer({ name, host: "127.0.0.1", port: 0, logger: silentLogger, routes, internalSecret: SECRET });
+  return startServer({ name, host: "127.0.0.1", port: 0, logger: silentLogger, routes, signingKeys: keysOf("executor") });
 }
 
 export interface LeaseOptions {
@@ -267,7 +274,7 @@ export function spawnExecutor(env: Record<string, string>, dataDir = fs.mkdtempS
     cwd: ROOT,
     env: {
       ...process.env,
-      OUTPOST_INTERNAL_SECRET: SECRET,
+      ...signingEnv("executor"),
       OUTPOST_EXECUTOR_PORT: "0",
       OUTPOST_EXECUTOR_SLOTS: "2",
       OUTPOST_STOP_GRACE_MS: "3000",

@@ -190,6 +190,9 @@ export class FakeWorkspaces implements Workspaces {
   readonly checkouts: Array<{ url: string; ref: string }> = [];
   checkoutError: Error | undefined;
   readonly startFiles: string[] = [];
+  /** What `diskUsage` answers, one measurement after the other (the last one repeats); 0 when empty. */
+  usage: Array<number | Error> = [];
+  readonly measurements: number[] = [];
   filesOf(name: string): RunFiles {
     return { root: `/runs/${name}`, workspace: `/runs/${name}/workspace`, control: `/runs/${name}/control` };
   }
@@ -217,6 +220,12 @@ export class FakeWorkspaces implements Workspaces {
   }
   async listRuns() {
     return [];
+  }
+  async diskUsage(_files: RunFiles, stopAboveBytes: number) {
+    this.measurements.push(stopAboveBytes);
+    const next = (this.usage.length > 1 ? this.usage.shift() : this.usage[0]) ?? 0;
+    if (next instanceof Error) throw next;
+    return next;
   }
 }
 

@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createHostWorkspaces } from "../src/adapters/host-workspaces.ts";
 import { CheckoutError } from "../src/core/ports.ts";
 import { git, makeTwoCommitRepo } from "./git-fixture.ts";
+import { signingEnv } from "../../../test/support/signing.ts";
 
 let base: string;
 let repoUrl: string;
@@ -73,7 +74,7 @@ describe("git's environment", () => {
     Object.assign(process.env, {
       HOME: operatorHome,
       PATH: `${bin}:${process.env.PATH}`,
-      OUTPOST_INTERNAL_SECRET: "internal-secret-of-the-executor-0123456789",
+      ...signingEnv("executor"),
       OUTPOST_ADMIN_TOKEN: "admin-token-of-the-executor",
       SSH_AUTH_SOCK: path.join(base, "agent.sock"),
     });
@@ -87,7 +88,7 @@ describe("git's environment", () => {
     await expect(ws.checkout(overSsh, "ssh://git.example.invalid/acme/repo.git", "")).rejects.toBeInstanceOf(CheckoutError);
     const saw = fs.readFileSync(dump, "utf8");
     expect(saw).not.toMatch(/^(OUTPOST_|SSH_AUTH_SOCK=)/m);
-    expect(saw).not.toContain("internal-secret-of-the-executor");
+    expect(saw).not.toContain(signingEnv("executor").OUTPOST_SIGNING_KEY);
     expect(saw).not.toContain(operatorHome);
     expect(saw).toMatch(/^ARGS -F \/dev\/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=\/dev\/null -o IdentityAgent=none /m);
     expect(saw).toMatch(/^GIT_CONFIG_NOSYSTEM=1$/m);

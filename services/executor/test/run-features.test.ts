@@ -23,6 +23,7 @@ function lease(extra: { secretNames?: string[]; schema?: string; repo?: { url: s
       secretNames: extra.secretNames ?? [],
       ...(extra.repo ? { repo: extra.repo } : {}),
     },
+    secretGrant: extra.secretNames ? "grant-of-the-lease" : "",
     agent: { name: "demo", image: "outpost/demo-agent:latest", networkPolicy: NetworkPolicy.NONE, outputSchema: extra.schema ?? "" },
   });
 }
@@ -37,12 +38,15 @@ function setup() {
   return { runtime, leases, sink, workspaces, deps };
 }
 
-const resolver = (values: Record<string, string> | Error): SecretResolver & { calls: string[][] } => {
+const resolver = (values: Record<string, string> | Error): SecretResolver & { calls: string[][]; grants: string[] } => {
   const calls: string[][] = [];
+  const grants: string[] = [];
   return {
     calls,
-    async resolve(_tenant, names) {
+    grants,
+    async resolve(_tenant, names, grant) {
       calls.push(names);
+      grants.push(grant);
       if (values instanceof Error) throw values;
       return Object.fromEntries(names.map((n) => [n, values[n]!]));
     },
@@ -56,6 +60,8 @@ describe("secrets", () => {
     const secrets = resolver({ API_TOKEN: "tok-4242-xyz", DB_PASS: "passw0rd!" });
     await executeRun(lease({ secretNames: ["API_TOKEN", "DB_PASS"] }), { ...deps, secrets });
     expect(secrets.calls).toEqual([["API_TOKEN", "DB_PASS"]]);
+    // With the lease's grant, which the tenant service checks.
+    expect(secrets.grants).toEqual(["grant-of-the-lease"]);
     expect(runtime.created[0]!.env).toMatchObject({ API_TOKEN: "tok-4242-xyz", DB_PASS: "passw0rd!" });
     expect(sink.allSent.map((l) => l.text)).toEqual(["token is [REDACTED:API_TOKEN]", "and the other: [REDACTED:DB_PASS]"]);
   });

@@ -4,7 +4,8 @@ import { z } from "zod";
 import { DEFAULT_RETENTION_MS } from "./core/model.ts";
 
 export const telemetryConfigShape = {
-  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_SIGNING_KEY: setting.signingKey(),
+  OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_TELEMETRY_HOST: setting.host(),
   OUTPOST_TELEMETRY_PORT: setting.port(7104),
   /** Directory of telemetry.db, or ":memory:". */

@@ -1,5 +1,5 @@
 /** Wires the telemetry service: store, live feed (Redis or in-process), core, metrics, retention sweep, server. */
-import { connectRedis, counter, gauge, startServer, type Logger, type Redis } from "@outpost/platform";
+import { connectRedis, counter, gauge, SigningKeys, startServer, type Logger, type Redis } from "@outpost/platform";
 import { RedisLiveFeed } from "./adapters/redis-live-feed.ts";
 import type { TelemetryConfig } from "./config.ts";
 import { InProcessLiveFeed, type LiveFeed } from "./core/live-feed.ts";
@@ -78,7 +78,7 @@ export async function startTelemetry(config: TelemetryConfig, logger: Logger, de
       port: config.OUTPOST_TELEMETRY_PORT,
       logger,
       routes: telemetryRoutes(core),
-      internalSecret: config.OUTPOST_INTERNAL_SECRET,
+      signingKeys: SigningKeys.fromSettings("telemetry", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS),
     });
   } catch (err) {
     await feed.close();

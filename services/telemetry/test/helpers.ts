@@ -10,11 +10,11 @@ import {
 } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { LogChunkSchema, LogStream, RunEndSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { LogService, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { signerFor } from "../../../test/support/signing.ts";
 
-export const SECRET = "test-internal-secret-0123456789abcdef";
 
 export function clientsFor(baseUrl: string) {
-  const as = (identity: Identity) => ({ baseUrl, internalSecret: SECRET, identity });
+  const as = (identity: Identity) => ({ baseUrl, signingKeys: signerFor(identity), identity });
   return {
     executor: internalClient(LogIngestService, as({ kind: "service", principal: "executor/host-1" })),
     dispatcher: internalClient(LogIngestService, as({ kind: "service", principal: "dispatcher/1" })),

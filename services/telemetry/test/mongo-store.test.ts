@@ -27,8 +27,9 @@ import {
   type ChunkDoc,
   type RunDoc,
 } from "../src/store/mongo-store.ts";
-import { SECRET, range } from "./helpers.ts";
+import { range } from "./helpers.ts";
 import { telemetryStoreConformance } from "./store-conformance.ts";
+import { signingEnv } from "../../../test/support/signing.ts";
 
 const url = process.env.OUTPOST_TEST_MONGO_URL;
 
@@ -225,7 +226,7 @@ describe("MongoTelemetryStore helpers (no server needed)", () => {
   }, 20_000);
 
   it("selects MongoDB when OUTPOST_MONGO_URL is set: start-up fails on a dead server instead of using SQLite", async () => {
-    const base = { OUTPOST_INTERNAL_SECRET: SECRET, OUTPOST_TELEMETRY_PORT: "0", OUTPOST_DATA_DIR: ":memory:" };
+    const base = { ...signingEnv("telemetry"), OUTPOST_TELEMETRY_PORT: "0", OUTPOST_DATA_DIR: ":memory:" };
     const logger = createLogger("telemetry-test", "silent");
     await expect(startTelemetry(loadTelemetryConfig({ ...base, OUTPOST_MONGO_URL: "mongodb://127.0.0.1:1/outpost" }), logger)).rejects.toThrow(
       /127\.0\.0\.1:1/,

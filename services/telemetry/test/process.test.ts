@@ -10,8 +10,9 @@ import { fileURLToPath } from "node:url";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { ulid } from "ulid";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { batch, clientsFor, collect, ingest, range, runEnd, SECRET, sleep } from "./helpers.ts";
+import { batch, clientsFor, collect, ingest, range, runEnd, sleep } from "./helpers.ts";
 import { freePort } from "../../../scripts/lib/ports.ts";
+import { signingEnv } from "../../../test/support/signing.ts";
 
 const MAIN = fileURLToPath(new URL("../src/main.ts", import.meta.url));
 
@@ -42,7 +43,7 @@ describe("telemetry process", () => {
     child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", MAIN], {
       env: {
         ...process.env,
-        OUTPOST_INTERNAL_SECRET: SECRET,
+        ...signingEnv("telemetry"),
         OUTPOST_TELEMETRY_HOST: "127.0.0.1",
         OUTPOST_TELEMETRY_PORT: String(port),
         OUTPOST_DATA_DIR: dataDir,
@@ -77,12 +78,12 @@ describe("telemetry process", () => {
     expect(page.chunks.map((ch) => ch.text)).toEqual(["line 119", "line 120"]);
   });
 
-  it("refuses a call whose identity is not signed with the shared secret", async () => {
-    const { internalClient } = await import("@outpost/platform");
+  it("refuses a call whose identity is not signed with a trusted key", async () => {
+    const { generateSigningKeySet, internalClient, signingKeysOf } = await import("@outpost/platform");
     const { LogService } = await import("@outpost/proto/outpost/telemetry/v1/log_service_pb.js");
     const forged = internalClient(LogService, {
       baseUrl,
-      internalSecret: "another-secret-that-is-long-enough-000000",
+      signingKeys: signingKeysOf(generateSigningKeySet(), "gateway"),
       identity: { kind: "tenant", tenantId: "t-a", principal: "key/x" },
     });
     await expect(forged.getLogs({ dispatchId: ulid() })).rejects.toMatchObject({ code: 16 }); // UNAUTHENTICATED

@@ -18,7 +18,8 @@ import { RedisLiveFeed } from "../src/adapters/redis-live-feed.ts";
 import type { StoredChunk } from "../src/core/model.ts";
 import { loadTelemetryConfig } from "../src/config.ts";
 import { startTelemetry, type RunningTelemetry } from "../src/service.ts";
-import { batch, clientsFor, ingest, range, runEnd, SECRET, sleep } from "./helpers.ts";
+import { batch, clientsFor, ingest, range, runEnd, sleep } from "./helpers.ts";
+import { signingEnv } from "../../../test/support/signing.ts";
 
 let redis: ChildProcess;
 let redisPort: number;
@@ -56,7 +57,7 @@ beforeAll(async () => {
   const logger = createLogger("telemetry-test", "silent");
   const config = (idlePollMs: string) =>
     loadTelemetryConfig({
-      OUTPOST_INTERNAL_SECRET: SECRET,
+      ...signingEnv("telemetry"),
       OUTPOST_TELEMETRY_PORT: "0",
       OUTPOST_DATA_DIR: dir,
       OUTPOST_REDIS_URL: `redis://127.0.0.1:${redisPort}`,

@@ -10,7 +10,7 @@
  * network or a stalled process.
  */
 import http2 from "node:http2";
-import { createLogger, writeIdentity } from "@outpost/platform";
+import { createLogger } from "@outpost/platform";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { SubscribeLogsRequestSchema, SubscribeLogsResponseSchema, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { IngestLogsRequestSchema } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
@@ -19,7 +19,8 @@ import { ulid } from "ulid";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadTelemetryConfig } from "../src/config.ts";
 import { startTelemetry, type RunningTelemetry } from "../src/service.ts";
-import { clientsFor, collect, ingest, range, runEnd, SECRET, sleep } from "./helpers.ts";
+import { clientsFor, collect, ingest, range, runEnd, sleep } from "./helpers.ts";
+import { signAs, signingEnv } from "../../../test/support/signing.ts";
 
 const TOTAL = 3000;
 const PAD = "x".repeat(1000); // ~3 MB in all: far more than HTTP/2 flow-control windows hold
@@ -28,7 +29,7 @@ describe("a subscriber that stops reading", () => {
   let service: RunningTelemetry;
   beforeAll(async () => {
     const config = loadTelemetryConfig({
-      OUTPOST_INTERNAL_SECRET: SECRET,
+      ...signingEnv("telemetry"),
       OUTPOST_TELEMETRY_PORT: "0",
       OUTPOST_DATA_DIR: ":memory:",
       OUTPOST_TELEMETRY_SUBSCRIBER_BUFFER: "100",
@@ -95,7 +96,7 @@ describe("a subscriber that stops reading", () => {
 function rawSubscription(baseUrl: string, tenantId: string, dispatchId: string) {
   const session = http2.connect(baseUrl);
   const headers = new Headers();
-  writeIdentity(headers, SECRET, { kind: "tenant", tenantId, principal: `key/${tenantId}` });
+  signAs(headers, { kind: "tenant", tenantId, principal: `key/${tenantId}` });
   const stream = session.request({
     ":method": "POST",
     ":path": "/outpost.telemetry.v1.LogService/SubscribeLogs",

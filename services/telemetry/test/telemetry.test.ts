@@ -10,13 +10,14 @@ import { ulid } from "ulid";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadTelemetryConfig } from "../src/config.ts";
 import { startTelemetry, type RunningTelemetry } from "../src/service.ts";
-import { batch, clientsFor, collect, errorOf, fieldOf, ingest, range, runEnd, SECRET, sleep } from "./helpers.ts";
+import { batch, clientsFor, collect, errorOf, fieldOf, ingest, range, runEnd, sleep } from "./helpers.ts";
+import { signingEnv } from "../../../test/support/signing.ts";
 
 const logger = createLogger("telemetry-test", "silent");
 
 async function start(extra: Record<string, string> = {}) {
   const config = loadTelemetryConfig({
-    OUTPOST_INTERNAL_SECRET: SECRET,
+    ...signingEnv("telemetry"),
     OUTPOST_TELEMETRY_PORT: "0",
     OUTPOST_DATA_DIR: ":memory:",
     ...extra,

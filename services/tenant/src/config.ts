@@ -3,7 +3,8 @@ import { setting } from "@outpost/platform";
 import { z } from "zod";
 
 export const tenantConfigShape = {
-  OUTPOST_INTERNAL_SECRET: setting.internalSecret(),
+  OUTPOST_SIGNING_KEY: setting.signingKey(),
+  OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_TENANT_HOST: setting.host(),
   OUTPOST_TENANT_PORT: setting.port(7101),
   OUTPOST_DATA_DIR: setting.dataDir(),
@@ -24,7 +25,8 @@ export const tenantConfigShape = {
 };
 
 export interface TenantConfig {
-  OUTPOST_INTERNAL_SECRET: string;
+  OUTPOST_SIGNING_KEY: string;
+  OUTPOST_TRUSTED_SIGNERS: string;
   OUTPOST_TENANT_HOST: string;
   OUTPOST_TENANT_PORT: number;
   /** ":memory:" keeps the store in memory (tests). */

@@ -8,6 +8,7 @@ import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import {
   callerOf,
   checkLength,
+  checkSecretGrant,
   decodePageToken,
   encodePageToken,
   invalidArgument,
@@ -20,6 +21,7 @@ import {
   requireService,
   requireTenant,
   requireUlid,
+  type SigningKeys,
 } from "@outpost/platform";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import {
@@ -52,10 +54,12 @@ export interface TenantCores {
   tenants: TenantCore;
   secrets: SecretsCore;
   admission: AdmissionCore;
+  /** Checks the dispatcher's secret grants (ResolveSecrets). */
+  signingKeys: SigningKeys;
 }
 
 export function tenantRoutes(cores: TenantCores) {
-  const { tenants: core, secrets, admission } = cores;
+  const { tenants: core, secrets, admission, signingKeys } = cores;
   return (router: ConnectRouter) => {
     router.service(TenantService, {
       async createTenant(req, ctx) {
@@ -149,9 +153,10 @@ export function tenantRoutes(cores: TenantCores) {
         return { tenant: tenantMessage(tenant), apiKeyId, limits: tierLimitsMessage(limits) };
       },
       async resolveSecrets(req, ctx) {
-        requireService(ctx, "executor");
+        const executor = requireService(ctx, "executor");
         const tenantId = requireUlid("tenant_id", req.tenantId);
         const names = secretNames("names", req.names);
+        checkSecretGrant(signingKeys, req.grant, { tenantId, names, executor: executor.principal });
         return { values: await secrets.resolve(tenantId, names) };
       },
       async admitDispatch(req, ctx) {

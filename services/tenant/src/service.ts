@@ -1,5 +1,5 @@
 /** Wires the tenant service: store, tiers, secret box, cores, Redis publisher, server. */
-import { connectRedis, startServer, type Logger, type Redis } from "@outpost/platform";
+import { connectRedis, SigningKeys, startServer, type Logger, type Redis } from "@outpost/platform";
 import { AdmissionCore } from "./core/admission.ts";
 import { NO_INVALIDATION, publishingInvalidation } from "./core/invalidation.ts";
 import { SecretBox } from "./core/secret-box.ts";
@@ -25,6 +25,7 @@ export async function startTenant(config: TenantConfig, logger: Logger, store?: 
   const box = config.OUTPOST_SECRETS_MASTER_KEYS ? SecretBox.fromSetting(config.OUTPOST_SECRETS_MASTER_KEYS) : undefined;
   if (!box) logger.warn("OUTPOST_SECRETS_MASTER_KEYS is not set: secret methods answer FAILED_PRECONDITION");
   else logger.info({ current_key_id: box.currentKeyId }, "secrets sealed under the current master key");
+  const signingKeys = SigningKeys.fromSettings("tenant", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS);
   if (!config.OUTPOST_DISPATCHER_URL) logger.warn("OUTPOST_DISPATCHER_URL is not set: tenant mutations are not written to the audit trail");
 
   // MongoDB when configured (several replicas in production); the embedded SQLite file otherwise.
@@ -44,10 +45,10 @@ export async function startTenant(config: TenantConfig, logger: Logger, store?: 
       host: config.OUTPOST_TENANT_HOST,
       port: config.OUTPOST_TENANT_PORT,
       logger,
-      routes: tenantRoutes({ tenants, secrets, admission }),
-      internalSecret: config.OUTPOST_INTERNAL_SECRET,
+      routes: tenantRoutes({ tenants, secrets, admission, signingKeys }),
+      signingKeys,
       interceptors: config.OUTPOST_DISPATCHER_URL
-        ? [auditReporter({ dispatcherUrl: config.OUTPOST_DISPATCHER_URL, internalSecret: config.OUTPOST_INTERNAL_SECRET, logger })]
+        ? [auditReporter({ dispatcherUrl: config.OUTPOST_DISPATCHER_URL, signingKeys, logger })]
         : [],
     });
   } catch (err) {

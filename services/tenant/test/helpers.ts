@@ -2,14 +2,13 @@
 import type { DescService } from "@bufbuild/protobuf";
 import type { Identity } from "@outpost/platform";
 import { expectError, signedRouterClient } from "../../../test/support/rpc.ts";
+import { keysOf } from "../../../test/support/signing.ts";
 import { AdmissionCore } from "../src/core/admission.ts";
 import { SecretBox } from "../src/core/secret-box.ts";
 import { SecretsCore } from "../src/core/secrets.ts";
 import { TenantCore, type TenantCoreOptions } from "../src/core/tenants.ts";
 import { tenantRoutes, type TenantCores } from "../src/routes.ts";
 import type { TenantStore } from "../src/store/store.ts";
-
-export const TEST_SECRET = "test-secret-0123456789abcdef0123456789";
 
 export const ADMIN: Identity = { kind: "admin", principal: "admin" };
 export const GATEWAY: Identity = { kind: "service", principal: "gateway/test" };
@@ -34,11 +33,11 @@ export function buildCores(
     now: options.now,
   });
   const admission = new AdmissionCore({ store, tenants, secrets, now: options.now });
-  return { tenants, secrets, admission };
+  return { tenants, secrets, admission, signingKeys: keysOf("tenant") };
 }
 
 export function clientFor<T extends DescService>(core: TenantCores, service: T, identity: Identity) {
-  return signedRouterClient(service, tenantRoutes(core), identity, TEST_SECRET);
+  return signedRouterClient(service, tenantRoutes(core), identity);
 }
 
 export { expectError };

@@ -20,9 +20,9 @@ import { hashApiKey } from "../src/core/api-keys.ts";
 import { AUTH_INVALIDATE_CHANNEL } from "../src/core/invalidation.ts";
 import { ADMIN, GATEWAY, expectError } from "./helpers.ts";
 import { freePort } from "../../../scripts/lib/ports.ts";
+import { grantOf, signerFor, signingEnv } from "../../../test/support/signing.ts";
 
 const SRC = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../src");
-const SECRET = "tenancy-boundary-secret-0123456789abcdef";
 const REDIS_URL = process.env.OUTPOST_TEST_REDIS_URL ?? "redis://127.0.0.1:6379";
 const K1 = `k1:${Buffer.alloc(32, 1).toString("base64")}`;
 const K2 = `k2:${Buffer.alloc(32, 2).toString("base64")}`;
@@ -34,7 +34,7 @@ interface Proc {
 }
 
 function startProcess(entry: string, env: Record<string, string>): Proc {
-  const { OUTPOST_INTERNAL_SECRET: _a, OUTPOST_SECRETS_MASTER_KEYS: _b, OUTPOST_TIERS_FILE: _c, OUTPOST_REDIS_URL: _d, ...inherited } = process.env;
+  const { OUTPOST_SIGNING_KEY: _a, OUTPOST_SECRETS_MASTER_KEYS: _b, OUTPOST_TIERS_FILE: _c, OUTPOST_REDIS_URL: _d, ...inherited } = process.env;
   const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", path.join(SRC, entry)], {
     env: { ...inherited, ...env },
     stdio: ["ignore", "pipe", "pipe"],
@@ -74,13 +74,13 @@ describe("tenant process with tiers, master keys and Redis", () => {
   let proc: Proc | undefined;
   let baseUrl: string;
   const as = <T extends Parameters<typeof internalClient>[0]>(service: T, identity: Identity) =>
-    internalClient(service, { baseUrl, internalSecret: SECRET, identity });
+    internalClient(service, { baseUrl, signingKeys: signerFor(identity), identity });
 
   async function start(masterKeys: string) {
     const port = await freePort();
     baseUrl = `http://127.0.0.1:${port}`;
     proc = startProcess("main.ts", {
-      OUTPOST_INTERNAL_SECRET: SECRET,
+      ...signingEnv("tenant"),
       OUTPOST_TENANT_PORT: String(port),
       OUTPOST_DATA_DIR: dataDir,
       OUTPOST_LOG_LEVEL: "debug",
@@ -148,7 +148,7 @@ describe("tenant process with tiers, master keys and Redis", () => {
     await tenantSecrets.putSecret({ name: "OPENAI_API_KEY", value });
     await tenantSecrets.putSecret({ name: "SECOND", value: "second-value" });
     const executor = as(TenantInternalService, { kind: "service", principal: "executor/e1" });
-    expect((await executor.resolveSecrets({ tenantId, names: ["OPENAI_API_KEY"] })).values).toEqual({ OPENAI_API_KEY: value });
+    expect((await executor.resolveSecrets({ tenantId, names: ["OPENAI_API_KEY"], grant: grantOf(tenantId, ["OPENAI_API_KEY"], "executor/e1") })).values).toEqual({ OPENAI_API_KEY: value });
     expect(proc!.output()).not.toContain(value);
     const onDisk = readdirSync(dataDir).map((f) => readFileSync(path.join(dataDir, f)).toString("latin1")).join("\n");
     expect(onDisk).toContain("OPENAI_API_KEY"); // the name is stored in the clear; the value is not
@@ -159,7 +159,7 @@ describe("tenant process with tiers, master keys and Redis", () => {
     await stop(proc);
     await start(`${K2},${K1}`);
     const executor2 = as(TenantInternalService, { kind: "service", principal: "executor/e1" });
-    expect((await executor2.resolveSecrets({ tenantId, names: ["OPENAI_API_KEY"] })).values).toEqual({ OPENAI_API_KEY: value });
+    expect((await executor2.resolveSecrets({ tenantId, names: ["OPENAI_API_KEY"], grant: grantOf(tenantId, ["OPENAI_API_KEY"], "executor/e1") })).values).toEqual({ OPENAI_API_KEY: value });
 
     const reencrypt = spawnSync(process.execPath, ["--disable-warning=ExperimentalWarning", path.join(SRC, "reencrypt-secrets.ts")], {
       env: { ...process.env, OUTPOST_DATA_DIR: dataDir, OUTPOST_SECRETS_MASTER_KEYS: `${K2},${K1}` },
@@ -174,7 +174,7 @@ describe("tenant process with tiers, master keys and Redis", () => {
     await stop(proc);
     await start(K2);
     const executor3 = as(TenantInternalService, { kind: "service", principal: "executor/e1" });
-    expect((await executor3.resolveSecrets({ tenantId, names: ["OPENAI_API_KEY", "SECOND"] })).values).toEqual({
+    expect((await executor3.resolveSecrets({ tenantId, names: ["OPENAI_API_KEY", "SECOND"], grant: grantOf(tenantId, ["OPENAI_API_KEY", "SECOND"], "executor/e1") })).values).toEqual({
       OPENAI_API_KEY: value,
       SECOND: "second-value",
     });
@@ -188,7 +188,7 @@ describe("tenant process settings", () => {
     try {
       const file = path.join(dir, "tiers.yaml");
       writeFileSync(file, "pro:\n  concurrent_runs: -3\n");
-      const proc = startProcess("main.ts", { OUTPOST_INTERNAL_SECRET: SECRET, OUTPOST_DATA_DIR: ":memory:", OUTPOST_TENANT_PORT: "0", OUTPOST_TIERS_FILE: file });
+      const proc = startProcess("main.ts", { ...signingEnv("tenant"), OUTPOST_DATA_DIR: ":memory:", OUTPOST_TENANT_PORT: "0", OUTPOST_TIERS_FILE: file });
       expect(await proc.exited).toBe(78);
       expect(proc.output()).toMatch(/OUTPOST_TIERS_FILE .*pro\.concurrent_runs/);
     } finally {
@@ -198,7 +198,7 @@ describe("tenant process settings", () => {
 
   it("exits 78 naming OUTPOST_SECRETS_MASTER_KEYS when a key is malformed", async () => {
     const proc = startProcess("main.ts", {
-      OUTPOST_INTERNAL_SECRET: SECRET,
+      ...signingEnv("tenant"),
       OUTPOST_DATA_DIR: ":memory:",
       OUTPOST_TENANT_PORT: "0",
       OUTPOST_SECRETS_MASTER_KEYS: "k1:dG9vLXNob3J0",

@@ -10,18 +10,18 @@ import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { internalClient } from "@outpost/platform";
+import { generateSigningKeySet, internalClient, signingKeysOf } from "@outpost/platform";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import { Tenant_State, Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
 import { ADMIN, GATEWAY, expectError } from "./helpers.ts";
 import { freePort } from "../../../scripts/lib/ports.ts";
+import { signerFor, signingEnv } from "../../../test/support/signing.ts";
 
 const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../src/main.ts");
-const SECRET = "boundary-test-secret-0123456789abcdefghij";
 
 function startProcess(env: Record<string, string>): { child: ChildProcess; output: () => string; exited: Promise<number | null> } {
-  const { OUTPOST_INTERNAL_SECRET: _drop, ...inherited } = process.env;
+  const { OUTPOST_SIGNING_KEY: _drop, OUTPOST_TRUSTED_SIGNERS: _drop2, ...inherited } = process.env;
   const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", MAIN], {
     env: { ...inherited, ...env },
     stdio: ["ignore", "pipe", "pipe"],
@@ -60,7 +60,7 @@ describe("tenant process", () => {
     const port = await freePort();
     baseUrl = `http://127.0.0.1:${port}`;
     proc = startProcess({
-      OUTPOST_INTERNAL_SECRET: SECRET,
+      ...signingEnv("tenant"),
       OUTPOST_TENANT_HOST: "127.0.0.1",
       OUTPOST_TENANT_PORT: String(port),
       OUTPOST_DATA_DIR: dataDir,
@@ -78,12 +78,12 @@ describe("tenant process", () => {
   });
 
   it("creates a tenant as admin and authenticates its key as the gateway, over gRPC", async () => {
-    const admin = internalClient(TenantService, { baseUrl, internalSecret: SECRET, identity: ADMIN });
+    const admin = internalClient(TenantService, { baseUrl, signingKeys: signerFor(ADMIN), identity: ADMIN });
     const created = await admin.createTenant({ name: "Boundary Inc", contactEmail: "ops@boundary.test", tier: Tier.PRO });
     expect(created.apiKeyPlaintext).toMatch(/^otp_[0-9a-f]{64}$/);
     expect(created.tenant?.state).toBe(Tenant_State.ACTIVE);
 
-    const gateway = internalClient(TenantInternalService, { baseUrl, internalSecret: SECRET, identity: GATEWAY });
+    const gateway = internalClient(TenantInternalService, { baseUrl, signingKeys: signerFor(GATEWAY), identity: GATEWAY });
     const auth = await gateway.authenticateApiKey({ apiKey: created.apiKeyPlaintext });
     expect(auth.tenant?.id).toBe(created.tenant?.id);
     expect(auth.apiKeyId).toBe(created.apiKey?.id);
@@ -103,7 +103,7 @@ describe("tenant process", () => {
   it("refuses a forged signature with UNAUTHENTICATED", async () => {
     const forged = internalClient(TenantService, {
       baseUrl,
-      internalSecret: "a-different-secret-that-is-32-chars-long!",
+      signingKeys: signingKeysOf(generateSigningKeySet(), "gateway"),
       identity: ADMIN,
     });
     await expectError(forged.createTenant({ name: "Evil", contactEmail: "evil@x.test" }), Code.Unauthenticated, "IDENTITY_FORGED");
@@ -116,7 +116,7 @@ describe("tenant process", () => {
 });
 
 describe("tenant process configuration", () => {
-  it("exits non-zero naming OUTPOST_INTERNAL_SECRET when it is missing", async () => {
+  it("exits non-zero naming OUTPOST_SIGNING_KEY when it is missing", async () => {
     const port = await freePort();
     const dataDir = mkdtempSync(path.join(tmpdir(), "outpost-tenant-cfg-"));
     try {
@@ -124,15 +124,24 @@ describe("tenant process configuration", () => {
       const code = await proc.exited;
       expect(code).not.toBe(0);
       expect(code).not.toBeNull();
-      expect(proc.output()).toContain("OUTPOST_INTERNAL_SECRET");
+      expect(proc.output()).toMatch(/OUTPOST_SIGNING_KEY: is required/);
     } finally {
       rmSync(dataDir, { recursive: true, force: true });
     }
   });
 
-  it("exits non-zero when OUTPOST_INTERNAL_SECRET is too short", async () => {
-    const proc = startProcess({ OUTPOST_INTERNAL_SECRET: "short", OUTPOST_DATA_DIR: ":memory:" });
-    expect(await proc.exited).toBe(78);
-    expect(proc.output()).toMatch(/OUTPOST_INTERNAL_SECRET: must be at least 32 characters/);
+  it("exits non-zero naming the signing settings when they are not Ed25519 keys", async () => {
+    const keys = signingEnv("tenant");
+    const notAKey = startProcess({ ...keys, OUTPOST_SIGNING_KEY: "c2hvcnQ=", OUTPOST_DATA_DIR: ":memory:" });
+    expect(await notAKey.exited).toBe(78);
+    expect(notAKey.output()).toMatch(/OUTPOST_SIGNING_KEY: must be an Ed25519 private key/);
+    // A public key where the private one belongs, and a trust list naming an unknown role.
+    const publicKey = keys.OUTPOST_TRUSTED_SIGNERS.split(",")[0]!.split(":")[1]!;
+    const swapped = startProcess({ ...keys, OUTPOST_SIGNING_KEY: publicKey, OUTPOST_DATA_DIR: ":memory:" });
+    expect(await swapped.exited).toBe(78);
+    expect(swapped.output()).toMatch(/OUTPOST_SIGNING_KEY: must be an Ed25519 private key/);
+    const unknownRole = startProcess({ ...keys, OUTPOST_TRUSTED_SIGNERS: `robot:${publicKey}`, OUTPOST_DATA_DIR: ":memory:" });
+    expect(await unknownRole.exited).toBe(78);
+    expect(unknownRole.output()).toMatch(/OUTPOST_TRUSTED_SIGNERS: entry 1 must be <role>:<public key> with role one of gateway/);
   });
 });

@@ -18,6 +18,7 @@ import { hashApiKey } from "../src/core/api-keys.ts";
 import type { TenantCores } from "../src/routes.ts";
 import { SqliteTenantStore } from "../src/store/sqlite-store.ts";
 import { ADMIN, GATEWAY, TEST_MASTER_KEYS, buildCores, clientFor, expectError, tenantIdentity } from "./helpers.ts";
+import { grantOf } from "../../../test/support/signing.ts";
 
 const DISPATCHER: Identity = { kind: "service", principal: "dispatcher" };
 const EXECUTOR: Identity = { kind: "service", principal: "executor/host-1" };
@@ -217,8 +218,8 @@ describe("isolation between tenants (SPEC T4)", () => {
       Code.NotFound,
       "SECRET_NOT_FOUND",
     );
-    await expectError(internal(EXECUTOR).resolveSecrets({ tenantId: a.id, names: ["B_TOKEN"] }), Code.NotFound, "SECRET_NOT_FOUND");
-    expect((await internal(EXECUTOR).resolveSecrets({ tenantId: b.id, names: ["B_TOKEN"] })).values).toEqual({ B_TOKEN: "b-secret-value" });
+    await expectError(internal(EXECUTOR).resolveSecrets({ tenantId: a.id, names: ["B_TOKEN"], grant: grantOf(a.id, ["B_TOKEN"]) }), Code.NotFound, "SECRET_NOT_FOUND");
+    expect((await internal(EXECUTOR).resolveSecrets({ tenantId: b.id, names: ["B_TOKEN"], grant: grantOf(b.id, ["B_TOKEN"]) })).values).toEqual({ B_TOKEN: "b-secret-value" });
   });
 });
 
@@ -237,16 +238,23 @@ describe("secrets", () => {
     expect(secrets.map((s) => s.name)).toEqual(["API_KEY", "GITHUB_TOKEN"]);
     expect(Object.keys(secrets[0]!).filter((k) => /value/i.test(k))).toEqual([]);
 
-    const resolved = await internal(EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["GITHUB_TOKEN", "API_KEY"] });
+    const resolved = await internal(EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["GITHUB_TOKEN", "API_KEY"], grant: grantOf(t.id, ["GITHUB_TOKEN", "API_KEY"]) });
     expect(resolved.values).toEqual({ GITHUB_TOKEN: "ghp_value_2", API_KEY: "second" });
     const missing = await expectError(
-      internal(EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["API_KEY", "NOPE"] }),
+      internal(EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["API_KEY", "NOPE"], grant: grantOf(t.id, ["API_KEY", "NOPE"]) }),
       Code.NotFound,
       "SECRET_NOT_FOUND",
     );
     expect(errorInfoOf(missing)?.metadata.secret).toBe("NOPE");
     for (const identity of [GATEWAY, DISPATCHER, ADMIN, tenantIdentity(t.id)]) {
-      await expectError(internal(identity).resolveSecrets({ tenantId: t.id, names: ["API_KEY"] }), Code.PermissionDenied);
+      await expectError(internal(identity).resolveSecrets({ tenantId: t.id, names: ["API_KEY"], grant: grantOf(t.id, ["API_KEY"]) }), Code.PermissionDenied);
+    }
+    // An executor reads only what the dispatcher granted it with a lease: no grant, another
+    // executor's grant, a grant for another tenant or for fewer secrets are all refused.
+    const other = await newTenant(Tier.FREE, "Other");
+    await expectInvalid(internal(EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["API_KEY"] }), "grant");
+    for (const grant of [grantOf(t.id, ["API_KEY"], "executor/host-2"), grantOf(other.id, ["API_KEY"]), grantOf(t.id, ["GITHUB_TOKEN"])]) {
+      await expectError(internal(EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["API_KEY"], grant }), Code.PermissionDenied, "SECRET_GRANT_INVALID");
     }
 
     await secretsAs(t.id).deleteSecret({ name: "API_KEY" });
@@ -271,8 +279,8 @@ describe("secrets", () => {
     await expectInvalid(s.putSecret({ name: "OK", value: "é".repeat(16 * 1024 + 1) }), "value"); // bytes, not characters
     await s.putSecret({ name: "OK", value: "x".repeat(32 * 1024) });
     await expectInvalid(s.listSecrets({ pageToken: "%%%" }), "page_token");
-    await expectInvalid(internal(EXECUTOR).resolveSecrets({ tenantId: "", names: [] }), "tenant_id");
-    await expectInvalid(internal(EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["OK", "bad"] }), "names[1]");
+    await expectInvalid(internal(EXECUTOR).resolveSecrets({ tenantId: "", names: [], grant: "" }), "tenant_id");
+    await expectInvalid(internal(EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["OK", "bad"], grant: grantOf(t.id, ["OK", "bad"]) }), "names[1]");
   });
 
   it("answers FAILED_PRECONDITION when no master key is configured", async () => {
@@ -294,7 +302,7 @@ describe("secrets", () => {
     expect((await store.getSecrets(t.id, ["LAZY", "BULK"])).map((s) => s.keyId)).toEqual(["k1", "k1"]);
 
     const rotated = buildCores(store, { box: SecretBox.fromSetting(`${k2},${k1}`) });
-    expect((await clientFor(rotated, TenantInternalService, EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["LAZY"] })).values).toEqual({
+    expect((await clientFor(rotated, TenantInternalService, EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["LAZY"], grant: grantOf(t.id, ["LAZY"]) })).values).toEqual({
       LAZY: "lazy-value",
     });
     const byName = async () => Object.fromEntries((await store.getSecrets(t.id, ["LAZY", "BULK"])).map((s) => [s.name, s.keyId]));
@@ -304,14 +312,14 @@ describe("secrets", () => {
 
     // The old key can now be dropped.
     const onlyNew = buildCores(store, { box: SecretBox.fromSetting(k2) });
-    expect((await clientFor(onlyNew, TenantInternalService, EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["LAZY", "BULK"] })).values).toEqual({
+    expect((await clientFor(onlyNew, TenantInternalService, EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["LAZY", "BULK"], grant: grantOf(t.id, ["LAZY", "BULK"]) })).values).toEqual({
       LAZY: "lazy-value",
       BULK: "bulk-value",
     });
     // A value under a key that was dropped too early says which key is missing.
     const k3 = `k3:${Buffer.alloc(32, 3).toString("base64")}`;
     const err = await expectError(
-      clientFor(buildCores(store, { box: SecretBox.fromSetting(k3) }), TenantInternalService, EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["LAZY"] }),
+      clientFor(buildCores(store, { box: SecretBox.fromSetting(k3) }), TenantInternalService, EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["LAZY"], grant: grantOf(t.id, ["LAZY"]) }),
       Code.FailedPrecondition,
       "SECRET_KEY_UNAVAILABLE",
     );

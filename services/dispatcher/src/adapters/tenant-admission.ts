@@ -8,13 +8,13 @@
 import { durationFromMs, durationMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { ExponentialBackoff, handleWhen, retry } from "cockatiel";
-import { internalClient, unavailable } from "@outpost/platform";
+import { internalClient, unavailable, type SigningKeys } from "@outpost/platform";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import type { TenantAdmission } from "../core/ports.ts";
 
 export interface GrpcTenantAdmissionOptions {
   baseUrl: string;
-  internalSecret: string;
+  signingKeys: SigningKeys;
   /** How long the suspended-tenant list is reused before asking again. */
   suspendedCacheMs?: number;
   /** Bound on each call, so a stuck tenant service cannot stall dispatch creation or leasing. */
@@ -42,7 +42,7 @@ export class GrpcTenantAdmission implements TenantAdmission {
   constructor(options: GrpcTenantAdmissionOptions) {
     this.client = internalClient(TenantInternalService, {
       baseUrl: options.baseUrl,
-      internalSecret: options.internalSecret,
+      signingKeys: options.signingKeys,
       identity: { kind: "service", principal: "dispatcher" },
     });
     this.suspendedCacheMs = options.suspendedCacheMs ?? 3000;

@@ -4,6 +4,7 @@
  * such; `pull` fetches one for linux/arm64 where a registry is reachable (SPEC E4).
  */
 import Docker from "dockerode";
+import path from "node:path";
 import type { Duplex } from "node:stream";
 import {
   ImageNotFoundError,
@@ -40,6 +41,7 @@ export function createDockerRuntime(options: DockerRuntimeOptions = {}): Contain
 
     async create(spec: ContainerSpec) {
       try {
+        const tmpfs = spec.imageVolumeTmpfs === undefined ? spec.tmpfs : await withImageVolumesCovered(docker, spec);
         // docker-modem's _query/_body split keeps `platform` out of the body; @types/dockerode
         // (v4) does not model it, hence the cast.
         const container = await docker.createContainer({
@@ -59,7 +61,7 @@ export function createDockerRuntime(options: DockerRuntimeOptions = {}): Contain
             NetworkDisabled: spec.networkMode === "none",
             HostConfig: {
               ReadonlyRootfs: spec.readonlyRootfs,
-              Tmpfs: spec.tmpfs,
+              Tmpfs: tmpfs,
               Binds: spec.binds,
               CapDrop: spec.capDrop,
               SecurityOpt: spec.securityOpt,
@@ -167,6 +169,20 @@ export function createDockerRuntime(options: DockerRuntimeOptions = {}): Contain
       }
     },
   };
+}
+
+/**
+ * The spec's tmpfs mounts plus one over each VOLUME of the image not already covered by a
+ * mount: a mount at its path keeps the engine from making it an anonymous volume on the host.
+ */
+async function withImageVolumesCovered(docker: Docker, spec: ContainerSpec): Promise<Record<string, string>> {
+  const info = await docker.getImage(spec.image).inspect();
+  const tmpfs = { ...spec.tmpfs };
+  const mounted = new Set([...Object.keys(tmpfs), ...spec.binds.map((bind) => bind.split(":")[1] ?? "")].map((p) => path.posix.normalize(p)));
+  for (const volume of Object.keys(info.Config.Volumes ?? {})) {
+    if (!mounted.has(path.posix.normalize(volume))) tmpfs[volume] = spec.imageVolumeTmpfs!;
+  }
+  return tmpfs;
 }
 
 function dockerOptions(options: DockerRuntimeOptions): ConstructorParameters<typeof Docker>[0] {

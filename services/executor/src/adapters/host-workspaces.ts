@@ -12,6 +12,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { CheckoutError, type RunFiles, type Workspaces } from "../core/ports.ts";
 import { RESULT_RELATIVE_PATH } from "../core/run.ts";
+import { diskUsageOf } from "./disk-usage.ts";
 
 const execFileAsync = promisify(execFile);
 
@@ -51,7 +52,7 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
 
     async create(name) {
       const files = filesOf(name);
-      await fs.rm(files.root, { recursive: true, force: true });
+      await removeTree(files.root);
       await fs.mkdir(files.workspace, { recursive: true, mode: 0o700 });
       await fs.mkdir(files.control, { mode: 0o700 });
       await giveToContainerUser(files.workspace, false);
@@ -181,7 +182,11 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
     },
 
     async remove(files) {
-      await fs.rm(files.root, { recursive: true, force: true });
+      await removeTree(files.root);
+    },
+
+    diskUsage(files, stopAboveBytes, signal) {
+      return diskUsageOf(files.workspace, stopAboveBytes, signal);
     },
 
     async listRuns() {
@@ -195,6 +200,19 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
   };
 }
 
+/**
+ * Removes a run directory. fs.rm names every path in full and fails past PATH_MAX, which an
+ * agent reaches with relative mkdirs; rm(1) walks relative to open directories and removes it.
+ */
+async function removeTree(dir: string): Promise<void> {
+  try {
+    await fs.rm(dir, { recursive: true, force: true });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENAMETOOLONG") throw err;
+    await execFileAsync("rm", ["-rf", "--", dir]);
+  }
+}
+
 /** Variables of the executor's environment git may see: what it needs to reach the network the operator set up. */
 const PASSED_TO_GIT = ["PATH", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"];
 
@@ -203,7 +221,7 @@ const PASSED_TO_GIT = ["PATH", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS
  * global config (no operator gitconfig, credential helpers or url rewrites), no prompts, ssh
  * with no agent, no keys and no user or system ssh config, only the allowed transports (also for
  * redirects and submodules) — and nothing else of the executor's environment, so
- * OUTPOST_INTERNAL_SECRET, OUTPOST_ADMIN_TOKEN, SSH_AUTH_SOCK and the like never reach git or
+ * OUTPOST_SIGNING_KEY, OUTPOST_ADMIN_TOKEN, SSH_AUTH_SOCK and the like never reach git or
  * what it runs.
  */
 export function gitEnvironment(home: string, repoSchemes: ReadonlySet<string>): Record<string, string> {

@@ -6,7 +6,7 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
-import { internalClient } from "@outpost/platform";
+import { internalClient, type SigningKeys } from "@outpost/platform";
 import { LeaseService, ReportRunStateRequestSchema } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { LeaseLostError, NotSupportedError, type CapacityReport, type LeaseClient } from "../core/ports.ts";
 
@@ -29,7 +29,7 @@ function capacityMessage(capacity: CapacityReport | undefined) {
 
 export interface LeaseClientOptions {
   dispatcherUrl: string;
-  internalSecret: string;
+  signingKeys: SigningKeys;
   executorId: string;
   /** Deadline of unary calls other than the long poll. */
   callTimeoutMs?: number;
@@ -38,7 +38,7 @@ export interface LeaseClientOptions {
 export function createLeaseClient(options: LeaseClientOptions): LeaseClient {
   const client: Client<typeof LeaseService> = internalClient(LeaseService, {
     baseUrl: options.dispatcherUrl,
-    internalSecret: options.internalSecret,
+    signingKeys: options.signingKeys,
     identity: { kind: "service", principal: `executor/${options.executorId}` },
   });
   const timeoutMs = options.callTimeoutMs ?? 10_000;

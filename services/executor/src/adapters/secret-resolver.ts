@@ -4,13 +4,13 @@
  * channel and are never logged: errors carry names, never values.
  */
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
-import { errorInfoOf, internalClient } from "@outpost/platform";
+import { errorInfoOf, internalClient, type SigningKeys } from "@outpost/platform";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import { SecretsError, type SecretResolver } from "../core/ports.ts";
 
 export interface SecretResolverOptions {
   tenantUrl: string;
-  internalSecret: string;
+  signingKeys: SigningKeys;
   executorId: string;
   callTimeoutMs?: number;
 }
@@ -18,14 +18,14 @@ export interface SecretResolverOptions {
 export function createSecretResolver(options: SecretResolverOptions): SecretResolver {
   const client: Client<typeof TenantInternalService> = internalClient(TenantInternalService, {
     baseUrl: options.tenantUrl,
-    internalSecret: options.internalSecret,
+    signingKeys: options.signingKeys,
     identity: { kind: "service", principal: `executor/${options.executorId}` },
   });
   return {
-    async resolve(tenantId, names) {
+    async resolve(tenantId, names, grant) {
       let values: Record<string, string>;
       try {
-        values = (await client.resolveSecrets({ tenantId, names }, { timeoutMs: options.callTimeoutMs ?? 10_000 })).values;
+        values = (await client.resolveSecrets({ tenantId, names, grant }, { timeoutMs: options.callTimeoutMs ?? 10_000 })).values;
       } catch (err) {
         const connectErr = ConnectError.from(err);
         if (connectErr.code === Code.NotFound) {

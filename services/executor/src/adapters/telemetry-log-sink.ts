@@ -5,7 +5,7 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { Client } from "@connectrpc/connect";
-import { internalClient } from "@outpost/platform";
+import { internalClient, type SigningKeys } from "@outpost/platform";
 import {
   IngestLogsRequestSchema,
   LogIngestService,
@@ -17,14 +17,14 @@ import { PushQueue } from "./push-queue.ts";
 
 export interface TelemetryLogSinkOptions {
   telemetryUrl: string;
-  internalSecret: string;
+  signingKeys: SigningKeys;
   executorId: string;
 }
 
 export function createTelemetryLogSink(options: TelemetryLogSinkOptions): LogSink {
   const client: Client<typeof LogIngestService> = internalClient(LogIngestService, {
     baseUrl: options.telemetryUrl,
-    internalSecret: options.internalSecret,
+    signingKeys: options.signingKeys,
     identity: { kind: "service", principal: `executor/${options.executorId}` },
   });
   return {

@@ -13,7 +13,7 @@ import type { CapacityReport, ContainerRuntime, LeaseClient, LogSink, SecretReso
 import { Cancellations } from "./cancellations.ts";
 import { NotSupportedError } from "./ports.ts";
 import { reconcile } from "./reconcile.ts";
-import { executeRun } from "./run.ts";
+import { executeRun, type WorkspaceQuota } from "./run.ts";
 import type { WarmPool } from "./warm-pool.ts";
 
 export interface ExecutorOptions {
@@ -37,6 +37,8 @@ export interface ExecutorOptions {
   logAckWaitMs?: number;
   /** Lower bound between two polls of one slot, so a dispatcher that answers at once is not hammered. */
   minPollIntervalMs?: number;
+  /** Every run's workspace disk quota; none when absent. */
+  workspaceQuota?: WorkspaceQuota;
   backoff?: () => Backoff;
 }
 
@@ -227,6 +229,7 @@ export class Executor {
         pullImages: this.options.pullImages,
         capacity: () => this.capacity(),
         cancellations: this.cancellations,
+        workspaceQuota: this.options.workspaceQuota,
       };
       const run = withSpan(
         "executor.run",

@@ -28,6 +28,11 @@ export interface ContainerSpec {
   user: string;
   readonlyRootfs: boolean;
   tmpfs: Record<string, string>;
+  /**
+   * Mount options of a tmpfs put over each VOLUME the image declares: the engine would make
+   * each a writable host directory, outside the read-only root and the workspace's disk quota.
+   */
+  imageVolumeTmpfs?: string;
   /** Host directories mounted into the container, `host:container[:ro]`. */
   binds: string[];
   capDrop: string[];
@@ -149,8 +154,11 @@ export interface LeaseClient {
 
 /** Resolves a tenant's secrets by name (SPEC T5, contract B). */
 export interface SecretResolver {
-  /** Throws SecretsError; never logs values. */
-  resolve(tenantId: string, names: string[]): Promise<Record<string, string>>;
+  /**
+   * `grant` is the lease's secret grant (the dispatcher's signed consent for this executor to
+   * read these secrets). Throws SecretsError; never logs values.
+   */
+  resolve(tenantId: string, names: string[], grant: string): Promise<Record<string, string>>;
 }
 
 export class SecretsError extends Error {
@@ -190,6 +198,17 @@ export interface Workspaces {
   listRuns(): Promise<string[]>;
   /** Files of an existing run by name. */
   filesOf(name: string): RunFiles;
+  /**
+   * Bytes the run's workspace takes on the host's disk (see disk-quota.ts): every file,
+   * directory and link counted once, never following links; may stop counting once past
+   * `stopAboveBytes`. Throws WorkspaceUnmeasurableError when part of it cannot be read.
+   */
+  diskUsage(files: RunFiles, stopAboveBytes: number, signal?: AbortSignal): Promise<number>;
+}
+
+/** Part of a workspace cannot be measured (not readable, path too long): its quota cannot be vouched for. */
+export class WorkspaceUnmeasurableError extends Error {
+  override name = "WorkspaceUnmeasurableError";
 }
 
 export class CheckoutError extends Error {

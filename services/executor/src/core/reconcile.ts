@@ -53,7 +53,7 @@ async function redactorFor(deps: ReconcileDeps, lease: Lease | undefined): Promi
   if (names.length === 0) return new Redactor({});
   if (!deps.secrets) return undefined;
   try {
-    return new Redactor(await deps.secrets.resolve(lease!.dispatch!.tenantId, [...names]));
+    return new Redactor(await deps.secrets.resolve(lease!.dispatch!.tenantId, [...names], lease!.secretGrant));
   } catch (err) {
     deps.logger.warn({ dispatchId: lease!.dispatch!.id, error: err instanceof Error ? err.message : String(err) }, "secrets of a left-over run not resolved");
     return undefined;

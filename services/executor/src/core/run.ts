@@ -9,6 +9,7 @@ import type { Logger } from "@outpost/platform";
 import { Dispatch_State, NetworkPolicy, type Agent } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { Backoff, sleep } from "./backoff.ts";
+import { DiskQuota } from "./disk-quota.ts";
 import { LineSplitter } from "./line-splitter.ts";
 import { LogShipper } from "./log-shipper.ts";
 import { Redactor } from "./redactor.ts";
@@ -44,6 +45,8 @@ export const CONTAINER_UID = 65534;
 export const CONTAINER_GID = 65534;
 
 export const DEFAULT_RESOURCES = { pidsLimit: 256, memoryBytes: 512 * 1024 * 1024, cpuMillis: 1000 };
+/** /tmp, and any VOLUME of the image: memory (charged to the container's limit), capped in size. */
+const TMPFS_OPTIONS = "rw,size=64m";
 
 export interface RunDeps {
   executorId: string;
@@ -68,10 +71,18 @@ export interface RunDeps {
   capacity?: () => CapacityReport;
   /** Cancellations streamed by the dispatcher (faster than heartbeats). */
   cancellations?: Cancellations;
+  /** The workspace's disk quota (disk-quota.ts); no quota when absent. */
+  workspaceQuota?: WorkspaceQuota;
+}
+
+export interface WorkspaceQuota {
+  limitBytes: number;
+  /** Shortest pause between two measurements while the agent runs. */
+  checkIntervalMs: number;
 }
 
 /** Why the executor stopped a container, if it did. */
-type StopCause = { kind: "cancelled" } | { kind: "timed-out"; timeoutMs: number } | { kind: "lease-lost" };
+type StopCause = { kind: "cancelled" } | { kind: "timed-out"; timeoutMs: number } | { kind: "lease-lost" } | { kind: "disk-quota"; reason: string };
 
 /** The container's name for a run (also its run directory's name). */
 export function runNameFor(lease: Lease): string {
@@ -105,7 +116,8 @@ export function agentShapeOf(agent: Agent): Omit<ContainerSpec, "name" | "env" |
     platform: "linux/arm64",
     user: `${CONTAINER_UID}:${CONTAINER_GID}`,
     readonlyRootfs: true,
-    tmpfs: { "/tmp": "rw,size=64m" },
+    tmpfs: { "/tmp": TMPFS_OPTIONS },
+    imageVolumeTmpfs: TMPFS_OPTIONS,
     capDrop: ["ALL"],
     securityOpt: ["no-new-privileges"],
     pidsLimit: positive(resources?.pidsLimit, DEFAULT_RESOURCES.pidsLimit),
@@ -181,7 +193,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       return;
     }
     try {
-      secretEnv = await deps.secrets.resolve(dispatch.tenantId, [...dispatch.secretNames]);
+      secretEnv = await deps.secrets.resolve(dispatch.tenantId, [...dispatch.secretNames], lease.secretGrant);
     } catch (err) {
       const transient = err instanceof SecretsError ? err.transient : true;
       logger.warn({ transient, error: messageOf(err) }, "secrets not resolved");
@@ -201,6 +213,14 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     await giveBack(`run directory could not be created: ${messageOf(err)}`, true);
     return;
   }
+  const quota = deps.workspaceQuota
+    ? new DiskQuota({
+        limitBytes: deps.workspaceQuota.limitBytes,
+        intervalMs: deps.workspaceQuota.checkIntervalMs,
+        measure: (stopAboveBytes, signal) => deps.workspaces.diskUsage(files, stopAboveBytes, signal),
+        logger,
+      })
+    : undefined;
   let containerId = warm?.id ?? "";
   const cleanUp = async () => {
     if (containerId) await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
@@ -211,6 +231,8 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
   if (dispatch.repo?.url) {
     try {
       await deps.workspaces.checkout(files, dispatch.repo.url, dispatch.repo.ref);
+      const overQuota = await quota?.check();
+      if (overQuota !== undefined) throw new Error(overQuota);
       logger.info({ ref: dispatch.repo.ref }, "repository checked out");
     } catch (err) {
       await cleanUp();
@@ -250,7 +272,9 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     if (stopCause || exited) return;
     stopCause = cause;
     logger.info({ cause: cause.kind }, "stopping container");
-    stopping = deps.runtime.stop(containerId, deps.stopGraceMs).catch((err: unknown) => logger.warn({ err }, "stop failed"));
+    // Over its disk quota, the agent gets no grace: it would go on writing.
+    const graceMs = cause.kind === "disk-quota" ? 0 : deps.stopGraceMs;
+    stopping = deps.runtime.stop(containerId, graceMs).catch((err: unknown) => logger.warn({ err }, "stop failed"));
   };
   try {
     try {
@@ -269,6 +293,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     logger.info({ containerId, image: spec.image, warm: Boolean(warm) }, "container started");
 
     unregisterCancel = deps.cancellations?.register(dispatch.id, lease.leaseId, () => stop({ kind: "cancelled" }));
+    quota?.watch((reason) => stop({ kind: "disk-quota", reason }));
     const timeoutMs = durationMs(dispatch.timeout);
     if (timeoutMs > 0) timers.push(setTimeout(() => stop({ kind: "timed-out", timeoutMs }), timeoutMs));
     const heartbeat = (expireTime: Date | undefined) => {
@@ -305,6 +330,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     exited = true;
     clearTimeout(heartbeatTimer);
     for (const timer of timers) clearTimeout(timer);
+    await quota?.stop();
     await stopping;
     // The output stream ends when the container exits; bounded in case the engine keeps it open.
     const pumpWait = new AbortController();
@@ -317,11 +343,16 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
 
     const cause = stopCause as StopCause | undefined;
     if (cause?.kind === "lease-lost") return;
+    // Measured once more after the exit, so a run that wrote past its quota between two
+    // measurements (or before the first) fails as surely as one that was caught.
+    const overQuota = cause?.kind === "disk-quota" ? cause.reason : cause ? undefined : await quota?.check();
     if (cause?.kind === "cancelled") {
       await report({ state: Dispatch_State.CANCELLED, exitCode: exit.exitCode, failureReason: "cancelled", lastLogSeq });
     } else if (cause?.kind === "timed-out") {
       const failureReason = `timed out after ${formatSeconds(cause.timeoutMs)}s`;
       await report({ state: Dispatch_State.TIMED_OUT, exitCode: exit.exitCode, failureReason, lastLogSeq });
+    } else if (overQuota !== undefined) {
+      await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason: overQuota, lastLogSeq });
     } else if (exit.exitCode === 0 && !exit.oomKilled) {
       // The result file outlives the container in the bind-mounted workspace.
       let check: ResultCheck;
@@ -351,6 +382,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     }
   } finally {
     unregisterCancel?.();
+    await quota?.stop();
     shipper.close();
     await cleanUp();
   }

@@ -5,7 +5,7 @@
  * audit event is logged loudly instead.
  */
 import { type Interceptor } from "@connectrpc/connect";
-import { identityKey, internalClient, outcomeOf, type Logger } from "@outpost/platform";
+import { identityKey, internalClient, outcomeOf, type Logger, type SigningKeys } from "@outpost/platform";
 import { AuditInternalService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
 
 /** Methods of the tenant service that change something, and the resource each acts on. */
@@ -34,12 +34,12 @@ const RECORD_TIMEOUT_MS = 2000;
 
 export interface AuditReporterOptions {
   dispatcherUrl: string;
-  internalSecret: string;
+  signingKeys: SigningKeys;
   logger: Logger;
 }
 
-export function auditReporter({ dispatcherUrl, internalSecret, logger }: AuditReporterOptions): Interceptor {
-  const audit = internalClient(AuditInternalService, { baseUrl: dispatcherUrl, internalSecret, identity: { kind: "service", principal: "tenant" } });
+export function auditReporter({ dispatcherUrl, signingKeys, logger }: AuditReporterOptions): Interceptor {
+  const audit = internalClient(AuditInternalService, { baseUrl: dispatcherUrl, signingKeys, identity: { kind: "service", principal: "tenant" } });
   return (next) => async (req) => {
     const method = `${req.service.typeName}/${req.method.name}`;
     const describe = MUTATIONS[method];
