@@ -228,7 +228,10 @@ export class BodyCharge {
 
   /** Collects the first envelope's header; its length gives the body's size (a unary call's whole body). */
   private readHead(chunk: Uint8Array): void {
-    const head = Buffer.concat([this.head!, chunk.subarray(0, ENVELOPE_HEADER_BYTES - this.head!.length)]);
+    const head =
+      this.head!.length === 0 && chunk.byteLength >= ENVELOPE_HEADER_BYTES
+        ? Buffer.from(chunk.buffer, chunk.byteOffset, ENVELOPE_HEADER_BYTES)
+        : Buffer.concat([this.head!, chunk.subarray(0, ENVELOPE_HEADER_BYTES - this.head!.length)]);
     if (head.length < ENVELOPE_HEADER_BYTES) {
       this.head = head;
       return;
