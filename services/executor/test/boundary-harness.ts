@@ -96,6 +96,9 @@ export class StubDispatcher {
             setTimeout(resolve, Math.max(0, Math.min(500, deadline - Date.now())));
           });
         }
+        // A caller that left (an executor stopped or killed mid-poll) must not take the next
+        // test's lease with it: nobody would run it.
+        if (signal.aborted) return {};
         const lease = this.queue.shift();
         if (lease) lease.expireTime = timestampFromDate(new Date(Date.now() + LEASE_TTL_MS));
         // As the real dispatcher does: the run's secrets granted to the executor that took it.
