@@ -93,9 +93,12 @@ export interface RouteDeps {
 
 export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, agents: AgentRegistry, deps: RouteDeps): void {
   const { audit } = deps;
-  // A leased run's secrets are released to the executor holding the lease, and only to it.
+  // A leased run's secrets are released to the executor holding the lease, and only to it: an
+  // executor asking with another's id (to list its leases, say) gets no grant.
   const grantsTo = (executor: Identity) => (d: DispatchRecord) =>
-    d.secretNames.length > 0 ? issueSecretGrant(deps.signingKeys, { dispatchId: d.id, tenantId: d.tenantId, names: d.secretNames, executor: executor.principal }) : "";
+    d.secretNames.length > 0 && executor.principal === `executor/${d.executorId}`
+      ? issueSecretGrant(deps.signingKeys, { dispatchId: d.id, tenantId: d.tenantId, names: d.secretNames, executor: executor.principal })
+      : "";
   const DS = "outpost.dispatch.v1.DispatchService";
   const AS = "outpost.dispatch.v1.AgentService";
   router.service(DispatchService, {

@@ -110,6 +110,9 @@ describe("identity", () => {
     // A restarted executor listing its leases gets a fresh grant too (to redact a re-adopted run).
     const listed = await leases().listExecutorLeases({ executorId: "host-1" });
     expect(() => checkSecretGrant(tenantKeys, listed.leases[0]!.secretGrant, covers)).not.toThrow();
+    // Another executor asking for host-1's leases (or taking a lease under host-1's id) gets none.
+    const other = { kind: "service", principal: "executor/host-2" } as const;
+    expect((await leases(other).listExecutorLeases({ executorId: "host-1" })).leases.map((l) => l.secretGrant)).toEqual([""]);
     // A run without secrets gets no grant.
     await dispatches().createDispatch(ok);
     expect((await leases().acquireLease({ executorId: "host-1" })).lease?.secretGrant).toBe("");
