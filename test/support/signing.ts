@@ -18,7 +18,7 @@ export function keysOf(role: SignerRole): SigningKeys {
 
 /** Signs `identity` into `headers` with the key of the role allowed to sign it. */
 export function signAs(headers: Headers, identity: Identity): void {
-  keysOf(signerRoleOf(identity) as SignerRole).writeIdentity(headers, identity);
+  signerFor(identity).writeIdentity(headers, identity);
 }
 
 /** OUTPOST_SIGNING_KEY and OUTPOST_TRUSTED_SIGNERS for a service process of `role`. */
