@@ -301,7 +301,7 @@ describe("deadlines", () => {
       // The executor-facing streams likewise: its cancellation watch, and a log ingest stream
       // whose client keeps it open without sending.
       const executor = new Headers();
-      signAs(executor, { kind: "service", principal: "executor" });
+      signAs(executor, { kind: "service", principal: "executor/deadline-test" });
       const cancellations = await connectStreamEnd(
         `${t.mesh.urls.dispatcher}/${LeaseService.typeName}/WatchCancellations`,
         { ...Object.fromEntries(executor), "connect-timeout-ms": "300" },

@@ -19,6 +19,7 @@ import {
   pageSizeOf,
   requireEnum,
   requireNonEmpty,
+  permissionDenied,
   requireService,
   requireTenant,
   requireUlid,
@@ -93,8 +94,9 @@ export interface RouteDeps {
 
 export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, agents: AgentRegistry, deps: RouteDeps): void {
   const { audit } = deps;
-  // A leased run's secrets are released to the executor holding the lease, and only to it: an
-  // executor asking with another's id (to list its leases, say) gets no grant.
+  // A leased run's secrets are released to the executor holding the lease, and only to it. The
+  // lease calls already refuse an executor naming another's id (ownExecutorId); this check keeps
+  // the grant bound to its holder even if a route forgets to.
   const grantsTo = (executor: Identity) => (d: DispatchRecord) =>
     d.secretNames.length > 0 && executor.principal === `executor/${d.executorId}`
       ? issueSecretGrant(deps.signingKeys, { dispatchId: d.id, tenantId: d.tenantId, names: d.secretNames, executor: executor.principal })
@@ -245,7 +247,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
   router.service(LeaseService, {
     async acquireLease(req, ctx) {
       const executor = requireService(ctx, "executor");
-      const executorId = requireNonEmpty("executor_id", req.executorId, 128);
+      const executorId = ownExecutorId(executor, req.executorId);
       const waitMs = req.wait ? durationMs(req.wait) : 0;
       if (!(waitMs >= 0)) throw invalidArgument("wait", "must not be negative");
       const capacity = req.capacity ? capacityOf("capacity", req.capacity) : undefined;
@@ -254,12 +256,12 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       return create(AcquireLeaseResponseSchema, { lease: leaseToProto(leased.dispatch, leased.agent, grantsTo(executor)) });
     },
     async heartbeat(req, ctx) {
-      requireService(ctx, "executor");
+      const caller = requireService(ctx, "executor");
       const id = requireUlid("dispatch_id", req.dispatchId);
       const lease = requireUlid("lease_id", req.leaseId);
       const executor =
         req.capacity && req.executorId
-          ? { executorId: requireNonEmpty("executor_id", req.executorId, 128), capacity: capacityOf("capacity", req.capacity) }
+          ? { executorId: ownExecutorId(caller, req.executorId), capacity: capacityOf("capacity", req.capacity) }
           : undefined;
       const { expiresAt, cancelRequested } = await dispatcher.heartbeat(id, lease, executor);
       return create(HeartbeatResponseSchema, { expireTime: timestampFromMs(expiresAt), cancelRequested });
@@ -273,8 +275,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       return create(ReleaseLeaseResponseSchema, { dispatch: dispatchToProto(record) });
     },
     async *watchCancellations(req, ctx) {
-      requireService(ctx, "executor");
-      const executorId = requireNonEmpty("executor_id", req.executorId, 128);
+      const executorId = ownExecutorId(requireService(ctx, "executor"), req.executorId);
       for await (const c of dispatcher.cancellationsFor(executorId, callEndSignal(ctx))) {
         yield create(WatchCancellationsResponseSchema, c);
       }
@@ -282,7 +283,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
     },
     async listExecutorLeases(req, ctx) {
       const executor = requireService(ctx, "executor");
-      const executorId = requireNonEmpty("executor_id", req.executorId, 128);
+      const executorId = ownExecutorId(executor, req.executorId);
       const leases = await dispatcher.leasesOf(executorId);
       return create(ListExecutorLeasesResponseSchema, { leases: leases.map((l) => leaseToProto(l.dispatch, l.agent, grantsTo(executor))) });
     },
@@ -441,6 +442,19 @@ function requireAgent(agent: Agent | undefined): Agent {
   requireNoNul("agent.image", agent.image);
   agent.command.forEach((arg, i) => requireNoNul(`agent.command[${i}]`, arg));
   return agent;
+}
+
+/**
+ * The executor id a lease call names, which must be the caller's own: an executor's signed
+ * identity is "executor/<id>" and it acts for no other, so one broken-into executor cannot take,
+ * list or watch another's leases, nor report capacity in its name.
+ */
+function ownExecutorId(caller: Identity, executorId: string): string {
+  const id = requireNonEmpty("executor_id", executorId, 128);
+  if (caller.principal !== `executor/${id}`) {
+    throw permissionDenied("EXECUTOR_ID_MISMATCH", `executor_id "${id.slice(0, 128)}" is not the caller's own (${caller.principal.slice(0, 140)})`);
+  }
+  return id;
 }
 
 /** The caller's tenant when a tenant calls, else "" (admins, services). */

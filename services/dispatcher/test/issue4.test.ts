@@ -489,7 +489,8 @@ describe("fleet status and executor leases", () => {
     const mine = await leases.listExecutorLeases({ executorId: "host-1" });
     expect(mine.leases.map((l) => l.dispatch?.id)).toEqual([got.lease?.dispatch?.id]);
     expect(mine.leases[0]?.agent?.name).toBe("demo");
-    expect((await leases.listExecutorLeases({ executorId: "host-2" })).leases).toEqual([]);
+    // An executor may list only its own leases: naming another's id is refused.
+    await expectError(leases.listExecutorLeases({ executorId: "host-2" }), Code.PermissionDenied, "EXECUTOR_ID_MISMATCH");
     await expectError(leases.listExecutorLeases({ executorId: "" }), Code.InvalidArgument);
     await expectError(
       leases.acquireLease({ executorId: "host-1", capacity: { slotsTotal: -1 } }),

@@ -18,7 +18,7 @@ import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_ser
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
-import { EXECUTOR, tenantIdentity } from "./helpers.ts";
+import { tenantIdentity } from "./helpers.ts";
 import { startDispatcherProcess, stop, type Proc } from "./process-helpers.ts";
 import { startCuttableRedis, type CuttableRedis } from "../../../test/support/cuttable-redis.ts";
 import { signerFor } from "../../../test/support/signing.ts";
@@ -53,17 +53,21 @@ describe("two dispatcher replicas on one store and one Redis", () => {
   const TENANTS = ["01JTENANTAAAAAAAAAAAAAAAAA", "01JTENANTBBBBBBBBBBBBBBBBB"] as const;
   const tenant = (i: number, t: string = TENANTS[0]) =>
     internalClient(DispatchService, { baseUrl: urls[i]!, signingKeys: signerFor(tenantIdentity(t)), identity: tenantIdentity(t) });
-  const executor = (i: number) => internalClient(LeaseService, { baseUrl: urls[i]!, signingKeys: signerFor(EXECUTOR), identity: EXECUTOR });
+  /** Replica `i`'s LeaseService as executor `executorId` (an executor may only name itself). */
+  const executor = (i: number, executorId: string) => {
+    const identity = { kind: "service", principal: `executor/${executorId}` } as const;
+    return internalClient(LeaseService, { baseUrl: urls[i]!, signingKeys: signerFor(identity), identity });
+  };
 
   /** Leases runs on replica 1 until one of `ids` (not `skip`), and reports it failed by the agent. */
   const failOne = async (ids: Set<string>, skip?: string) => {
     for (;;) {
-      const { lease } = await executor(0).acquireLease({ executorId: "host-circuit", wait: durationFromMs(0) });
+      const { lease } = await executor(0, "host-circuit").acquireLease({ executorId: "host-circuit", wait: durationFromMs(0) });
       if (!lease) throw new Error("the queue ran dry before the agent's runs failed");
       const dispatchId = lease.dispatch!.id;
       if (!ids.has(dispatchId) || dispatchId === skip) continue;
-      await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.RUNNING });
-      await executor(0).reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.FAILED, exitCode: 1 });
+      await executor(0, "host-circuit").reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.RUNNING });
+      await executor(0, "host-circuit").reportRunState({ dispatchId, leaseId: lease.leaseId, state: Dispatch_State.FAILED, exitCode: 1 });
       return;
     }
   };
@@ -83,10 +87,10 @@ describe("two dispatcher replicas on one store and one Redis", () => {
 
   it("an executor long-polling replica 2 gets work created on replica 1 promptly", async () => {
     // Warm up both connections and let the subscriber attach.
-    await executor(1).acquireLease({ executorId: "warm", wait: durationFromMs(0) });
+    await executor(1, "warm").acquireLease({ executorId: "warm", wait: durationFromMs(0) });
     await new Promise((r) => setTimeout(r, 300));
     for (let i = 0; i < 5; i++) {
-      const poll = executor(1).acquireLease({ executorId: "host-2", wait: durationFromMs(20_000) });
+      const poll = executor(1, "host-2").acquireLease({ executorId: "host-2", wait: durationFromMs(20_000) });
       await new Promise((r) => setTimeout(r, 100)); // the poll is waiting on replica 2
       const created = (await tenant(0).createDispatch({ agent: "demo", task: `wake ${i}` })).dispatch!;
       const createdAt = Date.now();
@@ -106,7 +110,7 @@ describe("two dispatcher replicas on one store and one Redis", () => {
     const leased: string[] = [];
     const worker = async (replica: number, n: number) => {
       for (;;) {
-        const { lease } = await executor(replica).acquireLease({ executorId: `host-${replica}-${n}`, wait: durationFromMs(0) });
+        const { lease } = await executor(replica, `host-${replica}-${n}`).acquireLease({ executorId: `host-${replica}-${n}`, wait: durationFromMs(0) });
         if (!lease) return;
         leased.push(lease.dispatch!.id);
       }

@@ -110,12 +110,33 @@ describe("identity", () => {
     // A restarted executor listing its leases gets a fresh grant too (to redact a re-adopted run).
     const listed = await leases().listExecutorLeases({ executorId: "host-1" });
     expect(() => checkSecretGrant(tenantKeys, listed.leases[0]!.secretGrant, covers)).not.toThrow();
-    // Another executor asking for host-1's leases (or taking a lease under host-1's id) gets none.
-    const other = { kind: "service", principal: "executor/host-2" } as const;
-    expect((await leases(other).listExecutorLeases({ executorId: "host-1" })).leases.map((l) => l.secretGrant)).toEqual([""]);
     // A run without secrets gets no grant.
     await dispatches().createDispatch(ok);
     expect((await leases().acquireLease({ executorId: "host-1" })).lease?.secretGrant).toBe("");
+  });
+
+  it("an executor acts only as itself: naming another executor's id is PERMISSION_DENIED on every lease call that names one", async () => {
+    const created = await dispatches().createDispatch({ ...ok, secretNames: ["GH_TOKEN"] });
+    const { lease } = await leases().acquireLease({ executorId: "host-1" });
+    const other = leases({ kind: "service", principal: "executor/host-2" });
+    const refused = (call: Promise<unknown>) => expectError(call, Code.PermissionDenied, "EXECUTOR_ID_MISMATCH");
+    // host-2 cannot list host-1's leases (and with them their secret grants and lease ids)...
+    await refused(other.listExecutorLeases({ executorId: "host-1" }));
+    // ...nor take work, watch cancellations or report capacity in host-1's name.
+    await dispatches().createDispatch(ok);
+    await refused(other.acquireLease({ executorId: "host-1" }));
+    await refused(
+      (async () => {
+        for await (const _ of other.watchCancellations({ executorId: "host-1" })) break;
+      })(),
+    );
+    await refused(other.heartbeat({ dispatchId: created.dispatch!.id, leaseId: lease!.leaseId, executorId: "host-1", capacity: { slotsTotal: 99 } }));
+    // A prefix or a look-alike is not the same id either.
+    await refused(leases().listExecutorLeases({ executorId: "host-" }));
+    await refused(leases().listExecutorLeases({ executorId: "executor/host-1" }));
+    // The refused calls changed nothing: host-1 still holds its lease and the second run is queued.
+    expect((await leases().listExecutorLeases({ executorId: "host-1" })).leases.map((l) => l.dispatch?.id)).toEqual([created.dispatch!.id]);
+    expect((await leases().acquireLease({ executorId: "host-1" })).lease?.dispatch?.state).toBe(Dispatch_State.STARTING);
   });
 
   it("a call without a signed identity is UNAUTHENTICATED; another tenant's dispatch is NOT_FOUND", async () => {
