@@ -36,6 +36,12 @@ export const gatewayConfigShape = {
   OUTPOST_ADMIN_TOKEN: z.string({ error: "is required (the admin credential)" }).min(32, { message: "must be at least 32 characters" }),
   /** How long a verified API key is trusted before the tenant service is asked again. */
   OUTPOST_AUTH_CACHE_TTL_MS: setting.durationMs(2000),
+  /**
+   * How often the credential of every open server stream is checked again, so a stream ends when
+   * its key is revoked or its tenant suspended even where no invalidation reaches the gateway
+   * (no Redis, a lost message). With Redis they end at once (core/open-streams.ts).
+   */
+  OUTPOST_GATEWAY_STREAM_RECHECK_MS: setting.durationMs(30_000),
   /** Largest request message accepted at the edge. */
   OUTPOST_MAX_REQUEST_BYTES: setting.positiveInt(1024 * 1024),
   /** Concurrent HTTP/2 streams (calls, log subscriptions) one client connection may hold open. */

@@ -2,7 +2,8 @@
  * Forwarding handlers, derived from the contracts: every method of every public service is
  * passed to its owning service over gRPC with the caller's identity signed into the metadata,
  * the client's deadline, and the trace context. Requests and responses are decoded and
- * re-encoded on the way, so a malformed message is refused at the edge.
+ * re-encoded on the way, so a malformed message is refused at the edge. A server stream ends
+ * with its credential's refusal when that credential is revoked while it is open (open-streams.ts).
  */
 import { type DescMethod, type DescService, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { type CallOptions, Code, type ConnectRouter, ConnectError, type HandlerContext, type ServiceImpl, type Transport, createClient } from "@connectrpc/connect";
@@ -17,9 +18,10 @@ import {
   ServerReflectionRequestSchema as ServerReflectionRequestV1AlphaSchema,
   ServerReflectionResponseSchema as ServerReflectionResponseV1AlphaSchema,
 } from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
+import type { OpenStreams } from "./core/open-streams.ts";
 import type { ReflectionIndex } from "./core/reflection.ts";
 
-export function registerForwarding(router: ConnectRouter, service: DescService, transport: Transport, signingKeys: SigningKeys): void {
+export function registerForwarding(router: ConnectRouter, service: DescService, transport: Transport, signingKeys: SigningKeys, openStreams: OpenStreams): void {
   const client = createClient(service, transport) as unknown as Record<string, (req: unknown, options: CallOptions) => unknown>;
   const impl: Record<string, unknown> = {};
 
@@ -33,7 +35,7 @@ export function registerForwarding(router: ConnectRouter, service: DescService, 
 
   for (const method of service.methods) {
     const call = client[method.localName]!.bind(client);
-    impl[method.localName] = forwarder(method, call, optionsFor);
+    impl[method.localName] = forwarder(method, call, optionsFor, openStreams);
   }
   router.service(service, impl as ServiceImpl<DescService>);
 }
@@ -42,6 +44,7 @@ function forwarder(
   method: DescMethod,
   call: (req: unknown, options: CallOptions) => unknown,
   optionsFor: (ctx: HandlerContext, streaming: boolean) => CallOptions,
+  openStreams: OpenStreams,
 ) {
   switch (method.methodKind) {
     case "unary":
@@ -55,14 +58,21 @@ function forwarder(
     case "server_streaming":
       return async function* (req: unknown, ctx: HandlerContext) {
         const options = optionsFor(ctx, true);
+        const revoked = new AbortController();
+        const unwatch = openStreams.watch(ctx.requestHeader, callerOf(ctx), (refusal) => revoked.abort(refusal));
+        options.signal = AbortSignal.any([options.signal!, revoked.signal]);
         try {
           yield* call(req, options) as AsyncIterable<unknown>;
         } catch (err) {
+          // The caller's key was revoked (or its tenant suspended) while the stream was open.
+          if (revoked.signal.aborted) throw revoked.signal.reason;
           // The gateway is draining: end the stream cleanly; clients resume.
           if (ctx.values.get(drainSignalKey).aborted) return;
           // The client's deadline passed (or it left): say so, whatever the upstream said first.
           if (ctx.signal.aborted) throw ConnectError.from(ctx.signal.reason);
           throw upstreamFailure(err);
+        } finally {
+          unwatch();
         }
       };
     default:

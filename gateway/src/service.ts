@@ -9,6 +9,7 @@ import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_i
 import { type GatewayConfig, rateLimitModeOf } from "./config.ts";
 import { AUTH_INVALIDATE_CHANNEL, Authenticator } from "./core/authenticator.ts";
 import { type CorsPolicy, corsAnswer } from "./core/cors.ts";
+import { OpenStreams } from "./core/open-streams.ts";
 import { type RateCounter, RateLimitPolicy } from "./core/rate-limit.ts";
 import { ReflectionIndex } from "./core/reflection.ts";
 import { PUBLIC_SERVICES, type Upstream } from "./core/routing.ts";
@@ -40,6 +41,8 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
       };
     },
   });
+
+  const openStreams = new OpenStreams({ authenticator, recheckMs: config.OUTPOST_GATEWAY_STREAM_RECHECK_MS, logger });
 
   const redis = config.OUTPOST_REDIS_URL ? connectRedis(config.OUTPOST_REDIS_URL, logger) : undefined;
   const subscriber = redis && subscribeToInvalidations(redis, authenticator, logger);
@@ -87,6 +90,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     signingKeys,
     readMaxBytes: config.OUTPOST_MAX_REQUEST_BYTES,
     bodyBudget,
+    openStreams,
     logger,
   });
   const server = await startServer({
@@ -111,7 +115,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
       return false;
     },
     routes(router) {
-      for (const { service, upstream } of PUBLIC_SERVICES) registerForwarding(router, service, transports[upstream], signingKeys);
+      for (const { service, upstream } of PUBLIC_SERVICES) registerForwarding(router, service, transports[upstream], signingKeys, openStreams);
       registerReflection(router, reflection);
     },
   });
@@ -121,6 +125,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     async close() {
       await server.close();
       rawUnary.close();
+      openStreams.close();
       bodyBudget.close();
       await rateLimits?.close();
       subscriber?.disconnect();

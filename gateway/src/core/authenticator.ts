@@ -16,6 +16,9 @@ export type KeyLookup = (apiKey: string) => Promise<{ tenantId: string; apiKeyId
 /** Channel on which the tenant service announces revocations and suspensions (contract E). */
 export const AUTH_INVALIDATE_CHANNEL = "outpost:auth:invalidate";
 
+/** What an invalidation dropped: one key (by its SHA-256 hex), a tenant's keys, or everything. */
+export type Invalidation = { kind: "key"; keyHash: string } | { kind: "tenant"; tenantId: string } | { kind: "all" };
+
 export interface AuthenticatorOptions {
   adminToken: string;
   lookup: KeyLookup;
@@ -25,6 +28,12 @@ export interface AuthenticatorOptions {
 
 function sha256(value: string): Buffer {
   return createHash("sha256").update(value).digest();
+}
+
+/** The SHA-256 hex of the credential in `headers` (what the cache and invalidations name it by), if any. */
+export function credentialHashOf(headers: Headers): string | undefined {
+  const credential = credentialOf(headers);
+  return credential === undefined ? undefined : sha256(credential).toString("hex");
 }
 
 /** Extracts the credential from `authorization: Bearer …` or `x-api-key`. */
@@ -45,10 +54,14 @@ export class Authenticator {
   private readonly cache = new Map<string, { identity: Identity; expiresAt: number }>();
   /** Tier request rates by tenant, as last sent by the tenant service. */
   private readonly tenantRates = new Map<string, Partial<RateLimits>>();
-  /** One tenant-service lookup per key at a time; concurrent calls with the same key share it. */
-  private readonly inFlight = new Map<string, Promise<Identity>>();
-  /** Bumped by every invalidation, so a lookup that raced one is not cached. */
+  /**
+   * One tenant-service lookup per key at a time; concurrent calls with the same key share it,
+   * unless an invalidation came since it began (its answer may predate a revocation).
+   */
+  private readonly inFlight = new Map<string, { generation: number; identity: Promise<Identity> }>();
+  /** Bumped by every invalidation, so a lookup that raced one is neither cached nor shared. */
   private generation = 0;
+  private readonly invalidationListeners: ((what: Invalidation) => void)[] = [];
 
   constructor(options: AuthenticatorOptions) {
     this.adminTokenHash = sha256(options.adminToken);
@@ -71,10 +84,15 @@ export class Authenticator {
     const cached = this.cache.get(cacheKey);
     if (cached && cached.expiresAt > this.now()) return cached.identity;
     const pending = this.inFlight.get(cacheKey);
-    if (pending) return pending;
-    const lookup = this.verify(credential, cacheKey).finally(() => this.inFlight.delete(cacheKey));
-    this.inFlight.set(cacheKey, lookup);
-    return lookup;
+    if (pending?.generation === this.generation) return pending.identity;
+    const entry = { generation: this.generation, identity: this.verify(credential, cacheKey) };
+    entry.identity
+      .finally(() => {
+        if (this.inFlight.get(cacheKey) === entry) this.inFlight.delete(cacheKey);
+      })
+      .catch(() => {}); // the caller handles the failure; this chain only tidies up
+    this.inFlight.set(cacheKey, entry);
+    return entry.identity;
   }
 
   /** The identity of a credential if it is the admin token or a key trusted right now, without asking anyone. */
@@ -104,8 +122,11 @@ export class Authenticator {
         if (entry.identity.kind === "tenant" && entry.identity.tenantId === tenantId) this.cache.delete(key);
       }
       this.tenantRates.delete(tenantId);
+      this.announce({ kind: "tenant", tenantId });
     } else {
-      this.cache.delete(message.trim().toLowerCase());
+      const keyHash = message.trim().toLowerCase();
+      this.cache.delete(keyHash);
+      this.announce({ kind: "key", keyHash });
     }
   }
 
@@ -114,6 +135,16 @@ export class Authenticator {
     this.generation++;
     this.cache.clear();
     this.tenantRates.clear();
+    this.announce({ kind: "all" });
+  }
+
+  /** Calls `listener` after each invalidation, once the cache no longer trusts what it dropped. */
+  onInvalidation(listener: (what: Invalidation) => void): void {
+    this.invalidationListeners.push(listener);
+  }
+
+  private announce(what: Invalidation): void {
+    for (const listener of this.invalidationListeners) listener(what);
   }
 
   private async verify(credential: string, cacheKey: string): Promise<Identity> {

@@ -18,7 +18,9 @@
  *   gateway's log under that id;
  * - a stream's messages pass through as they come, with backpressure (a client that stops
  *   reading pauses its upstream stream, not the others); when the gateway drains, its streams
- *   end cleanly (OK), as on the Connect path, and clients resume from their last sequence.
+ *   end cleanly (OK), as on the Connect path, and clients resume from their last sequence;
+ *   when the caller's key is revoked (or its tenant suspended) meanwhile, they end with that
+ *   refusal (open-streams.ts).
  *
  * Everything else (gRPC-Web, compressed requests, Connect GET, reflection, health) takes the
  * Connect path in routes.ts, which behaves the same.
@@ -45,6 +47,7 @@ import {
 } from "@outpost/platform";
 import type { EdgeOptions } from "../edge.ts";
 import { admitCall, clientIpOf } from "../edge.ts";
+import type { OpenStreams } from "../core/open-streams.ts";
 import { PUBLIC_SERVICES, type Upstream } from "../core/routing.ts";
 import { connectUnary } from "./raw-connect.ts";
 import { connectServerStream } from "./raw-connect-stream.ts";
@@ -117,6 +120,8 @@ export interface RawUnaryOptions extends Pick<EdgeOptions, "authenticator" | "ra
   readMaxBytes: number;
   /** Request bodies count against it while they are read; undefined: no budget. */
   bodyBudget?: BodyBudget;
+  /** Ends open server streams whose credential is revoked. */
+  openStreams: OpenStreams;
   logger: Logger;
 }
 
@@ -185,6 +190,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
     }
     const { span, ctx } = startServerSpan(route.method.parent.typeName, route.method.name, header);
     let code = Code.Unknown as Code | 0;
+    let unwatch: (() => void) | undefined;
     try {
       code = await otelContext.with(ctx, async () => {
         let budget: [string, string][] = [];
@@ -216,12 +222,16 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
           // Where the protocol can end an answer with a status between two messages (gRPC, any
           // kind; Connect streams), a failing upstream or the deadline ends it that way. A unary
           // call finishes on its own when the gateway drains; a stream is ended.
-          const ending: AnswerEnding | undefined = protocol.endStream
-            ? {
-                end: (error) => protocol.endStream!(req, res, budget, error),
-                drainSignal: route.method.methodKind === "server_streaming" ? drainSignal : undefined,
-              }
-            : undefined;
+          let ending: AnswerEnding | undefined;
+          if (protocol.endStream) {
+            ending = { end: (error) => protocol.endStream!(req, res, budget, error) };
+            if (route.method.methodKind === "server_streaming") {
+              ending.drainSignal = drainSignal;
+              const revoked = new AbortController();
+              if (admitted.identity) unwatch = options.openStreams.watch(header, admitted.identity, (refusal) => revoked.abort(refusal));
+              ending.revokedSignal = revoked.signal;
+            }
+          }
           return await exchange(sessionTo(route.upstream), req, res, outgoing, body, remainingMs, ending, (answer, done) =>
             protocol.relayAnswer(answer, res, budget, mask, done),
           );
@@ -243,6 +253,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
         }
       });
     } finally {
+      unwatch?.();
       const label = rpcCodeLabel(code);
       requests.inc({ method: methodName, code: label });
       endTimer({ code: label });
@@ -411,6 +422,11 @@ export interface AnswerEnding {
   end(error?: ConnectError): void;
   /** Server streams only: fires when the server drains, and the stream then ends cleanly (OK). */
   drainSignal?: AbortSignal;
+  /**
+   * Server streams only: fires when the caller's credential is refused while the stream is open;
+   * the stream then ends with the refusal (its `reason`, a ConnectError) as its status.
+   */
+  revokedSignal?: AbortSignal;
 }
 
 /** How long a draining gateway waits for a stream's last bytes to reach a slow client. */
@@ -422,8 +438,9 @@ const DRAIN_FLUSH_MS = 1000;
  * anything reached the client, so the caller can answer instead; after that, the client's
  * answer ends with UNAVAILABLE as its status where `ending` can end it between two messages
  * (retryable, and a log subscriber resumes from its last sequence), and is broken off otherwise.
- * The same when `timeoutMs` passes, with DEADLINE_EXCEEDED. When the server drains (streams
- * only), the upstream call is cancelled and the client's answer ends cleanly (OK). Every path
+ * The same when `timeoutMs` passes, with DEADLINE_EXCEEDED, and when the caller's credential is
+ * revoked (streams only), with its refusal. When the server drains (streams only), the upstream
+ * call is cancelled and the client's answer ends cleanly (OK). Every path
  * settles exactly once, and nothing of the upstream reaches the client after it settled.
  */
 function exchange(
@@ -437,10 +454,16 @@ function exchange(
   onAnswer: (answer: UpstreamAnswer, done: (code: Code | 0) => void) => RelayState | void,
 ): Promise<Code | 0> {
   return new Promise((resolve, reject) => {
-    // Already draining: no upstream call for a stream that would be ended at once.
+    // Already draining (or the key already refused): no upstream call for a stream that would be ended at once.
     if (ending?.drainSignal?.aborted) {
       ending.end();
       resolve(0);
+      return;
+    }
+    if (ending?.revokedSignal?.aborted) {
+      const refusal = ending.revokedSignal.reason as ConnectError;
+      ending.end(refusal);
+      resolve(refusal.code);
       return;
     }
     const outgoing: http2.OutgoingHttpHeaders = { ":method": "POST", ":path": req.url! };
@@ -463,6 +486,7 @@ function exchange(
       clearTimeout(deadlineTimer);
       res.off("close", onClientGone);
       ending?.drainSignal?.removeEventListener("abort", onDrain);
+      ending?.revokedSignal?.removeEventListener("abort", onRevoked);
       // A cancelled upstream may still deliver a chunk or two: none may reach a finished answer.
       upstream.removeAllListeners("data");
       if ("error" in outcome) reject(outcome.error);
@@ -494,6 +518,13 @@ function exchange(
       setTimeout(flushed, DRAIN_FLUSH_MS).unref();
     };
     ending?.drainSignal?.addEventListener("abort", onDrain, { once: true });
+    const onRevoked = () => {
+      if (settled) return;
+      const refusal = ending!.revokedSignal!.reason as ConnectError;
+      endAnswerHere(ending!, refusal);
+      settle({ code: refusal.code });
+    };
+    ending?.revokedSignal?.addEventListener("abort", onRevoked, { once: true });
     // A timer cannot wait longer than MAX_TIMER_MS (a longer delay fires at once): a deadline
     // further off than that (about 24.8 days) is passed on but not held here.
     if (timeoutMs !== undefined && timeoutMs <= MAX_TIMER_MS) {

@@ -1,0 +1,187 @@
+/**
+ * Ends the open server streams of a credential that stops being valid (SPEC G2, T2: a revoked
+ * key, a suspended tenant). A call's credential is checked when the call starts; a log
+ * subscription or a dispatch watch can then stay open for hours, and would outlive its key's
+ * revocation. So each open stream's credential is checked again, the way a new call's would be
+ * (Authenticator.authenticate: from its cache while that holds, else by the tenant service):
+ *
+ * - at once when the authenticator drops its trust in the credential (the tenant service
+ *   published the key's revocation or its tenant's suspension; or the invalidation channel
+ *   reconnected, when messages may have been lost, and every credential is checked);
+ * - every `recheckMs` whatever happens, for a gateway without Redis (it hears no invalidations)
+ *   and for a lost message.
+ *
+ * A credential the tenant service now refuses ends every stream it opened, with that refusal
+ * (UNAUTHENTICATED API_KEY_REVOKED, PERMISSION_DENIED TENANT_SUSPENDED). A credential that
+ * cannot be checked right now (the tenant service unreachable) keeps its streams, as a new call
+ * on a cached key would be let through; the next check asks again. The admin token is a setting
+ * of the process and cannot be revoked while it runs, so admin streams are not watched.
+ *
+ * The credential is kept (in a Headers of its own) while a stream it opened is open, so it can
+ * be asked about again; the stream's request holds it that long anyway.
+ */
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { Identity, Logger } from "@outpost/platform";
+import { type Authenticator, credentialHashOf, type Invalidation } from "./authenticator.ts";
+
+/** Credentials checked at once in a periodic sweep, so a sweep never floods the tenant service. */
+const SWEEP_BATCH = 16;
+
+export interface OpenStreamsOptions {
+  authenticator: Authenticator;
+  /** How often every open stream's credential is checked again, invalidations or not. */
+  recheckMs: number;
+  logger: Pick<Logger, "info" | "warn">;
+}
+
+/** Ends one stream with the refusal of its credential. */
+export type EndStream = (refusal: ConnectError) => void;
+
+interface WatchedCredential {
+  /** Only the credential's own headers. */
+  readonly header: Headers;
+  readonly tenantId: string;
+  readonly streams: Set<EndStream>;
+  /** The check under way; another asked for meanwhile runs after it (`again`). */
+  checking?: Promise<void>;
+  again: boolean;
+}
+
+export class OpenStreams {
+  private readonly byCredential = new Map<string, WatchedCredential>();
+  private readonly timer: NodeJS.Timeout;
+  private sweeping = false;
+
+  private readonly options: OpenStreamsOptions;
+
+  constructor(options: OpenStreamsOptions) {
+    this.options = options;
+    options.authenticator.onInvalidation((what) => this.invalidated(what));
+    this.timer = setInterval(() => void this.sweep(), options.recheckMs);
+    this.timer.unref();
+  }
+
+  /**
+   * Watches a stream opened by `identity` with the credential in `header`; `end` is called at
+   * most once, if that credential stops being valid. Call the returned function when the
+   * stream ends, whichever way.
+   */
+  watch(header: Headers, identity: Identity, end: EndStream): () => void {
+    if (identity.kind !== "tenant") return () => {};
+    const keyHash = credentialHashOf(header);
+    if (keyHash === undefined) return () => {};
+    let watched = this.byCredential.get(keyHash);
+    if (!watched) {
+      watched = { header: credentialHeaderOf(header), tenantId: identity.tenantId, streams: new Set(), again: false };
+      this.byCredential.set(keyHash, watched);
+    }
+    let ended = false;
+    const endOnce: EndStream = (refusal) => {
+      if (ended) return;
+      ended = true;
+      end(refusal);
+    };
+    watched.streams.add(endOnce);
+    // The call was admitted a moment ago; if the cache no longer trusts its key, an
+    // invalidation may have come in between (before this stream could hear of it).
+    if (!this.options.authenticator.cachedIdentity(header)) void this.check(keyHash);
+    return () => {
+      ended = true;
+      this.forget(keyHash, endOnce);
+    };
+  }
+
+  /** Streams watched now (for metrics and tests). */
+  get size(): number {
+    let n = 0;
+    for (const watched of this.byCredential.values()) n += watched.streams.size;
+    return n;
+  }
+
+  close(): void {
+    clearInterval(this.timer);
+  }
+
+  private invalidated(what: Invalidation): void {
+    if (what.kind === "key") {
+      void this.check(what.keyHash);
+      return;
+    }
+    if (what.kind === "all") {
+      void this.sweep();
+      return;
+    }
+    for (const [keyHash, watched] of this.byCredential) if (watched.tenantId === what.tenantId) void this.check(keyHash);
+  }
+
+  /** Checks every watched credential, a batch at a time; one sweep at a time. */
+  private async sweep(): Promise<void> {
+    if (this.sweeping) return;
+    this.sweeping = true;
+    try {
+      const keyHashes = [...this.byCredential.keys()];
+      for (let i = 0; i < keyHashes.length; i += SWEEP_BATCH) {
+        await Promise.all(keyHashes.slice(i, i + SWEEP_BATCH).map((keyHash) => this.check(keyHash)));
+      }
+    } finally {
+      this.sweeping = false;
+    }
+  }
+
+  /** Asks about one credential again; a refusal ends its streams. Settles without throwing. */
+  private check(keyHash: string): Promise<void> {
+    const watched = this.byCredential.get(keyHash);
+    if (!watched) return Promise.resolve();
+    if (watched.checking) {
+      // Asked for while a check is under way (whose answer may predate what prompted this one).
+      watched.again = true;
+      return watched.checking;
+    }
+    watched.checking = this.refusalOf(watched.header).then((refusal) => {
+      watched.checking = undefined;
+      if (refusal) {
+        this.byCredential.delete(keyHash);
+        this.options.logger.info({ tenantId: watched.tenantId, streams: watched.streams.size, reason: refusal.rawMessage }, "ending open streams of a credential no longer valid");
+        for (const end of watched.streams) end(refusal);
+        return;
+      }
+      if (watched.streams.size === 0) this.byCredential.delete(keyHash);
+      else if (watched.again) {
+        watched.again = false;
+        return this.check(keyHash);
+      }
+    });
+    return watched.checking;
+  }
+
+  /** The credential's refusal by the tenant service, or undefined while it is valid or cannot be checked. */
+  private async refusalOf(header: Headers): Promise<ConnectError | undefined> {
+    try {
+      await this.options.authenticator.authenticate(header);
+      return undefined;
+    } catch (err) {
+      const error = ConnectError.from(err);
+      if (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) return error;
+      this.options.logger.warn({ reason: error.rawMessage }, "cannot check an open stream's credential right now; will ask again");
+      return undefined;
+    }
+  }
+
+  private forget(keyHash: string, end: EndStream): void {
+    const watched = this.byCredential.get(keyHash);
+    if (!watched) return;
+    watched.streams.delete(end);
+    // A credential being checked stays until the check is done (it then goes if nothing is left).
+    if (watched.streams.size === 0 && !watched.checking) this.byCredential.delete(keyHash);
+  }
+}
+
+/** The credential headers of `header` only, so the rest of the request is not kept. */
+function credentialHeaderOf(header: Headers): Headers {
+  const kept = new Headers();
+  for (const name of ["authorization", "x-api-key"]) {
+    const value = header.get(name);
+    if (value !== null) kept.set(name, value);
+  }
+  return kept;
+}
