@@ -6,7 +6,7 @@
  */
 import { createHash } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { errorInfoOf, unauthenticated, unavailable, permissionDenied, type Identity } from "@outpost/platform";
+import { errorInfoOf, unauthenticated, unavailable, permissionDenied } from "@outpost/platform";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { Authenticator, type KeyLookup } from "../src/core/authenticator.ts";
 import { OpenStreams } from "../src/core/open-streams.ts";
@@ -18,7 +18,6 @@ const KEY_C = `otp_${"c3".repeat(32)}`;
 const TENANT_OF: Record<string, string> = { [KEY_A]: "T1", [KEY_B]: "T2", [KEY_C]: "T1" };
 
 const bearer = (key: string) => new Headers({ authorization: `Bearer ${key}`, "user-agent": "test" });
-const tenant = (key: string): Identity => ({ kind: "tenant", tenantId: TENANT_OF[key]!, principal: `key/${key.slice(4, 8)}` });
 const hashOf = (key: string) => createHash("sha256").update(key).digest("hex");
 const silent = { info() {}, warn() {} };
 

@@ -11,8 +11,8 @@ import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { Redis } from "ioredis";
 import { errorInfoOf } from "@outpost/platform";
 import { TEST_SIGNING_KEY_SET } from "../support/signing.ts";
@@ -309,6 +309,45 @@ describe("auth cache invalidation across gateway replicas (G2)", () => {
     expect(ms).toBeLessThan(1000);
     const err = await failure(onSecond.dispatches.getDispatch({ dispatchId: MISSING }));
     expect(err.code).toBe(Code.Unauthenticated);
+  });
+
+  it("a key revoked through gateway 1 ends its open streams on gateway 2 within one second (raw and Connect paths)", async () => {
+    const owner = await newTenant("Stream revoker", Tier.ENTERPRISE);
+    const watcher = await owner.clients.apiKeys.createApiKey({ displayName: "watcher" });
+    const run = await owner.clients.dispatches.createDispatch({ agent: "demo", task: "sleep=60" });
+    const dispatchId = run.dispatch!.id;
+    const auth: Interceptor[] = [(next) => (req) => (req.header.set("authorization", `Bearer ${watcher.apiKeyPlaintext}`), next(req))];
+    const watch = (transport: Parameters<typeof createClient>[1]) => {
+      let first!: () => void;
+      const opened = new Promise<void>((resolve) => (first = resolve));
+      const ended = (async () => {
+        try {
+          for await (const _ of createClient(DispatchService, transport).watchDispatch({ dispatchId }, { timeoutMs: 60_000 })) first();
+          return { at: Date.now(), error: undefined };
+        } catch (err) {
+          return { at: Date.now(), error: ConnectError.from(err) };
+        }
+      })();
+      return { opened, ended };
+    };
+    try {
+      // Gateway 2 trusts the key for 60 s and re-checks open streams every 30 s (the default):
+      // only the published revocation can end these streams within a second.
+      const streams = [
+        watch(createConnectTransport({ baseUrl: second.urls.gateway, httpVersion: "1.1", interceptors: auth })),
+        watch(createGrpcWebTransport({ baseUrl: second.urls.gateway, httpVersion: "1.1", interceptors: auth })),
+      ];
+      await Promise.all(streams.map((s) => s.opened));
+      const revokedAt = Date.now();
+      await owner.clients.apiKeys.revokeApiKey({ apiKeyId: watcher.apiKey!.id });
+      for (const stream of streams) {
+        const end = await stream.ended;
+        expect([end.error?.code, end.error && errorInfoOf(end.error)?.reason]).toEqual([Code.Unauthenticated, "API_KEY_REVOKED"]);
+        expect(end.at - revokedAt).toBeLessThan(1000);
+      }
+    } finally {
+      await owner.clients.dispatches.cancelDispatch({ dispatchId }).catch(() => {});
+    }
   });
 
   it("a suspended tenant's cached keys stop working on every replica within one second", async () => {
