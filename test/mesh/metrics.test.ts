@@ -11,6 +11,7 @@ import Docker from "dockerode";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { REPO_ROOT, SERVICES } from "../../scripts/lib/mesh.ts";
+import { sample, scrape } from "../support/metrics.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
 
 let t: TestMesh;
@@ -24,22 +25,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await t?.mesh.stop();
 });
-
-/** Value of the first sample whose name and labels match (labels as a substring test). */
-function sample(text: string, name: string, ...labels: string[]): number | undefined {
-  for (const line of text.split("\n")) {
-    if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
-    if (labels.every((l) => line.includes(l))) return Number(line.slice(line.lastIndexOf(" ") + 1));
-  }
-  return undefined;
-}
-
-async function scrape(url: string): Promise<string> {
-  const res = await fetch(`${url}/metrics`);
-  expect(res.status).toBe(200);
-  expect(res.headers.get("content-type")).toContain("text/plain");
-  return res.text();
-}
 
 describe("metrics and logs of the real processes", () => {
   it("scrapes RPC and domain metrics from every service after a dispatch, and no log holds the API key", async () => {

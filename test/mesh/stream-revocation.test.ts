@@ -15,6 +15,7 @@ import { errorInfoOf } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { sample, scrape } from "../support/metrics.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
 
 let t: TestMesh;
@@ -57,6 +58,11 @@ function follow(stream: AsyncIterable<unknown>) {
 
 const client = <T extends DescService>(service: T, transport: Transport): Client<T> => createClient(service, transport);
 
+/** A sample of the gateway's /metrics (0 when absent). */
+async function gatewayMetric(name: string, ...labels: string[]): Promise<number> {
+  return sample(await scrape(t.mesh.urls.gateway), name, ...labels) ?? 0;
+}
+
 async function waitFor(check: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
   const started = Date.now();
   while (!check()) {
@@ -96,6 +102,8 @@ describe("open streams and revocation, without Redis (periodic re-check)", () =>
       // The first key's stream is still open (the revocation was of one key, not the tenant).
       const stillOpen = await Promise.race([kept.ended.then(() => false), new Promise((r) => setTimeout(() => r(true), 500))]);
       expect(stillOpen).toBe(true);
+      expect(await gatewayMetric("outpost_gateway_streams_revoked_total", 'code="unauthenticated"')).toBe(revokedStreams.length);
+      expect(await gatewayMetric("outpost_gateway_watched_streams")).toBe(1);
 
       // Suspending the tenant ends the first key's stream too, with the suspension.
       const suspendedAt = Date.now();
@@ -103,6 +111,8 @@ describe("open streams and revocation, without Redis (periodic re-check)", () =>
       const end = await kept.ended;
       expect([end.error?.code, end.error && errorInfoOf(end.error)?.reason]).toEqual([Code.PermissionDenied, "TENANT_SUSPENDED"]);
       expect(end.at - suspendedAt).toBeLessThan(8_000);
+      expect(await gatewayMetric("outpost_gateway_streams_revoked_total", 'code="permission_denied"')).toBe(1);
+      expect(await gatewayMetric("outpost_gateway_watched_streams")).toBe(0);
       await t.admin.tenants.reactivateTenant({ tenantId: owner.tenantId });
       // Ending the watchers' streams did nothing to the run they watched: it is still going.
       const state = (await owner.clients.dispatches.getDispatch({ dispatchId })).dispatch?.state;

@@ -21,7 +21,7 @@
  * be asked about again; the stream's request holds it that long anyway.
  */
 import { Code, ConnectError } from "@connectrpc/connect";
-import type { Identity, Logger } from "@outpost/platform";
+import { counter, gauge, rpcCodeLabel, type Identity, type Logger } from "@outpost/platform";
 import { type Authenticator, credentialHashOf, type Invalidation } from "./authenticator.ts";
 
 /** Credentials checked at once in a periodic sweep, so a sweep never floods the tenant service. */
@@ -32,6 +32,16 @@ export interface OpenStreamsOptions {
   /** How often every open stream's credential is checked again, invalidations or not. */
   recheckMs: number;
   logger: Pick<Logger, "info" | "warn">;
+}
+
+/** Instances in this process, for the gauge (in-process tests start several gateways). */
+const live = new Set<OpenStreams>();
+
+function registerMetrics() {
+  gauge("outpost_gateway_watched_streams", "Open server streams of tenant keys whose credential the gateway re-checks.", [], (g) => {
+    g.set([...live].reduce((sum, streams) => sum + streams.size, 0));
+  });
+  return counter("outpost_gateway_streams_revoked_total", "Open streams ended because their key was refused (revoked, tenant suspended), by status code.", ["code"]);
 }
 
 /** Ends one stream with the refusal of its credential. */
@@ -51,6 +61,7 @@ export class OpenStreams {
   private readonly byCredential = new Map<string, WatchedCredential>();
   private readonly timer: NodeJS.Timeout;
   private sweeping = false;
+  private readonly revokedTotal = registerMetrics();
 
   private readonly options: OpenStreamsOptions;
 
@@ -59,6 +70,7 @@ export class OpenStreams {
     options.authenticator.onInvalidation((what) => this.invalidated(what));
     this.timer = setInterval(() => void this.sweep(), options.recheckMs);
     this.timer.unref();
+    live.add(this);
   }
 
   /**
@@ -100,6 +112,7 @@ export class OpenStreams {
 
   close(): void {
     clearInterval(this.timer);
+    live.delete(this);
   }
 
   private invalidated(what: Invalidation): void {
@@ -142,6 +155,7 @@ export class OpenStreams {
       if (refusal) {
         this.byCredential.delete(keyHash);
         this.options.logger.info({ tenantId: watched.tenantId, streams: watched.streams.size, reason: refusal.rawMessage }, "ending open streams of a credential no longer valid");
+        this.revokedTotal.inc({ code: rpcCodeLabel(refusal.code) }, watched.streams.size);
         for (const end of watched.streams) end(refusal);
         return;
       }
