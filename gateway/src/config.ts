@@ -50,6 +50,12 @@ export const gatewayConfigShape = {
   OUTPOST_GATEWAY_BODY_BUDGET_BYTES: setting.positiveInt(64 * 1024 * 1024),
   /** Of the body budget, what the calls of one client IP may hold; default a quarter of it (bodyBudgetOf). */
   OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES: z.coerce.number().int().positive().optional(),
+  /**
+   * How long one request body may take to arrive whole, whatever the client's deadline: past it
+   * the call fails DEADLINE_EXCEEDED REQUEST_BODY_TIMEOUT and its share of the body budget is free
+   * again (docs/edge.md). Also bounds a reflection stream, whose body is its requests.
+   */
+  OUTPOST_GATEWAY_BODY_TIMEOUT_MS: setting.durationMs(60_000),
   /** Shared rate-limit counters and auth-cache invalidation between replicas; absent = in-process only. */
   OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
   /** Where rate limits are counted: redis (default when OUTPOST_REDIS_URL is set), memory (default otherwise), or off. */

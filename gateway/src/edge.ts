@@ -32,6 +32,8 @@ export function edgeBodyBudget(config: GatewayConfig, logger: Logger): BodyBudge
   return new BodyBudget({
     ...bodyBudgetOf(config),
     settings: { total: "OUTPOST_GATEWAY_BODY_BUDGET_BYTES", per_client_ip: "OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES" },
+    holdLimitMs: config.OUTPOST_GATEWAY_BODY_TIMEOUT_MS,
+    holdLimitSetting: "OUTPOST_GATEWAY_BODY_TIMEOUT_MS",
     clientOf: clientIpOf,
     logger,
   });

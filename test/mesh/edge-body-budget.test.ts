@@ -128,20 +128,65 @@ function outcome(answer: H2Answer | "no answer", requestType: string): string {
   return succeeded ? "OK" : `no status (HTTP ${String(answer.head[":status"])})`;
 }
 
+/**
+ * A gateway process with `env` in front of a stand-in upstream that answers every call OK, and
+ * what the tests use of it. Call `start` in beforeAll and `stop` in afterAll.
+ */
+function edgeUnderTest(env: () => Record<string, string>) {
+  let fake: http2.Http2Server | undefined;
+  const edge = {
+    mesh: undefined as Mesh | undefined,
+    dir: "",
+    port: 0,
+    async start() {
+      const adapter = connectNodeAdapter({
+        routes(router) {
+          router.service(DispatchService, { getDispatch: () => ({}) } as never);
+          router.service(LogService, { async *subscribeLogs() {} } as never);
+        },
+      });
+      fake = http2.createServer(adapter);
+      const fakePort = await freePort();
+      await new Promise<void>((resolve) => fake!.listen(fakePort, "127.0.0.1", resolve));
+      edge.dir = mkdtempSync(path.join(os.tmpdir(), "outpost-body-budget-"));
+      edge.mesh = await startMesh({
+        dataDir: path.join(edge.dir, "data"),
+        logDir: path.join(edge.dir, "logs"),
+        adminToken: ADMIN,
+        only: ["gateway"],
+        ports: { tenant: fakePort, dispatcher: fakePort, telemetry: fakePort },
+        env: { OUTPOST_RATE_LIMIT: "off", OUTPOST_MAX_REQUEST_BYTES: String(MAX_REQUEST_BYTES), ...env() },
+      });
+      edge.port = Number(new URL(edge.mesh.urls.gateway).port);
+    },
+    async stop() {
+      await edge.mesh?.stop();
+      fake?.close();
+      if (edge.dir) rmSync(edge.dir, { recursive: true, force: true });
+    },
+    session(localAddress = "127.0.0.1") {
+      const s = http2.connect(`http://127.0.0.1:${edge.port}`, { createConnection: () => net.connect({ port: edge.port, host: "127.0.0.1", localAddress }) });
+      s.on("error", () => {});
+      return s;
+    },
+    /** A sample of the gateway's metrics (the first line of `name`). */
+    async metric(name: string): Promise<number> {
+      const text = await (await fetch(`${edge.mesh!.urls.gateway}/metrics`)).text();
+      return Number(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, "m").exec(text)?.[1]);
+    },
+  };
+  return edge;
+}
+
 describe("the gateway's body budget (real process, every path)", () => {
-  let fake: http2.Http2Server;
-  let edge: Mesh;
+  const under = edgeUnderTest(() => ({
+    OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES: String(heldBytes + 500),
+    OUTPOST_GATEWAY_BODY_BUDGET_BYTES: String(heldBytes + other.body.length + 500),
+  }));
   let dir: string;
   let port: number;
-  const session = (localAddress = "127.0.0.1") => {
-    const s = http2.connect(`http://127.0.0.1:${port}`, { createConnection: () => net.connect({ port, host: "127.0.0.1", localAddress }) });
-    s.on("error", () => {});
-    return s;
-  };
-  const scrape = async () => {
-    const text = await (await fetch(`${edge.urls.gateway}/metrics`)).text();
-    return Number(/^outpost_request_body_buffered_bytes(?:\{[^}]*\})? (\S+)$/m.exec(text)?.[1]);
-  };
+  const session = (localAddress = "127.0.0.1") => under.session(localAddress);
+  const scrape = () => under.metric("outpost_request_body_buffered_bytes");
   /** The buffered bytes once they stop changing toward `want` (releases follow closes by a turn or two). */
   const settledGauge = async (want: number) => {
     let got = await scrape();
@@ -160,37 +205,12 @@ describe("the gateway's body budget (real process, every path)", () => {
   const heldBytes = [...held, ...heldH1].reduce((sum, r) => sum + r.body.length, 0);
 
   beforeAll(async () => {
-    const adapter = connectNodeAdapter({
-      routes(router) {
-        router.service(DispatchService, { getDispatch: () => ({}) } as never);
-        router.service(LogService, { async *subscribeLogs() {} } as never);
-      },
-    });
-    fake = http2.createServer(adapter);
-    const fakePort = await freePort();
-    await new Promise<void>((resolve) => fake.listen(fakePort, "127.0.0.1", resolve));
-    dir = mkdtempSync(path.join(os.tmpdir(), "outpost-body-budget-"));
-    edge = await startMesh({
-      dataDir: path.join(dir, "data"),
-      logDir: path.join(dir, "logs"),
-      adminToken: ADMIN,
-      only: ["gateway"],
-      ports: { tenant: fakePort, dispatcher: fakePort, telemetry: fakePort },
-      env: {
-        OUTPOST_RATE_LIMIT: "off",
-        OUTPOST_MAX_REQUEST_BYTES: String(MAX_REQUEST_BYTES),
-        OUTPOST_GATEWAY_BODY_BUDGET_PER_IP_BYTES: String(heldBytes + 500),
-        OUTPOST_GATEWAY_BODY_BUDGET_BYTES: String(heldBytes + other.body.length + 500),
-      },
-    });
-    port = Number(new URL(edge.urls.gateway).port);
+    await under.start();
+    dir = under.dir;
+    port = under.port;
   });
 
-  afterAll(async () => {
-    await edge?.stop();
-    fake?.close();
-    if (dir) rmSync(dir, { recursive: true, force: true });
-  });
+  afterAll(() => under.stop());
 
   it("refuses calls past the budget at once, RESOURCE_EXHAUSTED BODY_BUDGET_EXHAUSTED over each protocol, and the held calls still complete", async () => {
     expect(await scrape()).toBe(0);
@@ -288,5 +308,44 @@ describe("the gateway's body budget (real process, every path)", () => {
     expect(fresh).toEqual(Object.fromEntries(Object.keys(fresh).map((what) => [what, "OK"])));
     late.close();
     expect(await settledGauge(0)).toBe(0);
+  });
+});
+
+describe("the gateway's body time limit (OUTPOST_GATEWAY_BODY_TIMEOUT_MS, real process, every path)", () => {
+  const LIMIT_MS = 600;
+  const under = edgeUnderTest(() => ({ OUTPOST_GATEWAY_BODY_TIMEOUT_MS: String(LIMIT_MS) }));
+  beforeAll(() => under.start());
+  afterAll(() => under.stop());
+
+  it("fails a body still arriving at the limit with DEADLINE_EXCEEDED REQUEST_BODY_TIMEOUT on every path, gives its bytes back, and lets a slow but finished body through", async () => {
+    const timeoutsBefore = await under.metric("outpost_request_body_timeouts_total");
+    const one = under.session();
+    // No deadline from the client: only the gateway's limit can end these.
+    const h2 = h2Requests(20_000).map((r) => ({ ...r, ...h2Call(one, r.headers, r.body.subarray(0, -HELD_BACK), { end: false, timeoutMs: 10_000 }) }));
+    const h1 = [h1Request("connect", 20_000), h1Request("grpc-web", 20_000)].map((r) => ({ ...r, ...h1Call(under.port, r.headers, r.body.subarray(0, -HELD_BACK)) }));
+    const got: Record<string, string> = {};
+    const early: string[] = [];
+    for (const call of [...h2, ...h1]) {
+      const answer = await call.answer;
+      got[call.what] = outcome(answer, String(call.headers["content-type"]));
+      if (answer !== "no answer" && answer.ms < LIMIT_MS - 50) early.push(`${call.what} after ${answer.ms} ms`);
+    }
+    expect(got).toEqual(Object.fromEntries([...h2, ...h1].map((c) => [c.what, "DeadlineExceeded REQUEST_BODY_TIMEOUT none"])));
+    expect(early).toEqual([]);
+    // HTTP/1.1: the rest of the body is not read, so the connection is not kept.
+    for (const call of h1) {
+      const answer = await call.answer;
+      expect(answer !== "no answer" && answer.head["connection"], call.what).toBe("close");
+    }
+    expect(await under.metric("outpost_request_body_buffered_bytes")).toBe(0);
+    expect((await under.metric("outpost_request_body_timeouts_total")) - timeoutsBefore).toBe(h2.length + h1.length);
+
+    // A body sent in two parts, the second after a pause well within the limit, passes.
+    const slow = h2Requests(20_000)[0]!;
+    const call = h2Call(one, slow.headers, slow.body.subarray(0, -HELD_BACK), { end: false });
+    await new Promise((resolve) => setTimeout(resolve, LIMIT_MS / 3));
+    call.stream.end(slow.body.subarray(-HELD_BACK));
+    expect(outcome(await call.answer, "application/grpc")).toBe("OK");
+    one.close();
   });
 });

@@ -279,7 +279,8 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
  * content-length says so) and giving up at the client's deadline (`deadline`, on the
  * performance.now() clock): a client that never ends its body gets DEADLINE_EXCEEDED on time.
  * While it is read the body holds its charge of the body budget (`openCharge`), given back
- * once it is read or its read failed; one that would take the budget over is refused.
+ * once it is read or its read failed; one that would take the budget over is refused, and one
+ * still arriving at the budget's hold limit fails with DEADLINE_EXCEEDED REQUEST_BODY_TIMEOUT.
  */
 async function readBody(
   req: ClientRequest,
@@ -292,6 +293,8 @@ async function readBody(
   const promised = Number(req.headers["content-length"]);
   if (promised > maxBytes + envelopeBytes) throw tooBig();
   const charge = openCharge();
+  // The body budget's hold limit ends the read like a deadline (DEADLINE_EXCEEDED, REQUEST_BODY_TIMEOUT).
+  const overdue = charge?.holdLimited ? new Promise<never>((_, reject) => charge.onOverdue(reject)) : undefined;
   const chunks: Buffer[] = [];
   let size = 0;
   const iterator = (req as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
@@ -304,9 +307,10 @@ async function readBody(
       : new Promise<never>((_, reject) => {
           timer = setTimeout(() => reject(new ConnectError("the deadline passed before the request was read", Code.DeadlineExceeded)), Math.max(0, remainingMs));
         });
+  const stops = [late, overdue].filter((stop) => stop !== undefined);
   try {
     for (;;) {
-      const next = late ? await Promise.race([iterator.next(), late]) : await iterator.next();
+      const next = stops.length > 0 ? await Promise.race([iterator.next(), ...stops]) : await iterator.next();
       if (next.done) break;
       size += next.value.length;
       if (size > maxBytes + envelopeBytes) throw tooBig();

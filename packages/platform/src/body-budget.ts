@@ -16,6 +16,11 @@
  * `perClientBytes`, is refused RESOURCE_EXHAUSTED with ErrorInfo `BODY_BUDGET_EXHAUSTED`
  * (metadata: which budget, its setting and limit) and RetryInfo; the reader answers it in the
  * call's protocol. Refusals are counted by budget and logged (warn) at most once a minute.
+ *
+ * A body may hold its charge for at most `holdLimitMs`: a client that starts a body and then
+ * stops sending (with no deadline, or a long one) would otherwise keep it until it leaves. Past
+ * that, the charge is given back and the read fails with DEADLINE_EXCEEDED, ErrorInfo
+ * `REQUEST_BODY_TIMEOUT` (`onOverdue`), which the reader answers in the call's protocol.
  */
 import type http from "node:http";
 import type http2 from "node:http2";
@@ -33,6 +38,8 @@ type Response = http.ServerResponse | http2.Http2ServerResponse;
 
 /** ErrorInfo reason of a call refused because the server holds too many request bodies. */
 export const BODY_BUDGET_EXHAUSTED = "BODY_BUDGET_EXHAUSTED";
+/** ErrorInfo reason of a call whose body did not arrive whole within the budget's hold limit. */
+export const REQUEST_BODY_TIMEOUT = "REQUEST_BODY_TIMEOUT";
 
 /** Which budget refused a call (ErrorInfo `metadata.budget`, the refusals counter's label). */
 export type BodyBudgetName = "total" | "per_client_ip";
@@ -51,6 +58,10 @@ export interface BodyBudgetOptions {
   logger: Logger;
   /** At most one warning per this many ms while calls are refused (default 60 s). */
   warnIntervalMs?: number;
+  /** How long one body may take to arrive whole (and hold its charge); undefined: no limit. */
+  holdLimitMs?: number;
+  /** The setting behind `holdLimitMs`, named in the refusal's ErrorInfo. */
+  holdLimitSetting?: string;
 }
 
 /** How long a refused client is told to wait before it tries again. */
@@ -72,11 +83,17 @@ function registerMetrics(): void {
     g.set([...live].reduce((sum, b) => sum + b.limitBytes, 0));
   });
   bodyBudgetRefusals();
+  bodyTimeouts();
 }
 
 /** Calls refused RESOURCE_EXHAUSTED by the body budget, by which budget refused them. */
 export function bodyBudgetRefusals() {
   return counter("outpost_request_body_budget_refusals_total", "Calls refused with RESOURCE_EXHAUSTED BODY_BUDGET_EXHAUSTED, by budget (total, per_client_ip).", ["budget"]);
+}
+
+/** Request bodies that did not arrive whole within the hold limit. */
+export function bodyTimeouts() {
+  return counter("outpost_request_body_timeouts_total", "Calls failed with DEADLINE_EXCEEDED REQUEST_BODY_TIMEOUT: their body did not arrive whole within the hold limit.");
 }
 
 export class BodyBudget {
@@ -87,6 +104,7 @@ export class BodyBudget {
   private buffered = 0;
   private readonly byClient = new Map<string, number>();
   private readonly refusals = bodyBudgetRefusals();
+  private readonly timeouts = bodyTimeouts();
   private lastWarnAt: number | undefined;
   private refusedSinceWarn = 0;
 
@@ -117,7 +135,7 @@ export class BodyBudget {
   charge(req: Request, res?: Response): BodyCharge {
     const client = this.options.clientOf?.(req) ?? req.socket?.remoteAddress ?? "";
     const contentType = req.headers["content-type"];
-    const charge = new BodyCharge(this, client, declaredLength(req.headers["content-length"]), typeof contentType === "string" && ENVELOPED.test(contentType), res);
+    const charge = new BodyCharge(this, client, declaredLength(req.headers["content-length"]), typeof contentType === "string" && ENVELOPED.test(contentType), res, this.options.holdLimitMs);
     charge.add(NO_BYTES);
     return charge;
   }
@@ -145,6 +163,18 @@ export class BodyBudget {
     const left = (this.byClient.get(client) ?? 0) - bytes;
     if (left > 0) this.byClient.set(client, left);
     else this.byClient.delete(client);
+  }
+
+  /** The failure of a body that was not read whole within the hold limit (and counts it). */
+  overdue(): ConnectError {
+    this.timeouts.inc();
+    const limitMs = this.options.holdLimitMs!;
+    return outpostError(
+      Code.DeadlineExceeded,
+      REQUEST_BODY_TIMEOUT,
+      `the request body did not arrive whole within ${limitMs} ms; send it at once, or retry`,
+      { setting: this.options.holdLimitSetting ?? "hold limit", limit_ms: String(limitMs) },
+    );
   }
 
   private refuse(budget: BodyBudgetName, limit: number, client: string): ConnectError {
@@ -183,18 +213,44 @@ export class BodyCharge {
   private charged = 0;
   private released = false;
   private readonly onClose = () => this.release();
+  private readonly holdLimitMs: number | undefined;
+  private overdueTimer: NodeJS.Timeout | undefined;
+  private overdueListener: ((error: ConnectError) => void) | undefined;
 
-  constructor(budget: BodyBudget, client: string, declared: number | undefined, enveloped: boolean, res: Response | undefined) {
+  constructor(budget: BodyBudget, client: string, declared: number | undefined, enveloped: boolean, res: Response | undefined, holdLimitMs?: number) {
     this.budget = budget;
     this.client = client;
     this.declared = declared;
     this.head = declared === undefined && enveloped ? Buffer.alloc(0) : undefined;
     this.res = res;
+    this.holdLimitMs = holdLimitMs;
+  }
+
+  /**
+   * Calls `listener` (once, with DEADLINE_EXCEEDED REQUEST_BODY_TIMEOUT) if the body is still
+   * being read when the hold limit passes, counted from this call; the charge is given back
+   * first. The reader then stops reading and answers the error. No limit: never called.
+   */
+  onOverdue(listener: (error: ConnectError) => void): void {
+    if (this.holdLimitMs === undefined || this.released) return;
+    this.overdueListener = listener;
+    this.overdueTimer ??= setTimeout(() => {
+      const listener = this.overdueListener;
+      if (this.released || !listener) return;
+      this.release();
+      listener(this.budget.overdue());
+    }, this.holdLimitMs);
+    this.overdueTimer.unref();
   }
 
   /** Bytes this body holds of the budget now. */
   get bytes(): number {
     return this.charged;
+  }
+
+  /** True when the body must arrive within a hold limit (`onOverdue` will fire if it does not). */
+  get holdLimited(): boolean {
+    return this.holdLimitMs !== undefined;
   }
 
   /**
@@ -221,6 +277,8 @@ export class BodyCharge {
   release(): void {
     if (this.released) return;
     this.released = true;
+    clearTimeout(this.overdueTimer);
+    this.overdueListener = undefined;
     this.res?.off("close", this.onClose);
     this.budget.give(this.client, this.charged);
     this.charged = 0;
@@ -244,6 +302,11 @@ export class BodyCharge {
 /** True when `err` is a body budget's refusal (it then ended a body's read). */
 export function isBodyBudgetRefusal(err: unknown): boolean {
   return err instanceof ConnectError && err.code === Code.ResourceExhausted && errorInfoOf(err)?.reason === BODY_BUDGET_EXHAUSTED;
+}
+
+/** True when `err` ended a body's read for the budget: a refusal, or the hold limit passed. */
+export function isBodyBudgetStop(err: unknown): boolean {
+  return isBodyBudgetRefusal(err) || (err instanceof ConnectError && err.code === Code.DeadlineExceeded && errorInfoOf(err)?.reason === REQUEST_BODY_TIMEOUT);
 }
 
 /** A content-length header's value, when it is a plain non-negative number. */

@@ -377,8 +377,8 @@ function contentLength(req: Request, readMaxBytes: number): number | undefined {
 /**
  * The request body, read whole. A body of more than `readMaxBytes` (plus the envelope) is
  * refused as it arrives; over gRPC, as soon as the envelope's header promises more. Reading
- * stops when the call's deadline passes or its client goes away (`signal`). The body holds its
- * `charge` of the body budget until then.
+ * stops when the call's deadline passes or its client goes away (`signal`), or the budget's
+ * hold limit passes first. The body holds its `charge` of the body budget until then.
  */
 function readBody(req: Request, readMaxBytes: number, envelopeBytes: number, signal: AbortSignal, charge: BodyCharge | undefined): Promise<Buffer> {
   return new Promise((resolve, reject) => {
@@ -422,6 +422,7 @@ function readBody(req: Request, readMaxBytes: number, envelopeBytes: number, sig
     req.once("end", onEnd);
     req.once("error", onError);
     signal.addEventListener("abort", onAbort, { once: true });
+    charge?.onOverdue(fail);
   });
 }
 

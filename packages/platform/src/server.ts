@@ -24,7 +24,7 @@ import { observeCallEnd } from "./call-end.ts";
 import { maskedInternalMessage, unsupportedConnectVersion } from "./errors.ts";
 import { applyRuntimeFixes } from "./runtime.ts";
 import { leanUnaryPath } from "./lean-unary.ts";
-import { isBodyBudgetRefusal, type BodyBudget, type BodyCharge } from "./body-budget.ts";
+import { isBodyBudgetStop, type BodyBudget, type BodyCharge } from "./body-budget.ts";
 
 /** Answered with 200 before any middleware, for process supervisors and load balancers. */
 export const LIVENESS_PATH = "/healthz";
@@ -339,8 +339,9 @@ function discardRestOnceAnswered(req: http.IncomingMessage | http2.Http2ServerRe
 /**
  * connect-node's reads of a request body (gRPC-Web, streams, compressed calls the lean path
  * leaves to it) count against the body budget as they come; a body that would take it over
- * ends the read with RESOURCE_EXHAUSTED, which connect-node answers in the call's protocol.
- * The charge is given back when the body ends, its read fails, or the response closes.
+ * ends the read with RESOURCE_EXHAUSTED, and one still arriving at the budget's hold limit with
+ * DEADLINE_EXCEEDED, which connect-node answers in the call's protocol. The charge is given
+ * back when the body ends, its read fails, or the response closes.
  */
 function chargeBodyReads(req: http.IncomingMessage | http2.Http2ServerRequest, res: http.ServerResponse | http2.Http2ServerResponse, budget: BodyBudget): void {
   if (req.method !== "POST") return;
@@ -352,12 +353,19 @@ function chargeBodyReads(req: http.IncomingMessage | http2.Http2ServerRequest, r
       let charge: BodyCharge | undefined;
       try {
         charge = budget.charge(req, res);
-        for (let next = await chunks.next(); next.done !== true; next = await chunks.next()) {
+        // Raced only when it can fire: a promise that never settles would keep every race's reaction.
+        let overdue: Promise<never> | undefined;
+        if (charge.holdLimited) {
+          const held = charge;
+          overdue = new Promise<never>((_, reject) => held.onOverdue(reject));
+        }
+        const nextChunk = () => (overdue ? Promise.race([chunks.next(), overdue]) : chunks.next());
+        for (let next = await nextChunk(); next.done !== true; next = await nextChunk()) {
           charge.add(next.value);
           yield next.value;
         }
       } catch (err) {
-        if (isBodyBudgetRefusal(err)) discardRestOnceAnswered(req, res);
+        if (isBodyBudgetStop(err)) discardRestOnceAnswered(req, res);
         throw err;
       } finally {
         charge?.release();

@@ -1,7 +1,7 @@
 import { EventEmitter } from "node:events";
 import type http from "node:http";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { BODY_BUDGET_EXHAUSTED, BodyBudget, errorInfoOf, isBodyBudgetRefusal, metricsText, type Logger } from "@outpost/platform";
+import { BODY_BUDGET_EXHAUSTED, BodyBudget, errorInfoOf, isBodyBudgetRefusal, isBodyBudgetStop, metricsText, REQUEST_BODY_TIMEOUT, type Logger } from "@outpost/platform";
 import { RetryInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { afterEach, describe, expect, it } from "vitest";
 import { silentLogger } from "./helpers.ts";
@@ -174,6 +174,31 @@ describe("BodyBudget", () => {
     // A closed budget no longer counts.
     budget.close();
     expect(sample((await metricsText()).body, "outpost_request_body_budget_bytes")).toBe(0);
+  });
+
+  it("gives a body's charge back at the hold limit and tells its reader, DEADLINE_EXCEEDED REQUEST_BODY_TIMEOUT naming the setting", async () => {
+    const budget = new BodyBudget({ limitBytes: 10_000, largestBodyBytes: 1000, logger: silentLogger, holdLimitMs: 50, holdLimitSetting: "HOLD_SETTING" });
+    budgets.push(budget);
+    const stalled = budget.charge(request({ "content-length": "800" }));
+    const finished = budget.charge(request({ "content-length": "100" }));
+    expect(stalled.holdLimited).toBe(true);
+    const told: ConnectError[] = [];
+    stalled.onOverdue((err) => told.push(err));
+    finished.onOverdue(() => told.push(new ConnectError("the finished body must not be told", Code.Internal)));
+    finished.release(); // read whole in time
+    expect(budget.bufferedBytes).toBe(800);
+    await new Promise((resolve) => setTimeout(resolve, 120));
+    expect(told.map((e) => [e.code, errorInfoOf(e)?.reason, errorInfoOf(e)?.metadata["setting"], errorInfoOf(e)?.metadata["limit_ms"]])).toEqual([
+      [Code.DeadlineExceeded, REQUEST_BODY_TIMEOUT, "HOLD_SETTING", "50"],
+    ]);
+    expect(isBodyBudgetStop(told[0])).toBe(true);
+    expect(budget.bufferedBytes).toBe(0);
+    stalled.add(bytes(10)); // nothing counts once given back
+    expect(budget.bufferedBytes).toBe(0);
+    // Without a limit there is nothing to wait for.
+    const unlimited = budgetOf(10_000).charge(request());
+    expect(unlimited.holdLimited).toBe(false);
+    unlimited.release();
   });
 
   it("is no refusal for other errors", () => {
