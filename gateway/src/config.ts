@@ -41,7 +41,7 @@ export const gatewayConfigShape = {
    * its key is revoked or its tenant suspended even where no invalidation reaches the gateway
    * (no Redis, a lost message). With Redis they end at once (core/open-streams.ts).
    */
-  OUTPOST_GATEWAY_STREAM_RECHECK_MS: setting.durationMs(30_000),
+  OUTPOST_GATEWAY_STREAM_RECHECK_MS: setting.timerMs(30_000),
   /** Largest request message accepted at the edge. */
   OUTPOST_MAX_REQUEST_BYTES: setting.positiveInt(1024 * 1024),
   /** Concurrent HTTP/2 streams (calls, log subscriptions) one client connection may hold open. */
@@ -55,7 +55,7 @@ export const gatewayConfigShape = {
    * the call fails DEADLINE_EXCEEDED REQUEST_BODY_TIMEOUT and its share of the body budget is free
    * again (docs/edge.md). Also bounds a reflection stream, whose body is its requests.
    */
-  OUTPOST_GATEWAY_BODY_TIMEOUT_MS: setting.durationMs(60_000),
+  OUTPOST_GATEWAY_BODY_TIMEOUT_MS: setting.timerMs(60_000),
   /** Shared rate-limit counters and auth-cache invalidation between replicas; absent = in-process only. */
   OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
   /** Where rate limits are counted: redis (default when OUTPOST_REDIS_URL is set), memory (default otherwise), or off. */

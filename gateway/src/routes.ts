@@ -7,7 +7,7 @@
  */
 import { type DescMethod, type DescService, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { type CallOptions, Code, type ConnectRouter, ConnectError, type HandlerContext, type ServiceImpl, type Transport, createClient } from "@connectrpc/connect";
-import { callEndSignal, callerOf, drainSignalKey, type SigningKeys } from "@outpost/platform";
+import { callerOf, drainSignalKey, type SigningKeys } from "@outpost/platform";
 import {
   ServerReflection,
   ServerReflectionRequestSchema,
@@ -25,12 +25,17 @@ export function registerForwarding(router: ConnectRouter, service: DescService, 
   const client = createClient(service, transport) as unknown as Record<string, (req: unknown, options: CallOptions) => unknown>;
   const impl: Record<string, unknown> = {};
 
-  const optionsFor = (ctx: HandlerContext, streaming: boolean): CallOptions => {
+  /**
+   * A unary call finishes on its own when the server drains; only streams end on the drain
+   * signal too, and on `revoked` (their key refused while open). One combined signal per stream:
+   * combining signals costs on every call of the hot path, and each one registers with the
+   * server-wide drain signal.
+   */
+  const optionsFor = (ctx: HandlerContext, revoked?: AbortSignal): CallOptions => {
     const headers = new Headers();
     signingKeys.writeIdentity(headers, callerOf(ctx));
-    // A unary call finishes on its own when the server drains; only streams need the drain
-    // signal too (combining signals costs on every call of the hot path).
-    return { signal: streaming ? callEndSignal(ctx) : ctx.signal, timeoutMs: ctx.timeoutMs(), headers };
+    const signal = revoked ? AbortSignal.any([ctx.signal, ctx.values.get(drainSignalKey), revoked]) : ctx.signal;
+    return { signal, timeoutMs: ctx.timeoutMs(), headers };
   };
 
   for (const method of service.methods) {
@@ -43,24 +48,23 @@ export function registerForwarding(router: ConnectRouter, service: DescService, 
 function forwarder(
   method: DescMethod,
   call: (req: unknown, options: CallOptions) => unknown,
-  optionsFor: (ctx: HandlerContext, streaming: boolean) => CallOptions,
+  optionsFor: (ctx: HandlerContext, revoked?: AbortSignal) => CallOptions,
   openStreams: OpenStreams,
 ) {
   switch (method.methodKind) {
     case "unary":
       return async (req: unknown, ctx: HandlerContext) => {
         try {
-          return await call(req, optionsFor(ctx, false));
+          return await call(req, optionsFor(ctx));
         } catch (err) {
           throw ctx.signal.aborted ? err : upstreamFailure(err);
         }
       };
     case "server_streaming":
       return async function* (req: unknown, ctx: HandlerContext) {
-        const options = optionsFor(ctx, true);
         const revoked = new AbortController();
         const unwatch = openStreams.watch(ctx.requestHeader, callerOf(ctx), (refusal) => revoked.abort(refusal));
-        options.signal = AbortSignal.any([options.signal!, revoked.signal]);
+        const options = optionsFor(ctx, revoked.signal);
         try {
           yield* call(req, options) as AsyncIterable<unknown>;
         } catch (err) {

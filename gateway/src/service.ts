@@ -28,9 +28,18 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     signingKeys,
     identity: { kind: "service", principal: "gateway" },
   });
+  let lastLookupWarnAt = -Infinity;
   const authenticator = new Authenticator({
     adminToken: config.OUTPOST_ADMIN_TOKEN,
     cacheTtlMs: config.OUTPOST_AUTH_CACHE_TTL_MS,
+    // The tenant service unreachable, or refusing the gateway itself (clock skew, a signing key
+    // it does not trust): callers get UNAVAILABLE; the operator needs to know why.
+    onLookupFailure(err) {
+      const now = performance.now();
+      if (now - lastLookupWarnAt < 60_000) return;
+      lastLookupWarnAt = now;
+      logger.warn({ err: err instanceof Error ? err.message : String(err) }, "API key lookups are failing: calls get UNAVAILABLE AUTH_UNAVAILABLE (logged at most once a minute)");
+    },
     async lookup(apiKey) {
       const res = await tenantInternal.authenticateApiKey({ apiKey }, { timeoutMs: AUTH_CALL_TIMEOUT_MS });
       const limits = res.limits;

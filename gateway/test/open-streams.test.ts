@@ -23,7 +23,7 @@ const silent = { info() {}, warn() {} };
 
 /** The tenant service as the test sets it: each key valid, revoked, suspended, or unreachable. */
 function tenantService() {
-  const state = new Map<string, "valid" | "revoked" | "suspended" | "down">([KEY_A, KEY_B, KEY_C].map((k) => [k, "valid"]));
+  const state = new Map<string, "valid" | "revoked" | "suspended" | "down" | "gateway refused">([KEY_A, KEY_B, KEY_C].map((k) => [k, "valid"]));
   const lookup: KeyLookup = async (apiKey) => {
     switch (state.get(apiKey)) {
       case "revoked":
@@ -32,6 +32,9 @@ function tenantService() {
         throw permissionDenied("TENANT_SUSPENDED", "the tenant is suspended");
       case "down":
         throw unavailable("TENANT_DOWN", "unreachable");
+      case "gateway refused":
+        // The tenant service refusing the gateway's own call (its identity expired), not the key.
+        throw unauthenticated("IDENTITY_EXPIRED", "the signed identity has expired");
       default:
         return { tenantId: TENANT_OF[apiKey]!, apiKeyId: apiKey.slice(4, 8) };
     }
@@ -106,6 +109,36 @@ describe("OpenStreams", () => {
     // The periodic check asks again (the key is not cached: its lookups failed).
     state.set(KEY_A, "revoked");
     await vi.waitFor(() => expect(a.ended.map((e) => e.code)).toEqual([Code.Unauthenticated]), { timeout: 2000, interval: 10 });
+  });
+
+  it("keeps every stream open while the tenant service refuses the gateway's own call (not the key), and new calls get UNAVAILABLE", async () => {
+    const { auth, state, open } = setup();
+    const [a, b] = [await open(KEY_A), await open(KEY_B)];
+    state.set(KEY_A, "gateway refused");
+    state.set(KEY_B, "gateway refused");
+    auth.invalidateAll();
+    await settle();
+    expect([a.ended, b.ended]).toEqual([[], []]);
+    const refused = await auth.authenticate(bearer(KEY_A)).catch((err: ConnectError) => err);
+    expect([(refused as ConnectError).code, errorInfoOf(refused as ConnectError)?.reason]).toEqual([Code.Unavailable, "AUTH_UNAVAILABLE"]);
+  });
+
+  it("sweeps again after a sweep asked for while one was running (a reconnect during a slow sweep)", async () => {
+    const { auth, state, open, lookup } = setup();
+    const [a, b] = [await open(KEY_A), await open(KEY_B)];
+    // B's lookups are slow: the first sweep is still running when the second is asked for.
+    lookup.mockImplementation(async (apiKey) => {
+      if (apiKey === KEY_B) await new Promise((r) => setTimeout(r, 100));
+      if (state.get(apiKey) === "revoked") throw unauthenticated("API_KEY_REVOKED", "the API key has been revoked");
+      return { tenantId: TENANT_OF[apiKey]!, apiKeyId: "k" };
+    });
+    auth.invalidateAll();
+    await settle(); // A checked (valid) by the first sweep; B still being checked
+    expect(a.ended).toEqual([]);
+    state.set(KEY_A, "revoked");
+    auth.invalidateAll();
+    await vi.waitFor(() => expect(a.ended.map((e) => e.code)).toEqual([Code.Unauthenticated]), { timeout: 1000, interval: 10 });
+    expect(b.ended).toEqual([]);
   });
 
   it("ends a revoked key's streams on the periodic check without any invalidation, once the cached trust expired", async () => {

@@ -6,12 +6,22 @@
  * (OUTPOST_GATEWAY_STREAM_RECHECK_MS, here 300 ms) finds the key refused once its cached trust
  * (OUTPOST_AUTH_CACHE_TTL_MS, 2 s) has expired. With Redis they end at once:
  * test/mesh/edge-redis.test.ts. The logic: gateway/test/open-streams.test.ts.
+ *
+ * The second part puts a gateway process in front of a stand-in for the services whose streams
+ * send nothing, so streams end before their answer began, and whose key lookups the test turns
+ * from valid to "refusing the gateway" (not the key: streams stay) to revoked.
  */
+import http2 from "node:http2";
+import { mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
-import { errorInfoOf } from "@outpost/platform";
+import { connectNodeAdapter, createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import { errorInfoOf, unauthenticated } from "@outpost/platform";
+import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
+import { freePort, startMesh, type Mesh } from "../../scripts/lib/mesh.ts";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
@@ -31,8 +41,7 @@ afterAll(async () => {
 const withKey = (apiKey: string): Interceptor[] => [(next) => (req) => (req.header.set("authorization", `Bearer ${apiKey}`), next(req))];
 
 /** Every protocol a client can hold a stream open with at the edge. */
-function transportsFor(apiKey: string): [string, Transport][] {
-  const baseUrl = t.mesh.urls.gateway;
+function transportsFor(apiKey: string, baseUrl = t.mesh.urls.gateway): [string, Transport][] {
   const interceptors = withKey(apiKey);
   return [
     ["connect json h1 (raw path)", createConnectTransport({ baseUrl, httpVersion: "1.1", interceptors })],
@@ -88,8 +97,11 @@ describe("open streams and revocation, without Redis (periodic re-check)", () =>
       // A stream of the tenant's first key, which is not revoked.
       const [, ownerH1] = transportsFor(owner.apiKey)[0]!;
       const kept = follow(client(DispatchService, ownerH1).watchDispatch({ dispatchId }, { timeoutMs: 60_000 }));
-      // Every watch has its first message (the dispatch as it is): the streams are open.
+      // Every watch has its first message (the dispatch as it is), and the gateway watches all
+      // six streams (the log subscription has nothing to send yet): the streams are open.
       await waitFor(() => revokedStreams.filter((s) => s.name.startsWith("subscribe") === false).every((s) => s.stream.messages.length > 0) && kept.messages.length > 0, "the watches' first messages");
+      const watchedBefore = await gatewayMetric("outpost_gateway_watched_streams");
+      expect(watchedBefore).toBe(revokedStreams.length + 1);
 
       const revokedAt = Date.now();
       await owner.clients.apiKeys.revokeApiKey({ apiKeyId: second.apiKey!.id });
@@ -120,5 +132,79 @@ describe("open streams and revocation, without Redis (periodic re-check)", () =>
     } finally {
       await owner.clients.dispatches.cancelDispatch({ dispatchId }).catch(() => {});
     }
+  });
+});
+
+describe("open streams and revocation, before their answer began (stand-in services)", () => {
+  const KEY = `otp_${"5e".repeat(32)}`;
+  let lookups: "valid" | "gateway refused" | "revoked" = "valid";
+  let fake: http2.Http2Server;
+  let edge: Mesh;
+  let dir: string;
+
+  beforeAll(async () => {
+    const never = (signal: AbortSignal) => new Promise<void>((resolve) => signal.addEventListener("abort", () => resolve(), { once: true }));
+    const adapter = connectNodeAdapter({
+      routes(router) {
+        router.service(TenantInternalService, {
+          authenticateApiKey() {
+            if (lookups === "revoked") throw unauthenticated("API_KEY_REVOKED", "the API key has been revoked");
+            // The tenant service refusing the gateway's own call (its signed identity expired).
+            if (lookups === "gateway refused") throw unauthenticated("IDENTITY_EXPIRED", "the signed identity has expired");
+            return { tenant: { id: "01JTENANTSTANDIN0000000000" }, apiKeyId: "stand-in" };
+          },
+        } as never);
+        // Streams that send nothing until the call ends: no answer has begun when the key goes.
+        router.service(DispatchService, { async *watchDispatch(_req: unknown, ctx: { signal: AbortSignal }) { await never(ctx.signal); yield* []; } } as never);
+        router.service(LogService, { async *subscribeLogs(_req: unknown, ctx: { signal: AbortSignal }) { await never(ctx.signal); yield* []; } } as never);
+      },
+    });
+    fake = http2.createServer(adapter);
+    const fakePort = await freePort();
+    await new Promise<void>((resolve) => fake.listen(fakePort, "127.0.0.1", resolve));
+    dir = mkdtempSync(path.join(os.tmpdir(), "outpost-stream-revocation-"));
+    edge = await startMesh({
+      dataDir: path.join(dir, "data"),
+      logDir: path.join(dir, "logs"),
+      adminToken: "admin-token-for-the-stand-in-0123456789",
+      only: ["gateway"],
+      ports: { tenant: fakePort, dispatcher: fakePort, telemetry: fakePort },
+      env: { OUTPOST_RATE_LIMIT: "off", OUTPOST_AUTH_CACHE_TTL_MS: "100", OUTPOST_GATEWAY_STREAM_RECHECK_MS: "150" },
+    });
+  });
+
+  afterAll(async () => {
+    await edge?.stop();
+    fake?.close();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("keeps streams open while the lookups fail for the gateway's own sake, and ends them, with no message sent, once the key is refused", async () => {
+    const dispatchId = "01JDISPATCHSTANDIN00000000";
+    const streams = transportsFor(KEY, edge.urls.gateway).map(([name, transport]) => ({
+      name,
+      stream: follow(client(DispatchService, transport).watchDispatch({ dispatchId }, { timeoutMs: 30_000 })),
+    }));
+    const [, h1] = transportsFor(KEY, edge.urls.gateway)[0]!;
+    streams.push({ name: "subscribe logs, connect json h1", stream: follow(client(LogService, h1).subscribeLogs({ dispatchId }, { timeoutMs: 30_000 })) });
+    let endedCount = 0;
+    for (const { stream } of streams) void stream.ended.then(() => endedCount++);
+    const watched = async () => sample(await scrape(edge.urls.gateway), "outpost_gateway_watched_streams") ?? 0;
+    const started = Date.now();
+    while ((await watched()) < streams.length && Date.now() - started < 5000) await new Promise((r) => setTimeout(r, 20));
+    expect(await watched()).toBe(streams.length);
+
+    // Several re-checks while the tenant service refuses the gateway itself: nothing ends.
+    lookups = "gateway refused";
+    await new Promise((r) => setTimeout(r, 800));
+    expect(endedCount).toBe(0);
+    expect(await watched()).toBe(streams.length);
+
+    lookups = "revoked";
+    for (const { name, stream } of streams) {
+      const end = await stream.ended;
+      expect([name, end.error?.code, end.error && errorInfoOf(end.error)?.reason, stream.messages.length]).toEqual([name, Code.Unauthenticated, "API_KEY_REVOKED", 0]);
+    }
+    expect(await watched()).toBe(0);
   });
 });

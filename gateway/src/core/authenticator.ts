@@ -1,17 +1,27 @@
 /**
  * Resolves the credential of an edge call to a caller identity (SPEC G2, T2, T6): the admin
  * token, or an API key checked by the tenant service and then trusted for a short interval.
- * The cache is keyed by the key's SHA-256, so no plaintext key stays in memory.
+ * The cache is keyed by the key's SHA-256, so no plaintext key stays in it (an open stream's
+ * key is kept while the stream is open, to check it again: open-streams.ts).
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { type Identity, unauthenticated, unavailable } from "@outpost/platform";
+import { errorInfoOf, type Identity, unauthenticated, unavailable } from "@outpost/platform";
 import type { RateLimits } from "./rate-limit.ts";
 
 export const API_KEY_PATTERN = /^otp_[0-9a-f]{64}$/;
 
 /** The tenant service's answer for a well-formed key; `rateLimits` are the tier's request rates, if sent. */
 export type KeyLookup = (apiKey: string) => Promise<{ tenantId: string; apiKeyId: string; rateLimits?: Partial<RateLimits> }>;
+
+/**
+ * The tenant service's refusals of a key itself (AuthenticateApiKey). Any other UNAUTHENTICATED
+ * or PERMISSION_DENIED from that call is about the gateway's own call, not the key (its signed
+ * identity expired under clock skew or is not trusted after a botched key rotation, a proxy in
+ * between refused it), so it must neither refuse the caller's key nor end its open streams: the
+ * call is UNAVAILABLE instead, and the operator is told (`onLookupFailure`).
+ */
+export const KEY_REFUSALS: ReadonlySet<string> = new Set(["API_KEY_MISSING", "API_KEY_MALFORMED", "API_KEY_UNKNOWN", "API_KEY_REVOKED", "TENANT_SUSPENDED"]);
 
 /** Channel on which the tenant service announces revocations and suspensions (contract E). */
 export const AUTH_INVALIDATE_CHANNEL = "outpost:auth:invalidate";
@@ -24,6 +34,8 @@ export interface AuthenticatorOptions {
   lookup: KeyLookup;
   cacheTtlMs: number;
   now?: () => number;
+  /** Told of a lookup that failed for a reason other than the key's own (the call gets UNAVAILABLE). */
+  onLookupFailure?: (err: unknown) => void;
 }
 
 function sha256(value: string): Buffer {
@@ -51,6 +63,7 @@ export class Authenticator {
   private readonly lookup: KeyLookup;
   private readonly cacheTtlMs: number;
   private readonly now: () => number;
+  private readonly onLookupFailure: (err: unknown) => void;
   private readonly cache = new Map<string, { identity: Identity; expiresAt: number }>();
   /** Tier request rates by tenant, as last sent by the tenant service. */
   private readonly tenantRates = new Map<string, Partial<RateLimits>>();
@@ -68,6 +81,7 @@ export class Authenticator {
     this.lookup = options.lookup;
     this.cacheTtlMs = options.cacheTtlMs;
     this.now = options.now ?? Date.now;
+    this.onLookupFailure = options.onLookupFailure ?? (() => {});
   }
 
   async authenticate(headers: Headers): Promise<Identity> {
@@ -153,7 +167,8 @@ export class Authenticator {
     try {
       found = await this.lookup(credential);
     } catch (err) {
-      if (err instanceof ConnectError && (err.code === Code.Unauthenticated || err.code === Code.PermissionDenied)) throw err;
+      if (isKeyRefusal(err)) throw err;
+      this.onLookupFailure(err);
       throw unavailable("AUTH_UNAVAILABLE", "cannot verify the API key right now; retry shortly", 1000);
     }
     const identity: Identity = { kind: "tenant", tenantId: found.tenantId, principal: `key/${found.apiKeyId}` };
@@ -172,4 +187,13 @@ export class Authenticator {
     const now = this.now();
     for (const [key, entry] of this.cache) if (entry.expiresAt <= now) this.cache.delete(key);
   }
+}
+
+/** True when `err` is the tenant service's refusal of the key itself (KEY_REFUSALS). */
+export function isKeyRefusal(err: unknown): err is ConnectError {
+  return (
+    err instanceof ConnectError &&
+    (err.code === Code.Unauthenticated || err.code === Code.PermissionDenied) &&
+    KEY_REFUSALS.has(errorInfoOf(err)?.reason ?? "")
+  );
 }

@@ -12,20 +12,23 @@
  *   and for a lost message.
  *
  * A credential the tenant service now refuses ends every stream it opened, with that refusal
- * (UNAUTHENTICATED API_KEY_REVOKED, PERMISSION_DENIED TENANT_SUSPENDED). A credential that
- * cannot be checked right now (the tenant service unreachable) keeps its streams, as a new call
- * on a cached key would be let through; the next check asks again. The admin token is a setting
+ * (UNAUTHENTICATED API_KEY_REVOKED, PERMISSION_DENIED TENANT_SUSPENDED; only the refusals of
+ * the key itself, KEY_REFUSALS). A credential that cannot be checked right now (the tenant
+ * service unreachable, or refusing the gateway's own call) keeps its streams, as a new call on
+ * a cached key would be let through; the next check asks again. The admin token is a setting
  * of the process and cannot be revoked while it runs, so admin streams are not watched.
  *
  * The credential is kept (in a Headers of its own) while a stream it opened is open, so it can
  * be asked about again; the stream's request holds it that long anyway.
  */
-import { Code, ConnectError } from "@connectrpc/connect";
+import { ConnectError } from "@connectrpc/connect";
 import { counter, gauge, rpcCodeLabel, type Identity, type Logger } from "@outpost/platform";
-import { type Authenticator, credentialHashOf, type Invalidation } from "./authenticator.ts";
+import { type Authenticator, credentialHashOf, type Invalidation, isKeyRefusal } from "./authenticator.ts";
 
-/** Credentials checked at once in a periodic sweep, so a sweep never floods the tenant service. */
+/** Credentials checked at once in a sweep, so a sweep never floods the tenant service. */
 const SWEEP_BATCH = 16;
+/** At most one warning per this long while credentials cannot be checked. */
+const WARN_INTERVAL_MS = 60_000;
 
 export interface OpenStreamsOptions {
   authenticator: Authenticator;
@@ -61,6 +64,10 @@ export class OpenStreams {
   private readonly byCredential = new Map<string, WatchedCredential>();
   private readonly timer: NodeJS.Timeout;
   private sweeping = false;
+  /** A sweep was asked for while one ran (after a reconnect): run another once it is done. */
+  private sweepAgain = false;
+  private lastWarnAt: number | undefined;
+  private uncheckedSinceWarn = 0;
   private readonly revokedTotal = registerMetrics();
 
   private readonly options: OpenStreamsOptions;
@@ -127,15 +134,25 @@ export class OpenStreams {
     for (const [keyHash, watched] of this.byCredential) if (watched.tenantId === what.tenantId) void this.check(keyHash);
   }
 
-  /** Checks every watched credential, a batch at a time; one sweep at a time. */
+  /**
+   * Checks every watched credential, a batch at a time. One sweep at a time: one asked for
+   * meanwhile (the invalidation channel reconnected) runs again from the start once it is done,
+   * since the running one may have passed keys before what prompted it.
+   */
   private async sweep(): Promise<void> {
-    if (this.sweeping) return;
+    if (this.sweeping) {
+      this.sweepAgain = true;
+      return;
+    }
     this.sweeping = true;
     try {
-      const keyHashes = [...this.byCredential.keys()];
-      for (let i = 0; i < keyHashes.length; i += SWEEP_BATCH) {
-        await Promise.all(keyHashes.slice(i, i + SWEEP_BATCH).map((keyHash) => this.check(keyHash)));
-      }
+      do {
+        this.sweepAgain = false;
+        const keyHashes = [...this.byCredential.keys()];
+        for (let i = 0; i < keyHashes.length; i += SWEEP_BATCH) {
+          await Promise.all(keyHashes.slice(i, i + SWEEP_BATCH).map((keyHash) => this.check(keyHash)));
+        }
+      } while (this.sweepAgain);
     } finally {
       this.sweeping = false;
     }
@@ -154,6 +171,7 @@ export class OpenStreams {
       watched.checking = undefined;
       if (refusal) {
         this.byCredential.delete(keyHash);
+        if (watched.streams.size === 0) return;
         this.options.logger.info({ tenantId: watched.tenantId, streams: watched.streams.size, reason: refusal.rawMessage }, "ending open streams of a credential no longer valid");
         this.revokedTotal.inc({ code: rpcCodeLabel(refusal.code) }, watched.streams.size);
         for (const end of watched.streams) end(refusal);
@@ -174,11 +192,23 @@ export class OpenStreams {
       await this.options.authenticator.authenticate(header);
       return undefined;
     } catch (err) {
-      const error = ConnectError.from(err);
-      if (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) return error;
-      this.options.logger.warn({ reason: error.rawMessage }, "cannot check an open stream's credential right now; will ask again");
+      if (isKeyRefusal(err)) return err;
+      this.warnUnchecked(ConnectError.from(err));
       return undefined;
     }
+  }
+
+  /** Logs that credentials could not be checked: once, then at most once a minute with a count. */
+  private warnUnchecked(error: ConnectError): void {
+    this.uncheckedSinceWarn++;
+    const now = performance.now();
+    if (this.lastWarnAt !== undefined && now - this.lastWarnAt < WARN_INTERVAL_MS) return;
+    this.options.logger.warn(
+      { reason: error.rawMessage, unchecked: this.uncheckedSinceWarn },
+      "cannot check open streams' credentials right now; they stay open and are asked about again (logged at most once a minute)",
+    );
+    this.lastWarnAt = now;
+    this.uncheckedSinceWarn = 0;
   }
 
   private forget(keyHash: string, end: EndStream): void {

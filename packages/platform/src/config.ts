@@ -30,6 +30,9 @@ export function reportErrorOf(parse: (value: string) => unknown) {
   };
 }
 
+/** The longest delay Node's timers honour. */
+const MAX_TIMER_MS = 2_147_483_647;
+
 /** Reusable setting types, so every service reads ports, URLs and secrets the same way. */
 export const setting = {
   port: (fallback?: number) => {
@@ -58,5 +61,11 @@ export const setting = {
       ),
   logLevel: () => z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   durationMs: (fallback: number) => z.coerce.number().int().positive().default(fallback),
+  /**
+   * A duration a timer waits (setTimeout, setInterval): at most 2^31 - 1 ms (about 24.8 days),
+   * because Node fires a longer one after 1 ms, which would turn a period into a busy loop.
+   */
+  timerMs: (fallback: number) =>
+    z.coerce.number().int().positive().max(MAX_TIMER_MS, { message: `must be at most ${MAX_TIMER_MS} (about 24.8 days)` }).default(fallback),
   positiveInt: (fallback: number) => z.coerce.number().int().positive().default(fallback),
 };

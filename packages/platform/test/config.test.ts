@@ -10,6 +10,7 @@ const shape = {
   OUTPOST_DATA_DIR: setting.dataDir(),
   OUTPOST_LOG_LEVEL: setting.logLevel(),
   OUTPOST_TTL_MS: setting.durationMs(2000),
+  OUTPOST_PERIOD_MS: setting.timerMs(1000),
 };
 const keys = generateSigningKeySet(["gateway", "tenant"]);
 const valid = { OUTPOST_SIGNING_KEY: keys.signingKeys.tenant, OUTPOST_TRUSTED_SIGNERS: keys.trustedSigners, OUTPOST_TENANT_URL: "http://127.0.0.1:7101" };
@@ -33,6 +34,7 @@ describe("loadConfig", () => {
       OUTPOST_DATA_DIR: ".outpost/data",
       OUTPOST_LOG_LEVEL: "info",
       OUTPOST_TTL_MS: 2000,
+      OUTPOST_PERIOD_MS: 1000,
     });
   });
 
@@ -71,6 +73,14 @@ describe("loadConfig", () => {
     expect(configError({ ...valid, OUTPOST_TENANT_URL: "not a url" }).message).toMatch(/OUTPOST_TENANT_URL: must be a URL/);
     expect(configError({ ...valid, OUTPOST_LOG_LEVEL: "loud" }).message).toContain("OUTPOST_LOG_LEVEL");
     expect(configError({ ...valid, OUTPOST_TTL_MS: "0" }).message).toContain("OUTPOST_TTL_MS");
+  });
+
+  it("refuses a timer's duration Node would fire after 1 ms (over 2^31 - 1), which a plain duration may exceed", () => {
+    expect(loadConfig(shape, { ...valid, OUTPOST_PERIOD_MS: "2147483647" }).OUTPOST_PERIOD_MS).toBe(2_147_483_647);
+    const error = configError({ ...valid, OUTPOST_PERIOD_MS: "2147483648" });
+    expect(error.message).toContain("OUTPOST_PERIOD_MS");
+    expect(error.message).toContain("at most 2147483647");
+    expect(loadConfig(shape, { ...valid, OUTPOST_TTL_MS: "2592000000" }).OUTPOST_TTL_MS).toBe(2_592_000_000); // 30 days
   });
 
   it("a port setting without a default is required", () => {

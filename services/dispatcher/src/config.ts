@@ -27,7 +27,7 @@ export const dispatcherConfigShape = {
   /** How long a lease lives without a heartbeat. */
   OUTPOST_LEASE_TTL_MS: setting.durationMs(30_000),
   /** How often long-polls and watches re-read the store when nothing woke them (lost cross-replica wake-ups). */
-  OUTPOST_QUEUE_RECHECK_MS: setting.durationMs(1000),
+  OUTPOST_QUEUE_RECHECK_MS: setting.timerMs(1000),
   /**
    * The operator's ceiling on any run's timeout, above the tiers' own maximums (enterprise: 2 h),
    * which are the real limit; without a tenant service (development) it is the only one.

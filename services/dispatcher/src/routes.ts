@@ -445,9 +445,11 @@ function requireAgent(agent: Agent | undefined): Agent {
 }
 
 /**
- * The executor id a lease call names, which must be the caller's own: an executor's signed
- * identity is "executor/<id>" and it acts for no other, so one broken-into executor cannot take,
- * list or watch another's leases, nor report capacity in its name.
+ * The executor id a lease call names, which must be the caller's own signed "executor/<id>": an
+ * executor misconfigured or buggy enough to name another's id (two hosts given one
+ * OUTPOST_EXECUTOR_ID, say) cannot take, list or watch that one's leases, nor report capacity in
+ * its name. It does not stop a broken-into executor: executors share one signing key, which
+ * signs any "executor/<id>" (README, Known issues).
  */
 function ownExecutorId(caller: Identity, executorId: string): string {
   const id = requireNonEmpty("executor_id", executorId, 128);

@@ -36,7 +36,7 @@ export const executorConfigShape = {
     .transform(Number)
     .refine(Number.isSafeInteger, "is too large"),
   /** Shortest pause between two measurements of a running workspace (longer when measuring takes long). */
-  OUTPOST_EXECUTOR_WORKSPACE_CHECK_MS: setting.durationMs(2000),
+  OUTPOST_EXECUTOR_WORKSPACE_CHECK_MS: setting.timerMs(2000),
   /** Engine address (unix:// or tcp://); the local socket when unset. */
   DOCKER_HOST: z.string().min(1).optional(),
   OUTPOST_DOCKER_SOCKET: z.string().min(1).default("/var/run/docker.sock"),

@@ -25,9 +25,9 @@ export const telemetryConfigShape = {
    */
   OUTPOST_MONGO_URL: z.string().url({ message: "must be a URL such as mongodb://127.0.0.1:27017/outpost" }).optional(),
   /** How often expired runs are deleted from the embedded store. */
-  OUTPOST_TELEMETRY_RETENTION_SWEEP_MS: setting.durationMs(60 * 60 * 1000),
+  OUTPOST_TELEMETRY_RETENTION_SWEEP_MS: setting.timerMs(60 * 60 * 1000),
   /** How long a live subscription waits without a wake-up before it checks storage anyway. */
-  OUTPOST_TELEMETRY_IDLE_POLL_MS: setting.durationMs(5_000),
+  OUTPOST_TELEMETRY_IDLE_POLL_MS: setting.timerMs(5_000),
 };
 
 export type TelemetryConfig = ReturnType<typeof loadTelemetryConfig>;
