@@ -7,23 +7,22 @@
  * but for 500 bytes; one more from 127.0.0.2 fills the total but for 500 bytes.
  */
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
-import os from "node:os";
 import path from "node:path";
 import { gzipSync } from "node:zlib";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code, type ConnectError } from "@connectrpc/connect";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { errorInfoOf } from "@outpost/platform";
 import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { LogService, SubscribeLogsRequestSchema } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { freePort, startMesh, type Mesh } from "../../scripts/lib/mesh.ts";
 import { envelope, envelopesOf } from "../support/envelopes.ts";
 import { answerError, h2Call, type H2Answer } from "../support/h2.ts";
+import { sample, scrape } from "../support/metrics.ts";
+import { startStandInGateway, type StandInGateway } from "../support/stand-in-gateway.ts";
 
 const ADMIN = randomBytes(32).toString("hex");
 const GET = "/outpost.dispatch.v1.DispatchService/GetDispatch";
@@ -133,47 +132,30 @@ function outcome(answer: H2Answer | "no answer", requestType: string): string {
  * what the tests use of it. Call `start` in beforeAll and `stop` in afterAll.
  */
 function edgeUnderTest(env: () => Record<string, string>) {
-  let fake: http2.Http2Server | undefined;
   const edge = {
-    mesh: undefined as Mesh | undefined,
+    gateway: undefined as StandInGateway | undefined,
     dir: "",
     port: 0,
     async start() {
-      const adapter = connectNodeAdapter({
+      edge.gateway = await startStandInGateway({
+        adminToken: ADMIN,
         routes(router) {
           router.service(DispatchService, { getDispatch: () => ({}) } as never);
           router.service(LogService, { async *subscribeLogs() {} } as never);
         },
+        env: { OUTPOST_MAX_REQUEST_BYTES: String(MAX_REQUEST_BYTES), ...env() },
       });
-      fake = http2.createServer(adapter);
-      const fakePort = await freePort();
-      await new Promise<void>((resolve) => fake!.listen(fakePort, "127.0.0.1", resolve));
-      edge.dir = mkdtempSync(path.join(os.tmpdir(), "outpost-body-budget-"));
-      edge.mesh = await startMesh({
-        dataDir: path.join(edge.dir, "data"),
-        logDir: path.join(edge.dir, "logs"),
-        adminToken: ADMIN,
-        only: ["gateway"],
-        ports: { tenant: fakePort, dispatcher: fakePort, telemetry: fakePort },
-        env: { OUTPOST_RATE_LIMIT: "off", OUTPOST_MAX_REQUEST_BYTES: String(MAX_REQUEST_BYTES), ...env() },
-      });
-      edge.port = Number(new URL(edge.mesh.urls.gateway).port);
+      edge.dir = edge.gateway.dir;
+      edge.port = edge.gateway.port;
     },
-    async stop() {
-      await edge.mesh?.stop();
-      fake?.close();
-      if (edge.dir) rmSync(edge.dir, { recursive: true, force: true });
-    },
+    stop: async () => edge.gateway?.stop(),
     session(localAddress = "127.0.0.1") {
       const s = http2.connect(`http://127.0.0.1:${edge.port}`, { createConnection: () => net.connect({ port: edge.port, host: "127.0.0.1", localAddress }) });
       s.on("error", () => {});
       return s;
     },
-    /** A sample of the gateway's metrics (the first line of `name`). */
-    async metric(name: string): Promise<number> {
-      const text = await (await fetch(`${edge.mesh!.urls.gateway}/metrics`)).text();
-      return Number(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, "m").exec(text)?.[1]);
-    },
+    /** A sample of the gateway's metrics (NaN when absent). */
+    metric: async (name: string): Promise<number> => sample(await scrape(edge.gateway!.url), name) ?? NaN,
   };
   return edge;
 }

@@ -11,21 +11,17 @@
  * send nothing, so streams end before their answer began, and whose key lookups the test turns
  * from valid to "refusing the gateway" (not the key: streams stay) to revoked.
  */
-import http2 from "node:http2";
-import { mkdtempSync, rmSync } from "node:fs";
-import os from "node:os";
-import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import type { DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
-import { connectNodeAdapter, createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { errorInfoOf, unauthenticated } from "@outpost/platform";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
-import { freePort, startMesh, type Mesh } from "../../scripts/lib/mesh.ts";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { sample, scrape } from "../support/metrics.ts";
+import { startStandInGateway, type StandInGateway } from "../support/stand-in-gateway.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
 
 let t: TestMesh;
@@ -72,14 +68,6 @@ async function gatewayMetric(name: string, ...labels: string[]): Promise<number>
   return sample(await scrape(t.mesh.urls.gateway), name, ...labels) ?? 0;
 }
 
-async function waitFor(check: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
-  const started = Date.now();
-  while (!check()) {
-    if (Date.now() - started > timeoutMs) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
 describe("open streams and revocation, without Redis (periodic re-check)", () => {
   it("a revoked key's streams end with UNAUTHENTICATED API_KEY_REVOKED on every protocol; another key's stay open until the tenant is suspended", async () => {
     const owner = await t.newTenant("Stream revocation");
@@ -99,7 +87,8 @@ describe("open streams and revocation, without Redis (periodic re-check)", () =>
       const kept = follow(client(DispatchService, ownerH1).watchDispatch({ dispatchId }, { timeoutMs: 60_000 }));
       // Every watch has its first message (the dispatch as it is), and the gateway watches all
       // six streams (the log subscription has nothing to send yet): the streams are open.
-      await waitFor(() => revokedStreams.filter((s) => s.name.startsWith("subscribe") === false).every((s) => s.stream.messages.length > 0) && kept.messages.length > 0, "the watches' first messages");
+      const watches = [...revokedStreams.filter((s) => !s.name.startsWith("subscribe")).map((s) => s.stream), kept];
+      await vi.waitFor(() => expect(watches.every((w) => w.messages.length > 0), "the watches' first messages").toBe(true), { timeout: 10_000, interval: 20 });
       const watchedBefore = await gatewayMetric("outpost_gateway_watched_streams");
       expect(watchedBefore).toBe(revokedStreams.length + 1);
 
@@ -138,13 +127,13 @@ describe("open streams and revocation, without Redis (periodic re-check)", () =>
 describe("open streams and revocation, before their answer began (stand-in services)", () => {
   const KEY = `otp_${"5e".repeat(32)}`;
   let lookups: "valid" | "gateway refused" | "revoked" = "valid";
-  let fake: http2.Http2Server;
-  let edge: Mesh;
-  let dir: string;
+  let edge: StandInGateway;
 
   beforeAll(async () => {
     const never = (signal: AbortSignal) => new Promise<void>((resolve) => signal.addEventListener("abort", () => resolve(), { once: true }));
-    const adapter = connectNodeAdapter({
+    edge = await startStandInGateway({
+      adminToken: "admin-token-for-the-stand-in-0123456789",
+      env: { OUTPOST_AUTH_CACHE_TTL_MS: "100", OUTPOST_GATEWAY_STREAM_RECHECK_MS: "150" },
       routes(router) {
         router.service(TenantInternalService, {
           authenticateApiKey() {
@@ -159,40 +148,22 @@ describe("open streams and revocation, before their answer began (stand-in servi
         router.service(LogService, { async *subscribeLogs(_req: unknown, ctx: { signal: AbortSignal }) { await never(ctx.signal); yield* []; } } as never);
       },
     });
-    fake = http2.createServer(adapter);
-    const fakePort = await freePort();
-    await new Promise<void>((resolve) => fake.listen(fakePort, "127.0.0.1", resolve));
-    dir = mkdtempSync(path.join(os.tmpdir(), "outpost-stream-revocation-"));
-    edge = await startMesh({
-      dataDir: path.join(dir, "data"),
-      logDir: path.join(dir, "logs"),
-      adminToken: "admin-token-for-the-stand-in-0123456789",
-      only: ["gateway"],
-      ports: { tenant: fakePort, dispatcher: fakePort, telemetry: fakePort },
-      env: { OUTPOST_RATE_LIMIT: "off", OUTPOST_AUTH_CACHE_TTL_MS: "100", OUTPOST_GATEWAY_STREAM_RECHECK_MS: "150" },
-    });
   });
 
-  afterAll(async () => {
-    await edge?.stop();
-    fake?.close();
-    if (dir) rmSync(dir, { recursive: true, force: true });
-  });
+  afterAll(() => edge?.stop());
 
   it("keeps streams open while the lookups fail for the gateway's own sake, and ends them, with no message sent, once the key is refused", async () => {
     const dispatchId = "01JDISPATCHSTANDIN00000000";
-    const streams = transportsFor(KEY, edge.urls.gateway).map(([name, transport]) => ({
+    const streams = transportsFor(KEY, edge.url).map(([name, transport]) => ({
       name,
       stream: follow(client(DispatchService, transport).watchDispatch({ dispatchId }, { timeoutMs: 30_000 })),
     }));
-    const [, h1] = transportsFor(KEY, edge.urls.gateway)[0]!;
+    const [, h1] = transportsFor(KEY, edge.url)[0]!;
     streams.push({ name: "subscribe logs, connect json h1", stream: follow(client(LogService, h1).subscribeLogs({ dispatchId }, { timeoutMs: 30_000 })) });
     let endedCount = 0;
     for (const { stream } of streams) void stream.ended.then(() => endedCount++);
-    const watched = async () => sample(await scrape(edge.urls.gateway), "outpost_gateway_watched_streams") ?? 0;
-    const started = Date.now();
-    while ((await watched()) < streams.length && Date.now() - started < 5000) await new Promise((r) => setTimeout(r, 20));
-    expect(await watched()).toBe(streams.length);
+    const watched = async () => sample(await scrape(edge.url), "outpost_gateway_watched_streams") ?? 0;
+    await vi.waitFor(async () => expect(await watched()).toBe(streams.length), { timeout: 5000, interval: 20 });
 
     // Several re-checks while the tenant service refuses the gateway itself: nothing ends.
     lookups = "gateway refused";

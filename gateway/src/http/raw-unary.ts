@@ -37,6 +37,7 @@ import {
   explainMalformed,
   injectTraceHeaders,
   maskedInternalMessage,
+  MAX_TIMER_MS,
   otelContext,
   rpcCodeLabel,
   rpcMetrics,
@@ -411,8 +412,6 @@ const UPSTREAM_SCOPE = new AsyncResource("OutpostUpstreamCall");
 
 const ignore = () => {};
 
-/** The longest delay setTimeout honours (2^31 - 1 ms). */
-const MAX_TIMER_MS = 2_147_483_647;
 
 /** What a relay tells `exchange` about a stream in progress. */
 export interface RelayState {

@@ -30,8 +30,8 @@ export function reportErrorOf(parse: (value: string) => unknown) {
   };
 }
 
-/** The longest delay Node's timers honour. */
-const MAX_TIMER_MS = 2_147_483_647;
+/** The longest delay Node's timers honour (2^31 - 1 ms); a longer one fires after 1 ms. */
+export const MAX_TIMER_MS = 2_147_483_647;
 
 /** Reusable setting types, so every service reads ports, URLs and secrets the same way. */
 export const setting = {

@@ -49,6 +49,7 @@ import type { BodyBudget, BodyCharge } from "./body-budget.ts";
 import { envelope, ENVELOPE_HEADER_BYTES, singleMessage } from "./envelope.ts";
 import { invalidArgument, MALFORMED, REQUEST_BODY_FIELD, unsupportedConnectVersion } from "./errors.ts";
 import type { Logger } from "./logger.ts";
+import { MAX_TIMER_MS } from "./config.ts";
 
 type UnarySpec = Extract<MethodImplSpec, { kind: "unary" }>;
 type Request = http.IncomingMessage | http2.Http2ServerRequest;
@@ -56,8 +57,6 @@ type Response = http.ServerResponse | http2.Http2ServerResponse;
 
 /** connect-node's defaults, so answers are compressed exactly as they were through it. */
 const ACCEPT_COMPRESSION: Compression[] = [compressionGzip, compressionBrotli];
-/** Node's timers take at most this; a longer deadline is as good as none. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export interface LeanUnaryOptions {
   interceptors: Interceptor[];

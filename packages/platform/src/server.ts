@@ -25,6 +25,7 @@ import { maskedInternalMessage, unsupportedConnectVersion } from "./errors.ts";
 import { applyRuntimeFixes } from "./runtime.ts";
 import { leanUnaryPath } from "./lean-unary.ts";
 import { isBodyBudgetStop, type BodyBudget, type BodyCharge } from "./body-budget.ts";
+import { MAX_TIMER_MS } from "./config.ts";
 
 /** Answered with 200 before any middleware, for process supervisors and load balancers. */
 export const LIVENESS_PATH = "/healthz";
@@ -298,8 +299,6 @@ function serveMetrics(res: http.ServerResponse, logger: Logger): void {
   );
 }
 
-/** Node's timers take at most this; a longer deadline is as good as none. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /**
  * connect-node reads a request body (gRPC-Web, streams, everything the lean path leaves to it)
