@@ -4,21 +4,48 @@
  * (OUTPOST_TRUSTED_SIGNERS) go to every process.
  *
  *   npm run signing-keys                    env file lines, for docker compose (--env-file)
+ *   npm run signing-keys -- --executors host-1,host-2
+ *                                           the same, with a key per executor id instead of
+ *                                           one for them all (OUTPOST_EXECUTOR_SIGNING_KEY_<ID>)
  *   npm run signing-keys -- --format k8s    Secrets and the ConfigMap entry, for deploy/k8s
  *   docker run --rm outpost/services:1.0.0 signing-keys   the same, from the image
  */
 import { parseArgs } from "node:util";
 import { generateSigningKeySet, SIGNER_ROLES } from "@outpost/platform";
 
-const { values } = parseArgs({ options: { format: { type: "string", default: "env" } } });
-const set = generateSigningKeySet();
+const { values } = parseArgs({ options: { format: { type: "string", default: "env" }, executors: { type: "string", default: "" } } });
+const executorIds = values.executors.split(",").map((id) => id.trim()).filter(Boolean);
+
+function fail(message: string): never {
+  process.stderr.write(`${message}\n`);
+  process.exit(2);
+}
+
+if (values.format === "k8s" && executorIds.length > 0) {
+  // Pods of one Deployment are alike and come and go with the autoscaler: none can be given a
+  // key of its own by these manifests (docs/operations.md, "A key per executor").
+  fail("--executors is for executors with fixed ids (--format env); the Kubernetes manifests give executors the role's key");
+}
+const envNameOf = (id: string) => `OUTPOST_EXECUTOR_SIGNING_KEY_${id.toUpperCase().replace(/[^A-Z0-9]/g, "_")}`;
+const envNames = executorIds.map(envNameOf);
+if (new Set(envNames).size !== envNames.length || new Set(executorIds).size !== executorIds.length) {
+  fail(`--executors: ids must differ, also once upper-cased with '.' and '-' read as '_' (${envNames.join(", ")})`);
+}
+let set;
+try {
+  set = generateSigningKeySet(executorIds.length > 0 ? SIGNER_ROLES.filter((role) => role !== "executor") : SIGNER_ROLES, executorIds);
+} catch (err) {
+  fail(`--executors: ${(err as Error).message}`);
+}
 
 if (values.format === "env") {
   const lines = [
     "# Outpost signing keys: give each service only its own OUTPOST_<ROLE>_SIGNING_KEY (as",
     "# OUTPOST_SIGNING_KEY); OUTPOST_TRUSTED_SIGNERS holds public keys and goes to every service.",
+    ...(executorIds.length > 0 ? ["# Each executor gets only the key of its id, with that id as OUTPOST_EXECUTOR_ID."] : []),
     `OUTPOST_TRUSTED_SIGNERS=${set.trustedSigners}`,
-    ...SIGNER_ROLES.map((role) => `OUTPOST_${role.toUpperCase()}_SIGNING_KEY=${set.signingKeys[role]}`),
+    ...Object.entries(set.signingKeys).map(([role, key]) => `OUTPOST_${role.toUpperCase()}_SIGNING_KEY=${key}`),
+    ...executorIds.map((id, i) => `${envNames[i]}=${set.executorKeys[id]}`),
   ];
   process.stdout.write(`${lines.join("\n")}\n`);
 } else if (values.format === "k8s") {
@@ -37,6 +64,5 @@ if (values.format === "env") {
   );
   process.stdout.write(`# outpost-config ConfigMap: trusted-signers: ${set.trustedSigners}\n${docs.join("\n---\n")}\n`);
 } else {
-  process.stderr.write(`unknown --format ${values.format}: env or k8s\n`);
-  process.exit(2);
+  fail(`unknown --format ${values.format}: env or k8s`);
 }

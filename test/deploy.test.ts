@@ -382,6 +382,38 @@ describe("image and compose (deploy/)", () => {
     expect(k8s.every((d) => d.kind === "Secret" && SigningKeys.fromSettings("tenant", d.stringData["signing-key"]))).toBe(true);
   });
 
+  it("npm run signing-keys -- --executors gives each executor a key that speaks for its id alone", () => {
+    const run = (...args: string[]) =>
+      spawnSync(process.execPath, ["--disable-warning=ExperimentalWarning", "scripts/signing-keys.ts", ...args], { cwd: REPO_ROOT, encoding: "utf8" });
+    const out = run("--executors", "host-1,host.2");
+    expect(out.status).toBe(0);
+    const lines = Object.fromEntries(out.stdout.split("\n").filter((l) => l.startsWith("OUTPOST_")).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+    expect(Object.keys(lines)).not.toContain("OUTPOST_EXECUTOR_SIGNING_KEY");
+    const executor = (id: string, envName: string) => SigningKeys.fromSettings("executor", lines[envName]!, lines.OUTPOST_TRUSTED_SIGNERS, id);
+    const dispatcher = SigningKeys.fromSettings("dispatcher", lines.OUTPOST_DISPATCHER_SIGNING_KEY!, lines.OUTPOST_TRUSTED_SIGNERS);
+    const signed = (keys: SigningKeys, principal: string) => {
+      const headers = new Headers();
+      keys.writeIdentity(headers, { kind: "service", principal });
+      return headers;
+    };
+    expect(dispatcher.readIdentity(signed(executor("host-1", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host-1"))).toEqual({ kind: "service", principal: "executor/host-1" });
+    expect(dispatcher.readIdentity(signed(executor("host.2", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_2"), "executor/host.2")).principal).toBe("executor/host.2");
+    // host-1's key, claiming to be host.2, in either way it could.
+    expect(() => dispatcher.readIdentity(signed(executor("host-1", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host.2"))).toThrow(/not signed by an Outpost service that may sign it/);
+    expect(() => dispatcher.readIdentity(signed(executor("host.2", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host.2"))).toThrow(/not signed by an Outpost service that may sign it/);
+    // Refusals: ids that collide as variable names, invalid ids, and the Kubernetes form.
+    for (const [args, message] of [
+      [["--executors", "a-1,a_1"], /ids must differ/],
+      [["--executors", "bad id"], /executor id "bad id": letters, digits/],
+      [["--executors", "a", "--format", "k8s"], /--executors is for executors with fixed ids/],
+    ] as const) {
+      const refused = run(...args);
+      expect(refused.status, args.join(" ")).toBe(2);
+      expect(refused.stderr).toMatch(message);
+      expect(refused.stdout).toBe("");
+    }
+  });
+
   it("compose parses, wires every service by environment to MongoDB and Redis, and publishes only the gateway", () => {
     const compose = parse(readFileSync(path.join(REPO_ROOT, "deploy/compose.yaml"), "utf8"), { merge: true }) as Doc;
     const services = compose.services as Record<string, Doc>;

@@ -5,9 +5,10 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { createWriteStream, mkdirSync } from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { generateSigningKeySet, type SigningKeySet } from "@outpost/platform";
+import { generateSigningKeySet, SIGNER_ROLES, type SigningKeySet } from "@outpost/platform";
 import { startBalancer, type Balancer } from "./balancer.ts";
 import { freePort } from "./ports.ts";
 
@@ -37,7 +38,11 @@ export const DEFAULT_PORTS: Record<ServiceName, number> = {
 export interface MeshOptions {
   dataDir: string;
   logDir: string;
-  /** Each process's signing key and the trusted signers (identity.ts); a fresh set when omitted. */
+  /**
+   * Each process's signing key and the trusted signers (identity.ts). An executor uses the key
+   * of its own id when the set has one, else the role's. When omitted, a fresh set in which
+   * every executor has a key of its own and none is trusted for the role as a whole.
+   */
   signingKeys?: SigningKeySet;
   adminToken: string;
   /** Fixed ports; omitted ones are picked free. */
@@ -112,7 +117,14 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   }
   const urls = Object.fromEntries(SERVICES.map((n) => [n, `http://127.0.0.1:${ports[n]}`])) as Record<ServiceName, string>;
 
-  const signing = options.signingKeys ?? generateSigningKeySet();
+  /** The id each executor runs with: set explicitly, so its key can be bound to it. */
+  const executorIdOf = (index: number) => {
+    const base = options.serviceEnv?.executor?.OUTPOST_EXECUTOR_ID ?? options.env?.OUTPOST_EXECUTOR_ID;
+    return replicaCount("executor") > 1 ? `${base ?? "executor"}-${index}` : (base ?? os.hostname());
+  };
+  const signing = options.signingKeys ?? generateSigningKeySet(SIGNER_ROLES, replicaPorts.executor.map((_, i) => executorIdOf(i)));
+  const signingKeyOf = (name: ServiceName, index: number) =>
+    (name === "executor" ? signing.executorKeys[executorIdOf(index)] : undefined) ?? signing.signingKeys[name];
   const baseEnv: Record<string, string> = {
     OUTPOST_TRUSTED_SIGNERS: signing.trustedSigners,
     OUTPOST_ADMIN_TOKEN: options.adminToken,
@@ -139,13 +151,11 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     const port = replicaPorts[name][index];
     if (port === undefined) throw new Error(`${name} has no replica ${index}`);
     const replicaEnv: Record<string, string> = {};
-    if (replicaCount(name) > 1) {
-      replicaEnv[`OUTPOST_${name.toUpperCase()}_PORT`] = String(port);
-      if (name === "executor") replicaEnv.OUTPOST_EXECUTOR_ID = `${options.env?.OUTPOST_EXECUTOR_ID ?? "executor"}-${index}`;
-    }
+    if (replicaCount(name) > 1) replicaEnv[`OUTPOST_${name.toUpperCase()}_PORT`] = String(port);
+    if (name === "executor") replicaEnv.OUTPOST_EXECUTOR_ID = executorIdOf(index);
     const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", ENTRY[name]], {
       cwd: REPO_ROOT,
-      env: { ...process.env, NODE_OPTIONS: serviceNodeOptions(process.env.NODE_OPTIONS), ...baseEnv, OUTPOST_SIGNING_KEY: signing.signingKeys[name], ...options.serviceEnv?.[name], ...replicaEnv },
+      env: { ...process.env, NODE_OPTIONS: serviceNodeOptions(process.env.NODE_OPTIONS), ...baseEnv, OUTPOST_SIGNING_KEY: signingKeyOf(name, index), ...options.serviceEnv?.[name], ...replicaEnv },
       stdio: ["ignore", "pipe", "pipe"],
     });
     const log = createWriteStream(path.join(options.logDir, index === 0 ? `${name}.log` : `${name}-${index}.log`), { flags: "a" });

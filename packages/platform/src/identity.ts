@@ -13,6 +13,13 @@
  * that is broken into (an executor host, say) can speak as what it already is and nothing
  * more: it cannot sign a tenant, an admin or another service. The same keys sign short-lived
  * grants (`signToken`), such as the dispatcher's grant of a leased run's secrets.
+ *
+ * Executors are many processes of one role, told apart by id, and the dispatcher and the tenant
+ * service bind leases and secret grants to that id. A key listed for the whole role
+ * (`executor:<key>`) signs as any executor; a key listed for one (`executor/<id>:<key>`) signs
+ * only as `executor/<id>`, so an executor host that is broken into cannot take, list or watch
+ * another's leases nor use its secret grants. An executor signs with its own principal as
+ * issuer (`iss: "executor/<id>"`), which either kind of key verifies.
  */
 import { createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from "node:crypto";
 import { createContextKey, type HandlerContext } from "@connectrpc/connect";
@@ -32,6 +39,24 @@ export const IDENTITY_SIGNATURE_HEADER = "outpost-identity-signature";
 /** The processes that sign: each has its own key pair. */
 export const SIGNER_ROLES = ["gateway", "tenant", "dispatcher", "executor", "telemetry"] as const;
 export type SignerRole = (typeof SIGNER_ROLES)[number];
+
+/** The roles whose processes may each hold a key bound to their own id. */
+const BOUND_ROLES: readonly SignerRole[] = ["executor"];
+/** An executor id as OUTPOST_EXECUTOR_ID takes it. */
+const SIGNER_NAME = /^[A-Za-z0-9._-]{1,128}$/;
+
+/**
+ * Splits an issuer, "dispatcher" or "executor/host-1", into its role and name; undefined when it
+ * is neither a role nor a role that binds keys to ids followed by a valid id.
+ */
+export function parseIssuer(issuer: string): { role: SignerRole; name?: string } | undefined {
+  const slash = issuer.indexOf("/");
+  const role = (slash < 0 ? issuer : issuer.slice(0, slash)) as SignerRole;
+  if (!SIGNER_ROLES.includes(role)) return undefined;
+  if (slash < 0) return { role };
+  const name = issuer.slice(slash + 1);
+  return BOUND_ROLES.includes(role) && SIGNER_NAME.test(name) ? { role, name } : undefined;
+}
 
 /** How long a signed identity stays valid; calls are signed as they are made. */
 const IDENTITY_TTL_MS = 60_000;
@@ -84,17 +109,20 @@ export function parseSigningKey(value: string): KeyObject {
 }
 
 /**
- * Parses OUTPOST_TRUSTED_SIGNERS, "gateway:<key>,dispatcher:<key>,…": the public key of each
- * role this process takes calls or grants from. A role may be listed twice while its key is
- * rotated (docs/operations.md). Throws an Error naming the bad entry.
+ * Parses OUTPOST_TRUSTED_SIGNERS, "gateway:<key>,dispatcher:<key>,executor/host-1:<key>,…": the
+ * public key of each role this process takes calls or grants from, or of one executor. An
+ * issuer may be listed twice while its key is rotated (docs/operations.md). Throws an Error
+ * naming the bad entry.
  */
 export function parseTrustedSigners(value: string): Map<string, KeyObject[]> {
   const trusted = new Map<string, KeyObject[]>();
   for (const [i, entry] of value.split(",").map((e) => e.trim()).filter(Boolean).entries()) {
     const colon = entry.indexOf(":");
     const role = colon < 0 ? "" : entry.slice(0, colon);
-    if (!(SIGNER_ROLES as readonly string[]).includes(role)) {
-      throw new Error(`entry ${i + 1} must be <role>:<public key> with role one of ${SIGNER_ROLES.join(", ")}`);
+    if (parseIssuer(role) === undefined) {
+      throw new Error(
+        `entry ${i + 1} must be <role>:<public key> with role one of ${SIGNER_ROLES.join(", ")}, or executor/<executor id>:<public key>`,
+      );
     }
     let key: KeyObject;
     try {
@@ -115,23 +143,29 @@ export class SigningKeys {
 
   /** The role this process signs as. */
   readonly role: SignerRole;
+  /** What its signatures name as issuer: the role, or "executor/<id>" for an executor. */
+  readonly issuer: string;
   private readonly privateKey: KeyObject;
   private readonly trusted: ReadonlyMap<string, readonly KeyObject[]>;
 
-  constructor(role: SignerRole, privateKey: KeyObject, trusted: ReadonlyMap<string, readonly KeyObject[]> = new Map()) {
+  /** `name`: the executor's id, for an executor (its issuer is then "executor/<id>"). */
+  constructor(role: SignerRole, privateKey: KeyObject, trusted: ReadonlyMap<string, readonly KeyObject[]> = new Map(), name?: string) {
+    const issuer = name === undefined ? role : `${role}/${name}`;
+    if (parseIssuer(issuer) === undefined) throw new Error(`${issuer} cannot sign: only executors sign with an id, which must be a valid executor id`);
     this.role = role;
+    this.issuer = issuer;
     this.privateKey = privateKey;
     this.trusted = trusted;
   }
 
-  /** From the two settings, as validated at start-up. */
-  static fromSettings(role: SignerRole, signingKey: string, trustedSigners = ""): SigningKeys {
-    return new SigningKeys(role, parseSigningKey(signingKey), parseTrustedSigners(trustedSigners));
+  /** From the two settings, as validated at start-up (and the executor's id, for an executor). */
+  static fromSettings(role: SignerRole, signingKey: string, trustedSigners = "", name?: string): SigningKeys {
+    return new SigningKeys(role, parseSigningKey(signingKey), parseTrustedSigners(trustedSigners), name);
   }
 
   /** Signs claims for `ttlMs`; the answer is the base64url payload and signature. */
   sign(claims: object, ttlMs: number, now = Date.now()): { payload: string; signature: string } {
-    const payload = Buffer.from(JSON.stringify({ ...claims, iss: this.role, exp: now + ttlMs })).toString("base64url");
+    const payload = Buffer.from(JSON.stringify({ ...claims, iss: this.issuer, exp: now + ttlMs })).toString("base64url");
     return { payload, signature: sign(null, Buffer.from(payload), this.privateKey).toString("base64url") };
   }
 
@@ -145,12 +179,20 @@ export class SigningKeys {
     }
     if (typeof claims !== "object" || claims === null || typeof (claims as { iss?: unknown }).iss !== "string") return { problem: "MALFORMED" };
     const signed = claims as Record<string, unknown> & SignedClaims;
-    const keys = this.trusted.get(signed.iss);
-    if (!keys) return { problem: "UNKNOWN_SIGNER" };
+    const keys = this.keysOf(signed.iss);
+    if (keys.length === 0) return { problem: "UNKNOWN_SIGNER" };
     const signatureBytes = Buffer.from(signature, "base64url");
     if (signatureBytes.length !== 64 || !keys.some((key) => verify(null, Buffer.from(payload), key, signatureBytes))) return { problem: "FORGED" };
     if (typeof signed.exp !== "number" || signed.exp < now) return { problem: "EXPIRED" };
     return { claims: signed };
+  }
+
+  /** The keys that may sign as `issuer`: its own, and its role's if it names one executor. */
+  private keysOf(issuer: string): readonly KeyObject[] {
+    const parsed = parseIssuer(issuer);
+    if (parsed === undefined) return [];
+    const own = this.trusted.get(issuer) ?? [];
+    return parsed.name === undefined ? own : [...own, ...(this.trusted.get(parsed.role) ?? [])];
   }
 
   /** A grant as one string, "<payload>.<signature>". */
@@ -159,12 +201,12 @@ export class SigningKeys {
     return `${payload}.${signature}`;
   }
 
-  /** Checks a token from `signToken`, which must come from `issuer`. */
+  /** Checks a token from `signToken`, which must come from a process of role `issuer`. */
   verifyToken(token: string, issuer: SignerRole, now = Date.now()): { claims: Record<string, unknown> } | { problem: SignatureProblem } {
     const [payload, signature, extra] = token.split(".");
     if (!payload || !signature || extra !== undefined) return { problem: "MALFORMED" };
     const checked = this.verify(payload, signature, now);
-    if ("claims" in checked && checked.claims.iss !== issuer) return { problem: "UNKNOWN_SIGNER" };
+    if ("claims" in checked && parseIssuer(checked.claims.iss)?.role !== issuer) return { problem: "UNKNOWN_SIGNER" };
     return checked;
   }
 
@@ -197,8 +239,10 @@ export class SigningKeys {
     if ("problem" in checked) throw identityProblem(checked.problem);
     const { id, iss, exp } = checked.claims;
     if (!isIdentity(id)) throw unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
-    // A role speaks only for what it is (module comment).
-    if (signerRoleOf(id) !== iss) throw identityProblem("FORGED");
+    // A role speaks only for what it is, an executor signing with its id only for itself
+    // (module comment).
+    const mayAssert = iss.includes("/") ? id.kind === "service" && id.principal === iss : signerRoleOf(id) === iss;
+    if (!mayAssert) throw identityProblem("FORGED");
     const identity = Object.freeze(id);
     remember(this.verifiedIdentities, key, { identity, exp });
     return identity;
@@ -226,27 +270,49 @@ function isIdentity(value: unknown): value is Identity {
 
 /** A key pair per role, as the settings take them. */
 export interface SigningKeySet {
-  /** OUTPOST_SIGNING_KEY of each role. */
+  /** OUTPOST_SIGNING_KEY of each role (of every executor, unless they have their own below). */
   signingKeys: Record<SignerRole, string>;
-  /** OUTPOST_TRUSTED_SIGNERS for every process: all the roles' public keys. */
+  /** OUTPOST_SIGNING_KEY of each executor that has its own key, by executor id. */
+  executorKeys: Record<string, string>;
+  /** OUTPOST_TRUSTED_SIGNERS for every process: all the public keys. */
   trustedSigners: string;
 }
 
-/** A fresh key pair per role: for the dev mesh, tests and `npm run signing-keys`. */
-export function generateSigningKeySet(roles: readonly SignerRole[] = SIGNER_ROLES): SigningKeySet {
-  const signingKeys = {} as Record<SignerRole, string>;
-  const trusted: string[] = [];
-  for (const role of roles) {
-    const { privateKey, publicKey } = generateKeyPairSync("ed25519");
-    signingKeys[role] = privateKey.export({ format: "der", type: "pkcs8" }).toString("base64");
-    trusted.push(`${role}:${publicKey.export({ format: "der", type: "spki" }).toString("base64")}`);
-  }
-  return { signingKeys, trustedSigners: trusted.join(",") };
+function newKeyPair(): { privateKey: string; publicKey: string } {
+  const { privateKey, publicKey } = generateKeyPairSync("ed25519");
+  return {
+    privateKey: privateKey.export({ format: "der", type: "pkcs8" }).toString("base64"),
+    publicKey: publicKey.export({ format: "der", type: "spki" }).toString("base64"),
+  };
 }
 
-/** The keys of one role from a set (tests, tools). */
-export function signingKeysOf(set: SigningKeySet, role: SignerRole): SigningKeys {
-  return SigningKeys.fromSettings(role, set.signingKeys[role], set.trustedSigners);
+/**
+ * A fresh key pair per role, for the dev mesh, tests and `npm run signing-keys`. With
+ * `executorIds`, each of those executors gets a key bound to its id instead of one shared by the
+ * role, and no key is trusted for the executor role as a whole.
+ */
+export function generateSigningKeySet(roles: readonly SignerRole[] = SIGNER_ROLES, executorIds: readonly string[] = []): SigningKeySet {
+  const signingKeys = {} as Record<SignerRole, string>;
+  const executorKeys: Record<string, string> = {};
+  const trusted: string[] = [];
+  for (const role of roles) {
+    const pair = newKeyPair();
+    signingKeys[role] = pair.privateKey;
+    if (role !== "executor" || executorIds.length === 0) trusted.push(`${role}:${pair.publicKey}`);
+  }
+  for (const id of executorIds) {
+    if (parseIssuer(`executor/${id}`) === undefined) throw new Error(`executor id ${JSON.stringify(id)}: letters, digits, '.', '_' and '-' only, at most 128`);
+    const pair = newKeyPair();
+    executorKeys[id] = pair.privateKey;
+    trusted.push(`executor/${id}:${pair.publicKey}`);
+  }
+  return { signingKeys, executorKeys, trustedSigners: trusted.join(",") };
+}
+
+/** The keys of one role from a set (tests, tools); of one executor, given its id. */
+export function signingKeysOf(set: SigningKeySet, role: SignerRole, executorId?: string): SigningKeys {
+  const ownKey = executorId === undefined ? undefined : set.executorKeys[executorId];
+  return SigningKeys.fromSettings(role, ownKey ?? set.signingKeys[role], set.trustedSigners, executorId);
 }
 
 export const identityKey = createContextKey<Identity | undefined>(undefined, { description: "caller identity" });

@@ -4,6 +4,7 @@ import {
   ERROR_DOMAIN,
   IDENTITY_HEADER,
   IDENTITY_SIGNATURE_HEADER,
+  SIGNER_ROLES,
   SigningKeys,
   checkSecretGrant,
   errorInfoOf,
@@ -16,6 +17,7 @@ import {
   requireService,
   requireTenant,
   signerRoleOf,
+  signingKeysOf,
   type Identity,
   type SignerRole,
 } from "@outpost/platform";
@@ -163,6 +165,69 @@ describe("writeIdentity / readIdentity", () => {
       const payload = Buffer.from(json).toString("base64url");
       expect(reasonOf(() => verifier().readIdentity(signedRaw(payload), NOW)), json).toEqual(unauth("IDENTITY_MALFORMED"));
     }
+  });
+});
+
+describe("keys bound to one executor", () => {
+  const BOUND = generateSigningKeySet(SIGNER_ROLES, ["host-1", "host-2"]);
+  const h1: Identity = { kind: "service", principal: "executor/host-1" };
+  const h2: Identity = { kind: "service", principal: "executor/host-2" };
+  /** A dispatcher that trusts the executors' own keys and no key of the executor role. */
+  const dispatcher = () => signingKeysOf(BOUND, "dispatcher");
+  const signedBy = (keys: SigningKeys, identity: Identity) => {
+    const headers = new Headers();
+    keys.writeIdentity(headers, identity, NOW);
+    return headers;
+  };
+
+  it("lists each executor's key under its id and none for the role", () => {
+    expect(BOUND.trustedSigners).toMatch(/(^|,)executor\/host-1:/);
+    expect(BOUND.trustedSigners).toMatch(/(^|,)executor\/host-2:/);
+    expect(BOUND.trustedSigners).not.toMatch(/(^|,)executor:/);
+    expect([...parseTrustedSigners(BOUND.trustedSigners).keys()].sort()).toEqual(["dispatcher", "executor/host-1", "executor/host-2", "gateway", "telemetry", "tenant"]);
+  });
+
+  it("signs as the executor itself, which its own key verifies", () => {
+    const host1 = signingKeysOf(BOUND, "executor", "host-1");
+    expect(host1.issuer).toBe("executor/host-1");
+    expect(dispatcher().readIdentity(signedBy(host1, h1), NOW)).toEqual(h1);
+  });
+
+  it("refuses one executor's key speaking as another, however the payload names its issuer", () => {
+    const host1 = signingKeysOf(BOUND, "executor", "host-1");
+    // Signed honestly (iss executor/host-1) but for host-2's identity.
+    expect(reasonOf(() => dispatcher().readIdentity(signedBy(host1, h2), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    // A payload claiming host-2 (or the role) signed it, signed with host-1's key.
+    const ownKey = parseSigningKey(BOUND.executorKeys["host-1"]!);
+    for (const iss of ["executor/host-2", "executor"]) {
+      const payload = b64({ id: h2, iss, exp: NOW + 60_000 });
+      const headers = new Headers({ [IDENTITY_HEADER]: payload, [IDENTITY_SIGNATURE_HEADER]: cryptoSign(null, Buffer.from(payload), ownKey).toString("base64url") });
+      expect(reasonOf(() => dispatcher().readIdentity(headers, NOW)), iss).toEqual(unauth("IDENTITY_FORGED"));
+    }
+    // An executor process without a key of its own (the role's) is refused when only ids are trusted.
+    expect(reasonOf(() => dispatcher().readIdentity(signedBy(keysOf("executor", BOUND), h1), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+  });
+
+  it("accepts an executor signing with its id under a key trusted for the whole role (the shared key)", () => {
+    const shared = SigningKeys.fromSettings("executor", SET.signingKeys.executor, SET.trustedSigners, "host-9");
+    expect(verifier().readIdentity(signedBy(shared, { kind: "service", principal: "executor/host-9" }), NOW)).toEqual({ kind: "service", principal: "executor/host-9" });
+    // Bound issuer, bound claim: even the shared key cannot make host-9's signature speak as host-1.
+    expect(reasonOf(() => verifier().readIdentity(signedBy(shared, h1), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+  });
+
+  it("a bound executor's tokens count as the executor role's", () => {
+    const token = signingKeysOf(BOUND, "executor", "host-1").signToken({ x: 1 }, 1000, NOW);
+    expect(dispatcher().verifyToken(token, "executor", NOW)).toMatchObject({ claims: { x: 1, iss: "executor/host-1" } });
+    expect(dispatcher().verifyToken(token, "dispatcher", NOW)).toEqual({ problem: "UNKNOWN_SIGNER" });
+  });
+
+  it("refuses ids on roles other than the executor, and ids an executor could not have", () => {
+    const pub = BOUND.trustedSigners.split(",")[0]!.split(":")[1]!;
+    for (const issuer of ["gateway/x", "dispatcher/d1", "executor/", "executor/bad id", "executor/a/b", `executor/${"x".repeat(129)}`]) {
+      expect(() => parseTrustedSigners(`${issuer}:${pub}`), issuer).toThrow(/entry 1 must be .* or executor\/<executor id>:<public key>/);
+    }
+    expect(() => SigningKeys.fromSettings("gateway", SET.signingKeys.gateway, "", "gw-1")).toThrow(/gateway\/gw-1 cannot sign/);
+    expect(() => generateSigningKeySet(["executor"], ["no spaces"])).toThrow(/executor id "no spaces"/);
   });
 });
 

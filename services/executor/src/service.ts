@@ -20,7 +20,8 @@ const list = (text: string) => text.split(",").map((s) => s.trim()).filter(Boole
 
 export async function startExecutor(config: ExecutorConfig, logger: Logger) {
   const executorId = config.OUTPOST_EXECUTOR_ID;
-  const signingKeys = SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS);
+  // Signs as "executor/<id>", which a key listed for this executor alone verifies (identity.ts).
+  const signingKeys = SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS, executorId);
   const runtime = createDockerRuntime({ dockerHost: config.DOCKER_HOST, socketPath: config.OUTPOST_DOCKER_SOCKET });
   // Per executor id, so executors sharing a data directory never touch each other's runs.
   const workspaces = createHostWorkspaces({
