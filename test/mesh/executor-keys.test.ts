@@ -2,15 +2,18 @@
  * Executors with keys of their own (identity.ts, docs/operations.md "A key per executor"), over
  * the real mesh: the mesh trusts one key per executor id and none for the executor role, the
  * executor runs a dispatch that names a secret end to end with its key (lease, secrets, logs),
- * and a second executor's key cannot speak as the first at the dispatcher or the tenant service.
+ * and a second executor's key cannot speak as the first at the dispatcher, the tenant service or
+ * telemetry, nor use the grants the dispatcher gave the first.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code, ConnectError } from "@connectrpc/connect";
 import Docker from "dockerode";
 import { followLogs } from "@outpost/cli";
-import { errorInfoOf, generateSigningKeySet, internalClient, issueSecretGrant, SIGNER_ROLES, signingKeysOf, type Identity } from "@outpost/platform";
+import { errorInfoOf, generateSigningKeySet, internalClient, issueLogGrant, issueSecretGrant, SIGNER_ROLES, signingKeysOf, type Identity } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
+import { LogStream } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import { startTestMesh, type TestMesh } from "./harness.ts";
 
@@ -50,6 +53,7 @@ function asIntruder(identity: Identity, signingKeys = signingKeysOf(KEYS, "execu
   return {
     leases: internalClient(LeaseService, { baseUrl: t.mesh.urls.dispatcher, signingKeys, identity }),
     secrets: internalClient(TenantInternalService, { baseUrl: t.mesh.urls.tenant, signingKeys, identity }),
+    logs: internalClient(LogIngestService, { baseUrl: t.mesh.urls.telemetry, signingKeys, identity }),
   };
 }
 const self: Identity = { kind: "service", principal: `executor/${INTRUDER_ID}` };
@@ -67,7 +71,7 @@ describe("a key per executor", () => {
     expect(done!.executorId).toBe(EXECUTOR_ID);
   });
 
-  it("another executor's key cannot take, list or watch its leases, nor use its secret grants", async () => {
+  it("another executor's key cannot take or list its leases, nor use its secret or log grants", async () => {
     const intruder = asIntruder(self);
     // As itself, the intruder is a working executor.
     expect(await refusal(intruder.leases.listExecutorLeases({ executorId: INTRUDER_ID }))).toBe("accepted");
@@ -89,5 +93,23 @@ describe("a key per executor", () => {
     // The victim's own key is what the grant was for: the same request succeeds.
     const owner = internalClient(TenantInternalService, { baseUrl: t.mesh.urls.tenant, signingKeys: signingKeysOf(KEYS, "executor", EXECUTOR_ID), identity: victim });
     expect((await owner.resolveSecrets(request)).values).toEqual({ KEYED_SECRET: "keyed-value-4242" });
+
+    // The victim's log grant for a run of the tenant: the intruder cannot write that run's output
+    // (seq 1: had it been stored, it would stand in place of the run's first line).
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "sleep=1" });
+    const logGrant = issueLogGrant(signingKeysOf(KEYS, "dispatcher"), { dispatchId: dispatch!.id, tenantId: tenant.tenantId, executor: victim.principal }, 60_000);
+    const fake = { dispatchId: dispatch!.id, tenantId: tenant.tenantId, grant: logGrant, chunks: [{ seq: 1n, stream: LogStream.STDOUT, text: "injected" }] };
+    async function* oneBatch() {
+      yield fake;
+    }
+    const write = async (client: typeof intruder.logs) => {
+      for await (const _ of client.ingestLogs(oneBatch())) void _;
+    };
+    expect(await refusal(write(intruder.logs))).toBe("PermissionDenied LOG_GRANT_INVALID");
+    expect(await refusal(write(posing.logs))).toBe("Unauthenticated IDENTITY_FORGED");
+    const lines: string[] = [];
+    await followLogs(tenant.clients.logs, dispatch!.id, (chunk) => lines.push(chunk.text));
+    expect(lines.length).toBeGreaterThan(0);
+    expect(lines).not.toContain("injected");
   });
 });

@@ -3,7 +3,7 @@
  * service process needs to use it, and a way to sign a call as any caller with the key of the
  * role that may sign it (a tenant with the gateway's, "executor/e1" with the executor's).
  */
-import { generateSigningKeySet, issueSecretGrant, signerRoleOf, signingKeysOf, type Identity, type SignerRole, type SigningKeys } from "@outpost/platform";
+import { generateSigningKeySet, issueLogGrant, issueSecretGrant, signerRoleOf, signingKeysOf, type Identity, type SignerRole, type SigningKeys } from "@outpost/platform";
 
 export const TEST_SIGNING_KEY_SET = generateSigningKeySet();
 
@@ -29,6 +29,11 @@ export function signingEnv(role: SignerRole): { OUTPOST_SIGNING_KEY: string; OUT
 /** The keys that may sign `identity`: pass as `signingKeys` with it to internalClient. */
 export function signerFor(identity: Identity): SigningKeys {
   return keysOf(signerRoleOf(identity) as SignerRole);
+}
+
+/** A dispatcher's grant to `executor` to write the output of a run, as a lease would carry it. */
+export function logGrantOf(dispatchId: string, tenantId: string, executor = "executor/host-1", timeoutMs = 60_000): string {
+  return issueLogGrant(keysOf("dispatcher"), { dispatchId, tenantId, executor }, timeoutMs);
 }
 
 /** A dispatcher's grant of `names` of `tenantId` to `executor`, as a lease would carry it. */

@@ -25,6 +25,7 @@ import {
   requireUlid,
   formatTraceparent,
   currentTrace,
+  issueLogGrant,
   issueSecretGrant,
   type Identity,
   type SigningKeys,
@@ -88,19 +89,25 @@ const REF_FORBIDDEN = /[\x00-\x20\x7f~^:?*[\\]/;
 export interface RouteDeps {
   audit: AuditLog;
   fleet: () => Promise<FleetStatus>;
-  /** Signs the secret grant that comes with a lease (secret-grant.ts). */
+  /** Signs the grants that come with a lease (run-grants.ts). */
   signingKeys: SigningKeys;
 }
 
 export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, agents: AgentRegistry, deps: RouteDeps): void {
   const { audit } = deps;
-  // A leased run's secrets are released to the executor holding the lease, and only to it. The
-  // lease calls already refuse an executor naming another's id (ownExecutorId); this check keeps
-  // the grant bound to its holder even if a route forgets to.
-  const grantsTo = (executor: Identity) => (d: DispatchRecord) =>
-    d.secretNames.length > 0 && executor.principal === `executor/${d.executorId}`
-      ? issueSecretGrant(deps.signingKeys, { dispatchId: d.id, tenantId: d.tenantId, names: d.secretNames, executor: executor.principal })
-      : "";
+  // A leased run's secrets and output are granted to the executor holding the lease, and only
+  // to it (run-grants.ts). The lease calls already refuse an executor naming another's id
+  // (ownExecutorId); this check keeps the grants bound to their holder even if a route forgets to.
+  const grantsTo =
+    (executor: Identity) =>
+    (d: DispatchRecord): RunGrants => {
+      if (executor.principal !== `executor/${d.executorId}`) return { secretGrant: "", logGrant: "" };
+      const run = { dispatchId: d.id, tenantId: d.tenantId, executor: executor.principal };
+      return {
+        secretGrant: d.secretNames.length > 0 ? issueSecretGrant(deps.signingKeys, { ...run, names: d.secretNames }) : "",
+        logGrant: issueLogGrant(deps.signingKeys, run, d.timeoutMs),
+      };
+    };
   const DS = "outpost.dispatch.v1.DispatchService";
   const AS = "outpost.dispatch.v1.AgentService";
   router.service(DispatchService, {
@@ -412,15 +419,20 @@ function validateLabels(field: string, labels: Record<string, string>): Record<s
   return { ...labels };
 }
 
-/** `grant` signs the run's secret grant to the calling executor (secret-grant.ts). */
-function leaseToProto(dispatch: DispatchRecord, agent: Agent | undefined, grant: (dispatch: DispatchRecord) => string) {
+interface RunGrants {
+  secretGrant: string;
+  logGrant: string;
+}
+
+/** `grants` signs the run's grants to the calling executor (run-grants.ts). */
+function leaseToProto(dispatch: DispatchRecord, agent: Agent | undefined, grants: (dispatch: DispatchRecord) => RunGrants) {
   return {
     leaseId: dispatch.leaseId,
     expireTime: timestampFromMs(dispatch.leaseExpiresAt ?? 0),
     dispatch: dispatchToProto(dispatch),
     agent,
     traceparent: dispatch.traceparent,
-    secretGrant: grant(dispatch),
+    ...grants(dispatch),
   };
 }
 

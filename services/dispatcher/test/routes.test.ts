@@ -2,7 +2,7 @@
 import { beforeEach, describe, expect, it } from "vitest";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { checkSecretGrant, createLogger, errorInfoOf, identityInterceptor, type Identity } from "@outpost/platform";
+import { checkLogGrant, checkSecretGrant, createLogger, errorInfoOf, identityInterceptor, LOG_GRANT_GRACE_MS, type Identity } from "@outpost/platform";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
 import { Dispatch_State, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService, type CreateDispatchRequest } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
@@ -91,7 +91,7 @@ describe("identity", () => {
     const withSecrets = await dispatches().createDispatch({ ...ok, secretNames: ["GH_TOKEN", "NPM_TOKEN"] });
     const { lease } = await leases().acquireLease({ executorId: "host-1" });
     expect(lease?.dispatch?.id).toBe(withSecrets.dispatch!.id);
-    // What the tenant service checks (secret-grant.ts), with its own keys.
+    // What the tenant service checks (run-grants.ts), with its own keys.
     const tenantKeys = keysOf("tenant");
     const grant = lease!.secretGrant;
     const covers = { tenantId: TENANT, names: ["GH_TOKEN", "NPM_TOKEN"], executor: EXECUTOR.principal };
@@ -113,6 +113,29 @@ describe("identity", () => {
     // A run without secrets gets no grant.
     await dispatches().createDispatch(ok);
     expect((await leases().acquireLease({ executorId: "host-1" })).lease?.secretGrant).toBe("");
+  });
+
+  it("every lease carries a log grant to the executor that took it, lasting the run's timeout and an hour", async () => {
+    const created = await dispatches().createDispatch({ ...ok, timeout: durationFromMs(120_000) });
+    const { lease } = await leases().acquireLease({ executorId: "host-1" });
+    const run = { dispatchId: created.dispatch!.id, tenantId: TENANT, executor: EXECUTOR.principal };
+    // What telemetry checks (run-grants.ts), with its own keys.
+    const telemetryKeys = keysOf("telemetry");
+    const refusal = (token: string, request = run, now = Date.now()) => {
+      try {
+        checkLogGrant(telemetryKeys, token, request, now);
+      } catch (err) {
+        return errorInfoOf(err as ConnectError)?.reason;
+      }
+      return "accepted";
+    };
+    expect(refusal(lease!.logGrant)).toBe("accepted");
+    expect(refusal(lease!.logGrant, run, Date.now() + 120_000 + LOG_GRANT_GRACE_MS - 5_000)).toBe("accepted");
+    expect(refusal(lease!.logGrant, run, Date.now() + 120_000 + LOG_GRANT_GRACE_MS + 5_000)).toBe("LOG_GRANT_INVALID");
+    expect(refusal(lease!.logGrant, { ...run, executor: "executor/host-2" })).toBe("LOG_GRANT_INVALID");
+    // Listed again after a restart, the lease comes with a fresh one.
+    const listed = await leases().listExecutorLeases({ executorId: "host-1" });
+    expect(refusal(listed.leases[0]!.logGrant)).toBe("accepted");
   });
 
   it("an executor acts only as itself: naming another executor's id is PERMISSION_DENIED on every lease call that names one", async () => {

@@ -10,7 +10,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { callEndSignal, callerOf, checkSecretGrant, failedPrecondition, issueSecretGrant, notFound, startServer, unimplemented, type RunningServer } from "@outpost/platform";
+import { callEndSignal, callerOf, checkLogGrant, checkSecretGrant, failedPrecondition, issueLogGrant, issueSecretGrant, notFound, startServer, unimplemented, type RunningServer } from "@outpost/platform";
 import { Dispatch_State, NetworkPolicy, type Agent } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import {
   LeaseSchema,
@@ -106,6 +106,7 @@ export class StubDispatcher {
         if (lease && names.length > 0) {
           lease.secretGrant = issueSecretGrant(keysOf("dispatcher"), { dispatchId, tenantId, names, executor: callerOf(ctx).principal });
         }
+        if (lease) lease.logGrant = issueLogGrant(keysOf("dispatcher"), { dispatchId, tenantId, executor: callerOf(ctx).principal }, 60_000);
         return { lease };
       },
       heartbeat: async (req) => {
@@ -170,8 +171,10 @@ export class StubTelemetry {
   routes = (router: Router) => {
     const { chunks, tenants } = this;
     router.service(LogIngestService, {
-      async *ingestLogs(requests) {
+      async *ingestLogs(requests, ctx) {
         for await (const req of requests) {
+          // As the real telemetry does: only the executor the run was leased to may write it.
+          checkLogGrant(keysOf("telemetry"), req.grant, { dispatchId: req.dispatchId, tenantId: req.tenantId, executor: callerOf(ctx).principal });
           const stored = chunks.get(req.dispatchId) ?? [];
           chunks.set(req.dispatchId, stored);
           tenants.set(req.dispatchId, req.tenantId);

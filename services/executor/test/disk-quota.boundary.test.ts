@@ -35,7 +35,7 @@ class QueuedLeases extends FakeLeases {
 /** Keeps each run's output apart. */
 class RunSink extends FakeSink {
   private readonly byRun = new Map<string, FakeConnection[]>();
-  override open(run: { dispatchId: string; tenantId: string }, handlers: LogConnectionHandlers): LogConnection {
+  override open(run: Parameters<FakeSink["open"]>[0], handlers: LogConnectionHandlers): LogConnection {
     const connection = super.open(run, handlers) as FakeConnection;
     this.byRun.set(run.dispatchId, [...(this.byRun.get(run.dispatchId) ?? []), connection]);
     return connection;

@@ -25,10 +25,13 @@ export const silentLogger = pino({ level: "silent" });
 /** A log sink whose connections the test drives: it sees every batch and acks by hand. */
 export class FakeSink implements LogSink {
   readonly connections: FakeConnection[] = [];
+  /** The run each connection was opened for, in order. */
+  readonly runs: Parameters<LogSink["open"]>[0][] = [];
   /** Ack every batch at once. */
   autoAck = false;
 
-  open(_run: { dispatchId: string; tenantId: string }, handlers: LogConnectionHandlers): LogConnection {
+  open(run: Parameters<LogSink["open"]>[0], handlers: LogConnectionHandlers): LogConnection {
+    this.runs.push(run);
     const conn = new FakeConnection(handlers, this);
     this.connections.push(conn);
     return conn;

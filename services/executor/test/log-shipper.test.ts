@@ -7,6 +7,7 @@ function shipper(sink: FakeSink, extra: Partial<ConstructorParameters<typeof Log
   return new LogShipper({
     dispatchId: "D1",
     tenantId: "T1",
+    grant: "log-grant-of-D1",
     sink,
     logger: silentLogger,
     backoff: new Backoff({ baseMs: 10, maxMs: 10, random: () => 0.5 }),
@@ -63,6 +64,8 @@ describe("LogShipper", () => {
     expect(sink.connections).toHaveLength(1); // reconnect waits for the backoff
     await vi.waitFor(() => expect(sink.connections).toHaveLength(2));
     expect(sink.last.batches.map((b) => b.map((l) => l.seq))).toEqual([[3, 4]]);
+    // Every connection presents the run's log grant, the new one too.
+    expect(sink.runs).toEqual([1, 2].map(() => ({ dispatchId: "D1", tenantId: "T1", grant: "log-grant-of-D1" })));
     // acks of the dead connection are ignored
     sink.connections[0]!.ack(4);
     expect(s.acked).toBe(2);

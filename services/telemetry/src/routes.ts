@@ -9,6 +9,7 @@ import {
   callEndSignal,
   throwIfCallAborted,
   checkLength,
+  checkLogGrant,
   decodePageToken,
   encodePageToken,
   invalidArgument,
@@ -19,6 +20,7 @@ import {
   requireTenant,
   requireUlid,
   untilSignal,
+  type SigningKeys,
 } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import {
@@ -113,13 +115,22 @@ function runEndMessage(end: RunEndRecord) {
   });
 }
 
-export function telemetryRoutes(core: TelemetryCore) {
+/** `signingKeys` checks the dispatcher's log grants. */
+export function telemetryRoutes(core: TelemetryCore, signingKeys: SigningKeys) {
   return (router: ConnectRouter) => {
     router.service(LogIngestService, {
       async *ingestLogs(requests: AsyncIterable<IngestLogsRequest>, ctx: HandlerContext) {
-        requireService(ctx, "executor");
+        const executor = requireService(ctx, "executor");
+        // Only the executor the run was leased to writes its output (run-grants.ts). A stream
+        // carries one run, so its grant is checked once, and again only if the run or grant changes.
+        let granted: string | undefined;
         for await (const req of untilSignal(requests, callEndSignal(ctx))) {
           const batch = validateIngest(req, Date.now());
+          const grantKey = `${batch.dispatchId}\n${batch.tenantId}\n${req.grant}`;
+          if (grantKey !== granted) {
+            checkLogGrant(signingKeys, req.grant, { dispatchId: batch.dispatchId, tenantId: batch.tenantId, executor: executor.principal });
+            granted = grantKey;
+          }
           const acked = await core.ingest(batch.dispatchId, batch.tenantId, batch.chunks);
           yield create(IngestLogsResponseSchema, { dispatchId: batch.dispatchId, ackedSeq: BigInt(acked) });
         }

@@ -70,6 +70,7 @@ export async function startTelemetry(config: TelemetryConfig, logger: Logger, de
   });
   // MongoDB's TTL monitor deletes expired runs and chunks itself (TTL indexes on expireAt).
   const sweeper = store instanceof MongoTelemetryStore ? undefined : new RetentionSweeper(store, logger, config.OUTPOST_TELEMETRY_RETENTION_SWEEP_MS);
+  const signingKeys = SigningKeys.fromSettings("telemetry", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS);
   let server;
   try {
     server = await startServer({
@@ -77,8 +78,8 @@ export async function startTelemetry(config: TelemetryConfig, logger: Logger, de
       host: config.OUTPOST_TELEMETRY_HOST,
       port: config.OUTPOST_TELEMETRY_PORT,
       logger,
-      routes: telemetryRoutes(core),
-      signingKeys: SigningKeys.fromSettings("telemetry", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS),
+      routes: telemetryRoutes(core, signingKeys),
+      signingKeys,
     });
   } catch (err) {
     await feed.close();

@@ -10,7 +10,7 @@ import {
 } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { LogChunkSchema, LogStream, RunEndSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { LogService, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
-import { signerFor } from "../../../test/support/signing.ts";
+import { logGrantOf, signerFor } from "../../../test/support/signing.ts";
 
 
 export function clientsFor(baseUrl: string) {
@@ -28,10 +28,12 @@ export function clientsFor(baseUrl: string) {
 export type IngestClient = Client<typeof LogIngestService>;
 export type LogClient = Client<typeof LogService>;
 
+/** A batch of `line <seq>` chunks, with a log grant for the run to executor/host-1 (`clientsFor().executor`). */
 export function batch(dispatchId: string, tenantId: string, seqs: number[], stream = LogStream.STDOUT): IngestLogsRequest {
   return create(IngestLogsRequestSchema, {
     dispatchId,
     tenantId,
+    grant: logGrantOf(dispatchId, tenantId),
     chunks: seqs.map((seq) => create(LogChunkSchema, { dispatchId, seq: BigInt(seq), stream, text: `line ${seq}` })),
   });
 }

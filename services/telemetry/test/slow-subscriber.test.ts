@@ -20,7 +20,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadTelemetryConfig } from "../src/config.ts";
 import { startTelemetry, type RunningTelemetry } from "../src/service.ts";
 import { clientsFor, collect, ingest, range, runEnd, sleep } from "./helpers.ts";
-import { signAs, signingEnv } from "../../../test/support/signing.ts";
+import { logGrantOf, signAs, signingEnv } from "../../../test/support/signing.ts";
 
 const TOTAL = 3000;
 const PAD = "x".repeat(1000); // ~3 MB in all: far more than HTTP/2 flow-control windows hold
@@ -56,6 +56,7 @@ describe("a subscriber that stops reading", () => {
         create(IngestLogsRequestSchema, {
           dispatchId: id,
           tenantId: tenant,
+          grant: logGrantOf(id, tenant),
           chunks: seqs.map((seq) => create(LogChunkSchema, { seq: BigInt(seq), stream: LogStream.STDOUT, text: `${seq} ${PAD}` })),
         }),
       );

@@ -3,7 +3,7 @@
  * platform's internal clients signed as executor, dispatcher and tenants.
  */
 import { Code } from "@connectrpc/connect";
-import { createLogger } from "@outpost/platform";
+import { createLogger, errorInfoOf, issueLogGrant, LOG_GRANT_GRACE_MS } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LogStream } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { ulid } from "ulid";
@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadTelemetryConfig } from "../src/config.ts";
 import { startTelemetry, type RunningTelemetry } from "../src/service.ts";
 import { batch, clientsFor, collect, errorOf, fieldOf, ingest, range, runEnd, sleep } from "./helpers.ts";
-import { signingEnv } from "../../../test/support/signing.ts";
+import { grantOf, keysOf, logGrantOf, signingEnv } from "../../../test/support/signing.ts";
 
 const logger = createLogger("telemetry-test", "silent");
 
@@ -199,6 +199,35 @@ describe("telemetry service", () => {
     );
     expect((await errorOf(() => ingest(c.tenantOnIngest("t-a"), [batch(id, "t-a", [1])]))).code).toBe(Code.PermissionDenied);
     expect((await c.tenant("t-a").getLogs({ dispatchId: id })).chunks).toHaveLength(0);
+  });
+
+  it("stores a run's output only under the dispatcher's log grant to the calling executor for that run and tenant", async () => {
+    const id = ulid();
+    const withGrant = (grant: string, dispatchId = id) => Object.assign(batch(dispatchId, "t-a", [1]), { grant });
+    const refused: [string, string][] = [
+      [logGrantOf(ulid(), "t-a"), "it is for another run"],
+      [logGrantOf(id, "t-b"), "it is for another tenant"],
+      // Granted to host-2; the caller is executor/host-1.
+      [logGrantOf(id, "t-a", "executor/host-2"), "it was given to another executor"],
+      [issueLogGrant(keysOf("dispatcher"), { dispatchId: id, tenantId: "t-a", executor: "executor/host-1" }, 0, Date.now() - LOG_GRANT_GRACE_MS - 1), "it has expired"],
+      [issueLogGrant(keysOf("executor"), { dispatchId: id, tenantId: "t-a", executor: "executor/host-1" }, 60_000), "it is not signed by the dispatcher"],
+      [grantOf("t-a", ["X"]), "it is not a log grant"],
+      ["garbage", "it is malformed"],
+    ];
+    for (const [grant, why] of refused) {
+      const err = await errorOf(() => ingest(c.executor, [withGrant(grant)]));
+      expect([err.code, errorInfoOf(err)?.reason, err.rawMessage], why).toEqual([Code.PermissionDenied, "LOG_GRANT_INVALID", `log grant refused: ${why}`]);
+    }
+    const missing = await errorOf(() => ingest(c.executor, [withGrant("")]));
+    expect([missing.code, fieldOf(missing)]).toEqual([Code.InvalidArgument, "grant"]);
+    // A stream whose first run was granted cannot go on to write another with the same grant.
+    const other = ulid();
+    const switched = await errorOf(() => ingest(c.executor, [batch(other, "t-a", [1]), withGrant(logGrantOf(other, "t-a"))]));
+    expect(errorInfoOf(switched)?.reason).toBe("LOG_GRANT_INVALID");
+    // Nothing of the refused batches was stored; the granted one was.
+    expect((await errorOf(() => c.tenant("t-a").getLogs({ dispatchId: id }))).code).toBe(Code.NotFound);
+    expect((await c.tenant("t-a").getLogs({ dispatchId: other })).chunks.map((ch) => Number(ch.seq))).toEqual([1]);
+    expect(await ingest(c.executor, [withGrant(logGrantOf(id, "t-a"))])).toEqual([1]);
   });
 
   it("pages GetLogs with opaque tokens", async () => {

@@ -48,6 +48,7 @@ export function createTelemetryLogSink(options: TelemetryLogSinkOptions): LogSin
             create(IngestLogsRequestSchema, {
               dispatchId: run.dispatchId,
               tenantId: run.tenantId,
+              grant: run.grant,
               chunks: lines.map((line) => ({
                 dispatchId: run.dispatchId,
                 seq: BigInt(line.seq),

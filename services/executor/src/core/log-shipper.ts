@@ -14,6 +14,8 @@ import type { LogConnection, LogLine, LogSink, OutputStream } from "./ports.ts";
 export interface LogShipperOptions {
   dispatchId: string;
   tenantId: string;
+  /** The lease's log grant (Lease.log_grant). */
+  grant: string;
   sink: LogSink;
   logger: Logger;
   /** Unacked lines kept at most before the producer has to wait. */
@@ -132,7 +134,7 @@ export class LogShipper {
     const generation = ++this.generation;
     this.sentSeq = this.ackedSeq;
     this.conn = this.options.sink.open(
-      { dispatchId: this.options.dispatchId, tenantId: this.options.tenantId },
+      { dispatchId: this.options.dispatchId, tenantId: this.options.tenantId, grant: this.options.grant },
       {
         onAck: (seq) => generation === this.generation && this.onAck(seq),
         onClose: (err) => generation === this.generation && this.onClose(err),

@@ -237,5 +237,6 @@ export interface LogConnection {
 
 /** Opens log ingestion streams to telemetry, one per run. */
 export interface LogSink {
-  open(run: { dispatchId: string; tenantId: string }, handlers: LogConnectionHandlers): LogConnection;
+  /** `grant`: the lease's log grant, which telemetry checks (run-grants.ts). */
+  open(run: { dispatchId: string; tenantId: string; grant: string }, handlers: LogConnectionHandlers): LogConnection;
 }

@@ -259,7 +259,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
   } else {
     await deps.runtime.rename(containerId, spec.name).catch((err: unknown) => logger.debug({ err }, "warm container keeps its name"));
   }
-  const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, sink: deps.logs, logger });
+  const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: lease.logGrant, sink: deps.logs, logger });
   let pumping: Promise<void> | undefined;
   const timers: NodeJS.Timeout[] = [];
   let heartbeatTimer: NodeJS.Timeout | undefined;
