@@ -248,7 +248,9 @@ function durationField(field: string, d: Duration): number {
 function ownOrAdminTenant(ctx: HandlerContext, requested: string): string {
   const caller = callerOf(ctx);
   if (caller.kind === "tenant") {
-    if (requested !== "" && requested !== caller.tenantId) {
+    // Checked as for the admin first, so a malformed or huge id is INVALID_ARGUMENT, never
+    // echoed back in a NOT_FOUND.
+    if (requested !== "" && requireUlid("tenant_id", requested) !== caller.tenantId) {
       throw notFound("tenant", requested);
     }
     return caller.tenantId;

@@ -169,6 +169,8 @@ describe("tenant process with tiers, master keys and Redis", () => {
     // One moved lazily when read above, the other by the command.
     expect(reencrypt.stdout).toContain('re-encrypted 1 secret(s) under master key "k2"; 0 could not be read');
     expect(reencrypt.stdout + reencrypt.stderr).not.toContain("second-value");
+    // The log names the secret it moved (the logger redacts values, not names).
+    expect(reencrypt.stdout + reencrypt.stderr).toMatch(/"secret_name":"SECOND".*re-encrypted under the current master key/);
 
     // k1 dropped: everything still reads.
     await stop(proc);

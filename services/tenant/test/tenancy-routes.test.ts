@@ -207,6 +207,13 @@ describe("isolation between tenants (SPEC T4)", () => {
     const missingList = await expectError(keysAs(tenantIdentity(a.id)).listApiKeys({ tenantId: MISSING }), Code.NotFound, "TENANT_NOT_FOUND");
     expect(crossList.rawMessage.replace(b.id, "ID")).toBe(missingList.rawMessage.replace(MISSING, "ID"));
     expect((await keysAs(tenantIdentity(a.id)).listApiKeys({})).apiKeys.every((k) => k.tenantId === a.id)).toBe(true);
+    // A tenant naming a malformed id gets INVALID_ARGUMENT as the admin does, not a NOT_FOUND
+    // that echoes whatever it sent (100 KB of it broke the gateway's HTTP/2 frame).
+    for (const junk of ["bad id", "x".repeat(100_000)]) {
+      await expectInvalid(keysAs(tenantIdentity(a.id)).listApiKeys({ tenantId: junk }), "tenant_id");
+      const err = await expectError(keysAs(tenantIdentity(a.id)).createApiKey({ tenantId: junk, displayName: "x" }), Code.InvalidArgument);
+      expect(err.rawMessage.length).toBeLessThan(300);
+    }
 
     const crossDelete = await expectError(secretsAs(a.id).deleteSecret({ name: "B_TOKEN" }), Code.NotFound, "SECRET_NOT_FOUND");
     const missingDelete = await expectError(secretsAs(a.id).deleteSecret({ name: "NOPE_TOKEN" }), Code.NotFound, "SECRET_NOT_FOUND");

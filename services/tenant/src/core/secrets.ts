@@ -102,7 +102,7 @@ export class SecretsCore {
           // Keeps going: one unreadable value (key dropped too early) must not stop the rest.
           failed++;
           skip.add(`${record.tenantId}/${record.name}`);
-          this.logger?.error({ tenant_id: record.tenantId, secret: record.name, err: (err as Error).message }, "cannot re-encrypt secret");
+          this.logger?.error({ tenant_id: record.tenantId, secret_name: record.name, err: (err as Error).message }, "cannot re-encrypt secret");
         }
       }
     }
@@ -128,7 +128,7 @@ export class SecretsCore {
   private async reseal(box: SecretBox, record: SecretRecord, value: string): Promise<boolean> {
     const next = box.seal(record.tenantId, record.name, value);
     const done = await this.store.resealSecret(record.tenantId, record.name, { keyId: record.keyId, iv: record.iv }, next);
-    if (done) this.logger?.info({ tenant_id: record.tenantId, secret: record.name, from: record.keyId, to: next.keyId }, "secret re-encrypted under the current master key");
+    if (done) this.logger?.info({ tenant_id: record.tenantId, secret_name: record.name, from: record.keyId, to: next.keyId }, "secret re-encrypted under the current master key");
     return done;
   }
 
