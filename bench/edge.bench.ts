@@ -16,7 +16,7 @@ import { create, toBinary } from "@bufbuild/protobuf";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { outpostClients } from "@outpost/cli";
-import { IDENTITY_HEADER, IDENTITY_SIGNATURE_HEADER, generateSigningKeySet, signingKeysOf } from "@outpost/platform";
+import { IDENTITY_HEADER, IDENTITY_SIGNATURE_HEADER, audienceOf, generateSigningKeySet, signingKeysOf } from "@outpost/platform";
 import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { freePort, startMesh, type Mesh } from "../scripts/lib/mesh.ts";
@@ -116,7 +116,7 @@ const edge: Benchmark = async (ctx: BenchContext): Promise<BenchResult> => {
         // What the gateway sends: the tenant's identity, signed (valid 60 s, signed per run).
         headers: () => {
           const h = new Headers();
-          signingKeysOf(signingKeys, "gateway").writeIdentity(h, { kind: "tenant", tenantId: created.tenant!.id, principal: "key/bench" });
+          signingKeysOf(signingKeys, "gateway").writeIdentity(h, { kind: "tenant", tenantId: created.tenant!.id, principal: "key/bench" }, audienceOf(DispatchService));
           return { ...grpcHeaders, [IDENTITY_HEADER]: h.get(IDENTITY_HEADER)!, [IDENTITY_SIGNATURE_HEADER]: h.get(IDENTITY_SIGNATURE_HEADER)! };
         },
       },

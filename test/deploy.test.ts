@@ -90,6 +90,9 @@ function declaredSettings(): Set<string> {
   return names;
 }
 
+/** The service the identities in these tests are signed for. */
+const AUD = "outpost.dispatch.v1.DispatchService";
+
 describe("Kubernetes manifests (deploy/k8s)", () => {
   it("every manifest validates against the upstream schemas (kubernetes-models) and the strict subset", () => {
     expect(docs.length).toBeGreaterThan(10);
@@ -370,11 +373,11 @@ describe("image and compose (deploy/)", () => {
     // The gateway signs a tenant; every other service accepts it. An executor signing a tenant is refused.
     const tenant = { kind: "tenant", tenantId: "T1", principal: "key/k" } as const;
     const headers = new Headers();
-    keysOf("gateway").writeIdentity(headers, tenant);
-    for (const role of ["tenant", "dispatcher", "executor", "telemetry"] as const) expect(keysOf(role).readIdentity(headers), role).toEqual(tenant);
+    keysOf("gateway").writeIdentity(headers, tenant, AUD);
+    for (const role of ["tenant", "dispatcher", "executor", "telemetry"] as const) expect(keysOf(role).readIdentity(headers, AUD), role).toEqual(tenant);
     const forged = new Headers();
-    keysOf("executor").writeIdentity(forged, tenant);
-    expect(() => keysOf("dispatcher").readIdentity(forged)).toThrow(/not signed by an Outpost service that may sign it/);
+    keysOf("executor").writeIdentity(forged, tenant, AUD);
+    expect(() => keysOf("dispatcher").readIdentity(forged, AUD)).toThrow(/not signed by an Outpost service that may sign it/);
     // A fresh set each time.
     expect(run()).not.toContain(lines.OUTPOST_GATEWAY_SIGNING_KEY);
     const k8s = parseAllDocuments(run("--format", "k8s")).map((d) => d.toJS() as Doc);
@@ -393,14 +396,14 @@ describe("image and compose (deploy/)", () => {
     const dispatcher = SigningKeys.fromSettings("dispatcher", lines.OUTPOST_DISPATCHER_SIGNING_KEY!, lines.OUTPOST_TRUSTED_SIGNERS);
     const signed = (keys: SigningKeys, principal: string) => {
       const headers = new Headers();
-      keys.writeIdentity(headers, { kind: "service", principal });
+      keys.writeIdentity(headers, { kind: "service", principal }, AUD);
       return headers;
     };
-    expect(dispatcher.readIdentity(signed(executor("host-1", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host-1"))).toEqual({ kind: "service", principal: "executor/host-1" });
-    expect(dispatcher.readIdentity(signed(executor("host.2", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_2"), "executor/host.2")).principal).toBe("executor/host.2");
+    expect(dispatcher.readIdentity(signed(executor("host-1", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host-1"), AUD)).toEqual({ kind: "service", principal: "executor/host-1" });
+    expect(dispatcher.readIdentity(signed(executor("host.2", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_2"), "executor/host.2"), AUD).principal).toBe("executor/host.2");
     // host-1's key, claiming to be host.2, in either way it could.
-    expect(() => dispatcher.readIdentity(signed(executor("host-1", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host.2"))).toThrow(/not signed by an Outpost service that may sign it/);
-    expect(() => dispatcher.readIdentity(signed(executor("host.2", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host.2"))).toThrow(/not signed by an Outpost service that may sign it/);
+    expect(() => dispatcher.readIdentity(signed(executor("host-1", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host.2"), AUD)).toThrow(/not signed by an Outpost service that may sign it/);
+    expect(() => dispatcher.readIdentity(signed(executor("host.2", "OUTPOST_EXECUTOR_SIGNING_KEY_HOST_1"), "executor/host.2"), AUD)).toThrow(/not signed by an Outpost service that may sign it/);
     // Refusals: ids that collide as variable names, invalid ids, and the Kubernetes form.
     for (const [args, message] of [
       [["--executors", "a-1,a_1"], /ids must differ/],

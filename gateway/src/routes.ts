@@ -7,7 +7,7 @@
  */
 import { type DescMethod, type DescService, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { type CallOptions, Code, type ConnectRouter, ConnectError, type HandlerContext, type ServiceImpl, type Transport, createClient } from "@connectrpc/connect";
-import { callerOf, drainSignalKey, type SigningKeys } from "@outpost/platform";
+import { audienceOf, callerOf, drainSignalKey, type SigningKeys } from "@outpost/platform";
 import {
   ServerReflection,
   ServerReflectionRequestSchema,
@@ -23,6 +23,7 @@ import type { ReflectionIndex } from "./core/reflection.ts";
 
 export function registerForwarding(router: ConnectRouter, service: DescService, transport: Transport, signingKeys: SigningKeys, openStreams: OpenStreams): void {
   const client = createClient(service, transport) as unknown as Record<string, (req: unknown, options: CallOptions) => unknown>;
+  const audience = audienceOf(service);
   const impl: Record<string, unknown> = {};
 
   /**
@@ -33,7 +34,7 @@ export function registerForwarding(router: ConnectRouter, service: DescService, 
    */
   const optionsFor = (ctx: HandlerContext, revoked?: AbortSignal): CallOptions => {
     const headers = new Headers();
-    signingKeys.writeIdentity(headers, callerOf(ctx));
+    signingKeys.writeIdentity(headers, callerOf(ctx), audience);
     const signal = revoked ? AbortSignal.any([ctx.signal, ctx.values.get(drainSignalKey), revoked]) : ctx.signal;
     return { signal, timeoutMs: ctx.timeoutMs(), headers };
   };

@@ -48,7 +48,7 @@ function directAsB<T extends DescService>(service: T, url: string): Client<T> {
       baseUrl: url,
       interceptors: [
         (next) => (req) => {
-          signAs(req.header, { kind: "tenant", tenantId: b.tenantId, principal: "key/direct" });
+          signAs(req.header, { kind: "tenant", tenantId: b.tenantId, principal: "key/direct" }, req.service);
           return next(req);
         },
       ],

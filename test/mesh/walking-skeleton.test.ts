@@ -22,6 +22,7 @@ import { Health, HealthCheckResponse_ServingStatus } from "@outpost/proto/grpc/h
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { ApiKeyService, TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
 import { startTestMesh, type TestMesh } from "./harness.ts";
 import { envelope, envelopesOf } from "../support/envelopes.ts";
 import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES } from "../../scripts/lib/mesh.ts";
@@ -281,15 +282,18 @@ async function openGrpcStreamStatus(baseUrl: string, methodPath: string, headers
 describe("deadlines", () => {
   it("a watch or log stream cut by its deadline ends DEADLINE_EXCEEDED, not OK, at the service and through the gateway", async () => {
     const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "long sleep=10" });
-    const signed = new Headers();
-    signAs(signed, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" });
-    const direct = Object.fromEntries(signed);
+    /** The tenant's identity as the gateway signs it for `service` (each service takes only its own). */
+    const direct = (service: { typeName: string }) => {
+      const signed = new Headers();
+      signAs(signed, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" }, service);
+      return Object.fromEntries(signed);
+    };
     const viaGateway = { authorization: `Bearer ${tenant.apiKey}` };
     const watch = `/${DispatchService.typeName}/WatchDispatch`;
     const subscribe = `/${LogService.typeName}/SubscribeLogs`;
     const cases: [string, Record<string, string>][] = [
-      [t.mesh.urls.dispatcher + watch, direct],
-      [t.mesh.urls.telemetry + subscribe, direct],
+      [t.mesh.urls.dispatcher + watch, direct(DispatchService)],
+      [t.mesh.urls.telemetry + subscribe, direct(LogService)],
       [t.mesh.urls.gateway + watch, viaGateway],
       [t.mesh.urls.gateway + subscribe, viaGateway],
     ];
@@ -300,15 +304,18 @@ describe("deadlines", () => {
       }
       // The executor-facing streams likewise: its cancellation watch, and a log ingest stream
       // whose client keeps it open without sending.
-      const executor = new Headers();
-      signAs(executor, { kind: "service", principal: "executor/deadline-test" });
+      const executor = (service: { typeName: string }) => {
+        const signed = new Headers();
+        signAs(signed, { kind: "service", principal: "executor/deadline-test" }, service);
+        return Object.fromEntries(signed);
+      };
       const cancellations = await connectStreamEnd(
         `${t.mesh.urls.dispatcher}/${LeaseService.typeName}/WatchCancellations`,
-        { ...Object.fromEntries(executor), "connect-timeout-ms": "300" },
+        { ...executor(LeaseService), "connect-timeout-ms": "300" },
         { executorId: "deadline-test" },
       );
       expect(cancellations.error?.code).toBe("deadline_exceeded");
-      const ingest = await openGrpcStreamStatus(t.mesh.urls.telemetry, `/${LogIngestService.typeName}/IngestLogs`, { ...Object.fromEntries(executor), "grpc-timeout": "300m" });
+      const ingest = await openGrpcStreamStatus(t.mesh.urls.telemetry, `/${LogIngestService.typeName}/IngestLogs`, { ...executor(LogIngestService), "grpc-timeout": "300m" });
       expect(ingest).toBe(String(Code.DeadlineExceeded));
       // And the health watch every service serves.
       const healthWatch = await connectStreamEnd(`${t.mesh.urls.dispatcher}/${Health.typeName}/Watch`, { "connect-timeout-ms": "300" }, { service: "" });
@@ -356,8 +363,25 @@ describe("trust between services", () => {
 
     // The same call signed with the gateway's real key is accepted: the refusals above are about trust.
     const signed = new Headers();
-    signAs(signed, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" });
+    signAs(signed, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" }, DispatchService);
     await expect(bare.listDispatches({}, { headers: signed })).resolves.toBeDefined();
+
+    // Replayed to another service: what the gateway signed for the dispatcher (and the
+    // dispatcher receives with every call) is refused by the tenant service, for a tenant and
+    // for the admin, so a broken-into service cannot pass on what it was sent.
+    const tenantTransport = createGrpcTransport({ baseUrl: t.mesh.urls.tenant });
+    const apiKeys = createClient(ApiKeyService, tenantTransport);
+    const reasonOf = (err: unknown) => [ConnectError.from(err).code, errorInfoOf(ConnectError.from(err))?.reason];
+    const replayed = await apiKeys.createApiKey({ displayName: "stolen" }, { headers: signed }).catch((e: unknown) => e);
+    expect(reasonOf(replayed)).toEqual([Code.Unauthenticated, "IDENTITY_WRONG_AUDIENCE"]);
+    const adminForDispatcher = new Headers();
+    signAs(adminForDispatcher, { kind: "admin", principal: "admin" }, DispatchService);
+    const adminReplayed = await createClient(TenantService, tenantTransport).createTenant({ name: "Stolen", contactEmail: "x@example.com" }, { headers: adminForDispatcher }).catch((e: unknown) => e);
+    expect(reasonOf(adminReplayed)).toEqual([Code.Unauthenticated, "IDENTITY_WRONG_AUDIENCE"]);
+    // Signed for the tenant service's own service, the same caller is accepted.
+    const forKeys = new Headers();
+    signAs(forKeys, { kind: "tenant", tenantId: tenant.tenantId, principal: "test" }, ApiKeyService);
+    expect((await apiKeys.listApiKeys({}, { headers: forKeys })).apiKeys.length).toBeGreaterThan(0);
   });
 
   it("every process serves grpc.health.v1 and the liveness path", async () => {

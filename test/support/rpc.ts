@@ -15,7 +15,7 @@ export function signedRouterClient<T extends DescService>(
   identity: Identity,
 ): Client<T> {
   const sign: Interceptor = (next) => (req) => {
-    signAs(req.header, identity);
+    signAs(req.header, identity, req.service);
     return next(req);
   };
   const transport = createRouterTransport(routes, {

@@ -3,7 +3,7 @@
  * service process needs to use it, and a way to sign a call as any caller with the key of the
  * role that may sign it (a tenant with the gateway's, "executor/e1" with the executor's).
  */
-import { generateSigningKeySet, issueLogGrant, issueSecretGrant, signerRoleOf, signingKeysOf, type Identity, type SignerRole, type SigningKeys } from "@outpost/platform";
+import { audienceOf, generateSigningKeySet, issueLogGrant, issueSecretGrant, signerRoleOf, signingKeysOf, type Identity, type SignerRole, type SigningKeys } from "@outpost/platform";
 
 export const TEST_SIGNING_KEY_SET = generateSigningKeySet();
 
@@ -16,9 +16,9 @@ export function keysOf(role: SignerRole): SigningKeys {
   return found;
 }
 
-/** Signs `identity` into `headers` with the key of the role allowed to sign it. */
-export function signAs(headers: Headers, identity: Identity): void {
-  signerFor(identity).writeIdentity(headers, identity);
+/** Signs `identity` for calls to `service` into `headers`, with the key of the role allowed to sign it. */
+export function signAs(headers: Headers, identity: Identity, service: { typeName: string }): void {
+  signerFor(identity).writeIdentity(headers, identity, audienceOf(service));
 }
 
 /** OUTPOST_SIGNING_KEY and OUTPOST_TRUSTED_SIGNERS for a service process of `role`. */

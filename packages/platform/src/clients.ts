@@ -5,7 +5,7 @@
 import type { DescService } from "@bufbuild/protobuf";
 import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import type { Identity, SigningKeys } from "./identity.ts";
+import { audienceOf, type Identity, type SigningKeys } from "./identity.ts";
 import { clientTraceInterceptor } from "./tracing.ts";
 
 export interface InternalClientOptions {
@@ -22,7 +22,7 @@ export interface InternalClientOptions {
 
 export function internalTransport(options: InternalClientOptions) {
   const identityInterceptor: Interceptor = (next) => (req) => {
-    if (options.identity) options.signingKeys.writeIdentity(req.header, options.identity);
+    if (options.identity) options.signingKeys.writeIdentity(req.header, options.identity, audienceOf(req.service));
     return next(req);
   };
   return createGrpcTransport({

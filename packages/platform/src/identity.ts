@@ -14,6 +14,12 @@
  * more: it cannot sign a tenant, an admin or another service. The same keys sign short-lived
  * grants (`signToken`), such as the dispatcher's grant of a leased run's secrets.
  *
+ * A signed identity also names the service it was signed for (`aud`, the called service's
+ * full name, e.g. "outpost.tenant.v1.ApiKeyService"), and a service accepts it only for calls
+ * to that service. Every call a service takes carries its caller's signed identity, so without
+ * this a service that is broken into could replay a tenant's or the admin's identity, as the
+ * gateway signed it for that service, to another service within the identity's minute of life.
+ *
  * Executors are many processes of one role, told apart by id, and the dispatcher and the tenant
  * service bind leases and secret grants to that id. A key listed for the whole role
  * (`executor:<key>`) signs as any executor; a key listed for one (`executor/<id>:<key>`) signs
@@ -67,6 +73,11 @@ const IDENTITY_TTL_MS = 60_000;
  */
 export function signerRoleOf(identity: Identity): string {
   return identity.kind === "service" ? identity.principal.split("/")[0]! : "gateway";
+}
+
+/** The audience of a call to `service`: its full name (module comment). */
+export function audienceOf(service: { typeName: string }): string {
+  return service.typeName;
 }
 
 /** Why a signed payload was not accepted. */
@@ -139,7 +150,7 @@ export function parseTrustedSigners(value: string): Map<string, KeyObject[]> {
 /** One process's signing key and the public keys it trusts. */
 export class SigningKeys {
   private readonly signedIdentities = new Map<string, { payload: string; signature: string; signedAt: number }>();
-  private readonly verifiedIdentities = new Map<string, { identity: Identity; exp: number }>();
+  private readonly verifiedIdentities = new Map<string, { identity: Identity; exp: number; aud: unknown }>();
 
   /** The role this process signs as. */
   readonly role: SignerRole;
@@ -210,20 +221,23 @@ export class SigningKeys {
     return checked;
   }
 
-  /** Writes the signed identity into outgoing request headers. */
-  writeIdentity(headers: Headers, identity: Identity, now = Date.now()): void {
-    const id = JSON.stringify(identity);
-    let signed = this.signedIdentities.get(id);
+  /** Writes the identity, signed for calls to `audience` (audienceOf), into outgoing request headers. */
+  writeIdentity(headers: Headers, identity: Identity, audience: string, now = Date.now()): void {
+    const key = `${audience}\n${JSON.stringify(identity)}`;
+    let signed = this.signedIdentities.get(key);
     if (signed === undefined || now < signed.signedAt || now - signed.signedAt >= SIGNATURE_REUSE_MS) {
-      signed = { ...this.sign({ id: identity }, IDENTITY_TTL_MS, now), signedAt: now };
-      remember(this.signedIdentities, id, signed);
+      signed = { ...this.sign({ id: identity, aud: audience }, IDENTITY_TTL_MS, now), signedAt: now };
+      remember(this.signedIdentities, key, signed);
     }
     headers.set(IDENTITY_HEADER, signed.payload);
     headers.set(IDENTITY_SIGNATURE_HEADER, signed.signature);
   }
 
-  /** Verifies the identity in incoming headers; throws UNAUTHENTICATED when it cannot be trusted. */
-  readIdentity(headers: Headers, now = Date.now()): Identity {
+  /**
+   * Verifies the identity in the headers of a call to `audience` (audienceOf of the called
+   * service); throws UNAUTHENTICATED when it cannot be trusted or was signed for another service.
+   */
+  readIdentity(headers: Headers, audience: string, now = Date.now()): Identity {
     const payload = headers.get(IDENTITY_HEADER);
     const signature = headers.get(IDENTITY_SIGNATURE_HEADER);
     if (!payload || !signature) {
@@ -233,20 +247,27 @@ export class SigningKeys {
     const remembered = this.verifiedIdentities.get(key);
     if (remembered !== undefined) {
       if (remembered.exp < now) throw unauthenticated("IDENTITY_EXPIRED", "caller identity has expired");
+      if (remembered.aud !== audience) throw wrongAudience(remembered.aud, audience);
       return remembered.identity;
     }
     const checked = this.verify(payload, signature, now);
     if ("problem" in checked) throw identityProblem(checked.problem);
-    const { id, iss, exp } = checked.claims;
+    const { id, iss, exp, aud } = checked.claims;
     if (!isIdentity(id)) throw unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
     // A role speaks only for what it is, an executor signing with its id only for itself
     // (module comment).
     const mayAssert = iss.includes("/") ? id.kind === "service" && id.principal === iss : signerRoleOf(id) === iss;
     if (!mayAssert) throw identityProblem("FORGED");
     const identity = Object.freeze(id);
-    remember(this.verifiedIdentities, key, { identity, exp });
+    remember(this.verifiedIdentities, key, { identity, exp, aud });
+    if (aud !== audience) throw wrongAudience(aud, audience);
     return identity;
   }
+}
+
+function wrongAudience(aud: unknown, audience: string) {
+  const signedFor = typeof aud === "string" ? aud.slice(0, 128) : "no service";
+  return unauthenticated("IDENTITY_WRONG_AUDIENCE", `caller identity was signed for ${signedFor}, not ${audience}`);
 }
 
 function identityProblem(problem: SignatureProblem) {

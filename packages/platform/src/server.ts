@@ -18,12 +18,12 @@ import { formatTraceparent, currentTrace } from "./call-context.ts";
 import { initMetrics, metricsInterceptor, metricsText, METRICS_PATH } from "./metrics.ts";
 import { flushTracing, initTracing, serverTraceInterceptor } from "./tracing.ts";
 import { HealthState, registerHealth, type ReadinessCheck } from "./health.ts";
-import { identityKey, type SigningKeys } from "./identity.ts";
+import { audienceOf, identityKey, type SigningKeys } from "./identity.ts";
 import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
 import { maskedInternalMessage, unsupportedConnectVersion } from "./errors.ts";
 import { applyRuntimeFixes } from "./runtime.ts";
-import { leanUnaryPath } from "./lean-unary.ts";
+import { leanUnaryPath, STRICT_JSON_OPTIONS } from "./lean-unary.ts";
 import { isBodyBudgetStop, type BodyBudget, type BodyCharge } from "./body-budget.ts";
 import { MAX_TIMER_MS } from "./config.ts";
 
@@ -166,6 +166,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     interceptors,
     readMaxBytes,
     contextValues,
+    // JSON that is not UTF-8 is INVALID_ARGUMENT, as on the lean path (lean-unary.ts).
+    jsonOptions: STRICT_JSON_OPTIONS,
   });
 
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse) => {
@@ -450,7 +452,7 @@ function connectVersionInterceptor(): Interceptor {
 export function identityInterceptor(keys: SigningKeys): Interceptor {
   return (next) => (req) => {
     if (req.service.typeName !== "grpc.health.v1.Health") {
-      req.contextValues.set(identityKey, keys.readIdentity(req.header));
+      req.contextValues.set(identityKey, keys.readIdentity(req.header, audienceOf(req.service)));
     }
     return next(req);
   };

@@ -28,11 +28,13 @@ const SET = generateSigningKeySet();
 const keysOf = (role: SignerRole, set = SET) => SigningKeys.fromSettings(role, set.signingKeys[role], SET.trustedSigners);
 const TENANT: Identity = { kind: "tenant", tenantId: "T1", principal: "key/K1" };
 const NOW = 1_700_000_000_000;
+/** The service every identity here is signed for and read by. */
+const AUD = "outpost.dispatch.v1.DispatchService";
 
 /** Signed by the role that may sign `identity` (the gateway for tenants and admins). */
 function signed(identity: Identity, now = NOW, keys = keysOf(signerRoleOf(identity) as SignerRole)): Headers {
   const headers = new Headers();
-  keys.writeIdentity(headers, identity, now);
+  keys.writeIdentity(headers, identity, AUD, now);
   return headers;
 }
 
@@ -62,7 +64,7 @@ const unauth = (reason: string) => ({ code: Code.Unauthenticated, reason });
 describe("writeIdentity / readIdentity", () => {
   it("round-trips every kind of identity, each signed by the role that may sign it", () => {
     const identities: Identity[] = [TENANT, { kind: "admin", principal: "admin" }, { kind: "service", principal: "executor/h1" }, { kind: "service", principal: "gateway" }];
-    for (const identity of identities) expect(verifier().readIdentity(signed(identity), NOW + 1000)).toEqual(identity);
+    for (const identity of identities) expect(verifier().readIdentity(signed(identity), AUD, NOW + 1000)).toEqual(identity);
   });
 
   it("refuses an identity its signer may not assert: only the gateway speaks for tenants and admins, a service only for itself", () => {
@@ -76,7 +78,7 @@ describe("writeIdentity / readIdentity", () => {
       ["telemetry", { kind: "service", principal: "telemetryx/1" }],
     ];
     for (const [role, identity] of overreach) {
-      expect(reasonOf(() => verifier().readIdentity(signed(identity, NOW, keysOf(role)), NOW)), `${role} as ${JSON.stringify(identity)}`).toEqual(
+      expect(reasonOf(() => verifier().readIdentity(signed(identity, NOW, keysOf(role)), AUD, NOW)), `${role} as ${JSON.stringify(identity)}`).toEqual(
         unauth("IDENTITY_FORGED"),
       );
     }
@@ -85,52 +87,74 @@ describe("writeIdentity / readIdentity", () => {
   it("refuses a tampered payload, and a payload that names another signer than the one that signed it", () => {
     const headers = signed(TENANT);
     headers.set(IDENTITY_HEADER, b64({ id: { ...TENANT, tenantId: "T2" }, iss: "gateway", exp: NOW + 60_000 }));
-    expect(reasonOf(() => verifier().readIdentity(headers, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => verifier().readIdentity(headers, AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
     // An executor's signature over a payload claiming the gateway signed it.
     const relabelled = b64({ id: TENANT, iss: "gateway", exp: NOW + 60_000 });
-    expect(reasonOf(() => verifier().readIdentity(signedRaw(relabelled, "executor"), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => verifier().readIdentity(signedRaw(relabelled, "executor"), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
   it("refuses an identity signed with a key it does not trust, or by a role it has no key for", () => {
     const foreign = generateSigningKeySet();
-    expect(reasonOf(() => verifier().readIdentity(signed(TENANT, NOW, keysOf("gateway", foreign)), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => verifier().readIdentity(signed(TENANT, NOW, keysOf("gateway", foreign)), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
     const trustsOnlyExecutors = new SigningKeys("tenant", parseSigningKey(SET.signingKeys.tenant), parseTrustedSigners(SET.trustedSigners.split(",").filter((e) => e.startsWith("executor:")).join(",")));
-    expect(reasonOf(() => trustsOnlyExecutors.readIdentity(signed(TENANT), NOW))).toEqual(unauth("IDENTITY_FORGED"));
-    expect(trustsOnlyExecutors.readIdentity(signed({ kind: "service", principal: "executor/h1" }), NOW)).toEqual({ kind: "service", principal: "executor/h1" });
+    expect(reasonOf(() => trustsOnlyExecutors.readIdentity(signed(TENANT), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(trustsOnlyExecutors.readIdentity(signed({ kind: "service", principal: "executor/h1" }), AUD, NOW)).toEqual({ kind: "service", principal: "executor/h1" });
   });
 
   it("accepts either key of a role listed twice (rotation)", () => {
     const next = generateSigningKeySet(["gateway"]);
     const both = new SigningKeys("tenant", parseSigningKey(SET.signingKeys.tenant), parseTrustedSigners(`${SET.trustedSigners},${next.trustedSigners}`));
-    expect(both.readIdentity(signed(TENANT), NOW)).toEqual(TENANT);
-    expect(both.readIdentity(signed(TENANT, NOW, keysOf("gateway", next)), NOW)).toEqual(TENANT);
+    expect(both.readIdentity(signed(TENANT), AUD, NOW)).toEqual(TENANT);
+    expect(both.readIdentity(signed(TENANT, NOW, keysOf("gateway", next)), AUD, NOW)).toEqual(TENANT);
     // Before the new key is listed, its signatures are refused.
-    expect(reasonOf(() => verifier().readIdentity(signed(TENANT, NOW, keysOf("gateway", next)), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => verifier().readIdentity(signed(TENANT, NOW, keysOf("gateway", next)), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+  });
+
+  it("accepts an identity only for calls to the service it was signed for, remembered or not", () => {
+    const headers = signed(TENANT);
+    const keys = verifier();
+    const wrong = (audience: string) => reasonOf(() => keys.readIdentity(headers, audience, NOW));
+    // Replayed to another service (a broken-into service passing on what it was sent).
+    expect(wrong("outpost.tenant.v1.ApiKeyService")).toEqual(unauth("IDENTITY_WRONG_AUDIENCE"));
+    expect(keys.readIdentity(headers, AUD, NOW)).toEqual(TENANT);
+    // Once verified and remembered, still only for its own service.
+    expect(wrong("outpost.tenant.v1.ApiKeyService")).toEqual(unauth("IDENTITY_WRONG_AUDIENCE"));
+    expect(() => keys.readIdentity(headers, "outpost.tenant.v1.TenantService", NOW)).toThrow(`caller identity was signed for ${AUD}, not outpost.tenant.v1.TenantService`);
+    // A correctly signed payload that names no service is refused too.
+    expect(reasonOf(() => verifier().readIdentity(signedRaw(b64({ id: TENANT, iss: "gateway", exp: NOW + 60_000 })), AUD, NOW))).toEqual(unauth("IDENTITY_WRONG_AUDIENCE"));
+    // A signature is reused per service, never across services.
+    const gateway = keysOf("gateway");
+    const forLogs = new Headers();
+    gateway.writeIdentity(forLogs, TENANT, "outpost.telemetry.v1.LogService", NOW);
+    const forDispatch = new Headers();
+    gateway.writeIdentity(forDispatch, TENANT, AUD, NOW);
+    expect(forLogs.get(IDENTITY_SIGNATURE_HEADER)).not.toBe(forDispatch.get(IDENTITY_SIGNATURE_HEADER));
+    expect(keys.readIdentity(forLogs, "outpost.telemetry.v1.LogService", NOW)).toEqual(TENANT);
   });
 
   it("refuses a truncated signature", () => {
     const headers = signed(TENANT);
     headers.set(IDENTITY_SIGNATURE_HEADER, headers.get(IDENTITY_SIGNATURE_HEADER)!.slice(1));
-    expect(reasonOf(() => verifier().readIdentity(headers, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => verifier().readIdentity(headers, AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
   it("refuses a missing signature or payload", () => {
     const noSignature = signed(TENANT);
     noSignature.delete(IDENTITY_SIGNATURE_HEADER);
-    expect(reasonOf(() => verifier().readIdentity(noSignature, NOW))).toEqual(unauth("IDENTITY_MISSING"));
+    expect(reasonOf(() => verifier().readIdentity(noSignature, AUD, NOW))).toEqual(unauth("IDENTITY_MISSING"));
     const noPayload = signed(TENANT);
     noPayload.delete(IDENTITY_HEADER);
-    expect(reasonOf(() => verifier().readIdentity(noPayload, NOW))).toEqual(unauth("IDENTITY_MISSING"));
-    expect(reasonOf(() => verifier().readIdentity(new Headers(), NOW))).toEqual(unauth("IDENTITY_MISSING"));
+    expect(reasonOf(() => verifier().readIdentity(noPayload, AUD, NOW))).toEqual(unauth("IDENTITY_MISSING"));
+    expect(reasonOf(() => verifier().readIdentity(new Headers(), AUD, NOW))).toEqual(unauth("IDENTITY_MISSING"));
   });
 
   it("accepts an identity until its expiry and refuses it after", () => {
     const headers = signed(TENANT, NOW);
     const keys = verifier();
-    expect(keys.readIdentity(headers, NOW + 59_000)).toEqual(TENANT);
+    expect(keys.readIdentity(headers, AUD, NOW + 59_000)).toEqual(TENANT);
     // Remembered as verified, and still refused once expired.
-    expect(reasonOf(() => keys.readIdentity(headers, NOW + 61_000))).toEqual(unauth("IDENTITY_EXPIRED"));
-    expect(reasonOf(() => verifier().readIdentity(headers, NOW + 61_000))).toEqual(unauth("IDENTITY_EXPIRED"));
+    expect(reasonOf(() => keys.readIdentity(headers, AUD, NOW + 61_000))).toEqual(unauth("IDENTITY_EXPIRED"));
+    expect(reasonOf(() => verifier().readIdentity(headers, AUD, NOW + 61_000))).toEqual(unauth("IDENTITY_EXPIRED"));
   });
 
   it("reuses a signature for up to a second, then signs a later expiry", () => {
@@ -142,19 +166,19 @@ describe("writeIdentity / readIdentity", () => {
     const later = signed(TENANT, NOW + 1000, gateway);
     expect(later.get(IDENTITY_HEADER)).not.toBe(first.get(IDENTITY_HEADER));
     // The reused one expires with its own time, the new one a second later.
-    expect(reasonOf(() => verifier().readIdentity(again, NOW + 60_500))).toEqual(unauth("IDENTITY_EXPIRED"));
-    expect(verifier().readIdentity(later, NOW + 60_500)).toEqual(TENANT);
+    expect(reasonOf(() => verifier().readIdentity(again, AUD, NOW + 60_500))).toEqual(unauth("IDENTITY_EXPIRED"));
+    expect(verifier().readIdentity(later, AUD, NOW + 60_500)).toEqual(TENANT);
     // Another identity never gets a remembered signature.
     expect(signed({ ...TENANT, tenantId: "T2" }, NOW, gateway).get(IDENTITY_HEADER)).not.toBe(first.get(IDENTITY_HEADER));
   });
 
   it("refuses a signed payload without an expiry as expired", () => {
-    expect(reasonOf(() => verifier().readIdentity(signedRaw(b64({ id: TENANT, iss: "gateway" })), NOW))).toEqual(unauth("IDENTITY_EXPIRED"));
+    expect(reasonOf(() => verifier().readIdentity(signedRaw(b64({ id: TENANT, iss: "gateway" })), AUD, NOW))).toEqual(unauth("IDENTITY_EXPIRED"));
   });
 
   it("refuses malformed base64 and JSON as IDENTITY_MALFORMED", () => {
     for (const payload of ["!!!not-base64***", Buffer.from("{not json").toString("base64url")]) {
-      expect(reasonOf(() => verifier().readIdentity(signedRaw(payload), NOW))).toEqual(unauth("IDENTITY_MALFORMED"));
+      expect(reasonOf(() => verifier().readIdentity(signedRaw(payload), AUD, NOW))).toEqual(unauth("IDENTITY_MALFORMED"));
     }
   });
 
@@ -163,7 +187,7 @@ describe("writeIdentity / readIdentity", () => {
     const payloads = ["null", "42", '"text"', JSON.stringify({ exp: far }), JSON.stringify({ iss: "gateway", exp: far }), JSON.stringify({ id: { kind: "root" }, iss: "gateway", exp: far })];
     for (const json of payloads) {
       const payload = Buffer.from(json).toString("base64url");
-      expect(reasonOf(() => verifier().readIdentity(signedRaw(payload), NOW)), json).toEqual(unauth("IDENTITY_MALFORMED"));
+      expect(reasonOf(() => verifier().readIdentity(signedRaw(payload), AUD, NOW)), json).toEqual(unauth("IDENTITY_MALFORMED"));
     }
   });
 });
@@ -176,7 +200,7 @@ describe("keys bound to one executor", () => {
   const dispatcher = () => signingKeysOf(BOUND, "dispatcher");
   const signedBy = (keys: SigningKeys, identity: Identity) => {
     const headers = new Headers();
-    keys.writeIdentity(headers, identity, NOW);
+    keys.writeIdentity(headers, identity, AUD, NOW);
     return headers;
   };
 
@@ -190,29 +214,29 @@ describe("keys bound to one executor", () => {
   it("signs as the executor itself, which its own key verifies", () => {
     const host1 = signingKeysOf(BOUND, "executor", "host-1");
     expect(host1.issuer).toBe("executor/host-1");
-    expect(dispatcher().readIdentity(signedBy(host1, h1), NOW)).toEqual(h1);
+    expect(dispatcher().readIdentity(signedBy(host1, h1), AUD, NOW)).toEqual(h1);
   });
 
   it("refuses one executor's key speaking as another, however the payload names its issuer", () => {
     const host1 = signingKeysOf(BOUND, "executor", "host-1");
     // Signed honestly (iss executor/host-1) but for host-2's identity.
-    expect(reasonOf(() => dispatcher().readIdentity(signedBy(host1, h2), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => dispatcher().readIdentity(signedBy(host1, h2), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
     // A payload claiming host-2 (or the role) signed it, signed with host-1's key.
     const ownKey = parseSigningKey(BOUND.executorKeys["host-1"]!);
     for (const iss of ["executor/host-2", "executor"]) {
       const payload = b64({ id: h2, iss, exp: NOW + 60_000 });
       const headers = new Headers({ [IDENTITY_HEADER]: payload, [IDENTITY_SIGNATURE_HEADER]: cryptoSign(null, Buffer.from(payload), ownKey).toString("base64url") });
-      expect(reasonOf(() => dispatcher().readIdentity(headers, NOW)), iss).toEqual(unauth("IDENTITY_FORGED"));
+      expect(reasonOf(() => dispatcher().readIdentity(headers, AUD, NOW)), iss).toEqual(unauth("IDENTITY_FORGED"));
     }
     // An executor process without a key of its own (the role's) is refused when only ids are trusted.
-    expect(reasonOf(() => dispatcher().readIdentity(signedBy(keysOf("executor", BOUND), h1), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => dispatcher().readIdentity(signedBy(keysOf("executor", BOUND), h1), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
   it("accepts an executor signing with its id under a key trusted for the whole role (the shared key)", () => {
     const shared = SigningKeys.fromSettings("executor", SET.signingKeys.executor, SET.trustedSigners, "host-9");
-    expect(verifier().readIdentity(signedBy(shared, { kind: "service", principal: "executor/host-9" }), NOW)).toEqual({ kind: "service", principal: "executor/host-9" });
+    expect(verifier().readIdentity(signedBy(shared, { kind: "service", principal: "executor/host-9" }), AUD, NOW)).toEqual({ kind: "service", principal: "executor/host-9" });
     // Bound issuer, bound claim: even the shared key cannot make host-9's signature speak as host-1.
-    expect(reasonOf(() => verifier().readIdentity(signedBy(shared, h1), NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => verifier().readIdentity(signedBy(shared, h1), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
   it("a bound executor's tokens count as the executor role's", () => {

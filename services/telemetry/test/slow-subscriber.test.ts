@@ -14,6 +14,7 @@ import { createLogger } from "@outpost/platform";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { SubscribeLogsRequestSchema, SubscribeLogsResponseSchema, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { IngestLogsRequestSchema } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
+import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { LogChunkSchema, LogStream } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { ulid } from "ulid";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -97,7 +98,7 @@ describe("a subscriber that stops reading", () => {
 function rawSubscription(baseUrl: string, tenantId: string, dispatchId: string) {
   const session = http2.connect(baseUrl);
   const headers = new Headers();
-  signAs(headers, { kind: "tenant", tenantId, principal: `key/${tenantId}` });
+  signAs(headers, { kind: "tenant", tenantId, principal: `key/${tenantId}` }, LogService);
   const stream = session.request({
     ":method": "POST",
     ":path": "/outpost.telemetry.v1.LogService/SubscribeLogs",
