@@ -345,6 +345,37 @@ describe("the edge against a hostile client (real socket)", () => {
     expect(got).toEqual(want);
   });
 
+  it("refuses JSON that is not UTF-8 with INVALID_ARGUMENT and an ErrorInfo on every path, never passing it on", async () => {
+    // {"dispatchId":"01AR<ff fe>..."}: a lenient decoder reads U+FFFD for the two bytes and the
+    // call goes upstream (here nothing listens: UNAVAILABLE) with other text than was sent.
+    const invalid = Buffer.concat([Buffer.from('{"dispatchId":"01AR'), Buffer.from([0xff, 0xfe]), Buffer.from('Z3NDEKTSV4RRFFQ69G5F"}')]);
+    const refused = "InvalidArgument MALFORMED_MESSAGE (request body)";
+    // [what, path, headers, body]; the path the call takes first.
+    const cases: [string, string, Record<string, string>, Buffer][] = [
+      ["raw Connect unary", GET, { "content-type": "application/json" }, invalid],
+      ["raw Connect stream", SUBSCRIBE, { "content-type": "application/connect+json" }, envelope(0, invalid)],
+      ["lean Connect unary (gzip)", GET, { "content-type": "application/json", "content-encoding": "gzip" }, gzipSync(invalid)],
+      ["lean gRPC JSON unary", GET, { "content-type": "application/grpc+json", te: "trailers" }, envelope(0, invalid)],
+      ["connect-node gRPC-Web JSON", GET, { "content-type": "application/grpc-web+json" }, envelope(0, invalid)],
+      ["connect-node gRPC-Web JSON stream", SUBSCRIBE, { "content-type": "application/grpc-web+json" }, envelope(0, invalid)],
+      ["connect-node compressed Connect stream", SUBSCRIBE, { "content-type": "application/connect+json", "connect-content-encoding": "gzip" }, envelope(1, gzipSync(invalid))],
+    ];
+    const got: Record<string, string> = {};
+    for (const [what, path, headers, bytes] of cases) got[what] = await h2Error(path, headers, bytes);
+    expect(got).toEqual(Object.fromEntries(cases.map(([what]) => [what, refused])));
+    // Over HTTP/1.1 too, with the decoder's reason.
+    const h1Answer = await fetch(`http://127.0.0.1:${port}${GET}`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
+      body: invalid,
+      signal: AbortSignal.timeout(5000),
+    });
+    expect(h1Answer.status).toBe(400);
+    const answer = (await h1Answer.json()) as { code: string; message: string };
+    expect(answer.code).toBe("invalid_argument");
+    expect(answer.message).toMatch(/^\(request body\): request message could not be decoded: .*utf-8/i);
+  });
+
   it("refuses a Connect call whose connect-protocol-version is not 1, on every path (INVALID_ARGUMENT with ErrorInfo)", async () => {
     const refused = "InvalidArgument UNSUPPORTED_PROTOCOL_VERSION connect-protocol-version";
     const v2 = { "connect-protocol-version": "2" };

@@ -8,6 +8,7 @@
  */
 import http2 from "node:http2";
 import net from "node:net";
+import { gzipSync } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -25,6 +26,7 @@ import { ApiKeyService, SecretService, TenantService } from "@outpost/proto/outp
 import { PUBLIC_SERVICES } from "../../gateway/src/core/routing.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
 import { envelope, envelopesOf } from "../support/envelopes.ts";
+import { signAs } from "../support/signing.ts";
 
 let t: TestMesh;
 let tenant: Awaited<ReturnType<TestMesh["newTenant"]>>;
@@ -220,6 +222,40 @@ describe("malformed bytes and framing", () => {
       expect(decodeURIComponent(trailer.slice(5))).toContain("request message could not be decoded");
       expect(trailer, `${path} over gRPC-Web`).toMatch(/grpc-status-details-bin: /);
     }
+    await expectAlive();
+  });
+
+  it("refuses invalid UTF-8 in a Connect JSON body (PutSecret) at the gateway and at the service, and stores nothing", async () => {
+    const path = "/outpost.tenant.v1.SecretService/PutSecret";
+    // A lenient decoder would store "ab\uFFFD\uFFFDcd" for the value, and answer 200.
+    const json = (name: string) => Buffer.concat([Buffer.from(`{"name":"${name}","value":"ab`), Buffer.from([0xff, 0xfe]), Buffer.from('cd"}')]);
+    const refusals: Record<string, string> = {};
+    const post = async (label: string, url: string, headers: Record<string, string>, body: Buffer) => {
+      const res = await fetch(`${url}${path}`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body });
+      const answer = (await res.json()) as { code: string; message?: string; details?: [] };
+      refusals[label] = `${res.status} ${answer.code} ${connectErrorInfoOf(answer)} ${/utf-8/i.test(answer.message ?? "")}`;
+    };
+    const auth = { authorization: `Bearer ${tenant.apiKey}` };
+    // The gateway: its raw path (uncompressed) and its lean path (compressed).
+    await post("gateway", t.mesh.urls.gateway, auth, json("BAD_UTF8_EDGE"));
+    await post("gateway, gzip", t.mesh.urls.gateway, { ...auth, "content-encoding": "gzip" }, gzipSync(json("BAD_UTF8_EDGE_GZIP")));
+    // The tenant service itself (its lean path), with a validly signed identity of the tenant.
+    const signed = new Headers();
+    signAs(signed, { kind: "tenant", tenantId: tenant.tenantId, principal: "key/direct" }, SecretService);
+    await post("tenant service", t.mesh.urls.tenant, Object.fromEntries(signed), json("BAD_UTF8_DIRECT"));
+    const refused = "400 invalid_argument MALFORMED_MESSAGE (request body) true";
+    expect(refusals).toEqual({ gateway: refused, "gateway, gzip": refused, "tenant service": refused });
+    // Valid UTF-8 beyond ASCII is stored; none of the refused ones is.
+    const ok = await fetch(`${t.mesh.urls.gateway}${path}`, {
+      method: "POST",
+      headers: { "content-type": "application/json", ...auth },
+      body: JSON.stringify({ name: "GOOD_UTF8", value: "ab\u00e9\u{1f600}cd" }),
+    });
+    expect(ok.status).toBe(200);
+    const { secrets } = await tenant.clients.secrets.listSecrets({});
+    const names = secrets.map((s) => s.name);
+    expect(names).toContain("GOOD_UTF8");
+    expect(names.filter((n) => n.startsWith("BAD_UTF8"))).toEqual([]);
     await expectAlive();
   });
 

@@ -23,7 +23,11 @@ import { copyHeaders, errorHeaders, HOP_HEADERS, isGone, onceComplete, passChunk
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "accept-encoding", "user-agent"];
 /** An error answer is read whole to learn its code; a bigger one is not an error body of ours. */
 const MAX_ERROR_BODY_BYTES = 1024 * 1024;
-const jsonDecoder = new TextDecoder();
+/**
+ * Fatal: JSON that is not UTF-8 is refused (INVALID_ARGUMENT), not read with U+FFFD in place of
+ * its bad bytes. A leading byte-order mark is dropped, as before.
+ */
+const jsonDecoder = new TextDecoder("utf-8", { fatal: true });
 
 /**
  * A Connect call the raw path can take: the content type of its kind, no compression (left to
@@ -119,8 +123,9 @@ export function connectUnary(): UnaryWireProtocol {
 }
 
 /**
- * Throws INVALID_ARGUMENT unless `message` decodes as the method's input, read as connect-node
- * reads it: JSON with unknown fields ignored, or binary. Unary calls and streams alike.
+ * Throws INVALID_ARGUMENT unless `message` decodes as the method's input, read as the platform
+ * server reads it (`STRICT_JSON_OPTIONS` in packages/platform/src/lean-unary.ts): JSON that must
+ * be UTF-8, with unknown fields ignored, or binary. Unary calls and streams alike.
  */
 export function decodeConnectMessage(method: ForwardedMethod, message: Uint8Array, json: boolean): void {
   try {

@@ -24,7 +24,7 @@
  * service bind leases and secret grants to that id. A key listed for the whole role
  * (`executor:<key>`) signs as any executor; a key listed for one (`executor/<id>:<key>`) signs
  * only as `executor/<id>`, so an executor host that is broken into cannot take, list or watch
- * another's leases nor use its secret grants. An executor signs with its own principal as
+ * another's leases nor use its secret or log grants. An executor signs with its own principal as
  * issuer (`iss: "executor/<id>"`), which either kind of key verifies.
  */
 import { createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from "node:crypto";

@@ -55,6 +55,20 @@ type UnarySpec = Extract<MethodImplSpec, { kind: "unary" }>;
 type Request = http.IncomingMessage | http2.Http2ServerRequest;
 type Response = http.ServerResponse | http2.Http2ServerResponse;
 
+/**
+ * JSON options for connect's serialization, here and in connect-node (server.ts): unknown fields
+ * ignored (connect's default) and a fatal UTF-8 decoder. connect's own decoder is lenient: it
+ * reads bytes that are not UTF-8 as U+FFFD, so a request with them would be served, and stored,
+ * with other text than the client sent. With this one such a request fails to parse, which is
+ * INVALID_ARGUMENT. connect-es's handler options do not declare `textDecoder`, but pass their
+ * `jsonOptions` as they are to its JSON serialization, which reads it (the exact connect version
+ * is pinned; packages/platform/test/lean-unary.test.ts and server.test.ts would see it go).
+ */
+export const STRICT_JSON_OPTIONS: { ignoreUnknownFields: boolean; textDecoder: { decode(input?: Uint8Array): string } } = {
+  ignoreUnknownFields: true,
+  textDecoder: new TextDecoder("utf-8", { fatal: true }),
+};
+
 /** connect-node's defaults, so answers are compressed exactly as they were through it. */
 const ACCEPT_COMPRESSION: Compression[] = [compressionGzip, compressionBrotli];
 
@@ -106,7 +120,7 @@ export function leanUnaryPath(options: LeanUnaryOptions): LeanUnaryPath {
   const record = (spec: MethodImplSpec, routeOptions: unknown) => {
     // A later registration replaces an earlier one, as in connect's router.
     if (spec.kind !== "unary" || routeOptions !== undefined) return void routes.delete(pathOf(spec.method));
-    const serialization = createMethodSerializationLookup(spec.method, undefined, undefined, limits);
+    const serialization = createMethodSerializationLookup(spec.method, undefined, STRICT_JSON_OPTIONS, limits);
     routes.set(pathOf(spec.method), { spec, serialization });
   };
 

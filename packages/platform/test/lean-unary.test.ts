@@ -28,6 +28,8 @@ interface RawAnswer {
 }
 
 const getLogs = (dispatchId: string) => toBinary(GetLogsRequestSchema, create(GetLogsRequestSchema, { dispatchId }));
+/** A GetLogsRequest as JSON whose dispatch_id holds the bytes ff fe: not UTF-8 (a lenient decoder reads "ab\uFFFD\uFFFDcd"). */
+const invalidUtf8Json = Buffer.concat([Buffer.from('{"dispatchId":"ab'), Buffer.from([0xff, 0xfe]), Buffer.from('cd"}')]);
 
 /**
  * One gRPC call over its own HTTP/2 session. `end: false` leaves the request open (the answer
@@ -116,6 +118,16 @@ describe("lean unary path, gRPC", () => {
     }
     const after = await answerOf(rawGrpc(server.url, envelope(0, valid)));
     expect(after.code).toBe(0);
+  });
+
+  it("refuses gRPC JSON (application/grpc+json) that is not UTF-8 with INVALID_ARGUMENT, not a U+FFFD in its place", async () => {
+    const answer = await answerOf(rawGrpc(server.url, envelope(0, invalidUtf8Json), { headers: { "content-type": "application/grpc+json" } }));
+    expect(answer.code).toBe(Code.InvalidArgument);
+    expect(answer.message).toMatch(/request message could not be decoded: .*utf-8/i);
+    expect(errorInfoOf(answer)).toBe("MALFORMED_MESSAGE (request body)");
+    const valid = await answerOf(rawGrpc(server.url, envelope(0, JSON.stringify({ dispatchId: "ab\u00e9cd" })), { headers: { "content-type": "application/grpc+json" } }));
+    expect(valid.code).toBe(0);
+    expect(JSON.parse(valid.body.subarray(5).toString()).chunks[0].text).toBe("ab\u00e9cd");
   });
 
   it("refuses an oversize message once its envelope header arrives, without waiting for the body", async () => {
@@ -277,6 +289,26 @@ describe("lean unary path, Connect", () => {
     const big = await post(JSON.stringify({ dispatchId: "x".repeat(2000) }));
     expect(big.status).toBe(429);
     expect(((await big.json()) as { code: string }).code).toBe("resource_exhausted");
+  });
+
+  it("refuses JSON that is not UTF-8 with INVALID_ARGUMENT and an ErrorInfo, not a U+FFFD in its place", async () => {
+    for (const [name, body, headers] of [
+      ["plain", invalidUtf8Json, {}],
+      ["gzip", gzipSync(invalidUtf8Json), { "content-encoding": "gzip" }],
+      // Valid UTF-8 bytes, but an escape for half of a surrogate pair: no text either (protobuf-es refuses it).
+      ["lone surrogate escape", Buffer.from('{"dispatchId":"ab\\udcffcd"}'), {}],
+    ] as const) {
+      const res = await post(body, headers);
+      expect(res.status, name).toBe(400);
+      const refusal = (await res.json()) as { code: string; message: string; details: { type: string; debug: unknown }[] };
+      expect(refusal.code, name).toBe("invalid_argument");
+      expect(refusal.message, name).toMatch(/^\(request body\): request message could not be decoded: .*utf-?8/i);
+      expect(refusal.details.find((d) => d.type === "google.rpc.ErrorInfo")?.debug, name).toMatchObject({ reason: "MALFORMED_MESSAGE", metadata: { field: "(request body)" } });
+    }
+    // Valid UTF-8 beyond ASCII, and a leading byte-order mark, are read as before.
+    const valid = await post(Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(JSON.stringify({ dispatchId: "ab\u00e9\u{1f600}cd" }))]));
+    expect(valid.status).toBe(200);
+    expect(((await valid.json()) as { chunks: { text: string }[] }).chunks[0]?.text).toBe("ab\u00e9\u{1f600}cd");
   });
 
   it("refuses a connect-protocol-version other than 1 before reading the body; 1 or none is served", async () => {

@@ -7,7 +7,8 @@ import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.j
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { sleep, startTestServer } from "./helpers.ts";
 import { keysOf } from "../../../test/support/signing.ts";
-import { h2Exchange } from "../../../test/support/h2.ts";
+import { answerError, h2Exchange } from "../../../test/support/h2.ts";
+import { envelope, envelopesOf } from "../../../test/support/envelopes.ts";
 
 async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
   try {
@@ -227,6 +228,36 @@ describe("a request body that never ends, on the connect-node path (gRPC-Web, st
     expect(stream !== "no answer" && stream.grpcStatus).toBe(String(Code.DeadlineExceeded));
     expect(connectStream !== "no answer" && connectStream.body).toContain('"code":"deadline_exceeded"');
     for (const answer of [web, stream, connectStream]) expect(answer !== "no answer" && answer.ms).toBeLessThan(2000);
+  });
+});
+
+describe("JSON that is not UTF-8, on the connect-node path (gRPC-Web, streams)", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer();
+  });
+  afterAll(() => server.close());
+
+  it("answers INVALID_ARGUMENT instead of reading U+FFFD in place of the bytes", async () => {
+    // {"dispatchId":"ab<ff fe>cd"}: a lenient decoder would hand the handler "ab\uFFFD\uFFFDcd".
+    const invalid = envelope(0, Buffer.concat([Buffer.from('{"dispatchId":"ab'), Buffer.from([0xff, 0xfe]), Buffer.from('cd"}')]));
+    const cases: [string, string, Record<string, string>][] = [
+      ["gRPC-Web unary", "GetLogs", { "content-type": "application/grpc-web+json" }],
+      ["gRPC-Web stream", "SubscribeLogs", { "content-type": "application/grpc-web+json" }],
+      ["gRPC stream", "SubscribeLogs", { "content-type": "application/grpc+json", te: "trailers" }],
+      ["Connect stream", "SubscribeLogs", { "content-type": "application/connect+json" }],
+    ];
+    const got: Record<string, string> = {};
+    for (const [name, method, headers] of cases) {
+      const answer = await h2Exchange(server.url, { ":path": `/outpost.telemetry.v1.LogService/${method}`, ...headers }, invalid, { timeoutMs: 3000 });
+      const error = answer === "no answer" ? undefined : answerError(answer, headers["content-type"]!);
+      got[name] = error ? `${Code[error.code]} ${/utf-8/i.test(error.rawMessage)}` : String(answer === "no answer" ? answer : "OK");
+    }
+    expect(got).toEqual(Object.fromEntries(cases.map(([name]) => [name, "InvalidArgument true"])));
+    // Valid UTF-8 beyond ASCII is read as before.
+    const valid = await h2Exchange(server.url, { ":path": "/outpost.telemetry.v1.LogService/GetLogs", "content-type": "application/grpc-web+json" }, envelope(0, JSON.stringify({ dispatchId: "ab\u00e9cd" })));
+    expect(valid !== "no answer" && answerError(valid, "application/grpc-web+json")).toBeUndefined();
+    expect(valid !== "no answer" && JSON.parse(envelopesOf(valid.body)[0]!.message.toString()).chunks[0].text).toBe("ab\u00e9cd");
   });
 });
 
