@@ -56,6 +56,13 @@ export const gatewayConfigShape = {
    * again (docs/edge.md). Also bounds a reflection stream, whose body is its requests.
    */
   OUTPOST_GATEWAY_BODY_TIMEOUT_MS: setting.timerMs(60_000),
+  /**
+   * Keep-alive pings on the raw path's shared upstream sessions: every interval while a session
+   * carries calls; one unanswered within the timeout drops the session and fails its calls
+   * UNAVAILABLE (docs/edge.md). As connect-node's client on the Connect path.
+   */
+  OUTPOST_GATEWAY_UPSTREAM_PING_INTERVAL_MS: setting.timerMs(10_000),
+  OUTPOST_GATEWAY_UPSTREAM_PING_TIMEOUT_MS: setting.timerMs(15_000),
   /** Shared rate-limit counters and auth-cache invalidation between replicas; absent = in-process only. */
   OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
   /** Where rate limits are counted: redis (default when OUTPOST_REDIS_URL is set), memory (default otherwise), or off. */

@@ -101,6 +101,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     bodyBudget,
     openStreams,
     logger,
+    upstreamPing: { intervalMs: config.OUTPOST_GATEWAY_UPSTREAM_PING_INTERVAL_MS, timeoutMs: config.OUTPOST_GATEWAY_UPSTREAM_PING_TIMEOUT_MS },
   });
   const server = await startServer({
     name: "gateway",

@@ -6,12 +6,15 @@
  * call, and decode and re-encode every message of a stream; here the call is checked and passed
  * on as bytes:
  *
- * - the same edge decision as every other call (`admitCall`: credential, rate budgets);
+ * - the same edge decision as every other call (`admitCall`: credential, rate budgets), made
+ *   before the body is read: a refused client's body is never read, charged or decoded;
  * - the request is read within the size limit and must decode as the method's input type, so
  *   malformed input is still refused at the edge with INVALID_ARGUMENT;
  * - it goes to the owning service, in the client's own protocol and encoding, over a shared
  *   HTTP/2 session with the caller's identity signed into the headers, the client's deadline and
- *   the trace context (a server span per call, as on the Connect path);
+ *   the trace context (a server span per call, as on the Connect path); a session in use is
+ *   pinged, and one whose upstream stops answering is dropped and its calls end UNAVAILABLE
+ *   (`UpstreamSession`);
  * - the upstream's answer comes back unchanged (statuses and error details included) with the
  *   caller's RateLimit-* headers added; only an INTERNAL or UNKNOWN error is masked, as on the
  *   Connect path: the client gets INTERNAL with the trace id, the upstream's message goes to the
@@ -34,6 +37,7 @@ import { mergeNonProtocolHeaders } from "@connectrpc/connect/protocol";
 import {
   type BodyBudget,
   type BodyCharge,
+  audienceOf,
   explainMalformed,
   injectTraceHeaders,
   maskedInternalMessage,
@@ -124,7 +128,22 @@ export interface RawUnaryOptions extends Pick<EdgeOptions, "authenticator" | "ra
   /** Ends open server streams whose credential is revoked. */
   openStreams: OpenStreams;
   logger: Logger;
+  /** Keep-alive pings on the shared upstream sessions; UPSTREAM_PING by default. */
+  upstreamPing?: UpstreamPing;
 }
+
+/**
+ * How the shared upstream sessions are pinged: every `intervalMs` while a session carries calls
+ * (or carried one within the interval), and on a call to a session idle longer than that; a ping
+ * unanswered after `timeoutMs` ends the session and fails its calls UNAVAILABLE.
+ */
+export interface UpstreamPing {
+  intervalMs: number;
+  timeoutMs: number;
+}
+
+/** As connect-node's client on the Connect path (packages/platform/src/clients.ts): 10 s, and its 15 s ping timeout. */
+export const UPSTREAM_PING: UpstreamPing = { intervalMs: 10_000, timeoutMs: 15_000 };
 
 /** Counts a call as in flight, so a draining server waits for it; streams end on `drainSignal`. */
 export interface CallTracker {
@@ -143,22 +162,27 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
       }
     }
   }
-  const sessions = new Map<Upstream, http2.ClientHttp2Session>();
-  const sessionTo = (upstream: Upstream): http2.ClientHttp2Session => {
+  const sessions = new Map<Upstream, UpstreamSession>();
+  const sessionTo = (upstream: Upstream): UpstreamSession => {
     const existing = sessions.get(upstream);
-    if (existing && !existing.closed && !existing.destroyed) return existing;
-    const session = http2.connect(options.upstreamUrls[upstream]);
+    if (existing && !existing.session.closed && !existing.session.destroyed) return existing;
+    // A session whose upstream stops answering pings is dropped at once (`forget`): the next call
+    // opens a fresh one instead of joining calls that will never be answered. It is made outside
+    // the call's async context, as its streams are (UPSTREAM_SCOPE): it and its ping timer
+    // outlive the call that opened it.
+    const created = UPSTREAM_SCOPE.runInAsyncScope(() => new UpstreamSession(options.upstreamUrls[upstream], options.upstreamPing ?? UPSTREAM_PING, forget));
+    const session = created.session;
     session.on("error", (err) => options.logger.warn({ upstream, err: err.message }, "upstream session failed"));
     // A closed session, or one the upstream is draining (GOAWAY), takes no new calls: the next
     // call opens a fresh one while the old one finishes what it carries.
-    const forget = () => {
-      if (sessions.get(upstream) === session) sessions.delete(upstream);
-    };
+    function forget() {
+      if (sessions.get(upstream) === created) sessions.delete(upstream);
+    }
     session.on("close", forget);
     session.on("goaway", forget);
     session.unref();
-    sessions.set(upstream, session);
-    return session;
+    sessions.set(upstream, created);
+    return created;
   };
   const requests = rpcMetrics.requests();
   const duration = rpcMetrics.duration();
@@ -199,12 +223,15 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
           const timeout = protocol.timeoutOf(header);
           if (timeout.error) throw timeout.error;
           const deadline = timeout.timeoutMs === undefined ? undefined : startedAt + timeout.timeoutMs;
-          const body = await readBody(req, options.readMaxBytes, protocol.envelopeBytes, deadline, () => options.bodyBudget?.charge(req, res));
-          protocol.validate(route.method, body, header);
+          // The edge decision needs only the headers, so it comes first: a client over its rate
+          // budget, or with a credential refused, is answered without its body being read (it
+          // takes nothing of the body budget and nothing is decoded).
           const admitted = await admitCall(options, { ip: clientIpOf(req), serviceTypeName: route.method.parent.typeName, methodName: route.method.name, header });
           budget = admitted.budget;
           // The client may have left while its credential and budget were checked.
           if (isGone(res)) return Code.Canceled;
+          const body = await readBody(req, options.readMaxBytes, protocol.envelopeBytes, deadline, () => options.bodyBudget?.charge(req, res));
+          protocol.validate(route.method, body, header);
           const outgoing = protocol.upstreamHeaders(header);
           // The upstream gets what is left of the client's deadline; the gateway holds it too,
           // so an upstream that stops answering cannot hold the client past it.
@@ -213,7 +240,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
             if (remainingMs <= 0) throw new ConnectError("the deadline passed before the call was forwarded", Code.DeadlineExceeded);
             protocol.setTimeout(outgoing, remainingMs);
           }
-          if (admitted.identity) options.signingKeys.writeIdentity(outgoing, admitted.identity);
+          if (admitted.identity) options.signingKeys.writeIdentity(outgoing, admitted.identity, audienceOf(route.method.parent));
           injectTraceHeaders(outgoing);
           const traceId = span.spanContext().traceId;
           const mask = (upstreamCode: Code, cause: string): string => {
@@ -269,7 +296,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
   return {
     handle,
     close() {
-      for (const session of sessions.values()) session.close();
+      for (const { session } of sessions.values()) session.close();
       sessions.clear();
     },
   };
@@ -413,6 +440,83 @@ const UPSTREAM_SCOPE = new AsyncResource("OutpostUpstreamCall");
 const ignore = () => {};
 
 
+/**
+ * One shared HTTP/2 session to an upstream, with keep-alive pings (`UpstreamPing`). Without
+ * them an upstream host that vanished without closing the connection (powered off, partitioned,
+ * a frozen middlebox) held its session forever: its calls without a deadline never ended, those
+ * with one ended DEADLINE_EXCEEDED, and new calls kept joining it. Now the session is pinged
+ * every interval while it carries calls or carried one within the interval, and at once when a
+ * call comes to a session idle longer than that (or new); a ping unanswered within the timeout
+ * (or a session still connecting then) destroys the session, which fails every call on it (their
+ * streams error, so `exchange` answers UNAVAILABLE), and `onDead` drops it from the session map
+ * first. An idle session is left alone, so an upstream may still close idle connections.
+ */
+class UpstreamSession {
+  readonly session: http2.ClientHttp2Session;
+  /** Calls open on the session. */
+  private streams = 0;
+  /** When a call last started or ended (performance.now()). */
+  private usedAt = -Infinity;
+  private readonly ticker: NodeJS.Timeout;
+  /** Set while a ping is unanswered: destroys the session when it fires. */
+  private awaiting: NodeJS.Timeout | undefined;
+  private readonly ping: UpstreamPing;
+  private readonly onDead: () => void;
+
+  constructor(url: string, ping: UpstreamPing, onDead: () => void) {
+    this.ping = ping;
+    this.onDead = onDead;
+    this.session = http2.connect(url);
+    this.ticker = setInterval(() => {
+      if (this.streams > 0 || performance.now() - this.usedAt < ping.intervalMs) this.sendPing();
+    }, ping.intervalMs);
+    this.ticker.unref();
+    this.session.once("close", () => {
+      clearInterval(this.ticker);
+      clearTimeout(this.awaiting);
+      this.awaiting = undefined;
+    });
+  }
+
+  /** Starts a call on the session (throws as `ClientHttp2Session.request` does). */
+  request(headers: http2.OutgoingHttpHeaders): http2.ClientHttp2Stream {
+    const idle = this.streams === 0 && performance.now() - this.usedAt >= this.ping.intervalMs;
+    const stream = this.session.request(headers);
+    this.streams++;
+    this.usedAt = performance.now();
+    stream.once("close", () => {
+      this.streams--;
+      this.usedAt = performance.now();
+    });
+    if (idle) this.sendPing();
+    return stream;
+  }
+
+  private sendPing(): void {
+    const session = this.session;
+    if (this.awaiting || session.closed || session.destroyed) return;
+    this.awaiting = setTimeout(() => {
+      this.awaiting = undefined;
+      this.onDead();
+      const what = session.connecting ? "did not connect" : "did not answer a keep-alive ping";
+      session.destroy(new Error(`the upstream ${what} within ${this.ping.timeoutMs} ms`));
+    }, this.ping.timeoutMs);
+    this.awaiting.unref();
+    const send = () => {
+      if (session.closed || session.destroyed) return;
+      // Answered, or cancelled because the session is closing (a draining session finishes its
+      // calls unpinged; its close clears the rest): either way it is not found dead.
+      session.ping(() => {
+        clearTimeout(this.awaiting);
+        this.awaiting = undefined;
+      });
+    };
+    // A ping on a session still connecting is cancelled at once; it goes out once connected.
+    if (session.connecting) session.once("connect", send);
+    else send();
+  }
+}
+
 /** What a relay tells `exchange` about a stream in progress. */
 export interface RelayState {
   /** True when what reached the client so far ends between two messages. */
@@ -447,7 +551,7 @@ const DRAIN_FLUSH_MS = 1000;
  * settles exactly once, and nothing of the upstream reaches the client after it settled.
  */
 function exchange(
-  session: http2.ClientHttp2Session,
+  session: UpstreamSession,
   req: ClientRequest,
   res: ClientResponse,
   headers: Headers,

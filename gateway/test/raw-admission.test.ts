@@ -1,0 +1,169 @@
+/**
+ * The raw path makes the edge decision (credential, rate budgets: `admitCall`) before it reads a
+ * request's body (raw-unary.ts). A client over its IP's rate budget gets RESOURCE_EXHAUSTED
+ * RATE_LIMITED with the RateLimit-* headers, however large or malformed its body, and without
+ * the gateway waiting for (or reading) that body: before, each body was read and decoded first,
+ * so refused clients with large malformed bodies got INVALID_ARGUMENT (HTTP 400) and never 429,
+ * and a body that never ended held the call until the body time limit.
+ */
+import http2 from "node:http2";
+import net from "node:net";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { Code } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { errorInfoOf, loadConfig } from "@outpost/platform";
+import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { pino } from "pino";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { gatewayConfigShape } from "../src/config.ts";
+import { startGateway } from "../src/service.ts";
+import { envelope } from "../../test/support/envelopes.ts";
+import { answerError, h2Call } from "../../test/support/h2.ts";
+import { signingEnv } from "../../test/support/signing.ts";
+
+const ADMIN = "b".repeat(40);
+const GET = "/outpost.dispatch.v1.DispatchService/GetDispatch";
+const SUBSCRIBE = "/outpost.telemetry.v1.LogService/SubscribeLogs";
+/** Reads per minute per client IP. */
+const READS_PER_IP = 2;
+/** A large body that is not JSON (and not a protobuf message either). */
+const JUNK = Buffer.alloc(500 * 1024, "{");
+
+describe("raw path: the rate limit comes before the body", () => {
+  let upstream: http2.Http2Server;
+  let upstreamCalls = 0;
+  let gateway: Awaited<ReturnType<typeof startGateway>>;
+  let url: string;
+
+  beforeAll(async () => {
+    upstream = http2.createServer(
+      connectNodeAdapter({
+        routes: (router) => {
+          router.service(DispatchService, {
+            getDispatch: () => {
+              upstreamCalls++;
+              return {};
+            },
+          } as never);
+        },
+      }),
+    );
+    await new Promise<void>((resolve) => upstream.listen(0, "127.0.0.1", resolve));
+    const upstreamUrl = `http://127.0.0.1:${(upstream.address() as { port: number }).port}`;
+    const config = loadConfig(gatewayConfigShape, {
+      ...signingEnv("gateway"),
+      OUTPOST_ADMIN_TOKEN: ADMIN,
+      OUTPOST_GATEWAY_HOST: "127.0.0.1",
+      OUTPOST_GATEWAY_PORT: "0",
+      OUTPOST_TENANT_URL: upstreamUrl,
+      OUTPOST_DISPATCHER_URL: upstreamUrl,
+      OUTPOST_TELEMETRY_URL: upstreamUrl,
+      OUTPOST_RATE_LIMIT: "memory",
+      OUTPOST_RATE_LIMITS_PER_IP: `read=${READS_PER_IP}`,
+    });
+    gateway = await startGateway(config, pino({ level: "silent" }));
+    url = `http://127.0.0.1:${gateway.port}`;
+  });
+
+  afterAll(async () => {
+    await gateway?.close();
+    await new Promise((resolve) => upstream?.close(resolve));
+  });
+
+  const message = toBinary(GetDispatchRequestSchema, create(GetDispatchRequestSchema, { dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }));
+
+  /** An HTTP/2 session from `localAddress` (each loopback address has its own rate budget). */
+  function sessionFrom(localAddress: string): http2.ClientHttp2Session {
+    const { port } = new URL(url);
+    const session = http2.connect(url, { createConnection: () => net.connect({ host: "127.0.0.1", port: Number(port), localAddress }) });
+    session.on("error", () => {});
+    return session;
+  }
+
+  /** Raw HTTP/1.1 from 127.0.0.1: sends `head` and `body` and resolves what came back once the gateway closed the connection. */
+  function h1(head: string, body: Buffer): Promise<string> {
+    return new Promise((resolve) => {
+      const socket = net.connect({ host: "127.0.0.1", port: gateway.port, localAddress: "127.0.0.1" });
+      let text = "";
+      socket.on("data", (c) => (text += c.toString("latin1")));
+      socket.on("close", () => resolve(text));
+      socket.on("error", () => {});
+      socket.write(head);
+      socket.write(body);
+      setTimeout(() => socket.destroy(), 5000).unref();
+    });
+  }
+
+  it("refuses a keyless client over its IP budget with 429 without reading its large malformed body, on every raw protocol", { timeout: 30_000 }, async () => {
+    const session = sessionFrom("127.0.0.1");
+    try {
+      // Keyless well-formed calls use up the IP's read budget (each is refused UNAUTHENTICATED).
+      for (let i = 0; i < READS_PER_IP; i++) {
+        const answer = await h2Call(session, { ":path": GET, "content-type": "application/grpc", te: "trailers" }, envelope(0, message)).answer;
+        expect(answer).not.toBe("no answer");
+        if (answer === "no answer") return;
+        expect(answerError(answer, "application/grpc")?.code).toBe(Code.Unauthenticated);
+      }
+
+      // Connect JSON over HTTP/1.1, the whole 500 KB malformed body sent: 429 RATE_LIMITED, not 400.
+      const h1Answer = await h1(
+        `POST ${GET} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${JUNK.length}\r\n\r\n`,
+        JUNK,
+      );
+      expect(h1Answer).toMatch(/^HTTP\/1\.1 429 /);
+      const h1Head = h1Answer.slice(0, h1Answer.indexOf("\r\n\r\n")).toLowerCase();
+      expect(h1Head).toContain(`ratelimit-limit: ${READS_PER_IP}`);
+      expect(h1Head).toContain("ratelimit-remaining: 0");
+      expect(h1Head).toMatch(/retry-after: \d+/);
+      expect(h1Head).toContain("connection: close");
+      const h1Error = JSON.parse(h1Answer.slice(h1Answer.indexOf("\r\n\r\n") + 4)) as { code: string; details?: { type: string }[] };
+      expect(h1Error.code).toBe("resource_exhausted");
+
+      // HTTP/2: bodies that never end (one announced but not sent at all, one of 500 KB of junk
+      // left open) are answered at once. Had the gateway waited for them, there would be no
+      // answer until the body time limit (60 s).
+      const calls = [
+        { path: GET, type: "application/json", headers: { "content-length": String(JUNK.length) }, body: Buffer.alloc(0) },
+        { path: GET, type: "application/json", headers: {}, body: JUNK },
+        { path: GET, type: "application/grpc", headers: { te: "trailers" }, body: envelope(0, JUNK) },
+        { path: SUBSCRIBE, type: "application/grpc", headers: { te: "trailers" }, body: envelope(0, JUNK) },
+        { path: SUBSCRIBE, type: "application/connect+json", headers: {}, body: envelope(0, JUNK) },
+      ];
+      for (const { path, type, headers, body } of calls) {
+        const answer = await h2Call(session, { ":path": path, "content-type": type, ...headers }, body, { end: false, timeoutMs: 5000 }).answer;
+        const what = `${type} ${path}`;
+        expect(answer, what).not.toBe("no answer");
+        if (answer === "no answer") return;
+        const error = answerError(answer, type);
+        expect(error?.code, what).toBe(Code.ResourceExhausted);
+        expect(errorInfoOf(error!)?.reason, what).toBe("RATE_LIMITED");
+        // Headers for Connect unary, trailers for gRPC, the end-of-stream metadata for a Connect
+        // stream (which the client's reading lists twice: as the stream's and as the error's).
+        const remaining = type === "application/json" ? answer.head["ratelimit-remaining"] : type === "application/grpc" ? answer.trailers["ratelimit-remaining"] : error!.metadata.get("ratelimit-remaining")?.split(",")[0];
+        expect(remaining, what).toBe("0");
+      }
+      expect(upstreamCalls).toBe(0);
+    } finally {
+      session.destroy();
+    }
+  });
+
+  it("still checks the body of an admitted call, and its answer carries the budget", { timeout: 10_000 }, async () => {
+    const session = sessionFrom("127.0.0.2");
+    try {
+      const auth = { authorization: `Bearer ${ADMIN}` };
+      const bad = await h2Call(session, { ":path": GET, "content-type": "application/json", ...auth }, Buffer.from('{"dispatchId":')).answer;
+      expect(bad).not.toBe("no answer");
+      if (bad === "no answer") return;
+      expect(answerError(bad, "application/json")?.code).toBe(Code.InvalidArgument);
+      expect(bad.head["ratelimit-remaining"]).toBe(String(READS_PER_IP - 1));
+      const good = await h2Call(session, { ":path": GET, "content-type": "application/grpc", te: "trailers", ...auth }, envelope(0, message)).answer;
+      expect(good).not.toBe("no answer");
+      if (good === "no answer") return;
+      expect(answerError(good, "application/grpc")).toBeUndefined();
+      expect(upstreamCalls).toBe(1);
+    } finally {
+      session.destroy();
+    }
+  });
+});
