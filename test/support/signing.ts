@@ -32,8 +32,8 @@ export function signerFor(identity: Identity): SigningKeys {
 }
 
 /** A dispatcher's grant to `executor` to write the output of a run, as a lease would carry it. */
-export function logGrantOf(dispatchId: string, tenantId: string, executor = "executor/host-1", timeoutMs = 60_000): string {
-  return issueLogGrant(keysOf("dispatcher"), { dispatchId, tenantId, executor }, timeoutMs);
+export function logGrantOf(dispatchId: string, tenantId: string, executor = "executor/host-1", leaseExpiresAt = Date.now() + 60_000): string {
+  return issueLogGrant(keysOf("dispatcher"), { dispatchId, tenantId, executor }, leaseExpiresAt);
 }
 
 /** A dispatcher's grant of `names` of `tenantId` to `executor`, as a lease would carry it. */

@@ -9,6 +9,7 @@
  * - Secret grant: the tenant service's ResolveSecrets releases the named secrets' values.
  * - Log grant: telemetry's IngestLogs stores the run's output.
  */
+import type { ConnectError } from "@connectrpc/connect";
 import { invalidArgument, permissionDenied } from "./errors.ts";
 import type { SigningKeys } from "./identity.ts";
 
@@ -33,18 +34,21 @@ export type LogGrant = RunGrant;
 export const SECRET_GRANT_TTL_MS = 60_000;
 
 /**
- * How long a log grant outlives the run's timeout: output the executor buffered while
- * telemetry was away is sent when it is back, after the run may have ended.
+ * How long a log grant outlives the lease it comes with: time for the executor's last output
+ * after the container exits (it waits up to 10 s for telemetry's acknowledgement) and for a
+ * heartbeat that is late. Every heartbeat renews the lease and the grant, so an executor that
+ * loses its lease (cut off, or the run leased again elsewhere) can write the run's output for
+ * this long at most.
  */
-export const LOG_GRANT_GRACE_MS = 60 * 60_000;
+export const LOG_GRANT_GRACE_MS = 60_000;
 
 export function issueSecretGrant(keys: SigningKeys, grant: SecretGrant, now = Date.now()): string {
   return keys.signToken({ grant: "secrets", ...grant, names: [...grant.names] }, SECRET_GRANT_TTL_MS, now);
 }
 
-/** A log grant for a run that may take `timeoutMs`. */
-export function issueLogGrant(keys: SigningKeys, grant: LogGrant, timeoutMs: number, now = Date.now()): string {
-  return keys.signToken({ grant: "logs", ...grant }, timeoutMs + LOG_GRANT_GRACE_MS, now);
+/** A log grant that lasts until `leaseExpiresAt` (ms since the epoch) and LOG_GRANT_GRACE_MS more. */
+export function issueLogGrant(keys: SigningKeys, grant: LogGrant, leaseExpiresAt: number, now = Date.now()): string {
+  return keys.signToken({ grant: "logs", ...grant }, leaseExpiresAt + LOG_GRANT_GRACE_MS - now, now);
 }
 
 /**
@@ -89,10 +93,17 @@ export function checkSecretGrant(keys: SigningKeys, token: string, request: Omit
 }
 
 /**
- * Checks that `token` is a dispatcher's log grant for this run, tenant and executor; throws
- * INVALID_ARGUMENT when it is missing, PERMISSION_DENIED (reason LOG_GRANT_INVALID) otherwise.
+ * Checks that `token` is a dispatcher's log grant for this run, tenant and executor, and
+ * answers when it expires (ms since the epoch); throws INVALID_ARGUMENT when it is missing,
+ * PERMISSION_DENIED (reason LOG_GRANT_INVALID) otherwise.
  */
-export function checkLogGrant(keys: SigningKeys, token: string, request: LogGrant, now = Date.now()): void {
+export function checkLogGrant(keys: SigningKeys, token: string, request: LogGrant, now = Date.now()): { expiresAt: number } {
   const errors = { field: "grant", source: "Lease.log_grant", reason: "LOG_GRANT_INVALID", what: "log grant" };
-  checkRunGrant(keys, token, "logs", request, errors, now);
+  const claims = checkRunGrant(keys, token, "logs", request, errors, now);
+  return { expiresAt: Number(claims.exp) };
+}
+
+/** The refusal of a log grant that was accepted and has since expired. */
+export function logGrantExpired(): ConnectError {
+  return permissionDenied("LOG_GRANT_INVALID", "log grant refused: it has expired");
 }

@@ -98,16 +98,17 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
   // A leased run's secrets and output are granted to the executor holding the lease, and only
   // to it (run-grants.ts). The lease calls already refuse an executor naming another's id
   // (ownExecutorId); this check keeps the grants bound to their holder even if a route forgets to.
+  const holds = (executor: Identity, d: DispatchRecord) => executor.principal === `executor/${d.executorId}`;
+  const runOf = (executor: Identity, d: DispatchRecord) => ({ dispatchId: d.id, tenantId: d.tenantId, executor: executor.principal });
+  /** Lasts as long as the lease (and a minute): renewed by every heartbeat. */
+  const logGrantTo = (executor: Identity, d: DispatchRecord) =>
+    holds(executor, d) ? issueLogGrant(deps.signingKeys, runOf(executor, d), d.leaseExpiresAt ?? 0) : "";
   const grantsTo =
     (executor: Identity) =>
-    (d: DispatchRecord): RunGrants => {
-      if (executor.principal !== `executor/${d.executorId}`) return { secretGrant: "", logGrant: "" };
-      const run = { dispatchId: d.id, tenantId: d.tenantId, executor: executor.principal };
-      return {
-        secretGrant: d.secretNames.length > 0 ? issueSecretGrant(deps.signingKeys, { ...run, names: d.secretNames }) : "",
-        logGrant: issueLogGrant(deps.signingKeys, run, d.timeoutMs),
-      };
-    };
+    (d: DispatchRecord): RunGrants => ({
+      secretGrant: holds(executor, d) && d.secretNames.length > 0 ? issueSecretGrant(deps.signingKeys, { ...runOf(executor, d), names: d.secretNames }) : "",
+      logGrant: logGrantTo(executor, d),
+    });
   const DS = "outpost.dispatch.v1.DispatchService";
   const AS = "outpost.dispatch.v1.AgentService";
   router.service(DispatchService, {
@@ -270,8 +271,9 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
         req.capacity && req.executorId
           ? { executorId: ownExecutorId(caller, req.executorId), capacity: capacityOf("capacity", req.capacity) }
           : undefined;
-      const { expiresAt, cancelRequested } = await dispatcher.heartbeat(id, lease, executor);
-      return create(HeartbeatResponseSchema, { expireTime: timestampFromMs(expiresAt), cancelRequested });
+      const { expiresAt, cancelRequested, dispatch } = await dispatcher.heartbeat(id, lease, executor);
+      // The log grant is renewed with the lease (run-grants.ts).
+      return create(HeartbeatResponseSchema, { expireTime: timestampFromMs(expiresAt), cancelRequested, logGrant: logGrantTo(caller, dispatch) });
     },
     async releaseLease(req, ctx) {
       requireService(ctx, "executor");

@@ -1,7 +1,7 @@
 /** The handlers in-process: real routes behind the platform's identity check, no ports. */
 import { beforeEach, describe, expect, it } from "vitest";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
-import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { checkLogGrant, checkSecretGrant, createLogger, errorInfoOf, identityInterceptor, LOG_GRANT_GRACE_MS, type Identity } from "@outpost/platform";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
 import { Dispatch_State, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
@@ -115,9 +115,10 @@ describe("identity", () => {
     expect((await leases().acquireLease({ executorId: "host-1" })).lease?.secretGrant).toBe("");
   });
 
-  it("every lease carries a log grant to the executor that took it, lasting the run's timeout and an hour", async () => {
-    const created = await dispatches().createDispatch({ ...ok, timeout: durationFromMs(120_000) });
+  it("every lease carries a log grant to the executor that took it, lasting the lease and a minute, and each heartbeat renews it", async () => {
+    const created = await dispatches().createDispatch(ok);
     const { lease } = await leases().acquireLease({ executorId: "host-1" });
+    const leaseEnd = Number(timestampMs(lease!.expireTime!));
     const run = { dispatchId: created.dispatch!.id, tenantId: TENANT, executor: EXECUTOR.principal };
     // What telemetry checks (run-grants.ts), with its own keys.
     const telemetryKeys = keysOf("telemetry");
@@ -130,9 +131,16 @@ describe("identity", () => {
       return "accepted";
     };
     expect(refusal(lease!.logGrant)).toBe("accepted");
-    expect(refusal(lease!.logGrant, run, Date.now() + 120_000 + LOG_GRANT_GRACE_MS - 5_000)).toBe("accepted");
-    expect(refusal(lease!.logGrant, run, Date.now() + 120_000 + LOG_GRANT_GRACE_MS + 5_000)).toBe("LOG_GRANT_INVALID");
+    expect(refusal(lease!.logGrant, run, leaseEnd + LOG_GRANT_GRACE_MS - 1_000)).toBe("accepted");
+    expect(refusal(lease!.logGrant, run, leaseEnd + LOG_GRANT_GRACE_MS + 1_000)).toBe("LOG_GRANT_INVALID");
     expect(refusal(lease!.logGrant, { ...run, executor: "executor/host-2" })).toBe("LOG_GRANT_INVALID");
+    // A heartbeat renews the lease and with it the grant, which then outlasts the first one.
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    const beat = await leases().heartbeat({ dispatchId: run.dispatchId, leaseId: lease!.leaseId });
+    const renewedEnd = Number(timestampMs(beat.expireTime!));
+    expect(renewedEnd).toBeGreaterThan(leaseEnd);
+    expect(refusal(beat.logGrant, run, leaseEnd + LOG_GRANT_GRACE_MS + 1)).toBe("accepted");
+    expect(refusal(beat.logGrant, run, renewedEnd + LOG_GRANT_GRACE_MS + 1_000)).toBe("LOG_GRANT_INVALID");
     // Listed again after a restart, the lease comes with a fresh one.
     const listed = await leases().listExecutorLeases({ executorId: "host-1" });
     expect(refusal(listed.leases[0]!.logGrant)).toBe("accepted");

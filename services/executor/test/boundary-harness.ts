@@ -10,7 +10,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { callEndSignal, callerOf, checkLogGrant, checkSecretGrant, failedPrecondition, issueLogGrant, issueSecretGrant, notFound, startServer, unimplemented, type RunningServer } from "@outpost/platform";
+import { callEndSignal, callerOf, checkLogGrant, checkSecretGrant, failedPrecondition, issueLogGrant, issueSecretGrant, notFound, permissionDenied, startServer, unimplemented, type RunningServer } from "@outpost/platform";
 import { Dispatch_State, NetworkPolicy, type Agent } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import {
   LeaseSchema,
@@ -106,15 +106,20 @@ export class StubDispatcher {
         if (lease && names.length > 0) {
           lease.secretGrant = issueSecretGrant(keysOf("dispatcher"), { dispatchId, tenantId, names, executor: callerOf(ctx).principal });
         }
-        if (lease) lease.logGrant = issueLogGrant(keysOf("dispatcher"), { dispatchId, tenantId, executor: callerOf(ctx).principal }, 60_000);
+        if (lease) lease.logGrant = issueLogGrant(keysOf("dispatcher"), { dispatchId, tenantId, executor: callerOf(ctx).principal }, Date.now() + LEASE_TTL_MS);
         return { lease };
       },
-      heartbeat: async (req) => {
-        if (!this.leases.has(req.leaseId)) throw failedPrecondition("LEASE_LOST", "lease is not held");
+      heartbeat: async (req, ctx) => {
+        const held = this.leases.get(req.leaseId);
+        if (!held) throw failedPrecondition("LEASE_LOST", "lease is not held");
         if (req.capacity) this.capacities.push(req.capacity);
+        const expiresAt = Date.now() + LEASE_TTL_MS;
+        const { id: dispatchId = "", tenantId = "" } = held.dispatch ?? {};
         return {
-          expireTime: timestampFromDate(new Date(Date.now() + LEASE_TTL_MS)),
+          expireTime: timestampFromDate(new Date(expiresAt)),
           cancelRequested: this.cancelViaHeartbeat && this.cancelled.has(req.dispatchId),
+          // As the real dispatcher does: the log grant renewed with the lease.
+          logGrant: issueLogGrant(keysOf("dispatcher"), { dispatchId, tenantId, executor: callerOf(ctx).principal }, expiresAt),
         };
       },
       watchCancellations: async function* (this: void, req, ctx) {
@@ -159,6 +164,10 @@ export class StubDispatcher {
 export class StubTelemetry {
   readonly chunks = new Map<string, LogChunk[]>();
   readonly tenants = new Map<string, string>();
+  /** Runs whose output is refused as the real telemetry refuses a bad grant. */
+  readonly refusing = new Set<string>();
+  /** IngestLogs requests per run, refused ones included. */
+  readonly requests = new Map<string, number>();
 
   chunksFor(dispatchId: string) {
     return this.chunks.get(dispatchId) ?? [];
@@ -169,10 +178,12 @@ export class StubTelemetry {
   }
 
   routes = (router: Router) => {
-    const { chunks, tenants } = this;
+    const { chunks, tenants, refusing, requests: counts } = this;
     router.service(LogIngestService, {
       async *ingestLogs(requests, ctx) {
         for await (const req of requests) {
+          counts.set(req.dispatchId, (counts.get(req.dispatchId) ?? 0) + 1);
+          if (refusing.has(req.dispatchId)) throw permissionDenied("LOG_GRANT_INVALID", "log grant refused: it has expired");
           // As the real telemetry does: only the executor the run was leased to may write it.
           checkLogGrant(keysOf("telemetry"), req.grant, { dispatchId: req.dispatchId, tenantId: req.tenantId, executor: callerOf(ctx).principal });
           const stored = chunks.get(req.dispatchId) ?? [];

@@ -124,6 +124,20 @@ describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)
     expect(fs.readdirSync(runs)).toEqual([]);
   });
 
+  it("finishes a run whose output telemetry refuses for good: asked once, never again, and the agent is not held up", async () => {
+    // More lines than the executor buffers (10,000): kept for resending, they would stall the agent.
+    const lease = demoLease({ task: "lines=12000" });
+    const id = lease.dispatch!.id;
+    telemetry.refusing.add(id);
+    dispatcher.enqueue(lease);
+    const end = await terminalReport(id);
+    expect(Dispatch_State[end.state]).toBe("SUCCEEDED");
+    expect(Number(end.lastLogSeq)).toBe(0);
+    expect(telemetry.requests.get(id)).toBe(1);
+    expect(telemetry.chunksFor(id)).toEqual([]);
+    expect(executor.output()).toContain("telemetry refused the run's output");
+  });
+
   it("reports its capacity and the images present with every lease call", async () => {
     const capacity = await until("a capacity report with images", () =>
       dispatcher.capacities.findLast((c) => c.imagesPresent.length > 0),

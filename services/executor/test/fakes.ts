@@ -153,6 +153,7 @@ export class FakeLeases implements LeaseClient {
   heartbeatAnswer: () => HeartbeatAnswer | Promise<HeartbeatAnswer> = () => ({
     expireTime: new Date(Date.now() + 600),
     cancelRequested: false,
+    logGrant: `log-grant-renewed-${this.heartbeats}`,
   });
   acquired = 0;
 

@@ -1,13 +1,14 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { Backoff } from "../src/core/backoff.ts";
 import { LogShipper } from "../src/core/log-shipper.ts";
+import { LogRefusedError } from "../src/core/ports.ts";
 import { FakeSink, silentLogger } from "./fakes.ts";
 
 function shipper(sink: FakeSink, extra: Partial<ConstructorParameters<typeof LogShipper>[0]> = {}) {
   return new LogShipper({
     dispatchId: "D1",
     tenantId: "T1",
-    grant: "log-grant-of-D1",
+    grant: () => "log-grant-of-D1",
     sink,
     logger: silentLogger,
     backoff: new Backoff({ baseMs: 10, maxMs: 10, random: () => 0.5 }),
@@ -65,7 +66,7 @@ describe("LogShipper", () => {
     await vi.waitFor(() => expect(sink.connections).toHaveLength(2));
     expect(sink.last.batches.map((b) => b.map((l) => l.seq))).toEqual([[3, 4]]);
     // Every connection presents the run's log grant, the new one too.
-    expect(sink.runs).toEqual([1, 2].map(() => ({ dispatchId: "D1", tenantId: "T1", grant: "log-grant-of-D1" })));
+    expect(sink.runs.map((run) => [run.dispatchId, run.tenantId, run.grant()])).toEqual([1, 2].map(() => ["D1", "T1", "log-grant-of-D1"]));
     // acks of the dead connection are ignored
     sink.connections[0]!.ack(4);
     expect(s.acked).toBe(2);
@@ -73,6 +74,25 @@ describe("LogShipper", () => {
     sink.last.ack(4);
     expect(await done).toBe(4);
     expect(sink.last.closed).toBe(true);
+  });
+
+  it("drops the output telemetry refuses for good (its grant refused): no resend, and the producer is never held up", async () => {
+    const sink = new FakeSink();
+    const s = shipper(sink, { maxBuffered: 3 });
+    s.add("stdout", "a");
+    sink.last.ack(1);
+    s.add("stdout", "b");
+    sink.last.fail(new LogRefusedError("[permission_denied] log grant refused: it has expired"));
+    // More than the buffer holds: had it kept them, the producer would wait for room forever.
+    for (const text of ["c", "d", "e", "f", "g"]) {
+      s.add("stdout", text);
+      expect(s.full).toBe(false);
+    }
+    await s.room();
+    await new Promise((resolve) => setTimeout(resolve, 50)); // several backoffs (10 ms)
+    expect(sink.connections).toHaveLength(1);
+    expect(await s.finish(1000)).toBe(1);
+    expect(s.lastSequence).toBe(7);
   });
 
   it("treats a stalled stream as failed and resends", async () => {

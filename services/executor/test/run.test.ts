@@ -12,6 +12,7 @@ function lease(extra: { task?: string; timeoutMs?: number; egress?: boolean } = 
   return create(LeaseSchema, {
     leaseId: "01JLEASE00000000000000000A",
     expireTime: timestampFromDate(new Date(Date.now() + 600)),
+    logGrant: "log-grant-of-the-lease",
     traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     dispatch: {
       id: "01JDISPATCH000000000000000",
@@ -148,11 +149,28 @@ describe("executeRun", () => {
     const runtime = new FakeRuntime();
     runtime.runForever = true;
     const leases = new FakeLeases();
-    leases.heartbeatAnswer = () => ({ expireTime: new Date(Date.now() + 600), cancelRequested: leases.heartbeats >= 2 });
+    leases.heartbeatAnswer = () => ({ expireTime: new Date(Date.now() + 600), cancelRequested: leases.heartbeats >= 2, logGrant: "" });
     await executeRun(lease(), deps(runtime, leases, new FakeSink()));
     expect(runtime.events).toContain("stop:1000");
     expect(runtime.events[runtime.events.length - 1]).toBe("remove");
     expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "CANCELLED"]);
+  });
+
+  it("writes the output under the lease's log grant, then under each one a heartbeat renews", async () => {
+    const runtime = new FakeRuntime();
+    runtime.runForever = true;
+    runtime.frames = [stdout("first line\n")];
+    const leases = new FakeLeases();
+    const sink = new FakeSink();
+    const seen: string[] = [];
+    leases.heartbeatAnswer = () => {
+      seen.push(sink.runs[0]?.grant() ?? "no log stream open");
+      return { expireTime: new Date(Date.now() + 600), cancelRequested: leases.heartbeats >= 3, logGrant: `renewed-${leases.heartbeats}` };
+    };
+    await executeRun(lease(), deps(runtime, leases, sink));
+    // What the sink would send at each heartbeat: the lease's grant, then the last renewal.
+    expect(seen).toEqual(["log-grant-of-the-lease", "renewed-1", "renewed-2"]);
+    expect(sink.runs[0]!.grant()).toBe("renewed-3");
   });
 
   it("stops the container at the timeout and reports TIMED_OUT", async () => {

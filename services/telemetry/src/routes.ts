@@ -10,6 +10,7 @@ import {
   throwIfCallAborted,
   checkLength,
   checkLogGrant,
+  logGrantExpired,
   decodePageToken,
   encodePageToken,
   invalidArgument,
@@ -121,15 +122,19 @@ export function telemetryRoutes(core: TelemetryCore, signingKeys: SigningKeys) {
     router.service(LogIngestService, {
       async *ingestLogs(requests: AsyncIterable<IngestLogsRequest>, ctx: HandlerContext) {
         const executor = requireService(ctx, "executor");
-        // Only the executor the run was leased to writes its output (run-grants.ts). A stream
-        // carries one run, so its grant is checked once, and again only if the run or grant changes.
-        let granted: string | undefined;
+        // Only the executor the run was leased to writes its output, while it holds the lease
+        // (run-grants.ts). A stream carries one run: its grant is verified when it first comes
+        // and when the executor sends a renewed one, and refused once it has expired.
+        let granted: { key: string; expiresAt: number } | undefined;
         for await (const req of untilSignal(requests, callEndSignal(ctx))) {
-          const batch = validateIngest(req, Date.now());
+          const now = Date.now();
+          const batch = validateIngest(req, now);
           const grantKey = `${batch.dispatchId}\n${batch.tenantId}\n${req.grant}`;
-          if (grantKey !== granted) {
-            checkLogGrant(signingKeys, req.grant, { dispatchId: batch.dispatchId, tenantId: batch.tenantId, executor: executor.principal });
-            granted = grantKey;
+          if (grantKey !== granted?.key) {
+            const { expiresAt } = checkLogGrant(signingKeys, req.grant, { dispatchId: batch.dispatchId, tenantId: batch.tenantId, executor: executor.principal }, now);
+            granted = { key: grantKey, expiresAt };
+          } else if (granted.expiresAt < now) {
+            throw logGrantExpired();
           }
           const acked = await core.ingest(batch.dispatchId, batch.tenantId, batch.chunks);
           yield create(IngestLogsResponseSchema, { dispatchId: batch.dispatchId, ackedSeq: BigInt(acked) });

@@ -209,8 +209,8 @@ describe("telemetry service", () => {
       [logGrantOf(id, "t-b"), "it is for another tenant"],
       // Granted to host-2; the caller is executor/host-1.
       [logGrantOf(id, "t-a", "executor/host-2"), "it was given to another executor"],
-      [issueLogGrant(keysOf("dispatcher"), { dispatchId: id, tenantId: "t-a", executor: "executor/host-1" }, 0, Date.now() - LOG_GRANT_GRACE_MS - 1), "it has expired"],
-      [issueLogGrant(keysOf("executor"), { dispatchId: id, tenantId: "t-a", executor: "executor/host-1" }, 60_000), "it is not signed by the dispatcher"],
+      [logGrantOf(id, "t-a", "executor/host-1", Date.now() - LOG_GRANT_GRACE_MS - 1), "it has expired"],
+      [issueLogGrant(keysOf("executor"), { dispatchId: id, tenantId: "t-a", executor: "executor/host-1" }, Date.now() + 60_000), "it is not signed by the dispatcher"],
       [grantOf("t-a", ["X"]), "it is not a log grant"],
       ["garbage", "it is malformed"],
     ];
@@ -228,6 +228,28 @@ describe("telemetry service", () => {
     expect((await errorOf(() => c.tenant("t-a").getLogs({ dispatchId: id }))).code).toBe(Code.NotFound);
     expect((await c.tenant("t-a").getLogs({ dispatchId: other })).chunks.map((ch) => Number(ch.seq))).toEqual([1]);
     expect(await ingest(c.executor, [withGrant(logGrantOf(id, "t-a"))])).toEqual([1]);
+  });
+
+  it("refuses a stream's grant once it expires, and takes a renewed one on the same stream", async () => {
+    const id = ulid();
+    const expiresSoon = logGrantOf(id, "t-a", "executor/host-1", Date.now() - LOG_GRANT_GRACE_MS + 300);
+    const withGrant = (seq: number, grant: string) => Object.assign(batch(id, "t-a", [seq]), { grant });
+    // Renewed before it expires (as a heartbeat does): the stream goes on.
+    expect(await ingest(c.executor, [withGrant(1, expiresSoon), withGrant(2, logGrantOf(id, "t-a"))])).toEqual([1, 2]);
+    // The same grant sent again after its expiry, on a stream that already checked it.
+    const expiring = logGrantOf(id, "t-a", "executor/host-1", Date.now() - LOG_GRANT_GRACE_MS + 300);
+    async function* late() {
+      yield withGrant(3, expiring);
+      await sleep(400);
+      yield withGrant(4, expiring);
+    }
+    const acks: number[] = [];
+    const err = await errorOf(async () => {
+      for await (const res of c.executor.ingestLogs(late())) acks.push(Number(res.ackedSeq));
+    });
+    expect(acks).toEqual([3]);
+    expect([err.code, errorInfoOf(err)?.reason, err.rawMessage]).toEqual([Code.PermissionDenied, "LOG_GRANT_INVALID", "log grant refused: it has expired"]);
+    expect((await c.tenant("t-a").getLogs({ dispatchId: id })).chunks.map((ch) => Number(ch.seq))).toEqual([1, 2, 3]);
   });
 
   it("pages GetLogs with opaque tokens", async () => {

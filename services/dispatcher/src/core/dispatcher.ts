@@ -264,12 +264,12 @@ export class Dispatcher {
     dispatchId: string,
     leaseId: string,
     executor?: { executorId: string; capacity: CapacityReport },
-  ): Promise<{ expiresAt: number; cancelRequested: boolean }> {
+  ): Promise<{ expiresAt: number; cancelRequested: boolean; dispatch: DispatchRecord }> {
     if (executor) await this.recordCapacity(executor.executorId, executor.capacity);
     const expiresAt = this.now() + this.leaseTtlMs;
     const updated = await this.store.update(dispatchId, { states: ["STARTING", "RUNNING"], leaseId }, { leaseExpiresAt: expiresAt });
     if (!updated) throw leaseLost(dispatchId);
-    return { expiresAt, cancelRequested: updated.cancelRequested };
+    return { expiresAt, cancelRequested: updated.cancelRequested, dispatch: updated };
   }
 
   async reportRunning(dispatchId: string, leaseId: string): Promise<DispatchRecord> {

@@ -63,7 +63,7 @@ export function createLeaseClient(options: LeaseClientOptions): LeaseClient {
           { dispatchId, leaseId, executorId: options.executorId, capacity: capacityMessage(capacity) },
           { timeoutMs },
         );
-        return { expireTime: res.expireTime ? timestampDate(res.expireTime) : undefined, cancelRequested: res.cancelRequested };
+        return { expireTime: res.expireTime ? timestampDate(res.expireTime) : undefined, cancelRequested: res.cancelRequested, logGrant: res.logGrant };
       } catch (err) {
         throw leaseLost(err);
       }

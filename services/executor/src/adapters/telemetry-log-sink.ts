@@ -4,7 +4,7 @@
  */
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import type { Client } from "@connectrpc/connect";
+import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { internalClient, type SigningKeys } from "@outpost/platform";
 import {
   IngestLogsRequestSchema,
@@ -12,7 +12,7 @@ import {
   type IngestLogsRequest,
 } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { LogStream } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
-import type { LogConnection, LogConnectionHandlers, LogLine, LogSink } from "../core/ports.ts";
+import { LogRefusedError, type LogConnection, type LogConnectionHandlers, type LogLine, type LogSink } from "../core/ports.ts";
 import { PushQueue } from "./push-queue.ts";
 
 export interface TelemetryLogSinkOptions {
@@ -39,7 +39,7 @@ export function createTelemetryLogSink(options: TelemetryLogSinkOptions): LogSin
           }
           if (!closed) handlers.onClose();
         } catch (err) {
-          if (!closed) handlers.onClose(err);
+          if (!closed) handlers.onClose(refusalOf(err));
         }
       })();
       return {
@@ -48,7 +48,7 @@ export function createTelemetryLogSink(options: TelemetryLogSinkOptions): LogSin
             create(IngestLogsRequestSchema, {
               dispatchId: run.dispatchId,
               tenantId: run.tenantId,
-              grant: run.grant,
+              grant: run.grant(),
               chunks: lines.map((line) => ({
                 dispatchId: run.dispatchId,
                 seq: BigInt(line.seq),
@@ -69,4 +69,13 @@ export function createTelemetryLogSink(options: TelemetryLogSinkOptions): LogSin
       };
     },
   };
+}
+
+/**
+ * Telemetry's answers that sending again cannot change (run-grants.ts): the grant refused
+ * (PERMISSION_DENIED) or the request invalid (INVALID_ARGUMENT).
+ */
+function refusalOf(err: unknown): unknown {
+  const code = ConnectError.from(err).code;
+  return code === Code.PermissionDenied || code === Code.InvalidArgument ? new LogRefusedError(ConnectError.from(err).message) : err;
 }

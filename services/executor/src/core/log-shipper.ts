@@ -5,17 +5,19 @@
  * in a bounded buffer (the producer waits for room: backpressure); when the stream fails or
  * stalls, it reconnects with backoff and resends everything unacked; telemetry ignores
  * duplicates. `finish` waits (bounded) until everything is acked and answers the highest
- * acked sequence, which the terminal state report carries as `last_log_seq`.
+ * acked sequence, which the terminal state report carries as `last_log_seq`. Output telemetry
+ * refuses for good (LogRefusedError: its log grant refused) is dropped from then on, never
+ * retried, so the container is not held up by a buffer that can never drain.
  */
 import type { Logger } from "@outpost/platform";
 import { Backoff } from "./backoff.ts";
-import type { LogConnection, LogLine, LogSink, OutputStream } from "./ports.ts";
+import { LogRefusedError, type LogConnection, type LogLine, type LogSink, type OutputStream } from "./ports.ts";
 
 export interface LogShipperOptions {
   dispatchId: string;
   tenantId: string;
-  /** The lease's log grant (Lease.log_grant). */
-  grant: string;
+  /** The run's current log grant (Lease.log_grant, renewed by heartbeats). */
+  grant: () => string;
   sink: LogSink;
   logger: Logger;
   /** Unacked lines kept at most before the producer has to wait. */
@@ -46,6 +48,8 @@ export class LogShipper {
   private reconnectTimer: NodeJS.Timeout | undefined;
   private ackTimer: NodeJS.Timeout | undefined;
   private closed = false;
+  /** Telemetry refused the run's output for good: lines are dropped from then on. */
+  private refused = false;
   private waiters: Array<() => void> = [];
 
   constructor(options: LogShipperOptions) {
@@ -73,6 +77,7 @@ export class LogShipper {
   /** Adds one line and sends it as soon as the connection allows. */
   add(stream: OutputStream, text: string): LogLine {
     const line: LogLine = { seq: ++this.lastSeq, stream, text, time: (this.options.now ?? (() => new Date()))() };
+    if (this.refused) return line;
     this.pending.push(line);
     this.pump();
     return line;
@@ -90,10 +95,10 @@ export class LogShipper {
   async finish(timeoutMs: number): Promise<number> {
     const deadline = Date.now() + timeoutMs;
     this.pump();
-    while (this.ackedSeq < this.lastSeq && Date.now() < deadline && !this.closed) {
+    while (this.ackedSeq < this.lastSeq && Date.now() < deadline && !this.closed && !this.refused) {
       await Promise.race([this.nextChange(), new Promise((resolve) => setTimeout(resolve, Math.max(0, deadline - Date.now())).unref())]);
     }
-    if (this.ackedSeq < this.lastSeq) {
+    if (this.ackedSeq < this.lastSeq && !this.refused) {
       this.options.logger.warn(
         { dispatchId: this.options.dispatchId, acked: this.ackedSeq, last: this.lastSeq },
         "log lines not acknowledged by telemetry in time",
@@ -116,7 +121,7 @@ export class LogShipper {
   }
 
   private pump(): void {
-    if (this.closed || this.lastSeq === this.sentSeq) return;
+    if (this.closed || this.refused || this.lastSeq === this.sentSeq) return;
     if (this.conn === undefined) {
       if (this.reconnectTimer === undefined) this.connect();
       return;
@@ -166,6 +171,16 @@ export class LogShipper {
     conn?.close();
     clearTimeout(this.ackTimer);
     this.sentSeq = this.ackedSeq;
+    if (err instanceof LogRefusedError) {
+      this.refused = true;
+      this.options.logger.error(
+        { dispatchId: this.options.dispatchId, err: err.message, dropped: this.lastSeq - this.ackedSeq },
+        "telemetry refused the run's output; the rest of it is dropped",
+      );
+      this.pending = [];
+      this.notify();
+      return;
+    }
     if (this.ackedSeq === this.lastSeq && err === undefined) return; // nothing to resend
     const delay = this.backoff.next();
     this.options.logger.warn(

@@ -102,6 +102,8 @@ export class LeaseLostError extends Error {
 export interface HeartbeatAnswer {
   expireTime: Date | undefined;
   cancelRequested: boolean;
+  /** A fresh log grant for the run, lasting as long as the renewed lease (empty: keep the last). */
+  logGrant: string;
 }
 
 export interface RunStateReport {
@@ -226,8 +228,19 @@ export interface LogLine {
 export interface LogConnectionHandlers {
   /** Telemetry stored everything up to `seq`. */
   onAck(seq: number): void;
-  /** The connection ended (error or not); unacked lines must be resent on a new one. */
+  /**
+   * The connection ended (error or not); unacked lines must be resent on a new one, unless
+   * `err` is a LogRefusedError.
+   */
   onClose(err?: unknown): void;
+}
+
+/**
+ * Telemetry refused the run's output for good (its log grant refused, the request invalid):
+ * sending it again would be refused again.
+ */
+export class LogRefusedError extends Error {
+  override name = "LogRefusedError";
 }
 
 export interface LogConnection {
@@ -237,6 +250,6 @@ export interface LogConnection {
 
 /** Opens log ingestion streams to telemetry, one per run. */
 export interface LogSink {
-  /** `grant`: the lease's log grant, which telemetry checks (run-grants.ts). */
-  open(run: { dispatchId: string; tenantId: string; grant: string }, handlers: LogConnectionHandlers): LogConnection;
+  /** `grant`: the run's current log grant, which telemetry checks (run-grants.ts); read per request. */
+  open(run: { dispatchId: string; tenantId: string; grant: () => string }, handlers: LogConnectionHandlers): LogConnection;
 }

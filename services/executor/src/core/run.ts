@@ -259,7 +259,9 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
   } else {
     await deps.runtime.rename(containerId, spec.name).catch((err: unknown) => logger.debug({ err }, "warm container keeps its name"));
   }
-  const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: lease.logGrant, sink: deps.logs, logger });
+  // Renewed with every heartbeat, as the lease is (run-grants.ts).
+  let logGrant = lease.logGrant;
+  const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => logGrant, sink: deps.logs, logger });
   let pumping: Promise<void> | undefined;
   const timers: NodeJS.Timeout[] = [];
   let heartbeatTimer: NodeJS.Timeout | undefined;
@@ -302,6 +304,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       heartbeatTimer = setTimeout(() => {
         deps.leases.heartbeat(dispatch.id, lease.leaseId, deps.capacity?.()).then(
           (answer) => {
+            if (answer.logGrant) logGrant = answer.logGrant;
             if (answer.cancelRequested) stop({ kind: "cancelled" });
             if (!stopCause || stopCause.kind !== "lease-lost") heartbeat(answer.expireTime);
           },
