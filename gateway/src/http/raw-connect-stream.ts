@@ -22,7 +22,7 @@ import {
 import { envelope, invalidArgument, MALFORMED, REQUEST_BODY_FIELD, singleMessage } from "@outpost/platform";
 import { EnvelopeScanner } from "./envelopes.ts";
 import { acceptsConnect, connectDeadline, decodeConnectMessage } from "./raw-connect.ts";
-import { breakAnswer, copyHeaders, errorHeaders, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
+import { breakAnswer, copyHeaders, isGone, onceComplete, passChunk, type ClientRequest, type ForwardedMethod, type UnaryWireProtocol } from "./raw-unary.ts";
 
 /** Request headers passed on as they are; everything else the gateway sets itself. */
 const PASSED_HEADERS = ["content-type", "connect-protocol-version", "user-agent"];
@@ -119,10 +119,11 @@ export function connectServerStream(): UnaryWireProtocol {
       // An HTTP/1.1 request refused before its body was read: the rest of it would be read as
       // the connection's next request.
       if (req.httpVersionMajor === 1 && !(req as http.IncomingMessage).complete) headers["connection"] = "close";
-      // The error's own metadata (e.g. Retry-After) travels as the stream's trailers.
+      // The error's own metadata (e.g. Retry-After) travels as the stream's trailers: the end
+      // message copies it in itself (endStreamToJson); given here too, each value was sent twice.
       const out = res as http.ServerResponse;
       out.writeHead(200, headers);
-      out.end(endStreamMessage(error, new Headers(errorHeaders(error, []))));
+      out.end(endStreamMessage(error, new Headers()));
     },
 
     endStream(req, res, budget, error) {

@@ -274,8 +274,11 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
             options.logger.error({ err, method: methodName }, "raw forward failed");
             error = new ConnectError(maskedInternalMessage(span.spanContext().traceId), Code.Internal);
           }
-          if (!res.headersSent) protocol.respondError(req, res, error, budget);
-          else breakAnswer(res);
+          if (!res.headersSent) {
+            await drainSmallBody(req);
+            if (isGone(res)) return Code.Canceled;
+            protocol.respondError(req, res, error, budget);
+          } else breakAnswer(res);
           discardUnreadBody(req, res);
           return error.code;
         }
@@ -354,6 +357,48 @@ async function readBody(
     charge?.release();
   }
   return Buffer.concat(chunks, size);
+}
+
+/** Of an HTTP/1.1 request refused before its body was read, what is read and dropped so the connection can stay open. */
+const DRAINED_BODY_BYTES = 64 * 1024;
+const DRAIN_WAIT_MS = 1000;
+
+/**
+ * Before an HTTP/1.1 request is refused without its body read (its credential or rate budget
+ * refused): a small body (at most DRAINED_BODY_BYTES, within DRAIN_WAIT_MS) is read and dropped,
+ * so the answer can keep the connection open. Otherwise the answer says `connection: close`, and
+ * a socket closed with the client's bytes unread is reset by the kernel, which can reach the
+ * client before the answer does: it then sees the connection reset instead of the refusal.
+ * Larger bodies still close the connection (the refusal exists not to read them).
+ */
+async function drainSmallBody(req: ClientRequest): Promise<void> {
+  if (req.httpVersionMajor !== 1 || req.complete || req.destroyed) return;
+  const declared = Number(req.headers["content-length"]);
+  if (Number.isFinite(declared) && declared > DRAINED_BODY_BYTES) return;
+  await new Promise<void>((resolve) => {
+    let seen = 0;
+    const done = () => {
+      clearTimeout(timer);
+      req.off("data", onData);
+      req.off("end", done);
+      req.off("error", done);
+      req.off("close", done);
+      resolve();
+    };
+    const onData = (chunk: Buffer) => {
+      seen += chunk.length;
+      if (seen > DRAINED_BODY_BYTES) {
+        req.pause();
+        done();
+      }
+    };
+    const timer = setTimeout(done, DRAIN_WAIT_MS);
+    req.on("data", onData);
+    req.once("end", done);
+    req.once("error", done);
+    req.once("close", done);
+    req.resume();
+  });
 }
 
 /**
