@@ -35,6 +35,23 @@ const failed = (tenantId = "t0"): RunOutcome => ({ succeeded: false, tenantId, r
 const SUCCEEDED: RunOutcome = { succeeded: true, tenantId: "t0", runtimeFailure: false };
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+describe("a tenant's share of counted failures", () => {
+  it("is not used up by failures that arrive while the circuit is open (the breaker counts none of them)", async () => {
+    const circuits = new AgentCircuits(OPTIONS);
+    // t0's four (its share) and one of t1's open it.
+    for (let i = 0; i < 4; i++) await circuits.record("aider", failed("t0"));
+    await circuits.record("aider", failed("t1"));
+    expect(circuits.state("aider")).toBe("OPEN");
+    // t1's runs already under way fail while it is open: not counted anywhere.
+    for (let i = 0; i < 3; i++) await circuits.record("aider", failed("t1"));
+    await sleep(350);
+    expect(circuits.state("aider")).toBe("HALF_OPEN");
+    // t1's failed trial re-opens it: its share was not spent while the circuit was open.
+    await circuits.record("aider", failed("t1"));
+    expect(circuits.state("aider")).toBe("OPEN");
+  });
+});
+
 describe("circuit states across replicas", () => {
   it("a replica restored after three failures opens on the next two, not five", async () => {
     const states = memoryStates();

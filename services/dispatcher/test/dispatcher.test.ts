@@ -1,5 +1,5 @@
 /** The dispatcher core against a real in-memory store, with a recording RunEvents and a controllable clock. */
-import { beforeEach, describe, expect, it } from "vitest";
+import { beforeEach, describe, expect, it, vi } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { createLogger, errorInfoOf } from "@outpost/platform";
@@ -411,6 +411,61 @@ describe("lease lifecycle", () => {
     expect(ended?.state).toBe("CANCELLED");
     expect(events.ended.map((e) => e.dispatch.state)).toEqual(["CANCELLED"]);
     expect(await dispatcher.acquireLease("executor/2", 0, never)).toBeUndefined();
+  });
+
+  it("a sweep settles each run only if its lease is still expired and not cancelled since it was read", async () => {
+    // The sweep reads its expired leases once, then settles them one by one, each awaiting the
+    // tenant service: here the first run's slot release is held while the others change.
+    const now = { value: Date.parse("2025-06-01T00:00:00Z") };
+    let holdRelease!: () => void;
+    const released = new Promise<void>((resolve) => (holdRelease = resolve));
+    let releases = 0;
+    const slow = new Dispatcher({
+      store,
+      agents: new AgentRegistry(builtinAgents("outpost/demo-agent:test")),
+      notifier: new Notifier(),
+      runEvents: events,
+      logger: createLogger("dispatcher-test", "silent"),
+      leaseTtlMs: LEASE_TTL_MS,
+      maxTimeoutMs: MAX_TIMEOUT_MS,
+      now: () => now.value,
+      admission: {
+        admit: async () => ({ maxTimeoutMs: MAX_TIMEOUT_MS }),
+        release: async () => {
+          if (releases++ === 0) await released;
+        },
+        suspendedTenants: async () => new Set<string>(),
+      },
+    });
+    const lease = async () => {
+      const created = await slow.create(TENANT, input());
+      const got = await slow.acquireLease("executor/host-1", 0, never);
+      expect(got?.dispatch.id).toBe(created.id);
+      now.value += 10; // leases expire in this order
+      return got!.dispatch;
+    };
+    const lost = await lease();
+    await slow.reportRunning(lost.id, lost.leaseId);
+    const renewed = await lease();
+    await slow.reportRunning(renewed.id, renewed.leaseId);
+    const cancelled = await lease();
+    now.value += LEASE_TTL_MS + 1;
+    const sweep = slow.expireLeases();
+    await vi.waitFor(() => expect(releases).toBe(1));
+    // Meanwhile: the second run's executor heartbeats, the third run's tenant cancels it.
+    await slow.heartbeat(renewed.id, renewed.leaseId);
+    expect((await slow.cancel(TENANT, cancelled.id)).cancelRequested).toBe(true);
+    // A second sweep does not start while this one runs.
+    expect(await slow.expireLeases()).toBe(0);
+    holdRelease();
+    expect(await sweep).toBe(3);
+    expect((await store.get(lost.id))?.state).toBe("FAILED");
+    // Renewed after the sweep read it: still running, under its lease.
+    expect(await store.get(renewed.id)).toMatchObject({ state: "RUNNING", leaseId: renewed.leaseId });
+    // Cancelled after the sweep read it: ended, never queued again with the cancel pending.
+    expect((await store.get(cancelled.id))?.state).toBe("CANCELLED");
+    now.value += 3_600_000;
+    expect(await slow.acquireLease("executor/host-2", 0, never)).toBeUndefined();
   });
 
   it("a heartbeat keeps a run from expiring", async () => {

@@ -209,6 +209,21 @@ export function dispatchStoreConformance(name: string, factory: StoreFactory, op
         expect(ok?.cancelRequested).toBe(true);
       });
 
+      it("changes nothing when the lease was renewed since it expired, or the cancel flag differs", async () => {
+        const r = dispatchFixture({ state: "RUNNING", leaseId: "lease-1", leaseExpiresAt: T0 + 10 });
+        await store.insert(r);
+        // Renewed past the sweep's time: not expired before T0 + 10.
+        expect(await store.update(r.id, { states: ["RUNNING"], leaseExpiredBefore: T0 + 10 }, { state: "FAILED" })).toBeUndefined();
+        expect(await store.update(r.id, { states: ["RUNNING"], cancelRequested: true }, { state: "CANCELLED" })).toBeUndefined();
+        expect(await store.get(r.id)).toEqual(r);
+        const failed = await store.update(r.id, { states: ["RUNNING"], leaseExpiredBefore: T0 + 11, cancelRequested: false }, { state: "FAILED", leaseExpiresAt: null });
+        expect(failed?.state).toBe("FAILED");
+        // A record without a lease expiry never counts as expired.
+        const q = dispatchFixture();
+        await store.insert(q);
+        expect(await store.update(q.id, { states: ["QUEUED"], leaseExpiredBefore: T0 + 1_000_000 }, { state: "CANCELLED" })).toBeUndefined();
+      });
+
       it("answers undefined for a missing id", async () => {
         expect(await store.update(ulid(), { states: ["QUEUED"] }, { state: "CANCELLED" })).toBeUndefined();
       });

@@ -11,7 +11,7 @@ const dispatchId = monotonicFactory();
 import { type Agent, type ModelTier, ResourcesSchema, RiskLevel } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { create } from "@bufbuild/protobuf";
 import { failedPrecondition, notFound, type Logger } from "@outpost/platform";
-import type { DispatchRecord, DispatchState, DispatchStore, ExecutorReport, ExecutorStore, ListFilter, ResourceCaps } from "../store/store.ts";
+import type { DispatchRecord, DispatchState, DispatchStore, Expectation, ExecutorReport, ExecutorStore, ListFilter, ResourceCaps } from "../store/store.ts";
 import { isTerminal, queuedDispatch } from "../store/store.ts";
 import type { AgentRegistry } from "./agents.ts";
 import type { Notifier } from "./notifier.ts";
@@ -84,6 +84,8 @@ export class Dispatcher {
   private readonly runEvents: RunEvents;
   private readonly logger: Logger;
   private readonly leaseTtlMs: number;
+  /** Set while a lease sweep runs (expireLeases). */
+  private sweeping = false;
   private readonly maxTimeoutMs: number;
   private readonly now: () => number;
   private readonly queueRecheckMs: number;
@@ -310,7 +312,7 @@ export class Dispatcher {
     };
     if (record.cancelRequested) return end(endWithoutReport("CANCELLED", "cancelled before start"));
     if (!infrastructureFailure) return end(endWithoutReport("FAILED", reason || "the executor could not start the run"), runtimeFailure);
-    const retried = await this.retryOrFail(record, leaseId, reason || "unknown", runtimeFailure);
+    const retried = await this.retryOrFail(record, { states: ["STARTING"], leaseId }, reason || "unknown", runtimeFailure);
     if (!retried) throw leaseLost(dispatchId);
     return retried;
   }
@@ -318,19 +320,21 @@ export class Dispatcher {
   /**
    * A run whose lease failed before its agent started, for an infrastructure reason (the
    * executor released it so, or was lost): queued again after an exponential backoff with
-   * jitter, or, once its attempts are used up, FAILED with the reason. Undefined when the lease
-   * was no longer the one given (another replica settled it first). `runtimeFailure`: the
-   * agent's image or container failed, which counts against the agent if it ends the run.
+   * jitter, or, once its attempts are used up, FAILED with the reason. Undefined when the record
+   * no longer meets `expected` (another replica settled it first, or a heartbeat renewed the
+   * lease). A cancel that arrives meanwhile is never queued again: the run ends CANCELLED.
+   * `runtimeFailure`: the agent's image or container failed, which counts against the agent if
+   * it ends the run.
    */
-  private async retryOrFail(record: DispatchRecord, leaseId: string, reason: string, runtimeFailure = false): Promise<DispatchRecord | undefined> {
+  private async retryOrFail(record: DispatchRecord, expected: Expectation, reason: string, runtimeFailure = false): Promise<DispatchRecord | undefined> {
     const delayMs = this.infraRetry.delayAfter(record.attempt);
     if (delayMs === undefined) {
-      return this.finish(record, endWithoutReport("FAILED", `infrastructure failure after ${record.attempt} attempts: ${reason}`), leaseId, runtimeFailure);
+      return this.finish(record, endWithoutReport("FAILED", `infrastructure failure after ${record.attempt} attempts: ${reason}`), expected, runtimeFailure);
     }
     const now = this.now();
     const requeued = await this.store.update(
       record.id,
-      { states: ["STARTING"], leaseId },
+      { ...expected, cancelRequested: false },
       {
         state: "QUEUED",
         executorId: "",
@@ -341,7 +345,10 @@ export class Dispatcher {
         updateTime: now,
       },
     );
-    if (!requeued) return undefined;
+    if (!requeued) {
+      // Cancelled since it was read: end it rather than queue it (leases never check the flag).
+      return this.finish(record, endWithoutReport("CANCELLED", "cancelled before start"), { ...expected, cancelRequested: true });
+    }
     this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId, attempt: record.attempt, delay_ms: delayMs, reason }, "run failed before start; re-queued with backoff");
     this.notifier.dispatchChanged(record.id);
     // Wake long-pollers once the backoff has passed (their 1 s re-check would find it too).
@@ -386,28 +393,44 @@ export class Dispatcher {
    * with "executor lost" (its container's fate is unknown).
    */
   async expireLeases(): Promise<number> {
-    const now = this.now();
-    const expired = await this.store.listExpiredLeases(now, 100);
-    for (const record of expired) {
-      if (record.cancelRequested) {
-        // The tenant cancelled and the executor is gone: end it, never run it again.
-        await this.finish(record, endWithoutReport("CANCELLED", "cancelled; executor lost"), record.leaseId);
-      } else if (record.state === "STARTING") {
-        await this.retryOrFail(record, record.leaseId, EXECUTOR_LOST_BEFORE_START);
-      } else {
-        const failed = await this.finish(record, endWithoutReport("FAILED", "executor lost"), record.leaseId);
-        if (failed) this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId }, "lease expired while running; failed");
+    // One sweep at a time: a slow one (each settled run calls the tenant and telemetry services)
+    // would otherwise overlap the next.
+    if (this.sweeping) return 0;
+    this.sweeping = true;
+    try {
+      const now = this.now();
+      const expired = await this.store.listExpiredLeases(now, 100);
+      for (const record of expired) {
+        // Each settlement is conditional on the lease still being expired: records are handled one
+        // after another, and a heartbeat that renewed one meanwhile keeps it running.
+        const expected: Expectation = { states: [record.state], leaseId: record.leaseId, leaseExpiredBefore: now };
+        if (record.cancelRequested) {
+          // The tenant cancelled and the executor is gone: end it, never run it again.
+          await this.finish(record, endWithoutReport("CANCELLED", "cancelled; executor lost"), expected);
+        } else if (record.state === "STARTING") {
+          await this.retryOrFail(record, expected, EXECUTOR_LOST_BEFORE_START);
+        } else {
+          const failed = await this.finish(record, endWithoutReport("FAILED", "executor lost"), expected);
+          if (failed) this.logger.warn({ dispatch_id: record.id, executor_id: record.executorId }, "lease expired while running; failed");
+        }
       }
+      return expired.length;
+    } finally {
+      this.sweeping = false;
     }
-    return expired.length;
   }
 
-  /** `runtimeFailure`: the run ends because its agent's image or container failed (counts against the agent). */
-  private async finish(record: DispatchRecord, report: TerminalReport, leaseId?: string, runtimeFailure = false): Promise<DispatchRecord | undefined> {
+  /**
+   * Ends the run if it is still STARTING or RUNNING (with the lease id, or everything, `expected`
+   * asks for). `runtimeFailure`: the run ends because its agent's image or container failed
+   * (counts against the agent).
+   */
+  private async finish(record: DispatchRecord, report: TerminalReport, expected?: string | Expectation, runtimeFailure = false): Promise<DispatchRecord | undefined> {
     const now = this.now();
+    const condition: Expectation = typeof expected === "string" ? { states: ["STARTING", "RUNNING"], leaseId: expected } : (expected ?? { states: ["STARTING", "RUNNING"] });
     const updated = await this.store.update(
       record.id,
-      { states: ["STARTING", "RUNNING"], ...(leaseId === undefined ? {} : { leaseId }) },
+      condition,
       {
         state: report.state,
         exitCode: report.exitCode,

@@ -247,7 +247,10 @@ export class AgentCircuits {
    */
   async record(agent: string, outcome: RunOutcome, source: "own" | "peer" = "own"): Promise<void> {
     const circuit = this.circuitOf(agent);
-    if (!outcome.succeeded && !outcome.runtimeFailure && !this.countTenantFailure(circuit, outcome.tenantId)) return;
+    // While open (before its half-open time) the breaker counts nothing; a failure then must not
+    // use up its tenant's share either, or a failed trial of that tenant's later goes uncounted.
+    const counted = this.state(agent) !== "OPEN";
+    if (!outcome.succeeded && !outcome.runtimeFailure && counted && !this.countTenantFailure(circuit, outcome.tenantId)) return;
     try {
       await circuit.policy.execute(() => {
         if (!outcome.succeeded) throw new AgentFailure(agent);

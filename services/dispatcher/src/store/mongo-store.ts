@@ -146,6 +146,8 @@ export class MongoDispatchStore implements DispatcherStore {
   async update(id: string, expected: Expectation, patch: DispatchPatch) {
     const filter: Filter<DispatchDoc> = { _id: id, state: { $in: [...expected.states] } };
     if (expected.leaseId !== undefined) filter.leaseId = expected.leaseId;
+    if (expected.leaseExpiredBefore !== undefined) filter.leaseExpiresAt = { $ne: null, $lt: expected.leaseExpiredBefore };
+    if (expected.cancelRequested !== undefined) filter.cancelRequested = expected.cancelRequested;
     const set: Partial<DispatchDoc> = patch.labels ? { ...patch, labelPairs: labelPairsOf(patch.labels) } : patch;
     const doc = await this.dispatches.findOneAndUpdate(filter, { $set: set }, { returnDocument: "after" });
     return doc ? fromDoc(doc) : undefined;

@@ -225,6 +225,14 @@ export class SqliteDispatchStore implements DispatcherStore {
       where.push("lease_id = ?");
       params.push(expected.leaseId);
     }
+    if (expected.leaseExpiredBefore !== undefined) {
+      where.push("lease_expires_at IS NOT NULL AND lease_expires_at < ?");
+      params.push(expected.leaseExpiredBefore);
+    }
+    if (expected.cancelRequested !== undefined) {
+      where.push("cancel_requested = ?");
+      params.push(expected.cancelRequested ? 1 : 0);
+    }
     const row = this.statement(`UPDATE dispatches SET ${sets.join(", ")} WHERE ${where.join(" AND ")} RETURNING *`)
       .get(...params);
     return row ? fromRow(row) : undefined;

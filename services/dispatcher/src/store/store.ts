@@ -67,6 +67,10 @@ export interface Expectation {
   states: readonly DispatchState[];
   /** When set, the stored lease id must equal it. */
   leaseId?: string;
+  /** When set, the lease must have expired before this time (ms): no heartbeat renewed it since. */
+  leaseExpiredBefore?: number;
+  /** When set, the cancel flag must be as given (no cancel arrived since the record was read). */
+  cancelRequested?: boolean;
 }
 
 export type DispatchPatch = Partial<Omit<DispatchRecord, "id" | "tenantId" | "createTime">>;
