@@ -38,6 +38,8 @@ describe("agent images (deploy/agents)", () => {
         expect(dockerfile).toContain('ENTRYPOINT ["/opt/outpost/entrypoint.sh"]');
         expect(dockerfile).toMatch(/^USER 65534:65534$/m);
         expect(dockerfile).toContain("OUTPOST_RESULT_PATH=/workspace/.outpost/result.json");
+        // The checkout belongs to the executor's user, not the agent's: git must still work in it.
+        expect(dockerfile).toContain("git config --system --add safe.directory /workspace");
       });
 
       it("entrypoint parses and uses every contract variable", () => {

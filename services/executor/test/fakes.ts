@@ -17,7 +17,7 @@ import type {
   OutputFrame,
   RunStateReport,
 } from "../src/core/ports.ts";
-import { ImageNotFoundError, NotSupportedError } from "../src/core/ports.ts";
+import { ImageNotFoundError, NotSupportedError, ReportRefusedError } from "../src/core/ports.ts";
 import { PushQueue } from "../src/adapters/push-queue.ts";
 
 export const silentLogger = pino({ level: "silent" });
@@ -165,8 +165,11 @@ export class FakeLeases implements LeaseClient {
     this.heartbeats++;
     return this.heartbeatAnswer();
   }
+  /** Refuse reports that carry a result, as a dispatcher does one too large for it. */
+  refuseResults = false;
   async report(report: RunStateReport) {
     this.reports.push(report);
+    if (this.refuseResults && report.result !== undefined) throw new ReportRefusedError("message size 5767144 is larger than configured readMaxBytes 4194304");
   }
   readonly released: Array<{ dispatchId: string; reason: string; infrastructureFailure: boolean; runtimeFailure: boolean }> = [];
   /** Answers like a dispatcher without contract C when false. */
@@ -193,6 +196,8 @@ export class FakeWorkspaces implements Workspaces {
   readonly removed: string[] = [];
   readonly checkouts: Array<{ url: string; ref: string }> = [];
   checkoutError: Error | undefined;
+  /** How long a checkout takes (a large repository). */
+  checkoutDelayMs = 0;
   readonly startFiles: string[] = [];
   /** What `diskUsage` answers, one measurement after the other (the last one repeats); 0 when empty. */
   usage: Array<number | Error> = [];
@@ -205,6 +210,7 @@ export class FakeWorkspaces implements Workspaces {
     return this.filesOf(name);
   }
   async checkout(_files: RunFiles, url: string, ref: string) {
+    if (this.checkoutDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.checkoutDelayMs));
     if (this.checkoutError) throw this.checkoutError;
     this.checkouts.push({ url, ref });
   }

@@ -53,6 +53,65 @@ describe("repository checkout", () => {
   });
 });
 
+describe("the checked-out tree, when the executor is not root", () => {
+  it("is writable by the container user throughout (a+rwX), and symbolic links are not followed", async () => {
+    // Outside the workspace: what the repository's links name, with modes that must not change.
+    const outsideFile = path.join(base, "outside.txt");
+    const outsideDir = path.join(base, "outside-dir");
+    fs.writeFileSync(outsideFile, "host file", { mode: 0o600 });
+    fs.chmodSync(outsideFile, 0o600);
+    fs.mkdirSync(outsideDir, { mode: 0o700 });
+    fs.chmodSync(outsideDir, 0o700);
+    const work = path.join(base, "nested-work");
+    fs.mkdirSync(path.join(work, "src", "lib", "deep"), { recursive: true });
+    fs.mkdirSync(path.join(work, "bin"));
+    fs.writeFileSync(path.join(work, "README.md"), "top");
+    fs.writeFileSync(path.join(work, "src", "lib", "deep", "code.ts"), "export {};\n");
+    fs.writeFileSync(path.join(work, "bin", "run.sh"), "#!/bin/sh\n", { mode: 0o755 });
+    fs.symlinkSync(outsideFile, path.join(work, "src", "to-host-file"));
+    fs.symlinkSync(outsideDir, path.join(work, "to-host-dir"));
+    git(work, "init", "-q", "-b", "main");
+    git(work, "add", ".");
+    git(work, "commit", "-q", "-m", "nested");
+    git(base, "clone", "-q", "--bare", work, path.join(base, "nested.git"));
+
+    const ws = createHostWorkspaces({
+      runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["file"]), checkoutTimeoutMs: 30_000, asRoot: false,
+    });
+    const files = await ws.create("run-nonroot");
+    await ws.checkout(files, `file://${base}/nested.git`, "");
+
+    const dirs: string[] = [];
+    const regular: string[] = [];
+    const links: string[] = [];
+    const walk = (dir: string) => {
+      dirs.push(dir);
+      for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+        const full = path.join(dir, entry.name);
+        if (entry.isSymbolicLink()) links.push(full);
+        else if (entry.isDirectory()) walk(full);
+        else regular.push(full);
+      }
+    };
+    walk(files.workspace);
+    const mode = (p: string) => fs.lstatSync(p).mode & 0o777;
+    expect(regular.map((p) => path.relative(files.workspace, p))).toEqual(
+      expect.arrayContaining(["README.md", "src/lib/deep/code.ts", "bin/run.sh", ".git/HEAD"]),
+    );
+    expect(dirs.map((p) => path.relative(files.workspace, p))).toEqual(expect.arrayContaining(["src/lib/deep", ".git/objects"]));
+    // Every directory rwx for all (create and delete in it), every file rw for all; x where it had x.
+    expect(dirs.filter((d) => mode(d) !== 0o777)).toEqual([]);
+    expect(regular.filter((f) => (mode(f) & 0o666) !== 0o666)).toEqual([]);
+    expect(mode(path.join(files.workspace, "bin", "run.sh"))).toBe(0o777);
+    expect(mode(path.join(files.workspace, "README.md"))).toBe(0o666);
+    // The links are still links, and what they name kept its modes.
+    expect(links.map((p) => path.relative(files.workspace, p)).sort()).toEqual(["src/to-host-file", "to-host-dir"]);
+    expect(fs.readlinkSync(path.join(files.workspace, "src", "to-host-file"))).toBe(outsideFile);
+    expect(fs.statSync(outsideFile).mode & 0o777).toBe(0o600);
+    expect(fs.statSync(outsideDir).mode & 0o777).toBe(0o700);
+  });
+});
+
 describe("git's environment", () => {
   const saved = { ...process.env };
   afterAll(() => {

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { checkResult } from "../src/core/result.ts";
+import { checkResult, MAX_RESULT_DEPTH } from "../src/core/result.ts";
 
 const schema = JSON.stringify({
   type: "object",
@@ -26,6 +26,13 @@ describe("checkResult", () => {
     expect(checkResult(undefined, schema)).toEqual({ ok: false, reason: "the agent wrote no result (its output schema requires one)" });
     expect(checkResult(undefined, "")).toEqual({ ok: true });
     expect(checkResult('{"anything":[1,2]}', "")).toEqual({ ok: true, result: { anything: [1, 2] } });
+  });
+
+  it("fails a result that nests deeper than a protobuf Struct can carry, without deep recursion", () => {
+    const nested = (levels: number) => `${'{"a":'.repeat(levels)}1${"}".repeat(levels)}`;
+    expect(checkResult(nested(MAX_RESULT_DEPTH), "")).toMatchObject({ ok: true });
+    expect(checkResult(nested(MAX_RESULT_DEPTH + 1), "")).toEqual({ ok: false, reason: `the result nests deeper than ${MAX_RESULT_DEPTH} levels` });
+    expect(checkResult(`{"a":${"[".repeat(5000)}${"]".repeat(5000)}}`, "")).toEqual({ ok: false, reason: `the result nests deeper than ${MAX_RESULT_DEPTH} levels` });
   });
 
   it("fails results that are not JSON objects, and bad schemas", () => {

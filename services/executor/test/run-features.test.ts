@@ -4,8 +4,8 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Dispatch_State, NetworkPolicy } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { describe, expect, it, vi } from "vitest";
-import { CheckoutError, SecretsError, type ContainerSummary, type SecretResolver } from "../src/core/ports.ts";
-import { EXECUTOR_LOST, reconcile, RESULT_WITHHELD } from "../src/core/reconcile.ts";
+import { CheckoutError, NotSupportedError, SecretsError, type ContainerSummary, type SecretResolver } from "../src/core/ports.ts";
+import { EXECUTOR_LOST, reconcile, RESULT_WITHHELD, RESULT_WITHHELD_NO_LEASE } from "../src/core/reconcile.ts";
 import { executeRun, startScript } from "../src/core/run.ts";
 import { parseWarmPool, WarmPool } from "../src/core/warm-pool.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stdout } from "./fakes.ts";
@@ -256,6 +256,37 @@ describe("reconcile", () => {
     const withheld = await settle(resolver(new SecretsError("tenant service answered UNAVAILABLE", true)));
     expect(withheld).toMatchObject({ state: Dispatch_State.FAILED, failureReason: RESULT_WITHHELD });
     expect(JSON.stringify(withheld)).not.toContain("9999");
+  });
+
+  it("withholds a left-over run's result (FAILED) when the lease list could not be had, never reporting it unredacted", async () => {
+    const labels = { "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A", "dev.outpost.run-dir": "outpost-x" };
+    const failures = [
+      new NotSupportedError("no ListExecutorLeases"),
+      new Error("deadline_exceeded: the operation timed out"),
+      new Error("unavailable: dispatcher unreachable"),
+    ];
+    for (const failure of failures) {
+      const { runtime, leases, workspaces } = setup();
+      runtime.list = vi.fn(async () => [summary(labels, false)]);
+      runtime.wait = async () => ({ exitCode: 0, oomKilled: false });
+      // A valid result carrying the run's secret: without its lease the executor knows neither
+      // the secret's value nor the agent's schema.
+      workspaces.result = '{"token":"sk-live-4242-secret","sk-live-4242-secret":1}';
+      leases.listLeases = async () => {
+        throw failure;
+      };
+      const resolve = vi.fn(async () => ({ K: "sk-live-4242-secret" }));
+      const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger, secrets: { resolve } });
+      expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 1, leasesReleased: 0 });
+      expect(leases.reports).toHaveLength(1);
+      const report = leases.reports[0]!;
+      expect(report).toMatchObject({ dispatchId: "01JDISPATCH000000000000000", state: Dispatch_State.FAILED, exitCode: 0, failureReason: RESULT_WITHHELD_NO_LEASE });
+      expect(report.result).toBeUndefined();
+      expect(JSON.stringify(report)).not.toContain("4242");
+      expect(JSON.stringify(report)).not.toContain("token");
+      expect(runtime.events).toContain("remove");
+      expect(workspaces.removed).toContain("/runs/outpost-x");
+    }
   });
 
   it("releases a held lease that has no container, and works without ListExecutorLeases", async () => {

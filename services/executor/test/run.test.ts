@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { Dispatch_State, NetworkPolicy } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { Dispatch_State, NetworkPolicy, RepositorySchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { describe, expect, it, vi } from "vitest";
 import { Executor } from "../src/core/executor.ts";
@@ -171,6 +171,67 @@ describe("executeRun", () => {
     // What the sink would send at each heartbeat: the lease's grant, then the last renewal.
     expect(seen).toEqual(["log-grant-of-the-lease", "renewed-1", "renewed-2"]);
     expect(sink.runs[0]!.grant()).toBe("renewed-3");
+  });
+
+  describe("the lease is kept while the run is prepared (a checkout longer than the lease)", () => {
+    const withRepo = () => {
+      const l = lease();
+      l.dispatch!.repo = create(RepositorySchema, { url: "https://example.com/big.git", ref: "main" });
+      return l;
+    };
+    const slowCheckout = () => {
+      const workspaces = new FakeWorkspaces();
+      workspaces.checkoutDelayMs = 1000; // the lease lasts 600 ms
+      return workspaces;
+    };
+
+    it("heartbeats through the checkout, so the container starts under a live lease", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      let heartbeatsBeforeCreate = -1;
+      const create = runtime.create.bind(runtime);
+      runtime.create = async (spec) => ((heartbeatsBeforeCreate = leases.heartbeats), create(spec));
+      await executeRun(withRepo(), deps(runtime, leases, new FakeSink(), slowCheckout()));
+      expect(heartbeatsBeforeCreate).toBeGreaterThanOrEqual(3);
+      expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "SUCCEEDED"]);
+    });
+
+    it("a cancel that a heartbeat reports during the checkout ends the run CANCELLED without a container", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      leases.heartbeatAnswer = () => ({ expireTime: new Date(Date.now() + 600), cancelRequested: true, logGrant: "" });
+      const workspaces = slowCheckout();
+      await executeRun(withRepo(), deps(runtime, leases, new FakeSink(), workspaces));
+      expect(runtime.created).toEqual([]);
+      expect(leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.CANCELLED, failureReason: "cancelled before start" })]);
+      expect(workspaces.removed).toHaveLength(1);
+    });
+
+    it("a lease lost during the checkout ends the run here without a container or a report", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      leases.heartbeatAnswer = () => Promise.reject(new LeaseLostError("lease 01J... is no longer held"));
+      const workspaces = slowCheckout();
+      await executeRun(withRepo(), deps(runtime, leases, new FakeSink(), workspaces));
+      expect(runtime.created).toEqual([]);
+      expect(leases.reports).toEqual([]);
+      expect(workspaces.removed).toHaveLength(1);
+    });
+  });
+
+  it("a result the dispatcher refuses as too large is reported as a FAILED run without it, not retried into 'executor lost'", async () => {
+    const runtime = new FakeRuntime();
+    const leases = new FakeLeases();
+    leases.refuseResults = true;
+    const workspaces = new FakeWorkspaces();
+    workspaces.result = JSON.stringify({ zeros: [0, 0, 0] });
+    await executeRun(lease(), deps(runtime, leases, new FakeSink(), workspaces));
+    expect(leases.reports.map((r) => [Dispatch_State[r.state], r.result === undefined])).toEqual([
+      ["RUNNING", true],
+      ["SUCCEEDED", false],
+      ["FAILED", true],
+    ]);
+    expect(leases.reports[2]!.failureReason).toBe("the result could not be reported: message size 5767144 is larger than configured readMaxBytes 4194304");
   });
 
   it("stops the container at the timeout and reports TIMED_OUT", async () => {

@@ -25,11 +25,16 @@ export interface HostWorkspacesOptions {
   /** URL schemes a repository may use; file: is left out by default (it would read the executor host's disk). */
   repoSchemes: ReadonlySet<string>;
   checkoutTimeoutMs: number;
+  /**
+   * Whether the executor runs as root, so it can chown run directories to the container user;
+   * otherwise it makes them writable by everyone. Defaults to the process's own uid being 0.
+   */
+  asRoot?: boolean;
 }
 
 export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces {
   const runsDir = path.resolve(options.runsDir);
-  const isRoot = process.getuid?.() === 0;
+  const isRoot = options.asRoot ?? process.getuid?.() === 0;
 
   const filesOf = (name: string): RunFiles => {
     if (!/^[a-z0-9][a-z0-9_.-]*$/.test(name)) throw new Error(`bad run name ${name}`);
@@ -37,11 +42,17 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
     return { root, workspace: path.join(root, "workspace"), control: path.join(root, "control") };
   };
 
-  /** Hands a directory tree to the container user (only root can; otherwise leave it world-writable). */
+  /**
+   * Hands a directory tree to the container user: root chowns it; an executor that is not root
+   * cannot, so it makes the tree writable by everyone instead (the whole checked-out tree, not
+   * just its top, or the agent could not change a checked-out file).
+   */
   const giveToContainerUser = async (dir: string, recursive: boolean) => {
     if (isRoot) {
       if (recursive) await execFileAsync("chown", ["-R", "--no-dereference", `${options.uid}:${options.gid}`, dir]);
       else await fs.chown(dir, options.uid, options.gid);
+    } else if (recursive) {
+      await makeWritableByAll(dir);
     } else {
       await fs.chmod(dir, 0o777);
     }
@@ -210,6 +221,39 @@ async function removeTree(dir: string): Promise<void> {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== "ENAMETOOLONG") throw err;
     await execFileAsync("rm", ["-rf", "--", dir]);
+  }
+}
+
+const CHMOD_BATCH = 64;
+
+/**
+ * `chmod -R a+rwX` without following symbolic links: every directory gets rwx for all, every
+ * file rw for all (and x for all when it had any x bit); links are left alone (chmod on a link
+ * would change what it points to, and the repository is the tenant's: a link may name any host
+ * path). Entries are judged by lstat, and only real directories are entered. Runs on a checkout
+ * the executor just made, before any container exists, so nothing swaps an entry meanwhile.
+ */
+export async function makeWritableByAll(root: string): Promise<void> {
+  const widen = async (entry: string): Promise<boolean> => {
+    const stat = await fs.lstat(entry);
+    if (stat.isSymbolicLink()) return false;
+    const mode = stat.mode & 0o7777;
+    const wanted = stat.isDirectory() || (mode & 0o111) !== 0 ? mode | 0o777 : mode | 0o666;
+    if (wanted !== mode) await fs.chmod(entry, wanted);
+    return stat.isDirectory();
+  };
+  if (!(await widen(root))) return;
+  const dirs = [root];
+  while (dirs.length > 0) {
+    const dir = dirs.pop()!;
+    const entries = (await fs.readdir(dir)).map((name) => path.join(dir, name));
+    for (let i = 0; i < entries.length; i += CHMOD_BATCH) {
+      const batch = entries.slice(i, i + CHMOD_BATCH);
+      const isDir = await Promise.all(batch.map(widen));
+      batch.forEach((entry, j) => {
+        if (isDir[j]) dirs.push(entry);
+      });
+    }
   }
 }
 

@@ -8,7 +8,7 @@ import { durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { internalClient, type SigningKeys } from "@outpost/platform";
 import { LeaseService, ReportRunStateRequestSchema } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
-import { LeaseLostError, NotSupportedError, type CapacityReport, type LeaseClient } from "../core/ports.ts";
+import { LeaseLostError, NotSupportedError, ReportRefusedError, type CapacityReport, type LeaseClient } from "../core/ports.ts";
 
 /** Contract C calls may not be served yet by the dispatcher this executor talks to. */
 function notSupported(err: unknown, method: string): unknown {
@@ -76,13 +76,16 @@ export function createLeaseClient(options: LeaseClientOptions): LeaseClient {
             leaseId: report.leaseId,
             state: report.state,
             exitCode: report.exitCode,
-            failureReason: report.failureReason ?? "",
+            // The dispatcher takes at most 4,096 characters (a schema's complaint can be longer).
+            failureReason: truncate(report.failureReason ?? "", MAX_REASON_CHARS),
             lastLogSeq: BigInt(report.lastLogSeq),
             ...(report.result ? { result: report.result } : {}),
           }),
           { timeoutMs },
         );
       } catch (err) {
+        const code = ConnectError.from(err).code;
+        if (code === Code.InvalidArgument || code === Code.ResourceExhausted) throw new ReportRefusedError(ConnectError.from(err).rawMessage, { cause: err });
         throw leaseLost(err);
       }
     },
@@ -111,4 +114,10 @@ export function createLeaseClient(options: LeaseClientOptions): LeaseClient {
       }
     },
   };
+}
+
+const MAX_REASON_CHARS = 4000;
+
+function truncate(text: string, max: number): string {
+  return text.length <= max ? text : `${text.slice(0, max - 1)}…`;
 }

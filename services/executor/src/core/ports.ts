@@ -99,6 +99,11 @@ export class LeaseLostError extends Error {
   override name = "LeaseLostError";
 }
 
+/** The dispatcher refused a report as it was (its result too large or too deep to take): sending it again is refused again. */
+export class ReportRefusedError extends Error {
+  override name = "ReportRefusedError";
+}
+
 export interface HeartbeatAnswer {
   expireTime: Date | undefined;
   cancelRequested: boolean;

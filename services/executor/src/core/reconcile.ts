@@ -15,6 +15,9 @@
  *   lease and start): given back as an infrastructure failure so it is retried.
  * A settled run's result and failure reason go through its secret redactor, as in a live run:
  * when the lease names secrets that cannot be resolved now, the result is withheld (FAILED).
+ * So is it when the lease list could not be had (ListExecutorLeases unimplemented, timed out or
+ * unavailable): without the lease the run's secrets and output schema are unknown, and a result
+ * that cannot be redacted or checked is never reported.
  * The dispatcher's ListExecutorLeases (contract C) is optional: without it, the labels and the
  * run directory's claim file name the run, and a run this executor cannot settle is failed by
  * the dispatcher's lease expiry ("executor lost").
@@ -46,6 +49,9 @@ export interface ReconcileOutcome {
 export const EXECUTOR_LOST = "executor lost: it restarted while the run was in progress";
 
 export const RESULT_WITHHELD = "executor lost: the result was withheld (its secrets could not be resolved to redact it)";
+
+export const RESULT_WITHHELD_NO_LEASE =
+  "executor lost: the result was withheld (the run's lease could not be listed, so it could not be redacted or checked)";
 
 /** The run's redactor; undefined when it names secrets that cannot be resolved now. */
 async function redactorFor(deps: ReconcileDeps, lease: Lease | undefined): Promise<Redactor | undefined> {
@@ -101,11 +107,15 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
             } catch {
               raw = undefined;
             }
-            const redactor = await redactorFor(deps, lease);
-            if (!redactor) {
+            // No lease (the list failed): its secrets and schema are unknown, so nothing of the
+            // agent's result is reported — not even whether it was there or valid.
+            const redactor = lease ? await redactorFor(deps, lease) : undefined;
+            if (!lease) {
+              report = { state: Dispatch_State.FAILED, exitCode: 0, failureReason: RESULT_WITHHELD_NO_LEASE, lastLogSeq: 0 };
+            } else if (!redactor) {
               report = { state: Dispatch_State.FAILED, exitCode: 0, failureReason: RESULT_WITHHELD, lastLogSeq: 0 };
             } else {
-              const check = checkResult(raw, lease?.agent?.outputSchema ?? "", (text) => redactor.redact(text));
+              const check = checkResult(raw, lease.agent?.outputSchema ?? "", (text) => redactor.redact(text));
               report = check.ok
                 ? { state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq: 0, ...(check.result ? { result: redactor.redactJson(check.result) } : {}) }
                 : { state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq: 0 };

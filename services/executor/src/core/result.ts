@@ -81,6 +81,10 @@ export function checkResult(raw: string | undefined, schemaText: string, redact:
   if (typeof value !== "object" || value === null || Array.isArray(value)) {
     return { ok: false, reason: "the result must be a JSON object" };
   }
+  // The result travels as a protobuf Struct, whose decoders stop at about 100 levels of nesting.
+  if (depthOf(value, MAX_RESULT_DEPTH) > MAX_RESULT_DEPTH) {
+    return { ok: false, reason: `the result nests deeper than ${MAX_RESULT_DEPTH} levels` };
+  }
   if (hasSchema) {
     const validate = validatorFor(schemaText);
     if (typeof validate === "string") return { ok: false, reason: validate };
@@ -90,4 +94,19 @@ export function checkResult(raw: string | undefined, schemaText: string, redact:
     }
   }
   return { ok: true, result: value as JsonObject };
+}
+
+/** How deep a result may nest (objects and arrays): well inside what protobuf decoders accept. */
+export const MAX_RESULT_DEPTH = 32;
+
+/** The nesting depth of `value`, counted no further than `limit + 1`. */
+function depthOf(value: unknown, limit: number): number {
+  if (typeof value !== "object" || value === null) return 0;
+  if (limit < 0) return 1;
+  let deepest = 0;
+  for (const child of Object.values(value)) {
+    deepest = Math.max(deepest, depthOf(child, limit - 1));
+    if (deepest > limit) break;
+  }
+  return deepest + 1;
 }

@@ -11,6 +11,7 @@ import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.
 import { Backoff, sleep } from "./backoff.ts";
 import { DiskQuota } from "./disk-quota.ts";
 import { LineSplitter } from "./line-splitter.ts";
+import { LeaseKeeper } from "./lease-keeper.ts";
 import { LogShipper } from "./log-shipper.ts";
 import { Redactor } from "./redactor.ts";
 import { checkResult, MAX_RESULT_BYTES, type ResultCheck } from "./result.ts";
@@ -19,6 +20,7 @@ import type { WarmPool } from "./warm-pool.ts";
 import {
   ImageNotFoundError,
   LeaseLostError,
+  ReportRefusedError,
   NotSupportedError,
   SecretsError,
   type CapacityReport,
@@ -166,228 +168,228 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     return;
   }
   const logger = deps.logger.child({ dispatchId: dispatch.id, leaseId: lease.leaseId });
-  const report = (r: Omit<RunStateReport, "dispatchId" | "leaseId">) =>
-    reportWithRetry(deps.leases, { dispatchId: dispatch.id, leaseId: lease.leaseId, ...r }, logger);
-  /**
-   * The agent never started: an infrastructure problem goes back to the queue, others fail the
-   * run. `runtimeFailure`: the agent's image or container failed (not the tenant's input).
-   */
-  const giveBack = async (reason: string, infrastructureFailure: boolean, runtimeFailure = false) => {
-    if (infrastructureFailure) {
-      try {
-        await deps.leases.release(dispatch.id, lease.leaseId, reason, true, runtimeFailure);
-        logger.warn({ reason }, "lease released for a retry (infrastructure failure)");
-        return;
-      } catch (err) {
-        if (!(err instanceof NotSupportedError)) logger.warn({ err }, "releasing the lease failed; failing the run instead");
-      }
-    }
-    await report({ state: Dispatch_State.FAILED, failureReason: reason, lastLogSeq: 0 });
-  };
-
-  // Secrets first: nothing is created for a run whose secrets cannot be had.
-  let secretEnv: Record<string, string> = {};
-  if (dispatch.secretNames.length > 0) {
-    if (!deps.secrets) {
-      await giveBack("secrets requested but this executor has no tenant service configured (OUTPOST_TENANT_URL)", true);
-      return;
-    }
-    try {
-      secretEnv = await deps.secrets.resolve(dispatch.tenantId, [...dispatch.secretNames], lease.secretGrant);
-    } catch (err) {
-      const transient = err instanceof SecretsError ? err.transient : true;
-      logger.warn({ transient, error: messageOf(err) }, "secrets not resolved");
-      await giveBack(messageOf(err), transient);
-      return;
-    }
-  }
-  const redactor = new Redactor(secretEnv);
-
-  const warm = deps.warmPool?.claim(lease);
-  let files: RunFiles;
+  // Heartbeats from the lease on, through the run's preparation (lease-keeper.ts).
+  const keeper = new LeaseKeeper(deps, lease, logger);
   try {
-    files = warm ? warm.files : await deps.workspaces.create(runNameFor(lease));
-    await deps.workspaces.recordClaim(files, { dispatchId: dispatch.id, leaseId: lease.leaseId });
-  } catch (err) {
-    if (warm) await deps.runtime.remove(warm.id).catch(() => undefined);
-    await giveBack(`run directory could not be created: ${messageOf(err)}`, true);
-    return;
-  }
-  const quota = deps.workspaceQuota
-    ? new DiskQuota({
-        limitBytes: deps.workspaceQuota.limitBytes,
-        intervalMs: deps.workspaceQuota.checkIntervalMs,
-        measure: (stopAboveBytes, signal) => deps.workspaces.diskUsage(files, stopAboveBytes, signal),
-        logger,
-      })
-    : undefined;
-  let containerId = warm?.id ?? "";
-  const cleanUp = async () => {
-    if (containerId) await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
-    containerId = "";
-    await deps.workspaces.remove(files).catch((err: unknown) => logger.warn({ err }, "run directory not removed"));
-  };
-
-  if (dispatch.repo?.url) {
-    try {
-      await deps.workspaces.checkout(files, dispatch.repo.url, dispatch.repo.ref);
-      const overQuota = await quota?.check();
-      if (overQuota !== undefined) throw new Error(overQuota);
-      logger.info({ ref: dispatch.repo.ref }, "repository checked out");
-    } catch (err) {
-      await cleanUp();
-      const reason = `repository checkout failed: ${messageOf(err)}`;
-      logger.warn({ reason }, "checkout failed");
+    const report = (r: Omit<RunStateReport, "dispatchId" | "leaseId">) =>
+      reportWithRetry(deps.leases, { dispatchId: dispatch.id, leaseId: lease.leaseId, ...r }, logger);
+    /**
+     * The agent never started: an infrastructure problem goes back to the queue, others fail the
+     * run. `runtimeFailure`: the agent's image or container failed (not the tenant's input).
+     */
+    const giveBack = async (reason: string, infrastructureFailure: boolean, runtimeFailure = false) => {
+      if (infrastructureFailure) {
+        try {
+          await deps.leases.release(dispatch.id, lease.leaseId, reason, true, runtimeFailure);
+          logger.warn({ reason }, "lease released for a retry (infrastructure failure)");
+          return;
+        } catch (err) {
+          if (!(err instanceof NotSupportedError)) logger.warn({ err }, "releasing the lease failed; failing the run instead");
+        }
+      }
       await report({ state: Dispatch_State.FAILED, failureReason: reason, lastLogSeq: 0 });
-      return;
-    }
-  }
-
-  const spec = containerSpecFor(lease, deps.executorId, files, secretEnv);
-  if (!warm) {
-    try {
-      containerId = await createWithPull(deps, spec, logger);
-    } catch (err) {
-      await cleanUp();
-      const missing = err instanceof ImageNotFoundError;
-      const reason = missing ? err.message : `container could not be created: ${messageOf(err)}`;
-      logger.warn({ err: missing ? undefined : err, image: spec.image }, "create failed");
-      // Another executor may have the image, and an engine error may pass: both are retried elsewhere/later.
-      await giveBack(reason, true, true);
-      return;
-    }
-  } else {
-    await deps.runtime.rename(containerId, spec.name).catch((err: unknown) => logger.debug({ err }, "warm container keeps its name"));
-  }
-  // Renewed with every heartbeat, as the lease is (run-grants.ts).
-  let logGrant = lease.logGrant;
-  const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => logGrant, sink: deps.logs, logger });
-  let pumping: Promise<void> | undefined;
-  const timers: NodeJS.Timeout[] = [];
-  let heartbeatTimer: NodeJS.Timeout | undefined;
-  let stopCause: StopCause | undefined;
-  let stopping: Promise<void> | undefined;
-  /** Set once the container has exited: late heartbeat answers must not act any more. */
-  let exited = false;
-  let unregisterCancel: (() => void) | undefined;
-  const stop = (cause: StopCause) => {
-    if (stopCause || exited) return;
-    stopCause = cause;
-    logger.info({ cause: cause.kind }, "stopping container");
-    // Over its disk quota, the agent gets no grace: it would go on writing.
-    const graceMs = cause.kind === "disk-quota" ? 0 : deps.stopGraceMs;
-    stopping = deps.runtime.stop(containerId, graceMs).catch((err: unknown) => logger.warn({ err }, "stop failed"));
-  };
-  try {
-    try {
-      const output = await deps.runtime.attach(containerId);
-      pumping = pumpOutput(output, shipper, redactor, logger);
-      if (warm) await deps.workspaces.writeStartFile(files, startScript(spec.env), 5000);
-      else await deps.runtime.start(containerId);
-    } catch (err) {
-      const reason = err instanceof ImageNotFoundError ? err.message : `container could not be started: ${messageOf(err)}`;
-      logger.warn({ err, warm: Boolean(warm) }, "start failed");
-      await cleanUp();
-      await shipper.finish(1000);
-      await giveBack(reason, true, true);
-      return;
-    }
-    logger.info({ containerId, image: spec.image, warm: Boolean(warm) }, "container started");
-
-    unregisterCancel = deps.cancellations?.register(dispatch.id, lease.leaseId, () => stop({ kind: "cancelled" }));
-    quota?.watch((reason) => stop({ kind: "disk-quota", reason }));
-    const timeoutMs = durationMs(dispatch.timeout);
-    if (timeoutMs > 0) timers.push(setTimeout(() => stop({ kind: "timed-out", timeoutMs }), timeoutMs));
-    const heartbeat = (expireTime: Date | undefined) => {
-      if (exited) return;
-      const ttl = expireTime ? expireTime.getTime() - Date.now() : (deps.defaultHeartbeatMs ?? 10_000) * 3;
-      heartbeatTimer = setTimeout(() => {
-        deps.leases.heartbeat(dispatch.id, lease.leaseId, deps.capacity?.()).then(
-          (answer) => {
-            if (answer.logGrant) logGrant = answer.logGrant;
-            if (answer.cancelRequested) stop({ kind: "cancelled" });
-            if (!stopCause || stopCause.kind !== "lease-lost") heartbeat(answer.expireTime);
-          },
-          (err: unknown) => {
-            if (err instanceof LeaseLostError) {
-              logger.warn({ err }, "lease lost; stopping without reporting");
-              stop({ kind: "lease-lost" });
-              return;
-            }
-            logger.warn({ err }, "heartbeat failed; retrying");
-            heartbeat(expireTime);
-          },
-        );
-      }, Math.max(200, Math.min(ttl / 3, 60_000)));
     };
-    heartbeat(lease.expireTime ? new Date(Number(lease.expireTime.seconds) * 1000 + lease.expireTime.nanos / 1e6) : undefined);
+    /**
+     * Whether the run ends before its container starts, after a step of its preparation: the
+     * heartbeats found it cancelled (reported CANCELLED) or its lease lost (nothing to report).
+     */
+    const abandoned = async (cleanUp?: () => Promise<void>): Promise<boolean> => {
+      if (!keeper.lost && !keeper.cancelled) return false;
+      await cleanUp?.();
+      if (keeper.lost) logger.warn("lease lost before the container started; the run is left to its new holder");
+      else await report({ state: Dispatch_State.CANCELLED, failureReason: "cancelled before start", lastLogSeq: 0 });
+      return true;
+    };
 
+    // Secrets first: nothing is created for a run whose secrets cannot be had.
+    let secretEnv: Record<string, string> = {};
+    if (dispatch.secretNames.length > 0) {
+      if (!deps.secrets) {
+        await giveBack("secrets requested but this executor has no tenant service configured (OUTPOST_TENANT_URL)", true);
+        return;
+      }
+      try {
+        secretEnv = await deps.secrets.resolve(dispatch.tenantId, [...dispatch.secretNames], lease.secretGrant);
+      } catch (err) {
+        const transient = err instanceof SecretsError ? err.transient : true;
+        logger.warn({ transient, error: messageOf(err) }, "secrets not resolved");
+        await giveBack(messageOf(err), transient);
+        return;
+      }
+    }
+    const redactor = new Redactor(secretEnv);
+    if (await abandoned()) return;
+
+    const warm = deps.warmPool?.claim(lease);
+    let files: RunFiles;
     try {
-      await deps.leases.report({ dispatchId: dispatch.id, leaseId: lease.leaseId, state: Dispatch_State.RUNNING, lastLogSeq: 0 });
+      files = warm ? warm.files : await deps.workspaces.create(runNameFor(lease));
+      await deps.workspaces.recordClaim(files, { dispatchId: dispatch.id, leaseId: lease.leaseId });
     } catch (err) {
-      if (err instanceof LeaseLostError) stop({ kind: "lease-lost" });
-      else logger.warn({ err }, "reporting RUNNING failed; the run goes on");
+      if (warm) await deps.runtime.remove(warm.id).catch(() => undefined);
+      await giveBack(`run directory could not be created: ${messageOf(err)}`, true);
+      return;
+    }
+    const quota = deps.workspaceQuota
+      ? new DiskQuota({
+          limitBytes: deps.workspaceQuota.limitBytes,
+          intervalMs: deps.workspaceQuota.checkIntervalMs,
+          measure: (stopAboveBytes, signal) => deps.workspaces.diskUsage(files, stopAboveBytes, signal),
+          logger,
+        })
+      : undefined;
+    let containerId = warm?.id ?? "";
+    const cleanUp = async () => {
+      if (containerId) await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
+      containerId = "";
+      await deps.workspaces.remove(files).catch((err: unknown) => logger.warn({ err }, "run directory not removed"));
+    };
+
+    if (dispatch.repo?.url) {
+      try {
+        await deps.workspaces.checkout(files, dispatch.repo.url, dispatch.repo.ref);
+        const overQuota = await quota?.check();
+        if (overQuota !== undefined) throw new Error(overQuota);
+        logger.info({ ref: dispatch.repo.ref }, "repository checked out");
+      } catch (err) {
+        await cleanUp();
+        const reason = `repository checkout failed: ${messageOf(err)}`;
+        logger.warn({ reason }, "checkout failed");
+        await report({ state: Dispatch_State.FAILED, failureReason: reason, lastLogSeq: 0 });
+        return;
+      }
+      if (await abandoned(cleanUp)) return;
     }
 
-    const exit = await deps.runtime.wait(containerId);
-    exited = true;
-    clearTimeout(heartbeatTimer);
-    for (const timer of timers) clearTimeout(timer);
-    await quota?.stop();
-    await stopping;
-    // The output stream ends when the container exits; bounded in case the engine keeps it open.
-    const pumpWait = new AbortController();
-    await Promise.race([pumping, sleep(5000, pumpWait.signal)]);
-    pumpWait.abort();
-    const lastLogSeq = await shipper.finish(deps.logAckWaitMs ?? 10_000);
-    await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
-    containerId = "";
-    logger.info({ exitCode: exit.exitCode, oomKilled: exit.oomKilled, stopCause: stopCause?.kind, lastLogSeq }, "container exited");
-
-    const cause = stopCause as StopCause | undefined;
-    if (cause?.kind === "lease-lost") return;
-    // Measured once more after the exit, so a run that wrote past its quota between two
-    // measurements (or before the first) fails as surely as one that was caught.
-    const overQuota = cause?.kind === "disk-quota" ? cause.reason : cause ? undefined : await quota?.check();
-    if (cause?.kind === "cancelled") {
-      await report({ state: Dispatch_State.CANCELLED, exitCode: exit.exitCode, failureReason: "cancelled", lastLogSeq });
-    } else if (cause?.kind === "timed-out") {
-      const failureReason = `timed out after ${formatSeconds(cause.timeoutMs)}s`;
-      await report({ state: Dispatch_State.TIMED_OUT, exitCode: exit.exitCode, failureReason, lastLogSeq });
-    } else if (overQuota !== undefined) {
-      await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason: overQuota, lastLogSeq });
-    } else if (exit.exitCode === 0 && !exit.oomKilled) {
-      // The result file outlives the container in the bind-mounted workspace.
-      let check: ResultCheck;
+    const spec = containerSpecFor(lease, deps.executorId, files, secretEnv);
+    if (!warm) {
       try {
-        check = checkResult(await deps.workspaces.readResult(files, MAX_RESULT_BYTES), lease.agent.outputSchema, (text) => redactor.redact(text));
+        containerId = await createWithPull(deps, spec, logger);
       } catch (err) {
-        check = { ok: false, reason: redactor.redact(`the result could not be read: ${messageOf(err)}`) };
-      }
-      if (check.ok) {
-        await report({ state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq, ...(check.result ? { result: redactor.redactJson(check.result) } : {}) });
-      } else {
-        await report({ state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq });
+        await cleanUp();
+        const missing = err instanceof ImageNotFoundError;
+        const reason = missing ? err.message : `container could not be created: ${messageOf(err)}`;
+        logger.warn({ err: missing ? undefined : err, image: spec.image }, "create failed");
+        // Another executor may have the image, and an engine error may pass: both are retried elsewhere/later.
+        await giveBack(reason, true, true);
+        return;
       }
     } else {
-      const failureReason = exit.oomKilled ? "out of memory" : `agent exited with code ${exit.exitCode}`;
-      await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason, lastLogSeq });
+      await deps.runtime.rename(containerId, spec.name).catch((err: unknown) => logger.debug({ err }, "warm container keeps its name"));
     }
-  } catch (err) {
-    // The engine failed us mid-run (e.g. wait broke): settle the run rather than leave it RUNNING.
-    logger.error({ err }, "run failed in the executor");
-    exited = true;
-    clearTimeout(heartbeatTimer);
-    for (const timer of timers) clearTimeout(timer);
-    const lastLogSeq = await shipper.finish(2000);
-    if (stopCause?.kind !== "lease-lost") {
-      await report({ state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}`, lastLogSeq });
+    if (await abandoned(cleanUp)) return;
+    // Renewed with every heartbeat, as the lease is (run-grants.ts).
+    const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => keeper.logGrant, sink: deps.logs, logger });
+    let pumping: Promise<void> | undefined;
+    const timers: NodeJS.Timeout[] = [];
+    let stopCause: StopCause | undefined;
+    let stopping: Promise<void> | undefined;
+    /** Set once the container has exited: late heartbeat answers must not act any more. */
+    let exited = false;
+    let unregisterCancel: (() => void) | undefined;
+    const stop = (cause: StopCause) => {
+      if (stopCause || exited) return;
+      stopCause = cause;
+      logger.info({ cause: cause.kind }, "stopping container");
+      // Over its disk quota, the agent gets no grace: it would go on writing.
+      const graceMs = cause.kind === "disk-quota" ? 0 : deps.stopGraceMs;
+      stopping = deps.runtime.stop(containerId, graceMs).catch((err: unknown) => logger.warn({ err }, "stop failed"));
+    };
+    try {
+      try {
+        const output = await deps.runtime.attach(containerId);
+        pumping = pumpOutput(output, shipper, redactor, logger);
+        if (warm) await deps.workspaces.writeStartFile(files, startScript(spec.env), 5000);
+        else await deps.runtime.start(containerId);
+      } catch (err) {
+        const reason = err instanceof ImageNotFoundError ? err.message : `container could not be started: ${messageOf(err)}`;
+        logger.warn({ err, warm: Boolean(warm) }, "start failed");
+        await cleanUp();
+        await shipper.finish(1000);
+        await giveBack(reason, true, true);
+        return;
+      }
+      logger.info({ containerId, image: spec.image, warm: Boolean(warm) }, "container started");
+
+      unregisterCancel = deps.cancellations?.register(dispatch.id, lease.leaseId, () => stop({ kind: "cancelled" }));
+      quota?.watch((reason) => stop({ kind: "disk-quota", reason }));
+      const timeoutMs = durationMs(dispatch.timeout);
+      if (timeoutMs > 0) timers.push(setTimeout(() => stop({ kind: "timed-out", timeoutMs }), timeoutMs));
+      // The heartbeats that kept the lease while the run was prepared now stop the container.
+      keeper.onCancel = () => stop({ kind: "cancelled" });
+      keeper.onLost = () => stop({ kind: "lease-lost" });
+      if (keeper.lost) stop({ kind: "lease-lost" });
+      else if (keeper.cancelled) stop({ kind: "cancelled" });
+
+      try {
+        await deps.leases.report({ dispatchId: dispatch.id, leaseId: lease.leaseId, state: Dispatch_State.RUNNING, lastLogSeq: 0 });
+      } catch (err) {
+        if (err instanceof LeaseLostError) stop({ kind: "lease-lost" });
+        else logger.warn({ err }, "reporting RUNNING failed; the run goes on");
+      }
+
+      const exit = await deps.runtime.wait(containerId);
+      exited = true;
+      keeper.stop();
+      for (const timer of timers) clearTimeout(timer);
+      await quota?.stop();
+      await stopping;
+      // The output stream ends when the container exits; bounded in case the engine keeps it open.
+      const pumpWait = new AbortController();
+      await Promise.race([pumping, sleep(5000, pumpWait.signal)]);
+      pumpWait.abort();
+      const lastLogSeq = await shipper.finish(deps.logAckWaitMs ?? 10_000);
+      await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
+      containerId = "";
+      logger.info({ exitCode: exit.exitCode, oomKilled: exit.oomKilled, stopCause: stopCause?.kind, lastLogSeq }, "container exited");
+
+      const cause = stopCause as StopCause | undefined;
+      if (cause?.kind === "lease-lost") return;
+      // Measured once more after the exit, so a run that wrote past its quota between two
+      // measurements (or before the first) fails as surely as one that was caught.
+      const overQuota = cause?.kind === "disk-quota" ? cause.reason : cause ? undefined : await quota?.check();
+      if (cause?.kind === "cancelled") {
+        await report({ state: Dispatch_State.CANCELLED, exitCode: exit.exitCode, failureReason: "cancelled", lastLogSeq });
+      } else if (cause?.kind === "timed-out") {
+        const failureReason = `timed out after ${formatSeconds(cause.timeoutMs)}s`;
+        await report({ state: Dispatch_State.TIMED_OUT, exitCode: exit.exitCode, failureReason, lastLogSeq });
+      } else if (overQuota !== undefined) {
+        await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason: overQuota, lastLogSeq });
+      } else if (exit.exitCode === 0 && !exit.oomKilled) {
+        // The result file outlives the container in the bind-mounted workspace.
+        let check: ResultCheck;
+        try {
+          check = checkResult(await deps.workspaces.readResult(files, MAX_RESULT_BYTES), lease.agent.outputSchema, (text) => redactor.redact(text));
+        } catch (err) {
+          check = { ok: false, reason: redactor.redact(`the result could not be read: ${messageOf(err)}`) };
+        }
+        if (check.ok) {
+          await report({ state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq, ...(check.result ? { result: redactor.redactJson(check.result) } : {}) });
+        } else {
+          await report({ state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq });
+        }
+      } else {
+        const failureReason = exit.oomKilled ? "out of memory" : `agent exited with code ${exit.exitCode}`;
+        await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason, lastLogSeq });
+      }
+    } catch (err) {
+      // The engine failed us mid-run (e.g. wait broke): settle the run rather than leave it RUNNING.
+      logger.error({ err }, "run failed in the executor");
+      exited = true;
+      keeper.stop();
+      for (const timer of timers) clearTimeout(timer);
+      const lastLogSeq = await shipper.finish(2000);
+      if (stopCause?.kind !== "lease-lost") {
+        await report({ state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}`, lastLogSeq });
+      }
+    } finally {
+      unregisterCancel?.();
+      await quota?.stop();
+      shipper.close();
+      await cleanUp();
     }
   } finally {
-    unregisterCancel?.();
-    await quota?.stop();
-    shipper.close();
-    await cleanUp();
+    keeper.stop();
   }
 }
 
@@ -435,7 +437,11 @@ async function pumpOutput(output: AsyncIterable<OutputFrame>, shipper: LogShippe
   }
 }
 
-/** Reports with retries on transient failures; a lost lease ends it (someone else owns the run). */
+/**
+ * Reports with retries on transient failures; a lost lease ends it (someone else owns the run).
+ * A report the dispatcher refuses as it is (its result too large to take) becomes a FAILED
+ * report without the result, so the run ends with a reason rather than "executor lost".
+ */
 async function reportWithRetry(leases: LeaseClient, report: RunStateReport, logger: Logger): Promise<void> {
   const backoff = new Backoff({ baseMs: 200, maxMs: 5000 });
   for (let attempt = 1; ; attempt++) {
@@ -444,7 +450,13 @@ async function reportWithRetry(leases: LeaseClient, report: RunStateReport, logg
       logger.info({ state: Dispatch_State[report.state], exitCode: report.exitCode, lastLogSeq: report.lastLogSeq }, "run state reported");
       return;
     } catch (err) {
-      if (err instanceof LeaseLostError || attempt >= 6) {
+      if (err instanceof ReportRefusedError && report.result !== undefined) {
+        logger.warn({ err: err.message }, "result refused by the dispatcher; reporting FAILED without it");
+        const { result: _refused, ...rest } = report;
+        report = { ...rest, state: Dispatch_State.FAILED, failureReason: `the result could not be reported: ${err.message}` };
+        continue;
+      }
+      if (err instanceof LeaseLostError || err instanceof ReportRefusedError || attempt >= 6) {
         logger.warn({ err, state: Dispatch_State[report.state] }, "run state not reported");
         return;
       }
