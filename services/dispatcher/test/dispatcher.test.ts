@@ -2,11 +2,11 @@
 import { beforeEach, describe, expect, it, vi } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
-import { createLogger, errorInfoOf } from "@outpost/platform";
+import { createLogger, errorInfoOf, resourceExhausted } from "@outpost/platform";
 import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
 import { Dispatcher, type CreateDispatchInput, type RunEvents } from "../src/core/dispatcher.ts";
 import { Notifier } from "../src/core/notifier.ts";
-import type { Admission } from "../src/core/ports.ts";
+import type { Admission, TenantAdmission } from "../src/core/ports.ts";
 import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
 import type { DispatchRecord } from "../src/store/store.ts";
 import { expectError } from "./helpers.ts";
@@ -54,8 +54,8 @@ function makeDispatcher(options: { fakeClock?: boolean; maxTimeoutMs?: number; q
   return dispatcher;
 }
 
-/** A dispatcher over the same store whose admission grants `granted` to every dispatch. */
-function withAdmission(granted: Admission): Dispatcher {
+/** A dispatcher over the same store with this admission (and options). */
+function dispatcherWith(admission: Partial<TenantAdmission>, options: Partial<ConstructorParameters<typeof Dispatcher>[0]> = {}): Dispatcher {
   return new Dispatcher({
     store,
     agents: new AgentRegistry(builtinAgents("outpost/demo-agent:test")),
@@ -64,8 +64,19 @@ function withAdmission(granted: Admission): Dispatcher {
     logger: createLogger("dispatcher-test", "silent"),
     leaseTtlMs: LEASE_TTL_MS,
     maxTimeoutMs: MAX_TIMEOUT_MS,
-    admission: { admit: async () => granted, release: async () => {}, suspendedTenants: async () => new Set<string>() },
+    admission: {
+      admit: async () => ({ maxTimeoutMs: MAX_TIMEOUT_MS }),
+      release: async () => {},
+      suspendedTenants: async () => new Set<string>(),
+      ...admission,
+    },
+    ...options,
   });
+}
+
+/** A dispatcher over the same store whose admission grants `granted` to every dispatch. */
+function withAdmission(granted: Admission): Dispatcher {
+  return dispatcherWith({ admit: async () => granted });
 }
 
 function input(overrides: Partial<CreateDispatchInput> = {}): CreateDispatchInput {
@@ -420,23 +431,14 @@ describe("lease lifecycle", () => {
     let holdRelease!: () => void;
     const released = new Promise<void>((resolve) => (holdRelease = resolve));
     let releases = 0;
-    const slow = new Dispatcher({
-      store,
-      agents: new AgentRegistry(builtinAgents("outpost/demo-agent:test")),
-      notifier: new Notifier(),
-      runEvents: events,
-      logger: createLogger("dispatcher-test", "silent"),
-      leaseTtlMs: LEASE_TTL_MS,
-      maxTimeoutMs: MAX_TIMEOUT_MS,
-      now: () => now.value,
-      admission: {
-        admit: async () => ({ maxTimeoutMs: MAX_TIMEOUT_MS }),
+    const slow = dispatcherWith(
+      {
         release: async () => {
           if (releases++ === 0) await released;
         },
-        suspendedTenants: async () => new Set<string>(),
       },
-    });
+      { now: () => now.value },
+    );
     const lease = async () => {
       const created = await slow.create(TENANT, input());
       const got = await slow.acquireLease("executor/host-1", 0, never);
@@ -466,6 +468,38 @@ describe("lease lifecycle", () => {
     expect((await store.get(cancelled.id))?.state).toBe("CANCELLED");
     now.value += 3_600_000;
     expect(await slow.acquireLease("executor/host-2", 0, never)).toBeUndefined();
+  });
+
+  it("a slot release that fails is tried again until the tenant service takes it", async () => {
+    let calls = 0;
+    const flaky = dispatcherWith(
+      {
+        release: async () => {
+          if (++calls <= 3) throw new Error("tenant service unavailable");
+        },
+      },
+      { releaseRetryBaseMs: 10 },
+    );
+    const created = await flaky.create(TENANT, input());
+    await flaky.cancel(TENANT, created.id);
+    await vi.waitFor(() => expect(calls).toBe(4));
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(calls).toBe(4); // taken on the fourth try: no more after it
+  });
+
+  it("a create refused admission answers the dispatch a parallel request with the same id made", async () => {
+    let admits = 0;
+    const racing = dispatcherWith({
+      admit: async () => {
+        if (++admits === 1) return { maxTimeoutMs: MAX_TIMEOUT_MS };
+        // The second took no slot: the first has it (and inserts meanwhile).
+        await vi.waitFor(async () => expect(await store.findByRequestId(TENANT, "retry-1")).toBeDefined());
+        throw resourceExhausted("concurrent_runs", "concurrent runs: 1 of 1 in use");
+      },
+    });
+    const [first, second] = await Promise.all([racing.create(TENANT, input({ requestId: "retry-1" })), racing.create(TENANT, input({ requestId: "retry-1" }))]);
+    expect(admits).toBe(2);
+    expect(second.id).toBe(first.id);
   });
 
   it("a heartbeat keeps a run from expiring", async () => {

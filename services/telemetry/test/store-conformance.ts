@@ -144,5 +144,22 @@ export function telemetryStoreConformance(name: string, factory: () => Promise<T
       expect(await store.deleteExpired(Date.now() + DEFAULT_RETENTION_MS + 60_000, 10)).toBe(1);
       expect(await store.getRun(kept)).toBeUndefined();
     });
+
+    it("deletes an expired run of 12,000 chunks (more than one SQLite piece) and nothing of an unexpired one", async () => {
+      const big = ulid();
+      const kept = ulid();
+      await store.registerRun(big, "t-a", 60_000);
+      for (let from = 1; from <= 12_000; from += 4000) await store.insertChunks(big, "t-a", chunks(big, range(from, from + 3999)));
+      await store.registerRun(kept, "t-a", 86_400_000);
+      await store.insertChunks(kept, "t-a", chunks(kept, range(1, 3)));
+      expect((await store.getRun(big))?.ackedSeq).toBe(12_000);
+
+      expect(await store.deleteExpired(Date.now() + 120_000, 10)).toBe(1);
+      expect(await store.getRun(big)).toBeUndefined();
+      expect(await store.listChunks(big, 0, 100)).toEqual([]);
+      expect(await store.getRun(kept)).toMatchObject({ ackedSeq: 3 });
+      expect(await store.listChunks(kept, 0, 100)).toEqual(chunks(kept, range(1, 3)));
+      expect(await store.deleteExpired(Date.now() + 120_000, 10)).toBe(0);
+    });
   });
 }

@@ -66,6 +66,8 @@ export interface DispatcherOptions {
    * for work or changes made on another replica whose wake-up was lost. Default 1000 ms.
    */
   queueRecheckMs?: number;
+  /** First delay before a failed slot release is tried again (doubling, at most a minute). */
+  releaseRetryBaseMs?: number;
   now?: () => number;
 }
 
@@ -73,6 +75,9 @@ export interface DispatcherOptions {
 export type CapacityReport = Omit<ExecutorReport, "executorId" | "seenAt">;
 
 const DEFAULT_QUEUE_RECHECK_MS = 1000;
+
+/** Tries of a slot release: with delays of 1, 2, 4, … s (at most a minute), about ten minutes in all. */
+const RELEASE_ATTEMPTS = 15;
 
 export class Dispatcher {
   private readonly store: DispatchStore & ExecutorStore;
@@ -89,6 +94,7 @@ export class Dispatcher {
   private readonly maxTimeoutMs: number;
   private readonly now: () => number;
   private readonly queueRecheckMs: number;
+  private readonly releaseRetryBaseMs: number;
 
   constructor(options: DispatcherOptions) {
     this.store = options.store;
@@ -103,6 +109,7 @@ export class Dispatcher {
     this.infraRetry = options.infraRetry ?? new InfraRetry();
     this.now = options.now ?? Date.now;
     this.queueRecheckMs = options.queueRecheckMs ?? DEFAULT_QUEUE_RECHECK_MS;
+    this.releaseRetryBaseMs = options.releaseRetryBaseMs ?? 1000;
     // Every replica's breakers count every run's outcome, whichever replica its end was reported to.
     // (record settles the outcome itself and never rejects.)
     this.notifier.onPeerOutcome((agent, outcome) => void this.circuits.record(agent, outcome, "peer"));
@@ -135,7 +142,16 @@ export class Dispatcher {
     const defaultTimeoutMs = agent.defaultTimeout ? Number(agent.defaultTimeout.seconds) * 1000 : this.maxTimeoutMs;
     const now = this.now();
     const id = dispatchId(now);
-    const { maxTimeoutMs, logRetentionMs, resourceCaps } = await this.admission.admit(tenantId, id, input.secretNames, input.timeoutMs);
+    let admitted: Awaited<ReturnType<TenantAdmission["admit"]>>;
+    try {
+      admitted = await this.admission.admit(tenantId, id, input.secretNames, input.timeoutMs);
+    } catch (err) {
+      // A parallel request with the same id may have taken the last slot itself: it answers.
+      const existing = input.requestId ? await this.store.findByRequestId(tenantId, input.requestId) : undefined;
+      if (existing) return existing;
+      throw err;
+    }
+    const { maxTimeoutMs, logRetentionMs, resourceCaps } = admitted;
     const timeoutMs = Math.min(input.timeoutMs ?? defaultTimeoutMs, maxTimeoutMs, this.maxTimeoutMs);
     const candidate = queuedDispatch({
       id,
@@ -466,12 +482,23 @@ export class Dispatcher {
     }
   }
 
-  /** Frees the run's concurrent slot; a failure is logged (the tenant service reconciles it). */
-  private async releaseSlot(record: DispatchRecord): Promise<void> {
+  /**
+   * Frees the run's concurrent slot. Nothing else would free it, so a release that fails (the
+   * tenant service away) is tried again in the background, with backoff, for about ten minutes
+   * (releases are idempotent); one still failing then is logged as an error, and the slot stays
+   * taken until an operator frees it (README, Known issues).
+   */
+  private async releaseSlot(record: DispatchRecord, attempt = 1): Promise<void> {
     try {
       await this.admission.release(record.tenantId, record.id);
     } catch (err) {
-      this.logger.warn({ err, dispatch_id: record.id }, "tenant admission: release failed");
+      if (attempt >= RELEASE_ATTEMPTS) {
+        this.logger.error({ err, dispatch_id: record.id, tenant_id: record.tenantId, attempts: attempt }, "tenant admission: release failed for good; the run's slot stays taken");
+        return;
+      }
+      const delayMs = Math.min(this.releaseRetryBaseMs * 2 ** (attempt - 1), 60_000);
+      this.logger.warn({ err, dispatch_id: record.id, attempt, delay_ms: delayMs }, "tenant admission: release failed; retrying");
+      setTimeout(() => void this.releaseSlot(record, attempt + 1), delayMs).unref();
     }
   }
 

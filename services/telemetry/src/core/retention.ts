@@ -1,7 +1,10 @@
 /**
  * Retention for the embedded store (SPEC L3): deletes runs (and their chunks) whose expire
- * time has passed, in small batches so a sweep never holds the write lock for long. MongoDB
- * does the same with a TTL index on the expire time and needs no sweeper.
+ * time has passed, in batches of runs with a macrotask between them. A batch is bounded in runs,
+ * not in chunks; the SQLite store bounds the work itself, deleting a batch's chunks in pieces of
+ * a few thousand rows with a macrotask between pieces, so the event loop (ingest, subscriptions)
+ * is never held for long (docs/telemetry.md, "Retention"). MongoDB does the same with a TTL index
+ * on the expire time and needs no sweeper.
  */
 import type { Logger } from "@outpost/platform";
 import type { TelemetryStore } from "../store/store.ts";
@@ -14,6 +17,7 @@ export class RetentionSweeper {
   readonly #intervalMs: number;
   #timer: NodeJS.Timeout | undefined;
   #running: Promise<number> | undefined;
+  #stopped = false;
 
   constructor(store: TelemetryStore, logger: Logger, intervalMs: number) {
     this.#store = store;
@@ -39,7 +43,7 @@ export class RetentionSweeper {
         for (;;) {
           const deleted = await this.#store.deleteExpired(nowMs, BATCH);
           total += deleted;
-          if (deleted < BATCH) break;
+          if (deleted < BATCH || this.#stopped) break;
           await new Promise((resolve) => setImmediate(resolve)); // let calls in between batches
         }
         if (total > 0) this.#logger.info({ runs: total }, "deleted expired runs");
@@ -53,9 +57,15 @@ export class RetentionSweeper {
     return this.#running;
   }
 
+  /** Stops the timer; a sweep under way ends after its current batch. */
   async stop(): Promise<void> {
+    this.#stopped = true;
     clearTimeout(this.#timer);
     this.#timer = undefined;
-    await this.#running;
+    try {
+      await this.#running;
+    } finally {
+      this.#stopped = false;
+    }
   }
 }

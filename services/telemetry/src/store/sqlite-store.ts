@@ -1,6 +1,10 @@
 /**
  * The embedded store: SQLite through node:sqlite (one file per service, ":memory:" in tests).
- * Calls are synchronous underneath; the interface is async so MongoDB can implement it too.
+ * Calls are synchronous underneath (each blocks the event loop while it runs); the interface is
+ * async so MongoDB can implement it too. The one call whose work has no natural bound,
+ * deleteExpired (a run may hold millions of chunks), therefore works in pieces of at most
+ * `deletePieceRows` chunk rows, each its own transaction, and yields to the event loop between
+ * pieces so ingest and subscriptions are served meanwhile (docs/telemetry.md, "Retention").
  */
 import type { DatabaseSync, StatementSync } from "node:sqlite";
 import { inTransaction, openSqlite } from "@outpost/platform";
@@ -76,15 +80,29 @@ function chunkOf(row: ChunkRow): StoredChunk {
 export interface SqliteTelemetryStoreOptions {
   /** Retention of runs registered without one (ingest before RegisterRun, or none given). */
   defaultRetentionMs?: number;
+  /**
+   * Most chunk rows deleteExpired removes in one transaction before it yields to the event
+   * loop (default 5,000: about 5-15 ms on a 2-core VM).
+   */
+  deletePieceRows?: number;
 }
+
+/** Chunk rows per deleteExpired piece unless the options say otherwise. */
+export const DELETE_PIECE_ROWS = 5000;
+
+const nextMacrotask = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 export class SqliteTelemetryStore implements TelemetryStore {
   readonly #db: DatabaseSync;
   readonly #defaultRetentionMs: number;
+  readonly #deletePieceRows: number;
   readonly #setRetention: StatementSync;
   readonly #listChunksUpTo: StatementSync;
   readonly #expired: StatementSync;
-  readonly #deleteRun: StatementSync;
+  readonly #isExpired: StatementSync;
+  readonly #deleteExpiredRun: StatementSync;
+  readonly #pieceStart: StatementSync;
+  readonly #deleteChunksFrom: StatementSync;
   readonly #deleteChunks: StatementSync;
   readonly #insertRun: StatementSync;
   readonly #selectRun: StatementSync;
@@ -96,6 +114,7 @@ export class SqliteTelemetryStore implements TelemetryStore {
 
   constructor(dataDir: string, options: SqliteTelemetryStoreOptions = {}) {
     this.#defaultRetentionMs = options.defaultRetentionMs ?? DEFAULT_RETENTION_MS;
+    this.#deletePieceRows = Math.max(1, Math.floor(options.deletePieceRows ?? DELETE_PIECE_ROWS));
     this.#db = openSqlite(dataDir, "telemetry.db", (db) => {
       db.exec(SCHEMA);
       this.#migrate(db);
@@ -106,7 +125,12 @@ export class SqliteTelemetryStore implements TelemetryStore {
     this.#setRetention = this.#db.prepare("UPDATE runs SET expire_time = create_time + ? WHERE dispatch_id = ?");
     this.#listChunksUpTo = this.#db.prepare("SELECT * FROM chunks WHERE dispatch_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?");
     this.#expired = this.#db.prepare("SELECT dispatch_id FROM runs WHERE expire_time <= ? ORDER BY expire_time LIMIT ?");
-    this.#deleteRun = this.#db.prepare("DELETE FROM runs WHERE dispatch_id = ?");
+    this.#isExpired = this.#db.prepare("SELECT 1 AS expired FROM runs WHERE dispatch_id = ? AND expire_time <= ?");
+    this.#deleteExpiredRun = this.#db.prepare("DELETE FROM runs WHERE dispatch_id = ? AND expire_time <= ?");
+    // A piece is the run's highest `n` seqs: the lowest of them found by the primary key
+    // (dispatch_id, seq), then one range delete on it. What stays is a prefix of the output.
+    this.#pieceStart = this.#db.prepare("SELECT seq FROM chunks WHERE dispatch_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?");
+    this.#deleteChunksFrom = this.#db.prepare("DELETE FROM chunks WHERE dispatch_id = ? AND seq >= ?");
     this.#deleteChunks = this.#db.prepare("DELETE FROM chunks WHERE dispatch_id = ?");
     this.#selectRun = this.#db.prepare("SELECT * FROM runs WHERE dispatch_id = ?");
     this.#insertChunk = this.#db.prepare(
@@ -200,15 +224,44 @@ export class SqliteTelemetryStore implements TelemetryStore {
     return (rows as unknown as ChunkRow[]).map(chunkOf);
   }
 
+  /**
+   * In pieces of at most `deletePieceRows` chunk rows, one transaction each, with a macrotask
+   * between pieces: a piece takes chunks from the batch's runs in turn (several small runs fit
+   * in one piece, a large run spans many). A run's row is deleted in the transaction that
+   * deletes its last chunks, never before, so a crash midway leaves a run that the next sweep
+   * finds again (not orphan chunks); chunks ingested into it meanwhile go with it. Each piece
+   * checks the run is still expired: a run whose retention was extended meanwhile stays (with
+   * whatever prefix of its output the earlier pieces left).
+   */
   async deleteExpired(nowMs: number, limit: number): Promise<number> {
-    return inTransaction(this.#db, () => {
-      const ids = (this.#expired.all(nowMs, limit) as unknown as Array<{ dispatch_id: string }>).map((r) => r.dispatch_id);
-      for (const id of ids) {
-        this.#deleteChunks.run(id);
-        this.#deleteRun.run(id);
-      }
-      return ids.length;
-    });
+    if (limit <= 0) return 0;
+    const ids = (this.#expired.all(nowMs, limit) as unknown as Array<{ dispatch_id: string }>).map((r) => r.dispatch_id);
+    let next = 0;
+    let deleted = 0;
+    for (let piece = 0; next < ids.length; piece++) {
+      if (piece > 0) await nextMacrotask();
+      inTransaction(this.#db, () => {
+        let budget = this.#deletePieceRows;
+        while (next < ids.length && budget > 0) {
+          const id = ids[next]!;
+          if (this.#isExpired.get(id, nowMs) === undefined) {
+            next++; // deleted meanwhile, or its retention was extended
+            continue;
+          }
+          const start = this.#pieceStart.get(id, budget - 1) as { seq: number } | undefined;
+          if (start !== undefined) {
+            // At least `budget` chunks left: delete exactly the highest `budget`; the run's
+            // remaining chunks (if any) and row go in the next piece.
+            budget -= Number(this.#deleteChunksFrom.run(id, start.seq).changes);
+            continue;
+          }
+          budget -= Number(this.#deleteChunks.run(id).changes);
+          deleted += Number(this.#deleteExpiredRun.run(id, nowMs).changes);
+          next++;
+        }
+      });
+    }
+    return deleted;
   }
 
   async close(): Promise<void> {

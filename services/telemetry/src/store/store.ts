@@ -41,7 +41,10 @@ export interface TelemetryStore {
 
   /**
    * Deletes up to `limit` runs whose expire time is at or before `nowMs`, with their chunks;
-   * answers how many runs it deleted (call again while it answers `limit`).
+   * answers how many runs it deleted (call again while it answers `limit`). `limit` bounds runs,
+   * not chunks: an adapter whose calls block (SQLite) splits the work into bounded pieces and
+   * yields to the event loop between them, so other calls are served meanwhile. A run whose
+   * expire time was extended before it was reached is kept.
    */
   deleteExpired(nowMs: number, limit: number): Promise<number>;
 
