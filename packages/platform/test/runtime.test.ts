@@ -75,7 +75,9 @@ describe("applyRuntimeFixes: AsyncResource#bind", () => {
   });
 
   it("lets young collections free what it bound; Node's own bind has them promoted (why the fix exists)", () => {
-    const fixed = promotedByBinding((resource, fn) => resource.bind(fn));
+    // Other work in the worker can be promoted in the same collections and only ever adds to a
+    // measurement (seen once in CI: 253 KiB): the least of three is the binding's own share.
+    const fixed = Math.min(...[1, 2, 3].map(() => promotedByBinding((resource, fn) => resource.bind(fn))));
     const node = nodeAsyncResourceBind();
     const original = promotedByBinding((resource, fn) => node.call(resource, fn) as () => number);
     expect(fixed).toBeLessThan(HELD_BYTES * 0.1);
