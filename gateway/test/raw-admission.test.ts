@@ -11,13 +11,13 @@ import http2 from "node:http2";
 import net from "node:net";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { errorInfoOf, loadConfig } from "@outpost/platform";
-import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { gatewayConfigShape } from "../src/config.ts";
 import { startGateway } from "../src/service.ts";
+import { startCountingUpstream, type CountingUpstream } from "../../test/support/counting-upstream.ts";
 import { envelope } from "../../test/support/envelopes.ts";
 import { answerError, h2Call } from "../../test/support/h2.ts";
 import { signingEnv } from "../../test/support/signing.ts";
@@ -31,26 +31,13 @@ const READS_PER_IP = 2;
 const JUNK = Buffer.alloc(500 * 1024, "{");
 
 describe("raw path: the rate limit comes before the body", () => {
-  let upstream: http2.Http2Server;
-  let upstreamCalls = 0;
+  let upstream: CountingUpstream;
   let gateway: Awaited<ReturnType<typeof startGateway>>;
   let url: string;
 
   beforeAll(async () => {
-    upstream = http2.createServer(
-      connectNodeAdapter({
-        routes: (router) => {
-          router.service(DispatchService, {
-            getDispatch: () => {
-              upstreamCalls++;
-              return {};
-            },
-          } as never);
-        },
-      }),
-    );
-    await new Promise<void>((resolve) => upstream.listen(0, "127.0.0.1", resolve));
-    const upstreamUrl = `http://127.0.0.1:${(upstream.address() as { port: number }).port}`;
+    upstream = await startCountingUpstream();
+    const upstreamUrl = upstream.url;
     const config = loadConfig(gatewayConfigShape, {
       ...signingEnv("gateway"),
       OUTPOST_ADMIN_TOKEN: ADMIN,
@@ -68,7 +55,7 @@ describe("raw path: the rate limit comes before the body", () => {
 
   afterAll(async () => {
     await gateway?.close();
-    await new Promise((resolve) => upstream?.close(resolve));
+    await upstream?.close();
   });
 
   const message = toBinary(GetDispatchRequestSchema, create(GetDispatchRequestSchema, { dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }));
@@ -165,7 +152,7 @@ describe("raw path: the rate limit comes before the body", () => {
         const remaining = type === "application/grpc" ? answer.trailers["ratelimit-remaining"] : type === "application/json" ? answer.head["ratelimit-remaining"] : error!.metadata.get("ratelimit-remaining");
         expect(remaining, what).toBe("0");
       }
-      expect(upstreamCalls).toBe(0);
+      expect(upstream.calls()).toBe(0);
     } finally {
       session.destroy();
     }
@@ -184,7 +171,7 @@ describe("raw path: the rate limit comes before the body", () => {
       expect(good).not.toBe("no answer");
       if (good === "no answer") return;
       expect(answerError(good, "application/grpc")).toBeUndefined();
-      expect(upstreamCalls).toBe(1);
+      expect(upstream.calls()).toBe(1);
     } finally {
       session.destroy();
     }

@@ -9,14 +9,14 @@
 import http2 from "node:http2";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
-import { DispatchService, GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Authenticator } from "../src/core/authenticator.ts";
 import { OpenStreams } from "../src/core/open-streams.ts";
 import { rawUnaryForwarder } from "../src/http/raw-unary.ts";
 import { envelope } from "../../test/support/envelopes.ts";
+import { startCountingUpstream, type CountingUpstream } from "../../test/support/counting-upstream.ts";
 import { startFreezableProxy, type FreezableProxy } from "../../test/support/freezable-proxy.ts";
 import { answerError, h2Call, type H2Answer } from "../../test/support/h2.ts";
 import { keysOf } from "../../test/support/signing.ts";
@@ -29,29 +29,16 @@ const BOUND_MS = 5000;
 
 describe("raw path: keep-alive pings on upstream sessions", () => {
   const logger = pino({ level: "silent" });
-  let upstream: http2.Http2Server;
+  let upstream: CountingUpstream;
   let proxy: FreezableProxy;
   let gateway: http2.Http2Server;
   let forwarder: ReturnType<typeof rawUnaryForwarder>;
   let openStreams: OpenStreams;
   let client: http2.ClientHttp2Session;
-  let upstreamCalls = 0;
 
   beforeAll(async () => {
-    upstream = http2.createServer(
-      connectNodeAdapter({
-        routes: (router) => {
-          router.service(DispatchService, {
-            getDispatch: () => {
-              upstreamCalls++;
-              return {};
-            },
-          } as never);
-        },
-      }),
-    );
-    await new Promise<void>((resolve) => upstream.listen(0, "127.0.0.1", resolve));
-    proxy = await startFreezableProxy((upstream.address() as { port: number }).port);
+    upstream = await startCountingUpstream();
+    proxy = await startFreezableProxy(upstream.port);
     const authenticator = new Authenticator({
       adminToken: ADMIN,
       cacheTtlMs: 2000,
@@ -86,7 +73,7 @@ describe("raw path: keep-alive pings on upstream sessions", () => {
     openStreams?.close();
     await proxy?.close();
     await new Promise((resolve) => gateway?.close(resolve));
-    await new Promise((resolve) => upstream?.close(resolve));
+    await upstream?.close();
   });
 
   const message = toBinary(GetDispatchRequestSchema, create(GetDispatchRequestSchema, { dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }));
@@ -109,7 +96,7 @@ describe("raw path: keep-alive pings on upstream sessions", () => {
     expect((await call("grpc")).code).toBe(0);
     expect((await call("connect")).code).toBe(0);
     expect(proxy.accepted).toBe(1);
-    const answered = upstreamCalls;
+    const answered = upstream.calls();
 
     // The upstream host vanishes: bytes stop, the connection stays open.
     proxy.freeze();
@@ -124,7 +111,7 @@ describe("raw path: keep-alive pings on upstream sessions", () => {
       // An unanswered ping within an interval and a timeout, with room for a slow machine.
       expect(outcome.ms, `call ${i}`).toBeLessThan(BOUND_MS);
     }
-    expect(upstreamCalls).toBe(answered);
+    expect(upstream.calls()).toBe(answered);
     // The dead session was dropped: the next call opened a new connection (held by the frozen
     // proxy too, so it fails the same way, on its own ping).
     const whileFrozen = await call("grpc");
@@ -136,7 +123,7 @@ describe("raw path: keep-alive pings on upstream sessions", () => {
     expect((await call("grpc")).code).toBe(0);
     expect((await call("connect")).code).toBe(0);
     expect(proxy.accepted).toBe(3);
-    expect(upstreamCalls).toBe(answered + 2);
+    expect(upstream.calls()).toBe(answered + 2);
   });
 
   it("keeps a healthy session while it is pinged", { timeout: 10_000 }, async () => {
