@@ -10,7 +10,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { callEndSignal, callerOf, checkLogGrant, checkSecretGrant, failedPrecondition, issueLogGrant, issueSecretGrant, notFound, permissionDenied, startServer, unimplemented, type RunningServer } from "@outpost/platform";
+import { callEndSignal, callerOf, checkLogGrant, checkSecretGrant, failedPrecondition, issueLogGrant, issueSecretGrant, notFound, permissionDenied, resourceExhausted, startServer, unimplemented, type RunningServer } from "@outpost/platform";
 import { Dispatch_State, NetworkPolicy, type Agent } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import {
   LeaseSchema,
@@ -63,6 +63,8 @@ export class StubDispatcher {
   contractC = true;
   /** Whether heartbeat answers carry cancellation (false: only WatchCancellations tells). */
   cancelViaHeartbeat = true;
+  /** Runs whose reports carrying a result are refused, as the real dispatcher refuses one too large for it. */
+  readonly refusingResults = new Set<string>();
   private cancelWatchers: Array<() => void> = [];
 
   cancel(dispatchId: string) {
@@ -141,6 +143,7 @@ export class StubDispatcher {
       },
       reportRunState: async (req) => {
         if (!this.leases.has(req.leaseId)) throw failedPrecondition("LEASE_LOST", "lease is not held");
+        if (req.result && this.refusingResults.has(req.dispatchId)) throw resourceExhausted("message_size", "message size 5767144 is larger than configured readMaxBytes 4194304");
         this.reports.push(req);
         if (TERMINAL.has(req.state)) this.leases.delete(req.leaseId);
         return {};

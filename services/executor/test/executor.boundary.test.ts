@@ -178,6 +178,16 @@ describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)
     expect(n!.result).toBeUndefined();
   });
 
+  it("reports a run whose result the dispatcher refuses as too large FAILED with the reason, not lost", async () => {
+    const lease = demoLease({ task: 'result={"summary":"big"}' });
+    dispatcher.refusingResults.add(lease.dispatch!.id);
+    dispatcher.enqueue(lease);
+    const end = await terminalReport(lease.dispatch!.id);
+    expect(end).toMatchObject({ state: Dispatch_State.FAILED, exitCode: 0 });
+    expect(end.result).toBeUndefined();
+    expect(end.failureReason).toBe("the result could not be reported: message size 5767144 is larger than configured readMaxBytes 4194304");
+  });
+
   it("runs the container locked down, and cancels it when the heartbeat says so", async () => {
     const lease = demoLease({ task: "wait a while sleep=30" });
     dispatcher.enqueue(lease);
