@@ -40,7 +40,9 @@ beforeAll(async () => {
       "",
     ].join("\n"),
   );
-  t = await startTestMesh({ serviceEnv: { tenant: { OUTPOST_TIERS_FILE: tiersFile } } });
+  t = await startTestMesh({
+    serviceEnv: { tenant: { OUTPOST_TIERS_FILE: tiersFile }, dispatcher: { OUTPOST_SLOT_SWEEP_MS: "1000" } },
+  });
 });
 
 afterAll(async () => {
@@ -111,6 +113,45 @@ describe("quotas through the gateway", () => {
     const after = await fire(clients, 1, "quick");
     expect(after.accepted).toHaveLength(0);
     expect(errorInfoOf(after.rejected[0]!)?.metadata.quota).toBe("runs_per_day");
+  }, 120_000);
+
+  it("slots whose release the tenant service missed (down while the runs ended; the dispatcher restarted meanwhile) are freed once it is back", async () => {
+    const { tenantId, clients } = await tenantOf(Tier.FREE, "Missed release");
+    const { accepted } = await fire(clients, CONCURRENT, "hold the slot sleep=30");
+    expect(accepted).toHaveLength(CONCURRENT);
+    const direct = internalClient(DispatchService, {
+      baseUrl: t.mesh.urls.dispatcher,
+      signingKeys: keysOf("gateway"),
+      identity: { kind: "tenant", tenantId, principal: "test" },
+    });
+    await t.mesh.kill("tenant");
+    try {
+      // The runs end while their releases cannot reach the tenant service.
+      for (const d of accepted) await direct.cancelDispatch({ dispatchId: d.id });
+      for (const d of accepted) {
+        const deadline = Date.now() + 30_000;
+        while (!TERMINAL.has((await direct.getDispatch({ dispatchId: d.id })).dispatch!.state)) {
+          if (Date.now() > deadline) throw new Error(`dispatch ${d.id} did not end`);
+          await new Promise((r) => setTimeout(r, 200));
+        }
+      }
+      // Nothing the dispatcher kept in memory survives this.
+      await t.mesh.kill("dispatcher");
+      await t.mesh.start("dispatcher");
+    } finally {
+      await t.mesh.start("tenant");
+    }
+    // The slot sweep (every second here) hands both slots back: both creates are admitted again.
+    const deadline = Date.now() + 30_000;
+    let again = await fire(clients, CONCURRENT, "hold the slot sleep=30");
+    while (again.accepted.length < CONCURRENT && Date.now() < deadline) {
+      for (const err of again.rejected) expect(errorInfoOf(err)?.metadata.quota).toBe("concurrent_runs");
+      for (const d of again.accepted) await clients.dispatches.cancelDispatch({ dispatchId: d.id });
+      await new Promise((r) => setTimeout(r, 500));
+      again = await fire(clients, CONCURRENT, "hold the slot sleep=30");
+    }
+    expect(again.accepted).toHaveLength(CONCURRENT);
+    for (const d of again.accepted) await clients.dispatches.cancelDispatch({ dispatchId: d.id });
   }, 120_000);
 
   it("names a missing secret with NOT_FOUND before anything is queued", async () => {

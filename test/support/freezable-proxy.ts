@@ -3,6 +3,8 @@
  * open, as when the host behind them vanished (powered off, partitioned) without closing them.
  * Connections made while frozen are accepted and never passed on; after `thaw` new connections
  * pass again, and the frozen ones stay frozen (the host that came back does not know them).
+ * It can also mute replies: requests still reach the target, which acts on them, but what it
+ * answers is dropped, as when a response is lost on the way back.
  */
 import net from "node:net";
 
@@ -13,6 +15,8 @@ export interface FreezableProxy {
   readonly accepted: number;
   freeze(): void;
   thaw(): void;
+  /** From now on, bytes from the target are dropped (requests still pass). */
+  muteReplies(): void;
   close(): Promise<void>;
 }
 
@@ -20,6 +24,7 @@ export async function startFreezableProxy(targetPort: number, targetHost = "127.
   const sockets = new Set<net.Socket>();
   const linked = new Set<{ client: net.Socket; target: net.Socket }>();
   let frozen = false;
+  let muted = false;
   let accepted = 0;
   const track = (socket: net.Socket) => {
     sockets.add(socket);
@@ -38,7 +43,9 @@ export async function startFreezableProxy(targetPort: number, targetHost = "127.
     const pair = { client, target };
     linked.add(pair);
     client.pipe(target);
-    target.pipe(client);
+    target.on("data", (chunk: Buffer) => {
+      if (!muted && !client.destroyed) client.write(chunk);
+    });
     const end = () => {
       linked.delete(pair);
       client.destroy();
@@ -59,7 +66,7 @@ export async function startFreezableProxy(targetPort: number, targetHost = "127.
       frozen = true;
       for (const { client, target } of linked) {
         client.unpipe(target);
-        target.unpipe(client);
+        target.removeAllListeners("data");
         client.pause();
         target.pause();
       }
@@ -67,6 +74,9 @@ export async function startFreezableProxy(targetPort: number, targetHost = "127.
     },
     thaw() {
       frozen = false;
+    },
+    muteReplies() {
+      muted = true;
     },
     async close() {
       for (const socket of sockets) socket.destroy();

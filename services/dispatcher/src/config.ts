@@ -19,15 +19,20 @@ export const dispatcherConfigShape = {
   /** MongoDB for the dispatcher store (production, several replicas). Absent: SQLite in OUTPOST_DATA_DIR. */
   OUTPOST_MONGO_URL: z.string().url({ message: "must be a URL such as mongodb://127.0.0.1:27017/outpost" }).optional(),
   /** Circuit breaker per agent (SPEC D6): failures within the window that open it, etc. Shortened only in tests. */
-  OUTPOST_CIRCUIT_WINDOW_MS: setting.durationMs(120_000),
-  OUTPOST_CIRCUIT_HALF_OPEN_AFTER_MS: setting.durationMs(60_000),
+  OUTPOST_CIRCUIT_WINDOW_MS: setting.timerMs(120_000),
+  OUTPOST_CIRCUIT_HALF_OPEN_AFTER_MS: setting.timerMs(60_000),
   /** Infrastructure-failure retries: first backoff and attempt bound. */
-  OUTPOST_RETRY_INITIAL_DELAY_MS: setting.durationMs(1000),
+  OUTPOST_RETRY_INITIAL_DELAY_MS: setting.timerMs(1000),
   OUTPOST_RETRY_MAX_ATTEMPTS: setting.positiveInt(5),
   /** How long a lease lives without a heartbeat. */
-  OUTPOST_LEASE_TTL_MS: setting.durationMs(30_000),
+  OUTPOST_LEASE_TTL_MS: setting.timerMs(30_000),
   /** How often long-polls and watches re-read the store when nothing woke them (lost cross-replica wake-ups). */
   OUTPOST_QUEUE_RECHECK_MS: setting.timerMs(1000),
+  /**
+   * How often the slot sweep releases the concurrent slots of ended runs whose own release failed
+   * (tenant service away); a run's slot is left to its own release for this long after its end.
+   */
+  OUTPOST_SLOT_SWEEP_MS: setting.timerMs(15_000),
   /**
    * The operator's ceiling on any run's timeout, above the tiers' own maximums (enterprise: 2 h),
    * which are the real limit; without a tenant service (development) it is the only one.

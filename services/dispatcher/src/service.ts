@@ -113,14 +113,19 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   gauge("outpost_dispatch_queue_depth", "Dispatches waiting in the queue (QUEUED).", [], async (g) => {
     g.set(await store.queueDepth());
   });
+  // Both are counted on the state index: autoscalers scrape them often, and the history grows.
   gauge("outpost_dispatch_active_leases", "Dispatches leased to executors (STARTING or RUNNING).", [], async (g) => {
-    const counts = await store.countByStateSince(0);
-    g.set((counts.STARTING ?? 0) + (counts.RUNNING ?? 0));
+    g.set(await store.activeLeases());
   });
 
   const sweeper = setInterval(
     () => void dispatcher.expireLeases().catch((err: unknown) => logger.error({ err }, "lease sweep failed")),
     Math.max(250, Math.floor(config.OUTPOST_LEASE_TTL_MS / 4)),
+  );
+
+  const slotSweeper = setInterval(
+    () => void dispatcher.releaseOwedSlots(100, config.OUTPOST_SLOT_SWEEP_MS).catch((err: unknown) => logger.error({ err }, "slot sweep failed")),
+    config.OUTPOST_SLOT_SWEEP_MS,
   );
 
   const server = await startServer({
@@ -142,6 +147,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     dispatcher,
     async close() {
       clearInterval(sweeper);
+      clearInterval(slotSweeper);
       clearInterval(restoreRetry);
       await server.close();
       await notifier.close();

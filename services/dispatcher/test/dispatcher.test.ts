@@ -5,7 +5,7 @@ import { ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { createLogger, errorInfoOf, resourceExhausted } from "@outpost/platform";
 import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
 import { Dispatcher, type CreateDispatchInput, type RunEvents } from "../src/core/dispatcher.ts";
-import { Notifier } from "../src/core/notifier.ts";
+import { Notifier, RESYNC } from "../src/core/notifier.ts";
 import type { Admission, TenantAdmission } from "../src/core/ports.ts";
 import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
 import type { DispatchRecord } from "../src/store/store.ts";
@@ -470,21 +470,81 @@ describe("lease lifecycle", () => {
     expect(await slow.acquireLease("executor/host-2", 0, never)).toBeUndefined();
   });
 
-  it("a slot release that fails is tried again until the tenant service takes it", async () => {
+  it("a slot release that fails stays owed on the dispatch until a sweep gets it through, on a restarted dispatcher too", async () => {
     let calls = 0;
-    const flaky = dispatcherWith(
+    let tenantServiceUp = false;
+    const release = async () => {
+      calls++;
+      if (!tenantServiceUp) throw new Error("tenant service unavailable");
+    };
+    const first = dispatcherWith({ release });
+    const cancelled = await first.cancel(TENANT, (await first.create(TENANT, input())).id);
+    const failed = await first.create(TENANT, input());
+    await first.acquireLease("executor/1", 0, never);
+    await first.acquireLease("executor/1", 0, never);
+    const leased = await store.get(failed.id);
+    await first.reportTerminal(failed.id, leased!.leaseId, { state: "FAILED", exitCode: 1, failureReason: "", resultJson: null, lastLogSeq: 0n });
+    expect(calls).toBe(2);
+    expect((await store.get(cancelled.id))?.slotHeld).toBe(true);
+    expect((await store.get(failed.id))?.slotHeld).toBe(true);
+    // Still away: the sweep stops at the first failure rather than calling once per run.
+    expect(await first.releaseOwedSlots(100, 0)).toBe(0);
+    expect(calls).toBe(3);
+    // Within the grace after the end, the sweep leaves a run to its own release.
+    expect(await first.releaseOwedSlots(100, 60_000)).toBe(0);
+    expect(calls).toBe(3);
+    // The dispatcher restarts (nothing in memory survives); the tenant service is back.
+    tenantServiceUp = true;
+    const restarted = dispatcherWith({ release });
+    expect(await restarted.releaseOwedSlots(100, 0)).toBe(2);
+    expect(calls).toBe(5);
+    expect((await store.get(cancelled.id))?.slotHeld).toBe(false);
+    expect((await store.get(failed.id))?.slotHeld).toBe(false);
+    expect(await restarted.releaseOwedSlots(100, 0)).toBe(0);
+    expect(calls).toBe(5);
+  });
+
+  it("a run whose release goes through at its end owes nothing", async () => {
+    const d = await dispatcher.create(TENANT, input());
+    expect((await store.get(d.id))?.slotHeld).toBe(true);
+    await dispatcher.cancel(TENANT, d.id);
+    expect((await store.get(d.id))?.slotHeld).toBe(false);
+  });
+
+  it("the slot of a candidate whose insert failed is released, retried in the background until taken", async () => {
+    let calls = 0;
+    const failingInsert = Object.create(store, {
+      insert: { value: async () => Promise.reject(new Error("disk full")) },
+    }) as typeof store;
+    const d = dispatcherWith(
       {
         release: async () => {
-          if (++calls <= 3) throw new Error("tenant service unavailable");
+          if (++calls <= 2) throw new Error("tenant service unavailable");
         },
       },
-      { releaseRetryBaseMs: 10 },
+      { store: failingInsert, releaseRetryBaseMs: 10 },
     );
-    const created = await flaky.create(TENANT, input());
-    await flaky.cancel(TENANT, created.id);
-    await vi.waitFor(() => expect(calls).toBe(4));
+    await expect(d.create(TENANT, input())).rejects.toThrow("disk full");
+    await vi.waitFor(() => expect(calls).toBe(3));
     await new Promise((resolve) => setTimeout(resolve, 100));
-    expect(calls).toBe(4); // taken on the fourth try: no more after it
+    expect(calls).toBe(3); // taken on the third try: no more after it
+  });
+
+  it("a create whose admission failed without a definite answer releases the id; a refusal releases nothing", async () => {
+    const released: string[] = [];
+    let admitted = "";
+    let answer: Error = resourceExhausted("concurrent_runs", "concurrent runs: 1 of 1 in use");
+    const d = dispatcherWith({
+      admit: async (_tenant, id) => {
+        admitted = id;
+        throw answer;
+      },
+      release: async (_tenant, id) => void released.push(id),
+    });
+    await expect(d.create(TENANT, input())).rejects.toThrow("concurrent runs");
+    answer = new Error("socket hang up"); // the call may have been recorded before it failed
+    await expect(d.create(TENANT, input())).rejects.toThrow("socket hang up");
+    await vi.waitFor(() => expect(released).toEqual([admitted]));
   });
 
   it("a create refused admission answers the dispatch a parallel request with the same id made", async () => {
@@ -579,6 +639,53 @@ describe("cancellation fast path", () => {
     await dispatcher.cancel(TENANT, second.id);
     await watching; // ends only once the second cancel arrived: no heartbeat is involved
     expect(seen[1]).toEqual({ dispatchId: second.id, leaseId: second.leaseId });
+  });
+});
+
+describe("a cancellation stream that stops reading", () => {
+  it("holds at most its buffer; when it reads again it re-reads what is flagged and misses nothing", async () => {
+    const notifier = new Notifier();
+    const d = dispatcherWith({}, { notifier });
+    const stop = new AbortController();
+    const stream = d.cancellationsFor("executor/host-1", stop.signal)[Symbol.asyncIterator]();
+    const first = stream.next(); // starts it: subscribed, nothing flagged yet
+    await new Promise((r) => setTimeout(r, 20));
+    const run = await d.create(TENANT, input());
+    const { dispatch } = (await d.acquireLease("executor/host-1", 0, never))!;
+    // Its executor stops reading: cancels of other runs pile up past the buffer, and the
+    // announcement of its own run's cancel is among those dropped (flagged in the store only).
+    await store.update(run.id, { states: ["STARTING"] }, { cancelRequested: true });
+    for (let i = 0; i < 1500; i++) notifier.cancelRequested(`01OTHERRUN${String(i).padStart(16, "0")}`);
+    const got = await first;
+    expect(got.value).toEqual({ dispatchId: run.id, leaseId: dispatch.leaseId });
+    stop.abort();
+    expect((await stream.next()).done).toBe(true);
+  });
+});
+
+describe("Notifier.cancellations", () => {
+  it("buffers up to its bound, then yields one RESYNC in place of what it dropped", async () => {
+    const notifier = new Notifier();
+    const stop = new AbortController();
+    const stream = notifier.cancellations(stop.signal, 3)[Symbol.asyncIterator]();
+    for (const id of ["a", "b", "c"]) notifier.cancelRequested(id);
+    expect((await stream.next()).value).toBe("a");
+    for (const id of ["d", "e", "f"]) notifier.cancelRequested(id); // b, c, d fit; e, f do not
+    expect((await stream.next()).value).toBe(RESYNC);
+    notifier.cancelRequested("g");
+    expect((await stream.next()).value).toBe("g");
+    stop.abort();
+    expect((await stream.next()).done).toBe(true);
+  });
+
+  it("stops listening when its signal aborts, also if it was never read", () => {
+    const notifier = new Notifier();
+    const stop = new AbortController();
+    notifier.cancellations(stop.signal);
+    const emitter = (notifier as unknown as { events: import("node:events").EventEmitter }).events;
+    expect(emitter.listenerCount("cancel")).toBe(1);
+    stop.abort();
+    expect(emitter.listenerCount("cancel")).toBe(0);
   });
 });
 

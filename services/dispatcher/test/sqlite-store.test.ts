@@ -1,10 +1,11 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import { Worker } from "node:worker_threads";
 import { afterAll, describe, expect, it } from "vitest";
 import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
-import { dispatchFixture, dispatchStoreConformance, dispatcherStoreExtrasConformance } from "./store-conformance.ts";
+import { T0, dispatchFixture, dispatchStoreConformance, dispatcherStoreExtrasConformance } from "./store-conformance.ts";
 
 const dirs: string[] = [];
 let lastDir = "";
@@ -44,6 +45,27 @@ describe("SqliteDispatchStore on a shared file", () => {
       expect((await second.insert(dispatchFixture({ requestId: "persist" }))).created).toBe(false);
     } finally {
       await second.close();
+    }
+  });
+
+  it("a database from before slots were tracked: active runs hold theirs, ended ones owe nothing", async () => {
+    const dir = freshDir();
+    const first = new SqliteDispatchStore(dir);
+    const active = dispatchFixture({ state: "RUNNING", leaseId: "l1", leaseExpiresAt: T0 + 1 });
+    const ended = dispatchFixture({ state: "SUCCEEDED", endTime: T0 + 2 });
+    for (const r of [active, ended]) await first.insert(r);
+    await first.close();
+    // Back to the older schema: no slot_held column.
+    const db = new DatabaseSync(path.join(dir, "dispatcher.db"));
+    db.exec("DROP INDEX dispatches_slot_owed; ALTER TABLE dispatches DROP COLUMN slot_held");
+    db.close();
+    const upgraded = new SqliteDispatchStore(dir);
+    try {
+      expect((await upgraded.get(active.id))?.slotHeld).toBe(true);
+      expect((await upgraded.get(ended.id))?.slotHeld).toBe(false);
+      expect(await upgraded.listSlotsOwed(T0 + 1_000_000, 10)).toEqual([]);
+    } finally {
+      await upgraded.close();
     }
   });
 

@@ -315,6 +315,25 @@ export function dispatchStoreConformance(name: string, factory: StoreFactory, op
         expect(await store.listExpiredLeases(T0, 10)).toEqual([]);
       });
     });
+
+    describe("listSlotsOwed", () => {
+      it("returns ended runs still holding their slot, oldest end first, until the slot is marked released", async () => {
+        const now = T0 + 10_000;
+        const owedLate = dispatchFixture({ state: "FAILED", endTime: now - 10 });
+        const owedEarly = dispatchFixture({ state: "CANCELLED", tenantId: "tenant-b", endTime: now - 500 });
+        const endedJustNow = dispatchFixture({ state: "SUCCEEDED", endTime: now });
+        const released = dispatchFixture({ state: "SUCCEEDED", endTime: now - 1000, slotHeld: false });
+        const running = dispatchFixture({ state: "RUNNING", leaseId: "l1", leaseExpiresAt: now + 1 });
+        for (const r of [owedLate, owedEarly, endedJustNow, released, running]) await store.insert(r);
+        expect((await store.get(running.id))?.slotHeld).toBe(true);
+        expect((await store.get(released.id))?.slotHeld).toBe(false);
+        expect((await store.listSlotsOwed(now, 10)).map((r) => r.id)).toEqual([owedEarly.id, owedLate.id]);
+        expect((await store.listSlotsOwed(now, 1)).map((r) => r.id)).toEqual([owedEarly.id]);
+        expect(await store.update(owedEarly.id, { states: ["CANCELLED"] }, { slotHeld: false })).toMatchObject({ slotHeld: false });
+        expect((await store.listSlotsOwed(now, 10)).map((r) => r.id)).toEqual([owedLate.id]);
+        expect(await store.listSlotsOwed(T0, 10)).toEqual([]);
+      });
+    });
   });
 }
 
@@ -339,6 +358,7 @@ export function dispatcherStoreExtrasConformance(name: string, factory: () => Di
       expect(order).toEqual(["a", "b", "a", "b"]);
       expect((await store.leaseNext({ ...lease(9), excludeTenants: ["a"] }))).toBeUndefined();
       expect(await store.queueDepth()).toBe(5);
+      expect(await store.activeLeases()).toBe(4);
       const counts = await store.countByStateSince(0);
       expect(counts).toEqual({ QUEUED: 5, STARTING: 4 });
       expect((await store.listLeasedTo("executor/1", 10)).map((d) => d.tenantId)).toEqual(["b"]);

@@ -3,7 +3,7 @@
  * (contract A): admission and release over gRPC, the tenant service's errors passed through
  * unchanged, the suspended-tenant cache, and an unreachable tenant service as UNAVAILABLE.
  */
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { ulid } from "ulid";
 import { createLogger, errorInfoOf, internalClient } from "@outpost/platform";
@@ -11,6 +11,11 @@ import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
 import { TenantService } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
 import { startTenant, type RunningTenant } from "../../tenant/src/service.ts";
 import { GrpcTenantAdmission } from "../src/adapters/tenant-admission.ts";
+import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
+import { Dispatcher } from "../src/core/dispatcher.ts";
+import { Notifier } from "../src/core/notifier.ts";
+import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
+import { startFreezableProxy } from "../../../test/support/freezable-proxy.ts";
 import { keysOf, signerFor, signingEnv } from "../../../test/support/signing.ts";
 
 let tenantService: RunningTenant;
@@ -89,5 +94,43 @@ describe("GrpcTenantAdmission", () => {
     expect(err.code).toBe(Code.Unavailable);
     expect(errorInfoOf(err)?.reason).toBe("TENANT_SERVICE_UNAVAILABLE");
     await expect(adapter.suspendedTenants()).rejects.toBeInstanceOf(ConnectError);
+  });
+});
+
+describe("an admission whose answer is lost", () => {
+  it("is released by the dispatcher, so the slot the tenant service recorded is not held for good", async () => {
+    const { tenant } = await admin().createTenant({ name: "Lost answer", contactEmail: "l@l.test", tier: Tier.FREE }); // 2 concurrent
+    const proxy = await startFreezableProxy(Number(new URL(tenantService.url).port));
+    const store = new SqliteDispatchStore(":memory:");
+    const dispatcher = new Dispatcher({
+      store,
+      agents: new AgentRegistry(builtinAgents("outpost/demo-agent:test")),
+      notifier: new Notifier(),
+      runEvents: { runCreated: async () => {}, runEnded: async () => {} },
+      logger: createLogger("dispatcher-test", "silent"),
+      leaseTtlMs: 30_000,
+      maxTimeoutMs: 600_000,
+      admission: new GrpcTenantAdmission({ baseUrl: proxy.url, signingKeys: keysOf("dispatcher"), callTimeoutMs: 500 }),
+      releaseRetryBaseMs: 100,
+    });
+    try {
+      // The first call sets up the connection; then the tenant service's answers are lost.
+      await dispatcher.admission.suspendedTenants();
+      proxy.muteReplies();
+      const err = await failure(dispatcher.create(tenant!.id, { agent: "demo", task: "t", repoUrl: "", repoRef: "", secretNames: [], env: {}, labels: {}, requestId: "", traceparent: "" }));
+      expect(err.code).toBe(Code.Unavailable);
+      expect(await store.list(tenant!.id, {}, 10)).toEqual([]);
+      // The tenant service recorded that admission and then the dispatcher's release of it (the
+      // requests got through; only the answers were lost): both slots are free.
+      const direct = new GrpcTenantAdmission({ baseUrl: tenantService.url, signingKeys: keysOf("dispatcher") });
+      await vi.waitFor(async () => {
+        const first = ulid();
+        await direct.admit(tenant!.id, first, [], undefined);
+        await direct.admit(tenant!.id, ulid(), [], undefined).finally(() => direct.release(tenant!.id, first));
+      }, { timeout: 10_000, interval: 250 });
+    } finally {
+      await proxy.close();
+      await store.close();
+    }
   });
 });

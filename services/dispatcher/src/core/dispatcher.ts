@@ -10,11 +10,12 @@ import { monotonicFactory, ulid } from "ulid";
 const dispatchId = monotonicFactory();
 import { type Agent, type ModelTier, ResourcesSchema, RiskLevel } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { failedPrecondition, notFound, type Logger } from "@outpost/platform";
 import type { DispatchRecord, DispatchState, DispatchStore, Expectation, ExecutorReport, ExecutorStore, ListFilter, ResourceCaps } from "../store/store.ts";
-import { isTerminal, queuedDispatch } from "../store/store.ts";
+import { isTerminal, queuedDispatch, TERMINAL_STATES } from "../store/store.ts";
 import type { AgentRegistry } from "./agents.ts";
-import type { Notifier } from "./notifier.ts";
+import { RESYNC, type Notifier } from "./notifier.ts";
 import { UnlimitedAdmission, type TenantAdmission } from "./ports.ts";
 import { AgentCircuits, InfraRetry, type RunOutcome } from "./resilience.ts";
 
@@ -66,7 +67,7 @@ export interface DispatcherOptions {
    * for work or changes made on another replica whose wake-up was lost. Default 1000 ms.
    */
   queueRecheckMs?: number;
-  /** First delay before a failed slot release is tried again (doubling, at most a minute). */
+  /** First delay before a failed slot release of a never-stored candidate is tried again (doubling, at most a minute). */
   releaseRetryBaseMs?: number;
   now?: () => number;
 }
@@ -76,7 +77,7 @@ export type CapacityReport = Omit<ExecutorReport, "executorId" | "seenAt">;
 
 const DEFAULT_QUEUE_RECHECK_MS = 1000;
 
-/** Tries of a slot release: with delays of 1, 2, 4, … s (at most a minute), about ten minutes in all. */
+/** Tries of an unstored candidate's slot release: delays of 1, 2, 4, … s (at most a minute), about ten minutes in all. */
 const RELEASE_ATTEMPTS = 15;
 
 export class Dispatcher {
@@ -91,6 +92,8 @@ export class Dispatcher {
   private readonly leaseTtlMs: number;
   /** Set while a lease sweep runs (expireLeases). */
   private sweeping = false;
+  /** Set while the slot sweep runs (releaseOwedSlots). */
+  private releasingOwed = false;
   private readonly maxTimeoutMs: number;
   private readonly now: () => number;
   private readonly queueRecheckMs: number;
@@ -146,6 +149,10 @@ export class Dispatcher {
     try {
       admitted = await this.admission.admit(tenantId, id, input.secretNames, input.timeoutMs);
     } catch (err) {
+      // Without a definite answer the tenant service may have admitted the id all the same (the
+      // answer was lost or late): release it, or its slot would be held for good. A release that
+      // arrives before the admission leaves a mark there, so the late admission takes nothing.
+      if (!isDefiniteRefusal(err)) void this.releaseUnstoredSlot(tenantId, id);
       // A parallel request with the same id may have taken the last slot itself: it answers.
       const existing = input.requestId ? await this.store.findByRequestId(tenantId, input.requestId) : undefined;
       if (existing) return existing;
@@ -175,11 +182,11 @@ export class Dispatcher {
     try {
       inserted = await this.store.insert(candidate);
     } catch (err) {
-      await this.releaseSlot(candidate);
+      await this.releaseUnstoredSlot(tenantId, id);
       throw err;
     }
     const { record, created } = inserted;
-    if (!created) await this.releaseSlot(candidate);
+    if (!created) await this.releaseUnstoredSlot(tenantId, id);
     if (created) {
       // Telemetry must know the run's owner before a client subscribes to its logs.
       await this.announce(() => this.runEvents.runCreated(record, logRetentionMs), record, "register run");
@@ -379,12 +386,16 @@ export class Dispatcher {
   async *cancellationsFor(executorId: string, signal: AbortSignal): AsyncGenerator<{ dispatchId: string; leaseId: string }> {
     // Subscribe before reading what is already flagged, so nothing falls between the two.
     const live = this.notifier.cancellations(signal)[Symbol.asyncIterator]();
-    for (const record of await this.store.listLeasedTo(executorId, 1000)) {
-      if (record.cancelRequested) yield { dispatchId: record.id, leaseId: record.leaseId };
-    }
+    const flagged = async () => (await this.store.listLeasedTo(executorId, 1000)).filter((record) => record.cancelRequested);
+    for (const record of await flagged()) yield { dispatchId: record.id, leaseId: record.leaseId };
     for (;;) {
       const next = await live.next();
       if (next.done) return;
+      if (next.value === RESYNC) {
+        // This stream fell behind and requests were dropped: what is flagged now covers them.
+        for (const record of await flagged()) yield { dispatchId: record.id, leaseId: record.leaseId };
+        continue;
+      }
       const record = await this.store.get(next.value);
       if (record && record.executorId === executorId && record.cancelRequested && (record.state === "STARTING" || record.state === "RUNNING")) {
         yield { dispatchId: record.id, leaseId: record.leaseId };
@@ -483,22 +494,68 @@ export class Dispatcher {
   }
 
   /**
-   * Frees the run's concurrent slot. Nothing else would free it, so a release that fails (the
-   * tenant service away) is tried again in the background, with backoff, for about ten minutes
-   * (releases are idempotent); one still failing then is logged as an error, and the slot stays
-   * taken until an operator frees it (README, Known issues).
+   * Frees the slot of a stored run that ended, and marks it freed. One that fails (the tenant
+   * service away; the adapter retried briefly) stays marked as held, and `releaseOwedSlots`
+   * tries it again from the sweep for as long as it takes, on any replica, after restarts too.
    */
-  private async releaseSlot(record: DispatchRecord, attempt = 1): Promise<void> {
+  private async releaseSlot(record: DispatchRecord): Promise<void> {
     try {
-      await this.admission.release(record.tenantId, record.id);
+      await this.releaseAndMark(record);
+    } catch (err) {
+      this.logger.warn({ err, dispatch_id: record.id, tenant_id: record.tenantId }, "tenant admission: release failed; the slot sweep will try again");
+    }
+  }
+
+  /** Releases are idempotent: if marking fails after the release, the sweep's second release does no harm. */
+  private async releaseAndMark(record: DispatchRecord): Promise<void> {
+    await this.admission.release(record.tenantId, record.id);
+    await this.store.update(record.id, { states: TERMINAL_STATES }, { slotHeld: false });
+  }
+
+  /**
+   * Frees the slot of a candidate that was never stored (its admission's answer was lost, its
+   * insert failed, or lost to a parallel request with the same id): nothing durable remembers it, so a failed release is
+   * tried again in the background, with backoff, for about ten minutes, then logged as an error.
+   */
+  private async releaseUnstoredSlot(tenantId: string, dispatchId: string, attempt = 1): Promise<void> {
+    try {
+      await this.admission.release(tenantId, dispatchId);
     } catch (err) {
       if (attempt >= RELEASE_ATTEMPTS) {
-        this.logger.error({ err, dispatch_id: record.id, tenant_id: record.tenantId, attempts: attempt }, "tenant admission: release failed for good; the run's slot stays taken");
+        this.logger.error({ err, dispatch_id: dispatchId, tenant_id: tenantId, attempts: attempt }, "tenant admission: release failed for good; the slot stays taken");
         return;
       }
       const delayMs = Math.min(this.releaseRetryBaseMs * 2 ** (attempt - 1), 60_000);
-      this.logger.warn({ err, dispatch_id: record.id, attempt, delay_ms: delayMs }, "tenant admission: release failed; retrying");
-      setTimeout(() => void this.releaseSlot(record, attempt + 1), delayMs).unref();
+      this.logger.warn({ err, dispatch_id: dispatchId, attempt, delay_ms: delayMs }, "tenant admission: release failed; retrying");
+      setTimeout(() => void this.releaseUnstoredSlot(tenantId, dispatchId, attempt + 1), delayMs).unref();
+    }
+  }
+
+  /**
+   * The sweep of slots owed: releases the slots of runs that ended more than `graceMs` ago and
+   * still hold theirs (their release failed), oldest first, up to `limit`. The grace keeps it
+   * from racing a run's own release (a second release is harmless, just waste). Stops at the first
+   * failure: the tenant service is likely still away, and the next sweep tries again. Returns
+   * how many were released.
+   */
+  async releaseOwedSlots(limit: number, graceMs: number): Promise<number> {
+    if (this.releasingOwed) return 0;
+    this.releasingOwed = true;
+    try {
+      let released = 0;
+      for (const record of await this.store.listSlotsOwed(this.now() - graceMs, limit)) {
+        try {
+          await this.releaseAndMark(record);
+        } catch (err) {
+          this.logger.warn({ err, dispatch_id: record.id, tenant_id: record.tenantId, released }, "slot sweep: release failed; trying again on the next sweep");
+          break;
+        }
+        released++;
+      }
+      if (released > 0) this.logger.info({ released }, "slot sweep: released the slots of ended runs");
+      return released;
+    } finally {
+      this.releasingOwed = false;
     }
   }
 
@@ -541,6 +598,17 @@ function agentOutcome(record: DispatchRecord): boolean | undefined {
   if (record.state === "FAILED" && record.startTime !== null && (record.exitCode !== null || !record.failureReason.startsWith("executor lost"))) return false;
   return undefined;
 }
+
+/**
+ * The tenant service answered and refused (quota, missing secret, suspended tenant, a malformed
+ * request): nothing was admitted. Anything else (unreachable, timed out, an internal error)
+ * leaves it unknown whether the admission was recorded.
+ */
+function isDefiniteRefusal(err: unknown): boolean {
+  return err instanceof ConnectError && DEFINITE_REFUSALS.has(err.code);
+}
+
+const DEFINITE_REFUSALS: ReadonlySet<Code> = new Set([Code.ResourceExhausted, Code.NotFound, Code.PermissionDenied, Code.InvalidArgument, Code.FailedPrecondition]);
 
 function leaseLost(dispatchId: string) {
   return failedPrecondition("LEASE_LOST", `the lease on dispatch "${dispatchId}" is no longer held by this executor`, {

@@ -14,7 +14,7 @@
  * one cut off from Redis for a while counts its peers' outcomes when it is back, and the
  * outcomes it saw meanwhile wait in memory (bounded) until it can append them.
  */
-import { EventEmitter, on } from "node:events";
+import { EventEmitter } from "node:events";
 import { ExponentialBackoff, handleAll, retry } from "cockatiel";
 import type { Logger, Redis } from "@outpost/platform";
 import type { RunOutcome } from "./resilience.ts";
@@ -31,6 +31,10 @@ export const OUTCOME_STREAM = "outpost:dispatch:outcomes";
 const STREAM_LENGTH = 10_000;
 /** Entries a replica keeps while it cannot append them; the oldest are dropped past this. */
 const UNSENT_LIMIT = 1000;
+/** Cancel requests one cancellation stream buffers before it is told to re-read the store instead. */
+const MAX_PENDING_CANCELS = 1000;
+/** In a cancellation stream: requests were dropped (the consumer fell behind); re-read what is flagged. */
+export const RESYNC = Symbol("resync");
 /** How long one XREAD waits for new entries before asking again. */
 const STREAM_BLOCK_MS = 5000;
 
@@ -217,15 +221,47 @@ export class Notifier {
     this.bus?.publish(CANCEL_CHANNEL, `${this.origin} ${id}`);
   }
 
-  /** Every cancel request on any replica, until `signal` aborts. */
-  cancellations(signal: AbortSignal): AsyncIterable<string> {
-    // on() listens from this call on (not from the first next()), so nothing is missed between.
-    const events = on(this.events, "cancel", { signal });
+  /**
+   * Every cancel request on any replica, until `signal` aborts. Requests wait in a per-consumer
+   * buffer of at most `maxPending`: a consumer that falls further behind (its executor stopped
+   * reading the stream) gets one `RESYNC` in place of what was dropped, and must read what is
+   * flagged from the store, so a stalled stream costs bounded memory and misses nothing.
+   */
+  cancellations(signal: AbortSignal, maxPending = MAX_PENDING_CANCELS): AsyncIterable<string | typeof RESYNC> {
+    // Listens from this call on (not from the first next()), so nothing is missed between.
+    const pending: string[] = [];
+    let overflowed = false;
+    let wake: (() => void) | undefined;
+    const onCancel = (id: string) => {
+      if (pending.length < maxPending) pending.push(id);
+      else overflowed = true;
+      wake?.();
+    };
+    const events = this.events;
+    // Also when the consumer never started reading (then the generator's finally never runs).
+    const onAbort = () => {
+      events.off("cancel", onCancel);
+      wake?.();
+    };
+    events.on("cancel", onCancel);
+    signal.addEventListener("abort", onAbort, { once: true });
     return (async function* () {
       try {
-        for await (const [id] of events) yield id as string;
-      } catch (err) {
-        if (!signal.aborted) throw err;
+        while (!signal.aborted) {
+          if (overflowed) {
+            overflowed = false;
+            pending.length = 0;
+            yield RESYNC;
+          } else if (pending.length > 0) {
+            yield pending.shift()!;
+          } else {
+            await new Promise<void>((resolve) => (wake = resolve));
+            wake = undefined;
+          }
+        }
+      } finally {
+        events.off("cancel", onCancel);
+        signal.removeEventListener("abort", onAbort);
       }
     })();
   }

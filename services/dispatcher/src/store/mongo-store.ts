@@ -50,7 +50,8 @@ export function toDoc(record: DispatchRecord): DispatchDoc {
 
 export function fromDoc(doc: DispatchDoc): DispatchRecord {
   const { _id, labelPairs: _derived, ...rest } = doc;
-  return { id: _id, ...rest };
+  // Written before slots were tracked on the dispatch: ended ones were released then.
+  return { id: _id, ...rest, slotHeld: rest.slotHeld ?? false };
 }
 
 function labelPairsOf(labels: Record<string, string>): string[] {
@@ -93,6 +94,7 @@ export class MongoDispatchStore implements DispatcherStore {
     await client.connect();
     const store = new MongoDispatchStore(client, client.db(dbName));
     await store.createIndexes();
+    await store.markActiveSlotsHeld();
     await store.seedTurnCounter();
     return store;
   }
@@ -109,10 +111,19 @@ export class MongoDispatchStore implements DispatcherStore {
       this.dispatches.createIndex({ state: 1, leaseExpiresAt: 1 }, { name: "lease" }),
       this.dispatches.createIndex({ executorId: 1, state: 1 }, { name: "executor" }),
       this.dispatches.createIndex({ createTime: 1 }, { name: "created" }),
+      this.dispatches.createIndex({ endTime: 1 }, { partialFilterExpression: { slotHeld: true }, name: "slot_owed" }),
       this.audit.createIndex({ tenantId: 1, _id: -1 }, { name: "tenant" }),
       this.audit.createIndex({ expireAt: 1 }, { expireAfterSeconds: 0, name: "retention" }),
       this.executors.createIndex({ expireAt: 1 }, { expireAfterSeconds: 0, name: "retention" }),
     ]);
+  }
+
+  /** Runs written before slots were tracked on the dispatch, and still active, hold theirs. */
+  private async markActiveSlotsHeld(): Promise<void> {
+    await this.dispatches.updateMany(
+      { slotHeld: { $exists: false }, state: { $in: ["QUEUED", "STARTING", "RUNNING"] } },
+      { $set: { slotHeld: true } },
+    );
   }
 
   async insert(record: DispatchRecord) {
@@ -220,6 +231,15 @@ export class MongoDispatchStore implements DispatcherStore {
     return docs.map(fromDoc);
   }
 
+  async listSlotsOwed(endedBefore: number, limit: number) {
+    const docs = await this.dispatches
+      .find({ slotHeld: true, endTime: { $ne: null, $lt: endedBefore } })
+      .sort({ endTime: 1 })
+      .limit(limit)
+      .toArray();
+    return docs.map(fromDoc);
+  }
+
   async listLeasedTo(executorId: string, limit: number) {
     const docs = await this.dispatches
       .find({ executorId, state: { $in: ["STARTING", "RUNNING"] } })
@@ -231,6 +251,10 @@ export class MongoDispatchStore implements DispatcherStore {
 
   queueDepth() {
     return this.dispatches.countDocuments({ state: "QUEUED" });
+  }
+
+  activeLeases() {
+    return this.dispatches.countDocuments({ state: { $in: ["STARTING", "RUNNING"] } });
   }
 
   async countByStateSince(since: number) {

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS dispatches (
   not_before INTEGER NOT NULL DEFAULT 0,
   traceparent TEXT NOT NULL,
   resource_caps TEXT NOT NULL DEFAULT 'null',
+  slot_held INTEGER NOT NULL DEFAULT 0,
   create_time INTEGER NOT NULL,
   start_time INTEGER,
   end_time INTEGER,
@@ -56,6 +57,7 @@ CREATE INDEX IF NOT EXISTS dispatches_queue ON dispatches (state, id);
 CREATE INDEX IF NOT EXISTS dispatches_lease ON dispatches (state, lease_expires_at);
 CREATE INDEX IF NOT EXISTS dispatches_executor ON dispatches (executor_id, state);
 CREATE INDEX IF NOT EXISTS dispatches_created ON dispatches (create_time);
+CREATE INDEX IF NOT EXISTS dispatches_slot_owed ON dispatches (end_time) WHERE slot_held = 1 AND end_time IS NOT NULL;
 -- Round-robin fairness: the turn number of the last lease each tenant got.
 CREATE TABLE IF NOT EXISTS tenant_turns (
   tenant_id TEXT PRIMARY KEY,
@@ -92,6 +94,12 @@ CREATE TABLE IF NOT EXISTS executors (
 const MIGRATIONS: [column: string, ddl: string][] = [
   ["not_before", "ALTER TABLE dispatches ADD COLUMN not_before INTEGER NOT NULL DEFAULT 0"],
   ["resource_caps", "ALTER TABLE dispatches ADD COLUMN resource_caps TEXT NOT NULL DEFAULT 'null'"],
+  // Runs still active at the upgrade hold their slot; ended ones were released (or logged as lost).
+  [
+    "slot_held",
+    `ALTER TABLE dispatches ADD COLUMN slot_held INTEGER NOT NULL DEFAULT 0;
+     UPDATE dispatches SET slot_held = 1 WHERE state IN ('QUEUED', 'STARTING', 'RUNNING')`,
+  ],
 ];
 
 /** Record field -> column, with JSON for the structured fields. */
@@ -121,6 +129,7 @@ const COLUMNS: Record<keyof DispatchRecord, string> = {
   notBefore: "not_before",
   traceparent: "traceparent",
   resourceCaps: "resource_caps",
+  slotHeld: "slot_held",
   createTime: "create_time",
   startTime: "start_time",
   endTime: "end_time",
@@ -144,6 +153,7 @@ function fromRow(row: Record<string, unknown>): DispatchRecord {
     record[field] = JSON_FIELDS.has(field) ? JSON.parse(value as string) : value;
   }
   record.cancelRequested = row.cancel_requested === 1;
+  record.slotHeld = row.slot_held === 1;
   return record as unknown as DispatchRecord;
 }
 
@@ -274,6 +284,11 @@ export class SqliteDispatchStore implements DispatcherStore {
     return Number(row?.n ?? 0);
   }
 
+  async activeLeases() {
+    const row = this.statement(`SELECT COUNT(*) AS n FROM dispatches WHERE state IN ('STARTING', 'RUNNING')`).get();
+    return Number(row?.n ?? 0);
+  }
+
   async countByStateSince(since: number) {
     const counts: Partial<Record<DispatchState, number>> = {};
     for (const row of this.statement(`SELECT state, COUNT(*) AS n FROM dispatches WHERE create_time >= ? GROUP BY state`).all(since)) {
@@ -367,6 +382,12 @@ export class SqliteDispatchStore implements DispatcherStore {
         `SELECT * FROM dispatches WHERE state IN ('STARTING', 'RUNNING') AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT ?`,
       )
       .all(now, limit)
+      .map(fromRow);
+  }
+
+  async listSlotsOwed(endedBefore: number, limit: number) {
+    return this.statement(`SELECT * FROM dispatches WHERE slot_held = 1 AND end_time IS NOT NULL AND end_time < ? ORDER BY end_time LIMIT ?`)
+      .all(endedBefore, limit)
       .map(fromRow);
   }
 

@@ -50,6 +50,12 @@ export interface DispatchRecord {
   traceparent: string;
   /** The tenant tier's container limits at creation; the lease caps the agent's resources by them (null: none). */
   resourceCaps: ResourceCaps | null;
+  /**
+   * The run holds one of its tenant's concurrent slots (taken at admission, before insert).
+   * Cleared once the tenant service has taken the release; a terminal run still holding it
+   * is owed a release, which the sweep keeps trying (`listSlotsOwed`), across restarts too.
+   */
+  slotHeld: boolean;
   createTime: number;
   startTime: number | null;
   endTime: number | null;
@@ -97,10 +103,14 @@ export interface DispatchStore {
   leaseNext(lease: LeaseRequest): Promise<DispatchRecord | undefined>;
   /** Dispatches in STARTING or RUNNING whose lease expired before `now`. */
   listExpiredLeases(now: number, limit: number): Promise<DispatchRecord[]>;
+  /** Terminal dispatches that still hold their slot and ended before `endedBefore`, oldest end first. */
+  listSlotsOwed(endedBefore: number, limit: number): Promise<DispatchRecord[]>;
   /** Dispatches in STARTING or RUNNING leased to that executor, oldest first. */
   listLeasedTo(executorId: string, limit: number): Promise<DispatchRecord[]>;
   /** Number of QUEUED dispatches. */
   queueDepth(): Promise<number>;
+  /** Number of leased dispatches (STARTING or RUNNING); reads the state index, not the history. */
+  activeLeases(): Promise<number>;
   /** Dispatches created at or after `since`, counted by their current state. */
   countByStateSince(since: number): Promise<Partial<Record<DispatchState, number>>>;
   close(): Promise<void>;
@@ -196,6 +206,7 @@ export function queuedDispatch(init: NewDispatch & { resourceCaps?: ResourceCaps
     leaseExpiresAt: null,
     cancelRequested: false,
     notBefore: 0,
+    slotHeld: true,
     startTime: null,
     endTime: null,
     updateTime: init.createTime,
