@@ -27,6 +27,8 @@ it("records the tenant service's mutations with caller, target and outcome, per 
   const b = await t.newTenant("Audited B");
   await a.clients.secrets.putSecret({ name: "API_TOKEN", value: "value-1234" });
   await expect(a.clients.secrets.putSecret({ name: "bad name", value: "x" })).rejects.toThrow();
+  // A name past every bound is refused, and still recorded: its target clipped to the trail's 256.
+  await expect(a.clients.secrets.putSecret({ name: "X".repeat(300), value: "x" })).rejects.toThrow();
   const { apiKey } = await a.clients.apiKeys.createApiKey({ displayName: "ci" });
   await a.clients.apiKeys.revokeApiKey({ apiKeyId: apiKey!.id });
   await a.clients.dispatches.createDispatch({ agent: "demo", task: "audited" });
@@ -38,6 +40,7 @@ it("records the tenant service's mutations with caller, target and outcome, per 
     expect.arrayContaining([
       "PutSecret secret/API_TOKEN OK",
       "PutSecret secret/bad name INVALID_ARGUMENT",
+      `PutSecret secret/${"X".repeat(248)}… INVALID_ARGUMENT`,
       `CreateApiKey api_key/${apiKey!.id} OK`,
       `RevokeApiKey api_key/${apiKey!.id} OK`,
       expect.stringMatching(/^CreateDispatch dispatch\/\S+ OK$/),

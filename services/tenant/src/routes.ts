@@ -261,6 +261,10 @@ function ownOrAdminTenant(ctx: HandlerContext, requested: string): string {
 
 // Control characters (C0, DEL, C1) and the Unicode line/paragraph separators.
 const CONTROL = /[\p{Cc}\u2028\u2029]/u;
+// Characters that change how text around them is shown without showing themselves: direction
+// marks, overrides and isolates, zero-width space, byte-order mark. In a name they can make one
+// tenant look like another in an admin's list. (Zero-width joiners stay: emoji sequences use them.)
+const INVISIBLE = /[\u061C\u200B\u200E\u200F\u202A-\u202E\u2066-\u2069\uFEFF]/u;
 
 /** Free text: trimmed, well-formed Unicode, no control characters, at most `max` UTF-16 units. */
 function textField(field: string, raw: string, max: number, required: boolean): string {
@@ -269,6 +273,7 @@ function textField(field: string, raw: string, max: number, required: boolean): 
   if (required) requireNonEmpty(field, value, max);
   else checkLength(field, value, max);
   if (CONTROL.test(value)) throw invalidArgument(field, "must not contain control characters", "FIELD_MALFORMED");
+  if (INVISIBLE.test(value)) throw invalidArgument(field, "must not contain invisible or text-direction characters", "FIELD_MALFORMED");
   return value;
 }
 

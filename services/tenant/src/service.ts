@@ -9,8 +9,7 @@ import { loadTiers } from "./core/tiers.ts";
 import type { TenantConfig } from "./config.ts";
 import { tenantRoutes } from "./routes.ts";
 import { auditReporter } from "./adapters/audit-reporter.ts";
-import { MongoTenantStore } from "./store/mongo-store.ts";
-import { SqliteTenantStore } from "./store/sqlite-store.ts";
+import { openTenantStore } from "./store/open-store.ts";
 import type { TenantStore } from "./store/store.ts";
 
 export interface RunningTenant {
@@ -28,10 +27,7 @@ export async function startTenant(config: TenantConfig, logger: Logger, store?: 
   const signingKeys = SigningKeys.fromSettings("tenant", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS);
   if (!config.OUTPOST_DISPATCHER_URL) logger.warn("OUTPOST_DISPATCHER_URL is not set: tenant mutations are not written to the audit trail");
 
-  // MongoDB when configured (several replicas in production); the embedded SQLite file otherwise.
-  const tenantStore =
-    store ??
-    (config.OUTPOST_MONGO_URL ? await MongoTenantStore.connect(config.OUTPOST_MONGO_URL) : new SqliteTenantStore(config.OUTPOST_DATA_DIR));
+  const tenantStore = store ?? (await openTenantStore(config));
   let redis: Redis | undefined;
   if (config.OUTPOST_REDIS_URL) redis = connectRedis(config.OUTPOST_REDIS_URL, logger);
   const invalidation = redis ? publishingInvalidation(redis, logger) : NO_INVALIDATION;

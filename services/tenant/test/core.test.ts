@@ -5,7 +5,8 @@ import { DatabaseSync } from "node:sqlite";
 import { afterEach, describe, expect, it } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { API_KEY_PATTERN, generateApiKey, hashApiKey, isWellFormedApiKey } from "../src/core/api-keys.ts";
-import { LAST_USED_WRITE_INTERVAL_MS, TenantCore } from "../src/core/tenants.ts";
+import { LAST_USED_WRITE_INTERVAL_MS, MAX_ACTIVE_API_KEYS, TenantCore } from "../src/core/tenants.ts";
+import { errorInfoOf } from "@outpost/platform";
 import { SqliteTenantStore } from "../src/store/sqlite-store.ts";
 import { expectError } from "./helpers.ts";
 
@@ -43,6 +44,17 @@ describe("TenantCore", () => {
   const dirs: string[] = [];
   afterEach(() => {
     for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it(`refuses a key past ${MAX_ACTIVE_API_KEYS} active ones with RESOURCE_EXHAUSTED naming the limit; revoking one makes room`, async () => {
+    const core = new TenantCore({ store: new SqliteTenantStore(":memory:") });
+    const created = await core.createTenant({ name: "Many keys", contactEmail: "ops@acme.test", tier: "pro" });
+    const keys = [created.apiKey];
+    while (keys.length < MAX_ACTIVE_API_KEYS) keys.push((await core.createApiKey(created.tenant.id, "k")).apiKey);
+    const err = await expectError(core.createApiKey(created.tenant.id, "one too many"), Code.ResourceExhausted, "QUOTA_EXCEEDED");
+    expect(errorInfoOf(err)?.metadata).toMatchObject({ quota: "active_api_keys", limit: String(MAX_ACTIVE_API_KEYS) });
+    await core.revokeApiKey(keys[0]!.id, created.tenant.id);
+    await core.createApiKey(created.tenant.id, "room again");
   });
 
   it("stores only the hash: the plaintext appears in no row and nowhere in the database files", async () => {

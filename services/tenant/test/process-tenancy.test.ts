@@ -4,7 +4,7 @@
  * gateway identities; the re-encrypt command run as its own process against the same data.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -160,6 +160,24 @@ describe("tenant process with tiers, master keys and Redis", () => {
     await start(`${K2},${K1}`);
     const executor2 = as(TenantInternalService, { kind: "service", principal: "executor/e1" });
     expect((await executor2.resolveSecrets({ tenantId, names: ["OPENAI_API_KEY"], grant: grantOf(tenantId, ["OPENAI_API_KEY"], "executor/e1") })).values).toEqual({ OPENAI_API_KEY: value });
+
+    // Pointed at the wrong directory it refuses, rather than report an empty store as done.
+    const wrongDir = path.join(dir, "not-the-data-dir");
+    const refused = spawnSync(process.execPath, ["--disable-warning=ExperimentalWarning", path.join(SRC, "reencrypt-secrets.ts")], {
+      env: { ...process.env, OUTPOST_DATA_DIR: wrongDir, OUTPOST_SECRETS_MASTER_KEYS: `${K2},${K1}` },
+      encoding: "utf8",
+    });
+    expect(refused.status).toBe(78);
+    expect(refused.stderr).toContain("OUTPOST_DATA_DIR: no tenant.db");
+    expect(existsSync(wrongDir)).toBe(false);
+    // With OUTPOST_MONGO_URL it works on MongoDB, as the service does (here: none answers).
+    const onMongo = spawnSync(process.execPath, ["--disable-warning=ExperimentalWarning", path.join(SRC, "reencrypt-secrets.ts")], {
+      env: { ...process.env, OUTPOST_DATA_DIR: wrongDir, OUTPOST_MONGO_URL: `mongodb://127.0.0.1:${await freePort()}/outpost`, OUTPOST_SECRETS_MASTER_KEYS: `${K2},${K1}` },
+      encoding: "utf8",
+    });
+    expect(onMongo.status).not.toBe(0);
+    expect(onMongo.stdout).not.toContain("re-encrypted");
+    expect(onMongo.stderr).toMatch(/MongoServerSelectionError|ECONNREFUSED/);
 
     const reencrypt = spawnSync(process.execPath, ["--disable-warning=ExperimentalWarning", path.join(SRC, "reencrypt-secrets.ts")], {
       env: { ...process.env, OUTPOST_DATA_DIR: dataDir, OUTPOST_SECRETS_MASTER_KEYS: `${K2},${K1}` },

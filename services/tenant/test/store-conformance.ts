@@ -90,6 +90,22 @@ export function tenantStoreConformance(adapter: string, factory: () => Promise<T
       expect(await store.getTenant(second.id)).toBeNull();
     });
 
+    it("creates a key only while the tenant holds fewer active keys than the limit; revoked ones do not count", async () => {
+      const tenant = tenantFixture();
+      const first = keyFixture(tenant.id);
+      await store.createTenantWithKey(tenant, first);
+      expect(await store.createApiKey(keyFixture(tenant.id), 2)).toBe(true);
+      const refused = keyFixture(tenant.id);
+      expect(await store.createApiKey(refused, 2)).toBe(false);
+      expect(await store.getApiKey(refused.id)).toBeNull();
+      // Another tenant's keys are its own count.
+      const other = tenantFixture();
+      await store.createTenantWithKey(other, keyFixture(other.id));
+      expect(await store.createApiKey(keyFixture(other.id), 2)).toBe(true);
+      await store.revokeApiKey(first.id, new Date());
+      expect(await store.createApiKey(keyFixture(tenant.id), 2)).toBe(true);
+    });
+
     it("refuses a second key with the same hash (key_hash is unique)", async () => {
       const tenant = tenantFixture();
       const key = keyFixture(tenant.id);
@@ -250,6 +266,18 @@ export function tenantStoreConformance(adapter: string, factory: () => Promise<T
       expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 2, runsToday: 3 });
     });
 
+    it("a release that arrives before its admission leaves a mark: the late admission takes nothing", async () => {
+      const tenantId = ulid();
+      const req = (dispatchId: string): AdmissionRequest => ({ tenantId, dispatchId, day: "2025-01-01", admitTime: T0, concurrentLimit: 1, dailyLimit: 100 });
+      const abandoned = ulid();
+      expect(await store.releaseDispatch(tenantId, abandoned, at(1))).toBe(false);
+      expect(await store.releaseDispatch(tenantId, abandoned, at(2))).toBe(false);
+      expect(await store.admitDispatch(req(abandoned))).toEqual({ kind: "duplicate" });
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 0, runsToday: 0 });
+      // The one slot is still there for the next run.
+      expect(await store.admitDispatch(req(ulid()))).toEqual({ kind: "admitted" });
+    });
+
     it("counts the daily quota per day, released runs included", async () => {
       const tenantId = ulid();
       const req = (day: string): AdmissionRequest => ({ tenantId, dispatchId: ulid(), day, admitTime: T0, concurrentLimit: 10, dailyLimit: 2 });
@@ -259,6 +287,13 @@ export function tenantStoreConformance(adapter: string, factory: () => Promise<T
       expect(await store.admitDispatch(req("2025-01-01"))).toEqual({ kind: "admitted" });
       expect(await store.admitDispatch(req("2025-01-01"))).toEqual({ kind: "over_quota", quota: "runs_per_day" });
       expect(await store.admitDispatch(req("2025-01-02"))).toEqual({ kind: "admitted" });
+    });
+
+    it("names the daily quota when both are used up", async () => {
+      const tenantId = ulid();
+      const req = (): AdmissionRequest => ({ tenantId, dispatchId: ulid(), day: "2025-01-01", admitTime: T0, concurrentLimit: 1, dailyLimit: 1 });
+      expect(await store.admitDispatch(req())).toEqual({ kind: "admitted" });
+      expect(await store.admitDispatch(req())).toEqual({ kind: "over_quota", quota: "runs_per_day" });
     });
 
     it("never admits more than the limit when many admissions race", async () => {

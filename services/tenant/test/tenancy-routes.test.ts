@@ -128,6 +128,12 @@ describe("tenant administration", () => {
     await expectInvalid(admin().suspendTenant({ tenantId: t.id }), "reason");
     await expectInvalid(admin().suspendTenant({ tenantId: t.id, reason: "x".repeat(501) }), "reason");
     await expectInvalid(admin().suspendTenant({ tenantId: t.id, reason: "bad\u0007" }), "reason");
+    // Names and reasons that would show as something else in a list: direction overrides, zero-width space.
+    await expectInvalid(admin().suspendTenant({ tenantId: t.id, reason: "paid\u202Edeifitrec" }), "reason");
+    await expectInvalid(admin().createTenant({ name: "\u202Eevil\u200B", contactEmail: "e@e.test" }), "name");
+    await expectInvalid(admin().createTenant({ name: "Acme\u2066 Corp", contactEmail: "e@e.test" }), "name");
+    // An emoji sequence joined by zero-width joiners is a name like any other.
+    expect((await admin().createTenant({ name: "Team \u{1F469}\u200D\u{1F4BB}", contactEmail: "e@e.test" })).tenant?.name).toBe("Team \u{1F469}\u200D\u{1F4BB}");
     await expectInvalid(admin().suspendTenant({ reason: "r" }), "tenant_id");
     await expectInvalid(admin().reactivateTenant({ tenantId: "nope" }), "tenant_id");
     await expectError(admin().suspendTenant({ tenantId: MISSING, reason: "r" }), Code.NotFound, "TENANT_NOT_FOUND");
@@ -316,6 +322,16 @@ describe("secrets", () => {
     expect(await byName()).toEqual({ LAZY: "k2", BULK: "k1" });
     expect(await rotated.secrets.reencryptAll()).toEqual({ resealed: 1, failed: 0 });
     expect(await byName()).toEqual({ LAZY: "k2", BULK: "k2" });
+
+    // A re-seal that fails to write (the store busy) does not fail the read: the value comes
+    // back, and stays under the old key for the next read or the bulk command to move.
+    await secretsAs(t.id).putSecret({ name: "STUCK", value: "stuck-value" });
+    const refusingReseal = Object.create(store, { resealSecret: { value: async () => Promise.reject(new Error("database is locked")) } }) as typeof store;
+    expect((await clientFor(buildCores(refusingReseal, { box: SecretBox.fromSetting(`${k2},${k1}`) }), TenantInternalService, EXECUTOR).resolveSecrets({ tenantId: t.id, names: ["STUCK"], grant: grantOf(t.id, ["STUCK"]) })).values).toEqual({
+      STUCK: "stuck-value",
+    });
+    expect((await store.getSecrets(t.id, ["STUCK"]))[0]?.keyId).toBe("k1");
+    expect(await rotated.secrets.reencryptAll()).toEqual({ resealed: 1, failed: 0 });
 
     // The old key can now be dropped.
     const onlyNew = buildCores(store, { box: SecretBox.fromSetting(k2) });

@@ -29,6 +29,17 @@ const MUTATIONS: Record<string, (req: Record<string, unknown>, res: Record<strin
   "outpost.tenant.v1.SecretService/DeleteSecret": (req) => ({ target: `secret/${String(req.name ?? "")}` }),
 };
 
+/**
+ * The audit trail's bounds on a target and a tenant id. Both come from the request as sent, so a
+ * hostile one (refused for its length) must still be recorded: it is clipped, with a marker.
+ */
+const TARGET_MAX = 256;
+const TENANT_ID_MAX = 128;
+
+function clip(value: string, max: number): string {
+  return value.length <= max ? value : `${value.slice(0, max - 1).toWellFormed()}…`;
+}
+
 /** How long a call may wait for its audit record to be written. */
 const RECORD_TIMEOUT_MS = 2000;
 
@@ -55,7 +66,13 @@ export function auditReporter({ dispatcherUrl, signingKeys, logger }: AuditRepor
       const tenantId = caller?.kind === "tenant" ? caller.tenantId : (described.tenantId ?? "");
       try {
         await audit.recordAuditEvent(
-          { tenantId, principal: caller?.principal ?? "unknown", method, target: described.target, outcome: outcomeOf(err) },
+          {
+            tenantId: clip(tenantId, TENANT_ID_MAX),
+            principal: caller?.principal ?? "unknown",
+            method,
+            target: clip(described.target, TARGET_MAX),
+            outcome: outcomeOf(err),
+          },
           { timeoutMs: RECORD_TIMEOUT_MS },
         );
       } catch (auditErr) {

@@ -18,6 +18,7 @@ export const MAX_SECRETS_PER_TENANT = 200;
 
 export interface SecretsLogger {
   info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
   error(obj: object, msg: string): void;
 }
 
@@ -79,7 +80,7 @@ export class SecretsCore {
     for (const name of unique) {
       const record = records.get(name)!;
       values[name] = this.open(box, record);
-      if (record.keyId !== box.currentKeyId) await this.reseal(box, record, values[name]);
+      if (record.keyId !== box.currentKeyId) await this.resealQuietly(box, record, values[name]);
     }
     return values;
   }
@@ -122,6 +123,18 @@ export class SecretsCore {
       }
       // Tampered or corrupt: say so without any value.
       throw failedPrecondition("SECRET_UNREADABLE", `secret "${record.name}" cannot be decrypted`, { secret: record.name });
+    }
+  }
+
+  /**
+   * Moving a value to the current key on read is housekeeping: if the write fails (the store
+   * busy or away), the run still gets its secret, and the next read or the bulk command moves it.
+   */
+  private async resealQuietly(box: SecretBox, record: SecretRecord, value: string): Promise<void> {
+    try {
+      await this.reseal(box, record, value);
+    } catch (err) {
+      this.logger?.warn({ err, tenant_id: record.tenantId, secret_name: record.name }, "secret not re-encrypted on read; it still reads under its old key");
     }
   }
 

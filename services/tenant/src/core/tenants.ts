@@ -4,7 +4,7 @@
  * nothing about transport; failures are raised through @outpost/platform's error helpers so
  * they reach callers with a reason.
  */
-import { failedPrecondition, notFound, outpostError, unauthenticated } from "@outpost/platform";
+import { failedPrecondition, notFound, outpostError, resourceExhausted, unauthenticated } from "@outpost/platform";
 import { Code } from "@connectrpc/connect";
 import { monotonicFactory } from "ulid";
 import type { ApiKeyRecord, TenantRecord, TenantStore, TenantTier } from "../store/store.ts";
@@ -59,6 +59,9 @@ export function tenantSuspended(reason: string) {
   const why = reason ? `: ${reason}` : "";
   return outpostError(Code.PermissionDenied, "TENANT_SUSPENDED", `the tenant is suspended${why}`, { suspend_reason: reason });
 }
+
+/** Active (not revoked) API keys one tenant may hold. */
+export const MAX_ACTIVE_API_KEYS = 100;
 
 export class TenantCore {
   private readonly store: TenantStore;
@@ -157,11 +160,21 @@ export class TenantCore {
     return revoked;
   }
 
-  /** Mints a new key for an existing tenant; NOT_FOUND when the tenant does not exist. */
+  /**
+   * Mints a new key for an existing tenant; NOT_FOUND when the tenant does not exist;
+   * RESOURCE_EXHAUSTED once it has MAX_ACTIVE_API_KEYS keys not revoked (any key may mint keys,
+   * so a leaked one could otherwise mint without end keys that outlive its own revocation).
+   */
   async createApiKey(tenantId: string, displayName: string): Promise<CreatedKey> {
     await this.getTenant(tenantId);
     const created = this.newKey(tenantId, displayName, this.now());
-    await this.store.createApiKey(created.apiKey);
+    if (!(await this.store.createApiKey(created.apiKey, MAX_ACTIVE_API_KEYS))) {
+      throw resourceExhausted(
+        "active_api_keys",
+        `a tenant can hold at most ${MAX_ACTIVE_API_KEYS} active API keys; revoke one it no longer uses (RevokeApiKey) first`,
+        { limit: String(MAX_ACTIVE_API_KEYS) },
+      );
+    }
     return created;
   }
 

@@ -61,6 +61,8 @@ interface AdmissionDoc {
   claimedAt: Date;
   /** Set at release: the TTL index deletes the record then (unreleased ones never expire). */
   expireAt?: Date;
+  /** A release arrived while the admission was being decided: the decision releases it. */
+  releaseRequested?: boolean;
 }
 type ActiveDoc = { _id: string; active: string[] };
 type DayDoc = { _id: string; tenantId: string; day: string; count: number; expireAt: Date };
@@ -272,7 +274,10 @@ export class MongoTenantStore implements TenantStore {
     return docs.map((d) => d._id);
   }
 
-  async createApiKey(key: ApiKeyRecord): Promise<void> {
+  async createApiKey(key: ApiKeyRecord, activeLimit?: number): Promise<boolean> {
+    if (activeLimit !== undefined && (await this.apiKeys.countDocuments({ tenantId: key.tenantId, revokeTime: null }, { limit: activeLimit })) >= activeLimit) {
+      return false;
+    }
     const { id, ...rest } = key;
     try {
       await this.apiKeys.insertOne({ _id: id, ...rest });
@@ -281,6 +286,7 @@ export class MongoTenantStore implements TenantStore {
       if (isDuplicateKey(err)) throw new DuplicateRecordError(`api key ${key.id} collides with an existing id or hash`, { cause: err });
       throw err;
     }
+    return true;
   }
 
   async getApiKey(id: string): Promise<ApiKeyRecord | null> {
@@ -442,6 +448,11 @@ export class MongoTenantStore implements TenantStore {
       return { kind: "over_quota", quota };
     };
 
+    // The day first (a read; the counted increment below is what enforces it): with both used
+    // up, the one to name is the one a wait for a run cannot fix.
+    const today = dayCountFilter(tenantId, request.day, request.dailyLimit);
+    const day = await this.days.findOne({ _id: dayCounterId(tenantId, request.day) });
+    if (!today || (day && day.count >= request.dailyLimit)) return refuse("runs_per_day");
     const slot = setSlotFilter(tenantId, "active", dispatchId, request.concurrentLimit);
     if (!slot) return refuse("concurrent_runs");
     // Create the tenant's document by an equality upsert first: a conditional upsert could
@@ -450,35 +461,50 @@ export class MongoTenantStore implements TenantStore {
     const reserved = await this.active.updateOne(slot as Filter<ActiveDoc>, { $addToSet: { active: dispatchId } });
     if (reserved.matchedCount === 0) return refuse("concurrent_runs");
 
-    const today = dayCountFilter(tenantId, request.day, request.dailyLimit);
-    let counted = false;
-    if (today) {
-      await this.days.updateOne(
-        { _id: dayCounterId(tenantId, request.day) },
-        { $setOnInsert: { tenantId, day: request.day, count: 0, expireAt: dayCounterExpiry(request.day) } },
-        { upsert: true },
-      );
-      counted = (await this.days.updateOne(today, { $inc: { count: 1 } })).matchedCount > 0;
-    }
+    await this.days.updateOne(
+      { _id: dayCounterId(tenantId, request.day) },
+      { $setOnInsert: { tenantId, day: request.day, count: 0, expireAt: dayCounterExpiry(request.day) } },
+      { upsert: true },
+    );
+    const counted = (await this.days.updateOne(today, { $inc: { count: 1 } })).matchedCount > 0;
     if (!counted) {
       await this.active.updateOne({ _id: tenantId }, { $pull: { active: dispatchId } });
       return refuse("runs_per_day");
     }
-    await this.admissions.updateOne(owned, { $set: { state: "admitted" } });
+    const admitted = await this.admissions.findOneAndUpdate(owned, { $set: { state: "admitted" } }, { returnDocument: "after" });
+    // Released while it was being decided (the dispatcher gave up waiting for this answer).
+    if (admitted?.releaseRequested) await this.releaseDispatch(tenantId, dispatchId, new Date());
     return { kind: "admitted" };
   }
 
   async releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date): Promise<boolean> {
-    const doc = await this.admissions.findOneAndUpdate(
-      { _id: admissionId(tenantId, dispatchId), state: "admitted", releaseTime: null },
-      { $set: { releaseTime, expireAt: new Date(releaseTime.getTime() + ADMISSION_RETENTION_MS) } },
-    );
+    const _id = admissionId(tenantId, dispatchId);
+    const expireAt = new Date(releaseTime.getTime() + ADMISSION_RETENTION_MS);
+    const doc = await this.admissions.findOneAndUpdate({ _id, state: "admitted", releaseTime: null }, { $set: { releaseTime, expireAt } });
+    if (!doc && (await this.markReleasedBeforeAdmitted(_id, tenantId, dispatchId, releaseTime, expireAt))) return false;
     // The slot is freed on every call for a released admission, so a retried release heals a
     // crash between the two writes; $pull of an absent member changes nothing.
-    if (doc || (await this.admissions.countDocuments({ _id: admissionId(tenantId, dispatchId), state: "admitted" })) > 0) {
+    if (doc || (await this.admissions.countDocuments({ _id, state: "admitted" })) > 0) {
       await this.active.updateOne({ _id: tenantId }, { $pull: { active: dispatchId } });
     }
     return doc !== null;
+  }
+
+  /**
+   * A release of an id with no admitted record: a missing one gets a released mark with no day
+   * (a later admission of it finds the mark and answers "duplicate"); one still being decided is
+   * flagged, and its decision releases it as it admits. True when either was done.
+   */
+  private async markReleasedBeforeAdmitted(_id: string, tenantId: string, dispatchId: string, releaseTime: Date, expireAt: Date): Promise<boolean> {
+    const mark: AdmissionDoc = { _id, tenantId, dispatchId, day: "", admitTime: releaseTime, releaseTime, state: "admitted", claimedAt: releaseTime, expireAt };
+    try {
+      await this.admissions.insertOne(mark);
+      return true;
+    } catch (err) {
+      if (!isDuplicateKey(err)) throw err;
+    }
+    const flagged = await this.admissions.updateOne({ _id, state: "pending" }, { $set: { releaseRequested: true } });
+    return flagged.matchedCount > 0;
   }
 
   /** The counts admission enforces: slots held (pending decisions included) and the day's counter. */

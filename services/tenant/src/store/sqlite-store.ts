@@ -174,8 +174,15 @@ export class SqliteTenantStore implements TenantStore {
       .map((r) => String(r.id));
   }
 
-  async createApiKey(key: ApiKeyRecord): Promise<void> {
-    this.insertApiKey(key);
+  async createApiKey(key: ApiKeyRecord, activeLimit?: number): Promise<boolean> {
+    return inTransaction(this.db, () => {
+      if (activeLimit !== undefined) {
+        const row = this.db.prepare("SELECT COUNT(*) AS n FROM api_keys WHERE tenant_id = ? AND revoke_time IS NULL").get(key.tenantId);
+        if (Number(row?.n ?? 0) >= activeLimit) return false;
+      }
+      this.insertApiKey(key);
+      return true;
+    });
   }
 
   async getApiKey(id: string): Promise<ApiKeyRecord | null> {
@@ -284,8 +291,9 @@ export class SqliteTenantStore implements TenantStore {
         .get(request.tenantId, request.dispatchId);
       if (seen) return { kind: "duplicate" };
       const usage = this.usageNow(request.tenantId, request.day);
-      if (usage.activeRuns >= request.concurrentLimit) return { kind: "over_quota", quota: "concurrent_runs" };
+      // The day first: with both used up, the one to name is the one a wait for a run cannot fix.
       if (usage.runsToday >= request.dailyLimit) return { kind: "over_quota", quota: "runs_per_day" };
+      if (usage.activeRuns >= request.concurrentLimit) return { kind: "over_quota", quota: "concurrent_runs" };
       this.db
         .prepare("INSERT INTO admissions (tenant_id, dispatch_id, day, admit_time, release_time) VALUES (?, ?, ?, ?, NULL)")
         .run(request.tenantId, request.dispatchId, request.day, request.admitTime.getTime());
@@ -294,10 +302,19 @@ export class SqliteTenantStore implements TenantStore {
   }
 
   async releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date): Promise<boolean> {
-    const result = this.db
-      .prepare("UPDATE admissions SET release_time = ? WHERE tenant_id = ? AND dispatch_id = ? AND release_time IS NULL")
-      .run(releaseTime.getTime(), tenantId, dispatchId);
-    return Number(result.changes) > 0;
+    const at = releaseTime.getTime();
+    // One transaction, so an admission cannot slip in between the two statements and stay held.
+    return inTransaction(this.db, () => {
+      const result = this.db
+        .prepare("UPDATE admissions SET release_time = ? WHERE tenant_id = ? AND dispatch_id = ? AND release_time IS NULL")
+        .run(at, tenantId, dispatchId);
+      if (Number(result.changes) > 0) return true;
+      // Never admitted (yet): the released mark, with no day, so it counts against nothing.
+      this.db
+        .prepare("INSERT INTO admissions (tenant_id, dispatch_id, day, admit_time, release_time) VALUES (?, ?, '', ?, ?) ON CONFLICT DO NOTHING")
+        .run(tenantId, dispatchId, at, at);
+      return false;
+    });
   }
 
   async usageOf(tenantId: string, day: string): Promise<TenantUsage> {

@@ -66,7 +66,8 @@ export interface AdmissionRequest {
 
 /**
  * "admitted": counted now; "duplicate": this dispatch id was admitted before (nothing counted);
- * "over_quota": nothing counted, `quota` says which limit was reached first.
+ * "over_quota": nothing counted, `quota` says which limit was reached: the day's when both
+ * are (no wait for a run to end would help then).
  */
 export type AdmissionOutcome = { kind: "admitted" } | { kind: "duplicate" } | { kind: "over_quota"; quota: QuotaName };
 
@@ -103,8 +104,13 @@ export interface TenantStore {
   listTenants(afterId: string | undefined, limit: number): Promise<TenantRecord[]>;
   listSuspendedTenantIds(): Promise<string[]>;
 
-  /** Inserts a key; throws DuplicateRecordError on a duplicate id or hash. */
-  createApiKey(key: ApiKeyRecord): Promise<void>;
+  /**
+   * Inserts a key unless its tenant already has `activeLimit` keys not revoked (then false;
+   * without a limit, always). Throws DuplicateRecordError on a duplicate id or hash. SQLite
+   * counts and inserts in one write transaction; MongoDB counts, then inserts, so parallel
+   * creates can pass the limit by a few (it bounds a leaked key's minting, not a quota to the unit).
+   */
+  createApiKey(key: ApiKeyRecord, activeLimit?: number): Promise<boolean>;
   getApiKey(id: string): Promise<ApiKeyRecord | null>;
   findApiKeyByHash(keyHash: string): Promise<ApiKeyRecord | null>;
   /** Sets revoke_time if the key is not revoked yet; returns the revoked key, or null when it was missing or already revoked. */
@@ -148,7 +154,12 @@ export interface TenantStore {
    * updates (its design is described at the top of mongo-store.ts).
    */
   admitDispatch(request: AdmissionRequest): Promise<AdmissionOutcome>;
-  /** Marks an admission released (frees its concurrent slot). Returns false when it was missing or already released. */
+  /**
+   * Marks an admission released (frees its concurrent slot). Returns false when it was missing or
+   * already released. A release of an id never admitted leaves a released mark, so an admission
+   * of that id arriving later (its request was delayed; the dispatcher gave up on the answer and
+   * released it) answers "duplicate" and takes nothing.
+   */
   releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date): Promise<boolean>;
   usageOf(tenantId: string, day: string): Promise<TenantUsage>;
 
