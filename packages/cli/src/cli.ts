@@ -1,12 +1,18 @@
 /**
  * `outpost` commands (SPEC C2). Exit codes: 0 success; for a followed run, the agent's own
- * exit code when it failed with one, else 1; 1 for API errors; 2 for usage errors.
+ * exit code when it failed with one, else 1; 1 for API errors; 2 for usage errors and an
+ * unusable credentials file; 130 when a secret prompt is interrupted. Standard output closed by
+ * its reader (`outpost logs D1 | head -2`) ends the command quietly with 0 — not 141 (SIGPIPE's
+ * status), which `set -o pipefail` would count as a failure; the run itself goes on.
  */
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { Writable } from "node:stream";
 import { parseArgs } from "node:util";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { fromJson, toJson, type JsonValue } from "@bufbuild/protobuf";
-import { durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
+import { create, fromJson, toJson, type JsonValue } from "@bufbuild/protobuf";
+import { type Duration, durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import { parse as parseYaml } from "yaml";
 import {
   type Agent,
@@ -22,7 +28,6 @@ import { AgentStatus_CircuitState, type GetFleetStatusResponse, GetFleetStatusRe
 import {
   type ApiKey,
   ApiKeySchema,
-  type Secret,
   SecretSchema,
   type Tenant,
   TenantSchema,
@@ -32,14 +37,14 @@ import {
 import { CreateApiKeyResponseSchema, CreateTenantResponseSchema } from "@outpost/proto/outpost/tenant/v1/tenant_service_pb.js";
 import type { RunEnd } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { outpostClients, type OutpostClients } from "./client.ts";
-import { DEFAULT_GATEWAY_URL, readDevCredentials } from "./credentials.ts";
+import { CredentialsError, DEFAULT_GATEWAY_URL, devCredentialsPath, readDevCredentials } from "./credentials.ts";
 import { followLogs, writeChunk } from "./follow.ts";
 
 export interface CliIo {
   out: NodeJS.WritableStream;
   err: NodeJS.WritableStream;
   env: NodeJS.ProcessEnv;
-  /** Where `secret put` reads a value given neither --value nor a terminal. */
+  /** Where `secret put` reads a value given neither --value nor --value-file; a terminal is prompted without echo. */
   stdin?: NodeJS.ReadableStream & { isTTY?: boolean };
 }
 
@@ -47,13 +52,16 @@ const USAGE = `usage: outpost <command> [options]
 
   dispatch --agent <name> --task "<text>" [--follow] [--model <id> | --model-tier fast|balanced|flagship]
            [--timeout <seconds>] [--env KEY=VALUE]... [--label key=value]... [--secret NAME]... [--request-id <id>]
+           --timeout: seconds, to the millisecond at most (300, 1.5)
   get <dispatch-id>             show a dispatch
-  list [--state <state>] [--agent <name>] [--page-size <n>]
+  list [--state <state>] [--agent <name>] [--page-size <n>]   every page, <n> per request
   cancel <dispatch-id>
   logs <dispatch-id> [--follow] [--after <seq>]
   agents                        list the agents you can dispatch
   key create [--name <label>] | key list | key revoke <key-id>     your own API keys
-  secret put <NAME> [--value <v>]   value from --value or standard input (never echoed)
+  secret put <NAME> [--value-file <path>]   value from the file, else standard input: piped, or typed
+                                    at a terminal without echo (--value <v> also works, but other
+                                    users see it in ps and it stays in your shell history)
   secret list                       names only
   secret delete <NAME>
 
@@ -74,11 +82,23 @@ admin commands (credential: $OUTPOST_ADMIN_TOKEN):
   fleet                         agents (availability, circuit), executors (slots, warm containers),
                                 queue depth, runs by state over 24 h, degraded parts
 
-global options: --gateway <url> (default $OUTPOST_GATEWAY_URL, the dev credentials file, ${DEFAULT_GATEWAY_URL})
-                --api-key <key> (default $OUTPOST_API_KEY, then the dev credentials file written by npm start)
+global options: --api-key <key> (default $OUTPOST_API_KEY, then $OUTPOST_HOME/credentials.json — ~/.outpost
+                                 by default, written by npm start; never the working directory's .outpost).
+                                 A key given here is visible to other users in ps: prefer the variable
+                --gateway <url> (default $OUTPOST_GATEWAY_URL, then the credentials file's only when the key
+                                 came from that file, then ${DEFAULT_GATEWAY_URL})
                 --json          print JSON instead of text`;
 
 class UsageError extends Error {}
+
+/** An error reported as one line (no usage text) with its own exit code. */
+class CliError extends Error {
+  readonly exitCode: number;
+  constructor(message: string, exitCode: number) {
+    super(message);
+    this.exitCode = exitCode;
+  }
+}
 
 const OPTIONS = {
   gateway: { type: "string" },
@@ -100,111 +120,182 @@ const OPTIONS = {
   tier: { type: "string" },
   reason: { type: "string" },
   value: { type: "string" },
+  "value-file": { type: "string" },
   name: { type: "string" },
   file: { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
 
-export async function runCli(argv: string[], io: CliIo): Promise<number> {
-  try {
-    const { values, positionals } = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
-    const [command, ...rest] = positionals;
-    if (values.help || !command) {
-      io.out.write(`${USAGE}\n`);
-      return command || values.help ? 0 : 2;
-    }
-    const saved = readDevCredentials(io.env);
-    const gatewayUrl = values.gateway ?? io.env.OUTPOST_GATEWAY_URL ?? saved.gatewayUrl ?? DEFAULT_GATEWAY_URL;
-    // Fleet status is for operators: it needs the admin token like the admin commands.
-    const admin = command === "admin" || command === "fleet";
-    const credential = admin
-      ? (io.env.OUTPOST_ADMIN_TOKEN ?? saved.adminToken)
-      : (values["api-key"] ?? io.env.OUTPOST_API_KEY ?? saved.apiKey);
-    if (!credential) {
-      throw new UsageError(
-        admin
-          ? "no admin token: set OUTPOST_ADMIN_TOKEN (npm start writes one to .outpost/credentials.json)"
-          : "no API key: set OUTPOST_API_KEY or pass --api-key (npm start writes a development key to .outpost/credentials.json)",
-      );
-    }
-    const clients = outpostClients(gatewayUrl, credential);
-    // --json prints the proto JSON form (toJson with the message's schema): enum names, int64
-    // as strings, RFC 3339 timestamps — the same shape `admin agent register --file` reads.
-    const print: Print = (json, text) => io.out.write(values.json ? `${JSON.stringify(json, null, 2)}\n` : `${text}\n`);
+/**
+ * Where the calls go and with which credential. The credential comes from --api-key or
+ * OUTPOST_API_KEY (OUTPOST_ADMIN_TOKEN for admin commands), else from the credentials file in the
+ * Outpost home. The gateway comes from --gateway or OUTPOST_GATEWAY_URL, else from that file only
+ * when the credential came from it too, else the default: a key the user gave is never sent to
+ * a gateway named by a file.
+ */
+export function resolveTarget(
+  values: { gateway?: string; "api-key"?: string },
+  env: NodeJS.ProcessEnv,
+  admin: boolean,
+): { gatewayUrl: string; credential: string | undefined } {
+  const given = admin ? env.OUTPOST_ADMIN_TOKEN : (values["api-key"] ?? env.OUTPOST_API_KEY);
+  const gateway = values.gateway ?? env.OUTPOST_GATEWAY_URL;
+  if (given) return { gatewayUrl: gateway ?? DEFAULT_GATEWAY_URL, credential: given };
+  const saved = readDevCredentials(env);
+  const fromFile = admin ? saved.adminToken : saved.apiKey;
+  const credential = typeof fromFile === "string" && fromFile ? fromFile : undefined;
+  const savedGateway = credential && typeof saved.gatewayUrl === "string" && saved.gatewayUrl ? saved.gatewayUrl : undefined;
+  return { gatewayUrl: gateway ?? savedGateway ?? DEFAULT_GATEWAY_URL, credential };
+}
 
-    switch (command) {
-      case "dispatch": {
-        const dispatch = await createDispatch(clients, values);
-        if (!values.follow) {
-          print(toJson(DispatchSchema, dispatch), dispatch.id);
-          return 0;
-        }
-        io.err.write(`outpost: dispatch ${dispatch.id} ${stateName(dispatch.state)} (agent ${dispatch.agent}, model ${dispatch.model})\n`);
-        return await follow(clients, dispatch.id, 0n, io);
-      }
-      case "get": {
-        const { dispatch } = await clients.dispatches.getDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
-        print(toJson(DispatchSchema, dispatch!), describe(dispatch!));
-        return 0;
-      }
-      case "list": {
-        const res = await clients.dispatches.listDispatches({
-          state: values.state ? parseEnum(Dispatch_State, values.state, "--state") : Dispatch_State.UNSPECIFIED,
-          agent: values.agent ?? "",
-          pageSize: values["page-size"] ? Number(values["page-size"]) : 0,
-        });
-        print(toJson(ListDispatchesResponseSchema, res), res.dispatches.map((d) => `${d.id}  ${stateName(d.state).padEnd(10)} ${d.agent.padEnd(8)} ${d.task.slice(0, 60)}`).join("\n"));
-        return 0;
-      }
-      case "cancel": {
-        const { dispatch } = await clients.dispatches.cancelDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
-        print(toJson(DispatchSchema, dispatch!), `${dispatch!.id} ${stateName(dispatch!.state)}${dispatch!.state === Dispatch_State.CANCELLED ? "" : " (stop requested)"}`);
-        return 0;
-      }
-      case "logs": {
-        const id = requireArg(rest[0], "dispatch id");
-        if (values.after !== undefined && !/^\d+$/.test(values.after)) throw new UsageError("--after takes a sequence number, e.g. --after 42");
-        const after = BigInt(values.after ?? "0");
-        if (values.follow) return await follow(clients, id, after, io);
-        let pageToken = "";
-        do {
-          const page = await clients.logs.getLogs({ dispatchId: id, afterSeq: after, pageToken });
-          for (const chunk of page.chunks) writeChunk(chunk, io.out, io.err);
-          pageToken = page.nextPageToken;
-        } while (pageToken);
-        return 0;
-      }
-      case "agents": {
-        const { agents } = await clients.agents.listAgents({});
-        print(
-          agents.map((a) => toJson(AgentSchema, a)),
-          agents.map(agentLine).join("\n"),
-        );
-        return 0;
-      }
-      case "fleet": {
-        const status = await clients.fleet.getFleetStatus({});
-        print(toJson(GetFleetStatusResponseSchema, status), describeFleet(status));
-        return 0;
-      }
-      case "admin":
-        return await adminCommand(clients, rest, values, print);
-      case "key":
-        return await keyCommand(clients, rest, values, print, undefined);
-      case "secret":
-        return await secretCommand(clients, rest, values, print, io);
-      default:
-        throw new UsageError(`unknown command "${command}"`);
-    }
+function missingCredential(env: NodeJS.ProcessEnv, admin: boolean): UsageError {
+  const file = devCredentialsPath(env);
+  const wanted = admin
+    ? `no admin token: set OUTPOST_ADMIN_TOKEN (npm start writes one to ${file})`
+    : `no API key: set OUTPOST_API_KEY or pass --api-key (npm start writes a development key to ${file})`;
+  // Older versions read .outpost/credentials.json in the working directory; say why it is ignored.
+  const old = path.resolve(".outpost", "credentials.json");
+  const note = old !== file && existsSync(old) ? `; ${old} is no longer read (only ${file} is): see "CLI" in the README` : "";
+  return new UsageError(`${wanted}${note}`);
+}
+
+/**
+ * Watches the output streams while a command runs: an error on standard output (EPIPE when the
+ * reader went away) aborts the returned signal, so paging and following stop; errors on standard
+ * error are ignored (nowhere left to report them).
+ */
+function watchOutput(io: CliIo): { signal: AbortSignal; dispose: () => void } {
+  const closed = new AbortController();
+  const onOut = (err: Error) => closed.abort(err);
+  const onErr = () => {};
+  io.out.on("error", onOut);
+  io.err.on("error", onErr);
+  return {
+    signal: closed.signal,
+    dispose: () => {
+      io.out.off("error", onOut);
+      io.err.off("error", onErr);
+    },
+  };
+}
+
+export async function runCli(argv: string[], io: CliIo): Promise<number> {
+  const output = watchOutput(io);
+  try {
+    return await runCommand(argv, io, output.signal);
   } catch (err) {
+    if (output.signal.aborted) {
+      const reason = output.signal.reason as NodeJS.ErrnoException;
+      if (reason.code === "EPIPE") return 0; // the reader has all it wanted: stop quietly
+      io.err.write(`outpost: cannot write the output: ${reason.message}\n`);
+      return 1;
+    }
     if (err instanceof UsageError || (err instanceof TypeError && "code" in err && String(err.code).startsWith("ERR_PARSE_ARGS"))) {
       io.err.write(`outpost: ${err.message}\n\n${USAGE}\n`);
       return 2;
+    }
+    if (err instanceof CredentialsError) {
+      io.err.write(`outpost: ${err.message}\n`);
+      return 2;
+    }
+    if (err instanceof CliError) {
+      io.err.write(`outpost: ${err.message}\n`);
+      return err.exitCode;
     }
     const connectError = ConnectError.from(err);
     io.err.write(`outpost: ${Code[connectError.code]}: ${connectError.rawMessage}\n`);
     if (connectError.code === Code.Unavailable) io.err.write("outpost: is the mesh running? start it with `npm start`\n");
     return 1;
+  } finally {
+    output.dispose();
+  }
+}
+
+async function runCommand(argv: string[], io: CliIo, outputClosed: AbortSignal): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
+  const [command, ...rest] = positionals;
+  if (values.help || !command) {
+    io.out.write(`${USAGE}\n`);
+    return command || values.help ? 0 : 2;
+  }
+  // Fleet status is for operators: it needs the admin token like the admin commands.
+  const admin = command === "admin" || command === "fleet";
+  const { gatewayUrl, credential } = resolveTarget(values, io.env, admin);
+  if (!credential) throw missingCredential(io.env, admin);
+  const clients = outpostClients(gatewayUrl, credential);
+  // --json prints the proto JSON form (toJson with the message's schema): enum names, int64
+  // as strings, RFC 3339 timestamps — the same shape `admin agent register --file` reads.
+  const print: Print = (json, text) => io.out.write(values.json ? `${JSON.stringify(json, null, 2)}\n` : `${text}\n`);
+
+  switch (command) {
+    case "dispatch": {
+      const dispatch = await createDispatch(clients, values);
+      if (!values.follow) {
+        print(toJson(DispatchSchema, dispatch), dispatch.id);
+        return 0;
+      }
+      io.err.write(`outpost: dispatch ${dispatch.id} ${stateName(dispatch.state)} (agent ${dispatch.agent}, model ${dispatch.model})\n`);
+      return await follow(clients, dispatch.id, 0n, io, outputClosed);
+    }
+    case "get": {
+      const { dispatch } = await clients.dispatches.getDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
+      print(toJson(DispatchSchema, dispatch!), describe(dispatch!));
+      return 0;
+    }
+    case "list": {
+      // Every page, like the other list commands; --page-size sets how many each request asks for.
+      const filter = {
+        state: values.state ? parseEnum(Dispatch_State, values.state, "--state") : Dispatch_State.UNSPECIFIED,
+        agent: values.agent ?? "",
+        pageSize: pageSizeOption(values),
+      };
+      const dispatches = await allPages((pageToken) => clients.dispatches.listDispatches({ ...filter, pageToken }), (page) => page.dispatches);
+      print(
+        toJson(ListDispatchesResponseSchema, create(ListDispatchesResponseSchema, { dispatches })),
+        dispatches.map((d) => `${d.id}  ${stateName(d.state).padEnd(10)} ${d.agent.padEnd(8)} ${d.task.slice(0, 60)}`).join("\n"),
+      );
+      return 0;
+    }
+    case "cancel": {
+      const { dispatch } = await clients.dispatches.cancelDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
+      print(toJson(DispatchSchema, dispatch!), `${dispatch!.id} ${stateName(dispatch!.state)}${dispatch!.state === Dispatch_State.CANCELLED ? "" : " (stop requested)"}`);
+      return 0;
+    }
+    case "logs": {
+      const id = requireArg(rest[0], "dispatch id");
+      if (values.after !== undefined && !/^\d+$/.test(values.after)) throw new UsageError("--after takes a sequence number, e.g. --after 42");
+      const after = BigInt(values.after ?? "0");
+      if (values.follow) return await follow(clients, id, after, io, outputClosed);
+      let pageToken = "";
+      do {
+        const page = await clients.logs.getLogs({ dispatchId: id, afterSeq: after, pageToken }, { signal: outputClosed });
+        for (const chunk of page.chunks) writeChunk(chunk, io.out, io.err);
+        pageToken = page.nextPageToken;
+      } while (pageToken && !outputClosed.aborted);
+      outputClosed.throwIfAborted(); // stopped because the reader went away, not because the logs ended
+      return 0;
+    }
+    case "agents": {
+      const { agents } = await clients.agents.listAgents({});
+      print(
+        agents.map((a) => toJson(AgentSchema, a)),
+        agents.map(agentLine).join("\n"),
+      );
+      return 0;
+    }
+    case "fleet": {
+      const status = await clients.fleet.getFleetStatus({});
+      print(toJson(GetFleetStatusResponseSchema, status), describeFleet(status));
+      return 0;
+    }
+    case "admin":
+      return await adminCommand(clients, rest, values, print);
+    case "key":
+      return await keyCommand(clients, rest, values, print, undefined);
+    case "secret":
+      return await secretCommand(clients, rest, values, print, io);
+    default:
+      throw new UsageError(`unknown command "${command}"`);
   }
 }
 
@@ -231,13 +322,7 @@ async function adminCommand(clients: OutpostClients, rest: string[], values: Val
     }
     case "list": {
       const pageSize = pageSizeOption(values);
-      const all: Tenant[] = [];
-      let pageToken = "";
-      do {
-        const page = await tenants.listTenants({ pageSize, pageToken });
-        all.push(...page.tenants);
-        pageToken = page.nextPageToken;
-      } while (pageToken);
+      const all = await allPages((pageToken) => tenants.listTenants({ pageSize, pageToken }), (page) => page.tenants);
       print(
         all.map((t) => toJson(TenantSchema, t)),
         all.map(tenantLine).join("\n"),
@@ -285,13 +370,8 @@ async function keyCommand(clients: OutpostClients, rest: string[], values: Value
     }
     case "list": {
       const tenantId = tenantArg();
-      const all: ApiKey[] = [];
-      let pageToken = "";
-      do {
-        const page = await clients.apiKeys.listApiKeys({ tenantId, pageSize: pageSizeOption(values), pageToken });
-        all.push(...page.apiKeys);
-        pageToken = page.nextPageToken;
-      } while (pageToken);
+      const pageSize = pageSizeOption(values);
+      const all = await allPages((pageToken) => clients.apiKeys.listApiKeys({ tenantId, pageSize, pageToken }), (page) => page.apiKeys);
       print(
         all.map((k) => toJson(ApiKeySchema, k)),
         all.map(keyLine).join("\n"),
@@ -313,20 +393,15 @@ async function secretCommand(clients: OutpostClients, rest: string[], values: Va
   switch (action) {
     case "put": {
       const secretName = requireArg(name, "secret name, e.g. GITHUB_TOKEN");
-      const value = (values.value as string | undefined) ?? (await readValue(io));
-      if (!value) throw new UsageError("no value: pass --value <v> or pipe it on standard input");
+      const value = await secretValue(values, io, secretName);
+      if (!value) throw new UsageError("no value: pass --value-file <path>, pipe it on standard input, or type it at the prompt");
       const { secret } = await clients.secrets.putSecret({ name: secretName, value });
       print(toJson(SecretSchema, secret!), `secret ${secret!.name} stored`);
       return 0;
     }
     case "list": {
-      const all: Secret[] = [];
-      let pageToken = "";
-      do {
-        const page = await clients.secrets.listSecrets({ pageSize: pageSizeOption(values), pageToken });
-        all.push(...page.secrets);
-        pageToken = page.nextPageToken;
-      } while (pageToken);
+      const pageSize = pageSizeOption(values);
+      const all = await allPages((pageToken) => clients.secrets.listSecrets({ pageSize, pageToken }), (page) => page.secrets);
       print(all.map((s) => toJson(SecretSchema, s)), all.map((s) => `${s.name.padEnd(32)} updated ${s.updateTime ? timestampDate(s.updateTime).toISOString() : "-"}`).join("\n"));
       return 0;
     }
@@ -337,17 +412,67 @@ async function secretCommand(clients: OutpostClients, rest: string[], values: Va
       return 0;
     }
     default:
-      throw new UsageError("secret commands: secret put <NAME> [--value <v>] | list | delete <NAME>");
+      throw new UsageError("secret commands: secret put <NAME> [--value-file <path>] | list | delete <NAME>");
   }
 }
 
-/** The whole of standard input, without the one trailing newline `echo` adds; refuses a terminal. */
-async function readValue(io: CliIo): Promise<string> {
+/**
+ * A secret's value: --value (visible in ps and shell history, so not advertised first), else the
+ * file --value-file names, else standard input — piped, read whole; a terminal, prompted on
+ * standard error and typed without echo. A file's or a pipe's one trailing newline is dropped.
+ */
+async function secretValue(values: Values, io: CliIo, name: string): Promise<string> {
+  const inline = values.value as string | undefined;
+  const file = values["value-file"] as string | undefined;
+  if (inline !== undefined && file !== undefined) throw new UsageError("pass --value or --value-file, not both");
+  if (inline !== undefined) return inline;
+  if (file !== undefined) return withoutTrailingNewline(readTextFile(file));
   const stdin = io.stdin;
-  if (!stdin || stdin.isTTY) return "";
+  if (!stdin) return "";
+  if (stdin.isTTY) return await promptHidden(stdin, io.err, `value for ${name} (not echoed): `);
   let text = "";
   for await (const chunk of stdin) text += typeof chunk === "string" ? chunk : (chunk as Buffer).toString("utf8");
+  return withoutTrailingNewline(text);
+}
+
+function withoutTrailingNewline(text: string): string {
   return text.replace(/\r?\n$/, "");
+}
+
+/**
+ * One line typed at a terminal, not echoed: readline puts the terminal in raw mode (so the
+ * terminal itself echoes nothing) and its own echo goes to a sink. Ctrl-D gives an empty value;
+ * Ctrl-C ends the command with 130, as a shell reports an interrupt.
+ */
+async function promptHidden(input: NonNullable<CliIo["stdin"]>, err: NodeJS.WritableStream, prompt: string): Promise<string> {
+  err.write(prompt);
+  const sink = new Writable({ write: (_chunk, _encoding, callback) => callback() });
+  const rl = createInterface({ input, output: sink, terminal: true });
+  try {
+    return await new Promise<string>((resolve, reject) => {
+      rl.once("line", resolve);
+      rl.once("close", () => resolve(""));
+      rl.once("SIGINT", () => reject(new CliError("interrupted", 130)));
+    });
+  } finally {
+    rl.close();
+    err.write("\n");
+  }
+}
+
+/** Every page of a paged list, in order: the list commands show the whole list. */
+async function allPages<Page extends { nextPageToken: string }, Item>(
+  fetchPage: (pageToken: string) => Promise<Page>,
+  items: (page: Page) => Item[],
+): Promise<Item[]> {
+  const all: Item[] = [];
+  let pageToken = "";
+  do {
+    const page = await fetchPage(pageToken);
+    all.push(...items(page));
+    pageToken = page.nextPageToken;
+  } while (pageToken);
+  return all;
 }
 
 function pageSizeOption(values: Values): number {
@@ -387,8 +512,7 @@ function keyLine(k: ApiKey): string {
 async function createDispatch(clients: OutpostClients, values: Record<string, unknown>): Promise<Dispatch> {
   const modelTier = values["model-tier"] as string | undefined;
   const model = values.model as string | undefined;
-  const timeout = values.timeout as string | undefined;
-  if (timeout !== undefined && !/^\d+(\.\d+)?$/.test(timeout)) throw new UsageError("--timeout takes seconds, e.g. --timeout 300");
+  const timeout = timeoutOption(values.timeout as string | undefined);
   const { dispatch } = await clients.dispatches.createDispatch({
     agent: (values.agent as string | undefined) ?? "",
     task: (values.task as string | undefined) ?? "",
@@ -397,7 +521,7 @@ async function createDispatch(clients: OutpostClients, values: Record<string, un
       : modelTier
         ? { case: "modelTier", value: parseEnum(ModelTier, modelTier, "--model-tier") }
         : { case: undefined },
-    timeout: timeout === undefined ? undefined : durationFromMs(Number(timeout) * 1000),
+    timeout,
     env: pairs((values.env as string[] | undefined) ?? [], "--env"),
     labels: pairs((values.label as string[] | undefined) ?? [], "--label"),
     secretNames: (values.secret as string[] | undefined) ?? [],
@@ -406,9 +530,28 @@ async function createDispatch(clients: OutpostClients, values: Record<string, un
   return dispatch!;
 }
 
-/** Streams the run's output, shows its state changes on stderr, and maps its end to an exit code. */
-async function follow(clients: OutpostClients, dispatchId: string, afterSeq: bigint, io: CliIo): Promise<number> {
+/**
+ * --timeout in seconds, to the millisecond at most (the dispatcher keeps milliseconds): "300",
+ * "1.5", "0.25". Counted in whole milliseconds, so no float rounding reaches the Duration.
+ */
+function timeoutOption(raw: string | undefined): Duration | undefined {
+  if (raw === undefined) return undefined;
+  const match = /^(\d+)(?:\.(\d{1,3})0*)?$/.exec(raw);
+  const ms = match ? Number(match[1]) * 1000 + Number((match[2] ?? "").padEnd(3, "0")) : NaN;
+  if (!(ms > 0) || !Number.isSafeInteger(ms)) {
+    throw new UsageError(`--timeout takes seconds above 0, to the millisecond at most, e.g. --timeout 300 or --timeout 1.5 (got "${raw}")`);
+  }
+  return durationFromMs(ms);
+}
+
+/**
+ * Streams the run's output, shows its state changes on stderr, and maps its end to an exit code.
+ * `stop` (standard output closed) ends the subscription and the watch at once.
+ */
+async function follow(clients: OutpostClients, dispatchId: string, afterSeq: bigint, io: CliIo, stop: AbortSignal): Promise<number> {
   const stopWatching = new AbortController();
+  const onStop = () => stopWatching.abort();
+  stop.addEventListener("abort", onStop);
   const watching = (async () => {
     let last: Dispatch_State | undefined;
     for await (const { dispatch } of clients.dispatches.watchDispatch({ dispatchId }, { signal: stopWatching.signal })) {
@@ -420,8 +563,9 @@ async function follow(clients: OutpostClients, dispatchId: string, afterSeq: big
   });
   let end: RunEnd;
   try {
-    end = await followLogs(clients.logs, dispatchId, (chunk) => writeChunk(chunk, io.out, io.err), { afterSeq });
+    end = await followLogs(clients.logs, dispatchId, (chunk) => writeChunk(chunk, io.out, io.err), { afterSeq, signal: stop });
   } finally {
+    stop.removeEventListener("abort", onStop);
     stopWatching.abort();
     await watching;
   }
@@ -511,12 +655,7 @@ async function agentCommand(clients: OutpostClients, rest: string[], values: Val
  */
 export function readAgentFile(file: string | undefined): Agent {
   const name = requireArg(file, "--file <agent.json|agent.yaml>");
-  let text: string;
-  try {
-    text = readFileSync(name, "utf8");
-  } catch (err) {
-    throw new UsageError(`cannot read ${name}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  }
+  const text = readTextFile(name);
   let parsed: unknown;
   try {
     parsed = /\.ya?ml$/i.test(name) ? parseYaml(text) : JSON.parse(text);
@@ -528,6 +667,15 @@ export function readAgentFile(file: string | undefined): Agent {
     return fromJson(AgentSchema, parsed as JsonValue);
   } catch (err) {
     throw new UsageError(`${name} is not an Agent in proto JSON form: ${(err as Error).message}`);
+  }
+}
+
+/** A file the user named, as text; one that cannot be read is a usage error naming it. */
+function readTextFile(name: string): string {
+  try {
+    return readFileSync(name, "utf8");
+  } catch (err) {
+    throw new UsageError(`cannot read ${name}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
 }
 

@@ -1,9 +1,13 @@
 /**
  * Where the CLI finds its gateway and key: flags, then OUTPOST_GATEWAY_URL / OUTPOST_API_KEY /
- * OUTPOST_ADMIN_TOKEN, then the development credentials file that `npm start` writes.
+ * OUTPOST_ADMIN_TOKEN, then the development credentials file that `npm start` writes in the
+ * Outpost home ($OUTPOST_HOME, else ~/.outpost) — never in the working directory, where a
+ * cloned repository could have planted one. The file is read only if it belongs to the current
+ * user and nobody else can read it.
  */
 import { randomBytes } from "node:crypto";
-import { chmodSync, closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
+import { chmodSync, closeSync, constants, fstatSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
+import os from "node:os";
 import path from "node:path";
 
 export const DEFAULT_GATEWAY_URL = "http://127.0.0.1:7100";
@@ -15,25 +19,62 @@ export interface DevCredentials {
   tenantId: string;
 }
 
+/** A credentials file the CLI refuses to use (another owner, readable by others, not JSON). */
+export class CredentialsError extends Error {}
+
+/** $OUTPOST_HOME if set, else ~/.outpost: a fixed place, whatever the working directory. */
 export function outpostHome(env: NodeJS.ProcessEnv = process.env): string {
-  return path.resolve(env.OUTPOST_HOME ?? ".outpost");
+  if (env.OUTPOST_HOME) return path.resolve(env.OUTPOST_HOME);
+  return path.join(env.HOME || os.homedir(), ".outpost");
 }
 
 export function devCredentialsPath(env: NodeJS.ProcessEnv = process.env): string {
   return path.join(outpostHome(env), "credentials.json");
 }
 
+/**
+ * The development credentials, or {} when there is no file. Throws CredentialsError for a file
+ * owned by another user or readable by group or others (checked on the opened file, so a swap
+ * between the check and the read changes nothing), and for one that is not a JSON object.
+ */
 export function readDevCredentials(env: NodeJS.ProcessEnv = process.env): Partial<DevCredentials> {
+  const file = devCredentialsPath(env);
+  let fd: number;
   try {
-    return JSON.parse(readFileSync(devCredentialsPath(env), "utf8")) as Partial<DevCredentials>;
-  } catch {
-    return {};
+    fd = openSync(file, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return {};
+    throw new CredentialsError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
+  let text: string;
+  try {
+    const stat = fstatSync(fd);
+    const uid = process.getuid?.();
+    if (!stat.isFile()) throw new CredentialsError(`${file} is not a regular file`);
+    if (uid !== undefined && stat.uid !== uid) {
+      throw new CredentialsError(`${file} is owned by uid ${stat.uid}, not by you (uid ${uid}): refusing to use it`);
+    }
+    if ((stat.mode & 0o077) !== 0) {
+      const mode = (stat.mode & 0o777).toString(8).padStart(4, "0");
+      throw new CredentialsError(`${file} can be read by other users (mode ${mode}): refusing to use it; run chmod 600 ${file}`);
+    }
+    text = readFileSync(fd, "utf8");
+  } finally {
+    closeSync(fd);
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (err) {
+    throw new CredentialsError(`${file} is not valid JSON: ${(err as Error).message}`);
+  }
+  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new CredentialsError(`${file} must hold one JSON object`);
+  return parsed as Partial<DevCredentials>;
 }
 
 /**
- * The Outpost home (.outpost) for secrets: created with mode 0700, and an existing one
- * tightened to it (an older version made it with the umask's mode).
+ * The Outpost home (or another directory) for secrets: created with mode 0700, and an existing
+ * one tightened to it (an older version made it with the umask's mode).
  */
 export function ensurePrivateDir(dir: string): void {
   mkdirSync(dir, { recursive: true, mode: 0o700 });

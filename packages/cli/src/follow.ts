@@ -10,6 +10,14 @@ import { LogStream, type LogChunk, type RunEnd } from "@outpost/proto/outpost/te
 const RETRYABLE = new Set([Code.Unavailable, Code.Internal, Code.Unknown, Code.DeadlineExceeded, Code.Aborted]);
 const MAX_RECONNECTS = 20;
 
+/**
+ * Subscribes until the run's end arrives. A subscription that fails retryably, or that ends
+ * cleanly without the run's end (a draining server), is resumed from the last sequence number.
+ * One that delivered new chunks resumes at once and starts the count afresh; one that delivered
+ * nothing new counts as a failed attempt: exponential backoff (200 ms … 2 s), and after
+ * MAX_RECONNECTS of them in a row the last error (UNAVAILABLE for clean ends) is thrown — so a
+ * server that keeps ending streams at once is not hammered.
+ */
 export async function followLogs(
   logs: Client<typeof LogService>,
   dispatchId: string,
@@ -19,6 +27,8 @@ export async function followLogs(
   let afterSeq = options.afterSeq ?? 0n;
   let failures = 0;
   for (;;) {
+    const before = afterSeq;
+    let failure: ConnectError;
     try {
       for await (const message of logs.subscribeLogs({ dispatchId, afterSeq }, { signal: options.signal })) {
         for (const chunk of message.chunks) {
@@ -26,17 +36,40 @@ export async function followLogs(
           afterSeq = chunk.seq;
           onChunk(chunk);
         }
-        failures = 0;
         if (message.runEnd) return message.runEnd;
       }
-      // The stream ended without the run's end (server draining): resume.
+      if (afterSeq > before) {
+        // The stream ended without the run's end (server draining) after new output: resume now.
+        failures = 0;
+        options.onReconnect?.(afterSeq);
+        continue;
+      }
+      failure = new ConnectError("the log stream ended without new output or the run's end", Code.Unavailable);
     } catch (err) {
-      const connectError = ConnectError.from(err);
-      if (!RETRYABLE.has(connectError.code) || options.signal?.aborted || ++failures > MAX_RECONNECTS) throw connectError;
-      await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * 2 ** failures)));
+      failure = ConnectError.from(err);
+      if (!RETRYABLE.has(failure.code) || options.signal?.aborted) throw failure;
     }
+    if (afterSeq > before) failures = 0;
+    if (++failures > MAX_RECONNECTS) throw failure;
+    await sleep(Math.min(2000, 100 * 2 ** failures), options.signal);
     options.onReconnect?.(afterSeq);
   }
+}
+
+/** Waits, or rejects with the signal's reason as soon as it is aborted. */
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(ConnectError.from(signal.reason));
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(ConnectError.from(signal!.reason));
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
 }
 
 export function writeChunk(chunk: LogChunk, out: NodeJS.WritableStream = process.stdout, err: NodeJS.WritableStream = process.stderr): void {

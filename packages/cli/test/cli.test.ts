@@ -8,7 +8,7 @@ import { Code, ConnectError, createClient, createRouterTransport } from "@connec
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LogChunkSchema, LogStream, RunEndSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { LogService, SubscribeLogsResponseSchema } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { followLogs, runCli } from "../src/index.ts";
 
 let home: string;
@@ -56,6 +56,14 @@ describe("runCli usage errors", () => {
     ["--label without =", ["dispatch", "--agent", "echo", "--task", "t", "--label", "x"], /--label takes KEY=VALUE/],
     ["a bad --model-tier", ["dispatch", "--agent", "echo", "--task", "t", "--model-tier", "turbo"], /--model-tier must be one of .*fast/],
     ["a bad --timeout", ["dispatch", "--agent", "echo", "--task", "t", "--timeout", "5m"], /--timeout takes seconds/],
+    ["a --timeout finer than a millisecond", ["dispatch", "--agent", "echo", "--task", "t", "--timeout", "1.0000001"], /--timeout takes seconds above 0, to the millisecond at most.*"1\.0000001"/],
+    ["a --timeout of 0", ["dispatch", "--agent", "echo", "--task", "t", "--timeout", "0"], /--timeout takes seconds above 0/],
+    ["a --timeout beyond any number", ["dispatch", "--agent", "echo", "--task", "t", "--timeout", "9".repeat(400)], /--timeout takes seconds/],
+    ["a --timeout in exponent form", ["dispatch", "--agent", "echo", "--task", "t", "--timeout", "1e3"], /--timeout takes seconds/],
+    ["list --page-size abc", ["list", "--page-size", "abc"], /--page-size takes a number/],
+    ["list --page-size -1", ["list", "--page-size=-1"], /--page-size takes a number/],
+    ["secret put with --value and --value-file", ["secret", "put", "X", "--value", "a", "--value-file", "/dev/null"], /pass --value or --value-file, not both/],
+    ["secret put with an unreadable --value-file", ["secret", "put", "X", "--value-file", "/nonexistent/token"], /cannot read \/nonexistent\/token: ENOENT/],
     ["get without a dispatch id", ["get"], /missing dispatch id/],
     ["cancel without a dispatch id", ["cancel"], /missing dispatch id/],
     ["logs without a dispatch id", ["logs"], /missing dispatch id/],
@@ -193,5 +201,67 @@ describe("followLogs", () => {
     });
     await expect(followLogs(createClient(LogService, transport), "D1", () => {})).rejects.toMatchObject({ code: Code.NotFound });
     expect(calls).toBe(1);
+  });
+
+  describe("streams that end cleanly without the run's end", () => {
+    afterEach(() => {
+      vi.useRealTimers();
+    });
+    const runEnd = () => create(SubscribeLogsResponseSchema, { runEnd: create(RunEndSchema, { state: Dispatch_State.SUCCEEDED, exitCode: 0 }) });
+    /** A log service whose subscriptions answer as `answer` says for the n-th call (1-based). */
+    const logsAnswering = (answer: (call: number, afterSeq: bigint) => ReturnType<typeof batch>[]) => {
+      const calls: bigint[] = [];
+      const transport = createRouterTransport(({ service }) => {
+        service(LogService, {
+          async *subscribeLogs(req) {
+            calls.push(req.afterSeq);
+            yield* answer(calls.length, req.afterSeq);
+          },
+          async getLogs() {
+            throw new ConnectError("unused", Code.Unimplemented);
+          },
+        });
+      });
+      return { logs: createClient(LogService, transport), calls };
+    };
+
+    it("back off when they deliver nothing new, and give up with UNAVAILABLE after 20 reconnects", async () => {
+      vi.useFakeTimers();
+      // Ends at once, every time (the bound only keeps a regression from spinning for ever).
+      const { logs, calls } = logsAnswering((call) => (call > 100 ? [runEnd()] : []));
+      const outcome = followLogs(logs, "D1", () => {}).then(
+        () => "resolved",
+        (err: unknown) => err,
+      );
+      await vi.advanceTimersByTimeAsync(1000);
+      expect(calls.length).toBeLessThanOrEqual(3); // at 0, 200 and 600 ms: no tight loop
+      await vi.advanceTimersByTimeAsync(120_000);
+      expect(await outcome).toMatchObject({ code: Code.Unavailable, rawMessage: expect.stringContaining("ended without new output") });
+      expect(calls.length).toBe(21);
+    });
+
+    it("resume at once, as often as needed, when each delivered new chunks", async () => {
+      // 30 drains in a row (more than the reconnect limit), each after one new line.
+      const { logs, calls } = logsAnswering((call) => (call > 30 ? [runEnd()] : [batch(call)]));
+      const seen: number[] = [];
+      const started = performance.now();
+      const end = await followLogs(logs, "D1", (c) => seen.push(Number(c.seq)));
+      expect(performance.now() - started).toBeLessThan(1000); // no backoff
+      expect(end.state).toBe(Dispatch_State.SUCCEEDED);
+      expect(seen).toEqual(Array.from({ length: 30 }, (_, i) => i + 1));
+      expect(calls).toEqual(Array.from({ length: 31 }, (_, i) => BigInt(i)));
+    });
+
+    it("count again from zero after one that delivered new chunks", async () => {
+      vi.useFakeTimers();
+      // 15 empty ends, one with a new line, 15 empty ends, then the run's end: 30 empty ends in
+      // all, more than the limit, but never more than 15 in a row.
+      const { logs, calls } = logsAnswering((call) => (call === 16 ? [batch(1)] : call === 32 ? [runEnd()] : []));
+      const outcome = followLogs(logs, "D1", () => {});
+      await vi.advanceTimersByTimeAsync(120_000);
+      expect((await outcome).state).toBe(Dispatch_State.SUCCEEDED);
+      expect(calls.length).toBe(32);
+      expect(calls.at(-1)).toBe(1n);
+    });
   });
 });

@@ -1,9 +1,13 @@
-/** The development credentials file holds a live API key and the admin token: only its owner may read it. */
+/**
+ * The development credentials file holds a live API key and the admin token: only its owner may
+ * read it, it lives in the Outpost home (never the working directory), and the CLI refuses one
+ * that is not its user's own or that others can read.
+ */
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { devCredentialsPath, readDevCredentials, writeDevCredentials, writePrivateFile } from "../src/credentials.ts";
+import { CredentialsError, devCredentialsPath, outpostHome, readDevCredentials, writeDevCredentials, writePrivateFile } from "../src/credentials.ts";
 
 const base = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-cli-home-"));
 afterAll(() => fs.rmSync(base, { recursive: true, force: true }));
@@ -40,5 +44,60 @@ describe("writeDevCredentials", () => {
     expect(modeOf(env.OUTPOST_HOME)).toBe(0o700);
     expect(modeOf(devCredentialsPath(env))).toBe(0o600);
     expect(modeOf(path.join(env.OUTPOST_HOME, "admin-token"))).toBe(0o600);
+  });
+});
+
+describe("outpostHome", () => {
+  it("is $OUTPOST_HOME when set, else ~/.outpost — never the working directory", () => {
+    expect(outpostHome({ OUTPOST_HOME: "/srv/outpost-home" })).toBe("/srv/outpost-home");
+    expect(outpostHome({ HOME: "/home/dev" })).toBe("/home/dev/.outpost");
+    expect(devCredentialsPath({ HOME: "/home/dev" })).toBe("/home/dev/.outpost/credentials.json");
+    expect(outpostHome({ HOME: "/home/dev" })).not.toBe(path.resolve(".outpost"));
+  });
+});
+
+describe("readDevCredentials refuses a file others could have written or can read", () => {
+  /** A home holding credentials.json with the given mode. */
+  function homeWith(name: string, mode: number): { env: NodeJS.ProcessEnv; file: string } {
+    const env = { OUTPOST_HOME: path.join(base, name) };
+    const file = devCredentialsPath(env);
+    fs.mkdirSync(path.dirname(file), { mode: 0o700 });
+    fs.writeFileSync(file, JSON.stringify(credentials));
+    fs.chmodSync(file, mode);
+    return { env, file };
+  }
+
+  it("reads a 0600 file of the current user; a missing file is no credentials", () => {
+    expect(readDevCredentials(homeWith("private", 0o600).env)).toEqual(credentials);
+    expect(readDevCredentials({ OUTPOST_HOME: path.join(base, "none") })).toEqual({});
+  });
+
+  for (const mode of [0o644, 0o640, 0o604]) {
+    it(`refuses mode ${mode.toString(8)}, naming the file and the fix`, () => {
+      const { env, file } = homeWith(`mode-${mode.toString(8)}`, mode);
+      expect(() => readDevCredentials(env)).toThrow(CredentialsError);
+      expect(() => readDevCredentials(env)).toThrow(`${file} can be read by other users (mode 0${mode.toString(8)})`);
+      expect(() => readDevCredentials(env)).toThrow(`chmod 600 ${file}`);
+    });
+  }
+
+  it("refuses a file owned by another user", () => {
+    const env = { OUTPOST_HOME: path.join(base, "foreign") };
+    const file = devCredentialsPath(env);
+    fs.mkdirSync(path.dirname(file), { mode: 0o700 });
+    if (process.getuid!() === 0) {
+      // As root: a 0600 file that belongs to nobody.
+      fs.writeFileSync(file, JSON.stringify(credentials), { mode: 0o600 });
+      fs.chownSync(file, 65534, 65534);
+    } else {
+      fs.symlinkSync("/etc/passwd", file); // root's file, reached through a link
+    }
+    expect(() => readDevCredentials(env)).toThrow(/is owned by uid \d+, not by you/);
+  });
+
+  it("refuses a file that is not a JSON object", () => {
+    const { env, file } = homeWith("not-json", 0o600);
+    fs.writeFileSync(file, "otp_123\n");
+    expect(() => readDevCredentials(env)).toThrow(`${file} is not valid JSON`);
   });
 });
