@@ -3,12 +3,14 @@
  * one Ed25519 key pair per role. Each process gets only its own private key; the public keys
  * (OUTPOST_TRUSTED_SIGNERS) go to every process.
  *
- *   npm run signing-keys                    env file lines, for docker compose (--env-file)
- *   npm run signing-keys -- --executors host-1,host-2
+ *   npm run -s signing-keys                 env file lines, for docker compose (--env-file)
+ *   npm run -s signing-keys -- --executors host-1,host-2
  *                                           the same, with a key per executor id instead of
  *                                           one for them all (OUTPOST_EXECUTOR_SIGNING_KEY_<ID>)
- *   npm run signing-keys -- --format k8s    Secrets and the ConfigMap entry, for deploy/k8s
+ *   npm run -s signing-keys -- --format k8s the Secrets and the public keys' ConfigMap, for deploy/k8s
  *   docker run --rm outpost/services:1.0.0 signing-keys   the same, from the image
+ * `-s` (silent): without it npm prints its own banner lines to stdout, into any file the output
+ * is redirected to.
  */
 import { parseArgs } from "node:util";
 import { generateSigningKeySet, SIGNER_ROLES } from "@outpost/platform";
@@ -49,20 +51,35 @@ if (values.format === "env") {
   ];
   process.stdout.write(`${lines.join("\n")}\n`);
 } else if (values.format === "k8s") {
-  // One Secret per role, so each Deployment can be given (and RBAC can expose) only its own.
-  const docs = SIGNER_ROLES.map((role) =>
+  // Applied once, apart from deploy/k8s (whose `kubectl apply -f deploy/k8s/` would otherwise put
+  // placeholders back): `npm run -s signing-keys -- --format k8s | kubectl apply -f -`.
+  // One Secret per role, in the namespace of that role's pods, so each Deployment can be given
+  // (and RBAC can expose) only its own; the public keys as a ConfigMap in each namespace.
+  const namespaceOf = (role: string) => (role === "executor" ? "outpost-executors" : "outpost");
+  const configMaps = ["outpost", "outpost-executors"].map((namespace) =>
+    [
+      "apiVersion: v1",
+      "kind: ConfigMap",
+      "metadata:",
+      "  name: outpost-trusted-signers",
+      `  namespace: ${namespace}`,
+      "data:",
+      `  trusted-signers: ${set.trustedSigners}`,
+    ].join("\n"),
+  );
+  const secrets = SIGNER_ROLES.map((role) =>
     [
       "apiVersion: v1",
       "kind: Secret",
       "metadata:",
       `  name: outpost-signing-${role}`,
-      "  namespace: outpost",
+      `  namespace: ${namespaceOf(role)}`,
       "type: Opaque",
       "stringData:",
       `  signing-key: ${set.signingKeys[role]}`,
     ].join("\n"),
   );
-  process.stdout.write(`# outpost-config ConfigMap: trusted-signers: ${set.trustedSigners}\n${docs.join("\n---\n")}\n`);
+  process.stdout.write(`# Outpost signing keys (private: apply them, keep no copy): kubectl apply -f -\n${[...configMaps, ...secrets].join("\n---\n")}\n`);
 } else {
   fail(`unknown --format ${values.format}: env or k8s`);
 }

@@ -14,8 +14,9 @@
  * an unknown service (64) and a service refuses a missing setting (78); each service runs as
  * uid 1000 with no capabilities and answers /healthz, /readyz and the gRPC health check; the root
  * filesystem is read-only while /data and /tmp are writable; a tenant created through the
- * gateway runs a dispatch to SUCCEEDED with its output streamed back through telemetry; SIGTERM
- * drains a service to exit 0.
+ * gateway runs a dispatch to SUCCEEDED with its output streamed back through telemetry; a dispatch
+ * naming a repository (served over git:// by a container of the same image) runs in its checkout,
+ * made by the executor's git; SIGTERM drains a service to exit 0.
  *
  * Duration (2 cores, measured): cold — debootstrap not installed, no local base image, no build
  * cache — 110 s (stand-in base 69 s, image build 32 s, containers and checks 8 s); warm 9-15 s;
@@ -265,6 +266,9 @@ function imageSuite(target: Target): void {
         generated: exists("packages/proto/src/gen/outpost/dispatch/v1/dispatch_service_pb.js"),
         entries: ["gateway/src/main.ts", ...["tenant", "dispatcher", "executor", "telemetry"].map((s) => "services/" + s + "/src/main.ts")].every(exists),
         appWritable: (() => { try { fs.accessSync("/app", fs.constants.W_OK); return true; } catch { return false; } })(),
+        // The executor's repository checkouts run git (over https: with the CA certificates).
+        git: (() => { try { return require("node:child_process").execFileSync("git", ["--version"], { encoding: "utf8" }).trim(); } catch (e) { return String(e.message); } })(),
+        caBundle: fs.existsSync("/etc/ssl/certs/ca-certificates.crt"),
       }));`;
     const out = await must("image probe", docker(["run", "--rm", "--platform", platform, ...productionFlags(), "--entrypoint", "node", IMAGE, "-e", probe], 60_000 * slow));
     const facts = JSON.parse(out) as Record<string, unknown>;
@@ -280,6 +284,8 @@ function imageSuite(target: Target): void {
     expect(facts.generated, "buf generate ran in the build").toBe(true);
     expect(facts.entries).toBe(true);
     expect(facts.appWritable).toBe(false);
+    expect(facts.git, "git in the runtime image").toMatch(/^git version \d/);
+    expect(facts.caBundle, "CA certificates in the runtime image").toBe(true);
   }, 60_000 * slow);
 
   it("refuses an unknown service (64) and a missing setting (78), saying which", async () => {
@@ -397,6 +403,45 @@ function imageSuite(target: Target): void {
     const { dispatch: final } = await clients.dispatches.getDispatch({ dispatchId: dispatch!.id });
     expect(final!.state).toBe(Dispatch_State.SUCCEEDED);
     expect(final!.executorId).toBe(RUN);
+  }, 120_000 * slow);
+
+  it("checks out a repository with the image's git: a dispatch naming one runs in its checkout", async () => {
+    // A git server on the mesh's network, from this image (its git, as uid 1000 on a read-only
+    // root): a repository made in its /tmp, served over git:// (a scheme executors allow by default).
+    const server = `${RUN}-git`;
+    containers.push(server);
+    const script = [
+      "set -e",
+      "git init -q --initial-branch=main /tmp/src",
+      "cd /tmp/src",
+      "echo 'hello from git' > greeting.txt",
+      "git add greeting.txt",
+      "git -c user.name=Outpost -c user.email=ops@example.com commit -q -m init",
+      "git clone -q --bare /tmp/src /tmp/srv/project.git",
+      "exec git daemon --reuseaddr --export-all --base-path=/tmp/srv --listen=0.0.0.0 --port=9418 /tmp/srv",
+    ].join("\n");
+    await must(
+      "docker run git server",
+      docker(["run", "-d", "--platform", platform, "--name", server, "--label", LABEL, "--network", NETWORK, "--network-alias", "git-server", ...productionFlags(), "--entrypoint", "sh", IMAGE, "-c", script]),
+    );
+    const deadline = Date.now() + 30_000 * slow;
+    while ((await docker(["exec", server, "git", "ls-remote", "git://127.0.0.1/project.git"])).code !== 0) {
+      if (Date.now() > deadline) {
+        const logs = await docker(["logs", server]);
+        throw new Error(`the git server did not answer:\n${tail(logs.stdout + logs.stderr)}`);
+      }
+      await new Promise((r) => setTimeout(r, 250));
+    }
+
+    const gateway = `http://127.0.0.1:${ports.gateway}`;
+    const admin = outpostClients(gateway, adminToken);
+    const created = await admin.tenants.createTenant({ name: "Image checkout test", contactEmail: "ops@example.com" });
+    const clients = outpostClients(gateway, created.apiKeyPlaintext);
+    const { dispatch } = await clients.dispatches.createDispatch({ agent: "demo", task: "ls-workspace", repo: { url: "git://git-server/project.git", ref: "main" } });
+    const lines: string[] = [];
+    const end = await followLogs(clients.logs, dispatch!.id, (chunk) => lines.push(chunk.text), { signal: AbortSignal.timeout(90_000 * slow) });
+    expect(end.state, lines.join("\n")).toBe(Dispatch_State.SUCCEEDED);
+    expect(lines).toContain("greeting.txt: hello from git");
   }, 120_000 * slow);
 
   it("drains on SIGTERM and exits 0", async () => {

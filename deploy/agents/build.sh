@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# Builds (and with --push, pushes) the Outpost agent images for linux/arm64 and linux/amd64.
-#   deploy/agents/build.sh <registry-prefix> [tag] [--push] [agent...]
-# e.g. deploy/agents/build.sh ghcr.io/acme/outpost 2026.11 --push claude codex
+# Builds (and with --push, pushes) the Outpost agent images for linux/arm64 and linux/amd64,
+# named as the dispatcher's built-in agents name them (services/dispatcher/src/core/agents.ts):
+#   <repository>-<agent>:<tag>, by default ghcr.io/outpost-dev/agent-claude:latest and so on.
+#   deploy/agents/build.sh [--repository R] [--tag T] [--push] [agent...]
+# e.g. deploy/agents/build.sh --push claude codex          # ghcr.io/outpost-dev/agent-{claude,codex}:latest
+#      deploy/agents/build.sh --repository registry.example.com/outpost/agent --tag 2026.11 --push
+# The built-in agents use the default repository and tag; images under another name must be
+# registered as agents of their own (or mirrored to the default names).
 # Needs docker buildx with a builder that can target both platforms (QEMU binfmt or native nodes)
 # and network access to Docker Hub, npm and PyPI: it does not run on the offline CI machines.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-prefix="${1:?registry prefix, e.g. ghcr.io/acme/outpost}"
-tag="${2:-latest}"
-shift $(( $# >= 2 ? 2 : $# ))
+repository="${OUTPOST_AGENT_REPOSITORY:-ghcr.io/outpost-dev/agent}"
+tag="${OUTPOST_AGENT_TAG:-latest}"
 push=(--load)
 agents=()
-for arg in "$@"; do
-  case "$arg" in
+while [ "$#" -gt 0 ]; do
+  case "$1" in
     --push) push=(--push) ;;
-    *) agents+=("$arg") ;;
+    --repository) repository="${2:?--repository needs a value, e.g. ghcr.io/outpost-dev/agent}"; shift ;;
+    --repository=*) repository="${1#--repository=}" ;;
+    --tag) tag="${2:?--tag needs a value}"; shift ;;
+    --tag=*) tag="${1#--tag=}" ;;
+    -*) echo "usage: $0 [--repository R] [--tag T] [--push] [claude|codex|gemini|aider|grok...]" >&2; exit 64 ;;
+    *)
+      [ -f "$HERE/$1/Dockerfile" ] || { echo "no agent $1 (deploy/agents/$1/Dockerfile)" >&2; exit 64; }
+      agents+=("$1")
+      ;;
   esac
+  shift
 done
 [ "${#agents[@]}" -gt 0 ] || agents=(claude codex gemini aider grok)
 platforms=linux/arm64,linux/amd64
@@ -23,5 +36,5 @@ platforms=linux/arm64,linux/amd64
 [ "${push[0]}" = --push ] || platforms=linux/arm64
 for agent in "${agents[@]}"; do
   docker buildx build --platform "$platforms" -f "$HERE/$agent/Dockerfile" \
-    -t "$prefix/$agent-agent:$tag" "${push[@]}" "$HERE"
+    -t "$repository-$agent:$tag" "${push[@]}" "$HERE"
 done

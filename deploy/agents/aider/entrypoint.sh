@@ -14,14 +14,11 @@ export HOME="$tmp/home"
 mkdir -p "$HOME"
 cd "$workspace"
 output="$tmp"/outpost-agent-output.txt
-# POSIX sh has no pipefail: the CLI's status travels through a file past tee.
-{
-  set +e
-  # --message: one instruction, then exit; --yes-always: no prompts; plain output for the log.
-  aider ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --message "$OUTPOST_TASK" --yes-always \
-    --no-pretty --no-stream --no-check-update --no-show-model-warnings --no-analytics
-  echo $? >"$tmp"/outpost-agent-status
-} 2>&1 | tee "$output"
-status=$(cat "$tmp"/outpost-agent-status 2>/dev/null || echo 1)
+# Streams the CLI's output as the live log, copies it to $output, passes a stop (SIGTERM) on to
+# the CLI and sets $status to its exit status (lib/outpost-run.sh).
+. "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-run.sh
+# --message: one instruction, then exit; --yes-always: no prompts; plain output for the log.
+outpost_run "$output" aider ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --message "$OUTPOST_TASK" --yes-always \
+  --no-pretty --no-stream --no-check-update --no-show-model-warnings --no-analytics
 python3 "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost_result.py aider "$status" "$output"
 exit "$status"

@@ -14,14 +14,11 @@ export HOME="$tmp/home"
 mkdir -p "$HOME"
 cd "$workspace"
 output="$tmp"/outpost-agent-output.txt
-# POSIX sh has no pipefail: the CLI's status travels through a file past tee.
-{
-  set +e
-  # -p: non-interactive; the sandbox is the container, so no permission prompts.
-  claude -p "$OUTPOST_TASK" ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} \
-    --output-format text --dangerously-skip-permissions --add-dir "$workspace"
-  echo $? >"$tmp"/outpost-agent-status
-} 2>&1 | tee "$output"
-status=$(cat "$tmp"/outpost-agent-status 2>/dev/null || echo 1)
+# Streams the CLI's output as the live log, copies it to $output, passes a stop (SIGTERM) on to
+# the CLI and sets $status to its exit status (lib/outpost-run.sh).
+. "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-run.sh
+# -p: non-interactive; the sandbox is the container, so no permission prompts.
+outpost_run "$output" claude -p "$OUTPOST_TASK" ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} \
+  --output-format text --dangerously-skip-permissions --add-dir "$workspace"
 node "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-result.mjs claude "$status" "$output"
 exit "$status"

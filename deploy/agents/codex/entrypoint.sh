@@ -14,16 +14,13 @@ export HOME="$tmp/home"
 mkdir -p "$HOME"
 cd "$workspace"
 output="$tmp"/outpost-agent-output.txt
-# POSIX sh has no pipefail: the CLI's status travels through a file past tee.
-{
-  set +e
-  # exec: non-interactive; --full-auto lets it edit the workspace without asking;
-  # --output-last-message keeps its final answer for the result.
-  codex exec ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --full-auto --skip-git-repo-check \
-    --cd "$workspace" --output-last-message "$tmp"/outpost-last-message.txt "$OUTPOST_TASK"
-  echo $? >"$tmp"/outpost-agent-status
-} 2>&1 | tee "$output"
-status=$(cat "$tmp"/outpost-agent-status 2>/dev/null || echo 1)
+# Streams the CLI's output as the live log, copies it to $output, passes a stop (SIGTERM) on to
+# the CLI and sets $status to its exit status (lib/outpost-run.sh).
+. "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-run.sh
+# exec: non-interactive; --full-auto lets it edit the workspace without asking;
+# --output-last-message keeps its final answer for the result.
+outpost_run "$output" codex exec ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --full-auto --skip-git-repo-check \
+  --cd "$workspace" --output-last-message "$tmp"/outpost-last-message.txt "$OUTPOST_TASK"
 [ -s "$tmp"/outpost-last-message.txt ] && output="$tmp"/outpost-last-message.txt
 node "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-result.mjs codex "$status" "$output"
 exit "$status"

@@ -14,13 +14,10 @@ export HOME="$tmp/home"
 mkdir -p "$HOME"
 cd "$workspace"
 output="$tmp"/outpost-agent-output.txt
-# POSIX sh has no pipefail: the CLI's status travels through a file past tee.
-{
-  set +e
-  # -p: non-interactive; --yolo approves its tool calls (the container is the sandbox).
-  gemini -p "$OUTPOST_TASK" ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --yolo
-  echo $? >"$tmp"/outpost-agent-status
-} 2>&1 | tee "$output"
-status=$(cat "$tmp"/outpost-agent-status 2>/dev/null || echo 1)
+# Streams the CLI's output as the live log, copies it to $output, passes a stop (SIGTERM) on to
+# the CLI and sets $status to its exit status (lib/outpost-run.sh).
+. "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-run.sh
+# -p: non-interactive; --yolo approves its tool calls (the container is the sandbox).
+outpost_run "$output" gemini -p "$OUTPOST_TASK" ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --yolo
 node "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-result.mjs gemini "$status" "$output"
 exit "$status"

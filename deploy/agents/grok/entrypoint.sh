@@ -14,13 +14,10 @@ export HOME="$tmp/home"
 mkdir -p "$HOME"
 cd "$workspace"
 output="$tmp"/outpost-agent-output.txt
-# POSIX sh has no pipefail: the CLI's status travels through a file past tee.
-{
-  set +e
-  # --prompt: headless mode (one task, then exit); --directory: where it works.
-  grok --prompt "$OUTPOST_TASK" ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --directory "$workspace"
-  echo $? >"$tmp"/outpost-agent-status
-} 2>&1 | tee "$output"
-status=$(cat "$tmp"/outpost-agent-status 2>/dev/null || echo 1)
+# Streams the CLI's output as the live log, copies it to $output, passes a stop (SIGTERM) on to
+# the CLI and sets $status to its exit status (lib/outpost-run.sh).
+. "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-run.sh
+# --prompt: headless mode (one task, then exit); --directory: where it works.
+outpost_run "$output" grok --prompt "$OUTPOST_TASK" ${OUTPOST_MODEL:+--model "$OUTPOST_MODEL"} --directory "$workspace"
 node "${OUTPOST_AGENT_LIB:-/opt/outpost}"/outpost-result.mjs grok "$status" "$output"
 exit "$status"
