@@ -35,7 +35,7 @@ export const gatewayConfigShape = {
   /** The operator credential (SPEC T6); distinct from tenant keys, at least 32 characters. */
   OUTPOST_ADMIN_TOKEN: z.string({ error: "is required (the admin credential)" }).min(32, { message: "must be at least 32 characters" }),
   /** How long a verified API key is trusted before the tenant service is asked again. */
-  OUTPOST_AUTH_CACHE_TTL_MS: setting.durationMs(2000),
+  OUTPOST_AUTH_CACHE_TTL_MS: setting.timerMs(2000),
   /**
    * How often the credential of every open server stream is checked again, so a stream ends when
    * its key is revoked or its tenant suspended even where no invalidation reaches the gateway

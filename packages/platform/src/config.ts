@@ -33,17 +33,37 @@ export function reportErrorOf(parse: (value: string) => unknown) {
 /** The longest delay Node's timers honour (2^31 - 1 ms); a longer one fires after 1 ms. */
 export const MAX_TIMER_MS = 2_147_483_647;
 
+/**
+ * A whole number as the environment gives it: digits only (so "0x1F", "1e3", "1.5" and "-1"
+ * are refused rather than read as something else), and an empty or blank value counts as unset
+ * (the default, or "is required"), not as 0. A number passes as it is (in-process configs).
+ */
+function fromEnvNumber(value: unknown): unknown {
+  if (typeof value !== "string") return value;
+  const trimmed = value.trim();
+  if (trimmed === "") return undefined;
+  return /^\d+$/.test(trimmed) ? Number(trimmed) : value;
+}
+
+function wholeNumber(): z.ZodNumber {
+  return z.number({ error: (issue) => (issue.input === undefined ? "is required" : "must be a whole number (digits only)") }).int();
+}
+
+/** `schema` read with fromEnvNumber, with `fallback` when unset. */
+function envNumber(schema: z.ZodNumber, fallback?: number) {
+  return z.preprocess(fromEnvNumber, fallback === undefined ? schema : schema.default(fallback));
+}
+
 /** Reusable setting types, so every service reads ports, URLs and secrets the same way. */
 export const setting = {
-  port: (fallback?: number) => {
-    const schema = z.coerce.number().int().min(0).max(65535);
-    return fallback === undefined ? schema : schema.default(fallback);
-  },
+  port: (fallback?: number) => envNumber(wholeNumber().min(0).max(65535), fallback),
   host: (fallback = "127.0.0.1") => z.string().min(1).default(fallback),
+  /** An http(s) URL of another service ("localhost:7101" would parse as a URL of scheme "localhost:"). */
   url: () =>
     z
       .string({ error: "is required" })
-      .url({ message: "must be a URL such as http://127.0.0.1:7101" }),
+      .url({ message: "must be a URL such as http://127.0.0.1:7101" })
+      .refine((value) => !URL.canParse(value) || /^https?:$/.test(new URL(value).protocol), { message: "must be an http:// or https:// URL such as http://127.0.0.1:7101" }),
   dataDir: (fallback = ".outpost/data") => z.string().min(1).default(fallback),
   /** This process's Ed25519 private key for signing caller identities (identity.ts). */
   signingKey: () =>
@@ -60,12 +80,14 @@ export const setting = {
         }),
       ),
   logLevel: () => z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
-  durationMs: (fallback: number) => z.coerce.number().int().positive().default(fallback),
+  /** A duration compared with clocks, never waited for by a timer (retention, say); see timerMs. */
+  durationMs: (fallback: number) => envNumber(wholeNumber().positive(), fallback),
   /**
    * A duration a timer waits (setTimeout, setInterval): at most 2^31 - 1 ms (about 24.8 days),
-   * because Node fires a longer one after 1 ms, which would turn a period into a busy loop.
+   * because Node fires a longer one after 1 ms, which would turn a grace into none and a period
+   * into a busy loop.
    */
   timerMs: (fallback: number) =>
-    z.coerce.number().int().positive().max(MAX_TIMER_MS, { message: `must be at most ${MAX_TIMER_MS} (about 24.8 days)` }).default(fallback),
-  positiveInt: (fallback: number) => z.coerce.number().int().positive().default(fallback),
+    envNumber(wholeNumber().positive().max(MAX_TIMER_MS, { message: `must be at most ${MAX_TIMER_MS} (about 24.8 days)` }), fallback),
+  positiveInt: (fallback: number) => envNumber(wholeNumber().positive(), fallback),
 };

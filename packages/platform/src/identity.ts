@@ -66,6 +66,12 @@ export function parseIssuer(issuer: string): { role: SignerRole; name?: string }
 
 /** How long a signed identity stays valid; calls are signed as they are made. */
 const IDENTITY_TTL_MS = 60_000;
+/**
+ * How far ahead of this machine's clock a signer's may run: an identity whose expiry lies
+ * further ahead than its lifetime plus this is refused (only a signer that is broken, or
+ * broken into, would make one, and it could be replayed for as long).
+ */
+const CLOCK_SKEW_MS = 5_000;
 
 /**
  * The role whose key may sign this identity: tenants and admins only the gateway (which
@@ -254,6 +260,9 @@ export class SigningKeys {
     if ("problem" in checked) throw identityProblem(checked.problem);
     const { id, iss, exp, aud } = checked.claims;
     if (!isIdentity(id)) throw unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
+    if (exp > now + IDENTITY_TTL_MS + CLOCK_SKEW_MS) {
+      throw unauthenticated("IDENTITY_LIFETIME_TOO_LONG", `caller identity is valid for longer than an identity may be (${IDENTITY_TTL_MS / 1000} s)`);
+    }
     // A role speaks only for what it is, an executor signing with its id only for itself
     // (module comment).
     const mayAssert = iss.includes("/") ? id.kind === "service" && id.principal === iss : signerRoleOf(id) === iss;

@@ -80,6 +80,11 @@ export interface LeanUnaryOptions {
   logger: Logger;
   /** Request bodies count against it while they are read (body-budget.ts). */
   bodyBudget?: BodyBudget;
+  /**
+   * Runs on the headers before the body is read, so a caller refused for them (no identity,
+   * say) costs no body: throwing answers the call with that error.
+   */
+  beforeBody?: (service: DescService, header: Headers, values: ContextValues) => void;
 }
 
 export interface LeanUnaryPath {
@@ -155,7 +160,7 @@ export function leanUnaryPath(options: LeanUnaryOptions): LeanUnaryPath {
       const authority = "authority" in req ? req.authority : req.headers.host;
       if (format === undefined || !authority) return false;
       const call = { route, protocol, binary: format.binary, url: `http://${authority}${req.url}` };
-      serveCall(call, req, res, options.interceptors, options.contextValues(req), limits, options.bodyBudget).catch((err: unknown) => {
+      serveCall(call, req, res, options, options.contextValues(req), limits).catch((err: unknown) => {
         // The answer could not be written (a handler's header that HTTP forbids, say): the
         // client's call breaks, the process goes on, as with connect-node.
         options.logger.error({ err, method: `${route.spec.method.parent.typeName}/${route.spec.method.name}` }, "rpc answer could not be written");
@@ -278,11 +283,11 @@ async function serveCall(
   call: Call,
   req: Request,
   res: Response,
-  interceptors: Interceptor[],
+  options: LeanUnaryOptions,
   values: ContextValues,
   limits: Limits,
-  bodyBudget: BodyBudget | undefined,
 ): Promise<void> {
+  const { interceptors, bodyBudget } = options;
   const { route: { spec, serialization }, protocol, binary } = call;
   // Aborted when the client goes away before its answer (with connect-node's reason for an
   // HTTP/2 reset): the handler's signal follows it.
@@ -317,6 +322,7 @@ async function serveCall(
     // Connect's protocol version: absent, or 1 (connect-node checks it only when told to).
     const version = headerValue(req, connect.headerProtocolVersion.toLowerCase());
     if (protocol.name === "connect" && version !== null && version !== connect.protocolVersion) throw unsupportedConnectVersion(version);
+    options.beforeBody?.(spec.method.parent, context.requestHeader, values);
     const lengthHint = protocol.checksContentLength ? contentLength(req, limits.readMaxBytes) : undefined;
     const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes, context.signal, bodyBudget?.charge(req, res));
     if (lengthHint !== undefined && lengthHint !== body.length) {

@@ -36,7 +36,12 @@ export async function runProcess(name: string, start: (logger: Logger) => Promis
     if (stopping) return;
     stopping = true;
     logger.info({ signal }, "stopping");
-    service.close().then(
+    // Held until the close is done: the drain waits on unref'd timers (so they never keep a
+    // healthy process up), and once the last connection is gone nothing else may be left to
+    // keep the event loop alive — the process would end with its close half done (stores not
+    // closed, "closed" never logged).
+    const keepAlive = setInterval(() => {}, 1000);
+    service.close().finally(() => clearInterval(keepAlive)).then(
       () => process.exit(0),
       (err: unknown) => {
         logger.error({ err }, "shutdown failed");

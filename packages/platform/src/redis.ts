@@ -18,14 +18,18 @@ export function connectRedis(url: string, logger: Logger, options: RedisOptions 
     retryStrategy: (attempt) => Math.min(100 * 2 ** attempt, 5000),
     ...options,
   });
-  let up = false;
+  // "never": not reached yet. Its first failure is logged too, so a typo in the URL (or a Redis
+  // that never comes) shows at start-up; after that, each change between up and down once.
+  let state: "never" | "up" | "down" = "never";
   redis.on("ready", () => {
-    if (!up) logger.info({ redis: redactUrl(url) }, "redis connected");
-    up = true;
+    if (state !== "up") logger.info({ redis: redactUrl(url) }, "redis connected");
+    state = "up";
   });
   redis.on("error", (err: Error) => {
-    if (up) logger.warn({ err: err.message, redis: redactUrl(url) }, "redis unavailable; using in-process fallback");
-    up = false;
+    if (state === "down") return;
+    const message = state === "up" ? "redis unavailable; using in-process fallback" : "redis unreachable; using in-process fallback until it answers";
+    logger.warn({ err: err.message, redis: redactUrl(url) }, message);
+    state = "down";
   });
   return redis;
 }

@@ -10,6 +10,7 @@ import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
 import type { ConnectRouter, Interceptor, HandlerContext, ContextValues } from "@connectrpc/connect";
+import type { DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createContextKey, createContextValues } from "@connectrpc/connect";
 import { parseTimeout as parseGrpcTimeout } from "@connectrpc/connect/protocol-grpc";
 import { parseTimeout as parseConnectTimeout } from "@connectrpc/connect/protocol-connect";
@@ -18,7 +19,7 @@ import { formatTraceparent, currentTrace } from "./call-context.ts";
 import { initMetrics, metricsInterceptor, metricsText, METRICS_PATH } from "./metrics.ts";
 import { flushTracing, initTracing, serverTraceInterceptor } from "./tracing.ts";
 import { HealthState, registerHealth, type ReadinessCheck } from "./health.ts";
-import { audienceOf, identityKey, type SigningKeys } from "./identity.ts";
+import { audienceOf, identityKey, type Identity, type SigningKeys } from "./identity.ts";
 import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
 import { maskedInternalMessage, unsupportedConnectVersion } from "./errors.ts";
@@ -79,6 +80,10 @@ export interface ServerOptions {
   shutdownGraceMs?: number;
   /** How long a new connection may stay silent before it is closed (default 10 s). */
   firstBytesTimeoutMs?: number;
+  /** How long an HTTP/1 request's headers may take to arrive (default 60 s; then 408 and the connection closes). */
+  headersTimeoutMs?: number;
+  /** How long an HTTP/2 connection with no call open may stay silent before it is closed (default 2 min). */
+  idleSessionTimeoutMs?: number;
   /**
    * Concurrent HTTP/2 streams a client may open on one connection (advertised in SETTINGS;
    * clients queue the rest). Unset: no limit beyond nghttp2's session memory, which suits the
@@ -112,6 +117,12 @@ export interface RunningServer {
 }
 
 const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
+/** An HTTP/1 request's headers must arrive within this (Node's default). */
+const HEADERS_TIMEOUT_MS = 60_000;
+/** An HTTP/1 request (headers and body) must arrive within this (Node's default); answers may take longer. */
+const REQUEST_TIMEOUT_MS = 300_000;
+/** An HTTP/2 connection with no call open and no frame (pings included) for this long is closed. */
+const IDLE_SESSION_TIMEOUT_MS = 120_000;
 
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   applyRuntimeFixes();
@@ -155,7 +166,17 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     return values;
   };
   // Unary gRPC and Connect calls (nearly all traffic) take the lean path; the rest connect-node.
-  const leanUnary = leanUnaryPath({ interceptors, readMaxBytes, contextValues, logger, bodyBudget: options.bodyBudget });
+  const identityCheck = options.signingKeys === undefined ? undefined : identityReader(options.signingKeys);
+  const leanUnary = leanUnaryPath({
+    interceptors,
+    readMaxBytes,
+    contextValues,
+    logger,
+    bodyBudget: options.bodyBudget,
+    // The caller's identity is checked on the headers, before the body is read: a caller
+    // without one is refused at once, whatever it declared it would send.
+    beforeBody: identityCheck && ((service, header, values) => values.set(identityKey, identityCheck(service, header))),
+  });
   const handler = connectNodeAdapter({
     routes(router) {
       const recording = leanUnary.recording(router);
@@ -171,6 +192,12 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   });
 
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse) => {
+    // While draining, an HTTP/1.1 connection is closed after its answer (keep-alive would
+    // carry the client's next call to a server that is going away).
+    if (req.httpVersionMajor === 1) {
+      if (drain.signal.aborted) res.setHeader("connection", "close");
+      answering(req.socket, res);
+    }
     if (req.url === LIVENESS_PATH) {
       res.writeHead(200, { "content-type": "text/plain" });
       res.end("ok\n");
@@ -194,15 +221,54 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     handler(req, res);
   };
 
-  const h1 = http.createServer(onRequest);
+  // HTTP/1 connections and how many answers each has pending, so shutdown closes each one once
+  // its answers are written (Node's closeAllConnections would cut answers still being sent).
+  const h1Connections = new Map<net.Socket, number>();
+  const answering = (socket: net.Socket, res: http.ServerResponse) => {
+    if (!h1Connections.has(socket)) return;
+    h1Connections.set(socket, h1Connections.get(socket)! + 1);
+    res.once("close", () => {
+      const open = h1Connections.get(socket);
+      if (open === undefined) return;
+      h1Connections.set(socket, open - 1);
+      if (open === 1 && drain.signal.aborted) socket.end();
+    });
+  };
+  const headersTimeout = options.headersTimeoutMs ?? HEADERS_TIMEOUT_MS;
+  const h1 = http.createServer(
+    {
+      headersTimeout,
+      requestTimeout: Math.max(REQUEST_TIMEOUT_MS, headersTimeout),
+      // Node checks the two deadlines this often (its default: 30 s).
+      connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor(headersTimeout / 4))),
+    },
+    onRequest,
+  );
+  // Node tracks an HTTP/1 server's connections (and so enforces headersTimeout and
+  // requestTimeout, and can close idle ones) from its "listening" event on; this server is handed
+  // its connections by the sniffer below and never listens itself, so it is told here.
+  h1.emit("listening");
   // The HTTP/2 compatibility API offers the same request/response surface as HTTP/1.
   const h2 = http2.createServer(
     options.maxStreamsPerConnection === undefined ? {} : { settings: { maxConcurrentStreams: options.maxStreamsPerConnection } },
     onRequest as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void);
   const sessions = new Set<http2.ServerHttp2Session>();
+  const openStreams = new WeakMap<http2.Http2Session, number>();
   h2.on("session", (session) => {
     sessions.add(session);
     session.on("close", () => sessions.delete(session));
+    // A connection with no call open and nothing said for this long is closed (GOAWAY): one that
+    // sent only its preface, or whose client forgot it, would otherwise be kept for ever.
+    // Clients that keep connections open send pings, which count as activity.
+    session.setTimeout(options.idleSessionTimeoutMs ?? IDLE_SESSION_TIMEOUT_MS, () => {
+      if ((openStreams.get(session) ?? 0) === 0) session.close();
+    });
+  });
+  h2.on("stream", (stream: http2.ServerHttp2Stream) => {
+    const session = stream.session;
+    if (!session) return;
+    openStreams.set(session, (openStreams.get(session) ?? 0) + 1);
+    stream.once("close", () => openStreams.set(session, (openStreams.get(session) ?? 1) - 1));
   });
 
   // Sniffs the first bytes of each connection: HTTP/2 starts with its 24-byte preface, which no
@@ -226,6 +292,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       socket.setTimeout(0);
       socket.off("timeout", onSilent);
       socket.unshift(head);
+      if (protocol === "h1") {
+        h1Connections.set(socket, 0);
+        socket.once("close", () => h1Connections.delete(socket));
+      }
       (protocol === "h2" ? h2 : h1).emit("connection", socket);
     });
     socket.on("error", () => socket.destroy());
@@ -262,21 +332,26 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       tcp.close();
       for (const socket of undecided) socket.destroy();
       metricsServer?.close();
-      h1.closeIdleConnections();
+      // HTTP/1 connections with no answer pending close now; the others after their answer.
+      for (const [socket, open] of h1Connections) if (open === 0) socket.end();
+      // GOAWAY now: calls in flight finish, and clients open no new ones on these connections
+      // (they go to another replica) — rather than keep serving until the grace runs out.
+      for (const session of sessions) session.close();
       if (inFlight > 0) {
         await Promise.race([
           new Promise<void>((resolve) => (onIdle = resolve)),
           new Promise((resolve) => setTimeout(resolve, options.shutdownGraceMs ?? 10_000).unref()),
         ]);
       }
-      for (const session of sessions) session.close();
-      h1.closeAllConnections();
+      h1.close(() => {}); // stops its connection checks (it never listened, so there is no error to see)
+      // Answers still being written get a moment to reach their clients; then everything goes.
       await new Promise<void>((resolve) => {
         const timer = setTimeout(() => {
           for (const session of sessions) session.destroy();
+          for (const socket of h1Connections.keys()) socket.destroy();
           resolve();
         }, 2000).unref();
-        const check = () => (sessions.size === 0 ? (clearTimeout(timer), resolve()) : setTimeout(check, 10).unref());
+        const check = () => (sessions.size === 0 && h1Connections.size === 0 ? (clearTimeout(timer), resolve()) : setTimeout(check, 10).unref());
         check();
       });
       await flushTracing();
@@ -450,12 +525,17 @@ function connectVersionInterceptor(): Interceptor {
  * Exported so in-process tests (createRouterTransport) check identity exactly as servers do.
  */
 export function identityInterceptor(keys: SigningKeys): Interceptor {
+  const read = identityReader(keys);
   return (next) => (req) => {
-    if (req.service.typeName !== "grpc.health.v1.Health") {
-      req.contextValues.set(identityKey, keys.readIdentity(req.header, audienceOf(req.service)));
-    }
+    // The lean unary path verified it before reading the body (beforeBody): not twice.
+    if (req.contextValues.get(identityKey) === undefined) req.contextValues.set(identityKey, read(req.service, req.header));
     return next(req);
   };
+}
+
+/** The verified caller identity of a call to `service`; health is open to all (undefined). */
+function identityReader(keys: SigningKeys): (service: DescService, header: Headers) => Identity | undefined {
+  return (service, header) => (service.typeName === "grpc.health.v1.Health" ? undefined : keys.readIdentity(header, audienceOf(service)));
 }
 
 export { formatTraceparent };

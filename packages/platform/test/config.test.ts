@@ -54,7 +54,7 @@ describe("loadConfig", () => {
   });
 
   it("names a malformed port and nothing valid", () => {
-    for (const port of ["abc", "70000", "-1", "1.5"]) {
+    for (const port of ["abc", "70000", "-1", "1.5", "0x1F", "1e3"]) {
       const err = configError({ ...valid, OUTPOST_X_PORT: port });
       expect(err.message).toMatch(/OUTPOST_X_PORT: /);
       expect(err.message).not.toContain("OUTPOST_TENANT_URL");
@@ -81,6 +81,18 @@ describe("loadConfig", () => {
     expect(error.message).toContain("OUTPOST_PERIOD_MS");
     expect(error.message).toContain("at most 2147483647");
     expect(loadConfig(shape, { ...valid, OUTPOST_TTL_MS: "2592000000" }).OUTPOST_TTL_MS).toBe(2_592_000_000); // 30 days
+  });
+
+  it("an empty or blank number is unset (its default, or required), never 0", () => {
+    expect(loadConfig({ P: setting.port(7104), T: setting.timerMs(1000) }, { P: "", T: "  " })).toEqual({ P: 7104, T: 1000 });
+    expect(() => loadConfig({ P: setting.port() }, { P: " " })).toThrow(/P: is required/);
+    expect(loadConfig({ P: setting.port(7104) }, { P: " 8080 " })).toEqual({ P: 8080 });
+  });
+
+  it("a service URL is http or https", () => {
+    for (const url of ["localhost:7101", "javascript:alert(1)", "file:///etc/passwd", "redis://127.0.0.1:6379"]) {
+      expect(configError({ ...valid, OUTPOST_TENANT_URL: url }).message, url).toMatch(/OUTPOST_TENANT_URL: must be an http:\/\/ or https:\/\/ URL/);
+    }
   });
 
   it("a port setting without a default is required", () => {

@@ -7,9 +7,8 @@ import {
   invalidArgument,
   notFound,
   startServer,
-  type ReadinessCheck,
   type RunningServer,
-  type SigningKeys,
+  type ServerOptions,
 } from "@outpost/platform";
 import { LogChunkSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { GetLogsResponseSchema, LogService, SubscribeLogsResponseSchema } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
@@ -73,18 +72,7 @@ export function fakeLogRoutes(router: ConnectRouter): void {
 }
 
 export function startTestServer(
-  options: { signingKeys?: SigningKeys; readiness?: ReadinessCheck; readMaxBytes?: number; shutdownGraceMs?: number; firstBytesTimeoutMs?: number } = {},
+  options: Partial<Pick<ServerOptions, "signingKeys" | "readiness" | "readMaxBytes" | "shutdownGraceMs" | "firstBytesTimeoutMs" | "headersTimeoutMs" | "idleSessionTimeoutMs">> = {},
 ): Promise<RunningServer> {
-  return startServer({
-    name: "test",
-    host: "127.0.0.1",
-    port: 0,
-    logger: silentLogger,
-    routes: fakeLogRoutes,
-    signingKeys: options.signingKeys,
-    readiness: options.readiness,
-    readMaxBytes: options.readMaxBytes,
-    shutdownGraceMs: options.shutdownGraceMs,
-    firstBytesTimeoutMs: options.firstBytesTimeoutMs,
-  });
+  return startServer({ name: "test", host: "127.0.0.1", port: 0, logger: silentLogger, routes: fakeLogRoutes, ...options, signingKeys: options.signingKeys });
 }

@@ -172,6 +172,17 @@ describe("writeIdentity / readIdentity", () => {
     expect(signed({ ...TENANT, tenantId: "T2" }, NOW, gateway).get(IDENTITY_HEADER)).not.toBe(first.get(IDENTITY_HEADER));
   });
 
+  it("refuses an identity signed to last longer than an identity may", () => {
+    const gateway = keysOf("gateway");
+    const decade = new Headers();
+    const { payload, signature } = gateway.sign({ id: TENANT, aud: AUD }, 10 * 365 * 86_400_000, NOW);
+    decade.set(IDENTITY_HEADER, payload);
+    decade.set(IDENTITY_SIGNATURE_HEADER, signature);
+    expect(reasonOf(() => verifier().readIdentity(decade, AUD, NOW))).toEqual(unauth("IDENTITY_LIFETIME_TOO_LONG"));
+    // A signer whose clock runs a few seconds ahead is fine.
+    expect(verifier().readIdentity(signed(TENANT, NOW + 4_000), AUD, NOW)).toEqual(TENANT);
+  });
+
   it("refuses a signed payload without an expiry as expired", () => {
     expect(reasonOf(() => verifier().readIdentity(signedRaw(b64({ id: TENANT, iss: "gateway" })), AUD, NOW))).toEqual(unauth("IDENTITY_EXPIRED"));
   });

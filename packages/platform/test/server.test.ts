@@ -1,3 +1,4 @@
+import http2 from "node:http2";
 import net from "node:net";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
@@ -7,7 +8,7 @@ import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.j
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { sleep, startTestServer } from "./helpers.ts";
 import { keysOf } from "../../../test/support/signing.ts";
-import { answerError, h2Exchange } from "../../../test/support/h2.ts";
+import { answerError, h2Call, h2Exchange } from "../../../test/support/h2.ts";
 import { envelope, envelopesOf } from "../../../test/support/envelopes.ts";
 
 async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
@@ -161,6 +162,19 @@ describe("caller identity", () => {
     expect(errorInfoOf(grpcErr)?.reason).toBe("IDENTITY_MISSING");
     const res = await postJson(server.url, "GetLogs", { dispatchId: "x" });
     expect(res.status).toBe(401);
+  });
+
+  it("refuses a unary call without identity on its headers, before (and without) reading its body", async () => {
+    // Declares a 1 MiB message, sends 100 bytes of it and never finishes.
+    const answer = await h2Exchange(
+      server.url,
+      { ":path": "/outpost.telemetry.v1.LogService/GetLogs", "content-type": "application/grpc", te: "trailers" },
+      envelope(0, Buffer.alloc(100), 1024 * 1024),
+      { end: false, timeoutMs: 3000 },
+    );
+    expect(answer).not.toBe("no answer");
+    if (answer === "no answer") return;
+    expect(answer.trailers["grpc-status"] ?? answer.head["grpc-status"]).toBe(String(Code.Unauthenticated));
   });
 
   it("refuses an identity signed with a key it does not trust", async () => {
@@ -319,6 +333,48 @@ describe("connections that say nothing", () => {
   });
 });
 
+describe("connections that stall after they spoke", () => {
+  it("an HTTP/1.1 request whose headers never finish is answered 408 and closed at the headers deadline", async () => {
+    const server = await startTestServer({ headersTimeoutMs: 400 });
+    try {
+      const socket = net.connect(server.port, "127.0.0.1");
+      let answer = "";
+      socket.on("data", (chunk: Buffer) => (answer += chunk.toString()));
+      socket.write("POST /x HTTP/1.1\r\nHost: x\r\nX-A: ");
+      const outcome = await Promise.race([new Promise((resolve) => socket.once("close", () => resolve("closed"))), sleep(5000).then(() => "still open")]);
+      expect(outcome).toBe("closed");
+      expect(answer).toMatch(/^HTTP\/1\.1 408/);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it("an HTTP/2 connection with no call open that stays silent is closed (GOAWAY); one with a call open is not", async () => {
+    const server = await startTestServer({ idleSessionTimeoutMs: 300 });
+    try {
+      const idle = http2.connect(server.url);
+      idle.on("error", () => {});
+      const idleGone = new Promise((resolve) => idle.once("goaway", () => resolve("goaway")));
+      const busy = http2.connect(server.url);
+      busy.on("error", () => {});
+      let busyGoaway = false;
+      busy.once("goaway", () => (busyGoaway = true));
+      // A server stream that sends its first message and then waits, silent, until cancelled.
+      const stream = busy.request({ ":method": "POST", ":path": "/outpost.telemetry.v1.LogService/SubscribeLogs", "content-type": "application/grpc" });
+      stream.on("error", () => {});
+      stream.end(envelope(0, Buffer.from([0x0a, 0x01, 0x73])));
+      expect(await Promise.race([idleGone, sleep(3000).then(() => "still open")])).toBe("goaway");
+      await sleep(700);
+      expect(busyGoaway).toBe(false);
+      stream.close();
+      idle.destroy();
+      busy.destroy();
+    } finally {
+      await server.close();
+    }
+  });
+});
+
 describe("graceful close", () => {
   it("finishes in-flight unary calls, refuses new connections", async () => {
     const server = await startTestServer({ shutdownGraceMs: 5000 });
@@ -337,6 +393,42 @@ describe("graceful close", () => {
     expect(fetched.status).toBe(200);
     expect(fetched.body).toContain('"slow"');
     await closing;
+  });
+
+  it("sends GOAWAY at once: a call started on an open connection after close() began is refused, the one in flight finishes", async () => {
+    const server = await startTestServer({ shutdownGraceMs: 5000 });
+    const session = http2.connect(server.url);
+    session.on("error", () => {});
+    const getLogs = (dispatchId: string) =>
+      h2Call(session, { ":path": "/outpost.telemetry.v1.LogService/GetLogs", "content-type": "application/json" }, Buffer.from(JSON.stringify({ dispatchId })));
+    const slow = getLogs("slow");
+    await sleep(100);
+    const closing = server.close();
+    await sleep(50); // the slow call (300 ms) is still in flight
+    const late = (() => {
+      try {
+        return getLogs("late").answer;
+      } catch (err) {
+        return Promise.resolve(String(err));
+      }
+    })();
+    const lateAnswer = await late;
+    expect(lateAnswer === "no answer" || typeof lateAnswer === "string" || Number(lateAnswer.head[":status"]) !== 200).toBe(true);
+    const slowAnswer = await slow.answer;
+    expect(slowAnswer !== "no answer" && slowAnswer.body.toString()).toContain('"slow"');
+    await closing;
+    session.destroy();
+  });
+
+  it("closes an idle HTTP/1.1 keep-alive connection before close() resolves", async () => {
+    const server = await startTestServer();
+    const socket = net.connect(server.port, "127.0.0.1");
+    await new Promise((resolve) => socket.once("connect", resolve));
+    socket.write("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    await new Promise((resolve) => socket.once("data", resolve));
+    const socketClosed = new Promise((resolve) => socket.once("close", () => resolve("closed")));
+    await server.close();
+    expect(await Promise.race([socketClosed, sleep(500).then(() => "still open")])).toBe("closed");
   });
 
   it("ends a stream waiting on callEndSignal cleanly when close() is called", async () => {

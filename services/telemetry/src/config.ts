@@ -14,7 +14,7 @@ export const telemetryConfigShape = {
   /** Live chunks one subscription may hold before it falls back to reading storage. */
   OUTPOST_TELEMETRY_SUBSCRIBER_BUFFER: setting.positiveInt(2000),
   /** How long a subscription to an ended run waits for chunks that never came. */
-  OUTPOST_TELEMETRY_END_GRACE_MS: setting.durationMs(30_000),
+  OUTPOST_TELEMETRY_END_GRACE_MS: setting.timerMs(30_000),
   /** Redis for the live fan-out between replicas (channel outpost:logs:<dispatch_id>); unset: one replica, in-process. */
   OUTPOST_REDIS_URL: z.string().url({ message: "must be a URL such as redis://127.0.0.1:6379" }).optional(),
   /** Retention of runs registered without one (RegisterRun.retention unset): 7 days, the free tier's. */
