@@ -1,6 +1,6 @@
 /**
  * `npm start`: brings the five processes up on loopback on embedded defaults (SQLite files
- * under .outpost/data, no Redis or MongoDB needed), provisions a development tenant, writes
+ * under ~/.outpost/data or $OUTPOST_HOME/data, no Redis or MongoDB needed), provisions a development tenant, writes
  * its key where the CLI finds it, and prints the next command. `npm run demo` (--demo) also
  * runs one dispatch of the demo agent, follows its output, and shuts the mesh down.
  */
@@ -20,7 +20,7 @@ import {
   ensurePrivateDir,
   writePrivateFile,
 } from "@outpost/cli";
-import { DEFAULT_PORTS, REPO_ROOT, startMesh } from "./lib/mesh.ts";
+import { DEFAULT_PORTS, exitWithMesh, REPO_ROOT, startMesh, type Mesh } from "./lib/mesh.ts";
 
 const DEMO_IMAGE = "outpost/demo-agent:latest";
 const demo = process.argv.includes("--demo");
@@ -30,9 +30,16 @@ function say(line: string) {
   process.stderr.write(`${line}\n`);
 }
 
+// Before anything can fail: Ctrl-C (exit 0, the usual way to stop `npm start`), SIGTERM, SIGHUP,
+// or an error anywhere below stops every service process started so far (even mid start-up)
+// instead of leaving them holding the fixed ports; the mesh processes also stop by themselves
+// when this process is killed outright (scripts/lib/mesh.ts).
+let mesh: Mesh | undefined = undefined;
+const shutdown = exitWithMesh(async () => void (await mesh?.stop()), { say: (line) => say(`outpost: ${line}`), signalExitCode: 0 });
+
 /**
  * Secrets that must stay the same across restarts of the development mesh: 0600 files in a
- * 0700 .outpost (files an older version left with the umask's mode are tightened on read).
+ * 0700 ~/.outpost or $OUTPOST_HOME (files an older version left with the umask's mode are tightened on read).
  */
 function devSecret(name: string): string {
   ensurePrivateDir(home);
@@ -74,10 +81,10 @@ async function checkDocker(): Promise<boolean> {
 }
 
 const dockerReady = await checkDocker();
-if (demo && !dockerReady) process.exit(1);
+if (demo && !dockerReady) await shutdown(1);
 
 const adminToken = devSecret("admin-token");
-const mesh = await startMesh({
+mesh = await startMesh({
   dataDir: path.join(home, "data"),
   logDir: path.join(home, "logs"),
   // Secrets at rest are encrypted under this development master key (key id "dev").
@@ -86,16 +93,6 @@ const mesh = await startMesh({
   ports: DEFAULT_PORTS,
 });
 const gatewayUrl = mesh.urls.gateway;
-
-let stopping = false;
-async function shutdown(code: number) {
-  if (stopping) return;
-  stopping = true;
-  await mesh.stop();
-  process.exit(code);
-}
-process.on("SIGINT", () => void shutdown(0));
-process.on("SIGTERM", () => void shutdown(0));
 
 // Reuse the development tenant's key while it still works; otherwise provision a new tenant.
 const saved = readDevCredentials();

@@ -4,7 +4,8 @@
  * tests that cross real process boundaries, so both exercise the same composition.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { createWriteStream, mkdirSync } from "node:fs";
+import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -77,7 +78,12 @@ export interface Mesh {
   start(name: ServiceName): Promise<void>;
   /** Sends a signal and waits for the exit code. */
   kill(name: ServiceName, signal?: NodeJS.Signals): Promise<number | null>;
-  stop(): Promise<void>;
+  /**
+   * SIGTERM to every process (the gateway first, so no new work arrives while the rest drain)
+   * and waits for them to exit; those still running `timeoutMs` after (default
+   * STOP_TIMEOUT_MS) get SIGKILL. A mesh being started stops starting processes.
+   */
+  stop(options?: { timeoutMs?: number }): Promise<void>;
   /** Every replica of every service, replica 0 first. */
   instances(name?: ServiceName): MeshInstance[];
   /** Starts (or restarts) one replica on its port and waits for its liveness path. */
@@ -100,6 +106,147 @@ export function serviceNodeOptions(operator: string | undefined): string {
   const own = (operator ?? "").trim();
   if (own.includes("--max-semi-space-size")) return own;
   return own ? `${own} ${SERVICE_NODE_OPTIONS}` : SERVICE_NODE_OPTIONS;
+}
+
+/**
+ * How long stop() waits for a process to exit after SIGTERM before it sends SIGKILL: above the
+ * executor's default shutdown grace (OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS, 30 s, in which it stops
+ * and removes its containers) plus a server's drain (10 s).
+ */
+export const STOP_TIMEOUT_MS = 60_000;
+
+/** A start-up failure whose message says all there is to say (a port in use, a process that died). */
+export class MeshStartError extends Error {
+  override name = "MeshStartError";
+}
+
+/**
+ * Every service process of this process's meshes that has not exited yet. When this process
+ * exits (normally, by process.exit, or after an uncaught exception) they get SIGTERM, so no
+ * service outlives a harness that failed or forgot to stop its mesh. A `kill -9` of this process
+ * runs no code here: each service also watches its stdin, a pipe from this process, and stops
+ * itself when the pipe closes (CHILD_WATCHDOG).
+ */
+const liveChildren = new Set<ChildProcess>();
+let exitHookInstalled = false;
+
+function track(child: ChildProcess): void {
+  liveChildren.add(child);
+  child.once("exit", () => liveChildren.delete(child));
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on("exit", () => {
+    for (const c of liveChildren) c.kill("SIGTERM");
+  });
+}
+
+/**
+ * Preloaded into every service process (`--import`): when its stdin (a pipe whose other end
+ * only the parent holds) closes, the parent is gone, whichever way it died; the service then
+ * stops as on SIGTERM, and is killed if that has not ended it within a minute. The pipe does
+ * not keep the process alive (unref).
+ */
+const CHILD_WATCHDOG =
+  "data:text/javascript," +
+  encodeURIComponent(
+    [
+      "const input = process.stdin;",
+      "input.on('error', () => {});",
+      "input.on('end', () => {",
+      "  process.kill(process.pid, 'SIGTERM');",
+      "  setTimeout(() => process.kill(process.pid, 'SIGKILL'), 60000).unref();",
+      "});",
+      "input.resume();",
+      "input.unref?.();",
+    ].join("\n"),
+  );
+
+/** Resolves when the process has exited (at once if it had). */
+function exitOf(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => child.once("exit", () => resolve()));
+}
+
+/**
+ * SIGTERM to each process still running, then waits until they exit or `deadline` (epoch ms)
+ * passes; those left get SIGKILL (said on stderr).
+ */
+async function terminate(children: { label: string; child: ChildProcess }[], deadline: number): Promise<void> {
+  const running = children.filter(({ child }) => child.exitCode === null && child.signalCode === null);
+  for (const { child } of running) child.kill("SIGTERM");
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<void>((resolve) => (timer = setTimeout(resolve, Math.max(0, deadline - Date.now()))));
+  await Promise.race([Promise.all(running.map(({ child }) => exitOf(child))), timedOut]);
+  clearTimeout(timer);
+  const stuck = running.filter(({ child }) => child.exitCode === null && child.signalCode === null);
+  for (const { label, child } of stuck) {
+    process.stderr.write(`mesh: ${label} (pid ${child.pid}) had not exited after SIGTERM by the deadline; sending SIGKILL\n`);
+    child.kill("SIGKILL");
+  }
+  await Promise.all(stuck.map(({ child }) => exitOf(child)));
+}
+
+/**
+ * Stops every service process this process started through startMesh and that is still
+ * running, whichever mesh it belongs to (or one still being started): SIGTERM, then SIGKILL
+ * after `timeoutMs`.
+ */
+export function stopAllMeshProcesses(timeoutMs = STOP_TIMEOUT_MS): Promise<void> {
+  return terminate([...liveChildren].map((child) => ({ label: `process ${child.pid}`, child })), Date.now() + timeoutMs);
+}
+
+/**
+ * For a script that owns a mesh (`npm start`, `npm run load`); call it before anything that can
+ * throw. On SIGINT, SIGTERM or SIGHUP (exit code `signalExitCode`, default 128 + the signal's
+ * number), an uncaught exception or an unhandled rejection (exit code 1), and when the script
+ * calls the returned function itself: runs `cleanup` once (e.g. stopping the mesh, removing
+ * containers; bounded by `timeoutMs`), stops whatever mesh process is still running (one being
+ * started included), then exits. A second signal while stopping kills the processes at once.
+ */
+export function exitWithMesh(
+  cleanup: () => Promise<void>,
+  options: { say: (line: string) => void; signalExitCode?: number; timeoutMs?: number },
+): (code: number) => Promise<never> {
+  const timeoutMs = options.timeoutMs ?? STOP_TIMEOUT_MS + 10_000;
+  let stopping: Promise<never> | undefined;
+  const shutdown = (code: number): Promise<never> =>
+    (stopping ??= (async () => {
+      let timer: NodeJS.Timeout | undefined;
+      try {
+        await Promise.race([
+          cleanup(),
+          new Promise<void>((resolve) => {
+            timer = setTimeout(() => {
+              options.say(`cleanup did not finish within ${timeoutMs} ms; stopping the processes`);
+              resolve();
+            }, timeoutMs);
+          }),
+        ]);
+      } catch (err) {
+        options.say(`cleanup failed: ${err instanceof Error ? err.message : String(err)}`);
+      } finally {
+        clearTimeout(timer);
+      }
+      await stopAllMeshProcesses(5_000);
+      process.exit(code);
+    })());
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopping) {
+      options.say(`${signal} again: killing the mesh processes`);
+      for (const child of liveChildren) child.kill("SIGKILL");
+      process.exit(1);
+    }
+    options.say(`${signal}: stopping`);
+    void shutdown(options.signalExitCode ?? 128 + (os.constants.signals[signal] ?? 0));
+  };
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(signal, onSignal);
+  const onError = (err: unknown) => {
+    options.say(err instanceof MeshStartError ? err.message : `failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    void shutdown(1);
+  };
+  process.on("uncaughtException", onError);
+  process.on("unhandledRejection", onError);
+  return shutdown;
 }
 
 export async function startMesh(options: MeshOptions): Promise<Mesh> {
@@ -142,6 +289,8 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   const processes = new Map<ServiceName, ChildProcess>();
   const replicaProcesses = new Map<string, ChildProcess>();
   const balancers: Balancer[] = [];
+  /** Set by stop(): replicas whose start is still under way spawn nothing more. */
+  let stopped = false;
 
   async function start(name: ServiceName) {
     return startReplica(name, 0);
@@ -150,20 +299,36 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
   async function startReplica(name: ServiceName, index: number) {
     const port = replicaPorts[name][index];
     if (port === undefined) throw new Error(`${name} has no replica ${index}`);
+    const label = replicaCount(name) > 1 ? `${name}-${index}` : name;
     const replicaEnv: Record<string, string> = {};
     if (replicaCount(name) > 1) replicaEnv[`OUTPOST_${name.toUpperCase()}_PORT`] = String(port);
     if (name === "executor") replicaEnv.OUTPOST_EXECUTOR_ID = executorIdOf(index);
-    const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", ENTRY[name]], {
-      cwd: REPO_ROOT,
-      env: { ...process.env, NODE_OPTIONS: serviceNodeOptions(process.env.NODE_OPTIONS), ...baseEnv, OUTPOST_SIGNING_KEY: signingKeyOf(name, index), ...options.serviceEnv?.[name], ...replicaEnv },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    const log = createWriteStream(path.join(options.logDir, index === 0 ? `${name}.log` : `${name}-${index}.log`), { flags: "a" });
-    child.stdout.pipe(log);
-    child.stderr.pipe(log);
+    const env: Record<string, string | undefined> = { ...process.env, NODE_OPTIONS: serviceNodeOptions(process.env.NODE_OPTIONS), ...baseEnv, OUTPOST_SIGNING_KEY: signingKeyOf(name, index), ...options.serviceEnv?.[name], ...replicaEnv };
+    const host = env[`OUTPOST_${name.toUpperCase()}_HOST`] ?? "127.0.0.1";
+    // Whatever already listens there would answer the liveness probe in our process's stead
+    // while ours dies on EADDRINUSE: say so instead.
+    const taken = await portInUse(host, port);
+    if (taken) throw new MeshStartError(`${label}: ${await describeTakenPort(host, port, taken)}`);
+    if (stopped) throw new MeshStartError(`${label}: not started, the mesh is stopping`);
+    const logFile = path.join(options.logDir, index === 0 ? `${name}.log` : `${name}-${index}.log`);
+    // The process writes its log file itself, so its logs do not depend on this process living
+    // (a write to a pipe nobody reads any more fails, and a service logging as it stops then hangs).
+    const logFd = openSync(logFile, "a");
+    let child: ChildProcess;
+    try {
+      child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", `--import=${CHILD_WATCHDOG}`, ENTRY[name]], {
+        cwd: REPO_ROOT,
+        env,
+        // stdin: the pipe the watchdog watches (nothing is ever written to it).
+        stdio: ["pipe", logFd, logFd],
+      });
+    } finally {
+      closeSync(logFd);
+    }
+    track(child);
     if (index === 0) processes.set(name, child);
     replicaProcesses.set(`${name}#${index}`, child);
-    await waitForLiveness(replicaCount(name) > 1 ? `${name}-${index}` : name, `http://127.0.0.1:${port}`, child);
+    await waitForLiveness(label, host, port, child, logFile);
   }
 
   async function killReplica(name: ServiceName, index: number, signal: NodeJS.Signals = "SIGTERM") {
@@ -188,11 +353,19 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     processes,
     start,
     kill,
-    async stop() {
+    async stop({ timeoutMs = STOP_TIMEOUT_MS } = {}) {
+      stopped = true;
+      const deadline = Date.now() + timeoutMs;
+      const of = (names: readonly ServiceName[]) =>
+        names.flatMap((n) =>
+          replicaPorts[n].flatMap((_, i) => {
+            const child = replicaProcesses.get(`${n}#${i}`);
+            return child ? [{ label: replicaCount(n) > 1 ? `${n}-${i}` : n, child }] : [];
+          }),
+        );
       // Edge first, so no new work arrives while the rest drains.
-      const killAll = (n: ServiceName) => Promise.all(replicaPorts[n].map((_, i) => (i === 0 ? kill(n) : killReplica(n, i))));
-      await killAll("gateway");
-      await Promise.all(SERVICES.filter((n) => n !== "gateway").map(killAll));
+      await terminate(of(["gateway"]), deadline);
+      await terminate(of(SERVICES.filter((n) => n !== "gateway")), deadline);
       await Promise.all(balancers.map((b) => b.close()));
     },
     instances(name) {
@@ -209,31 +382,122 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     startReplica,
     killReplica,
   };
+  let starting: Promise<void>[] = [];
   try {
     for (const name of SERVICES) {
       if (replicaCount(name) > 1 && name !== "executor") {
         balancers.push(await startBalancer(() => replicaPorts[name], "127.0.0.1", ports[name]));
       }
     }
-    await Promise.all((options.only ?? SERVICES).flatMap((name) => replicaPorts[name].map((_, i) => startReplica(name, i))));
+    starting = (options.only ?? SERVICES).flatMap((name) => replicaPorts[name].map((_, i) => startReplica(name, i)));
+    await Promise.all(starting);
   } catch (err) {
-    await mesh.stop();
+    await mesh.stop({ timeoutMs: 15_000 });
+    // The other starts end at once now (their process stopped, or not spawned): nothing they
+    // spawn is left behind when this rejects.
+    await Promise.allSettled(starting);
     throw err;
   }
   return mesh;
 }
 
-async function waitForLiveness(name: string, url: string, child: ChildProcess, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`${name} exited with code ${child.exitCode} during start-up (see its log)`);
+/** Why `host:port` cannot be bound, or undefined when it can (the probe closes at once). */
+function portInUse(host: string, port: number): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    const probe = net.createServer();
+    probe.once("error", (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
+    probe.listen({ host, port, exclusive: true }, () => probe.close(() => resolve(undefined)));
+  });
+}
+
+async function describeTakenPort(host: string, port: number, reason: string): Promise<string> {
+  if (reason !== "EADDRINUSE") return `cannot listen on ${host}:${port} (${reason})`;
+  let answersHealthz = false;
+  try {
+    answersHealthz = (await fetch(`http://127.0.0.1:${port}/healthz`, { signal: AbortSignal.timeout(1000) })).ok;
+  } catch {
+    // not an HTTP server, or not on loopback
+  }
+  return (
+    `port ${port} is already in use by another process` +
+    (answersHealthz ? " that answers /healthz (another Outpost mesh? an earlier `npm start` may still be running)" : "") +
+    "; stop it or choose other ports"
+  );
+}
+
+/**
+ * Whether process `pid` holds a TCP socket listening on `port`: its open descriptors (Linux
+ * /proc/<pid>/fd) include the socket inode /proc/net/tcp{,6} lists as listening there.
+ * Undefined where /proc cannot tell (not Linux).
+ */
+export function listensOn(pid: number, port: number): boolean | undefined {
+  const inodes = new Set<string>();
+  let readable = false;
+  for (const file of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    let text: string;
     try {
-      const res = await fetch(`${url}/healthz`);
-      if (res.ok) return;
+      text = readFileSync(file, "utf8");
+    } catch {
+      continue;
+    }
+    readable = true;
+    for (const line of text.split("\n").slice(1)) {
+      // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+      const fields = line.trim().split(/\s+/);
+      if (fields.length < 10 || fields[3] !== "0A") continue; // 0A: LISTEN
+      if (Number.parseInt(fields[1]!.split(":").at(-1)!, 16) === port) inodes.add(fields[9]!);
+    }
+  }
+  if (!readable) return undefined;
+  let fds: string[];
+  try {
+    fds = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return false; // gone
+  }
+  for (const fd of fds) {
+    try {
+      const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
+      if (m && inodes.has(m[1]!)) return true;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return false;
+}
+
+/**
+ * Waits until `child` answers its liveness path, and proves the answer came from it: the
+ * process listening on the port must be `child` (listensOn; where /proc cannot tell, `child`
+ * must still be running after the answer). Fails at once when `child` exits or is killed.
+ */
+async function waitForLiveness(label: string, host: string, port: number, child: ChildProcess, logFile: string, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  const exited = exitOf(child);
+  let strangerAnswered = false;
+  const died = async () => {
+    const how = child.signalCode !== null ? `was killed by ${child.signalCode}` : `exited with code ${child.exitCode}`;
+    const taken = await portInUse(host, port);
+    return new MeshStartError(`${label} ${how} during start-up${taken ? `: ${await describeTakenPort(host, port, taken)}` : ""} (see ${logFile})`);
+  };
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null || child.signalCode !== null) throw await died();
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/healthz`, { signal: AbortSignal.timeout(2000) });
+      if (res.ok) {
+        const ours = child.pid === undefined ? false : listensOn(child.pid, port);
+        if (ours === true || (ours === undefined && child.exitCode === null && child.signalCode === null)) return;
+        strangerAnswered = true;
+      }
     } catch {
       // not listening yet
     }
-    await new Promise((resolve) => setTimeout(resolve, 50));
+    await Promise.race([new Promise((resolve) => setTimeout(resolve, 50)), exited]);
   }
-  throw new Error(`${name} did not answer ${url}/healthz within ${timeoutMs} ms`);
+  if (child.exitCode !== null || child.signalCode !== null) throw await died();
+  throw new MeshStartError(
+    strangerAnswered
+      ? `${label}: port ${port} answers /healthz, but not from the process started for it (pid ${child.pid}); another process listens there (see ${logFile})`
+      : `${label} did not answer http://127.0.0.1:${port}/healthz within ${timeoutMs} ms (see ${logFile})`,
+  );
 }
