@@ -62,6 +62,8 @@ export async function startBenchMesh(only?: readonly ServiceName[], env: Record<
         OUTPOST_TIERS_FILE: tiersFile,
         OUTPOST_RATE_LIMITS_PER_IP: `create=${huge},trigger=${huge},read=${huge}`,
         OUTPOST_EXECUTOR_ID: executorId,
+        // The logs benchmark's baseline is `docker logs -f` on the run's own container.
+        OUTPOST_EXECUTOR_ENGINE_LOGS: "json-file",
         ...env,
       },
     });

@@ -6,6 +6,7 @@ export * from "./envelope.ts";
 export * from "./errors.ts";
 export * from "./health.ts";
 export * from "./identity.ts";
+export * from "./json-schema.ts";
 export * from "./run-grants.ts";
 export * from "./lifecycle.ts";
 export * from "./logger.ts";

@@ -339,6 +339,10 @@ describe("agent registry", () => {
     expect(refused.rawMessage).toContain("reviewer");
     expect(await store.queueDepth()).toBe(0);
 
+    // A schema with an $id, changed under the same $id: each one compiles on its own.
+    const schemaV = (v: number) => JSON.stringify({ $id: "result", type: "object", properties: { v: { const: v } } });
+    await admin().updateAgent({ agent: { ...custom, outputSchema: schemaV(1) } });
+    expect((await admin().updateAgent({ agent: { ...custom, outputSchema: schemaV(2) } })).agent?.outputSchema).toBe(schemaV(2));
     const updated = (await admin().updateAgent({ agent: { ...custom, description: "v2", riskLevel: RiskLevel.AUTO } })).agent!;
     expect(updated.description).toBe("v2");
     const d = await dispatcher.create(A, input({ agent: "reviewer" }));
@@ -380,6 +384,13 @@ describe("agent registry", () => {
     await bad({ ...custom, models: [] }, "agent.models");
     await bad({ ...custom, outputSchema: "{not json" }, "agent.output_schema");
     await bad({ ...custom, outputSchema: JSON.stringify({ type: "nonsense" }) }, "agent.output_schema");
+    // The executor runs patterns on RE2: one it could not run is refused here, not after a run.
+    const lookahead = await expectError(
+      admin().registerAgent({ agent: { ...custom, outputSchema: JSON.stringify({ type: "object", properties: { id: { type: "string", pattern: "^(?=x)x+$" } } }) } }),
+      Code.InvalidArgument,
+    );
+    expect(errorInfoOf(lookahead)?.metadata.field).toBe("agent.output_schema");
+    expect(lookahead.rawMessage).toMatch(/RE2.*no lookaround/);
     await bad({ ...custom, riskLevel: RiskLevel.UNSPECIFIED }, "agent.risk_level");
     await bad({ ...custom, networkPolicy: NetworkPolicy.UNSPECIFIED }, "agent.network_policy");
     await bad({ ...custom, defaultModelTier: ModelTier.FAST }, "agent.default_model_tier");

@@ -27,7 +27,7 @@ export const executorConfigShape = {
   /** URL schemes a dispatch's repository may use; add "file" only where the host's disk holds nothing tenants may not read. */
   OUTPOST_EXECUTOR_REPO_SCHEMES: z.string().default("https,http,ssh,git"),
   /** Longest repository checkout. */
-  OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS: setting.durationMs(300_000),
+  OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS: setting.timerMs(300_000),
   /** Disk a run's workspace may take on the host, in bytes (10 GiB; 0: no quota); see docs/executor.md. */
   OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES: z
     .string()
@@ -38,14 +38,21 @@ export const executorConfigShape = {
   /** Shortest pause between two measurements of a running workspace (longer when measuring takes long). */
   OUTPOST_EXECUTOR_WORKSPACE_CHECK_MS: setting.timerMs(2000),
   /** Engine address (unix:// or tcp://); the local socket when unset. */
+  /**
+   * What the engine keeps of a container's output: `none` (default; the executor gets it through
+   * attach, redacts it and ships it to telemetry) or `json-file` (also kept by the engine,
+   * unredacted, at most 10 MB per container, so `docker logs` works: for debugging and for the
+   * `docker logs -f` baseline of the logs benchmark). See docs/executor.md.
+   */
+  OUTPOST_EXECUTOR_ENGINE_LOGS: z.enum(["none", "json-file"]).default("none"),
   DOCKER_HOST: z.string().min(1).optional(),
   OUTPOST_DOCKER_SOCKET: z.string().min(1).default("/var/run/docker.sock"),
   /** SIGTERM-to-SIGKILL grace when a run is cancelled or times out (SPEC E2). */
-  OUTPOST_STOP_GRACE_MS: setting.durationMs(10_000),
+  OUTPOST_STOP_GRACE_MS: setting.timerMs(10_000),
   /** How long SIGTERM waits for running containers to finish before the executor leaves them. */
-  OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS: setting.durationMs(30_000),
+  OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS: setting.timerMs(30_000),
   /** Longest wait of one AcquireLease long poll. */
-  OUTPOST_EXECUTOR_LEASE_WAIT_MS: setting.durationMs(20_000),
+  OUTPOST_EXECUTOR_LEASE_WAIT_MS: setting.timerMs(20_000),
   OUTPOST_LOG_LEVEL: setting.logLevel(),
 };
 

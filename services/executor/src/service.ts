@@ -22,7 +22,11 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
   const executorId = config.OUTPOST_EXECUTOR_ID;
   // Signs as "executor/<id>", which a key listed for this executor alone verifies (identity.ts).
   const signingKeys = SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS, executorId);
-  const runtime = createDockerRuntime({ dockerHost: config.DOCKER_HOST, socketPath: config.OUTPOST_DOCKER_SOCKET });
+  const runtime = createDockerRuntime({
+    dockerHost: config.DOCKER_HOST,
+    socketPath: config.OUTPOST_DOCKER_SOCKET,
+    engineLogs: config.OUTPOST_EXECUTOR_ENGINE_LOGS,
+  });
   // Per executor id, so executors sharing a data directory never touch each other's runs.
   const workspaces = createHostWorkspaces({
     runsDir: path.resolve(config.OUTPOST_DATA_DIR, "executor", executorId, "runs"),

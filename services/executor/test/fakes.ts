@@ -17,7 +17,9 @@ import type {
   OutputFrame,
   RunStateReport,
 } from "../src/core/ports.ts";
-import { ImageNotFoundError, NotSupportedError, ReportRefusedError } from "../src/core/ports.ts";
+import { CheckoutError, ImageNotFoundError, NotSupportedError, ReportRefusedError } from "../src/core/ports.ts";
+import { sleep } from "../src/core/backoff.ts";
+import type { RunClaim } from "../src/core/run.ts";
 import { PushQueue } from "../src/adapters/push-queue.ts";
 
 export const silentLogger = pino({ level: "silent" });
@@ -106,20 +108,38 @@ export class FakeRuntime implements ContainerRuntime {
   }
   async start() {
     this.events.push("start");
+    this.running = true;
     setTimeout(() => {
       for (const frame of this.frames) this.output.push(frame);
       if (!this.runForever) this.finish(this.exitCode);
     }, 5);
   }
-  wait() {
+  wait(_id: string) {
     return this.exit;
   }
+  /** How many stop calls fail (an engine that answers 500) before one works; Infinity: none does. */
+  stopFailures = 0;
+  /** How many remove calls fail before one works. */
+  removeFailures = 0;
+  /** Whether the container is still running (started, not exited). */
+  running = false;
   async stop(_id: string, graceMs: number) {
     this.events.push(`stop:${graceMs}`);
+    if (this.stopFailures > 0) {
+      this.stopFailures--;
+      throw new Error("(HTTP code 500) server error - cannot stop container: tried to kill container, but did not receive an exit event");
+    }
     this.finish(143);
   }
   async remove() {
+    // Force-removing a running container kills it (SIGKILL): its wait ends, and so does its
+    // output ("exited:137" follows "remove" in the events).
     this.events.push("remove");
+    if (this.removeFailures > 0) {
+      this.removeFailures--;
+      throw new Error("(HTTP code 500) server error - could not kill running container");
+    }
+    if (this.running) this.finish(137);
   }
   async list(): Promise<ContainerSummary[]> {
     return [];
@@ -135,13 +155,13 @@ export class FakeRuntime implements ContainerRuntime {
     this.presentImages.add(image);
     this.imageMissing = false;
   }
-  async defaultCommand() {
-    return ["/bin/sh", "/agent/run.sh"];
-  }
   async rename(_id: string, name: string) {
     this.events.push(`rename:${name}`);
   }
-  private finish(exitCode: number) {
+  /** Ends the container with `exitCode` (as when it exits on its own). */
+  finish(exitCode: number) {
+    if (this.running) this.events.push(`exited:${exitCode}`);
+    this.running = false;
     this.output.end();
     this.exited({ exitCode, oomKilled: this.oomKilled });
   }
@@ -209,15 +229,22 @@ export class FakeWorkspaces implements Workspaces {
     this.created.push(name);
     return this.filesOf(name);
   }
-  async checkout(_files: RunFiles, url: string, ref: string) {
-    if (this.checkoutDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.checkoutDelayMs));
+  /** Checkouts ended by their signal (a cancel, a lost lease, the quota) before they were done. */
+  checkoutsStopped = 0;
+  async checkout(_files: RunFiles, url: string, ref: string, signal?: AbortSignal) {
+    // As the host adapter does: its signal ends the checkout at once (git's process group killed).
+    if (this.checkoutDelayMs > 0) await sleep(this.checkoutDelayMs, signal);
+    if (signal?.aborted) {
+      this.checkoutsStopped++;
+      throw new CheckoutError("checkout stopped", { cause: signal.reason });
+    }
     if (this.checkoutError) throw this.checkoutError;
     this.checkouts.push({ url, ref });
   }
   async readResult() {
     return this.result;
   }
-  async recordClaim() {}
+  async recordClaim(_files: RunFiles, _claim: RunClaim) {}
   async readClaim() {
     return undefined;
   }

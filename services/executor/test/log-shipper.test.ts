@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { Backoff } from "../src/core/backoff.ts";
 import { LogShipper } from "../src/core/log-shipper.ts";
+import { MAX_LINE_CHARS } from "../src/core/line-splitter.ts";
 import { LogRefusedError } from "../src/core/ports.ts";
 import { FakeSink, silentLogger } from "./fakes.ts";
 
@@ -151,5 +152,54 @@ describe("LogShipper", () => {
     expect(await s.finish(1000)).toBe(100);
     expect(sink.allSent.map((l) => l.seq)).toEqual(Array.from({ length: 100 }, (_, i) => i + 1));
     expect(Math.max(...sink.last.batches.map((b) => b.length))).toBeLessThanOrEqual(7);
+  });
+
+  it("bounds the buffer in bytes too: with a sink that never acknowledges, 16 K-character lines stop at 8 MiB and the producer waits", async () => {
+    const sink = new FakeSink(); // never acks
+    const s = shipper(sink, { ackTimeoutMs: 60_000 });
+    const line = "x".repeat(MAX_LINE_CHARS);
+    // A producer as the run's output pump is: add, and wait for room while the buffer is full.
+    let added = 0;
+    let waiting = false;
+    while (added < 20_000) {
+      if (s.full) {
+        const roomy = await Promise.race([s.room().then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 50))]);
+        if (!roomy) {
+          waiting = true;
+          break;
+        }
+      }
+      s.add("stdout", line);
+      added++;
+    }
+    expect(waiting).toBe(true);
+    // Unacked: everything added (counted here, not by the shipper), at 2 bytes per UTF-16 unit.
+    const unackedBytes = (added - s.acked) * 2 * line.length;
+    const bound = 8 * 1024 * 1024; // the default
+    expect(unackedBytes).toBeLessThanOrEqual(bound);
+    expect(unackedBytes).toBeGreaterThan(bound - 2 * 2 * line.length);
+    expect(s.bufferedBytes).toBe(unackedBytes);
+    // An ack makes room; the bytes it freed are counted off.
+    const room = s.room();
+    sink.last.ack(1);
+    await room;
+    expect(s.full).toBe(false);
+    expect(s.bufferedBytes).toBe(unackedBytes - 2 * line.length);
+    s.close();
+  });
+
+  it("takes lines one at a time when a line is larger than the byte bound, rather than never", async () => {
+    const sink = new FakeSink();
+    const s = shipper(sink, { maxBufferedBytes: 100 });
+    expect(s.full).toBe(false);
+    s.add("stdout", "y".repeat(1000));
+    expect(s.full).toBe(true);
+    const room = s.room();
+    sink.last.ack(1);
+    await room;
+    expect(s.bufferedBytes).toBe(0);
+    s.add("stdout", "z");
+    expect(sink.last.batches.map((b) => b.map((l) => l.seq))).toEqual([[1], [2]]);
+    s.close();
   });
 });

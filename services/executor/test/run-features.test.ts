@@ -183,8 +183,9 @@ describe("warm pool", () => {
     await pool.settled();
     expect(pool.size).toBe(2);
     const warmSpec = runtime.created[0]!;
-    expect(warmSpec.entrypoint).toEqual(["/bin/sh", "-c", '. /run/outpost/start && exec "$@"', "outpost-warm"]);
-    expect(warmSpec.command).toEqual(["/bin/sh", "/agent/run.sh"]);
+    expect(warmSpec.launcher).toEqual(["/bin/sh", "-c", '. /run/outpost/start && exec "$@"', "outpost-warm"]);
+    // The agent sets no command: the runtime launches the image's ENTRYPOINT and CMD, as a cold container would.
+    expect(warmSpec.command).toEqual([]);
     expect(warmSpec.labels["dev.outpost.warm-agent"]).toBe("demo");
     expect(warmSpec).toMatchObject({ readonlyRootfs: true, capDrop: ["ALL"], networkMode: "none", user: "65534:65534" });
     runtime.events.length = 0;
@@ -194,7 +195,7 @@ describe("warm pool", () => {
     // (create/start-warm events are the pool refilling behind the claim)
     const runEvents = runtime.events.filter((e) => e !== "create" && e !== "start-warm");
     expect(runEvents.slice(0, 3)).toEqual(["rename:outpost-01jdispatch000000000000000-0000000a", "attach", "start"]);
-    expect(runtime.created.every((spec) => spec.entrypoint !== undefined)).toBe(true); // only warm containers were created
+    expect(runtime.created.every((spec) => spec.launcher !== undefined)).toBe(true); // only warm containers were created
     expect(workspaces.startFiles[0]).toContain("export OUTPOST_TASK='hello'\n");
     expect(workspaces.startFiles[0]).toContain("export OUTPOST_DISPATCH_ID='01JDISPATCH000000000000000'\n");
     expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "SUCCEEDED"]);
@@ -202,6 +203,39 @@ describe("warm pool", () => {
     expect(pool.size).toBe(2); // refilled
     await pool.close();
     expect(pool.size).toBe(0);
+  });
+
+  it("a warm run records its claim only right before its agent starts; a cancel before that leaves none", async () => {
+    const { runtime, leases, workspaces, deps } = setup();
+    runtime.start = async () => void runtime.events.push("start-warm");
+    workspaces.recordClaim = async (_files, claim) => void runtime.events.push(`claim:${claim.dispatchId}`);
+    workspaces.writeStartFile = async () => void runtime.events.push("start-file");
+    const pool = new WarmPool({ targets: new Map([["demo", 1]]), runtime, workspaces, executorId: "ex-1", logger: silentLogger });
+    pool.claim(lease());
+    await pool.settled();
+    runtime.events.length = 0;
+    runtime.runForever = true;
+    leases.heartbeatAnswer = () => ({ expireTime: new Date(Date.now() + 600), cancelRequested: true, logGrant: "" });
+    await executeRun(lease(), { ...deps, warmPool: pool });
+    const runEvents = runtime.events.filter((e) => e !== "create" && e !== "start-warm");
+    // After it took the container, named it and checked the run was still wanted; before the FIFO.
+    expect(runEvents.slice(0, 4)).toEqual(["rename:outpost-01jdispatch000000000000000-0000000a", "claim:01JDISPATCH000000000000000", "attach", "start-file"]);
+    await pool.close();
+
+    // Cancelled while it was being prepared (a checkout): no claim, so a restarted executor would
+    // know its agent never ran.
+    const second = setup();
+    second.runtime.start = async () => void second.runtime.events.push("start-warm");
+    second.workspaces.recordClaim = async (_files, claim) => void second.runtime.events.push(`claim:${claim.dispatchId}`);
+    second.workspaces.checkoutDelayMs = 1000;
+    second.leases.heartbeatAnswer = () => ({ expireTime: new Date(Date.now() + 600), cancelRequested: true, logGrant: "" });
+    const pool2 = new WarmPool({ targets: new Map([["demo", 1]]), runtime: second.runtime, workspaces: second.workspaces, executorId: "ex-1", logger: silentLogger });
+    pool2.claim(lease());
+    await pool2.settled();
+    await executeRun(lease({ repo: { url: "https://example.com/r.git", ref: "" } }), { ...second.deps, warmPool: pool2 });
+    expect(second.runtime.events.filter((e) => e.startsWith("claim:"))).toEqual([]);
+    expect(second.leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.CANCELLED, failureReason: "cancelled before start" })]);
+    await pool2.close();
   });
 
   it("quotes values so the start script cannot be escaped", () => {

@@ -5,7 +5,8 @@ import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/leas
 import { describe, expect, it, vi } from "vitest";
 import { Executor } from "../src/core/executor.ts";
 import { LeaseLostError } from "../src/core/ports.ts";
-import { containerSpecFor, executeRun } from "../src/core/run.ts";
+import { gitFailure } from "../src/adapters/host-workspaces.ts";
+import { containerSpecFor, executeRun, FORCE_REMOVE_ATTEMPTS, STOP_ATTEMPTS } from "../src/core/run.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stderr, stdout } from "./fakes.ts";
 
 function lease(extra: { task?: string; timeoutMs?: number; egress?: boolean } = {}): Lease {
@@ -69,7 +70,8 @@ describe("containerSpecFor", () => {
       "dev.outpost.executor-id": "ex-1",
       "dev.outpost.lease-id": "01JLEASE00000000000000000A",
     });
-    expect(containerSpecFor(lease({ egress: true }), "ex-1").networkMode).toBe("bridge");
+    // EGRESS: Outpost's own bridge network, where containers cannot reach each other; never Docker's default "bridge".
+    expect(containerSpecFor(lease({ egress: true }), "ex-1").networkMode).toBe("outpost-egress");
   });
 });
 
@@ -207,6 +209,75 @@ describe("executeRun", () => {
       expect(workspaces.removed).toHaveLength(1);
     });
 
+    it("a cancel stops a checkout that is still running at once, instead of when git is done", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      leases.heartbeatAnswer = () => ({ expireTime: new Date(Date.now() + 600), cancelRequested: true, logGrant: "" });
+      const workspaces = new FakeWorkspaces();
+      workspaces.checkoutDelayMs = 20_000; // a repository (or a git server) that takes its time
+      const started = Date.now();
+      await executeRun(withRepo(), deps(runtime, leases, new FakeSink(), workspaces));
+      expect(Date.now() - started).toBeLessThan(5000);
+      expect(workspaces.checkoutsStopped).toBe(1);
+      expect(runtime.created).toEqual([]);
+      expect(leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.CANCELLED, failureReason: "cancelled before start" })]);
+      expect(workspaces.removed).toHaveLength(1);
+    }, 10_000);
+
+    it("a lost lease stops a running checkout at once, with no report (the run is its new holder's)", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      leases.heartbeatAnswer = () => Promise.reject(new LeaseLostError("lease 01J... is no longer held"));
+      const workspaces = new FakeWorkspaces();
+      workspaces.checkoutDelayMs = 20_000;
+      const started = Date.now();
+      await executeRun(withRepo(), deps(runtime, leases, new FakeSink(), workspaces));
+      expect(Date.now() - started).toBeLessThan(5000);
+      expect(workspaces.checkoutsStopped).toBe(1);
+      expect(runtime.created).toEqual([]);
+      expect(leases.reports).toEqual([]);
+      expect(workspaces.removed).toHaveLength(1);
+    }, 10_000);
+
+    it("a checkout that fills the workspace past its disk quota is stopped then, FAILED with the quota", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      const workspaces = new FakeWorkspaces();
+      workspaces.checkoutDelayMs = 20_000; // e.g. a server streaming a pack without end
+      workspaces.usage = [10, 20, 5000];
+      const started = Date.now();
+      await executeRun(withRepo(), {
+        ...deps(runtime, leases, new FakeSink(), workspaces),
+        workspaceQuota: { limitBytes: 1000, checkIntervalMs: 50 },
+      });
+      expect(Date.now() - started).toBeLessThan(5000);
+      expect(workspaces.checkoutsStopped).toBe(1);
+      expect(workspaces.measurements.length).toBeGreaterThanOrEqual(3);
+      expect(runtime.created).toEqual([]);
+      expect(leases.reports).toEqual([
+        expect.objectContaining({
+          state: Dispatch_State.FAILED,
+          failureReason: "repository checkout failed: workspace exceeded its disk quota of 1000 bytes (5000 bytes or more in use)",
+        }),
+      ]);
+      expect(workspaces.removed).toHaveLength(1);
+    }, 10_000);
+
+    it("the tenant sees the checkout's fixed reason; git's own words (the cause) do not reach the dispatch", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      const workspaces = new FakeWorkspaces();
+      workspaces.checkoutError = gitFailure(
+        "fetch",
+        "fatal: unable to access 'http://169.254.169.254/latest/meta-data/': Failed to connect to 169.254.169.254 port 80 after 3 ms: Couldn't connect to server\n",
+      );
+      await executeRun(withRepo(), deps(runtime, leases, new FakeSink(), workspaces));
+      expect(leases.reports).toEqual([
+        expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: "repository checkout failed: could not connect to the repository's server" }),
+      ]);
+      expect(JSON.stringify(leases.reports)).not.toContain("169.254");
+    });
+
     it("a lease lost during the checkout ends the run here without a container or a report", async () => {
       const runtime = new FakeRuntime();
       const leases = new FakeLeases();
@@ -240,6 +311,88 @@ describe("executeRun", () => {
     const leases = new FakeLeases();
     await executeRun(lease({ timeoutMs: 300 }), deps(runtime, leases, new FakeSink()));
     expect(leases.reports[1]).toMatchObject({ state: Dispatch_State.TIMED_OUT, failureReason: "timed out after 0.3s" });
+  });
+
+  describe("a container the engine will not stop", () => {
+    /** Records when the run saw its container exit, among the runtime's events. */
+    const watchExit = (runtime: FakeRuntime) => {
+      const wait = runtime.wait.bind(runtime);
+      runtime.wait = async (id) => {
+        const exit = await wait(id);
+        runtime.events.push("wait-returned");
+        return exit;
+      };
+    };
+    const count = (events: string[], event: string) => events.filter((e) => e === event).length;
+
+    it("retries the stop, then force-removes the container, so a run past its timeout still ends TIMED_OUT", async () => {
+      const runtime = new FakeRuntime();
+      runtime.runForever = true;
+      runtime.stopFailures = Infinity; // every stop answers 500
+      watchExit(runtime);
+      const leases = new FakeLeases();
+      const started = Date.now();
+      await executeRun(lease({ timeoutMs: 200 }), deps(runtime, leases, new FakeSink()));
+      // Backoff 250 ms doubling up to 4 s, with jitter: three stops and one removal take under 2 s.
+      expect(Date.now() - started).toBeLessThan(10_000);
+      const untilExit = runtime.events.slice(0, runtime.events.indexOf("wait-returned"));
+      expect(count(untilExit, "stop:1000")).toBe(STOP_ATTEMPTS);
+      // The removal is what ended it (SIGKILL), after the last stop and before the run saw the exit.
+      expect(untilExit.slice(-2)).toEqual(["remove", "exited:137"]);
+      expect(untilExit.indexOf("remove")).toBeGreaterThan(untilExit.lastIndexOf("stop:1000"));
+      expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "TIMED_OUT"]);
+      expect(leases.reports[1]).toMatchObject({ exitCode: 137, failureReason: "timed out after 0.2s" });
+    }, 15_000);
+
+    it("retries a failed force-removal too", async () => {
+      const runtime = new FakeRuntime();
+      runtime.runForever = true;
+      runtime.stopFailures = Infinity;
+      runtime.removeFailures = 1;
+      watchExit(runtime);
+      const leases = new FakeLeases();
+      leases.heartbeatAnswer = () => ({ expireTime: new Date(Date.now() + 600), cancelRequested: true, logGrant: "" });
+      await executeRun(lease(), deps(runtime, leases, new FakeSink()));
+      const untilExit = runtime.events.slice(0, runtime.events.indexOf("wait-returned"));
+      expect(count(untilExit, "stop:1000")).toBe(STOP_ATTEMPTS);
+      expect(count(untilExit, "remove")).toBe(2);
+      expect(untilExit.at(-1)).toBe("exited:137");
+      expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "CANCELLED"]);
+      expect(FORCE_REMOVE_ATTEMPTS).toBeGreaterThan(1);
+    }, 15_000);
+
+    it("a stop that fails once and then works ends the container with its grace, never force-removed", async () => {
+      const runtime = new FakeRuntime();
+      runtime.runForever = true;
+      runtime.stopFailures = 1;
+      watchExit(runtime);
+      const leases = new FakeLeases();
+      await executeRun(lease({ timeoutMs: 200 }), deps(runtime, leases, new FakeSink()));
+      const untilExit = runtime.events.slice(0, runtime.events.indexOf("wait-returned"));
+      expect(untilExit.filter((e) => e.startsWith("stop") || e === "remove" || e.startsWith("exited"))).toEqual(["stop:1000", "stop:1000", "exited:143"]);
+      expect(leases.reports[1]).toMatchObject({ state: Dispatch_State.TIMED_OUT, exitCode: 143 });
+    }, 15_000);
+
+    it("gives up retrying once the container exited on its own", async () => {
+      const runtime = new FakeRuntime();
+      runtime.runForever = true;
+      runtime.stopFailures = Infinity;
+      watchExit(runtime);
+      const stop = runtime.stop.bind(runtime);
+      runtime.stop = async (id, graceMs) => {
+        // The agent ends by itself while its first stop is refused.
+        setTimeout(() => runtime.finish(0), 20);
+        return stop(id, graceMs);
+      };
+      const leases = new FakeLeases();
+      // executeRun waits for the stop it began, so a retry would be in the events by now.
+      await executeRun(lease({ timeoutMs: 200 }), deps(runtime, leases, new FakeSink()));
+      expect(count(runtime.events, "stop:1000")).toBe(1);
+      // Removed once, after the exit, as every finished container is.
+      expect(runtime.events.slice(runtime.events.indexOf("wait-returned"))).toContain("remove");
+      expect(runtime.events.slice(0, runtime.events.indexOf("wait-returned"))).not.toContain("remove");
+      expect(leases.reports[1]).toMatchObject({ state: Dispatch_State.TIMED_OUT, exitCode: 0 });
+    }, 15_000);
   });
 
   it("stops without reporting when the lease is lost", async () => {

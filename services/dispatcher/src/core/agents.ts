@@ -7,8 +7,6 @@
 import { clone, create, fromJsonString, toJsonString } from "@bufbuild/protobuf";
 import { durationFromMs, durationMs } from "@bufbuild/protobuf/wkt";
 import { Code } from "@connectrpc/connect";
-import { Ajv } from "ajv";
-import addFormatsModule from "ajv-formats";
 import {
   type Agent,
   Agent_State,
@@ -19,6 +17,7 @@ import {
 } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import {
   checkLength,
+  compileJsonSchema,
   failedPrecondition,
   invalidArgument,
   notFound,
@@ -27,10 +26,6 @@ import {
   requireNonEmpty,
 } from "@outpost/platform";
 import type { AgentStore } from "../store/store.ts";
-
-// ajv-formats is CommonJS: at run time its default export is the plugin function, but its
-// typings describe the module object.
-const addFormats = addFormatsModule as unknown as (ajv: Ajv) => Ajv;
 
 
 const MIB = 1024 * 1024;
@@ -126,14 +121,12 @@ export class AgentRegistry {
   private agents: Map<string, Agent>;
   private versions = new Map<string, number>();
   private loadedAt = 0;
-  private readonly ajv = new Ajv({ strict: false, allErrors: false });
 
   constructor(agents: Agent[], store?: AgentStore, now: () => number = Date.now) {
     this.builtins = new Map(agents.map((a) => [a.name, a]));
     this.agents = new Map(this.builtins);
     this.store = store;
     this.now = now;
-    addFormats(this.ajv);
   }
 
   /** Re-reads operator agents from the store. */
@@ -287,7 +280,8 @@ export class AgentRegistry {
       throw invalidArgument("agent.output_schema", "must be a JSON Schema object");
     }
     try {
-      this.ajv.compile(schema as object);
+      // The executor validates results with this same compiler (RE2 patterns: no lookaround).
+      compileJsonSchema(schema as object);
     } catch (err) {
       throw invalidArgument("agent.output_schema", `is not a valid JSON Schema: ${(err as Error).message}`);
     }

@@ -5,7 +5,7 @@
  * start FIFO). Both belong to the container user. The Docker engine must see the same paths,
  * so the executor and its engine share a filesystem (the normal one-executor-per-host layout).
  */
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { constants as fsConstants } from "node:fs";
 import fs from "node:fs/promises";
 import path from "node:path";
@@ -47,12 +47,12 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
    * cannot, so it makes the tree writable by everyone instead (the whole checked-out tree, not
    * just its top, or the agent could not change a checked-out file).
    */
-  const giveToContainerUser = async (dir: string, recursive: boolean) => {
+  const giveToContainerUser = async (dir: string, recursive: boolean, signal?: AbortSignal) => {
     if (isRoot) {
-      if (recursive) await execFileAsync("chown", ["-R", "--no-dereference", `${options.uid}:${options.gid}`, dir]);
+      if (recursive) await execFileAsync("chown", ["-R", "--no-dereference", `${options.uid}:${options.gid}`, dir], { signal });
       else await fs.chown(dir, options.uid, options.gid);
     } else if (recursive) {
-      await makeWritableByAll(dir);
+      await makeWritableByAll(dir, signal);
     } else {
       await fs.chmod(dir, 0o777);
     }
@@ -86,34 +86,28 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
       const home = path.join(files.root, "git-home");
       await fs.mkdir(home, { mode: 0o700 });
       const env = gitEnvironment(home, options.repoSchemes);
-      const git = async (...args: string[]): Promise<string> => {
-        try {
-          const config = [
-            "-c", `protocol.file.allow=${options.repoSchemes.has("file") ? "always" : "never"}`,
-            // The workspace belongs to the container user, not to the executor running git.
-            "-c", `safe.directory=${files.workspace}`,
-          ];
-          const { stdout } = await execFileAsync("git", [...config, ...args], {
-            cwd: files.workspace,
-            timeout: options.checkoutTimeoutMs,
-            signal,
-            env,
-            maxBuffer: 1024 * 1024,
-          });
-          return stdout;
-        } catch (err) {
-          const stderr = String((err as { stderr?: string }).stderr ?? "").trim();
-          const lines = stderr.split("\n").map((l) => l.trim()).filter(Boolean);
-          const line = lines.find((l) => /^(fatal|error):/.test(l)) ?? lines.pop() ?? (err instanceof Error ? err.message : String(err));
-          throw new CheckoutError(line.slice(0, 500), { cause: err });
-        }
+      // One deadline for the whole checkout; the caller's signal (a cancel, a lost lease, the
+      // workspace over its disk quota) ends it at once as well.
+      const timeout = AbortSignal.timeout(options.checkoutTimeoutMs);
+      const stop = signal ? AbortSignal.any([signal, timeout]) : timeout;
+      const git = async (step: GitStep, ...args: string[]): Promise<string> => {
+        const config = [
+          "-c", `protocol.file.allow=${options.repoSchemes.has("file") ? "always" : "never"}`,
+          // The workspace belongs to the container user, not to the executor running git.
+          "-c", `safe.directory=${files.workspace}`,
+        ];
+        const { code, stdout, stderr } = await runGit([...config, ...args], { cwd: files.workspace, env, signal: stop });
+        if (timeout.aborted) throw new CheckoutError(`git did not finish within the checkout's ${formatSeconds(options.checkoutTimeoutMs)} s`);
+        if (stop.aborted) throw new CheckoutError("checkout stopped", { cause: signal?.reason });
+        if (code !== 0) throw gitFailure(step, stderr);
+        return stdout;
       };
       try {
         await cloneAt(git, url, ref);
       } finally {
         await fs.rm(home, { recursive: true, force: true });
       }
-      await giveToContainerUser(files.workspace, true);
+      await giveToContainerUser(files.workspace, true, stop);
     },
 
     async readResult(files, maxBytes) {
@@ -170,13 +164,25 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
     },
 
     async writeStartFile(files, content, timeoutMs) {
-      // The warm container blocks reading this FIFO; O_NONBLOCK makes a missing reader (a dead
-      // warm container) fail at once with ENXIO instead of hanging.
+      // The warm container blocks reading this FIFO. O_NONBLOCK makes an open without a reader
+      // fail with ENXIO instead of hanging; that happens while the container's shell has not
+      // opened the FIFO yet (a container joins the pool when its start returns, and its shell
+      // opens the FIFO a moment later: longer under qemu), so it is tried again until the
+      // deadline. A dead warm container thus costs `timeoutMs` before its lease goes back.
       const fifo = path.join(files.control, "start");
-      const handle = await fs.open(fifo, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK);
+      const deadline = Date.now() + timeoutMs;
+      let handle: fs.FileHandle;
+      for (;;) {
+        try {
+          handle = await fs.open(fifo, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK);
+          break;
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== "ENXIO" || Date.now() >= deadline) throw err;
+          await new Promise((r) => setTimeout(r, 10));
+        }
+      }
       try {
         const data = Buffer.from(content, "utf8");
-        const deadline = Date.now() + timeoutMs;
         let offset = 0;
         while (offset < data.length) {
           try {
@@ -233,7 +239,7 @@ const CHMOD_BATCH = 64;
  * path). Entries are judged by lstat, and only real directories are entered. Runs on a checkout
  * the executor just made, before any container exists, so nothing swaps an entry meanwhile.
  */
-export async function makeWritableByAll(root: string): Promise<void> {
+export async function makeWritableByAll(root: string, signal?: AbortSignal): Promise<void> {
   const widen = async (entry: string): Promise<boolean> => {
     const stat = await fs.lstat(entry);
     if (stat.isSymbolicLink()) return false;
@@ -245,6 +251,7 @@ export async function makeWritableByAll(root: string): Promise<void> {
   if (!(await widen(root))) return;
   const dirs = [root];
   while (dirs.length > 0) {
+    signal?.throwIfAborted();
     const dir = dirs.pop()!;
     const entries = (await fs.readdir(dir)).map((name) => path.join(dir, name));
     for (let i = 0; i < entries.length; i += CHMOD_BATCH) {
@@ -292,21 +299,122 @@ export function gitEnvironment(home: string, repoSchemes: ReadonlySet<string>): 
 }
 
 /** Clones `url` into the (empty) workspace, then moves to `ref` (default branch when empty). */
-async function cloneAt(git: (...args: string[]) => Promise<string>, url: string, ref: string): Promise<void> {
-  await git("clone", "--quiet", "--no-checkout", "--", url, ".");
+async function cloneAt(git: (step: GitStep, ...args: string[]) => Promise<string>, url: string, ref: string): Promise<void> {
+  await git("fetch", "clone", "--quiet", "--no-checkout", "--", url, ".");
   if (ref) {
     // The ref is the tenant's text: it is only ever read as a revision, after --end-of-options
     // (`git checkout --detach` refuses --end-of-options, at least up to git 2.39), and the checkout is given
     // the commit id it names, so a ref like "--force" or "--orphan=x" is never an option.
     let commit: string;
     try {
-      commit = (await git("rev-parse", "--verify", "--quiet", "--end-of-options", `${ref}^{commit}`)).trim();
+      commit = (await git("local", "rev-parse", "--verify", "--quiet", "--end-of-options", `${ref}^{commit}`)).trim();
     } catch (err) {
       throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} is not a branch, tag or commit of the repository`, { cause: err });
     }
     if (!/^[0-9a-f]{40}([0-9a-f]{24})?$/.test(commit)) throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} did not name one commit`);
-    await git("checkout", "--quiet", "--detach", commit);
+    await git("local", "checkout", "--quiet", "--detach", commit);
   } else {
-    await git("checkout", "--quiet");
+    await git("local", "checkout", "--quiet");
   }
+}
+
+/** `fetch`: git talks to the repository's server (the tenant's URL); `local`: it works on what it fetched. */
+type GitStep = "fetch" | "local";
+
+const MAX_GIT_STDOUT = 1024 * 1024;
+const MAX_GIT_STDERR = 64 * 1024;
+
+/**
+ * Runs git in a process group of its own and, when `signal` aborts, SIGKILLs the whole group:
+ * git clone leaves the transfer to children (the remote helper, index-pack) that would go on
+ * writing a pack into the workspace after git itself was killed. Resolves once git's output
+ * pipes closed, after the group is killed (so nothing git started is left writing); more than
+ * 1 MiB on stdout kills it as well.
+ */
+export function runGit(
+  args: string[],
+  options: { cwd: string; env: Record<string, string>; signal: AbortSignal },
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn("git", args, { cwd: options.cwd, env: options.env, detached: true, stdio: ["ignore", "pipe", "pipe"] });
+    const stdout: Buffer[] = [];
+    let stdoutBytes = 0;
+    let stderr = "";
+    const killGroup = () => {
+      try {
+        if (child.pid !== undefined) process.kill(-child.pid, "SIGKILL");
+      } catch {
+        // Gone already.
+      }
+    };
+    child.stdout.on("data", (chunk: Buffer) => {
+      stdoutBytes += chunk.length;
+      if (stdoutBytes > MAX_GIT_STDOUT) killGroup();
+      else stdout.push(chunk);
+    });
+    // The tail: git's own verdict (fatal:/error:) comes last, after whatever the server sent.
+    child.stderr.on("data", (chunk: Buffer) => {
+      stderr = (stderr + chunk.toString("utf8")).slice(-MAX_GIT_STDERR);
+    });
+    if (options.signal.aborted) killGroup();
+    options.signal.addEventListener("abort", killGroup, { once: true });
+    child.once("error", (err) => {
+      options.signal.removeEventListener("abort", killGroup);
+      reject(err);
+    });
+    child.once("close", (code) => {
+      options.signal.removeEventListener("abort", killGroup);
+      // Whatever git started and left behind goes with it.
+      killGroup();
+      resolve({ code: stdoutBytes > MAX_GIT_STDOUT ? 1 : code, stdout: Buffer.concat(stdout).toString("utf8"), stderr });
+    });
+  });
+}
+
+/**
+ * The reason a tenant is given for a failed git step. What git says while fetching is about the
+ * server at the tenant's URL, which may be inside the executor's network (a metadata service, an
+ * internal port): echoed, it would make the checkout a probe reporting what answers where and
+ * how (curl's messages carry addresses, ports and timings; a server's "remote:" lines are its
+ * own text). So a fetch failure is told as one of a few fixed kinds; git's own line goes only to
+ * the executor's log (the error's cause). What git says about the checked-out tree (a path the
+ * filesystem refuses) is about the repository itself: its first line is kept, cut short.
+ */
+export function gitFailure(step: GitStep, stderr: string): CheckoutError {
+  const lines = stderr.split("\n").map((l) => l.trim()).filter(Boolean);
+  const verdict = lines.find((l) => /^(fatal|error):/.test(l)) ?? lines.at(-1) ?? "git failed without a message";
+  const cause = new Error(verdict.slice(0, 300));
+  if (step === "local") return new CheckoutError(verdict.slice(0, 200), { cause });
+  // Quoted parts are the tenant's (the URL, a path): they must not decide the kind.
+  const said = lines
+    .filter((l) => !/^remote:/i.test(l))
+    .join("\n")
+    .replace(/'[^'\n]*'/g, "''");
+  const kind = GIT_FETCH_FAILURES.find(([pattern]) => pattern.test(said))?.[1] ?? "git could not fetch the repository";
+  return new CheckoutError(kind, { cause });
+}
+
+/** The kinds of fetch failure a tenant is told, the first that matches (gitFailure). */
+const GIT_FETCH_FAILURES: ReadonlyArray<readonly [RegExp, string]> = [
+  [/not allowed/i, "the repository (or a redirect from it) uses a transport this executor does not allow"],
+  [/host key verification failed/i, "the repository's ssh host key could not be verified"],
+  [/could not resolve/i, "could not connect to the repository's server"],
+  [/certificate|ssl_connect|ssl connect|gnutls|handshake/i, "the repository's server could not be verified (TLS)"],
+  [
+    /authentication failed|could not read (username|password)|terminal prompts disabled|error: 40[13]\b|permission denied|access denied/i,
+    "the repository needs credentials (private repositories are not supported)",
+  ],
+  // Before "not found": ssh follows its own connection failure with git's "Could not read from
+  // remote repository", which alone means the repository was not found.
+  [/failed to connect|couldn't connect|connection refused|timed out|unreachable|no route to host|connect to host|proxy/i, "could not connect to the repository's server"],
+  [
+    /not found|does not appear to be a git repository|is this a git repository|does not exist|error: 404\b|could not read from remote repository/i,
+    "the repository was not found, or the URL does not serve a git repository",
+  ],
+  [/error: [45]\d\d\b/i, "the repository's server answered with an error"],
+  [/early eof|hung up|unexpected disconnect|rpc failed|connection reset|broken pipe|recv failure|send failure|empty reply/i, "the transfer from the repository's server broke off"],
+];
+
+function formatSeconds(ms: number): string {
+  return ms % 1000 === 0 ? String(ms / 1000) : (ms / 1000).toFixed(1);
 }

@@ -2,7 +2,9 @@
  * Ships one run's output to telemetry (SPEC L1). Lines get sequence numbers as they are read;
  * the first line goes out at once and whatever accumulates while a batch is unacknowledged
  * goes out as the next batch, so latency stays low without a batching delay. Unacked lines stay
- * in a bounded buffer (the producer waits for room: backpressure); when the stream fails or
+ * in a buffer bounded in lines and in bytes (the producer waits for room: backpressure, so a
+ * stuck telemetry holds up the container's output rather than growing the executor's memory:
+ * 10,000 lines of 16 K characters were 230 MiB per run); when the stream fails or
  * stalls, it reconnects with backoff and resends everything unacked; telemetry ignores
  * duplicates. `finish` waits (bounded) until everything is acked and answers the highest
  * acked sequence, which the terminal state report carries as `last_log_seq`. Output telemetry
@@ -11,6 +13,7 @@
  */
 import type { Logger } from "@outpost/platform";
 import { Backoff } from "./backoff.ts";
+import { MAX_LINE_CHARS } from "./line-splitter.ts";
 import { LogRefusedError, type LogConnection, type LogLine, type LogSink, type OutputStream } from "./ports.ts";
 
 export interface LogShipperOptions {
@@ -22,6 +25,11 @@ export interface LogShipperOptions {
   logger: Logger;
   /** Unacked lines kept at most before the producer has to wait. */
   maxBuffered?: number;
+  /**
+   * Unacked output kept at most before the producer has to wait, in bytes counted as
+   * `textBytes` does (DEFAULT_MAX_BUFFERED_BYTES). At least one line is always taken.
+   */
+  maxBufferedBytes?: number;
   /** Lines per request at most. */
   maxBatch?: number;
   /** A batch unacked for this long counts as a failed stream. */
@@ -33,11 +41,14 @@ export interface LogShipperOptions {
 export class LogShipper {
   private readonly options: LogShipperOptions;
   private readonly maxBuffered: number;
+  private readonly maxBufferedBytes: number;
   private readonly maxBatch: number;
   private readonly ackTimeoutMs: number;
   private readonly backoff: Backoff;
   /** Unacked lines, in sequence order. */
   private pending: LogLine[] = [];
+  /** `textBytes` of the lines in `pending`. */
+  private pendingBytes = 0;
   private lastSeq = 0;
   private ackedSeq = 0;
   /** Highest sequence sent on the current connection. */
@@ -55,6 +66,7 @@ export class LogShipper {
   constructor(options: LogShipperOptions) {
     this.options = options;
     this.maxBuffered = options.maxBuffered ?? 10_000;
+    this.maxBufferedBytes = options.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
     this.maxBatch = options.maxBatch ?? 500;
     this.ackTimeoutMs = options.ackTimeoutMs ?? 5_000;
     this.backoff = options.backoff ?? new Backoff({ baseMs: 100, maxMs: 5_000 });
@@ -69,9 +81,19 @@ export class LogShipper {
     return this.ackedSeq;
   }
 
-  /** Whether the producer should wait (`room()`) before adding more. */
+  /** Bytes of unacked output held (`textBytes` of each line). */
+  get bufferedBytes(): number {
+    return this.pendingBytes;
+  }
+
+  /**
+   * Whether the producer should wait (`room()`) before adding more: the buffer holds its
+   * number of lines, or one more line of the longest kind would take it past its bytes. Never
+   * when it is empty, so a bound smaller than one line still lets lines through one at a time.
+   */
   get full(): boolean {
-    return this.pending.length >= this.maxBuffered;
+    if (this.pending.length === 0) return false;
+    return this.pending.length >= this.maxBuffered || this.pendingBytes + MAX_LINE_BYTES > this.maxBufferedBytes;
   }
 
   /** Adds one line and sends it as soon as the connection allows. */
@@ -79,6 +101,7 @@ export class LogShipper {
     const line: LogLine = { seq: ++this.lastSeq, stream, text, time: (this.options.now ?? (() => new Date()))() };
     if (this.refused) return line;
     this.pending.push(line);
+    this.pendingBytes += textBytes(text);
     this.pump();
     return line;
   }
@@ -155,7 +178,7 @@ export class LogShipper {
     this.ackedSeq = acked;
     this.backoff.reset();
     let drop = 0;
-    while (drop < this.pending.length && this.pending[drop]!.seq <= acked) drop++;
+    while (drop < this.pending.length && this.pending[drop]!.seq <= acked) this.pendingBytes -= textBytes(this.pending[drop++]!.text);
     this.pending.splice(0, drop);
     if (this.sentSeq > this.ackedSeq) this.armAckTimer();
     else clearTimeout(this.ackTimer);
@@ -178,6 +201,7 @@ export class LogShipper {
         "telemetry refused the run's output; the rest of it is dropped",
       );
       this.pending = [];
+      this.pendingBytes = 0;
       this.notify();
       return;
     }
@@ -208,6 +232,21 @@ export class LogShipper {
     for (const resolve of waiters) resolve();
   }
 }
+
+/** Unacked output one run may hold by default (bytes as `textBytes` counts them). */
+export const DEFAULT_MAX_BUFFERED_BYTES = 8 * 1024 * 1024;
+
+/**
+ * The memory a line's text may take: 2 bytes per UTF-16 unit, what V8 needs at most to hold a
+ * string whatever its characters (Latin-1 text takes half of it; the margin also covers the
+ * larger read a short line may keep alive as a slice of it).
+ */
+export function textBytes(text: string): number {
+  return 2 * text.length;
+}
+
+/** `textBytes` of the longest line the line splitter emits. */
+const MAX_LINE_BYTES = 2 * MAX_LINE_CHARS;
 
 /**
  * Telemetry bounds a message (4 MiB) as well as a batch's count; lines are at most

@@ -20,8 +20,13 @@ export interface ContainerSpec {
   image: string;
   /** Overrides the image's command when not empty. */
   command: string[];
-  /** Overrides the image's entrypoint when set (warm containers wait for their run this way). */
-  entrypoint?: string[];
+  /**
+   * Runs first, given as its arguments what a container of this spec without it would run: the
+   * image's ENTRYPOINT followed by `command` (or by the image's CMD when `command` is empty).
+   * Warm containers wait for their run this way (warm-pool.ts) and then run exactly what a cold
+   * container runs.
+   */
+  launcher?: string[];
   env: Record<string, string>;
   labels: Record<string, string>;
   platform: string;
@@ -77,8 +82,6 @@ export interface ContainerRuntime {
   imagePresent(image: string): Promise<boolean>;
   /** Pulls the image for linux/arm64; rejects when no registry serves it. */
   pull(image: string): Promise<void>;
-  /** The image's ENTRYPOINT followed by its CMD: what a container of it runs by default. */
-  defaultCommand(image: string): Promise<string[]>;
   /** Renames a container (warm containers take their run's name when claimed). */
   rename(id: string, name: string): Promise<void>;
   /** Creates the container; returns its id. */

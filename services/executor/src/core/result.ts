@@ -7,27 +7,47 @@
  * A failure reason built from the agent's text (the JSON parser's message, the paths made of
  * the result's keys) goes through `redact`, the run's secret redactor: the reason is stored on
  * the dispatch and shown to whoever reads it, like the result itself.
+ *
+ * Validation runs on the executor's event loop, which also carries every run's heartbeats, so
+ * it must take time linear in the result: schemas are compiled by the platform's
+ * `compileJsonSchema` (patterns on RE2, `uniqueItems` in linear time), the same compiler the
+ * dispatcher checks an agent's schema with when it is registered. See docs/executor.md,
+ * "Output validation".
  */
 import type { JsonObject } from "@bufbuild/protobuf";
-import { Ajv, type ValidateFunction } from "ajv";
-import addFormatsModule from "ajv-formats";
-
-// ajv-formats is CommonJS: at run time its default export is the plugin function, but its
-// typings describe a module namespace, hence the cast.
-const addFormats = addFormatsModule as unknown as (ajv: Ajv) => Ajv;
+import { compileJsonSchema } from "@outpost/platform";
+import type { ValidateFunction } from "ajv";
 
 export type ResultCheck = { ok: true; result?: JsonObject } | { ok: false; reason: string };
 
 /** Largest result read from the workspace (it is stored on the dispatch). */
 export const MAX_RESULT_BYTES = 1024 * 1024;
 
-const ajv = addFormats(new Ajv({ allErrors: true, strict: false }));
-/** Compiled schemas by their text: agents are few and their schemas change rarely. */
-const compiled = new Map<string, ValidateFunction>();
+/** Compiled schemas kept (least recently used dropped first); a schema's text is its key. */
+export const MAX_CACHED_SCHEMAS = 256;
+
+/**
+ * Compiled schemas (or why one does not compile) by their text, least recently used first. Each
+ * schema gets an Ajv instance of its own: one shared instance keeps every schema it compiled
+ * under its `$id`, so a changed schema with the same `$id` ("result") would fail to compile
+ * ("schema with key or id … already exists") until a restart.
+ */
+const compiled = new Map<string, ValidateFunction | string>();
 
 function validatorFor(schemaText: string): ValidateFunction | string {
   const cached = compiled.get(schemaText);
-  if (cached) return cached;
+  if (cached !== undefined) {
+    compiled.delete(schemaText); // most recently used last
+    compiled.set(schemaText, cached);
+    return cached;
+  }
+  const validate = compile(schemaText);
+  compiled.set(schemaText, validate);
+  if (compiled.size > MAX_CACHED_SCHEMAS) compiled.delete(compiled.keys().next().value!);
+  return validate;
+}
+
+function compile(schemaText: string): ValidateFunction | string {
   let schema: unknown;
   try {
     schema = JSON.parse(schemaText);
@@ -35,10 +55,7 @@ function validatorFor(schemaText: string): ValidateFunction | string {
     return `the agent's output schema is not JSON: ${err instanceof Error ? err.message : String(err)}`;
   }
   try {
-    const validate = ajv.compile(schema as object);
-    if (compiled.size > 256) compiled.clear();
-    compiled.set(schemaText, validate);
-    return validate;
+    return compileJsonSchema(schema as object);
   } catch (err) {
     return `the agent's output schema is invalid: ${err instanceof Error ? err.message : String(err)}`;
   }

@@ -44,6 +44,12 @@ export const RESULT_PATH = `${WORKSPACE_DIR}/${RESULT_RELATIVE_PATH}`;
 export const CONTROL_DIR = "/run/outpost";
 export const LABEL_PREFIX = "dev.outpost.";
 export const CONTAINER_UID = 65534;
+/**
+ * The network of runs whose agent's policy is EGRESS: an Outpost bridge network on which
+ * containers cannot reach each other (made by the runtime, docker-runtime.ts), never Docker's
+ * default `bridge`, where every container reaches every other — another tenant's agent too.
+ */
+export const EGRESS_NETWORK = "outpost-egress";
 export const CONTAINER_GID = 65534;
 
 export const DEFAULT_RESOURCES = { pidsLimit: 256, memoryBytes: 512 * 1024 * 1024, cpuMillis: 1000 };
@@ -125,7 +131,7 @@ export function agentShapeOf(agent: Agent): Omit<ContainerSpec, "name" | "env" |
     pidsLimit: positive(resources?.pidsLimit, DEFAULT_RESOURCES.pidsLimit),
     memoryBytes: positive(resources?.memoryBytes, DEFAULT_RESOURCES.memoryBytes),
     nanoCpus: positive(resources?.cpuMillis, DEFAULT_RESOURCES.cpuMillis) * 1_000_000,
-    networkMode: agent.networkPolicy === NetworkPolicy.EGRESS ? "bridge" : "none",
+    networkMode: agent.networkPolicy === NetworkPolicy.EGRESS ? EGRESS_NETWORK : "none",
   };
 }
 
@@ -221,23 +227,27 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     if (await abandoned()) return;
 
     const warm = deps.warmPool?.claim(lease);
+    const claim: RunClaim = { dispatchId: dispatch.id, leaseId: lease.leaseId };
     let files: RunFiles;
     try {
       files = warm ? warm.files : await deps.workspaces.create(runNameFor(lease));
-      await deps.workspaces.recordClaim(files, { dispatchId: dispatch.id, leaseId: lease.leaseId });
+      // A warm run records its claim only when its agent is about to start (below).
+      if (!warm) await deps.workspaces.recordClaim(files, claim);
     } catch (err) {
       if (warm) await deps.runtime.remove(warm.id).catch(() => undefined);
       await giveBack(`run directory could not be created: ${messageOf(err)}`, true);
       return;
     }
-    const quota = deps.workspaceQuota
-      ? new DiskQuota({
-          limitBytes: deps.workspaceQuota.limitBytes,
-          intervalMs: deps.workspaceQuota.checkIntervalMs,
-          measure: (stopAboveBytes, signal) => deps.workspaces.diskUsage(files, stopAboveBytes, signal),
-          logger,
-        })
-      : undefined;
+    const newQuota = () =>
+      deps.workspaceQuota
+        ? new DiskQuota({
+            limitBytes: deps.workspaceQuota.limitBytes,
+            intervalMs: deps.workspaceQuota.checkIntervalMs,
+            measure: (stopAboveBytes, signal) => deps.workspaces.diskUsage(files, stopAboveBytes, signal),
+            logger,
+          })
+        : undefined;
+    const quota = newQuota();
     let containerId = warm?.id ?? "";
     const cleanUp = async () => {
       if (containerId) await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
@@ -246,17 +256,37 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     };
 
     if (dispatch.repo?.url) {
+      // The checkout is watched as the agent will be: a repository (or a git server streaming a
+      // pack without end) that fills the workspace past its quota ends it then, not when git is
+      // done. A cancel or a lost lease ends it at once too.
+      const checkout = new AbortController();
+      const checkoutQuota = newQuota();
+      let overQuota: string | undefined;
+      checkoutQuota?.watch((reason) => {
+        overQuota = reason;
+        checkout.abort();
+      });
+      keeper.onCancel = keeper.onLost = () => checkout.abort();
+      if (keeper.cancelled || keeper.lost) checkout.abort();
       try {
-        await deps.workspaces.checkout(files, dispatch.repo.url, dispatch.repo.ref);
-        const overQuota = await quota?.check();
+        await deps.workspaces.checkout(files, dispatch.repo.url, dispatch.repo.ref, checkout.signal);
+        await checkoutQuota?.stop();
+        // Measured once more: what git wrote after the last measurement counts as well.
+        overQuota ??= await quota?.check();
         if (overQuota !== undefined) throw new Error(overQuota);
         logger.info({ ref: dispatch.repo.ref }, "repository checked out");
       } catch (err) {
+        await checkoutQuota?.stop();
+        if (await abandoned(cleanUp)) return;
         await cleanUp();
-        const reason = `repository checkout failed: ${messageOf(err)}`;
-        logger.warn({ reason }, "checkout failed");
+        const reason = `repository checkout failed: ${overQuota ?? messageOf(err)}`;
+        // git's own words, which the tenant is not shown (host-workspaces.ts gitFailure).
+        const detail = err instanceof Error && err.cause instanceof Error ? err.cause.message : undefined;
+        logger.warn({ reason, detail }, "checkout failed");
         await report({ state: Dispatch_State.FAILED, failureReason: reason, lastLogSeq: 0 });
         return;
+      } finally {
+        keeper.onCancel = keeper.onLost = undefined;
       }
       if (await abandoned(cleanUp)) return;
     }
@@ -278,6 +308,18 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       await deps.runtime.rename(containerId, spec.name).catch((err: unknown) => logger.debug({ err }, "warm container keeps its name"));
     }
     if (await abandoned(cleanUp)) return;
+    if (warm) {
+      // Only now, right before its agent starts: a restarted executor that finds a warm container
+      // without a claim knows its agent never ran, and the lease is given back for a retry as for a
+      // cold run that never started (reconcile.ts); with a claim, it may have run.
+      try {
+        await deps.workspaces.recordClaim(files, claim);
+      } catch (err) {
+        await cleanUp();
+        await giveBack(`run directory could not be written: ${messageOf(err)}`, true);
+        return;
+      }
+    }
     // Renewed with every heartbeat, as the lease is (run-grants.ts).
     const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => keeper.logGrant, sink: deps.logs, logger });
     let pumping: Promise<void> | undefined;
@@ -287,13 +329,15 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     /** Set once the container has exited: late heartbeat answers must not act any more. */
     let exited = false;
     let unregisterCancel: (() => void) | undefined;
+    /** Aborted once the container exited: a stop still being retried gives up. */
+    const exitedSignal = new AbortController();
     const stop = (cause: StopCause) => {
       if (stopCause || exited) return;
       stopCause = cause;
       logger.info({ cause: cause.kind }, "stopping container");
       // Over its disk quota, the agent gets no grace: it would go on writing.
       const graceMs = cause.kind === "disk-quota" ? 0 : deps.stopGraceMs;
-      stopping = deps.runtime.stop(containerId, graceMs).catch((err: unknown) => logger.warn({ err }, "stop failed"));
+      stopping = stopContainer(deps, containerId, graceMs, exitedSignal.signal, logger);
     };
     try {
       try {
@@ -330,6 +374,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
 
       const exit = await deps.runtime.wait(containerId);
       exited = true;
+      exitedSignal.abort();
       keeper.stop();
       for (const timer of timers) clearTimeout(timer);
       await quota?.stop();
@@ -376,6 +421,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       // The engine failed us mid-run (e.g. wait broke): settle the run rather than leave it RUNNING.
       logger.error({ err }, "run failed in the executor");
       exited = true;
+      exitedSignal.abort();
       keeper.stop();
       for (const timer of timers) clearTimeout(timer);
       const lastLogSeq = await shipper.finish(2000);
@@ -391,6 +437,42 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
   } finally {
     keeper.stop();
   }
+}
+
+/** Engine calls a stop makes before it force-removes the container, and force-removals before it gives up. */
+export const STOP_ATTEMPTS = 3;
+export const FORCE_REMOVE_ATTEMPTS = 5;
+
+/**
+ * Stops a container the executor means to end (timeout, cancel, lost lease, disk quota): the
+ * stop is retried with backoff when the engine fails it; still refused, the container is
+ * force-removed (SIGKILL, no grace), retried as well. Once the cause is set nothing else stops
+ * the container, so a stop that failed once must not be the end of it: the agent would run past
+ * its timeout. Ends early once the container exited (`exited`).
+ */
+async function stopContainer(deps: RunDeps, containerId: string, graceMs: number, exited: AbortSignal, logger: Logger): Promise<void> {
+  const backoff = new Backoff({ baseMs: 250, maxMs: 4000 });
+  for (let attempt = 1; attempt <= STOP_ATTEMPTS && !exited.aborted; attempt++) {
+    try {
+      await deps.runtime.stop(containerId, graceMs);
+      return;
+    } catch (err) {
+      logger.warn({ err, attempt }, "stop failed");
+    }
+    if (attempt < STOP_ATTEMPTS) await sleep(backoff.next(), exited);
+  }
+  for (let attempt = 1; attempt <= FORCE_REMOVE_ATTEMPTS && !exited.aborted; attempt++) {
+    await sleep(backoff.next(), exited);
+    if (exited.aborted) return;
+    try {
+      await deps.runtime.remove(containerId);
+      logger.warn("container force-removed: it could not be stopped");
+      return;
+    } catch (err) {
+      logger.warn({ err, attempt }, "force-removing the container failed");
+    }
+  }
+  if (!exited.aborted) logger.error("container could be neither stopped nor removed; it is left to the engine");
 }
 
 /** Creates the container; a missing image is pulled once (where a registry is reachable) and the create retried. */

@@ -4,10 +4,11 @@
  *
  * Docker fixes a container's environment at creation, but a run's environment (task, model,
  * dispatch id, trace context, secrets) is only known when its lease arrives. So a warm
- * container runs `/bin/sh -c '. /run/outpost/start && exec "$@"' <agent command>`: it blocks
- * reading a FIFO in its read-only control mount; the executor writes the run's environment into
- * that FIFO as `export` lines, and the shell execs the agent, which becomes PID 1 as in a cold
- * container. Trade-offs (docs/executor.md): the image needs /bin/sh; the run's env is not in
+ * container runs `/bin/sh -c '. /run/outpost/start && exec "$@"' <what a cold container runs>`
+ * (the image's ENTRYPOINT, then the agent's command or else the image's CMD, resolved by the
+ * runtime from the image: ContainerSpec.launcher): it blocks reading a FIFO in its read-only
+ * control mount; the executor writes the run's environment into that FIFO as `export` lines, and
+ * the shell execs the agent, which then runs under the init as in a cold container. Trade-offs (docs/executor.md): the image needs /bin/sh; the run's env is not in
  * `docker inspect` (a plus for secrets); labels cannot change after creation, so a warm run's
  * container carries the agent and run directory labels but not the dispatch id (its name and
  * the run directory's claim file say which dispatch it serves).
@@ -128,13 +129,12 @@ export class WarmPool {
     const files = await workspaces.create(name);
     try {
       await workspaces.makeStartFifo(files);
-      const command = pool.shape.command.length > 0 ? pool.shape.command : await runtime.defaultCommand(pool.shape.image);
-      if (command.length === 0) throw new Error(`image ${pool.shape.image} has no command and the agent sets none`);
       const spec: ContainerSpec = {
         ...pool.shape,
         name,
-        entrypoint: ["/bin/sh", "-c", WAITER, "outpost-warm"],
-        command,
+        // Then the image's ENTRYPOINT and the agent's command (or the image's CMD), as a cold
+        // container of the agent runs them.
+        launcher: ["/bin/sh", "-c", WAITER, "outpost-warm"],
         env: {},
         labels: {
           [`${LABEL_PREFIX}managed`]: "true",
