@@ -1,7 +1,8 @@
 /**
  * Tier quotas across the real mesh (SPEC T3): CreateDispatch through the gateway, admitted by
  * the tenant service (AdmitDispatch) from the dispatcher, with a test tiers file whose limits
- * are small. Also: a suspended tenant's queued run is not leased until it is reactivated.
+ * are small. Parallel creates with one request_id use one run of the day. Also: a suspended
+ * tenant's queued run is not leased until it is reactivated.
  */
 import { writeFileSync } from "node:fs";
 import path from "node:path";
@@ -113,6 +114,26 @@ describe("quotas through the gateway", () => {
     const after = await fire(clients, 1, "quick");
     expect(after.accepted).toHaveLength(0);
     expect(errorInfoOf(after.rejected[0]!)?.metadata.quota).toBe("runs_per_day");
+  }, 120_000);
+
+  it("parallel creates with one request_id count one run of the day: the duplicates give theirs back", async () => {
+    const { clients } = await tenantOf(Tier.PRO, "One request id");
+    // No more than the day allows: while they race, each one admitted holds a run of the day
+    // until it loses the insert and gives it back, so with more, some would be refused
+    // runs_per_day before the first is stored (README, Known issues).
+    const N = DAILY;
+    const results = await Promise.all(
+      Array.from({ length: N }, () => clients.dispatches.createDispatch({ agent: "demo", task: "quick", requestId: "same-request" })),
+    );
+    const ids = new Set(results.map((r) => r.dispatch!.id));
+    expect(ids.size).toBe(1);
+    // Of the day's DAILY runs, one is used: DAILY - 1 more are admitted, the next is refused.
+    const more = await fire(clients, DAILY, "quick");
+    expect(more.accepted).toHaveLength(DAILY - 1);
+    expect(more.rejected).toHaveLength(1);
+    expect(errorInfoOf(more.rejected[0]!)?.metadata).toMatchObject({ quota: "runs_per_day", limit: String(DAILY) });
+    expect((await clients.dispatches.listDispatches({})).dispatches).toHaveLength(DAILY);
+    for (const id of [...ids, ...more.accepted.map((d) => d.id)]) await waitTerminal(clients, id, 60_000);
   }, 120_000);
 
   it("slots whose release the tenant service missed (down while the runs ended; the dispatcher restarted meanwhile) are freed once it is back", async () => {

@@ -473,8 +473,10 @@ describe("lease lifecycle", () => {
   it("a slot release that fails stays owed on the dispatch until a sweep gets it through, on a restarted dispatcher too", async () => {
     let calls = 0;
     let tenantServiceUp = false;
-    const release = async () => {
+    const neverCreated: boolean[] = [];
+    const release: TenantAdmission["release"] = async (_tenant, _id, options) => {
       calls++;
+      neverCreated.push(options?.neverCreated === true);
       if (!tenantServiceUp) throw new Error("tenant service unavailable");
     };
     const first = dispatcherWith({ release });
@@ -502,6 +504,8 @@ describe("lease lifecycle", () => {
     expect((await store.get(failed.id))?.slotHeld).toBe(false);
     expect(await restarted.releaseOwedSlots(100, 0)).toBe(0);
     expect(calls).toBe(5);
+    // Stored runs that ended keep their run of the day, whoever releases them.
+    expect(neverCreated).toEqual([false, false, false, false, false]);
   });
 
   it("a run whose release goes through at its end owes nothing", async () => {
@@ -513,12 +517,14 @@ describe("lease lifecycle", () => {
 
   it("the slot of a candidate whose insert failed is released, retried in the background until taken", async () => {
     let calls = 0;
+    const neverCreated: boolean[] = [];
     const failingInsert = Object.create(store, {
       insert: { value: async () => Promise.reject(new Error("disk full")) },
     }) as typeof store;
     const d = dispatcherWith(
       {
-        release: async () => {
+        release: async (_tenant, _id, options) => {
+          neverCreated.push(options?.neverCreated === true);
           if (++calls <= 2) throw new Error("tenant service unavailable");
         },
       },
@@ -528,10 +534,12 @@ describe("lease lifecycle", () => {
     await vi.waitFor(() => expect(calls).toBe(3));
     await new Promise((resolve) => setTimeout(resolve, 100));
     expect(calls).toBe(3); // taken on the third try: no more after it
+    // Never stored: every try gives back the run of the day as well as the slot.
+    expect(neverCreated).toEqual([true, true, true]);
   });
 
   it("a create whose admission failed without a definite answer releases the id; a refusal releases nothing", async () => {
-    const released: string[] = [];
+    const released: { id: string; neverCreated: boolean }[] = [];
     let admitted = "";
     let answer: Error = resourceExhausted("concurrent_runs", "concurrent runs: 1 of 1 in use");
     const d = dispatcherWith({
@@ -539,12 +547,13 @@ describe("lease lifecycle", () => {
         admitted = id;
         throw answer;
       },
-      release: async (_tenant, id) => void released.push(id),
+      release: async (_tenant, id, options) => void released.push({ id, neverCreated: options?.neverCreated === true }),
     });
     await expect(d.create(TENANT, input())).rejects.toThrow("concurrent runs");
     answer = new Error("socket hang up"); // the call may have been recorded before it failed
     await expect(d.create(TENANT, input())).rejects.toThrow("socket hang up");
-    await vi.waitFor(() => expect(released).toEqual([admitted]));
+    // Released as never created: if the tenant service counted it, the run of the day comes back too.
+    await vi.waitFor(() => expect(released).toEqual([{ id: admitted, neverCreated: true }]));
   });
 
   it("a create refused admission answers the dispatch a parallel request with the same id made", async () => {

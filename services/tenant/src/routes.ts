@@ -179,7 +179,7 @@ export function tenantRoutes(cores: TenantCores) {
         requireService(ctx, "dispatcher");
         const tenantId = requireUlid("tenant_id", req.tenantId);
         const dispatchId = requireUlid("dispatch_id", req.dispatchId);
-        await admission.release(tenantId, dispatchId);
+        await admission.release(tenantId, dispatchId, { neverCreated: req.neverCreated });
         return {};
       },
       async listSuspendedTenants(_req, ctx) {

@@ -278,6 +278,64 @@ export function tenantStoreConformance(adapter: string, factory: () => Promise<T
       expect(await store.admitDispatch(req(ulid()))).toEqual({ kind: "admitted" });
     });
 
+    it("a refund release (never-created dispatch) gives back the slot and the run of the day, exactly once", async () => {
+      const tenantId = ulid();
+      const req = (dispatchId: string): AdmissionRequest => ({ tenantId, dispatchId, day: "2025-01-01", admitTime: T0, concurrentLimit: 10, dailyLimit: 2 });
+      const [kept, refunded, later, refused] = [ulid(), ulid(), ulid(), ulid()];
+      expect(await store.admitDispatch(req(kept))).toEqual({ kind: "admitted" });
+      expect(await store.admitDispatch(req(refunded))).toEqual({ kind: "admitted" });
+      expect(await store.admitDispatch(req(later))).toEqual({ kind: "over_quota", quota: "runs_per_day" });
+      expect(await store.releaseDispatch(tenantId, refunded, at(1), { refundDay: true })).toBe(true);
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 1, runsToday: 1 });
+      // Repeated (a retried release), in sequence and in parallel: nothing more is given back.
+      expect(await store.releaseDispatch(tenantId, refunded, at(2), { refundDay: true })).toBe(false);
+      await Promise.all(Array.from({ length: 5 }, () => store.releaseDispatch(tenantId, refunded, at(3), { refundDay: true })));
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 1, runsToday: 1 });
+      // The refunded id stays known: admitting it again counts nothing.
+      expect(await store.admitDispatch(req(refunded))).toEqual({ kind: "duplicate" });
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 1, runsToday: 1 });
+      // The run given back is there for another dispatch, and only the one.
+      expect(await store.admitDispatch(req(later))).toEqual({ kind: "admitted" });
+      expect(await store.admitDispatch(req(refused))).toEqual({ kind: "over_quota", quota: "runs_per_day" });
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 2, runsToday: 2 });
+    });
+
+    it("a refund gives the run back to the day it was counted in", async () => {
+      const tenantId = ulid();
+      const dispatchId = ulid();
+      await store.admitDispatch({ tenantId, dispatchId, day: "2025-01-01", admitTime: T0, concurrentLimit: 10, dailyLimit: 10 });
+      await store.admitDispatch({ tenantId, dispatchId: ulid(), day: "2025-01-02", admitTime: at(86_400_000), concurrentLimit: 10, dailyLimit: 10 });
+      expect(await store.releaseDispatch(tenantId, dispatchId, at(86_400_001), { refundDay: true })).toBe(true);
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 1, runsToday: 0 });
+      expect(await store.usageOf(tenantId, "2025-01-02")).toEqual({ activeRuns: 1, runsToday: 1 });
+    });
+
+    it("a refund release of an id never admitted leaves the mark: the late admission answers duplicate and counts nothing", async () => {
+      const tenantId = ulid();
+      const req = (dispatchId: string): AdmissionRequest => ({ tenantId, dispatchId, day: "2025-01-01", admitTime: T0, concurrentLimit: 1, dailyLimit: 1 });
+      const abandoned = ulid();
+      expect(await store.releaseDispatch(tenantId, abandoned, at(1), { refundDay: true })).toBe(false);
+      expect(await store.releaseDispatch(tenantId, abandoned, at(2), { refundDay: true })).toBe(false);
+      expect(await store.admitDispatch(req(abandoned))).toEqual({ kind: "duplicate" });
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 0, runsToday: 0 });
+      // Nothing was taken, and nothing was given back past zero: the day's one run is still one.
+      expect(await store.admitDispatch(req(ulid()))).toEqual({ kind: "admitted" });
+      expect(await store.releaseDispatch(tenantId, abandoned, at(3), { refundDay: true })).toBe(false);
+      expect(await store.admitDispatch(req(ulid()))).toEqual({ kind: "over_quota", quota: "runs_per_day" });
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 1, runsToday: 1 });
+    });
+
+    it("a normal release (a run that ended) keeps the run of the day", async () => {
+      const tenantId = ulid();
+      const req = (dispatchId: string): AdmissionRequest => ({ tenantId, dispatchId, day: "2025-01-01", admitTime: T0, concurrentLimit: 10, dailyLimit: 1 });
+      const ended = ulid();
+      expect(await store.admitDispatch(req(ended))).toEqual({ kind: "admitted" });
+      expect(await store.releaseDispatch(tenantId, ended, at(1))).toBe(true);
+      expect(await store.releaseDispatch(tenantId, ended, at(2), { refundDay: false })).toBe(false);
+      expect(await store.usageOf(tenantId, "2025-01-01")).toEqual({ activeRuns: 0, runsToday: 1 });
+      expect(await store.admitDispatch(req(ulid()))).toEqual({ kind: "over_quota", quota: "runs_per_day" });
+    });
+
     it("counts the daily quota per day, released runs included", async () => {
       const tenantId = ulid();
       const req = (day: string): AdmissionRequest => ({ tenantId, dispatchId: ulid(), day, admitTime: T0, concurrentLimit: 10, dailyLimit: 2 });

@@ -381,6 +381,22 @@ describe("admission (contract A)", () => {
     expect(await store.usageOf(t.id, "2025-06-01")).toEqual({ activeRuns: 0, runsToday: 1 });
   });
 
+  it("a release saying never_created gives back the run of the day too, once; a normal one keeps it", async () => {
+    const t = await newTenant(Tier.FREE); // 3 a day
+    const [ended, unstored] = [ulid(), ulid()];
+    await admit(t.id, ended);
+    await admit(t.id, unstored);
+    await internal(DISPATCHER).releaseDispatch({ tenantId: t.id, dispatchId: ended });
+    await internal(DISPATCHER).releaseDispatch({ tenantId: t.id, dispatchId: unstored, neverCreated: true });
+    await internal(DISPATCHER).releaseDispatch({ tenantId: t.id, dispatchId: unstored, neverCreated: true });
+    expect(await store.usageOf(t.id, "2025-06-01")).toEqual({ activeRuns: 0, runsToday: 1 });
+    // A never-created release that arrives before its admission: the admission takes nothing.
+    const late = ulid();
+    await internal(DISPATCHER).releaseDispatch({ tenantId: t.id, dispatchId: late, neverCreated: true });
+    await admit(t.id, late);
+    expect(await store.usageOf(t.id, "2025-06-01")).toEqual({ activeRuns: 0, runsToday: 1 });
+  });
+
   it("the daily quota names its reset time (next UTC midnight) and resets then", async () => {
     const t = await newTenant(Tier.FREE);
     for (let i = 0; i < 3; i++) {

@@ -1,16 +1,17 @@
 /**
  * TenantAdmission over gRPC (cross-team contract A): the dispatcher asks the tenant service
- * to admit a dispatch before queueing it, releases its concurrent slot when it ends, and
- * learns which tenants are suspended. Errors from the tenant service (RESOURCE_EXHAUSTED
- * QUOTA_EXCEEDED, NOT_FOUND SECRET_NOT_FOUND, PERMISSION_DENIED TENANT_SUSPENDED, …) are passed
- * through unchanged so the tenant sees them as they were raised.
+ * to admit a dispatch before queueing it, releases its concurrent slot when it ends (and its
+ * run of the day too when it was never stored: `never_created`), and learns which tenants are
+ * suspended. Errors from the tenant service (RESOURCE_EXHAUSTED QUOTA_EXCEEDED, NOT_FOUND
+ * SECRET_NOT_FOUND, PERMISSION_DENIED TENANT_SUSPENDED, …) are passed through unchanged so the
+ * tenant sees them as they were raised.
  */
 import { durationFromMs, durationMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { ExponentialBackoff, handleWhen, retry } from "cockatiel";
 import { internalClient, unavailable, type SigningKeys } from "@outpost/platform";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
-import type { TenantAdmission } from "../core/ports.ts";
+import type { ReleaseOptions, TenantAdmission } from "../core/ports.ts";
 
 export interface GrpcTenantAdmissionOptions {
   baseUrl: string;
@@ -77,8 +78,9 @@ export class GrpcTenantAdmission implements TenantAdmission {
     }
   }
 
-  async release(tenantId: string, dispatchId: string): Promise<void> {
-    await this.releaseRetry.execute(() => this.client.releaseDispatch({ tenantId, dispatchId }, { timeoutMs: this.callTimeoutMs }));
+  async release(tenantId: string, dispatchId: string, options: ReleaseOptions = {}): Promise<void> {
+    const neverCreated = options.neverCreated === true;
+    await this.releaseRetry.execute(() => this.client.releaseDispatch({ tenantId, dispatchId, neverCreated }, { timeoutMs: this.callTimeoutMs }));
   }
 
   /**

@@ -122,7 +122,8 @@ export class Dispatcher {
    * Creates and queues a dispatch. Order matters: an existing dispatch with the same request id
    * answers without admitting anything; then the agent, model and circuit are checked; then the
    * tenant service admits the run (quota slot, secrets, tier timeout) before the insert; when the
-   * insert loses a race to a parallel request with the same id, the new id's slot is released.
+   * insert loses a race to a parallel request with the same id, the new id's slot and run of the
+   * day are given back (releaseUnstoredSlot), so N parallel creates with one request id count one run.
    */
   async create(tenantId: string, input: CreateDispatchInput): Promise<DispatchRecord> {
     if (input.requestId) {
@@ -514,12 +515,15 @@ export class Dispatcher {
 
   /**
    * Frees the slot of a candidate that was never stored (its admission's answer was lost, its
-   * insert failed, or lost to a parallel request with the same id): nothing durable remembers it, so a failed release is
-   * tried again in the background, with backoff, for about ten minutes, then logged as an error.
+   * insert failed, or lost to a parallel request with the same id), and gives back the run of the
+   * day it was counted (`neverCreated`: no run of it will ever exist). Only such ids come here; a
+   * stored run's release keeps its day. Nothing durable remembers the candidate, so a failed
+   * release is tried again in the background, with backoff, for about ten minutes, then logged as
+   * an error.
    */
   private async releaseUnstoredSlot(tenantId: string, dispatchId: string, attempt = 1): Promise<void> {
     try {
-      await this.admission.release(tenantId, dispatchId);
+      await this.admission.release(tenantId, dispatchId, { neverCreated: true });
     } catch (err) {
       if (attempt >= RELEASE_ATTEMPTS) {
         this.logger.error({ err, dispatch_id: dispatchId, tenant_id: tenantId, attempts: attempt }, "tenant admission: release failed for good; the slot stays taken");

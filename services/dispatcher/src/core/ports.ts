@@ -20,10 +20,21 @@ export interface Admission {
   resourceCaps?: ResourceCaps;
 }
 
+export interface ReleaseOptions {
+  /**
+   * The dispatch id was never stored (its insert failed or lost the request-id race, or its
+   * admission got no definite answer): the tenant service gives back its run of the day too.
+   */
+  neverCreated?: boolean;
+}
+
 export interface TenantAdmission {
   admit(tenantId: string, dispatchId: string, secretNames: string[], requestedTimeoutMs: number | undefined): Promise<Admission>;
-  /** Frees the concurrent slot of a dispatch (idempotent; the daily count stays). */
-  release(tenantId: string, dispatchId: string): Promise<void>;
+  /**
+   * Frees the concurrent slot of a dispatch (idempotent). The daily count stays, unless
+   * `neverCreated`: then the run of the day is given back too (once, however often repeated).
+   */
+  release(tenantId: string, dispatchId: string, options?: ReleaseOptions): Promise<void>;
   /** Tenants whose queued runs must not be leased. */
   suspendedTenants(): Promise<ReadonlySet<string>>;
 }

@@ -2,7 +2,8 @@
  * Admission of dispatches (SPEC T3, T5; cross-team contract A): before the dispatcher queues a
  * run it asks here. A suspended tenant is refused, a missing secret is named, and then one
  * concurrent-run slot and one run of the UTC day are reserved atomically in the store,
- * idempotently per dispatch id. Releasing (on any terminal state) frees the slot only.
+ * idempotently per dispatch id. Releasing (on any terminal state) frees the slot only; releasing
+ * an id the dispatcher never stored gives back the run of the day as well.
  */
 import { notFound, resourceExhausted } from "@outpost/platform";
 import type { TenantStore, TenantTier } from "../store/store.ts";
@@ -79,8 +80,13 @@ export class AdmissionCore {
     };
   }
 
-  async release(tenantId: string, dispatchId: string): Promise<void> {
-    await this.store.releaseDispatch(tenantId, dispatchId, this.now());
+  /**
+   * Frees the dispatch's concurrent slot. `neverCreated` (the dispatcher never stored the id: its
+   * insert failed, it lost its request id's race, or the admission's answer was lost) gives back
+   * its run of the day too, once.
+   */
+  async release(tenantId: string, dispatchId: string, options: { neverCreated?: boolean } = {}): Promise<void> {
+    await this.store.releaseDispatch(tenantId, dispatchId, this.now(), { refundDay: options.neverCreated === true });
   }
 
   async suspendedTenants(): Promise<string[]> {

@@ -22,12 +22,17 @@
  *                     counter) makes reserve and release idempotent per dispatch id: a retried
  *                     reservation or release after a crash neither double counts nor leaks.
  *   tenant_days       one document per (tenant, UTC day), { count }: the daily quota, $inc-ed
- *                     under { count: { $lt: limit } }; never decremented (released runs count).
+ *                     under { count: { $lt: limit } }. Released runs still count; the count is
+ *                     decremented only by a release with refundDay (the dispatcher never stored
+ *                     the id), and only by the call whose conditional update marked that
+ *                     admission `refunded`, so a repeated refund gives back nothing more.
  * The owner of a pending claim reserves the concurrent slot, then the day, then marks the
  * claim admitted; a refusal undoes what it reserved and deletes its claim. A process that dies
  * mid-way leaves a pending claim: after CLAIM_STALE_MS another call for that dispatch takes it
- * over. The only residue a crash can leave is a day count one too high (never one too low), so
- * a failure errs toward refusing, never toward admitting past a limit.
+ * over. A release that finds the claim still pending flags it (`releaseRequested`, and
+ * `refundRequested` for a refund) and the decision, as it admits, releases it so. The only residue
+ * a crash can leave is a day count one too high (never one too low; a refund marks before it
+ * decrements), so a failure errs toward refusing, never toward admitting past a limit.
  */
 import { Binary, MongoClient, MongoServerError, type Collection, type Db, type Filter } from "mongodb";
 import {
@@ -35,6 +40,7 @@ import {
   type AdmissionOutcome,
   type AdmissionRequest,
   type ApiKeyRecord,
+  type ReleaseOptions,
   type SecretRecord,
   type TenantRecord,
   type TenantState,
@@ -63,6 +69,10 @@ interface AdmissionDoc {
   expireAt?: Date;
   /** A release arrived while the admission was being decided: the decision releases it. */
   releaseRequested?: boolean;
+  /** That release was a refund (never-created dispatch): the decision's release gives the day back too. */
+  refundRequested?: boolean;
+  /** Its run of the day was given back (set before the day counter is decremented, once). */
+  refunded?: boolean;
 }
 type ActiveDoc = { _id: string; active: string[] };
 type DayDoc = { _id: string; tenantId: string; day: string; count: number; expireAt: Date };
@@ -473,29 +483,51 @@ export class MongoTenantStore implements TenantStore {
     }
     const admitted = await this.admissions.findOneAndUpdate(owned, { $set: { state: "admitted" } }, { returnDocument: "after" });
     // Released while it was being decided (the dispatcher gave up waiting for this answer).
-    if (admitted?.releaseRequested) await this.releaseDispatch(tenantId, dispatchId, new Date());
+    if (admitted?.releaseRequested) await this.releaseDispatch(tenantId, dispatchId, new Date(), { refundDay: admitted.refundRequested === true });
     return { kind: "admitted" };
   }
 
-  async releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date): Promise<boolean> {
+  async releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date, options: ReleaseOptions = {}): Promise<boolean> {
     const _id = admissionId(tenantId, dispatchId);
+    const refundDay = options.refundDay === true;
     const expireAt = new Date(releaseTime.getTime() + ADMISSION_RETENTION_MS);
     const doc = await this.admissions.findOneAndUpdate({ _id, state: "admitted", releaseTime: null }, { $set: { releaseTime, expireAt } });
-    if (!doc && (await this.markReleasedBeforeAdmitted(_id, tenantId, dispatchId, releaseTime, expireAt))) return false;
+    if (!doc && (await this.markReleasedBeforeAdmitted(_id, tenantId, dispatchId, releaseTime, expireAt, refundDay))) return false;
     // The slot is freed on every call for a released admission, so a retried release heals a
     // crash between the two writes; $pull of an absent member changes nothing.
     if (doc || (await this.admissions.countDocuments({ _id, state: "admitted" })) > 0) {
       await this.active.updateOne({ _id: tenantId }, { $pull: { active: dispatchId } });
     }
+    if (refundDay) await this.refundDayOf(_id, tenantId);
     return doc !== null;
+  }
+
+  /**
+   * Gives back the run of the day an admission took, at most once: only the call whose
+   * conditional update marks the admission `refunded` decrements its day's counter (the day it
+   * was counted in). A released mark (day "") took nothing and gives back nothing. A crash between
+   * the two writes leaves the count one too high, never one too low.
+   */
+  private async refundDayOf(_id: string, tenantId: string): Promise<void> {
+    const marked = await this.admissions.findOneAndUpdate({ _id, state: "admitted", day: { $ne: "" }, refunded: { $ne: true } }, { $set: { refunded: true } });
+    if (!marked) return;
+    await this.days.updateOne({ _id: dayCounterId(tenantId, marked.day), count: { $gt: 0 } }, { $inc: { count: -1 } });
   }
 
   /**
    * A release of an id with no admitted record: a missing one gets a released mark with no day
    * (a later admission of it finds the mark and answers "duplicate"); one still being decided is
-   * flagged, and its decision releases it as it admits. True when either was done.
+   * flagged, and its decision releases it as it admits (giving back the day too when
+   * `refundDay`). True when either was done.
    */
-  private async markReleasedBeforeAdmitted(_id: string, tenantId: string, dispatchId: string, releaseTime: Date, expireAt: Date): Promise<boolean> {
+  private async markReleasedBeforeAdmitted(
+    _id: string,
+    tenantId: string,
+    dispatchId: string,
+    releaseTime: Date,
+    expireAt: Date,
+    refundDay: boolean,
+  ): Promise<boolean> {
     const mark: AdmissionDoc = { _id, tenantId, dispatchId, day: "", admitTime: releaseTime, releaseTime, state: "admitted", claimedAt: releaseTime, expireAt };
     try {
       await this.admissions.insertOne(mark);
@@ -503,7 +535,10 @@ export class MongoTenantStore implements TenantStore {
     } catch (err) {
       if (!isDuplicateKey(err)) throw err;
     }
-    const flagged = await this.admissions.updateOne({ _id, state: "pending" }, { $set: { releaseRequested: true } });
+    const flagged = await this.admissions.updateOne(
+      { _id, state: "pending" },
+      { $set: refundDay ? { releaseRequested: true, refundRequested: true } : { releaseRequested: true } },
+    );
     return flagged.matchedCount > 0;
   }
 

@@ -9,6 +9,7 @@ import {
   type AdmissionOutcome,
   type AdmissionRequest,
   type ApiKeyRecord,
+  type ReleaseOptions,
   type SecretRecord,
   type TenantUsage,
   type TenantRecord,
@@ -301,13 +302,19 @@ export class SqliteTenantStore implements TenantStore {
     });
   }
 
-  async releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date): Promise<boolean> {
+  async releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date, options: ReleaseOptions = {}): Promise<boolean> {
     const at = releaseTime.getTime();
-    // One transaction, so an admission cannot slip in between the two statements and stay held.
+    // One transaction, so an admission cannot slip in between the statements and stay held.
     return inTransaction(this.db, () => {
       const result = this.db
         .prepare("UPDATE admissions SET release_time = ? WHERE tenant_id = ? AND dispatch_id = ? AND release_time IS NULL")
         .run(at, tenantId, dispatchId);
+      // The day's count is the rows with that day: a refund takes the row out of it ('' is no
+      // day), once, since a row already out of it is not matched again. The row stays, so the id
+      // still answers "duplicate".
+      if (options.refundDay) {
+        this.db.prepare("UPDATE admissions SET day = '' WHERE tenant_id = ? AND dispatch_id = ? AND day <> ''").run(tenantId, dispatchId);
+      }
       if (Number(result.changes) > 0) return true;
       // Never admitted (yet): the released mark, with no day, so it counts against nothing.
       this.db

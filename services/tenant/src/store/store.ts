@@ -71,6 +71,11 @@ export interface AdmissionRequest {
  */
 export type AdmissionOutcome = { kind: "admitted" } | { kind: "duplicate" } | { kind: "over_quota"; quota: QuotaName };
 
+export interface ReleaseOptions {
+  /** The dispatch id was never stored: give back its run of the day as well as its slot. */
+  refundDay?: boolean;
+}
+
 export interface TenantUsage {
   /** Admitted and not yet released. */
   activeRuns: number;
@@ -159,8 +164,13 @@ export interface TenantStore {
    * already released. A release of an id never admitted leaves a released mark, so an admission
    * of that id arriving later (its request was delayed; the dispatcher gave up on the answer and
    * released it) answers "duplicate" and takes nothing.
+   *
+   * `refundDay`: the dispatch was never created (the dispatcher never stored it), so its run of
+   * the day is given back too, to the day it was counted in. At most once per id: a repeated
+   * refund, or one of an id never admitted (which leaves the mark, counting nothing), gives back
+   * nothing more. Without it (a run that ended) the day stays counted.
    */
-  releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date): Promise<boolean>;
+  releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date, options?: ReleaseOptions): Promise<boolean>;
   usageOf(tenantId: string, day: string): Promise<TenantUsage>;
 
   close(): Promise<void>;
