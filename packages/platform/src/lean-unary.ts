@@ -21,7 +21,7 @@
  */
 import type http from "node:http";
 import http2 from "node:http2";
-import type { DescMessage, DescMethod, DescService } from "@bufbuild/protobuf";
+import { create, type DescMessage, type DescMethod, type DescService } from "@bufbuild/protobuf";
 import {
   Code,
   ConnectError,
@@ -322,7 +322,15 @@ async function serveCall(
     // Connect's protocol version: absent, or 1 (connect-node checks it only when told to).
     const version = headerValue(req, connect.headerProtocolVersion.toLowerCase());
     if (protocol.name === "connect" && version !== null && version !== connect.protocolVersion) throw unsupportedConnectVersion(version);
-    options.beforeBody?.(spec.method.parent, context.requestHeader, values);
+    try {
+      options.beforeBody?.(spec.method.parent, context.requestHeader, values);
+    } catch (err) {
+      // Refused on its headers: the body is never read, but the refusal still goes through the
+      // interceptors (metrics, traces and the call log count it like any other answer), with an
+      // empty request that never reaches the method.
+      await invokeUnaryImplementation({ ...spec, impl: () => Promise.reject(err) }, context, create(spec.method.input), interceptors);
+      throw err;
+    }
     const lengthHint = protocol.checksContentLength ? contentLength(req, limits.readMaxBytes) : undefined;
     const body = await readBody(req, limits.readMaxBytes, protocol.envelopeBytes, context.signal, bodyBudget?.charge(req, res));
     if (lengthHint !== undefined && lengthHint !== body.length) {

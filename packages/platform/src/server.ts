@@ -254,21 +254,44 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     onRequest as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void);
   const sessions = new Set<http2.ServerHttp2Session>();
   const openStreams = new WeakMap<http2.Http2Session, number>();
+  /**
+   * Each session's idle timer, (re)armed whenever it has no call open: at its start, when its
+   * last call ends, and at each ping the client sends. Its own timer rather than Node's session
+   * timeout, which fires once (a session that had a call open at that moment was never closed
+   * for idleness afterwards) and does not see pings (Node passes them up only to a listener).
+   */
+  const idleTimers = new WeakMap<http2.Http2Session, () => void>();
+  const idleSessionTimeoutMs = options.idleSessionTimeoutMs ?? IDLE_SESSION_TIMEOUT_MS;
   h2.on("session", (session) => {
     sessions.add(session);
-    session.on("close", () => sessions.delete(session));
     // A connection with no call open and nothing said for this long is closed (GOAWAY): one that
     // sent only its preface, or whose client forgot it, would otherwise be kept for ever.
-    // Clients that keep connections open send pings, which count as activity.
-    session.setTimeout(options.idleSessionTimeoutMs ?? IDLE_SESSION_TIMEOUT_MS, () => {
-      if ((openStreams.get(session) ?? 0) === 0) session.close();
+    // Clients that keep an idle connection open send pings, which count as activity.
+    let timer: NodeJS.Timeout | undefined;
+    const armIdle = () => {
+      clearTimeout(timer);
+      if ((openStreams.get(session) ?? 0) > 0 || session.closed) return;
+      timer = setTimeout(() => {
+        if ((openStreams.get(session) ?? 0) === 0) session.close();
+      }, idleSessionTimeoutMs).unref();
+    };
+    idleTimers.set(session, armIdle);
+    session.on("ping", armIdle);
+    session.on("close", () => {
+      sessions.delete(session);
+      clearTimeout(timer);
     });
+    armIdle();
   });
   h2.on("stream", (stream: http2.ServerHttp2Stream) => {
     const session = stream.session;
     if (!session) return;
     openStreams.set(session, (openStreams.get(session) ?? 0) + 1);
-    stream.once("close", () => openStreams.set(session, (openStreams.get(session) ?? 1) - 1));
+    stream.once("close", () => {
+      const open = (openStreams.get(session) ?? 1) - 1;
+      openStreams.set(session, open);
+      if (open === 0) idleTimers.get(session)?.();
+    });
   });
 
   // Sniffs the first bytes of each connection: HTTP/2 starts with its 24-byte preface, which no
@@ -332,8 +355,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       tcp.close();
       for (const socket of undecided) socket.destroy();
       metricsServer?.close();
-      // HTTP/1 connections with no answer pending close now; the others after their answer.
-      for (const [socket, open] of h1Connections) if (open === 0) socket.end();
+      // HTTP/1 connections with no request in progress close now (Node tracks them: it was told
+      // "listening"); the others after their answer ("answering"), so a request whose headers
+      // are still arriving is answered, not cut.
+      h1.closeIdleConnections();
       // GOAWAY now: calls in flight finish, and clients open no new ones on these connections
       // (they go to another replica) — rather than keep serving until the grace runs out.
       for (const session of sessions) session.close();

@@ -2,7 +2,7 @@ import http2 from "node:http2";
 import net from "node:net";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
-import { errorInfoOf, generateSigningKeySet, internalClient, signingKeysOf, type RunningServer } from "@outpost/platform";
+import { errorInfoOf, generateSigningKeySet, internalClient, metricsText, signingKeysOf, type RunningServer } from "@outpost/platform";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -175,6 +175,17 @@ describe("caller identity", () => {
     expect(answer).not.toBe("no answer");
     if (answer === "no answer") return;
     expect(answer.trailers["grpc-status"] ?? answer.head["grpc-status"]).toBe(String(Code.Unauthenticated));
+  });
+
+  it("counts a refusal on the headers in the RPC metrics like any other answer", async () => {
+    const unauthenticated = async () => {
+      const line = (await metricsText()).body.split("\n").find((l) => l.startsWith('outpost_rpc_requests_total{method="outpost.telemetry.v1.LogService/GetLogs",code="unauthenticated",'));
+      return Number(line?.split(" ").at(-1) ?? 0);
+    };
+    const before = await unauthenticated();
+    const client = createClient(LogService, createGrpcTransport({ baseUrl: server.url }));
+    for (let i = 0; i < 3; i++) expect((await errorOf(client.getLogs({ dispatchId: "x" }))).code).toBe(Code.Unauthenticated);
+    expect(await unauthenticated()).toBe(before + 3);
   });
 
   it("refuses an identity signed with a key it does not trust", async () => {
@@ -375,6 +386,45 @@ describe("connections that stall after they spoke", () => {
   });
 });
 
+describe("idle HTTP/2 connections", () => {
+  const idleWithin = (session: http2.ClientHttp2Session, ms: number) =>
+    Promise.race([new Promise((resolve) => session.once("goaway", () => resolve("goaway"))), sleep(ms).then(() => "still open")]);
+
+  it("a connection goes idle again once a call that outlived the idle timeout ends, and is closed then", async () => {
+    const server = await startTestServer({ idleSessionTimeoutMs: 200 });
+    try {
+      const session = http2.connect(server.url);
+      session.on("error", () => {});
+      // The idle timer fires (at 200 ms) while this 300 ms call is open: not closed then.
+      const slow = h2Call(session, { ":path": "/outpost.telemetry.v1.LogService/GetLogs", "content-type": "application/json" }, Buffer.from('{"dispatchId":"slow"}'));
+      const answer = await slow.answer;
+      expect(answer !== "no answer" && answer.body.toString()).toContain('"slow"');
+      // Silence after it: closed at the timeout, not kept for ever.
+      expect(await idleWithin(session, 2000)).toBe("goaway");
+      session.destroy();
+    } finally {
+      await server.close();
+    }
+  });
+
+  it("pings from the client keep an idle connection open; when they stop it is closed", async () => {
+    const server = await startTestServer({ idleSessionTimeoutMs: 300 });
+    try {
+      const session = http2.connect(server.url);
+      session.on("error", () => {});
+      await new Promise((resolve) => session.once("connect", resolve));
+      const pinging = setInterval(() => session.ping(() => {}), 100);
+      const whilePinging = await idleWithin(session, 1000);
+      clearInterval(pinging);
+      expect(whilePinging).toBe("still open");
+      expect(await idleWithin(session, 2000)).toBe("goaway");
+      session.destroy();
+    } finally {
+      await server.close();
+    }
+  });
+});
+
 describe("graceful close", () => {
   it("finishes in-flight unary calls, refuses new connections", async () => {
     const server = await startTestServer({ shutdownGraceMs: 5000 });
@@ -418,6 +468,23 @@ describe("graceful close", () => {
     expect(slowAnswer !== "no answer" && slowAnswer.body.toString()).toContain('"slow"');
     await closing;
     session.destroy();
+  });
+
+  it("answers an HTTP/1.1 request whose headers were still arriving when close() began", async () => {
+    const server = await startTestServer({ shutdownGraceMs: 5000 });
+    const socket = net.connect(server.port, "127.0.0.1");
+    await new Promise((resolve) => socket.once("connect", resolve));
+    let answer = "";
+    socket.on("data", (chunk: Buffer) => (answer += chunk.toString()));
+    socket.write("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    await sleep(100);
+    const closing = server.close();
+    await sleep(50);
+    socket.write("\r\n");
+    await new Promise((resolve) => socket.once("close", resolve));
+    expect(answer).toMatch(/^HTTP\/1\.1 200/);
+    expect(answer.toLowerCase()).toContain("connection: close");
+    await closing;
   });
 
   it("closes an idle HTTP/1.1 keep-alive connection before close() resolves", async () => {
