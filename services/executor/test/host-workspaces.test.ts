@@ -247,6 +247,29 @@ describe("git's processes (runGit)", () => {
     expect(alive(grandchild)).toBe(false);
   });
 
+  it("kills git's process group when the executor's process exits with git still running", async () => {
+    const dir = fs.mkdtempSync(path.join(base, "rungit-"));
+    const pidFile = path.join(dir, "pid");
+    // A process that starts a git that hangs, then exits as the executor does past its grace.
+    const module = path.resolve(import.meta.dirname, "../src/adapters/host-workspaces.ts");
+    const hang = `alias.hang=!echo $$ > '${pidFile}'; exec sleep 30`;
+    const file = path.join(dir, "executor.ts");
+    fs.writeFileSync(
+      file,
+      `import fs from "node:fs";
+import { runGit } from ${JSON.stringify(module)};
+void runGit(["-c", ${JSON.stringify(hang)}, "hang"], { cwd: ${JSON.stringify(dir)}, env: { PATH: process.env.PATH }, signal: new AbortController().signal });
+const started = () => { try { return /^[0-9]+$/.test(fs.readFileSync(${JSON.stringify(pidFile)}, "utf8").trim()); } catch { return false; } };
+const wait = () => (started() ? process.exit(0) : setTimeout(wait, 20));
+wait();
+`,
+    );
+    const exited = await new Promise<number | null>((resolve) => spawn(process.execPath, [file], { stdio: "ignore" }).once("exit", resolve));
+    expect(exited).toBe(0);
+    const grandchild = Number(fs.readFileSync(pidFile, "utf8"));
+    await vi.waitFor(() => expect(alive(grandchild)).toBe(false), { timeout: 2000, interval: 20 });
+  });
+
   it("does not start at all when its signal has already aborted", async () => {
     const dir = fs.mkdtempSync(path.join(base, "rungit-"));
     const marker = path.join(dir, "ran");

@@ -3,6 +3,7 @@ import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Dispatch_State, NetworkPolicy, RepositorySchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { describe, expect, it, vi } from "vitest";
+import { Cancellations } from "../src/core/cancellations.ts";
 import { Executor } from "../src/core/executor.ts";
 import { LeaseLostError } from "../src/core/ports.ts";
 import { gitFailure } from "../src/adapters/host-workspaces.ts";
@@ -224,6 +225,22 @@ describe("executeRun", () => {
       expect(workspaces.removed).toHaveLength(1);
     }, 10_000);
 
+    it("a cancel streamed by the dispatcher (WatchCancellations) stops a running checkout too", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      const workspaces = new FakeWorkspaces();
+      workspaces.checkoutDelayMs = 20_000;
+      const cancellations = new Cancellations();
+      const l = withRepo();
+      setTimeout(() => cancellations.notify(l.dispatch!.id, l.leaseId), 100);
+      const started = Date.now();
+      await executeRun(l, { ...deps(runtime, leases, new FakeSink(), workspaces), cancellations });
+      expect(Date.now() - started).toBeLessThan(5000);
+      expect(workspaces.checkoutsStopped).toBe(1);
+      expect(runtime.created).toEqual([]);
+      expect(leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.CANCELLED, failureReason: "cancelled before start" })]);
+    }, 10_000);
+
     it("a lost lease stops a running checkout at once, with no report (the run is its new holder's)", async () => {
       const runtime = new FakeRuntime();
       const leases = new FakeLeases();
@@ -342,6 +359,29 @@ describe("executeRun", () => {
       expect(untilExit.indexOf("remove")).toBeGreaterThan(untilExit.lastIndexOf("stop:1000"));
       expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "TIMED_OUT"]);
       expect(leases.reports[1]).toMatchObject({ exitCode: 137, failureReason: "timed out after 0.2s" });
+    }, 15_000);
+
+    it("a container force-removed while its RUNNING report is slow still ends CANCELLED (its exit was waited on from the start)", async () => {
+      const runtime = new FakeRuntime();
+      runtime.runForever = true;
+      runtime.stopFailures = Infinity;
+      // The engine answers a wait begun after the container was removed with 404.
+      const wait = runtime.wait.bind(runtime);
+      runtime.wait = (id) => (runtime.events.includes("remove") ? Promise.reject(new Error("(HTTP code 404) no such container - No such container: c1")) : wait(id));
+      const leases = new FakeLeases();
+      const report = leases.report.bind(leases);
+      leases.report = async (r) => {
+        if (r.state === Dispatch_State.RUNNING) await new Promise((resolve) => setTimeout(resolve, 3000));
+        return report(r);
+      };
+      const cancellations = new Cancellations();
+      const l = lease();
+      // Streamed once the container runs, while its RUNNING report is still on its way.
+      setTimeout(() => cancellations.notify(l.dispatch!.id, l.leaseId), 200);
+      await executeRun(l, { ...deps(runtime, leases, new FakeSink()), cancellations });
+      expect(runtime.events).toContain("remove");
+      expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "CANCELLED"]);
+      expect(leases.reports[1]).toMatchObject({ exitCode: 137, failureReason: "cancelled" });
     }, 15_000);
 
     it("retries a failed force-removal too", async () => {

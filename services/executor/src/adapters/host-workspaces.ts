@@ -331,41 +331,61 @@ const MAX_GIT_STDERR = 64 * 1024;
  * pipes closed, after the group is killed (so nothing git started is left writing); more than
  * 1 MiB on stdout kills it as well.
  */
+/**
+ * Process groups of the git commands running now. git runs detached (a group of its own, so an
+ * abort can kill what it started), which also means it would outlive the executor: when the
+ * executor exits (SIGTERM past its grace, a crash) the groups still running are killed, or a
+ * clone from a server that never answers would go on for ever writing into a run directory.
+ */
+const runningGitGroups = new Set<number>();
+let killGroupsOnExit = false;
+
+function killGroup(pid: number): void {
+  try {
+    process.kill(-pid, "SIGKILL");
+  } catch {
+    // Gone already.
+  }
+}
+
 export function runGit(
   args: string[],
   options: { cwd: string; env: Record<string, string>; signal: AbortSignal },
 ): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     const child = spawn("git", args, { cwd: options.cwd, env: options.env, detached: true, stdio: ["ignore", "pipe", "pipe"] });
+    if (!killGroupsOnExit) {
+      killGroupsOnExit = true;
+      process.once("exit", () => runningGitGroups.forEach(killGroup));
+    }
+    if (child.pid !== undefined) runningGitGroups.add(child.pid);
     const stdout: Buffer[] = [];
     let stdoutBytes = 0;
     let stderr = "";
-    const killGroup = () => {
-      try {
-        if (child.pid !== undefined) process.kill(-child.pid, "SIGKILL");
-      } catch {
-        // Gone already.
-      }
+    const killGroupNow = () => {
+      if (child.pid !== undefined) killGroup(child.pid);
     };
     child.stdout.on("data", (chunk: Buffer) => {
       stdoutBytes += chunk.length;
-      if (stdoutBytes > MAX_GIT_STDOUT) killGroup();
+      if (stdoutBytes > MAX_GIT_STDOUT) killGroupNow();
       else stdout.push(chunk);
     });
     // The tail: git's own verdict (fatal:/error:) comes last, after whatever the server sent.
     child.stderr.on("data", (chunk: Buffer) => {
       stderr = (stderr + chunk.toString("utf8")).slice(-MAX_GIT_STDERR);
     });
-    if (options.signal.aborted) killGroup();
-    options.signal.addEventListener("abort", killGroup, { once: true });
+    if (options.signal.aborted) killGroupNow();
+    options.signal.addEventListener("abort", killGroupNow, { once: true });
     child.once("error", (err) => {
-      options.signal.removeEventListener("abort", killGroup);
+      options.signal.removeEventListener("abort", killGroupNow);
+      if (child.pid !== undefined) runningGitGroups.delete(child.pid);
       reject(err);
     });
     child.once("close", (code) => {
-      options.signal.removeEventListener("abort", killGroup);
+      options.signal.removeEventListener("abort", killGroupNow);
       // Whatever git started and left behind goes with it.
-      killGroup();
+      killGroupNow();
+      if (child.pid !== undefined) runningGitGroups.delete(child.pid);
       resolve({ code: stdoutBytes > MAX_GIT_STDOUT ? 1 : code, stdout: Buffer.concat(stdout).toString("utf8"), stderr });
     });
   });

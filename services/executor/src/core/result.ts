@@ -15,13 +15,20 @@
  * "Output validation".
  */
 import type { JsonObject } from "@bufbuild/protobuf";
-import { compileJsonSchema } from "@outpost/platform";
+import { compileJsonSchema, validateWithin } from "@outpost/platform";
 import type { ValidateFunction } from "ajv";
 
 export type ResultCheck = { ok: true; result?: JsonObject } | { ok: false; reason: string };
 
 /** Largest result read from the workspace (it is stored on the dispatch). */
 export const MAX_RESULT_BYTES = 1024 * 1024;
+
+/**
+ * Longest a result's validation may hold the executor's event loop (which carries every run's
+ * heartbeats); each pattern match is bounded on its own (MAX_PATTERN_PROGRAM), so this bounds
+ * their number.
+ */
+export const VALIDATION_BUDGET_MS = 2000;
 
 /** Compiled schemas kept (least recently used dropped first); a schema's text is its key. */
 export const MAX_CACHED_SCHEMAS = 256;
@@ -105,7 +112,11 @@ export function checkResult(raw: string | undefined, schemaText: string, redact:
   if (hasSchema) {
     const validate = validatorFor(schemaText);
     if (typeof validate === "string") return { ok: false, reason: validate };
-    if (!validate(value)) {
+    const verdict = validateWithin(validate, value, VALIDATION_BUDGET_MS);
+    if (verdict === "over budget") {
+      return { ok: false, reason: `the result took longer than ${VALIDATION_BUDGET_MS / 1000} s to check against the agent's output schema (its patterns over this much text)` };
+    }
+    if (!verdict) {
       const problems = (validate.errors ?? []).slice(0, 5).map((e) => `${pathOf(e.instancePath, redact)} ${e.message ?? "is invalid"}`);
       return { ok: false, reason: redact(`the result does not match the output schema: ${problems.join("; ")}`) };
     }

@@ -176,6 +176,13 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
   const logger = deps.logger.child({ dispatchId: dispatch.id, leaseId: lease.leaseId });
   // Heartbeats from the lease on, through the run's preparation (lease-keeper.ts).
   const keeper = new LeaseKeeper(deps, lease, logger);
+  // A cancel streamed by the dispatcher (WatchCancellations) acts as one a heartbeat brings, from
+  // the lease on: during the preparation (a checkout, say) it ends the run before its container
+  // exists; once the container runs, `keeper.onCancel` stops it.
+  const unregisterCancel = deps.cancellations?.register(dispatch.id, lease.leaseId, () => {
+    keeper.cancelled = true;
+    keeper.onCancel?.();
+  });
   try {
     const report = (r: Omit<RunStateReport, "dispatchId" | "leaseId">) =>
       reportWithRetry(deps.leases, { dispatchId: dispatch.id, leaseId: lease.leaseId, ...r }, logger);
@@ -328,7 +335,6 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     let stopping: Promise<void> | undefined;
     /** Set once the container has exited: late heartbeat answers must not act any more. */
     let exited = false;
-    let unregisterCancel: (() => void) | undefined;
     /** Aborted once the container exited: a stop still being retried gives up. */
     const exitedSignal = new AbortController();
     const stop = (cause: StopCause) => {
@@ -355,7 +361,11 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       }
       logger.info({ containerId, image: spec.image, warm: Boolean(warm) }, "container started");
 
-      unregisterCancel = deps.cancellations?.register(dispatch.id, lease.leaseId, () => stop({ kind: "cancelled" }));
+      // Waited on from the start, before anything can stop the container: a container force-removed
+      // by a stop that the engine kept refusing (stopContainer) still answers a wait in flight
+      // (137), where a wait begun after the removal would find no container.
+      const exiting = deps.runtime.wait(containerId);
+      exiting.catch(() => undefined); // awaited below; not an unhandled rejection meanwhile
       quota?.watch((reason) => stop({ kind: "disk-quota", reason }));
       const timeoutMs = durationMs(dispatch.timeout);
       if (timeoutMs > 0) timers.push(setTimeout(() => stop({ kind: "timed-out", timeoutMs }), timeoutMs));
@@ -372,7 +382,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
         else logger.warn({ err }, "reporting RUNNING failed; the run goes on");
       }
 
-      const exit = await deps.runtime.wait(containerId);
+      const exit = await exiting;
       exited = true;
       exitedSignal.abort();
       keeper.stop();
@@ -425,16 +435,19 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       keeper.stop();
       for (const timer of timers) clearTimeout(timer);
       const lastLogSeq = await shipper.finish(2000);
-      if (stopCause?.kind !== "lease-lost") {
-        await report({ state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}`, lastLogSeq });
-      }
+      // A run the executor was stopping ends as that stop says (the container is gone either way).
+      const cause = stopCause as StopCause | undefined;
+      if (cause?.kind === "cancelled") await report({ state: Dispatch_State.CANCELLED, failureReason: "cancelled", lastLogSeq });
+      else if (cause?.kind === "timed-out") await report({ state: Dispatch_State.TIMED_OUT, failureReason: `timed out after ${formatSeconds(cause.timeoutMs)}s`, lastLogSeq });
+      else if (cause?.kind === "disk-quota") await report({ state: Dispatch_State.FAILED, failureReason: cause.reason, lastLogSeq });
+      else if (cause?.kind !== "lease-lost") await report({ state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}`, lastLogSeq });
     } finally {
-      unregisterCancel?.();
       await quota?.stop();
       shipper.close();
       await cleanUp();
     }
   } finally {
+    unregisterCancel?.();
     keeper.stop();
   }
 }
