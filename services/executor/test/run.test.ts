@@ -5,7 +5,7 @@ import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/leas
 import { describe, expect, it, vi } from "vitest";
 import { Cancellations } from "../src/core/cancellations.ts";
 import { Executor } from "../src/core/executor.ts";
-import { LeaseLostError } from "../src/core/ports.ts";
+import { HostSetupError, LeaseLostError } from "../src/core/ports.ts";
 import { gitFailure } from "../src/adapters/host-workspaces.ts";
 import { containerSpecFor, executeRun, FORCE_REMOVE_ATTEMPTS, STOP_ATTEMPTS } from "../src/core/run.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stderr, stdout } from "./fakes.ts";
@@ -295,6 +295,18 @@ describe("executeRun", () => {
       expect(JSON.stringify(leases.reports)).not.toContain("169.254");
     });
 
+    it("a failure handing the checked-out tree over (a filesystem error naming host paths) reaches the tenant as a fixed reason", async () => {
+      const runtime = new FakeRuntime();
+      const leases = new FakeLeases();
+      const workspaces = new FakeWorkspaces();
+      workspaces.checkoutError = Object.assign(new Error("ENAMETOOLONG: name too long, chmod '/var/lib/outpost/data/runs/outpost-01jd/workspace/aaaa'"), { code: "ENAMETOOLONG" });
+      await executeRun(withRepo(), deps(runtime, leases, new FakeSink(), workspaces));
+      expect(leases.reports).toEqual([
+        expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: "repository checkout failed: the checked-out tree could not be handed to the agent" }),
+      ]);
+      expect(JSON.stringify(leases.reports)).not.toContain("/var/lib");
+    });
+
     it("a lease lost during the checkout ends the run here without a container or a report", async () => {
       const runtime = new FakeRuntime();
       const leases = new FakeLeases();
@@ -305,6 +317,17 @@ describe("executeRun", () => {
       expect(leases.reports).toEqual([]);
       expect(workspaces.removed).toHaveLength(1);
     });
+  });
+
+  it("a run whose EGRESS network the host cannot provide goes back to the queue, not counted against the agent, and the tenant is not shown the operator's detail", async () => {
+    const runtime = new FakeRuntime();
+    runtime.create = () => Promise.reject(new HostSetupError("network outpost-egress: exists but is not a bridge with enable_icc=false; remove it (docker network rm outpost-egress)"));
+    const leases = new FakeLeases();
+    await executeRun(lease(), deps(runtime, leases, new FakeSink()));
+    expect(leases.released).toEqual([
+      expect.objectContaining({ reason: "the executor could not prepare the run's network", infrastructureFailure: true, runtimeFailure: false }),
+    ]);
+    expect(leases.reports).toEqual([]);
   });
 
   it("a result the dispatcher refuses as too large is reported as a FAILED run without it, not retried into 'executor lost'", async () => {

@@ -14,6 +14,7 @@ import Docker from "dockerode";
 import path from "node:path";
 import type { Duplex } from "node:stream";
 import {
+  HostSetupError,
   ImageNotFoundError,
   type ContainerExit,
   type ContainerRuntime,
@@ -53,7 +54,12 @@ export function createDockerRuntime(options: DockerRuntimeOptions = {}): Contain
   };
   const createContainer = async (spec: ContainerSpec): Promise<string> => {
     // Once settled, this costs no engine round trip: a run's start path stays as it was.
-    if (spec.networkMode === EGRESS_NETWORK) await ensureEgress();
+    if (spec.networkMode === EGRESS_NETWORK) {
+      await ensureEgress().catch((err: unknown) => {
+        const engineError = err as EngineError;
+        throw new HostSetupError(`network ${EGRESS_NETWORK}: ${engineError.json?.message ?? engineError.message}`, { cause: err });
+      });
+    }
     // One image inspect serves both the VOLUMEs to cover and a launcher's command.
     const image = spec.imageVolumeTmpfs !== undefined || spec.launcher ? await docker.getImage(spec.image).inspect() : undefined;
     const tmpfs = image && spec.imageVolumeTmpfs !== undefined ? withImageVolumesCovered(image, spec) : spec.tmpfs;
@@ -127,6 +133,7 @@ export function createDockerRuntime(options: DockerRuntimeOptions = {}): Contain
           return await createContainer(spec);
         }
       } catch (err) {
+        if (err instanceof HostSetupError) throw err;
         const engineError = err as EngineError;
         const message = engineError.json?.message ?? engineError.message;
         if (engineError.statusCode === 404 && /image|reference|platform/i.test(message)) {

@@ -97,8 +97,8 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
           "-c", `safe.directory=${files.workspace}`,
         ];
         const { code, stdout, stderr } = await runGit([...config, ...args], { cwd: files.workspace, env, signal: stop });
-        if (timeout.aborted) throw new CheckoutError(`git did not finish within the checkout's ${formatSeconds(options.checkoutTimeoutMs)} s`);
-        if (stop.aborted) throw new CheckoutError("checkout stopped", { cause: signal?.reason });
+        if (timeout.aborted) throw new CheckoutInterrupted(`git did not finish within the checkout's ${formatSeconds(options.checkoutTimeoutMs)} s`);
+        if (stop.aborted) throw new CheckoutInterrupted("checkout stopped", { cause: signal?.reason });
         if (code !== 0) throw gitFailure(step, stderr);
         return stdout;
       };
@@ -107,7 +107,13 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
       } finally {
         await fs.rm(home, { recursive: true, force: true });
       }
-      await giveToContainerUser(files.workspace, true, stop);
+      try {
+        await giveToContainerUser(files.workspace, true, stop);
+      } catch (err) {
+        if (timeout.aborted) throw new CheckoutInterrupted(`the checkout did not finish within its ${formatSeconds(options.checkoutTimeoutMs)} s`, { cause: err });
+        if (stop.aborted) throw new CheckoutInterrupted("checkout stopped", { cause: err });
+        throw err; // the executor's own failure: its message names host paths (run.ts keeps it from the tenant)
+      }
     },
 
     async readResult(files, maxBytes) {
@@ -309,6 +315,8 @@ async function cloneAt(git: (step: GitStep, ...args: string[]) => Promise<string
     try {
       commit = (await git("local", "rev-parse", "--verify", "--quiet", "--end-of-options", `${ref}^{commit}`)).trim();
     } catch (err) {
+      // A deadline or a stop is said as such, not as a ref that does not exist.
+      if (err instanceof CheckoutInterrupted) throw err;
       throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} is not a branch, tag or commit of the repository`, { cause: err });
     }
     if (!/^[0-9a-f]{40}([0-9a-f]{24})?$/.test(commit)) throw new CheckoutError(`ref ${JSON.stringify(ref.slice(0, 256))} did not name one commit`);
@@ -317,6 +325,9 @@ async function cloneAt(git: (step: GitStep, ...args: string[]) => Promise<string
     await git("local", "checkout", "--quiet");
   }
 }
+
+/** The checkout ran past its deadline or was stopped (cancel, lost lease, disk quota). */
+class CheckoutInterrupted extends CheckoutError {}
 
 /** `fetch`: git talks to the repository's server (the tenant's URL); `local`: it works on what it fetched. */
 type GitStep = "fetch" | "local";

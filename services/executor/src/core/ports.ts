@@ -63,6 +63,15 @@ export interface ContainerExit {
   oomKilled: boolean;
 }
 
+/**
+ * Raised by `create` when the executor's host could not be made ready for the run (the EGRESS
+ * network): the operator's to fix, not the agent's. Its message is for the executor's log; the
+ * tenant is told only that the executor could not prepare the run.
+ */
+export class HostSetupError extends Error {
+  override name = "HostSetupError";
+}
+
 /** Raised by `create` when the image is not on this host (no registry pulls here). */
 export class ImageNotFoundError extends Error {
   override name = "ImageNotFoundError";

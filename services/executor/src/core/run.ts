@@ -18,6 +18,8 @@ import { checkResult, MAX_RESULT_BYTES, type ResultCheck } from "./result.ts";
 import type { Cancellations } from "./cancellations.ts";
 import type { WarmPool } from "./warm-pool.ts";
 import {
+  CheckoutError,
+  HostSetupError,
   ImageNotFoundError,
   LeaseLostError,
   ReportRefusedError,
@@ -286,9 +288,13 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
         await checkoutQuota?.stop();
         if (await abandoned(cleanUp)) return;
         await cleanUp();
-        const reason = `repository checkout failed: ${overQuota ?? messageOf(err)}`;
+        // Only a CheckoutError's text is written for tenants (fixed kinds, the repository's own
+        // words); anything else (a filesystem error handing the tree over, say) names the
+        // executor's paths and goes to its log alone.
+        const said = overQuota ?? (err instanceof CheckoutError ? err.message : "the checked-out tree could not be handed to the agent");
+        const reason = `repository checkout failed: ${said}`;
         // git's own words, which the tenant is not shown (host-workspaces.ts gitFailure).
-        const detail = err instanceof Error && err.cause instanceof Error ? err.cause.message : undefined;
+        const detail = err instanceof CheckoutError ? (err.cause instanceof Error ? err.cause.message : undefined) : messageOf(err);
         logger.warn({ reason, detail }, "checkout failed");
         await report({ state: Dispatch_State.FAILED, failureReason: reason, lastLogSeq: 0 });
         return;
@@ -304,6 +310,13 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
         containerId = await createWithPull(deps, spec, logger);
       } catch (err) {
         await cleanUp();
+        if (err instanceof HostSetupError) {
+          // The host's fault, not the agent's: retried (elsewhere, or once an operator fixed it)
+          // without counting against the agent's circuit; the detail is for the operator alone.
+          logger.error({ err }, "the executor's host could not be prepared for the run");
+          await giveBack("the executor could not prepare the run's network", true, false);
+          return;
+        }
         const missing = err instanceof ImageNotFoundError;
         const reason = missing ? err.message : `container could not be created: ${messageOf(err)}`;
         logger.warn({ err: missing ? undefined : err, image: spec.image }, "create failed");
@@ -352,7 +365,13 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
         if (warm) await deps.workspaces.writeStartFile(files, startScript(spec.env), 5000);
         else await deps.runtime.start(containerId);
       } catch (err) {
-        const reason = err instanceof ImageNotFoundError ? err.message : `container could not be started: ${messageOf(err)}`;
+        // A warm container's start is a write to its FIFO, whose errors name the executor's paths.
+        const reason =
+          err instanceof ImageNotFoundError
+            ? err.message
+            : warm
+              ? "the warm container did not take its run"
+              : `container could not be started: ${messageOf(err)}`;
         logger.warn({ err, warm: Boolean(warm) }, "start failed");
         await cleanUp();
         await shipper.finish(1000);
