@@ -11,14 +11,17 @@ import path from "node:path";
 import Docker from "dockerode";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
+  CredentialsError,
   outpostClients,
   outpostHome,
   readDevCredentials,
   runCli,
+  tightenDevCredentials,
   writeDevCredentials,
   devCredentialsPath,
   ensurePrivateDir,
   writePrivateFile,
+  type DevCredentials,
 } from "@outpost/cli";
 import { DEFAULT_PORTS, exitWithMesh, REPO_ROOT, startMesh, type Mesh } from "./lib/mesh.ts";
 
@@ -80,6 +83,25 @@ async function checkDocker(): Promise<boolean> {
   return true;
 }
 
+/**
+ * The credentials an earlier `npm start` wrote, read before anything starts. The README's
+ * migration note points OUTPOST_HOME at an old checkout's .outpost, whose file an older version
+ * left readable by others: one of the user's own is tightened to 0600 (its directory to 0700),
+ * like the secrets above. One that is not JSON or belongs to someone else ends npm start with
+ * one line naming the file and what to do, exit 2.
+ */
+async function savedCredentials(): Promise<Partial<DevCredentials>> {
+  try {
+    tightenDevCredentials();
+    return readDevCredentials();
+  } catch (err) {
+    if (!(err instanceof CredentialsError)) throw err;
+    say(`outpost: ${err.message}`);
+    return await shutdown(2);
+  }
+}
+
+const saved = await savedCredentials();
 const dockerReady = await checkDocker();
 if (demo && !dockerReady) await shutdown(1);
 
@@ -95,7 +117,6 @@ mesh = await startMesh({
 const gatewayUrl = mesh.urls.gateway;
 
 // Reuse the development tenant's key while it still works; otherwise provision a new tenant.
-const saved = readDevCredentials();
 let apiKey = saved.apiKey;
 if (apiKey) {
   try {

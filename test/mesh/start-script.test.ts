@@ -1,11 +1,12 @@
 /**
- * `npm start` / `npm run demo` on a machine whose Docker engine cannot be reached, and the mesh
+ * `npm start` / `npm run demo` on a machine whose Docker engine cannot be reached, with the
+ * credentials file an earlier version left (readable by others, not JSON, someone else's), and the mesh
  * launcher (scripts/lib/mesh.ts) they share with the tests and harnesses: a port someone else
  * holds, a process that dies during start-up, one that will not stop, and a parent that fails or
  * is killed.
  */
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
 import os from "node:os";
@@ -26,6 +27,75 @@ it("says plainly that the Docker engine is unreachable and what to install", () 
   expect(res.stderr).toContain("the Docker engine is not reachable");
   expect(res.stderr).toContain("docker.io");
   expect(res.status).toBe(1);
+});
+
+describe("npm start with the credentials file an earlier version left in OUTPOST_HOME", () => {
+  const homes: string[] = [];
+  afterEach(() => {
+    for (const home of homes.splice(0)) rmSync(home, { recursive: true, force: true });
+  });
+  const saved = JSON.stringify({ gatewayUrl: "http://127.0.0.1:7100", apiKey: `otp_${"b".repeat(64)}`, adminToken: "c".repeat(64), tenantId: "T1" });
+  /** An old checkout's .outpost, as the README's migration note has users point OUTPOST_HOME at: 0755, its file 0644. */
+  const oldHome = (content: string) => {
+    const home = path.join(mkdtempSync(path.join(os.tmpdir(), "outpost-old-checkout-")), ".outpost");
+    homes.push(path.dirname(home));
+    mkdirSync(home);
+    chmodSync(home, 0o755);
+    const file = path.join(home, "credentials.json");
+    writeFileSync(file, content);
+    chmodSync(file, 0o644);
+    return { home, file };
+  };
+  const npmStart = (home: string, ...args: string[]) =>
+    spawnSync(process.execPath, ["--disable-warning=ExperimentalWarning", "scripts/start-mesh.ts", ...args], {
+      cwd: REPO_ROOT,
+      env: { ...process.env, OUTPOST_HOME: home, DOCKER_HOST: `unix://${path.join(home, "no-docker.sock")}` },
+      encoding: "utf8",
+      timeout: 30_000,
+    });
+  const modeOf = (file: string) => statSync(file).mode & 0o777;
+
+  it("makes the user's own file 0600 and its directory 0700 before anything else, as it does its other secrets", () => {
+    const { home, file } = oldHome(saved);
+    // --demo stops at the unreachable Docker engine, after the credentials and before the mesh.
+    const res = npmStart(home, "--demo");
+    expect(res.stderr).toContain("the Docker engine is not reachable");
+    expect(res.stderr).not.toContain("refusing");
+    expect(res.status).toBe(1);
+    expect(modeOf(file)).toBe(0o600);
+    expect(modeOf(home)).toBe(0o700);
+    expect(readFileSync(file, "utf8")).toBe(saved);
+  });
+
+  it("stops before starting anything at a file that is not JSON: one line naming it and the fix, no stack trace", () => {
+    const key = `otp_${"d".repeat(64)}`;
+    const { home, file } = oldHome(`${key}\n`); // a bare key, not the JSON npm start writes
+    chmodSync(file, 0o600);
+    const res = npmStart(home);
+    expect(res.stderr).toBe(`outpost: ${file} is not valid JSON: fix it, or delete it and run npm start, which provisions a development tenant and writes a new one\n`);
+    expect(res.stderr).not.toContain(key);
+    expect(res.status).toBe(2);
+    expect(existsSync(path.join(home, "data"))).toBe(false); // no service was started
+    expect(existsSync(path.join(home, "logs"))).toBe(false);
+  });
+
+  it("stops before starting anything at a file that belongs to someone else, leaving it as it is", () => {
+    const { home, file } = oldHome(saved);
+    if (process.getuid!() === 0) {
+      chownSync(file, 65534, 65534); // as root: nobody's file
+    } else {
+      rmSync(file);
+      symlinkSync("/etc/passwd", file); // root's file, reached through a link
+    }
+    const before = modeOf(file);
+    const res = npmStart(home);
+    expect(res.stderr).toMatch(
+      new RegExp(`^outpost: ${file.replace(/[.]/g, "\\.")} is owned by uid \\d+, not by you \\(uid \\d+\\): refusing to use it; point OUTPOST_HOME at a directory of your own\\n$`),
+    );
+    expect(res.status).toBe(2);
+    expect(modeOf(file)).toBe(before);
+    expect(existsSync(path.join(home, "data"))).toBe(false);
+  });
 });
 
 /** Whether a process runs (a zombie nobody reaped yet counts as gone). */

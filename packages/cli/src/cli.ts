@@ -11,7 +11,7 @@ import { createInterface } from "node:readline";
 import { Writable } from "node:stream";
 import { parseArgs } from "node:util";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { create, fromJson, toJson, type JsonValue } from "@bufbuild/protobuf";
+import { fromJson, toJson, type JsonValue } from "@bufbuild/protobuf";
 import { type Duration, durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import { parse as parseYaml } from "yaml";
 import {
@@ -23,7 +23,8 @@ import {
   DispatchSchema,
   ModelTier,
 } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
-import { ListDispatchesResponseSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import type { ListDispatchesResponse } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { RetryInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { AgentStatus_CircuitState, type GetFleetStatusResponse, GetFleetStatusResponseSchema } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
 import {
   type ApiKey,
@@ -54,7 +55,9 @@ const USAGE = `usage: outpost <command> [options]
            [--timeout <seconds>] [--env KEY=VALUE]... [--label key=value]... [--secret NAME]... [--request-id <id>]
            --timeout: seconds, to the millisecond at most (300, 1.5)
   get <dispatch-id>             show a dispatch
-  list [--state <state>] [--agent <name>] [--page-size <n>]   every page, <n> per request
+  list [--state <state>] [--agent <name>] [--limit <n> | --all] [--page-token <token>] [--page-size <n>]
+                                newest first, printed page by page: the first 100 (--limit), or every
+                                one (--all); --page-token continues where an earlier list stopped
   cancel <dispatch-id>
   logs <dispatch-id> [--follow] [--after <seq>]
   agents                        list the agents you can dispatch
@@ -116,6 +119,9 @@ const OPTIONS = {
   "request-id": { type: "string" },
   state: { type: "string" },
   "page-size": { type: "string" },
+  "page-token": { type: "string" },
+  limit: { type: "string" },
+  all: { type: "boolean" },
   after: { type: "string" },
   tier: { type: "string" },
   reason: { type: "string" },
@@ -202,13 +208,19 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       io.err.write(`outpost: ${err.message}\n`);
       return err.exitCode;
     }
-    const connectError = ConnectError.from(err);
-    io.err.write(`outpost: ${Code[connectError.code]}: ${connectError.rawMessage}\n`);
-    if (connectError.code === Code.Unavailable) io.err.write("outpost: is the mesh running? start it with `npm start`\n");
+    reportApiError(err, io);
     return 1;
   } finally {
     output.dispose();
   }
+}
+
+/** An API error as one line (code and message), with a hint when the gateway is unreachable. */
+function reportApiError(err: unknown, io: CliIo): ConnectError {
+  const connectError = ConnectError.from(err);
+  io.err.write(`outpost: ${Code[connectError.code]}: ${connectError.rawMessage}\n`);
+  if (connectError.code === Code.Unavailable) io.err.write("outpost: is the mesh running? start it with `npm start`\n");
+  return connectError;
 }
 
 async function runCommand(argv: string[], io: CliIo, outputClosed: AbortSignal): Promise<number> {
@@ -242,20 +254,8 @@ async function runCommand(argv: string[], io: CliIo, outputClosed: AbortSignal):
       print(toJson(DispatchSchema, dispatch!), describe(dispatch!));
       return 0;
     }
-    case "list": {
-      // Every page, like the other list commands; --page-size sets how many each request asks for.
-      const filter = {
-        state: values.state ? parseEnum(Dispatch_State, values.state, "--state") : Dispatch_State.UNSPECIFIED,
-        agent: values.agent ?? "",
-        pageSize: pageSizeOption(values),
-      };
-      const dispatches = await allPages((pageToken) => clients.dispatches.listDispatches({ ...filter, pageToken }), (page) => page.dispatches);
-      print(
-        toJson(ListDispatchesResponseSchema, create(ListDispatchesResponseSchema, { dispatches })),
-        dispatches.map((d) => `${d.id}  ${stateName(d.state).padEnd(10)} ${d.agent.padEnd(8)} ${d.task.slice(0, 60)}`).join("\n"),
-      );
-      return 0;
-    }
+    case "list":
+      return await listDispatches(clients, values, io, outputClosed);
     case "cancel": {
       const { dispatch } = await clients.dispatches.cancelDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
       print(toJson(DispatchSchema, dispatch!), `${dispatch!.id} ${stateName(dispatch!.state)}${dispatch!.state === Dispatch_State.CANCELLED ? "" : " (stop requested)"}`);
@@ -458,6 +458,128 @@ async function promptHidden(input: NonNullable<CliIo["stdin"]>, err: NodeJS.Writ
     rl.close();
     err.write("\n");
   }
+}
+
+const DEFAULT_LIST_LIMIT = 100;
+/** Rows per ListDispatches request unless --page-size says otherwise (the server allows 1000). */
+const DEFAULT_LIST_PAGE = 100;
+
+/**
+ * `outpost list`: a tenant can have tens of thousands of dispatches, and each page is a read
+ * against its rate limit (300 a minute on the free tier), so the list is bounded — the first
+ * --limit rows (100 by default), or every one with --all — and each page is printed as it
+ * arrives, asking for no more rows than are still wanted. When rows remain, or a later page
+ * fails (RESOURCE_EXHAUSTED when the rate limit runs out), standard error says how to go on:
+ * the same command with --page-token, which carries on after the last row printed. A failure
+ * keeps what was printed (with --json, the document is closed, with nextPageToken) and exits 1.
+ */
+async function listDispatches(clients: OutpostClients, values: Values, io: CliIo, outputClosed: AbortSignal): Promise<number> {
+  const state = values.state ? parseEnum(Dispatch_State, values.state as string, "--state") : Dispatch_State.UNSPECIFIED;
+  const agent = (values.agent as string | undefined) ?? "";
+  const limit = listLimitOption(values);
+  const perRequest = pageSizeOption(values) || DEFAULT_LIST_PAGE;
+  const out = values.json ? jsonListOutput(io.out, "dispatches") : textListOutput(io.out);
+  // The command for the rows after the last one printed: the token is only a cursor, so the filters go again.
+  const continueWith = (token: string) =>
+    ["outpost list", `--page-token ${shellWord(token)}`, values.state ? `--state ${shellWord(values.state as string)}` : "", agent ? `--agent ${shellWord(agent)}` : ""]
+      .filter(Boolean)
+      .join(" ");
+  let pageToken = (values["page-token"] as string | undefined) ?? "";
+  let pages = 0;
+  let shown = 0;
+  do {
+    const pageSize = limit === undefined ? perRequest : Math.min(perRequest, limit - shown);
+    let page: ListDispatchesResponse;
+    try {
+      page = await clients.dispatches.listDispatches({ state, agent, pageSize, pageToken }, { signal: outputClosed });
+    } catch (err) {
+      if (outputClosed.aborted || pages === 0) throw err; // nothing printed yet: the usual one-line error
+      out.end(pageToken);
+      const failure = reportApiError(err, io);
+      const retryDelay = failure.findDetails(RetryInfoSchema)[0]?.retryDelay;
+      const wait = retryDelay ? `, in ${Math.max(1, Math.ceil(Number(retryDelay.seconds) + retryDelay.nanos / 1e9))} s or later` : "";
+      const bound = limit === undefined ? "--all" : `--limit ${limit - shown}`;
+      io.err.write(`outpost: stopped after ${shown} dispatch${shown === 1 ? "" : "es"} (the rows printed are complete); for the rest${wait}: ${continueWith(pageToken)} ${bound}\n`);
+      return 1;
+    }
+    pages++;
+    out.page(page.dispatches.map((d) => ({ json: toJson(DispatchSchema, d), text: dispatchLine(d) })));
+    shown += page.dispatches.length;
+    pageToken = page.nextPageToken;
+  } while (pageToken && (limit === undefined || shown < limit) && !outputClosed.aborted);
+  outputClosed.throwIfAborted(); // stopped because the reader went away, not because the list ended
+  out.end(pageToken);
+  if (pageToken) {
+    const same = limit === DEFAULT_LIST_LIMIT ? "" : ` --limit ${limit}`;
+    io.err.write(`outpost: ${shown} shown, more remain; for the next ${limit}: ${continueWith(pageToken)}${same} (--limit <n> for more at once, --all for every one)\n`);
+  }
+  return 0;
+}
+
+function dispatchLine(d: Dispatch): string {
+  return `${d.id}  ${stateName(d.state).padEnd(10)} ${d.agent.padEnd(8)} ${d.task.slice(0, 60)}`;
+}
+
+function listLimitOption(values: Values): number | undefined {
+  const raw = values.limit as string | undefined;
+  if (values.all) {
+    if (raw !== undefined) throw new UsageError("pass --limit <n> or --all, not both");
+    return undefined;
+  }
+  if (raw === undefined) return DEFAULT_LIST_LIMIT;
+  if (!/^\d+$/.test(raw) || Number(raw) === 0) throw new UsageError("--limit takes a number above 0, e.g. --limit 500 (--all for every one)");
+  return Number(raw);
+}
+
+/** A word as the shell reads it back: as is when it is plain, else in single quotes. */
+function shellWord(word: string): string {
+  return /^[\w.,:=/+@%-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+/** A list written page by page, as the pages arrive. */
+interface ListOutput {
+  page(items: { json: JsonValue; text: string }[]): void;
+  /** After the last page: `nextPageToken` is where the list would go on ("" at its end). */
+  end(nextPageToken: string): void;
+}
+
+/** One line per item. */
+function textListOutput(out: NodeJS.WritableStream): ListOutput {
+  return {
+    page: (items) => {
+      if (items.length > 0) out.write(items.map((item) => `${item.text}\n`).join(""));
+    },
+    end: () => {},
+  };
+}
+
+/**
+ * The list response's proto JSON form, `{"<field>": [...], "nextPageToken": "..."}`, written a
+ * page at a time yet byte for byte as `JSON.stringify(response, null, 2)` prints it: the list is
+ * always there (empty too), nextPageToken only when the list goes on. Nothing is written before
+ * the first page, so a list that fails at once prints no half document.
+ */
+function jsonListOutput(out: NodeJS.WritableStream, field: string): ListOutput {
+  let opened = false;
+  let items = 0;
+  const open = () => {
+    if (!opened) out.write(`{\n  ${JSON.stringify(field)}: [`);
+    opened = true;
+  };
+  return {
+    page: (page) => {
+      open();
+      if (page.length === 0) return;
+      const indented = page.map((item) => `    ${JSON.stringify(item.json, null, 2).replace(/\n/g, "\n    ")}`);
+      out.write(`${items === 0 ? "\n" : ",\n"}${indented.join(",\n")}`);
+      items += page.length;
+    },
+    end: (nextPageToken) => {
+      open();
+      const token = nextPageToken ? `,\n  "nextPageToken": ${JSON.stringify(nextPageToken)}` : "";
+      out.write(`${items === 0 ? "]" : "\n  ]"}${token}\n}\n`);
+    },
+  };
 }
 
 /** Every page of a paged list, in order: the list commands show the whole list. */

@@ -3,10 +3,10 @@
  * OUTPOST_ADMIN_TOKEN, then the development credentials file that `npm start` writes in the
  * Outpost home ($OUTPOST_HOME, else ~/.outpost) — never in the working directory, where a
  * cloned repository could have planted one. The file is read only if it belongs to the current
- * user and nobody else can read it.
+ * user and nobody else can read it (npm start tightens one of the user's own first).
  */
 import { randomBytes } from "node:crypto";
-import { chmodSync, closeSync, constants, fstatSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
+import { chmodSync, closeSync, constants, fchmodSync, fstatSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 
@@ -52,7 +52,7 @@ export function readDevCredentials(env: NodeJS.ProcessEnv = process.env): Partia
     const uid = process.getuid?.();
     if (!stat.isFile()) throw new CredentialsError(`${file} is not a regular file`);
     if (uid !== undefined && stat.uid !== uid) {
-      throw new CredentialsError(`${file} is owned by uid ${stat.uid}, not by you (uid ${uid}): refusing to use it`);
+      throw new CredentialsError(`${file} is owned by uid ${stat.uid}, not by you (uid ${uid}): refusing to use it; point OUTPOST_HOME at a directory of your own`);
     }
     if ((stat.mode & 0o077) !== 0) {
       const mode = (stat.mode & 0o777).toString(8).padStart(4, "0");
@@ -62,14 +62,49 @@ export function readDevCredentials(env: NodeJS.ProcessEnv = process.env): Partia
   } finally {
     closeSync(fd);
   }
+  // The fix for a file that is not what npm start writes; the parser's own message is not shown:
+  // it can quote the file (a bare API key, say) and span lines.
+  const fix = "fix it, or delete it and run npm start, which provisions a development tenant and writes a new one";
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);
   } catch (err) {
-    throw new CredentialsError(`${file} is not valid JSON: ${(err as Error).message}`);
+    const where = /line \d+ column \d+/.exec((err as Error).message)?.[0];
+    throw new CredentialsError(`${file} is not valid JSON${where ? ` (${where})` : ""}: ${fix}`);
   }
-  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new CredentialsError(`${file} must hold one JSON object`);
+  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new CredentialsError(`${file} must hold one JSON object: ${fix}`);
   return parsed as Partial<DevCredentials>;
+}
+
+/**
+ * For `npm start`, before it reads the file: a credentials file of the current user's that
+ * others can read (an older version wrote it with the umask's mode, 0644 — e.g. in an old
+ * checkout's .outpost that OUTPOST_HOME now names) is made 0600, and its directory 0700, as npm
+ * start does with its other secrets. The mode is changed on the opened file, after checking
+ * that it is a regular file of the current user's. Anything else (no file, another owner, not
+ * readable) is left as it is, for readDevCredentials to refuse with its reason.
+ */
+export function tightenDevCredentials(env: NodeJS.ProcessEnv = process.env): void {
+  const file = devCredentialsPath(env);
+  const uid = process.getuid?.();
+  let fd: number;
+  try {
+    fd = openSync(file, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch {
+    return;
+  }
+  try {
+    const stat = fstatSync(fd);
+    if (!stat.isFile() || (uid !== undefined && stat.uid !== uid)) return;
+    if ((stat.mode & 0o077) !== 0) fchmodSync(fd, 0o600);
+    const dir = path.dirname(file);
+    const dirStat = statSync(dir);
+    if ((uid === undefined || dirStat.uid === uid) && (dirStat.mode & 0o077) !== 0) chmodSync(dir, 0o700);
+  } catch (err) {
+    throw new CredentialsError(`cannot make ${file} private: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /**

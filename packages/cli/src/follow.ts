@@ -13,10 +13,11 @@ const MAX_RECONNECTS = 20;
 /**
  * Subscribes until the run's end arrives. A subscription that fails retryably, or that ends
  * cleanly without the run's end (a draining server), is resumed from the last sequence number.
- * One that delivered new chunks resumes at once and starts the count afresh; one that delivered
- * nothing new counts as a failed attempt: exponential backoff (200 ms … 2 s), and after
- * MAX_RECONNECTS of them in a row the last error (UNAVAILABLE for clean ends) is thrown — so a
- * server that keeps ending streams at once is not hammered.
+ * One that delivered new chunks before it failed or ended resumes at once, without sleeping, and
+ * starts the count afresh; one that delivered nothing new counts as a failed attempt:
+ * exponential backoff (200 ms … 2 s), and after MAX_RECONNECTS of them in a row the last error
+ * (UNAVAILABLE for clean ends) is thrown — so a server that keeps failing or ending streams at
+ * once is not hammered.
  */
 export async function followLogs(
   logs: Client<typeof LogService>,
@@ -28,7 +29,7 @@ export async function followLogs(
   let failures = 0;
   for (;;) {
     const before = afterSeq;
-    let failure: ConnectError;
+    let failure: ConnectError | undefined;
     try {
       for await (const message of logs.subscribeLogs({ dispatchId, afterSeq }, { signal: options.signal })) {
         for (const chunk of message.chunks) {
@@ -38,18 +39,18 @@ export async function followLogs(
         }
         if (message.runEnd) return message.runEnd;
       }
-      if (afterSeq > before) {
-        // The stream ended without the run's end (server draining) after new output: resume now.
-        failures = 0;
-        options.onReconnect?.(afterSeq);
-        continue;
-      }
-      failure = new ConnectError("the log stream ended without new output or the run's end", Code.Unavailable);
     } catch (err) {
       failure = ConnectError.from(err);
       if (!RETRYABLE.has(failure.code) || options.signal?.aborted) throw failure;
     }
-    if (afterSeq > before) failures = 0;
+    if (afterSeq > before) {
+      // New output arrived before the stream failed or ended without the run's end (a dropped
+      // connection, a draining server): the server is making progress, so resume now.
+      failures = 0;
+      options.onReconnect?.(afterSeq);
+      continue;
+    }
+    failure ??= new ConnectError("the log stream ended without new output or the run's end", Code.Unavailable);
     if (++failures > MAX_RECONNECTS) throw failure;
     await sleep(Math.min(2000, 100 * 2 ** failures), options.signal);
     options.onReconnect?.(afterSeq);

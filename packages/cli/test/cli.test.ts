@@ -62,6 +62,9 @@ describe("runCli usage errors", () => {
     ["a --timeout in exponent form", ["dispatch", "--agent", "echo", "--task", "t", "--timeout", "1e3"], /--timeout takes seconds/],
     ["list --page-size abc", ["list", "--page-size", "abc"], /--page-size takes a number/],
     ["list --page-size -1", ["list", "--page-size=-1"], /--page-size takes a number/],
+    ["list --limit 0", ["list", "--limit", "0"], /--limit takes a number above 0/],
+    ["list --limit abc", ["list", "--limit", "abc"], /--limit takes a number above 0/],
+    ["list with both --limit and --all", ["list", "--limit", "5", "--all"], /pass --limit <n> or --all, not both/],
     ["secret put with --value and --value-file", ["secret", "put", "X", "--value", "a", "--value-file", "/dev/null"], /pass --value or --value-file, not both/],
     ["secret put with an unreadable --value-file", ["secret", "put", "X", "--value-file", "/nonexistent/token"], /cannot read \/nonexistent\/token: ENOENT/],
     ["get without a dispatch id", ["get"], /missing dispatch id/],
@@ -201,6 +204,66 @@ describe("followLogs", () => {
     });
     await expect(followLogs(createClient(LogService, transport), "D1", () => {})).rejects.toMatchObject({ code: Code.NotFound });
     expect(calls).toBe(1);
+  });
+
+  describe("streams that fail retryably", () => {
+    afterEach(() => {
+      vi.useRealTimers();
+    });
+    /**
+     * A log service whose n-th subscription (1-based) yields the chunks `answer` gives, then ends
+     * with the run's end when `answer` says so, else fails UNAVAILABLE. Records each call's
+     * after_seq and (fake) clock time.
+     */
+    const logsFailing = (answer: (call: number) => { seqs: number[]; end?: boolean }) => {
+      const calls: { afterSeq: bigint; at: number }[] = [];
+      const transport = createRouterTransport(({ service }) => {
+        service(LogService, {
+          async *subscribeLogs(req) {
+            calls.push({ afterSeq: req.afterSeq, at: Date.now() });
+            const { seqs, end } = answer(calls.length);
+            if (seqs.length > 0) yield batch(...seqs);
+            if (end) {
+              yield create(SubscribeLogsResponseSchema, { runEnd: create(RunEndSchema, { state: Dispatch_State.SUCCEEDED, exitCode: 0 }) });
+              return;
+            }
+            throw new ConnectError("upstream went away", Code.Unavailable);
+          },
+          async getLogs() {
+            throw new ConnectError("unused", Code.Unimplemented);
+          },
+        });
+      });
+      return { logs: createClient(LogService, transport), calls };
+    };
+
+    it("resume at once, without sleeping, when each delivered new chunks before it failed", async () => {
+      // Ten drops in a row, each after one new line: 10 × 200 ms if a drop after progress backed off.
+      const { logs, calls } = logsFailing((call) => (call > 10 ? { seqs: [], end: true } : { seqs: [call] }));
+      const seen: number[] = [];
+      const reconnects: bigint[] = [];
+      const started = performance.now();
+      const end = await followLogs(logs, "D1", (c) => seen.push(Number(c.seq)), { onReconnect: (after) => reconnects.push(after) });
+      expect(performance.now() - started).toBeLessThan(1000);
+      expect(end.state).toBe(Dispatch_State.SUCCEEDED);
+      expect(seen).toEqual(Array.from({ length: 10 }, (_, i) => i + 1));
+      expect(calls.map((c) => c.afterSeq)).toEqual(Array.from({ length: 11 }, (_, i) => BigInt(i)));
+      expect(reconnects).toEqual(Array.from({ length: 10 }, (_, i) => BigInt(i + 1)));
+    });
+
+    it("back off while they fail without new chunks, and resume at once after one that delivered", async () => {
+      vi.useFakeTimers();
+      // Three failures without output, one after a new line, one more without, then the run's end.
+      const { logs, calls } = logsFailing((call) => (call === 4 ? { seqs: [1] } : call === 6 ? { seqs: [], end: true } : { seqs: [] }));
+      const start = Date.now();
+      const outcome = followLogs(logs, "D1", () => {});
+      await vi.advanceTimersByTimeAsync(10_000);
+      expect((await outcome).state).toBe(Dispatch_State.SUCCEEDED);
+      // 200, 400, 800 ms between the first four; none after the one with output (its failure
+      // count starts afresh: the next failure without output waits 200 ms again).
+      expect(calls.map((c) => c.at - start)).toEqual([0, 200, 600, 1400, 1400, 1600]);
+      expect(calls.map((c) => c.afterSeq)).toEqual([0n, 0n, 0n, 0n, 1n, 1n]);
+    });
   });
 
   describe("streams that end cleanly without the run's end", () => {

@@ -1,6 +1,7 @@
 /**
  * Commands against a stand-in gateway, in process: where the key goes (never to a gateway named
- * by the credentials file unless the key came from it), every page of `list`, --timeout in whole
+ * by the credentials file unless the key came from it), `list` (bounded, printed page by page, and
+ * what it says when rows remain or a later page fails), --timeout in whole
  * milliseconds, and the ways `secret put` takes a value (--value-file, a pipe, a terminal
  * without echo).
  */
@@ -12,6 +13,8 @@ import { create } from "@bufbuild/protobuf";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { DispatchSchema, Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { RetryInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { DEFAULT_GATEWAY_URL, runCli, type CliIo } from "../src/index.ts";
 import { resolveTarget } from "../src/cli.ts";
@@ -23,21 +26,43 @@ const FILE_KEY = `otp_${"f".repeat(64)}`;
 
 let dir: string;
 let gateway: StandIn;
-const listRequests: { pageSize: number; pageToken: string; state: Dispatch_State }[] = [];
+const listRequests: { pageSize: number; pageToken: string; state: Dispatch_State; agent: string }[] = [];
 const timeouts: (Duration | undefined)[] = [];
 const secrets: { name: string; value: string }[] = [];
 
-/** Five dispatches over three pages. */
-const PAGES: Record<string, { ids: string[]; next: string }> = { "": { ids: ["D1", "D2"], next: "p2" }, p2: { ids: ["D3", "D4"], next: "p3" }, p3: { ids: ["D5"], next: "" } };
+/**
+ * How many dispatches the stand-in holds, by the --agent filter: D1, D2, … in the order listed,
+ * paged like the dispatcher (page_size rows, 50 when 0, at most 1000; the token is a cursor).
+ * "rate-limited" answers its first page, then RESOURCE_EXHAUSTED with RetryInfo, like the
+ * gateway when the tenant's read budget runs out; "slow" holds each later page until
+ * `releaseSlowPages` is called.
+ */
+const DISPATCHES: Record<string, number> = { "": 5, many: 250, "rate-limited": 250, slow: 250 };
+let releaseSlowPages = () => {};
+let slowPages = Promise.resolve();
+const ids = (from: number, to: number) => Array.from({ length: to - from + 1 }, (_, i) => `D${from + i}`);
 
 beforeAll(async () => {
   dir = mkdtempSync(path.join(tmpdir(), "outpost-cli-commands-"));
   gateway = await startStandIn((router) => {
     router.service(DispatchService, {
-      listDispatches(req) {
-        listRequests.push({ pageSize: req.pageSize, pageToken: req.pageToken, state: req.state });
-        const page = PAGES[req.pageToken]!;
-        return { dispatches: page.ids.map((id) => create(DispatchSchema, { id, state: Dispatch_State.SUCCEEDED, agent: "demo", task: `task ${id}` })), nextPageToken: page.next };
+      async listDispatches(req) {
+        listRequests.push({ pageSize: req.pageSize, pageToken: req.pageToken, state: req.state, agent: req.agent });
+        if (req.pageSize > 1000) throw new ConnectError("page_size: must be at most 1000", Code.InvalidArgument);
+        const from = req.pageToken ? Number(/^after-(\d+)$/.exec(req.pageToken)![1]) : 0;
+        if (req.agent === "rate-limited" && from > 0) {
+          const retry = create(RetryInfoSchema, { retryDelay: { seconds: 41n, nanos: 500_000_000 } });
+          throw new ConnectError("read rate limit exceeded (300 per minute)", Code.ResourceExhausted, undefined, [{ desc: RetryInfoSchema, value: retry }]);
+        }
+        if (req.agent === "slow" && from > 0) await slowPages;
+        const total = DISPATCHES[req.agent] ?? 0;
+        const to = Math.min(total, from + (req.pageSize || 50));
+        return {
+          dispatches: Array.from({ length: to - from }, (_, i) => `D${from + i + 1}`).map((id) =>
+            create(DispatchSchema, { id, state: Dispatch_State.SUCCEEDED, agent: req.agent || "demo", task: `task ${id}` }),
+          ),
+          nextPageToken: to < total ? `after-${to}` : "",
+        };
       },
       createDispatch(req) {
         timeouts.push(req.timeout);
@@ -112,17 +137,102 @@ describe("where the key goes", () => {
 });
 
 describe("outpost list", () => {
-  it("shows every page, asking for --page-size at a time", async () => {
+  const firstWords = (out: string) => out.trim().split("\n").filter(Boolean).map((l) => l.split(" ")[0]);
+  /** What `--json` must print: the response's proto JSON form, as JSON.stringify(…, null, 2) puts it. */
+  const jsonOf = (dispatchIds: string[], agent: string, nextPageToken?: string) =>
+    `${JSON.stringify(
+      { dispatches: dispatchIds.map((id) => ({ id, agent, task: `task ${id}`, state: "STATE_SUCCEEDED" })), ...(nextPageToken ? { nextPageToken } : {}) },
+      null,
+      2,
+    )}\n`;
+
+  it("with --all shows every page, asking for --page-size at a time", async () => {
     listRequests.length = 0;
-    const text = await outpost(["list", "--gateway", gateway.url, "--page-size", "2", "--state", "succeeded"]);
+    const text = await outpost(["list", "--all", "--gateway", gateway.url, "--page-size", "2", "--state", "succeeded"]);
     expect(text.code, text.err).toBe(0);
-    expect(text.out.trim().split("\n").map((l) => l.split(" ")[0])).toEqual(["D1", "D2", "D3", "D4", "D5"]);
-    expect(listRequests).toEqual(["", "p2", "p3"].map((pageToken) => ({ pageSize: 2, pageToken, state: Dispatch_State.SUCCEEDED })));
+    expect(text.err).toBe("");
+    expect(firstWords(text.out)).toEqual(ids(1, 5));
+    expect(listRequests).toEqual(["", "after-2", "after-4"].map((pageToken) => ({ pageSize: 2, pageToken, state: Dispatch_State.SUCCEEDED, agent: "" })));
 
     const json = await outpost(["list", "--gateway", gateway.url, "--json"]);
-    expect((JSON.parse(json.out) as { dispatches: { id: string }[]; nextPageToken?: string }).dispatches.map((d) => d.id)).toEqual(["D1", "D2", "D3", "D4", "D5"]);
-    expect(JSON.parse(json.out)).not.toHaveProperty("nextPageToken");
-    expect(listRequests.at(-1)?.pageSize).toBe(0); // the server's default
+    expect(json.code, json.err).toBe(0);
+    expect(json.out).toBe(jsonOf(ids(1, 5), "demo")); // all of it: no nextPageToken
+    expect(json.err).toBe("");
+
+    const none = await outpost(["list", "--gateway", gateway.url, "--json", "--agent", "nobody"]);
+    expect(none.out).toBe('{\n  "dispatches": []\n}\n');
+  });
+
+  it("stops after 100 rows by default, asking for no more, and says how to go on", async () => {
+    listRequests.length = 0;
+    const first = await outpost(["list", "--gateway", gateway.url, "--agent", "many"]);
+    expect(first.code, first.err).toBe(0);
+    expect(firstWords(first.out)).toEqual(ids(1, 100));
+    expect(listRequests).toEqual([{ pageSize: 100, pageToken: "", state: Dispatch_State.UNSPECIFIED, agent: "many" }]);
+    expect(first.err).toBe(
+      "outpost: 100 shown, more remain; for the next 100: outpost list --page-token after-100 --agent many (--limit <n> for more at once, --all for every one)\n",
+    );
+
+    // The command it suggests carries on after the last row shown.
+    const next = await outpost(["list", "--gateway", gateway.url, "--page-token", "after-100", "--agent", "many"]);
+    expect(firstWords(next.out)).toEqual(ids(101, 200));
+
+    listRequests.length = 0;
+    const some = await outpost(["list", "--gateway", gateway.url, "--agent", "many", "--limit", "230", "--page-size", "100"]);
+    expect(firstWords(some.out)).toEqual(ids(1, 230));
+    expect(listRequests.map((r) => r.pageSize)).toEqual([100, 100, 30]);
+    expect(some.err).toContain("for the next 230: outpost list --page-token after-230 --agent many --limit 230 (");
+
+    const all = await outpost(["list", "--gateway", gateway.url, "--agent", "many", "--all"]);
+    expect(all.code, all.err).toBe(0);
+    expect(firstWords(all.out)).toEqual(ids(1, 250));
+    expect(all.err).toBe("");
+
+    const json = await outpost(["list", "--gateway", gateway.url, "--agent", "many", "--limit", "3", "--json"]);
+    expect(json.code, json.err).toBe(0);
+    expect(json.out).toBe(jsonOf(ids(1, 3), "many", "after-3"));
+  });
+
+  it("prints each page as it arrives", async () => {
+    slowPages = new Promise((resolve) => (releaseSlowPages = resolve));
+    const out = new Capture();
+    const err = new Capture();
+    const running = runCli(["list", "--gateway", gateway.url, "--agent", "slow", "--all", "--page-size", "10"], {
+      out,
+      err,
+      env: { OUTPOST_HOME: path.join(dir, "empty-home"), OUTPOST_API_KEY: ENV_KEY },
+    });
+    // The first page is on standard output while the second is still on its way.
+    await vi.waitFor(() => expect(firstWords(out.text)).toEqual(ids(1, 10)));
+    expect(listRequests.at(-1)).toMatchObject({ agent: "slow", pageToken: "after-10" });
+    releaseSlowPages();
+    expect(await running, err.text).toBe(0);
+    expect(firstWords(out.text)).toEqual(ids(1, 250));
+  });
+
+  it("keeps what it printed when a later page fails, and says how to continue (exit 1)", async () => {
+    const res = await outpost(["list", "--gateway", gateway.url, "--agent", "rate-limited", "--limit", "150", "--page-size", "100"]);
+    expect(res.code).toBe(1);
+    expect(firstWords(res.out)).toEqual(ids(1, 100));
+    expect(res.err).toBe(
+      [
+        "outpost: ResourceExhausted: read rate limit exceeded (300 per minute)",
+        "outpost: stopped after 100 dispatches (the rows printed are complete); for the rest, in 42 s or later: outpost list --page-token after-100 --agent rate-limited --limit 50",
+        "",
+      ].join("\n"),
+    );
+
+    // --json: the document printed so far is closed, with where to go on.
+    const json = await outpost(["list", "--gateway", gateway.url, "--agent", "rate-limited", "--all", "--json"]);
+    expect(json.code).toBe(1);
+    expect(json.out).toBe(jsonOf(ids(1, 100), "rate-limited", "after-100"));
+    expect(json.err).toContain("for the rest, in 42 s or later: outpost list --page-token after-100 --agent rate-limited --all\n");
+
+    // A first page that fails is the usual one-line error, with nothing on standard output.
+    const first = await outpost(["list", "--gateway", gateway.url, "--agent", "rate-limited", "--page-token", "after-100", "--json"]);
+    expect(first.code).toBe(1);
+    expect(first.out).toBe("");
+    expect(first.err).toBe("outpost: ResourceExhausted: read rate limit exceeded (300 per minute)\n");
   });
 });
 

@@ -7,7 +7,15 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { CredentialsError, devCredentialsPath, outpostHome, readDevCredentials, writeDevCredentials, writePrivateFile } from "../src/credentials.ts";
+import {
+  CredentialsError,
+  devCredentialsPath,
+  outpostHome,
+  readDevCredentials,
+  tightenDevCredentials,
+  writeDevCredentials,
+  writePrivateFile,
+} from "../src/credentials.ts";
 
 const base = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-cli-home-"));
 afterAll(() => fs.rmSync(base, { recursive: true, force: true }));
@@ -95,9 +103,55 @@ describe("readDevCredentials refuses a file others could have written or can rea
     expect(() => readDevCredentials(env)).toThrow(/is owned by uid \d+, not by you/);
   });
 
-  it("refuses a file that is not a JSON object", () => {
+  it("refuses a file that is not a JSON object, in one line that does not quote the file", () => {
     const { env, file } = homeWith("not-json", 0o600);
     fs.writeFileSync(file, "otp_123\n");
-    expect(() => readDevCredentials(env)).toThrow(`${file} is not valid JSON`);
+    const fix = "fix it, or delete it and run npm start, which provisions a development tenant and writes a new one";
+    expect(() => readDevCredentials(env)).toThrow(new CredentialsError(`${file} is not valid JSON: ${fix}`));
+    fs.writeFileSync(file, '{"apiKey": "otp_456",\n');
+    expect(() => readDevCredentials(env)).toThrow(new CredentialsError(`${file} is not valid JSON (line 2 column 1): ${fix}`));
+    fs.writeFileSync(file, '["otp_789"]');
+    expect(() => readDevCredentials(env)).toThrow(new CredentialsError(`${file} must hold one JSON object: ${fix}`));
+  });
+});
+
+describe("tightenDevCredentials (npm start, before it reads the file)", () => {
+  it("makes the current user's 0644 file 0600 and its 0755 directory 0700, content unchanged", () => {
+    const env = { OUTPOST_HOME: path.join(base, "loose-checkout") };
+    const file = devCredentialsPath(env);
+    fs.mkdirSync(env.OUTPOST_HOME);
+    fs.chmodSync(env.OUTPOST_HOME, 0o755);
+    fs.writeFileSync(file, JSON.stringify(credentials));
+    fs.chmodSync(file, 0o644);
+    expect(() => readDevCredentials(env)).toThrow(CredentialsError);
+    tightenDevCredentials(env);
+    expect(modeOf(file)).toBe(0o600);
+    expect(modeOf(env.OUTPOST_HOME)).toBe(0o700);
+    expect(readDevCredentials(env)).toEqual(credentials);
+  });
+
+  it("does nothing without a file (no directory is made)", () => {
+    const env = { OUTPOST_HOME: path.join(base, "no-home-yet") };
+    tightenDevCredentials(env);
+    expect(fs.existsSync(env.OUTPOST_HOME)).toBe(false);
+  });
+
+  it("leaves another user's file and its directory as they are, for readDevCredentials to refuse", () => {
+    const env = { OUTPOST_HOME: path.join(base, "foreign-loose") };
+    const file = devCredentialsPath(env);
+    fs.mkdirSync(env.OUTPOST_HOME);
+    fs.chmodSync(env.OUTPOST_HOME, 0o755);
+    if (process.getuid!() === 0) {
+      fs.writeFileSync(file, JSON.stringify(credentials));
+      fs.chmodSync(file, 0o644);
+      fs.chownSync(file, 65534, 65534); // as root: nobody's file, which root could chmod
+    } else {
+      fs.symlinkSync("/etc/passwd", file);
+    }
+    const before = modeOf(file);
+    tightenDevCredentials(env);
+    expect(modeOf(file)).toBe(before);
+    expect(modeOf(env.OUTPOST_HOME)).toBe(0o755);
+    expect(() => readDevCredentials(env)).toThrow(/is owned by uid \d+, not by you \(uid \d+\): refusing to use it; point OUTPOST_HOME at a directory of your own/);
   });
 });
