@@ -118,11 +118,17 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     g.set(await store.activeLeases());
   });
 
+  // Never-stored dispatch ids whose slot release waits in this replica's memory (bounded).
+  gauge("outpost_dispatch_unstored_releases_pending", "Slot releases of never-stored dispatch ids waiting to be tried again (this replica, in memory).", [], (g) => {
+    g.set(dispatcher.unstoredReleasesPending);
+  });
+
   const sweeper = setInterval(
     () => void dispatcher.expireLeases().catch((err: unknown) => logger.error({ err }, "lease sweep failed")),
     Math.max(250, Math.floor(config.OUTPOST_LEASE_TTL_MS / 4)),
   );
 
+  // Pages of 100, for up to 2 s a sweep (releaseOwedSlots' default budget).
   const slotSweeper = setInterval(
     () => void dispatcher.releaseOwedSlots(100, config.OUTPOST_SLOT_SWEEP_MS).catch((err: unknown) => logger.error({ err }, "slot sweep failed")),
     config.OUTPOST_SLOT_SWEEP_MS,

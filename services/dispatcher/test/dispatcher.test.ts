@@ -1,8 +1,8 @@
 /** The dispatcher core against a real in-memory store, with a recording RunEvents and a controllable clock. */
 import { beforeEach, describe, expect, it, vi } from "vitest";
-import { Code } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
-import { createLogger, errorInfoOf, resourceExhausted } from "@outpost/platform";
+import { createLogger, errorInfoOf, metricsRegistry, resourceExhausted } from "@outpost/platform";
 import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
 import { Dispatcher, type CreateDispatchInput, type RunEvents } from "../src/core/dispatcher.ts";
 import { Notifier, RESYNC } from "../src/core/notifier.ts";
@@ -101,6 +101,13 @@ beforeEach(() => {
   events = new RecordingRunEvents();
   makeDispatcher();
 });
+
+/** The dispatcher's count of unstored releases given up, for one reason. */
+async function droppedReleases(reason: "queue_full" | "gave_up"): Promise<number> {
+  const metric = metricsRegistry.getSingleMetric("outpost_dispatch_unstored_releases_dropped_total");
+  const values = metric ? (await metric.get()).values : [];
+  return values.find((v) => v.labels.reason === reason)?.value ?? 0;
+}
 
 /** Creates and leases a dispatch; answers the leased record. */
 async function leased(overrides: Partial<CreateDispatchInput> = {}) {
@@ -508,6 +515,70 @@ describe("lease lifecycle", () => {
     expect(neverCreated).toEqual([false, false, false, false, false]);
   });
 
+  describe("the slot sweep", () => {
+    /** `n` runs that ended (cancelled) while the tenant service was away: each owes its slot. */
+    const owing = async (n: number, release: TenantAdmission["release"], now: { value: number }) => {
+      let away = true;
+      const d = dispatcherWith({ release: async (...args) => (away ? Promise.reject(new Error("tenant service unavailable")) : release(...args)) }, { now: () => now.value });
+      const ids: string[] = [];
+      for (let i = 0; i < n; i++) {
+        ids.push((await d.cancel(TENANT, (await d.create(TENANT, input())).id)).id);
+        now.value += 10;
+      }
+      for (const id of ids) expect((await store.get(id))?.slotHeld).toBe(true);
+      now.value += 1000;
+      away = false;
+      return { d, ids };
+    };
+
+    it("marks a release the tenant service refuses for good as not held, and goes on with the rest", async () => {
+      const now = { value: Date.parse("2025-06-01T00:00:00Z") };
+      const released: string[] = [];
+      let refused = "";
+      const { d, ids } = await owing(
+        3,
+        async (_tenant, id) => {
+          if (id === refused) throw new ConnectError("tenant_id: must be a ULID", Code.InvalidArgument);
+          released.push(id);
+        },
+        now,
+      );
+      refused = ids[0]!; // the oldest: the sweep meets it first
+      expect(await d.releaseOwedSlots(100, 0)).toBe(3);
+      expect(released).toEqual(ids.slice(1));
+      for (const id of ids) expect((await store.get(id))?.slotHeld).toBe(false);
+      expect(await d.releaseOwedSlots(100, 0)).toBe(0);
+    });
+
+    it("goes on page after page in one sweep", async () => {
+      const now = { value: Date.parse("2025-06-01T00:00:00Z") };
+      const released: string[] = [];
+      const { d, ids } = await owing(5, async (_tenant, id) => void released.push(id), now);
+      expect(await d.releaseOwedSlots(2, 0)).toBe(5);
+      expect(released).toEqual(ids);
+    });
+
+    it("stops once its time budget is spent; the next sweep goes on from there", async () => {
+      const now = { value: Date.parse("2025-06-01T00:00:00Z") };
+      const released: string[] = [];
+      const { d, ids } = await owing(
+        4,
+        async (_tenant, id) => {
+          await new Promise((resolve) => setTimeout(resolve, 30));
+          released.push(id);
+        },
+        now,
+      );
+      const first = await d.releaseOwedSlots(100, 0, 40);
+      expect(first).toBeGreaterThanOrEqual(1);
+      expect(first).toBeLessThan(4);
+      let total = first;
+      for (let sweeps = 0; sweeps < 10 && total < 4; sweeps++) total += await d.releaseOwedSlots(100, 0, 40);
+      expect(total).toBe(4);
+      expect(released).toEqual(ids);
+    });
+  });
+
   it("a run whose release goes through at its end owes nothing", async () => {
     const d = await dispatcher.create(TENANT, input());
     expect((await store.get(d.id))?.slotHeld).toBe(true);
@@ -536,6 +607,91 @@ describe("lease lifecycle", () => {
     expect(calls).toBe(3); // taken on the third try: no more after it
     // Never stored: every try gives back the run of the day as well as the slot.
     expect(neverCreated).toEqual([true, true, true]);
+  });
+
+  it("the releases of never-stored candidates wait in one bounded queue while the tenant service is away, drained a few at a time when it is back", async () => {
+    const droppedFull = () => droppedReleases("queue_full");
+    let up = false;
+    let inFlight = 0;
+    let maxInFlight = 0;
+    let calls = 0;
+    const taken = new Set<string>();
+    const failingInsert = Object.create(store, {
+      insert: { value: async () => Promise.reject(new Error("disk full")) },
+    }) as typeof store;
+    const d = dispatcherWith(
+      {
+        release: async (_tenant, id) => {
+          calls++;
+          maxInFlight = Math.max(maxInFlight, ++inFlight);
+          await new Promise((resolve) => setTimeout(resolve, 2));
+          inFlight--;
+          if (!up) throw new ConnectError("connect ECONNREFUSED", Code.Unavailable);
+          taken.add(id);
+        },
+      },
+      { store: failingInsert, releaseRetryBaseMs: 20, unstoredReleaseLimit: 30, unstoredReleaseConcurrency: 4 },
+    );
+    const droppedBefore = await droppedFull();
+    for (let i = 0; i < 50; i++) await expect(d.create(TENANT, input())).rejects.toThrow("disk full");
+    // At most the bound wait, once each; the oldest 20 were dropped (logged and counted).
+    expect(d.unstoredReleasesPending).toBe(30);
+    expect((await droppedFull()) - droppedBefore).toBe(20);
+    const inline = calls;
+    maxInFlight = 0;
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    // One loop retried them, a few at a time, waiting longer after each round that failed
+    // (20, 40, 80, 160 ms): a handful of calls, not one chain of timers per candidate.
+    expect(calls - inline).toBeGreaterThan(0);
+    expect(calls - inline).toBeLessThanOrEqual(4 * 5);
+    expect(d.unstoredReleasesPending).toBe(30);
+    up = true;
+    await vi.waitFor(() => expect(d.unstoredReleasesPending).toBe(0), { timeout: 5000, interval: 20 });
+    expect(taken.size).toBe(30);
+    expect(maxInFlight).toBeLessThanOrEqual(4);
+  });
+
+  it("a queued release is given up once it has failed for the give-up time", async () => {
+    const gaveUp = () => droppedReleases("gave_up");
+    let calls = 0;
+    const failingInsert = Object.create(store, {
+      insert: { value: async () => Promise.reject(new Error("disk full")) },
+    }) as typeof store;
+    const d = dispatcherWith(
+      {
+        release: async () => {
+          calls++;
+          throw new ConnectError("connect ECONNREFUSED", Code.Unavailable);
+        },
+      },
+      { store: failingInsert, releaseRetryBaseMs: 10, unstoredReleaseGiveUpMs: 50 },
+    );
+    const before = await gaveUp();
+    await expect(d.create(TENANT, input())).rejects.toThrow("disk full");
+    await vi.waitFor(() => expect(d.unstoredReleasesPending).toBe(0), { timeout: 5000, interval: 10 });
+    expect((await gaveUp()) - before).toBe(1);
+    const settled = calls;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(calls).toBe(settled);
+  });
+
+  it("a create whose insert reported a failure after the dispatch was written goes ahead with it, releasing nothing", async () => {
+    const released: string[] = [];
+    const lostAnswer = Object.create(store, {
+      insert: {
+        value: async (candidate: DispatchRecord) => {
+          await store.insert(candidate);
+          throw new Error("connection reset"); // written, but the answer was lost
+        },
+      },
+    }) as typeof store;
+    const d = dispatcherWith({ release: async (_tenant, id) => void released.push(id) }, { store: lostAnswer });
+    const created = await d.create(TENANT, input());
+    expect(created.state).toBe("QUEUED");
+    expect((await store.get(created.id))?.slotHeld).toBe(true);
+    expect(released).toEqual([]);
+    expect(events.created.map((r) => r.id)).toEqual([created.id]);
+    expect((await d.acquireLease("executor/1", 0, never))?.dispatch.id).toBe(created.id);
   });
 
   it("a create whose admission failed without a definite answer releases the id; a refusal releases nothing", async () => {
@@ -695,6 +851,59 @@ describe("Notifier.cancellations", () => {
     expect(emitter.listenerCount("cancel")).toBe(1);
     stop.abort();
     expect(emitter.listenerCount("cancel")).toBe(0);
+  });
+
+  it("subscribes nothing when its signal is already aborted, and stops listening on return() even if never read", async () => {
+    const notifier = new Notifier();
+    const emitter = (notifier as unknown as { events: import("node:events").EventEmitter }).events;
+    const aborted = new AbortController();
+    aborted.abort();
+    const none = notifier.cancellations(aborted.signal);
+    expect(emitter.listenerCount("cancel")).toBe(0);
+    expect((await none.next()).done).toBe(true);
+
+    const open = new AbortController();
+    const unread = notifier.cancellations(open.signal);
+    expect(emitter.listenerCount("cancel")).toBe(1);
+    await unread.return?.(undefined);
+    expect(emitter.listenerCount("cancel")).toBe(0);
+    notifier.cancelRequested("late"); // nothing buffers it any more
+    expect((await unread.next()).done).toBe(true);
+  });
+});
+
+describe("cancellationsFor stops listening", () => {
+  const listeners = (notifier: Notifier) => (notifier as unknown as { events: import("node:events").EventEmitter }).events.listenerCount("cancel");
+
+  it("when its consumer stops early, before the signal aborts", async () => {
+    const notifier = new Notifier();
+    const d = dispatcherWith({}, { notifier });
+    const run = await d.create(TENANT, input());
+    await d.acquireLease("executor/host-1", 0, never);
+    await d.cancel(TENANT, run.id); // flagged: the stream's first item
+    const stop = new AbortController();
+    for await (const c of d.cancellationsFor("executor/host-1", stop.signal)) {
+      expect(c.dispatchId).toBe(run.id);
+      break; // the consumer leaves after the first item; the signal stays live
+    }
+    expect(listeners(notifier)).toBe(0);
+    stop.abort();
+    expect(listeners(notifier)).toBe(0);
+  });
+
+  it("when the signal was aborted before the stream started (the abort listener would never fire)", async () => {
+    const notifier = new Notifier();
+    const d = dispatcherWith({}, { notifier });
+    const run = await d.create(TENANT, input());
+    await d.acquireLease("executor/host-1", 0, never);
+    await d.cancel(TENANT, run.id); // flagged, so a stream that read it would stop there
+    const stop = new AbortController();
+    stop.abort();
+    const stream = d.cancellationsFor("executor/host-1", stop.signal);
+    const first = await stream.next();
+    await stream.return(undefined);
+    expect(first.done).toBe(true); // the caller is gone: nothing is streamed
+    expect(listeners(notifier)).toBe(0);
   });
 });
 

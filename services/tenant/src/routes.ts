@@ -261,10 +261,14 @@ function ownOrAdminTenant(ctx: HandlerContext, requested: string): string {
 
 // Control characters (C0, DEL, C1) and the Unicode line/paragraph separators.
 const CONTROL = /[\p{Cc}\u2028\u2029]/u;
-// Characters that change how text around them is shown without showing themselves: direction
-// marks, overrides and isolates, zero-width space, byte-order mark. In a name they can make one
-// tenant look like another in an admin's list. (Zero-width joiners stay: emoji sequences use them.)
-const INVISIBLE = /[\u061C\u200B\u200E\u200F\u202A-\u202E\u2066-\u2069\uFEFF]/u;
+// Characters that change how text around them is shown, or take no visible space, without
+// showing themselves: every format character (\p{Cf}: direction marks, overrides and isolates,
+// zero-width space and non-joiner, word joiner, soft hyphen, byte-order mark, the Mongolian vowel
+// separator, tag characters U+E0000–E007F, …) and the Hangul fillers, which render blank. In a
+// name they can make one tenant look like another in an admin's list. The zero-width joiner
+// (U+200D) stays, since emoji sequences use it; it is removed before this test.
+const INVISIBLE = /[\p{Cf}\u115F\u1160\u3164\uFFA0]/u;
+const ZERO_WIDTH_JOINER = /\u200D/gu;
 
 /** Free text: trimmed, well-formed Unicode, no control characters, at most `max` UTF-16 units. */
 function textField(field: string, raw: string, max: number, required: boolean): string {
@@ -273,7 +277,10 @@ function textField(field: string, raw: string, max: number, required: boolean): 
   if (required) requireNonEmpty(field, value, max);
   else checkLength(field, value, max);
   if (CONTROL.test(value)) throw invalidArgument(field, "must not contain control characters", "FIELD_MALFORMED");
-  if (INVISIBLE.test(value)) throw invalidArgument(field, "must not contain invisible or text-direction characters", "FIELD_MALFORMED");
+  const visible = value.replace(ZERO_WIDTH_JOINER, "");
+  if (INVISIBLE.test(visible)) throw invalidArgument(field, "must not contain invisible or text-direction characters", "FIELD_MALFORMED");
+  // Nothing but joiners (and spaces between them) would show as a blank name.
+  if (value !== "" && visible.trim() === "") throw invalidArgument(field, "must contain visible characters", "FIELD_MALFORMED");
   return value;
 }
 

@@ -6,6 +6,9 @@ import { afterEach, describe, expect, it } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { API_KEY_PATTERN, generateApiKey, hashApiKey, isWellFormedApiKey } from "../src/core/api-keys.ts";
 import { LAST_USED_WRITE_INTERVAL_MS, MAX_ACTIVE_API_KEYS, TenantCore } from "../src/core/tenants.ts";
+import { AdmissionCore } from "../src/core/admission.ts";
+import { SecretsCore } from "../src/core/secrets.ts";
+import { AdmissionUndecidedError } from "../src/store/store.ts";
 import { errorInfoOf } from "@outpost/platform";
 import { SqliteTenantStore } from "../src/store/sqlite-store.ts";
 import { expectError } from "./helpers.ts";
@@ -130,5 +133,19 @@ describe("TenantCore", () => {
     await core.authenticateApiKey(plaintext);
     expect(writes).toBe(2);
     expect((await store.getApiKey(apiKey.id))?.lastUsedTime).toEqual(now);
+  });
+});
+
+describe("AdmissionCore.release", () => {
+  it("answers UNAVAILABLE ADMISSION_UNDECIDED when the store says the admission is still being decided, so the dispatcher asks again", async () => {
+    const store = new SqliteTenantStore(":memory:");
+    const undecided = Object.assign(Object.create(store) as SqliteTenantStore, {
+      releaseDispatch: async () => {
+        throw new AdmissionUndecidedError("still being decided");
+      },
+    });
+    const core = new AdmissionCore({ store: undecided, tenants: new TenantCore({ store: undecided }), secrets: new SecretsCore({ store: undecided, box: undefined }) });
+    await expectError(core.release("01JTENANTAAAAAAAAAAAAAAAAA", "01JDISPATCHAAAAAAAAAAAAAAA", { neverCreated: true }), Code.Unavailable, "ADMISSION_UNDECIDED");
+    await store.close();
   });
 });

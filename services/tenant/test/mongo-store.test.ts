@@ -9,6 +9,7 @@ import { ulid } from "ulid";
 import { Binary, MongoClient, MongoServerError } from "mongodb";
 import {
   ADMISSION_RETENTION_MS,
+  CLAIM_STALE_MS,
   DAY_COUNTER_RETENTION_MS,
   MongoTenantStore,
   admissionId,
@@ -21,6 +22,8 @@ import {
   setSlotFilter,
   toSecret,
 } from "../src/store/mongo-store.ts";
+import { AdmissionUndecidedError, type AdmissionRequest } from "../src/store/store.ts";
+import { FakeCollection } from "./fake-mongo.ts";
 import { tenantStoreConformance } from "./store-conformance.ts";
 
 const url = process.env.OUTPOST_TEST_MONGO_URL;
@@ -117,4 +120,160 @@ describe("MongoTenantStore helpers (no server needed)", () => {
   it("fails to connect within the selection timeout when no server answers (no hang)", async () => {
     await expect(MongoTenantStore.connect("mongodb://127.0.0.1:1/outpost")).rejects.toThrow();
   }, 20_000);
+});
+
+/**
+ * The admission collections on an in-memory fake (test/fake-mongo.ts), so that failures and
+ * interleavings between two writes can be placed exactly: a real server cannot be made to fail
+ * on cue. Only admitDispatch, releaseDispatch and usageOf are used (they touch only these).
+ */
+function fakeAdmissionStore() {
+  const admissions = new FakeCollection();
+  const active = new FakeCollection();
+  const days = new FakeCollection();
+  const store = Object.create(MongoTenantStore.prototype) as MongoTenantStore;
+  Object.assign(store, { admissions, active, days }); // the collections the admission methods use
+  return { store, admissions, active, days };
+}
+
+describe("MongoTenantStore admission when writes fail (in-memory fake, no server)", () => {
+  const tenantId = ulid();
+  const DAY = "2025-01-01";
+  const req = (dispatchId: string, concurrentLimit = 1, dailyLimit = 100): AdmissionRequest => ({
+    tenantId,
+    dispatchId,
+    day: DAY,
+    admitTime: new Date(),
+    concurrentLimit,
+    dailyLimit,
+  });
+  const claimOf = (admissions: FakeCollection, dispatchId: string) => admissions.docs.get(admissionId(tenantId, dispatchId));
+  /** Makes a pending claim look abandoned: claimed longer ago than CLAIM_STALE_MS. */
+  const age = (admissions: FakeCollection, dispatchId: string) => {
+    claimOf(admissions, dispatchId)!.claimedAt = new Date(Date.now() - CLAIM_STALE_MS - 1000);
+  };
+
+  it("a write failing after the slot was reserved undoes the reservation: nothing is held, the id is marked released", async () => {
+    const { store, admissions, days } = fakeAdmissionStore();
+    // The day's increment fails (a network error, a step-down) once the slot is reserved.
+    days.failures.push({ method: "updateOne", when: (_f, u) => u?.$inc?.count === 1 });
+    await expect(store.admitDispatch(req("X"))).rejects.toThrow("injected");
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 0 });
+    expect(claimOf(admissions, "X")).toMatchObject({ state: "admitted", day: "" });
+    expect(claimOf(admissions, "X")!.releaseTime).toBeInstanceOf(Date);
+    // The dispatcher, without an answer, releases the id as never created: nothing more moves.
+    expect(await store.releaseDispatch(tenantId, "X", new Date(), { refundDay: true })).toBe(false);
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 0 });
+    // The tenant's one slot is free for the next run, and a late duplicate of X takes nothing.
+    expect(await store.admitDispatch(req("X"))).toEqual({ kind: "duplicate" });
+    expect(await store.admitDispatch(req("Y"))).toEqual({ kind: "admitted" });
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 1, runsToday: 1 });
+  });
+
+  it("a failure after the day was counted gives the day back too", async () => {
+    const { store, admissions } = fakeAdmissionStore();
+    // The last write (pending -> admitted) fails.
+    admissions.failures.push({ method: "findOneAndUpdate", when: (_f, u) => u?.$set?.state === "admitted" && u.$set.day === undefined });
+    await expect(store.admitDispatch(req("X"))).rejects.toThrow("injected");
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 0 });
+    expect(await store.admitDispatch(req("Y"))).toEqual({ kind: "admitted" });
+  });
+
+  it("a last write that was applied though its answer was lost stands: the dispatcher's release gives it back", async () => {
+    const { store, admissions } = fakeAdmissionStore();
+    admissions.failures.push({ method: "findOneAndUpdate", when: (_f, u) => u?.$set?.state === "admitted" && u.$set.day === undefined, applied: true });
+    await expect(store.admitDispatch(req("X"))).rejects.toThrow("injected");
+    // Admitted after all: the undo's compare on the pending claim found nothing to undo.
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 1, runsToday: 1 });
+    expect(await store.releaseDispatch(tenantId, "X", new Date(), { refundDay: true })).toBe(true);
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 0 });
+  });
+
+  it("a decision whose undo failed too is taken over by a release once stale: slot freed, counted day given back", async () => {
+    const { store, admissions } = fakeAdmissionStore();
+    // The last write fails, and so does the undo's (the database is away for both).
+    const isFinal = (_f: Record<string, unknown>, u?: Record<string, { state?: string; day?: string }>) => u?.$set?.state === "admitted";
+    admissions.failures.push({ method: "findOneAndUpdate", when: isFinal }, { method: "findOneAndUpdate", when: isFinal });
+    await expect(store.admitDispatch(req("X"))).rejects.toThrow("injected");
+    expect(claimOf(admissions, "X")).toMatchObject({ state: "pending", dayCounted: true });
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 1, runsToday: 1 });
+    // The dispatcher's release (never created) while the claim is fresh: recorded, but it is
+    // told to ask again, since nothing may ever finish that decision.
+    await expect(store.releaseDispatch(tenantId, "X", new Date(), { refundDay: true })).rejects.toBeInstanceOf(AdmissionUndecidedError);
+    expect(claimOf(admissions, "X")).toMatchObject({ state: "pending", releaseRequested: true, refundRequested: true });
+    // Asked again once the claim is stale: taken over, released, slot and day given back.
+    age(admissions, "X");
+    expect(await store.releaseDispatch(tenantId, "X", new Date(), { refundDay: true })).toBe(false);
+    expect(claimOf(admissions, "X")).toMatchObject({ state: "admitted", day: "" });
+    expect(claimOf(admissions, "X")!.expireAt).toBeInstanceOf(Date);
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 0 });
+    // Repeated: nothing more is given back.
+    expect(await store.releaseDispatch(tenantId, "X", new Date(), { refundDay: true })).toBe(false);
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 0 });
+    expect(await store.admitDispatch(req("Y"))).toEqual({ kind: "admitted" });
+  });
+
+  it("an abandoned claim whose day was not recorded as counted frees its slot and keeps the day (one too high, never too low)", async () => {
+    const { store, admissions, active, days } = fakeAdmissionStore();
+    // An owner that died between the day's increment and recording it on the claim.
+    admissions.docs.set(admissionId(tenantId, "X"), {
+      _id: admissionId(tenantId, "X"), tenantId, dispatchId: "X", day: DAY, admitTime: new Date(), releaseTime: null, state: "pending",
+      claimedAt: new Date(Date.now() - CLAIM_STALE_MS - 1000),
+    });
+    active.docs.set(tenantId, { _id: tenantId, active: ["X"] });
+    days.docs.set(dayCounterId(tenantId, DAY), { _id: dayCounterId(tenantId, DAY), count: 1 });
+    expect(await store.releaseDispatch(tenantId, "X", new Date(), { refundDay: true })).toBe(false);
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 1 });
+  });
+
+  it("an owner whose claim a release took over while it decided frees the slot it reserved after, and gives back its day", async () => {
+    const { store, admissions, active } = fakeAdmissionStore();
+    let stalled = false;
+    active.before = async (method, _f, update) => {
+      if (!stalled || method !== "updateOne" || !update?.$addToSet) return;
+      stalled = false;
+      // The owner stalls past CLAIM_STALE_MS just before reserving: the dispatcher's release takes the claim over.
+      age(admissions, "X");
+      expect(await store.releaseDispatch(tenantId, "X", new Date(), { refundDay: true })).toBe(false);
+    };
+    expect(await store.admitDispatch(req("Z", 2))).toEqual({ kind: "admitted" }); // another run, counted apart
+    stalled = true;
+    // The owner then reserves and counts, finds the claim gone from under it, and settles both (once).
+    await expect(store.admitDispatch(req("X", 2))).rejects.toThrow("taken over");
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 1, runsToday: 1 });
+    expect(await store.admitDispatch(req("Y", 2))).toEqual({ kind: "admitted" });
+  });
+
+  it("a release whose flag misses because the decision just admitted releases the admission (expiry set, day back once)", async () => {
+    const { store, admissions, active, days } = fakeAdmissionStore();
+    const _id = admissionId(tenantId, "X");
+    // A decision between its day count and its last write.
+    admissions.docs.set(_id, { _id, tenantId, dispatchId: "X", day: DAY, admitTime: new Date(), releaseTime: null, state: "pending", claimedAt: new Date(), dayCounted: true });
+    active.docs.set(tenantId, { _id: tenantId, active: ["X"] });
+    days.docs.set(dayCounterId(tenantId, DAY), { _id: dayCounterId(tenantId, DAY), count: 1 });
+    admissions.before = (method, filter) => {
+      // The decision's last write lands just before the release's flag: admitted, the flag unseen.
+      if (method === "updateOne" && filter.state === "pending") admissions.docs.get(_id)!.state = "admitted";
+    };
+    const releaseTime = new Date();
+    expect(await store.releaseDispatch(tenantId, "X", releaseTime, { refundDay: true })).toBe(true);
+    expect(admissions.docs.get(_id)).toMatchObject({ state: "admitted", releaseTime, expireAt: new Date(releaseTime.getTime() + ADMISSION_RETENTION_MS), refunded: true });
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 0 });
+    admissions.before = undefined;
+    expect(await store.releaseDispatch(tenantId, "X", new Date(), { refundDay: true })).toBe(false);
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 0, runsToday: 0 });
+  });
+
+  it("an admission that takes over an abandoned claim whose day was counted does not count it again", async () => {
+    const { store, admissions, active, days } = fakeAdmissionStore();
+    const _id = admissionId(tenantId, "X");
+    admissions.docs.set(_id, {
+      _id, tenantId, dispatchId: "X", day: DAY, admitTime: new Date(), releaseTime: null, state: "pending",
+      claimedAt: new Date(Date.now() - CLAIM_STALE_MS - 1000), dayCounted: true,
+    });
+    active.docs.set(tenantId, { _id: tenantId, active: ["X"] });
+    days.docs.set(dayCounterId(tenantId, DAY), { _id: dayCounterId(tenantId, DAY), count: 1 });
+    expect(await store.admitDispatch(req("X", 1, 1))).toEqual({ kind: "admitted" });
+    expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 1, runsToday: 1 });
+  });
 });

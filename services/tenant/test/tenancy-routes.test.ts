@@ -132,6 +132,16 @@ describe("tenant administration", () => {
     await expectInvalid(admin().suspendTenant({ tenantId: t.id, reason: "paid\u202Edeifitrec" }), "reason");
     await expectInvalid(admin().createTenant({ name: "\u202Eevil\u200B", contactEmail: "e@e.test" }), "name");
     await expectInvalid(admin().createTenant({ name: "Acme\u2066 Corp", contactEmail: "e@e.test" }), "name");
+    // Every other format character (\p{Cf}) and the Hangul fillers show as nothing too: word
+    // joiner, soft hyphen, zero-width non-joiner, Mongolian vowel separator, tag characters.
+    for (const hidden of ["\u2060", "\u00AD", "\u200C", "\u180E", "\u{E0001}", "\u{E0041}", "\u{E007F}", "\u3164", "\uFFA0", "\u115F", "\u1160"]) {
+      await expectInvalid(admin().createTenant({ name: `Acme${hidden}Corp`, contactEmail: "e@e.test" }), "name");
+      await expectInvalid(admin().createTenant({ name: hidden, contactEmail: "e@e.test" }), "name");
+      await expectInvalid(admin().suspendTenant({ tenantId: t.id, reason: `late${hidden}` }), "reason");
+    }
+    // Nothing visible once the joiners are set aside: refused, even though joiners are allowed.
+    await expectInvalid(admin().createTenant({ name: "\u200D", contactEmail: "e@e.test" }), "name");
+    await expectInvalid(admin().createTenant({ name: "\u200D \u200D", contactEmail: "e@e.test" }), "name");
     // An emoji sequence joined by zero-width joiners is a name like any other.
     expect((await admin().createTenant({ name: "Team \u{1F469}\u200D\u{1F4BB}", contactEmail: "e@e.test" })).tenant?.name).toBe("Team \u{1F469}\u200D\u{1F4BB}");
     await expectInvalid(admin().suspendTenant({ reason: "r" }), "tenant_id");

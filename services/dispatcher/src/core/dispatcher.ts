@@ -11,7 +11,7 @@ const dispatchId = monotonicFactory();
 import { type Agent, type ModelTier, ResourcesSchema, RiskLevel } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { failedPrecondition, notFound, type Logger } from "@outpost/platform";
+import { counter, failedPrecondition, notFound, type Logger } from "@outpost/platform";
 import type { DispatchRecord, DispatchState, DispatchStore, Expectation, ExecutorReport, ExecutorStore, ListFilter, ResourceCaps } from "../store/store.ts";
 import { isTerminal, queuedDispatch, TERMINAL_STATES } from "../store/store.ts";
 import type { AgentRegistry } from "./agents.ts";
@@ -67,8 +67,17 @@ export interface DispatcherOptions {
    * for work or changes made on another replica whose wake-up was lost. Default 1000 ms.
    */
   queueRecheckMs?: number;
-  /** First delay before a failed slot release of a never-stored candidate is tried again (doubling, at most a minute). */
+  /**
+   * First delay before the queue of never-stored candidates whose slot release failed is tried
+   * again, doubling while none goes through, at most a minute. Default 1000 ms.
+   */
   releaseRetryBaseMs?: number;
+  /** At most this many such candidates wait for their release (the oldest is dropped, logged and counted). Default 10,000. */
+  unstoredReleaseLimit?: number;
+  /** At most this many of their releases are in flight at once. Default 8. */
+  unstoredReleaseConcurrency?: number;
+  /** A candidate's release is given up this long after it first failed. Default ten minutes. */
+  unstoredReleaseGiveUpMs?: number;
   now?: () => number;
 }
 
@@ -77,8 +86,30 @@ export type CapacityReport = Omit<ExecutorReport, "executorId" | "seenAt">;
 
 const DEFAULT_QUEUE_RECHECK_MS = 1000;
 
-/** Tries of an unstored candidate's slot release: delays of 1, 2, 4, … s (at most a minute), about ten minutes in all. */
-const RELEASE_ATTEMPTS = 15;
+/** Defaults of the queue of never-stored candidates' releases (DispatcherOptions). */
+const UNSTORED_RELEASE_LIMIT = 10_000;
+const UNSTORED_RELEASE_CONCURRENCY = 8;
+const UNSTORED_RELEASE_GIVE_UP_MS = 10 * 60_000;
+const UNSTORED_RELEASE_MAX_DELAY_MS = 60_000;
+/** How long one slot sweep goes on releasing, page after page, before it leaves the rest to the next. */
+const OWED_SWEEP_BUDGET_MS = 2000;
+
+/** A never-stored candidate whose release failed, waiting to be tried again. */
+interface UnstoredRelease {
+  tenantId: string;
+  dispatchId: string;
+  /** When its first release failed (monotonic ms): it is given up UNSTORED_RELEASE_GIVE_UP_MS later. */
+  since: number;
+  attempts: number;
+}
+
+/** Releases of never-stored candidates given up (the slot stays taken): the queue was full, or they kept failing. */
+const unstoredReleasesDropped = () =>
+  counter(
+    "outpost_dispatch_unstored_releases_dropped_total",
+    "Slot releases of never-stored dispatch ids given up: dropped from the full retry queue (reason=queue_full) or still failing after ten minutes (reason=gave_up).",
+    ["reason"],
+  );
 
 export class Dispatcher {
   private readonly store: DispatchStore & ExecutorStore;
@@ -98,6 +129,20 @@ export class Dispatcher {
   private readonly now: () => number;
   private readonly queueRecheckMs: number;
   private readonly releaseRetryBaseMs: number;
+  private readonly unstoredReleaseLimit: number;
+  private readonly unstoredReleaseConcurrency: number;
+  private readonly unstoredReleaseGiveUpMs: number;
+  /**
+   * Never-stored candidates whose release failed, by dispatch id, oldest first (a Map keeps
+   * insertion order): one bounded queue drained by one loop, whatever the number of failures.
+   */
+  private readonly unstored = new Map<string, UnstoredRelease>();
+  /** The drain loop's next run, while it waits. */
+  private unstoredTimer: NodeJS.Timeout | undefined;
+  /** Set while the drain loop runs a round. */
+  private drainingUnstored = false;
+  /** The drain loop's current delay: 0 after a round in which a release went through, doubling while none does. */
+  private unstoredBackoffMs = 0;
 
   constructor(options: DispatcherOptions) {
     this.store = options.store;
@@ -113,6 +158,10 @@ export class Dispatcher {
     this.now = options.now ?? Date.now;
     this.queueRecheckMs = options.queueRecheckMs ?? DEFAULT_QUEUE_RECHECK_MS;
     this.releaseRetryBaseMs = options.releaseRetryBaseMs ?? 1000;
+    this.unstoredReleaseLimit = Math.max(1, options.unstoredReleaseLimit ?? UNSTORED_RELEASE_LIMIT);
+    this.unstoredReleaseConcurrency = Math.max(1, options.unstoredReleaseConcurrency ?? UNSTORED_RELEASE_CONCURRENCY);
+    this.unstoredReleaseGiveUpMs = options.unstoredReleaseGiveUpMs ?? UNSTORED_RELEASE_GIVE_UP_MS;
+    unstoredReleasesDropped(); // declared up front, so dashboards find it at zero
     // Every replica's breakers count every run's outcome, whichever replica its end was reported to.
     // (record settles the outcome itself and never rejects.)
     this.notifier.onPeerOutcome((agent, outcome) => void this.circuits.record(agent, outcome, "peer"));
@@ -183,8 +232,15 @@ export class Dispatcher {
     try {
       inserted = await this.store.insert(candidate);
     } catch (err) {
-      await this.releaseUnstoredSlot(tenantId, id);
-      throw err;
+      // The write may have happened all the same (its answer was lost, a retried write reported
+      // the first one's conflict): then the run exists and keeps its slot and day.
+      const written = await this.store.get(id).catch(() => undefined);
+      if (!written || written.tenantId !== tenantId) {
+        await this.releaseUnstoredSlot(tenantId, id);
+        throw err;
+      }
+      this.logger.warn({ err, dispatch_id: id }, "dispatch insert reported a failure but the dispatch was stored; going ahead with it");
+      inserted = { record: written, created: true };
     }
     const { record, created } = inserted;
     if (!created) await this.releaseUnstoredSlot(tenantId, id);
@@ -385,22 +441,29 @@ export class Dispatcher {
    * it is requested on any replica, until `signal` fires.
    */
   async *cancellationsFor(executorId: string, signal: AbortSignal): AsyncGenerator<{ dispatchId: string; leaseId: string }> {
+    // The caller already hung up: nothing to stream (and an abort listener would never fire).
+    if (signal.aborted) return;
     // Subscribe before reading what is already flagged, so nothing falls between the two.
-    const live = this.notifier.cancellations(signal)[Symbol.asyncIterator]();
-    const flagged = async () => (await this.store.listLeasedTo(executorId, 1000)).filter((record) => record.cancelRequested);
-    for (const record of await flagged()) yield { dispatchId: record.id, leaseId: record.leaseId };
-    for (;;) {
-      const next = await live.next();
-      if (next.done) return;
-      if (next.value === RESYNC) {
-        // This stream fell behind and requests were dropped: what is flagged now covers them.
-        for (const record of await flagged()) yield { dispatchId: record.id, leaseId: record.leaseId };
-        continue;
+    const live = this.notifier.cancellations(signal);
+    try {
+      const flagged = async () => (await this.store.listLeasedTo(executorId, 1000)).filter((record) => record.cancelRequested);
+      for (const record of await flagged()) yield { dispatchId: record.id, leaseId: record.leaseId };
+      for (;;) {
+        const next = await live.next();
+        if (next.done) return;
+        if (next.value === RESYNC) {
+          // This stream fell behind and requests were dropped: what is flagged now covers them.
+          for (const record of await flagged()) yield { dispatchId: record.id, leaseId: record.leaseId };
+          continue;
+        }
+        const record = await this.store.get(next.value);
+        if (record && record.executorId === executorId && record.cancelRequested && (record.state === "STARTING" || record.state === "RUNNING")) {
+          yield { dispatchId: record.id, leaseId: record.leaseId };
+        }
       }
-      const record = await this.store.get(next.value);
-      if (record && record.executorId === executorId && record.cancelRequested && (record.state === "STARTING" || record.state === "RUNNING")) {
-        yield { dispatchId: record.id, leaseId: record.leaseId };
-      }
+    } finally {
+      // Left early (the consumer stopped, or the store threw): stop listening now, not at the abort.
+      await live.return?.();
     }
   }
 
@@ -517,47 +580,165 @@ export class Dispatcher {
    * Frees the slot of a candidate that was never stored (its admission's answer was lost, its
    * insert failed, or lost to a parallel request with the same id), and gives back the run of the
    * day it was counted (`neverCreated`: no run of it will ever exist). Only such ids come here; a
-   * stored run's release keeps its day. Nothing durable remembers the candidate, so a failed
-   * release is tried again in the background, with backoff, for about ten minutes, then logged as
-   * an error.
+   * stored run's release keeps its day. Nothing durable remembers the candidate: a release that
+   * fails (not a refusal) joins the in-memory queue of unstored releases, which one loop drains
+   * (drainUnstored). Never rejects.
    */
-  private async releaseUnstoredSlot(tenantId: string, dispatchId: string, attempt = 1): Promise<void> {
+  private async releaseUnstoredSlot(tenantId: string, dispatchId: string): Promise<void> {
     try {
       await this.admission.release(tenantId, dispatchId, { neverCreated: true });
     } catch (err) {
-      if (attempt >= RELEASE_ATTEMPTS) {
-        this.logger.error({ err, dispatch_id: dispatchId, tenant_id: tenantId, attempts: attempt }, "tenant admission: release failed for good; the slot stays taken");
+      if (isReleaseRefusal(err)) {
+        this.logger.error({ err, dispatch_id: dispatchId, tenant_id: tenantId }, "tenant admission: release refused; not retried");
         return;
       }
-      const delayMs = Math.min(this.releaseRetryBaseMs * 2 ** (attempt - 1), 60_000);
-      this.logger.warn({ err, dispatch_id: dispatchId, attempt, delay_ms: delayMs }, "tenant admission: release failed; retrying");
-      setTimeout(() => void this.releaseUnstoredSlot(tenantId, dispatchId, attempt + 1), delayMs).unref();
+      this.logger.warn({ err, dispatch_id: dispatchId, tenant_id: tenantId, queued: this.unstored.size + 1 }, "tenant admission: release failed; queued to try again");
+      this.queueUnstored({ tenantId, dispatchId, since: performance.now(), attempts: 1 });
+    }
+  }
+
+  /** Never-stored candidates whose release is waiting to be tried again. */
+  get unstoredReleasesPending(): number {
+    return this.unstored.size;
+  }
+
+  /**
+   * Adds a candidate to the queue of unstored releases (once per id), dropping the oldest past
+   * the bound (its slot stays taken: logged as an error and counted), and makes sure the drain
+   * loop will run.
+   */
+  private queueUnstored(entry: UnstoredRelease): void {
+    if (!this.unstored.has(entry.dispatchId)) {
+      while (this.unstored.size >= this.unstoredReleaseLimit) {
+        const [oldestId, oldest] = this.unstored.entries().next().value!;
+        this.unstored.delete(oldestId);
+        unstoredReleasesDropped().inc({ reason: "queue_full" });
+        this.logger.error(
+          { dispatch_id: oldest.dispatchId, tenant_id: oldest.tenantId, attempts: oldest.attempts, limit: this.unstoredReleaseLimit },
+          "tenant admission: release queue full; dropped the oldest, its slot stays taken",
+        );
+      }
+      this.unstored.set(entry.dispatchId, entry);
+    }
+    this.scheduleUnstoredDrain();
+  }
+
+  private scheduleUnstoredDrain(): void {
+    if (this.unstoredTimer || this.drainingUnstored || this.unstored.size === 0) return;
+    const delayMs = Math.max(this.releaseRetryBaseMs, this.unstoredBackoffMs);
+    this.unstoredTimer = setTimeout(() => {
+      this.unstoredTimer = undefined;
+      void this.drainUnstored();
+    }, delayMs);
+    this.unstoredTimer.unref();
+  }
+
+  /**
+   * The one loop that retries unstored releases: takes the oldest few (at most
+   * `unstoredReleaseConcurrency` in flight), tries them, and goes on at once while releases go
+   * through; a round in which none does (the tenant service is still away) doubles the wait
+   * before the next, up to a minute, so an outage costs a bounded number of calls and recovery
+   * drains the queue at a bounded rate. A failed id goes to the back of the queue until ten
+   * minutes after its first failure, then is given up (logged as an error and counted).
+   */
+  private async drainUnstored(): Promise<void> {
+    if (this.drainingUnstored) return;
+    this.drainingUnstored = true;
+    try {
+      while (this.unstored.size > 0) {
+        const batch: UnstoredRelease[] = [];
+        for (const entry of this.unstored.values()) {
+          batch.push(entry);
+          if (batch.length >= this.unstoredReleaseConcurrency) break;
+        }
+        for (const entry of batch) this.unstored.delete(entry.dispatchId);
+        const answered = await Promise.all(batch.map((entry) => this.retryUnstored(entry)));
+        if (answered.some(Boolean)) {
+          this.unstoredBackoffMs = 0;
+          continue;
+        }
+        this.unstoredBackoffMs = Math.min(Math.max(this.unstoredBackoffMs * 2, this.releaseRetryBaseMs), UNSTORED_RELEASE_MAX_DELAY_MS);
+        break;
+      }
+    } finally {
+      this.drainingUnstored = false;
+    }
+    this.scheduleUnstoredDrain();
+  }
+
+  /** One try of a queued release; true when the tenant service answered (took it, or refused it for good). */
+  private async retryUnstored(entry: UnstoredRelease): Promise<boolean> {
+    const { tenantId, dispatchId } = entry;
+    try {
+      await this.admission.release(tenantId, dispatchId, { neverCreated: true });
+      this.logger.info({ dispatch_id: dispatchId, tenant_id: tenantId, attempts: entry.attempts + 1 }, "tenant admission: queued release went through");
+      return true;
+    } catch (err) {
+      entry.attempts++;
+      if (isReleaseRefusal(err)) {
+        this.logger.error({ err, dispatch_id: dispatchId, tenant_id: tenantId }, "tenant admission: release refused; not retried");
+        return true;
+      }
+      if (performance.now() - entry.since >= this.unstoredReleaseGiveUpMs) {
+        unstoredReleasesDropped().inc({ reason: "gave_up" });
+        this.logger.error({ err, dispatch_id: dispatchId, tenant_id: tenantId, attempts: entry.attempts }, "tenant admission: release failed for good; the slot stays taken");
+        return false;
+      }
+      this.logger.debug({ err, dispatch_id: dispatchId, attempts: entry.attempts }, "tenant admission: queued release failed; trying again later");
+      this.queueUnstored(entry);
+      return false;
     }
   }
 
   /**
    * The sweep of slots owed: releases the slots of runs that ended more than `graceMs` ago and
-   * still hold theirs (their release failed), oldest first, up to `limit`. The grace keeps it
-   * from racing a run's own release (a second release is harmless, just waste). Stops at the first
-   * failure: the tenant service is likely still away, and the next sweep tries again. Returns
-   * how many were released.
+   * still hold theirs (their release failed), oldest first, `pageSize` at a time, page after page
+   * until none is left or `budgetMs` has been spent. The grace keeps it from racing a run's own
+   * release (a second release is harmless, just waste). A release the tenant service refuses for
+   * good (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED: it holds nothing it could release for
+   * that id) is logged and marked as not held, so one such run cannot hold up every later one;
+   * any other failure stops the sweep (the tenant service is likely still away) and the next one
+   * tries again. Returns how many slots it settled (released or refused).
    */
-  async releaseOwedSlots(limit: number, graceMs: number): Promise<number> {
+  async releaseOwedSlots(pageSize: number, graceMs: number, budgetMs = OWED_SWEEP_BUDGET_MS): Promise<number> {
     if (this.releasingOwed) return 0;
     this.releasingOwed = true;
     try {
+      const started = performance.now();
+      const endedBefore = this.now() - graceMs;
+      const seen = new Set<string>();
       let released = 0;
-      for (const record of await this.store.listSlotsOwed(this.now() - graceMs, limit)) {
-        try {
-          await this.releaseAndMark(record);
-        } catch (err) {
-          this.logger.warn({ err, dispatch_id: record.id, tenant_id: record.tenantId, released }, "slot sweep: release failed; trying again on the next sweep");
-          break;
+      let refused = 0;
+      sweep: for (;;) {
+        const page = await this.store.listSlotsOwed(endedBefore, pageSize);
+        const fresh = page.filter((record) => !seen.has(record.id));
+        // Only runs already handled (their mark did not stick): leave them to the next sweep.
+        if (fresh.length === 0) break;
+        for (const record of fresh) {
+          seen.add(record.id);
+          try {
+            await this.releaseAndMark(record);
+            released++;
+          } catch (err) {
+            if (!isReleaseRefusal(err)) {
+              this.logger.warn({ err, dispatch_id: record.id, tenant_id: record.tenantId, released }, "slot sweep: release failed; trying again on the next sweep");
+              break sweep;
+            }
+            this.logger.error({ err, dispatch_id: record.id, tenant_id: record.tenantId }, "slot sweep: the tenant service refused the release; marking the slot as not held");
+            try {
+              await this.store.update(record.id, { states: TERMINAL_STATES }, { slotHeld: false });
+            } catch (markErr) {
+              this.logger.warn({ err: markErr, dispatch_id: record.id }, "slot sweep: could not mark the slot as not held; trying again on the next sweep");
+              break sweep;
+            }
+            refused++;
+          }
+          if (performance.now() - started >= budgetMs) break sweep;
         }
-        released++;
+        if (page.length < pageSize) break;
       }
-      if (released > 0) this.logger.info({ released }, "slot sweep: released the slots of ended runs");
-      return released;
+      if (released + refused > 0) this.logger.info({ released, refused }, "slot sweep: settled the slots of ended runs");
+      return released + refused;
     } finally {
       this.releasingOwed = false;
     }
@@ -613,6 +794,20 @@ function isDefiniteRefusal(err: unknown): boolean {
 }
 
 const DEFINITE_REFUSALS: ReadonlySet<Code> = new Set([Code.ResourceExhausted, Code.NotFound, Code.PermissionDenied, Code.InvalidArgument, Code.FailedPrecondition]);
+
+/**
+ * The tenant service answered a release and refused it for good (an id or tenant it cannot
+ * take): asking again would get the same answer. PERMISSION_DENIED is not one: it refuses the
+ * caller, not the release (a signing key being rotated, a trusted-signers list being fixed), and
+ * dropping owed slots for it would leave them taken at the tenant service for good; it is retried
+ * with the rest. (RESOURCE_EXHAUSTED and FAILED_PRECONDITION refuse an admission for good, but not
+ * a release: those are retried too.)
+ */
+function isReleaseRefusal(err: unknown): boolean {
+  return err instanceof ConnectError && RELEASE_REFUSALS.has(err.code);
+}
+
+const RELEASE_REFUSALS: ReadonlySet<Code> = new Set([Code.NotFound, Code.InvalidArgument]);
 
 function leaseLost(dispatchId: string) {
   return failedPrecondition("LEASE_LOST", `the lease on dispatch "${dispatchId}" is no longer held by this executor`, {

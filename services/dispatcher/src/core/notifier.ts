@@ -222,15 +222,20 @@ export class Notifier {
   }
 
   /**
-   * Every cancel request on any replica, until `signal` aborts. Requests wait in a per-consumer
-   * buffer of at most `maxPending`: a consumer that falls further behind (its executor stopped
-   * reading the stream) gets one `RESYNC` in place of what was dropped, and must read what is
-   * flagged from the store, so a stalled stream costs bounded memory and misses nothing.
+   * Every cancel request on any replica, until `signal` aborts or the consumer stops (`return()`,
+   * e.g. a `for await` left early). Requests wait in a per-consumer buffer of at most
+   * `maxPending`: a consumer that falls further behind (its executor stopped reading the stream)
+   * gets one `RESYNC` in place of what was dropped, and must read what is flagged from the store,
+   * so a stalled stream costs bounded memory and misses nothing. The listener is removed on
+   * whichever comes first, also when the consumer never started reading (a generator's `finally`
+   * runs only once it has started); a signal already aborted subscribes nothing.
    */
-  cancellations(signal: AbortSignal, maxPending = MAX_PENDING_CANCELS): AsyncIterable<string | typeof RESYNC> {
+  cancellations(signal: AbortSignal, maxPending = MAX_PENDING_CANCELS): AsyncIterableIterator<string | typeof RESYNC> {
+    if (signal.aborted) return (async function* () {})();
     // Listens from this call on (not from the first next()), so nothing is missed between.
     const pending: string[] = [];
     let overflowed = false;
+    let closed = false;
     let wake: (() => void) | undefined;
     const onCancel = (id: string) => {
       if (pending.length < maxPending) pending.push(id);
@@ -238,16 +243,18 @@ export class Notifier {
       wake?.();
     };
     const events = this.events;
-    // Also when the consumer never started reading (then the generator's finally never runs).
-    const onAbort = () => {
+    const stop = () => {
+      closed = true;
+      pending.length = 0;
       events.off("cancel", onCancel);
+      signal.removeEventListener("abort", stop);
       wake?.();
     };
     events.on("cancel", onCancel);
-    signal.addEventListener("abort", onAbort, { once: true });
-    return (async function* () {
+    signal.addEventListener("abort", stop, { once: true });
+    const stream = (async function* () {
       try {
-        while (!signal.aborted) {
+        while (!closed) {
           if (overflowed) {
             overflowed = false;
             pending.length = 0;
@@ -260,10 +267,17 @@ export class Notifier {
           }
         }
       } finally {
-        events.off("cancel", onCancel);
-        signal.removeEventListener("abort", onAbort);
+        stop();
       }
     })();
+    const finish = stream.return.bind(stream);
+    return Object.assign(stream, {
+      // Stops listening at once, even before the first next() (when the body's finally cannot run).
+      return(value?: unknown) {
+        stop();
+        return finish(value as undefined);
+      },
+    });
   }
 
   /** A run of `agent` ended with an outcome for the circuit breakers: peers count it too (their breakers may be in another state than this one's). */

@@ -5,10 +5,13 @@
  * idempotently per dispatch id. Releasing (on any terminal state) frees the slot only; releasing
  * an id the dispatcher never stored gives back the run of the day as well.
  */
-import { notFound, resourceExhausted } from "@outpost/platform";
-import type { TenantStore, TenantTier } from "../store/store.ts";
+import { notFound, resourceExhausted, unavailable } from "@outpost/platform";
+import { AdmissionUndecidedError, type TenantStore, type TenantTier } from "../store/store.ts";
 import { secretNotFound, type SecretsCore } from "./secrets.ts";
 import { tenantSuspended, type TenantCore } from "./tenants.ts";
+
+/** When a release of an admission still being decided is worth asking again. */
+const UNDECIDED_RETRY_MS = 1000;
 
 export interface Admitted {
   maxTimeoutMs: number;
@@ -86,7 +89,14 @@ export class AdmissionCore {
    * its run of the day too, once.
    */
   async release(tenantId: string, dispatchId: string, options: { neverCreated?: boolean } = {}): Promise<void> {
-    await this.store.releaseDispatch(tenantId, dispatchId, this.now(), { refundDay: options.neverCreated === true });
+    try {
+      await this.store.releaseDispatch(tenantId, dispatchId, this.now(), { refundDay: options.neverCreated === true });
+    } catch (err) {
+      // Recorded, but the admission it releases is still being decided: the dispatcher asks again
+      // (a retryable code), until the decision has released it or it is taken over as abandoned.
+      if (err instanceof AdmissionUndecidedError) throw unavailable("ADMISSION_UNDECIDED", err.message, UNDECIDED_RETRY_MS);
+      throw err;
+    }
   }
 
   async suspendedTenants(): Promise<string[]> {

@@ -26,16 +26,26 @@
  *                     decremented only by a release with refundDay (the dispatcher never stored
  *                     the id), and only by the call whose conditional update marked that
  *                     admission `refunded`, so a repeated refund gives back nothing more.
- * The owner of a pending claim reserves the concurrent slot, then the day, then marks the
- * claim admitted; a refusal undoes what it reserved and deletes its claim. A process that dies
- * mid-way leaves a pending claim: after CLAIM_STALE_MS another call for that dispatch takes it
- * over. A release that finds the claim still pending flags it (`releaseRequested`, and
- * `refundRequested` for a refund) and the decision, as it admits, releases it so. The only residue
- * a crash can leave is a day count one too high (never one too low; a refund marks before it
- * decrements), so a failure errs toward refusing, never toward admitting past a limit.
+ * The owner of a pending claim reserves the concurrent slot, then the day (recording on the
+ * claim that it counted it: `dayCounted`), then marks the claim admitted; every write to the
+ * claim is conditional on still owning it (pending, with its claimedAt). A refusal undoes what it
+ * reserved and deletes its claim. A write that fails after the slot was reserved (a network
+ * error, a step-down) has the owner undo its reservations, best effort, before it answers the
+ * error: the claim becomes a released mark, the slot is freed and a counted day given back.
+ * A process that dies mid-way (or whose undo failed too) leaves a pending claim: after
+ * CLAIM_STALE_MS another admission of that dispatch takes it over (keeping a day already
+ * counted), and so does a release: it turns the claim into a released mark, frees its slot and,
+ * for a refund, gives back the day the claim says was counted. A release that finds the claim
+ * pending and not yet stale flags it (`releaseRequested`, and `refundRequested` for a refund), so
+ * that the decision, as it admits, releases it so, and answers AdmissionUndecidedError: the
+ * dispatcher asks again until the decision has released it or the claim is stale and taken over.
+ * An owner that finds its claim taken over settles only what the claim does not record. The only
+ * residue a crash can leave is a day count one too high (never one too low; a refund marks before
+ * it decrements), so a failure errs toward refusing, never toward admitting past a limit.
  */
 import { Binary, MongoClient, MongoServerError, type Collection, type Db, type Filter } from "mongodb";
 import {
+  AdmissionUndecidedError,
   DuplicateRecordError,
   type AdmissionOutcome,
   type AdmissionRequest,
@@ -73,6 +83,11 @@ interface AdmissionDoc {
   refundRequested?: boolean;
   /** Its run of the day was given back (set before the day counter is decremented, once). */
   refunded?: boolean;
+  /**
+   * Set by the deciding call right after its increment of the day's counter answered: a call
+   * that takes the claim over (as abandoned) knows the run of the day is already counted.
+   */
+  dayCounted?: boolean;
 }
 type ActiveDoc = { _id: string; active: string[] };
 type DayDoc = { _id: string; tenantId: string; day: string; count: number; expireAt: Date };
@@ -87,6 +102,8 @@ export const DAY_COUNTER_RETENTION_MS = 40 * 24 * 60 * 60 * 1000;
 /** Bound on waiting for another call's pending decision about the same dispatch. */
 const ADMISSION_ROUNDS = 200;
 const ADMISSION_POLL_MS = 15;
+/** Bound on a release looking again at an admission that changed under it (admitted or refused just then). */
+const RELEASE_ROUNDS = 5;
 
 // ---- Pure helpers (unit-tested without a server) ----------------------------------------
 
@@ -435,10 +452,12 @@ export class MongoTenantStore implements TenantStore {
       if (!existing) continue; // refused and deleted meanwhile: decide again
       if (existing.state === "admitted") return { kind: "duplicate" };
       if (existing.claimedAt.getTime() < Date.now() - CLAIM_STALE_MS) {
-        // Its owner died mid-way: take the claim over (only one taker wins the compare).
+        // Its owner died mid-way: take the claim over (only one taker wins the compare). A run of
+        // the day its owner already counted stays counted, in its day, and is not counted again.
+        const counted = existing.dayCounted === true;
         const taken = await this.admissions.findOneAndUpdate(
-          { _id, state: "pending", claimedAt: existing.claimedAt },
-          { $set: { claimedAt, day: request.day, admitTime: request.admitTime } },
+          { _id, state: "pending", claimedAt: existing.claimedAt, dayCounted: counted ? true : { $ne: true } },
+          { $set: counted ? { claimedAt, admitTime: request.admitTime } : { claimedAt, day: request.day, admitTime: request.admitTime } },
           { returnDocument: "after" },
         );
         if (taken) return await this.decide(request, taken);
@@ -449,50 +468,147 @@ export class MongoTenantStore implements TenantStore {
     throw new Error(`admission of dispatch ${request.dispatchId} still undecided by a parallel call`);
   }
 
-  /** Runs the checks for a claim this call owns; on refusal undoes its reservations and drops the claim. */
+  /**
+   * Runs the checks for a claim this call owns; on refusal undoes its reservations and drops the
+   * claim. Every write to the claim is conditional on still owning it (pending, with this
+   * claimedAt), so a call that lost it (taken over as abandoned) changes nothing there and
+   * settles only what it did itself (lostClaim). If a write fails after the slot was reserved,
+   * the reservations are undone (best effort) before the error is passed on: the claim becomes a
+   * released mark, the slot is freed and a counted day given back (undoDecision); if that fails
+   * too, the claim stays pending and a later release takes it over once it is stale.
+   */
   private async decide(request: AdmissionRequest, claim: AdmissionDoc): Promise<AdmissionOutcome> {
     const { tenantId, dispatchId } = request;
     const owned = { _id: claim._id, state: "pending" as const, claimedAt: claim.claimedAt };
+    // The day this admission's run is counted in, once it is: set after the increment answered,
+    // or from the start for a claim taken over from an owner that counted it.
+    let countedDay: string | undefined = claim.dayCounted === true ? claim.day : undefined;
+    // Whether the claim itself says so (then whoever holds the claim gives the day back).
+    let flagged = claim.dayCounted === true;
+    let reserving = false;
+    // Set once the claim is no longer this call's (dropped by it, or found taken over): from then
+    // on nothing is left for an undo to do, and an undo could give a day back twice.
+    let settled = false;
+    const lost = (): Promise<AdmissionOutcome> => {
+      settled = true;
+      return this.lostClaim(request, countedDay, flagged);
+    };
     const refuse = async (quota: "concurrent_runs" | "runs_per_day"): Promise<AdmissionOutcome> => {
-      await this.admissions.deleteOne(owned);
+      const dropped = await this.admissions.deleteOne(owned);
+      if (dropped.deletedCount === 0) return lost();
+      settled = true;
+      if (countedDay !== undefined) await this.uncountDay(tenantId, countedDay);
       return { kind: "over_quota", quota };
     };
 
-    // The day first (a read; the counted increment below is what enforces it): with both used
-    // up, the one to name is the one a wait for a run cannot fix.
-    const today = dayCountFilter(tenantId, request.day, request.dailyLimit);
-    const day = await this.days.findOne({ _id: dayCounterId(tenantId, request.day) });
-    if (!today || (day && day.count >= request.dailyLimit)) return refuse("runs_per_day");
-    const slot = setSlotFilter(tenantId, "active", dispatchId, request.concurrentLimit);
-    if (!slot) return refuse("concurrent_runs");
-    // Create the tenant's document by an equality upsert first: a conditional upsert could
-    // collide with a parallel first insert and be mistaken for "full".
-    await this.active.updateOne({ _id: tenantId }, { $setOnInsert: { active: [] } }, { upsert: true });
-    const reserved = await this.active.updateOne(slot as Filter<ActiveDoc>, { $addToSet: { active: dispatchId } });
-    if (reserved.matchedCount === 0) return refuse("concurrent_runs");
+    try {
+      if (countedDay === undefined) {
+        // The day first (a read; the counted increment below is what enforces it): with both used
+        // up, the one to name is the one a wait for a run cannot fix.
+        const day = await this.days.findOne({ _id: dayCounterId(tenantId, request.day) });
+        if (!dayCountFilter(tenantId, request.day, request.dailyLimit) || (day && day.count >= request.dailyLimit)) return await refuse("runs_per_day");
+      }
+      const slot = setSlotFilter(tenantId, "active", dispatchId, request.concurrentLimit);
+      if (!slot) return await refuse("concurrent_runs");
+      // Create the tenant's document by an equality upsert first: a conditional upsert could
+      // collide with a parallel first insert and be mistaken for "full".
+      await this.active.updateOne({ _id: tenantId }, { $setOnInsert: { active: [] } }, { upsert: true });
+      reserving = true; // from here a failure may leave the slot taken
+      const reserved = await this.active.updateOne(slot as Filter<ActiveDoc>, { $addToSet: { active: dispatchId } });
+      if (reserved.matchedCount === 0) return await refuse("concurrent_runs");
 
-    await this.days.updateOne(
-      { _id: dayCounterId(tenantId, request.day) },
-      { $setOnInsert: { tenantId, day: request.day, count: 0, expireAt: dayCounterExpiry(request.day) } },
-      { upsert: true },
-    );
-    const counted = (await this.days.updateOne(today, { $inc: { count: 1 } })).matchedCount > 0;
-    if (!counted) {
-      await this.active.updateOne({ _id: tenantId }, { $pull: { active: dispatchId } });
-      return refuse("runs_per_day");
+      if (countedDay === undefined) {
+        const today = dayCountFilter(tenantId, request.day, request.dailyLimit)!;
+        await this.days.updateOne(
+          { _id: dayCounterId(tenantId, request.day) },
+          { $setOnInsert: { tenantId, day: request.day, count: 0, expireAt: dayCounterExpiry(request.day) } },
+          { upsert: true },
+        );
+        const counted = (await this.days.updateOne(today, { $inc: { count: 1 } })).matchedCount > 0;
+        if (!counted) {
+          await this.active.updateOne({ _id: tenantId }, { $pull: { active: dispatchId } });
+          return await refuse("runs_per_day");
+        }
+        countedDay = request.day;
+        // Recorded on the claim, so a release that takes it over as abandoned can give it back.
+        const recorded = await this.admissions.updateOne(owned, { $set: { dayCounted: true } });
+        if (recorded.matchedCount === 0) return await lost();
+        flagged = true;
+      }
+      const admitted = await this.admissions.findOneAndUpdate(owned, { $set: { state: "admitted" } }, { returnDocument: "after" });
+      if (!admitted) return await lost();
+      // Released while it was being decided (the dispatcher gave up waiting for this answer).
+      if (admitted.releaseRequested) await this.releaseDispatch(tenantId, dispatchId, new Date(), { refundDay: admitted.refundRequested === true });
+      return { kind: "admitted" };
+    } catch (err) {
+      if (reserving && !settled) await this.undoDecision(request, owned, countedDay, flagged).catch(() => undefined);
+      throw err;
     }
-    const admitted = await this.admissions.findOneAndUpdate(owned, { $set: { state: "admitted" } }, { returnDocument: "after" });
-    // Released while it was being decided (the dispatcher gave up waiting for this answer).
-    if (admitted?.releaseRequested) await this.releaseDispatch(tenantId, dispatchId, new Date(), { refundDay: admitted.refundRequested === true });
-    return { kind: "admitted" };
+  }
+
+  /**
+   * After a write of `decide` failed: turns the claim it still owns into a released mark (no
+   * day, so nothing is given back twice; a late admission of the id answers "duplicate"), then
+   * frees the slot and gives back the run of the day if it was counted. A claim it no longer
+   * owns (admitted by this very call, its answer lost; or taken over) is settled as lostClaim
+   * does, without its answer.
+   */
+  private async undoDecision(request: AdmissionRequest, owned: Filter<AdmissionDoc>, countedDay: string | undefined, flagged: boolean): Promise<void> {
+    const now = new Date();
+    const marked = await this.admissions.findOneAndUpdate(owned, {
+      $set: { state: "admitted", day: "", releaseTime: now, expireAt: new Date(now.getTime() + ADMISSION_RETENTION_MS) },
+    });
+    if (!marked) {
+      await this.settleLostClaim(request, countedDay, flagged);
+      return;
+    }
+    await this.active.updateOne({ _id: request.tenantId }, { $pull: { active: request.dispatchId } });
+    if (countedDay !== undefined) await this.uncountDay(request.tenantId, countedDay);
+  }
+
+  /**
+   * This call's claim was taken over (its owner was taken for dead) before it decided: what the
+   * claim does not record is settled here (a run of the day counted but not yet recorded on it
+   * is given back; the slot is freed if the taker released the dispatch, since this call's
+   * reservation may have landed after the taker freed it). The answer is the taker's: "duplicate"
+   * when it admitted the dispatch, otherwise an error (no definite answer: the dispatcher
+   * releases the id, which does no harm).
+   */
+  private async lostClaim(request: AdmissionRequest, countedDay: string | undefined, flagged: boolean): Promise<AdmissionOutcome> {
+    const now = await this.settleLostClaim(request, countedDay, flagged);
+    if (now?.state === "admitted" && now.releaseTime === null) return { kind: "duplicate" };
+    throw new Error(`admission of dispatch ${request.dispatchId} was taken over by another call before it was decided`);
+  }
+
+  private async settleLostClaim(request: AdmissionRequest, countedDay: string | undefined, flagged: boolean): Promise<AdmissionDoc | null> {
+    const { tenantId, dispatchId } = request;
+    if (countedDay !== undefined && !flagged) await this.uncountDay(tenantId, countedDay);
+    const now = await this.admissions.findOne({ _id: admissionId(tenantId, dispatchId) });
+    if (now?.state === "admitted" && now.releaseTime !== null) await this.active.updateOne({ _id: tenantId }, { $pull: { active: dispatchId } });
+    return now;
+  }
+
+  /** Takes one run off a day's counter (never below zero). */
+  private async uncountDay(tenantId: string, day: string): Promise<void> {
+    await this.days.updateOne({ _id: dayCounterId(tenantId, day), count: { $gt: 0 } }, { $inc: { count: -1 } });
   }
 
   async releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date, options: ReleaseOptions = {}): Promise<boolean> {
     const _id = admissionId(tenantId, dispatchId);
     const refundDay = options.refundDay === true;
     const expireAt = new Date(releaseTime.getTime() + ADMISSION_RETENTION_MS);
-    const doc = await this.admissions.findOneAndUpdate({ _id, state: "admitted", releaseTime: null }, { $set: { releaseTime, expireAt } });
-    if (!doc && (await this.markReleasedBeforeAdmitted(_id, tenantId, dispatchId, releaseTime, expireAt, refundDay))) return false;
+    let doc: AdmissionDoc | null = null;
+    for (let round = 0; round < RELEASE_ROUNDS; round++) {
+      doc = await this.admissions.findOneAndUpdate({ _id, state: "admitted", releaseTime: null }, { $set: { releaseTime, expireAt } });
+      if (doc) break;
+      const before = await this.releaseBeforeAdmitted(_id, tenantId, dispatchId, releaseTime, expireAt, refundDay);
+      if (before === "done") return false;
+      if (before === "undecided") {
+        throw new AdmissionUndecidedError(`the admission of dispatch ${dispatchId} is still being decided; its release is recorded, ask again shortly`);
+      }
+      if (before === "released") break;
+      // "changed": it was admitted (or refused) just now; release it as it is now.
+    }
     // The slot is freed on every call for a released admission, so a retried release heals a
     // crash between the two writes; $pull of an absent member changes nothing.
     if (doc || (await this.admissions.countDocuments({ _id, state: "admitted" })) > 0) {
@@ -511,35 +627,55 @@ export class MongoTenantStore implements TenantStore {
   private async refundDayOf(_id: string, tenantId: string): Promise<void> {
     const marked = await this.admissions.findOneAndUpdate({ _id, state: "admitted", day: { $ne: "" }, refunded: { $ne: true } }, { $set: { refunded: true } });
     if (!marked) return;
-    await this.days.updateOne({ _id: dayCounterId(tenantId, marked.day), count: { $gt: 0 } }, { $inc: { count: -1 } });
+    await this.uncountDay(tenantId, marked.day);
   }
 
   /**
-   * A release of an id with no admitted record: a missing one gets a released mark with no day
-   * (a later admission of it finds the mark and answers "duplicate"); one still being decided is
-   * flagged, and its decision releases it as it admits (giving back the day too when
-   * `refundDay`). True when either was done.
+   * A release of an id with no unreleased admitted record:
+   * - missing: a released mark with no day is left (a later admission of it finds the mark and
+   *   answers "duplicate") — "done";
+   * - still being decided: flagged, and its decision releases it as it admits (giving back the
+   *   day too when `refundDay`) — "undecided": the caller should ask again, so that a decision
+   *   that never finishes (its owner died, or failed and could not undo) is taken over below;
+   * - pending and abandoned (claimed more than CLAIM_STALE_MS ago): taken over by a compare on
+   *   its claimedAt and turned into a released mark; its slot is freed and, when the release or
+   *   an earlier flagged one was a refund, the run of the day its owner recorded as counted is
+   *   given back — "done";
+   * - already released — "released"; changed under this call (admitted or deleted just now) —
+   *   "changed": the caller looks again.
    */
-  private async markReleasedBeforeAdmitted(
+  private async releaseBeforeAdmitted(
     _id: string,
     tenantId: string,
     dispatchId: string,
     releaseTime: Date,
     expireAt: Date,
     refundDay: boolean,
-  ): Promise<boolean> {
+  ): Promise<"done" | "undecided" | "released" | "changed"> {
     const mark: AdmissionDoc = { _id, tenantId, dispatchId, day: "", admitTime: releaseTime, releaseTime, state: "admitted", claimedAt: releaseTime, expireAt };
     try {
       await this.admissions.insertOne(mark);
-      return true;
+      return "done";
     } catch (err) {
       if (!isDuplicateKey(err)) throw err;
     }
-    const flagged = await this.admissions.updateOne(
-      { _id, state: "pending" },
-      { $set: refundDay ? { releaseRequested: true, refundRequested: true } : { releaseRequested: true } },
-    );
-    return flagged.matchedCount > 0;
+    const existing = await this.admissions.findOne({ _id });
+    if (!existing) return "changed"; // refused and deleted meanwhile: the mark can go in now
+    if (existing.state === "admitted") return existing.releaseTime === null ? "changed" : "released";
+    const ownedByIt = { _id, state: "pending" as const, claimedAt: existing.claimedAt };
+    if (existing.claimedAt.getTime() < Date.now() - CLAIM_STALE_MS) {
+      const taken = await this.admissions.findOneAndUpdate(ownedByIt, {
+        $set: { state: "admitted", day: "", releaseTime, expireAt, claimedAt: new Date() },
+      });
+      if (!taken) return "changed";
+      await this.active.updateOne({ _id: tenantId }, { $pull: { active: dispatchId } });
+      if (taken.dayCounted === true && (refundDay || taken.refundRequested === true)) await this.uncountDay(tenantId, taken.day);
+      return "done";
+    }
+    const flagged = await this.admissions.updateOne(ownedByIt, {
+      $set: refundDay ? { releaseRequested: true, refundRequested: true } : { releaseRequested: true },
+    });
+    return flagged.matchedCount > 0 ? "undecided" : "changed";
   }
 
   /** The counts admission enforces: slots held (pending decisions included) and the day's counter. */

@@ -88,6 +88,15 @@ export class DuplicateRecordError extends Error {
   override name = "DuplicateRecordError";
 }
 
+/**
+ * Raised by `releaseDispatch` when the admission is still being decided by another call
+ * (MongoDB only): the release is recorded and the decision carries it out, but the caller should
+ * ask again, so that a decision that never finishes is taken over once it is stale.
+ */
+export class AdmissionUndecidedError extends Error {
+  override name = "AdmissionUndecidedError";
+}
+
 export interface TenantStore {
   /** Inserts a tenant together with its first key, atomically: both or neither. */
   createTenantWithKey(tenant: TenantRecord, key: ApiKeyRecord): Promise<void>;
@@ -169,6 +178,9 @@ export interface TenantStore {
    * the day is given back too, to the day it was counted in. At most once per id: a repeated
    * refund, or one of an id never admitted (which leaves the mark, counting nothing), gives back
    * nothing more. Without it (a run that ended) the day stays counted.
+   *
+   * Throws AdmissionUndecidedError when the admission is being decided at that moment (only an
+   * adapter without transactions has such a moment): ask again.
    */
   releaseDispatch(tenantId: string, dispatchId: string, releaseTime: Date, options?: ReleaseOptions): Promise<boolean>;
   usageOf(tenantId: string, day: string): Promise<TenantUsage>;
