@@ -141,6 +141,8 @@ export class Dispatcher {
   private unstoredTimer: NodeJS.Timeout | undefined;
   /** Set while the drain loop runs a round. */
   private drainingUnstored = false;
+  /** Queued releases being tried right now (out of `unstored` until they fail and are queued again). */
+  private unstoredInFlight = 0;
   /** The drain loop's current delay: 0 after a round in which a release went through, doubling while none does. */
   private unstoredBackoffMs = 0;
 
@@ -599,7 +601,7 @@ export class Dispatcher {
 
   /** Never-stored candidates whose release is waiting to be tried again. */
   get unstoredReleasesPending(): number {
-    return this.unstored.size;
+    return this.unstored.size + this.unstoredInFlight;
   }
 
   /**
@@ -609,7 +611,8 @@ export class Dispatcher {
    */
   private queueUnstored(entry: UnstoredRelease): void {
     if (!this.unstored.has(entry.dispatchId)) {
-      while (this.unstored.size >= this.unstoredReleaseLimit) {
+      // The bound counts the ones being tried too: they come back when they fail.
+      while (this.unstored.size > 0 && this.unstored.size + this.unstoredInFlight >= this.unstoredReleaseLimit) {
         const [oldestId, oldest] = this.unstored.entries().next().value!;
         this.unstored.delete(oldestId);
         unstoredReleasesDropped().inc({ reason: "queue_full" });
@@ -652,8 +655,13 @@ export class Dispatcher {
           if (batch.length >= this.unstoredReleaseConcurrency) break;
         }
         for (const entry of batch) this.unstored.delete(entry.dispatchId);
-        const answered = await Promise.all(batch.map((entry) => this.retryUnstored(entry)));
-        if (answered.some(Boolean)) {
+        this.unstoredInFlight += batch.length;
+        const outcomes = await Promise.all(batch.map((entry) => this.retryUnstored(entry)));
+        this.unstoredInFlight -= batch.length;
+        // Failed ones go to the back of the queue (after the in-flight count is down, so they
+        // take no room from each other).
+        batch.forEach((entry, i) => outcomes[i] === "again" && this.queueUnstored(entry));
+        if (outcomes.includes("answered")) {
           this.unstoredBackoffMs = 0;
           continue;
         }
@@ -666,27 +674,29 @@ export class Dispatcher {
     this.scheduleUnstoredDrain();
   }
 
-  /** One try of a queued release; true when the tenant service answered (took it, or refused it for good). */
-  private async retryUnstored(entry: UnstoredRelease): Promise<boolean> {
+  /**
+   * One try of a queued release: "answered" when the tenant service took it or refused it for
+   * good, "again" when it is to be tried again, "given up" past the give-up time.
+   */
+  private async retryUnstored(entry: UnstoredRelease): Promise<"answered" | "again" | "given up"> {
     const { tenantId, dispatchId } = entry;
     try {
       await this.admission.release(tenantId, dispatchId, { neverCreated: true });
       this.logger.info({ dispatch_id: dispatchId, tenant_id: tenantId, attempts: entry.attempts + 1 }, "tenant admission: queued release went through");
-      return true;
+      return "answered";
     } catch (err) {
       entry.attempts++;
       if (isReleaseRefusal(err)) {
         this.logger.error({ err, dispatch_id: dispatchId, tenant_id: tenantId }, "tenant admission: release refused; not retried");
-        return true;
+        return "answered";
       }
       if (performance.now() - entry.since >= this.unstoredReleaseGiveUpMs) {
         unstoredReleasesDropped().inc({ reason: "gave_up" });
         this.logger.error({ err, dispatch_id: dispatchId, tenant_id: tenantId, attempts: entry.attempts }, "tenant admission: release failed for good; the slot stays taken");
-        return false;
+        return "given up";
       }
       this.logger.debug({ err, dispatch_id: dispatchId, attempts: entry.attempts }, "tenant admission: queued release failed; trying again later");
-      this.queueUnstored(entry);
-      return false;
+      return "again";
     }
   }
 
@@ -695,8 +705,7 @@ export class Dispatcher {
    * still hold theirs (their release failed), oldest first, `pageSize` at a time, page after page
    * until none is left or `budgetMs` has been spent. The grace keeps it from racing a run's own
    * release (a second release is harmless, just waste). A release the tenant service refuses for
-   * good (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED: it holds nothing it could release for
-   * that id) is logged and marked as not held, so one such run cannot hold up every later one;
+   * good (NOT_FOUND, INVALID_ARGUMENT: it holds nothing it could release for that id) is logged and marked as not held, so one such run cannot hold up every later one;
    * any other failure stops the sweep (the tenant service is likely still away) and the next one
    * tries again. Returns how many slots it settled (released or refused).
    */
