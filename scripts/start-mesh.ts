@@ -105,12 +105,28 @@ const saved = await savedCredentials();
 const dockerReady = await checkDocker();
 if (demo && !dockerReady) await shutdown(1);
 
-const adminToken = devSecret("admin-token");
+/**
+ * The development secrets, kept in the home across restarts. A home that cannot hold them (not a
+ * directory, another user's, read-only) ends npm start with one line saying so, exit 2, before
+ * anything starts, rather than a stack trace.
+ */
+async function devSecrets(): Promise<{ adminToken: string; masterKey: string }> {
+  try {
+    return { adminToken: devSecret("admin-token"), masterKey: devSecret("secrets-master-key") };
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === undefined) throw err;
+    say(`outpost: cannot keep the development secrets in ${home} (${code}); point OUTPOST_HOME at a directory of your own`);
+    return await shutdown(2);
+  }
+}
+
+const { adminToken, masterKey } = await devSecrets();
 mesh = await startMesh({
   dataDir: path.join(home, "data"),
   logDir: path.join(home, "logs"),
   // Secrets at rest are encrypted under this development master key (key id "dev").
-  serviceEnv: { tenant: { OUTPOST_SECRETS_MASTER_KEYS: `dev:${Buffer.from(devSecret("secrets-master-key"), "hex").toString("base64")}` } },
+  serviceEnv: { tenant: { OUTPOST_SECRETS_MASTER_KEYS: `dev:${Buffer.from(masterKey, "hex").toString("base64")}` } },
   adminToken,
   ports: DEFAULT_PORTS,
 });

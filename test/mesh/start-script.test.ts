@@ -79,6 +79,17 @@ describe("npm start with the credentials file an earlier version left in OUTPOST
     expect(existsSync(path.join(home, "logs"))).toBe(false);
   });
 
+  it("stops before starting anything when the home cannot hold its secrets: one line naming it, no stack trace", () => {
+    const home = mkdtempSync(path.join(os.tmpdir(), "outpost-home-"));
+    homes.push(home);
+    mkdirSync(path.join(home, "admin-token")); // a directory where the admin token's file goes
+    const res = npmStart(home);
+    // (After the note that the Docker engine is unreachable, which npm start without --demo only warns about.)
+    expect(res.stderr.trimEnd().split("\n").at(-1)).toBe(`outpost: cannot keep the development secrets in ${home} (EISDIR); point OUTPOST_HOME at a directory of your own`);
+    expect(res.stderr).not.toMatch(/\n\s+at /); // no stack trace
+    expect(res.status).toBe(2);
+  });
+
   it("stops before starting anything at a file that belongs to someone else, leaving it as it is", () => {
     const { home, file } = oldHome(saved);
     if (process.getuid!() === 0) {
