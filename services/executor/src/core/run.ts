@@ -94,6 +94,18 @@ export interface WorkspaceQuota {
 /** Why the executor stopped a container, if it did. */
 type StopCause = { kind: "cancelled" } | { kind: "timed-out"; timeoutMs: number } | { kind: "lease-lost" } | { kind: "disk-quota"; reason: string };
 
+/** How a run the executor stopped ends (a lost lease ends with no report at all). */
+function stoppedOutcome(cause: Exclude<StopCause, { kind: "lease-lost" }>): { state: Dispatch_State; failureReason: string } {
+  switch (cause.kind) {
+    case "cancelled":
+      return { state: Dispatch_State.CANCELLED, failureReason: "cancelled" };
+    case "timed-out":
+      return { state: Dispatch_State.TIMED_OUT, failureReason: `timed out after ${formatSeconds(cause.timeoutMs)}s` };
+    case "disk-quota":
+      return { state: Dispatch_State.FAILED, failureReason: cause.reason };
+  }
+}
+
 /** The container's name for a run (also its run directory's name). */
 export function runNameFor(lease: Lease): string {
   return `outpost-${lease.dispatch!.id.toLowerCase()}-${lease.leaseId.slice(-8).toLowerCase()}`;
@@ -421,12 +433,9 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       if (cause?.kind === "lease-lost") return;
       // Measured once more after the exit, so a run that wrote past its quota between two
       // measurements (or before the first) fails as surely as one that was caught.
-      const overQuota = cause?.kind === "disk-quota" ? cause.reason : cause ? undefined : await quota?.check();
-      if (cause?.kind === "cancelled") {
-        await report({ state: Dispatch_State.CANCELLED, exitCode: exit.exitCode, failureReason: "cancelled", lastLogSeq });
-      } else if (cause?.kind === "timed-out") {
-        const failureReason = `timed out after ${formatSeconds(cause.timeoutMs)}s`;
-        await report({ state: Dispatch_State.TIMED_OUT, exitCode: exit.exitCode, failureReason, lastLogSeq });
+      const overQuota = cause ? undefined : await quota?.check();
+      if (cause) {
+        await report({ ...stoppedOutcome(cause), exitCode: exit.exitCode, lastLogSeq });
       } else if (overQuota !== undefined) {
         await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason: overQuota, lastLogSeq });
       } else if (exit.exitCode === 0 && !exit.oomKilled) {
@@ -456,10 +465,8 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       const lastLogSeq = await shipper.finish(2000);
       // A run the executor was stopping ends as that stop says (the container is gone either way).
       const cause = stopCause as StopCause | undefined;
-      if (cause?.kind === "cancelled") await report({ state: Dispatch_State.CANCELLED, failureReason: "cancelled", lastLogSeq });
-      else if (cause?.kind === "timed-out") await report({ state: Dispatch_State.TIMED_OUT, failureReason: `timed out after ${formatSeconds(cause.timeoutMs)}s`, lastLogSeq });
-      else if (cause?.kind === "disk-quota") await report({ state: Dispatch_State.FAILED, failureReason: cause.reason, lastLogSeq });
-      else if (cause?.kind !== "lease-lost") await report({ state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}`, lastLogSeq });
+      if (cause?.kind === "lease-lost") return;
+      await report({ ...(cause ? stoppedOutcome(cause) : { state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}` }), lastLogSeq });
     } finally {
       await quota?.stop();
       shipper.close();
