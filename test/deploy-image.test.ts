@@ -301,6 +301,10 @@ function imageSuite(target: Target): void {
   it("runs all five services on one network, each as uid 1000 with no capabilities, ready", async () => {
     await must("docker network create", docker(["network", "create", "--label", LABEL, NETWORK]));
     networkMade = true;
+    // The git server of the checkout test is on this network, a private one: the executor's
+    // checkout guard lets it through only as an allowed network, as an operator would list an
+    // internal git server's.
+    const subnets = await must("docker network inspect", docker(["network", "inspect", "-f", "{{range .IPAM.Config}}{{.Subnet}},{{end}}", NETWORK]));
     // The executor's run directories are bind-mounted into agent containers by the engine, which
     // resolves the source on its own host: so its data dir is a host directory at the same path.
     hostDataDir = mkdtempSync(path.join(os.tmpdir(), "outpost-image-test-"));
@@ -328,6 +332,7 @@ function imageSuite(target: Target): void {
         "-v", `${socket}:/var/run/docker.sock`, "--group-add", String(socketGid),
         "-v", `${hostDataDir}:${hostDataDir}`,
         ...env({ OUTPOST_DATA_DIR: hostDataDir, OUTPOST_EXECUTOR_ID: RUN, OUTPOST_EXECUTOR_PULL_IMAGES: "false", OUTPOST_EXECUTOR_SLOTS: "1" }),
+        ...env({ OUTPOST_EXECUTOR_CHECKOUT_ALLOWED_NETWORKS: subnets.trim().replace(/,$/, "") }),
       ],
       gateway: env({ OUTPOST_ADMIN_TOKEN: adminToken }),
     };

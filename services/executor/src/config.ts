@@ -1,7 +1,8 @@
 /** Executor settings, validated at start-up (fails fast naming the variable). */
 import os from "node:os";
 import { z } from "zod";
-import { loadConfig, setting } from "@outpost/platform";
+import { loadConfig, reportErrorOf, setting } from "@outpost/platform";
+import { parseAllowedNetworks } from "./adapters/checkout-egress.ts";
 
 export const executorConfigShape = {
   OUTPOST_SIGNING_KEY: setting.signingKey(),
@@ -26,6 +27,18 @@ export const executorConfigShape = {
   OUTPOST_EXECUTOR_PULL_IMAGES: z.enum(["true", "false"]).default("true").transform((v) => v === "true"),
   /** URL schemes a dispatch's repository may use; add "file" only where the host's disk holds nothing tenants may not read. */
   OUTPOST_EXECUTOR_REPO_SCHEMES: z.string().default("https,http,ssh,git"),
+  /**
+   * `on` (default): a checkout connects only to public addresses and the allowed networks, through
+   * a proxy of its own; `off`: git reaches whatever the host reaches, through the operator's
+   * proxy variables if set. See docs/executor.md, "The checkout's egress guard".
+   */
+  OUTPOST_EXECUTOR_CHECKOUT_GUARD: z.enum(["on", "off"]).default("on"),
+  /** Networks (CIDRs, comma-separated) a guarded checkout may reach although they are not public: an internal git server's. */
+  OUTPOST_EXECUTOR_CHECKOUT_ALLOWED_NETWORKS: z
+    .string()
+    .default("")
+    .superRefine(reportErrorOf(parseAllowedNetworks))
+    .transform(parseAllowedNetworks),
   /** Longest repository checkout. */
   OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS: setting.timerMs(300_000),
   /** Disk a run's workspace may take on the host, in bytes (10 GiB; 0: no quota); see docs/executor.md. */

@@ -34,6 +34,7 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     gid: CONTAINER_GID,
     repoSchemes: new Set(list(config.OUTPOST_EXECUTOR_REPO_SCHEMES)),
     checkoutTimeoutMs: config.OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS,
+    checkoutEgress: config.OUTPOST_EXECUTOR_CHECKOUT_GUARD === "on" ? { allowedNetworks: config.OUTPOST_EXECUTOR_CHECKOUT_ALLOWED_NETWORKS } : "open",
   });
   const warmTargets = parseWarmPool(config.OUTPOST_WARM_POOL);
   const warmPool = warmTargets.size > 0 ? new WarmPool({ targets: warmTargets, runtime, workspaces, executorId, logger }) : undefined;

@@ -48,7 +48,7 @@ class RunSink extends FakeSink {
 describe.skipIf(!engineAvailable)("workspace disk quota, on the real engine", () => {
   const runsDir = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-disk-quota-"));
   const runtime = createDockerRuntime();
-  const workspaces = createHostWorkspaces({ runsDir, uid: CONTAINER_UID, gid: CONTAINER_GID, repoSchemes: new Set(), checkoutTimeoutMs: 10_000 });
+  const workspaces = createHostWorkspaces({ runsDir, uid: CONTAINER_UID, gid: CONTAINER_GID, repoSchemes: new Set(), checkoutTimeoutMs: 10_000, checkoutEgress: { allowedNetworks: [] } });
   const leases = new QueuedLeases();
   const sink = new RunSink();
   sink.autoAck = true;

@@ -252,7 +252,7 @@ describe("diskUsageOf (the host adapter's measurement)", () => {
     await expect(diskUsageOf(dir, Infinity)).rejects.toThrow(WorkspaceUnmeasurableError);
     await expect(diskUsageOf(dir, Infinity)).rejects.toThrow("a path in it is too long to measure (ENAMETOOLONG)");
     // Nor does such a tree outlive its run: the run directory is removed all the same.
-    const workspaces = createHostWorkspaces({ runsDir: dir, uid: 65534, gid: 65534, repoSchemes: new Set(), checkoutTimeoutMs: 1000 });
+    const workspaces = createHostWorkspaces({ runsDir: dir, uid: 65534, gid: 65534, repoSchemes: new Set(), checkoutTimeoutMs: 1000, checkoutEgress: { allowedNetworks: [] } });
     await workspaces.remove(workspaces.filesOf("c"));
     expect(fs.readdirSync(dir)).toEqual([]);
   });

@@ -83,6 +83,9 @@ describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)
       OUTPOST_TELEMETRY_URL: telemetryServer.url,
       OUTPOST_TENANT_URL: tenantServer.url,
       OUTPOST_EXECUTOR_IMAGES: "outpost/demo-agent:latest,outpost/not-built-here:latest",
+      // The git daemon is on loopback: allowed as an operator allows an internal git server; the
+      // rest of loopback stays refused.
+      OUTPOST_EXECUTOR_CHECKOUT_ALLOWED_NETWORKS: "127.0.0.1/32",
     });
     const port = await executor.port();
     const res = await fetch(`http://127.0.0.1:${port}/readyz`);
@@ -320,8 +323,9 @@ describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)
     const head = demoLease({ task: "ls-workspace", repo: { url, ref: "" } });
     const badRef = demoLease({ task: "ls-workspace", repo: { url, ref: "no-such-branch" } });
     const fileUrl = demoLease({ task: "ls-workspace", repo: { url: `file://${gitBase}/project.git`, ref: "" } });
-    for (const l of [tagged, head, badRef, fileUrl]) dispatcher.enqueue(l);
-    const [t, h, b, f] = await Promise.all([tagged, head, badRef, fileUrl].map((l) => terminalReport(l.dispatch!.id)));
+    const notAllowed = demoLease({ task: "ls-workspace", repo: { url: url.replace("127.0.0.1", "127.0.0.2"), ref: "" } });
+    for (const l of [tagged, head, badRef, fileUrl, notAllowed]) dispatcher.enqueue(l);
+    const [t, h, b, f, n] = await Promise.all([tagged, head, badRef, fileUrl, notAllowed].map((l) => terminalReport(l.dispatch!.id)));
     expect(t!.state).toBe(Dispatch_State.SUCCEEDED);
     expect(telemetry.textsFor(tagged.dispatch!.id)).toContain("version.txt: one");
     expect(telemetry.textsFor(tagged.dispatch!.id)).toContain(".git");
@@ -331,6 +335,11 @@ describe.skipIf(!engineAvailable)("executor process against Docker (linux/arm64)
     expect(b!.failureReason).toMatch(/^repository checkout failed: .*no-such-branch/);
     expect(f!.failureReason).toBe("repository checkout failed: repository scheme file is not allowed on this executor (allowed: https, http, ssh, git)");
     expect(repoHead).not.toBe(repoTagCommit);
+    // Through the checkout's guard (git:// goes by its tunnel command): 127.0.0.2 is loopback and not allowed.
+    expect(n).toMatchObject({ state: Dispatch_State.FAILED });
+    expect(n!.failureReason).toBe(
+      "repository checkout failed: the repository's address (or a redirect's) is on a network this executor does not reach: loopback, private, link-local or reserved",
+    );
   });
 
   it("fails a run whose image is not on the host when the dispatcher cannot take the lease back", async () => {

@@ -7,6 +7,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { createHostWorkspaces, gitFailure, runGit } from "../src/adapters/host-workspaces.ts";
+import { parseAllowedNetworks } from "../src/adapters/checkout-egress.ts";
 import { CheckoutError } from "../src/core/ports.ts";
 import { git, makeTwoCommitRepo } from "./git-fixture.ts";
 import { signingEnv } from "../../../test/support/signing.ts";
@@ -26,9 +27,14 @@ afterAll(() => {
   fs.rmSync(base, { recursive: true, force: true });
 });
 
+/** The executor's default: public addresses only. */
+const GUARDED = { allowedNetworks: [] };
+/** The slow server below is on loopback, which an operator would have to allow. */
+const LOOPBACK_ALLOWED = { allowedNetworks: parseAllowedNetworks("127.0.0.0/8") };
+
 // file: is allowed here only so the test needs no server; executors leave it out by default.
 const workspaces = () =>
-  createHostWorkspaces({ runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["file"]), checkoutTimeoutMs: 30_000 });
+  createHostWorkspaces({ runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["file"]), checkoutTimeoutMs: 30_000, checkoutEgress: GUARDED });
 
 async function checkout(name: string, ref: string) {
   const ws = workspaces();
@@ -79,7 +85,7 @@ describe("the checked-out tree, when the executor is not root", () => {
     git(base, "clone", "-q", "--bare", work, path.join(base, "nested.git"));
 
     const ws = createHostWorkspaces({
-      runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["file"]), checkoutTimeoutMs: 30_000, asRoot: false,
+      runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["file"]), checkoutTimeoutMs: 30_000, asRoot: false, checkoutEgress: GUARDED,
     });
     const files = await ws.create("run-nonroot");
     await ws.checkout(files, `file://${base}/nested.git`, "");
@@ -142,7 +148,7 @@ describe("git's environment", () => {
     });
     expect(git(base, "config", "--global", "--get-regexp", "url")).toContain(fake); // the executor's git would rewrite it
 
-    const ws = createHostWorkspaces({ runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["file", "ssh"]), checkoutTimeoutMs: 30_000 });
+    const ws = createHostWorkspaces({ runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["file", "ssh"]), checkoutTimeoutMs: 30_000, checkoutEgress: GUARDED });
     const rewritten = await ws.create("run-rewrite");
     await expect(ws.checkout(rewritten, fake, "")).rejects.toBeInstanceOf(CheckoutError);
 
@@ -153,6 +159,8 @@ describe("git's environment", () => {
     expect(saw).not.toContain(signingEnv("executor").OUTPOST_SIGNING_KEY);
     expect(saw).not.toContain(operatorHome);
     expect(saw).toMatch(/^ARGS -F \/dev\/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=\/dev\/null -o IdentityAgent=none /m);
+    // ssh connects only through the checkout's guard.
+    expect(saw).toMatch(/^ARGS .* -o ProxyCommand='[^']*\/git-home\/checkout-tunnel' %h %p /m);
     expect(saw).toMatch(/^GIT_CONFIG_NOSYSTEM=1$/m);
     expect(saw).toMatch(/^GIT_CONFIG_GLOBAL=\/dev\/null$/m);
     // The checkout's HOME was its own, and it is gone.
@@ -319,7 +327,7 @@ describe("a checkout from a server that never answers", () => {
     });
 
   const httpWorkspaces = (checkoutTimeoutMs: number) =>
-    createHostWorkspaces({ runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["http"]), checkoutTimeoutMs, asRoot: false });
+    createHostWorkspaces({ runsDir: path.join(base, "runs"), uid: 65534, gid: 65534, repoSchemes: new Set(["http"]), checkoutTimeoutMs, asRoot: false, checkoutEgress: LOOPBACK_ALLOWED });
 
   it("ends at the checkout's deadline, with nothing of git left running or connected", async () => {
     const ws = httpWorkspaces(800);

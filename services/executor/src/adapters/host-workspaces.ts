@@ -12,6 +12,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { CheckoutError, type RunFiles, type Workspaces } from "../core/ports.ts";
 import { RESULT_RELATIVE_PATH } from "../core/run.ts";
+import { isPlainHost, startCheckoutEgress, TUNNEL_PROXY_VARIABLE, writeTunnelCommand, type AllowedNetwork, type CheckoutEgress } from "./checkout-egress.ts";
 import { diskUsageOf } from "./disk-usage.ts";
 
 const execFileAsync = promisify(execFile);
@@ -25,6 +26,12 @@ export interface HostWorkspacesOptions {
   /** URL schemes a repository may use; file: is left out by default (it would read the executor host's disk). */
   repoSchemes: ReadonlySet<string>;
   checkoutTimeoutMs: number;
+  /**
+   * Where a checkout may connect (checkout-egress.ts): `open` lets git reach whatever the host
+   * reaches (and use the operator's proxy variables); otherwise public addresses and the networks
+   * listed.
+   */
+  checkoutEgress: "open" | { allowedNetworks: readonly AllowedNetwork[] };
   /**
    * Whether the executor runs as root, so it can chown run directories to the container user;
    * otherwise it makes them writable by everyone. Defaults to the process's own uid being 0.
@@ -58,6 +65,17 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
     }
   };
 
+  /** After the clone: the checked-out tree goes to the container user, within the checkout's deadline. */
+  const giveWorkspace = async (files: RunFiles, timeout: AbortSignal, stop: AbortSignal, signal?: AbortSignal) => {
+    try {
+      await giveToContainerUser(files.workspace, true, stop);
+    } catch (err) {
+      if (timeout.aborted) throw new CheckoutInterrupted(`the checkout did not finish within its ${formatSeconds(options.checkoutTimeoutMs)} s`, { cause: err });
+      if (stop.aborted) throw new CheckoutInterrupted("checkout stopped", { cause: signal?.reason ?? err });
+      throw err; // the executor's own failure: its message names host paths (run.ts keeps it from the tenant)
+    }
+  };
+
   return {
     filesOf,
 
@@ -72,47 +90,51 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
     },
 
     async checkout(files, url, ref, signal) {
-      let scheme: string;
+      let parsed: URL;
       try {
-        scheme = new URL(url).protocol.replace(/:$/, "");
+        parsed = new URL(url);
       } catch {
         throw new CheckoutError(`repository url is not a URL`);
       }
+      const scheme = parsed.protocol.replace(/:$/, "");
       if (!options.repoSchemes.has(scheme)) {
         throw new CheckoutError(`repository scheme ${scheme} is not allowed on this executor (allowed: ${[...options.repoSchemes].join(", ")})`);
       }
+      const guard = options.checkoutEgress === "open" || scheme === "file" ? undefined : options.checkoutEgress;
+      if (guard && !isPlainHost(parsed.hostname)) throw new CheckoutError("repository url's host is not a host name or an IP address");
       // git fetches a tenant's URL: it gets an empty HOME of its own (in the run directory, not
       // mounted into the container) and only the environment it needs, never the executor's.
       const home = path.join(files.root, "git-home");
       await fs.mkdir(home, { mode: 0o700 });
-      const env = gitEnvironment(home, options.repoSchemes);
-      // One deadline for the whole checkout; the caller's signal (a cancel, a lost lease, the
-      // workspace over its disk quota) ends it at once as well.
-      const timeout = AbortSignal.timeout(options.checkoutTimeoutMs);
-      const stop = signal ? AbortSignal.any([signal, timeout]) : timeout;
-      const git = async (step: GitStep, ...args: string[]): Promise<string> => {
-        const config = [
-          "-c", `protocol.file.allow=${options.repoSchemes.has("file") ? "always" : "never"}`,
-          // The workspace belongs to the container user, not to the executor running git.
-          "-c", `safe.directory=${files.workspace}`,
-        ];
-        const { code, stdout, stderr } = await runGit([...config, ...args], { cwd: files.workspace, env, signal: stop });
-        if (timeout.aborted) throw new CheckoutInterrupted(`git did not finish within the checkout's ${formatSeconds(options.checkoutTimeoutMs)} s`);
-        if (stop.aborted) throw new CheckoutInterrupted("checkout stopped", { cause: signal?.reason });
-        if (code !== 0) throw gitFailure(step, stderr);
-        return stdout;
-      };
+      let egress: CheckoutEgress | undefined;
       try {
+        let env = gitEnvironment(home, options.repoSchemes, guard === undefined);
+        if (guard) {
+          egress = await startCheckoutEgress(guard.allowedNetworks);
+          env = guardedGitEnvironment(env, egress.proxyUrl, await writeTunnelCommand(home));
+        }
+        // One deadline for the whole checkout; the caller's signal (a cancel, a lost lease, the
+        // workspace over its disk quota) ends it at once as well.
+        const timeout = AbortSignal.timeout(options.checkoutTimeoutMs);
+        const stop = signal ? AbortSignal.any([signal, timeout]) : timeout;
+        const git = async (step: GitStep, ...args: string[]): Promise<string> => {
+          const config = [
+            "-c", `protocol.file.allow=${options.repoSchemes.has("file") ? "always" : "never"}`,
+            // The workspace belongs to the container user, not to the executor running git.
+            "-c", `safe.directory=${files.workspace}`,
+          ];
+          const { code, stdout, stderr } = await runGit([...config, ...args], { cwd: files.workspace, env, signal: stop });
+          if (timeout.aborted) throw new CheckoutInterrupted(`git did not finish within the checkout's ${formatSeconds(options.checkoutTimeoutMs)} s`);
+          if (stop.aborted) throw new CheckoutInterrupted("checkout stopped", { cause: signal?.reason });
+          if (code !== 0 && egress && egress.refusals.length > 0) throw refusedByGuard(egress);
+          if (code !== 0) throw gitFailure(step, stderr);
+          return stdout;
+        };
         await cloneAt(git, url, ref);
+        await giveWorkspace(files, timeout, stop, signal);
       } finally {
+        await egress?.close();
         await fs.rm(home, { recursive: true, force: true });
-      }
-      try {
-        await giveToContainerUser(files.workspace, true, stop);
-      } catch (err) {
-        if (timeout.aborted) throw new CheckoutInterrupted(`the checkout did not finish within its ${formatSeconds(options.checkoutTimeoutMs)} s`, { cause: err });
-        if (stop.aborted) throw new CheckoutInterrupted("checkout stopped", { cause: err });
-        throw err; // the executor's own failure: its message names host paths (run.ts keeps it from the tenant)
       }
     },
 
@@ -270,8 +292,11 @@ export async function makeWritableByAll(root: string, signal?: AbortSignal): Pro
   }
 }
 
-/** Variables of the executor's environment git may see: what it needs to reach the network the operator set up. */
-const PASSED_TO_GIT = ["PATH", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"];
+/** Variables of the executor's environment git may see: what it needs to find its programs and trust servers. */
+const PASSED_TO_GIT = ["PATH", "SSL_CERT_FILE", "SSL_CERT_DIR"];
+/** And, when the checkout is not guarded, the proxies the operator set up (a guarded checkout has its own). */
+const PROXY_VARIABLES = ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"];
+const SSH_COMMAND = "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=/dev/null -o IdentityAgent=none";
 
 /**
  * git's environment for a checkout (the URL is the tenant's): an empty HOME and no system or
@@ -281,9 +306,9 @@ const PASSED_TO_GIT = ["PATH", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS
  * OUTPOST_SIGNING_KEY, OUTPOST_ADMIN_TOKEN, SSH_AUTH_SOCK and the like never reach git or
  * what it runs.
  */
-export function gitEnvironment(home: string, repoSchemes: ReadonlySet<string>): Record<string, string> {
+export function gitEnvironment(home: string, repoSchemes: ReadonlySet<string>, operatorProxies: boolean): Record<string, string> {
   const env: Record<string, string> = {};
-  for (const name of PASSED_TO_GIT) {
+  for (const name of operatorProxies ? [...PASSED_TO_GIT, ...PROXY_VARIABLES] : PASSED_TO_GIT) {
     const value = process.env[name];
     if (value !== undefined) env[name] = value;
   }
@@ -298,10 +323,41 @@ export function gitEnvironment(home: string, repoSchemes: ReadonlySet<string>): 
     GIT_TERMINAL_PROMPT: "0",
     GIT_ASKPASS: "true",
     SSH_ASKPASS: "true",
-    GIT_SSH_COMMAND: "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=/dev/null -o IdentityAgent=none",
+    GIT_SSH_COMMAND: SSH_COMMAND,
     GIT_ALLOW_PROTOCOL: [...repoSchemes].join(":"),
     LC_ALL: "C",
   };
+}
+
+/**
+ * A guarded checkout's environment: every transport goes through the checkout's proxy — http(s)
+ * by `http.proxy`, git:// by `core.gitProxy` and ssh by its ProxyCommand, both the tunnel
+ * command. Given as GIT_CONFIG_* variables rather than `-c` arguments, so the proxy's credential
+ * is not on a command line other users of the host can read.
+ */
+function guardedGitEnvironment(env: Record<string, string>, proxyUrl: string, tunnelCommand: string): Record<string, string> {
+  const config = [
+    ["http.proxy", proxyUrl],
+    ["http.proxyAuthMethod", "basic"],
+    ["core.gitProxy", tunnelCommand],
+  ];
+  return {
+    ...env,
+    ...Object.fromEntries(config.flatMap(([key, value], i) => [[`GIT_CONFIG_KEY_${i}`, key!], [`GIT_CONFIG_VALUE_${i}`, value!]])),
+    GIT_CONFIG_COUNT: String(config.length),
+    // ssh runs ProxyCommand with a shell: %h is safe because the host was checked (isPlainHost).
+    // %% keeps a % in the path from being read as one of ssh's tokens.
+    GIT_SSH_COMMAND: `${SSH_COMMAND} -o "ProxyCommand='${tunnelCommand.replaceAll("%", "%%")}' %h %p"`,
+    [TUNNEL_PROXY_VARIABLE]: proxyUrl,
+  };
+}
+
+/** A fetch the guard stopped: the tenant is told so; which destination, and why, is the executor's log's. */
+function refusedByGuard(egress: CheckoutEgress): CheckoutError {
+  const detail = egress.refusals.map((r) => `${r.host}:${r.port} ${r.reason}`).join("; ");
+  return new CheckoutError("the repository's address (or a redirect's) is on a network this executor does not reach: loopback, private, link-local or reserved", {
+    cause: new Error(`checkout egress guard refused ${detail}`.slice(0, 600)),
+  });
 }
 
 /** Clones `url` into the (empty) workspace, then moves to `ref` (default branch when empty). */
