@@ -221,6 +221,11 @@ describe("checkouts through the guard (real git against servers on loopback)", (
       "http://169.254.169.254/latest/meta-data/",
       "http://10.0.0.7/project.git",
       "http://[::1]/project.git",
+      // Other spellings of loopback: WHATWG URL turns http's into 127.0.0.1; git:// keeps them as
+      // written, and the proxy's getaddrinfo reads them as an address.
+      `http://0x7f.1:${internalPort}/project.git`,
+      `git://2130706433:${internalPort}/project.git`,
+      `git://0177.0.0.1:${internalPort}/project.git`,
     ];
     const before = internalConnections;
     for (const url of urls) {
