@@ -124,14 +124,19 @@ export async function admitCall(
   return { identity, budget: decision ? Object.entries(rateLimitHeaders(decision)) : [] };
 }
 
+/** The edge decision already made on the call's headers, before its body was read (http/admit-first.ts). */
+export const admittedKey = createContextKey<Admitted | undefined>(undefined, { description: "edge decision made before the body" });
+
 export function edgeInterceptor(options: EdgeOptions): Interceptor {
   return (next) => async (req) => {
-    const { identity, budget } = await admitCall(options, {
-      ip: req.contextValues.get(clientIpKey),
-      serviceTypeName: req.service.typeName,
-      methodName: req.method.name,
-      header: req.header,
-    });
+    const { identity, budget } =
+      req.contextValues.get(admittedKey) ??
+      (await admitCall(options, {
+        ip: req.contextValues.get(clientIpKey),
+        serviceTypeName: req.service.typeName,
+        methodName: req.method.name,
+        header: req.header,
+      }));
     if (identity) req.contextValues.set(identityKey, identity);
     try {
       const res = await next(req.stream ? { ...req, message: decodeFailuresAsInvalid(req.message) } : req);

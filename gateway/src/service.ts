@@ -13,7 +13,8 @@ import { OpenStreams } from "./core/open-streams.ts";
 import { type RateCounter, RateLimitPolicy } from "./core/rate-limit.ts";
 import { ReflectionIndex } from "./core/reflection.ts";
 import { PUBLIC_SERVICES, type Upstream } from "./core/routing.ts";
-import { clientIpKey, clientIpOf, edgeBodyBudget, edgeInterceptor } from "./edge.ts";
+import { admittedKey, clientIpKey, clientIpOf, edgeBodyBudget, edgeInterceptor } from "./edge.ts";
+import { admitFirst } from "./http/admit-first.ts";
 import { reclassifyDecodeErrors } from "./http/decode-errors.ts";
 import { rawUnaryForwarder } from "./http/raw-unary.ts";
 import { registerForwarding, registerReflection } from "./routes.ts";
@@ -82,12 +83,8 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     Object.entries(upstreamUrls).map(([name, baseUrl]) => [name, internalTransport({ baseUrl, signingKeys })]),
   ) as Record<Upstream, ReturnType<typeof internalTransport>>;
 
-  const reflection = new ReflectionIndex([
-    ...PUBLIC_SERVICES.map((p) => p.service),
-    Health,
-    ServerReflection,
-    ServerReflectionV1Alpha,
-  ]);
+  const servedServices = [...PUBLIC_SERVICES.map((p) => p.service), Health, ServerReflection, ServerReflectionV1Alpha];
+  const reflection = new ReflectionIndex(servedServices);
 
   const cors = corsHandler(config.OUTPOST_CORS_ORIGINS);
   // One budget for the bodies every path reads: the raw path's and the platform server's.
@@ -103,6 +100,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     logger,
     upstreamPing: { intervalMs: config.OUTPOST_GATEWAY_UPSTREAM_PING_INTERVAL_MS, timeoutMs: config.OUTPOST_GATEWAY_UPSTREAM_PING_TIMEOUT_MS },
   });
+  const edgeFirst = admitFirst({ authenticator, rateLimits, logger }, servedServices);
   const server = await startServer({
     name: "gateway",
     host: config.OUTPOST_GATEWAY_HOST,
@@ -116,13 +114,15 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     metricsPort: config.OUTPOST_GATEWAY_METRICS_PORT,
     contextValues(req, values) {
       values.set(clientIpKey, clientIpOf(req));
+      values.set(admittedKey, edgeFirst.admissionOf(req));
     },
     httpHandler(req, res, calls) {
       if (cors(req, res)) return true;
       if (rawUnary.handle(req, res, calls)) return true;
       closeIfBodyUnread(req, res);
       reclassifyDecodeErrors(req, res);
-      return false;
+      // What Connect takes: the edge decision first, on the headers (a refused body is never read).
+      return edgeFirst.admit(req, res);
     },
     routes(router) {
       for (const { service, upstream } of PUBLIC_SERVICES) registerForwarding(router, service, transports[upstream], signingKeys, openStreams);

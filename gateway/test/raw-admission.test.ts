@@ -7,20 +7,16 @@
  * and a body that never ended held the call until the body time limit.
  */
 import http from "node:http";
-import http2 from "node:http2";
 import net from "node:net";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Code } from "@connectrpc/connect";
-import { errorInfoOf, loadConfig } from "@outpost/platform";
+import { errorInfoOf } from "@outpost/platform";
 import { GetDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
-import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { gatewayConfigShape } from "../src/config.ts";
-import { startGateway } from "../src/service.ts";
-import { startCountingUpstream, type CountingUpstream } from "../../test/support/counting-upstream.ts";
+import type { CountingUpstream } from "../../test/support/counting-upstream.ts";
+import { startRateLimitedGateway, type RateLimitedGateway } from "./rate-limited-gateway.ts";
 import { envelope } from "../../test/support/envelopes.ts";
 import { answerError, h2Call } from "../../test/support/h2.ts";
-import { signingEnv } from "../../test/support/signing.ts";
 
 const ADMIN = "b".repeat(40);
 const GET = "/outpost.dispatch.v1.DispatchService/GetDispatch";
@@ -31,42 +27,21 @@ const READS_PER_IP = 2;
 const JUNK = Buffer.alloc(500 * 1024, "{");
 
 describe("raw path: the rate limit comes before the body", () => {
+  let edge: RateLimitedGateway;
   let upstream: CountingUpstream;
-  let gateway: Awaited<ReturnType<typeof startGateway>>;
+  let gateway: { port: number };
   let url: string;
+  let sessionFrom: RateLimitedGateway["sessionFrom"];
 
   beforeAll(async () => {
-    upstream = await startCountingUpstream();
-    const upstreamUrl = upstream.url;
-    const config = loadConfig(gatewayConfigShape, {
-      ...signingEnv("gateway"),
-      OUTPOST_ADMIN_TOKEN: ADMIN,
-      OUTPOST_GATEWAY_HOST: "127.0.0.1",
-      OUTPOST_GATEWAY_PORT: "0",
-      OUTPOST_TENANT_URL: upstreamUrl,
-      OUTPOST_DISPATCHER_URL: upstreamUrl,
-      OUTPOST_TELEMETRY_URL: upstreamUrl,
-      OUTPOST_RATE_LIMIT: "memory",
-      OUTPOST_RATE_LIMITS_PER_IP: `read=${READS_PER_IP}`,
-    });
-    gateway = await startGateway(config, pino({ level: "silent" }));
-    url = `http://127.0.0.1:${gateway.port}`;
+    edge = await startRateLimitedGateway({ adminToken: ADMIN, readsPerIp: READS_PER_IP });
+    ({ upstream, url, sessionFrom } = edge);
+    gateway = edge;
   });
 
-  afterAll(async () => {
-    await gateway?.close();
-    await upstream?.close();
-  });
+  afterAll(() => edge?.close());
 
   const message = toBinary(GetDispatchRequestSchema, create(GetDispatchRequestSchema, { dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }));
-
-  /** An HTTP/2 session from `localAddress` (each loopback address has its own rate budget). */
-  function sessionFrom(localAddress: string): http2.ClientHttp2Session {
-    const { port } = new URL(url);
-    const session = http2.connect(url, { createConnection: () => net.connect({ host: "127.0.0.1", port: Number(port), localAddress }) });
-    session.on("error", () => {});
-    return session;
-  }
 
   /** Raw HTTP/1.1 from 127.0.0.1: sends `head` and `body` and resolves what came back once the gateway closed the connection. */
   function h1(head: string, body: Buffer): Promise<string> {

@@ -209,10 +209,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
     const methodName = `${route.method.parent.typeName}/${route.method.name}`;
     const startedAt = performance.now();
     const endTimer = duration.startTimer({ method: methodName });
-    const header = new Headers();
-    for (const [name, value] of Object.entries(req.headers)) {
-      if (!name.startsWith(":") && typeof value === "string") header.set(name, value);
-    }
+    const header = headersOf(req);
     const { span, ctx } = startServerSpan(route.method.parent.typeName, route.method.name, header);
     let code = Code.Unknown as Code | 0;
     let unwatch: (() => void) | undefined;
@@ -371,7 +368,7 @@ const DRAIN_WAIT_MS = 1000;
  * client before the answer does: it then sees the connection reset instead of the refusal.
  * Larger bodies still close the connection (the refusal exists not to read them).
  */
-async function drainSmallBody(req: ClientRequest): Promise<void> {
+export async function drainSmallBody(req: ClientRequest): Promise<void> {
   if (req.httpVersionMajor !== 1 || req.complete || req.destroyed) return;
   const declared = Number(req.headers["content-length"]);
   if (Number.isFinite(declared) && declared > DRAINED_BODY_BYTES) return;
@@ -407,7 +404,7 @@ async function drainSmallBody(req: ClientRequest): Promise<void> {
  * with NO_ERROR (the answer is complete), as gRPC servers do, instead of waiting for a client that
  * may never end it. (HTTP/1.1: the answer said `connection: close`.)
  */
-function discardUnreadBody(req: ClientRequest, res: ClientResponse): void {
+export function discardUnreadBody(req: ClientRequest, res: ClientResponse): void {
   if (req.complete || !("stream" in res) || res.stream.destroyed) return;
   req.resume();
   // The trailers go out during the send that asks for them (the compat layer's own 'wantTrailers'
@@ -432,6 +429,15 @@ export function errorHeaders(error: ConnectError, budget: [string, string][]): R
   if (!error.isWireError) mergeNonProtocolHeaders(headers, error.metadata);
   for (const [name, value] of budget) headers.set(name, value);
   return Object.fromEntries(headers);
+}
+
+/** The client's request headers (not HTTP/2 pseudo-headers) as Fetch Headers. */
+export function headersOf(req: ClientRequest): Headers {
+  const header = new Headers();
+  for (const [name, value] of Object.entries(req.headers)) {
+    if (!name.startsWith(":") && typeof value === "string") header.set(name, value);
+  }
+  return header;
 }
 
 /** The client's stream or connection is closed: nothing more can reach it. */

@@ -93,7 +93,8 @@ export interface ServerOptions {
   /**
    * Runs on every HTTP request after the liveness/readiness paths and before Connect (e.g. the
    * gateway's CORS: it answers preflights and adds response headers). Returns true when it
-   * answered the request itself.
+   * answered the request itself; a promise when it decides later (without reading the body),
+   * false then handing the request on as if it had returned false at once.
    */
   httpHandler?: (
     req: http.IncomingMessage | http2.Http2ServerRequest,
@@ -103,7 +104,7 @@ export interface ServerOptions {
      * `drainSignal` fires when the server starts draining (streams end cleanly on it).
      */
     calls: { start(): void; end(): void; readonly drainSignal: AbortSignal },
-  ) => boolean;
+  ) => boolean | Promise<boolean>;
 }
 
 export interface RunningServer {
@@ -214,7 +215,29 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       serveMetrics(res, logger);
       return;
     }
-    if (options.httpHandler?.(req, res, track)) return;
+    const handled = options.httpHandler?.(req, res, track);
+    if (handled === true) return;
+    if (handled instanceof Promise) {
+      // The handler decides after a wait (the gateway's edge check before a body is read): the
+      // call counts as in flight meanwhile, and its body waits unread in the socket.
+      track.start();
+      handled.then(
+        (taken) => {
+          track.end();
+          if (!taken) serveCall(req, res);
+        },
+        (err: unknown) => {
+          track.end();
+          logger.error({ err, path: req.url }, "http handler failed");
+          if (!res.headersSent) res.writeHead(500);
+          res.end();
+        },
+      );
+      return;
+    }
+    serveCall(req, res);
+  };
+  const serveCall = (req: http.IncomingMessage, res: http.ServerResponse) => {
     if (leanUnary.serve(req, res)) return;
     readBodyUntilDeadline(req, res);
     if (options.bodyBudget) chargeBodyReads(req, res, options.bodyBudget);

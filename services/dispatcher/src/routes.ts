@@ -358,6 +358,9 @@ function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
   let repoRef = "";
   if (req.repo) {
     repoUrl = requireNoNul("repo.url", requireNonEmpty("repo.url", req.repo.url, 2048));
+    // The URL parser drops tabs and newlines that git keeps (ssh would get them in the host).
+    // eslint-disable-next-line no-control-regex -- matching control characters is the point
+    if (/[\x00-\x20\x7f]/.test(repoUrl)) throw invalidArgument("repo.url", "must not contain whitespace or control characters", "FIELD_MALFORMED");
     let protocol: string;
     try {
       protocol = new URL(repoUrl).protocol;

@@ -211,6 +211,10 @@ describe("CreateDispatch validation", () => {
     await expectInvalid(create({ labels: { team: "core\0" } }), "labels[team]");
     await expectInvalid(create({ model: { case: "modelId", value: "claude\0" } }), "model_id");
     await expectInvalid(create({ repo: { url: "https://example.com/r\0.git", ref: "" } }), "repo.url");
+    // Tabs and newlines the URL parser would drop but git keeps (an ssh host with a newline in it).
+    for (const url of ["ssh://x\ntouch\tPWNED\n/p.git", "https://example.com/r .git", "https://example.com/r.git\r", "https://exa\x7fmple.com/r.git"]) {
+      await expectInvalid(create({ repo: { url, ref: "" } }), "repo.url");
+    }
     await expectInvalid(create({ repo: { url: "https://example.com/r.git", ref: "main\0" } }), "repo.ref");
     await expectInvalid(create({ requestId: "req\0" }), "request_id");
     expect((await dispatches().listDispatches({})).dispatches).toEqual([]);

@@ -9,7 +9,8 @@ import http from "node:http";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import dns from "node:dns/promises";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { isPlainHost, isReachable, parseAllowedNetworks, startCheckoutEgress } from "../src/adapters/checkout-egress.ts";
 import { createHostWorkspaces, type HostWorkspacesOptions } from "../src/adapters/host-workspaces.ts";
 import { executorConfigShape } from "../src/config.ts";
@@ -129,6 +130,38 @@ describe("the checkout's proxy", () => {
       } finally {
         await egress.close();
       }
+    }
+  });
+});
+
+describe("the checkout's proxy when the checkout ends mid-way", () => {
+  it("connects nowhere once closed, even when a lookup answers after the close", async () => {
+    let accepted = 0;
+    const target = net.createServer((socket) => {
+      accepted++;
+      socket.destroy();
+    });
+    await new Promise<void>((resolve) => target.listen(0, "127.0.0.1", resolve));
+    const targetPort = (target.address() as net.AddressInfo).port;
+    // A slow authoritative DNS server: the answer comes after git was killed and the proxy closed.
+    const lookup = vi.spyOn(dns, "lookup").mockImplementation((async () => {
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      return [{ address: "127.0.0.1", family: 4 }];
+    }) as never);
+    try {
+      const egress = await startCheckoutEgress(parseAllowedNetworks("127.0.0.0/8"));
+      const { port, username, password } = new URL(egress.proxyUrl);
+      const client = net.connect(Number(port), "127.0.0.1");
+      client.on("error", () => {});
+      client.write(`CONNECT slow.example:${targetPort} HTTP/1.1\r\nProxy-Authorization: Basic ${Buffer.from(`${username}:${password}`).toString("base64")}\r\n\r\n`);
+      await vi.waitFor(() => expect(lookup).toHaveBeenCalled());
+      await egress.close();
+      await new Promise((resolve) => setTimeout(resolve, 600));
+      expect(accepted).toBe(0);
+      client.destroy();
+    } finally {
+      lookup.mockRestore();
+      await new Promise((resolve) => target.close(resolve));
     }
   });
 });
@@ -259,6 +292,35 @@ describe("checkouts through the guard (real git against servers on loopback)", (
   it("reaches loopback with the guard off (the control: the refusals above are the guard's)", async () => {
     expect(await checkout(`http://127.0.0.1:${internalPort}/project.git`, "open")).toBe("two");
     expect(await checkout(`git://127.0.0.1:${daemonPort}/project.git`, "open")).toBe("two");
+  });
+
+  it("survives a server answering a status Node cannot write (000), and fails that checkout", async () => {
+    const hostile = net.createServer((socket) => {
+      socket.once("data", () => socket.end("HTTP/1.1 000 X\r\ncontent-length: 0\r\n\r\n"));
+      socket.on("error", () => {});
+    });
+    const port = await listen(hostile, "127.0.0.3");
+    try {
+      const err = await failureOf(`http://127.0.0.3:${port}/project.git`, { allowedNetworks: parseAllowedNetworks("127.0.0.3/32") });
+      expect(err).toBeInstanceOf(CheckoutError);
+      expect(err!.message).toBe("the repository's server answered with an error");
+    } finally {
+      await new Promise((resolve) => hostile.close(resolve));
+    }
+  });
+
+  it("says it could not connect when the name does not resolve, over every transport", async () => {
+    for (const url of ["http://nonexistent.invalid/project.git", "https://nonexistent.invalid/project.git", "git://nonexistent.invalid/project.git"]) {
+      const err = await failureOf(url, { allowedNetworks: [] });
+      expect(err?.message, url).toBe("could not connect to the repository's server");
+    }
+  });
+
+  it("refuses a URL with whitespace or control characters, which the URL parser would drop and git would keep", async () => {
+    for (const url of ["ssh://x\ntouch\tPWNED\n/project.git", "http://example.com/a b.git", "git://exa\rmple.com/x"]) {
+      const err = await failureOf(url, { allowedNetworks: [] });
+      expect(err?.message, JSON.stringify(url)).toBe("repository url contains whitespace or control characters");
+    }
   });
 
   it("refuses a host ssh's shell would read as a command, before git runs", async () => {

@@ -80,6 +80,8 @@ export interface CheckoutEgress {
   proxyUrl: string;
   /** Destinations refused so far. */
   readonly refusals: readonly Refusal[];
+  /** Whether a destination did not resolve, or did not accept the connection. */
+  readonly couldNotConnect: boolean;
   /** Stops the proxy and cuts every connection through it. */
   close(): Promise<void>;
 }
@@ -93,6 +95,10 @@ export async function startCheckoutEgress(allowed: readonly AllowedNetwork[]): P
   const token = randomBytes(24).toString("hex");
   const expectedAuth = Buffer.from(`Basic ${Buffer.from(`${PROXY_USER}:${token}`).toString("base64")}`);
   const refusals: Refusal[] = [];
+  /** Set when a destination did not resolve or did not accept the connection. */
+  let couldNotConnect = false;
+  /** Once the checkout is over nothing connects any more, even a lookup that answers late. */
+  let closed = false;
   const sockets = new Set<net.Socket>();
   const track = (socket: net.Socket) => {
     sockets.add(socket);
@@ -104,7 +110,7 @@ export async function startCheckoutEgress(allowed: readonly AllowedNetwork[]): P
     return given.length === expectedAuth.length && timingSafeEqual(given, expectedAuth);
   };
 
-  /** The one address to connect to, or undefined (and a refusal recorded) when none may be reached. */
+  /** The one address to connect to, or undefined (a refusal, or a name that does not resolve, recorded) when there is none. */
   const resolve = async (host: string, port: number): Promise<string | undefined> => {
     const refuse = (reason: string) => {
       if (refusals.length < MAX_REFUSALS) refusals.push({ host: host.slice(0, 256), port, reason });
@@ -119,7 +125,8 @@ export async function startCheckoutEgress(allowed: readonly AllowedNetwork[]): P
       try {
         addresses = (await dns.lookup(literal, { all: true, verbatim: true })).map((a) => a.address);
       } catch {
-        return undefined; // Not a refusal: the name does not resolve, and git says it could not connect.
+        couldNotConnect = true; // not a refusal: the name does not resolve
+        return undefined;
       }
     }
     const reachable = addresses.find((a) => isReachable(a, allowed));
@@ -131,37 +138,44 @@ export async function startCheckoutEgress(allowed: readonly AllowedNetwork[]): P
 
   // CONNECT host:port: https, and the tunnels of the ssh and git:// transports (checkout-tunnel.mjs).
   server.on("connect", (req: http.IncomingMessage, client: net.Socket, head: Buffer) => {
+    let upstream: net.Socket | undefined;
     client.on("error", () => client.destroy());
+    client.once("close", () => upstream?.destroy());
     const answer = (status: string) => client.end(`HTTP/1.1 ${status}\r\nConnection: close\r\n\r\n`);
     if (!authorized(req)) return answer('407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="checkout"');
     const target = /^(\[[0-9a-fA-F:.]+\]|[^:[\]]+):(\d{1,5})$/.exec(req.url ?? "");
     if (!target) return answer("400 Bad Request");
     void resolve(target[1]!, Number(target[2])).then((address) => {
-      if (!address) return answer("403 Forbidden");
-      const upstream = net.connect({ host: address, port: Number(target[2]) });
-      track(upstream);
+      if (closed || client.destroyed) return;
+      if (!address) return answer(couldNotConnect ? "502 Bad Gateway" : "403 Forbidden");
+      const socket = net.connect({ host: address, port: Number(target[2]) });
+      upstream = socket;
+      track(socket);
       let connected = false;
-      upstream.once("error", () => {
-        if (connected) client.destroy();
-        else answer("502 Bad Gateway");
+      socket.once("error", () => {
+        if (connected) return client.destroy();
+        couldNotConnect = true;
+        answer("502 Bad Gateway");
       });
-      upstream.once("connect", () => {
+      socket.once("connect", () => {
         connected = true;
         client.write("HTTP/1.1 200 Connection Established\r\n\r\n");
-        if (head.length > 0) upstream.write(head);
-        upstream.pipe(client);
-        client.pipe(upstream);
-        client.once("close", () => upstream.destroy());
-        upstream.once("close", () => client.destroy());
+        if (head.length > 0) socket.write(head);
+        socket.pipe(client);
+        client.pipe(socket);
+        socket.once("close", () => client.destroy());
       });
     });
   });
 
   // Absolute-form requests: plain http, which curl sends to a proxy without a tunnel.
   server.on("request", (req: http.IncomingMessage, res: http.ServerResponse) => {
+    let upstream: http.ClientRequest | undefined;
+    res.once("close", () => upstream?.destroy());
     const fail = (status: number) => {
       req.resume();
-      if (!res.headersSent) res.writeHead(status, { connection: "close" });
+      if (res.headersSent) return void res.destroy();
+      res.writeHead(status, { connection: "close" });
       res.end();
     };
     if (!authorized(req)) {
@@ -177,18 +191,35 @@ export async function startCheckoutEgress(allowed: readonly AllowedNetwork[]): P
     if (url.protocol !== "http:") return fail(400);
     const port = url.port ? Number(url.port) : 80;
     void resolve(url.hostname, port).then((address) => {
-      if (!address) return fail(403);
+      if (closed || res.destroyed) return;
+      if (!address) return fail(couldNotConnect ? 502 : 403);
       const headers = { ...req.headers };
       delete headers["proxy-authorization"];
       delete headers["proxy-connection"];
-      const upstream = http.request({ host: address, port, method: req.method, path: `${url.pathname}${url.search}`, headers, agent: false });
-      upstream.on("socket", track);
-      upstream.once("error", () => (res.headersSent ? res.destroy() : fail(502)));
-      upstream.once("response", (answer) => {
-        res.writeHead(answer.statusCode ?? 502, answer.rawHeaders);
+      const outgoing = http.request({ host: address, port, method: req.method, path: `${url.pathname}${url.search}`, headers, agent: false });
+      upstream = outgoing;
+      outgoing.on("socket", track);
+      outgoing.once("error", () => {
+        if (!outgoing.socket || outgoing.socket.connecting) couldNotConnect = true;
+        fail(502);
+      });
+      outgoing.once("response", (answer) => {
+        answer.on("error", () => res.destroy());
+        // The server is the tenant's: a status Node cannot write (000, 099) must not throw here.
+        const status = answer.statusCode ?? 0;
+        if (status < 100 || status > 599) {
+          answer.destroy();
+          return fail(502);
+        }
+        try {
+          res.writeHead(status, answer.rawHeaders);
+        } catch {
+          answer.destroy();
+          return fail(502);
+        }
         answer.pipe(res);
       });
-      req.pipe(upstream);
+      req.pipe(outgoing);
     });
   });
 
@@ -196,12 +227,18 @@ export async function startCheckoutEgress(allowed: readonly AllowedNetwork[]): P
     server.once("error", fail);
     server.listen(0, "127.0.0.1", () => ready());
   });
+  // Listening: a failed accept (EMFILE) is the checkout's failure, not the executor's crash.
+  server.on("error", () => {});
   const { port } = server.address() as net.AddressInfo;
   return {
     proxyUrl: `http://${PROXY_USER}:${token}@127.0.0.1:${port}`,
     refusals,
+    get couldNotConnect() {
+      return couldNotConnect;
+    },
     close: () =>
       new Promise<void>((done) => {
+        closed = true;
         server.close(() => done());
         for (const socket of sockets) socket.destroy();
       }),
@@ -220,11 +257,15 @@ export const TUNNEL_PROXY_VARIABLE = "CHECKOUT_TUNNEL_PROXY";
  */
 export async function writeTunnelCommand(dir: string): Promise<string> {
   const script = path.join(dir, "checkout-tunnel");
+  // The script's own path goes into ssh's ProxyCommand in single quotes, inside the double quotes
+  // of GIT_SSH_COMMAND, which a shell reads: none of the characters either kind of quote gives
+  // meaning to.
   const quote = (text: string) => {
-    if (text.includes("'")) throw new Error(`path ${text} has a single quote`);
+    // eslint-disable-next-line no-control-regex -- matching control characters is the point
+    if (/['"$`\\\x00-\x1f\x7f]/.test(text)) throw new Error(`path ${JSON.stringify(text)} has a quote, $, backquote, backslash or control character`);
     return `'${text}'`;
   };
-  quote(script); // it goes into ssh's ProxyCommand in single quotes
+  quote(script);
   await fs.writeFile(script, `#!/bin/sh\nexec ${quote(process.execPath)} ${quote(TUNNEL_HELPER)} "$@"\n`, { mode: 0o700 });
   return script;
 }

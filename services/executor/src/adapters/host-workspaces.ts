@@ -96,6 +96,10 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
       } catch {
         throw new CheckoutError(`repository url is not a URL`);
       }
+      // The URL parser drops tabs and newlines that git would keep (and hand to ssh as part of
+      // the host): a URL with any whitespace or control character is not checked, it is refused.
+      // eslint-disable-next-line no-control-regex -- matching control characters is the point
+      if (/[\x00-\x20\x7f]/.test(url)) throw new CheckoutError("repository url contains whitespace or control characters");
       const scheme = parsed.protocol.replace(/:$/, "");
       if (!options.repoSchemes.has(scheme)) {
         throw new CheckoutError(`repository scheme ${scheme} is not allowed on this executor (allowed: ${[...options.repoSchemes].join(", ")})`);
@@ -127,6 +131,10 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
           if (timeout.aborted) throw new CheckoutInterrupted(`git did not finish within the checkout's ${formatSeconds(options.checkoutTimeoutMs)} s`);
           if (stop.aborted) throw new CheckoutInterrupted("checkout stopped", { cause: signal?.reason });
           if (code !== 0 && egress && egress.refusals.length > 0) throw refusedByGuard(egress);
+          if (code !== 0 && step === "fetch" && egress?.couldNotConnect) {
+            // Through the proxy, curl reports a name that does not resolve as the proxy's 502.
+            throw new CheckoutError(COULD_NOT_CONNECT, { cause: gitFailure(step, stderr).cause });
+          }
           if (code !== 0) throw gitFailure(step, stderr);
           return stdout;
         };
@@ -481,11 +489,13 @@ export function gitFailure(step: GitStep, stderr: string): CheckoutError {
   return new CheckoutError(kind, { cause });
 }
 
+const COULD_NOT_CONNECT = "could not connect to the repository's server";
+
 /** The kinds of fetch failure a tenant is told, the first that matches (gitFailure). */
 const GIT_FETCH_FAILURES: ReadonlyArray<readonly [RegExp, string]> = [
   [/not allowed/i, "the repository (or a redirect from it) uses a transport this executor does not allow"],
   [/host key verification failed/i, "the repository's ssh host key could not be verified"],
-  [/could not resolve/i, "could not connect to the repository's server"],
+  [/could not resolve/i, COULD_NOT_CONNECT],
   [/certificate|ssl_connect|ssl connect|gnutls|handshake/i, "the repository's server could not be verified (TLS)"],
   [
     /authentication failed|could not read (username|password)|terminal prompts disabled|error: 40[13]\b|permission denied|access denied/i,
@@ -493,7 +503,7 @@ const GIT_FETCH_FAILURES: ReadonlyArray<readonly [RegExp, string]> = [
   ],
   // Before "not found": ssh follows its own connection failure with git's "Could not read from
   // remote repository", which alone means the repository was not found.
-  [/failed to connect|couldn't connect|connection refused|timed out|unreachable|no route to host|connect to host|proxy/i, "could not connect to the repository's server"],
+  [/failed to connect|couldn't connect|connection refused|timed out|unreachable|no route to host|connect to host|proxy/i, COULD_NOT_CONNECT],
   [
     /not found|does not appear to be a git repository|is this a git repository|does not exist|error: 404\b|could not read from remote repository/i,
     "the repository was not found, or the URL does not serve a git repository",
