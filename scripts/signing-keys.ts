@@ -7,7 +7,10 @@
  *   npm run -s signing-keys -- --executors host-1,host-2
  *                                           the same, with a key per executor id instead of
  *                                           one for them all (OUTPOST_EXECUTOR_SIGNING_KEY_<ID>)
+ *   npm run -s signing-keys -- --enroll     the same, with the executors' key trusted only for
+ *                                           enrolling (executors run with OUTPOST_EXECUTOR_ENROLL=on)
  *   npm run -s signing-keys -- --format k8s the Secrets and the public keys' ConfigMap, for deploy/k8s
+ *                                           (executors enroll: as --enroll)
  *   docker run --rm outpost/services:1.0.0 signing-keys   the same, from the image
  * `-s` (silent): without it npm prints its own banner lines to stdout, into any file the output
  * is redirected to.
@@ -15,7 +18,9 @@
 import { parseArgs } from "node:util";
 import { generateSigningKeySet, SIGNER_ROLES } from "@outpost/platform";
 
-const { values } = parseArgs({ options: { format: { type: "string", default: "env" }, executors: { type: "string", default: "" } } });
+const { values } = parseArgs({
+  options: { format: { type: "string", default: "env" }, executors: { type: "string", default: "" }, enroll: { type: "boolean", default: false } },
+});
 const executorIds = values.executors.split(",").map((id) => id.trim()).filter(Boolean);
 
 function fail(message: string): never {
@@ -33,9 +38,13 @@ const envNames = executorIds.map(envNameOf);
 if (new Set(envNames).size !== envNames.length || new Set(executorIds).size !== executorIds.length) {
   fail(`--executors: ids must differ, also once upper-cased with '.' and '-' read as '_' (${envNames.join(", ")})`);
 }
+if (values.enroll && executorIds.length > 0) fail("--enroll and --executors are two ways of keying executors: choose one");
+// Kubernetes executor pods come and go with the autoscaler: they enroll (OUTPOST_EXECUTOR_ENROLL=on
+// in deploy/k8s/executor.yaml), so the role's key is trusted only as the enrollment key.
+const executorEnrollment = values.enroll || values.format === "k8s";
 let set;
 try {
-  set = generateSigningKeySet(executorIds.length > 0 ? SIGNER_ROLES.filter((role) => role !== "executor") : SIGNER_ROLES, executorIds);
+  set = generateSigningKeySet(executorIds.length > 0 ? SIGNER_ROLES.filter((role) => role !== "executor") : SIGNER_ROLES, executorIds, { executorEnrollment });
 } catch (err) {
   fail(`--executors: ${(err as Error).message}`);
 }
@@ -45,6 +54,7 @@ if (values.format === "env") {
     "# Outpost signing keys: give each service only its own OUTPOST_<ROLE>_SIGNING_KEY (as",
     "# OUTPOST_SIGNING_KEY); OUTPOST_TRUSTED_SIGNERS holds public keys and goes to every service.",
     ...(executorIds.length > 0 ? ["# Each executor gets only the key of its id, with that id as OUTPOST_EXECUTOR_ID."] : []),
+    ...(executorEnrollment ? ["# OUTPOST_EXECUTOR_SIGNING_KEY only enrolls: every executor runs with OUTPOST_EXECUTOR_ENROLL=on."] : []),
     `OUTPOST_TRUSTED_SIGNERS=${set.trustedSigners}`,
     ...Object.entries(set.signingKeys).map(([role, key]) => `OUTPOST_${role.toUpperCase()}_SIGNING_KEY=${key}`),
     ...executorIds.map((id, i) => `${envNames[i]}=${set.executorKeys[id]}`),

@@ -31,7 +31,7 @@ import { Namespace } from "kubernetes-models/v1/Namespace";
 import { Secret } from "kubernetes-models/v1/Secret";
 import { Service } from "kubernetes-models/v1/Service";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
-import { SigningKeys, type SignerRole } from "@outpost/platform";
+import { ENROLLMENT_AUDIENCE, SigningKeys, type SignerRole } from "@outpost/platform";
 import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES, serviceNodeOptions, type ServiceName } from "../scripts/lib/mesh.ts";
 import { gatewayConfigShape } from "../gateway/src/config.ts";
 import { builtinAgents } from "../services/dispatcher/src/core/agents.ts";
@@ -671,6 +671,20 @@ describe("image and compose (deploy/)", () => {
     const signedByGateway = new Headers();
     SigningKeys.fromSettings("gateway", keys.gateway!).writeIdentity(signedByGateway, tenant, AUD);
     expect(SigningKeys.fromSettings("executor", keys.executor!, configMaps[0]!.data["trusted-signers"]).readIdentity(signedByGateway, AUD)).toEqual(tenant);
+    // The executor pods enroll: their shared key is trusted only for EnrollmentService.
+    const trusted = configMaps[0]!.data["trusted-signers"] as string;
+    expect(trusted).toMatch(/(^|,)executor-enroll:/);
+    expect(trusted).not.toMatch(/(^|,)executor:/);
+    expect(envOf(deployment("executor").spec.template.spec.containers[0]).get("OUTPOST_EXECUTOR_ENROLL")?.value).toBe("on");
+    const pod = { kind: "service", principal: "executor/pod-1" } as const;
+    const signedByPod = (audience: string) => {
+      const headers = new Headers();
+      SigningKeys.fromSettings("executor", keys.executor!, trusted, "pod-1").writeIdentity(headers, pod, audience);
+      return headers;
+    };
+    const dispatcherKeys = SigningKeys.fromSettings("dispatcher", keys.dispatcher!, trusted);
+    expect(dispatcherKeys.readIdentity(signedByPod(ENROLLMENT_AUDIENCE), ENROLLMENT_AUDIENCE)).toEqual(pod);
+    expect(() => dispatcherKeys.readIdentity(signedByPod(AUD), AUD)).toThrow(/not signed by an Outpost service that may sign it/);
   });
 
   it("npm run signing-keys -- --executors gives each executor a key that speaks for its id alone", () => {

@@ -6,15 +6,15 @@
  * telemetry, nor use the grants the dispatcher gave the first.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Code, ConnectError } from "@connectrpc/connect";
 import Docker from "dockerode";
 import { followLogs } from "@outpost/cli";
-import { errorInfoOf, generateSigningKeySet, internalClient, issueLogGrant, issueSecretGrant, SIGNER_ROLES, signingKeysOf, type Identity } from "@outpost/platform";
+import { generateSigningKeySet, internalClient, issueLogGrant, issueSecretGrant, SIGNER_ROLES, signingKeysOf, type Identity } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { LogStream } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
+import { refusal } from "../support/rpc.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
 
 const EXECUTOR_ID = `keyed-${process.pid}`;
@@ -39,14 +39,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await t?.mesh.stop();
 });
-
-async function refusal(call: Promise<unknown>): Promise<string> {
-  const err = await call.then(
-    () => undefined,
-    (e: unknown) => ConnectError.from(e),
-  );
-  return err ? `${Code[err.code]} ${errorInfoOf(err)?.reason}` : "accepted";
-}
 
 /** The intruder's own key, signing `identity` (its own, or the executor's it is after). */
 function asIntruder(identity: Identity, signingKeys = signingKeysOf(KEYS, "executor", INTRUDER_ID)) {

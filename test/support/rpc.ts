@@ -4,7 +4,7 @@
  * calls that must fail with a code and an ErrorInfo reason.
  */
 import type { DescService } from "@bufbuild/protobuf";
-import { ConnectError, createClient, createRouterTransport, type Client, type Code, type ConnectRouter, type Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, createRouterTransport, type Client, type ConnectRouter, type Interceptor } from "@connectrpc/connect";
 import { errorInfoOf, identityInterceptor, type Identity } from "@outpost/platform";
 import { expect } from "vitest";
 import { keysOf, signAs } from "./signing.ts";
@@ -39,4 +39,13 @@ export async function expectError(call: Promise<unknown>, code: Code, reason?: s
   expect(err.code).toBe(code);
   if (reason !== undefined) expect(errorInfoOf(err)?.reason).toBe(reason);
   return err;
+}
+
+/** What a call's answer was, as "accepted" or "<Code> <ErrorInfo reason>" (for tables of refusals). */
+export async function refusal(call: Promise<unknown>): Promise<string> {
+  const err = await call.then(
+    () => undefined,
+    (e: unknown) => ConnectError.from(e),
+  );
+  return err ? `${Code[err.code]} ${errorInfoOf(err)?.reason}` : "accepted";
 }

@@ -26,6 +26,15 @@
  * only as `executor/<id>`, so an executor host that is broken into cannot take, list or watch
  * another's leases nor use its secret or log grants. An executor signs with its own principal as
  * issuer (`iss: "executor/<id>"`), which either kind of key verifies.
+ *
+ * Executors that come and go with an autoscaler cannot each be listed: they enroll instead. They
+ * share an enrollment key (`executor-enroll:<key>` in OUTPOST_TRUSTED_SIGNERS), which verifies
+ * an executor's identity only on calls to the dispatcher's EnrollmentService. There an executor
+ * binds a key pair of its own to its id and gets a certificate of it, signed by the dispatcher;
+ * it then signs every call with that key and sends the certificate beside the signature
+ * (`outpost-executor-certificate`), and every service verifies the call with the certified key.
+ * The dispatcher binds an id to one key at a time, so the enrollment key in the wrong hands can
+ * enroll new executors but not speak as one that is running.
  */
 import { createPrivateKey, createPublicKey, generateKeyPairSync, sign, verify, type KeyObject } from "node:crypto";
 import { createContextKey, type HandlerContext } from "@connectrpc/connect";
@@ -41,6 +50,13 @@ export type Identity =
 
 export const IDENTITY_HEADER = "outpost-identity";
 export const IDENTITY_SIGNATURE_HEADER = "outpost-identity-signature";
+/** An enrolled executor's certificate of the key that signed the identity (module comment). */
+export const EXECUTOR_CERTIFICATE_HEADER = "outpost-executor-certificate";
+
+/** The trusted-signers entry of the executors' shared enrollment key. */
+export const ENROLLMENT_SIGNER = "executor-enroll";
+/** The one service the enrollment key is good for (audienceOf of EnrollmentService). */
+export const ENROLLMENT_AUDIENCE = "outpost.executor.v1.EnrollmentService";
 
 /** The processes that sign: each has its own key pair. */
 export const SIGNER_ROLES = ["gateway", "tenant", "dispatcher", "executor", "telemetry"] as const;
@@ -136,9 +152,9 @@ export function parseTrustedSigners(value: string): Map<string, KeyObject[]> {
   for (const [i, entry] of value.split(",").map((e) => e.trim()).filter(Boolean).entries()) {
     const colon = entry.indexOf(":");
     const role = colon < 0 ? "" : entry.slice(0, colon);
-    if (parseIssuer(role) === undefined) {
+    if (parseIssuer(role) === undefined && role !== ENROLLMENT_SIGNER) {
       throw new Error(
-        `entry ${i + 1} must be <role>:<public key> with role one of ${SIGNER_ROLES.join(", ")}, or executor/<executor id>:<public key>`,
+        `entry ${i + 1} must be <role>:<public key> with role one of ${SIGNER_ROLES.join(", ")}, executor/<executor id>:<public key>, or ${ENROLLMENT_SIGNER}:<public key>`,
       );
     }
     let key: KeyObject;
@@ -162,8 +178,12 @@ export class SigningKeys {
   readonly role: SignerRole;
   /** What its signatures name as issuer: the role, or "executor/<id>" for an executor. */
   readonly issuer: string;
-  private readonly privateKey: KeyObject;
+  private privateKey: KeyObject;
   private readonly trusted: ReadonlyMap<string, readonly KeyObject[]>;
+  /** The certificate sent with every signed identity, once this executor enrolled (useCertificate). */
+  private certificate: string | undefined;
+  /** Certificates that verified: the key each certifies, for whom, until when. */
+  private readonly certifiedKeys = new Map<string, { key: KeyObject; executor: string; exp: number }>();
 
   /** `name`: the executor's id, for an executor (its issuer is then "executor/<id>"). */
   constructor(role: SignerRole, privateKey: KeyObject, trusted: ReadonlyMap<string, readonly KeyObject[]> = new Map(), name?: string) {
@@ -186,8 +206,17 @@ export class SigningKeys {
     return { payload, signature: sign(null, Buffer.from(payload), this.privateKey).toString("base64url") };
   }
 
-  /** Checks a payload and signature from any trusted role; answers the claims or the problem. */
-  verify(payload: string, signature: string, now = Date.now()): { claims: Record<string, unknown> & SignedClaims } | { problem: SignatureProblem } {
+  /**
+   * Checks a payload and signature from any trusted role; answers the claims or the problem.
+   * `extraKeys(issuer)`: more keys that may have signed it (an identity's: the enrollment key,
+   * a certified key).
+   */
+  verify(
+    payload: string,
+    signature: string,
+    now = Date.now(),
+    extraKeys: (issuer: string) => readonly KeyObject[] = () => [],
+  ): { claims: Record<string, unknown> & SignedClaims } | { problem: SignatureProblem } {
     let claims: unknown;
     try {
       claims = JSON.parse(Buffer.from(payload, "base64url").toString("utf8"));
@@ -196,7 +225,7 @@ export class SigningKeys {
     }
     if (typeof claims !== "object" || claims === null || typeof (claims as { iss?: unknown }).iss !== "string") return { problem: "MALFORMED" };
     const signed = claims as Record<string, unknown> & SignedClaims;
-    const keys = this.keysOf(signed.iss);
+    const keys = [...this.keysOf(signed.iss), ...extraKeys(signed.iss)];
     if (keys.length === 0) return { problem: "UNKNOWN_SIGNER" };
     const signatureBytes = Buffer.from(signature, "base64url");
     if (signatureBytes.length !== 64 || !keys.some((key) => verify(null, Buffer.from(payload), key, signatureBytes))) return { problem: "FORGED" };
@@ -237,6 +266,42 @@ export class SigningKeys {
     }
     headers.set(IDENTITY_HEADER, signed.payload);
     headers.set(IDENTITY_SIGNATURE_HEADER, signed.signature);
+    if (this.certificate !== undefined) headers.set(EXECUTOR_CERTIFICATE_HEADER, this.certificate);
+  }
+
+  /**
+   * An enrolled executor from now on signs with `privateKey`, the key `certificate` certifies
+   * (EnrollmentService), and sends the certificate with every identity; again at each renewal.
+   */
+  useCertificate(privateKey: KeyObject, certificate: string): void {
+    this.privateKey = privateKey;
+    this.certificate = certificate;
+    this.signedIdentities.clear();
+  }
+
+  /**
+   * The key a dispatcher's certificate binds to `issuer` ("executor/<id>"); none when the
+   * certificate is not one, has expired, or names another executor. The dispatcher that issued
+   * it checks it with its own public key (its replicas share the role's key).
+   */
+  private certifiedKeyOf(certificate: string, issuer: string, now: number): readonly KeyObject[] {
+    let certified = this.certifiedKeys.get(certificate);
+    if (certified === undefined) {
+      const [payload, signature, extra] = certificate.split(".");
+      if (!payload || !signature || extra !== undefined) return [];
+      const own = this.role === "dispatcher" ? [createPublicKey(this.privateKey)] : [];
+      const checked = this.verify(payload, signature, now, (iss) => (iss === "dispatcher" ? own : []));
+      if ("problem" in checked || checked.claims.iss !== "dispatcher" || checked.claims.cert !== "executor-key") return [];
+      const { executor, key } = checked.claims;
+      if (typeof executor !== "string" || typeof key !== "string") return [];
+      try {
+        certified = { key: parseExecutorPublicKey(Buffer.from(key, "base64")), executor, exp: checked.claims.exp };
+      } catch {
+        return [];
+      }
+      remember(this.certifiedKeys, certificate, certified);
+    }
+    return certified.executor === issuer && certified.exp >= now ? [certified.key] : [];
   }
 
   /**
@@ -256,7 +321,13 @@ export class SigningKeys {
       if (remembered.aud !== audience) throw wrongAudience(remembered.aud, audience);
       return remembered.identity;
     }
-    const checked = this.verify(payload, signature, now);
+    const certificate = headers.get(EXECUTOR_CERTIFICATE_HEADER);
+    const checked = this.verify(payload, signature, now, (issuer) => {
+      if (parseIssuer(issuer)?.name === undefined) return [];
+      // The enrollment key speaks for an executor only to EnrollmentService; a certified key for the executor it names.
+      const enrollment = audience === ENROLLMENT_AUDIENCE ? (this.trusted.get(ENROLLMENT_SIGNER) ?? []) : [];
+      return [...enrollment, ...(certificate ? this.certifiedKeyOf(certificate, issuer, now) : [])];
+    });
     if ("problem" in checked) throw identityProblem(checked.problem);
     const { id, iss, exp, aud } = checked.claims;
     if (!isIdentity(id)) throw unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
@@ -298,6 +369,32 @@ function isIdentity(value: unknown): value is Identity {
   return id.kind === "admin" || id.kind === "service";
 }
 
+/** How long an executor's certificate, and the binding of its id to the key, last unless renewed. */
+export const EXECUTOR_CERTIFICATE_TTL_MS = 10 * 60_000;
+
+/** Parses an executor's Ed25519 public key (SPKI DER); throws an Error saying what is wrong. */
+export function parseExecutorPublicKey(der: Uint8Array): KeyObject {
+  let key: KeyObject;
+  try {
+    key = createPublicKey({ key: Buffer.from(der), format: "der", type: "spki" });
+  } catch {
+    throw new Error(SPKI_HINT);
+  }
+  if (key.asymmetricKeyType !== "ed25519") throw new Error(SPKI_HINT);
+  return key;
+}
+
+/** The dispatcher's certificate that `publicKey` (SPKI DER) speaks for `executor` ("executor/<id>"). */
+export function issueExecutorCertificate(dispatcherKeys: SigningKeys, executor: string, publicKey: Uint8Array, ttlMs: number, now = Date.now()): string {
+  return dispatcherKeys.signToken({ cert: "executor-key", executor, key: Buffer.from(publicKey).toString("base64") }, ttlMs, now);
+}
+
+/** A fresh Ed25519 key pair for an executor to enroll: the private key, and the public key as SPKI DER. */
+export function newExecutorKeyPair(): { privateKey: KeyObject; publicKey: Buffer } {
+  const { privateKey, publicKey } = generateKeyPairSync("ed25519");
+  return { privateKey, publicKey: publicKey.export({ format: "der", type: "spki" }) };
+}
+
 /** A key pair per role, as the settings take them. */
 export interface SigningKeySet {
   /** OUTPOST_SIGNING_KEY of each role (of every executor, unless they have their own below). */
@@ -319,16 +416,23 @@ function newKeyPair(): { privateKey: string; publicKey: string } {
 /**
  * A fresh key pair per role, for the dev mesh, tests and `npm run signing-keys`. With
  * `executorIds`, each of those executors gets a key bound to its id instead of one shared by the
- * role, and no key is trusted for the executor role as a whole.
+ * role, and no key is trusted for the executor role as a whole. With `executorEnrollment`, the
+ * executor role's key is trusted only as the enrollment key (`executor-enroll:`): executors run
+ * with OUTPOST_EXECUTOR_ENROLL=on.
  */
-export function generateSigningKeySet(roles: readonly SignerRole[] = SIGNER_ROLES, executorIds: readonly string[] = []): SigningKeySet {
+export function generateSigningKeySet(
+  roles: readonly SignerRole[] = SIGNER_ROLES,
+  executorIds: readonly string[] = [],
+  options: { executorEnrollment?: boolean } = {},
+): SigningKeySet {
   const signingKeys = {} as Record<SignerRole, string>;
   const executorKeys: Record<string, string> = {};
   const trusted: string[] = [];
   for (const role of roles) {
     const pair = newKeyPair();
     signingKeys[role] = pair.privateKey;
-    if (role !== "executor" || executorIds.length === 0) trusted.push(`${role}:${pair.publicKey}`);
+    if (role === "executor" && options.executorEnrollment) trusted.push(`${ENROLLMENT_SIGNER}:${pair.publicKey}`);
+    else if (role !== "executor" || executorIds.length === 0) trusted.push(`${role}:${pair.publicKey}`);
   }
   for (const id of executorIds) {
     if (parseIssuer(`executor/${id}`) === undefined) throw new Error(`executor id ${JSON.stringify(id)}: letters, digits, '.', '_' and '-' only, at most 128`);

@@ -1,7 +1,10 @@
 import { sign as cryptoSign } from "node:crypto";
 import { Code, ConnectError, createContextValues, type HandlerContext } from "@connectrpc/connect";
 import {
+  ENROLLMENT_AUDIENCE,
   ERROR_DOMAIN,
+  EXECUTOR_CERTIFICATE_HEADER,
+  EXECUTOR_CERTIFICATE_TTL_MS,
   IDENTITY_HEADER,
   IDENTITY_SIGNATURE_HEADER,
   SIGNER_ROLES,
@@ -10,7 +13,9 @@ import {
   errorInfoOf,
   generateSigningKeySet,
   identityKey,
+  issueExecutorCertificate,
   issueSecretGrant,
+  newExecutorKeyPair,
   parseSigningKey,
   parseTrustedSigners,
   requireAdmin,
@@ -259,10 +264,69 @@ describe("keys bound to one executor", () => {
   it("refuses ids on roles other than the executor, and ids an executor could not have", () => {
     const pub = BOUND.trustedSigners.split(",")[0]!.split(":")[1]!;
     for (const issuer of ["gateway/x", "dispatcher/d1", "executor/", "executor/bad id", "executor/a/b", `executor/${"x".repeat(129)}`]) {
-      expect(() => parseTrustedSigners(`${issuer}:${pub}`), issuer).toThrow(/entry 1 must be .* or executor\/<executor id>:<public key>/);
+      expect(() => parseTrustedSigners(`${issuer}:${pub}`), issuer).toThrow(/entry 1 must be .* executor\/<executor id>:<public key>, or executor-enroll:<public key>/);
     }
     expect(() => SigningKeys.fromSettings("gateway", SET.signingKeys.gateway, "", "gw-1")).toThrow(/gateway\/gw-1 cannot sign/);
     expect(() => generateSigningKeySet(["executor"], ["no spaces"])).toThrow(/executor id "no spaces"/);
+  });
+});
+
+describe("enrolled executor keys (enrollment key, certificates)", () => {
+  const ENROLLING = generateSigningKeySet(SIGNER_ROLES, [], { executorEnrollment: true });
+  const pod: Identity = { kind: "service", principal: "executor/pod-1" };
+  const other: Identity = { kind: "service", principal: "executor/pod-2" };
+  /** What each service holds: the mesh's trusted signers, with the executors' key as the enrollment key. */
+  const service = (role: SignerRole) => signingKeysOf(ENROLLING, role);
+  const enrollmentKeys = (id: string) => signingKeysOf(ENROLLING, "executor", id);
+  const signedFor = (keys: SigningKeys, identity: Identity, audience: string, now = NOW) => {
+    const headers = new Headers();
+    keys.writeIdentity(headers, identity, audience, now);
+    return headers;
+  };
+  /** An executor that enrolled `id`: its own key, certified by the dispatcher for `ttlMs`. */
+  const enrolled = (id: string, ttlMs = EXECUTOR_CERTIFICATE_TTL_MS, certifiedFor = `executor/${id}`, certifier = service("dispatcher")) => {
+    const { privateKey, publicKey } = newExecutorKeyPair();
+    const keys = enrollmentKeys(id);
+    keys.useCertificate(privateKey, issueExecutorCertificate(certifier, certifiedFor, publicKey, ttlMs, NOW));
+    return keys;
+  };
+
+  it("trusts the enrollment key as executor-enroll, and for EnrollmentService alone", () => {
+    expect([...parseTrustedSigners(ENROLLING.trustedSigners).keys()].sort()).toEqual(["dispatcher", "executor-enroll", "gateway", "telemetry", "tenant"]);
+    expect(service("dispatcher").readIdentity(signedFor(enrollmentKeys("pod-1"), pod, ENROLLMENT_AUDIENCE), ENROLLMENT_AUDIENCE, NOW)).toEqual(pod);
+    for (const role of ["dispatcher", "tenant", "telemetry"] as const) {
+      expect(reasonOf(() => service(role).readIdentity(signedFor(enrollmentKeys("pod-1"), pod, AUD), AUD, NOW)), role).toEqual(unauth("IDENTITY_FORGED"));
+    }
+    // Never for anything but an executor's own identity, even there.
+    expect(reasonOf(() => service("dispatcher").readIdentity(signedFor(enrollmentKeys("pod-1"), TENANT, ENROLLMENT_AUDIENCE), ENROLLMENT_AUDIENCE, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+  });
+
+  it("verifies a certified executor's calls at every service, the dispatcher's own included", () => {
+    const keys = enrolled("pod-1");
+    for (const role of ["dispatcher", "tenant", "telemetry"] as const) {
+      expect(service(role).readIdentity(signedFor(keys, pod, AUD), AUD, NOW), role).toEqual(pod);
+    }
+  });
+
+  it("refuses a certificate for another executor, one that expired, and one not signed by the dispatcher", () => {
+    const forOther = enrolled("pod-2");
+    // pod-2's certified key signing as pod-1 (an executor speaking as another).
+    const posing = signingKeysOf(ENROLLING, "executor", "pod-1");
+    const { privateKey, publicKey } = newExecutorKeyPair();
+    posing.useCertificate(privateKey, issueExecutorCertificate(service("dispatcher"), "executor/pod-2", publicKey, 60_000, NOW));
+    expect(reasonOf(() => service("tenant").readIdentity(signedFor(posing, pod, AUD), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(service("tenant").readIdentity(signedFor(forOther, other, AUD), AUD, NOW)).toEqual(other);
+    // Expired: a certificate of 1 s, read 2 s later (the identity itself still fresh).
+    const brief = enrolled("pod-1", 1000);
+    expect(reasonOf(() => service("tenant").readIdentity(signedFor(brief, pod, AUD, NOW + 2000), AUD, NOW + 2000))).toEqual(unauth("IDENTITY_FORGED"));
+    // Certified by the gateway (or by the enrollment key) instead of the dispatcher.
+    for (const certifier of [service("gateway"), enrollmentKeys("pod-1")]) {
+      expect(reasonOf(() => service("tenant").readIdentity(signedFor(enrolled("pod-1", 60_000, "executor/pod-1", certifier), pod, AUD), AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    }
+    // Garbage in the certificate header.
+    const headers = signedFor(enrolled("pod-1"), pod, AUD);
+    headers.set(EXECUTOR_CERTIFICATE_HEADER, "not.a-certificate");
+    expect(reasonOf(() => service("telemetry").readIdentity(headers, AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 });
 

@@ -58,7 +58,9 @@ import {
   WatchCancellationsResponseSchema,
   ReportRunStateResponseSchema,
 } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { EnrollExecutorResponseSchema, EnrollmentService } from "@outpost/proto/outpost/executor/v1/enrollment_service_pb.js";
 import type { AgentRegistry } from "./core/agents.ts";
+import type { ExecutorEnrollment } from "./core/enrollment.ts";
 import type { AuditLog } from "./core/audit.ts";
 import type { CapacityReport, CreateDispatchInput, Dispatcher } from "./core/dispatcher.ts";
 import type { FleetStatus } from "./core/fleet.ts";
@@ -91,6 +93,7 @@ export interface RouteDeps {
   fleet: () => Promise<FleetStatus>;
   /** Signs the grants that come with a lease (run-grants.ts). */
   signingKeys: SigningKeys;
+  enrollment: ExecutorEnrollment;
 }
 
 export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, agents: AgentRegistry, deps: RouteDeps): void {
@@ -249,6 +252,14 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
         time: req.time ? timestampMs(req.time) : undefined,
       });
       return { event: auditToProto(event) };
+    },
+  });
+
+  router.service(EnrollmentService, {
+    async enrollExecutor(req, ctx) {
+      const executorId = ownExecutorId(requireService(ctx, "executor"), req.executorId);
+      const { certificate, expiresAt } = await deps.enrollment.enroll(executorId, req.publicKey);
+      return create(EnrollExecutorResponseSchema, { certificate, expireTime: timestampFromMs(expiresAt) });
     },
   });
 

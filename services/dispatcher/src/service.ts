@@ -7,6 +7,7 @@ import { GrpcTenantAdmission } from "./adapters/tenant-admission.ts";
 import { AgentRegistry, builtinAgents } from "./core/agents.ts";
 import { Dispatcher, type RunEvents } from "./core/dispatcher.ts";
 import { AuditLog } from "./core/audit.ts";
+import { ExecutorEnrollment } from "./core/enrollment.ts";
 import { fleetStatus } from "./core/fleet.ts";
 import { Notifier, redisWakeupBus } from "./core/notifier.ts";
 import { exportCircuitStates } from "./adapters/circuit-metrics.ts";
@@ -140,7 +141,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     port: config.OUTPOST_DISPATCHER_PORT,
     logger,
     signingKeys,
-    routes: (router) => registerRoutes(router, dispatcher, agents, { audit, fleet, signingKeys }),
+    routes: (router) => registerRoutes(router, dispatcher, agents, { audit, fleet, signingKeys, enrollment: new ExecutorEnrollment(store, signingKeys) }),
     readiness: async () => {
       await store.get("0"); // the store answers
       return null;

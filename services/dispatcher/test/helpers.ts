@@ -7,15 +7,19 @@ import { AgentRegistry } from "../src/core/agents.ts";
 import type { Dispatcher } from "../src/core/dispatcher.ts";
 import { registerRoutes, type RouteDeps } from "../src/routes.ts";
 import { AuditLog } from "../src/core/audit.ts";
+import { ExecutorEnrollment } from "../src/core/enrollment.ts";
 import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
 import { createLogger } from "@outpost/platform";
 
 /** Route dependencies over their own in-memory store, for tests that do not look at them. */
 export function defaultRouteDeps(): RouteDeps {
+  const store = new SqliteDispatchStore(":memory:");
+  const signingKeys = keysOf("dispatcher");
   return {
-    audit: new AuditLog(new SqliteDispatchStore(":memory:"), createLogger("dispatcher-test", "silent")),
+    audit: new AuditLog(store, createLogger("dispatcher-test", "silent")),
     fleet: () => Promise.reject(new Error("fleet status is not part of this test")),
-    signingKeys: keysOf("dispatcher"),
+    signingKeys,
+    enrollment: new ExecutorEnrollment(store, signingKeys),
   };
 }
 

@@ -16,6 +16,7 @@ import { AgentStatus_CircuitState, FleetService } from "@outpost/proto/outpost/d
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
 import { AuditLog } from "../src/core/audit.ts";
+import { ExecutorEnrollment } from "../src/core/enrollment.ts";
 import { Dispatcher, type CreateDispatchInput, type RunEvents } from "../src/core/dispatcher.ts";
 import { fleetStatus } from "../src/core/fleet.ts";
 import { exportCircuitStates } from "../src/adapters/circuit-metrics.ts";
@@ -83,10 +84,12 @@ function setup(options: { circuitMs?: number; retry?: InfraRetry } = {}) {
     circuits,
     infraRetry: options.retry ?? new InfraRetry({ initialDelayMs: 1000, maxDelayMs: 60_000, maxAttempts: 3 }),
   });
+  const dispatcherKeys = keysOf("dispatcher");
   deps = {
     audit: new AuditLog(store, logger),
     fleet: () => fleetStatus({ store, agents, circuits, logger, executorStaleMs: 30_000 }),
-    signingKeys: keysOf("dispatcher"),
+    signingKeys: dispatcherKeys,
+    enrollment: new ExecutorEnrollment(store, dispatcherKeys),
   };
 }
 

@@ -384,6 +384,18 @@ export function dispatcherStoreExtrasConformance(name: string, factory: () => Di
       expect((await store.listAudit("a", 1))[0]).toEqual({ id: ids[2], tenantId: "a", principal: "p", method: "m", target: "t", outcome: "OK", time: T0 + 2 });
     });
 
+    it("executor keys: one key per id while bound; the same key renews; another only once the binding ended", async () => {
+      expect(await store.bindExecutorKey("e1", "key-a", T0 + 100, T0)).toEqual({ bound: true });
+      expect(await store.bindExecutorKey("e1", "key-b", T0 + 150, T0 + 50)).toEqual({ bound: false, boundUntil: T0 + 100 });
+      expect(await store.bindExecutorKey("e1", "key-a", T0 + 200, T0 + 60)).toEqual({ bound: true });
+      // Still bound to key-a until T0 + 200 after the renewal.
+      expect(await store.bindExecutorKey("e1", "key-b", T0 + 300, T0 + 150)).toEqual({ bound: false, boundUntil: T0 + 200 });
+      expect(await store.bindExecutorKey("e1", "key-b", T0 + 400, T0 + 201)).toEqual({ bound: true });
+      expect(await store.bindExecutorKey("e1", "key-a", T0 + 500, T0 + 250)).toEqual({ bound: false, boundUntil: T0 + 400 });
+      // Ids are apart.
+      expect(await store.bindExecutorKey("e2", "key-a", T0 + 500, T0 + 250)).toEqual({ bound: true });
+    });
+
     it("executors: the last report wins; stale ones drop out", async () => {
       const report = { executorId: "e1", slotsTotal: 4, slotsBusy: 1, warmContainers: 2, engineReady: true, imagesPresent: ["img:1"], seenAt: T0 };
       await store.recordExecutor(report);

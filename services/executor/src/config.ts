@@ -11,6 +11,12 @@ export const executorConfigShape = {
   OUTPOST_EXECUTOR_PORT: setting.port(7103),
   /** Names this executor to the dispatcher and in container labels; `<hostname>-<pid>` by default. */
   OUTPOST_EXECUTOR_ID: z.string().min(1).max(128).regex(/^[A-Za-z0-9._-]+$/, "letters, digits, '.', '_' and '-' only").optional(),
+  /**
+   * `on`: OUTPOST_SIGNING_KEY is the executors' shared enrollment key; the executor enrolls a key
+   * of its own at the dispatcher and signs everything else with it (docs/operations.md,
+   * "Enrolled executor keys"). `off` (default): it signs with OUTPOST_SIGNING_KEY.
+   */
+  OUTPOST_EXECUTOR_ENROLL: z.enum(["on", "off"]).default("off"),
   /** Containers run at most at once. */
   OUTPOST_EXECUTOR_SLOTS: setting.positiveInt(2),
   OUTPOST_DISPATCHER_URL: setting.url(),

@@ -6,6 +6,7 @@
 import path from "node:path";
 import { gauge, SigningKeys, startServer, type Logger } from "@outpost/platform";
 import { createDockerRuntime } from "./adapters/docker-runtime.ts";
+import { startEnrollment } from "./adapters/enrollment.ts";
 import { createHostWorkspaces } from "./adapters/host-workspaces.ts";
 import { createLeaseClient } from "./adapters/lease-client.ts";
 import { createSecretResolver } from "./adapters/secret-resolver.ts";
@@ -22,6 +23,19 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
   const executorId = config.OUTPOST_EXECUTOR_ID;
   // Signs as "executor/<id>", which a key listed for this executor alone verifies (identity.ts).
   const signingKeys = SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS, executorId);
+  // Enrolled: the setting's key is only for enrolling; every other call is signed with the
+  // executor's own key once the dispatcher certified it (adapters/enrollment.ts).
+  const enrollment =
+    config.OUTPOST_EXECUTOR_ENROLL === "on"
+      ? startEnrollment({
+          dispatcherUrl: config.OUTPOST_DISPATCHER_URL,
+          executorId,
+          enrollmentKeys: SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS, executorId),
+          signingKeys,
+          keyFile: path.resolve(config.OUTPOST_DATA_DIR, "executor", executorId, "enrolled-key.pem"),
+          logger,
+        })
+      : undefined;
   const runtime = createDockerRuntime({
     dockerHost: config.DOCKER_HOST,
     socketPath: config.OUTPOST_DOCKER_SOCKET,
@@ -78,15 +92,17 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     logger,
     routes: executorRoutes(),
     signingKeys,
-    readiness: () => executor.notReadyReason(),
+    readiness: async () => (enrollment && !enrollment.certified ? "not enrolled at the dispatcher yet" : executor.notReadyReason()),
   });
-  void executor.start();
+  // Nothing is leased (nor any container reconciled) before the executor can sign its calls.
+  void (enrollment ? enrollment.enrolled.then(() => executor.start()) : executor.start());
   logger.info({ executorId, slots: config.OUTPOST_EXECUTOR_SLOTS, warmPool: Object.fromEntries(warmTargets) }, "executor leasing work");
   return {
     url: server.url,
     port: server.port,
     async close() {
       await executor.shutdown(config.OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS);
+      enrollment?.stop();
       await server.close();
     },
   };

@@ -17,6 +17,7 @@ import type {
   DispatchState,
   Expectation,
   ExecutorReport,
+  KeyBinding,
   LeaseRequest,
   ListFilter,
   StoredAgent,
@@ -31,6 +32,8 @@ type DispatchDoc = Omit<DispatchRecord, "id"> & { _id: string; labelPairs: strin
 type AgentDoc = Omit<StoredAgent, "name"> & { _id: string };
 type AuditDoc = Omit<AuditRecord, "id"> & { _id: string; expireAt: Date };
 type ExecutorDoc = Omit<ExecutorReport, "executorId"> & { _id: string; expireAt: Date };
+/** An executor id's key binding (bindExecutorKey); `expireAt` lets MongoDB drop it long after it ended. */
+type ExecutorKeyDoc = { _id: string; publicKey: string; expiresAt: number; expireAt: Date };
 type TurnDoc = { _id: string; lastTurn: number };
 /** One document, `_id: "turn"`: the turn counter every replica increments atomically. */
 type CounterDoc = { _id: string; value: number };
@@ -75,6 +78,7 @@ export class MongoDispatchStore implements DispatcherStore {
   private readonly agents: Collection<AgentDoc>;
   private readonly audit: Collection<AuditDoc>;
   private readonly executors: Collection<ExecutorDoc>;
+  private readonly executorKeys: Collection<ExecutorKeyDoc>;
   private readonly turns: Collection<TurnDoc>;
   private readonly counters: Collection<CounterDoc>;
 
@@ -84,6 +88,7 @@ export class MongoDispatchStore implements DispatcherStore {
     this.agents = db.collection<AgentDoc>("agents");
     this.audit = db.collection<AuditDoc>("audit_events");
     this.executors = db.collection<ExecutorDoc>("executors");
+    this.executorKeys = db.collection<ExecutorKeyDoc>("executor_keys");
     this.turns = db.collection<TurnDoc>("tenant_turns");
     this.counters = db.collection<CounterDoc>("counters");
   }
@@ -115,6 +120,7 @@ export class MongoDispatchStore implements DispatcherStore {
       this.audit.createIndex({ tenantId: 1, _id: -1 }, { name: "tenant" }),
       this.audit.createIndex({ expireAt: 1 }, { expireAfterSeconds: 0, name: "retention" }),
       this.executors.createIndex({ expireAt: 1 }, { expireAfterSeconds: 0, name: "retention" }),
+      this.executorKeys.createIndex({ expireAt: 1 }, { expireAfterSeconds: 0, name: "retention" }),
     ]);
   }
 
@@ -309,6 +315,23 @@ export class MongoDispatchStore implements DispatcherStore {
       { ...rest, expireAt: new Date(report.seenAt + EXECUTOR_RETENTION_MS) },
       { upsert: true },
     );
+  }
+
+  async bindExecutorKey(executorId: string, publicKey: string, expiresAt: number, now: number): Promise<KeyBinding> {
+    // Matches the id only while the binding may change (same key, or over); otherwise the
+    // upsert's insert collides with the existing _id (E11000) and the binding stays.
+    try {
+      await this.executorKeys.updateOne(
+        { _id: executorId, $or: [{ publicKey }, { expiresAt: { $lt: now } }] },
+        { $set: { publicKey, expiresAt, expireAt: new Date(expiresAt + EXECUTOR_RETENTION_MS) } },
+        { upsert: true },
+      );
+      return { bound: true };
+    } catch (err) {
+      if (!(err instanceof MongoServerError) || err.code !== 11000) throw err;
+      const doc = await this.executorKeys.findOne({ _id: executorId });
+      return { bound: false, boundUntil: doc?.expiresAt ?? 0 };
+    }
   }
 
   async listExecutors(seenSince: number): Promise<ExecutorReport[]> {

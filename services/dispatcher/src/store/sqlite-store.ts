@@ -13,6 +13,7 @@ import type {
   DispatchState,
   Expectation,
   ExecutorReport,
+  KeyBinding,
   LeaseRequest,
   ListFilter,
   StoredAgent,
@@ -87,6 +88,11 @@ CREATE TABLE IF NOT EXISTS executors (
   engine_ready INTEGER NOT NULL,
   images_present TEXT NOT NULL,
   seen_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS executor_keys (
+  executor_id TEXT PRIMARY KEY,
+  public_key TEXT NOT NULL,
+  expires_at INTEGER NOT NULL
 );
 `;
 
@@ -361,6 +367,18 @@ export class SqliteDispatchStore implements DispatcherStore {
         JSON.stringify(report.imagesPresent),
         report.seenAt,
       );
+  }
+
+  async bindExecutorKey(executorId: string, publicKey: string, expiresAt: number, now: number): Promise<KeyBinding> {
+    // One conditional upsert: the row changes only when it is new, the same key, or over.
+    const changed = this.statement(
+      `INSERT INTO executor_keys (executor_id, public_key, expires_at) VALUES (?, ?, ?)
+       ON CONFLICT (executor_id) DO UPDATE SET public_key = excluded.public_key, expires_at = excluded.expires_at
+       WHERE executor_keys.public_key = excluded.public_key OR executor_keys.expires_at < ?`,
+    ).run(executorId, publicKey, expiresAt, now).changes;
+    if (Number(changed) > 0) return { bound: true };
+    const row = this.statement("SELECT expires_at FROM executor_keys WHERE executor_id = ?").get(executorId);
+    return { bound: false, boundUntil: Number(row?.expires_at ?? 0) };
   }
 
   async listExecutors(seenSince: number): Promise<ExecutorReport[]> {

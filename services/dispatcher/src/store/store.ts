@@ -180,7 +180,16 @@ export interface ExecutorStore {
   recordExecutor(report: ExecutorReport): Promise<void>;
   /** Executors whose last report is at or after `seenSince`. */
   listExecutors(seenSince: number): Promise<ExecutorReport[]>;
+  /**
+   * Binds an executor id to a public key (base64 SPKI) until `expiresAt`: a new binding, the same
+   * key again (a renewal), or a binding that ended before `now`. An id bound to another key until
+   * after `now` is left as it is; the answer says until when.
+   */
+  bindExecutorKey(executorId: string, publicKey: string, expiresAt: number, now: number): Promise<KeyBinding>;
 }
+
+/** What bindExecutorKey did. */
+export type KeyBinding = { bound: true } | { bound: false; boundUntil: number };
 
 /** Everything the dispatcher persists; one adapter implements it all (SQLite, MongoDB). */
 export type DispatcherStore = DispatchStore & AgentStore & AuditStore & ExecutorStore;

@@ -1,0 +1,111 @@
+/**
+ * Enrollment of an executor that holds the shared enrollment key (OUTPOST_EXECUTOR_ENROLL=on;
+ * identity.ts and docs/operations.md, "Enrolled executor keys"): it binds a key pair of its own
+ * to its id at the dispatcher's EnrollmentService, then signs every call with that key and sends
+ * the dispatcher's certificate of it. The certificate is renewed at a third of its lifetime, and
+ * tried again with backoff when the dispatcher does not answer.
+ *
+ * The key pair is kept in the executor's data directory (mode 0600), so an executor restarted in
+ * place (same id, same directory) enrolls the same key again: the dispatcher gives an id to
+ * another key only once the old binding has ended.
+ */
+import { createPrivateKey, createPublicKey, type KeyObject } from "node:crypto";
+import fs from "node:fs/promises";
+import path from "node:path";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { errorInfoOf, internalClient, newExecutorKeyPair, type Logger, type SigningKeys } from "@outpost/platform";
+import { EnrollmentService } from "@outpost/proto/outpost/executor/v1/enrollment_service_pb.js";
+
+export interface EnrollmentOptions {
+  dispatcherUrl: string;
+  executorId: string;
+  /** Signs with the shared enrollment key: used only for EnrollExecutor. */
+  enrollmentKeys: SigningKeys;
+  /** Every other call's keys: switched to the executor's own key and certificate once enrolled. */
+  signingKeys: SigningKeys;
+  /** Where the executor's own key pair is kept (PKCS#8 PEM). */
+  keyFile: string;
+  logger: Logger;
+  /** First retry after a failed enrollment; doubles up to 30 s. */
+  retryMs?: number;
+}
+
+export interface Enrollment {
+  /** Resolves once the executor holds a certificate (the first enrollment succeeded). */
+  readonly enrolled: Promise<void>;
+  /** Whether the last certificate is still valid, for readiness. */
+  readonly certified: boolean;
+  /** Stops renewing. */
+  stop(): void;
+}
+
+const MAX_RETRY_MS = 30_000;
+
+export function startEnrollment(options: EnrollmentOptions): Enrollment {
+  const client = internalClient(EnrollmentService, {
+    baseUrl: options.dispatcherUrl,
+    signingKeys: options.enrollmentKeys,
+    identity: { kind: "service", principal: `executor/${options.executorId}` },
+  });
+  const controller = new AbortController();
+  let expiresAt = 0;
+  let firstEnrollment: () => void = () => {};
+  const enrolled = new Promise<void>((resolve) => (firstEnrollment = resolve));
+
+  const run = async () => {
+    const { privateKey, publicKey } = await ownKeyPair(options.keyFile);
+    let retryMs = options.retryMs ?? 1000;
+    while (!controller.signal.aborted) {
+      let waitMs: number;
+      try {
+        const res = await client.enrollExecutor({ executorId: options.executorId, publicKey }, { signal: controller.signal, timeoutMs: 10_000 });
+        options.signingKeys.useCertificate(privateKey, res.certificate);
+        const now = Date.now();
+        const first = expiresAt === 0;
+        expiresAt = res.expireTime ? timestampMs(res.expireTime) : now;
+        options.logger[first ? "info" : "debug"]({ expiresAt: new Date(expiresAt).toISOString() }, first ? "executor enrolled" : "executor certificate renewed");
+        firstEnrollment();
+        retryMs = options.retryMs ?? 1000;
+        waitMs = Math.max(1000, (expiresAt - now) / 3);
+      } catch (err) {
+        if (controller.signal.aborted) return;
+        const error = ConnectError.from(err);
+        // Bound to another key: that binding has to end first; no point asking sooner than it does.
+        const boundUntil = error.code === Code.FailedPrecondition ? Date.parse(errorInfoOf(error)?.metadata.bound_until ?? "") : NaN;
+        options.logger.warn({ err: error.message, retryInMs: retryMs }, "executor enrollment failed; retrying");
+        waitMs = Number.isFinite(boundUntil) ? Math.max(retryMs, boundUntil - Date.now()) : retryMs;
+        retryMs = Math.min(retryMs * 2, MAX_RETRY_MS);
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, waitMs);
+        controller.signal.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
+      });
+    }
+  };
+  run().catch((err: unknown) => options.logger.error({ err }, "executor enrollment stopped: its key pair could not be read or made"));
+
+  return {
+    enrolled,
+    get certified() {
+      return Date.now() < expiresAt;
+    },
+    stop: () => controller.abort(),
+  };
+}
+
+/** The executor's key pair from `keyFile`, made (and written, 0600) the first time. */
+async function ownKeyPair(keyFile: string): Promise<{ privateKey: KeyObject; publicKey: Buffer }> {
+  try {
+    const privateKey = createPrivateKey(await fs.readFile(keyFile, "utf8"));
+    if (privateKey.asymmetricKeyType === "ed25519") {
+      return { privateKey, publicKey: createPublicKey(privateKey).export({ format: "der", type: "spki" }) };
+    }
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+  }
+  const pair = newExecutorKeyPair();
+  await fs.mkdir(path.dirname(keyFile), { recursive: true, mode: 0o700 });
+  await fs.writeFile(keyFile, pair.privateKey.export({ format: "pem", type: "pkcs8" }), { mode: 0o600 });
+  return pair;
+}
