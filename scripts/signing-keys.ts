@@ -30,8 +30,8 @@ function fail(message: string): never {
 
 if (values.format === "k8s" && executorIds.length > 0) {
   // Pods of one Deployment are alike and come and go with the autoscaler: none can be given a
-  // key of its own by these manifests (docs/operations.md, "A key per executor").
-  fail("--executors is for executors with fixed ids (--format env); the Kubernetes manifests give executors the role's key");
+  // key of its own by these manifests; they enroll one (docs/operations.md, "Enrolled executor keys").
+  fail("--executors is for executors with fixed ids (--format env); the Kubernetes manifests' executors enroll keys of their own");
 }
 const envNameOf = (id: string) => `OUTPOST_EXECUTOR_SIGNING_KEY_${id.toUpperCase().replace(/[^A-Z0-9]/g, "_")}`;
 const envNames = executorIds.map(envNameOf);

@@ -208,14 +208,14 @@ export class SigningKeys {
 
   /**
    * Checks a payload and signature from any trusted role; answers the claims or the problem.
-   * `extraKeys(issuer)`: more keys that may have signed it (an identity's: the enrollment key,
-   * a certified key).
+   * `extraKeys(claims)`: more keys that may have signed these claims (an identity's: the
+   * enrollment key, a certified key).
    */
   verify(
     payload: string,
     signature: string,
     now = Date.now(),
-    extraKeys: (issuer: string) => readonly KeyObject[] = () => [],
+    extraKeys: (claims: Record<string, unknown> & SignedClaims) => readonly KeyObject[] = () => [],
   ): { claims: Record<string, unknown> & SignedClaims } | { problem: SignatureProblem } {
     let claims: unknown;
     try {
@@ -225,7 +225,7 @@ export class SigningKeys {
     }
     if (typeof claims !== "object" || claims === null || typeof (claims as { iss?: unknown }).iss !== "string") return { problem: "MALFORMED" };
     const signed = claims as Record<string, unknown> & SignedClaims;
-    const keys = [...this.keysOf(signed.iss), ...extraKeys(signed.iss)];
+    const keys = [...this.keysOf(signed.iss), ...extraKeys(signed)];
     if (keys.length === 0) return { problem: "UNKNOWN_SIGNER" };
     const signatureBytes = Buffer.from(signature, "base64url");
     if (signatureBytes.length !== 64 || !keys.some((key) => verify(null, Buffer.from(payload), key, signatureBytes))) return { problem: "FORGED" };
@@ -284,24 +284,24 @@ export class SigningKeys {
    * certificate is not one, has expired, or names another executor. The dispatcher that issued
    * it checks it with its own public key (its replicas share the role's key).
    */
-  private certifiedKeyOf(certificate: string, issuer: string, now: number): readonly KeyObject[] {
+  private certifiedKeyOf(certificate: string, issuer: string, now: number): { key: KeyObject; exp: number } | undefined {
     let certified = this.certifiedKeys.get(certificate);
     if (certified === undefined) {
       const [payload, signature, extra] = certificate.split(".");
-      if (!payload || !signature || extra !== undefined) return [];
+      if (!payload || !signature || extra !== undefined) return undefined;
       const own = this.role === "dispatcher" ? [createPublicKey(this.privateKey)] : [];
-      const checked = this.verify(payload, signature, now, (iss) => (iss === "dispatcher" ? own : []));
-      if ("problem" in checked || checked.claims.iss !== "dispatcher" || checked.claims.cert !== "executor-key") return [];
+      const checked = this.verify(payload, signature, now, (claims) => (claims.iss === "dispatcher" ? own : []));
+      if ("problem" in checked || checked.claims.iss !== "dispatcher" || checked.claims.cert !== "executor-key") return undefined;
       const { executor, key } = checked.claims;
-      if (typeof executor !== "string" || typeof key !== "string") return [];
+      if (typeof executor !== "string" || typeof key !== "string") return undefined;
       try {
         certified = { key: parseExecutorPublicKey(Buffer.from(key, "base64")), executor, exp: checked.claims.exp };
       } catch {
-        return [];
+        return undefined;
       }
       remember(this.certifiedKeys, certificate, certified);
     }
-    return certified.executor === issuer && certified.exp >= now ? [certified.key] : [];
+    return certified.executor === issuer && certified.exp >= now ? certified : undefined;
   }
 
   /**
@@ -322,14 +322,21 @@ export class SigningKeys {
       return remembered.identity;
     }
     const certificate = headers.get(EXECUTOR_CERTIFICATE_HEADER);
-    const checked = this.verify(payload, signature, now, (issuer) => {
-      if (parseIssuer(issuer)?.name === undefined) return [];
-      // The enrollment key speaks for an executor only to EnrollmentService; a certified key for the executor it names.
-      const enrollment = audience === ENROLLMENT_AUDIENCE ? (this.trusted.get(ENROLLMENT_SIGNER) ?? []) : [];
-      return [...enrollment, ...(certificate ? this.certifiedKeyOf(certificate, issuer, now) : [])];
+    /** When the certificate that came with the identity ends: the identity is not trusted past it. */
+    let certifiedUntil = Infinity;
+    const checked = this.verify(payload, signature, now, (claims) => {
+      if (parseIssuer(claims.iss)?.name === undefined) return [];
+      // The enrollment key speaks for an executor only in identities signed for EnrollmentService
+      // (and read there: the audience check below), so no identity it signed for another service
+      // ever verifies, or is remembered; a certified key for the executor it names.
+      const enrollment = claims.aud === ENROLLMENT_AUDIENCE && audience === ENROLLMENT_AUDIENCE ? (this.trusted.get(ENROLLMENT_SIGNER) ?? []) : [];
+      const certified = certificate ? this.certifiedKeyOf(certificate, claims.iss, now) : undefined;
+      if (certified) certifiedUntil = certified.exp;
+      return certified ? [...enrollment, certified.key] : enrollment;
     });
     if ("problem" in checked) throw identityProblem(checked.problem);
-    const { id, iss, exp, aud } = checked.claims;
+    const { id, iss, aud } = checked.claims;
+    const exp = Math.min(checked.claims.exp, certifiedUntil);
     if (!isIdentity(id)) throw unauthenticated("IDENTITY_MALFORMED", "caller identity is malformed");
     if (exp > now + IDENTITY_TTL_MS + CLOCK_SKEW_MS) {
       throw unauthenticated("IDENTITY_LIFETIME_TOO_LONG", `caller identity is valid for longer than an identity may be (${IDENTITY_TTL_MS / 1000} s)`);

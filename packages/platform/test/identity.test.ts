@@ -301,6 +301,23 @@ describe("enrolled executor keys (enrollment key, certificates)", () => {
     expect(reasonOf(() => service("dispatcher").readIdentity(signedFor(enrollmentKeys("pod-1"), TENANT, ENROLLMENT_AUDIENCE), ENROLLMENT_AUDIENCE, NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
+  it("never remembers an identity the enrollment key signed for another service, wherever it was first read", () => {
+    // Signed for the lease API, sent first to EnrollmentService (where the enrollment key is
+    // good), then to the lease API: refused both times, by one verifier with its cache.
+    const dispatcher = service("dispatcher");
+    const headers = signedFor(enrollmentKeys("pod-1"), pod, AUD);
+    expect(reasonOf(() => dispatcher.readIdentity(headers, ENROLLMENT_AUDIENCE, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+    expect(reasonOf(() => dispatcher.readIdentity(headers, AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
+  });
+
+  it("trusts a remembered identity no longer than the certificate that came with it", () => {
+    const tenantService = service("tenant");
+    const headers = signedFor(enrolled("pod-1", 1000), pod, AUD);
+    expect(tenantService.readIdentity(headers, AUD, NOW + 900)).toEqual(pod);
+    // The identity itself would last a minute; its certificate ended at NOW + 1 s.
+    expect(reasonOf(() => tenantService.readIdentity(headers, AUD, NOW + 2000))).toEqual(unauth("IDENTITY_EXPIRED"));
+  });
+
   it("verifies a certified executor's calls at every service, the dispatcher's own included", () => {
     const keys = enrolled("pod-1");
     for (const role of ["dispatcher", "tenant", "telemetry"] as const) {

@@ -4,7 +4,7 @@
  * readiness is the engine's ping.
  */
 import path from "node:path";
-import { gauge, SigningKeys, startServer, type Logger } from "@outpost/platform";
+import { gauge, parseTrustedSigners, SigningKeys, startServer, type Logger } from "@outpost/platform";
 import { createDockerRuntime } from "./adapters/docker-runtime.ts";
 import { startEnrollment } from "./adapters/enrollment.ts";
 import { createHostWorkspaces } from "./adapters/host-workspaces.ts";
@@ -25,6 +25,9 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
   const signingKeys = SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS, executorId);
   // Enrolled: the setting's key is only for enrolling; every other call is signed with the
   // executor's own key once the dispatcher certified it (adapters/enrollment.ts).
+  if (config.OUTPOST_EXECUTOR_ENROLL === "on" && parseTrustedSigners(config.OUTPOST_TRUSTED_SIGNERS).has("executor")) {
+    logger.warn("OUTPOST_EXECUTOR_ENROLL=on but an executor: key is trusted as well: any executor's key still speaks for every executor until that entry is removed");
+  }
   const enrollment =
     config.OUTPOST_EXECUTOR_ENROLL === "on"
       ? startEnrollment({

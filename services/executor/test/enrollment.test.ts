@@ -94,6 +94,16 @@ describe("executor enrollment (adapter)", () => {
     expect(seen.at(-1)).not.toBe(seen.at(-2));
   });
 
+  it("replaces a key file that holds no key (cut short by a crash) and enrolls the new key", async () => {
+    const keyFile = path.join(dir, "e", "enrolled-key.pem");
+    fs.mkdirSync(path.dirname(keyFile));
+    fs.writeFileSync(keyFile, "-----BEGIN PRIVATE KEY-----\nMC4CAQAw", { mode: 0o600 });
+    const { enrollment } = start(keyFile);
+    await enrollment.enrolled;
+    expect(fs.readFileSync(keyFile, "utf8")).toMatch(/^-----BEGIN PRIVATE KEY-----\n[\s\S]+-----END PRIVATE KEY-----\n$/);
+    expect(fs.readdirSync(path.dirname(keyFile))).toEqual(["enrolled-key.pem"]);
+  });
+
   it("renews at a third of the certificate's lifetime", async () => {
     answer = { ttlMs: 3000 };
     const before = seen.length;

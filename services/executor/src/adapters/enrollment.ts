@@ -54,7 +54,7 @@ export function startEnrollment(options: EnrollmentOptions): Enrollment {
   const enrolled = new Promise<void>((resolve) => (firstEnrollment = resolve));
 
   const run = async () => {
-    const { privateKey, publicKey } = await ownKeyPair(options.keyFile);
+    const { privateKey, publicKey } = await ownKeyPair(options.keyFile, options.logger);
     let retryMs = options.retryMs ?? 1000;
     while (!controller.signal.aborted) {
       let waitMs: number;
@@ -94,18 +94,39 @@ export function startEnrollment(options: EnrollmentOptions): Enrollment {
   };
 }
 
-/** The executor's key pair from `keyFile`, made (and written, 0600) the first time. */
-async function ownKeyPair(keyFile: string): Promise<{ privateKey: KeyObject; publicKey: Buffer }> {
+/**
+ * The executor's key pair from `keyFile`, made (and written, 0600) the first time, or when the
+ * file holds no Ed25519 key (cut short by a crash, say): a new key then enrolls once the old
+ * binding ended. Written to a temporary file and renamed, so the file is whole or absent.
+ */
+async function ownKeyPair(keyFile: string, logger: Logger): Promise<{ privateKey: KeyObject; publicKey: Buffer }> {
+  let text: string | undefined;
   try {
-    const privateKey = createPrivateKey(await fs.readFile(keyFile, "utf8"));
-    if (privateKey.asymmetricKeyType === "ed25519") {
-      return { privateKey, publicKey: createPublicKey(privateKey).export({ format: "der", type: "spki" }) };
-    }
+    text = await fs.readFile(keyFile, "utf8");
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
   }
+  if (text !== undefined) {
+    try {
+      const privateKey = createPrivateKey(text);
+      if (privateKey.asymmetricKeyType === "ed25519") {
+        return { privateKey, publicKey: createPublicKey(privateKey).export({ format: "der", type: "spki" }) };
+      }
+    } catch {
+      // Not a key: replaced below.
+    }
+    logger.warn({ keyFile }, "the enrolled key file holds no Ed25519 key; making a new key");
+  }
   const pair = newExecutorKeyPair();
   await fs.mkdir(path.dirname(keyFile), { recursive: true, mode: 0o700 });
-  await fs.writeFile(keyFile, pair.privateKey.export({ format: "pem", type: "pkcs8" }), { mode: 0o600 });
+  const partial = `${keyFile}.${process.pid}.tmp`;
+  const handle = await fs.open(partial, "w", 0o600);
+  try {
+    await handle.writeFile(pair.privateKey.export({ format: "pem", type: "pkcs8" }));
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await fs.rename(partial, keyFile);
   return pair;
 }
