@@ -130,7 +130,7 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
           const { code, stdout, stderr } = await runGit([...config, ...args], { cwd: files.workspace, env, signal: stop });
           if (timeout.aborted) throw new CheckoutInterrupted(`git did not finish within the checkout's ${formatSeconds(options.checkoutTimeoutMs)} s`);
           if (stop.aborted) throw new CheckoutInterrupted("checkout stopped", { cause: signal?.reason });
-          if (code !== 0 && egress && egress.refusals.length > 0) throw refusedByGuard(egress);
+          if (code !== 0 && step === "fetch" && egress && egress.refusals.length > 0) throw refusedByGuard(egress);
           if (code !== 0 && step === "fetch" && egress?.couldNotConnect) {
             // Through the proxy, curl reports a name that does not resolve as the proxy's 502.
             throw new CheckoutError(COULD_NOT_CONNECT, { cause: gitFailure(step, stderr).cause });
