@@ -17,6 +17,7 @@ import {
   issueExecutorCertificate,
   newExecutorKeyPair,
   SIGNER_ROLES,
+  signEnrollmentProof,
   SigningKeys,
   signingKeysOf,
   type Identity,
@@ -109,20 +110,31 @@ describe("enrolled executor keys", () => {
   });
 
   it("the enrollment key cannot take the running executor's id", async () => {
-    const { publicKey } = newExecutorKeyPair();
-    expect(await refusal(enrollmentKeyAs(EXECUTOR_ID).enrollment.enrollExecutor({ executorId: EXECUTOR_ID, publicKey }))).toBe("FailedPrecondition EXECUTOR_KEY_BOUND");
+    const { privateKey, publicKey } = newExecutorKeyPair();
+    const proof = signEnrollmentProof(privateKey, EXECUTOR_ID, publicKey);
+    expect(await refusal(enrollmentKeyAs(EXECUTOR_ID).enrollment.enrollExecutor({ executorId: EXECUTOR_ID, publicKey, proof }))).toBe("FailedPrecondition EXECUTOR_KEY_BOUND");
     // Nor enroll for another id than the one it signs as.
-    expect(await refusal(enrollmentKeyAs(NEWCOMER_ID).enrollment.enrollExecutor({ executorId: EXECUTOR_ID, publicKey }))).toBe("PermissionDenied EXECUTOR_ID_MISMATCH");
-    // A key that is not an Ed25519 SPKI key is refused naming the field.
-    const bad = await enrollmentKeyAs(NEWCOMER_ID).enrollment.enrollExecutor({ executorId: NEWCOMER_ID, publicKey: new Uint8Array([1, 2, 3]) }).catch((e: unknown) => ConnectError.from(e));
-    expect(bad).toBeInstanceOf(ConnectError);
-    expect((bad as ConnectError).code).toBe(Code.InvalidArgument);
-    expect(errorInfoOf(bad as ConnectError)?.metadata.field).toBe("public_key");
+    expect(await refusal(enrollmentKeyAs(NEWCOMER_ID).enrollment.enrollExecutor({ executorId: EXECUTOR_ID, publicKey, proof }))).toBe("PermissionDenied EXECUTOR_ID_MISMATCH");
+    // Refused naming the field: a key that is not an Ed25519 SPKI key; a proof made with another
+    // key, or for another id (a public key alone binds nothing).
+    const other = newExecutorKeyPair();
+    for (const [request, field] of [
+      [{ executorId: NEWCOMER_ID, publicKey: new Uint8Array([1, 2, 3]), proof }, "public_key"],
+      [{ executorId: NEWCOMER_ID, publicKey, proof: signEnrollmentProof(other.privateKey, NEWCOMER_ID, publicKey) }, "proof"],
+      [{ executorId: NEWCOMER_ID, publicKey, proof }, "proof"],
+      [{ executorId: NEWCOMER_ID, publicKey }, "proof"],
+    ] as const) {
+      const bad = await enrollmentKeyAs(NEWCOMER_ID).enrollment.enrollExecutor(request).catch((e: unknown) => ConnectError.from(e));
+      expect(bad, field).toBeInstanceOf(ConnectError);
+      expect((bad as ConnectError).code, field).toBe(Code.InvalidArgument);
+      expect(errorInfoOf(bad as ConnectError)?.metadata.field, field).toBe(field);
+    }
   });
 
   it("an executor enrolled under another id works as itself, and cannot speak as the first with its certificate", async () => {
     const { privateKey, publicKey } = newExecutorKeyPair();
-    const { certificate } = await enrollmentKeyAs(NEWCOMER_ID).enrollment.enrollExecutor({ executorId: NEWCOMER_ID, publicKey });
+    const proof = signEnrollmentProof(privateKey, NEWCOMER_ID, publicKey);
+    const { certificate } = await enrollmentKeyAs(NEWCOMER_ID).enrollment.enrollExecutor({ executorId: NEWCOMER_ID, publicKey, proof });
     const newcomerKeys = signingKeysOf(KEYS, "executor", NEWCOMER_ID);
     newcomerKeys.useCertificate(privateKey, certificate);
     expect((await executorCalls(clientsOf(asExecutor(NEWCOMER_ID), newcomerKeys), NEWCOMER_ID)).leases).toBe("accepted");

@@ -396,6 +396,21 @@ export function issueExecutorCertificate(dispatcherKeys: SigningKeys, executor: 
   return dispatcherKeys.signToken({ cert: "executor-key", executor, key: Buffer.from(publicKey).toString("base64") }, ttlMs, now);
 }
 
+/** What an enrolling executor signs with its new key (EnrollExecutorRequest.proof). */
+function enrollmentProofMessage(executorId: string, publicKey: Uint8Array): Buffer {
+  return Buffer.from(`outpost-executor-enrollment\n${executorId}\n${Buffer.from(publicKey).toString("base64")}`);
+}
+
+/** The proof that the enrolling executor holds the private key of `publicKey`. */
+export function signEnrollmentProof(privateKey: KeyObject, executorId: string, publicKey: Uint8Array): Buffer {
+  return sign(null, enrollmentProofMessage(executorId, publicKey), privateKey);
+}
+
+/** Whether `proof` is the signature of `publicKey`'s private key over the enrollment of `executorId`. */
+export function verifyEnrollmentProof(publicKey: KeyObject, executorId: string, publicKeyDer: Uint8Array, proof: Uint8Array): boolean {
+  return proof.byteLength === 64 && verify(null, enrollmentProofMessage(executorId, publicKeyDer), publicKey, proof);
+}
+
 /** A fresh Ed25519 key pair for an executor to enroll: the private key, and the public key as SPKI DER. */
 export function newExecutorKeyPair(): { privateKey: KeyObject; publicKey: Buffer } {
   const { privateKey, publicKey } = generateKeyPairSync("ed25519");

@@ -258,7 +258,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
   router.service(EnrollmentService, {
     async enrollExecutor(req, ctx) {
       const executorId = ownExecutorId(requireService(ctx, "executor"), req.executorId);
-      const { certificate, expiresAt } = await deps.enrollment.enroll(executorId, req.publicKey);
+      const { certificate, expiresAt } = await deps.enrollment.enroll(executorId, req.publicKey, req.proof);
       return create(EnrollExecutorResponseSchema, { certificate, expireTime: timestampFromMs(expiresAt) });
     },
   });

@@ -9,7 +9,16 @@ import os from "node:os";
 import path from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { EXECUTOR_CERTIFICATE_HEADER, failedPrecondition, issueExecutorCertificate, signingKeysOf, type RunningServer } from "@outpost/platform";
+import {
+  EXECUTOR_CERTIFICATE_HEADER,
+  failedPrecondition,
+  invalidArgument,
+  issueExecutorCertificate,
+  parseExecutorPublicKey,
+  signingKeysOf,
+  verifyEnrollmentProof,
+  type RunningServer,
+} from "@outpost/platform";
 import { EnrollExecutorResponseSchema, EnrollmentService } from "@outpost/proto/outpost/executor/v1/enrollment_service_pb.js";
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { startEnrollment, type Enrollment } from "../src/adapters/enrollment.ts";
@@ -33,6 +42,8 @@ describe("executor enrollment (adapter)", () => {
     server = await startStub("stub-enrollment", (router) =>
       router.service(EnrollmentService, {
         enrollExecutor(req) {
+          // The executor proves it holds the key it enrolls (checked as the dispatcher does).
+          if (!verifyEnrollmentProof(parseExecutorPublicKey(req.publicKey), req.executorId, req.publicKey, req.proof)) throw invalidArgument("proof", "wrong");
           seen.push(Buffer.from(req.publicKey).toString("base64"));
           if (answer === "bound") {
             answer = { ttlMs: 60_000 };

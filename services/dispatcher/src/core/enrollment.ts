@@ -12,6 +12,7 @@ import {
   issueExecutorCertificate,
   parseExecutorPublicKey,
   type SigningKeys,
+  verifyEnrollmentProof,
 } from "@outpost/platform";
 import type { ExecutorStore } from "../store/store.ts";
 
@@ -34,12 +35,18 @@ export class ExecutorEnrollment {
     this.now = now;
   }
 
-  async enroll(executorId: string, publicKey: Uint8Array): Promise<Enrolled> {
+  async enroll(executorId: string, publicKey: Uint8Array, proof: Uint8Array): Promise<Enrolled> {
     if (publicKey.byteLength === 0) throw invalidArgument("public_key", "is required (the executor's Ed25519 public key, SPKI DER)", "FIELD_REQUIRED");
+    let key;
     try {
-      parseExecutorPublicKey(publicKey);
+      key = parseExecutorPublicKey(publicKey);
     } catch (err) {
       throw invalidArgument("public_key", (err as Error).message, "FIELD_MALFORMED");
+    }
+    // Only the holder of the private key binds (or keeps bound) an id to it: a public key alone,
+    // a dead executor's say, cannot hold its id.
+    if (!verifyEnrollmentProof(key, executorId, publicKey, proof)) {
+      throw invalidArgument("proof", "is not the public key's signature of this enrollment (see EnrollExecutorRequest.proof)", "FIELD_MALFORMED");
     }
     const now = this.now();
     const expiresAt = now + this.ttlMs;

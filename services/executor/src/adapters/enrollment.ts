@@ -14,7 +14,7 @@ import fs from "node:fs/promises";
 import path from "node:path";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { errorInfoOf, internalClient, newExecutorKeyPair, type Logger, type SigningKeys } from "@outpost/platform";
+import { errorInfoOf, internalClient, newExecutorKeyPair, signEnrollmentProof, type Logger, type SigningKeys } from "@outpost/platform";
 import { EnrollmentService } from "@outpost/proto/outpost/executor/v1/enrollment_service_pb.js";
 
 export interface EnrollmentOptions {
@@ -55,11 +55,12 @@ export function startEnrollment(options: EnrollmentOptions): Enrollment {
 
   const run = async () => {
     const { privateKey, publicKey } = await ownKeyPair(options.keyFile, options.logger);
+    const proof = signEnrollmentProof(privateKey, options.executorId, publicKey);
     let retryMs = options.retryMs ?? 1000;
     while (!controller.signal.aborted) {
       let waitMs: number;
       try {
-        const res = await client.enrollExecutor({ executorId: options.executorId, publicKey }, { signal: controller.signal, timeoutMs: 10_000 });
+        const res = await client.enrollExecutor({ executorId: options.executorId, publicKey, proof }, { signal: controller.signal, timeoutMs: 10_000 });
         options.signingKeys.useCertificate(privateKey, res.certificate);
         const now = Date.now();
         const first = expiresAt === 0;
