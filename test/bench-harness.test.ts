@@ -55,6 +55,9 @@ const BENCHES = readdirSync(path.join(REPO_ROOT, "bench"))
  * dropped its gRPC rows without h2load) fails here; a new benchmark lists its rows here.
  */
 const ROWS: Record<string, [RegExp, "ratio" | "figure"][]> = {
+  checkout: ["git://", "http"].flatMap((transport) =>
+    ["guarded", "guard off"].map((mode): [RegExp, "ratio"] => [new RegExp(`^checkout over ${transport}, ${mode} vs bare git clone \\(lower is better\\)$`), "ratio"]),
+  ),
   dispatch: [
     [/^dispatch creates\/s through the gateway \(vs bare store inserts\/s\)$/, "ratio"],
     [/^enqueue-to-lease p50$/, "figure"],
