@@ -3,7 +3,7 @@
  * identity.ts and docs/operations.md, "Enrolled executor keys"): it binds a key pair of its own
  * to its id at the dispatcher's EnrollmentService, then signs every call with that key and sends
  * the dispatcher's certificate of it. The certificate is renewed at a third of its lifetime, and
- * tried again with backoff when the dispatcher does not answer.
+ * tried again with backoff (core/backoff.ts) when the dispatcher does not answer.
  *
  * The key pair is kept in the executor's data directory (mode 0600), so an executor restarted in
  * place (same id, same directory) enrolls the same key again: the dispatcher gives an id to
@@ -16,6 +16,7 @@ import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { errorInfoOf, internalClient, newExecutorKeyPair, signEnrollmentProof, type Logger, type SigningKeys } from "@outpost/platform";
 import { EnrollmentService } from "@outpost/proto/outpost/executor/v1/enrollment_service_pb.js";
+import { Backoff, sleep } from "../core/backoff.ts";
 
 export interface EnrollmentOptions {
   dispatcherUrl: string;
@@ -27,7 +28,7 @@ export interface EnrollmentOptions {
   /** Where the executor's own key pair is kept (PKCS#8 PEM). */
   keyFile: string;
   logger: Logger;
-  /** First retry after a failed enrollment; doubles up to 30 s. */
+  /** Backoff base after a failed enrollment (with jitter, doubling up to 30 s). */
   retryMs?: number;
 }
 
@@ -56,7 +57,7 @@ export function startEnrollment(options: EnrollmentOptions): Enrollment {
   const run = async () => {
     const { privateKey, publicKey } = await ownKeyPair(options.keyFile, options.logger);
     const proof = signEnrollmentProof(privateKey, options.executorId, publicKey);
-    let retryMs = options.retryMs ?? 1000;
+    const backoff = new Backoff({ baseMs: options.retryMs ?? 1000, maxMs: MAX_RETRY_MS });
     while (!controller.signal.aborted) {
       let waitMs: number;
       try {
@@ -67,21 +68,18 @@ export function startEnrollment(options: EnrollmentOptions): Enrollment {
         expiresAt = res.expireTime ? timestampMs(res.expireTime) : now;
         options.logger[first ? "info" : "debug"]({ expiresAt: new Date(expiresAt).toISOString() }, first ? "executor enrolled" : "executor certificate renewed");
         firstEnrollment();
-        retryMs = options.retryMs ?? 1000;
+        backoff.reset();
         waitMs = Math.max(1000, (expiresAt - now) / 3);
       } catch (err) {
         if (controller.signal.aborted) return;
         const error = ConnectError.from(err);
         // Bound to another key: that binding has to end first; no point asking sooner than it does.
         const boundUntil = error.code === Code.FailedPrecondition ? Date.parse(errorInfoOf(error)?.metadata.bound_until ?? "") : NaN;
-        options.logger.warn({ err: error.message, retryInMs: retryMs }, "executor enrollment failed; retrying");
+        const retryMs = backoff.next();
         waitMs = Number.isFinite(boundUntil) ? Math.max(retryMs, boundUntil - Date.now()) : retryMs;
-        retryMs = Math.min(retryMs * 2, MAX_RETRY_MS);
+        options.logger.warn({ err: error.message, retryInMs: waitMs }, "executor enrollment failed; retrying");
       }
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, waitMs);
-        controller.signal.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
-      });
+      await sleep(waitMs, controller.signal);
     }
   };
   run().catch((err: unknown) => options.logger.error({ err }, "executor enrollment stopped: its key pair could not be read or made"));
