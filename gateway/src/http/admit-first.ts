@@ -9,14 +9,14 @@
  */
 import type http from "node:http";
 import type { DescService } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code } from "@connectrpc/connect";
 import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
-import { envelope, explainMalformed, maskedInternalMessage, rpcCodeLabel, rpcMetrics, SpanStatusCode, startServerSpan } from "@outpost/platform";
+import { envelope, rpcCodeLabel, rpcMetrics, SpanStatusCode, startServerSpan } from "@outpost/platform";
 import { type Admitted, admitCall, clientIpOf, type EdgeOptions } from "../edge.ts";
 import { connectUnary } from "./raw-connect.ts";
 import { connectServerStream } from "./raw-connect-stream.ts";
 import { grpcUnary } from "./raw-grpc.ts";
-import { type ClientRequest, type ClientResponse, discardUnreadBody, drainSmallBody, errorHeaders, headersOf, isGone, type UnaryWireProtocol } from "./raw-unary.ts";
+import { type ClientRequest, type ClientResponse, clientErrorOf, errorHeaders, headersOf, isGone, respondBeforeAnswer, type UnaryWireProtocol } from "./raw-unary.ts";
 
 type ErrorWriter = Pick<UnaryWireProtocol, "respondError">;
 
@@ -74,20 +74,13 @@ export function admitFirst(options: Pick<EdgeOptions, "authenticator" | "rateLim
     } catch (err) {
       // Refused (or the decision failed): answered here, the body unread, traced and counted
       // as the Connect path would have.
+      const method = `${call.serviceTypeName}/${call.methodName}`;
       const { span } = startServerSpan(call.serviceTypeName, call.methodName, header);
-      let error = ConnectError.from(err);
-      if (!error.isWireError) error = explainMalformed(error);
-      if (error.code === Code.Internal || error.code === Code.Unknown) {
-        options.logger.error({ err, method: `${call.serviceTypeName}/${call.methodName}` }, "edge decision failed");
-        error = new ConnectError(maskedInternalMessage(span.spanContext().traceId), Code.Internal);
-      }
-      requests.inc({ method: `${call.serviceTypeName}/${call.methodName}`, code: rpcCodeLabel(error.code) });
+      const error = clientErrorOf(err, span.spanContext().traceId, (cause) => options.logger.error({ err: cause, method }, "edge decision failed"));
+      requests.inc({ method, code: rpcCodeLabel(error.code) });
       span.setStatus({ code: SpanStatusCode.ERROR, message: Code[error.code] });
       span.end();
-      if (isGone(res)) return true;
-      await drainSmallBody(req);
-      errorWriterFor(req).respondError(req, res, error, []);
-      discardUnreadBody(req, res);
+      if (!isGone(res)) await respondBeforeAnswer(errorWriterFor(req), req, res, error, []);
       return true;
     }
   }

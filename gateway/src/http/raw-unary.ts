@@ -263,21 +263,13 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
         } catch (err) {
           // The client left (e.g. while its body was being read): nobody to answer.
           if (isGone(res)) return Code.Canceled;
-          // Bad input of any kind carries ErrorInfo naming what was wrong.
-          let error = ConnectError.from(err);
-          if (!error.isWireError) error = explainMalformed(error);
-          if (error.code === Code.Internal || error.code === Code.Unknown) {
-            // As on the Connect path: the cause goes to the log, the client gets the trace id.
-            options.logger.error({ err, method: methodName }, "raw forward failed");
-            error = new ConnectError(maskedInternalMessage(span.spanContext().traceId), Code.Internal);
+          const error = clientErrorOf(err, span.spanContext().traceId, (cause) => options.logger.error({ err: cause, method: methodName }, "raw forward failed"));
+          if (res.headersSent) {
+            breakAnswer(res);
+            discardUnreadBody(req, res);
+            return error.code;
           }
-          if (!res.headersSent) {
-            await drainSmallBody(req);
-            if (isGone(res)) return Code.Canceled;
-            protocol.respondError(req, res, error, budget);
-          } else breakAnswer(res);
-          discardUnreadBody(req, res);
-          return error.code;
+          return (await respondBeforeAnswer(protocol, req, res, error, budget)) ? error.code : Code.Canceled;
         }
       });
     } finally {
@@ -361,6 +353,38 @@ const DRAINED_BODY_BYTES = 64 * 1024;
 const DRAIN_WAIT_MS = 1000;
 
 /**
+ * What the client is told for a failure of the gateway's own: bad input of any kind carries
+ * ErrorInfo naming what was wrong; an INTERNAL or UNKNOWN one, as on the Connect path, goes to
+ * the log (`log`) and the client gets INTERNAL with the trace id.
+ */
+export function clientErrorOf(err: unknown, traceId: string, log: (cause: unknown) => void): ConnectError {
+  let error = ConnectError.from(err);
+  if (!error.isWireError) error = explainMalformed(error);
+  if (error.code !== Code.Internal && error.code !== Code.Unknown) return error;
+  log(err);
+  return new ConnectError(maskedInternalMessage(traceId), Code.Internal);
+}
+
+/**
+ * Answers `error` before any of the answer was sent, in the protocol of `writer`, with as little
+ * of the request body read as can be (drainSmallBody, discardUnreadBody). False when the client
+ * left meanwhile (nobody to answer).
+ */
+export async function respondBeforeAnswer(
+  writer: Pick<UnaryWireProtocol, "respondError">,
+  req: ClientRequest,
+  res: ClientResponse,
+  error: ConnectError,
+  budget: [string, string][],
+): Promise<boolean> {
+  await drainSmallBody(req);
+  if (isGone(res)) return false;
+  writer.respondError(req, res, error, budget);
+  discardUnreadBody(req, res);
+  return true;
+}
+
+/**
  * Before an HTTP/1.1 request is refused without its body read (its credential or rate budget
  * refused): a small body (at most DRAINED_BODY_BYTES, within DRAIN_WAIT_MS) is read and dropped,
  * so the answer can keep the connection open. Otherwise the answer says `connection: close`, and
@@ -368,7 +392,7 @@ const DRAIN_WAIT_MS = 1000;
  * client before the answer does: it then sees the connection reset instead of the refusal.
  * Larger bodies still close the connection (the refusal exists not to read them).
  */
-export async function drainSmallBody(req: ClientRequest): Promise<void> {
+async function drainSmallBody(req: ClientRequest): Promise<void> {
   if (req.httpVersionMajor !== 1 || req.complete || req.destroyed) return;
   const declared = Number(req.headers["content-length"]);
   if (Number.isFinite(declared) && declared > DRAINED_BODY_BYTES) return;
@@ -404,7 +428,7 @@ export async function drainSmallBody(req: ClientRequest): Promise<void> {
  * with NO_ERROR (the answer is complete), as gRPC servers do, instead of waiting for a client that
  * may never end it. (HTTP/1.1: the answer said `connection: close`.)
  */
-export function discardUnreadBody(req: ClientRequest, res: ClientResponse): void {
+function discardUnreadBody(req: ClientRequest, res: ClientResponse): void {
   if (req.complete || !("stream" in res) || res.stream.destroyed) return;
   req.resume();
   // The trailers go out during the send that asks for them (the compat layer's own 'wantTrailers'

@@ -182,6 +182,8 @@ export class SigningKeys {
   private readonly trusted: ReadonlyMap<string, readonly KeyObject[]>;
   /** The certificate sent with every signed identity, once this executor enrolled (useCertificate). */
   private certificate: string | undefined;
+  /** The dispatcher's own public key, which checks the certificates it issued (made once). */
+  private ownPublicKey: KeyObject | undefined;
   /** Certificates that verified: the key each certifies, for whom, until when. */
   private readonly certifiedKeys = new Map<string, { key: KeyObject; executor: string; exp: number }>();
 
@@ -289,7 +291,8 @@ export class SigningKeys {
     if (certified === undefined) {
       const [payload, signature, extra] = certificate.split(".");
       if (!payload || !signature || extra !== undefined) return undefined;
-      const own = this.role === "dispatcher" ? [createPublicKey(this.privateKey)] : [];
+      if (this.role === "dispatcher") this.ownPublicKey ??= createPublicKey(this.privateKey);
+      const own = this.ownPublicKey ? [this.ownPublicKey] : [];
       const checked = this.verify(payload, signature, now, (claims) => (claims.iss === "dispatcher" ? own : []));
       if ("problem" in checked || checked.claims.iss !== "dispatcher" || checked.claims.cert !== "executor-key") return undefined;
       const { executor, key } = checked.claims;

@@ -104,6 +104,50 @@ describe("one port, every protocol", () => {
   });
 });
 
+describe("an httpHandler that decides later (a promise)", () => {
+  let server: RunningServer;
+  // The handler decides each request by its x-decide header, after 50 ms.
+  beforeAll(async () => {
+    server = await startTestServer({
+      httpHandler(req, res) {
+        const decide = req.headers["x-decide"];
+        if (decide === undefined) return false;
+        return (async () => {
+          await sleep(50);
+          if (decide === "answer") {
+            res.statusCode = 418;
+            res.setHeader("content-type", "text/plain");
+            res.end("answered by the handler\n");
+            return true;
+          }
+          if (decide === "fail") throw new Error("the handler broke");
+          return false;
+        })();
+      },
+    });
+  });
+  afterAll(() => server.close());
+
+  it("false after the wait hands the request, body unread until then, to Connect", async () => {
+    const res = await postJson(server.url, "GetLogs", { dispatchId: "later" }, { "x-decide": "pass" });
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as { chunks: { text: string }[] }).chunks[0]?.text).toBe("later");
+  });
+
+  it("true after the wait leaves the answer to the handler", async () => {
+    const res = await postJson(server.url, "GetLogs", { dispatchId: "x" }, { "x-decide": "answer" });
+    expect(res.status).toBe(418);
+    expect(await res.text()).toBe("answered by the handler\n");
+  });
+
+  it("a handler that rejects is answered 500, and the server keeps serving", async () => {
+    const res = await postJson(server.url, "GetLogs", { dispatchId: "x" }, { "x-decide": "fail" });
+    expect(res.status).toBe(500);
+    const next = await postJson(server.url, "GetLogs", { dispatchId: "after" });
+    expect(next.status).toBe(200);
+  });
+});
+
 describe("liveness and readiness", () => {
   let reason: string | null = "store unreachable";
   let server: RunningServer;
