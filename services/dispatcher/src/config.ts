@@ -24,6 +24,12 @@ export const dispatcherConfigShape = {
   /** Infrastructure-failure retries: first backoff and attempt bound. */
   OUTPOST_RETRY_INITIAL_DELAY_MS: setting.timerMs(1000),
   OUTPOST_RETRY_MAX_ATTEMPTS: setting.positiveInt(5),
+  /**
+   * How long past its timeout a run may still be RUNNING before the dispatcher ends it TIMED_OUT at
+   * its executor's next heartbeat (the backstop for an executor that does not enforce timeouts).
+   * Keep it above the executors' OUTPOST_STOP_GRACE_MS plus their stop retries.
+   */
+  OUTPOST_DISPATCHER_TIMEOUT_OVERRUN_MS: setting.timerMs(300_000),
   /** How long a lease lives without a heartbeat. */
   OUTPOST_LEASE_TTL_MS: setting.timerMs(30_000),
   /** How often long-polls and watches re-read the store when nothing woke them (lost cross-replica wake-ups). */

@@ -2,8 +2,8 @@
  * Thin handlers: validate the request, call the core, map the answer. Tenant-facing
  * services take the tenant from the signed caller identity; LeaseService is for executors.
  */
-import { create } from "@bufbuild/protobuf";
-import { durationMs, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import { create, fromJson, toBinary, type JsonObject } from "@bufbuild/protobuf";
+import { durationMs, StructSchema, timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import {
   callEndSignal,
@@ -37,7 +37,7 @@ import {
   type AuditEvent,
   AuditEventSchema,
 } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
-import { type Agent, Dispatch_State, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { type Agent, Dispatch_State, DispatchSchema, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import {
   type CreateDispatchRequest,
   CreateDispatchResponseSchema,
@@ -68,12 +68,37 @@ import { dispatchToProto, stateFromProto, stateToProto } from "./mapping.ts";
 import type { AuditRecord, DispatchRecord, DispatchState } from "./store/store.ts";
 
 const MAX_TASK_CHARS = 64 * 1024;
+/**
+ * A run's task, env and secrets become its container's environment, which the kernel bounds: one
+ * "NAME=value" string at most 128 KiB (MAX_ARG_STRLEN, 4 KiB pages), all of them with the
+ * arguments at most a quarter of the stack limit (ARG_MAX, 2 MiB by default). Past either the
+ * container's exec fails (E2BIG): the run could never start, yet its failure would fall on the
+ * agent. 64 Ki characters of task can be 192 KiB as UTF-8, and 100 variables of 32 Ki characters
+ * 3 MiB, so both are bounded in bytes too; 128 KiB of env leaves room for the contract's
+ * variables and up to 50 secrets of 32 KiB.
+ */
+const MAX_ENV_STRING_BYTES = 128 * 1024;
+const MAX_ENV_BYTES = 128 * 1024;
+/** The most a run's result may be, as JSON: the executor reads at most this much (result.ts). */
+const MAX_RESULT_BYTES = 1024 * 1024;
+/**
+ * A ListDispatches page ends before its dispatches pass this many bytes, whatever its page_size:
+ * a thousand dispatches with their task, env and result could be a gigabyte held in memory, and
+ * gRPC clients refuse answers over 4 MiB by default.
+ */
+const MAX_LIST_PAGE_BYTES = 3 * 1024 * 1024;
 const MAX_ENV_ENTRIES = 100;
 const MAX_LABELS = 64;
 const MAX_LEASE_WAIT_MS = 30_000;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
 /** Secret names (contract A): upper-case environment variable names. */
 const SECRET_NAME = /^[A-Z_][A-Z0-9_]{0,127}$/;
+/**
+ * Names the contract sets in every run's environment (README "Agent contract"). Neither env nor
+ * a secret may take them: the executor adds secrets after the contract's variables, so a secret
+ * named OUTPOST_RESULT_PATH or TRACEPARENT would replace them as surely as env would.
+ */
+const isReservedEnvName = (name: string) => name.startsWith("OUTPOST_") || name === "TRACEPARENT";
 const MAX_SECRETS = 50;
 const MAX_IMAGES_REPORTED = 500;
 const LABEL_KEY = /^[a-z][a-z0-9_.-]{0,62}$/;
@@ -115,9 +140,10 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
   const DS = "outpost.dispatch.v1.DispatchService";
   const AS = "outpost.dispatch.v1.AgentService";
   router.service(DispatchService, {
+    // The tenant check runs inside `audited`: another caller's refused attempt is recorded too.
     async createDispatch(req, ctx) {
-      const { tenantId } = requireTenant(ctx);
-      return audited(audit, ctx, tenantId, `${DS}/CreateDispatch`, `agent/${req.agent.slice(0, 64)}`, async (setTarget) => {
+      return audited(audit, ctx, callingTenantOf(ctx), `${DS}/CreateDispatch`, `agent/${req.agent.slice(0, 64)}`, async (setTarget) => {
+        const { tenantId } = requireTenant(ctx);
         const input = validateCreate(req);
         const record = await dispatcher.create(tenantId, input);
         setTarget(`dispatch/${record.id}`);
@@ -135,22 +161,21 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       const cursor = decodePageToken<{ after: string }>(req.pageToken, { after: "string" });
       if (req.state !== Dispatch_State.UNSPECIFIED) requireEnum("state", req.state, Dispatch_State);
       const labels = validateLabels("labels", req.labels);
-      const records = await dispatcher.list(
+      const { records, more } = await dispatcher.list(
         tenantId,
         { state: stateFromProto(req.state), agent: req.agent ? checkLength("agent", req.agent, 64) : undefined, labels },
-        limit + 1,
-        cursor?.after,
+        // Measured as sent: a result's Struct can be several times its JSON.
+        { limit, afterId: cursor?.after, maxBytes: MAX_LIST_PAGE_BYTES, sizeOf: (record) => toBinary(DispatchSchema, dispatchToProto(record)).byteLength },
       );
-      const page = records.slice(0, limit);
-      const last = page.at(-1);
+      const last = records.at(-1);
       return create(ListDispatchesResponseSchema, {
-        dispatches: page.map(dispatchToProto),
-        nextPageToken: records.length > limit && last ? encodePageToken({ after: last.id }) : "",
+        dispatches: records.map(dispatchToProto),
+        nextPageToken: more && last ? encodePageToken({ after: last.id }) : "",
       });
     },
     async cancelDispatch(req, ctx) {
-      const { tenantId } = requireTenant(ctx);
-      return audited(audit, ctx, tenantId, `${DS}/CancelDispatch`, `dispatch/${req.dispatchId.slice(0, 64)}`, async () => {
+      return audited(audit, ctx, callingTenantOf(ctx), `${DS}/CancelDispatch`, `dispatch/${req.dispatchId.slice(0, 64)}`, async () => {
+        const { tenantId } = requireTenant(ctx);
         const record = await dispatcher.cancel(tenantId, requireUlid("dispatch_id", req.dispatchId));
         return create(CancelDispatchResponseSchema, { dispatch: dispatchToProto(record) });
       });
@@ -322,7 +347,7 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
         state,
         exitCode: req.exitCode ?? null,
         failureReason: checkLength("failure_reason", req.failureReason, 4096),
-        resultJson: req.result ? JSON.stringify(req.result) : null,
+        resultJson: req.result ? resultJsonOf("result", req.result) : null,
         lastLogSeq: req.lastLogSeq,
       });
       return create(ReportRunStateResponseSchema, { dispatch: dispatchToProto(record) });
@@ -365,6 +390,9 @@ function requireRef(field: string, ref: string): string {
 function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
   const agent = requireNonEmpty("agent", req.agent, 64);
   const task = requireNoNul("task", requireNonEmpty("task", req.task, MAX_TASK_CHARS));
+  if (envStringBytes("OUTPOST_TASK", task) > MAX_ENV_STRING_BYTES) {
+    throw invalidArgument("task", `must be at most ${MAX_ENV_STRING_BYTES - envStringBytes("OUTPOST_TASK", "")} bytes as UTF-8 (it reaches the agent as one environment variable)`, "FIELD_TOO_LONG");
+  }
   let repoUrl = "";
   let repoRef = "";
   if (req.repo) {
@@ -394,15 +422,19 @@ function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
   if (req.secretNames.length > MAX_SECRETS) throw invalidArgument("secret_names", `at most ${MAX_SECRETS} secrets`);
   req.secretNames.forEach((name, i) => {
     if (!SECRET_NAME.test(name)) throw invalidArgument(`secret_names[${i}]`, "must match ^[A-Z_][A-Z0-9_]{0,127}$");
+    if (isReservedEnvName(name)) throw invalidArgument(`secret_names[${i}]`, "is reserved for the platform (OUTPOST_*, TRACEPARENT): the secret would replace the contract's variable");
   });
   if (new Set(req.secretNames).size !== req.secretNames.length) throw invalidArgument("secret_names", "must not repeat a name");
   const envEntries = Object.entries(req.env);
   if (envEntries.length > MAX_ENV_ENTRIES) throw invalidArgument("env", `at most ${MAX_ENV_ENTRIES} entries`);
+  let envBytes = 0;
   for (const [key, value] of envEntries) {
     if (!ENV_NAME.test(key)) throw invalidArgument(`env[${JSON.stringify(key.slice(0, 64))}]`, "must be an environment variable name");
-    if (key.startsWith("OUTPOST_") || key === "TRACEPARENT") throw invalidArgument(`env[${key}]`, "is reserved for the platform");
+    if (isReservedEnvName(key)) throw invalidArgument(`env[${key}]`, "is reserved for the platform");
     requireNoNul(`env[${key}]`, checkLength(`env[${key}]`, value, 32 * 1024));
+    envBytes += envStringBytes(key, value);
   }
+  if (envBytes > MAX_ENV_BYTES) throw invalidArgument("env", `must be at most ${MAX_ENV_BYTES} bytes in all (NAME=value as UTF-8)`, "FIELD_TOO_LONG");
   return {
     agent,
     task,
@@ -417,6 +449,23 @@ function validateCreate(req: CreateDispatchRequest): CreateDispatchInput {
     requestId: requireNoNul("request_id", checkLength("request_id", req.requestId, 128)),
     traceparent: traceparentOfCall(),
   };
+}
+
+/** Bytes "NAME=value" takes in a process's environment (UTF-8, with its terminating NUL). */
+function envStringBytes(name: string, value: string): number {
+  return Buffer.byteLength(name) + 1 + Buffer.byteLength(value) + 1;
+}
+
+/**
+ * A reported result, serialized for the store, at most MAX_RESULT_BYTES: it is kept on the
+ * dispatch and sent with every read of it. Too large is INVALID_ARGUMENT, on which the executor
+ * reports the run FAILED without it.
+ */
+function resultJsonOf(field: string, result: JsonObject): string {
+  const json = JSON.stringify(result);
+  // As sent back (a Struct), a result can be over five times its JSON ([0,0,…]): both are bounded.
+  if (Buffer.byteLength(json) > MAX_RESULT_BYTES || toBinary(StructSchema, fromJson(StructSchema, result)).byteLength > MAX_RESULT_BYTES) throw invalidArgument(field, `must be at most ${MAX_RESULT_BYTES} bytes as JSON`, "FIELD_TOO_LONG");
+  return json;
 }
 
 /** The trace of the creating call continues into the container (TRACEPARENT). */
@@ -469,6 +518,8 @@ function requireAgent(agent: Agent | undefined): Agent {
   if (!agent) throw invalidArgument("agent", "is required", "FIELD_REQUIRED");
   requireNoNul("agent.image", agent.image);
   agent.command.forEach((arg, i) => requireNoNul(`agent.command[${i}]`, arg));
+  // A run's model id reaches its container as OUTPOST_MODEL.
+  agent.models.forEach((m, i) => requireNoNul(`agent.models[${i}].model_id`, m.modelId));
   return agent;
 }
 

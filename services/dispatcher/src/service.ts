@@ -104,6 +104,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     runEvents,
     logger,
     leaseTtlMs: config.OUTPOST_LEASE_TTL_MS,
+    timeoutOverrunMs: config.OUTPOST_DISPATCHER_TIMEOUT_OVERRUN_MS,
     maxTimeoutMs: config.OUTPOST_MAX_TIMEOUT_S * 1000,
     queueRecheckMs: config.OUTPOST_QUEUE_RECHECK_MS,
   });

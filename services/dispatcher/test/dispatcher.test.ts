@@ -4,7 +4,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { createLogger, errorInfoOf, metricsRegistry, resourceExhausted } from "@outpost/platform";
 import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
-import { Dispatcher, type CreateDispatchInput, type RunEvents } from "../src/core/dispatcher.ts";
+import { DEFAULT_TIMEOUT_OVERRUN_MS, Dispatcher, type CreateDispatchInput, type RunEvents } from "../src/core/dispatcher.ts";
 import { Notifier, RESYNC } from "../src/core/notifier.ts";
 import type { Admission, TenantAdmission } from "../src/core/ports.ts";
 import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
@@ -305,6 +305,37 @@ describe("lease lifecycle", () => {
     expect((await store.get(run.id))?.leaseExpiresAt).toBe(hb.expiresAt);
   });
 
+  it("a run still RUNNING past its timeout plus the overrun at a heartbeat is ended TIMED_OUT by the dispatcher, and the heartbeat answers LEASE_LOST", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased({ timeoutMs: 60_000 });
+    clock!.now += 1000;
+    const running = await dispatcher.reportRunning(run.id, run.leaseId);
+    // Up to the timeout plus the overrun, heartbeats keep the run: the executor may be stopping it.
+    clock!.now = running.startTime! + 60_000 + DEFAULT_TIMEOUT_OVERRUN_MS;
+    expect((await dispatcher.heartbeat(run.id, run.leaseId)).dispatch.state).toBe("RUNNING");
+    clock!.now += 1;
+    await expectError(dispatcher.heartbeat(run.id, run.leaseId), Code.FailedPrecondition, "LEASE_LOST");
+    const ended = (await store.get(run.id))!;
+    expect(ended.state).toBe("TIMED_OUT");
+    expect(ended.failureReason).toBe("timed out after 60 s; ended by the dispatcher, the executor had not stopped it 300 s later");
+    expect(ended.endTime).toBe(clock!.now);
+    expect(ended.leaseExpiresAt).toBeNull();
+    expect(events.ended.map((e) => e.dispatch.state)).toEqual(["TIMED_OUT"]);
+    // The executor's own late report changes nothing, and ends nothing twice.
+    await expectError(dispatcher.reportTerminal(run.id, run.leaseId, { state: "SUCCEEDED", exitCode: 0, failureReason: "", resultJson: null, lastLogSeq: 3n }), Code.FailedPrecondition, "LEASE_LOST");
+    expect(events.ended).toHaveLength(1);
+  });
+
+  it("a STARTING run is never ended for its timeout (its clock starts at RUNNING), nor a RUNNING one within it", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased({ timeoutMs: 60_000 });
+    clock!.now += 60_000 + DEFAULT_TIMEOUT_OVERRUN_MS + 1;
+    expect((await dispatcher.heartbeat(run.id, run.leaseId)).dispatch.state).toBe("STARTING");
+    await dispatcher.reportRunning(run.id, run.leaseId);
+    clock!.now += 60_000;
+    expect((await dispatcher.heartbeat(run.id, run.leaseId)).dispatch.state).toBe("RUNNING");
+  });
+
   it("reportRunning then reportTerminal SUCCEEDED records exit code and passes lastLogSeq to runEnded", async () => {
     makeDispatcher({ fakeClock: true });
     const run = await leased();
@@ -334,6 +365,29 @@ describe("lease lifecycle", () => {
     await expectError(dispatcher.heartbeat(run.id, run.leaseId), Code.FailedPrecondition, "LEASE_LOST");
     expect((await store.get(run.id))?.state).toBe("SUCCEEDED");
     expect(events.ended).toHaveLength(1);
+  });
+
+  it("a duplicate report from the lease's holder (its first answer lost) answers the dispatch as it stands, and changes nothing", async () => {
+    makeDispatcher({ fakeClock: true });
+    const run = await leased();
+    clock!.now += 1000;
+    const running = await dispatcher.reportRunning(run.id, run.leaseId);
+    clock!.now += 1000;
+    // RUNNING again: a LEASE_LOST here would have the executor stop a healthy run.
+    const again = await dispatcher.reportRunning(run.id, run.leaseId);
+    expect(again.state).toBe("RUNNING");
+    expect(again.startTime).toBe(running.startTime);
+    const end = { state: "SUCCEEDED" as const, exitCode: 0, failureReason: "", resultJson: '{"ok":true}', lastLogSeq: 7n };
+    const done = await dispatcher.reportTerminal(run.id, run.leaseId, end);
+    clock!.now += 1000;
+    const twice = await dispatcher.reportTerminal(run.id, run.leaseId, end);
+    expect(twice).toEqual(await store.get(run.id));
+    expect(twice.endTime).toBe(done.endTime);
+    // Ended once: one run end announced (one slot release, one circuit outcome).
+    expect(events.ended).toHaveLength(1);
+    // A RUNNING report after the end, or another end, is still refused.
+    await expectError(dispatcher.reportRunning(run.id, run.leaseId), Code.FailedPrecondition, "LEASE_LOST");
+    await expectError(dispatcher.reportTerminal(run.id, run.leaseId, { ...end, state: "FAILED", exitCode: 1 }), Code.FailedPrecondition, "LEASE_LOST");
   });
 
   it("a stale lease cannot report after the run was re-queued and leased again", async () => {

@@ -7,7 +7,8 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { internalClient } from "@outpost/platform";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { errorInfoOf, internalClient } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
@@ -25,7 +26,8 @@ describe("dispatcher process", () => {
 
   beforeAll(async () => {
     dataDir = mkdtempSync(path.join(tmpdir(), "outpost-dispatcher-proc-"));
-    ({ baseUrl, proc } = await startDispatcherProcess(dataDir));
+    // A short overrun, so the timeout backstop is seen within the test (runs here time out after 1 s).
+    ({ baseUrl, proc } = await startDispatcherProcess(dataDir, { OUTPOST_DISPATCHER_TIMEOUT_OVERRUN_MS: "300" }));
   });
 
   afterAll(async () => {
@@ -71,6 +73,25 @@ describe("dispatcher process", () => {
     expect(final.endTime).toBeDefined();
     // The queue is empty now.
     expect((await executor.acquireLease({ executorId: "host-1" })).lease).toBeUndefined();
+  });
+
+  it("ends a run its executor keeps RUNNING past its timeout: TIMED_OUT, and the executor's heartbeat answers LEASE_LOST", async () => {
+    const tenant = internalClient(DispatchService, { baseUrl, signingKeys: signerFor(tenantIdentity(TENANT)), identity: tenantIdentity(TENANT) });
+    const executor = internalClient(LeaseService, { baseUrl, signingKeys: signerFor(EXECUTOR), identity: EXECUTOR });
+    const created = (await tenant.createDispatch({ agent: "demo", task: "sleep=60", timeout: durationFromMs(1000) })).dispatch!;
+    const { lease } = await executor.acquireLease({ executorId: "host-1", wait: durationFromMs(2000) });
+    expect(lease?.dispatch?.id).toBe(created.id);
+    await executor.reportRunState({ dispatchId: created.id, leaseId: lease!.leaseId, state: Dispatch_State.RUNNING });
+    // An executor that never stops the run but goes on heartbeating.
+    const beat = () => executor.heartbeat({ dispatchId: created.id, leaseId: lease!.leaseId });
+    expect((await beat()).cancelRequested).toBe(false);
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    const refused = await beat().then(() => undefined, (err: unknown) => ConnectError.from(err));
+    expect(refused?.code).toBe(Code.FailedPrecondition);
+    expect(errorInfoOf(refused!)?.reason).toBe("LEASE_LOST");
+    const ended = (await tenant.getDispatch({ dispatchId: created.id })).dispatch!;
+    expect(ended.state).toBe(Dispatch_State.TIMED_OUT);
+    expect(ended.failureReason).toBe("timed out after 1 s; ended by the dispatcher, the executor had not stopped it 0.3 s later");
   });
 });
 

@@ -5,10 +5,10 @@ import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { checkLogGrant, checkSecretGrant, createLogger, errorInfoOf, identityInterceptor, LOG_GRANT_GRACE_MS, type Identity } from "@outpost/platform";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
 import { Dispatch_State, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
-import { DispatchService, type CreateDispatchRequest } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { DispatchService, ListDispatchesResponseSchema, type CreateDispatchRequest } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { FleetService } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
-import type { MessageInitShape } from "@bufbuild/protobuf";
+import { toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import type { CreateDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
 import { Dispatcher, type RunEvents } from "../src/core/dispatcher.ts";
@@ -340,5 +340,73 @@ describe("ListDispatches paging", () => {
     expect(cancelled.dispatches.map((d) => d.id)).toEqual([a.id]);
     const codex = await dispatches().listDispatches({ agent: "codex" });
     expect(codex.dispatches.map((d) => d.id)).toEqual([b.id]);
+  });
+});
+
+describe("hardening: what reaches a container's environment", () => {
+  const create = (overrides: CreateInit) => dispatches().createDispatch({ ...ok, ...overrides } as CreateInit);
+
+  it("refuses a task or env too large for one container's environment (Linux: 128 KiB a variable, 2 MiB in all)", async () => {
+    // 64 Ki characters, but 192 KiB as UTF-8: OUTPOST_TASK would be over the kernel's limit of
+    // one environment string (MAX_ARG_STRLEN), and the container's exec would fail (E2BIG).
+    await expectInvalid(create({ task: "中".repeat(64 * 1024) }), "task");
+    // 100 variables of 32 Ki characters each: 3.2 MiB of environment, over ARG_MAX.
+    const env = Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`V${i}`, "x".repeat(32 * 1024)]));
+    await expectInvalid(create({ env }), "env");
+    expect((await dispatches().listDispatches({})).dispatches).toEqual([]);
+    // Under both limits: accepted.
+    await create({ task: "中".repeat(40_000), env: { A: "x".repeat(32 * 1024), B: "y".repeat(32 * 1024) } });
+  });
+
+  it("refuses secret names that would override the contract's variables (OUTPOST_*, TRACEPARENT), as env does", async () => {
+    // Secrets are injected after the contract's variables: a secret named so would replace them.
+    await expectInvalid(create({ secretNames: ["OUTPOST_RESULT_PATH"] }), "secret_names[0]");
+    await expectInvalid(create({ secretNames: ["GH_TOKEN", "TRACEPARENT"] }), "secret_names[1]");
+    await expectInvalid(create({ env: { TRACEPARENT: "00-x" } }), "env[TRACEPARENT]");
+    expect((await dispatches().listDispatches({})).dispatches).toEqual([]);
+  });
+
+  it("an admin or service calling CreateDispatch is refused, and the refusal is audited", async () => {
+    const deps = defaultRouteDeps();
+    await expectError(clientFor(dispatcher, agents, DispatchService, ADMIN, deps).createDispatch(ok), Code.PermissionDenied);
+    await expectError(clientFor(dispatcher, agents, DispatchService, ADMIN, deps).cancelDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }), Code.PermissionDenied);
+    const events = await deps.audit.list(undefined, 10);
+    expect(events.map((e) => [e.method.split("/")[1], e.principal, e.outcome])).toEqual([
+      ["CancelDispatch", "admin", "PERMISSION_DENIED"],
+      ["CreateDispatch", "admin", "PERMISSION_DENIED"],
+    ]);
+  });
+});
+
+describe("hardening: sizes of what the dispatcher stores and answers", () => {
+  it("refuses a reported result larger than the executor's own bound (1 MiB) as INVALID_ARGUMENT; a FAILED report without it ends the run", async () => {
+    await dispatches().createDispatch(ok);
+    const lease = (await leases().acquireLease({ executorId: "host-1" })).lease!;
+    const at = { dispatchId: lease.dispatch!.id, leaseId: lease.leaseId };
+    await leases().reportRunState({ ...at, state: Dispatch_State.RUNNING });
+    await expectInvalid(leases().reportRunState({ ...at, state: Dispatch_State.SUCCEEDED, exitCode: 0, result: { blob: "x".repeat(1024 * 1024) } }), "result");
+    // 400 KB of JSON, but over 2 MiB as the Struct every read of the dispatch would send.
+    await expectInvalid(leases().reportRunState({ ...at, state: Dispatch_State.SUCCEEDED, exitCode: 0, result: { zeros: new Array<number>(200_000).fill(0) } }), "result");
+    const failed = await leases().reportRunState({ ...at, state: Dispatch_State.FAILED, failureReason: "the result could not be reported" });
+    expect(failed.dispatch?.state).toBe(Dispatch_State.FAILED);
+  });
+
+  it("a ListDispatches page stays under 3 MiB however large its dispatches, and the pages still hold every one", async () => {
+    const big = { task: "t".repeat(60 * 1024), env: { A: "x".repeat(32 * 1024), B: "x".repeat(32 * 1024), C: "x".repeat(32 * 1024) } };
+    const ids: string[] = [];
+    for (let i = 0; i < 25; i++) ids.push((await dispatches().createDispatch({ ...ok, ...big })).dispatch!.id);
+    const seen: string[] = [];
+    let token = "";
+    let pages = 0;
+    do {
+      const res = await dispatches().listDispatches({ pageSize: 1000, pageToken: token });
+      expect(toBinary(ListDispatchesResponseSchema, res).length).toBeLessThanOrEqual(3 * 1024 * 1024);
+      expect(res.dispatches.length).toBeGreaterThan(0);
+      seen.push(...res.dispatches.map((d) => d.id));
+      token = res.nextPageToken;
+      pages++;
+    } while (token !== "" && pages < 20);
+    expect(pages).toBeGreaterThan(1);
+    expect(seen).toEqual([...ids].reverse());
   });
 });

@@ -72,6 +72,14 @@ describe("GrpcTenantAdmission", () => {
     await adapter.admit(tenant!.id, ulid(), [], undefined);
   });
 
+  it("a requested timeout past what a Duration holds (a client's int64 max seconds for 'no limit') is capped by the tier, not an internal error", async () => {
+    const { tenant } = await admin().createTenant({ name: "Huge", contactEmail: "h@h.test", tier: Tier.FREE });
+    const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, signingKeys: keysOf("dispatcher") });
+    // What durationMs makes of { seconds: 2^63 - 1 }: 9.2e21 ms, whose seconds no longer fit an int64.
+    const admitted = await adapter.admit(tenant!.id, ulid(), [], Number(9223372036854775807n) * 1000);
+    expect(admitted.maxTimeoutMs).toBe(600_000);
+  });
+
   it("passes SECRET_NOT_FOUND and TENANT_SUSPENDED through unchanged", async () => {
     const { tenant } = await admin().createTenant({ name: "B", contactEmail: "b@b.test" });
     const adapter = new GrpcTenantAdmission({ baseUrl: tenantService.url, signingKeys: keysOf("dispatcher") });

@@ -2,6 +2,7 @@
 import { loadConfig, setting } from "@outpost/platform";
 import { z } from "zod";
 import { DEFAULT_RETENTION_MS } from "./core/model.ts";
+import { DEFAULT_MAX_SUBSCRIPTIONS_PER_TENANT } from "./core/telemetry-core.ts";
 
 export const telemetryConfigShape = {
   OUTPOST_SIGNING_KEY: setting.signingKey(),
@@ -13,6 +14,8 @@ export const telemetryConfigShape = {
   OUTPOST_LOG_LEVEL: setting.logLevel(),
   /** Live chunks one subscription may hold before it falls back to reading storage. */
   OUTPOST_TELEMETRY_SUBSCRIBER_BUFFER: setting.positiveInt(2000),
+  /** Open SubscribeLogs streams one tenant may hold on a replica (RESOURCE_EXHAUSTED beyond). */
+  OUTPOST_TELEMETRY_MAX_SUBSCRIPTIONS_PER_TENANT: setting.positiveInt(DEFAULT_MAX_SUBSCRIPTIONS_PER_TENANT),
   /** How long a subscription to an ended run waits for chunks that never came. */
   OUTPOST_TELEMETRY_END_GRACE_MS: setting.timerMs(30_000),
   /** Redis for the live fan-out between replicas (channel outpost:logs:<dispatch_id>); unset: one replica, in-process. */

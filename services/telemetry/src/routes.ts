@@ -3,7 +3,7 @@
  * result. Field names in errors are the proto field paths a client sent.
  */
 import { create } from "@bufbuild/protobuf";
-import { durationMs, timestampFromMs, timestampMs, type Duration } from "@bufbuild/protobuf/wkt";
+import { durationMs, timestampFromMs, timestampMs, type Duration, type Timestamp } from "@bufbuild/protobuf/wkt";
 import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import {
   callEndSignal,
@@ -45,6 +45,23 @@ function seqOf(field: string, value: bigint, min: number): number {
   return Number(value);
 }
 
+/** google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z. */
+const MIN_TIMESTAMP_SECONDS = -62_135_596_800n;
+const MAX_TIMESTAMP_SECONDS = 253_402_300_799n;
+
+/**
+ * A chunk's time in epoch ms, or `nowMs` when unset. Outside the Timestamp range it is refused:
+ * such a value does not fit the store's integer column, and the failure was an INTERNAL, which the
+ * executor retries as transient until it gives the run up.
+ */
+function chunkTimeMs(field: string, time: Timestamp | undefined, nowMs: number): number {
+  if (!time) return nowMs;
+  if (time.seconds < MIN_TIMESTAMP_SECONDS || time.seconds > MAX_TIMESTAMP_SECONDS || time.nanos < 0 || time.nanos > 999_999_999) {
+    throw invalidArgument(field, "must be a valid timestamp (years 1 to 9999, nanos 0 to 999,999,999)", "FIELD_OUT_OF_RANGE");
+  }
+  return timestampMs(time);
+}
+
 function tenantIdOf(value: string): string {
   return requireNonEmpty("tenant_id", value, LIMITS.maxTenantIdLength);
 }
@@ -65,7 +82,7 @@ function validateIngest(req: IngestLogsRequest, nowMs: number): { dispatchId: st
     if (Buffer.byteLength(chunk.text) > LIMITS.maxChunkTextBytes) {
       throw invalidArgument(`${at}.text`, `must be at most ${LIMITS.maxChunkTextBytes} bytes`, "FIELD_TOO_LONG");
     }
-    return { dispatchId, seq, stream, text: chunk.text, timeMs: chunk.time ? Number(timestampMs(chunk.time)) : nowMs };
+    return { dispatchId, seq, stream, text: chunk.text, timeMs: chunkTimeMs(`${at}.time`, chunk.time, nowMs) };
   });
   return { dispatchId, tenantId, chunks };
 }

@@ -66,6 +66,7 @@ export async function startTelemetry(config: TelemetryConfig, logger: Logger, de
     subscriberBufferChunks: config.OUTPOST_TELEMETRY_SUBSCRIBER_BUFFER,
     endGraceMs: config.OUTPOST_TELEMETRY_END_GRACE_MS,
     idlePollMs: config.OUTPOST_TELEMETRY_IDLE_POLL_MS,
+    maxSubscriptionsPerTenant: config.OUTPOST_TELEMETRY_MAX_SUBSCRIPTIONS_PER_TENANT,
     observer: telemetryMetrics(),
   });
   // MongoDB's TTL monitor deletes expired runs and chunks itself (TTL indexes on expireAt).

@@ -1,12 +1,12 @@
 /** The subscription logic without transport: slow subscribers, end handling, cancellation. */
+import { Code } from "@connectrpc/connect";
 import { ulid } from "ulid";
 import { describe, expect, it } from "vitest";
 import { InProcessLiveFeed, type LiveListener } from "../src/core/live-feed.ts";
-import type { StoredChunk } from "../src/core/model.ts";
 import { SubscriberBuffer } from "../src/core/subscriber-buffer.ts";
 import { TelemetryCore, type SubscriptionBatch } from "../src/core/telemetry-core.ts";
 import { SqliteTelemetryStore } from "../src/store/sqlite-store.ts";
-import { range, sleep } from "./helpers.ts";
+import { drain, range, sleep, storedChunks } from "./helpers.ts";
 
 /** Remembers the subscriptions' inboxes so a test can see that one overflowed. */
 class WatchedFeed extends InProcessLiveFeed {
@@ -17,18 +17,7 @@ class WatchedFeed extends InProcessLiveFeed {
   }
 }
 
-function chunks(dispatchId: string, seqs: number[]): StoredChunk[] {
-  return seqs.map((seq) => ({ dispatchId, seq, stream: 1, text: `line ${seq}`, timeMs: seq }));
-}
 
-async function drain(gen: AsyncGenerator<SubscriptionBatch>, seqs: number[] = []) {
-  let end: SubscriptionBatch["end"];
-  for await (const b of gen) {
-    seqs.push(...b.chunks.map((c) => c.seq));
-    end = b.end;
-  }
-  return { seqs, end };
-}
 
 function setup(options: ConstructorParameters<typeof TelemetryCore>[2] = {}) {
   const feed = new WatchedFeed();
@@ -41,14 +30,14 @@ describe("TelemetryCore subscriptions", () => {
     const { core, feed } = setup({ subscriberBufferChunks: 10 });
     const id = ulid();
     const N = 400;
-    await core.ingest(id, "t-a", chunks(id, range(1, 5)));
+    await core.ingest(id, "t-a", storedChunks(id, range(1, 5)));
     const slow = core.subscribe("t-a", id, 0, new AbortController().signal);
     const first = (await slow.next()).value as SubscriptionBatch; // then it stops reading, suspended at its yield
     expect(first.chunks.map((c) => c.seq)).toEqual(range(1, 5));
 
     const fast = drain(core.subscribe("t-a", id, 0, new AbortController().signal));
     for (let seq = 6; seq <= N; seq += 7) {
-      const acked = await core.ingest(id, "t-a", chunks(id, range(seq, Math.min(N, seq + 6))));
+      const acked = await core.ingest(id, "t-a", storedChunks(id, range(seq, Math.min(N, seq + 6))));
       expect(acked).toBe(Math.min(N, seq + 6));
       await sleep(0);
     }
@@ -69,7 +58,7 @@ describe("TelemetryCore subscriptions", () => {
     const stop = new AbortController();
     const watching = drain(core.subscribe("t-a", id, 0, stop.signal));
     await sleep(20);
-    await core.ingest(id, "t-a", chunks(id, [1]));
+    await core.ingest(id, "t-a", storedChunks(id, [1]));
     await sleep(20);
     stop.abort();
     expect(await watching).toEqual({ seqs: [1], end: undefined });
@@ -79,18 +68,20 @@ describe("TelemetryCore subscriptions", () => {
   it("does not deliver chunks past run_end.last_seq, and ends once it reached it", async () => {
     const { core } = setup({ endGraceMs: 60_000 });
     const id = ulid();
-    await core.ingest(id, "t-a", chunks(id, range(1, 3)));
+    await core.ingest(id, "t-a", storedChunks(id, [...range(1, 3), 6])); // 6 stored before the end said 4
     await core.completeRun(id, "t-a", { state: 5, exitCode: 1, failureReason: "exit 1", lastSeq: 4 });
     const watching = drain(core.subscribe("t-a", id, 0, new AbortController().signal));
     await sleep(20);
-    await core.ingest(id, "t-a", chunks(id, [4, 5]));
+    // Past the end is refused from now on (RUN_ENDED); a late chunk within it is taken.
+    await expect(core.ingest(id, "t-a", storedChunks(id, [4, 5]))).rejects.toMatchObject({ code: Code.FailedPrecondition });
+    await core.ingest(id, "t-a", storedChunks(id, [4]));
     expect(await watching).toEqual({ seqs: [1, 2, 3, 4], end: { state: 5, exitCode: 1, failureReason: "exit 1", lastSeq: 4 } });
   });
 
   it("with last_seq unknown (0), ends after everything stored", async () => {
     const { core } = setup();
     const id = ulid();
-    await core.ingest(id, "t-a", chunks(id, range(1, 1200)));
+    await core.ingest(id, "t-a", storedChunks(id, range(1, 1200)));
     await core.completeRun(id, "t-a", { state: 6, exitCode: undefined, failureReason: "timed out", lastSeq: 0 });
     const got = await drain(core.subscribe("t-a", id, 0, new AbortController().signal));
     expect(got.seqs).toEqual(range(1, 1200));

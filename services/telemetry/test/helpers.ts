@@ -11,6 +11,8 @@ import {
 import { LogChunkSchema, LogStream, RunEndSchema } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { LogService, type SubscribeLogsResponse } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { logGrantOf, signerFor } from "../../../test/support/signing.ts";
+import type { StoredChunk } from "../src/core/model.ts";
+import type { SubscriptionBatch } from "../src/core/telemetry-core.ts";
 
 
 export function clientsFor(baseUrl: string) {
@@ -36,6 +38,21 @@ export function batch(dispatchId: string, tenantId: string, seqs: number[], stre
     grant: logGrantOf(dispatchId, tenantId),
     chunks: seqs.map((seq) => create(LogChunkSchema, { dispatchId, seq: BigInt(seq), stream, text: `line ${seq}` })),
   });
+}
+
+/** Stored chunks of `dispatchId` with these sequence numbers (text "line <seq>"), for the core. */
+export function storedChunks(dispatchId: string, seqs: number[]): StoredChunk[] {
+  return seqs.map((seq) => ({ dispatchId, seq, stream: 1, text: `line ${seq}`, timeMs: seq }));
+}
+
+/** Reads a core subscription to its end: the sequence numbers it delivered (into `seqs`) and its end. */
+export async function drain(gen: AsyncGenerator<SubscriptionBatch>, seqs: number[] = []) {
+  let end: SubscriptionBatch["end"];
+  for await (const b of gen) {
+    seqs.push(...b.chunks.map((c) => c.seq));
+    end = b.end;
+  }
+  return { seqs, end };
 }
 
 export const range = (from: number, to: number) => Array.from({ length: to - from + 1 }, (_, i) => from + i);

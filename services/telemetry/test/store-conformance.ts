@@ -107,6 +107,19 @@ export function telemetryStoreConformance(name: string, factory: () => Promise<T
       expect(await store.getRun(id)).toMatchObject({ dispatchId: id, tenantId: "t-a", ackedSeq: 0, end });
     });
 
+    it("after an end with a known last seq, refuses a batch reaching past it whole and takes late chunks within it", async () => {
+      const id = ulid();
+      await store.insertChunks(id, "t-a", chunks(id, [1]));
+      await store.endRun(id, "t-a", END); // lastSeq 3
+      expect(await store.insertChunks(id, "t-a", chunks(id, [2, 4]))).toEqual({ outcome: "past-end", lastSeq: 3 });
+      expect(await store.insertChunks(id, "t-a", chunks(id, [2, 3]))).toMatchObject({ outcome: "ok", ackedSeq: 3 });
+      expect((await store.listChunks(id, 0, 10)).map((c) => c.seq)).toEqual([1, 2, 3]);
+      // last_seq 0 (unknown): nothing to compare with, chunks are taken.
+      const unknown = ulid();
+      await store.endRun(unknown, "t-a", { ...END, lastSeq: 0 });
+      expect(await store.insertChunks(unknown, "t-a", chunks(unknown, [1, 2]))).toMatchObject({ outcome: "ok", ackedSeq: 2 });
+    });
+
     it("bounds a listing by end_seq", async () => {
       const id = ulid();
       await store.insertChunks(id, "t-a", chunks(id, range(1, 20)));

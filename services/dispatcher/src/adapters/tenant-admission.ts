@@ -58,7 +58,9 @@ export class GrpcTenantAdmission implements TenantAdmission {
           tenantId,
           dispatchId,
           secretNames,
-          requestedTimeout: requestedTimeoutMs === undefined ? undefined : durationFromMs(requestedTimeoutMs),
+          // A request past any tier's maximum is capped by it all the same; clamped first, as
+          // a Duration of { seconds: 2^63 - 1 } in ms has seconds that no longer fit an int64.
+          requestedTimeout: requestedTimeoutMs === undefined ? undefined : durationFromMs(Math.min(requestedTimeoutMs, Number.MAX_SAFE_INTEGER)),
         },
         { timeoutMs: this.callTimeoutMs },
       );

@@ -105,6 +105,8 @@ export function builtinAgents(demoImage: string): Agent[] {
 
 /** Agent names: lower-case, as used in API calls and container labels. */
 const AGENT_NAME = /^[a-z][a-z0-9-]{1,62}$/;
+/** Models one agent may offer. */
+const MAX_MODELS = 32;
 /** How stale a replica's view of operator-registered agents may get before a create re-reads it. */
 const REFRESH_AFTER_MS = 2000;
 
@@ -247,6 +249,8 @@ export class AgentRegistry {
     if (agent.command.length > 64) throw invalidArgument("agent.command", "at most 64 arguments");
     agent.command.forEach((arg, i) => checkLength(`agent.command[${i}]`, arg, 4096));
     if (agent.models.length === 0) throw invalidArgument("agent.models", "at least one model is required");
+    // Every create, lease and ListAgents page carries the definition: bounded like the rest of it.
+    if (agent.models.length > MAX_MODELS) throw invalidArgument("agent.models", `at most ${MAX_MODELS} models`);
     agent.models.forEach((m, i) => {
       requireEnum(`agent.models[${i}].tier`, m.tier, ModelTier);
       requireNonEmpty(`agent.models[${i}].model_id`, m.modelId, 200);

@@ -78,6 +78,13 @@ export interface DispatcherOptions {
   unstoredReleaseConcurrency?: number;
   /** A candidate's release is given up this long after it first failed. Default ten minutes. */
   unstoredReleaseGiveUpMs?: number;
+  /**
+   * How long past its timeout a run may still be RUNNING before the dispatcher ends it itself
+   * (TIMED_OUT) at its executor's next heartbeat. The executor enforces timeouts; this is the
+   * backstop for one that does not (a bug, an old version), so no run stays RUNNING for ever
+   * while its executor heartbeats. Above the executor's stop grace and stop retries. Default five minutes.
+   */
+  timeoutOverrunMs?: number;
   now?: () => number;
 }
 
@@ -121,6 +128,7 @@ export class Dispatcher {
   private readonly runEvents: RunEvents;
   private readonly logger: Logger;
   private readonly leaseTtlMs: number;
+  private readonly timeoutOverrunMs: number;
   /** Set while a lease sweep runs (expireLeases). */
   private sweeping = false;
   /** Set while the slot sweep runs (releaseOwedSlots). */
@@ -153,6 +161,7 @@ export class Dispatcher {
     this.runEvents = options.runEvents;
     this.logger = options.logger;
     this.leaseTtlMs = options.leaseTtlMs;
+    this.timeoutOverrunMs = options.timeoutOverrunMs ?? DEFAULT_TIMEOUT_OVERRUN_MS;
     this.maxTimeoutMs = options.maxTimeoutMs;
     this.admission = options.admission ?? new UnlimitedAdmission(options.maxTimeoutMs);
     this.circuits = options.circuits ?? new AgentCircuits();
@@ -262,8 +271,29 @@ export class Dispatcher {
     return record;
   }
 
-  list(tenantId: string, filter: ListFilter, limit: number, afterId?: string): Promise<DispatchRecord[]> {
-    return this.store.list(tenantId, filter, limit, afterId);
+  /**
+   * A page of the tenant's dispatches, newest first: at most `limit`, and ended early once they
+   * would pass `maxBytes` (roughly, as encoded; the first always comes), so a page of large
+   * dispatches (task, env, result) stays bounded in memory and on the wire whatever its size.
+   * The store is read in chunks for the same reason. `more`: a next page has dispatches.
+   */
+  async list(tenantId: string, filter: ListFilter, page: ListPage): Promise<{ records: DispatchRecord[]; more: boolean }> {
+    const { limit, maxBytes = Infinity, sizeOf = approximateBytes } = page;
+    const records: DispatchRecord[] = [];
+    let bytes = 0;
+    let afterId = page.afterId;
+    for (;;) {
+      const want = Math.min(limit + 1 - records.length, LIST_CHUNK);
+      const chunk = await this.store.list(tenantId, filter, want, afterId);
+      for (const record of chunk) {
+        const size = sizeOf(record);
+        if (records.length === limit || (records.length > 0 && bytes + size > maxBytes)) return { records, more: true };
+        records.push(record);
+        bytes += size;
+      }
+      if (chunk.length < want) return { records, more: false };
+      afterId = chunk.at(-1)!.id;
+    }
   }
 
   /** QUEUED ends at once; STARTING/RUNNING are flagged and the executor stops the container. */
@@ -350,26 +380,56 @@ export class Dispatcher {
     executor?: { executorId: string; capacity: CapacityReport },
   ): Promise<{ expiresAt: number; cancelRequested: boolean; dispatch: DispatchRecord }> {
     if (executor) await this.recordCapacity(executor.executorId, executor.capacity);
-    const expiresAt = this.now() + this.leaseTtlMs;
+    const now = this.now();
+    const expiresAt = now + this.leaseTtlMs;
     const updated = await this.store.update(dispatchId, { states: ["STARTING", "RUNNING"], leaseId }, { leaseExpiresAt: expiresAt });
     if (!updated) throw leaseLost(dispatchId);
+    if (this.overran(updated, now)) {
+      // The executor should have stopped it long ago and is still running it: the run ends here,
+      // and the lease's loss tells the executor to stop the container (without a report).
+      const ended = await this.finish(updated, timedOutWithoutReport(updated, this.timeoutOverrunMs), leaseId);
+      if (ended) this.logger.warn({ dispatch_id: dispatchId, executor_id: updated.executorId }, "run still RUNNING past its timeout at a heartbeat; ended TIMED_OUT by the dispatcher");
+      throw leaseLost(dispatchId);
+    }
     return { expiresAt, cancelRequested: updated.cancelRequested, dispatch: updated };
   }
 
+  /** Whether a run is still RUNNING more than `timeoutOverrunMs` past its timeout. */
+  private overran(record: DispatchRecord, now: number): boolean {
+    return record.state === "RUNNING" && record.startTime !== null && record.timeoutMs > 0 && now > record.startTime + record.timeoutMs + this.timeoutOverrunMs;
+  }
+
+  /**
+   * STARTING → RUNNING. The holder's second RUNNING report (its first answer lost) answers the
+   * run as it stands: LEASE_LOST would have the executor stop a healthy run.
+   */
   async reportRunning(dispatchId: string, leaseId: string): Promise<DispatchRecord> {
     const now = this.now();
     const updated = await this.store.update(dispatchId, { states: ["STARTING"], leaseId }, { state: "RUNNING", startTime: now, updateTime: now });
-    if (!updated) throw leaseLost(dispatchId);
+    if (!updated) {
+      const current = await this.store.get(dispatchId);
+      if (current && current.leaseId === leaseId && current.state === "RUNNING") return current;
+      throw leaseLost(dispatchId);
+    }
     this.notifier.dispatchChanged(dispatchId);
     return updated;
   }
 
+  /**
+   * Ends the run as its lease's holder reports. The same end reported again (a retry whose first
+   * answer was lost) answers the ended run without ending it twice (no second slot release,
+   * circuit outcome or run end); any other report on an ended run is LEASE_LOST.
+   */
   async reportTerminal(dispatchId: string, leaseId: string, report: TerminalReport): Promise<DispatchRecord> {
     const record = await this.store.get(dispatchId);
     if (!record || record.leaseId !== leaseId) throw leaseLost(dispatchId);
+    if (record.state === report.state) return record;
     const updated = await this.finish(record, report, leaseId);
-    if (!updated) throw leaseLost(dispatchId);
-    return updated;
+    if (updated) return updated;
+    // Ended meanwhile: by this same report arriving twice at once, or by anything else.
+    const current = await this.store.get(dispatchId);
+    if (current && current.leaseId === leaseId && current.state === report.state) return current;
+    throw leaseLost(dispatchId);
   }
 
   /**
@@ -771,9 +831,44 @@ export class Dispatcher {
   }
 }
 
+/** What `list` reads from the store at a time. */
+const LIST_CHUNK = 100;
+
+export interface ListPage {
+  limit: number;
+  /** Continues after this id. */
+  afterId?: string;
+  /** The page ends before its dispatches pass this many bytes (the first always comes). */
+  maxBytes?: number;
+  /** A dispatch's size as it will be sent; default `approximateBytes`. */
+  sizeOf?: (record: DispatchRecord) => number;
+}
+
+/**
+ * About what a dispatch takes (its variable-length fields, JSON for maps and the result, plus a
+ * fixed allowance for the rest). A result can take several times its JSON encoded as a Struct,
+ * so the routes measure the encoded message instead.
+ */
+function approximateBytes(record: DispatchRecord): number {
+  const text = [record.task, record.repoUrl, record.repoRef, record.failureReason, record.resultJson ?? "", record.requestId, record.model];
+  let bytes = 512 + record.secretNames.length * 130;
+  for (const value of text) bytes += Buffer.byteLength(value);
+  for (const map of [record.env, record.labels]) bytes += Buffer.byteLength(JSON.stringify(map));
+  return bytes;
+}
+
 /** An end no executor reported (never started, lost, cancelled): no exit code, no result, no log lines counted. */
 function endWithoutReport(state: "FAILED" | "CANCELLED", failureReason: string): TerminalReport {
   return { state, exitCode: null, failureReason, resultJson: null, lastLogSeq: 0n };
+}
+
+/** How long past its timeout a run may be RUNNING before the dispatcher ends it (DispatcherOptions.timeoutOverrunMs). */
+export const DEFAULT_TIMEOUT_OVERRUN_MS = 5 * 60_000;
+
+/** The dispatcher's own end of a run its executor kept running past its timeout. */
+function timedOutWithoutReport(record: DispatchRecord, overrunMs: number): TerminalReport {
+  const reason = `timed out after ${record.timeoutMs / 1000} s; ended by the dispatcher, the executor had not stopped it ${overrunMs / 1000} s later`;
+  return { state: "TIMED_OUT", exitCode: null, failureReason: reason, resultJson: null, lastLogSeq: 0n };
 }
 
 /** Why a run is retried when the executor holding its lease was lost before the run started. */

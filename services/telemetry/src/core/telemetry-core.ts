@@ -3,7 +3,7 @@
  * run registration and ends, paged history, and live subscriptions that join storage and the
  * live feed on the shared per-run sequence number.
  */
-import { notFound, permissionDenied } from "@outpost/platform";
+import { failedPrecondition, notFound, permissionDenied, resourceExhausted } from "@outpost/platform";
 import type { TelemetryStore } from "../store/store.ts";
 import type { LiveFeed } from "./live-feed.ts";
 import { LIMITS, type RunEndRecord, type RunRecord, type StoredChunk } from "./model.ts";
@@ -24,6 +24,12 @@ export interface TelemetryCoreOptions {
    * net for a live message lost between replicas (e.g. while Redis reconnects).
    */
   idlePollMs?: number;
+  /**
+   * Open subscriptions one tenant may hold on this replica. Each costs a live inbox, a timer and
+   * storage reads; without a bound one tenant's client could open them until the process runs
+   * out of memory.
+   */
+  maxSubscriptionsPerTenant?: number;
   /** Counts for metrics; the core stays free of the metrics library. */
   observer?: TelemetryObserver;
 }
@@ -54,6 +60,16 @@ export interface LogsPage {
   nextAfterSeq: number | undefined;
 }
 
+/**
+ * Rows GetLogs reads from the store at a time while it fills a page: a page is cut at
+ * LIMITS.maxBytesPerMessage, so reading all of page_size (1,000 rows of up to 64 KiB) at once
+ * could load 64 MiB to answer 1 MiB.
+ */
+const HISTORY_READ_ROWS = 100;
+
+/** Open subscriptions per tenant per replica unless configured (the benchmark holds 1,000 on one run). */
+export const DEFAULT_MAX_SUBSCRIPTIONS_PER_TENANT = 2000;
+
 function ownedByAnother(dispatchId: string): never {
   throw permissionDenied("RUN_OWNED_BY_OTHER_TENANT", `run ${dispatchId} belongs to another tenant`);
 }
@@ -66,10 +82,14 @@ export class TelemetryCore {
   readonly #pageSize: number;
   readonly #idlePollMs: number;
   readonly #observer: TelemetryObserver | undefined;
+  readonly #maxPerTenant: number;
+  /** Open subscriptions by tenant (entries removed at zero). */
+  readonly #openByTenant = new Map<string, number>();
 
   constructor(store: TelemetryStore, feed: LiveFeed, options: TelemetryCoreOptions = {}) {
     this.#idlePollMs = options.idlePollMs ?? 5_000;
     this.#observer = options.observer;
+    this.#maxPerTenant = options.maxSubscriptionsPerTenant ?? DEFAULT_MAX_SUBSCRIPTIONS_PER_TENANT;
     this.#store = store;
     this.#feed = feed;
     this.#bufferChunks = options.subscriberBufferChunks ?? 2000;
@@ -87,6 +107,14 @@ export class TelemetryCore {
   async ingest(dispatchId: string, tenantId: string, chunks: StoredChunk[]): Promise<number> {
     const result = await this.#store.insertChunks(dispatchId, tenantId, chunks);
     if (result.outcome === "other-tenant") ownedByAnother(dispatchId);
+    if (result.outcome === "past-end") {
+      // Subscriptions stop at last_seq, so storing these would make history disagree with
+      // every stream; only a confused or stale writer sends them (the executor reports the
+      // end after everything it wrote was acknowledged).
+      throw failedPrecondition("RUN_ENDED", `run ${dispatchId} ended at seq ${result.lastSeq}; chunks after it are refused`, {
+        last_seq: String(result.lastSeq),
+      });
+    }
     this.#feed.publish(dispatchId, result.inserted);
     if (result.inserted.length > 0) this.#observer?.ingested(result.inserted);
     return result.ackedSeq;
@@ -106,12 +134,31 @@ export class TelemetryCore {
     return run;
   }
 
-  /** Stored chunks with afterSeq < seq (<= endSeq when given), a page at a time. */
+  /**
+   * Stored chunks with afterSeq < seq (<= endSeq when given), a page at a time: at most
+   * `pageSize` chunks and, like a subscription message, about LIMITS.maxBytesPerMessage of
+   * text (at least one chunk). Without the byte bound a page of long lines reached 64 MiB,
+   * over what gRPC clients accept by default (4 MiB).
+   */
   async getLogs(tenantId: string, dispatchId: string, afterSeq: number, pageSize: number, endSeq?: number): Promise<LogsPage> {
     await this.#ownRun(tenantId, dispatchId);
-    const rows = await this.#store.listChunks(dispatchId, afterSeq, pageSize + 1, endSeq);
-    const chunks = rows.slice(0, pageSize);
-    return { chunks, nextAfterSeq: rows.length > pageSize ? chunks.at(-1)!.seq : undefined };
+    const size = Math.max(1, pageSize);
+    const chunks: StoredChunk[] = [];
+    let bytes = 0;
+    let cursor = afterSeq;
+    for (;;) {
+      const want = Math.min(size - chunks.length, HISTORY_READ_ROWS);
+      // The page's last read asks for one row more: it says whether there is a next page.
+      const final = chunks.length + want === size;
+      const rows = await this.#store.listChunks(dispatchId, cursor, final ? want + 1 : want, endSeq);
+      for (const [i, row] of rows.entries()) {
+        bytes += Buffer.byteLength(row.text);
+        if (i === want || (chunks.length > 0 && bytes > LIMITS.maxBytesPerMessage)) return { chunks, nextAfterSeq: chunks.at(-1)!.seq };
+        chunks.push(row);
+      }
+      if (final || rows.length < want) return { chunks, nextAfterSeq: undefined };
+      cursor = rows.at(-1)!.seq;
+    }
   }
 
   /**
@@ -121,9 +168,29 @@ export class TelemetryCore {
    * and a gap in what arrives live is filled from storage. Only contiguous chunks are delivered
    * until the run has ended and `endGraceMs` passed without the missing ones arriving; then what
    * is stored is delivered as is. Ends (returns) after the message carrying the run's end, or
-   * when `signal` fires.
+   * when `signal` fires. A tenant holds at most `maxSubscriptionsPerTenant` at once
+   * (RESOURCE_EXHAUSTED beyond); a run deleted under a subscription (retention) ends it with
+   * NOT_FOUND, as a new subscription would be answered.
    */
   async *subscribe(tenantId: string, dispatchId: string, afterSeq: number, signal: AbortSignal): AsyncGenerator<SubscriptionBatch> {
+    // Taken before the first await, so parallel opens cannot overshoot the bound.
+    const open = this.#openByTenant.get(tenantId) ?? 0;
+    if (open >= this.#maxPerTenant) {
+      throw resourceExhausted("log_subscriptions_per_tenant", `at most ${this.#maxPerTenant} log subscriptions may be open at once`, {
+        limit: String(this.#maxPerTenant),
+      });
+    }
+    this.#openByTenant.set(tenantId, open + 1);
+    try {
+      yield* this.#subscribe(tenantId, dispatchId, afterSeq, signal);
+    } finally {
+      const left = (this.#openByTenant.get(tenantId) ?? 1) - 1;
+      if (left > 0) this.#openByTenant.set(tenantId, left);
+      else this.#openByTenant.delete(tenantId);
+    }
+  }
+
+  async *#subscribe(tenantId: string, dispatchId: string, afterSeq: number, signal: AbortSignal): AsyncGenerator<SubscriptionBatch> {
     await this.#ownRun(tenantId, dispatchId);
     // Counted when it happens: a subscriber that stopped reading never gets to take() again.
     const inbox = new SubscriberBuffer(this.#bufferChunks, () => this.#observer?.subscriberOverflowed());
@@ -141,9 +208,13 @@ export class TelemetryCore {
 
       while (!signal.aborted) {
         // Nothing woke us for a while: the feed may have lost the end too (another replica
-        // recorded it while Redis was down), so storage is asked for it as well.
+        // recorded it while Redis was down), so storage is asked for it as well. A run that is
+        // gone was deleted by retention: nothing more will come, and waiting would hold the
+        // subscription open forever.
         if (quiet && !end) {
-          end = (await this.#store.getRun(dispatchId))?.end;
+          const run = await this.#store.getRun(dispatchId);
+          if (!run || run.tenantId !== tenantId) throw notFound("dispatch", dispatchId);
+          end = run.end;
           if (end) progressAt = Date.now();
         }
         quiet = false;

@@ -50,7 +50,7 @@ import {
   type UpdateFilter,
 } from "mongodb";
 import { DEFAULT_RETENTION_MS, type RunEndRecord, type RunRecord, type StoredChunk } from "../core/model.ts";
-import type { OwnedResult, TelemetryStore } from "./store.ts";
+import { pastEnd, type OwnedResult, type PastEnd, type TelemetryStore } from "./store.ts";
 
 interface EndDoc {
   state: number;
@@ -267,9 +267,14 @@ export class MongoTelemetryStore implements TelemetryStore {
     dispatchId: string,
     tenantId: string,
     chunks: StoredChunk[],
-  ): Promise<OwnedResult<{ inserted: StoredChunk[]; ackedSeq: number }>> {
+  ): Promise<OwnedResult<{ inserted: StoredChunk[]; ackedSeq: number }> | PastEnd> {
     const { doc } = await this.ensureRun(dispatchId, tenantId);
     if (doc.tenantId !== tenantId) return { outcome: "other-tenant", owner: doc.tenantId };
+    // Checked on the run as read, not atomically with the insert (no transactions): an end
+    // recorded meanwhile lets this batch in, as before the check. The executor reports the end
+    // only after its output was acknowledged, so only a stale writer can race it.
+    const tooLate = pastEnd(runOf(doc).end, chunks);
+    if (tooLate) return tooLate;
     if (chunks.length === 0) return { outcome: "ok", inserted: [], ackedSeq: doc.ackedSeq };
 
     let refused = new Set<number>();

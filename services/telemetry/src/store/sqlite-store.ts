@@ -9,7 +9,7 @@
 import type { DatabaseSync, StatementSync } from "node:sqlite";
 import { inTransaction, openSqlite } from "@outpost/platform";
 import { DEFAULT_RETENTION_MS, type RunEndRecord, type RunRecord, type StoredChunk } from "../core/model.ts";
-import type { OwnedResult, TelemetryStore } from "./store.ts";
+import { pastEnd, type OwnedResult, type PastEnd, type TelemetryStore } from "./store.ts";
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS runs (
@@ -181,10 +181,12 @@ export class SqliteTelemetryStore implements TelemetryStore {
     dispatchId: string,
     tenantId: string,
     chunks: StoredChunk[],
-  ): Promise<OwnedResult<{ inserted: StoredChunk[]; ackedSeq: number }>> {
+  ): Promise<OwnedResult<{ inserted: StoredChunk[]; ackedSeq: number }> | PastEnd> {
     return inTransaction(this.#db, () => {
       const { run } = this.#ensureRun(dispatchId, tenantId);
       if (run.tenantId !== tenantId) return { outcome: "other-tenant", owner: run.tenantId };
+      const refused = pastEnd(run.end, chunks); // in the transaction: an end cannot slip in between
+      if (refused) return refused;
       const inserted: StoredChunk[] = [];
       for (const chunk of chunks) {
         const changes = this.#insertChunk.run(dispatchId, chunk.seq, chunk.stream, chunk.text, chunk.timeMs).changes;

@@ -9,6 +9,18 @@ import type { RunEndRecord, RunRecord, StoredChunk } from "../core/model.ts";
 /** Result of an operation that names a run's owner. */
 export type OwnedResult<T> = ({ outcome: "ok" } & T) | { outcome: "other-tenant"; owner: string };
 
+/** insertChunks' refusal of chunks past the end of a run that ended at `lastSeq`. */
+export interface PastEnd {
+  outcome: "past-end";
+  lastSeq: number;
+}
+
+/** Whether `chunks` reach past the end of a run that ended (with a known last seq). */
+export function pastEnd(end: RunEndRecord | undefined, chunks: readonly StoredChunk[]): PastEnd | undefined {
+  if (!end || end.lastSeq <= 0 || !chunks.some((c) => c.seq > end.lastSeq)) return undefined;
+  return { outcome: "past-end", lastSeq: end.lastSeq };
+}
+
 export interface TelemetryStore {
   /**
    * Creates the run owned by `tenantId` unless it exists; refuses a run owned by another tenant.
@@ -22,13 +34,15 @@ export interface TelemetryStore {
   /**
    * Stores chunks of a run (registering it for `tenantId` when unknown). Chunks whose seq is
    * already stored are ignored, so resends are safe. Answers the chunks actually inserted and
-   * the run's contiguous high-water mark afterwards.
+   * the run's contiguous high-water mark afterwards. A run that ended with a known last seq
+   * (> 0) takes no chunk past it: a batch holding one is refused whole ("past-end", nothing
+   * stored), so history never holds output that subscriptions, which stop at the end, omit.
    */
   insertChunks(
     dispatchId: string,
     tenantId: string,
     chunks: StoredChunk[],
-  ): Promise<OwnedResult<{ inserted: StoredChunk[]; ackedSeq: number }>>;
+  ): Promise<OwnedResult<{ inserted: StoredChunk[]; ackedSeq: number }> | PastEnd>;
 
   /**
    * Records the run's end once (registering the run when unknown). `recorded` is false when the

@@ -1,7 +1,7 @@
 /**
- * Issue #4 behaviour of the core and routes against a real in-memory store: fairness, parallel
- * idempotency with admission, suspension, infrastructure retries, the circuit breaker cycle,
- * the agent registry, audit and fleet status.
+ * The dispatcher's queue, resilience and registry (issue #4) in the core and routes, against a
+ * real in-memory store: fairness, parallel idempotency with admission, suspension,
+ * infrastructure retries, the circuit breaker cycle, the agent registry, audit and fleet status.
  */
 import { beforeEach, describe, expect, it } from "vitest";
 import { Code } from "@connectrpc/connect";
@@ -397,6 +397,10 @@ describe("agent registry", () => {
     await bad({ ...custom, riskLevel: RiskLevel.UNSPECIFIED }, "agent.risk_level");
     await bad({ ...custom, networkPolicy: NetworkPolicy.UNSPECIFIED }, "agent.network_policy");
     await bad({ ...custom, defaultModelTier: ModelTier.FAST }, "agent.default_model_tier");
+    // Bounded like the rest of the definition (every create and lease carries it).
+    await bad({ ...custom, models: Array.from({ length: 10_000 }, (_, i) => ({ tier: ModelTier.FAST, modelId: `m${i}` })) }, "agent.models");
+    // The model id reaches the container as OUTPOST_MODEL: the engine would refuse a NUL in it.
+    await bad({ ...custom, models: [{ tier: ModelTier.BALANCED, modelId: "m\0" }] }, "agent.models[0].model_id");
     expect(agents.get("reviewer")).toBeUndefined();
     const tenantErr = await expectError(clientFor(dispatcher, agents, AgentService, tenantIdentity(A), deps).registerAgent({ agent: custom }), Code.PermissionDenied);
     expect(errorInfoOf(tenantErr)?.reason).toBe("ADMIN_REQUIRED");
