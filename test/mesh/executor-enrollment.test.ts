@@ -7,7 +7,8 @@
  * and an executor it enrolls under another id cannot speak as the first.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
 import Docker from "dockerode";
 import { followLogs } from "@outpost/cli";
 import {
@@ -22,6 +23,7 @@ import {
   signingKeysOf,
   type Identity,
 } from "@outpost/platform";
+import { AuditService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { EnrollmentService } from "@outpost/proto/outpost/executor/v1/enrollment_service_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
@@ -115,6 +117,19 @@ describe("enrolled executor keys", () => {
     expect(await refusal(enrollmentKeyAs(EXECUTOR_ID).enrollment.enrollExecutor({ executorId: EXECUTOR_ID, publicKey, proof }))).toBe("FailedPrecondition EXECUTOR_KEY_BOUND");
     // Nor enroll for another id than the one it signs as.
     expect(await refusal(enrollmentKeyAs(NEWCOMER_ID).enrollment.enrollExecutor({ executorId: EXECUTOR_ID, publicKey, proof }))).toBe("PermissionDenied EXECUTOR_ID_MISMATCH");
+    // The executor's own enrollment and both refusals are in the audit trail the admin reads.
+    const { events } = await createClient(AuditService, createConnectTransport({ baseUrl: t.mesh.urls.gateway, httpVersion: "1.1" })).listAuditEvents(
+      {},
+      { headers: { authorization: `Bearer ${t.adminToken}` } },
+    );
+    const enrollments = events.filter((e) => e.method.endsWith("/EnrollExecutor")).map((e) => `${e.principal} ${e.target} ${e.outcome}`);
+    expect(enrollments).toEqual(
+      expect.arrayContaining([
+        `executor/${EXECUTOR_ID} executor/${EXECUTOR_ID} OK`,
+        `executor/${EXECUTOR_ID} executor/${EXECUTOR_ID} FAILED_PRECONDITION`,
+        `executor/${NEWCOMER_ID} executor/${EXECUTOR_ID} PERMISSION_DENIED`,
+      ]),
+    );
     // Refused naming the field: a key that is not an Ed25519 SPKI key; a proof made with another
     // key, or for another id (a public key alone binds nothing).
     const other = newExecutorKeyPair();

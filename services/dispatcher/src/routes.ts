@@ -282,9 +282,14 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
 
   router.service(EnrollmentService, {
     async enrollExecutor(req, ctx) {
-      const executorId = ownExecutorId(requireService(ctx, "executor"), req.executorId);
-      const { certificate, expiresAt } = await deps.enrollment.enroll(executorId, req.publicKey, req.proof);
-      return create(EnrollExecutorResponseSchema, { certificate, expireTime: timestampFromMs(expiresAt) });
+      // New bindings and refusals (another key asking for a bound id, say) are recorded; a
+      // renewal, every few minutes per executor, is machine traffic like the lease calls.
+      return audited(audit, ctx, callingTenantOf(ctx), "outpost.executor.v1.EnrollmentService/EnrollExecutor", `executor/${req.executorId.slice(0, 64)}`, async (_setTarget, leaveOut) => {
+        const executorId = ownExecutorId(requireService(ctx, "executor"), req.executorId);
+        const { certificate, expiresAt, renewed } = await deps.enrollment.enroll(executorId, req.publicKey, req.proof);
+        if (renewed) leaveOut();
+        return create(EnrollExecutorResponseSchema, { certificate, expireTime: timestampFromMs(expiresAt) });
+      });
     },
   });
 
@@ -544,22 +549,32 @@ function callingTenantOf(ctx: HandlerContext): string {
   return caller.kind === "tenant" ? caller.tenantId : "";
 }
 
-/** Runs a mutating call and records it in the audit trail with its outcome (SPEC D9). */
+/**
+ * Runs a mutating call and records it in the audit trail with its outcome (SPEC D9). `fn` may
+ * name the target it made (`setTarget`) or leave a successful call out (`leaveOut`: a renewal that
+ * changed nothing anyone reads the trail for); a refusal is always recorded.
+ */
 async function audited<T>(
   audit: AuditLog,
   ctx: HandlerContext,
   tenantId: string,
   method: string,
   target: string,
-  fn: (setTarget: (target: string) => void) => Promise<T>,
+  fn: (setTarget: (target: string) => void, leaveOut: () => void) => Promise<T>,
 ): Promise<T> {
   const principal = callerOf(ctx).principal;
   let finalTarget = target;
+  let recorded = true;
   try {
-    const result = await fn((t) => {
-      finalTarget = t;
-    });
-    await audit.record({ tenantId, principal, method, target: finalTarget, outcome: "OK" });
+    const result = await fn(
+      (t) => {
+        finalTarget = t;
+      },
+      () => {
+        recorded = false;
+      },
+    );
+    if (recorded) await audit.record({ tenantId, principal, method, target: finalTarget, outcome: "OK" });
     return result;
   } catch (err) {
     await audit.record({ tenantId, principal, method, target: finalTarget, outcome: outcomeOf(err) });

@@ -2,12 +2,23 @@
 import { beforeEach, describe, expect, it } from "vitest";
 import { Code, ConnectError, createClient, createRouterTransport } from "@connectrpc/connect";
 import { durationFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { checkLogGrant, checkSecretGrant, createLogger, errorInfoOf, identityInterceptor, LOG_GRANT_GRACE_MS, type Identity } from "@outpost/platform";
+import {
+  checkLogGrant,
+  checkSecretGrant,
+  createLogger,
+  errorInfoOf,
+  identityInterceptor,
+  LOG_GRANT_GRACE_MS,
+  newExecutorKeyPair,
+  signEnrollmentProof,
+  type Identity,
+} from "@outpost/platform";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
 import { Dispatch_State, ModelTier } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService, ListDispatchesResponseSchema, type CreateDispatchRequest } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { FleetService } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
 import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { EnrollmentService } from "@outpost/proto/outpost/executor/v1/enrollment_service_pb.js";
 import { toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import type { CreateDispatchRequestSchema } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { AgentRegistry, builtinAgents } from "../src/core/agents.ts";
@@ -374,6 +385,28 @@ describe("hardening: what reaches a container's environment", () => {
     expect(events.map((e) => [e.method.split("/")[1], e.principal, e.outcome])).toEqual([
       ["CancelDispatch", "admin", "PERMISSION_DENIED"],
       ["CreateDispatch", "admin", "PERMISSION_DENIED"],
+    ]);
+  });
+});
+
+describe("EnrollExecutor in the audit trail", () => {
+  it("records a new binding and a refusal, not a renewal of the same key", async () => {
+    const deps = defaultRouteDeps();
+    const enroll = (id: string) => clientFor(dispatcher, agents, EnrollmentService, { kind: "service", principal: `executor/${id}` }, deps);
+    const { privateKey, publicKey } = newExecutorKeyPair();
+    const request = { executorId: "host-1", publicKey, proof: signEnrollmentProof(privateKey, "host-1", publicKey) };
+    await enroll("host-1").enrollExecutor(request);
+    await enroll("host-1").enrollExecutor(request); // renewal
+    const other = newExecutorKeyPair();
+    await expectError(
+      enroll("host-1").enrollExecutor({ executorId: "host-1", publicKey: other.publicKey, proof: signEnrollmentProof(other.privateKey, "host-1", other.publicKey) }),
+      Code.FailedPrecondition,
+      "EXECUTOR_KEY_BOUND",
+    );
+    const events = await deps.audit.list(undefined, 10);
+    expect(events.map((e) => [e.method, e.principal, e.target, e.outcome, e.tenantId])).toEqual([
+      ["outpost.executor.v1.EnrollmentService/EnrollExecutor", "executor/host-1", "executor/host-1", "FAILED_PRECONDITION", ""],
+      ["outpost.executor.v1.EnrollmentService/EnrollExecutor", "executor/host-1", "executor/host-1", "OK", ""],
     ]);
   });
 });

@@ -385,15 +385,17 @@ export function dispatcherStoreExtrasConformance(name: string, factory: () => Di
     });
 
     it("executor keys: one key per id while bound; the same key renews; another only once the binding ended", async () => {
-      expect(await store.bindExecutorKey("e1", "key-a", T0 + 100, T0)).toEqual({ bound: true });
+      expect(await store.bindExecutorKey("e1", "key-a", T0 + 100, T0)).toEqual({ bound: true, renewed: false });
       expect(await store.bindExecutorKey("e1", "key-b", T0 + 150, T0 + 50)).toEqual({ bound: false, boundUntil: T0 + 100 });
-      expect(await store.bindExecutorKey("e1", "key-a", T0 + 200, T0 + 60)).toEqual({ bound: true });
+      expect(await store.bindExecutorKey("e1", "key-a", T0 + 200, T0 + 60)).toEqual({ bound: true, renewed: true });
       // Still bound to key-a until T0 + 200 after the renewal.
       expect(await store.bindExecutorKey("e1", "key-b", T0 + 300, T0 + 150)).toEqual({ bound: false, boundUntil: T0 + 200 });
-      expect(await store.bindExecutorKey("e1", "key-b", T0 + 400, T0 + 201)).toEqual({ bound: true });
+      expect(await store.bindExecutorKey("e1", "key-b", T0 + 400, T0 + 201)).toEqual({ bound: true, renewed: false });
       expect(await store.bindExecutorKey("e1", "key-a", T0 + 500, T0 + 250)).toEqual({ bound: false, boundUntil: T0 + 400 });
+      // The same key after its binding lapsed binds anew: not a renewal.
+      expect(await store.bindExecutorKey("e1", "key-b", T0 + 600, T0 + 401)).toEqual({ bound: true, renewed: false });
       // Ids are apart.
-      expect(await store.bindExecutorKey("e2", "key-a", T0 + 500, T0 + 250)).toEqual({ bound: true });
+      expect(await store.bindExecutorKey("e2", "key-a", T0 + 500, T0 + 250)).toEqual({ bound: true, renewed: false });
     });
 
     it("executors: the last report wins; stale ones drop out", async () => {

@@ -20,6 +20,8 @@ export interface Enrolled {
   certificate: string;
   /** When the certificate and the binding end unless renewed (ms since the epoch). */
   expiresAt: number;
+  /** The same key's binding, still in force, was extended (not a new binding). */
+  renewed: boolean;
 }
 
 export class ExecutorEnrollment {
@@ -58,6 +60,6 @@ export class ExecutorEnrollment {
         { executor_id: executorId, bound_until: new Date(binding.boundUntil).toISOString() },
       );
     }
-    return { certificate: issueExecutorCertificate(this.signingKeys, `executor/${executorId}`, publicKey, this.ttlMs, now), expiresAt };
+    return { certificate: issueExecutorCertificate(this.signingKeys, `executor/${executorId}`, publicKey, this.ttlMs, now), expiresAt, renewed: binding.renewed };
   }
 }

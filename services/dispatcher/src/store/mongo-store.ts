@@ -321,12 +321,12 @@ export class MongoDispatchStore implements DispatcherStore {
     // Matches the id only while the binding may change (same key, or over); otherwise the
     // upsert's insert collides with the existing _id (E11000) and the binding stays.
     try {
-      await this.executorKeys.updateOne(
+      const before = await this.executorKeys.findOneAndUpdate(
         { _id: executorId, $or: [{ publicKey }, { expiresAt: { $lt: now } }] },
         { $set: { publicKey, expiresAt, expireAt: new Date(expiresAt + EXECUTOR_RETENTION_MS) } },
-        { upsert: true },
+        { upsert: true, returnDocument: "before" },
       );
-      return { bound: true };
+      return { bound: true, renewed: before?.publicKey === publicKey && before.expiresAt >= now };
     } catch (err) {
       if (!(err instanceof MongoServerError) || err.code !== 11000) throw err;
       const doc = await this.executorKeys.findOne({ _id: executorId });

@@ -370,15 +370,17 @@ export class SqliteDispatchStore implements DispatcherStore {
   }
 
   async bindExecutorKey(executorId: string, publicKey: string, expiresAt: number, now: number): Promise<KeyBinding> {
-    // One conditional upsert: the row changes only when it is new, the same key, or over.
-    const changed = this.statement(
-      `INSERT INTO executor_keys (executor_id, public_key, expires_at) VALUES (?, ?, ?)
-       ON CONFLICT (executor_id) DO UPDATE SET public_key = excluded.public_key, expires_at = excluded.expires_at
-       WHERE executor_keys.public_key = excluded.public_key OR executor_keys.expires_at < ?`,
-    ).run(executorId, publicKey, expiresAt, now).changes;
-    if (Number(changed) > 0) return { bound: true };
-    const row = this.statement("SELECT expires_at FROM executor_keys WHERE executor_id = ?").get(executorId);
-    return { bound: false, boundUntil: Number(row?.expires_at ?? 0) };
+    return inTransaction(this.db, () => {
+      const before = this.statement("SELECT public_key, expires_at FROM executor_keys WHERE executor_id = ?").get(executorId);
+      // One conditional upsert: the row changes only when it is new, the same key, or over.
+      const changed = this.statement(
+        `INSERT INTO executor_keys (executor_id, public_key, expires_at) VALUES (?, ?, ?)
+         ON CONFLICT (executor_id) DO UPDATE SET public_key = excluded.public_key, expires_at = excluded.expires_at
+         WHERE executor_keys.public_key = excluded.public_key OR executor_keys.expires_at < ?`,
+      ).run(executorId, publicKey, expiresAt, now).changes;
+      if (Number(changed) > 0) return { bound: true, renewed: before?.public_key === publicKey && Number(before.expires_at) >= now };
+      return { bound: false, boundUntil: Number(before?.expires_at ?? 0) };
+    });
   }
 
   async listExecutors(seenSince: number): Promise<ExecutorReport[]> {

@@ -188,8 +188,11 @@ export interface ExecutorStore {
   bindExecutorKey(executorId: string, publicKey: string, expiresAt: number, now: number): Promise<KeyBinding>;
 }
 
-/** What bindExecutorKey did. */
-export type KeyBinding = { bound: true } | { bound: false; boundUntil: number };
+/**
+ * What bindExecutorKey did. `renewed`: the id was bound to this same key and that binding had not
+ * ended (a renewal, which the audit trail leaves out); otherwise the binding is new.
+ */
+export type KeyBinding = { bound: true; renewed: boolean } | { bound: false; boundUntil: number };
 
 /** Everything the dispatcher persists; one adapter implements it all (SQLite, MongoDB). */
 export type DispatcherStore = DispatchStore & AgentStore & AuditStore & ExecutorStore;
