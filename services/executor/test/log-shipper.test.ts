@@ -1,4 +1,6 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { refusalOf } from "../src/adapters/telemetry-log-sink.ts";
 import { Backoff } from "../src/core/backoff.ts";
 import { LogShipper } from "../src/core/log-shipper.ts";
 import { MAX_LINE_CHARS } from "../src/core/line-splitter.ts";
@@ -94,6 +96,15 @@ describe("LogShipper", () => {
     expect(sink.connections).toHaveLength(1);
     expect(await s.finish(1000)).toBe(1);
     expect(s.lastSequence).toBe(7);
+  });
+
+  it("telemetry's answers that sending again cannot change are refusals for good; the rest are retried", () => {
+    for (const code of [Code.PermissionDenied, Code.InvalidArgument, Code.FailedPrecondition]) {
+      expect(refusalOf(new ConnectError("no", code)), Code[code]).toBeInstanceOf(LogRefusedError);
+    }
+    for (const code of [Code.Unavailable, Code.DeadlineExceeded, Code.Internal, Code.ResourceExhausted]) {
+      expect(refusalOf(new ConnectError("later", code)), Code[code]).not.toBeInstanceOf(LogRefusedError);
+    }
   });
 
   it("treats a stalled stream as failed and resends", async () => {

@@ -73,9 +73,10 @@ export function createTelemetryLogSink(options: TelemetryLogSinkOptions): LogSin
 
 /**
  * Telemetry's answers that sending again cannot change (run-grants.ts): the grant refused
- * (PERMISSION_DENIED) or the request invalid (INVALID_ARGUMENT).
+ * (PERMISSION_DENIED), the request invalid (INVALID_ARGUMENT), or the run already ended before
+ * these lines (FAILED_PRECONDITION RUN_ENDED: a stale executor's output).
  */
-function refusalOf(err: unknown): unknown {
+export function refusalOf(err: unknown): unknown {
   const code = ConnectError.from(err).code;
-  return code === Code.PermissionDenied || code === Code.InvalidArgument ? new LogRefusedError(ConnectError.from(err).message) : err;
+  return code === Code.PermissionDenied || code === Code.InvalidArgument || code === Code.FailedPrecondition ? new LogRefusedError(ConnectError.from(err).message) : err;
 }
