@@ -27,9 +27,12 @@ export function openSqlite(dataDir: string, fileName: string, prepareSchema?: (d
 
 const LOCKED_RETRIES = 50;
 
+/** How long a statement waits for another process's lock on the file before SQLITE_BUSY. */
+export const SQLITE_BUSY_TIMEOUT_MS = 5000;
+
 function configure(db: DatabaseSync): DatabaseSync {
   // The busy timeout comes first so the statements after it wait for a lock instead of failing.
-  db.exec("PRAGMA busy_timeout = 5000");
+  db.exec(`PRAGMA busy_timeout = ${SQLITE_BUSY_TIMEOUT_MS}`);
   // Switching a fresh file to WAL upgrades a shared lock to an exclusive one; when two
   // processes do it at once SQLite refuses one at once (a waiting upgrade could deadlock) and
   // the busy timeout does not apply, so that step is retried briefly.

@@ -31,7 +31,7 @@ export async function startTenant(config: TenantConfig, logger: Logger, store?: 
   let redis: Redis | undefined;
   if (config.OUTPOST_REDIS_URL) redis = connectRedis(config.OUTPOST_REDIS_URL, logger);
   const invalidation = redis ? publishingInvalidation(redis, logger) : NO_INVALIDATION;
-  const tenants = new TenantCore({ store: tenantStore, tiers, invalidation });
+  const tenants = new TenantCore({ store: tenantStore, tiers, invalidation, logger });
   const secrets = new SecretsCore({ store: tenantStore, box, logger });
   const admission = new AdmissionCore({ store: tenantStore, tenants, secrets });
   let server;

@@ -134,6 +134,22 @@ describe("TenantCore", () => {
     expect(writes).toBe(2);
     expect((await store.getApiKey(apiKey.id))?.lastUsedTime).toEqual(now);
   });
+
+  it("still authenticates a key when its last-used write fails under load, and says so in the log (without the key)", async () => {
+    const store = new SqliteTenantStore(":memory:");
+    const warnings: { obj: object; msg: string }[] = [];
+    const core = new TenantCore({ store, logger: { warn: (obj, msg) => warnings.push({ obj, msg }) } });
+    const { apiKey, plaintext } = await core.createTenant({ name: "A", contactEmail: "a@b.test", tier: "free" });
+    store.touchApiKey = async () => {
+      throw new Error("database is locked");
+    };
+    const authenticated = await core.authenticateApiKey(plaintext);
+    expect(authenticated.apiKeyId).toBe(apiKey.id);
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]!.obj).toMatchObject({ api_key_id: apiKey.id, err: "database is locked" });
+    expect(JSON.stringify(warnings)).not.toContain(plaintext);
+    expect(JSON.stringify(warnings)).not.toContain(apiKey.keyHash);
+  });
 });
 
 describe("AdmissionCore.release", () => {

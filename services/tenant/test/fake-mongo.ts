@@ -6,7 +6,7 @@
  * inject failures and interleave other calls between two writes, which a real server cannot be
  * made to do on cue. Not a MongoDB: only what those calls need, each applied atomically.
  */
-import { MongoServerError } from "mongodb";
+import { Binary, MongoServerError } from "mongodb";
 
 /* eslint-disable @typescript-eslint/no-explicit-any -- documents and filters are schemaless here */
 type Doc = Record<string, any>;
@@ -24,8 +24,16 @@ function get(doc: any, path: string): any {
   return path.split(".").reduce((v, k) => (v == null ? undefined : v[k]), doc);
 }
 
+/** Bytes as the driver stores them: a Uint8Array (Buffer) or a BSON Binary compare by content. */
+function bytesOf(v: any): Uint8Array | undefined {
+  if (v instanceof Binary) return v.value();
+  return v instanceof Uint8Array ? v : undefined;
+}
+
 function eq(a: any, b: any): boolean {
   if (b === null) return a === null || a === undefined;
+  const [x, y] = [bytesOf(a), bytesOf(b)];
+  if (x && y) return Buffer.from(x).equals(Buffer.from(y));
   if (a instanceof Date && b instanceof Date) return a.getTime() === b.getTime();
   if (Array.isArray(a) && !Array.isArray(b)) return a.some((x) => eq(x, b));
   return a === b;
@@ -109,7 +117,7 @@ export class FakeCollection {
     return { acknowledged: true, insertedId: doc._id };
   }
 
-  async findOne(filter: Doc) {
+  async findOne(filter: Doc, _options?: unknown) {
     await this.enter("findOne", filter);
     const d = this.find1(filter);
     return d ? structuredClone(d) : null;

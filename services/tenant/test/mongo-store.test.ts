@@ -22,7 +22,7 @@ import {
   setSlotFilter,
   toSecret,
 } from "../src/store/mongo-store.ts";
-import { AdmissionUndecidedError, type AdmissionRequest } from "../src/store/store.ts";
+import { AdmissionUndecidedError, type AdmissionRequest, type SecretRecord } from "../src/store/store.ts";
 import { FakeCollection } from "./fake-mongo.ts";
 import { tenantStoreConformance } from "./store-conformance.ts";
 
@@ -275,5 +275,70 @@ describe("MongoTenantStore admission when writes fail (in-memory fake, no server
     days.docs.set(dayCounterId(tenantId, DAY), { _id: dayCounterId(tenantId, DAY), count: 1 });
     expect(await store.admitDispatch(req("X", 1, 1))).toEqual({ kind: "admitted" });
     expect(await store.usageOf(tenantId, DAY)).toEqual({ activeRuns: 1, runsToday: 1 });
+  });
+});
+
+/** The secret collections on the fake: putSecret and deleteSecret touch only these. */
+function fakeSecretStore() {
+  const secrets = new FakeCollection();
+  const secretSlots = new FakeCollection();
+  const store = Object.create(MongoTenantStore.prototype) as MongoTenantStore;
+  Object.assign(store, { secrets, secretSlots });
+  return { store, secrets, secretSlots };
+}
+
+describe("MongoTenantStore secrets limit under racing put and delete (in-memory fake, no server)", () => {
+  const tenantId = ulid();
+  const secret = (name: string): SecretRecord => ({
+    tenantId,
+    name,
+    keyId: "k1",
+    iv: new Uint8Array(12).fill(1),
+    ciphertext: new Uint8Array(20).fill(2),
+    createTime: new Date(),
+    updateTime: new Date(),
+  });
+  const LIMIT = 1;
+
+  it("a delete of the same name landing between a put's reservation and its insert leaves the slot counted", async () => {
+    const { store, secrets } = fakeSecretStore();
+    let raced = false;
+    secrets.before = async (method) => {
+      if (method !== "insertOne" || raced) return;
+      raced = true;
+      expect(await store.deleteSecret(tenantId, "A")).toBe(false); // nothing to delete yet: it frees the slot
+    };
+    expect(await store.putSecret(secret("A"), LIMIT)).not.toBeNull();
+    expect(raced).toBe(true);
+    // A is stored, so it holds the tenant's one slot: B is refused.
+    expect(await store.putSecret(secret("B"), LIMIT)).toBeNull();
+  });
+
+  it("a put of the same name landing between a delete's removal and its release of the slot leaves the slot counted", async () => {
+    const { store, secretSlots } = fakeSecretStore();
+    await store.putSecret(secret("A"), LIMIT);
+    let raced = false;
+    secretSlots.before = async (method, _filter, update) => {
+      if (method !== "updateOne" || raced || !update?.$pull) return;
+      raced = true;
+      expect(await store.putSecret(secret("A"), LIMIT)).not.toBeNull(); // recreated before the slot is pulled
+    };
+    expect(await store.deleteSecret(tenantId, "A")).toBe(true);
+    expect(raced).toBe(true);
+    expect(await store.putSecret(secret("B"), LIMIT)).toBeNull();
+  });
+
+  it("a put whose freed slot was taken meanwhile by another name gives its value up: never past the limit", async () => {
+    const { store, secrets } = fakeSecretStore();
+    let raced = false;
+    secrets.before = async (method, filter) => {
+      if (method !== "insertOne" || raced || filter.name !== "A") return;
+      raced = true;
+      await store.deleteSecret(tenantId, "A"); // frees A's reservation
+      expect(await store.putSecret(secret("B"), LIMIT)).not.toBeNull(); // and B takes the one slot
+    };
+    expect(await store.putSecret(secret("A"), LIMIT)).toBeNull();
+    expect(raced).toBe(true);
+    expect([...secrets.docs.values()].map((d) => d.name)).toEqual(["B"]);
   });
 });

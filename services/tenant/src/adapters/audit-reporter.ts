@@ -7,6 +7,7 @@
 import { type Interceptor } from "@connectrpc/connect";
 import { identityKey, internalClient, outcomeOf, type Logger, type SigningKeys } from "@outpost/platform";
 import { AuditInternalService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
+import { SECRET_NAME_PATTERN } from "../core/secrets.ts";
 
 /** Methods of the tenant service that change something, and the resource each acts on. */
 const MUTATIONS: Record<string, (req: Record<string, unknown>, res: Record<string, unknown> | undefined) => { tenantId?: string; target: string }> = {
@@ -25,9 +26,27 @@ const MUTATIONS: Record<string, (req: Record<string, unknown>, res: Record<strin
     const key = res?.apiKey as { tenantId?: string } | undefined;
     return { tenantId: key?.tenantId, target: `api_key/${String(req.apiKeyId ?? "")}` };
   },
-  "outpost.tenant.v1.SecretService/PutSecret": (req) => ({ target: `secret/${String(req.name ?? "")}` }),
-  "outpost.tenant.v1.SecretService/DeleteSecret": (req) => ({ target: `secret/${String(req.name ?? "")}` }),
+  "outpost.tenant.v1.SecretService/PutSecret": (req) => ({ target: secretTarget(req.name) }),
+  "outpost.tenant.v1.SecretService/DeleteSecret": (req) => ({ target: secretTarget(req.name) }),
 };
+
+/**
+ * A secret's name as the audit trail records it. The name comes from the request as sent, also
+ * when it is refused, and a name that is no name (a tenant who swapped the arguments, `secret put
+ * ghp_… --value GITHUB_TOKEN`) may well be the value itself: only a valid name is written down.
+ */
+function secretTarget(name: unknown): string {
+  return typeof name === "string" && SECRET_NAME_PATTERN.test(name) ? `secret/${name}` : "secret/(invalid name)";
+}
+
+/** What the audit trail records for a call of `method` (undefined: not a mutation); exported for tests. */
+export function auditedMutation(
+  method: string,
+  req: Record<string, unknown>,
+  res: Record<string, unknown> | undefined,
+): { tenantId?: string; target: string } | undefined {
+  return MUTATIONS[method]?.(req, res);
+}
 
 /**
  * The audit trail's bounds on a target and a tenant id. Both come from the request as sent, so a

@@ -52,6 +52,8 @@ export interface TenantCoreOptions {
   tiers?: TierTable;
   /** Tells gateway replicas to drop cached credentials (revocation, suspension). */
   invalidation?: AuthInvalidation;
+  /** Where a failed last-used write is reported (it never fails the authentication). */
+  logger?: { warn(obj: object, msg: string): void };
 }
 
 /** A suspended tenant's callers get this, with the operator's reason (SPEC T1). */
@@ -68,12 +70,14 @@ export class TenantCore {
   private readonly now: () => Date;
   readonly tiers: TierTable;
   private readonly invalidation: AuthInvalidation;
+  private readonly logger: TenantCoreOptions["logger"];
 
   constructor(options: TenantCoreOptions) {
     this.store = options.store;
     this.now = options.now ?? (() => new Date());
     this.tiers = options.tiers ?? DEFAULT_TIERS;
     this.invalidation = options.invalidation ?? NO_INVALIDATION;
+    this.logger = options.logger;
   }
 
   limitsOf(tier: TenantTier): TierLimits {
@@ -198,12 +202,21 @@ export class TenantCore {
     return { tenant, apiKeyId: key.id, limits: this.limitsOf(tenant.tier) };
   }
 
-  /** Throttled: skips the write when the key was used within the window (checked again in the store). */
+  /**
+   * Throttled: skips the write when the key was used within the window (checked again in the
+   * store). Bookkeeping, so best effort: every gateway cache miss comes through here, and a write
+   * that fails under load (the SQLite file locked past its busy timeout by another replica, a
+   * MongoDB step-down) must not turn a valid key into an INTERNAL error; the next use writes it.
+   */
   private async recordUse(key: ApiKeyRecord): Promise<void> {
     const now = this.now();
     const staleBefore = new Date(now.getTime() - LAST_USED_WRITE_INTERVAL_MS);
     if (key.lastUsedTime !== null && key.lastUsedTime >= staleBefore) return;
-    await this.store.touchApiKey(key.id, now, staleBefore);
+    try {
+      await this.store.touchApiKey(key.id, now, staleBefore);
+    } catch (err) {
+      this.logger?.warn({ err: (err as Error).message, api_key_id: key.id }, "last-used time of an API key not recorded; the key still authenticates");
+    }
   }
 
   private newKey(tenantId: string, displayName: string, now: Date): CreatedKey {

@@ -362,15 +362,26 @@ export class MongoTenantStore implements TenantStore {
     await this.secretSlots.updateOne({ _id: secret.tenantId }, { $setOnInsert: { names: [] } }, { upsert: true });
     const reserved = await this.secretSlots.updateOne(filter, { $addToSet: { names: secret.name } });
     if (reserved.matchedCount === 0) return null;
+    const _id = secretId(secret.tenantId, secret.name);
     try {
-      await this.secrets.insertOne({ _id: secretId(secret.tenantId, secret.name), ...secret });
-      return { ...secret, iv: new Uint8Array(secret.iv), ciphertext: new Uint8Array(secret.ciphertext) };
+      await this.secrets.insertOne({ _id, ...secret });
     } catch (err) {
       if (!isDuplicateKey(err)) throw err;
       const again = await this.replaceSecret(secret);
       if (!again) throw new Error(`secret ${secret.name} conflicted but no existing document was found`, { cause: err });
       return again;
     }
+    // A delete of this name between the reservation and the insert found nothing to delete and
+    // freed the slot: the value stored now would count against nothing, and a tenant racing put
+    // and delete could hold secrets past the limit. So the slot is taken again after the insert
+    // (deleteSecret checks the other way round, after its release); if the set filled up
+    // meanwhile, this put gives its value up (unless a newer put replaced it) and is refused.
+    const kept = await this.secretSlots.updateOne(filter, { $addToSet: { names: secret.name } });
+    if (kept.matchedCount === 0) {
+      await this.secrets.deleteOne({ _id, iv: new Binary(secret.iv) });
+      return null;
+    }
+    return { ...secret, iv: new Uint8Array(secret.iv), ciphertext: new Uint8Array(secret.ciphertext) };
   }
 
   private async replaceSecret(secret: SecretRecord): Promise<SecretRecord | null> {
@@ -396,9 +407,16 @@ export class MongoTenantStore implements TenantStore {
   }
 
   async deleteSecret(tenantId: string, name: string): Promise<boolean> {
-    const result = await this.secrets.deleteOne({ _id: secretId(tenantId, name) });
+    const _id = secretId(tenantId, name);
+    const result = await this.secrets.deleteOne({ _id });
     // Freed even when nothing was deleted: heals a slot left by a put that died before inserting.
     await this.secretSlots.updateOne({ _id: tenantId }, { $pull: { names: name } });
+    // A put of the name that inserted after the delete (its reservation found the name still in
+    // the set) must not be left without its slot: checked after the release, as putSecret checks
+    // after its insert, so of the two one always sees the other.
+    if (await this.secrets.findOne({ _id }, { projection: { _id: 1 } })) {
+      await this.secretSlots.updateOne({ _id: tenantId }, { $addToSet: { names: name } });
+    }
     return result.deletedCount > 0;
   }
 

@@ -3,7 +3,7 @@
  * directory (":memory:" in tests). Times are stored as integer milliseconds since the epoch.
  */
 import type { DatabaseSync, SQLOutputValue } from "node:sqlite";
-import { inTransaction, openSqlite } from "@outpost/platform";
+import { inTransaction, openSqlite, SQLITE_BUSY_TIMEOUT_MS } from "@outpost/platform";
 import {
   DuplicateRecordError,
   type AdmissionOutcome,
@@ -129,6 +129,10 @@ export class SqliteTenantStore implements TenantStore {
         if (!columns.some((c) => c.name === column)) db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${definition}`);
       }
     });
+    // A deleted or re-sealed secret's old ciphertext would otherwise stay in the file's free
+    // space: a copy of the file plus the master key it was sealed under (the key a rotation
+    // retires, perhaps because it leaked) would still open it. Overwritten with zeros instead.
+    this.db.exec("PRAGMA secure_delete = ON");
   }
 
   async createTenantWithKey(tenant: TenantRecord, key: ApiKeyRecord): Promise<void> {
@@ -218,8 +222,10 @@ export class SqliteTenantStore implements TenantStore {
   }
 
   async putSecret(secret: SecretRecord, maxSecrets: number): Promise<SecretRecord | null> {
-    return inTransaction(this.db, () => {
+    let replaced = false;
+    const stored = inTransaction(this.db, () => {
       const existing = this.db.prepare("SELECT 1 FROM secrets WHERE tenant_id = ? AND name = ?").get(secret.tenantId, secret.name);
+      replaced = existing !== undefined;
       if (!existing) {
         const row = this.db.prepare("SELECT COUNT(*) AS n FROM secrets WHERE tenant_id = ?").get(secret.tenantId);
         if (Number(row?.n ?? 0) >= maxSecrets) return null;
@@ -242,6 +248,9 @@ export class SqliteTenantStore implements TenantStore {
         );
       return toSecret(row!);
     });
+    // A replaced value's old ciphertext goes the way of a deleted one (after the commit).
+    if (stored && replaced) this.dropOldPageImages();
+    return stored;
   }
 
   async getSecrets(tenantId: string, names: readonly string[]): Promise<SecretRecord[]> {
@@ -261,7 +270,9 @@ export class SqliteTenantStore implements TenantStore {
 
   async deleteSecret(tenantId: string, name: string): Promise<boolean> {
     const result = this.db.prepare("DELETE FROM secrets WHERE tenant_id = ? AND name = ?").run(tenantId, name);
-    return Number(result.changes) > 0;
+    const deleted = Number(result.changes) > 0;
+    if (deleted) this.dropOldPageImages();
+    return deleted;
   }
 
   async listSecretsNotSealedWith(keyId: string, limit: number): Promise<SecretRecord[]> {
@@ -280,7 +291,9 @@ export class SqliteTenantStore implements TenantStore {
     const result = this.db
       .prepare("UPDATE secrets SET key_id = ?, iv = ?, ciphertext = ? WHERE tenant_id = ? AND name = ? AND key_id = ? AND iv = ?")
       .run(next.keyId, next.iv, next.ciphertext, tenantId, name, expected.keyId, expected.iv);
-    return Number(result.changes) > 0;
+    const resealed = Number(result.changes) > 0;
+    if (resealed) this.dropOldPageImages();
+    return resealed;
   }
 
   async admitDispatch(request: AdmissionRequest): Promise<AdmissionOutcome> {
@@ -330,6 +343,25 @@ export class SqliteTenantStore implements TenantStore {
 
   async close(): Promise<void> {
     if (this.db.isOpen) this.db.close();
+  }
+
+  /**
+   * The write-ahead log still holds the pages as they were before (the deleted or re-sealed
+   * ciphertext) until it is checkpointed and overwritten: checkpointed into the main file (whose
+   * freed space secure_delete zeroes) and truncated. Best effort: with a reader in the way the
+   * checkpoint stops short, and the next one (or SQLite's automatic one) finishes the job. It
+   * waits for such a reader (another process on the file) at most 100 ms, not the store's 5 s
+   * busy timeout: node:sqlite is synchronous, so the wait would stop every call in the service.
+   */
+  private dropOldPageImages(): void {
+    try {
+      this.db.exec("PRAGMA busy_timeout = 100");
+      this.db.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+    } catch {
+      // The change itself is committed; the file is cleaned by a later checkpoint.
+    } finally {
+      this.db.exec(`PRAGMA busy_timeout = ${SQLITE_BUSY_TIMEOUT_MS}`);
+    }
   }
 
   private usageNow(tenantId: string, day: string): TenantUsage {
