@@ -27,8 +27,9 @@ it("records the tenant service's mutations with caller, target and outcome, per 
   const b = await t.newTenant("Audited B");
   await a.clients.secrets.putSecret({ name: "API_TOKEN", value: "value-1234" });
   await expect(a.clients.secrets.putSecret({ name: "bad name", value: "x" })).rejects.toThrow();
-  // A name past every bound is refused, and still recorded: its target clipped to the trail's 256.
   await expect(a.clients.secrets.putSecret({ name: "X".repeat(300), value: "x" })).rejects.toThrow();
+  // An id past every bound is refused, and still recorded: its target clipped to the trail's 256.
+  await expect(a.clients.apiKeys.revokeApiKey({ apiKeyId: "X".repeat(300) })).rejects.toThrow();
   const { apiKey } = await a.clients.apiKeys.createApiKey({ displayName: "ci" });
   await a.clients.apiKeys.revokeApiKey({ apiKeyId: apiKey!.id });
   await a.clients.dispatches.createDispatch({ agent: "demo", task: "audited" });
@@ -39,8 +40,9 @@ it("records the tenant service's mutations with caller, target and outcome, per 
   expect(seen).toEqual(
     expect.arrayContaining([
       "PutSecret secret/API_TOKEN OK",
-      "PutSecret secret/bad name INVALID_ARGUMENT",
-      `PutSecret secret/${"X".repeat(248)}… INVALID_ARGUMENT`,
+      // A refused secret name may be a value given in the wrong argument: never written down.
+      "PutSecret secret/(invalid name) INVALID_ARGUMENT",
+      `RevokeApiKey api_key/${"X".repeat(247)}… INVALID_ARGUMENT`,
       `CreateApiKey api_key/${apiKey!.id} OK`,
       `RevokeApiKey api_key/${apiKey!.id} OK`,
       expect.stringMatching(/^CreateDispatch dispatch\/\S+ OK$/),

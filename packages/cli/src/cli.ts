@@ -1,9 +1,10 @@
 /**
  * `outpost` commands (SPEC C2). Exit codes: 0 success; for a followed run, the agent's own
- * exit code when it failed with one, else 1; 1 for API errors; 2 for usage errors and an
- * unusable credentials file; 130 when a secret prompt is interrupted. Standard output closed by
- * its reader (`outpost logs D1 | head -2`) ends the command quietly with 0 — not 141 (SIGPIPE's
- * status), which `set -o pipefail` would count as a failure; the run itself goes on.
+ * exit code when it FAILED with one, else 1; 1 for API errors; 2 for usage errors and an
+ * unusable credentials file; 130 when a secret prompt or a followed run is interrupted.
+ * Standard output closed by its reader (`outpost logs D1 | head -2`) ends the command quietly
+ * with 0 — not 141 (SIGPIPE's status), which `set -o pipefail` would count as a failure; the
+ * run itself goes on.
  */
 import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
@@ -47,6 +48,13 @@ export interface CliIo {
   env: NodeJS.ProcessEnv;
   /** Where `secret put` reads a value given neither --value nor --value-file; a terminal is prompted without echo. */
   stdin?: NodeJS.ReadableStream & { isTTY?: boolean };
+  /**
+   * Registers what to do on Ctrl-C (SIGINT) while a run is followed, and returns how to undo it;
+   * without it Ctrl-C does what it would anyway (the process ends, 130).
+   */
+  onInterrupt?: (handler: () => void) => () => void;
+  /** How long a followed run may go without output or a state change before the CLI says it is still waiting (15 s). */
+  progressEveryMs?: number;
 }
 
 const USAGE = `usage: outpost <command> [options]
@@ -90,7 +98,9 @@ global options: --api-key <key> (default $OUTPOST_API_KEY, then $OUTPOST_HOME/cr
                                  A key given here is visible to other users in ps: prefer the variable
                 --gateway <url> (default $OUTPOST_GATEWAY_URL, then the credentials file's only when the key
                                  came from that file, then ${DEFAULT_GATEWAY_URL})
-                --json          print JSON instead of text`;
+                --json          print JSON instead of text (not with logs or dispatch --follow, which print the run's lines)
+admin commands and fleet take the admin token from $OUTPOST_ADMIN_TOKEN (then the credentials file), never --api-key.
+--follow says when a run waits long (queued, no output); Ctrl-C stops following, not the run (exit 130).`;
 
 class UsageError extends Error {}
 
@@ -152,6 +162,19 @@ export function resolveTarget(
   const credential = typeof fromFile === "string" && fromFile ? fromFile : undefined;
   const savedGateway = credential && typeof saved.gatewayUrl === "string" && saved.gatewayUrl ? saved.gatewayUrl : undefined;
   return { gatewayUrl: gateway ?? savedGateway ?? DEFAULT_GATEWAY_URL, credential };
+}
+
+/** A gateway that is not an http(s) URL is a usage error naming it, not an API error ("Invalid URL"). */
+function checkGatewayUrl(url: string): void {
+  let protocol = "";
+  try {
+    protocol = new URL(url).protocol;
+  } catch {
+    // not a URL at all
+  }
+  if (protocol !== "http:" && protocol !== "https:") {
+    throw new UsageError(`the gateway must be an http:// or https:// URL, e.g. ${DEFAULT_GATEWAY_URL} (got "${url}" from --gateway, OUTPOST_GATEWAY_URL or the credentials file)`);
+  }
 }
 
 function missingCredential(env: NodeJS.ProcessEnv, admin: boolean): UsageError {
@@ -232,8 +255,15 @@ async function runCommand(argv: string[], io: CliIo, outputClosed: AbortSignal):
   }
   // Fleet status is for operators: it needs the admin token like the admin commands.
   const admin = command === "admin" || command === "fleet";
+  // The admin token never comes from --api-key (a tenant key): say so rather than quietly using another credential.
+  if (admin && values["api-key"] !== undefined) throw new UsageError(`--api-key is a tenant's key; ${command === "fleet" ? "fleet takes" : "admin commands take"} the admin token from OUTPOST_ADMIN_TOKEN`);
+  // The output of logs and of a followed run is the run's own lines: there is no JSON form to print.
+  if (values.json && (command === "logs" || (command === "dispatch" && values.follow))) {
+    throw new UsageError(`--json is not available with ${command === "logs" ? "logs" : "dispatch --follow"}: the output is the run's own lines${command === "dispatch" ? " (dispatch --json without --follow prints the new dispatch)" : ""}`);
+  }
   const { gatewayUrl, credential } = resolveTarget(values, io.env, admin);
   if (!credential) throw missingCredential(io.env, admin);
+  checkGatewayUrl(gatewayUrl);
   const clients = outpostClients(gatewayUrl, credential);
   // --json prints the proto JSON form (toJson with the message's schema): enum names, int64
   // as strings, RFC 3339 timestamps — the same shape `admin agent register --file` reads.
@@ -632,6 +662,8 @@ function keyLine(k: ApiKey): string {
 }
 
 async function createDispatch(clients: OutpostClients, values: Record<string, unknown>): Promise<Dispatch> {
+  requireArg(values.agent as string | undefined, "--agent <name> (outpost agents lists them)");
+  requireArg(values.task as string | undefined, '--task "<text>"');
   const modelTier = values["model-tier"] as string | undefined;
   const model = values.model as string | undefined;
   const timeout = timeoutOption(values.timeout as string | undefined);
@@ -671,23 +703,65 @@ function timeoutOption(raw: string | undefined): Duration | undefined {
  * `stop` (standard output closed) ends the subscription and the watch at once.
  */
 async function follow(clients: OutpostClients, dispatchId: string, afterSeq: bigint, io: CliIo, stop: AbortSignal): Promise<number> {
+  // Ctrl-C stops following (not the run): say how to pick it up again, and end with 130.
+  const interrupted = new AbortController();
+  const stopFollowing = AbortSignal.any([stop, interrupted.signal]);
+  const undoInterrupt = io.onInterrupt?.(() => interrupted.abort());
   const stopWatching = new AbortController();
   const onStop = () => stopWatching.abort();
-  stop.addEventListener("abort", onStop);
+  stopFollowing.addEventListener("abort", onStop);
+  // Long waits (queued behind other runs, a run that prints nothing) are said, every progressEveryMs.
+  const every = io.progressEveryMs ?? 15_000;
+  let state: Dispatch_State | undefined;
+  let stateSince = Date.now();
+  let quietSince = Date.now();
+  let lastSeq = afterSeq;
+  const progress = setInterval(() => {
+    const now = Date.now();
+    if (now - quietSince < every) return;
+    const secs = (ms: number) => `${Math.round(ms / 1000)} s`;
+    if (state === Dispatch_State.QUEUED) io.err.write(`outpost: still QUEUED after ${secs(now - stateSince)}, waiting for a free executor\n`);
+    else if (state !== undefined) io.err.write(`outpost: still ${stateName(state)} after ${secs(now - stateSince)}, no output for ${secs(now - quietSince)}\n`);
+    else io.err.write(`outpost: no output for ${secs(now - quietSince)}\n`);
+    quietSince = now;
+  }, Math.max(10, Math.min(every, 1000)));
   const watching = (async () => {
-    let last: Dispatch_State | undefined;
     for await (const { dispatch } of clients.dispatches.watchDispatch({ dispatchId }, { signal: stopWatching.signal })) {
-      if (dispatch && dispatch.state !== last && last !== undefined) io.err.write(`outpost: ${stateName(dispatch.state)}\n`);
-      last = dispatch?.state;
+      if (!dispatch || dispatch.state === state) continue;
+      if (state !== undefined) io.err.write(`outpost: ${stateName(dispatch.state)}\n`);
+      state = dispatch.state;
+      stateSince = quietSince = Date.now();
     }
   })().catch(() => {
     // Progress display only; the log stream decides the outcome.
   });
   let end: RunEnd;
   try {
-    end = await followLogs(clients.logs, dispatchId, (chunk) => writeChunk(chunk, io.out, io.err), { afterSeq, signal: stop });
+    end = await followLogs(
+      clients.logs,
+      dispatchId,
+      (chunk) => {
+        lastSeq = chunk.seq;
+        quietSince = Date.now();
+        writeChunk(chunk, io.out, io.err);
+      },
+      {
+        afterSeq,
+        signal: stopFollowing,
+        onRetry: (failure, attempt, max) => {
+          if (attempt === 1 || attempt % 5 === 0) io.err.write(`outpost: log stream: ${Code[failure.code]}: ${failure.rawMessage}; retrying (attempt ${attempt} of ${max})\n`);
+        },
+      },
+    );
+  } catch (err) {
+    if (!interrupted.signal.aborted || stop.aborted) throw err;
+    const resume = lastSeq > 0n ? ` --after ${lastSeq}` : "";
+    io.err.write(`\noutpost: stopped following; dispatch ${dispatchId} goes on (outpost logs ${dispatchId} --follow${resume} to follow it again, outpost cancel ${dispatchId} to stop it)\n`);
+    return 130;
   } finally {
-    stop.removeEventListener("abort", onStop);
+    clearInterval(progress);
+    undoInterrupt?.();
+    stopFollowing.removeEventListener("abort", onStop);
     stopWatching.abort();
     await watching;
   }
@@ -695,7 +769,9 @@ async function follow(clients: OutpostClients, dispatchId: string, afterSeq: big
   const reason = end.failureReason ? `: ${end.failureReason}` : "";
   io.err.write(`outpost: dispatch ${dispatchId} ${stateName(end.state)}${code}${reason}\n`);
   if (end.state === Dispatch_State.SUCCEEDED) return 0;
-  return end.exitCode !== undefined && end.exitCode > 0 ? Math.min(end.exitCode, 125) : 1;
+  // The agent's own exit code only when it failed with one: a timed-out or cancelled run's 143 is
+  // the SIGTERM that stopped it, not the agent's answer.
+  return end.state === Dispatch_State.FAILED && end.exitCode !== undefined && end.exitCode > 0 ? Math.min(end.exitCode, 125) : 1;
 }
 
 function describe(d: Dispatch): string {

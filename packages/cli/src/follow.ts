@@ -23,7 +23,13 @@ export async function followLogs(
   logs: Client<typeof LogService>,
   dispatchId: string,
   onChunk: (chunk: LogChunk) => void,
-  options: { afterSeq?: bigint; signal?: AbortSignal; onReconnect?: (afterSeq: bigint) => void } = {},
+  options: {
+    afterSeq?: bigint;
+    signal?: AbortSignal;
+    onReconnect?: (afterSeq: bigint) => void;
+    /** Before each backoff after an attempt that brought nothing new: why, and which attempt of how many. */
+    onRetry?: (failure: ConnectError, attempt: number, max: number) => void;
+  } = {},
 ): Promise<RunEnd> {
   let afterSeq = options.afterSeq ?? 0n;
   let failures = 0;
@@ -52,6 +58,7 @@ export async function followLogs(
     }
     failure ??= new ConnectError("the log stream ended without new output or the run's end", Code.Unavailable);
     if (++failures > MAX_RECONNECTS) throw failure;
+    options.onRetry?.(failure, failures, MAX_RECONNECTS);
     await sleep(Math.min(2000, 100 * 2 ** failures), options.signal);
     options.onReconnect?.(afterSeq);
   }

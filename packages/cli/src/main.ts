@@ -11,7 +11,17 @@ const afterOutputError = () => {
 process.stdout.on("error", afterOutputError);
 process.stderr.on("error", afterOutputError);
 
-const code = await runCli(process.argv.slice(2), { out: process.stdout, err: process.stderr, env: process.env, stdin: process.stdin });
+const code = await runCli(process.argv.slice(2), {
+  out: process.stdout,
+  err: process.stderr,
+  env: process.env,
+  stdin: process.stdin,
+  // While a run is followed, Ctrl-C stops following and says how to resume; otherwise it ends the process as usual.
+  onInterrupt: (handler) => {
+    process.on("SIGINT", handler);
+    return () => process.off("SIGINT", handler);
+  },
+});
 finished.code = code;
 // Exit once output is flushed rather than waiting for idle keep-alive connections to time out.
 process.stdout.write("", () => process.exit(code));

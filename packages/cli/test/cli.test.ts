@@ -78,6 +78,12 @@ describe("runCli usage errors", () => {
     ["admin agent update without --file", ["admin", "agent", "update"], /missing --file/],
     ["admin agent register with a missing file", ["admin", "agent", "register", "--file", "/nonexistent/agent.json"], /cannot read \/nonexistent\/agent.json: ENOENT/],
     ["admin agent disable without a name", ["admin", "agent", "disable"], /missing agent name/],
+    ["dispatch without --agent", ["dispatch", "--task", "t"], /missing --agent <name>/],
+    ["dispatch without --task", ["dispatch", "--agent", "demo"], /missing --task "<text>"/],
+    ["logs --json (the output is the run's own lines)", ["logs", "D1", "--json"], /--json is not available with logs/],
+    ["dispatch --follow --json", ["dispatch", "--agent", "demo", "--task", "t", "--follow", "--json"], /--json is not available with dispatch --follow/],
+    ["an admin command given --api-key (the admin token is never taken from it)", ["admin", "tenant", "list", "--api-key", `otp_${"b".repeat(64)}`], /--api-key is a tenant's key; admin commands take the admin token from OUTPOST_ADMIN_TOKEN/],
+    ["fleet given --api-key", ["fleet", "--api-key", `otp_${"b".repeat(64)}`], /--api-key is a tenant's key; fleet takes the admin token/],
   ];
   for (const [what, argv, message] of cases) {
     it(`exits 2 on ${what}`, async () => {
@@ -105,6 +111,19 @@ describe("runCli usage errors", () => {
     const res = await run(["admin", "tenant", "create", "Acme", "a@b.c", "--gateway", gateway], { OUTPOST_API_KEY: `otp_${"a".repeat(64)}` });
     expect(res.code).toBe(2);
     expect(res.err).toContain("OUTPOST_ADMIN_TOKEN");
+  });
+});
+
+describe("runCli with a gateway that is not a URL", () => {
+  it("exits 2 naming it, before any call, from --gateway or OUTPOST_GATEWAY_URL", async () => {
+    for (const [argv, env] of [
+      [["agents", "--gateway", "localhost:7100"], {}],
+      [["agents"], { OUTPOST_GATEWAY_URL: "notaurl" }],
+    ] as const) {
+      const res = await run([...argv], { OUTPOST_API_KEY: `otp_${"a".repeat(64)}`, ...env });
+      expect(res.code, res.err).toBe(2);
+      expect(res.err).toMatch(/outpost: the gateway must be an http:\/\/ or https:\/\/ URL, e\.g\. http:\/\/127\.0\.0\.1:7100 \(got "(localhost:7100|notaurl)"/);
+    }
   });
 });
 

@@ -117,6 +117,26 @@ describe("a reader that closes the pipe early", () => {
   });
 });
 
+describe("Ctrl-C (SIGINT) while following", () => {
+  it("stops following, says how to resume and exits 130; the subscription ends", async () => {
+    const child = spawn(process.execPath, ["--disable-warning=ExperimentalWarning", CLI_MAIN, "logs", "D1", "--follow"], {
+      cwd: dir,
+      env: { PATH: process.env.PATH, OUTPOST_HOME: path.join(dir, "sigint-home"), OUTPOST_API_KEY: API_KEY, OUTPOST_GATEWAY_URL: gateway.url },
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    const left = subscriptionsLeft;
+    const closed = new Promise<number | null>((resolve) => child.on("close", (code) => resolve(code)));
+    await vi.waitFor(() => expect(stdout).toContain("line 20 "), { timeout: 10_000 });
+    child.kill("SIGINT");
+    expect(await closed).toBe(130);
+    expect(stderr).toMatch(/outpost: stopped following; dispatch D1 goes on \(outpost logs D1 --follow --after \d+ to follow it again, outpost cancel D1 to stop it\)\n$/);
+    await vi.waitFor(() => expect(subscriptionsLeft).toBeGreaterThan(left));
+  });
+});
+
 describe("a working directory with a planted .outpost/credentials.json", () => {
   let planted: StandIn;
   let repo: string;
