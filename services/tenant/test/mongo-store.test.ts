@@ -7,8 +7,8 @@
 import { describe, expect, it } from "vitest";
 import { ulid } from "ulid";
 import { Binary, MongoClient, MongoServerError } from "mongodb";
+import { ADMISSION_RETENTION_MS } from "../src/store/store.ts";
 import {
-  ADMISSION_RETENTION_MS,
   CLAIM_STALE_MS,
   DAY_COUNTER_RETENTION_MS,
   MongoTenantStore,

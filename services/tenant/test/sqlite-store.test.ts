@@ -4,6 +4,9 @@ import path from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import { describe, expect, it } from "vitest";
 import { SqliteTenantStore } from "../src/store/sqlite-store.ts";
+import { ADMISSION_RETENTION_MS } from "../src/store/store.ts";
+
+const DAY_MS = 86_400_000;
 import { keyFixture, secretFixture, tenantFixture, tenantStoreConformance } from "./store-conformance.ts";
 
 tenantStoreConformance("sqlite :memory:", () => new SqliteTenantStore(":memory:"));
@@ -56,5 +59,32 @@ describe("SqliteTenantStore on a file: what a secret leaves behind", () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe("SqliteTenantStore: released admissions are kept for the retention, then deleted as later ones are released", () => {
+  it("deletes admissions released over ADMISSION_RETENTION_MS ago, keeps newer ones and held ones", async () => {
+    const store = new SqliteTenantStore(":memory:");
+    const db = (store as unknown as { db: DatabaseSync }).db;
+    const T0 = Date.parse("2025-01-01T00:00:00Z");
+    const admit = (dispatchId: string, at: number) =>
+      store.admitDispatch({ tenantId: "t1", dispatchId, day: new Date(at).toISOString().slice(0, 10), admitTime: new Date(at), concurrentLimit: 100, dailyLimit: 100 });
+    await admit("old-released", T0);
+    await admit("old-held", T0);
+    await admit("recent-released", T0 + 10 * DAY_MS);
+    await store.releaseDispatch("t1", "old-released", new Date(T0 + 1000));
+    await store.releaseDispatch("t1", "recent-released", new Date(T0 + 10 * DAY_MS));
+    const ids = () => db.prepare("SELECT dispatch_id FROM admissions ORDER BY dispatch_id").all().map((r) => r.dispatch_id);
+    expect(ids()).toEqual(["old-held", "old-released", "recent-released"]);
+    // A release just within the retention of the old one deletes nothing.
+    await admit("later", T0 + 30 * DAY_MS);
+    await store.releaseDispatch("t1", "later", new Date(T0 + 1000 + ADMISSION_RETENTION_MS));
+    expect(ids()).toEqual(["later", "old-held", "old-released", "recent-released"]);
+    // Past it, the old released one goes; the one still held stays (it holds a slot), and so do newer ones.
+    await admit("latest", T0 + 31 * DAY_MS);
+    await store.releaseDispatch("t1", "latest", new Date(T0 + 1001 + ADMISSION_RETENTION_MS));
+    expect(ids()).toEqual(["later", "latest", "old-held", "recent-released"]);
+    expect(await store.usageOf("t1", "2025-01-01")).toEqual({ activeRuns: 1, runsToday: 1 });
+    await store.close();
   });
 });

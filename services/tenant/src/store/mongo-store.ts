@@ -45,6 +45,7 @@
  */
 import { Binary, MongoClient, MongoServerError, type Collection, type Db, type Filter } from "mongodb";
 import {
+  ADMISSION_RETENTION_MS,
   AdmissionUndecidedError,
   DuplicateRecordError,
   type AdmissionOutcome,
@@ -95,8 +96,6 @@ type DayDoc = { _id: string; tenantId: string; day: string; count: number; expir
 const DUPLICATE_KEY = 11000;
 /** A pending claim older than this is taken as abandoned (its owner died mid-admission). */
 export const CLAIM_STALE_MS = 30_000;
-/** How long a released admission is kept: "duplicate" answers for retried dispatch ids. */
-export const ADMISSION_RETENTION_MS = 30 * 24 * 60 * 60 * 1000;
 /** How long a day counter is kept after its day. */
 export const DAY_COUNTER_RETENTION_MS = 40 * 24 * 60 * 60 * 1000;
 /** Bound on waiting for another call's pending decision about the same dispatch. */

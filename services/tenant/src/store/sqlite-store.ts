@@ -5,6 +5,7 @@
 import type { DatabaseSync, SQLOutputValue } from "node:sqlite";
 import { inTransaction, openSqlite, SQLITE_BUSY_TIMEOUT_MS } from "@outpost/platform";
 import {
+  ADMISSION_RETENTION_MS,
   DuplicateRecordError,
   type AdmissionOutcome,
   type AdmissionRequest,
@@ -17,6 +18,9 @@ import {
   type TenantStore,
   type TenantTier,
 } from "./store.ts";
+
+/** Old released admissions deleted with each release (releaseDispatch): enough to keep up, never a long pause. */
+const PRUNED_PER_RELEASE = 16;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS tenants (
@@ -61,6 +65,7 @@ CREATE TABLE IF NOT EXISTS admissions (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS admissions_by_day ON admissions(tenant_id, day);
 CREATE INDEX IF NOT EXISTS admissions_active ON admissions(tenant_id) WHERE release_time IS NULL;
+CREATE INDEX IF NOT EXISTS admissions_released ON admissions(release_time) WHERE release_time IS NOT NULL;
 `;
 
 /** Columns added after a table first shipped: added in place to older files. */
@@ -328,6 +333,14 @@ export class SqliteTenantStore implements TenantStore {
       if (options.refundDay) {
         this.db.prepare("UPDATE admissions SET day = '' WHERE tenant_id = ? AND dispatch_id = ? AND day <> ''").run(tenantId, dispatchId);
       }
+      // Admissions released longer ago than the retention go, a few at a time, as MongoDB's TTL
+      // deletes them: without it the table grew by a row per dispatch for ever. None of them
+      // counts for today: each was admitted before it was released, over 30 days ago.
+      this.db
+        .prepare(
+          "DELETE FROM admissions WHERE rowid IN (SELECT rowid FROM admissions WHERE release_time IS NOT NULL AND release_time < ? ORDER BY release_time LIMIT ?)",
+        )
+        .run(at - ADMISSION_RETENTION_MS, PRUNED_PER_RELEASE);
       if (Number(result.changes) > 0) return true;
       // Never admitted (yet): the released mark, with no day, so it counts against nothing.
       this.db

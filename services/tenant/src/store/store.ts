@@ -54,6 +54,12 @@ export interface SecretRecord {
 /** The two quotas counted at admission (SPEC T3). */
 export type QuotaName = "concurrent_runs" | "runs_per_day";
 
+/**
+ * How long a released admission is kept, by every adapter: while it is, its dispatch id answers
+ * "duplicate" to a retried admission. MongoDB deletes older ones by TTL, SQLite as it releases.
+ */
+export const ADMISSION_RETENTION_MS = 30 * 24 * 60 * 60 * 1000;
+
 export interface AdmissionRequest {
   tenantId: string;
   dispatchId: string;
