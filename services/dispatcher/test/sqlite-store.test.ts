@@ -5,8 +5,10 @@ import { DatabaseSync } from "node:sqlite";
 import { Worker } from "node:worker_threads";
 import { afterAll, describe, expect, it } from "vitest";
 import { SqliteDispatchStore } from "../src/store/sqlite-store.ts";
+import { AUDIT_RETENTION_MS, EXECUTOR_RETENTION_MS } from "../src/store/store.ts";
 import { T0, dispatchFixture, dispatchStoreConformance, dispatcherStoreExtrasConformance } from "./store-conformance.ts";
 
+const DAY_MS = 86_400_000;
 const dirs: string[] = [];
 let lastDir = "";
 
@@ -92,6 +94,39 @@ describe("SqliteDispatchStore on a shared file", () => {
       expect(r.state).toBe("STARTING");
       expect(r.attempt).toBe(1);
     }
+    await store.close();
+  });
+});
+
+describe("SqliteDispatchStore retention (MongoDB's TTL indexes, done as it writes)", () => {
+  it("deletes audit events past AUDIT_RETENTION_MS as new ones are appended, oldest first, and keeps the rest", async () => {
+    const store = new SqliteDispatchStore(":memory:");
+    const event = (id: string, time: number) => ({ id, tenantId: "t1", principal: "key/k", method: "m", target: "x", outcome: "OK", time });
+    // ULIDs by time: 01A… before 01B… before 01C…
+    await store.appendAudit(event("01AAAAAAAAAAAAAAAAAAAAAAAA", T0));
+    await store.appendAudit(event("01BBBBBBBBBBBBBBBBBBBBBBBB", T0 + 10 * DAY_MS));
+    await store.appendAudit(event("01CCCCCCCCCCCCCCCCCCCCCCCC", T0 + AUDIT_RETENTION_MS));
+    expect((await store.listAudit(undefined, 10)).map((e) => e.id[2])).toEqual(["C", "B", "A"]);
+    await store.appendAudit(event("01DDDDDDDDDDDDDDDDDDDDDDDD", T0 + AUDIT_RETENTION_MS + 1));
+    expect((await store.listAudit(undefined, 10)).map((e) => e.id[2])).toEqual(["D", "C", "B"]);
+    await store.close();
+  });
+
+  it("deletes executor reports and key bindings a day past their last sign of life, at most once a minute", async () => {
+    const store = new SqliteDispatchStore(":memory:");
+    const report = (executorId: string, seenAt: number) => ({ executorId, slotsTotal: 2, slotsBusy: 0, warmContainers: 0, engineReady: true, imagesPresent: [], seenAt });
+    await store.recordExecutor(report("gone", T0));
+    await store.bindExecutorKey("gone", "key-gone", T0 + 600_000, T0);
+    await store.recordExecutor(report("alive", T0 + EXECUTOR_RETENTION_MS));
+    expect((await store.listExecutors(0)).map((e) => e.executorId)).toEqual(["alive", "gone"]);
+    // Within a minute of the last sweep nothing is swept, even past the retention.
+    await store.recordExecutor(report("alive", T0 + EXECUTOR_RETENTION_MS + 1));
+    expect((await store.listExecutors(0)).map((e) => e.executorId)).toEqual(["alive", "gone"]);
+    await store.recordExecutor(report("alive", T0 + 600_000 + EXECUTOR_RETENTION_MS + 60_000));
+    expect((await store.listExecutors(0)).map((e) => e.executorId)).toEqual(["alive"]);
+    // Its key binding, ended a day before, went too.
+    const db = (store as unknown as { db: DatabaseSync }).db;
+    expect(db.prepare("SELECT executor_id FROM executor_keys").all()).toEqual([]);
     await store.close();
   });
 });

@@ -9,6 +9,7 @@
  * - indexes are created at start-up; audit events and executor reports expire by TTL indexes.
  */
 import { MongoClient, MongoServerError, type Collection, type Db, type Filter } from "mongodb";
+import { AUDIT_RETENTION_MS, EXECUTOR_RETENTION_MS } from "./store.ts";
 import type {
   AuditRecord,
   DispatchPatch,
@@ -38,10 +39,6 @@ type TurnDoc = { _id: string; lastTurn: number };
 /** One document, `_id: "turn"`: the turn counter every replica increments atomically. */
 type CounterDoc = { _id: string; value: number };
 
-/** How long audit events are kept (SPEC D9 retention). */
-export const AUDIT_RETENTION_MS = 365 * 24 * 60 * 60 * 1000;
-/** Executor reports older than this are deleted (they drop out of fleet status far sooner). */
-const EXECUTOR_RETENTION_MS = 24 * 60 * 60 * 1000;
 /** Candidates examined per leaseNext pick before trying to claim one. */
 const LEASE_CANDIDATES = 5;
 const DUPLICATE_KEY = 11000;

@@ -5,6 +5,7 @@
  */
 import type { DatabaseSync, SQLInputValue, StatementSync } from "node:sqlite";
 import { inTransaction, openSqlite } from "@outpost/platform";
+import { AUDIT_RETENTION_MS, EXECUTOR_RETENTION_MS } from "./store.ts";
 import type {
   AuditRecord,
   DispatchPatch,
@@ -18,6 +19,9 @@ import type {
   ListFilter,
   StoredAgent,
 } from "./store.ts";
+
+/** Audit events past the retention deleted with each new one (appendAudit): enough to keep up, never a long pause. */
+const PRUNED_PER_WRITE = 16;
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS dispatches (
@@ -167,6 +171,8 @@ export class SqliteDispatchStore implements DispatcherStore {
   private readonly db: DatabaseSync;
   /** Prepared once per SQL text: compiling statements was a measurable share of every call. */
   private readonly statements = new Map<string, StatementSync>();
+  /** When recordExecutor last deleted executors and key bindings past EXECUTOR_RETENTION_MS. */
+  private executorsSweptAt = 0;
 
   private statement(sql: string): StatementSync {
     let prepared = this.statements.get(sql);
@@ -323,6 +329,11 @@ export class SqliteDispatchStore implements DispatcherStore {
   async appendAudit(event: AuditRecord) {
     this.statement("INSERT INTO audit_events (id, tenant_id, principal, method, target, outcome, time) VALUES (?, ?, ?, ?, ?, ?, ?)")
       .run(event.id, event.tenantId, event.principal, event.method, event.target, event.outcome, event.time);
+    // Past the retention they go as MongoDB's TTL deletes them, a few with each new one: the oldest
+    // by id (a ULID, so by time, on the primary key's index), those of them old enough.
+    this.statement(`DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events ORDER BY id LIMIT ${PRUNED_PER_WRITE}) AND time < ?`).run(
+      event.time - AUDIT_RETENTION_MS,
+    );
   }
 
   async listAudit(tenantId: string | undefined, limit: number, afterId?: string): Promise<AuditRecord[]> {
@@ -367,6 +378,12 @@ export class SqliteDispatchStore implements DispatcherStore {
         JSON.stringify(report.imagesPresent),
         report.seenAt,
       );
+    // Reports come with every heartbeat: old ones (executors long gone) are swept once a minute.
+    if (report.seenAt - this.executorsSweptAt >= 60_000) {
+      this.executorsSweptAt = report.seenAt;
+      this.statement("DELETE FROM executors WHERE seen_at < ?").run(report.seenAt - EXECUTOR_RETENTION_MS);
+      this.statement("DELETE FROM executor_keys WHERE expires_at < ?").run(report.seenAt - EXECUTOR_RETENTION_MS);
+    }
   }
 
   async bindExecutorKey(executorId: string, publicKey: string, expiresAt: number, now: number): Promise<KeyBinding> {

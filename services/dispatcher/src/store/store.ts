@@ -194,6 +194,15 @@ export interface ExecutorStore {
  */
 export type KeyBinding = { bound: true; renewed: boolean } | { bound: false; boundUntil: number };
 
+/** How long audit events are kept (SPEC D9): MongoDB deletes older ones by TTL, SQLite as it appends. */
+export const AUDIT_RETENTION_MS = 365 * 24 * 60 * 60 * 1000;
+/**
+ * How long an executor's report, and its key binding after it ended, are kept. They drop out of
+ * fleet status (and the binding stops counting) far sooner; executors that come and go (one id
+ * per pod) would otherwise leave a row each for ever.
+ */
+export const EXECUTOR_RETENTION_MS = 24 * 60 * 60 * 1000;
+
 /** Everything the dispatcher persists; one adapter implements it all (SQLite, MongoDB). */
 export type DispatcherStore = DispatchStore & AgentStore & AuditStore & ExecutorStore;
 
