@@ -16,6 +16,7 @@ import { PUBLIC_SERVICES, type Upstream } from "./core/routing.ts";
 import { admittedKey, clientIpKey, clientIpOf, edgeBodyBudget, edgeInterceptor } from "./edge.ts";
 import { admitFirst } from "./http/admit-first.ts";
 import { reclassifyDecodeErrors } from "./http/decode-errors.ts";
+import { boundQuotedHeaders } from "./http/header-bounds.ts";
 import { rawUnaryForwarder } from "./http/raw-unary.ts";
 import { registerForwarding, registerReflection } from "./routes.ts";
 import { MemoryRateCounter, RedisRateCounter } from "./store/rate-counter.ts";
@@ -117,6 +118,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
       values.set(admittedKey, edgeFirst.admissionOf(req));
     },
     httpHandler(req, res, calls) {
+      boundQuotedHeaders(req);
       if (cors(req, res)) return true;
       if (rawUnary.handle(req, res, calls)) return true;
       closeIfBodyUnread(req, res);

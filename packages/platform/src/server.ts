@@ -91,6 +91,13 @@ export interface ServerOptions {
    */
   maxStreamsPerConnection?: number;
   /**
+   * Largest request header block accepted, in bytes, over both protocols (default Node's
+   * HTTP/1 limit, `http.maxHeaderSize`: 16 KiB). HTTP/1 answers 431 and closes; HTTP/2
+   * advertises it as SETTINGS_MAX_HEADER_LIST_SIZE (clients refuse to send more) and resets a
+   * stream whose headers go over (ENHANCE_YOUR_CALM). Without it HTTP/2 took 64 KiB.
+   */
+  maxHeaderBytes?: number;
+  /**
    * Runs on every HTTP request after the liveness/readiness paths and before Connect (e.g. the
    * gateway's CORS: it answers preflights and adds response headers). Returns true when it
    * answered the request itself; a promise when it decides later (without reading the body),
@@ -197,6 +204,13 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     // carry the client's next call to a server that is going away).
     if (req.httpVersionMajor === 1) {
       if (drain.signal.aborted) res.setHeader("connection", "close");
+      // Pipelined requests are all served at once (Node queues only their answers): without a
+      // cap one connection could hold any number of calls open, past the per-connection limit
+      // HTTP/2 connections have. One over it is answered 503 and the connection closed.
+      if (options.maxStreamsPerConnection !== undefined && (h1Connections.get(req.socket) ?? 0) >= options.maxStreamsPerConnection) {
+        tooManyPipelined(req, res);
+        return;
+      }
       answering(req.socket, res);
     }
     if (req.url === LIVENESS_PATH) {
@@ -258,8 +272,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     });
   };
   const headersTimeout = options.headersTimeoutMs ?? HEADERS_TIMEOUT_MS;
+  const maxHeaderBytes = options.maxHeaderBytes ?? http.maxHeaderSize;
   const h1 = http.createServer(
     {
+      maxHeaderSize: maxHeaderBytes,
       headersTimeout,
       requestTimeout: Math.max(REQUEST_TIMEOUT_MS, headersTimeout),
       // Node checks the two deadlines this often (its default: 30 s).
@@ -267,13 +283,34 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     },
     onRequest,
   );
+  // `Expect: 100-continue`: Node would send "100 Continue" at once, before anything decided
+  // on the headers, inviting a client that is about to be refused (rate limit, credential,
+  // identity, size) to send its body. It goes out only when something reads the body; an
+  // answer given without reading it closes the connection (Node does, since the client may or
+  // may not send the body after it), and the client never sends it.
+  h1.on("checkContinue", (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const read = req._read.bind(req);
+    req._read = (size: number) => {
+      req._read = read;
+      if (!res.headersSent && !res.destroyed) res.writeContinue();
+      read(size);
+    };
+    onRequest(req, res);
+  });
   // Node tracks an HTTP/1 server's connections (and so enforces headersTimeout and
   // requestTimeout, and can close idle ones) from its "listening" event on; this server is handed
   // its connections by the sniffer below and never listens itself, so it is told here.
   h1.emit("listening");
   // The HTTP/2 compatibility API offers the same request/response surface as HTTP/1.
+  // The header limit is a setting, which nghttp2 enforces per stream (Node's `maxHeaderSize`
+  // option for HTTP/2 only sizes its buffers and enforces nothing).
   const h2 = http2.createServer(
-    options.maxStreamsPerConnection === undefined ? {} : { settings: { maxConcurrentStreams: options.maxStreamsPerConnection } },
+    {
+      settings: {
+        maxHeaderListSize: maxHeaderBytes,
+        ...(options.maxStreamsPerConnection === undefined ? {} : { maxConcurrentStreams: options.maxStreamsPerConnection }),
+      },
+    },
     onRequest as unknown as (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void);
   const sessions = new Set<http2.ServerHttp2Session>();
   const openStreams = new WeakMap<http2.Http2Session, number>();
@@ -408,6 +445,14 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
 
   const metricsUrl = metricsServer ? `http://${hostPart}:${(metricsServer.address() as net.AddressInfo).port}` : url;
   return { port: address.port, url, metricsUrl, health, close };
+}
+
+/** The answer to an HTTP/1.1 request pipelined past the per-connection limit: 503, and the connection closes after it. */
+function tooManyPipelined(req: http.IncomingMessage, res: http.ServerResponse): void {
+  req.resume();
+  res.shouldKeepAlive = false;
+  res.writeHead(503, { "content-type": "text/plain", connection: "close", "retry-after": "1" });
+  res.end("too many pipelined requests on this connection\n");
 }
 
 function serveMetrics(res: http.ServerResponse, logger: Logger): void {

@@ -1,12 +1,13 @@
+import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
-import { errorInfoOf, generateSigningKeySet, internalClient, metricsText, signingKeysOf, type RunningServer } from "@outpost/platform";
+import { errorInfoOf, generateSigningKeySet, internalClient, metricsText, signingKeysOf, startServer, type RunningServer } from "@outpost/platform";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { sleep, startTestServer } from "./helpers.ts";
+import { fakeLogRoutes, silentLogger, sleep, startTestServer } from "./helpers.ts";
 import { keysOf } from "../../../test/support/signing.ts";
 import { answerError, h2Call, h2Exchange } from "../../../test/support/h2.ts";
 import { envelope, envelopesOf } from "../../../test/support/envelopes.ts";
@@ -592,5 +593,71 @@ describe("graceful close", () => {
     await watching;
     // Watchers learn that the server went away before their stream ends.
     expect(statuses).toEqual([Status.SERVING, Status.NOT_SERVING]);
+  });
+});
+
+describe("HTTP below the RPC: header blocks and pipelining", () => {
+  /** Sends one raw HTTP/1.1 write and resolves what came back once the server closed the connection (or after `ms`). */
+  function rawH1(port: number, text: string, ms = 5000): Promise<{ text: string; closed: boolean }> {
+    return new Promise((resolve) => {
+      const socket = net.connect(port, "127.0.0.1");
+      let answer = "";
+      socket.on("data", (chunk: Buffer) => (answer += chunk.toString("latin1")));
+      socket.on("error", () => {});
+      const timer = setTimeout(() => (socket.destroy(), resolve({ text: answer, closed: false })), ms);
+      socket.on("close", () => (clearTimeout(timer), resolve({ text: answer, closed: true })));
+      socket.write(text);
+    });
+  }
+
+  it("takes the same header block over HTTP/2 as over HTTP/1.1 (16 KiB): a larger one is refused on both, and HTTP/2 advertises it", async () => {
+    const server = await startServer({ name: "test", host: "127.0.0.1", port: 0, logger: silentLogger, routes: fakeLogRoutes, signingKeys: undefined });
+    const session = http2.connect(server.url, { maxSendHeaderBlockLength: 1 << 20 });
+    session.on("error", () => {});
+    try {
+      const call = (size: number) =>
+        h2Call(session, { ":path": "/outpost.telemetry.v1.LogService/GetLogs", "content-type": "application/json", "x-padding": "a".repeat(size) }, Buffer.from('{"dispatchId":"h"}'))
+          .answer;
+      const small = await call(8 * 1024);
+      expect(small !== "no answer" && small.head[":status"]).toBe(200);
+      expect(session.remoteSettings.maxHeaderListSize).toBe(http.maxHeaderSize);
+      // Before: HTTP/2 took 64 KiB of headers where HTTP/1.1 answered 431.
+      const big = await call(20 * 1024);
+      expect(big !== "no answer" && big.head[":status"]).toBeUndefined(); // reset (ENHANCE_YOUR_CALM), no answer
+      const after = await call(10);
+      expect(after !== "no answer" && after.head[":status"]).toBe(200); // the connection still serves
+      const h1 = await rawH1(server.port, `POST /outpost.telemetry.v1.LogService/GetLogs HTTP/1.1\r\nHost: x\r\nX-Padding: ${"a".repeat(20 * 1024)}\r\n\r\n`);
+      expect(h1.text).toMatch(/^HTTP\/1\.1 431/);
+    } finally {
+      session.destroy();
+      await server.close();
+    }
+  });
+
+  it("serves at most maxStreamsPerConnection pipelined HTTP/1.1 requests at once: the next is answered 503 and the connection closed", async () => {
+    const server = await startServer({
+      name: "test",
+      host: "127.0.0.1",
+      port: 0,
+      logger: silentLogger,
+      routes: fakeLogRoutes,
+      signingKeys: undefined,
+      maxStreamsPerConnection: 2,
+    });
+    try {
+      const body = '{"dispatchId":"slow"}';
+      const request = `POST /outpost.telemetry.v1.LogService/GetLogs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+      // Before: all 6 were served at once (Node queues only the answers), whatever the limit.
+      const answer = await rawH1(server.port, request.repeat(6));
+      const statuses = [...answer.text.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1]));
+      expect(statuses).toEqual([200, 200, 503]);
+      expect(answer.text).toMatch(/503 Service Unavailable\r\n[^]*connection: close/i);
+      expect(answer.closed).toBe(true);
+      // One at a time is fine, on a new connection.
+      const single = await rawH1(server.port, request, 1500);
+      expect(single.text).toMatch(/^HTTP\/1\.1 200/);
+    } finally {
+      await server.close();
+    }
   });
 });
