@@ -13,7 +13,7 @@ import { createSecretResolver } from "./adapters/secret-resolver.ts";
 import { createTelemetryLogSink } from "./adapters/telemetry-log-sink.ts";
 import type { ExecutorConfig } from "./config.ts";
 import { Executor } from "./core/executor.ts";
-import { CONTAINER_GID, CONTAINER_UID } from "./core/run.ts";
+import { containerUserFor } from "./core/run.ts";
 import { parseWarmPool, WarmPool } from "./core/warm-pool.ts";
 import { executorRoutes } from "./routes.ts";
 
@@ -44,17 +44,18 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     socketPath: config.OUTPOST_DOCKER_SOCKET,
     engineLogs: config.OUTPOST_EXECUTOR_ENGINE_LOGS,
   });
+  const containerUser = containerUserFor(process.getuid?.(), process.getgid?.());
   // Per executor id, so executors sharing a data directory never touch each other's runs.
   const workspaces = createHostWorkspaces({
     runsDir: path.resolve(config.OUTPOST_DATA_DIR, "executor", executorId, "runs"),
-    uid: CONTAINER_UID,
-    gid: CONTAINER_GID,
+    uid: containerUser.uid,
+    gid: containerUser.gid,
     repoSchemes: new Set(list(config.OUTPOST_EXECUTOR_REPO_SCHEMES)),
     checkoutTimeoutMs: config.OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS,
     checkoutEgress: config.OUTPOST_EXECUTOR_CHECKOUT_GUARD === "on" ? { allowedNetworks: config.OUTPOST_EXECUTOR_CHECKOUT_ALLOWED_NETWORKS } : "open",
   });
   const warmTargets = parseWarmPool(config.OUTPOST_WARM_POOL);
-  const warmPool = warmTargets.size > 0 ? new WarmPool({ targets: warmTargets, runtime, workspaces, executorId, logger }) : undefined;
+  const warmPool = warmTargets.size > 0 ? new WarmPool({ targets: warmTargets, runtime, workspaces, executorId, logger, containerUser }) : undefined;
   const executor = new Executor({
     executorId,
     slots: config.OUTPOST_EXECUTOR_SLOTS,

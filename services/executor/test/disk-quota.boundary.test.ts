@@ -14,7 +14,7 @@ import { createDockerRuntime } from "../src/adapters/docker-runtime.ts";
 import { createHostWorkspaces } from "../src/adapters/host-workspaces.ts";
 import { Executor } from "../src/core/executor.ts";
 import type { LogConnection, LogConnectionHandlers } from "../src/core/ports.ts";
-import { CONTAINER_GID, CONTAINER_UID, executeRun } from "../src/core/run.ts";
+import { executeRun, NOBODY } from "../src/core/run.ts";
 import { buildDemoAgent, demoLease, docker, dockerUp, IMAGE, removeContainersOf, TERMINAL, until, type LeaseOptions } from "./boundary-harness.ts";
 import { FakeLeases, FakeSink, silentLogger, type FakeConnection } from "./fakes.ts";
 
@@ -48,7 +48,7 @@ class RunSink extends FakeSink {
 describe.skipIf(!engineAvailable)("workspace disk quota, on the real engine", () => {
   const runsDir = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-disk-quota-"));
   const runtime = createDockerRuntime();
-  const workspaces = createHostWorkspaces({ runsDir, uid: CONTAINER_UID, gid: CONTAINER_GID, repoSchemes: new Set(), checkoutTimeoutMs: 10_000, checkoutEgress: { allowedNetworks: [] } });
+  const workspaces = createHostWorkspaces({ runsDir, uid: NOBODY.uid, gid: NOBODY.gid, repoSchemes: new Set(), checkoutTimeoutMs: 10_000, checkoutEgress: { allowedNetworks: [] } });
   const leases = new QueuedLeases();
   const sink = new RunSink();
   sink.autoAck = true;

@@ -255,7 +255,7 @@ export class FakeWorkspaces implements Workspaces {
   async remove(files: RunFiles) {
     this.removed.push(files.root);
   }
-  async listRuns() {
+  async listRuns(): Promise<string[]> {
     return [];
   }
   async diskUsage(_files: RunFiles, stopAboveBytes: number) {

@@ -5,7 +5,10 @@
  * - counts allocated blocks, not apparent sizes (a sparse file takes what it really uses),
  *   and every entry at least MIN_ENTRY_BYTES, so a quota also bounds the number of files and
  *   with it the walk's own cost;
- * - counts a file with several hard links once;
+ * - counts a file with several hard links once, and each further name of it one
+ *   MIN_ENTRY_BYTES: a name costs a directory entry, and a name that cost nothing would let an
+ *   agent make the walk (one lstat per name) as long as it likes within its quota — millions of
+ *   hard links to one file — while it writes past the quota between two measurements;
  * - stops once past `stopAboveBytes`, reads directories as a stream (a directory of millions
  *   of names is never held in memory) and lstats a bounded batch at a time;
  * - skips what vanished while it walked (the agent deletes as it goes), and raises
@@ -32,7 +35,10 @@ export async function diskUsageOf(root: string, stopAboveBytes: number, signal?:
   const count = (stat: Stats) => {
     if (stat.nlink > 1 && !stat.isDirectory()) {
       const key = `${stat.dev}:${stat.ino}`;
-      if (linked.has(key)) return;
+      if (linked.has(key)) {
+        total += MIN_ENTRY_BYTES;
+        return;
+      }
       linked.add(key);
     }
     total += Math.max(stat.blocks * 512, MIN_ENTRY_BYTES);

@@ -34,7 +34,8 @@ export interface HostWorkspacesOptions {
   checkoutEgress: "open" | { allowedNetworks: readonly AllowedNetwork[] };
   /**
    * Whether the executor runs as root, so it can chown run directories to the container user;
-   * otherwise it makes them writable by everyone. Defaults to the process's own uid being 0.
+   * otherwise, unless the container user is the executor's own (run.ts containerUserFor), it
+   * makes them writable by everyone. Defaults to the process's own uid being 0.
    */
   asRoot?: boolean;
 }
@@ -42,6 +43,8 @@ export interface HostWorkspacesOptions {
 export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces {
   const runsDir = path.resolve(options.runsDir);
   const isRoot = options.asRoot ?? process.getuid?.() === 0;
+  /** Agents run as the executor itself: what it makes is theirs already, and stays private. */
+  const agentsAreUs = !isRoot && options.uid === process.getuid?.() && options.gid === process.getgid?.();
 
   const filesOf = (name: string): RunFiles => {
     if (!/^[a-z0-9][a-z0-9_.-]*$/.test(name)) throw new Error(`bad run name ${name}`);
@@ -55,6 +58,7 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
    * just its top, or the agent could not change a checked-out file).
    */
   const giveToContainerUser = async (dir: string, recursive: boolean, signal?: AbortSignal) => {
+    if (agentsAreUs) return;
     if (isRoot) {
       if (recursive) await execFileAsync("chown", ["-R", "--no-dereference", `${options.uid}:${options.gid}`, dir], { signal });
       else await fs.chown(dir, options.uid, options.gid);
@@ -147,33 +151,12 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
     },
 
     async readResult(files, maxBytes) {
-      // The agent controlled the workspace: refuse symlinks anywhere on the path, so the executor
-      // (often root) never reads a host file through the agent's link.
-      const parts = RESULT_RELATIVE_PATH.split("/");
-      let current = files.workspace;
-      for (let i = 0; i < parts.length; i++) {
-        current = path.join(current, parts[i]!);
-        let stat;
-        try {
-          stat = await fs.lstat(current);
-        } catch (err) {
-          if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
-          throw err;
-        }
-        const last = i === parts.length - 1;
-        if (stat.isSymbolicLink()) throw new Error(`${RESULT_RELATIVE_PATH} must not be a symbolic link`);
-        if (last && !stat.isFile()) throw new Error(`${RESULT_RELATIVE_PATH} is not a regular file`);
-        if (!last && !stat.isDirectory()) return undefined;
-        if (last && stat.size > maxBytes) throw new Error(`result is ${stat.size} bytes, more than the ${maxBytes} allowed`);
-      }
-      const handle = await fs.open(current, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
       try {
-        const buffer = Buffer.alloc(maxBytes + 1);
-        const { bytesRead } = await handle.read(buffer, 0, maxBytes + 1, 0);
-        if (bytesRead > maxBytes) throw new Error(`result is more than the ${maxBytes} bytes allowed`);
-        return buffer.subarray(0, bytesRead).toString("utf8");
-      } finally {
-        await handle.close();
+        return await readResultFile(files.workspace, maxBytes);
+      } catch (err) {
+        if (err instanceof ResultFileError) throw err;
+        // A filesystem error's message names the executor's paths; the reason reaches the tenant.
+        throw new ResultFileError(`${RESULT_RELATIVE_PATH} could not be read (${(err as NodeJS.ErrnoException).code ?? "error"})`, { cause: err });
       }
     },
 
@@ -251,6 +234,86 @@ export function createHostWorkspaces(options: HostWorkspacesOptions): Workspaces
       }
     },
   };
+}
+
+/** Why the result file was refused: said in the run's failure reason, so it names no host path. */
+class ResultFileError extends Error {}
+
+/**
+ * Reads the agent's result file. The agent controlled the workspace, and the executor (often
+ * root) must never read a host file through it, block on it, or read more than `maxBytes`:
+ * - no symbolic link anywhere on the path (lstat of each part; O_NOFOLLOW on the file);
+ * - opened with O_NONBLOCK, so a FIFO put there (before the check or swapped in after it) is
+ *   never waited on: an open of a FIFO for reading blocks until a writer comes, holding one of
+ *   libuv's few threads for ever; then the open file itself must be a regular file (fstat);
+ * - the file opened must be the one at the expected path: a directory on the path swapped for
+ *   a link between the checks and the open would make the open follow it (O_NOFOLLOW only
+ *   covers the last part), so the descriptor's path (/proc/self/fd) is compared with it;
+ * - at most `maxBytes` + 1 bytes are read, whatever the file's size says.
+ * After the run's container was removed nothing writes the workspace any more; these checks
+ * hold even if something did.
+ */
+async function readResultFile(workspace: string, maxBytes: number): Promise<string | undefined> {
+  const parts = RESULT_RELATIVE_PATH.split("/");
+  let current = workspace;
+  for (let i = 0; i < parts.length; i++) {
+    current = path.join(current, parts[i]!);
+    let stat;
+    try {
+      stat = await fs.lstat(current);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw err;
+    }
+    const last = i === parts.length - 1;
+    if (stat.isSymbolicLink()) throw new ResultFileError(`${RESULT_RELATIVE_PATH} must not be a symbolic link`);
+    if (last && !stat.isFile()) throw new ResultFileError(`${RESULT_RELATIVE_PATH} is not a regular file`);
+    if (!last && !stat.isDirectory()) return undefined;
+    if (last && stat.size > maxBytes) throw new ResultFileError(`result is ${stat.size} bytes, more than the ${maxBytes} allowed`);
+  }
+  let handle: fs.FileHandle;
+  try {
+    handle = await fs.open(current, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK | fsConstants.O_NOCTTY);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ELOOP") throw new ResultFileError(`${RESULT_RELATIVE_PATH} must not be a symbolic link`, { cause: err });
+    if (code === "ENOENT" || code === "ENOTDIR") throw new ResultFileError(`${RESULT_RELATIVE_PATH} changed while it was read`, { cause: err });
+    throw err;
+  }
+  try {
+    const stat = await handle.stat();
+    if (!stat.isFile()) throw new ResultFileError(`${RESULT_RELATIVE_PATH} is not a regular file`);
+    if (!(await isOpenAt(handle, workspace, current))) throw new ResultFileError(`${RESULT_RELATIVE_PATH} must not be reached through a symbolic link`);
+    const buffer = Buffer.alloc(Math.min(maxBytes, stat.size) + 1);
+    let bytesRead = 0;
+    for (;;) {
+      const { bytesRead: got } = await handle.read(buffer, bytesRead, buffer.length - bytesRead, bytesRead);
+      bytesRead += got;
+      if (got === 0 || bytesRead === buffer.length) break;
+    }
+    if (bytesRead > maxBytes) throw new ResultFileError(`result is more than the ${maxBytes} bytes allowed`);
+    if (bytesRead > stat.size) throw new ResultFileError(`${RESULT_RELATIVE_PATH} changed while it was read`);
+    return buffer.subarray(0, bytesRead).toString("utf8");
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * Whether an open descriptor is the file at `expected` (under `root`, whose own path is the
+ * executor's): the kernel names the file it opened in /proc/self/fd. Where there is no /proc
+ * (not Linux), the file at the expected path, reached without following links at its last
+ * part, must be the same inode.
+ */
+async function isOpenAt(handle: fs.FileHandle, root: string, expected: string): Promise<boolean> {
+  const wanted = path.join(await fs.realpath(root), path.relative(root, expected));
+  try {
+    return (await fs.readlink(`/proc/self/fd/${handle.fd}`)) === wanted;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+  }
+  const [opened, there] = await Promise.all([handle.stat(), fs.lstat(wanted)]);
+  return opened.dev === there.dev && opened.ino === there.ino;
 }
 
 /**

@@ -13,7 +13,7 @@ import type { CapacityReport, ContainerRuntime, LeaseClient, LogSink, SecretReso
 import { Cancellations } from "./cancellations.ts";
 import { NotSupportedError } from "./ports.ts";
 import { reconcile } from "./reconcile.ts";
-import { executeRun, type WorkspaceQuota } from "./run.ts";
+import { executeRun, type ContainerUser, type WorkspaceQuota } from "./run.ts";
 import type { WarmPool } from "./warm-pool.ts";
 
 export interface ExecutorOptions {
@@ -27,6 +27,8 @@ export interface ExecutorOptions {
   warmPool?: WarmPool;
   logger: Logger;
   stopGraceMs: number;
+  /** Who agents run as (run.ts containerUserFor); nobody when absent. */
+  containerUser?: ContainerUser;
   /** Agent images to check (and pull) ahead of work; images seen in leases join them. */
   images?: string[];
   pullImages?: boolean;
@@ -230,6 +232,7 @@ export class Executor {
         capacity: () => this.capacity(),
         cancellations: this.cancellations,
         workspaceQuota: this.options.workspaceQuota,
+        containerUser: this.options.containerUser,
       };
       const run = withSpan(
         "executor.run",

@@ -48,8 +48,9 @@ export class LineSplitter {
     const transformed = this.transform(tail);
     let at = 0;
     while (transformed.length - at > MAX_LINE_CHARS + this.holdBack) {
-      lines.push(transformed.slice(at, at + MAX_LINE_CHARS));
-      at += MAX_LINE_CHARS;
+      const end = cutPoint(transformed, at + MAX_LINE_CHARS);
+      lines.push(transformed.slice(at, end));
+      at = end;
     }
     this.partial = transformed.slice(at);
     return lines;
@@ -70,6 +71,21 @@ function stripCarriageReturn(line: string): string {
 function cut(line: string): string[] {
   if (line.length <= MAX_LINE_CHARS) return [line];
   const pieces: string[] = [];
-  for (let at = 0; at < line.length; at += MAX_LINE_CHARS) pieces.push(line.slice(at, at + MAX_LINE_CHARS));
+  for (let at = 0; at < line.length; ) {
+    const end = cutPoint(line, at + MAX_LINE_CHARS);
+    pieces.push(line.slice(at, end));
+    at = end;
+  }
   return pieces;
+}
+
+/**
+ * Where to cut `text` near `at`: one unit earlier when `at` would split a surrogate pair (a
+ * character beyond U+FFFF), since a piece ending in half of one is not valid UTF-8 and would
+ * reach telemetry as U+FFFD.
+ */
+function cutPoint(text: string, at: number): number {
+  if (at >= text.length) return text.length;
+  const before = text.charCodeAt(at - 1);
+  return before >= 0xd800 && before <= 0xdbff ? at - 1 : at;
 }

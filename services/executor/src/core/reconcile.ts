@@ -77,6 +77,11 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
   }
   const heldById = new Map((held ?? []).map((l) => [l.dispatch?.id ?? "", l]));
   const settled = new Set<string>();
+  /**
+   * Run directories whose container could not be removed: the agent may still run in it, and a
+   * recursive delete of a tree it can write would follow a directory it swaps for a link.
+   */
+  const kept = new Set<string>();
   const containers = await runtime.list({ [`${LABEL_PREFIX}managed`]: "true", [`${LABEL_PREFIX}executor-id`]: deps.executorId });
   for (const container of containers) {
     const runDir = container.labels[`${LABEL_PREFIX}run-dir`];
@@ -87,9 +92,11 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
         : files
           ? await workspaces.readClaim(files)
           : undefined;
+    let gone = false;
     try {
       if (claim && !container.started && (held === undefined || heldById.has(claim.dispatchId))) {
         await runtime.remove(container.id);
+        gone = true;
         outcome.containersRemoved++;
         if (await giveBack(claim.dispatchId, claim.leaseId)) outcome.leasesReleased++;
         settled.add(claim.dispatchId);
@@ -127,6 +134,7 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
         }
         // The container goes before the report, so nothing is left running once the run is settled.
         await runtime.remove(container.id);
+        gone = true;
         outcome.containersRemoved++;
         try {
           await leases.report({ dispatchId: claim.dispatchId, leaseId: claim.leaseId, ...report });
@@ -138,13 +146,18 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
         settled.add(claim.dispatchId);
       } else {
         await runtime.remove(container.id);
+        gone = true;
         outcome.containersRemoved++;
         logger.info({ container: container.name }, "left-over container removed");
       }
     } catch (err) {
       logger.warn({ err, container: container.name }, "left-over container not settled");
     }
-    if (files) await workspaces.remove(files).catch(() => undefined);
+    if (files && gone) await workspaces.remove(files).catch(() => undefined);
+    else if (runDir && !gone) {
+      kept.add(runDir);
+      logger.error({ container: container.name, runDir }, "run directory kept: its container could not be removed");
+    }
   }
   for (const lease of held ?? []) {
     const dispatchId = lease.dispatch?.id;
@@ -154,6 +167,7 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
   }
   // Run directories whose container is gone (e.g. removed by hand while the executor was down).
   for (const name of await workspaces.listRuns()) {
+    if (kept.has(name)) continue;
     await workspaces.remove(workspaces.filesOf(name)).catch(() => undefined);
   }
   return outcome;

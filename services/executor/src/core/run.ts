@@ -14,6 +14,7 @@ import { LineSplitter } from "./line-splitter.ts";
 import { LeaseKeeper } from "./lease-keeper.ts";
 import { LogShipper } from "./log-shipper.ts";
 import { Redactor } from "./redactor.ts";
+import { terminalSafe } from "./terminal-safe.ts";
 import { checkResult, MAX_RESULT_BYTES, type ResultCheck } from "./result.ts";
 import type { Cancellations } from "./cancellations.ts";
 import type { WarmPool } from "./warm-pool.ts";
@@ -45,14 +46,29 @@ export const RESULT_PATH = `${WORKSPACE_DIR}/${RESULT_RELATIVE_PATH}`;
 /** Where a warm container sees its control directory (the start FIFO). */
 export const CONTROL_DIR = "/run/outpost";
 export const LABEL_PREFIX = "dev.outpost.";
-export const CONTAINER_UID = 65534;
+/**
+ * Who an agent runs as: never root. An executor that runs as root gives runs to nobody
+ * (65534:65534) and chowns their workspaces to it. One that is not root (the Kubernetes
+ * manifests run it as 1000) cannot chown, and could not delete what a 65534 agent made inside
+ * directories of its own either (every run directory would be left behind): its agents run as
+ * its own uid and gid instead, in their own containers, seeing only their own workspace.
+ */
+export interface ContainerUser {
+  uid: number;
+  gid: number;
+}
+export const NOBODY: ContainerUser = { uid: 65534, gid: 65534 };
+
+/** The user an executor running as `uid`:`gid` gives its agents (ContainerUser). */
+export function containerUserFor(uid: number | undefined, gid: number | undefined): ContainerUser {
+  return uid === undefined || uid === 0 || gid === undefined ? NOBODY : { uid, gid };
+}
 /**
  * The network of runs whose agent's policy is EGRESS: an Outpost bridge network on which
  * containers cannot reach each other (made by the runtime, docker-runtime.ts), never Docker's
  * default `bridge`, where every container reaches every other — another tenant's agent too.
  */
 export const EGRESS_NETWORK = "outpost-egress";
-export const CONTAINER_GID = 65534;
 
 export const DEFAULT_RESOURCES = { pidsLimit: 256, memoryBytes: 512 * 1024 * 1024, cpuMillis: 1000 };
 /** /tmp, and any VOLUME of the image: memory (charged to the container's limit), capped in size. */
@@ -83,6 +99,8 @@ export interface RunDeps {
   cancellations?: Cancellations;
   /** The workspace's disk quota (disk-quota.ts); no quota when absent. */
   workspaceQuota?: WorkspaceQuota;
+  /** Who agents run as (containerUserFor); nobody (65534:65534) when absent. */
+  containerUser?: ContainerUser;
 }
 
 export interface WorkspaceQuota {
@@ -129,14 +147,14 @@ export function runEnvFor(lease: Lease): Record<string, string> {
 }
 
 /** Image, command, limits and network of an agent: what a warm container must match to serve a run. */
-export function agentShapeOf(agent: Agent): Omit<ContainerSpec, "name" | "env" | "labels" | "binds"> {
+export function agentShapeOf(agent: Agent, user: ContainerUser = NOBODY): Omit<ContainerSpec, "name" | "env" | "labels" | "binds"> {
   const resources = agent.resources;
   const positive = (value: bigint | undefined, fallback: number) => (value !== undefined && value > 0n ? Number(value) : fallback);
   return {
     image: agent.image,
     command: [...agent.command],
     platform: "linux/arm64",
-    user: `${CONTAINER_UID}:${CONTAINER_GID}`,
+    user: `${user.uid}:${user.gid}`,
     readonlyRootfs: true,
     tmpfs: { "/tmp": TMPFS_OPTIONS },
     imageVolumeTmpfs: TMPFS_OPTIONS,
@@ -155,11 +173,11 @@ export function bindsFor(files: RunFiles): string[] {
 }
 
 /** The container spec for a lease: image and command of the agent, the contract's env, lock-down. */
-export function containerSpecFor(lease: Lease, executorId: string, files?: RunFiles, extraEnv: Record<string, string> = {}): ContainerSpec {
+export function containerSpecFor(lease: Lease, executorId: string, files?: RunFiles, extraEnv: Record<string, string> = {}, user: ContainerUser = NOBODY): ContainerSpec {
   const dispatch = lease.dispatch!;
   const name = runNameFor(lease);
   return {
-    ...agentShapeOf(lease.agent!),
+    ...agentShapeOf(lease.agent!, user),
     name,
     env: { ...runEnvFor(lease), ...extraEnv },
     labels: {
@@ -271,8 +289,21 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     const quota = newQuota();
     let containerId = warm?.id ?? "";
     const cleanUp = async () => {
-      if (containerId) await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
+      let containerGone = true;
+      if (containerId) {
+        await deps.runtime.remove(containerId).catch((err: unknown) => {
+          containerGone = false;
+          logger.warn({ err }, "remove failed");
+        });
+      }
       containerId = "";
+      if (!containerGone) {
+        // The agent may still run in it, and a recursive delete of a tree it can write would
+        // follow a directory it swaps for a link mid-way (out of the workspace, as root). The
+        // directory stays until reconciliation, which removes it once the container is gone.
+        logger.error({ runDir: files.root }, "run directory kept: its container could not be removed and may still be running");
+        return;
+      }
       await deps.workspaces.remove(files).catch((err: unknown) => logger.warn({ err }, "run directory not removed"));
     };
 
@@ -316,7 +347,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       if (await abandoned(cleanUp)) return;
     }
 
-    const spec = containerSpecFor(lease, deps.executorId, files, secretEnv);
+    const spec = containerSpecFor(lease, deps.executorId, files, secretEnv, deps.containerUser);
     if (!warm) {
       try {
         containerId = await createWithPull(deps, spec, logger);
@@ -444,6 +475,8 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
         try {
           check = checkResult(await deps.workspaces.readResult(files, MAX_RESULT_BYTES), lease.agent.outputSchema, (text) => redactor.redact(text));
         } catch (err) {
+          // The adapter's reasons name no host path (host-workspaces.ts); the cause is for the log.
+          logger.warn({ err }, "result not read");
           check = { ok: false, reason: redactor.redact(`the result could not be read: ${messageOf(err)}`) };
         }
         if (check.ok) {
@@ -543,7 +576,10 @@ export function startScript(env: Record<string, string>): string {
 
 /** Reads frames, splits lines per stream, ships them; flushes unterminated tails at the end. */
 async function pumpOutput(output: AsyncIterable<OutputFrame>, shipper: LogShipper, redactor: Redactor, logger: Logger): Promise<void> {
-  const options = redactor.empty ? {} : { transform: (text: string) => redactor.redact(text), holdBack: redactor.maxValueLength - 1 };
+  // Secrets first (a value is looked for in the text as printed), then control characters made visible.
+  const options = redactor.empty
+    ? { transform: terminalSafe }
+    : { transform: (text: string) => terminalSafe(redactor.redact(text)), holdBack: redactor.maxValueLength - 1 };
   const splitters: Record<OutputStream, LineSplitter> = { stdout: new LineSplitter(options), stderr: new LineSplitter(options) };
   try {
     for await (const frame of output) {

@@ -21,7 +21,7 @@ import type { Logger } from "@outpost/platform";
 import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { ulid } from "ulid";
 import type { ContainerRuntime, ContainerSpec, RunFiles, Workspaces } from "./ports.ts";
-import { agentShapeOf, bindsFor, CONTROL_DIR, LABEL_PREFIX } from "./run.ts";
+import { agentShapeOf, bindsFor, CONTROL_DIR, LABEL_PREFIX, type ContainerUser } from "./run.ts";
 
 export interface WarmContainer {
   id: string;
@@ -36,6 +36,8 @@ export interface WarmPoolOptions {
   workspaces: Workspaces;
   executorId: string;
   logger: Logger;
+  /** Who agents run as (run.ts containerUserFor); nobody when absent. */
+  containerUser?: ContainerUser;
 }
 
 export const WARM_LABEL = `${LABEL_PREFIX}warm-agent`;
@@ -73,7 +75,7 @@ export class WarmPool {
     if (!agent || this.closed) return undefined;
     const target = this.options.targets.get(agent.name);
     if (!target) return undefined;
-    const shape = agentShapeOf(agent);
+    const shape = agentShapeOf(agent, this.options.containerUser);
     const key = JSON.stringify(shape);
     let pool = this.pools.get(agent.name);
     if (!pool || pool.key !== key) {
@@ -127,6 +129,7 @@ export class WarmPool {
     const { runtime, workspaces, executorId } = this.options;
     const name = `outpost-warm-${ulid().toLowerCase()}`;
     const files = await workspaces.create(name);
+    let keep = false;
     try {
       await workspaces.makeStartFifo(files);
       const spec: ContainerSpec = {
@@ -148,18 +151,27 @@ export class WarmPool {
       try {
         await runtime.start(id);
       } catch (err) {
-        await runtime.remove(id).catch(() => undefined);
+        await runtime.remove(id).catch(() => {
+          keep = true;
+        });
         throw err;
       }
       return { id, name, files };
     } catch (err) {
-      await workspaces.remove(files).catch(() => undefined);
+      // Not while a container that could not be removed may still use it (discard).
+      if (!keep) await workspaces.remove(files).catch(() => undefined);
       throw err;
     }
   }
 
   private async discard(warm: WarmContainer): Promise<void> {
-    await this.options.runtime.remove(warm.id).catch((err: unknown) => this.options.logger.warn({ err }, "warm container not removed"));
+    try {
+      await this.options.runtime.remove(warm.id);
+    } catch (err) {
+      // Its run directory stays while the container may run (run.ts cleanUp); reconciliation removes both.
+      this.options.logger.warn({ err }, "warm container not removed; its run directory is kept");
+      return;
+    }
     await this.options.workspaces.remove(warm.files).catch(() => undefined);
   }
 }
