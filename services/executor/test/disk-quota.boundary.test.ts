@@ -8,42 +8,19 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
-import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createDockerRuntime } from "../src/adapters/docker-runtime.ts";
 import { createHostWorkspaces } from "../src/adapters/host-workspaces.ts";
 import { Executor } from "../src/core/executor.ts";
-import type { LogConnection, LogConnectionHandlers } from "../src/core/ports.ts";
 import { executeRun, NOBODY } from "../src/core/run.ts";
 import { buildDemoAgent, demoLease, docker, dockerUp, IMAGE, removeContainersOf, TERMINAL, until, type LeaseOptions } from "./boundary-harness.ts";
-import { FakeLeases, FakeSink, silentLogger, type FakeConnection } from "./fakes.ts";
+import { FakeLeases, QueuedLeases, RunSink, silentLogger } from "./fakes.ts";
 
 const EXECUTOR_ID = `test-disk-quota-${process.pid}`;
 /** The demo agent with a VOLUME any user may write: the engine would make it a host directory. */
 const VOLUME_IMAGE = `outpost/demo-agent-volume:test-${process.pid}`;
 const QUOTA = 2 * 1024 * 1024;
 const engineAvailable = dockerUp();
-
-/** Hands out queued leases, as the dispatcher's AcquireLease would. */
-class QueuedLeases extends FakeLeases {
-  readonly queue: Lease[] = [];
-  override async acquire(): Promise<Lease | undefined> {
-    return this.queue.shift();
-  }
-}
-
-/** Keeps each run's output apart. */
-class RunSink extends FakeSink {
-  private readonly byRun = new Map<string, FakeConnection[]>();
-  override open(run: Parameters<FakeSink["open"]>[0], handlers: LogConnectionHandlers): LogConnection {
-    const connection = super.open(run, handlers) as FakeConnection;
-    this.byRun.set(run.dispatchId, [...(this.byRun.get(run.dispatchId) ?? []), connection]);
-    return connection;
-  }
-  textsOf(dispatchId: string): string[] {
-    return (this.byRun.get(dispatchId) ?? []).flatMap((c) => c.batches.flat().map((line) => line.text));
-  }
-}
 
 describe.skipIf(!engineAvailable)("workspace disk quota, on the real engine", () => {
   const runsDir = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-disk-quota-"));

@@ -273,3 +273,24 @@ export function stdout(text: string): OutputFrame {
 export function stderr(text: string): OutputFrame {
   return { stream: "stderr", data: Buffer.from(text) };
 }
+
+/** Hands out queued leases, as the dispatcher's AcquireLease would. */
+export class QueuedLeases extends FakeLeases {
+  readonly queue: Lease[] = [];
+  override async acquire(): Promise<Lease | undefined> {
+    return this.queue.shift();
+  }
+}
+
+/** Keeps each run's output apart. */
+export class RunSink extends FakeSink {
+  private readonly byRun = new Map<string, FakeConnection[]>();
+  override open(run: Parameters<FakeSink["open"]>[0], handlers: LogConnectionHandlers): LogConnection {
+    const connection = super.open(run, handlers) as FakeConnection;
+    this.byRun.set(run.dispatchId, [...(this.byRun.get(run.dispatchId) ?? []), connection]);
+    return connection;
+  }
+  textsOf(dispatchId: string): string[] {
+    return (this.byRun.get(dispatchId) ?? []).flatMap((c) => c.batches.flat().map((line) => line.text));
+  }
+}

@@ -8,38 +8,17 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
-import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createDockerRuntime } from "../src/adapters/docker-runtime.ts";
 import { createHostWorkspaces } from "../src/adapters/host-workspaces.ts";
 import { Executor } from "../src/core/executor.ts";
-import type { LogConnection, LogConnectionHandlers } from "../src/core/ports.ts";
 import { NOBODY } from "../src/core/run.ts";
 import { buildDemoAgent, demoLease, docker, dockerUp, removeContainersOf, TERMINAL, until } from "./boundary-harness.ts";
-import { FakeLeases, FakeSink, silentLogger, type FakeConnection } from "./fakes.ts";
+import { QueuedLeases, RunSink, silentLogger } from "./fakes.ts";
 
 const EXECUTOR_ID = `test-hostile-${process.pid}`;
 const QUOTA = 2 * 1024 * 1024;
 const engineAvailable = dockerUp();
-
-class QueuedLeases extends FakeLeases {
-  readonly queue: Lease[] = [];
-  override async acquire(): Promise<Lease | undefined> {
-    return this.queue.shift();
-  }
-}
-
-class RunSink extends FakeSink {
-  private readonly byRun = new Map<string, FakeConnection[]>();
-  override open(run: Parameters<FakeSink["open"]>[0], handlers: LogConnectionHandlers): LogConnection {
-    const connection = super.open(run, handlers) as FakeConnection;
-    this.byRun.set(run.dispatchId, [...(this.byRun.get(run.dispatchId) ?? []), connection]);
-    return connection;
-  }
-  textsOf(dispatchId: string): string[] {
-    return (this.byRun.get(dispatchId) ?? []).flatMap((c) => c.batches.flat().map((line) => line.text));
-  }
-}
 
 describe.skipIf(!engineAvailable)("a hostile agent, on the real engine", () => {
   const base = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-hostile-boundary-"));
