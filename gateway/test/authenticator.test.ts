@@ -71,6 +71,8 @@ describe("Authenticator", () => {
       const err = await errorOf(auth.authenticate(bearer(credential)));
       expect(err.code).toBe(Code.Unauthenticated);
       expect(errorInfoOf(err)?.reason).toBe("API_KEY_MALFORMED");
+      // An operator's wrong admin token is told that too, not only about API keys.
+      expect(err.rawMessage).toBe("malformed API key: expected otp_ followed by 64 hex characters (nor is it the admin token)");
     }
     const basic = await errorOf(auth.authenticate(new Headers({ authorization: "Basic abc" })));
     expect(errorInfoOf(basic)?.reason).toBe("API_KEY_MALFORMED");

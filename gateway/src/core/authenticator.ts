@@ -92,7 +92,8 @@ export class Authenticator {
     const hash = sha256(credential);
     if (timingSafeEqual(hash, this.adminTokenHash)) return { kind: "admin", principal: "admin" };
     if (!API_KEY_PATTERN.test(credential)) {
-      throw unauthenticated("API_KEY_MALFORMED", "malformed API key: expected otp_ followed by 64 hex characters");
+      // Said for the admin token too: an operator with a stale one otherwise reads only about keys.
+      throw unauthenticated("API_KEY_MALFORMED", "malformed API key: expected otp_ followed by 64 hex characters (nor is it the admin token)");
     }
     const cacheKey = hash.toString("hex");
     const cached = this.cache.get(cacheKey);
