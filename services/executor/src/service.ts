@@ -62,6 +62,7 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     runtime,
     workspaces,
     warmPool,
+    containerUser,
     leases: createLeaseClient({
       dispatcherUrl: config.OUTPOST_DISPATCHER_URL,
       signingKeys,

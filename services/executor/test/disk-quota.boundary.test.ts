@@ -58,6 +58,7 @@ describe.skipIf(!engineAvailable)("workspace disk quota, on the real engine", ()
     fs.rmSync(context, { recursive: true, force: true });
     executor = new Executor({
       executorId: EXECUTOR_ID,
+      containerUser: NOBODY,
       slots: 1,
       runtime,
       leases,

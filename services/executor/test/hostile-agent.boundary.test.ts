@@ -49,6 +49,7 @@ describe.skipIf(!engineAvailable)("a hostile agent, on the real engine", () => {
     fs.writeFileSync(hostFile, JSON.stringify({ stolen: "host-secret-value" }));
     executor = new Executor({
       executorId: EXECUTOR_ID,
+      containerUser: NOBODY,
       slots: 1,
       runtime,
       leases,

@@ -7,7 +7,7 @@ import { Cancellations } from "../src/core/cancellations.ts";
 import { Executor } from "../src/core/executor.ts";
 import { HostSetupError, LeaseLostError } from "../src/core/ports.ts";
 import { gitFailure } from "../src/adapters/host-workspaces.ts";
-import { containerSpecFor, executeRun, FORCE_REMOVE_ATTEMPTS, STOP_ATTEMPTS } from "../src/core/run.ts";
+import { containerSpecFor, executeRun, FORCE_REMOVE_ATTEMPTS, NOBODY, STOP_ATTEMPTS } from "../src/core/run.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stderr, stdout } from "./fakes.ts";
 
 function lease(extra: { task?: string; timeoutMs?: number; egress?: boolean } = {}): Lease {
@@ -73,6 +73,8 @@ describe("containerSpecFor", () => {
     });
     // EGRESS: Outpost's own bridge network, where containers cannot reach each other; never Docker's default "bridge".
     expect(containerSpecFor(lease({ egress: true }), "ex-1").networkMode).toBe("outpost-egress");
+    // Under an executor that is not root, its own uid and gid (containerUserFor).
+    expect(containerSpecFor(lease(), "ex-1", undefined, {}, { uid: 1000, gid: 1001 }).user).toBe("1000:1001");
   });
 });
 
@@ -479,6 +481,7 @@ describe("Executor", () => {
     const leases = new FakeLeases();
     const executor = new Executor({
       executorId: "ex-1",
+      containerUser: NOBODY,
       slots: 2,
       runtime,
       leases,
@@ -511,6 +514,7 @@ describe("Executor", () => {
     };
     const executor = new Executor({
       executorId: "ex-1", slots: 1, runtime, leases, logs: new FakeSink(), workspaces: new FakeWorkspaces(), logger: silentLogger,
+      containerUser: NOBODY,
       stopGraceMs: 1000, leaseWaitMs: 50, minPollIntervalMs: 10,
     });
     void executor.start();

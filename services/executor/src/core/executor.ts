@@ -27,8 +27,11 @@ export interface ExecutorOptions {
   warmPool?: WarmPool;
   logger: Logger;
   stopGraceMs: number;
-  /** Who agents run as (run.ts containerUserFor); nobody when absent. */
-  containerUser?: ContainerUser;
+  /**
+   * Who agents run as (run.ts containerUserFor): required, so the composition root cannot leave
+   * agents as nobody in workspaces a non-root executor keeps private to itself.
+   */
+  containerUser: ContainerUser;
   /** Agent images to check (and pull) ahead of work; images seen in leases join them. */
   images?: string[];
   pullImages?: boolean;
