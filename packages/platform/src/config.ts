@@ -45,8 +45,32 @@ function fromEnvNumber(value: unknown): unknown {
   return /^\d+$/.test(trimmed) ? Number(trimmed) : value;
 }
 
-function wholeNumber(): z.ZodNumber {
-  return z.number({ error: (issue) => (issue.input === undefined ? "is required" : "must be a whole number (digits only)") }).int();
+/**
+ * A whole number from `min` to `max`, each refusal worded for itself: the schema's `error`
+ * words only a value that is no number (it also worded the range checks' issues, which said
+ * "must be a whole number" of 0 or 70000), and a value out of range is refused for that alone
+ * (past 2^53 it is no exact integer either; one message is enough).
+ */
+function wholeNumber(min: number, max: number, maxMessage = `must be at most ${max}`): z.ZodNumber {
+  return z
+    .number({ error: (issue) => (issue.code !== "invalid_type" ? undefined : issue.input === undefined ? "is required" : "must be a whole number (digits only)") })
+    .min(min, { message: `must be at least ${min}`, abort: true })
+    .max(max, { message: maxMessage, abort: true })
+    .int({ message: "must be a whole number" });
+}
+
+/**
+ * The longest duration compared with clocks: 100 years. Now plus it must stay a date (Date and
+ * BSON hold up to 8.64e15 ms, a protobuf Timestamp up to the year 9999); a larger value made an
+ * Invalid Date of an expiry (telemetry's retention on MongoDB).
+ */
+export const MAX_DURATION_MS = 3_155_760_000_000;
+
+/** A string setting as the environment gives it: trimmed, and blank counts as unset (its default). */
+function fromEnvString(value: unknown): unknown {
+  if (typeof value !== "string") return value;
+  const trimmed = value.trim();
+  return trimmed === "" ? undefined : trimmed;
 }
 
 /** `schema` read with fromEnvNumber, with `fallback` when unset. */
@@ -56,15 +80,21 @@ function envNumber(schema: z.ZodNumber, fallback?: number) {
 
 /** Reusable setting types, so every service reads ports, URLs and secrets the same way. */
 export const setting = {
-  port: (fallback?: number) => envNumber(wholeNumber().min(0).max(65535), fallback),
-  host: (fallback = "127.0.0.1") => z.string().min(1).default(fallback),
+  port: (fallback?: number) => envNumber(wholeNumber(0, 65535), fallback),
+  /**
+   * Where to listen: trimmed, blank is the default; a host name or an IP address, so a typo (a
+   * space, a URL) stops start-up naming the variable instead of failing the listen.
+   */
+  host: (fallback = "127.0.0.1") =>
+    z.preprocess(fromEnvString, z.string().regex(/^[A-Za-z0-9._:%-]+$/, { message: "must be a host name or IP address (such as 0.0.0.0 or ::)" }).default(fallback)),
   /** An http(s) URL of another service ("localhost:7101" would parse as a URL of scheme "localhost:"). */
   url: () =>
     z
       .string({ error: "is required" })
       .url({ message: "must be a URL such as http://127.0.0.1:7101" })
       .refine((value) => !URL.canParse(value) || /^https?:$/.test(new URL(value).protocol), { message: "must be an http:// or https:// URL such as http://127.0.0.1:7101" }),
-  dataDir: (fallback = ".outpost/data") => z.string().min(1).default(fallback),
+  /** Trimmed, blank is the default: "/data " named another directory than "/data", silently. */
+  dataDir: (fallback = ".outpost/data") => z.preprocess(fromEnvString, z.string().default(fallback)),
   /** This process's Ed25519 private key for signing caller identities (identity.ts). */
   signingKey: () =>
     z
@@ -81,13 +111,14 @@ export const setting = {
       ),
   logLevel: () => z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   /** A duration compared with clocks, never waited for by a timer (retention, say); see timerMs. */
-  durationMs: (fallback: number) => envNumber(wholeNumber().positive(), fallback),
+  durationMs: (fallback: number) =>
+    envNumber(wholeNumber(1, MAX_DURATION_MS, `must be at most ${MAX_DURATION_MS} (100 years)`), fallback),
   /**
    * A duration a timer waits (setTimeout, setInterval): at most 2^31 - 1 ms (about 24.8 days),
    * because Node fires a longer one after 1 ms, which would turn a grace into none and a period
    * into a busy loop.
    */
   timerMs: (fallback: number) =>
-    envNumber(wholeNumber().positive().max(MAX_TIMER_MS, { message: `must be at most ${MAX_TIMER_MS} (about 24.8 days)` }), fallback),
-  positiveInt: (fallback: number) => envNumber(wholeNumber().positive(), fallback),
+    envNumber(wholeNumber(1, MAX_TIMER_MS, `must be at most ${MAX_TIMER_MS} (about 24.8 days)`), fallback),
+  positiveInt: (fallback: number) => envNumber(wholeNumber(1, Number.MAX_SAFE_INTEGER), fallback),
 };

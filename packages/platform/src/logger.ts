@@ -11,29 +11,60 @@ export type { Logger };
 export const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
 
 /**
- * Field names that can hold a key, a token, a grant or a secret value, at the top level, one
- * level down, and inside `headers` two levels down (a request logged whole). Header names as
- * Node gives them (lower case).
+ * Field names that can hold a key, a token, a grant or a secret value, at the top level and two
+ * levels down, and inside `headers` two levels down (a request logged whole). Header names as
+ * Node gives them (lower case) and as client libraries' configs spell them (title case); a
+ * signed identity's signature is a credential too (it is accepted for its minute of life).
+ * Grants by the names a Lease gives them (secretGrant, logGrant).
  */
-const SENSITIVE = ["apiKey", "api_key", "apiKeyPlaintext", "api_key_plaintext", "adminToken", "authorization", "token", "password", "grant", "secret", "secrets", "value", "values"];
-const SENSITIVE_HEADERS = ["authorization", '["x-api-key"]', '["proxy-authorization"]', "cookie"];
+const SENSITIVE = [
+  "apiKey", "api_key", "apiKeyPlaintext", "api_key_plaintext", "plaintext", "adminToken", "authorization", "Authorization", "token", "password",
+  "grant", "secretGrant", "secret_grant", "logGrant", "log_grant", "privateKey", "signingKey", "secret", "secrets", "value", "values",
+];
+const SENSITIVE_HEADERS = [
+  "authorization", "Authorization", '["x-api-key"]', '["X-Api-Key"]', '["proxy-authorization"]', '["Proxy-Authorization"]', "cookie", "Cookie",
+  '["outpost-identity-signature"]',
+];
 const REDACT_PATHS = [
-  ...SENSITIVE.flatMap((name) => [name, `*.${name}`]),
+  ...SENSITIVE.flatMap((name) => [name, `*.${name}`, `*.*.${name}`]),
   ...SENSITIVE_HEADERS.flatMap((name) => {
     const at = name.startsWith("[") ? name : `.${name}`;
     return [`headers${at}`, `*.headers${at}`, `*.*.headers${at}`];
   }),
 ];
 
-/** What a logged error says: its type, message, stack, code and cause (three deep). */
+/**
+ * Credentials an error's message (and so its stack) can quote, which no field name catches: a
+ * bearer token, an Outpost API key (tenant's api-keys.ts: "otp_" and hex), a URL's password.
+ */
+const IN_MESSAGE: readonly [RegExp, string][] = [
+  [/\b(bearer\s+)[^\s,;"']+/gi, "$1[REDACTED]"],
+  [/\botp_[0-9a-f]{8,}/gi, "otp_[REDACTED]"],
+  [/(\b[a-z][a-z0-9+.-]*:\/\/[^\s/:@]*:)[^\s/@]+@/gi, "$1[REDACTED]@"],
+];
+
+function scrub(text: string): string {
+  return IN_MESSAGE.reduce((out, [pattern, replacement]) => out.replace(pattern, replacement), text);
+}
+
+/**
+ * What a logged error says: its type, message, stack, code and cause (three deep), credentials
+ * quoted in the message scrubbed. A thrown value or cause that is an object but not an Error (a
+ * client library's rejection, say) is logged the same way, never whole: it can hold the request
+ * and its headers at any depth. Anything else (services log `err: err.message`) as it is.
+ */
 export function explainError(err: unknown, depth = 0): unknown {
-  if (!(err instanceof Error)) return err;
-  const out: Record<string, unknown> = { type: err.constructor.name, message: err.message, stack: err.stack };
+  if (typeof err === "string") return scrub(err);
+  if (typeof err !== "object" || err === null) return err;
+  const fields = err as Record<string, unknown>;
+  const out: Record<string, unknown> = { type: err.constructor?.name ?? "Object" };
+  if (typeof fields.message === "string") out.message = scrub(fields.message);
+  if (err instanceof Error && typeof err.stack === "string") out.stack = scrub(err.stack);
   for (const key of ["code", "statusCode", "errno", "syscall", "reason"] as const) {
-    const value = (err as unknown as Record<string, unknown>)[key];
-    if (typeof value === "string" || typeof value === "number") out[key] = value;
+    const value = fields[key];
+    if (typeof value === "string" || typeof value === "number") out[key] = typeof value === "string" ? scrub(value) : value;
   }
-  if (err.cause !== undefined && depth < 3) out.cause = explainError(err.cause, depth + 1);
+  if (fields.cause !== undefined && depth < 3) out.cause = explainError(fields.cause, depth + 1);
   return out;
 }
 

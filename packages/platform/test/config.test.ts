@@ -89,6 +89,41 @@ describe("loadConfig", () => {
     expect(loadConfig({ P: setting.port(7104) }, { P: " 8080 " })).toEqual({ P: 8080 });
   });
 
+  it("says what is wrong with a whole number out of range, rather than that it is not one", () => {
+    const messages = (env: NodeJS.ProcessEnv) => configError({ ...valid, ...env }).message;
+    expect(messages({ OUTPOST_X_PORT: "65536" })).toMatch(/OUTPOST_X_PORT: must be at most 65535/);
+    expect(messages({ OUTPOST_X_PORT: "99999999999999999999" })).toMatch(/OUTPOST_X_PORT: must be at most 65535/);
+    expect(messages({ OUTPOST_TTL_MS: "0" })).toMatch(/OUTPOST_TTL_MS: must be at least 1/);
+    expect(messages({ OUTPOST_TTL_MS: "000" })).toMatch(/OUTPOST_TTL_MS: must be at least 1/);
+    expect(messages({ OUTPOST_PERIOD_MS: "0" })).toMatch(/OUTPOST_PERIOD_MS: must be at least 1/);
+    expect(() => loadConfig({ N: setting.positiveInt(1) }, { N: "0" })).toThrow(/N: must be at least 1/);
+    expect(() => loadConfig({ N: setting.positiveInt(1) }, { N: "9007199254740992" })).toThrow(/N: must be at most 9007199254740991/);
+    // Not digits: said so, and "-0", "+1", "010.0", full-width and Arabic-Indic digits are not digits.
+    for (const value of ["-0", "+1", "010.0", "\uff18\uff10", "\u0663", "0b1", "1_000", "Infinity", "NaN"]) {
+      expect(messages({ OUTPOST_X_PORT: value }), value).toMatch(/OUTPOST_X_PORT: must be a whole number \(digits only\)/);
+    }
+    // Leading zeros are decimal, never octal.
+    expect(loadConfig(shape, { ...valid, OUTPOST_X_PORT: "010" }).OUTPOST_X_PORT).toBe(10);
+  });
+
+  it("refuses a duration compared with clocks that would take a date past what a Date holds", () => {
+    // now + the duration must stay a date (Mongo's TTL expiry, a Timestamp): 100 years at most.
+    expect(loadConfig(shape, { ...valid, OUTPOST_TTL_MS: "3155760000000" }).OUTPOST_TTL_MS).toBe(3_155_760_000_000);
+    expect(configError({ ...valid, OUTPOST_TTL_MS: "3155760000001" }).message).toMatch(/OUTPOST_TTL_MS: must be at most 3155760000000 \(100 years\)/);
+    expect(configError({ ...valid, OUTPOST_TTL_MS: "9007199254740991" }).message).toMatch(/OUTPOST_TTL_MS: must be at most/);
+  });
+
+  it("a host or data directory is trimmed, and a blank one is unset (its default), never a name of spaces", () => {
+    const config = loadConfig(shape, { ...valid, OUTPOST_X_HOST: " 0.0.0.0\t", OUTPOST_DATA_DIR: "/var/lib/outpost " });
+    expect(config.OUTPOST_X_HOST).toBe("0.0.0.0");
+    expect(config.OUTPOST_DATA_DIR).toBe("/var/lib/outpost");
+    const blank = loadConfig(shape, { ...valid, OUTPOST_X_HOST: "  ", OUTPOST_DATA_DIR: "" });
+    expect(blank.OUTPOST_X_HOST).toBe("127.0.0.1");
+    expect(blank.OUTPOST_DATA_DIR).toBe(".outpost/data");
+    // A host with a space inside is no host: refused at start-up, naming it (not a getaddrinfo error at listen).
+    expect(configError({ ...valid, OUTPOST_X_HOST: "0.0.0.0 127.0.0.1" }).message).toMatch(/OUTPOST_X_HOST: must be a host name or IP address/);
+  });
+
   it("a service URL is http or https", () => {
     for (const url of ["localhost:7101", "javascript:alert(1)", "file:///etc/passwd", "redis://127.0.0.1:6379"]) {
       expect(configError({ ...valid, OUTPOST_TENANT_URL: url }).message, url).toMatch(/OUTPOST_TENANT_URL: must be an http:\/\/ or https:\/\/ URL/);

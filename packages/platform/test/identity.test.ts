@@ -143,6 +143,27 @@ describe("writeIdentity / readIdentity", () => {
     expect(reasonOf(() => verifier().readIdentity(headers, AUD, NOW))).toEqual(unauth("IDENTITY_FORGED"));
   });
 
+  it("takes a signature only as its one base64url spelling: padded, standard-alphabet, suffixed or duplicated ones are refused", () => {
+    const headers = signed(TENANT);
+    const signature = headers.get(IDENTITY_SIGNATURE_HEADER)!;
+    // Node's base64 decoder skips what is not base64 and the unused bits of the last character,
+    // so each of these decoded to the same 64 bytes and verified, each a new cache entry.
+    const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const lastBits = signature.slice(0, -1) + alphabet[alphabet.indexOf(signature.at(-1)!) ^ 1]; // an unused bit set
+    expect(Buffer.from(lastBits, "base64url")).toEqual(Buffer.from(signature, "base64url"));
+    const respellings = [`${signature}=`, `${signature}==`, `${signature},`, `${signature}\u00e9`, `${signature}.`, Buffer.from(signature, "base64url").toString("base64"), lastBits, `${signature}, ${signature}`, "A".repeat(20_000)];
+    for (const respelled of respellings) {
+      const replayed = new Headers(headers);
+      replayed.set(IDENTITY_SIGNATURE_HEADER, respelled);
+      expect(reasonOf(() => verifier().readIdentity(replayed, AUD, NOW)), respelled.slice(0, 100)).toEqual(unauth("IDENTITY_FORGED"));
+    }
+    expect(verifier().readIdentity(headers, AUD, NOW)).toEqual(TENANT);
+    // Grants and certificates are checked the same way.
+    const token = keysOf("dispatcher").signToken({ grant: "secrets" }, 60_000, NOW);
+    expect(verifier().verifyToken(token, "dispatcher", NOW)).toHaveProperty("claims");
+    expect(verifier().verifyToken(`${token}=`, "dispatcher", NOW)).toEqual({ problem: "FORGED" });
+  });
+
   it("refuses a missing signature or payload", () => {
     const noSignature = signed(TENANT);
     noSignature.delete(IDENTITY_SIGNATURE_HEADER);

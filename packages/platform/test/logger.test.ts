@@ -26,6 +26,40 @@ describe("log lines", () => {
     expect(line).toContain("[REDACTED]");
   });
 
+  it("redact the grants a Lease carries, signing keys, key plaintexts, title-case headers, a signed identity's signature, and fields two levels down", () => {
+    const line = JSON.stringify(
+      logLine(
+        `{ lease: { leaseId: "L1", secretGrant: "SG_1", logGrant: "LG_2" }, secret_grant: "SG_3", plaintext: "PT_4", privateKey: "PK_5", signingKey: "SK_6",` +
+          ` config: { headers: { Authorization: "Bearer TC_7", "X-Api-Key": "TC_8", Cookie: "TC_9" } }, req: { headers: { "outpost-identity-signature": "SIG_10" } },` +
+          ` call: { request: { token: "DEEP_11", apiKey: "DEEP_12" } } }`,
+      ),
+    );
+    for (const secret of ["SG_1", "LG_2", "SG_3", "PT_4", "PK_5", "SK_6", "TC_7", "TC_8", "TC_9", "SIG_10", "DEEP_11", "DEEP_12"]) expect(line, secret).not.toContain(secret);
+    expect(line).toContain('"leaseId":"L1"');
+  });
+
+  it("log an error's cause that is not an Error, or a thrown value that is not one, as what explains it, not whole", () => {
+    const line = logLine(
+      `{ err: new Error("outer", { cause: { message: "inner", code: "E_INNER", token: "CAUSE_1", response: { config: { headers: { authorization: "Bearer CAUSE_2" } } } } }) }`,
+    );
+    expect(JSON.stringify(line)).not.toMatch(/CAUSE_1|CAUSE_2/);
+    expect(line.err).toMatchObject({ type: "Error", message: "outer", cause: { type: "Object", message: "inner", code: "E_INNER" } });
+    const thrown = logLine(`{ err: { message: "rejected", request: { options: { headers: { authorization: "Bearer THROWN_1" } } } } }`);
+    expect(JSON.stringify(thrown)).not.toContain("THROWN_1");
+    expect(thrown.err).toEqual({ type: "Object", message: "rejected" });
+    // What services log as err today (a message) stays as it is.
+    expect(logLine(`{ err: "connection refused" }`).err).toBe("connection refused");
+  });
+
+  it("scrub bearer tokens, API keys and URL passwords from an error's message and stack, and its causes'", () => {
+    const line = logLine(
+      `{ err: new Error("upstream said 401 for Authorization: Bearer otp_${"ab".repeat(32)}", { cause: new Error("connect redis://default:hunter2@cache:6379 failed for key otp_${"cd".repeat(32)}") }) }`,
+    );
+    const text = JSON.stringify(line);
+    for (const secret of ["ab".repeat(32), "cd".repeat(32), "hunter2"]) expect(text, secret).not.toContain(secret);
+    expect(line.err).toMatchObject({ message: "upstream said 401 for Authorization: Bearer [REDACTED]", cause: { message: "connect redis://default:[REDACTED]@cache:6379 failed for key otp_[REDACTED]" } });
+  });
+
   it("log an error as its type, message, stack, code and cause, not the credentials it carries", () => {
     const line = logLine(
       `{ err: Object.assign(new TypeError("upstream refused", { cause: Object.assign(new Error("socket hang up"), { code: "ECONNRESET" }) }), { code: "E_UPSTREAM", config: { headers: { authorization: "Bearer otp_LEAK" } } }) }`,
