@@ -18,15 +18,22 @@
 import { parseArgs } from "node:util";
 import { generateSigningKeySet, SIGNER_ROLES } from "@outpost/platform";
 
-const { values } = parseArgs({
-  options: { format: { type: "string", default: "env" }, executors: { type: "string", default: "" }, enroll: { type: "boolean", default: false } },
-});
-const executorIds = values.executors.split(",").map((id) => id.trim()).filter(Boolean);
-
 function fail(message: string): never {
   process.stderr.write(`${message}\n`);
   process.exit(2);
 }
+
+let parsed;
+try {
+  parsed = parseArgs({
+    options: { format: { type: "string", default: "env" }, executors: { type: "string", default: "" }, enroll: { type: "boolean", default: false } },
+  });
+} catch (err) {
+  // An unknown or malformed option is a usage error (2) saying which, not a stack trace.
+  fail(`signing-keys: ${(err as Error).message}\nusage: npm run -s signing-keys -- [--format env|k8s] [--executors id,id… | --enroll]`);
+}
+const { values } = parsed;
+const executorIds = values.executors.split(",").map((id) => id.trim()).filter(Boolean);
 
 if (values.format === "k8s" && executorIds.length > 0) {
   // Pods of one Deployment are alike and come and go with the autoscaler: none can be given a

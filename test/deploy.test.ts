@@ -711,6 +711,8 @@ describe("image and compose (deploy/)", () => {
       [["--executors", "a-1,a_1"], /ids must differ/],
       [["--executors", "bad id"], /executor id "bad id": letters, digits/],
       [["--executors", "a", "--format", "k8s"], /--executors is for executors with fixed ids/],
+      // An unknown option is a usage error saying which, not a stack trace.
+      [["--bogus"], /Unknown option '--bogus'\nusage: npm run -s signing-keys/],
     ] as const) {
       const refused = run(...args);
       expect(refused.status, args.join(" ")).toBe(2);

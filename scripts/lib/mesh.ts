@@ -110,8 +110,9 @@ export function serviceNodeOptions(operator: string | undefined): string {
 
 /**
  * How long stop() waits for a process to exit after SIGTERM before it sends SIGKILL: above the
- * executor's default shutdown grace (OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS, 30 s, in which it stops
- * and removes its containers) plus a server's drain (10 s).
+ * executor's default shutdown grace (OUTPOST_EXECUTOR_SHUTDOWN_GRACE_MS, 30 s, in which its runs
+ * may finish; containers still running then are left for its next start to settle) plus a
+ * server's drain (10 s).
  */
 export const STOP_TIMEOUT_MS = 60_000;
 
