@@ -252,12 +252,6 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     serveCall(req, res);
   };
   const serveCall = (req: http.IncomingMessage, res: http.ServerResponse) => {
-    // In flight from its headers until its answer is out, not only while its handler runs
-    // (trackingInterceptor): a unary call's handler starts once its body is read, so a body still
-    // arriving when the drain began did not hold it, and the call was cut 2 s later whatever the
-    // grace.
-    track.start();
-    res.once("close", track.end);
     if (leanUnary.serve(req, res)) return;
     readBodyUntilDeadline(req, res);
     if (options.bodyBudget) chargeBodyReads(req, res, options.bodyBudget);
