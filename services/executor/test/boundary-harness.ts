@@ -24,7 +24,11 @@ import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest
 import type { LogChunk } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import { ulid } from "ulid";
-import { silentLogger } from "./fakes.ts";
+import { createDockerRuntime } from "../src/adapters/docker-runtime.ts";
+import { createHostWorkspaces } from "../src/adapters/host-workspaces.ts";
+import { Executor } from "../src/core/executor.ts";
+import { NOBODY } from "../src/core/run.ts";
+import { QueuedLeases, RunSink, silentLogger } from "./fakes.ts";
 import { keysOf, signingEnv } from "../../../test/support/signing.ts";
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
@@ -335,4 +339,52 @@ export function spawnExecutor(env: Record<string, string>, dataDir = fs.mkdtempS
 export function removeContainersOf(executorId: string): void {
   const left = docker("ps", "-aq", "--filter", `label=dev.outpost.executor-id=${executorId}`);
   if (left) docker("rm", "-f", ...left.split("\n"));
+}
+
+/**
+ * The executor's core on the real engine with host run directories under `runsDir` and a
+ * workspace disk quota; only the dispatcher (queued leases) and telemetry (auto-acked, output
+ * kept per run) are fakes. `run` leases one run and waits for its terminal report.
+ */
+export function realEngineExecutor(executorId: string, runsDir: string, quotaBytes: number) {
+  const runtime = createDockerRuntime();
+  const workspaces = createHostWorkspaces({ runsDir, uid: NOBODY.uid, gid: NOBODY.gid, repoSchemes: new Set(), checkoutTimeoutMs: 10_000, checkoutEgress: { allowedNetworks: [] } });
+  const leases = new QueuedLeases();
+  const sink = new RunSink();
+  sink.autoAck = true;
+  const executor = new Executor({
+    executorId,
+    containerUser: NOBODY,
+    slots: 1,
+    runtime,
+    leases,
+    logs: sink,
+    workspaces,
+    logger: silentLogger,
+    stopGraceMs: 3000,
+    leaseWaitMs: 500,
+    minPollIntervalMs: 100,
+    pullImages: false,
+    workspaceQuota: { limitBytes: quotaBytes, checkIntervalMs: 200 },
+  });
+  return {
+    runtime,
+    workspaces,
+    sink,
+    start: () => executor.start(),
+    /** Stops the executor and removes every container it labelled. */
+    async stop() {
+      await executor.shutdown(5000);
+      removeContainersOf(executorId);
+    },
+    /** Leases a run of the demo agent; resolves with its terminal report, its output and how long it took. */
+    async run(task: string, options: Pick<LeaseOptions, "image" | "command"> = {}) {
+      const lease = demoLease({ task, executorId, timeoutMs: 60_000, ...options });
+      const id = lease.dispatch!.id;
+      const started = Date.now();
+      leases.queue.push(lease);
+      const end = await until(`terminal report of ${id}`, () => leases.reports.find((r) => r.dispatchId === id && TERMINAL.has(r.state)), 90_000);
+      return { end, elapsedMs: Date.now() - started, texts: sink.textsOf(id), id };
+    },
+  };
 }

@@ -9,12 +9,9 @@ import os from "node:os";
 import path from "node:path";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createDockerRuntime } from "../src/adapters/docker-runtime.ts";
-import { createHostWorkspaces } from "../src/adapters/host-workspaces.ts";
-import { Executor } from "../src/core/executor.ts";
-import { executeRun, NOBODY } from "../src/core/run.ts";
-import { buildDemoAgent, demoLease, docker, dockerUp, IMAGE, removeContainersOf, TERMINAL, until, type LeaseOptions } from "./boundary-harness.ts";
-import { FakeLeases, QueuedLeases, RunSink, silentLogger } from "./fakes.ts";
+import { executeRun } from "../src/core/run.ts";
+import { buildDemoAgent, demoLease, docker, dockerUp, IMAGE, realEngineExecutor, removeContainersOf, until } from "./boundary-harness.ts";
+import { FakeLeases, silentLogger } from "./fakes.ts";
 
 const EXECUTOR_ID = `test-disk-quota-${process.pid}`;
 /** The demo agent with a VOLUME any user may write: the engine would make it a host directory. */
@@ -24,22 +21,8 @@ const engineAvailable = dockerUp();
 
 describe.skipIf(!engineAvailable)("workspace disk quota, on the real engine", () => {
   const runsDir = fs.mkdtempSync(path.join(os.tmpdir(), "outpost-disk-quota-"));
-  const runtime = createDockerRuntime();
-  const workspaces = createHostWorkspaces({ runsDir, uid: NOBODY.uid, gid: NOBODY.gid, repoSchemes: new Set(), checkoutTimeoutMs: 10_000, checkoutEgress: { allowedNetworks: [] } });
-  const leases = new QueuedLeases();
-  const sink = new RunSink();
-  sink.autoAck = true;
-  let executor: Executor;
-
-  /** Leases a run to the executor; resolves with its terminal report, output and how long it took. */
-  async function run(task: string, options: Pick<LeaseOptions, "image" | "command"> = {}) {
-    const lease = demoLease({ task, executorId: EXECUTOR_ID, timeoutMs: 60_000, ...options });
-    const id = lease.dispatch!.id;
-    const started = Date.now();
-    leases.queue.push(lease);
-    const end = await until(`terminal report of ${id}`, () => leases.reports.find((r) => r.dispatchId === id && TERMINAL.has(r.state)), 90_000);
-    return { end, elapsedMs: Date.now() - started, texts: sink.textsOf(id), id };
-  }
+  const engine = realEngineExecutor(EXECUTOR_ID, runsDir, QUOTA);
+  const { runtime, workspaces, sink, run } = engine;
 
   beforeAll(async () => {
     buildDemoAgent();
@@ -56,27 +39,11 @@ describe.skipIf(!engineAvailable)("workspace disk quota, on the real engine", ()
       timeout: 120_000,
     });
     fs.rmSync(context, { recursive: true, force: true });
-    executor = new Executor({
-      executorId: EXECUTOR_ID,
-      containerUser: NOBODY,
-      slots: 1,
-      runtime,
-      leases,
-      logs: sink,
-      workspaces,
-      logger: silentLogger,
-      stopGraceMs: 3000,
-      leaseWaitMs: 500,
-      minPollIntervalMs: 100,
-      pullImages: false,
-      workspaceQuota: { limitBytes: QUOTA, checkIntervalMs: 200 },
-    });
-    await executor.start();
+    await engine.start();
   });
 
   afterAll(async () => {
-    await executor?.shutdown(5000);
-    removeContainersOf(EXECUTOR_ID);
+    await engine.stop();
     fs.rmSync(runsDir, { recursive: true, force: true });
     spawnSync("docker", ["rmi", "-f", VOLUME_IMAGE], { stdio: "ignore" });
   });

@@ -9,12 +9,7 @@ import os from "node:os";
 import path from "node:path";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createDockerRuntime } from "../src/adapters/docker-runtime.ts";
-import { createHostWorkspaces } from "../src/adapters/host-workspaces.ts";
-import { Executor } from "../src/core/executor.ts";
-import { NOBODY } from "../src/core/run.ts";
-import { buildDemoAgent, demoLease, docker, dockerUp, removeContainersOf, TERMINAL, until } from "./boundary-harness.ts";
-import { QueuedLeases, RunSink, silentLogger } from "./fakes.ts";
+import { buildDemoAgent, docker, dockerUp, realEngineExecutor, until } from "./boundary-harness.ts";
 
 const EXECUTOR_ID = `test-hostile-${process.pid}`;
 const QUOTA = 2 * 1024 * 1024;
@@ -26,48 +21,20 @@ describe.skipIf(!engineAvailable)("a hostile agent, on the real engine", () => {
   /** A host file and directory the agent must not get the executor to read (stand-ins for /etc/shadow, a key file). */
   const hostDir = path.join(base, "host-secrets");
   const hostFile = path.join(hostDir, "result.json");
-  const runtime = createDockerRuntime();
-  const workspaces = createHostWorkspaces({ runsDir, uid: NOBODY.uid, gid: NOBODY.gid, repoSchemes: new Set(), checkoutTimeoutMs: 10_000, checkoutEgress: { allowedNetworks: [] } });
-  const leases = new QueuedLeases();
-  const sink = new RunSink();
-  sink.autoAck = true;
-  let executor: Executor;
-
-  async function run(script: string) {
-    const lease = demoLease({ task: "", executorId: EXECUTOR_ID, timeoutMs: 60_000, command: ["/bin/sh", "-c", script] });
-    const id = lease.dispatch!.id;
-    const started = Date.now();
-    leases.queue.push(lease);
-    const end = await until(`terminal report of ${id}`, () => leases.reports.find((r) => r.dispatchId === id && TERMINAL.has(r.state)), 90_000);
-    return { end, elapsedMs: Date.now() - started, texts: sink.textsOf(id), id };
-  }
+  const engine = realEngineExecutor(EXECUTOR_ID, runsDir, QUOTA);
+  /** Runs `script` as the agent (the demo image's shell). */
+  const run = (script: string) => engine.run("", { command: ["/bin/sh", "-c", script] });
 
   beforeAll(async () => {
     buildDemoAgent();
     fs.mkdirSync(runsDir);
     fs.mkdirSync(hostDir);
     fs.writeFileSync(hostFile, JSON.stringify({ stolen: "host-secret-value" }));
-    executor = new Executor({
-      executorId: EXECUTOR_ID,
-      containerUser: NOBODY,
-      slots: 1,
-      runtime,
-      leases,
-      logs: sink,
-      workspaces,
-      logger: silentLogger,
-      stopGraceMs: 3000,
-      leaseWaitMs: 500,
-      minPollIntervalMs: 100,
-      pullImages: false,
-      workspaceQuota: { limitBytes: QUOTA, checkIntervalMs: 200 },
-    });
-    await executor.start();
+    await engine.start();
   });
 
   afterAll(async () => {
-    await executor?.shutdown(5000);
-    removeContainersOf(EXECUTOR_ID);
+    await engine.stop();
     fs.rmSync(base, { recursive: true, force: true });
   });
 
