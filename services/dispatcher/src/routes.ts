@@ -161,16 +161,22 @@ export function registerRoutes(router: ConnectRouter, dispatcher: Dispatcher, ag
       const cursor = decodePageToken<{ after: string }>(req.pageToken, { after: "string" });
       if (req.state !== Dispatch_State.UNSPECIFIED) requireEnum("state", req.state, Dispatch_State);
       const labels = validateLabels("labels", req.labels);
-      const { records, more } = await dispatcher.list(
+      const { items, lastId, more } = await dispatcher.list(
         tenantId,
         { state: stateFromProto(req.state), agent: req.agent ? checkLength("agent", req.agent, 64) : undefined, labels },
-        // Measured as sent: a result's Struct can be several times its JSON.
-        { limit, afterId: cursor?.after, maxBytes: MAX_LIST_PAGE_BYTES, sizeOf: (record) => toBinary(DispatchSchema, dispatchToProto(record)).byteLength },
+        {
+          limit,
+          afterId: cursor?.after,
+          maxBytes: MAX_LIST_PAGE_BYTES,
+          encode: (record) => {
+            const dispatch = dispatchToProto(record);
+            return { item: dispatch, bytes: toBinary(DispatchSchema, dispatch).byteLength };
+          },
+        },
       );
-      const last = records.at(-1);
       return create(ListDispatchesResponseSchema, {
-        dispatches: records.map(dispatchToProto),
-        nextPageToken: more && last ? encodePageToken({ after: last.id }) : "",
+        dispatches: items,
+        nextPageToken: more && lastId ? encodePageToken({ after: lastId }) : "",
       });
     },
     async cancelDispatch(req, ctx) {

@@ -272,26 +272,30 @@ export class Dispatcher {
   }
 
   /**
-   * A page of the tenant's dispatches, newest first: at most `limit`, and ended early once they
-   * would pass `maxBytes` (roughly, as encoded; the first always comes), so a page of large
-   * dispatches (task, env, result) stays bounded in memory and on the wire whatever its size.
-   * The store is read in chunks for the same reason. `more`: a next page has dispatches.
+   * A page of the tenant's dispatches, newest first, each as `page.encode` makes it for sending:
+   * at most `limit`, and ended early once they would pass `maxBytes` as encoded (the first always
+   * comes), so a page of large dispatches (task, env, result) stays bounded in memory and on the
+   * wire whatever its size. The store is read in chunks for the same reason. `more`: a next page
+   * has dispatches.
    */
-  async list(tenantId: string, filter: ListFilter, page: ListPage): Promise<{ records: DispatchRecord[]; more: boolean }> {
-    const { limit, maxBytes = Infinity, sizeOf = approximateBytes } = page;
-    const records: DispatchRecord[] = [];
+  async list<T>(tenantId: string, filter: ListFilter, page: ListPage<T>): Promise<{ items: T[]; lastId: string | undefined; more: boolean }> {
+    const { limit, maxBytes, encode } = page;
+    const items: T[] = [];
     let bytes = 0;
     let afterId = page.afterId;
+    let lastId: string | undefined;
     for (;;) {
-      const want = Math.min(limit + 1 - records.length, LIST_CHUNK);
+      const want = Math.min(limit + 1 - items.length, LIST_CHUNK);
       const chunk = await this.store.list(tenantId, filter, want, afterId);
       for (const record of chunk) {
-        const size = sizeOf(record);
-        if (records.length === limit || (records.length > 0 && bytes + size > maxBytes)) return { records, more: true };
-        records.push(record);
-        bytes += size;
+        if (items.length === limit) return { items, lastId, more: true };
+        const encoded = encode(record);
+        if (items.length > 0 && bytes + encoded.bytes > maxBytes) return { items, lastId, more: true };
+        items.push(encoded.item);
+        bytes += encoded.bytes;
+        lastId = record.id;
       }
-      if (chunk.length < want) return { records, more: false };
+      if (chunk.length < want) return { items, lastId, more: false };
       afterId = chunk.at(-1)!.id;
     }
   }
@@ -834,27 +838,14 @@ export class Dispatcher {
 /** What `list` reads from the store at a time. */
 const LIST_CHUNK = 100;
 
-export interface ListPage {
+export interface ListPage<T> {
   limit: number;
   /** Continues after this id. */
   afterId?: string;
-  /** The page ends before its dispatches pass this many bytes (the first always comes). */
-  maxBytes?: number;
-  /** A dispatch's size as it will be sent; default `approximateBytes`. */
-  sizeOf?: (record: DispatchRecord) => number;
-}
-
-/**
- * About what a dispatch takes (its variable-length fields, JSON for maps and the result, plus a
- * fixed allowance for the rest). A result can take several times its JSON encoded as a Struct,
- * so the routes measure the encoded message instead.
- */
-function approximateBytes(record: DispatchRecord): number {
-  const text = [record.task, record.repoUrl, record.repoRef, record.failureReason, record.resultJson ?? "", record.requestId, record.model];
-  let bytes = 512 + record.secretNames.length * 130;
-  for (const value of text) bytes += Buffer.byteLength(value);
-  for (const map of [record.env, record.labels]) bytes += Buffer.byteLength(JSON.stringify(map));
-  return bytes;
+  /** The page ends before its dispatches pass this many bytes as encoded (the first always comes). */
+  maxBytes: number;
+  /** A dispatch as it will be sent, and its size so (a result's Struct can be several times its JSON). */
+  encode: (record: DispatchRecord) => { item: T; bytes: number };
 }
 
 /** An end no executor reported (never started, lost, cancelled): no exit code, no result, no log lines counted. */
