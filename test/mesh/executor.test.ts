@@ -6,10 +6,15 @@
  */
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { followLogs } from "@outpost/cli";
+import { internalClient, type Identity } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { LeaseService } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
+import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
+import { LogStream, type LogChunk } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 import Docker from "dockerode";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startTestMesh, type TestMesh } from "./harness.ts";
+import { signerFor } from "../support/signing.ts";
 
 const docker = new Docker();
 const EXECUTOR_LABEL = `dev.outpost.executor-id=test-${process.pid}`;
@@ -82,6 +87,46 @@ describe("executor in the mesh", () => {
     expect(final.state).toBe(Dispatch_State.FAILED);
     expect(final.failureReason).toMatch(/executor lost/);
     expect(await labelledContainers()).toBe(0);
+  });
+
+  it("a run retried after its first attempt printed and its executor vanished before RUNNING keeps that output, and the retry's follows it", async () => {
+    // The first attempt is a stand-in executor that takes the lease, writes two lines through
+    // the real telemetry under the lease's grant and then goes silent, as one whose process died
+    // between starting the container and reporting RUNNING: the lease expires with the run
+    // STARTING, so the dispatcher retries it as one that never started.
+    await t.mesh.kill("executor", "SIGTERM");
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "lines=3" });
+    const id = dispatch!.id;
+    const identity: Identity = { kind: "service", principal: "executor/vanishing" };
+    const signingKeys = signerFor(identity);
+    const leases = internalClient(LeaseService, { baseUrl: t.mesh.urls.dispatcher, signingKeys, identity });
+    const ingest = internalClient(LogIngestService, { baseUrl: t.mesh.urls.telemetry, signingKeys, identity });
+    const { lease } = await leases.acquireLease({ executorId: "vanishing", wait: durationFromMs(5000) });
+    expect(lease?.dispatch?.id).toBe(id);
+    async function* firstAttemptOutput() {
+      yield {
+        dispatchId: id,
+        tenantId: tenant.tenantId,
+        grant: lease!.logGrant,
+        chunks: [1, 2].map((n) => ({ seq: BigInt(n), stream: LogStream.STDOUT, text: `first attempt ${n}` })),
+      };
+    }
+    for await (const answer of ingest.ingestLogs(firstAttemptOutput())) expect(answer.ackedSeq).toBe(2n);
+
+    await t.mesh.start("executor");
+    const chunks: LogChunk[] = [];
+    const end = await followLogs(tenant.clients.logs, id, (chunk) => chunks.push(chunk));
+    expect(end.state).toBe(Dispatch_State.SUCCEEDED);
+    const final = await waitFor(id, TERMINAL);
+    expect(final.attempt).toBe(2);
+    // Every line once, numbered without a gap: the first attempt's two, then the retry's own
+    // (the demo agent's "line 1".."line 3" among them), none of them dropped as a duplicate.
+    expect(chunks.map((c) => Number(c.seq))).toEqual(chunks.map((_, i) => i + 1));
+    expect(chunks.slice(0, 2).map((c) => c.text)).toEqual(["first attempt 1", "first attempt 2"]);
+    const retried = chunks.slice(2).map((c) => c.text);
+    expect(retried.slice(0, 2)).toEqual(["outpost demo agent starting", `dispatch ${id} model ${final.model}`]);
+    expect(retried.filter((text) => /^line \d$/.test(text))).toEqual(["line 1", "line 2", "line 3"]);
+    expect(Number(end.lastSeq)).toBe(chunks.length);
   });
 
   it("with its executor gone for good, the lease expires and the dispatcher fails the run \"executor lost\"", async () => {

@@ -31,6 +31,17 @@ export class FakeSink implements LogSink {
   readonly runs: Parameters<LogSink["open"]>[0][] = [];
   /** Ack every batch at once. */
   autoAck = false;
+  /** What `storedThrough` answers per run (0 when absent), or the error it throws. */
+  readonly stored = new Map<string, number | Error>();
+  /** Every `storedThrough` call, in order. */
+  readonly storedAsks: Parameters<LogSink["storedThrough"]>[0][] = [];
+
+  async storedThrough(run: Parameters<LogSink["storedThrough"]>[0]): Promise<number> {
+    this.storedAsks.push(run);
+    const answer = this.stored.get(run.dispatchId) ?? 0;
+    if (answer instanceof Error) throw answer;
+    return answer;
+  }
 
   open(run: Parameters<LogSink["open"]>[0], handlers: LogConnectionHandlers): LogConnection {
     this.runs.push(run);

@@ -38,7 +38,7 @@ describe("telemetry service", () => {
     await service.close();
   });
 
-  it("acknowledges the highest contiguous seq and ignores resends", async () => {
+  it("acknowledges the highest contiguous seq, ignores resends, and answers a batch with no chunks with it (where a retry continues)", async () => {
     const id = ulid();
     const acked = await ingest(c.executor, [batch(id, "t-a", [1, 2, 3]), batch(id, "t-a", [5]), batch(id, "t-a", [2, 3, 4]), batch(id, "t-a", [])]);
     expect(acked).toEqual([3, 3, 5, 5]);

@@ -23,6 +23,13 @@ export interface LogShipperOptions {
   grant: () => string;
   sink: LogSink;
   logger: Logger;
+  /**
+   * The highest sequence telemetry already holds for the run, from an earlier attempt (a retry
+   * of a run whose first attempt's agent may have printed before its executor died): this
+   * attempt's lines are numbered after it, so they follow that output instead of colliding with
+   * it (telemetry keeps the first line stored under a sequence). 0 for a first attempt.
+   */
+  afterSeq?: number;
   /** Unacked lines kept at most before the producer has to wait. */
   maxBuffered?: number;
   /**
@@ -70,9 +77,10 @@ export class LogShipper {
     this.maxBatch = options.maxBatch ?? 500;
     this.ackTimeoutMs = options.ackTimeoutMs ?? 5_000;
     this.backoff = options.backoff ?? new Backoff({ baseMs: 100, maxMs: 5_000 });
+    this.lastSeq = this.ackedSeq = this.sentSeq = options.afterSeq ?? 0;
   }
 
-  /** Highest sequence number handed out so far (0 when none). */
+  /** Highest sequence number handed out so far (`afterSeq` when none). */
   get lastSequence(): number {
     return this.lastSeq;
   }
