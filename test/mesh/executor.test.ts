@@ -19,12 +19,14 @@ import { signerFor } from "../support/signing.ts";
 const docker = new Docker();
 const EXECUTOR_LABEL = `dev.outpost.executor-id=test-${process.pid}`;
 const TERMINAL = new Set([Dispatch_State.SUCCEEDED, Dispatch_State.FAILED, Dispatch_State.TIMED_OUT, Dispatch_State.CANCELLED]);
+/** Per-run output cap of this mesh's executor: far above what the other tests' runs print. */
+const OUTPUT_CAP = 16 * 1024;
 let t: TestMesh;
 let tenant: Awaited<ReturnType<TestMesh["newTenant"]>>;
 
 beforeAll(async () => {
   await docker.ping();
-  t = await startTestMesh({ env: { OUTPOST_STOP_GRACE_MS: "2000", OUTPOST_LEASE_TTL_MS: "3000" } });
+  t = await startTestMesh({ env: { OUTPOST_STOP_GRACE_MS: "2000", OUTPOST_LEASE_TTL_MS: "3000", OUTPOST_EXECUTOR_RUN_OUTPUT_MAX_BYTES: String(OUTPUT_CAP) } });
   tenant = await t.newTenant("Executor");
 });
 
@@ -127,6 +129,27 @@ describe("executor in the mesh", () => {
     expect(retried.slice(0, 2)).toEqual(["outpost demo agent starting", `dispatch ${id} model ${final.model}`]);
     expect(retried.filter((text) => /^line \d$/.test(text))).toEqual(["line 1", "line 2", "line 3"]);
     expect(Number(end.lastSeq)).toBe(chunks.length);
+  });
+
+  it("a run printing past the output cap ends its log with the truncation notice and still finishes with its result", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "lines=5000" });
+    const chunks: LogChunk[] = [];
+    const end = await followLogs(tenant.clients.logs, dispatch!.id, (chunk) => chunks.push(chunk));
+    expect(end.state).toBe(Dispatch_State.SUCCEEDED);
+    expect(chunks.map((c) => Number(c.seq))).toEqual(chunks.map((_, i) => i + 1));
+    expect(Number(end.lastSeq)).toBe(chunks.length);
+    const notice = chunks.at(-1)!;
+    expect(notice.stream).toBe(LogStream.STDERR);
+    expect(notice.text).toBe("[outpost] output truncated: this run printed more than 16 KiB; the rest of its output is not kept");
+    const kept = chunks.slice(0, -1);
+    const keptBytes = kept.reduce((sum, c) => sum + Buffer.byteLength(c.text), 0);
+    expect(keptBytes).toBeLessThanOrEqual(OUTPUT_CAP);
+    expect(keptBytes).toBeGreaterThan(OUTPUT_CAP - 100);
+    expect(kept.map((c) => c.text)).not.toContain("line 5000");
+    // The agent was not held up: it printed everything, wrote its result and exited 0.
+    const done = await waitFor(dispatch!.id, TERMINAL);
+    expect(done.exitCode).toBe(0);
+    expect(done.result).toMatchObject({ lines: 5000 });
   });
 
   it("with its executor gone for good, the lease expires and the dispatcher fails the run \"executor lost\"", async () => {

@@ -4,6 +4,16 @@ import { z } from "zod";
 import { loadConfig, reportErrorOf, setting } from "@outpost/platform";
 import { parseAllowedNetworks } from "./adapters/checkout-egress.ts";
 
+/** A size in whole bytes, 0 meaning `zeroMeans`. */
+function wholeBytes(defaultBytes: number, zeroMeans: string) {
+  return z
+    .string()
+    .regex(/^\d+$/, `must be a whole number of bytes (0: ${zeroMeans})`)
+    .default(String(defaultBytes))
+    .transform(Number)
+    .refine(Number.isSafeInteger, "is too large");
+}
+
 export const executorConfigShape = {
   OUTPOST_SIGNING_KEY: setting.signingKey(),
   OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
@@ -48,12 +58,9 @@ export const executorConfigShape = {
   /** Longest repository checkout. */
   OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS: setting.timerMs(300_000),
   /** Disk a run's workspace may take on the host, in bytes (10 GiB; 0: no quota); see docs/executor.md. */
-  OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES: z
-    .string()
-    .regex(/^\d+$/, "must be a whole number of bytes (0: no quota)")
-    .default(String(10 * 1024 ** 3))
-    .transform(Number)
-    .refine(Number.isSafeInteger, "is too large"),
+  OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES: wholeBytes(10 * 1024 ** 3, "no quota"),
+  /** Output a run may send to telemetry, in bytes (100 MiB; 0: no cap); the rest is dropped. See docs/executor.md. */
+  OUTPOST_EXECUTOR_RUN_OUTPUT_MAX_BYTES: wholeBytes(100 * 1024 ** 2, "no cap"),
   /** Shortest pause between two measurements of a running workspace (longer when measuring takes long). */
   OUTPOST_EXECUTOR_WORKSPACE_CHECK_MS: setting.timerMs(2000),
   /** Engine address (unix:// or tcp://); the local socket when unset. */

@@ -85,6 +85,7 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
       config.OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES > 0
         ? { limitBytes: config.OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES, checkIntervalMs: config.OUTPOST_EXECUTOR_WORKSPACE_CHECK_MS }
         : undefined,
+    maxOutputBytes: config.OUTPOST_EXECUTOR_RUN_OUTPUT_MAX_BYTES,
   });
   // Read at scrape time (SPEC L4): running containers, free slots, warm containers.
   gauge("outpost_executor_running_containers", "Runs (containers) in progress on this executor.", [], (g) => g.set(executor.busySlots));

@@ -2,10 +2,11 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { refusalOf } from "../src/adapters/telemetry-log-sink.ts";
 import { Backoff } from "../src/core/backoff.ts";
-import { LogShipper } from "../src/core/log-shipper.ts";
+import { LogShipper, truncationNotice } from "../src/core/log-shipper.ts";
 import { MAX_LINE_CHARS } from "../src/core/line-splitter.ts";
 import { LogRefusedError } from "../src/core/ports.ts";
 import { FakeSink, silentLogger } from "./fakes.ts";
+import { executorConfigShape } from "../src/config.ts";
 
 function shipper(sink: FakeSink, extra: Partial<ConstructorParameters<typeof LogShipper>[0]> = {}) {
   return new LogShipper({
@@ -38,6 +39,27 @@ describe("LogShipper", () => {
       [3, "stderr", "third"],
     ]);
     s.close();
+  });
+
+  it("past maxOutputBytes sends one stderr line saying the output was truncated, then drops the rest", async () => {
+    const sink = new FakeSink();
+    sink.autoAck = true;
+    const s = shipper(sink, { maxOutputBytes: 10 });
+    expect(s.add("stdout", "héllo")?.seq).toBe(1); // 6 bytes in UTF-8
+    expect(s.add("stdout", "abcd")?.seq).toBe(2); // 10: at the cap, still kept
+    expect(s.outputTruncated).toBe(false);
+    expect(s.add("stdout", "x")?.seq).toBe(3); // the notice takes its place
+    expect(s.outputTruncated).toBe(true);
+    expect(s.add("stderr", "more")).toBeUndefined();
+    expect(s.lastSequence).toBe(3);
+    expect(await s.finish(1000)).toBe(3);
+    expect(sink.allSent.map((l) => [l.seq, l.stream, l.text])).toEqual([
+      [1, "stdout", "héllo"],
+      [2, "stdout", "abcd"],
+      [3, "stderr", truncationNotice(10)],
+    ]);
+    expect(truncationNotice(100 * 1024 ** 2)).toBe("[outpost] output truncated: this run printed more than 100 MiB; the rest of its output is not kept");
+    expect(truncationNotice(1000)).toContain("more than 1000 bytes;");
   });
 
   it("caps a batch by size so it fits telemetry's message limit", () => {
@@ -212,5 +234,16 @@ describe("LogShipper", () => {
     s.add("stdout", "z");
     expect(sink.last.batches.map((b) => b.map((l) => l.seq))).toEqual([[1], [2]]);
     s.close();
+  });
+});
+
+describe("OUTPOST_EXECUTOR_RUN_OUTPUT_MAX_BYTES", () => {
+  const parse = (value: string | undefined) => executorConfigShape.OUTPOST_EXECUTOR_RUN_OUTPUT_MAX_BYTES.safeParse(value);
+  it("defaults to 100 MiB, takes whole bytes (0: no cap) and refuses anything else, naming the unit", () => {
+    expect(parse(undefined).data).toBe(100 * 1024 * 1024);
+    expect(parse("0").data).toBe(0);
+    expect(parse("16384").data).toBe(16384);
+    for (const bad of ["", "100MiB", "-1", "1e9", "1.5", "99999999999999999999"]) expect(parse(bad).success, bad).toBe(false);
+    expect(parse("100MiB").error?.issues[0]?.message).toBe("must be a whole number of bytes (0: no cap)");
   });
 });

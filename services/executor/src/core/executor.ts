@@ -44,6 +44,8 @@ export interface ExecutorOptions {
   minPollIntervalMs?: number;
   /** Every run's workspace disk quota; none when absent. */
   workspaceQuota?: WorkspaceQuota;
+  /** Output each run may send to telemetry, in bytes (RunDeps.maxOutputBytes); no cap when absent or 0. */
+  maxOutputBytes?: number;
   backoff?: () => Backoff;
 }
 
@@ -236,6 +238,7 @@ export class Executor {
         cancellations: this.cancellations,
         workspaceQuota: this.options.workspaceQuota,
         containerUser: this.options.containerUser,
+        maxOutputBytes: this.options.maxOutputBytes,
       };
       const run = withSpan(
         "executor.run",

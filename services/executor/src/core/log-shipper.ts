@@ -30,6 +30,13 @@ export interface LogShipperOptions {
    * it (telemetry keeps the first line stored under a sequence). 0 for a first attempt.
    */
   afterSeq?: number;
+  /**
+   * Output one run may send, in UTF-8 bytes of its lines' text (no cap when absent or 0). The
+   * line that would pass it is replaced by one stderr line saying the output was truncated, and
+   * everything after it is dropped here, so an agent printing without end (`yes`) neither fills
+   * telemetry's store nor holds up its own run: its output is still read, and thrown away.
+   */
+  maxOutputBytes?: number;
   /** Unacked lines kept at most before the producer has to wait. */
   maxBuffered?: number;
   /**
@@ -69,6 +76,10 @@ export class LogShipper {
   /** Telemetry refused the run's output for good: lines are dropped from then on. */
   private refused = false;
   private waiters: Array<() => void> = [];
+  /** UTF-8 bytes of the lines taken so far (counted only under `maxOutputBytes`). */
+  private outputBytes = 0;
+  /** Past `maxOutputBytes`: what is dropped since, for the executor's log. */
+  private truncated: { lines: number; bytes: number } | undefined;
 
   constructor(options: LogShipperOptions) {
     this.options = options;
@@ -104,8 +115,35 @@ export class LogShipper {
     return this.pending.length >= this.maxBuffered || this.pendingBytes + MAX_LINE_BYTES > this.maxBufferedBytes;
   }
 
-  /** Adds one line and sends it as soon as the connection allows. */
-  add(stream: OutputStream, text: string): LogLine {
+  /** Whether the run's output passed `maxOutputBytes` (the rest of it is dropped). */
+  get outputTruncated(): boolean {
+    return this.truncated !== undefined;
+  }
+
+  /**
+   * Adds one line and sends it as soon as the connection allows; past `maxOutputBytes`, drops
+   * it (undefined) after the one line that says so.
+   */
+  add(stream: OutputStream, text: string): LogLine | undefined {
+    const cap = this.options.maxOutputBytes;
+    if (cap) {
+      const bytes = Buffer.byteLength(text);
+      if (this.truncated) {
+        this.truncated.lines++;
+        this.truncated.bytes += bytes;
+        return undefined;
+      }
+      if (this.outputBytes + bytes > cap) {
+        this.truncated = { lines: 1, bytes };
+        this.options.logger.warn({ dispatchId: this.options.dispatchId, maxOutputBytes: cap }, "run output passed its cap; the rest is dropped");
+        return this.number("stderr", truncationNotice(cap));
+      }
+      this.outputBytes += bytes;
+    }
+    return this.number(stream, text);
+  }
+
+  private number(stream: OutputStream, text: string): LogLine {
     const line: LogLine = { seq: ++this.lastSeq, stream, text, time: (this.options.now ?? (() => new Date()))() };
     if (this.refused) return line;
     this.pending.push(line);
@@ -128,6 +166,9 @@ export class LogShipper {
     this.pump();
     while (this.ackedSeq < this.lastSeq && Date.now() < deadline && !this.closed && !this.refused) {
       await Promise.race([this.nextChange(), new Promise((resolve) => setTimeout(resolve, Math.max(0, deadline - Date.now())).unref())]);
+    }
+    if (this.truncated) {
+      this.options.logger.warn({ dispatchId: this.options.dispatchId, droppedLines: this.truncated.lines, droppedBytes: this.truncated.bytes }, "run output dropped past its cap");
     }
     if (this.ackedSeq < this.lastSeq && !this.refused) {
       this.options.logger.warn(
@@ -239,6 +280,18 @@ export class LogShipper {
     this.waiters = [];
     for (const resolve of waiters) resolve();
   }
+}
+
+/** The line a run's output ends with once it passed its cap (shown to whoever follows the run). */
+export function truncationNotice(maxOutputBytes: number): string {
+  return `[outpost] output truncated: this run printed more than ${formatBytes(maxOutputBytes)}; the rest of its output is not kept`;
+}
+
+function formatBytes(bytes: number): string {
+  for (const [unit, size] of [["GiB", 1024 ** 3], ["MiB", 1024 ** 2], ["KiB", 1024]] as const) {
+    if (bytes >= size && bytes % size === 0) return `${bytes / size} ${unit}`;
+  }
+  return `${bytes} bytes`;
 }
 
 /** Unacked output one run may hold by default (bytes as `textBytes` counts them). */

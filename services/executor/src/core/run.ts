@@ -102,6 +102,8 @@ export interface RunDeps {
   workspaceQuota?: WorkspaceQuota;
   /** Who agents run as (containerUserFor); nobody (65534:65534) when absent. */
   containerUser?: ContainerUser;
+  /** Output a run may send to telemetry, in bytes; the rest is dropped (log-shipper.ts). No cap when absent or 0. */
+  maxOutputBytes?: number;
 }
 
 export interface WorkspaceQuota {
@@ -405,7 +407,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       }
     }
     // Renewed with every heartbeat, as the lease is (run-grants.ts).
-    const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => keeper.logGrant, sink: deps.logs, logger, afterSeq });
+    const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => keeper.logGrant, sink: deps.logs, logger, afterSeq, maxOutputBytes: deps.maxOutputBytes });
     let pumping: Promise<void> | undefined;
     const timers: NodeJS.Timeout[] = [];
     let stopCause: StopCause | undefined;
