@@ -54,8 +54,9 @@ function transportFor(call: PageCall, headersSeen?: (headers: Headers) => void):
 /** Creates a dispatch of the demo agent and follows its log stream until the run's end. */
 async function dispatchAndFollow(call: PageCall, task: string): Promise<FollowedRun> {
   let rateLimitLimit: string | null = null;
-  const transport = transportFor(call, (headers) => (rateLimitLimit ??= headers.get("ratelimit-limit")));
-  const { dispatch } = await createClient(DispatchService, transport).createDispatch({ agent: "demo", task });
+  const creating = transportFor(call, (headers) => (rateLimitLimit = headers.get("ratelimit-limit")));
+  const { dispatch } = await createClient(DispatchService, creating).createDispatch({ agent: "demo", task });
+  const transport = transportFor(call);
   const lines: string[] = [];
   for await (const message of createClient(LogService, transport).subscribeLogs({ dispatchId: dispatch!.id })) {
     for (const chunk of message.chunks) lines.push(`${chunk.seq} ${LogStream[chunk.stream]} ${chunk.text}`);

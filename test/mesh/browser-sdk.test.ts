@@ -7,7 +7,7 @@
  * allow gets nothing. Chromium is required (`.ci/run` installs it): a machine without it fails
  * here, as it does without Docker; `OUTPOST_TEST_SKIP_BROWSER=1` skips this file on purpose.
  */
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import os from "node:os";
@@ -34,18 +34,22 @@ let refusedUrl: string;
 /** Bundles the page's script for the browser (ES module, every dependency inside). */
 async function bundlePage(): Promise<string> {
   const outDir = mkdtempSync(path.join(os.tmpdir(), "outpost-browser-"));
-  await build({
-    configFile: false,
-    logLevel: "warn",
-    root: ROOT,
-    build: {
-      outDir,
-      emptyOutDir: true,
-      minify: false,
-      lib: { entry: path.join(ROOT, "test/browser/sdk-page.ts"), formats: ["es"], fileName: () => "sdk-page.js" },
-    },
-  });
-  return readFileSync(path.join(outDir, "sdk-page.js"), "utf8");
+  try {
+    await build({
+      configFile: false,
+      logLevel: "warn",
+      root: ROOT,
+      build: {
+        outDir,
+        emptyOutDir: true,
+        minify: false,
+        lib: { entry: path.join(ROOT, "test/browser/sdk-page.ts"), formats: ["es"], fileName: () => "sdk-page.js" },
+      },
+    });
+    return readFileSync(path.join(outDir, "sdk-page.js"), "utf8");
+  } finally {
+    rmSync(outDir, { recursive: true, force: true });
+  }
 }
 
 /** Serves the page and its script on a loopback port of its own: another origin than the gateway's. */
@@ -96,9 +100,13 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  await browser?.close();
-  pages?.close();
-  await t?.mesh.stop();
+  // Each goes whatever the others do: a browser that fails to close must not leave the mesh running.
+  const closing = await Promise.allSettled([
+    browser?.close(),
+    pages && new Promise<void>((resolve) => pages.close(() => resolve())),
+    t?.mesh.stop(),
+  ]);
+  for (const outcome of closing) if (outcome.status === "rejected") throw outcome.reason;
 });
 
 describe.skipIf(skip)("the SDK in Chromium, cross-origin (SPEC C1, G1)", () => {

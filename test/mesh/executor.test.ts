@@ -113,7 +113,9 @@ describe("executor in the mesh", () => {
         chunks: [1, 2].map((n) => ({ seq: BigInt(n), stream: LogStream.STDOUT, text: `first attempt ${n}` })),
       };
     }
-    for await (const answer of ingest.ingestLogs(firstAttemptOutput())) expect(answer.ackedSeq).toBe(2n);
+    const acks: bigint[] = [];
+    for await (const answer of ingest.ingestLogs(firstAttemptOutput())) acks.push(answer.ackedSeq);
+    expect(acks).toEqual([2n]);
 
     await t.mesh.start("executor");
     const chunks: LogChunk[] = [];
@@ -140,11 +142,12 @@ describe("executor in the mesh", () => {
     expect(Number(end.lastSeq)).toBe(chunks.length);
     const notice = chunks.at(-1)!;
     expect(notice.stream).toBe(LogStream.STDERR);
-    expect(notice.text).toBe("[outpost] output truncated: this run printed more than 16 KiB; the rest of its output is not kept");
+    expect(notice.text).toBe("[outpost] output truncated: this run printed more than 16 KiB of output; the rest of it is not kept");
     const kept = chunks.slice(0, -1);
-    const keptBytes = kept.reduce((sum, c) => sum + Buffer.byteLength(c.text), 0);
-    expect(keptBytes).toBeLessThanOrEqual(OUTPUT_CAP);
-    expect(keptBytes).toBeGreaterThan(OUTPUT_CAP - 100);
+    // Each line counts its bytes plus 64 (log-shipper.ts outputCost): kept up to the cap, and no further.
+    const keptCost = kept.reduce((sum, c) => sum + Buffer.byteLength(c.text) + 64, 0);
+    expect(keptCost).toBeLessThanOrEqual(OUTPUT_CAP);
+    expect(keptCost).toBeGreaterThan(OUTPUT_CAP - 200);
     expect(kept.map((c) => c.text)).not.toContain("line 5000");
     // The agent was not held up: it printed everything, wrote its result and exited 0.
     const done = await waitFor(dispatch!.id, TERMINAL);

@@ -59,7 +59,7 @@ export const executorConfigShape = {
   OUTPOST_EXECUTOR_CHECKOUT_TIMEOUT_MS: setting.timerMs(300_000),
   /** Disk a run's workspace may take on the host, in bytes (10 GiB; 0: no quota); see docs/executor.md. */
   OUTPOST_EXECUTOR_WORKSPACE_MAX_BYTES: wholeBytes(10 * 1024 ** 3, "no quota"),
-  /** Output a run may send to telemetry, in bytes (100 MiB; 0: no cap); the rest is dropped. See docs/executor.md. */
+  /** Output an attempt of a run may send to telemetry, counted as log-shipper.ts outputCost does (100 MiB; 0: no cap); the rest is dropped. See docs/executor.md. */
   OUTPOST_EXECUTOR_RUN_OUTPUT_MAX_BYTES: wholeBytes(100 * 1024 ** 2, "no cap"),
   /** Shortest pause between two measurements of a running workspace (longer when measuring takes long). */
   OUTPOST_EXECUTOR_WORKSPACE_CHECK_MS: setting.timerMs(2000),

@@ -31,21 +31,12 @@ export class FakeSink implements LogSink {
   readonly runs: Parameters<LogSink["open"]>[0][] = [];
   /** Ack every batch at once. */
   autoAck = false;
-  /** What `storedThrough` answers per run (0 when absent), or the error it throws. */
-  readonly stored = new Map<string, number | Error>();
-  /** Every `storedThrough` call, in order. */
-  readonly storedAsks: Parameters<LogSink["storedThrough"]>[0][] = [];
-
-  async storedThrough(run: Parameters<LogSink["storedThrough"]>[0]): Promise<number> {
-    this.storedAsks.push(run);
-    const answer = this.stored.get(run.dispatchId) ?? 0;
-    if (answer instanceof Error) throw answer;
-    return answer;
-  }
+  /** What telemetry holds per run before this sink's lines: an empty batch is acked with it (autoAck). */
+  readonly stored = new Map<string, number>();
 
   open(run: Parameters<LogSink["open"]>[0], handlers: LogConnectionHandlers): LogConnection {
     this.runs.push(run);
-    const conn = new FakeConnection(handlers, this);
+    const conn = new FakeConnection(handlers, this, run.dispatchId);
     this.connections.push(conn);
     return conn;
   }
@@ -65,15 +56,23 @@ export class FakeConnection implements LogConnection {
   closed = false;
   readonly handlers: LogConnectionHandlers;
   private readonly sink: FakeSink;
+  private readonly dispatchId: string;
 
-  constructor(handlers: LogConnectionHandlers, sink: FakeSink) {
+  constructor(handlers: LogConnectionHandlers, sink: FakeSink, dispatchId: string) {
     this.handlers = handlers;
     this.sink = sink;
+    this.dispatchId = dispatchId;
+  }
+
+  /** Empty batches sent: asks where the run's stored output stands (LogShipper continueStored). */
+  get probes(): number {
+    return this.batches.filter((batch) => batch.length === 0).length;
   }
 
   send(lines: LogLine[]): void {
     this.batches.push(lines);
-    if (this.sink.autoAck) queueMicrotask(() => this.handlers.onAck(lines[lines.length - 1]!.seq));
+    const acked = lines.length === 0 ? (this.sink.stored.get(this.dispatchId) ?? 0) : lines[lines.length - 1]!.seq;
+    if (this.sink.autoAck) queueMicrotask(() => this.handlers.onAck(acked));
   }
 
   close(): void {

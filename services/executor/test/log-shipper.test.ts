@@ -2,7 +2,7 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { refusalOf } from "../src/adapters/telemetry-log-sink.ts";
 import { Backoff } from "../src/core/backoff.ts";
-import { LogShipper, truncationNotice } from "../src/core/log-shipper.ts";
+import { LogShipper, outputCost, truncationNotice } from "../src/core/log-shipper.ts";
 import { MAX_LINE_CHARS } from "../src/core/line-splitter.ts";
 import { LogRefusedError } from "../src/core/ports.ts";
 import { FakeSink, silentLogger } from "./fakes.ts";
@@ -44,9 +44,11 @@ describe("LogShipper", () => {
   it("past maxOutputBytes sends one stderr line saying the output was truncated, then drops the rest", async () => {
     const sink = new FakeSink();
     sink.autoAck = true;
-    const s = shipper(sink, { maxOutputBytes: 10 });
-    expect(s.add("stdout", "héllo")?.seq).toBe(1); // 6 bytes in UTF-8
-    expect(s.add("stdout", "abcd")?.seq).toBe(2); // 10: at the cap, still kept
+    // Each line costs its UTF-8 bytes plus 64 (what telemetry stores with any line).
+    const s = shipper(sink, { maxOutputBytes: 64 + 6 + 64 + 4 });
+    expect(outputCost("héllo")).toBe(70);
+    expect(s.add("stdout", "héllo")?.seq).toBe(1);
+    expect(s.add("stdout", "abcd")?.seq).toBe(2); // at the cap, still kept
     expect(s.outputTruncated).toBe(false);
     expect(s.add("stdout", "x")?.seq).toBe(3); // the notice takes its place
     expect(s.outputTruncated).toBe(true);
@@ -56,10 +58,62 @@ describe("LogShipper", () => {
     expect(sink.allSent.map((l) => [l.seq, l.stream, l.text])).toEqual([
       [1, "stdout", "héllo"],
       [2, "stdout", "abcd"],
-      [3, "stderr", truncationNotice(10)],
+      [3, "stderr", truncationNotice(138)],
     ]);
-    expect(truncationNotice(100 * 1024 ** 2)).toBe("[outpost] output truncated: this run printed more than 100 MiB; the rest of its output is not kept");
-    expect(truncationNotice(1000)).toContain("more than 1000 bytes;");
+    expect(truncationNotice(100 * 1024 ** 2)).toBe("[outpost] output truncated: this run printed more than 100 MiB of output; the rest of it is not kept");
+    expect(truncationNotice(1000)).toContain("more than 1000 bytes of output;");
+  });
+
+  it("empty lines count against the cap too, and once truncated the producer never waits", () => {
+    const sink = new FakeSink(); // never acks: everything stays buffered
+    const s = shipper(sink, { maxOutputBytes: 3 * 64, maxBuffered: 2 });
+    for (let i = 0; i < 3; i++) s.add("stdout", "");
+    expect(s.full).toBe(true); // two lines buffered, unacked: the producer would wait
+    expect(s.add("stdout", "")?.text).toBe(truncationNotice(3 * 64));
+    expect(s.full).toBe(false); // truncated: what comes now is dropped, not waited for
+    expect(s.add("stdout", "")).toBeUndefined();
+    s.close();
+  });
+
+  describe("continueStored (a retried attempt)", () => {
+    it("asks with an empty batch first and numbers what it took meanwhile after telemetry's answer", () => {
+      const sink = new FakeSink();
+      const s = shipper(sink, { continueStored: true });
+      s.add("stdout", "a");
+      s.add("stderr", "b");
+      expect(sink.last.batches).toEqual([[]]); // only the question, no line yet
+      sink.last.ack(7);
+      expect(sink.last.batches[1]!.map((l) => [l.seq, l.stream, l.text])).toEqual([
+        [8, "stdout", "a"],
+        [9, "stderr", "b"],
+      ]);
+      expect(s.add("stdout", "c")?.seq).toBe(10);
+      expect(s.lastSequence).toBe(10);
+      s.close();
+    });
+
+    it("a connection that fails before the answer asks again on the next; nothing is numbered twice", async () => {
+      const sink = new FakeSink();
+      const s = shipper(sink, { continueStored: true });
+      s.add("stdout", "a");
+      sink.last.handlers.onClose(new Error("telemetry restarting"));
+      await vi.waitFor(() => expect(sink.connections).toHaveLength(2));
+      expect(sink.last.batches).toEqual([[]]);
+      sink.last.ack(2);
+      expect(sink.last.batches[1]!.map((l) => l.seq)).toEqual([3]);
+      sink.last.ack(3);
+      expect(await s.finish(100)).toBe(3);
+    });
+
+    it("a refused question drops the output as any refusal does", async () => {
+      const sink = new FakeSink();
+      const s = shipper(sink, { continueStored: true });
+      s.add("stdout", "a");
+      sink.last.handlers.onClose(new LogRefusedError("log grant refused"));
+      s.add("stdout", "b");
+      expect(await s.finish(100)).toBe(0);
+      expect(sink.connections).toHaveLength(1);
+    });
   });
 
   it("caps a batch by size so it fits telemetry's message limit", () => {

@@ -5,7 +5,7 @@ import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/leas
 import { describe, expect, it, vi } from "vitest";
 import { Cancellations } from "../src/core/cancellations.ts";
 import { Executor } from "../src/core/executor.ts";
-import { HostSetupError, LeaseLostError, LogRefusedError } from "../src/core/ports.ts";
+import { HostSetupError, LeaseLostError } from "../src/core/ports.ts";
 import { gitFailure } from "../src/adapters/host-workspaces.ts";
 import { containerSpecFor, executeRun, FORCE_REMOVE_ATTEMPTS, NOBODY, STOP_ATTEMPTS } from "../src/core/run.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stderr, stdout } from "./fakes.ts";
@@ -105,7 +105,7 @@ describe("executeRun", () => {
       return l;
     };
 
-    it("numbers its lines after the earlier attempt's and reports the last of them", async () => {
+    it("asks first, numbers its lines after the earlier attempt's and reports the last of them", async () => {
       const runtime = new FakeRuntime();
       runtime.frames = [stdout("again\nmore\n")];
       const leases = new FakeLeases();
@@ -113,7 +113,7 @@ describe("executeRun", () => {
       sink.autoAck = true;
       sink.stored.set("01JDISPATCH000000000000000", 3);
       await executeRun(retried(), deps(runtime, leases, sink));
-      expect(sink.storedAsks).toEqual([{ dispatchId: "01JDISPATCH000000000000000", tenantId: "tenant-a", grant: "log-grant-of-the-lease" }]);
+      expect(sink.connections[0]!.batches[0]).toEqual([]);
       expect(sink.allSent.map((l) => [l.seq, l.text])).toEqual([
         [4, "again"],
         [5, "more"],
@@ -124,44 +124,17 @@ describe("executeRun", () => {
     it("a first attempt does not ask; a retry that finds nothing stored numbers from 1", async () => {
       const sink = new FakeSink();
       sink.autoAck = true;
-      await executeRun(lease(), deps(new FakeRuntime(), new FakeLeases(), sink));
-      expect(sink.storedAsks).toEqual([]);
+      const first = new FakeRuntime();
+      first.frames = [stdout("first\n")];
+      await executeRun(lease(), deps(first, new FakeLeases(), sink));
+      expect(sink.connections.map((c) => c.probes)).toEqual([0]);
       const runtime = new FakeRuntime();
       runtime.frames = [stdout("first\n")];
       const fresh = new FakeSink();
       fresh.autoAck = true;
       await executeRun(retried(), deps(runtime, new FakeLeases(), fresh));
-      expect(fresh.storedAsks).toHaveLength(1);
+      expect(fresh.connections.map((c) => c.probes)).toEqual([1]);
       expect(fresh.allSent.map((l) => l.seq)).toEqual([1]);
-    });
-
-    it("telemetry that cannot answer (three tries) gives the lease back for a retry, before any container exists", async () => {
-      const runtime = new FakeRuntime();
-      const leases = new FakeLeases();
-      const sink = new FakeSink();
-      sink.stored.set("01JDISPATCH000000000000000", new Error("connect ECONNREFUSED 127.0.0.1:1"));
-      await executeRun(retried(), deps(runtime, leases, sink));
-      expect(sink.storedAsks).toHaveLength(3);
-      expect(runtime.events).toEqual([]);
-      expect(leases.reports).toEqual([]);
-      expect(leases.released).toEqual([
-        {
-          dispatchId: "01JDISPATCH000000000000000",
-          reason: "telemetry could not say where the run's earlier output ends: connect ECONNREFUSED 127.0.0.1:1",
-          infrastructureFailure: true,
-          runtimeFailure: false,
-        },
-      ]);
-    });
-
-    it("telemetry refusing the lease's log grant is asked once; the run goes on, as one whose output is refused does", async () => {
-      const leases = new FakeLeases();
-      const sink = new FakeSink();
-      sink.stored.set("01JDISPATCH000000000000000", new LogRefusedError("log grant refused: it has expired"));
-      await executeRun(retried(), deps(new FakeRuntime(), leases, sink));
-      expect(sink.storedAsks).toHaveLength(1);
-      expect(leases.released).toEqual([]);
-      expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "SUCCEEDED"]);
     });
   });
 

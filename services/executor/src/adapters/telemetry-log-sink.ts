@@ -68,19 +68,6 @@ export function createTelemetryLogSink(options: TelemetryLogSinkOptions): LogSin
         },
       };
     },
-    // A batch with no chunks stores nothing and is answered, like any batch, with the run's
-    // contiguous high-water mark: the same stream and grant check as the output itself.
-    async storedThrough(run, signal) {
-      async function* emptyBatch() {
-        yield create(IngestLogsRequestSchema, { dispatchId: run.dispatchId, tenantId: run.tenantId, grant: run.grant });
-      }
-      try {
-        for await (const res of client.ingestLogs(emptyBatch(), { signal })) return Number(res.ackedSeq);
-      } catch (err) {
-        throw refusalOf(err);
-      }
-      throw new Error("telemetry ended the stream without an answer");
-    },
   };
 }
 

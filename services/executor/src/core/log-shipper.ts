@@ -24,12 +24,15 @@ export interface LogShipperOptions {
   sink: LogSink;
   logger: Logger;
   /**
-   * The highest sequence telemetry already holds for the run, from an earlier attempt (a retry
-   * of a run whose first attempt's agent may have printed before its executor died): this
-   * attempt's lines are numbered after it, so they follow that output instead of colliding with
-   * it (telemetry keeps the first line stored under a sequence). 0 for a first attempt.
+   * Continue after what telemetry already holds for the run: a retried attempt, whose earlier
+   * attempt's agent may have printed before its executor died. Telemetry keeps the first line
+   * stored under a sequence, so this attempt's lines, numbered from 1 again, would be lost
+   * behind that output. Instead the first connection opens with a batch of no chunks, whose ack
+   * is the run's stored high-water mark, and nothing is sent until it came: the lines taken
+   * meanwhile are numbered after it then (a connection that fails first asks again). Telemetry
+   * being down costs the run nothing more than for a first attempt: lines wait in the buffer.
    */
-  afterSeq?: number;
+  continueStored?: boolean;
   /**
    * Output one run may send, in UTF-8 bytes of its lines' text (no cap when absent or 0). The
    * line that would pass it is replaced by one stderr line saying the output was truncated, and
@@ -76,7 +79,13 @@ export class LogShipper {
   /** Telemetry refused the run's output for good: lines are dropped from then on. */
   private refused = false;
   private waiters: Array<() => void> = [];
-  /** UTF-8 bytes of the lines taken so far (counted only under `maxOutputBytes`). */
+  /**
+   * Under `continueStored`, until telemetry said where the run's output stands: lines are
+   * numbered from 0 meanwhile and renumbered after that mark once it is known. The probe is
+   * the empty batch in flight on the current connection.
+   */
+  private base: "unknown" | "probing" | "known";
+  /** Output taken so far, counted as `outputCost` does (only under `maxOutputBytes`). */
   private outputBytes = 0;
   /** Past `maxOutputBytes`: what is dropped since, for the executor's log. */
   private truncated: { lines: number; bytes: number } | undefined;
@@ -88,10 +97,10 @@ export class LogShipper {
     this.maxBatch = options.maxBatch ?? 500;
     this.ackTimeoutMs = options.ackTimeoutMs ?? 5_000;
     this.backoff = options.backoff ?? new Backoff({ baseMs: 100, maxMs: 5_000 });
-    this.lastSeq = this.ackedSeq = this.sentSeq = options.afterSeq ?? 0;
+    this.base = options.continueStored ? "unknown" : "known";
   }
 
-  /** Highest sequence number handed out so far (`afterSeq` when none). */
+  /** Highest sequence number handed out so far (0 when none; provisional until a `continueStored` shipper learned its base). */
   get lastSequence(): number {
     return this.lastSeq;
   }
@@ -111,7 +120,8 @@ export class LogShipper {
    * when it is empty, so a bound smaller than one line still lets lines through one at a time.
    */
   get full(): boolean {
-    if (this.pending.length === 0) return false;
+    // Once truncated nothing more is buffered: the agent's output is read on and dropped, never waited for.
+    if (this.pending.length === 0 || this.truncated) return false;
     return this.pending.length >= this.maxBuffered || this.pendingBytes + MAX_LINE_BYTES > this.maxBufferedBytes;
   }
 
@@ -127,7 +137,7 @@ export class LogShipper {
   add(stream: OutputStream, text: string): LogLine | undefined {
     const cap = this.options.maxOutputBytes;
     if (cap) {
-      const bytes = Buffer.byteLength(text);
+      const bytes = outputCost(text);
       if (this.truncated) {
         this.truncated.lines++;
         this.truncated.bytes += bytes;
@@ -198,6 +208,15 @@ export class LogShipper {
       if (this.reconnectTimer === undefined) this.connect();
       return;
     }
+    if (this.base !== "known") {
+      // Nothing goes out before telemetry said where the run's output stands (continueStored).
+      if (this.base === "unknown") {
+        this.base = "probing";
+        this.armAckTimer();
+        this.conn.send([]);
+      }
+      return;
+    }
     if (this.sentSeq > this.ackedSeq) return; // a batch is in flight; the rest accumulates
     const start = this.pending.findIndex((line) => line.seq > this.sentSeq);
     if (start < 0) return;
@@ -221,6 +240,10 @@ export class LogShipper {
   }
 
   private onAck(seq: number): void {
+    if (this.base === "probing") {
+      this.learnBase(seq);
+      return;
+    }
     // Telemetry cannot have stored what was never sent on any connection.
     const acked = Math.min(seq, this.sentSeq);
     if (acked <= this.ackedSeq) return;
@@ -235,8 +258,22 @@ export class LogShipper {
     this.pump();
   }
 
+  /** The probe's answer: the lines taken so far are renumbered after what telemetry holds. */
+  private learnBase(stored: number): void {
+    clearTimeout(this.ackTimer);
+    this.base = "known";
+    for (const line of this.pending) line.seq += stored;
+    this.lastSeq += stored;
+    this.ackedSeq = this.sentSeq = stored;
+    if (stored > 0) this.options.logger.info({ dispatchId: this.options.dispatchId, afterSeq: stored }, "an earlier attempt left output; this attempt's lines follow it");
+    this.backoff.reset();
+    this.pump();
+  }
+
   private onClose(err: unknown): void {
     if (this.closed) return;
+    // A probe without its answer is asked again on the next connection.
+    if (this.base === "probing") this.base = "unknown";
     this.generation++;
     const conn = this.conn;
     this.conn = undefined;
@@ -282,9 +319,18 @@ export class LogShipper {
   }
 }
 
+/**
+ * What a line counts against `maxOutputBytes`: its UTF-8 bytes, plus what telemetry stores with
+ * every line whatever its text (sequence, stream, time, run), so empty lines count too.
+ */
+export function outputCost(text: string): number {
+  return Buffer.byteLength(text) + LINE_OVERHEAD_BYTES;
+}
+const LINE_OVERHEAD_BYTES = 64;
+
 /** The line a run's output ends with once it passed its cap (shown to whoever follows the run). */
 export function truncationNotice(maxOutputBytes: number): string {
-  return `[outpost] output truncated: this run printed more than ${formatBytes(maxOutputBytes)}; the rest of its output is not kept`;
+  return `[outpost] output truncated: this run printed more than ${formatBytes(maxOutputBytes)} of output; the rest of it is not kept`;
 }
 
 function formatBytes(bytes: number): string {

@@ -261,6 +261,7 @@ export class LogRefusedError extends Error {
 }
 
 export interface LogConnection {
+  /** One batch; telemetry acks each with the highest sequence it holds, so an empty one asks just that. */
   send(lines: LogLine[]): void;
   close(): void;
 }
@@ -269,9 +270,4 @@ export interface LogConnection {
 export interface LogSink {
   /** `grant`: the run's current log grant, which telemetry checks (run-grants.ts); read per request. */
   open(run: { dispatchId: string; tenantId: string; grant: () => string }, handlers: LogConnectionHandlers): LogConnection;
-  /**
-   * The highest sequence telemetry holds for the run, contiguous from 1 (0 when none): where a
-   * retried attempt's output continues. Throws LogRefusedError when telemetry refuses the grant.
-   */
-  storedThrough(run: { dispatchId: string; tenantId: string; grant: string }, signal: AbortSignal): Promise<number>;
 }

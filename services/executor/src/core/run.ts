@@ -23,7 +23,6 @@ import {
   HostSetupError,
   ImageNotFoundError,
   LeaseLostError,
-  LogRefusedError,
   ReportRefusedError,
   NotSupportedError,
   SecretsError,
@@ -102,7 +101,7 @@ export interface RunDeps {
   workspaceQuota?: WorkspaceQuota;
   /** Who agents run as (containerUserFor); nobody (65534:65534) when absent. */
   containerUser?: ContainerUser;
-  /** Output a run may send to telemetry, in bytes; the rest is dropped (log-shipper.ts). No cap when absent or 0. */
+  /** Output an attempt of a run may send to telemetry (log-shipper.ts outputCost); the rest is dropped. No cap when absent or 0. */
   maxOutputBytes?: number;
 }
 
@@ -268,26 +267,6 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     const redactor = new Redactor(secretEnv);
     if (await abandoned()) return;
 
-    // A retry whose earlier attempt may have printed (its executor died between starting the
-    // container and reporting RUNNING, so the run was retried as one that never started):
-    // this attempt's output is numbered after what telemetry holds, not over it.
-    let afterSeq = 0;
-    if (dispatch.attempt > 1) {
-      try {
-        afterSeq = await storedOutputThrough(deps, { dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => keeper.logGrant }, logger);
-      } catch (err) {
-        // A refused grant would refuse the output as well: the run goes on without it, as a
-        // first attempt does when telemetry refuses its output (log-shipper.ts).
-        if (!(err instanceof LogRefusedError)) {
-          await giveBack(`telemetry could not say where the run's earlier output ends: ${messageOf(err)}`, true);
-          return;
-        }
-        logger.error({ err: err.message }, "telemetry refused the run's log grant; its output will be refused too");
-      }
-      if (afterSeq > 0) logger.info({ afterSeq }, "an earlier attempt left output; this attempt's lines follow it");
-      if (await abandoned()) return;
-    }
-
     const warm = deps.warmPool?.claim(lease);
     const claim: RunClaim = { dispatchId: dispatch.id, leaseId: lease.leaseId };
     let files: RunFiles;
@@ -407,7 +386,12 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       }
     }
     // Renewed with every heartbeat, as the lease is (run-grants.ts).
-    const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => keeper.logGrant, sink: deps.logs, logger, afterSeq, maxOutputBytes: deps.maxOutputBytes });
+    const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => keeper.logGrant, sink: deps.logs,
+      logger,
+      // A retry's output follows what an earlier attempt may have printed (log-shipper.ts).
+      continueStored: dispatch.attempt > 1,
+      maxOutputBytes: deps.maxOutputBytes,
+    });
     let pumping: Promise<void> | undefined;
     const timers: NodeJS.Timeout[] = [];
     let stopCause: StopCause | undefined;
@@ -614,27 +598,6 @@ async function pumpOutput(output: AsyncIterable<OutputFrame>, shipper: LogShippe
   }
   for (const stream of ["stdout", "stderr"] as const) {
     for (const line of splitters[stream].flush()) shipper.add(stream, line);
-  }
-}
-
-/** Tries of `storedOutputThrough`, each bounded by STORED_OUTPUT_TIMEOUT_MS. */
-const STORED_OUTPUT_TRIES = 3;
-const STORED_OUTPUT_TIMEOUT_MS = 5000;
-
-/**
- * Telemetry's high-water mark for the run, asked a few times (a telemetry restart takes a
- * moment); a refusal of the grant is final.
- */
-async function storedOutputThrough(deps: RunDeps, run: { dispatchId: string; tenantId: string; grant: () => string }, logger: Logger): Promise<number> {
-  const backoff = new Backoff({ baseMs: 200, maxMs: 2000 });
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await deps.logs.storedThrough({ ...run, grant: run.grant() }, AbortSignal.timeout(STORED_OUTPUT_TIMEOUT_MS));
-    } catch (err) {
-      if (err instanceof LogRefusedError || attempt >= STORED_OUTPUT_TRIES) throw err;
-      logger.warn({ err, attempt }, "asking telemetry for the run's earlier output failed; trying again");
-      await sleep(backoff.next());
-    }
   }
 }
 
