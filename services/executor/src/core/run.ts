@@ -289,16 +289,17 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
           })
         : undefined;
     const quota = newQuota();
-    let containerId = warm?.id ?? "";
+    /** The run's container, once there is one; emptied once it is removed. */
+    const container = { id: warm?.id ?? "" };
     const cleanUp = async () => {
       let containerGone = true;
-      if (containerId) {
-        await deps.runtime.remove(containerId).catch((err: unknown) => {
+      if (container.id) {
+        await deps.runtime.remove(container.id).catch((err: unknown) => {
           containerGone = false;
           logger.warn({ err }, "remove failed");
         });
       }
-      containerId = "";
+      container.id = "";
       if (!containerGone) {
         // The agent may still run in it, and a recursive delete of a tree it can write would
         // follow a directory it swaps for a link mid-way (out of the workspace, as root). The
@@ -352,7 +353,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     const spec = containerSpecFor(lease, deps.executorId, files, secretEnv, deps.containerUser);
     if (!warm) {
       try {
-        containerId = await createWithPull(deps, spec, logger);
+        container.id = await createWithPull(deps, spec, logger);
       } catch (err) {
         await cleanUp();
         if (err instanceof HostSetupError) {
@@ -370,7 +371,7 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
         return;
       }
     } else {
-      await deps.runtime.rename(containerId, spec.name).catch((err: unknown) => logger.debug({ err }, "warm container keeps its name"));
+      await deps.runtime.rename(container.id, spec.name).catch((err: unknown) => logger.debug({ err }, "warm container keeps its name"));
     }
     if (await abandoned(cleanUp)) return;
     if (warm) {
@@ -385,136 +386,178 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
         return;
       }
     }
-    // Renewed with every heartbeat, as the lease is (run-grants.ts).
-    const shipper = new LogShipper({ dispatchId: dispatch.id, tenantId: dispatch.tenantId, grant: () => keeper.logGrant, sink: deps.logs,
-      logger,
-      // A retry's output follows what an earlier attempt may have printed (log-shipper.ts).
-      continueStored: dispatch.attempt > 1,
-      maxOutputBytes: deps.maxOutputBytes,
-    });
-    let pumping: Promise<void> | undefined;
-    const timers: NodeJS.Timeout[] = [];
-    let stopCause: StopCause | undefined;
-    let stopping: Promise<void> | undefined;
-    /** Set once the container has exited: late heartbeat answers must not act any more. */
-    let exited = false;
-    /** Aborted once the container exited: a stop still being retried gives up. */
-    const exitedSignal = new AbortController();
-    const stop = (cause: StopCause) => {
-      if (stopCause || exited) return;
-      stopCause = cause;
-      logger.info({ cause: cause.kind }, "stopping container");
-      // Over its disk quota, the agent gets no grace: it would go on writing.
-      const graceMs = cause.kind === "disk-quota" ? 0 : deps.stopGraceMs;
-      stopping = stopContainer(deps, containerId, graceMs, exitedSignal.signal, logger);
-    };
+    const shipper = newShipper(deps, lease, keeper, logger, { continueStored: dispatch.attempt > 1 });
+    let pumping: Promise<void>;
     try {
-      try {
-        const output = await deps.runtime.attach(containerId);
-        pumping = pumpOutput(output, shipper, redactor, logger);
-        if (warm) await deps.workspaces.writeStartFile(files, startScript(spec.env), 5000);
-        else await deps.runtime.start(containerId);
-      } catch (err) {
-        // A warm container's start is a write to its FIFO, whose errors name the executor's paths.
-        const reason =
-          err instanceof ImageNotFoundError
-            ? err.message
-            : warm
-              ? "the warm container did not take its run"
-              : `container could not be started: ${messageOf(err)}`;
-        logger.warn({ err, warm: Boolean(warm) }, "start failed");
-        await cleanUp();
-        await shipper.finish(1000);
-        await giveBack(reason, true, true);
-        return;
-      }
-      logger.info({ containerId, image: spec.image, warm: Boolean(warm) }, "container started");
-
-      // Waited on from the start, before anything can stop the container: a container force-removed
-      // by a stop that the engine kept refusing (stopContainer) still answers a wait in flight
-      // (137), where a wait begun after the removal would find no container.
-      const exiting = deps.runtime.wait(containerId);
-      exiting.catch(() => undefined); // awaited below; not an unhandled rejection meanwhile
-      quota?.watch((reason) => stop({ kind: "disk-quota", reason }));
-      const timeoutMs = durationMs(dispatch.timeout);
-      if (timeoutMs > 0) timers.push(setTimeout(() => stop({ kind: "timed-out", timeoutMs }), timeoutMs));
-      // The heartbeats that kept the lease while the run was prepared now stop the container.
-      keeper.onCancel = () => stop({ kind: "cancelled" });
-      keeper.onLost = () => stop({ kind: "lease-lost" });
-      if (keeper.lost) stop({ kind: "lease-lost" });
-      else if (keeper.cancelled) stop({ kind: "cancelled" });
-
-      try {
-        await deps.leases.report({ dispatchId: dispatch.id, leaseId: lease.leaseId, state: Dispatch_State.RUNNING, lastLogSeq: 0 });
-      } catch (err) {
-        if (err instanceof LeaseLostError) stop({ kind: "lease-lost" });
-        else logger.warn({ err }, "reporting RUNNING failed; the run goes on");
-      }
-
-      const exit = await exiting;
-      exited = true;
-      exitedSignal.abort();
-      keeper.stop();
-      for (const timer of timers) clearTimeout(timer);
-      await quota?.stop();
-      await stopping;
-      // The output stream ends when the container exits; bounded in case the engine keeps it open.
-      const pumpWait = new AbortController();
-      await Promise.race([pumping, sleep(5000, pumpWait.signal)]);
-      pumpWait.abort();
-      const lastLogSeq = await shipper.finish(deps.logAckWaitMs ?? 10_000);
-      await deps.runtime.remove(containerId).catch((err: unknown) => logger.warn({ err }, "remove failed"));
-      containerId = "";
-      logger.info({ exitCode: exit.exitCode, oomKilled: exit.oomKilled, stopCause: stopCause?.kind, lastLogSeq }, "container exited");
-
-      const cause = stopCause as StopCause | undefined;
-      if (cause?.kind === "lease-lost") return;
-      // Measured once more after the exit, so a run that wrote past its quota between two
-      // measurements (or before the first) fails as surely as one that was caught.
-      const overQuota = cause ? undefined : await quota?.check();
-      if (cause) {
-        await report({ ...stoppedOutcome(cause), exitCode: exit.exitCode, lastLogSeq });
-      } else if (overQuota !== undefined) {
-        await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason: overQuota, lastLogSeq });
-      } else if (exit.exitCode === 0 && !exit.oomKilled) {
-        // The result file outlives the container in the bind-mounted workspace.
-        let check: ResultCheck;
-        try {
-          check = checkResult(await deps.workspaces.readResult(files, MAX_RESULT_BYTES), lease.agent.outputSchema, (text) => redactor.redact(text));
-        } catch (err) {
-          // The adapter's reasons name no host path (host-workspaces.ts); the cause is for the log.
-          logger.warn({ err }, "result not read");
-          check = { ok: false, reason: redactor.redact(`the result could not be read: ${messageOf(err)}`) };
-        }
-        if (check.ok) {
-          await report({ state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq, ...(check.result ? { result: redactor.redactJson(check.result) } : {}) });
-        } else {
-          await report({ state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq });
-        }
-      } else {
-        const failureReason = exit.oomKilled ? "out of memory" : `agent exited with code ${exit.exitCode}`;
-        await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason, lastLogSeq });
-      }
+      const output = await deps.runtime.attach(container.id);
+      pumping = pumpOutput(output, shipper, redactor, logger);
+      if (warm) await deps.workspaces.writeStartFile(files, startScript(spec.env), 5000);
+      else await deps.runtime.start(container.id);
     } catch (err) {
-      // The engine failed us mid-run (e.g. wait broke): settle the run rather than leave it RUNNING.
-      logger.error({ err }, "run failed in the executor");
-      exited = true;
-      exitedSignal.abort();
-      keeper.stop();
-      for (const timer of timers) clearTimeout(timer);
-      const lastLogSeq = await shipper.finish(2000);
-      // A run the executor was stopping ends as that stop says (the container is gone either way).
-      const cause = stopCause as StopCause | undefined;
-      if (cause?.kind === "lease-lost") return;
-      await report({ ...(cause ? stoppedOutcome(cause) : { state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}` }), lastLogSeq });
-    } finally {
+      // A warm container's start is a write to its FIFO, whose errors name the executor's paths.
+      const reason =
+        err instanceof ImageNotFoundError
+          ? err.message
+          : warm
+            ? "the warm container did not take its run"
+            : `container could not be started: ${messageOf(err)}`;
+      logger.warn({ err, warm: Boolean(warm) }, "start failed");
       await quota?.stop();
-      shipper.close();
       await cleanUp();
+      await shipper.finish(1000);
+      await giveBack(reason, true, true);
+      return;
     }
+    logger.info({ containerId: container.id, image: spec.image, warm: Boolean(warm) }, "container started");
+    await superviseContainer({ deps, lease, logger, keeper, container, files, redactor, quota, shipper, pumping, timeoutMs: durationMs(dispatch.timeout), report, cleanUp });
   } finally {
     unregisterCancel?.();
     keeper.stop();
+  }
+}
+
+/** The run's log shipper: under the lease's log grant (renewed with every heartbeat, run-grants.ts). */
+function newShipper(deps: RunDeps, lease: Lease, keeper: LeaseKeeper, logger: Logger, options: { continueStored: boolean }): LogShipper {
+  const dispatch = lease.dispatch!;
+  return new LogShipper({
+    dispatchId: dispatch.id,
+    tenantId: dispatch.tenantId,
+    grant: () => keeper.logGrant,
+    sink: deps.logs,
+    logger,
+    // A retry's output, or an adopted run's, follows what telemetry already holds (log-shipper.ts).
+    continueStored: options.continueStored,
+    maxOutputBytes: deps.maxOutputBytes,
+  });
+}
+
+/** A run whose container is running, attached and shipping its output: what supervising it needs. */
+interface Supervised {
+  deps: RunDeps;
+  lease: Lease;
+  logger: Logger;
+  keeper: LeaseKeeper;
+  container: { id: string };
+  files: RunFiles;
+  redactor: Redactor;
+  quota: DiskQuota | undefined;
+  shipper: LogShipper;
+  /** The output pump, which ends when the container's output does. */
+  pumping: Promise<void>;
+  /** Time left before the run times out (0: none). */
+  timeoutMs: number;
+  report: (r: Omit<RunStateReport, "dispatchId" | "leaseId">) => Promise<void>;
+  /** Removes what is left of the run: its container if still there, and its run directory. */
+  cleanUp: () => Promise<void>;
+}
+
+/**
+ * From a running container to the run's terminal report: reports RUNNING, enforces the timeout,
+ * acts on cancels, a lost lease and the disk quota, waits for the exit, waits (bounded) for the
+ * output to be acked, removes the container and reports how the run ended. Used for a run this
+ * executor started and for one it adopted after a restart (adopt.ts).
+ */
+async function superviseContainer(run: Supervised): Promise<void> {
+  const { deps, lease, logger, keeper, container, files, redactor, quota, shipper, report } = run;
+  const dispatch = lease.dispatch!;
+  const timers: NodeJS.Timeout[] = [];
+  let stopCause: StopCause | undefined;
+  let stopping: Promise<void> | undefined;
+  /** Set once the container has exited: late heartbeat answers must not act any more. */
+  let exited = false;
+  /** Aborted once the container exited: a stop still being retried gives up. */
+  const exitedSignal = new AbortController();
+  const stop = (cause: StopCause) => {
+    if (stopCause || exited) return;
+    stopCause = cause;
+    logger.info({ cause: cause.kind }, "stopping container");
+    // Over its disk quota, the agent gets no grace: it would go on writing.
+    const graceMs = cause.kind === "disk-quota" ? 0 : deps.stopGraceMs;
+    stopping = stopContainer(deps, container.id, graceMs, exitedSignal.signal, logger);
+  };
+  try {
+    // Waited on from the start, before anything can stop the container: a container force-removed
+    // by a stop that the engine kept refusing (stopContainer) still answers a wait in flight
+    // (137), where a wait begun after the removal would find no container.
+    const exiting = deps.runtime.wait(container.id);
+    exiting.catch(() => undefined); // awaited below; not an unhandled rejection meanwhile
+    quota?.watch((reason) => stop({ kind: "disk-quota", reason }));
+    const timeoutMs = durationMs(dispatch.timeout);
+    if (timeoutMs > 0) timers.push(setTimeout(() => stop({ kind: "timed-out", timeoutMs }), Math.max(0, run.timeoutMs)));
+    // The heartbeats that kept the lease while the run was prepared now stop the container.
+    keeper.onCancel = () => stop({ kind: "cancelled" });
+    keeper.onLost = () => stop({ kind: "lease-lost" });
+    if (keeper.lost) stop({ kind: "lease-lost" });
+    else if (keeper.cancelled) stop({ kind: "cancelled" });
+
+    try {
+      // An adopted run's dispatcher may have it RUNNING already: the holder's repeated report is answered as it is.
+      await deps.leases.report({ dispatchId: dispatch.id, leaseId: lease.leaseId, state: Dispatch_State.RUNNING, lastLogSeq: 0 });
+    } catch (err) {
+      if (err instanceof LeaseLostError) stop({ kind: "lease-lost" });
+      else logger.warn({ err }, "reporting RUNNING failed; the run goes on");
+    }
+
+    const exit = await exiting;
+    exited = true;
+    exitedSignal.abort();
+    keeper.stop();
+    for (const timer of timers) clearTimeout(timer);
+    await quota?.stop();
+    await stopping;
+    // The output stream ends when the container exits; bounded in case the engine keeps it open.
+    const pumpWait = new AbortController();
+    await Promise.race([run.pumping, sleep(5000, pumpWait.signal)]);
+    pumpWait.abort();
+    const lastLogSeq = await shipper.finish(deps.logAckWaitMs ?? 10_000);
+    await deps.runtime.remove(container.id).catch((err: unknown) => logger.warn({ err }, "remove failed"));
+    container.id = "";
+    logger.info({ exitCode: exit.exitCode, oomKilled: exit.oomKilled, stopCause: stopCause?.kind, lastLogSeq }, "container exited");
+
+    const cause = stopCause as StopCause | undefined;
+    if (cause?.kind === "lease-lost") return;
+    // Measured once more after the exit, so a run that wrote past its quota between two
+    // measurements (or before the first) fails as surely as one that was caught.
+    const overQuota = cause ? undefined : await quota?.check();
+    if (cause) {
+      await report({ ...stoppedOutcome(cause), exitCode: exit.exitCode, lastLogSeq });
+    } else if (overQuota !== undefined) {
+      await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason: overQuota, lastLogSeq });
+    } else if (exit.exitCode === 0 && !exit.oomKilled) {
+      // The result file outlives the container in the bind-mounted workspace.
+      let check: ResultCheck;
+      try {
+        check = checkResult(await deps.workspaces.readResult(files, MAX_RESULT_BYTES), lease.agent!.outputSchema, (text) => redactor.redact(text));
+      } catch (err) {
+        // The adapter's reasons name no host path (host-workspaces.ts); the cause is for the log.
+        logger.warn({ err }, "result not read");
+        check = { ok: false, reason: redactor.redact(`the result could not be read: ${messageOf(err)}`) };
+      }
+      if (check.ok) {
+        await report({ state: Dispatch_State.SUCCEEDED, exitCode: 0, lastLogSeq, ...(check.result ? { result: redactor.redactJson(check.result) } : {}) });
+      } else {
+        await report({ state: Dispatch_State.FAILED, exitCode: 0, failureReason: check.reason, lastLogSeq });
+      }
+    } else {
+      const failureReason = exit.oomKilled ? "out of memory" : `agent exited with code ${exit.exitCode}`;
+      await report({ state: Dispatch_State.FAILED, exitCode: exit.exitCode, failureReason, lastLogSeq });
+    }
+  } catch (err) {
+    // The engine failed us mid-run (e.g. wait broke): settle the run rather than leave it RUNNING.
+    logger.error({ err }, "run failed in the executor");
+    exited = true;
+    exitedSignal.abort();
+    keeper.stop();
+    for (const timer of timers) clearTimeout(timer);
+    const lastLogSeq = await shipper.finish(2000);
+    // A run the executor was stopping ends as that stop says (the container is gone either way).
+    const cause = stopCause as StopCause | undefined;
+    if (cause?.kind === "lease-lost") return;
+    await report({ ...(cause ? stoppedOutcome(cause) : { state: Dispatch_State.FAILED, failureReason: `executor error: ${messageOf(err)}` }), lastLogSeq });
+  } finally {
+    await quota?.stop();
+    shipper.close();
+    await run.cleanUp();
   }
 }
 
