@@ -1,8 +1,9 @@
 /**
  * The executor inside the real mesh (issue #5): results validated and returned on the
  * dispatch, timeout and cancellation by signal, and reconciliation after the executor process
- * is killed with SIGKILL mid-run and started again, or not started again: then the dispatcher's
- * own lease expiry ends the run (leases live 3 s here; heartbeats renew them each second).
+ * is killed with SIGKILL mid-run and started again (the run is taken up again), or not started
+ * again: then the dispatcher's own lease expiry ends the run (leases live 10 s here; heartbeats
+ * renew them every 3.3 s).
  */
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { followLogs } from "@outpost/cli";
@@ -26,7 +27,7 @@ let tenant: Awaited<ReturnType<TestMesh["newTenant"]>>;
 
 beforeAll(async () => {
   await docker.ping();
-  t = await startTestMesh({ env: { OUTPOST_STOP_GRACE_MS: "2000", OUTPOST_LEASE_TTL_MS: "3000", OUTPOST_EXECUTOR_RUN_OUTPUT_MAX_BYTES: String(OUTPUT_CAP) } });
+  t = await startTestMesh({ env: { OUTPOST_STOP_GRACE_MS: "2000", OUTPOST_LEASE_TTL_MS: "10000", OUTPOST_EXECUTOR_RUN_OUTPUT_MAX_BYTES: String(OUTPUT_CAP) } });
   tenant = await t.newTenant("Executor");
 });
 
@@ -78,16 +79,26 @@ describe("executor in the mesh", () => {
     expect(await labelledContainers()).toBe(0);
   });
 
-  it("after kill -9 of the executor mid-run and a restart, the dispatch ends and no container is left", async () => {
-    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "sleep=60" });
-    await waitFor(dispatch!.id, new Set([Dispatch_State.RUNNING]));
+  it("after kill -9 of the executor mid-run and a restart within the lease's life, the run is taken up again and ends by its own exit, with no container left", async () => {
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "lines=2 sleep=5" });
+    const id = dispatch!.id;
+    await waitFor(id, new Set([Dispatch_State.RUNNING]));
     expect(await labelledContainers()).toBe(1);
     await t.mesh.kill("executor", "SIGKILL");
     expect(await labelledContainers()).toBe(1); // the agent outlives its executor
     await t.mesh.start("executor");
-    const final = await waitFor(dispatch!.id, TERMINAL);
-    expect(final.state).toBe(Dispatch_State.FAILED);
-    expect(final.failureReason).toMatch(/executor lost/);
+    const chunks: LogChunk[] = [];
+    const end = await followLogs(tenant.clients.logs, id, (chunk) => chunks.push(chunk));
+    expect(end.state).toBe(Dispatch_State.SUCCEEDED);
+    const final = await waitFor(id, TERMINAL);
+    expect(final).toMatchObject({ state: Dispatch_State.SUCCEEDED, attempt: 1, exitCode: 0, result: { lines: 2 } });
+    // One log, numbered without a gap: the line saying the executor restarted, then the rest.
+    expect(chunks.map((c) => Number(c.seq))).toEqual(chunks.map((_, i) => i + 1));
+    const texts = chunks.map((c) => c.text);
+    const notice = texts.findIndex((text) => text.startsWith("[outpost] the executor watching this run restarted"));
+    expect(notice).toBeGreaterThan(0);
+    expect(chunks[notice]!.stream).toBe(LogStream.STDERR);
+    expect(texts.indexOf("done, exit code 0")).toBeGreaterThan(notice);
     expect(await labelledContainers()).toBe(0);
   });
 

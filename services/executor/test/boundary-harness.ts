@@ -159,9 +159,17 @@ export class StubDispatcher {
         this.leases.delete(req.leaseId);
         return {};
       },
-      listExecutorLeases: async (req) => {
+      listExecutorLeases: async (req, ctx) => {
         if (!this.contractC) throw unimplemented("outpost.executor.v1.LeaseService.ListExecutorLeases", "issue #5");
-        return { leases: [...this.leases.values()].filter((l) => l.dispatch?.executorId === req.executorId && !this.queue.includes(l)) };
+        const held = [...this.leases.values()].filter((l) => l.dispatch?.executorId === req.executorId && !this.queue.includes(l));
+        // As the real dispatcher does: grants issued afresh, so a restarted executor can redact and write a run it takes up.
+        for (const lease of held) {
+          const { id: dispatchId = "", tenantId = "", secretNames: names = [] } = lease.dispatch ?? {};
+          const expiresAt = lease.expireTime ? Number(lease.expireTime.seconds) * 1000 : Date.now();
+          if (names.length > 0) lease.secretGrant = issueSecretGrant(keysOf("dispatcher"), { dispatchId, tenantId, names, executor: callerOf(ctx).principal });
+          lease.logGrant = issueLogGrant(keysOf("dispatcher"), { dispatchId, tenantId, executor: callerOf(ctx).principal }, expiresAt);
+        }
+        return { leases: held };
       },
     });
   };

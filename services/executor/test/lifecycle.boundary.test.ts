@@ -65,17 +65,18 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
     for (const executor of executors) fs.rmSync(executor.dataDir, { recursive: true, force: true });
   });
 
-  it("after kill -9 mid-run, the restarted executor settles the run and leaves no labelled container", async () => {
+  it("after kill -9 mid-run, the restarted executor takes up the run still going, settles the one that ended, and leaves no labelled container", async () => {
     const id = `${PREFIX}-crash`;
     const first = start(id);
     await first.port();
-    const running = demoLease({ task: "long sleep=60", executorId: id });
+    const running = demoLease({ task: "long lines=2 sleep=4", executorId: id });
     const finishing = demoLease({ task: "short sleep=1", executorId: id });
     dispatcher.enqueue(running);
     dispatcher.enqueue(finishing);
     for (const l of [running, finishing]) {
       await until("RUNNING", () => dispatcher.reportsFor(l.dispatch!.id).some((r) => r.state === Dispatch_State.RUNNING));
     }
+    await until("the long run's first lines", () => telemetry.textsFor(running.dispatch!.id).includes("line 2"));
     await first.kill9();
     // The agent carries on without its executor; the short one exits meanwhile.
     expect(labelled(id).split("\n")).toHaveLength(2);
@@ -83,16 +84,43 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
       docker("ps", "-q", "--filter", `label=dev.outpost.dispatch-id=${finishing.dispatch!.id}`) === "",
     );
 
+    // Restarted within the lease's life (the stub's leases do not expire): the long run is taken
+    // up again and ends by its own exit and result, its log going on after a line that says so.
     const second = start(id, {}, first.dataDir);
-    const lost = await terminal(running.dispatch!.id, second);
-    expect(lost).toMatchObject({ state: Dispatch_State.FAILED, failureReason: "executor lost: it restarted while the run was in progress" });
+    const adopted = await terminal(running.dispatch!.id, second);
+    expect(adopted).toMatchObject({ state: Dispatch_State.SUCCEEDED, exitCode: 0, result: { agent: "demo", exit_code: 0, lines: 2 } });
+    const chunks = telemetry.chunksFor(running.dispatch!.id);
+    expect(chunks.map((c) => Number(c.seq))).toEqual(chunks.map((_, i) => i + 1));
+    const texts = chunks.map((c) => c.text);
+    const notice = texts.findIndex((text) => text.startsWith("[outpost] the executor watching this run restarted"));
+    expect(notice).toBeGreaterThan(texts.indexOf("line 2"));
+    expect(texts.indexOf("done, exit code 0")).toBeGreaterThan(notice);
+    expect(Number(adopted.lastLogSeq)).toBe(chunks.length);
+    expect(dispatcher.reportsFor(running.dispatch!.id).map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "RUNNING", "SUCCEEDED"]);
     // The one that exited while nobody watched is settled by its real exit and result.
     const done = await terminal(finishing.dispatch!.id, second);
     expect(done).toMatchObject({ state: Dispatch_State.SUCCEEDED, exitCode: 0, result: { agent: "demo", exit_code: 0, lines: 0 } });
     expect(labelled(id)).toBe("");
     // The summary is logged after the settling reports, so wait for it (bounded).
     await until("the reconciliation summary", () => /reconciled left-overs of earlier runs/.test(second.output()));
-    expect(fs.readdirSync(`${first.dataDir}/executor/${id}/runs`)).toEqual([]);
+    expect(second.output()).toMatch(/"runsAdopted":1/);
+    await until("run directories removed", () => fs.readdirSync(`${first.dataDir}/executor/${id}/runs`).length === 0);
+    expect(await second.stop()).toBe(0);
+  });
+
+  it("a run whose lease the dispatcher gave up meanwhile is stopped on restart, not taken up", async () => {
+    const id = `${PREFIX}-gone`;
+    const first = start(id);
+    await first.port();
+    const running = demoLease({ task: "long sleep=60", executorId: id });
+    dispatcher.enqueue(running);
+    await until("RUNNING", () => dispatcher.reportsFor(running.dispatch!.id).some((r) => r.state === Dispatch_State.RUNNING));
+    await first.kill9();
+    dispatcher.leases.delete(running.leaseId); // its lease expired while no executor heartbeated
+    const second = start(id, {}, first.dataDir);
+    await until("the container to go", () => labelled(id) === "");
+    await until("the reconciliation summary", () => /reconciled left-overs of earlier runs/.test(second.output()));
+    expect(second.output()).toMatch(/"runsAdopted":0/);
     expect(await second.stop()).toBe(0);
   });
 

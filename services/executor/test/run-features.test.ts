@@ -1,12 +1,13 @@
 /** Secrets, results, checkout, warm containers and reconciliation in the executor core, with fakes. */
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Dispatch_State, NetworkPolicy } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { LeaseSchema, type Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { describe, expect, it, vi } from "vitest";
 import { CheckoutError, NotSupportedError, SecretsError, type ContainerSummary, type SecretResolver } from "../src/core/ports.ts";
 import { EXECUTOR_LOST, reconcile, RESULT_WITHHELD, RESULT_WITHHELD_NO_LEASE } from "../src/core/reconcile.ts";
-import { executeRun, startScript } from "../src/core/run.ts";
+import { adoptionNotice, adoptRun, executeRun, startScript } from "../src/core/run.ts";
+import { Redactor } from "../src/core/redactor.ts";
 import { parseWarmPool, WarmPool } from "../src/core/warm-pool.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stdout } from "./fakes.ts";
 
@@ -253,10 +254,47 @@ describe("reconcile", () => {
     ]);
     leases.held = [lease()];
     const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger });
-    expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 1, leasesReleased: 0 });
+    expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 1, leasesReleased: 0, runsAdopted: 0 });
     expect(runtime.events).toContain("remove");
     expect(leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST })]);
     expect(workspaces.removed).toContain("/runs/outpost-x");
+  });
+
+  it("takes up a running left-over container whose lease the dispatcher still holds: neither stopped nor reported, its run directory kept", async () => {
+    const { runtime, leases, workspaces } = setup();
+    runtime.list = vi.fn(async () => [
+      summary({ "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A", "dev.outpost.run-dir": "outpost-x" }, true),
+    ]);
+    leases.held = [lease({ secretNames: ["TOKEN"] })];
+    const adopt = vi.fn();
+    const secrets = resolver({ TOKEN: "tok-value-1234" });
+    const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, secrets, logger: silentLogger, adopt });
+    expect(outcome).toEqual({ containersRemoved: 0, runsSettled: 0, leasesReleased: 0, runsAdopted: 1 });
+    expect(adopt).toHaveBeenCalledTimes(1);
+    const [adoptedLease, found, redactor] = adopt.mock.calls[0]!;
+    expect(adoptedLease).toBe(leases.held[0]);
+    expect(found).toEqual({ containerId: "c-left", files: workspaces.filesOf("outpost-x") });
+    expect(redactor.redact("token tok-value-1234")).toBe("token [REDACTED:TOKEN]");
+    expect(runtime.events).not.toContain("remove");
+    expect(leases.reports).toEqual([]);
+    expect(workspaces.removed).toEqual([]);
+  });
+
+  it("still stops and fails a running left-over whose held lease is another one, or whose secrets cannot be had to redact it", async () => {
+    for (const [held, secrets] of [
+      [lease(), undefined],
+      [lease({ secretNames: ["TOKEN"] }), resolver(new SecretsError("tenant service unreachable", true))],
+    ] as const) {
+      const { runtime, leases, workspaces } = setup();
+      const leaseId = held.secretGrant ? "01JLEASE00000000000000000A" : "01JLEASE00000000000000000B";
+      runtime.list = vi.fn(async () => [summary({ "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": leaseId, "dev.outpost.run-dir": "outpost-x" }, true)]);
+      leases.held = [held];
+      const adopt = vi.fn();
+      const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, secrets, logger: silentLogger, adopt });
+      expect(adopt).not.toHaveBeenCalled();
+      expect(outcome.runsAdopted).toBe(0);
+      expect(runtime.events).toContain("remove");
+    }
   });
 
   it("gives back (never reports SUCCEEDED) a run whose container was created but never started", async () => {
@@ -269,7 +307,7 @@ describe("reconcile", () => {
     ]);
     leases.held = [lease()];
     const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger });
-    expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 0, leasesReleased: 1 });
+    expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 0, leasesReleased: 1, runsAdopted: 0 });
     expect(leases.reports).toEqual([]);
     expect(leases.released).toEqual([expect.objectContaining({ dispatchId: "01JDISPATCH000000000000000", infrastructureFailure: true, runtimeFailure: false })]);
   });
@@ -311,7 +349,7 @@ describe("reconcile", () => {
       };
       const resolve = vi.fn(async () => ({ K: "sk-live-4242-secret" }));
       const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger, secrets: { resolve } });
-      expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 1, leasesReleased: 0 });
+      expect(outcome).toEqual({ containersRemoved: 1, runsSettled: 1, leasesReleased: 0, runsAdopted: 0 });
       expect(leases.reports).toHaveLength(1);
       const report = leases.reports[0]!;
       expect(report).toMatchObject({ dispatchId: "01JDISPATCH000000000000000", state: Dispatch_State.FAILED, exitCode: 0, failureReason: RESULT_WITHHELD_NO_LEASE });
@@ -327,7 +365,7 @@ describe("reconcile", () => {
     const a = setup();
     a.leases.held = [lease({ id: "01JDISPATCH00000000000000B" })];
     expect(await reconcile({ executorId: "ex-1", runtime: a.runtime, leases: a.leases, workspaces: a.workspaces, logger: silentLogger })).toEqual({
-      containersRemoved: 0, runsSettled: 0, leasesReleased: 1,
+      containersRemoved: 0, runsSettled: 0, leasesReleased: 1, runsAdopted: 0,
     });
     expect(a.leases.released[0]).toMatchObject({ dispatchId: "01JDISPATCH00000000000000B", infrastructureFailure: true });
 
@@ -338,7 +376,7 @@ describe("reconcile", () => {
       summary({ "dev.outpost.warm-agent": "demo" }, true),
     ]);
     const outcome = await reconcile({ executorId: "ex-1", runtime: b.runtime, leases: b.leases, workspaces: b.workspaces, logger: silentLogger });
-    expect(outcome).toEqual({ containersRemoved: 2, runsSettled: 1, leasesReleased: 0 });
+    expect(outcome).toEqual({ containersRemoved: 2, runsSettled: 1, leasesReleased: 0, runsAdopted: 0 });
   });
 });
 
@@ -356,5 +394,51 @@ describe("Cancellations", () => {
     hub.register("d2", "l2", () => seen.push("d2"));
     await Promise.resolve();
     expect(seen).toEqual(["d1", "d2"]);
+  });
+});
+
+describe("adoptRun (a run taken up after the executor restarted)", () => {
+  const adoptedLease = (timeoutMs: number, startedMsAgo: number) => {
+    const l = lease({ schema: '{"type":"object","required":["ok"]}' });
+    l.dispatch!.timeout = durationFromMs(timeoutMs);
+    l.dispatch!.startTime = timestampFromDate(new Date(Date.now() - startedMsAgo));
+    return l;
+  };
+
+  it("continues the log after what telemetry holds with a line saying so, reports RUNNING and the real outcome with its result", async () => {
+    const { runtime, leases, sink, workspaces, deps } = setup();
+    sink.stored.set("01JDISPATCH000000000000000", 4);
+    workspaces.result = '{"ok":true}';
+    runtime.frames = [stdout("after the restart\n")];
+    await runtime.start(); // the container was started by the executor before this one
+    const files = workspaces.filesOf("outpost-x");
+    await adoptRun(adoptedLease(60_000, 1000), { containerId: "c-left", files }, new Redactor({}), deps);
+    expect(sink.allSent.map((l) => [l.seq, l.stream, l.text.replace(/at \S+Z/, "at <time>")])).toEqual([
+      [5, "stderr", adoptionNotice(new Date(0)).replace(/at \S+Z/, "at <time>")],
+      [6, "stdout", "after the restart"],
+    ]);
+    expect(runtime.events).not.toContain("create");
+    expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "SUCCEEDED"]);
+    expect(leases.reports[1]).toMatchObject({ exitCode: 0, lastLogSeq: 6, result: { ok: true } });
+    expect(workspaces.removed).toEqual([files.root]);
+  });
+
+  it("times out counting from the run's start, not from the adoption", async () => {
+    const { runtime, leases, deps, workspaces } = setup();
+    runtime.runForever = true;
+    await runtime.start();
+    await adoptRun(adoptedLease(2000, 1900), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, new Redactor({}), deps);
+    expect(runtime.events).toContain("stop:1000");
+    expect(leases.reports.at(-1)).toMatchObject({ state: Dispatch_State.TIMED_OUT, failureReason: "timed out after 2s" });
+  });
+
+  it("a container it cannot attach to is removed and its run failed as executor lost", async () => {
+    const { runtime, leases, deps, workspaces } = setup();
+    runtime.attach = vi.fn(async () => {
+      throw new Error("(HTTP code 409) container is not running");
+    });
+    await adoptRun(adoptedLease(60_000, 0), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, new Redactor({}), deps);
+    expect(runtime.events).toContain("remove");
+    expect(leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST })]);
   });
 });

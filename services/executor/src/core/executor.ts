@@ -8,12 +8,13 @@
  * grace period.
  */
 import { SpanKind, withSpan, type Logger } from "@outpost/platform";
+import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { Backoff, sleep } from "./backoff.ts";
 import type { CapacityReport, ContainerRuntime, LeaseClient, LogSink, SecretResolver, Workspaces } from "./ports.ts";
 import { Cancellations } from "./cancellations.ts";
 import { NotSupportedError } from "./ports.ts";
 import { reconcile } from "./reconcile.ts";
-import { executeRun, type ContainerUser, type WorkspaceQuota } from "./run.ts";
+import { adoptRun, executeRun, type ContainerUser, type RunDeps, type WorkspaceQuota } from "./run.ts";
 import type { WarmPool } from "./warm-pool.ts";
 
 export interface ExecutorOptions {
@@ -102,8 +103,13 @@ export class Executor {
       await sleep(delay, this.stopping.signal);
     }
     if (this.stopping.signal.aborted) return;
+    // Runs still going under their leases are taken up again; each holds a slot until it ends.
+    const adopted: Promise<void>[] = [];
     try {
-      const outcome = await reconcile({ ...this.options });
+      const outcome = await reconcile({
+        ...this.options,
+        adopt: (lease, found, redactor) => adopted.push(this.track(lease, () => adoptRun(lease, found, redactor, this.runDeps()))),
+      });
       logger.info(outcome, "reconciled left-overs of earlier runs");
     } catch (err) {
       logger.warn({ err }, "reconciliation failed; leasing anyway");
@@ -112,7 +118,49 @@ export class Executor {
     this.imageTimer = setInterval(() => void this.checkImages(), this.options.imageCheckMs ?? 60_000);
     this.imageTimer.unref();
     this.watching = this.watchCancellations();
-    for (let slot = 0; slot < this.options.slots; slot++) this.loops.push(this.slotLoop(slot));
+    // More adopted runs than slots (the slots were lowered meanwhile) run on; their slots lease once they end.
+    for (let slot = 0; slot < this.options.slots; slot++) this.loops.push(this.slotLoop(slot, adopted.filter((_, i) => i % this.options.slots === slot)));
+  }
+
+  /** What a run needs of this executor (run.ts RunDeps). */
+  private runDeps(): RunDeps {
+    return {
+      executorId: this.options.executorId,
+      runtime: this.options.runtime,
+      leases: this.options.leases,
+      logs: this.options.logs,
+      workspaces: this.options.workspaces,
+      secrets: this.options.secrets,
+      warmPool: this.options.warmPool,
+      logger: this.options.logger,
+      stopGraceMs: this.options.stopGraceMs,
+      logAckWaitMs: this.options.logAckWaitMs,
+      pullImages: this.options.pullImages,
+      capacity: () => this.capacity(),
+      cancellations: this.cancellations,
+      workspaceQuota: this.options.workspaceQuota,
+      containerUser: this.options.containerUser,
+      maxOutputBytes: this.options.maxOutputBytes,
+    };
+  }
+
+  /**
+   * Runs `work` for `lease` as a busy slot (counted in capacity, waited for at shutdown), in a
+   * span that is a child of the lease's traceparent (the creating call's trace), so the run's
+   * calls to the dispatcher and telemetry join the dispatch's trace (SPEC L4).
+   */
+  private async track(lease: Lease, work: () => Promise<void>): Promise<void> {
+    const run = withSpan(
+      "executor.run",
+      { traceparent: lease.traceparent || undefined, kind: SpanKind.CONSUMER, attributes: { "outpost.dispatch_id": lease.dispatch?.id ?? "" } },
+      work,
+    );
+    this.running.add(run);
+    try {
+      await run;
+    } finally {
+      this.running.delete(run);
+    }
   }
 
   /** Follows the dispatcher's cancellation stream while running; reconnects with backoff; gives up on UNIMPLEMENTED. */
@@ -185,9 +233,11 @@ export class Executor {
     }
   }
 
-  private async slotLoop(slot: number): Promise<void> {
+  /** Leases and runs one dispatch at a time, once the runs adopted into this slot have ended. */
+  private async slotLoop(slot: number, adopted: Promise<void>[]): Promise<void> {
     const { logger } = this.options;
     const signal = this.stopping.signal;
+    for (const run of adopted) await run;
     const backoff = this.options.backoff?.() ?? new Backoff({ baseMs: 500, maxMs: 30_000 });
     while (!signal.aborted) {
       const reason = await this.notReadyReason();
@@ -220,37 +270,7 @@ export class Executor {
         this.images.add(lease.agent.image);
         void this.checkImages();
       }
-      // A span per run, child of the lease's traceparent (the creating call's trace), so the
-      // run's calls to the dispatcher and telemetry join the dispatch's trace (SPEC L4).
-      const runOptions: Parameters<typeof executeRun>[1] = {
-        executorId: this.options.executorId,
-        runtime: this.options.runtime,
-        leases: this.options.leases,
-        logs: this.options.logs,
-        workspaces: this.options.workspaces,
-        secrets: this.options.secrets,
-        warmPool: this.options.warmPool,
-        logger,
-        stopGraceMs: this.options.stopGraceMs,
-        logAckWaitMs: this.options.logAckWaitMs,
-        pullImages: this.options.pullImages,
-        capacity: () => this.capacity(),
-        cancellations: this.cancellations,
-        workspaceQuota: this.options.workspaceQuota,
-        containerUser: this.options.containerUser,
-        maxOutputBytes: this.options.maxOutputBytes,
-      };
-      const run = withSpan(
-        "executor.run",
-        { traceparent: lease.traceparent || undefined, kind: SpanKind.CONSUMER, attributes: { "outpost.dispatch_id": lease.dispatch?.id ?? "" } },
-        () => executeRun(lease, runOptions),
-      );
-      this.running.add(run);
-      try {
-        await run;
-      } finally {
-        this.running.delete(run);
-      }
+      await this.track(lease, () => executeRun(lease, this.runDeps()));
     }
   }
 }

@@ -25,10 +25,10 @@
 import type { Logger } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
-import { NotSupportedError, LeaseLostError, type ContainerRuntime, type LeaseClient, type RunStateReport, type SecretResolver, type Workspaces } from "./ports.ts";
+import { NotSupportedError, LeaseLostError, type ContainerRuntime, type LeaseClient, type RunFiles, type RunStateReport, type SecretResolver, type Workspaces } from "./ports.ts";
 import { Redactor } from "./redactor.ts";
 import { checkResult, MAX_RESULT_BYTES } from "./result.ts";
-import { LABEL_PREFIX } from "./run.ts";
+import { EXECUTOR_LOST, LABEL_PREFIX } from "./run.ts";
 
 export interface ReconcileDeps {
   executorId: string;
@@ -38,15 +38,22 @@ export interface ReconcileDeps {
   /** Resolves the secrets of a left-over run so its result can be redacted. */
   secrets?: SecretResolver;
   logger: Logger;
+  /**
+   * Takes up a run whose container is still running under a lease the dispatcher still holds
+   * for this executor (run.ts adoptRun). Without it such a run is stopped and failed.
+   */
+  adopt?: (lease: Lease, found: { containerId: string; files: RunFiles }, redactor: Redactor) => void;
 }
 
 export interface ReconcileOutcome {
   containersRemoved: number;
   runsSettled: number;
   leasesReleased: number;
+  /** Running containers handed to `adopt`. */
+  runsAdopted: number;
 }
 
-export const EXECUTOR_LOST = "executor lost: it restarted while the run was in progress";
+export { EXECUTOR_LOST } from "./run.ts";
 
 export const RESULT_WITHHELD = "executor lost: the result was withheld (its secrets could not be resolved to redact it)";
 
@@ -68,7 +75,7 @@ async function redactorFor(deps: ReconcileDeps, lease: Lease | undefined): Promi
 
 export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> {
   const { runtime, leases, workspaces, logger } = deps;
-  const outcome: ReconcileOutcome = { containersRemoved: 0, runsSettled: 0, leasesReleased: 0 };
+  const outcome: ReconcileOutcome = { containersRemoved: 0, runsSettled: 0, leasesReleased: 0, runsAdopted: 0 };
   let held: Lease[] | undefined;
   try {
     held = await leases.listLeases(deps.executorId);
@@ -102,6 +109,18 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
         settled.add(claim.dispatchId);
       } else if (claim && (held === undefined || heldById.has(claim.dispatchId))) {
         const lease = heldById.get(claim.dispatchId);
+        // Still running under the lease it was started with: taken up, not stopped, when the
+        // run's secrets can be had to redact what it prints from now on.
+        const adoptable = container.running && deps.adopt && files && runDir && lease?.leaseId === claim.leaseId && lease.agent;
+        const redactor = adoptable ? await redactorFor(deps, lease) : undefined;
+        if (adoptable && redactor) {
+          deps.adopt!(lease, { containerId: container.id, files }, redactor);
+          outcome.runsAdopted++;
+          settled.add(claim.dispatchId);
+          kept.add(runDir);
+          logger.info({ dispatchId: claim.dispatchId, container: container.name }, "left-over running container taken up again");
+          continue;
+        }
         let report: Omit<RunStateReport, "dispatchId" | "leaseId">;
         if (container.running) {
           report = { state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST, lastLogSeq: 0 };

@@ -279,36 +279,11 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
       await giveBack(`run directory could not be created: ${messageOf(err)}`, true);
       return;
     }
-    const newQuota = () =>
-      deps.workspaceQuota
-        ? new DiskQuota({
-            limitBytes: deps.workspaceQuota.limitBytes,
-            intervalMs: deps.workspaceQuota.checkIntervalMs,
-            measure: (stopAboveBytes, signal) => deps.workspaces.diskUsage(files, stopAboveBytes, signal),
-            logger,
-          })
-        : undefined;
+    const newQuota = () => quotaFor(deps, files, logger);
     const quota = newQuota();
     /** The run's container, once there is one; emptied once it is removed. */
     const container = { id: warm?.id ?? "" };
-    const cleanUp = async () => {
-      let containerGone = true;
-      if (container.id) {
-        await deps.runtime.remove(container.id).catch((err: unknown) => {
-          containerGone = false;
-          logger.warn({ err }, "remove failed");
-        });
-      }
-      container.id = "";
-      if (!containerGone) {
-        // The agent may still run in it, and a recursive delete of a tree it can write would
-        // follow a directory it swaps for a link mid-way (out of the workspace, as root). The
-        // directory stays until reconciliation, which removes it once the container is gone.
-        logger.error({ runDir: files.root }, "run directory kept: its container could not be removed and may still be running");
-        return;
-      }
-      await deps.workspaces.remove(files).catch((err: unknown) => logger.warn({ err }, "run directory not removed"));
-    };
+    const cleanUp = cleanUpFor(deps, container, files, logger);
 
     if (dispatch.repo?.url) {
       // The checkout is watched as the agent will be: a repository (or a git server streaming a
@@ -414,6 +389,107 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
     unregisterCancel?.();
     keeper.stop();
   }
+}
+
+/**
+ * A run whose container outlived its executor (SPEC E5): the restarted executor finds it running
+ * under a lease the dispatcher still holds for it, and takes it up where its predecessor left
+ * it instead of stopping it, so an executor restart (a crash, an upgrade in place) within the
+ * lease's life does not cost the runs it had. The lease comes from ListExecutorLeases, with
+ * fresh grants; `redactor` holds the run's secrets. Its log continues after what telemetry holds,
+ * opened by a line saying that what the agent printed while no executor watched is not in it
+ * (the engine keeps no copy: `OUTPOST_EXECUTOR_ENGINE_LOGS=none`). The timeout counts from the
+ * run's start. Never throws.
+ */
+export async function adoptRun(lease: Lease, found: { containerId: string; files: RunFiles }, redactor: Redactor, deps: RunDeps): Promise<void> {
+  const dispatch = lease.dispatch!;
+  const logger = deps.logger.child({ dispatchId: dispatch.id, leaseId: lease.leaseId, adopted: true });
+  const keeper = new LeaseKeeper(deps, lease, logger);
+  const unregisterCancel = deps.cancellations?.register(dispatch.id, lease.leaseId, () => {
+    keeper.cancelled = true;
+    keeper.onCancel?.();
+  });
+  const container = { id: found.containerId };
+  const cleanUp = cleanUpFor(deps, container, found.files, logger);
+  const report = (r: Omit<RunStateReport, "dispatchId" | "leaseId">) =>
+    reportWithRetry(deps.leases, { dispatchId: dispatch.id, leaseId: lease.leaseId, ...r }, logger);
+  const shipper = newShipper(deps, lease, keeper, logger, { continueStored: true });
+  try {
+    shipper.add("stderr", adoptionNotice());
+    let pumping: Promise<void>;
+    try {
+      pumping = pumpOutput(await deps.runtime.attach(container.id), shipper, redactor, logger);
+    } catch (err) {
+      // Not watched, it cannot be redacted, timed or stopped on a cancel: it ends here.
+      logger.warn({ err }, "a left-over running container could not be attached; stopping it");
+      shipper.close();
+      await cleanUp();
+      await report({ state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST, lastLogSeq: 0 });
+      return;
+    }
+    const startedAt = dispatch.startTime ? timestampMs(dispatch.startTime) : Date.now();
+    logger.info({ containerId: container.id, runningForMs: Date.now() - startedAt }, "left-over running container adopted");
+    const quota = quotaFor(deps, found.files, logger);
+    await superviseContainer({
+      deps,
+      lease,
+      logger,
+      keeper,
+      container,
+      files: found.files,
+      redactor,
+      quota,
+      shipper,
+      pumping,
+      timeoutMs: durationMs(dispatch.timeout) - (Date.now() - startedAt),
+      report,
+      cleanUp,
+    });
+  } finally {
+    unregisterCancel?.();
+    keeper.stop();
+  }
+}
+
+/** Why a run whose executor restarted while it ran failed (one that could not be taken up again). */
+export const EXECUTOR_LOST = "executor lost: it restarted while the run was in progress";
+
+/** The line an adopted run's log goes on with. */
+export function adoptionNotice(now = new Date()): string {
+  return `[outpost] the executor watching this run restarted; it took the run up again at ${now.toISOString()}, and what the run printed while no executor watched is not in this log`;
+}
+
+/** The run's workspace disk quota (disk-quota.ts), when the executor has one. */
+function quotaFor(deps: RunDeps, files: RunFiles, logger: Logger): DiskQuota | undefined {
+  if (!deps.workspaceQuota) return undefined;
+  return new DiskQuota({
+    limitBytes: deps.workspaceQuota.limitBytes,
+    intervalMs: deps.workspaceQuota.checkIntervalMs,
+    measure: (stopAboveBytes, signal) => deps.workspaces.diskUsage(files, stopAboveBytes, signal),
+    logger,
+  });
+}
+
+/** Removes the run's container if there still is one, then its run directory, unless the container could not be removed. */
+function cleanUpFor(deps: RunDeps, container: { id: string }, files: RunFiles, logger: Logger): () => Promise<void> {
+  return async () => {
+    let containerGone = true;
+    if (container.id) {
+      await deps.runtime.remove(container.id).catch((err: unknown) => {
+        containerGone = false;
+        logger.warn({ err }, "remove failed");
+      });
+    }
+    container.id = "";
+    if (!containerGone) {
+      // The agent may still run in it, and a recursive delete of a tree it can write would
+      // follow a directory it swaps for a link mid-way (out of the workspace, as root). The
+      // directory stays until reconciliation, which removes it once the container is gone.
+      logger.error({ runDir: files.root }, "run directory kept: its container could not be removed and may still be running");
+      return;
+    }
+    await deps.workspaces.remove(files).catch((err: unknown) => logger.warn({ err }, "run directory not removed"));
+  };
 }
 
 /** The run's log shipper: under the lease's log grant (renewed with every heartbeat, run-grants.ts). */
@@ -674,6 +750,10 @@ async function reportWithRetry(leases: LeaseClient, report: RunStateReport, logg
 
 function durationMs(duration: { seconds: bigint; nanos: number } | undefined): number {
   return duration ? Number(duration.seconds) * 1000 + Math.floor(duration.nanos / 1e6) : 0;
+}
+
+function timestampMs(time: { seconds: bigint; nanos: number }): number {
+  return Number(time.seconds) * 1000 + Math.floor(time.nanos / 1e6);
 }
 
 function formatSeconds(ms: number): string {
