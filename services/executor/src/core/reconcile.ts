@@ -4,8 +4,11 @@
  * settles each run with the dispatcher, then removes them, so no run stays RUNNING forever and
  * no container is orphaned.
  *
- * - A container still running: its output since the crash is lost and its log sequence cannot
- *   be continued reliably, so it is stopped and the run reported FAILED "executor lost".
+ * - A container still running under the lease the dispatcher still holds for this executor:
+ *   handed to `adopt` (run.ts adoptRun), which takes the run up again, when its secrets can be
+ *   resolved to redact what it prints from now on.
+ * - Any other container still running (its lease gone, or unknown): stopped, and the run
+ *   reported FAILED "executor lost".
  * - A container that already exited: settled by its real exit code (and result, checked
  *   against the agent's schema when the dispatcher's lease list provides the agent).
  * - A container created but never started (the crash came between create and start): its
