@@ -149,6 +149,9 @@ export class StubDispatcher {
         if (!this.leases.has(req.leaseId)) throw failedPrecondition("LEASE_LOST", "lease is not held");
         if (req.result && this.refusingResults.has(req.dispatchId)) throw resourceExhausted("message_size", "message size 5767144 is larger than configured readMaxBytes 4194304");
         this.reports.push(req);
+        // The run's state as the real dispatcher keeps it, which ListExecutorLeases shows.
+        const held = this.leases.get(req.leaseId);
+        if (held?.dispatch) held.dispatch.state = req.state;
         if (TERMINAL.has(req.state)) this.leases.delete(req.leaseId);
         return {};
       },

@@ -7,7 +7,6 @@ import { describe, expect, it, vi } from "vitest";
 import { CheckoutError, NotSupportedError, SecretsError, type ContainerSummary, type SecretResolver } from "../src/core/ports.ts";
 import { EXECUTOR_LOST, reconcile, RESULT_WITHHELD, RESULT_WITHHELD_NO_LEASE } from "../src/core/reconcile.ts";
 import { adoptionNotice, adoptRun, executeRun, startScript } from "../src/core/run.ts";
-import { Redactor } from "../src/core/redactor.ts";
 import { parseWarmPool, WarmPool } from "../src/core/warm-pool.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stdout } from "./fakes.ts";
 
@@ -260,37 +259,40 @@ describe("reconcile", () => {
     expect(workspaces.removed).toContain("/runs/outpost-x");
   });
 
+  const runningLease = (extra: Parameters<typeof lease>[0] = {}) => {
+    const l = lease(extra);
+    l.dispatch!.state = Dispatch_State.RUNNING;
+    return l;
+  };
+
   it("takes up a running left-over container whose lease the dispatcher still holds: neither stopped nor reported, its run directory kept", async () => {
     const { runtime, leases, workspaces } = setup();
     runtime.list = vi.fn(async () => [
       summary({ "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A", "dev.outpost.run-dir": "outpost-x" }, true),
     ]);
-    leases.held = [lease({ secretNames: ["TOKEN"] })];
+    leases.held = [runningLease()];
     const adopt = vi.fn();
-    const secrets = resolver({ TOKEN: "tok-value-1234" });
-    const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, secrets, logger: silentLogger, adopt });
+    const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger, adopt });
     expect(outcome).toEqual({ containersRemoved: 0, runsSettled: 0, leasesReleased: 0, runsAdopted: 1 });
     expect(adopt).toHaveBeenCalledTimes(1);
-    const [adoptedLease, found, redactor] = adopt.mock.calls[0]!;
-    expect(adoptedLease).toBe(leases.held[0]);
-    expect(found).toEqual({ containerId: "c-left", files: workspaces.filesOf("outpost-x") });
-    expect(redactor.redact("token tok-value-1234")).toBe("token [REDACTED:TOKEN]");
+    expect(adopt).toHaveBeenCalledWith(leases.held[0], { containerId: "c-left", files: workspaces.filesOf("outpost-x") });
     expect(runtime.events).not.toContain("remove");
     expect(leases.reports).toEqual([]);
     expect(workspaces.removed).toEqual([]);
   });
 
-  it("still stops and fails a running left-over whose held lease is another one, or whose secrets cannot be had to redact it", async () => {
-    for (const [held, secrets] of [
-      [lease(), undefined],
-      [lease({ secretNames: ["TOKEN"] }), resolver(new SecretsError("tenant service unreachable", true))],
+  it("still stops and fails a running left-over whose held lease is another, whose run is not RUNNING yet (a warm container claimed before its start), or that names secrets", async () => {
+    const startingLease = lease();
+    for (const [held, leaseId] of [
+      [runningLease(), "01JLEASE00000000000000000B"],
+      [startingLease, "01JLEASE00000000000000000A"],
+      [runningLease({ secretNames: ["TOKEN"] }), "01JLEASE00000000000000000A"],
     ] as const) {
       const { runtime, leases, workspaces } = setup();
-      const leaseId = held.secretGrant ? "01JLEASE00000000000000000A" : "01JLEASE00000000000000000B";
       runtime.list = vi.fn(async () => [summary({ "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": leaseId, "dev.outpost.run-dir": "outpost-x" }, true)]);
       leases.held = [held];
       const adopt = vi.fn();
-      const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, secrets, logger: silentLogger, adopt });
+      const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger, adopt, secrets: resolver({ TOKEN: "t" }) });
       expect(adopt).not.toHaveBeenCalled();
       expect(outcome.runsAdopted).toBe(0);
       expect(runtime.events).toContain("remove");
@@ -412,7 +414,7 @@ describe("adoptRun (a run taken up after the executor restarted)", () => {
     runtime.frames = [stdout("after the restart\n")];
     await runtime.start(); // the container was started by the executor before this one
     const files = workspaces.filesOf("outpost-x");
-    await adoptRun(adoptedLease(60_000, 1000), { containerId: "c-left", files }, new Redactor({}), deps);
+    await adoptRun(adoptedLease(60_000, 1000), { containerId: "c-left", files }, deps);
     expect(sink.allSent.map((l) => [l.seq, l.stream, l.text.replace(/at \S+Z/, "at <time>")])).toEqual([
       [5, "stderr", adoptionNotice(new Date(0)).replace(/at \S+Z/, "at <time>")],
       [6, "stdout", "after the restart"],
@@ -427,7 +429,7 @@ describe("adoptRun (a run taken up after the executor restarted)", () => {
     const { runtime, leases, deps, workspaces } = setup();
     runtime.runForever = true;
     await runtime.start();
-    await adoptRun(adoptedLease(2000, 1900), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, new Redactor({}), deps);
+    await adoptRun(adoptedLease(2000, 1900), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, deps);
     expect(runtime.events).toContain("stop:1000");
     expect(leases.reports.at(-1)).toMatchObject({ state: Dispatch_State.TIMED_OUT, failureReason: "timed out after 2s" });
   });
@@ -437,7 +439,7 @@ describe("adoptRun (a run taken up after the executor restarted)", () => {
     runtime.attach = vi.fn(async () => {
       throw new Error("(HTTP code 409) container is not running");
     });
-    await adoptRun(adoptedLease(60_000, 0), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, new Redactor({}), deps);
+    await adoptRun(adoptedLease(60_000, 0), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, deps);
     expect(runtime.events).toContain("remove");
     expect(leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST })]);
   });

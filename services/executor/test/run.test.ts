@@ -541,6 +541,46 @@ describe("Executor", () => {
     await executor.shutdown(1000);
   });
 
+  it("a run taken up after a restart holds its slot: nothing is leased on it until that run ends", async () => {
+    const runtime = new FakeRuntime();
+    runtime.runForever = true;
+    await runtime.start(); // the left-over container, started before the restart
+    runtime.list = async () => [
+      {
+        id: "c1",
+        name: "outpost-left",
+        running: true,
+        started: true,
+        labels: { "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A", "dev.outpost.run-dir": "outpost-left" },
+      },
+    ];
+    const leases = new FakeLeases();
+    const left = lease();
+    left.dispatch!.state = Dispatch_State.RUNNING;
+    leases.held = [left];
+    leases.acquire = async () => {
+      leases.acquired++;
+      await new Promise((r) => setTimeout(r, 20));
+      return undefined;
+    };
+    const sink = new FakeSink();
+    sink.autoAck = true;
+    const executor = new Executor({
+      executorId: "ex-1", slots: 1, runtime, leases, logs: sink, workspaces: new FakeWorkspaces(), logger: silentLogger,
+      containerUser: NOBODY,
+      stopGraceMs: 1000, leaseWaitMs: 50, minPollIntervalMs: 10,
+    });
+    await executor.start();
+    expect(executor.busySlots).toBe(1);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(leases.acquired).toBe(0);
+    expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING"]);
+    runtime.finish(0);
+    await vi.waitFor(() => expect(leases.acquired).toBeGreaterThan(0));
+    expect(leases.reports.map((r) => Dispatch_State[r.state])).toEqual(["RUNNING", "SUCCEEDED"]);
+    await executor.shutdown(1000);
+  });
+
   it("on shutdown stops leasing and gives a running container the grace period, then leaves it", async () => {
     const runtime = new FakeRuntime();
     runtime.runForever = true;

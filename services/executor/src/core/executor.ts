@@ -63,6 +63,8 @@ export class Executor {
   private starting: Promise<void> | undefined;
   private readonly cancellations = new Cancellations();
   private watching: Promise<void> | undefined;
+  /** Slot loops waiting in AcquireLease: counted with the running runs against the slots. */
+  private leasing = 0;
 
   constructor(options: ExecutorOptions) {
     this.options = options;
@@ -104,11 +106,12 @@ export class Executor {
     }
     if (this.stopping.signal.aborted) return;
     // Runs still going under their leases are taken up again; each holds a slot until it ends.
-    const adopted: Promise<void>[] = [];
     try {
       const outcome = await reconcile({
         ...this.options,
-        adopt: (lease, found, redactor) => adopted.push(this.track(lease, () => adoptRun(lease, found, redactor, this.runDeps()))),
+        adopt: (lease, found) => {
+          this.track(lease, () => adoptRun(lease, found, this.runDeps())).catch((err: unknown) => logger.error({ err }, "a run taken up again failed"));
+        },
       });
       logger.info(outcome, "reconciled left-overs of earlier runs");
     } catch (err) {
@@ -118,8 +121,7 @@ export class Executor {
     this.imageTimer = setInterval(() => void this.checkImages(), this.options.imageCheckMs ?? 60_000);
     this.imageTimer.unref();
     this.watching = this.watchCancellations();
-    // More adopted runs than slots (the slots were lowered meanwhile) run on; their slots lease once they end.
-    for (let slot = 0; slot < this.options.slots; slot++) this.loops.push(this.slotLoop(slot, adopted.filter((_, i) => i % this.options.slots === slot)));
+    for (let slot = 0; slot < this.options.slots; slot++) this.loops.push(this.slotLoop(slot));
   }
 
   /** What a run needs of this executor (run.ts RunDeps). */
@@ -233,11 +235,13 @@ export class Executor {
     }
   }
 
-  /** Leases and runs one dispatch at a time, once the runs adopted into this slot have ended. */
-  private async slotLoop(slot: number, adopted: Promise<void>[]): Promise<void> {
+  /**
+   * Leases and runs one dispatch at a time while fewer than `slots` runs go on: runs taken up
+   * after a restart hold slots too, and can be more than there are (the slots were lowered).
+   */
+  private async slotLoop(slot: number): Promise<void> {
     const { logger } = this.options;
     const signal = this.stopping.signal;
-    for (const run of adopted) await run;
     const backoff = this.options.backoff?.() ?? new Backoff({ baseMs: 500, maxMs: 30_000 });
     while (!signal.aborted) {
       const reason = await this.notReadyReason();
@@ -247,8 +251,13 @@ export class Executor {
         await sleep(delay, signal);
         continue;
       }
+      if (this.running.size + this.leasing >= this.options.slots) {
+        await Promise.race([...[...this.running].map((run) => run.catch(() => undefined)), sleep(1000, signal)]);
+        continue;
+      }
       const polledAt = Date.now();
       let lease;
+      this.leasing++;
       try {
         lease = await this.options.leases.acquire(this.options.executorId, this.options.leaseWaitMs, signal, this.capacity());
       } catch (err) {
@@ -257,6 +266,9 @@ export class Executor {
         logger.warn({ slot, err, retryInMs: delay }, "acquiring a lease failed");
         await sleep(delay, signal);
         continue;
+      } finally {
+        // Given back before the run is tracked, with no await between: the count never doubles.
+        this.leasing--;
       }
       backoff.reset();
       if (!lease) {

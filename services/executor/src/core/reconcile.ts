@@ -45,7 +45,7 @@ export interface ReconcileDeps {
    * Takes up a run whose container is still running under a lease the dispatcher still holds
    * for this executor (run.ts adoptRun). Without it such a run is stopped and failed.
    */
-  adopt?: (lease: Lease, found: { containerId: string; files: RunFiles }, redactor: Redactor) => void;
+  adopt?: (lease: Lease, found: { containerId: string; files: RunFiles }) => void;
 }
 
 export interface ReconcileOutcome {
@@ -112,12 +112,22 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
         settled.add(claim.dispatchId);
       } else if (claim && (held === undefined || heldById.has(claim.dispatchId))) {
         const lease = heldById.get(claim.dispatchId);
-        // Still running under the lease it was started with: taken up, not stopped, when the
-        // run's secrets can be had to redact what it prints from now on.
-        const adoptable = container.running && deps.adopt && files && runDir && lease?.leaseId === claim.leaseId && lease.agent;
-        const redactor = adoptable ? await redactorFor(deps, lease) : undefined;
-        if (adoptable && redactor) {
-          deps.adopt!(lease, { containerId: container.id, files }, redactor);
+        // Still running under the lease it was started with, and known to the dispatcher as
+        // RUNNING (so its agent did start: a warm container claimed right before the crash may
+        // still wait for its start script): taken up, not stopped. Not a run that names secrets:
+        // they may have been rotated since it started, and what it prints could then only be
+        // redacted of the new values.
+        if (
+          container.running &&
+          deps.adopt &&
+          files &&
+          runDir &&
+          lease?.leaseId === claim.leaseId &&
+          lease.agent &&
+          lease.dispatch?.state === Dispatch_State.RUNNING &&
+          lease.dispatch.secretNames.length === 0
+        ) {
+          deps.adopt(lease, { containerId: container.id, files });
           outcome.runsAdopted++;
           settled.add(claim.dispatchId);
           kept.add(runDir);

@@ -396,12 +396,12 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
  * under a lease the dispatcher still holds for it, and takes it up where its predecessor left
  * it instead of stopping it, so an executor restart (a crash, an upgrade in place) within the
  * lease's life does not cost the runs it had. The lease comes from ListExecutorLeases, with
- * fresh grants; `redactor` holds the run's secrets. Its log continues after what telemetry holds,
+ * fresh grants; the run names no secrets (reconcile.ts). Its log continues after what telemetry holds,
  * opened by a line saying that what the agent printed while no executor watched is not in it
  * (the engine keeps no copy: `OUTPOST_EXECUTOR_ENGINE_LOGS=none`). The timeout counts from the
  * run's start. Never throws.
  */
-export async function adoptRun(lease: Lease, found: { containerId: string; files: RunFiles }, redactor: Redactor, deps: RunDeps): Promise<void> {
+export async function adoptRun(lease: Lease, found: { containerId: string; files: RunFiles }, deps: RunDeps): Promise<void> {
   const dispatch = lease.dispatch!;
   const logger = deps.logger.child({ dispatchId: dispatch.id, leaseId: lease.leaseId, adopted: true });
   const keeper = new LeaseKeeper(deps, lease, logger);
@@ -414,6 +414,7 @@ export async function adoptRun(lease: Lease, found: { containerId: string; files
   const report = (r: Omit<RunStateReport, "dispatchId" | "leaseId">) =>
     reportWithRetry(deps.leases, { dispatchId: dispatch.id, leaseId: lease.leaseId, ...r }, logger);
   const shipper = newShipper(deps, lease, keeper, logger, { continueStored: true });
+  const redactor = new Redactor({});
   try {
     shipper.add("stderr", adoptionNotice());
     let pumping: Promise<void>;
@@ -427,7 +428,8 @@ export async function adoptRun(lease: Lease, found: { containerId: string; files
       await report({ state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST, lastLogSeq: 0 });
       return;
     }
-    const startedAt = dispatch.startTime ? timestampMs(dispatch.startTime) : Date.now();
+    // A start the dispatcher's clock puts ahead of this one's counts as now: never more than the whole timeout.
+    const startedAt = Math.min(dispatch.startTime ? timestampMs(dispatch.startTime) : Date.now(), Date.now());
     logger.info({ containerId: container.id, runningForMs: Date.now() - startedAt }, "left-over running container adopted");
     const quota = quotaFor(deps, found.files, logger);
     await superviseContainer({
@@ -445,6 +447,10 @@ export async function adoptRun(lease: Lease, found: { containerId: string; files
       report,
       cleanUp,
     });
+  } catch (err) {
+    // Nothing above should throw; if it does, the run is left to its lease's expiry rather than take the executor down.
+    logger.error({ err }, "taking up a left-over run failed");
+    shipper.close();
   } finally {
     unregisterCancel?.();
     keeper.stop();
@@ -520,7 +526,7 @@ interface Supervised {
   shipper: LogShipper;
   /** The output pump, which ends when the container's output does. */
   pumping: Promise<void>;
-  /** Time left before the run times out (0: none). */
+  /** Time left before the run times out (at most 0: it is up); ignored when the dispatch has no timeout. */
   timeoutMs: number;
   report: (r: Omit<RunStateReport, "dispatchId" | "leaseId">) => Promise<void>;
   /** Removes what is left of the run: its container if still there, and its run directory. */
@@ -586,8 +592,11 @@ async function superviseContainer(run: Supervised): Promise<void> {
     await Promise.race([run.pumping, sleep(5000, pumpWait.signal)]);
     pumpWait.abort();
     const lastLogSeq = await shipper.finish(deps.logAckWaitMs ?? 10_000);
-    await deps.runtime.remove(container.id).catch((err: unknown) => logger.warn({ err }, "remove failed"));
-    container.id = "";
+    // Left set when the remove fails: cleanUp tries again and keeps the run directory if it fails too.
+    await deps.runtime.remove(container.id).then(
+      () => (container.id = ""),
+      (err: unknown) => logger.warn({ err }, "remove failed"),
+    );
     logger.info({ exitCode: exit.exitCode, oomKilled: exit.oomKilled, stopCause: stopCause?.kind, lastLogSeq }, "container exited");
 
     const cause = stopCause as StopCause | undefined;
