@@ -168,6 +168,11 @@ export class FakeRuntime implements ContainerRuntime {
   async rename(_id: string, name: string) {
     this.events.push(`rename:${name}`);
   }
+  /** What `environment` answers (a cold container's Config.Env). */
+  env: Record<string, string> = {};
+  async environment() {
+    return this.env;
+  }
   /** Ends the container with `exitCode` (as when it exits on its own). */
   finish(exitCode: number) {
     if (this.running) this.events.push(`exited:${exitCode}`);

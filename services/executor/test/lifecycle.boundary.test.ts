@@ -16,6 +16,7 @@ import {
   startStub,
   StubDispatcher,
   StubTelemetry,
+  StubTenant,
   TERMINAL,
   until,
   type ExecutorProcess,
@@ -27,6 +28,7 @@ const PREFIX = `test-life-${process.pid}`;
 describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
   const dispatcher = new StubDispatcher();
   const telemetry = new StubTelemetry();
+  const tenant = new StubTenant();
   const servers: RunningServer[] = [];
   const executors: ExecutorProcess[] = [];
   const ids: string[] = [];
@@ -34,7 +36,7 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
   const start = (id: string, env: Record<string, string> = {}, dataDir?: string) => {
     ids.push(id);
     const executor = spawnExecutor(
-      { OUTPOST_EXECUTOR_ID: id, OUTPOST_DISPATCHER_URL: servers[0]!.url, OUTPOST_TELEMETRY_URL: servers[1]!.url, ...env },
+      { OUTPOST_EXECUTOR_ID: id, OUTPOST_DISPATCHER_URL: servers[0]!.url, OUTPOST_TELEMETRY_URL: servers[1]!.url, OUTPOST_TENANT_URL: servers[2]!.url, ...env },
       dataDir,
     );
     executors.push(executor);
@@ -50,7 +52,7 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
 
   beforeAll(async () => {
     buildDemoAgent();
-    servers.push(await startStub("stub-dispatcher", dispatcher.routes), await startStub("stub-telemetry", telemetry.routes));
+    servers.push(await startStub("stub-dispatcher", dispatcher.routes), await startStub("stub-telemetry", telemetry.routes), await startStub("stub-tenant", tenant.routes));
   });
 
   // A test that failed part-way must not leave its executor leasing the next test's work.
@@ -69,7 +71,10 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
     const id = `${PREFIX}-crash`;
     const first = start(id);
     await first.port();
-    const running = demoLease({ task: "long lines=2 sleep=4", executorId: id });
+    // It names a secret: taken up, it is redacted with the value its container holds, which the
+    // executor reads back from the engine (the tenant's value is rotated meanwhile).
+    tenant.secrets.set("tenant-boundary", { ADOPT_TOKEN: "adopt-token-first-value" });
+    const running = demoLease({ task: "long lines=2 print=ADOPT_TOKEN sleep=4", executorId: id, secretNames: ["ADOPT_TOKEN"] });
     const finishing = demoLease({ task: "short sleep=1", executorId: id });
     dispatcher.enqueue(running);
     dispatcher.enqueue(finishing);
@@ -78,6 +83,7 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
     }
     await until("the long run's first lines", () => telemetry.textsFor(running.dispatch!.id).includes("line 2"));
     await first.kill9();
+    tenant.secrets.set("tenant-boundary", { ADOPT_TOKEN: "adopt-token-rotated-since" });
     // The agent carries on without its executor; the short one exits meanwhile.
     expect(labelled(id).split("\n")).toHaveLength(2);
     await until("the short run's container to exit", () =>
@@ -92,6 +98,8 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
     const chunks = telemetry.chunksFor(running.dispatch!.id);
     expect(chunks.map((c) => Number(c.seq))).toEqual(chunks.map((_, i) => i + 1));
     const texts = chunks.map((c) => c.text);
+    expect(texts).toContain("ADOPT_TOKEN=[REDACTED:ADOPT_TOKEN]");
+    expect(texts.join("\n")).not.toContain("adopt-token-");
     const notice = texts.findIndex((text) => text.startsWith("[outpost] the executor watching this run restarted"));
     expect(notice).toBeGreaterThan(texts.indexOf("line 2"));
     expect(texts.indexOf("done, exit code 0")).toBeGreaterThan(notice);

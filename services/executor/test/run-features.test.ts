@@ -7,6 +7,7 @@ import { describe, expect, it, vi } from "vitest";
 import { CheckoutError, NotSupportedError, SecretsError, type ContainerSummary, type SecretResolver } from "../src/core/ports.ts";
 import { EXECUTOR_LOST, reconcile, RESULT_WITHHELD, RESULT_WITHHELD_NO_LEASE } from "../src/core/reconcile.ts";
 import { adoptionNotice, adoptRun, executeRun, startScript } from "../src/core/run.ts";
+import { Redactor } from "../src/core/redactor.ts";
 import { parseWarmPool, WarmPool } from "../src/core/warm-pool.ts";
 import { FakeLeases, FakeRuntime, FakeSink, FakeWorkspaces, silentLogger, stdout } from "./fakes.ts";
 
@@ -275,13 +276,29 @@ describe("reconcile", () => {
     const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger, adopt });
     expect(outcome).toEqual({ containersRemoved: 0, runsSettled: 0, leasesReleased: 0, runsAdopted: 1 });
     expect(adopt).toHaveBeenCalledTimes(1);
-    expect(adopt).toHaveBeenCalledWith(leases.held[0], { containerId: "c-left", files: workspaces.filesOf("outpost-x") });
+    expect(adopt).toHaveBeenCalledWith(leases.held[0], { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, expect.any(Redactor));
     expect(runtime.events).not.toContain("remove");
     expect(leases.reports).toEqual([]);
     expect(workspaces.removed).toEqual([]);
   });
 
-  it("still stops and fails a running left-over whose held lease is another, whose run is not RUNNING yet (a warm container claimed before its start), or that names secrets", async () => {
+  it("redacts a run taken up with the secret values its container was started with, not the ones resolved now", async () => {
+    const { runtime, leases, workspaces } = setup();
+    runtime.list = vi.fn(async () => [
+      summary({ "dev.outpost.dispatch-id": "01JDISPATCH000000000000000", "dev.outpost.lease-id": "01JLEASE00000000000000000A", "dev.outpost.run-dir": "outpost-x" }, true),
+    ]);
+    runtime.env = { TOKEN: "value-it-started-with", OUTPOST_TASK: "hello" };
+    leases.held = [runningLease({ secretNames: ["TOKEN"] })];
+    const adopt = vi.fn();
+    const secrets = resolver({ TOKEN: "value-rotated-since" });
+    await reconcile({ executorId: "ex-1", runtime, leases, workspaces, secrets, logger: silentLogger, adopt });
+    expect(adopt).toHaveBeenCalledTimes(1);
+    const redactor = adopt.mock.calls[0]![2] as Redactor;
+    expect(redactor.redact("key value-it-started-with")).toBe("key [REDACTED:TOKEN]");
+    expect(secrets.calls).toEqual([]);
+  });
+
+  it("still stops and fails a running left-over whose held lease is another, whose run is not RUNNING yet (a warm container claimed before its start), or whose secret values its container does not hold (a warm one)", async () => {
     const startingLease = lease();
     for (const [held, leaseId] of [
       [runningLease(), "01JLEASE00000000000000000B"],
@@ -414,7 +431,7 @@ describe("adoptRun (a run taken up after the executor restarted)", () => {
     runtime.frames = [stdout("after the restart\n")];
     await runtime.start(); // the container was started by the executor before this one
     const files = workspaces.filesOf("outpost-x");
-    await adoptRun(adoptedLease(60_000, 1000), { containerId: "c-left", files }, deps);
+    await adoptRun(adoptedLease(60_000, 1000), { containerId: "c-left", files }, new Redactor({}), deps);
     expect(sink.allSent.map((l) => [l.seq, l.stream, l.text.replace(/at \S+Z/, "at <time>")])).toEqual([
       [5, "stderr", adoptionNotice(new Date(0)).replace(/at \S+Z/, "at <time>")],
       [6, "stdout", "after the restart"],
@@ -429,7 +446,7 @@ describe("adoptRun (a run taken up after the executor restarted)", () => {
     const { runtime, leases, deps, workspaces } = setup();
     runtime.runForever = true;
     await runtime.start();
-    await adoptRun(adoptedLease(2000, 1900), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, deps);
+    await adoptRun(adoptedLease(2000, 1900), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, new Redactor({}), deps);
     expect(runtime.events).toContain("stop:1000");
     expect(leases.reports.at(-1)).toMatchObject({ state: Dispatch_State.TIMED_OUT, failureReason: "timed out after 2s" });
   });
@@ -439,7 +456,7 @@ describe("adoptRun (a run taken up after the executor restarted)", () => {
     runtime.attach = vi.fn(async () => {
       throw new Error("(HTTP code 409) container is not running");
     });
-    await adoptRun(adoptedLease(60_000, 0), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, deps);
+    await adoptRun(adoptedLease(60_000, 0), { containerId: "c-left", files: workspaces.filesOf("outpost-x") }, new Redactor({}), deps);
     expect(runtime.events).toContain("remove");
     expect(leases.reports).toEqual([expect.objectContaining({ state: Dispatch_State.FAILED, failureReason: EXECUTOR_LOST })]);
   });

@@ -179,6 +179,16 @@ export function createDockerRuntime(options: DockerRuntimeOptions = {}): Contain
       await docker.getContainer(id).rename({ name });
     },
 
+    async environment(id: string): Promise<Record<string, string>> {
+      const info = await docker.getContainer(id).inspect();
+      const env: Record<string, string> = {};
+      for (const entry of info.Config.Env ?? []) {
+        const at = entry.indexOf("=");
+        if (at > 0) env[entry.slice(0, at)] = entry.slice(at + 1);
+      }
+      return env;
+    },
+
     async attach(id: string): Promise<AsyncIterable<OutputFrame>> {
       const stream = (await docker.getContainer(id).attach({ stream: true, stdout: true, stderr: true, hijack: true })) as unknown as Duplex;
       // Hijacked (HTTP upgrade) so output flows as soon as the container writes it.

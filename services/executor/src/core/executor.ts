@@ -109,8 +109,8 @@ export class Executor {
     try {
       const outcome = await reconcile({
         ...this.options,
-        adopt: (lease, found) => {
-          this.track(lease, () => adoptRun(lease, found, this.runDeps())).catch((err: unknown) => logger.error({ err }, "a run taken up again failed"));
+        adopt: (lease, found, redactor) => {
+          this.track(lease, () => adoptRun(lease, found, redactor, this.runDeps())).catch((err: unknown) => logger.error({ err }, "a run taken up again failed"));
         },
       });
       logger.info(outcome, "reconciled left-overs of earlier runs");

@@ -91,6 +91,11 @@ export interface ContainerRuntime {
   imagePresent(image: string): Promise<boolean>;
   /** Pulls the image for linux/arm64; rejects when no registry serves it. */
   pull(image: string): Promise<void>;
+  /**
+   * The environment the container was created with (its `Config.Env`): where a run taken up
+   * after a restart finds the secret values it was started with, to redact them (reconcile.ts).
+   */
+  environment(id: string): Promise<Record<string, string>>;
   /** Renames a container (warm containers take their run's name when claimed). */
   rename(id: string, name: string): Promise<void>;
   /** Creates the container; returns its id. */

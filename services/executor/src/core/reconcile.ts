@@ -45,7 +45,7 @@ export interface ReconcileDeps {
    * Takes up a run whose container is still running under a lease the dispatcher still holds
    * for this executor (run.ts adoptRun). Without it such a run is stopped and failed.
    */
-  adopt?: (lease: Lease, found: { containerId: string; files: RunFiles }) => void;
+  adopt?: (lease: Lease, found: { containerId: string; files: RunFiles }, redactor: Redactor) => void;
 }
 
 export interface ReconcileOutcome {
@@ -72,6 +72,31 @@ async function redactorFor(deps: ReconcileDeps, lease: Lease | undefined): Promi
     return new Redactor(await deps.secrets.resolve(lease!.dispatch!.tenantId, [...names], lease!.secretGrant));
   } catch (err) {
     deps.logger.warn({ dispatchId: lease!.dispatch!.id, error: err instanceof Error ? err.message : String(err) }, "secrets of a left-over run not resolved");
+    return undefined;
+  }
+}
+
+/**
+ * The redactor of a run taken up again: the values its secrets had when its container was
+ * created, read from the container's environment, not resolved anew (a secret rotated since would
+ * leave the old value, which is what the agent prints, unredacted). Undefined when one is not
+ * there (a warm container gets its run's environment through its start script, not as its own)
+ * or the environment cannot be read: such a run is stopped as before.
+ */
+async function startedWithRedactor(deps: ReconcileDeps, containerId: string, lease: Lease): Promise<Redactor | undefined> {
+  const names = lease.dispatch?.secretNames ?? [];
+  if (names.length === 0) return new Redactor({});
+  try {
+    const env = await deps.runtime.environment(containerId);
+    const values: Record<string, string> = {};
+    for (const name of names) {
+      const value = env[name];
+      if (value === undefined) return undefined;
+      values[name] = value;
+    }
+    return new Redactor(values);
+  } catch (err) {
+    deps.logger.warn({ dispatchId: lease.dispatch?.id, err }, "environment of a left-over running container not read");
     return undefined;
   }
 }
@@ -114,20 +139,13 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
         const lease = heldById.get(claim.dispatchId);
         // Still running under the lease it was started with, and known to the dispatcher as
         // RUNNING (so its agent did start: a warm container claimed right before the crash may
-        // still wait for its start script): taken up, not stopped. Not a run that names secrets:
-        // they may have been rotated since it started, and what it prints could then only be
-        // redacted of the new values.
-        if (
-          container.running &&
-          deps.adopt &&
-          files &&
-          runDir &&
-          lease?.leaseId === claim.leaseId &&
-          lease.agent &&
-          lease.dispatch?.state === Dispatch_State.RUNNING &&
-          lease.dispatch.secretNames.length === 0
-        ) {
-          deps.adopt(lease, { containerId: container.id, files });
+        // still wait for its start script): taken up, not stopped, when the secret values it was
+        // started with can be had to redact what it prints from now on.
+        const adoptable =
+          container.running && deps.adopt && files && runDir && lease?.leaseId === claim.leaseId && lease.agent && lease.dispatch?.state === Dispatch_State.RUNNING;
+        const redactor = adoptable ? await startedWithRedactor(deps, container.id, lease) : undefined;
+        if (adoptable && redactor) {
+          deps.adopt!(lease, { containerId: container.id, files }, redactor);
           outcome.runsAdopted++;
           settled.add(claim.dispatchId);
           kept.add(runDir);

@@ -396,12 +396,12 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
  * under a lease the dispatcher still holds for it, and takes it up where its predecessor left
  * it instead of stopping it, so an executor restart (a crash, an upgrade in place) within the
  * lease's life does not cost the runs it had. The lease comes from ListExecutorLeases, with
- * fresh grants; the run names no secrets (reconcile.ts). Its log continues after what telemetry holds,
+ * fresh grants; `redactor` holds the secret values the run was started with (reconcile.ts). Its log continues after what telemetry holds,
  * opened by a line saying that what the agent printed while no executor watched is not in it
  * (the engine keeps no copy: `OUTPOST_EXECUTOR_ENGINE_LOGS=none`). The timeout counts from the
  * run's start. Never throws.
  */
-export async function adoptRun(lease: Lease, found: { containerId: string; files: RunFiles }, deps: RunDeps): Promise<void> {
+export async function adoptRun(lease: Lease, found: { containerId: string; files: RunFiles }, redactor: Redactor, deps: RunDeps): Promise<void> {
   const dispatch = lease.dispatch!;
   const logger = deps.logger.child({ dispatchId: dispatch.id, leaseId: lease.leaseId, adopted: true });
   const keeper = new LeaseKeeper(deps, lease, logger);
@@ -414,7 +414,6 @@ export async function adoptRun(lease: Lease, found: { containerId: string; files
   const report = (r: Omit<RunStateReport, "dispatchId" | "leaseId">) =>
     reportWithRetry(deps.leases, { dispatchId: dispatch.id, leaseId: lease.leaseId, ...r }, logger);
   const shipper = newShipper(deps, lease, keeper, logger, { continueStored: true });
-  const redactor = new Redactor({});
   try {
     shipper.add("stderr", adoptionNotice());
     let pumping: Promise<void>;
