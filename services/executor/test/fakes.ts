@@ -259,9 +259,13 @@ export class FakeWorkspaces implements Workspaces {
   async readResult() {
     return this.result;
   }
-  async recordClaim(_files: RunFiles, _claim: RunClaim) {}
-  async readClaim() {
-    return undefined;
+  /** Claims recorded, by run directory root (a warm run's only record of its dispatch). */
+  readonly claims = new Map<string, RunClaim>();
+  async recordClaim(files: RunFiles, claim: RunClaim) {
+    this.claims.set(files.root, claim);
+  }
+  async readClaim(files: RunFiles) {
+    return this.claims.get(files.root);
   }
   async makeStartFifo() {}
   async writeStartFile(_files: RunFiles, content: string) {

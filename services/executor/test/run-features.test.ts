@@ -298,6 +298,21 @@ describe("reconcile", () => {
     expect(secrets.calls).toEqual([]);
   });
 
+  it("does not take up a warm container's run that names secrets, even when the image has a variable by that name", async () => {
+    const { runtime, leases, workspaces } = setup();
+    runtime.list = vi.fn(async () => [
+      summary({ "dev.outpost.warm-agent": "demo", "dev.outpost.run-dir": "outpost-warm" }, true),
+    ]);
+    workspaces.claims.set("/runs/outpost-warm", { dispatchId: "01JDISPATCH000000000000000", leaseId: "01JLEASE00000000000000000A" });
+    runtime.env = { HOME: "/home/agent" };
+    leases.held = [runningLease({ secretNames: ["HOME"] })];
+    const adopt = vi.fn();
+    const outcome = await reconcile({ executorId: "ex-1", runtime, leases, workspaces, logger: silentLogger, adopt });
+    expect(adopt).not.toHaveBeenCalled();
+    expect(outcome.runsAdopted).toBe(0);
+    expect(runtime.events).toContain("remove");
+  });
+
   it("still stops and fails a running left-over whose held lease is another, whose run is not RUNNING yet (a warm container claimed before its start), or whose secret values its container does not hold (a warm one)", async () => {
     const startingLease = lease();
     for (const [held, leaseId] of [

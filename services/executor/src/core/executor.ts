@@ -45,7 +45,7 @@ export interface ExecutorOptions {
   minPollIntervalMs?: number;
   /** Every run's workspace disk quota; none when absent. */
   workspaceQuota?: WorkspaceQuota;
-  /** Output each run may send to telemetry, in bytes (RunDeps.maxOutputBytes); no cap when absent or 0. */
+  /** Output an attempt of a run may send to telemetry (RunDeps.maxOutputBytes); no cap when absent or 0. */
   maxOutputBytes?: number;
   backoff?: () => Backoff;
 }

@@ -25,7 +25,8 @@ export interface LogShipperOptions {
   logger: Logger;
   /**
    * Continue after what telemetry already holds for the run: a retried attempt, whose earlier
-   * attempt's agent may have printed before its executor died. Telemetry keeps the first line
+   * attempt's agent may have printed before its executor died, or a run taken up again after
+   * its executor restarted (run.ts adoptRun). Telemetry keeps the first line
    * stored under a sequence, so this attempt's lines, numbered from 1 again, would be lost
    * behind that output. Instead the first connection opens with a batch of no chunks, whose ack
    * is the run's stored high-water mark, and nothing is sent until it came: the lines taken
@@ -34,7 +35,7 @@ export interface LogShipperOptions {
    */
   continueStored?: boolean;
   /**
-   * Output one run may send, in UTF-8 bytes of its lines' text (no cap when absent or 0). The
+   * Output this shipper may send, counted as `outputCost` does (no cap when absent or 0). The
    * line that would pass it is replaced by one stderr line saying the output was truncated, and
    * everything after it is dropped here, so an agent printing without end (`yes`) neither fills
    * telemetry's store nor holds up its own run: its output is still read, and thrown away.
@@ -265,7 +266,7 @@ export class LogShipper {
     for (const line of this.pending) line.seq += stored;
     this.lastSeq += stored;
     this.ackedSeq = this.sentSeq = stored;
-    if (stored > 0) this.options.logger.info({ dispatchId: this.options.dispatchId, afterSeq: stored }, "an earlier attempt left output; this attempt's lines follow it");
+    if (stored > 0) this.options.logger.info({ dispatchId: this.options.dispatchId, afterSeq: stored }, "telemetry already holds output of the run; these lines follow it");
     this.backoff.reset();
     this.pump();
   }

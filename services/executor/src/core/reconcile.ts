@@ -4,9 +4,9 @@
  * settles each run with the dispatcher, then removes them, so no run stays RUNNING forever and
  * no container is orphaned.
  *
- * - A container still running under the lease the dispatcher still holds for this executor:
- *   handed to `adopt` (run.ts adoptRun), which takes the run up again, when its secrets can be
- *   resolved to redact what it prints from now on.
+ * - A container still running under the lease the dispatcher still holds for this executor, its
+ *   run RUNNING: handed to `adopt` (run.ts adoptRun), which takes the run up again, when the
+ *   secret values it was started with can be read back to redact what it prints from now on.
  * - Any other container still running (its lease gone, or unknown): stopped, and the run
  *   reported FAILED "executor lost".
  * - A container that already exited: settled by its real exit code (and result, checked
@@ -28,10 +28,11 @@
 import type { Logger } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import type { Lease } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
-import { NotSupportedError, LeaseLostError, type ContainerRuntime, type LeaseClient, type RunFiles, type RunStateReport, type SecretResolver, type Workspaces } from "./ports.ts";
+import { NotSupportedError, LeaseLostError, type ContainerRuntime, type ContainerSummary, type LeaseClient, type RunFiles, type RunStateReport, type SecretResolver, type Workspaces } from "./ports.ts";
 import { Redactor } from "./redactor.ts";
 import { checkResult, MAX_RESULT_BYTES } from "./result.ts";
 import { EXECUTOR_LOST, LABEL_PREFIX } from "./run.ts";
+import { WARM_LABEL } from "./warm-pool.ts";
 
 export interface ReconcileDeps {
   executorId: string;
@@ -79,15 +80,17 @@ async function redactorFor(deps: ReconcileDeps, lease: Lease | undefined): Promi
 /**
  * The redactor of a run taken up again: the values its secrets had when its container was
  * created, read from the container's environment, not resolved anew (a secret rotated since would
- * leave the old value, which is what the agent prints, unredacted). Undefined when one is not
- * there (a warm container gets its run's environment through its start script, not as its own)
- * or the environment cannot be read: such a run is stopped as before.
+ * leave the old value, which is what the agent prints, unredacted). Undefined for a warm
+ * container (it got its run's environment through its start script, not as its own: a variable
+ * of the image's by a secret's name would stand in for the secret), when a value is not there, or
+ * when the environment cannot be read: such a run is stopped as before.
  */
-async function startedWithRedactor(deps: ReconcileDeps, containerId: string, lease: Lease): Promise<Redactor | undefined> {
+async function startedWithRedactor(deps: ReconcileDeps, container: ContainerSummary, lease: Lease): Promise<Redactor | undefined> {
   const names = lease.dispatch?.secretNames ?? [];
   if (names.length === 0) return new Redactor({});
+  if (container.labels[WARM_LABEL] !== undefined) return undefined;
   try {
-    const env = await deps.runtime.environment(containerId);
+    const env = await deps.runtime.environment(container.id);
     const values: Record<string, string> = {};
     for (const name of names) {
       const value = env[name];
@@ -143,7 +146,7 @@ export async function reconcile(deps: ReconcileDeps): Promise<ReconcileOutcome> 
         // started with can be had to redact what it prints from now on.
         const adoptable =
           container.running && deps.adopt && files && runDir && lease?.leaseId === claim.leaseId && lease.agent && lease.dispatch?.state === Dispatch_State.RUNNING;
-        const redactor = adoptable ? await startedWithRedactor(deps, container.id, lease) : undefined;
+        const redactor = adoptable ? await startedWithRedactor(deps, container, lease) : undefined;
         if (adoptable && redactor) {
           deps.adopt!(lease, { containerId: container.id, files }, redactor);
           outcome.runsAdopted++;

@@ -1,5 +1,6 @@
 /**
- * One leased dispatch from container creation to its terminal report (SPEC D3, D7, E1, E2).
+ * One leased dispatch from container creation to its terminal report (SPEC D3, D7, E1, E2), or
+ * from a container left running by a restarted executor (adoptRun, SPEC E5).
  * Attach before start so no output is lost; heartbeat at a third of the lease TTL and learn
  * of cancellation from it; enforce the timeout with SIGTERM, grace, SIGKILL; wait (bounded)
  * for telemetry to ack every line before reporting, so `last_log_seq` is exact; always remove
@@ -396,10 +397,10 @@ export async function executeRun(lease: Lease, deps: RunDeps): Promise<void> {
  * under a lease the dispatcher still holds for it, and takes it up where its predecessor left
  * it instead of stopping it, so an executor restart (a crash, an upgrade in place) within the
  * lease's life does not cost the runs it had. The lease comes from ListExecutorLeases, with
- * fresh grants; `redactor` holds the secret values the run was started with (reconcile.ts). Its log continues after what telemetry holds,
- * opened by a line saying that what the agent printed while no executor watched is not in it
- * (the engine keeps no copy: `OUTPOST_EXECUTOR_ENGINE_LOGS=none`). The timeout counts from the
- * run's start. Never throws.
+ * fresh grants; `redactor` holds the secret values the run was started with (reconcile.ts). Its
+ * log continues after what telemetry holds, opened by a line saying that what the agent printed
+ * while no executor watched is not in it (the engine keeps no copy:
+ * `OUTPOST_EXECUTOR_ENGINE_LOGS=none`). The timeout counts from the run's start. Never throws.
  */
 export async function adoptRun(lease: Lease, found: { containerId: string; files: RunFiles }, redactor: Redactor, deps: RunDeps): Promise<void> {
   const dispatch = lease.dispatch!;
@@ -447,9 +448,11 @@ export async function adoptRun(lease: Lease, found: { containerId: string; files
       cleanUp,
     });
   } catch (err) {
-    // Nothing above should throw; if it does, the run is left to its lease's expiry rather than take the executor down.
+    // Nothing above should throw; if it does, the container goes and the run is left to its
+    // lease's expiry ("executor lost") rather than take the executor down.
     logger.error({ err }, "taking up a left-over run failed");
     shipper.close();
+    await cleanUp();
   } finally {
     unregisterCancel?.();
     keeper.stop();
@@ -536,7 +539,7 @@ interface Supervised {
  * From a running container to the run's terminal report: reports RUNNING, enforces the timeout,
  * acts on cancels, a lost lease and the disk quota, waits for the exit, waits (bounded) for the
  * output to be acked, removes the container and reports how the run ended. Used for a run this
- * executor started and for one it adopted after a restart (adopt.ts).
+ * executor started (executeRun) and for one it took up again after a restart (adoptRun).
  */
 async function superviseContainer(run: Supervised): Promise<void> {
   const { deps, lease, logger, keeper, container, files, redactor, quota, shipper, report } = run;
