@@ -39,6 +39,11 @@ const FIRST_BYTES_TIMEOUT_MS = 10_000;
 
 /** Aborted when the server starts draining; long waits and streams end cleanly on it. */
 export const drainSignalKey = createContextKey<AbortSignal>(new AbortController().signal, { description: "server drain" });
+/**
+ * Called when a call's handler starts (trackingInterceptor): the count a call got from its
+ * headers (serveCall) is handed over to the handler's own.
+ */
+const handlerStartedKey = createContextKey<() => void>(() => {}, { description: "call handed to its handler" });
 
 /** The signal that fires when this call should wrap up: the client went away or the server is draining. */
 export function callEndSignal(ctx: HandlerContext): AbortSignal {
@@ -167,9 +172,19 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
 
   const interceptors = [...platformInterceptors, ...(options.interceptors ?? [])];
   const readMaxBytes = options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES;
+  /**
+   * Calls counted in flight from their headers until their handler starts (serveCall): a unary
+   * call's handler starts only once its body is in, and a drain must wait for a body still
+   * arriving as for a handler that runs. A stream's handler starts at once, so a client that
+   * keeps its side open (the executor's IngestLogs) is counted by its handler, as before, and
+   * ends on the drain signal; it is not held on to until its body ends.
+   */
+  const countedFromHeaders = new WeakMap<object, () => void>();
   const contextValues = (req: http.IncomingMessage | http2.Http2ServerRequest) => {
     const values = createContextValues();
     values.set(drainSignalKey, drain.signal);
+    const handed = countedFromHeaders.get(req);
+    if (handed) values.set(handlerStartedKey, handed);
     options.contextValues?.(req, values);
     return values;
   };
@@ -252,6 +267,16 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     serveCall(req, res);
   };
   const serveCall = (req: http.IncomingMessage, res: http.ServerResponse) => {
+    track.start();
+    let counted = true;
+    const release = () => {
+      if (!counted) return;
+      counted = false;
+      track.end();
+    };
+    countedFromHeaders.set(req, release);
+    // Answered without a handler (a malformed request, say), or the client left: released then.
+    res.once("close", release);
     if (leanUnary.serve(req, res)) return;
     readBodyUntilDeadline(req, res);
     if (options.bodyBudget) chargeBodyReads(req, res, options.bodyBudget);
@@ -593,6 +618,7 @@ function trackingInterceptor(track: { start(): void; end(): void }, logger: Logg
       return new ConnectError(maskedInternalMessage(traceId), Code.Internal, undefined, undefined, err);
     };
     track.start();
+    req.contextValues.get(handlerStartedKey)();
     return observeCallEnd(() => next(req), { onEnd: finish, mapError: mask });
   };
 }
