@@ -252,8 +252,13 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       track.start();
       handled.then(
         (taken) => {
-          track.end();
-          if (!taken) serveCall(req, res);
+          // The call's own count (serveCall) starts before this one ends, so a drain never sees
+          // it at zero in between.
+          try {
+            if (!taken) serveCall(req, res);
+          } finally {
+            track.end();
+          }
         },
         (err: unknown) => {
           track.end();

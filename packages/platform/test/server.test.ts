@@ -517,16 +517,13 @@ describe("graceful close", () => {
 
   it("answers an HTTP/1.1 request whose headers were still arriving when close() began", async () => {
     const server = await startTestServer({ shutdownGraceMs: 5000 });
-    const socket = net.connect(server.port, "127.0.0.1");
-    await new Promise((resolve) => socket.once("connect", resolve));
-    let answer = "";
-    socket.on("data", (chunk: Buffer) => (answer += chunk.toString()));
+    const { socket, answered } = await rawHttp1(server.port);
     socket.write("GET /healthz HTTP/1.1\r\nHost: x\r\n");
     await sleep(100);
     const closing = server.close();
     await sleep(50);
     socket.write("\r\n");
-    await new Promise((resolve) => socket.once("close", resolve));
+    const answer = await answered;
     expect(answer).toMatch(/^HTTP\/1\.1 200/);
     expect(answer.toLowerCase()).toContain("connection: close");
     await closing;
@@ -534,10 +531,7 @@ describe("graceful close", () => {
 
   it("waits for a unary call whose body was still arriving when close() began, and answers it", async () => {
     const server = await startTestServer({ shutdownGraceMs: 5000 });
-    const socket = net.connect(server.port, "127.0.0.1");
-    await new Promise((resolve) => socket.once("connect", resolve));
-    let answer = "";
-    socket.on("data", (chunk: Buffer) => (answer += chunk.toString()));
+    const { socket, answered } = await rawHttp1(server.port);
     const body = JSON.stringify({ dispatchId: "late-body" });
     socket.write(
       `POST /outpost.telemetry.v1.LogService/GetLogs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 5)}`,
@@ -548,7 +542,7 @@ describe("graceful close", () => {
     // from its headers keeps the server waiting for the rest of its body.
     await sleep(2500);
     socket.write(body.slice(5));
-    await new Promise((resolve) => socket.once("close", resolve));
+    const answer = await answered;
     expect(answer).toMatch(/^HTTP\/1\.1 200/);
     expect(answer).toContain('"late-body"');
     await closing;
@@ -683,3 +677,13 @@ describe("HTTP below the RPC: header blocks and pipelining", () => {
     }
   });
 });
+
+/** A raw HTTP/1.1 connection to the server; `answered` resolves with all it got once it closes. */
+async function rawHttp1(port: number): Promise<{ socket: net.Socket; answered: Promise<string> }> {
+  const socket = net.connect(port, "127.0.0.1");
+  await new Promise((resolve) => socket.once("connect", resolve));
+  let answer = "";
+  socket.on("data", (chunk: Buffer) => (answer += chunk.toString()));
+  const answered = new Promise<string>((resolve) => socket.once("close", () => resolve(answer)));
+  return { socket, answered };
+}

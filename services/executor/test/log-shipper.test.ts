@@ -48,10 +48,8 @@ describe("LogShipper", () => {
     const s = shipper(sink, { maxOutputBytes: 64 + 6 + 64 + 4 });
     expect(outputCost("héllo")).toBe(70);
     expect(s.add("stdout", "héllo")?.seq).toBe(1);
-    expect(s.add("stdout", "abcd")?.seq).toBe(2); // at the cap, still kept
-    expect(s.outputTruncated).toBe(false);
-    expect(s.add("stdout", "x")?.seq).toBe(3); // the notice takes its place
-    expect(s.outputTruncated).toBe(true);
+    expect(s.add("stdout", "abcd")?.text).toBe("abcd"); // at the cap, still kept
+    expect(s.add("stdout", "x")?.text).toBe(truncationNotice(138)); // the notice takes its place
     expect(s.add("stderr", "more")).toBeUndefined();
     expect(s.lastSequence).toBe(3);
     expect(await s.finish(1000)).toBe(3);

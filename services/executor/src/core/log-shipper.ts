@@ -126,11 +126,6 @@ export class LogShipper {
     return this.pending.length >= this.maxBuffered || this.pendingBytes + MAX_LINE_BYTES > this.maxBufferedBytes;
   }
 
-  /** Whether the run's output passed `maxOutputBytes` (the rest of it is dropped). */
-  get outputTruncated(): boolean {
-    return this.truncated !== undefined;
-  }
-
   /**
    * Adds one line and sends it as soon as the connection allows; past `maxOutputBytes`, drops
    * it (undefined) after the one line that says so.
