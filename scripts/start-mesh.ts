@@ -2,7 +2,10 @@
  * `npm start`: brings the five processes up on loopback on embedded defaults (SQLite files
  * under ~/.outpost/data or $OUTPOST_HOME/data, no Redis or MongoDB needed), provisions a development tenant, writes
  * its key where the CLI finds it, and prints the next command. `npm run demo` (--demo) also
- * runs one dispatch of the demo agent, follows its output, and shuts the mesh down.
+ * runs one dispatch of the demo agent, follows its output, and shuts the mesh down. With --tls
+ * the services talk mutual TLS to each other, with a fresh CA and certificates under
+ * $OUTPOST_HOME/tls (docs/operations.md, "Internal TLS"); the gateway's public port stays plain
+ * HTTP on loopback, so the CLI needs nothing more.
  */
 import { randomBytes } from "node:crypto";
 import { readFileSync, existsSync, chmodSync } from "node:fs";
@@ -23,10 +26,12 @@ import {
   writePrivateFile,
   type DevCredentials,
 } from "@outpost/cli";
-import { DEFAULT_PORTS, exitWithMesh, REPO_ROOT, startMesh, type Mesh } from "./lib/mesh.ts";
+import { DEFAULT_PORTS, exitWithMesh, REPO_ROOT, SERVICES, startMesh, type Mesh } from "./lib/mesh.ts";
+import { makeTlsCerts } from "./lib/tls-certs.ts";
 
 const DEMO_IMAGE = "outpost/demo-agent:latest";
 const demo = process.argv.includes("--demo");
+const internalTls = process.argv.includes("--tls");
 const home = outpostHome();
 
 function say(line: string) {
@@ -122,7 +127,11 @@ async function devSecrets(): Promise<{ adminToken: string; masterKey: string }> 
 }
 
 const { adminToken, masterKey } = await devSecrets();
+const tlsDir = path.join(home, "tls");
+// Made afresh at each start: nothing outside this mesh trusts the CA.
+const tls = internalTls ? { certs: makeTlsCerts(tlsDir, SERVICES, { caName: "Outpost development CA" }) } : undefined;
 mesh = await startMesh({
+  tls,
   dataDir: path.join(home, "data"),
   logDir: path.join(home, "logs"),
   // Secrets at rest are encrypted under this development master key (key id "dev").
@@ -153,6 +162,7 @@ if (!apiKey) {
 
 say(`outpost: mesh up — gateway ${gatewayUrl} (Connect, gRPC, gRPC-Web); logs in ${path.join(home, "logs")}`);
 say(`outpost: development key stored in ${devCredentialsPath()}`);
+if (tls) say(`outpost: services talk mutual TLS to each other (CA and certificates in ${tlsDir})`);
 if (demo) {
   const command = ["dispatch", "--agent", "demo", "--task", "say hello from an arm64 container", "--follow"];
   say(`outpost: running: outpost ${command.join(" ")}`);

@@ -1,4 +1,4 @@
-import { ConfigError, ENVELOPE_HEADER_BYTES, setting } from "@outpost/platform";
+import { ConfigError, ENVELOPE_HEADER_BYTES, internalTlsShape, publicTlsShape, setting } from "@outpost/platform";
 import { z } from "zod";
 import { corsPolicyOf } from "./core/cors.ts";
 import { METHOD_CLASSES } from "./core/method-class.ts";
@@ -25,6 +25,10 @@ const rateLimits = (fallback: RateLimits = DEFAULT_RATE_LIMITS) =>
 
 /** Environment settings of the gateway, validated at start-up. */
 export const gatewayConfigShape = {
+  /** TLS of the calls to the services (docs/operations.md, "Internal TLS"); unset: h2c. */
+  ...internalTlsShape,
+  /** TLS on the public port (docs/edge.md, "TLS"); unset: plain HTTP, for a load balancer that terminates TLS. */
+  ...publicTlsShape,
   /** The gateway signs the identities it authenticates; it verifies none, so it trusts no signer. */
   OUTPOST_SIGNING_KEY: setting.signingKey(),
   OUTPOST_GATEWAY_HOST: setting.host(),

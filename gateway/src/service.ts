@@ -1,7 +1,7 @@
 /** Wires the gateway: authenticator, rate limits, upstream transports, forwarding and reflection routes, CORS, server. */
 import type http from "node:http";
 import type http2 from "node:http2";
-import { connectRedis, internalClient, internalTransport, SigningKeys, startServer, subscriberOf, type Logger, type Redis } from "@outpost/platform";
+import { connectRedis, internalClient, internalTlsOf, internalTransport, publicTlsOf, SigningKeys, startServer, subscriberOf, type Logger, type Redis } from "@outpost/platform";
 import { Health } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { ServerReflection } from "@outpost/proto/grpc/reflection/v1/reflection_pb.js";
 import { ServerReflection as ServerReflectionV1Alpha } from "@outpost/proto/grpc/reflection/v1alpha/reflection_pb.js";
@@ -25,9 +25,16 @@ const AUTH_CALL_TIMEOUT_MS = 2000;
 
 export async function startGateway(config: GatewayConfig, logger: Logger) {
   const signingKeys = SigningKeys.fromSettings("gateway", config.OUTPOST_SIGNING_KEY);
+  const tls = internalTlsOf(config, {
+    OUTPOST_TENANT_URL: config.OUTPOST_TENANT_URL,
+    OUTPOST_DISPATCHER_URL: config.OUTPOST_DISPATCHER_URL,
+    OUTPOST_TELEMETRY_URL: config.OUTPOST_TELEMETRY_URL,
+  });
+  const publicTls = publicTlsOf(config);
   const tenantInternal = internalClient(TenantInternalService, {
     baseUrl: config.OUTPOST_TENANT_URL,
     signingKeys,
+    tls,
     identity: { kind: "service", principal: "gateway" },
   });
   let lastLookupWarnAt = -Infinity;
@@ -81,7 +88,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     telemetry: config.OUTPOST_TELEMETRY_URL,
   };
   const transports = Object.fromEntries(
-    Object.entries(upstreamUrls).map(([name, baseUrl]) => [name, internalTransport({ baseUrl, signingKeys })]),
+    Object.entries(upstreamUrls).map(([name, baseUrl]) => [name, internalTransport({ baseUrl, signingKeys, tls })]),
   ) as Record<Upstream, ReturnType<typeof internalTransport>>;
 
   const servedServices = [...PUBLIC_SERVICES.map((p) => p.service), Health, ServerReflection, ServerReflectionV1Alpha];
@@ -95,6 +102,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     rateLimits,
     upstreamUrls,
     signingKeys,
+    tls,
     readMaxBytes: config.OUTPOST_MAX_REQUEST_BYTES,
     bodyBudget,
     openStreams,
@@ -108,6 +116,7 @@ export async function startGateway(config: GatewayConfig, logger: Logger) {
     port: config.OUTPOST_GATEWAY_PORT,
     logger,
     signingKeys: undefined,
+    tls: publicTls,
     interceptors: [edgeInterceptor({ authenticator, rateLimits, logger })],
     readMaxBytes: config.OUTPOST_MAX_REQUEST_BYTES,
     bodyBudget,

@@ -5,6 +5,7 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import https from "node:https";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -12,6 +13,7 @@ import { fileURLToPath } from "node:url";
 import { generateSigningKeySet, SIGNER_ROLES, type SigningKeySet } from "@outpost/platform";
 import { startBalancer, type Balancer } from "./balancer.ts";
 import { freePort } from "./ports.ts";
+import type { TlsCertSet } from "./tls-certs.ts";
 
 export { freePort };
 
@@ -60,6 +62,13 @@ export interface MeshOptions {
    * share the data directory (SQLite in WAL mode) and whatever Redis `env` points them at.
    */
   replicas?: Partial<Record<ServiceName, number>>;
+  /**
+   * Internal mutual TLS (docs/operations.md, "Internal TLS"): each service serves and presents
+   * the certificate of its name in `certs` (makeTlsCerts with SERVICES), all trust its CA, and
+   * internal URLs are https://. `publicGateway`: the gateway's public port serves TLS too, with
+   * its certificate (clients then trust `certs.ca`).
+   */
+  tls?: { certs: TlsCertSet; publicGateway?: boolean };
 }
 
 /** One running (or stopped) process of a service. */
@@ -263,7 +272,19 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     replicaPorts[name] = n === 1 ? [ports[name]] : await Promise.all(Array.from({ length: n }, () => freePort()));
     if (n > 1 && name === "executor") replicaPorts[name][0] = ports[name];
   }
-  const urls = Object.fromEntries(SERVICES.map((n) => [n, `http://127.0.0.1:${ports[n]}`])) as Record<ServiceName, string>;
+  const tls = options.tls;
+  const schemeOf = (name: ServiceName) => (tls && (name !== "gateway" || tls.publicGateway) ? "https" : "http");
+  const urls = Object.fromEntries(SERVICES.map((n) => [n, `${schemeOf(n)}://127.0.0.1:${ports[n]}`])) as Record<ServiceName, string>;
+  const caPem = tls ? readFileSync(tls.certs.ca) : undefined;
+  /** Each process's TLS settings: its own certificate, the CA; the gateway's public port's. */
+  const tlsEnvOf = (name: ServiceName): Record<string, string> => {
+    if (!tls) return {};
+    const own = tls.certs.certs[name];
+    if (!own) throw new MeshStartError(`mesh TLS: no certificate for ${name} (make one per service: makeTlsCerts(dir, SERVICES))`);
+    const env: Record<string, string> = { OUTPOST_TLS_CA_FILE: tls.certs.ca, OUTPOST_TLS_CERT_FILE: own.cert, OUTPOST_TLS_KEY_FILE: own.key };
+    if (name === "gateway" && tls.publicGateway) Object.assign(env, { OUTPOST_GATEWAY_TLS_CERT_FILE: own.cert, OUTPOST_GATEWAY_TLS_KEY_FILE: own.key });
+    return env;
+  };
 
   /** The id each executor runs with: set explicitly, so its key can be bound to it. */
   const executorIdOf = (index: number) => {
@@ -304,7 +325,15 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     const replicaEnv: Record<string, string> = {};
     if (replicaCount(name) > 1) replicaEnv[`OUTPOST_${name.toUpperCase()}_PORT`] = String(port);
     if (name === "executor") replicaEnv.OUTPOST_EXECUTOR_ID = executorIdOf(index);
-    const env: Record<string, string | undefined> = { ...process.env, NODE_OPTIONS: serviceNodeOptions(process.env.NODE_OPTIONS), ...baseEnv, OUTPOST_SIGNING_KEY: signingKeyOf(name, index), ...options.serviceEnv?.[name], ...replicaEnv };
+    const env: Record<string, string | undefined> = {
+      ...process.env,
+      NODE_OPTIONS: serviceNodeOptions(process.env.NODE_OPTIONS),
+      ...baseEnv,
+      ...tlsEnvOf(name),
+      OUTPOST_SIGNING_KEY: signingKeyOf(name, index),
+      ...options.serviceEnv?.[name],
+      ...replicaEnv,
+    };
     const host = env[`OUTPOST_${name.toUpperCase()}_HOST`] ?? "127.0.0.1";
     // Whatever already listens there would answer the liveness probe in our process's stead
     // while ours dies on EADDRINUSE: say so instead.
@@ -329,7 +358,7 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
     track(child);
     if (index === 0) processes.set(name, child);
     replicaProcesses.set(`${name}#${index}`, child);
-    await waitForLiveness(label, host, port, child, logFile);
+    await waitForLiveness(label, host, port, child, logFile, schemeOf(name) === "https" ? caPem : undefined);
   }
 
   async function killReplica(name: ServiceName, index: number, signal: NodeJS.Signals = "SIGTERM") {
@@ -375,7 +404,7 @@ export async function startMesh(options: MeshOptions): Promise<Mesh> {
           service,
           index,
           port,
-          url: `http://127.0.0.1:${port}`,
+          url: `${schemeOf(service)}://127.0.0.1:${port}`,
           process: replicaProcesses.get(`${service}#${index}`),
         })),
       );
@@ -472,7 +501,21 @@ export function listensOn(pid: number, port: number): boolean | undefined {
  * process listening on the port must be `child` (listensOn; where /proc cannot tell, `child`
  * must still be running after the answer). Fails at once when `child` exits or is killed.
  */
-async function waitForLiveness(label: string, host: string, port: number, child: ChildProcess, logFile: string, timeoutMs = 20_000): Promise<void> {
+/** Whether 127.0.0.1:port answers its liveness path 200: over TLS verified against `ca` when given. */
+async function livenessAnswers(port: number, ca: Buffer | undefined): Promise<boolean> {
+  if (ca === undefined) return (await fetch(`http://127.0.0.1:${port}/healthz`, { signal: AbortSignal.timeout(2000) })).ok;
+  return new Promise((resolve, reject) => {
+    const req = https.get(`https://127.0.0.1:${port}/healthz`, { ca, timeout: 2000 }, (res) => {
+      res.resume();
+      resolve(res.statusCode === 200);
+    });
+    req.once("timeout", () => req.destroy(new Error("no answer within 2 s")));
+    req.once("error", reject);
+  });
+}
+
+/** `ca`: the process serves TLS; its liveness path is asked over https, trusting this CA. */
+async function waitForLiveness(label: string, host: string, port: number, child: ChildProcess, logFile: string, ca?: Buffer, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   const exited = exitOf(child);
   let strangerAnswered = false;
@@ -484,8 +527,7 @@ async function waitForLiveness(label: string, host: string, port: number, child:
   while (Date.now() < deadline) {
     if (child.exitCode !== null || child.signalCode !== null) throw await died();
     try {
-      const res = await fetch(`http://127.0.0.1:${port}/healthz`, { signal: AbortSignal.timeout(2000) });
-      if (res.ok) {
+      if (await livenessAnswers(port, ca)) {
         const ours = child.pid === undefined ? false : listensOn(child.pid, port);
         if (ours === true || (ours === undefined && child.exitCode === null && child.signalCode === null)) return;
         strangerAnswered = true;
@@ -499,6 +541,6 @@ async function waitForLiveness(label: string, host: string, port: number, child:
   throw new MeshStartError(
     strangerAnswered
       ? `${label}: port ${port} answers /healthz, but not from the process started for it (pid ${child.pid}); another process listens there (see ${logFile})`
-      : `${label} did not answer http://127.0.0.1:${port}/healthz within ${timeoutMs} ms (see ${logFile})`,
+      : `${label} did not answer ${ca ? "https" : "http"}://127.0.0.1:${port}/healthz within ${timeoutMs} ms (see ${logFile})`,
   );
 }

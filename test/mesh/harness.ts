@@ -4,7 +4,7 @@
  * (CI installs it); set OUTPOST_TEST_SKIP_DOCKER=1 only to run the rest on a machine without it.
  */
 import { randomBytes } from "node:crypto";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import Docker from "dockerode";
@@ -45,7 +45,9 @@ export async function startTestMesh(overrides: Partial<MeshOptions> = {}): Promi
       ...overrides.env,
     },
   });
-  const admin = outpostClients(mesh.urls.gateway, adminToken);
+  // A gateway serving TLS from the mesh's CA: the clients trust that CA.
+  const clientOptions = overrides.tls?.publicGateway ? { ca: readFileSync(overrides.tls.certs.ca) } : {};
+  const admin = outpostClients(mesh.urls.gateway, adminToken, clientOptions);
   const executorId = overrides.env?.OUTPOST_EXECUTOR_ID ?? `test-${process.pid}`;
   const stop = mesh.stop.bind(mesh);
   // A stopped executor leaves runs it could not finish within its grace period for its next
@@ -64,7 +66,7 @@ export async function startTestMesh(overrides: Partial<MeshOptions> = {}): Promi
     admin,
     async newTenant(name = "Test tenant") {
       const res = await admin.tenants.createTenant({ name, contactEmail: "ops@example.com" });
-      return { tenantId: res.tenant!.id, apiKey: res.apiKeyPlaintext, clients: outpostClients(mesh.urls.gateway, res.apiKeyPlaintext) };
+      return { tenantId: res.tenant!.id, apiKey: res.apiKeyPlaintext, clients: outpostClients(mesh.urls.gateway, res.apiKeyPlaintext, clientOptions) };
     },
   };
 }

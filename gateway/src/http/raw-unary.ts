@@ -49,6 +49,7 @@ import {
   startServerSpan,
   type Logger,
   type SigningKeys,
+  type TlsFiles,
 } from "@outpost/platform";
 import type { EdgeOptions } from "../edge.ts";
 import { admitCall, clientIpOf } from "../edge.ts";
@@ -122,6 +123,8 @@ interface Route {
 export interface RawUnaryOptions extends Pick<EdgeOptions, "authenticator" | "rateLimits"> {
   upstreamUrls: Record<Upstream, string>;
   signingKeys: SigningKeys;
+  /** Internal TLS, for upstream URLs that are https:// (internalTlsOf). */
+  tls?: TlsFiles | undefined;
   readMaxBytes: number;
   /** Request bodies count against it while they are read; undefined: no budget. */
   bodyBudget?: BodyBudget;
@@ -170,7 +173,7 @@ export function rawUnaryForwarder(options: RawUnaryOptions) {
     // opens a fresh one instead of joining calls that will never be answered. It is made outside
     // the call's async context, as its streams are (UPSTREAM_SCOPE): it and its ping timer
     // outlive the call that opened it.
-    const created = UPSTREAM_SCOPE.runInAsyncScope(() => new UpstreamSession(options.upstreamUrls[upstream], options.upstreamPing ?? UPSTREAM_PING, forget));
+    const created = UPSTREAM_SCOPE.runInAsyncScope(() => new UpstreamSession(options.upstreamUrls[upstream], options.upstreamPing ?? UPSTREAM_PING, forget, options.tls));
     const session = created.session;
     session.on("error", (err) => options.logger.warn({ upstream, err: err.message }, "upstream session failed"));
     // A closed session, or one the upstream is draining (GOAWAY), takes no new calls: the next
@@ -538,10 +541,10 @@ class UpstreamSession {
   private readonly ping: UpstreamPing;
   private readonly onDead: () => void;
 
-  constructor(url: string, ping: UpstreamPing, onDead: () => void) {
+  constructor(url: string, ping: UpstreamPing, onDead: () => void, tls?: TlsFiles) {
     this.ping = ping;
     this.onDead = onDead;
-    this.session = http2.connect(url);
+    this.session = tls && url.startsWith("https:") ? http2.connect(url, tls.clientOptions()) : http2.connect(url);
     this.ticker = setInterval(() => {
       if (this.streams > 0 || performance.now() - this.usedAt < ping.intervalMs) this.sendPing();
     }, ping.intervalMs);

@@ -1,4 +1,5 @@
 /** Connect clients for the edge, authenticated with an API key or the admin token. */
+import tls from "node:tls";
 import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
@@ -17,13 +18,19 @@ export interface OutpostClients {
   secrets: Client<typeof SecretService>;
 }
 
-export function outpostClients(gatewayUrl: string, credential: string): OutpostClients {
+/** `options.ca`: PEM of the CA to trust for an https:// gateway besides the system's (a private CA). */
+export function outpostClients(gatewayUrl: string, credential: string, options: { ca?: Buffer } = {}): OutpostClients {
   const auth: Interceptor = (next) => (req) => {
     req.header.set("authorization", `Bearer ${credential}`);
     return next(req);
   };
   // Connect protocol over HTTP/1.1: what browsers and most SDK users speak to the edge.
-  const transport = createConnectTransport({ baseUrl: gatewayUrl, httpVersion: "1.1", interceptors: [auth] });
+  const transport = createConnectTransport({
+    baseUrl: gatewayUrl,
+    httpVersion: "1.1",
+    interceptors: [auth],
+    ...(options.ca ? { nodeOptions: { ca: [...tls.rootCertificates, options.ca.toString()] } } : {}),
+  });
   return {
     dispatches: createClient(DispatchService, transport),
     agents: createClient(AgentService, transport),

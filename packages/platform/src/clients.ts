@@ -1,11 +1,12 @@
 /**
- * Clients for calls between services: gRPC over h2c, each call signed with the caller's
- * identity and carrying the current trace context.
+ * Clients for calls between services: gRPC over h2c, or over TLS to an https:// URL (tls.ts),
+ * each call signed with the caller's identity and carrying the current trace context.
  */
 import type { DescService } from "@bufbuild/protobuf";
 import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { audienceOf, type Identity, type SigningKeys } from "./identity.ts";
+import type { TlsFiles } from "./tls.ts";
 import { clientTraceInterceptor } from "./tracing.ts";
 
 export interface InternalClientOptions {
@@ -18,6 +19,11 @@ export interface InternalClientOptions {
    */
   identity?: Identity;
   interceptors?: Interceptor[];
+  /**
+   * For an https:// URL: the CA to verify the service against and the certificate to present
+   * (internalTlsOf). Without it an https:// service is verified against the system's CAs.
+   */
+  tls?: TlsFiles;
 }
 
 export function internalTransport(options: InternalClientOptions) {
@@ -32,6 +38,7 @@ export function internalTransport(options: InternalClientOptions) {
     // Keep connections warm between services; probes detect peers that vanished.
     pingIntervalMs: 10_000,
     idleConnectionTimeoutMs: 60_000,
+    ...(options.tls && options.baseUrl.startsWith("https:") ? { nodeOptions: options.tls.clientOptions() } : {}),
   });
 }
 

@@ -93,6 +93,8 @@ export const setting = {
       .string({ error: "is required" })
       .url({ message: "must be a URL such as http://127.0.0.1:7101" })
       .refine((value) => !URL.canParse(value) || /^https?:$/.test(new URL(value).protocol), { message: "must be an http:// or https:// URL such as http://127.0.0.1:7101" }),
+  /** An optional file path: trimmed, blank is unset. */
+  file: () => z.preprocess(fromEnvString, z.string().optional()),
   /** Trimmed, blank is the default: "/data " named another directory than "/data", silently. */
   dataDir: (fallback = ".outpost/data") => z.preprocess(fromEnvString, z.string().default(fallback)),
   /** This process's Ed25519 private key for signing caller identities (identity.ts). */

@@ -19,3 +19,4 @@ export * from "./tracing.ts";
 export * from "./metrics.ts";
 export * from "./streams.ts";
 export * from "./runtime.ts";
+export * from "./tls.ts";

@@ -1,7 +1,8 @@
 /**
  * Server bootstrap shared by every service. One TCP port serves HTTP/1.1 and HTTP/2
- * (cleartext, h2c prior knowledge) side by side, so Connect, gRPC and gRPC-Web all work on it;
- * internal traffic is gRPC over h2c. The liveness path is answered before anything else runs.
+ * (cleartext, h2c prior knowledge; or over TLS, negotiated by ALPN, when the service has a
+ * certificate: tls.ts) side by side, so Connect, gRPC and gRPC-Web all work on it; internal
+ * traffic is gRPC over h2c or TLS. The liveness path is answered before anything else runs.
  * On shutdown: health turns NOT_SERVING, the listener stops accepting, long waits and streams
  * are told to wrap up (the drain signal), in-flight calls finish, then connections close.
  */
@@ -9,6 +10,7 @@ import { setMaxListeners } from "node:events";
 import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
+import tls from "node:tls";
 import type { ConnectRouter, Interceptor, HandlerContext, ContextValues } from "@connectrpc/connect";
 import type { DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, createContextKey, createContextValues } from "@connectrpc/connect";
@@ -22,7 +24,8 @@ import { HealthState, registerHealth, type ReadinessCheck } from "./health.ts";
 import { audienceOf, identityKey, type Identity, type SigningKeys } from "./identity.ts";
 import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
-import { maskedInternalMessage, unsupportedConnectVersion } from "./errors.ts";
+import { maskedInternalMessage, unauthenticated, unsupportedConnectVersion } from "./errors.ts";
+import { TLS_RELOAD_CHECK_MS, type TlsFiles } from "./tls.ts";
 import { applyRuntimeFixes } from "./runtime.ts";
 import { leanUnaryPath, STRICT_JSON_OPTIONS } from "./lean-unary.ts";
 import { isBodyBudgetStop, type BodyBudget, type BodyCharge } from "./body-budget.ts";
@@ -44,6 +47,11 @@ export const drainSignalKey = createContextKey<AbortSignal>(new AbortController(
  * headers (serveCall) is handed over to the handler's own.
  */
 const handlerStartedKey = createContextKey<() => void>(() => {}, { description: "call handed to its handler" });
+/**
+ * Why the caller's connection has no client certificate the server's CA signed, on a server
+ * that asks for one (mutual TLS: tls.ts); undefined when it has one, or none is asked for.
+ */
+const clientCertificateProblemKey = createContextKey<string | undefined>(undefined, { description: "client certificate problem" });
 
 /** The signal that fires when this call should wrap up: the client went away or the server is draining. */
 export function callEndSignal(ctx: HandlerContext): AbortSignal {
@@ -81,6 +89,11 @@ export interface ServerOptions {
    * main port is public. Undefined: /metrics is on the main port.
    */
   metricsPort?: number;
+  /**
+   * Serve TLS (HTTP/2 and HTTP/1.1 by ALPN) with these files instead of cleartext; when they
+   * name a CA, RPCs other than health need a client certificate it signed (tls.ts).
+   */
+  tls?: TlsFiles;
   /** How long in-flight calls may take to finish on shutdown. */
   shutdownGraceMs?: number;
   /** How long a new connection may stay silent before it is closed (default 10 s). */
@@ -185,6 +198,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     values.set(drainSignalKey, drain.signal);
     const handed = countedFromHeaders.get(req);
     if (handed) values.set(handlerStartedKey, handed);
+    if (options.tls?.mutual) values.set(clientCertificateProblemKey, clientCertificateProblemOf(req));
     options.contextValues?.(req, values);
     return values;
   };
@@ -198,7 +212,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     bodyBudget: options.bodyBudget,
     // The caller's identity is checked on the headers, before the body is read: a caller
     // without one is refused at once, whatever it declared it would send.
-    beforeBody: identityCheck && ((service, header, values) => values.set(identityKey, identityCheck(service, header))),
+    beforeBody: identityCheck && ((service, header, values) => values.set(identityKey, identityCheck(service, header, values))),
   });
   const handler = connectNodeAdapter({
     routes(router) {
@@ -389,11 +403,17 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   // it), the connection belongs to neither server, and neither one's timeouts would close it:
   // it has a deadline of its own, and shutdown closes it.
   const undecided = new Set<net.Socket>();
-  const tcp = net.createServer({ noDelay: true }, (socket) => {
+  const firstBytesTimeoutMs = options.firstBytesTimeoutMs ?? FIRST_BYTES_TIMEOUT_MS;
+  const route = (socket: net.Socket) => {
+    // A TLS handshake that ends after the drain began: no new connection is served.
+    if (drain.signal.aborted) {
+      socket.destroy();
+      return;
+    }
     undecided.add(socket);
     socket.once("close", () => undecided.delete(socket));
     const onSilent = () => socket.destroy();
-    socket.setTimeout(options.firstBytesTimeoutMs ?? FIRST_BYTES_TIMEOUT_MS, onSilent);
+    socket.setTimeout(firstBytesTimeoutMs, onSilent);
     let head = Buffer.alloc(0);
     socket.on("readable", function route() {
       for (let chunk: Buffer | null; (chunk = socket.read() as Buffer | null) !== null; ) head = Buffer.concat([head, chunk]);
@@ -412,7 +432,12 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       (protocol === "h2" ? h2 : h1).emit("connection", socket);
     });
     socket.on("error", () => socket.destroy());
-  });
+  };
+  // Under TLS the decrypted bytes are sniffed the same way (a client that negotiated "h2" by
+  // ALPN sends the preface; HTTP/2 without ALPN is refused by Node's HTTP/2 server, as RFC 9113
+  // asks). A handshake gets as long as a cleartext connection's first bytes.
+  const secure = options.tls && tlsListener(options.tls, firstBytesTimeoutMs, route, logger);
+  const tcp = secure ? secure.server : net.createServer({ noDelay: true }, route);
 
   await new Promise<void>((resolve, reject) => {
     tcp.once("error", reject);
@@ -433,7 +458,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     logger.info({ port: (server.address() as net.AddressInfo).port }, "metrics listening");
   }
   const hostPart = options.host.includes(":") ? `[${options.host}]` : options.host;
-  const url = `http://${hostPart}:${address.port}`;
+  const url = `${secure ? "https" : "http"}://${hostPart}:${address.port}`;
   logger.info({ port: address.port, host: options.host }, `${options.name} listening`);
 
   let closing: Promise<void> | undefined;
@@ -443,6 +468,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       health.drain();
       drain.abort();
       tcp.close();
+      secure?.stopReloading();
       for (const socket of undecided) socket.destroy();
       metricsServer?.close();
       // HTTP/1 connections with no request in progress close now (Node tracks them: it was told
@@ -601,6 +627,39 @@ function protocolOf(head: Buffer): "h1" | "h2" | undefined {
 }
 
 /**
+ * A TLS listener that hands each connection, once its handshake is done, to `route`. It asks
+ * for a client certificate when the files name a CA but accepts a connection without one (the
+ * handshake cannot tell a probe from an RPC): RPCs then check it (identityReader). Renewed files
+ * are loaded for new connections as they appear (tls.ts).
+ */
+function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket: net.Socket) => void, logger: Logger) {
+  const material = files.current();
+  const server = tls.createServer(
+    {
+      ...material,
+      requestCert: files.mutual,
+      rejectUnauthorized: false,
+      ALPNProtocols: ["h2", "http/1.1"],
+      handshakeTimeout: handshakeTimeoutMs,
+      noDelay: true,
+    },
+    route,
+  );
+  // A failed handshake (a cleartext client, a wrong protocol) is the client's problem: logged at debug.
+  server.on("tlsClientError", (err) => logger.debug({ err: err.message }, "TLS handshake failed"));
+  let loaded = material;
+  const timer = setInterval(() => {
+    const now = files.current();
+    if (now === loaded) return;
+    loaded = now;
+    server.setSecureContext({ ...now });
+    logger.info({ cert: files.paths.cert }, "TLS certificate reloaded");
+  }, TLS_RELOAD_CHECK_MS);
+  timer.unref();
+  return { server, stopReloading: () => clearInterval(timer) };
+}
+
+/**
  * Counts in-flight calls (streams until their last message) for graceful shutdown, logs each
  * call's outcome, and masks errors that are not ConnectErrors: the client gets INTERNAL with
  * the trace id, the operator finds the cause under that id in the logs.
@@ -652,14 +711,41 @@ export function identityInterceptor(keys: SigningKeys): Interceptor {
   const read = identityReader(keys);
   return (next) => (req) => {
     // The lean unary path verified it before reading the body (beforeBody): not twice.
-    if (req.contextValues.get(identityKey) === undefined) req.contextValues.set(identityKey, read(req.service, req.header));
+    if (req.contextValues.get(identityKey) === undefined) req.contextValues.set(identityKey, read(req.service, req.header, req.contextValues));
     return next(req);
   };
 }
 
-/** The verified caller identity of a call to `service`; health is open to all (undefined). */
-function identityReader(keys: SigningKeys): (service: DescService, header: Headers) => Identity | undefined {
-  return (service, header) => (service.typeName === "grpc.health.v1.Health" ? undefined : keys.readIdentity(header, audienceOf(service)));
+/**
+ * The verified caller identity of a call to `service`; health is open to all (undefined). Under
+ * mutual TLS a caller without a client certificate the CA signed is refused first.
+ */
+function identityReader(keys: SigningKeys): (service: DescService, header: Headers, values: ContextValues) => Identity | undefined {
+  return (service, header, values) => {
+    if (service.typeName === "grpc.health.v1.Health") return undefined;
+    const certificateProblem = values.get(clientCertificateProblemKey);
+    if (certificateProblem !== undefined) {
+      throw unauthenticated(
+        "CLIENT_CERTIFICATE_REQUIRED",
+        `this service takes calls only from Outpost processes holding a certificate its CA signed (OUTPOST_TLS_CA_FILE): ${certificateProblem}`,
+      );
+    }
+    return keys.readIdentity(header, audienceOf(service));
+  };
+}
+
+/** Why the TLS connection `req` came on has no client certificate the CA signed; undefined when it has one. */
+function clientCertificateProblemOf(req: http.IncomingMessage | http2.Http2ServerRequest): string | undefined {
+  // HTTP/2's compatibility request answers `socket` through a proxy of the session's socket,
+  // which passes reads of these two properties through.
+  const socket = req.socket as Partial<Pick<tls.TLSSocket, "authorized" | "authorizationError">>;
+  if (socket.authorized === true) return undefined;
+  const error = socket.authorizationError;
+  if (error === undefined || error === null) return "the connection is not TLS";
+  const text = error instanceof Error ? ((error as NodeJS.ErrnoException).code ?? error.message) : String(error);
+  return text === "UNABLE_TO_GET_ISSUER_CERT" || text === "ERR_SSL_PEER_DID_NOT_RETURN_A_CERTIFICATE" || /no.*certificate/i.test(text)
+    ? `no client certificate, or one from another CA (${text})`
+    : `the client certificate was not accepted (${text})`;
 }
 
 export { formatTraceparent };

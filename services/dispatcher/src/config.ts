@@ -1,8 +1,10 @@
-import { setting } from "@outpost/platform";
+import { internalTlsShape, setting } from "@outpost/platform";
 import { z } from "zod";
 
 /** Environment settings of the dispatcher, validated at start-up. */
 export const dispatcherConfigShape = {
+  /** Internal TLS (docs/operations.md, "Internal TLS"); unset: h2c. */
+  ...internalTlsShape,
   OUTPOST_SIGNING_KEY: setting.signingKey(),
   OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_DISPATCHER_HOST: setting.host(),

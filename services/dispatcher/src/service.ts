@@ -1,7 +1,7 @@
 /** Wires the dispatcher: store, registry, core, telemetry client, lease sweeper, server. */
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { connectRedis, gauge, internalClient, SigningKeys, startServer, subscriberOf, type Logger } from "@outpost/platform";
+import { connectRedis, gauge, internalClient, internalTlsOf, SigningKeys, startServer, subscriberOf, type Logger } from "@outpost/platform";
 import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { GrpcTenantAdmission } from "./adapters/tenant-admission.ts";
 import { AgentRegistry, builtinAgents } from "./core/agents.ts";
@@ -28,6 +28,7 @@ const CIRCUIT_RESTORE_RETRY_MS = 5000;
 
 export async function startDispatcher(config: DispatcherConfig, logger: Logger) {
   const signingKeys = SigningKeys.fromSettings("dispatcher", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS);
+  const tls = internalTlsOf(config, { OUTPOST_TELEMETRY_URL: config.OUTPOST_TELEMETRY_URL, OUTPOST_TENANT_URL: config.OUTPOST_TENANT_URL });
   // MongoDB when configured (several replicas in production); the embedded SQLite file otherwise.
   const store: DispatcherStore = config.OUTPOST_MONGO_URL
     ? await MongoDispatchStore.connect(config.OUTPOST_MONGO_URL)
@@ -72,6 +73,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   const telemetry = internalClient(LogIngestService, {
     baseUrl: config.OUTPOST_TELEMETRY_URL,
     signingKeys,
+    tls,
     identity: { kind: "service", principal: "dispatcher" },
   });
   const runEvents: RunEvents = {
@@ -91,7 +93,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
   };
   // Quotas, secrets and suspension are the tenant service's (contract A).
   const admission = config.OUTPOST_TENANT_URL
-    ? new GrpcTenantAdmission({ baseUrl: config.OUTPOST_TENANT_URL, signingKeys })
+    ? new GrpcTenantAdmission({ baseUrl: config.OUTPOST_TENANT_URL, signingKeys, tls })
     : undefined;
   if (!admission) logger.warn("OUTPOST_TENANT_URL is not set: dispatches are admitted without tenant quotas or secret checks");
   const dispatcher = new Dispatcher({
@@ -142,6 +144,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     port: config.OUTPOST_DISPATCHER_PORT,
     logger,
     signingKeys,
+    tls,
     routes: (router) => registerRoutes(router, dispatcher, agents, { audit, fleet, signingKeys, enrollment: new ExecutorEnrollment(store, signingKeys) }),
     readiness: async () => {
       await store.get("0"); // the store answers

@@ -1,7 +1,7 @@
 /** Executor settings, validated at start-up (fails fast naming the variable). */
 import os from "node:os";
 import { z } from "zod";
-import { loadConfig, reportErrorOf, setting } from "@outpost/platform";
+import { loadConfig, reportErrorOf, internalTlsShape, setting } from "@outpost/platform";
 import { parseAllowedNetworks } from "./adapters/checkout-egress.ts";
 
 /** A size in whole bytes, 0 meaning `zeroMeans`. */
@@ -15,6 +15,8 @@ function wholeBytes(defaultBytes: number, zeroMeans: string) {
 }
 
 export const executorConfigShape = {
+  /** Internal TLS (docs/operations.md, "Internal TLS"); unset: h2c. */
+  ...internalTlsShape,
   OUTPOST_SIGNING_KEY: setting.signingKey(),
   OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_EXECUTOR_HOST: setting.host(),

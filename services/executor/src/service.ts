@@ -4,7 +4,7 @@
  * readiness is the engine's ping.
  */
 import path from "node:path";
-import { gauge, parseTrustedSigners, SigningKeys, startServer, type Logger } from "@outpost/platform";
+import { gauge, internalTlsOf, parseTrustedSigners, SigningKeys, startServer, type Logger } from "@outpost/platform";
 import { createDockerRuntime } from "./adapters/docker-runtime.ts";
 import { startEnrollment } from "./adapters/enrollment.ts";
 import { createHostWorkspaces } from "./adapters/host-workspaces.ts";
@@ -23,6 +23,11 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
   const executorId = config.OUTPOST_EXECUTOR_ID;
   // Signs as "executor/<id>", which a key listed for this executor alone verifies (identity.ts).
   const signingKeys = SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS, executorId);
+  const tls = internalTlsOf(config, {
+    OUTPOST_DISPATCHER_URL: config.OUTPOST_DISPATCHER_URL,
+    OUTPOST_TELEMETRY_URL: config.OUTPOST_TELEMETRY_URL,
+    OUTPOST_TENANT_URL: config.OUTPOST_TENANT_URL,
+  });
   // Enrolled: the setting's key is only for enrolling; every other call is signed with the
   // executor's own key once the dispatcher certified it (adapters/enrollment.ts).
   if (config.OUTPOST_EXECUTOR_ENROLL === "on" && parseTrustedSigners(config.OUTPOST_TRUSTED_SIGNERS).has("executor")) {
@@ -35,6 +40,7 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
           executorId,
           enrollmentKeys: SigningKeys.fromSettings("executor", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS, executorId),
           signingKeys,
+          tls,
           keyFile: path.resolve(config.OUTPOST_DATA_DIR, "executor", executorId, "enrolled-key.pem"),
           logger,
         })
@@ -66,15 +72,17 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     leases: createLeaseClient({
       dispatcherUrl: config.OUTPOST_DISPATCHER_URL,
       signingKeys,
+      tls,
       executorId,
     }),
     logs: createTelemetryLogSink({
       telemetryUrl: config.OUTPOST_TELEMETRY_URL,
       signingKeys,
+      tls,
       executorId,
     }),
     secrets: config.OUTPOST_TENANT_URL
-      ? createSecretResolver({ tenantUrl: config.OUTPOST_TENANT_URL, signingKeys, executorId })
+      ? createSecretResolver({ tenantUrl: config.OUTPOST_TENANT_URL, signingKeys, tls, executorId })
       : undefined,
     logger,
     stopGraceMs: config.OUTPOST_STOP_GRACE_MS,
@@ -98,6 +106,7 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     logger,
     routes: executorRoutes(),
     signingKeys,
+    tls,
     readiness: async () => (enrollment && !enrollment.certified ? "not enrolled at the dispatcher yet" : executor.notReadyReason()),
   });
   // Nothing is leased (nor any container reconciled) before the executor can sign its calls.

@@ -1,10 +1,12 @@
 /** Settings of the telemetry service, validated at start-up (a bad one stops the process, naming it). */
-import { loadConfig, setting } from "@outpost/platform";
+import { loadConfig, internalTlsShape, setting } from "@outpost/platform";
 import { z } from "zod";
 import { DEFAULT_RETENTION_MS } from "./core/model.ts";
 import { DEFAULT_MAX_SUBSCRIPTIONS_PER_TENANT } from "./core/telemetry-core.ts";
 
 export const telemetryConfigShape = {
+  /** Internal TLS (docs/operations.md, "Internal TLS"); unset: h2c. */
+  ...internalTlsShape,
   OUTPOST_SIGNING_KEY: setting.signingKey(),
   OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_TELEMETRY_HOST: setting.host(),

@@ -1,5 +1,5 @@
 /** Wires the telemetry service: store, live feed (Redis or in-process), core, metrics, retention sweep, server. */
-import { connectRedis, counter, gauge, SigningKeys, startServer, type Logger, type Redis } from "@outpost/platform";
+import { connectRedis, counter, gauge, internalTlsOf, SigningKeys, startServer, type Logger, type Redis } from "@outpost/platform";
 import { RedisLiveFeed } from "./adapters/redis-live-feed.ts";
 import type { TelemetryConfig } from "./config.ts";
 import { InProcessLiveFeed, type LiveFeed } from "./core/live-feed.ts";
@@ -48,6 +48,8 @@ function telemetryMetrics(): TelemetryObserver {
 }
 
 export async function startTelemetry(config: TelemetryConfig, logger: Logger, deps: TelemetryDeps = {}): Promise<RunningTelemetry> {
+  // Read before any store is opened: a bad file stops start-up at once.
+  const tls = internalTlsOf(config);
   // MongoDB when configured (several replicas in production); the embedded SQLite file otherwise.
   const defaultRetentionMs = config.OUTPOST_TELEMETRY_DEFAULT_RETENTION_MS;
   const store =
@@ -81,6 +83,7 @@ export async function startTelemetry(config: TelemetryConfig, logger: Logger, de
       logger,
       routes: telemetryRoutes(core, signingKeys),
       signingKeys,
+      tls,
     });
   } catch (err) {
     await feed.close();

@@ -1,5 +1,5 @@
 /** Settings of the tenant service, validated at start-up (the process stops naming a bad one). */
-import { setting } from "@outpost/platform";
+import { internalTlsShape, setting } from "@outpost/platform";
 import { z } from "zod";
 
 export const tenantConfigShape = {
@@ -22,6 +22,8 @@ export const tenantConfigShape = {
   OUTPOST_MONGO_URL: z.string().url({ message: "must be a URL such as mongodb://127.0.0.1:27017/outpost" }).optional(),
   /** The dispatcher, which keeps the audit trail these mutations are reported to; absent = not audited. */
   OUTPOST_DISPATCHER_URL: z.string().url({ message: "must be a URL such as http://127.0.0.1:7102" }).optional(),
+  /** Internal TLS (docs/operations.md, "Internal TLS"); unset: h2c. */
+  ...internalTlsShape,
 };
 
 export interface TenantConfig {
@@ -36,4 +38,7 @@ export interface TenantConfig {
   OUTPOST_REDIS_URL?: string | undefined;
   OUTPOST_MONGO_URL?: string | undefined;
   OUTPOST_DISPATCHER_URL?: string | undefined;
+  OUTPOST_TLS_CERT_FILE?: string | undefined;
+  OUTPOST_TLS_KEY_FILE?: string | undefined;
+  OUTPOST_TLS_CA_FILE?: string | undefined;
 }

@@ -1,5 +1,5 @@
 /** Wires the tenant service: store, tiers, secret box, cores, Redis publisher, server. */
-import { connectRedis, SigningKeys, startServer, type Logger, type Redis } from "@outpost/platform";
+import { connectRedis, internalTlsOf, SigningKeys, startServer, type Logger, type Redis } from "@outpost/platform";
 import { AdmissionCore } from "./core/admission.ts";
 import { NO_INVALIDATION, publishingInvalidation } from "./core/invalidation.ts";
 import { SecretBox } from "./core/secret-box.ts";
@@ -25,6 +25,7 @@ export async function startTenant(config: TenantConfig, logger: Logger, store?: 
   if (!box) logger.warn("OUTPOST_SECRETS_MASTER_KEYS is not set: secret methods answer FAILED_PRECONDITION");
   else logger.info({ current_key_id: box.currentKeyId }, "secrets sealed under the current master key");
   const signingKeys = SigningKeys.fromSettings("tenant", config.OUTPOST_SIGNING_KEY, config.OUTPOST_TRUSTED_SIGNERS);
+  const tls = internalTlsOf(config, { OUTPOST_DISPATCHER_URL: config.OUTPOST_DISPATCHER_URL });
   if (!config.OUTPOST_DISPATCHER_URL) logger.warn("OUTPOST_DISPATCHER_URL is not set: tenant mutations are not written to the audit trail");
 
   const tenantStore = store ?? (await openTenantStore(config));
@@ -43,8 +44,9 @@ export async function startTenant(config: TenantConfig, logger: Logger, store?: 
       logger,
       routes: tenantRoutes({ tenants, secrets, admission, signingKeys }),
       signingKeys,
+      tls,
       interceptors: config.OUTPOST_DISPATCHER_URL
-        ? [auditReporter({ dispatcherUrl: config.OUTPOST_DISPATCHER_URL, signingKeys, logger })]
+        ? [auditReporter({ dispatcherUrl: config.OUTPOST_DISPATCHER_URL, signingKeys, tls, logger })]
         : [],
     });
   } catch (err) {

@@ -9,13 +9,14 @@
 import { durationFromMs, durationMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { ExponentialBackoff, handleWhen, retry } from "cockatiel";
-import { internalClient, unavailable, type SigningKeys } from "@outpost/platform";
+import { internalClient, unavailable, type SigningKeys, type TlsFiles } from "@outpost/platform";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import type { ReleaseOptions, TenantAdmission } from "../core/ports.ts";
 
 export interface GrpcTenantAdmissionOptions {
   baseUrl: string;
   signingKeys: SigningKeys;
+  tls?: TlsFiles | undefined;
   /** How long the suspended-tenant list is reused before asking again. */
   suspendedCacheMs?: number;
   /** Bound on each call, so a stuck tenant service cannot stall dispatch creation or leasing. */
@@ -44,6 +45,7 @@ export class GrpcTenantAdmission implements TenantAdmission {
     this.client = internalClient(TenantInternalService, {
       baseUrl: options.baseUrl,
       signingKeys: options.signingKeys,
+      tls: options.tls,
       identity: { kind: "service", principal: "dispatcher" },
     });
     this.suspendedCacheMs = options.suspendedCacheMs ?? 3000;

@@ -14,7 +14,7 @@ import fs from "node:fs/promises";
 import path from "node:path";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { errorInfoOf, internalClient, newExecutorKeyPair, signEnrollmentProof, type Logger, type SigningKeys } from "@outpost/platform";
+import { errorInfoOf, internalClient, newExecutorKeyPair, signEnrollmentProof, type Logger, type SigningKeys, type TlsFiles } from "@outpost/platform";
 import { EnrollmentService } from "@outpost/proto/outpost/executor/v1/enrollment_service_pb.js";
 import { Backoff, sleep } from "../core/backoff.ts";
 
@@ -25,6 +25,8 @@ export interface EnrollmentOptions {
   enrollmentKeys: SigningKeys;
   /** Every other call's keys: switched to the executor's own key and certificate once enrolled. */
   signingKeys: SigningKeys;
+  /** Internal TLS for an https:// URL (internalTlsOf). */
+  tls?: TlsFiles | undefined;
   /** Where the executor's own key pair is kept (PKCS#8 PEM). */
   keyFile: string;
   logger: Logger;
@@ -47,6 +49,7 @@ export function startEnrollment(options: EnrollmentOptions): Enrollment {
   const client = internalClient(EnrollmentService, {
     baseUrl: options.dispatcherUrl,
     signingKeys: options.enrollmentKeys,
+    tls: options.tls,
     identity: { kind: "service", principal: `executor/${options.executorId}` },
   });
   const controller = new AbortController();

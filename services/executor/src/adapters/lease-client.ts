@@ -6,7 +6,7 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
-import { internalClient, type SigningKeys } from "@outpost/platform";
+import { internalClient, type SigningKeys, type TlsFiles } from "@outpost/platform";
 import { LeaseService, ReportRunStateRequestSchema } from "@outpost/proto/outpost/executor/v1/lease_service_pb.js";
 import { LeaseLostError, NotSupportedError, ReportRefusedError, type CapacityReport, type LeaseClient } from "../core/ports.ts";
 
@@ -30,6 +30,8 @@ function capacityMessage(capacity: CapacityReport | undefined) {
 export interface LeaseClientOptions {
   dispatcherUrl: string;
   signingKeys: SigningKeys;
+  /** Internal TLS for an https:// URL (internalTlsOf). */
+  tls?: TlsFiles | undefined;
   executorId: string;
   /** Deadline of unary calls other than the long poll. */
   callTimeoutMs?: number;
@@ -39,6 +41,7 @@ export function createLeaseClient(options: LeaseClientOptions): LeaseClient {
   const client: Client<typeof LeaseService> = internalClient(LeaseService, {
     baseUrl: options.dispatcherUrl,
     signingKeys: options.signingKeys,
+    tls: options.tls,
     identity: { kind: "service", principal: `executor/${options.executorId}` },
   });
   const timeoutMs = options.callTimeoutMs ?? 10_000;

@@ -4,13 +4,15 @@
  * channel and are never logged: errors carry names, never values.
  */
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
-import { errorInfoOf, internalClient, type SigningKeys } from "@outpost/platform";
+import { errorInfoOf, internalClient, type SigningKeys, type TlsFiles } from "@outpost/platform";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import { SecretsError, type SecretResolver } from "../core/ports.ts";
 
 export interface SecretResolverOptions {
   tenantUrl: string;
   signingKeys: SigningKeys;
+  /** Internal TLS for an https:// URL (internalTlsOf). */
+  tls?: TlsFiles | undefined;
   executorId: string;
   callTimeoutMs?: number;
 }
@@ -19,6 +21,7 @@ export function createSecretResolver(options: SecretResolverOptions): SecretReso
   const client: Client<typeof TenantInternalService> = internalClient(TenantInternalService, {
     baseUrl: options.tenantUrl,
     signingKeys: options.signingKeys,
+    tls: options.tls,
     identity: { kind: "service", principal: `executor/${options.executorId}` },
   });
   return {

@@ -5,7 +5,7 @@
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
-import { internalClient, type SigningKeys } from "@outpost/platform";
+import { internalClient, type SigningKeys, type TlsFiles } from "@outpost/platform";
 import {
   IngestLogsRequestSchema,
   LogIngestService,
@@ -18,6 +18,8 @@ import { PushQueue } from "./push-queue.ts";
 export interface TelemetryLogSinkOptions {
   telemetryUrl: string;
   signingKeys: SigningKeys;
+  /** Internal TLS for an https:// URL (internalTlsOf). */
+  tls?: TlsFiles | undefined;
   executorId: string;
 }
 
@@ -25,6 +27,7 @@ export function createTelemetryLogSink(options: TelemetryLogSinkOptions): LogSin
   const client: Client<typeof LogIngestService> = internalClient(LogIngestService, {
     baseUrl: options.telemetryUrl,
     signingKeys: options.signingKeys,
+    tls: options.tls,
     identity: { kind: "service", principal: `executor/${options.executorId}` },
   });
   return {

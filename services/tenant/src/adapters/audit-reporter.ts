@@ -5,7 +5,7 @@
  * audit event is logged loudly instead.
  */
 import { type Interceptor } from "@connectrpc/connect";
-import { identityKey, internalClient, outcomeOf, type Logger, type SigningKeys } from "@outpost/platform";
+import { identityKey, internalClient, outcomeOf, type Logger, type SigningKeys, type TlsFiles } from "@outpost/platform";
 import { AuditInternalService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
 import { SECRET_NAME_PATTERN } from "../core/secrets.ts";
 
@@ -65,11 +65,12 @@ const RECORD_TIMEOUT_MS = 2000;
 export interface AuditReporterOptions {
   dispatcherUrl: string;
   signingKeys: SigningKeys;
+  tls?: TlsFiles | undefined;
   logger: Logger;
 }
 
-export function auditReporter({ dispatcherUrl, signingKeys, logger }: AuditReporterOptions): Interceptor {
-  const audit = internalClient(AuditInternalService, { baseUrl: dispatcherUrl, signingKeys, identity: { kind: "service", principal: "tenant" } });
+export function auditReporter({ dispatcherUrl, signingKeys, tls, logger }: AuditReporterOptions): Interceptor {
+  const audit = internalClient(AuditInternalService, { baseUrl: dispatcherUrl, signingKeys, tls, identity: { kind: "service", principal: "tenant" } });
   return (next) => async (req) => {
     const method = `${req.service.typeName}/${req.method.name}`;
     const describe = MUTATIONS[method];

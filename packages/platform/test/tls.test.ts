@@ -1,0 +1,221 @@
+/**
+ * Internal TLS over real sockets (tls.ts): a service with a certificate serves gRPC, Connect and
+ * health over TLS; under mutual TLS it answers RPCs only to callers whose certificate its CA
+ * signed, while probes need none; renewed files are served to new connections; bad settings
+ * stop start-up naming the setting. Certificates come from openssl (scripts/lib/tls-certs.ts).
+ */
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import https from "node:https";
+import os from "node:os";
+import path from "node:path";
+import tls from "node:tls";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { ConfigError, errorInfoOf, internalClient, internalTlsOf, publicTlsOf, TLS_RELOAD_CHECK_MS, TlsFiles, type RunningServer } from "@outpost/platform";
+import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
+import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { makeTlsCerts, type TlsCertSet } from "../../../scripts/lib/tls-certs.ts";
+import { keysOf } from "../../../test/support/signing.ts";
+import { sleep, startTestServer } from "./helpers.ts";
+
+const caller = { signingKeys: keysOf("dispatcher"), identity: { kind: "service", principal: "dispatcher" } as const };
+
+async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
+  try {
+    await call;
+  } catch (err) {
+    return ConnectError.from(err);
+  }
+  throw new Error("expected the call to fail");
+}
+
+/** The serial number of the certificate `url` presents on a new connection. */
+function servedSerial(url: string, ca: string): Promise<string> {
+  const { hostname, port } = new URL(url);
+  return new Promise((resolve, reject) => {
+    const socket = tls.connect({ host: hostname, port: Number(port), ca: readPem(ca), ALPNProtocols: ["h2"] }, () => {
+      resolve(socket.getPeerCertificate().serialNumber);
+      socket.end();
+    });
+    socket.once("error", reject);
+  });
+}
+
+function readPem(file: string): Buffer {
+  return readFileSync(file);
+}
+
+describe("internal TLS", () => {
+  let dir: string;
+  let certs: TlsCertSet;
+  let other: TlsCertSet;
+  let server: RunningServer;
+  let serverFiles: TlsFiles;
+  const filesOf = (set: TlsCertSet, name: string, ca = set.ca) => new TlsFiles({ ...set.certs[name], ca });
+
+  beforeAll(async () => {
+    dir = mkdtempSync(path.join(os.tmpdir(), "outpost-tls-"));
+    certs = makeTlsCerts(path.join(dir, "mesh"), ["telemetry", "dispatcher"]);
+    other = makeTlsCerts(path.join(dir, "other"), ["dispatcher"], { caName: "Someone else's CA" });
+    // The served pair lives in files of its own, which the renewal test overwrites.
+    copyFileSync(certs.certs.telemetry!.cert, path.join(dir, "served.crt"));
+    copyFileSync(certs.certs.telemetry!.key, path.join(dir, "served.key"));
+    serverFiles = new TlsFiles({ cert: path.join(dir, "served.crt"), key: path.join(dir, "served.key"), ca: certs.ca });
+    server = await startTestServer({ signingKeys: keysOf("telemetry"), tls: serverFiles });
+  });
+  afterAll(async () => {
+    await server?.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("serves gRPC to a caller holding a certificate the CA signed, and says https in its URL", async () => {
+    expect(server.url).toMatch(/^https:\/\/127\.0\.0\.1:\d+$/);
+    const client = internalClient(LogService, { baseUrl: server.url, ...caller, tls: filesOf(certs, "dispatcher") });
+    const res = await client.getLogs({ dispatchId: "over-tls" });
+    expect(res.chunks.map((c) => c.text)).toEqual(["over-tls"]);
+    // Server streaming too.
+    for await (const msg of client.subscribeLogs({ dispatchId: "s" })) {
+      expect(msg.chunks[0]?.text).toBe("first");
+      break;
+    }
+  });
+
+  it("serves Connect over HTTP/1.1 and HTTP/2 on the same port (ALPN)", async () => {
+    const { cert, key } = certs.certs.dispatcher!;
+    const nodeOptions = { ca: readPem(certs.ca), cert: readPem(cert), key: readPem(key) };
+    for (const httpVersion of ["1.1", "2"] as const) {
+      const transport = createConnectTransport({ baseUrl: server.url, httpVersion, nodeOptions, interceptors: [(next) => (req) => (caller.signingKeys.writeIdentity(req.header, caller.identity, req.service.typeName), next(req))] });
+      const res = await createClient(LogService, transport).getLogs({ dispatchId: `connect-${httpVersion}` });
+      expect(res.chunks.map((c) => c.text)).toEqual([`connect-${httpVersion}`]);
+    }
+  });
+
+  it("refuses an RPC from a caller without a client certificate, or with one from another CA: UNAUTHENTICATED with ErrorInfo", async () => {
+    const withoutCert = internalClient(LogService, { baseUrl: server.url, ...caller, tls: new TlsFiles({ ca: certs.ca }) });
+    const noCert = await errorOf(withoutCert.getLogs({ dispatchId: "x" }));
+    expect(noCert.code).toBe(Code.Unauthenticated);
+    expect(errorInfoOf(noCert)?.reason).toBe("CLIENT_CERTIFICATE_REQUIRED");
+    expect(noCert.rawMessage).toContain("OUTPOST_TLS_CA_FILE");
+
+    // Trusts the right CA for the server, but presents a certificate another CA signed.
+    const stranger = internalClient(LogService, { baseUrl: server.url, ...caller, tls: new TlsFiles({ ...other.certs.dispatcher, ca: certs.ca }) });
+    const strangerErr = await errorOf(stranger.getLogs({ dispatchId: "x" }));
+    expect(strangerErr.code).toBe(Code.Unauthenticated);
+    expect(errorInfoOf(strangerErr)?.reason).toBe("CLIENT_CERTIFICATE_REQUIRED");
+  });
+
+  it("a caller that does not trust the server's certificate does not call it, and says why at once", async () => {
+    const misled = internalClient(LogService, { baseUrl: server.url, ...caller, tls: filesOf(other, "dispatcher") });
+    const err = await errorOf(misled.getLogs({ dispatchId: "x" }, { timeoutMs: 5000 }));
+    expect(err.code).not.toBe(Code.DeadlineExceeded);
+    expect(err.message).toMatch(/certificate/i);
+  });
+
+  it("a cleartext client gets no answer in the clear: its call fails at once", async () => {
+    const cleartext = createClient(LogService, createGrpcTransport({ baseUrl: server.url.replace("https:", "http:") }));
+    const err = await errorOf(cleartext.getLogs({ dispatchId: "x" }, { timeoutMs: 5000 }));
+    expect(err.code).not.toBe(Code.DeadlineExceeded);
+  });
+
+  it("answers liveness, readiness and gRPC health to a probe without a client certificate", async () => {
+    for (const probe of ["/healthz", "/readyz"]) {
+      const status = await new Promise<number>((resolve, reject) => {
+        https.get(`${server.url}${probe}`, { ca: readPem(certs.ca) }, (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        }).once("error", reject);
+      });
+      expect(status, probe).toBe(200);
+    }
+    const health = createClient(Health, createGrpcTransport({ baseUrl: server.url, nodeOptions: { ca: readPem(certs.ca) } }));
+    expect((await health.check({})).status).toBe(Status.SERVING);
+  });
+
+  it("serves a renewed certificate to new connections once its files change, and keeps serving the old one while the pair does not match", async () => {
+    const before = await servedSerial(server.url, certs.ca);
+    const renewed = certs.issue("telemetry", { file: "telemetry-renewed" });
+    // Half renewed: the new certificate beside the old key does not load; the old pair is kept.
+    copyFileSync(renewed.cert, path.join(dir, "served.crt"));
+    await sleep(TLS_RELOAD_CHECK_MS + 1500);
+    expect(await servedSerial(server.url, certs.ca)).toBe(before);
+    copyFileSync(renewed.key, path.join(dir, "served.key"));
+    await sleep(TLS_RELOAD_CHECK_MS + 1500);
+    const after = await servedSerial(server.url, certs.ca);
+    expect(after).not.toBe(before);
+    // Calls go on over the renewed certificate.
+    const client = internalClient(LogService, { baseUrl: server.url, ...caller, tls: filesOf(certs, "dispatcher") });
+    expect((await client.getLogs({ dispatchId: "renewed" })).chunks[0]?.text).toBe("renewed");
+  }, 30_000);
+
+  it("a client whose own certificate is renewed presents the new one on its next connection", () => {
+    const first = certs.issue("dispatcher", { file: "client-a" });
+    const files = new TlsFiles({ cert: first.cert, key: first.key, ca: certs.ca });
+    const options = files.clientOptions();
+    const firstContext = options.secureContext;
+    expect({ ...options }.secureContext).toBe(firstContext);
+    const second = certs.issue("dispatcher", { file: "client-b" });
+    copyFileSync(second.cert, first.cert);
+    copyFileSync(second.key, first.key);
+    expect(files.reloadIfChanged(Date.now() + TLS_RELOAD_CHECK_MS)).toBe(true);
+    // What http2.connect copies out of the options is the new context.
+    expect({ ...options }.secureContext).not.toBe(firstContext);
+  });
+});
+
+describe("TLS settings", () => {
+  let dir: string;
+  let certs: TlsCertSet;
+  beforeAll(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), "outpost-tls-settings-"));
+    certs = makeTlsCerts(dir, ["tenant", "gateway"]);
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  const configError = (fn: () => unknown): string => {
+    try {
+      fn();
+    } catch (err) {
+      expect(err).toBeInstanceOf(ConfigError);
+      return (err as Error).message;
+    }
+    throw new Error("expected a ConfigError");
+  };
+
+  it("is off when nothing is set", () => {
+    expect(internalTlsOf({}, { OUTPOST_TENANT_URL: "http://127.0.0.1:1" })).toBeUndefined();
+    expect(publicTlsOf({})).toBeUndefined();
+  });
+
+  it("names the setting that is wrong", () => {
+    const { cert, key } = certs.certs.tenant!;
+    expect(configError(() => internalTlsOf({ OUTPOST_TLS_CERT_FILE: cert }))).toMatch(/^OUTPOST_TLS_KEY_FILE: is required when OUTPOST_TLS_CERT_FILE is set/);
+    expect(configError(() => internalTlsOf({ OUTPOST_TLS_KEY_FILE: key }))).toMatch(/^OUTPOST_TLS_CERT_FILE: is required when OUTPOST_TLS_KEY_FILE is set/);
+    expect(configError(() => internalTlsOf({ OUTPOST_TLS_CA_FILE: certs.ca }))).toMatch(/^OUTPOST_TLS_CERT_FILE: is required when OUTPOST_TLS_CA_FILE is set/);
+    expect(configError(() => internalTlsOf({ OUTPOST_TLS_CERT_FILE: path.join(dir, "nope.crt"), OUTPOST_TLS_KEY_FILE: key }))).toMatch(/^OUTPOST_TLS_CERT_FILE: cannot read .*nope\.crt \(ENOENT\)/);
+    expect(configError(() => internalTlsOf({ OUTPOST_TLS_CERT_FILE: key, OUTPOST_TLS_KEY_FILE: key }))).toMatch(/^OUTPOST_TLS_CERT_FILE: .* is not a PEM certificate/);
+    expect(configError(() => internalTlsOf({ OUTPOST_TLS_CERT_FILE: cert, OUTPOST_TLS_KEY_FILE: cert }))).toMatch(/^OUTPOST_TLS_KEY_FILE: .* is not a PEM private key/);
+    expect(configError(() => internalTlsOf({ OUTPOST_TLS_CERT_FILE: cert, OUTPOST_TLS_KEY_FILE: certs.certs.gateway!.key }))).toMatch(/^OUTPOST_TLS_KEY_FILE: the key in .* does not belong to the certificate/);
+    const garbage = path.join(dir, "garbage.pem");
+    writeFileSync(garbage, "not a certificate\n");
+    expect(configError(() => internalTlsOf({ OUTPOST_TLS_CERT_FILE: cert, OUTPOST_TLS_KEY_FILE: key, OUTPOST_TLS_CA_FILE: garbage }))).toMatch(/^OUTPOST_TLS_CA_FILE: .* is not a PEM certificate/);
+    expect(configError(() => publicTlsOf({ OUTPOST_GATEWAY_TLS_CERT_FILE: cert }))).toMatch(/^OUTPOST_GATEWAY_TLS_KEY_FILE: is required/);
+  });
+
+  it("under mutual TLS every internal URL must be https://", () => {
+    const { cert, key } = certs.certs.tenant!;
+    const settings = { OUTPOST_TLS_CERT_FILE: cert, OUTPOST_TLS_KEY_FILE: key, OUTPOST_TLS_CA_FILE: certs.ca };
+    expect(configError(() => internalTlsOf(settings, { OUTPOST_DISPATCHER_URL: "http://127.0.0.1:7102" }))).toMatch(
+      /^OUTPOST_DISPATCHER_URL: must be an https:\/\/ URL when OUTPOST_TLS_CA_FILE is set/,
+    );
+    const files = internalTlsOf(settings, { OUTPOST_DISPATCHER_URL: "https://dispatcher:7102", OUTPOST_TELEMETRY_URL: undefined });
+    expect(files?.mutual).toBe(true);
+  });
+
+  it("refuses a certificate that has expired", () => {
+    const oneDay = certs.issue("tenant", { file: "one-day", days: 1 });
+    expect(new TlsFiles(oneDay).mutual).toBe(false);
+    // Two days on, the one-day certificate has expired.
+    expect(configError(() => new TlsFiles(oneDay, undefined, Date.now() + 2 * 86_400_000))).toMatch(/^OUTPOST_TLS_CERT_FILE: the certificate in .*one-day\.crt expired on 20/);
+  });
+});

@@ -1,0 +1,112 @@
+/**
+ * Internal mutual TLS across the real mesh (docs/operations.md, "Internal TLS"): every process
+ * serves and presents a certificate of one CA, internal URLs are https://, and the gateway's
+ * public port serves TLS too. A dispatch whose secret travels from the tenant service to the
+ * executor runs on the arm64 engine and streams its output back through it all; a caller holding
+ * a valid signed identity but no certificate is refused by every service, and one speaking
+ * cleartext gets nothing.
+ */
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import Docker from "dockerode";
+import { followLogs } from "@outpost/cli";
+import { errorInfoOf } from "@outpost/platform";
+import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
+import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SERVICES } from "../../scripts/lib/mesh.ts";
+import { makeTlsCerts, type TlsCertSet } from "../../scripts/lib/tls-certs.ts";
+import { signAs } from "../support/signing.ts";
+import { startTestMesh, type TestMesh } from "./harness.ts";
+
+const MASTER_KEYS = `tls1:${Buffer.alloc(32, 7).toString("base64")}`;
+
+let t: TestMesh;
+let certs: TlsCertSet;
+let certDir: string;
+
+beforeAll(async () => {
+  await new Docker().ping();
+  certDir = mkdtempSync(path.join(os.tmpdir(), "outpost-mesh-tls-"));
+  certs = makeTlsCerts(certDir, SERVICES);
+  t = await startTestMesh({ tls: { certs, publicGateway: true }, serviceEnv: { tenant: { OUTPOST_SECRETS_MASTER_KEYS: MASTER_KEYS } } });
+});
+
+afterAll(async () => {
+  await t?.mesh.stop();
+  rmSync(certDir, { recursive: true, force: true });
+});
+
+async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
+  try {
+    await call;
+  } catch (err) {
+    return ConnectError.from(err);
+  }
+  throw new Error("expected the call to fail");
+}
+
+describe("the mesh over mutual TLS", () => {
+  it("runs a dispatch with a secret end to end: every hop is https", async () => {
+    for (const name of SERVICES) expect(t.mesh.urls[name], name).toMatch(/^https:\/\//);
+    const tenant = await t.newTenant("Over TLS");
+    const value = `sk-tls-${Date.now().toString(36)}`;
+    await tenant.clients.secrets.putSecret({ name: "TLS_SECRET", value });
+    const { dispatch } = await tenant.clients.dispatches.createDispatch({ agent: "demo", task: "print=TLS_SECRET exit=0", secretNames: ["TLS_SECRET"] });
+    const lines: string[] = [];
+    const end = await followLogs(tenant.clients.logs, dispatch!.id, (chunk) => lines.push(chunk.text));
+    expect(end.state).toBe(Dispatch_State.SUCCEEDED);
+    const all = lines.join("\n");
+    expect(all).toContain("aarch64");
+    expect(all).toContain("[REDACTED:TLS_SECRET]");
+    expect(all).not.toContain(value);
+  });
+
+  it("every internal service refuses an RPC without a client certificate, though its identity is validly signed", async () => {
+    const ca = readFileSync(certs.ca);
+    const calls: Record<string, (baseUrl: string) => Promise<unknown>> = {
+      tenant: (baseUrl) => {
+        const client = createClient(TenantInternalService, createGrpcTransport({ baseUrl, nodeOptions: { ca }, interceptors: [signed("gateway")] }));
+        return client.authenticateApiKey({ apiKey: `otp_${"0".repeat(64)}` });
+      },
+      dispatcher: (baseUrl) => {
+        const client = createClient(DispatchService, createGrpcTransport({ baseUrl, nodeOptions: { ca }, interceptors: [signed("tenant")] }));
+        return client.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" });
+      },
+      telemetry: (baseUrl) => {
+        const client = createClient(LogIngestService, createGrpcTransport({ baseUrl, nodeOptions: { ca }, interceptors: [signed("dispatcher")] }));
+        return client.registerRun({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV", tenantId: "t" });
+      },
+    };
+    for (const [name, call] of Object.entries(calls)) {
+      const err = await errorOf(call(t.mesh.urls[name as keyof typeof t.mesh.urls]));
+      expect(err.code, name).toBe(Code.Unauthenticated);
+      expect(errorInfoOf(err)?.reason, name).toBe("CLIENT_CERTIFICATE_REQUIRED");
+    }
+  });
+
+  it("a cleartext client gets nothing from any port, the gateway's included", async () => {
+    for (const name of SERVICES) {
+      const url = t.mesh.urls[name].replace("https:", "http:");
+      const res = await fetch(`${url}/healthz`, { signal: AbortSignal.timeout(5000) }).then(
+        (r) => `answered ${r.status}`,
+        (err: Error) => (err.name === "TimeoutError" ? "hung" : "refused"),
+      );
+      expect(res, name).toBe("refused");
+    }
+  });
+});
+
+/** Signs each call as the gateway or a service would, with the test key set the mesh trusts. */
+function signed(as: "tenant" | "gateway" | "dispatcher"): Interceptor {
+  const identity = as === "tenant" ? ({ kind: "tenant", tenantId: "t1", principal: "key/k1" } as const) : ({ kind: "service", principal: as } as const);
+  return (next) => (req) => {
+    signAs(req.header, identity, req.service);
+    return next(req);
+  };
+}
