@@ -92,6 +92,10 @@ const ROWS: Record<string, [RegExp, "ratio" | "figure"][]> = {
     [/^telemetry RSS with \d+ subscribers \(baseline: idle\)$/, "ratio"],
     [/^memory per subscriber$/, "figure"],
   ],
+  tls: [
+    ...["internal-tls", "all-tls"].map((v): [RegExp, "ratio"] => [new RegExp(`^throughput, ${v} vs all h2c$`), "ratio"]),
+    ...["p50", "p99"].flatMap((p) => ["internal-tls", "all-tls"].map((v): [RegExp, "ratio"] => [new RegExp(`^${p} latency at saturation, ${v} vs all h2c \\(lower is better\\)$`), "ratio"])),
+  ],
   "start-latency": ["cold", "warm"].flatMap((series) =>
     ["p50", "(p95|max of \\d+)"].map((p): [RegExp, "ratio"] => [new RegExp(`^CreateDispatch -> first log line, ${series}, ${p} \\(lower is better\\)$`), "ratio"]),
   ),

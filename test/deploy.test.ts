@@ -15,8 +15,8 @@
  * stop on to their CLI, and their build script names the images as the built-in agents do.
  */
 import { execFileSync, spawn, spawnSync } from "node:child_process";
-import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { randomBytes, X509Certificate } from "node:crypto";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
@@ -31,7 +31,7 @@ import { Namespace } from "kubernetes-models/v1/Namespace";
 import { Secret } from "kubernetes-models/v1/Secret";
 import { Service } from "kubernetes-models/v1/Service";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
-import { ENROLLMENT_AUDIENCE, SigningKeys, type SignerRole } from "@outpost/platform";
+import { ENROLLMENT_AUDIENCE, internalTlsOf, SigningKeys, type SignerRole } from "@outpost/platform";
 import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES, serviceNodeOptions, type ServiceName } from "../scripts/lib/mesh.ts";
 import { gatewayConfigShape } from "../gateway/src/config.ts";
 import { builtinAgents } from "../services/dispatcher/src/core/agents.ts";
@@ -718,6 +718,42 @@ describe("image and compose (deploy/)", () => {
       expect(refused.status, args.join(" ")).toBe(2);
       expect(refused.stderr).toMatch(message);
       expect(refused.stdout).toBe("");
+    }
+  });
+
+  it("npm run tls-certs makes a CA and a certificate per service that the services load for mutual TLS", () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-tls-certs-"));
+    try {
+      const run = (...args: string[]) =>
+        spawnSync(process.execPath, ["--disable-warning=ExperimentalWarning", "scripts/tls-certs.ts", ...args], { cwd: REPO_ROOT, encoding: "utf8" });
+      const out = run("--out", dir, "--hosts", "outpost.example.com,10.0.0.5");
+      expect(out.status, out.stderr).toBe(0);
+      for (const name of SERVICES) {
+        expect(out.stdout).toContain(`OUTPOST_TLS_CERT_FILE=${path.join(dir, `${name}.crt`)}`);
+        const files = internalTlsOf(
+          { OUTPOST_TLS_CERT_FILE: path.join(dir, `${name}.crt`), OUTPOST_TLS_KEY_FILE: path.join(dir, `${name}.key`), OUTPOST_TLS_CA_FILE: path.join(dir, "ca.crt") },
+          { OUTPOST_DISPATCHER_URL: "https://dispatcher:7102" },
+        );
+        expect(files?.mutual, name).toBe(true);
+        // Signed by the CA, for both ends of a connection, naming the service and the extra hosts.
+        const cert = new X509Certificate(readFileSync(path.join(dir, `${name}.crt`)));
+        expect(cert.verify(new X509Certificate(readFileSync(path.join(dir, "ca.crt"))).publicKey), name).toBe(true);
+        expect(cert.subjectAltName).toContain(`DNS:${name}`);
+        expect(cert.subjectAltName).toContain("DNS:outpost.example.com");
+        expect(cert.subjectAltName).toContain("IP Address:10.0.0.5");
+        expect(cert.checkHost(name)).toBe(name);
+      }
+      // Only the owner reads a key.
+      expect(statSync(path.join(dir, "gateway.key")).mode & 0o077).toBe(0);
+      // Usage errors say what is wrong, exit 2.
+      const missing = run("--hosts", "a");
+      expect(missing.status).toBe(2);
+      expect(missing.stderr).toContain("--out is required");
+      const badHost = run("--out", dir, "--hosts", "a b");
+      expect(badHost.status).toBe(2);
+      expect(badHost.stderr).toContain('"a b" is not a host name or address');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 

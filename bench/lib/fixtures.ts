@@ -5,14 +5,15 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import Docker from "dockerode";
 import { outpostClients, type OutpostClients } from "@outpost/cli";
 import { Tier } from "@outpost/proto/outpost/tenant/v1/tenant_pb.js";
-import { REPO_ROOT, startMesh, type Mesh, type ServiceName } from "../../scripts/lib/mesh.ts";
+import { REPO_ROOT, SERVICES, startMesh, type Mesh, type ServiceName } from "../../scripts/lib/mesh.ts";
+import { makeTlsCerts } from "../../scripts/lib/tls-certs.ts";
 
 export interface BenchMesh {
   mesh: Mesh;
@@ -36,7 +37,11 @@ export const BENCH_RUN_LABEL = "dev.outpost.bench-run";
 
 let meshesStarted = 0;
 
-export async function startBenchMesh(only?: readonly ServiceName[], env: Record<string, string> = {}): Promise<BenchMesh> {
+/**
+ * `options.tls`: "internal" runs the services over mutual TLS with a fresh CA; "all" serves the
+ * gateway's public port over TLS as well (its clients here trust that CA).
+ */
+export async function startBenchMesh(only?: readonly ServiceName[], env: Record<string, string> = {}, options: { tls?: "internal" | "all" } = {}): Promise<BenchMesh> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "outpost-bench-"));
   // Its own executor id: the executor reconciles (adopts or removes) containers labelled with
   // its id at start-up, which must not reach containers of anything else on this machine.
@@ -50,8 +55,10 @@ export async function startBenchMesh(only?: readonly ServiceName[], env: Record<
   const huge = 1_000_000_000;
   writeFileSync(tiersFile, JSON.stringify({ enterprise: { create_per_minute: huge, trigger_per_minute: huge, read_per_minute: huge, runs_per_day: huge, concurrent_runs: 1000 } }));
   let mesh: Mesh;
+  const tls = options.tls && { certs: makeTlsCerts(path.join(dir, "tls"), SERVICES), publicGateway: options.tls === "all" };
   try {
     mesh = await startMesh({
+      tls,
       dataDir: path.join(dir, "data"),
       logDir: path.join(dir, "logs"),
       adminToken,
@@ -71,13 +78,14 @@ export async function startBenchMesh(only?: readonly ServiceName[], env: Record<
     rmSync(dir, { recursive: true, force: true });
     throw err;
   }
-  const admin = outpostClients(mesh.urls.gateway, adminToken);
+  const clientOptions = tls?.publicGateway ? { ca: readFileSync(tls.certs.ca) } : {};
+  const admin = outpostClients(mesh.urls.gateway, adminToken, clientOptions);
   return {
     mesh,
     admin,
     async newTenant(name) {
       const res = await admin.tenants.createTenant({ name, contactEmail: "bench@example.com", tier: Tier.ENTERPRISE });
-      return { tenantId: res.tenant!.id, apiKey: res.apiKeyPlaintext, clients: outpostClients(mesh.urls.gateway, res.apiKeyPlaintext) };
+      return { tenantId: res.tenant!.id, apiKey: res.apiKeyPlaintext, clients: outpostClients(mesh.urls.gateway, res.apiKeyPlaintext, clientOptions) };
     },
     async stop() {
       try {

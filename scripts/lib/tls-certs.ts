@@ -38,7 +38,7 @@ function openssl(args: string[]): void {
 
 /** A name as it may appear in a DNS subject alternative name (the rest is dropped). */
 function dnsName(name: string): string {
-  return name.replace(/[^A-Za-z0-9.-]/g, "-");
+  return name.replace(/[^A-Za-z0-9.*-]/g, "-");
 }
 
 /**

@@ -10,11 +10,12 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import Docker from "dockerode";
 import { followLogs } from "@outpost/cli";
 import { errorInfoOf } from "@outpost/platform";
 import { Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
+import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
@@ -65,6 +66,25 @@ describe("the mesh over mutual TLS", () => {
     expect(all).toContain("aarch64");
     expect(all).toContain("[REDACTED:TLS_SECRET]");
     expect(all).not.toContain(value);
+  });
+
+  it("the gateway serves gRPC and gRPC-Web over TLS too (HTTP/2 by ALPN), forwarding over the internal TLS hops", async () => {
+    const tenant = await t.newTenant("gRPC over TLS");
+    const auth: Interceptor = (next) => (req) => {
+      req.header.set("authorization", `Bearer ${tenant.apiKey}`);
+      return next(req);
+    };
+    const ca = readFileSync(certs.ca);
+    for (const transport of [
+      createGrpcTransport({ baseUrl: t.mesh.urls.gateway, nodeOptions: { ca }, interceptors: [auth] }),
+      createGrpcWebTransport({ baseUrl: t.mesh.urls.gateway, httpVersion: "2", nodeOptions: { ca }, interceptors: [auth] }),
+    ]) {
+      const agents = await createClient(AgentService, transport).listAgents({});
+      expect(agents.agents.map((a) => a.name)).toContain("demo");
+      const dispatches = createClient(DispatchService, transport);
+      const err = await errorOf(dispatches.getDispatch({ dispatchId: "01ARZ3NDEKTSV4RRFFQ69G5FAV" }));
+      expect(err.code).toBe(Code.NotFound);
+    }
   });
 
   it("every internal service refuses an RPC without a client certificate, though its identity is validly signed", async () => {
