@@ -787,6 +787,10 @@ describe("image and compose (deploy/)", () => {
       for (const [key, value] of Object.entries(s.environment)) expect(String(value), `${name} ${key}`).not.toMatch(/\$\{[A-Z0-9_]+(:?-)\}/);
       expect(Boolean(s.ports), name).toBe(name === "gateway");
     }
+    // The gateway's metrics on a port of their own, which is not the published one.
+    const metricsPort = services.gateway!.environment.OUTPOST_GATEWAY_METRICS_PORT as string;
+    expect(Number(metricsPort)).toBeGreaterThan(0);
+    expect((services.gateway!.ports as string[]).join(" ")).not.toContain(`:${metricsPort}`);
     expect(services.redis!.command.join(" ")).toMatch(/--requirepass \$\{OUTPOST_REDIS_PASSWORD:\?/);
     expect(services.executor!.volumes).toContain("/var/run/docker.sock:/var/run/docker.sock");
     // Run directories are bind-mounted into agent containers by the host's engine, by path: the
