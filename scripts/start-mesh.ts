@@ -3,7 +3,7 @@
  * under ~/.outpost/data or $OUTPOST_HOME/data, no Redis or MongoDB needed), provisions a development tenant, writes
  * its key where the CLI finds it, and prints the next command. `npm run demo` (--demo) also
  * runs one dispatch of the demo agent, follows its output, and shuts the mesh down. With --tls
- * the services talk mutual TLS to each other, with a fresh CA and certificates under
+ * the services talk mutual TLS to each other, with a CA and certificates under
  * $OUTPOST_HOME/tls (docs/operations.md, "Internal TLS"); the gateway's public port stays plain
  * HTTP on loopback, so the CLI needs nothing more.
  */
@@ -128,7 +128,7 @@ async function devSecrets(): Promise<{ adminToken: string; masterKey: string }> 
 
 const { adminToken, masterKey } = await devSecrets();
 const tlsDir = path.join(home, "tls");
-// Made afresh at each start: nothing outside this mesh trusts the CA.
+// The CA is made once and kept there; the certificates are issued anew at each start.
 const tls = internalTls ? { certs: makeTlsCerts(tlsDir, SERVICES, { caName: "Outpost development CA" }) } : undefined;
 mesh = await startMesh({
   tls,

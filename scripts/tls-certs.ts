@@ -1,6 +1,7 @@
 /**
  * Makes a private CA and a certificate per service for internal mutual TLS
- * (docs/operations.md, "Internal TLS"), with the `openssl` command line:
+ * (docs/operations.md, "Internal TLS"), with the `openssl` command line. Run again on the same
+ * directory, it keeps the CA there and renews the certificates under it:
  *
  *   npm run -s tls-certs -- --out ~/.config/outpost/tls
  *   npm run -s tls-certs -- --out DIR --hosts outpost.example.com,10.0.0.5
@@ -43,7 +44,11 @@ try {
 } catch (err) {
   fail(`tls-certs: ${(err as Error).message}`);
 }
-const lines = [`# CA ${set.ca} (its key ${set.caKey} signs renewals; no process needs it)`];
+const lines = [
+  set.reusedCa
+    ? `# renewed the certificates under the CA already in ${dir} (${set.ca})`
+    : `# CA ${set.ca} (its key ${set.caKey} signs renewals: run this again on ${dir}; no process needs it)`,
+];
 for (const name of SERVICES) {
   const own = set.certs[name]!;
   lines.push(`# ${name}: OUTPOST_TLS_CA_FILE=${set.ca} OUTPOST_TLS_CERT_FILE=${own.cert} OUTPOST_TLS_KEY_FILE=${own.key}`);

@@ -742,9 +742,21 @@ describe("image and compose (deploy/)", () => {
         expect(cert.subjectAltName).toContain("DNS:outpost.example.com");
         expect(cert.subjectAltName).toContain("IP Address:10.0.0.5");
         expect(cert.checkHost(name)).toBe(name);
+        // serverAuth and clientAuth: it serves the service's port and speaks for it to its peers.
+        expect(cert.keyUsage).toEqual(expect.arrayContaining(["1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2"]));
       }
       // Only the owner reads a key.
-      expect(statSync(path.join(dir, "gateway.key")).mode & 0o077).toBe(0);
+      for (const key of ["ca.key", "gateway.key"]) expect(statSync(path.join(dir, key)).mode & 0o077, key).toBe(0);
+      // Run again on the directory, it renews the certificates under the same CA.
+      const ca = readFileSync(path.join(dir, "ca.crt"), "utf8");
+      const before = new X509Certificate(readFileSync(path.join(dir, "tenant.crt"))).serialNumber;
+      const again = run("--out", dir);
+      expect(again.status, again.stderr).toBe(0);
+      expect(again.stdout).toContain("renewed the certificates under the CA already in");
+      expect(readFileSync(path.join(dir, "ca.crt"), "utf8")).toBe(ca);
+      const renewed = new X509Certificate(readFileSync(path.join(dir, "tenant.crt")));
+      expect(renewed.serialNumber).not.toBe(before);
+      expect(renewed.verify(new X509Certificate(ca).publicKey)).toBe(true);
       // Usage errors say what is wrong, exit 2.
       const missing = run("--hosts", "a");
       expect(missing.status).toBe(2);

@@ -8,7 +8,7 @@
  * clientAuth) and names localhost, 127.0.0.1, ::1, the process's own name and any extra hosts.
  */
 import { execFileSync } from "node:child_process";
-import { mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import path from "node:path";
 
 export interface TlsCertPaths {
@@ -23,6 +23,8 @@ export interface TlsCertSet {
   caKey: string;
   /** Each name's certificate and key. */
   certs: Record<string, TlsCertPaths>;
+  /** Whether the CA was already in the directory (and signed these), rather than made now. */
+  reusedCa: boolean;
   /** Signs one more certificate under the set's CA (a renewal, another replica). */
   issue(name: string, options?: { hosts?: readonly string[]; days?: number; file?: string }): TlsCertPaths;
 }
@@ -42,34 +44,17 @@ function dnsName(name: string): string {
 }
 
 /**
- * Writes a CA and one certificate per name into `dir` (ca.crt, ca.key, <name>.crt, <name>.key;
- * keys readable by their owner only). `hosts`: more names or addresses every certificate carries.
+ * Writes one certificate per name into `dir` (<name>.crt, <name>.key; keys readable by their
+ * owner only), signed by the CA there (ca.crt, ca.key), which is made first when the directory
+ * has none: so running it again renews the certificates under the CA the services already trust.
+ * `hosts`: more names or addresses every certificate carries.
  */
 export function makeTlsCerts(dir: string, names: readonly string[], options: { hosts?: readonly string[]; days?: number; caName?: string } = {}): TlsCertSet {
   mkdirSync(dir, { recursive: true });
   const ca = path.join(dir, "ca.crt");
   const caKey = path.join(dir, "ca.key");
-  const caConfig = path.join(dir, "ca.cnf");
-  writeFileSync(
-    caConfig,
-    [
-      "[req]",
-      "distinguished_name = dn",
-      "x509_extensions = ca",
-      "[dn]",
-      "[ca]",
-      "basicConstraints = critical, CA:TRUE, pathlen:0",
-      "keyUsage = critical, keyCertSign, cRLSign",
-      "subjectKeyIdentifier = hash",
-      "",
-    ].join("\n"),
-  );
-  openssl([
-    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-    "-keyout", caKey, "-out", ca, "-days", String(options.days ?? 3650),
-    "-subj", `/CN=${options.caName ?? "Outpost internal CA"}`, "-config", caConfig,
-  ]);
-  rmSync(caConfig);
+  const reusedCa = existsSync(ca) && existsSync(caKey);
+  if (!reusedCa) makeCa(dir, ca, caKey, options);
 
   const issue = (name: string, issueOptions: { hosts?: readonly string[]; days?: number; file?: string } = {}): TlsCertPaths => {
     const base = path.join(dir, issueOptions.file ?? name);
@@ -90,6 +75,7 @@ export function makeTlsCerts(dir: string, names: readonly string[], options: { h
       ].join("\n"),
     );
     openssl(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", csr, "-subj", `/CN=${dnsName(name)}`]);
+    chmodSync(key, 0o600);
     openssl([
       "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", caKey, "-set_serial", `0x${Date.now().toString(16)}${Math.floor(Math.random() * 0xffff).toString(16)}`,
       "-days", String(issueOptions.days ?? options.days ?? 825), "-extfile", extensions, "-out", cert,
@@ -100,5 +86,31 @@ export function makeTlsCerts(dir: string, names: readonly string[], options: { h
   };
   const certs: Record<string, TlsCertPaths> = {};
   for (const name of names) certs[name] = issue(name);
-  return { ca, caKey, certs, issue };
+  return { ca, caKey, certs, reusedCa, issue };
+}
+
+/** A self-signed CA for ten years that signs certificates only, no deeper CAs (pathlen 0). */
+function makeCa(dir: string, ca: string, caKey: string, options: { caName?: string }): void {
+  const caConfig = path.join(dir, "ca.cnf");
+  writeFileSync(
+    caConfig,
+    [
+      "[req]",
+      "distinguished_name = dn",
+      "x509_extensions = ca",
+      "[dn]",
+      "[ca]",
+      "basicConstraints = critical, CA:TRUE, pathlen:0",
+      "keyUsage = critical, keyCertSign, cRLSign",
+      "subjectKeyIdentifier = hash",
+      "",
+    ].join("\n"),
+  );
+  openssl([
+    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+    "-keyout", caKey, "-out", ca, "-days", "3650",
+    "-subj", `/CN=${options.caName ?? "Outpost internal CA"}`, "-config", caConfig,
+  ]);
+  rmSync(caConfig);
+  chmodSync(caKey, 0o600);
 }

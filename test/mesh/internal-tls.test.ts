@@ -87,6 +87,7 @@ describe("the mesh over mutual TLS", () => {
     }
   });
 
+  // The executor serves no RPC (health only, which is open to probes); its port's TLS is checked below.
   it("every internal service refuses an RPC without a client certificate, though its identity is validly signed", async () => {
     const ca = readFileSync(certs.ca);
     const calls: Record<string, (baseUrl: string) => Promise<unknown>> = {

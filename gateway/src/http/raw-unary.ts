@@ -40,6 +40,7 @@ import {
   audienceOf,
   explainMalformed,
   injectTraceHeaders,
+  isHttpsUrl,
   maskedInternalMessage,
   MAX_TIMER_MS,
   otelContext,
@@ -544,7 +545,7 @@ class UpstreamSession {
   constructor(url: string, ping: UpstreamPing, onDead: () => void, tls?: TlsFiles) {
     this.ping = ping;
     this.onDead = onDead;
-    this.session = tls && url.startsWith("https:") ? http2.connect(url, tls.clientOptions()) : http2.connect(url);
+    this.session = tls && isHttpsUrl(url) ? http2.connect(url, tls.clientOptions()) : http2.connect(url);
     this.ticker = setInterval(() => {
       if (this.streams > 0 || performance.now() - this.usedAt < ping.intervalMs) this.sendPing();
     }, ping.intervalMs);

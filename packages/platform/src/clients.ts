@@ -6,7 +6,7 @@ import type { DescService } from "@bufbuild/protobuf";
 import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { audienceOf, type Identity, type SigningKeys } from "./identity.ts";
-import type { TlsFiles } from "./tls.ts";
+import { isHttpsUrl, type TlsFiles } from "./tls.ts";
 import { clientTraceInterceptor } from "./tracing.ts";
 
 export interface InternalClientOptions {
@@ -38,7 +38,7 @@ export function internalTransport(options: InternalClientOptions) {
     // Keep connections warm between services; probes detect peers that vanished.
     pingIntervalMs: 10_000,
     idleConnectionTimeoutMs: 60_000,
-    ...(options.tls && options.baseUrl.startsWith("https:") ? { nodeOptions: options.tls.clientOptions() } : {}),
+    ...(options.tls && isHttpsUrl(options.baseUrl) ? { nodeOptions: options.tls.clientOptions() } : {}),
   });
 }
 

@@ -151,6 +151,9 @@ const REQUEST_TIMEOUT_MS = 300_000;
 const IDLE_SESSION_TIMEOUT_MS = 120_000;
 
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
+  // The client-certificate check runs with the identity check (identityReader): without one,
+  // mutual TLS would be asked for and never enforced.
+  if (options.tls?.mutual && options.signingKeys === undefined) throw new Error(`${options.name}: mutual TLS needs signing keys, whose check enforces it`);
   applyRuntimeFixes();
   const { logger } = options;
   const drain = new AbortController();
@@ -468,7 +471,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       health.drain();
       drain.abort();
       tcp.close();
-      secure?.stopReloading();
+      secure?.stop();
       for (const socket of undecided) socket.destroy();
       metricsServer?.close();
       // HTTP/1 connections with no request in progress close now (Node tracks them: it was told
@@ -629,34 +632,71 @@ function protocolOf(head: Buffer): "h1" | "h2" | undefined {
 /**
  * A TLS listener that hands each connection, once its handshake is done, to `route`. It asks
  * for a client certificate when the files name a CA but accepts a connection without one (the
- * handshake cannot tell a probe from an RPC): RPCs then check it (identityReader). Renewed files
+ * handshake cannot tell a probe from an RPC): RPCs then check it (identityReader). A handshake
+ * must be done within `handshakeTimeoutMs` of the connection, however its bytes trickle in (Node's
+ * own handshake timeout is an idle timeout, and only reports: it closes nothing). Renewed files
  * are loaded for new connections as they appear (tls.ts).
  */
 function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket: net.Socket) => void, logger: Logger) {
-  const material = files.current();
-  const server = tls.createServer(
-    {
-      ...material,
-      requestCert: files.mutual,
-      rejectUnauthorized: false,
-      ALPNProtocols: ["h2", "http/1.1"],
-      handshakeTimeout: handshakeTimeoutMs,
-      noDelay: true,
-    },
-    route,
-  );
-  // A failed handshake (a cleartext client, a wrong protocol) is the client's problem: logged at debug.
-  server.on("tlsClientError", (err) => logger.debug({ err: err.message }, "TLS handshake failed"));
-  let loaded = material;
+  const server = tls.createServer({
+    ...files.current(),
+    requestCert: files.mutual,
+    rejectUnauthorized: false,
+    ALPNProtocols: ["h2", "http/1.1"],
+    noDelay: true,
+  });
+  // Connections still in their handshake, by peer address: the TLS socket Node makes of a
+  // connection tells no public tale of the TCP socket under it, but both have the one peer.
+  const handshaking = new Map<string, { socket: net.Socket; deadline: NodeJS.Timeout }>();
+  const peerOf = (socket: net.Socket) => `${socket.remoteAddress}|${socket.remotePort}`;
+  server.on("connection", (socket: net.Socket) => {
+    if (socket.remoteAddress === undefined) return socket.destroy(); // gone already
+    const peer = peerOf(socket);
+    const deadline = setTimeout(() => socket.destroy(), handshakeTimeoutMs).unref();
+    handshaking.set(peer, { socket, deadline });
+    socket.once("close", () => {
+      clearTimeout(deadline);
+      if (handshaking.get(peer)?.socket === socket) handshaking.delete(peer);
+    });
+  });
+  server.on("secureConnection", (socket: tls.TLSSocket) => {
+    const peer = peerOf(socket);
+    const pending = handshaking.get(peer);
+    if (pending) {
+      clearTimeout(pending.deadline);
+      handshaking.delete(peer);
+    }
+    route(socket);
+  });
+  // A failed handshake (a cleartext client, a wrong protocol, no common cipher) is the client's
+  // problem: logged at debug, and the connection closed.
+  server.on("tlsClientError", (err, socket) => {
+    logger.debug({ err: err.message }, "TLS handshake failed");
+    socket.destroy();
+  });
+  let lastProblem: string | undefined;
   const timer = setInterval(() => {
-    const now = files.current();
-    if (now === loaded) return;
-    loaded = now;
-    server.setSecureContext({ ...now });
-    logger.info({ cert: files.paths.cert }, "TLS certificate reloaded");
+    const outcome = files.reloadIfChanged(Date.now(), { force: true });
+    if (outcome === "reloaded") {
+      lastProblem = undefined;
+      server.setSecureContext({ ...files.current() });
+      logger.info({ cert: files.paths.cert }, "TLS certificate reloaded");
+    } else if (outcome !== "unchanged" && outcome.problem !== lastProblem) {
+      // Said once per problem: a renewal that never loads would otherwise go unnoticed until
+      // the old certificate expires.
+      lastProblem = outcome.problem;
+      logger.warn({ problem: outcome.problem }, "TLS files changed but do not load; still serving the previous certificate");
+    }
   }, TLS_RELOAD_CHECK_MS);
   timer.unref();
-  return { server, stopReloading: () => clearInterval(timer) };
+  return {
+    server,
+    /** On shutdown: the reload checks stop and connections still in their handshake close. */
+    stop() {
+      clearInterval(timer);
+      for (const { socket } of handshaking.values()) socket.destroy();
+    },
+  };
 }
 
 /**

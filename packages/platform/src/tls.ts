@@ -113,21 +113,25 @@ export class TlsFiles {
     };
   }
 
-  /** Reads the files again if their change times moved; answers whether the material changed. */
-  reloadIfChanged(now = Date.now()): boolean {
-    if (now - this.checkedAt < TLS_RELOAD_CHECK_MS) return false;
+  /**
+   * Reads the files again if their change times moved (at most every TLS_RELOAD_CHECK_MS unless
+   * `force`): "reloaded" when new material is in use, "unchanged", or the problem of files that
+   * changed but do not load (the previous material stays in use; tried again at the next check).
+   */
+  reloadIfChanged(now = Date.now(), options: { force?: boolean } = {}): "reloaded" | "unchanged" | { problem: string } {
+    if (!options.force && now - this.checkedAt < TLS_RELOAD_CHECK_MS) return "unchanged";
     this.checkedAt = now;
     const stamps = this.stampsNow();
-    if (stamps === this.stamps) return false;
+    if (stamps === this.stamps) return "unchanged";
     try {
-      const material = readMaterial(this.paths, this.names);
+      const material = readMaterial(this.paths, this.names, now);
       this.context = tls.createSecureContext(material);
       this.material = material;
       this.stamps = stamps;
-      return true;
-    } catch {
+      return "reloaded";
+    } catch (err) {
       // Half renewed (the key written, the certificate not yet): the old pair until both are in.
-      return false;
+      return { problem: (err as Error).message };
     }
   }
 
@@ -192,6 +196,11 @@ function readMaterial(paths: { cert?: string; key?: string; ca?: string }, names
   return material;
 }
 
+/** Whether `url` is an https:// URL (the scheme in any case, as URL parsing takes it). */
+export function isHttpsUrl(url: string): boolean {
+  return URL.canParse(url) && new URL(url).protocol === "https:";
+}
+
 /**
  * This process's internal TLS from its settings: undefined when none is set (plain h2c; an
  * https:// URL is then verified against the system's CAs). With the CA set, `urls` (setting
@@ -207,7 +216,7 @@ export function internalTlsOf(
   if (paths.ca !== undefined) {
     if (paths.cert === undefined) throw new ConfigError(`OUTPOST_TLS_CERT_FILE: is required when OUTPOST_TLS_CA_FILE is set (mutual TLS: this process presents its certificate to the services it calls, and serves it)`);
     for (const [name, url] of Object.entries(urls)) {
-      if (url !== undefined && !url.startsWith("https://")) {
+      if (url !== undefined && !isHttpsUrl(url)) {
         throw new ConfigError(`${name}: must be an https:// URL when OUTPOST_TLS_CA_FILE is set (internal calls go over TLS), got ${url}`);
       }
     }

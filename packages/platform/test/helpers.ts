@@ -73,7 +73,7 @@ export function fakeLogRoutes(router: ConnectRouter): void {
 
 export function startTestServer(
   options: Partial<
-    Pick<ServerOptions, "signingKeys" | "tls" | "readiness" | "readMaxBytes" | "shutdownGraceMs" | "firstBytesTimeoutMs" | "headersTimeoutMs" | "idleSessionTimeoutMs" | "httpHandler">
+    Pick<ServerOptions, "signingKeys" | "tls" | "port" | "contextValues" | "readiness" | "readMaxBytes" | "shutdownGraceMs" | "firstBytesTimeoutMs" | "headersTimeoutMs" | "idleSessionTimeoutMs" | "httpHandler">
   > = {},
 ): Promise<RunningServer> {
   return startServer({ name: "test", host: "127.0.0.1", port: 0, logger: silentLogger, routes: fakeLogRoutes, ...options, signingKeys: options.signingKeys });

@@ -4,13 +4,15 @@
  * signed, while probes need none; renewed files are served to new connections; bad settings
  * stop start-up naming the setting. Certificates come from openssl (scripts/lib/tls-certs.ts).
  */
+import { X509Certificate } from "node:crypto";
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import net from "node:net";
 import https from "node:https";
 import os from "node:os";
 import path from "node:path";
 import tls from "node:tls";
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { ConfigError, errorInfoOf, internalClient, internalTlsOf, publicTlsOf, TLS_RELOAD_CHECK_MS, TlsFiles, type RunningServer } from "@outpost/platform";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
@@ -148,18 +150,119 @@ describe("internal TLS", () => {
     expect((await client.getLogs({ dispatchId: "renewed" })).chunks[0]?.text).toBe("renewed");
   }, 30_000);
 
-  it("a client whose own certificate is renewed presents the new one on its next connection", () => {
-    const first = certs.issue("dispatcher", { file: "client-a" });
-    const files = new TlsFiles({ cert: first.cert, key: first.key, ca: certs.ca });
-    const options = files.clientOptions();
-    const firstContext = options.secureContext;
-    expect({ ...options }.secureContext).toBe(firstContext);
-    const second = certs.issue("dispatcher", { file: "client-b" });
-    copyFileSync(second.cert, first.cert);
-    copyFileSync(second.key, first.key);
-    expect(files.reloadIfChanged(Date.now() + TLS_RELOAD_CHECK_MS)).toBe(true);
-    // What http2.connect copies out of the options is the new context.
-    expect({ ...options }.secureContext).not.toBe(firstContext);
+  it("a client whose own certificate is renewed presents the new one on its next connection", async () => {
+    const first = certs.issue("dispatcher", { file: "client" });
+    const files = new TlsFiles({ ...first, ca: certs.ca });
+    const firstSerial = new X509Certificate(readFileSync(first.cert)).serialNumber;
+    // The serial of the client certificate each call came with, as the server saw it.
+    const seen: string[] = [];
+    const serverOptions = {
+      signingKeys: keysOf("telemetry"),
+      tls: new TlsFiles({ ...certs.certs.telemetry!, ca: certs.ca }),
+      contextValues: (req: { socket: unknown }) => void seen.push((req.socket as tls.TLSSocket).getPeerCertificate().serialNumber),
+    };
+    let target = await startTestServer(serverOptions);
+    const client = internalClient(LogService, { baseUrl: target.url, ...caller, tls: files });
+    try {
+      await client.getLogs({ dispatchId: "before" });
+      // Renewed: the key first (which does not load with the old certificate), then the certificate.
+      const renewed = certs.issue("dispatcher", { file: "client-renewed" });
+      copyFileSync(renewed.key, first.key);
+      expect(files.reloadIfChanged(Date.now(), { force: true })).toEqual({ problem: expect.stringMatching(/does not belong to the certificate/) });
+      copyFileSync(renewed.cert, first.cert);
+      expect(files.reloadIfChanged(Date.now(), { force: true })).toBe("reloaded");
+      // The open connection keeps its handshake; the server going away makes the client connect anew.
+      const port = target.port;
+      await target.close();
+      target = await startTestServer({ ...serverOptions, port });
+      await client.getLogs({ dispatchId: "after" });
+      expect(seen[0]?.toUpperCase()).toBe(firstSerial.toUpperCase());
+      expect(seen.at(-1)?.toUpperCase()).toBe(new X509Certificate(readFileSync(renewed.cert)).serialNumber.toUpperCase());
+    } finally {
+      await target.close();
+    }
+  }, 30_000);
+
+  it("negotiates HTTP/2 or HTTP/1.1 by ALPN", async () => {
+    for (const protocol of ["h2", "http/1.1"]) {
+      const { hostname, port } = new URL(server.url);
+      const negotiated = await new Promise<string | false>((resolve, reject) => {
+        const socket = tls.connect({ host: hostname, port: Number(port), ca: readPem(certs.ca), ALPNProtocols: [protocol] }, () => {
+          resolve(socket.alpnProtocol ?? false);
+          socket.end();
+        });
+        socket.once("error", reject);
+      });
+      expect(negotiated).toBe(protocol);
+    }
+  });
+
+  it("refuses a caller without a certificate on every path: streams, Connect over HTTP/1.1, gRPC-Web", async () => {
+    const sign: Interceptor = (next) => (req) => {
+      caller.signingKeys.writeIdentity(req.header, caller.identity, req.service.typeName);
+      return next(req);
+    };
+    const nodeOptions = { ca: readPem(certs.ca) };
+    const transports = {
+      "gRPC stream": createGrpcTransport({ baseUrl: server.url, nodeOptions, interceptors: [sign] }),
+      "Connect HTTP/1.1": createConnectTransport({ baseUrl: server.url, httpVersion: "1.1", nodeOptions, interceptors: [sign] }),
+      "gRPC-Web HTTP/2": createGrpcWebTransport({ baseUrl: server.url, httpVersion: "2", nodeOptions, interceptors: [sign] }),
+    };
+    for (const [name, transport] of Object.entries(transports)) {
+      const client = createClient(LogService, transport);
+      const err = await errorOf(
+        name.includes("stream")
+          ? (async () => {
+              for await (const _ of client.subscribeLogs({ dispatchId: "s" })) break;
+            })()
+          : client.getLogs({ dispatchId: "x" }),
+      );
+      expect(err.code, name).toBe(Code.Unauthenticated);
+      expect(errorInfoOf(err)?.reason, name).toBe("CLIENT_CERTIFICATE_REQUIRED");
+    }
+  });
+
+  it("closes a connection that does not finish its handshake in time, however slowly its bytes trickle in, and one still in it at shutdown", async () => {
+    const quick = await startTestServer({ signingKeys: keysOf("telemetry"), tls: serverFiles, firstBytesTimeoutMs: 400 });
+    try {
+      const { port } = new URL(quick.url);
+      const closedAfter = (trickle: boolean) =>
+        new Promise<number>((resolve) => {
+          const started = performance.now();
+          const socket = net.connect(Number(port), "127.0.0.1");
+          // A TLS record header, one byte every 100 ms: each keeps an idle timer alive.
+          const header = Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00]);
+          let i = 0;
+          const ticker = trickle ? setInterval(() => i < header.length && socket.write(header.subarray(i, ++i)), 100) : undefined;
+          socket.on("error", () => {});
+          socket.once("close", () => {
+            clearInterval(ticker);
+            resolve(performance.now() - started);
+          });
+        });
+      for (const trickle of [false, true]) {
+        const ms = await closedAfter(trickle);
+        expect(ms, trickle ? "trickling" : "silent").toBeGreaterThanOrEqual(350);
+        expect(ms, trickle ? "trickling" : "silent").toBeLessThan(3000);
+      }
+    } finally {
+      await quick.close();
+    }
+    // Shutdown closes a connection still in its handshake rather than wait for its deadline.
+    const patient = await startTestServer({ signingKeys: keysOf("telemetry"), tls: serverFiles, firstBytesTimeoutMs: 60_000 });
+    const socket = net.connect(Number(new URL(patient.url).port), "127.0.0.1");
+    socket.on("error", () => {});
+    await new Promise((resolve) => socket.once("connect", resolve));
+    await sleep(100);
+    const closed = new Promise((resolve) => socket.once("close", resolve));
+    const started = performance.now();
+    await patient.close();
+    await closed;
+    expect(performance.now() - started).toBeLessThan(5000);
+  }, 30_000);
+
+  it("will not ask for client certificates it would not check: mutual TLS needs signing keys", async () => {
+    await expect(startTestServer({ tls: serverFiles })).rejects.toThrow(/mutual TLS needs signing keys/);
   });
 });
 
