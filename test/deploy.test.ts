@@ -31,6 +31,8 @@ import { Namespace } from "kubernetes-models/v1/Namespace";
 import { Secret } from "kubernetes-models/v1/Secret";
 import { Service } from "kubernetes-models/v1/Service";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
+import { Certificate } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate";
+import { ClusterIssuer } from "@kubernetes-models/cert-manager/cert-manager.io/v1/ClusterIssuer";
 import { ENROLLMENT_AUDIENCE, internalTlsOf, SigningKeys, type SignerRole } from "@outpost/platform";
 import { REPO_ROOT, SERVICE_NODE_OPTIONS, SERVICES, serviceNodeOptions, type ServiceName } from "../scripts/lib/mesh.ts";
 import { gatewayConfigShape } from "../gateway/src/config.ts";
@@ -85,7 +87,7 @@ const envOf = (container: Doc) => new Map<string, Doc>((container.env ?? []).map
  */
 type ModelClass = { apiVersion: string; kind: string; new (data: Doc): { validate(): void } };
 const MODELS = new Map(
-  ([Namespace, ConfigMap, Secret, Service, Deployment, PodDisruptionBudget, HorizontalPodAutoscaler, NetworkPolicy, ScaledObject] as unknown as ModelClass[]).map(
+  ([Namespace, ConfigMap, Secret, Service, Deployment, PodDisruptionBudget, HorizontalPodAutoscaler, NetworkPolicy, ScaledObject, Certificate, ClusterIssuer] as unknown as ModelClass[]).map(
     (model) => [`${model.apiVersion} ${model.kind}`, model],
   ),
 );
@@ -338,8 +340,10 @@ describe("Kubernetes manifests (deploy/k8s)", () => {
       const c = d.spec.template.spec.containers.find((x: Doc) => x.name === name);
       expect(c.args, name).toEqual([name]);
       const port = c.ports[0].containerPort;
-      expect(c.livenessProbe.httpGet, name).toEqual({ path: "/healthz", port });
-      expect(c.readinessProbe.grpc ?? c.readinessProbe.httpGet, name).toMatchObject({ port });
+      // The services' ports speak TLS (the gateway's public one does not: TLS ends before it).
+      const scheme = name === "gateway" ? {} : { scheme: "HTTPS" };
+      expect(c.livenessProbe.httpGet, name).toEqual({ path: "/healthz", port, ...scheme });
+      expect(c.readinessProbe.grpc ?? c.readinessProbe.httpGet, name).toMatchObject({ port, ...scheme });
       expect(c.resources.requests.cpu && c.resources.requests.memory && c.resources.limits.cpu && c.resources.limits.memory, name).toBeTruthy();
       expect(c.securityContext, name).toMatchObject({ runAsNonRoot: true, readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: { drop: ["ALL"] } });
       expect(pdbs.has(name), `${name} has a PodDisruptionBudget`).toBe(true);
@@ -356,6 +360,60 @@ describe("Kubernetes manifests (deploy/k8s)", () => {
       for (const key of env.keys()) expect(settings.has(key), `${name}: ${key} is not a setting ${name} reads`).toBe(true);
       for (const key of CONNECTIONS) expect(env.has(key), `${name} ${settings.has(key) ? "reads" : "does not read"} ${key}`).toBe(settings.has(key));
       if (name !== "executor") expect(d.spec.replicas, `${name} runs replicated`).toBeGreaterThanOrEqual(2);
+    }
+  });
+
+  it("runs the services over mutual TLS: each mounts its own cert-manager certificate, from the mesh's CA, naming every host its callers use", () => {
+    const certificates = ofKind("Certificate");
+    const issuers = new Map(ofKind("ClusterIssuer").map((i) => [i.metadata.name as string, i]));
+    // The chain: a self-signed issuer makes the CA's certificate in cert-manager's namespace,
+    // whose Secret the CA issuer signs with.
+    const ca = certificates.find((c) => c.spec.isCA)!;
+    expect(ca.metadata.namespace).toBe("cert-manager");
+    expect(issuers.get(ca.spec.issuerRef.name)?.spec.selfSigned).toEqual({});
+    const caIssuer = [...issuers.values()].find((i) => i.spec.ca?.secretName === ca.spec.secretName);
+    expect(caIssuer, "a ClusterIssuer signs with the CA's Secret").toBeDefined();
+    const hostsCalled = new Map<string, Set<string>>();
+    for (const { caller, url } of peerUrls(docs.map((d) => d.doc))) {
+      // Every peer is called over TLS.
+      expect(url.protocol, `${caller.metadata.name} -> ${url.host}`).toBe("https:");
+      const service = url.hostname.split(".")[0]!;
+      hostsCalled.set(service, new Set([...(hostsCalled.get(service) ?? []), url.hostname]));
+    }
+    for (const d of ofKind("Deployment")) {
+      const name = d.metadata.name as ServiceName;
+      const pod = d.spec.template.spec;
+      const c = (pod.containers as Doc[]).find((x) => x.name === name)!;
+      const env = envOf(c);
+      const files = ["OUTPOST_TLS_CERT_FILE", "OUTPOST_TLS_KEY_FILE", "OUTPOST_TLS_CA_FILE"].map((v) => env.get(v)?.value as string);
+      expect(files.every(Boolean), `${name} sets all three TLS files`).toBe(true);
+      const mount = (c.volumeMounts as Doc[]).find((m) => files.every((f) => path.posix.dirname(f) === m.mountPath))!;
+      expect(mount, `${name}: the TLS files lie in one mount`).toBeDefined();
+      expect(mount.readOnly, name).toBe(true);
+      const volume = (pod.volumes as Doc[]).find((v) => v.name === mount.name)!;
+      expect(files.map((f) => path.posix.basename(f))).toEqual(["tls.crt", "tls.key", "ca.crt"]);
+      // Its own certificate's Secret, made by a Certificate in its namespace, from the CA.
+      const certificate = certificates.find((x) => x.spec.secretName === volume.secret?.secretName && x.metadata.namespace === d.metadata.namespace);
+      expect(certificate, `${name}: a Certificate makes Secret ${volume.secret?.secretName} in ${d.metadata.namespace}`).toBeDefined();
+      expect(volume.secret.secretName).toBe(`outpost-${name}-tls`);
+      expect(certificate!.spec.issuerRef).toMatchObject({ kind: "ClusterIssuer", name: caIssuer!.metadata.name });
+      expect(certificate!.spec.usages).toEqual(expect.arrayContaining(["server auth", "client auth"]));
+      for (const host of hostsCalled.get(name) ?? []) expect(certificate!.spec.dnsNames, `${name} is called as ${host}`).toContain(host);
+      // The key is readable by the container's user: by group under the pod's fsGroup, else by all.
+      const mode = volume.secret.defaultMode as number;
+      const group = pod.securityContext?.fsGroup;
+      if (group !== undefined) {
+        expect(group, name).toBe(c.securityContext.runAsGroup);
+        expect(mode & 0o040, `${name}: group-readable`).toBe(0o040);
+        expect(mode & 0o007, `${name}: not world-readable`).toBe(0);
+      } else expect(mode & 0o004, `${name}: readable without an fsGroup`).toBe(0o004);
+      // Prometheus scrapes the services' ports over TLS; the gateway's metrics port stays plain.
+      expect(d.spec.template.metadata.annotations["prometheus.io/scheme"], name).toBe(name === "gateway" ? undefined : "https");
+    }
+    // The services' certificates renew themselves, with a new key each time.
+    for (const cert of certificates.filter((x) => !x.spec.isCA)) {
+      expect(cert.spec.renewBefore, cert.metadata.name).toBeDefined();
+      expect(cert.spec.privateKey.rotationPolicy, cert.metadata.name).toBe("Always");
     }
   });
 
