@@ -9,7 +9,7 @@
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import { Code, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import Docker from "dockerode";
 import { followLogs } from "@outpost/cli";
@@ -24,6 +24,7 @@ import { SERVICES } from "../../scripts/lib/mesh.ts";
 import { makeTlsCerts, type TlsCertSet } from "../../scripts/lib/tls-certs.ts";
 import { signAs } from "../support/signing.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
+import { errorOf } from "../support/rpc.ts";
 
 const MASTER_KEYS = `tls1:${Buffer.alloc(32, 7).toString("base64")}`;
 
@@ -42,15 +43,6 @@ afterAll(async () => {
   await t?.mesh.stop();
   rmSync(certDir, { recursive: true, force: true });
 });
-
-async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
-  try {
-    await call;
-  } catch (err) {
-    return ConnectError.from(err);
-  }
-  throw new Error("expected the call to fail");
-}
 
 describe("the mesh over mutual TLS", () => {
   it("runs a dispatch with a secret end to end: every hop is https", async () => {

@@ -26,6 +26,16 @@ export function signedRouterClient<T extends DescService>(
   return createClient(service, transport);
 }
 
+/** The error of a call that must fail (as a ConnectError); a call that succeeds fails the test. */
+export async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
+  try {
+    await call;
+  } catch (err) {
+    return ConnectError.from(err);
+  }
+  throw new Error("expected the call to fail");
+}
+
 /** Awaits a call that must fail, and checks its code and ErrorInfo reason. */
 export async function expectError(call: Promise<unknown>, code: Code, reason?: string): Promise<ConnectError> {
   let caught: unknown;

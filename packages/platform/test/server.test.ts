@@ -1,7 +1,7 @@
 import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
-import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { Code, createClient, type Transport } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { errorInfoOf, generateSigningKeySet, internalClient, metricsText, signingKeysOf, startServer, type RunningServer } from "@outpost/platform";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
@@ -11,15 +11,7 @@ import { fakeLogRoutes, silentLogger, sleep, startTestServer } from "./helpers.t
 import { keysOf } from "../../../test/support/signing.ts";
 import { answerError, h2Call, h2Exchange } from "../../../test/support/h2.ts";
 import { envelope, envelopesOf } from "../../../test/support/envelopes.ts";
-
-async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
-  try {
-    await call;
-  } catch (err) {
-    return ConnectError.from(err);
-  }
-  throw new Error("expected the call to fail");
-}
+import { errorOf } from "../../../test/support/rpc.ts";
 
 function postJson(url: string, method: string, body: unknown, headers: Record<string, string> = {}) {
   return fetch(`${url}/outpost.telemetry.v1.LogService/${method}`, {

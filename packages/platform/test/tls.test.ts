@@ -11,7 +11,7 @@ import https from "node:https";
 import os from "node:os";
 import path from "node:path";
 import tls from "node:tls";
-import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import { Code, createClient, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { ConfigError, errorInfoOf, internalClient, internalTlsOf, publicTlsOf, TLS_RELOAD_CHECK_MS, TlsFiles, type RunningServer } from "@outpost/platform";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
@@ -20,17 +20,9 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { makeTlsCerts, type TlsCertSet } from "../../../scripts/lib/tls-certs.ts";
 import { keysOf } from "../../../test/support/signing.ts";
 import { sleep, startTestServer } from "./helpers.ts";
+import { errorOf } from "../../../test/support/rpc.ts";
 
 const caller = { signingKeys: keysOf("dispatcher"), identity: { kind: "service", principal: "dispatcher" } as const };
-
-async function errorOf(call: Promise<unknown>): Promise<ConnectError> {
-  try {
-    await call;
-  } catch (err) {
-    return ConnectError.from(err);
-  }
-  throw new Error("expected the call to fail");
-}
 
 /** The serial number of the certificate `url` presents on a new connection. */
 function servedSerial(url: string, ca: string): Promise<string> {
