@@ -24,7 +24,7 @@ import {
   DispatchSchema,
   ModelTier,
 } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
-import type { ListDispatchesResponse } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { type AuditEvent, AuditEventSchema } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
 import { RetryInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { AgentStatus_CircuitState, type GetFleetStatusResponse, GetFleetStatusResponseSchema } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
 import {
@@ -69,6 +69,8 @@ const USAGE = `usage: outpost <command> [options]
   cancel <dispatch-id>
   logs <dispatch-id> [--follow] [--after <seq>]
   agents                        list the agents you can dispatch
+  audit [--limit <n> | --all] [--page-token <token>]   your tenant's audit trail: every mutating call
+                                (who, what, on what, the outcome), newest first, paged as list is
   key create [--name <label>] | key list | key revoke <key-id>     your own API keys
   secret put <NAME> [--value-file <path>]   value from the file, else standard input: piped, or typed
                                     at a terminal without echo (--value <v> also works, but other
@@ -90,6 +92,8 @@ admin commands (credential: $OUTPOST_ADMIN_TOKEN):
   admin agent update --file agent.json|agent.yaml
   admin agent disable <name>
   admin agent enable <name>
+  admin audit [--tenant <tenant-id>] [--limit <n> | --all] [--page-token <token>]
+                                the audit trail of every tenant (and of platform operations), or one's
   fleet                         agents (availability, circuit), executors (slots, warm containers),
                                 queue depth, runs by state over 24 h, degraded parts
 
@@ -139,6 +143,7 @@ const OPTIONS = {
   "value-file": { type: "string" },
   name: { type: "string" },
   file: { type: "string" },
+  tenant: { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -286,6 +291,8 @@ async function runCommand(argv: string[], io: CliIo, outputClosed: AbortSignal):
     }
     case "list":
       return await listDispatches(clients, values, io, outputClosed);
+    case "audit":
+      return await listAuditEvents(clients, values, io, outputClosed, false);
     case "cancel": {
       const { dispatch } = await clients.dispatches.cancelDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
       print(toJson(DispatchSchema, dispatch!), `${dispatch!.id} ${stateName(dispatch!.state)}${dispatch!.state === Dispatch_State.CANCELLED ? "" : " (stop requested)"}`);
@@ -319,6 +326,7 @@ async function runCommand(argv: string[], io: CliIo, outputClosed: AbortSignal):
       return 0;
     }
     case "admin":
+      if (rest[0] === "audit") return await listAuditEvents(clients, values, io, outputClosed, true);
       return await adminCommand(clients, rest, values, print);
     case "key":
       return await keyCommand(clients, rest, values, print, undefined);
@@ -491,37 +499,91 @@ async function promptHidden(input: NonNullable<CliIo["stdin"]>, err: NodeJS.Writ
 }
 
 const DEFAULT_LIST_LIMIT = 100;
-/** Rows per ListDispatches request unless --page-size says otherwise (the server allows 1000). */
+/** Rows per list request unless --page-size says otherwise (the servers allow 1000). */
 const DEFAULT_LIST_PAGE = 100;
 
-/**
- * `outpost list`: a tenant can have tens of thousands of dispatches, and each page is a read
- * against its rate limit (300 a minute on the free tier), so the list is bounded — the first
- * --limit rows (100 by default), or every one with --all — and each page is printed as it
- * arrives, asking for no more rows than are still wanted. When rows remain, or a later page
- * fails (RESOURCE_EXHAUSTED when the rate limit runs out), standard error says how to go on:
- * the same command with --page-token, which carries on after the last row printed. A failure
- * keeps what was printed (with --json, the document is closed, with nextPageToken) and exits 1.
- */
-async function listDispatches(clients: OutpostClients, values: Values, io: CliIo, outputClosed: AbortSignal): Promise<number> {
+/** One paged list command (`outpost list`, `outpost audit`) for printPagedList. */
+interface PagedList<Page extends { nextPageToken: string }> {
+  /** What a row is, for the messages: "dispatch"/"dispatches". */
+  noun: { one: string; many: string };
+  /** The field of the response's proto JSON form that holds the rows. */
+  field: string;
+  /** The command and its filters, which a --page-token continues (the token is only a cursor). */
+  command: string;
+  filters: string[];
+  fetch(request: { pageSize: number; pageToken: string }, signal: AbortSignal): Promise<Page>;
+  rows(page: Page): { json: JsonValue; text: string }[];
+}
+
+/** `outpost list`: dispatches, newest first, filtered by state and agent (printPagedList). */
+function listDispatches(clients: OutpostClients, values: Values, io: CliIo, outputClosed: AbortSignal): Promise<number> {
   const state = values.state ? parseEnum(Dispatch_State, values.state as string, "--state") : Dispatch_State.UNSPECIFIED;
   const agent = (values.agent as string | undefined) ?? "";
+  return printPagedList(
+    {
+      noun: { one: "dispatch", many: "dispatches" },
+      field: "dispatches",
+      command: "outpost list",
+      filters: [values.state ? `--state ${shellWord(values.state as string)}` : "", agent ? `--agent ${shellWord(agent)}` : ""],
+      fetch: (request, signal) => clients.dispatches.listDispatches({ state, agent, ...request }, { signal }),
+      rows: (page) => page.dispatches.map((d) => ({ json: toJson(DispatchSchema, d), text: dispatchLine(d) })),
+    },
+    values,
+    io,
+    outputClosed,
+  );
+}
+
+/**
+ * `outpost audit` (the caller's own trail) and `outpost admin audit [--tenant <id>]` (every
+ * tenant's, or one's): mutating calls newest first, as printPagedList pages them.
+ */
+function listAuditEvents(clients: OutpostClients, values: Values, io: CliIo, outputClosed: AbortSignal, admin: boolean): Promise<number> {
+  const tenantId = (values.tenant as string | undefined) ?? "";
+  if (tenantId && !admin) throw new UsageError("--tenant is for admin audit: a tenant's key lists its own trail");
+  return printPagedList(
+    {
+      noun: { one: "audit event", many: "audit events" },
+      field: "events",
+      command: admin ? "outpost admin audit" : "outpost audit",
+      filters: [tenantId ? `--tenant ${shellWord(tenantId)}` : ""],
+      fetch: (request, signal) => clients.audit.listAuditEvents({ tenantId, ...request }, { signal }),
+      rows: (page) => page.events.map((e) => ({ json: toJson(AuditEventSchema, e), text: auditLine(e, admin) })),
+    },
+    values,
+    io,
+    outputClosed,
+  );
+}
+
+function auditLine(e: AuditEvent, withTenant: boolean): string {
+  const time = e.time ? timestampDate(e.time).toISOString() : "-".padEnd(24);
+  const target = e.target ? `  ${e.target}` : "";
+  return `${time}  ${e.outcome.padEnd(19)} ${withTenant ? `${(e.tenantId || "-").padEnd(26)} ` : ""}${e.principal}  ${e.method}${target}`;
+}
+
+/**
+ * A paged list, bounded: a tenant can have tens of thousands of rows, and each page is a read
+ * against its rate limit (300 a minute on the free tier), so it prints the first --limit rows
+ * (100 by default), or every one with --all, each page as it arrives, asking for no more rows
+ * than are still wanted. When rows remain, or a later page fails (RESOURCE_EXHAUSTED when the
+ * rate limit runs out), standard error says how to go on: the same command with --page-token,
+ * which carries on after the last row printed. A failure keeps what was printed (with --json,
+ * the document is closed, with nextPageToken) and exits 1.
+ */
+async function printPagedList<Page extends { nextPageToken: string }>(list: PagedList<Page>, values: Values, io: CliIo, outputClosed: AbortSignal): Promise<number> {
   const limit = listLimitOption(values);
   const perRequest = pageSizeOption(values) || DEFAULT_LIST_PAGE;
-  const out = values.json ? jsonListOutput(io.out, "dispatches") : textListOutput(io.out);
-  // The command for the rows after the last one printed: the token is only a cursor, so the filters go again.
-  const continueWith = (token: string) =>
-    ["outpost list", `--page-token ${shellWord(token)}`, values.state ? `--state ${shellWord(values.state as string)}` : "", agent ? `--agent ${shellWord(agent)}` : ""]
-      .filter(Boolean)
-      .join(" ");
+  const out = values.json ? jsonListOutput(io.out, list.field) : textListOutput(io.out);
+  const continueWith = (token: string) => [list.command, `--page-token ${shellWord(token)}`, ...list.filters].filter(Boolean).join(" ");
   let pageToken = (values["page-token"] as string | undefined) ?? "";
   let pages = 0;
   let shown = 0;
   do {
     const pageSize = limit === undefined ? perRequest : Math.min(perRequest, limit - shown);
-    let page: ListDispatchesResponse;
+    let page: Page;
     try {
-      page = await clients.dispatches.listDispatches({ state, agent, pageSize, pageToken }, { signal: outputClosed });
+      page = await list.fetch({ pageSize, pageToken }, outputClosed);
     } catch (err) {
       if (outputClosed.aborted || pages === 0) throw err; // nothing printed yet: the usual one-line error
       out.end(pageToken);
@@ -529,12 +591,13 @@ async function listDispatches(clients: OutpostClients, values: Values, io: CliIo
       const retryDelay = failure.findDetails(RetryInfoSchema)[0]?.retryDelay;
       const wait = retryDelay ? `, in ${Math.max(1, Math.ceil(Number(retryDelay.seconds) + retryDelay.nanos / 1e9))} s or later` : "";
       const bound = limit === undefined ? "--all" : `--limit ${limit - shown}`;
-      io.err.write(`outpost: stopped after ${shown} dispatch${shown === 1 ? "" : "es"} (the rows printed are complete); for the rest${wait}: ${continueWith(pageToken)} ${bound}\n`);
+      io.err.write(`outpost: stopped after ${shown} ${shown === 1 ? list.noun.one : list.noun.many} (the rows printed are complete); for the rest${wait}: ${continueWith(pageToken)} ${bound}\n`);
       return 1;
     }
     pages++;
-    out.page(page.dispatches.map((d) => ({ json: toJson(DispatchSchema, d), text: dispatchLine(d) })));
-    shown += page.dispatches.length;
+    const rows = list.rows(page);
+    out.page(rows);
+    shown += rows.length;
     pageToken = page.nextPageToken;
   } while (pageToken && (limit === undefined || shown < limit) && !outputClosed.aborted);
   outputClosed.throwIfAborted(); // stopped because the reader went away, not because the list ended

@@ -3,6 +3,7 @@ import tls from "node:tls";
 import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { AgentService } from "@outpost/proto/outpost/dispatch/v1/agent_service_pb.js";
+import { AuditService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
 import { FleetService } from "@outpost/proto/outpost/dispatch/v1/fleet_service_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
@@ -11,6 +12,7 @@ import { ApiKeyService, SecretService, TenantService } from "@outpost/proto/outp
 export interface OutpostClients {
   dispatches: Client<typeof DispatchService>;
   agents: Client<typeof AgentService>;
+  audit: Client<typeof AuditService>;
   fleet: Client<typeof FleetService>;
   logs: Client<typeof LogService>;
   tenants: Client<typeof TenantService>;
@@ -34,6 +36,7 @@ export function outpostClients(gatewayUrl: string, credential: string, options: 
   return {
     dispatches: createClient(DispatchService, transport),
     agents: createClient(AgentService, transport),
+    audit: createClient(AuditService, transport),
     fleet: createClient(FleetService, transport),
     logs: createClient(LogService, transport),
     tenants: createClient(TenantService, transport),

@@ -13,6 +13,7 @@ import { create } from "@bufbuild/protobuf";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { DispatchSchema, Dispatch_State } from "@outpost/proto/outpost/dispatch/v1/dispatch_pb.js";
 import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_service_pb.js";
+import { AuditEventSchema, AuditService } from "@outpost/proto/outpost/dispatch/v1/audit_service_pb.js";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { RetryInfoSchema } from "@outpost/proto/google/rpc/error_details_pb.js";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
@@ -27,6 +28,7 @@ const FILE_KEY = `otp_${"f".repeat(64)}`;
 let dir: string;
 let gateway: StandIn;
 const listRequests: { pageSize: number; pageToken: string; state: Dispatch_State; agent: string }[] = [];
+const auditRequests: { pageSize: number; pageToken: string; tenantId: string; authorization: string | null }[] = [];
 const timeouts: (Duration | undefined)[] = [];
 const secrets: { name: string; value: string }[] = [];
 
@@ -70,6 +72,20 @@ beforeAll(async () => {
       },
       getDispatch(req) {
         return { dispatch: create(DispatchSchema, { id: req.dispatchId, state: Dispatch_State.RUNNING }) };
+      },
+    });
+    router.service(AuditService, {
+      // Seven events, E7 (newest) to E1, paged like the dispatcher.
+      listAuditEvents(req, ctx) {
+        auditRequests.push({ pageSize: req.pageSize, pageToken: req.pageToken, tenantId: req.tenantId, authorization: ctx.requestHeader.get("authorization") });
+        const from = req.pageToken ? Number(/^after-(\d+)$/.exec(req.pageToken)![1]) : 0;
+        const to = Math.min(7, from + (req.pageSize || 50));
+        return {
+          events: Array.from({ length: to - from }, (_, i) => 7 - from - i).map((n) =>
+            create(AuditEventSchema, { id: `E${n}`, tenantId: req.tenantId || "T1", principal: "key/K1", method: "outpost.tenant.v1.SecretService/PutSecret", target: `secret/S${n}`, outcome: n === 3 ? "PERMISSION_DENIED" : "OK", time: { seconds: BigInt(1_800_000_000 + n), nanos: 0 } }),
+          ),
+          nextPageToken: to < 7 ? `after-${to}` : "",
+        };
       },
     });
     recordSecrets(router, secrets);
@@ -233,6 +249,38 @@ describe("outpost list", () => {
     expect(first.code).toBe(1);
     expect(first.out).toBe("");
     expect(first.err).toBe("outpost: ResourceExhausted: read rate limit exceeded (300 per minute)\n");
+  });
+});
+
+describe("outpost audit", () => {
+  it("prints the tenant's trail newest first, paged as list is, and says how to go on", async () => {
+    auditRequests.length = 0;
+    const res = await outpost(["audit", "--gateway", gateway.url, "--limit", "3"]);
+    expect(res.code, res.err).toBe(0);
+    expect(res.out.split("\n").filter(Boolean)).toEqual([
+      "2027-01-15T08:00:07.000Z  OK                  key/K1  outpost.tenant.v1.SecretService/PutSecret  secret/S7",
+      "2027-01-15T08:00:06.000Z  OK                  key/K1  outpost.tenant.v1.SecretService/PutSecret  secret/S6",
+      "2027-01-15T08:00:05.000Z  OK                  key/K1  outpost.tenant.v1.SecretService/PutSecret  secret/S5",
+    ]);
+    expect(res.err).toBe("outpost: 3 shown, more remain; for the next 3: outpost audit --page-token after-3 --limit 3 (--limit <n> for more at once, --all for every one)\n");
+    expect(auditRequests).toEqual([{ pageSize: 3, pageToken: "", tenantId: "", authorization: `Bearer ${ENV_KEY}` }]);
+    const json = await outpost(["audit", "--gateway", gateway.url, "--all", "--json", "--page-size", "4"]);
+    const events = (JSON.parse(json.out) as { events: { id: string; outcome: string }[] }).events;
+    expect(events.map((e) => e.id)).toEqual(["E7", "E6", "E5", "E4", "E3", "E2", "E1"]);
+    expect(events.find((e) => e.id === "E3")?.outcome).toBe("PERMISSION_DENIED");
+  });
+
+  it("admin audit takes the admin token and --tenant; a tenant's key cannot choose a tenant (exit 2, no call)", async () => {
+    auditRequests.length = 0;
+    const res = await outpost(["admin", "audit", "--tenant", "T9", "--limit", "1", "--gateway", gateway.url], { OUTPOST_API_KEY: undefined, OUTPOST_ADMIN_TOKEN: "admin-token" });
+    expect(res.code, res.err).toBe(0);
+    expect(res.out).toBe("2027-01-15T08:00:07.000Z  OK                  T9                         key/K1  outpost.tenant.v1.SecretService/PutSecret  secret/S7\n");
+    expect(res.err).toContain("for the next 1: outpost admin audit --page-token after-1 --tenant T9 --limit 1 (");
+    expect(auditRequests).toEqual([{ pageSize: 1, pageToken: "", tenantId: "T9", authorization: "Bearer admin-token" }]);
+    const refused = await outpost(["audit", "--tenant", "T9", "--gateway", gateway.url]);
+    expect(refused.code).toBe(2);
+    expect(refused.err).toContain("--tenant is for admin audit: a tenant's key lists its own trail");
+    expect(auditRequests).toHaveLength(1);
   });
 });
 

@@ -2,7 +2,8 @@
  * The tenant's everyday CLI commands across the real boundary (CLI Connect client -> gateway ->
  * dispatcher / telemetry / tenant, a real executor running the demo agent on Docker):
  * dispatch with its options, --follow and its exit code, idempotent --request-id, get, list with
- * filters, logs with --after, cancel, and the tenant's own key create / list / revoke.
+ * filters, logs with --after, cancel, the tenant's own key create / list / revoke, and the audit
+ * trail (the tenant's own, and the admin's view of it).
  */
 import { rmSync } from "node:fs";
 import { Capture } from "./capture.ts";
@@ -109,5 +110,38 @@ describe("outpost dispatch / get / list / logs / cancel / key against the real m
       code = await runCli(["agents", "--gateway", t.mesh.urls.gateway], { out: new Capture(), err, env: { OUTPOST_HOME: t.dir, OUTPOST_API_KEY: apiKeyPlaintext } });
     }
     expect(code).not.toBe(0);
+  });
+
+  it("audit lists the tenant's own mutating calls, newest first; admin audit --tenant finds them too; another tenant's trail stays apart", async () => {
+    const created = await outpost("key", "create", "--name", "audited", "--json");
+    expect(created.code, created.err).toBe(0);
+    const keyId = (JSON.parse(created.out) as { apiKey: { id: string } }).apiKey.id;
+    const own = await outpost("audit", "--json");
+    expect(own.code, own.err).toBe(0);
+    const events = (JSON.parse(own.out) as { events: { method: string; target: string; outcome: string; tenantId: string }[] }).events;
+    expect(events[0]).toMatchObject({ method: "outpost.tenant.v1.ApiKeyService/CreateApiKey", target: `api_key/${keyId}`, outcome: "OK" });
+    const text = await outpost("audit", "--limit", "1");
+    expect(text.out).toMatch(new RegExp(`^\\d{4}-\\d\\d-\\d\\dT[\\d:.]+Z  OK +\\S+  outpost\\.tenant\\.v1\\.ApiKeyService/CreateApiKey  api_key/${keyId}\\n$`));
+    expect(text.err).toContain("more remain; for the next 1: outpost audit --page-token ");
+
+    // The admin sees the same event under the tenant; a tenant cannot ask for another's.
+    const tenantId = events[0]!.tenantId;
+    const admin = new Capture();
+    const adminErr = new Capture();
+    const adminCode = await runCli(["admin", "audit", "--tenant", tenantId, "--limit", "5", "--gateway", t.mesh.urls.gateway], {
+      out: admin,
+      err: adminErr,
+      env: { OUTPOST_HOME: t.dir, OUTPOST_ADMIN_TOKEN: t.adminToken },
+    });
+    expect(adminCode, adminErr.text).toBe(0);
+    expect(admin.text).toContain(`api_key/${keyId}`);
+    expect(admin.text).toContain(tenantId);
+    const refused = await outpost("audit", "--tenant", tenantId);
+    expect(refused.code).toBe(2);
+    expect(refused.err).toContain("--tenant is for admin audit");
+    const other = await t.newTenant("Someone else");
+    const theirs = new Capture();
+    await runCli(["audit", "--all", "--gateway", t.mesh.urls.gateway], { out: theirs, err: new Capture(), env: { OUTPOST_HOME: t.dir, OUTPOST_API_KEY: other.apiKey } });
+    expect(theirs.text).not.toContain(keyId);
   });
 });
