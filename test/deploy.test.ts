@@ -343,7 +343,11 @@ describe("Kubernetes manifests (deploy/k8s)", () => {
       // The services' ports speak TLS (the gateway's public one does not: TLS ends before it).
       const scheme = name === "gateway" ? {} : { scheme: "HTTPS" };
       expect(c.livenessProbe.httpGet, name).toEqual({ path: "/healthz", port, ...scheme });
-      expect(c.readinessProbe.grpc ?? c.readinessProbe.httpGet, name).toMatchObject({ port, ...scheme });
+      expect(c.startupProbe.httpGet, name).toEqual({ path: "/healthz", port, ...scheme });
+      // Readiness checks the real dependencies: grpc.health.v1 on the gateway's plain port, /readyz
+      // over HTTPS on the services (the kubelet's gRPC probe speaks no TLS).
+      if (name === "gateway") expect(c.readinessProbe.grpc, name).toEqual({ port });
+      else expect(c.readinessProbe.httpGet, name).toEqual({ path: "/readyz", port, ...scheme });
       expect(c.resources.requests.cpu && c.resources.requests.memory && c.resources.limits.cpu && c.resources.limits.memory, name).toBeTruthy();
       expect(c.securityContext, name).toMatchObject({ runAsNonRoot: true, readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: { drop: ["ALL"] } });
       expect(pdbs.has(name), `${name} has a PodDisruptionBudget`).toBe(true);
@@ -407,10 +411,24 @@ describe("Kubernetes manifests (deploy/k8s)", () => {
         expect(mode & 0o040, `${name}: group-readable`).toBe(0o040);
         expect(mode & 0o007, `${name}: not world-readable`).toBe(0);
       } else expect(mode & 0o004, `${name}: readable without an fsGroup`).toBe(0o004);
-      // Prometheus scrapes the services' ports over TLS; the gateway's metrics port stays plain.
-      expect(d.spec.template.metadata.annotations["prometheus.io/scheme"], name).toBe(name === "gateway" ? undefined : "https");
+      // Prometheus scrapes a plain metrics port of each pod's own (no TLS set-up, no certificate
+      // naming a pod IP), which the service serves and the monitoring namespace may reach.
+      const annotations = d.spec.template.metadata.annotations;
+      const metrics = (c.ports as Doc[]).find((p) => p.name === "metrics")!;
+      expect(metrics, `${name} has a metrics port`).toBeDefined();
+      expect(annotations["prometheus.io/port"], name).toBe(String(metrics.containerPort));
+      expect(annotations["prometheus.io/scheme"] ?? "http", name).toBe("http");
+      expect(env.get(`OUTPOST_${name.toUpperCase()}_METRICS_PORT`)?.value, name).toBe(String(metrics.containerPort));
+      const all = docs.map((x) => x.doc);
+      const scraper = { namespace: "monitoring", labels: {} };
+      const target = { namespace: d.metadata.namespace as string, labels: d.spec.template.metadata.labels as Record<string, string> };
+      expect(networkAllows(all, scraper, target, { number: metrics.containerPort, name: "metrics" }), `${name}: Prometheus reaches the metrics port`).toBeUndefined();
+      // …and only that one: the RPC port admits the service's callers alone.
+      if (name !== "gateway") expect(networkAllows(all, scraper, target, { number: c.ports[0].containerPort, name: "rpc" }), `${name}: Prometheus kept off the RPC port`).toBeDefined();
     }
-    // The services' certificates renew themselves, with a new key each time.
+    // The CA keeps its key when renewed (every leaf's ca.crt would otherwise stop matching its
+    // peers' until each was reissued); the services' certificates renew themselves with a new key.
+    expect(ca.spec.privateKey.rotationPolicy).toBe("Never");
     for (const cert of certificates.filter((x) => !x.spec.isCA)) {
       expect(cert.spec.renewBefore, cert.metadata.name).toBeDefined();
       expect(cert.spec.privateKey.rotationPolicy, cert.metadata.name).toBe("Always");

@@ -7,6 +7,7 @@
  * cleartext gets nothing.
  */
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import https from "node:https";
 import os from "node:os";
 import path from "node:path";
 import { Code, createClient, type Interceptor } from "@connectrpc/connect";
@@ -20,7 +21,7 @@ import { DispatchService } from "@outpost/proto/outpost/dispatch/v1/dispatch_ser
 import { LogIngestService } from "@outpost/proto/outpost/telemetry/v1/log_ingest_service_pb.js";
 import { TenantInternalService } from "@outpost/proto/outpost/tenant/v1/tenant_internal_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { SERVICES } from "../../scripts/lib/mesh.ts";
+import { freePort, SERVICES } from "../../scripts/lib/mesh.ts";
 import { makeTlsCerts, type TlsCertSet } from "../../scripts/lib/tls-certs.ts";
 import { signAs } from "../support/signing.ts";
 import { startTestMesh, type TestMesh } from "./harness.ts";
@@ -31,12 +32,17 @@ const MASTER_KEYS = `tls1:${Buffer.alloc(32, 7).toString("base64")}`;
 let t: TestMesh;
 let certs: TlsCertSet;
 let certDir: string;
+let dispatcherMetricsPort: number;
 
 beforeAll(async () => {
   await new Docker().ping();
   certDir = mkdtempSync(path.join(os.tmpdir(), "outpost-mesh-tls-"));
   certs = makeTlsCerts(certDir, SERVICES);
-  t = await startTestMesh({ tls: { certs, publicGateway: true }, serviceEnv: { tenant: { OUTPOST_SECRETS_MASTER_KEYS: MASTER_KEYS } } });
+  dispatcherMetricsPort = await freePort();
+  t = await startTestMesh({
+    tls: { certs, publicGateway: true },
+    serviceEnv: { tenant: { OUTPOST_SECRETS_MASTER_KEYS: MASTER_KEYS }, dispatcher: { OUTPOST_DISPATCHER_METRICS_PORT: String(dispatcherMetricsPort) } },
+  });
 });
 
 afterAll(async () => {
@@ -101,6 +107,19 @@ describe("the mesh over mutual TLS", () => {
       expect(err.code, name).toBe(Code.Unauthenticated);
       expect(errorInfoOf(err)?.reason, name).toBe("CLIENT_CERTIFICATE_REQUIRED");
     }
+  });
+
+  it("serves metrics in the clear on a port of their own, for a scraper without TLS set-up, and not on the TLS port", async () => {
+    const scraped = await fetch(`http://127.0.0.1:${dispatcherMetricsPort}/metrics`);
+    expect(scraped.status).toBe(200);
+    expect(await scraped.text()).toContain("outpost_dispatch_queue_depth");
+    const onRpcPort = await new Promise<number>((resolve, reject) => {
+      https.get(`${t.mesh.urls.dispatcher}/metrics`, { ca: readFileSync(certs.ca) }, (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      }).once("error", reject);
+    });
+    expect(onRpcPort).toBe(404);
   });
 
   it("a cleartext client gets nothing from any port, the gateway's included", async () => {

@@ -69,7 +69,7 @@ const USAGE = `usage: outpost <command> [options]
   cancel <dispatch-id>
   logs <dispatch-id> [--follow] [--after <seq>]
   agents                        list the agents you can dispatch
-  audit [--limit <n> | --all] [--page-token <token>]   your tenant's audit trail: every mutating call
+  audit [--limit <n> | --all] [--page-token <token>] [--page-size <n>]   your tenant's audit trail: every mutating call
                                 (who, what, on what, the outcome), newest first, paged as list is
   key create [--name <label>] | key list | key revoke <key-id>     your own API keys
   secret put <NAME> [--value-file <path>]   value from the file, else standard input: piped, or typed
@@ -92,7 +92,7 @@ admin commands (credential: $OUTPOST_ADMIN_TOKEN):
   admin agent update --file agent.json|agent.yaml
   admin agent disable <name>
   admin agent enable <name>
-  admin audit [--tenant <tenant-id>] [--limit <n> | --all] [--page-token <token>]
+  admin audit [--tenant <tenant-id>] [--limit <n> | --all] [--page-token <token>] [--page-size <n>]
                                 the audit trail of every tenant (and of platform operations), or one's
   fleet                         agents (availability, circuit), executors (slots, warm containers),
                                 queue depth, runs by state over 24 h, degraded parts
@@ -346,7 +346,7 @@ async function adminCommand(clients: OutpostClients, rest: string[], values: Val
   const [area, action, ...args] = rest;
   if (area === "key") return keyCommand(clients, [action ?? "", ...args], values, print, "admin");
   if (area === "agent") return agentCommand(clients, [action ?? "", ...args], values, print);
-  if (area !== "tenant") throw new UsageError(`admin commands: ${TENANT_USAGE}; admin key create|list|revoke; ${AGENT_USAGE}`);
+  if (area !== "tenant") throw new UsageError(`admin commands: ${TENANT_USAGE}; admin key create|list|revoke; ${AGENT_USAGE}; admin audit [--tenant <tenant-id>]`);
   const tenants = clients.tenants;
   switch (action) {
     case "create": {
@@ -540,7 +540,9 @@ function listDispatches(clients: OutpostClients, values: Values, io: CliIo, outp
  */
 function listAuditEvents(clients: OutpostClients, values: Values, io: CliIo, outputClosed: AbortSignal, admin: boolean): Promise<number> {
   const tenantId = (values.tenant as string | undefined) ?? "";
-  if (tenantId && !admin) throw new UsageError("--tenant is for admin audit: a tenant's key lists its own trail");
+  if (values.tenant !== undefined && !admin) throw new UsageError("--tenant is for admin audit: a tenant's key lists its own trail");
+  // An empty id would quietly list every tenant's trail.
+  if (values.tenant !== undefined && !tenantId.trim()) throw new UsageError("--tenant takes a tenant id (leave it out for every tenant's trail)");
   return printPagedList(
     {
       noun: { one: "audit event", many: "audit events" },

@@ -280,6 +280,9 @@ describe("outpost audit", () => {
     const refused = await outpost(["audit", "--tenant", "T9", "--gateway", gateway.url]);
     expect(refused.code).toBe(2);
     expect(refused.err).toContain("--tenant is for admin audit: a tenant's key lists its own trail");
+    const empty = await outpost(["admin", "audit", "--tenant", "", "--gateway", gateway.url], { OUTPOST_API_KEY: undefined, OUTPOST_ADMIN_TOKEN: "admin-token" });
+    expect(empty.code).toBe(2);
+    expect(empty.err).toContain("--tenant takes a tenant id");
     expect(auditRequests).toHaveLength(1);
   });
 });

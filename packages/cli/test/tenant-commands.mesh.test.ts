@@ -140,8 +140,12 @@ describe("outpost dispatch / get / list / logs / cancel / key against the real m
     expect(refused.code).toBe(2);
     expect(refused.err).toContain("--tenant is for admin audit");
     const other = await t.newTenant("Someone else");
+    const theirKey = (await other.clients.apiKeys.createApiKey({ displayName: "theirs" })).apiKey!.id;
     const theirs = new Capture();
-    await runCli(["audit", "--all", "--gateway", t.mesh.urls.gateway], { out: theirs, err: new Capture(), env: { OUTPOST_HOME: t.dir, OUTPOST_API_KEY: other.apiKey } });
+    const theirErr = new Capture();
+    const theirCode = await runCli(["audit", "--all", "--gateway", t.mesh.urls.gateway], { out: theirs, err: theirErr, env: { OUTPOST_HOME: t.dir, OUTPOST_API_KEY: other.apiKey } });
+    expect(theirCode, theirErr.text).toBe(0);
+    expect(theirs.text).toContain(`api_key/${theirKey}`);
     expect(theirs.text).not.toContain(keyId);
   });
 });

@@ -9,6 +9,11 @@ export const dispatcherConfigShape = {
   OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_DISPATCHER_HOST: setting.host(),
   OUTPOST_DISPATCHER_PORT: setting.port(7102),
+  /**
+   * Serve Prometheus metrics on this port (plain HTTP) instead of the main one: so a scraper
+   * needs no TLS set-up when the main port serves it (docs/operations.md). Unset: the main port.
+   */
+  OUTPOST_DISPATCHER_METRICS_PORT: setting.port().optional(),
   OUTPOST_DATA_DIR: setting.dataDir(),
   OUTPOST_TELEMETRY_URL: setting.url(),
   /**

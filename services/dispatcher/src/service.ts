@@ -142,6 +142,7 @@ export async function startDispatcher(config: DispatcherConfig, logger: Logger) 
     name: "dispatcher",
     host: config.OUTPOST_DISPATCHER_HOST,
     port: config.OUTPOST_DISPATCHER_PORT,
+    metricsPort: config.OUTPOST_DISPATCHER_METRICS_PORT,
     logger,
     signingKeys,
     tls,

@@ -21,6 +21,11 @@ export const executorConfigShape = {
   OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_EXECUTOR_HOST: setting.host(),
   OUTPOST_EXECUTOR_PORT: setting.port(7103),
+  /**
+   * Serve Prometheus metrics on this port (plain HTTP) instead of the main one: so a scraper
+   * needs no TLS set-up when the main port serves it (docs/operations.md). Unset: the main port.
+   */
+  OUTPOST_EXECUTOR_METRICS_PORT: setting.port().optional(),
   /** Names this executor to the dispatcher and in container labels; `<hostname>-<pid>` by default. */
   OUTPOST_EXECUTOR_ID: z.string().min(1).max(128).regex(/^[A-Za-z0-9._-]+$/, "letters, digits, '.', '_' and '-' only").optional(),
   /**

@@ -103,6 +103,7 @@ export async function startExecutor(config: ExecutorConfig, logger: Logger) {
     name: "executor",
     host: config.OUTPOST_EXECUTOR_HOST,
     port: config.OUTPOST_EXECUTOR_PORT,
+    metricsPort: config.OUTPOST_EXECUTOR_METRICS_PORT,
     logger,
     routes: executorRoutes(),
     signingKeys,

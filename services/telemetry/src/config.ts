@@ -11,6 +11,11 @@ export const telemetryConfigShape = {
   OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_TELEMETRY_HOST: setting.host(),
   OUTPOST_TELEMETRY_PORT: setting.port(7104),
+  /**
+   * Serve Prometheus metrics on this port (plain HTTP) instead of the main one: so a scraper
+   * needs no TLS set-up when the main port serves it (docs/operations.md). Unset: the main port.
+   */
+  OUTPOST_TELEMETRY_METRICS_PORT: setting.port().optional(),
   /** Directory of telemetry.db, or ":memory:". */
   OUTPOST_DATA_DIR: setting.dataDir(),
   OUTPOST_LOG_LEVEL: setting.logLevel(),

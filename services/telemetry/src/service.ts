@@ -80,6 +80,7 @@ export async function startTelemetry(config: TelemetryConfig, logger: Logger, de
       name: "telemetry",
       host: config.OUTPOST_TELEMETRY_HOST,
       port: config.OUTPOST_TELEMETRY_PORT,
+      metricsPort: config.OUTPOST_TELEMETRY_METRICS_PORT,
       logger,
       routes: telemetryRoutes(core, signingKeys),
       signingKeys,

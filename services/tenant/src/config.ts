@@ -7,6 +7,11 @@ export const tenantConfigShape = {
   OUTPOST_TRUSTED_SIGNERS: setting.trustedSigners(),
   OUTPOST_TENANT_HOST: setting.host(),
   OUTPOST_TENANT_PORT: setting.port(7101),
+  /**
+   * Serve Prometheus metrics on this port (plain HTTP) instead of the main one: so a scraper
+   * needs no TLS set-up when the main port serves it (docs/operations.md). Unset: the main port.
+   */
+  OUTPOST_TENANT_METRICS_PORT: setting.port().optional(),
   OUTPOST_DATA_DIR: setting.dataDir(),
   OUTPOST_LOG_LEVEL: setting.logLevel(),
   /** JSON or YAML overriding the default tier limits (docs/tenancy.md); validated at start-up. */
@@ -31,6 +36,7 @@ export interface TenantConfig {
   OUTPOST_TRUSTED_SIGNERS: string;
   OUTPOST_TENANT_HOST: string;
   OUTPOST_TENANT_PORT: number;
+  OUTPOST_TENANT_METRICS_PORT?: number | undefined;
   /** ":memory:" keeps the store in memory (tests). */
   OUTPOST_DATA_DIR: string;
   OUTPOST_TIERS_FILE?: string | undefined;

@@ -41,6 +41,7 @@ export async function startTenant(config: TenantConfig, logger: Logger, store?: 
       name: "tenant",
       host: config.OUTPOST_TENANT_HOST,
       port: config.OUTPOST_TENANT_PORT,
+      metricsPort: config.OUTPOST_TENANT_METRICS_PORT,
       logger,
       routes: tenantRoutes({ tenants, secrets, admission, signingKeys }),
       signingKeys,
