@@ -674,14 +674,20 @@ function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket
     logger.debug({ err: err.message }, "TLS handshake failed");
     socket.destroy();
   });
+  // What the listener serves, compared by identity: the process's clients share the files and
+  // may have loaded a renewal first (when they opened a connection), which the listener must
+  // still take up.
+  let served = files.current();
   let lastProblem: string | undefined;
   const timer = setInterval(() => {
     const outcome = files.reloadIfChanged(Date.now(), { force: true });
-    if (outcome === "reloaded") {
+    const material = files.current();
+    if (material !== served) {
+      served = material;
       lastProblem = undefined;
-      server.setSecureContext({ ...files.current() });
+      server.setSecureContext({ ...material });
       logger.info({ cert: files.paths.cert }, "TLS certificate reloaded");
-    } else if (outcome !== "unchanged" && outcome.problem !== lastProblem) {
+    } else if (typeof outcome === "object" && outcome.problem !== lastProblem) {
       // Said once per problem: a renewal that never loads would otherwise go unnoticed until
       // the old certificate expires.
       lastProblem = outcome.problem;

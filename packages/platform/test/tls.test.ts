@@ -134,6 +134,9 @@ describe("internal TLS", () => {
     await sleep(TLS_RELOAD_CHECK_MS + 1500);
     expect(await servedSerial(server.url, certs.ca)).toBe(before);
     copyFileSync(renewed.key, path.join(dir, "served.key"));
+    // A client of the same process (which shares the files) opens a connection first and loads
+    // the renewal: the listener must take it up all the same.
+    expect(serverFiles.reloadIfChanged(Date.now(), { force: true })).toBe("reloaded");
     await sleep(TLS_RELOAD_CHECK_MS + 1500);
     const after = await servedSerial(server.url, certs.ca);
     expect(after).not.toBe(before);
