@@ -67,7 +67,9 @@ const USAGE = `usage: outpost <command> [options]
                                 newest first, printed page by page: the first 100 (--limit), or every
                                 one (--all); --page-token continues where an earlier list stopped
   cancel <dispatch-id>
-  logs <dispatch-id> [--follow] [--after <seq>]
+  logs <dispatch-id> [--follow] [--after <seq>] [--timestamps]
+                                --timestamps (-t): each line after the time it was read (RFC 3339, UTC);
+                                also with dispatch --follow
   agents                        list the agents you can dispatch
   audit [--limit <n> | --all] [--page-token <token>] [--page-size <n>]   your tenant's audit trail: every mutating call
                                 (who, what, on what, the outcome), newest first, paged as list is
@@ -137,6 +139,7 @@ const OPTIONS = {
   limit: { type: "string" },
   all: { type: "boolean" },
   after: { type: "string" },
+  timestamps: { type: "boolean", short: "t" },
   tier: { type: "string" },
   reason: { type: "string" },
   value: { type: "string" },
@@ -282,7 +285,7 @@ async function runCommand(argv: string[], io: CliIo, outputClosed: AbortSignal):
         return 0;
       }
       io.err.write(`outpost: dispatch ${dispatch.id} ${stateName(dispatch.state)} (agent ${dispatch.agent}, model ${dispatch.model})\n`);
-      return await follow(clients, dispatch.id, 0n, io, outputClosed);
+      return await follow(clients, dispatch.id, 0n, io, outputClosed, values.timestamps);
     }
     case "get": {
       const { dispatch } = await clients.dispatches.getDispatch({ dispatchId: requireArg(rest[0], "dispatch id") });
@@ -302,11 +305,11 @@ async function runCommand(argv: string[], io: CliIo, outputClosed: AbortSignal):
       const id = requireArg(rest[0], "dispatch id");
       if (values.after !== undefined && !/^\d+$/.test(values.after)) throw new UsageError("--after takes a sequence number, e.g. --after 42");
       const after = BigInt(values.after ?? "0");
-      if (values.follow) return await follow(clients, id, after, io, outputClosed);
+      if (values.follow) return await follow(clients, id, after, io, outputClosed, values.timestamps);
       let pageToken = "";
       do {
         const page = await clients.logs.getLogs({ dispatchId: id, afterSeq: after, pageToken }, { signal: outputClosed });
-        for (const chunk of page.chunks) writeChunk(chunk, io.out, io.err);
+        for (const chunk of page.chunks) writeChunk(chunk, io.out, io.err, { timestamps: values.timestamps });
         pageToken = page.nextPageToken;
       } while (pageToken && !outputClosed.aborted);
       outputClosed.throwIfAborted(); // stopped because the reader went away, not because the logs ended
@@ -767,7 +770,7 @@ function timeoutOption(raw: string | undefined): Duration | undefined {
  * Streams the run's output, shows its state changes on stderr, and maps its end to an exit code.
  * `stop` (standard output closed) ends the subscription and the watch at once.
  */
-async function follow(clients: OutpostClients, dispatchId: string, afterSeq: bigint, io: CliIo, stop: AbortSignal): Promise<number> {
+async function follow(clients: OutpostClients, dispatchId: string, afterSeq: bigint, io: CliIo, stop: AbortSignal, timestamps = false): Promise<number> {
   // Ctrl-C stops following (not the run): say how to pick it up again, and end with 130.
   const interrupted = new AbortController();
   const stopFollowing = AbortSignal.any([stop, interrupted.signal]);
@@ -808,7 +811,7 @@ async function follow(clients: OutpostClients, dispatchId: string, afterSeq: big
       (chunk) => {
         lastSeq = chunk.seq;
         quietSince = Date.now();
-        writeChunk(chunk, io.out, io.err);
+        writeChunk(chunk, io.out, io.err, { timestamps });
       },
       {
         afterSeq,

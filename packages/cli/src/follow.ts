@@ -5,6 +5,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Client } from "@connectrpc/connect";
 import type { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { LogStream, type LogChunk, type RunEnd } from "@outpost/proto/outpost/telemetry/v1/log_pb.js";
 
 const RETRYABLE = new Set([Code.Unavailable, Code.Internal, Code.Unknown, Code.DeadlineExceeded, Code.Aborted]);
@@ -80,6 +81,17 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   });
 }
 
-export function writeChunk(chunk: LogChunk, out: NodeJS.WritableStream = process.stdout, err: NodeJS.WritableStream = process.stderr): void {
-  (chunk.stream === LogStream.STDERR ? err : out).write(`${chunk.text}\n`);
+/**
+ * Writes a line where the run wrote it: stdout or stderr. `timestamps`: first the time the
+ * executor read it, RFC 3339 in UTC to the millisecond (as `docker logs -t` and `kubectl logs
+ * --timestamps` put theirs), so lines can be lined up with other logs and events.
+ */
+export function writeChunk(
+  chunk: LogChunk,
+  out: NodeJS.WritableStream = process.stdout,
+  err: NodeJS.WritableStream = process.stderr,
+  options: { timestamps?: boolean } = {},
+): void {
+  const time = options.timestamps ? `${chunk.time ? timestampDate(chunk.time).toISOString() : "-".padEnd(24)} ` : "";
+  (chunk.stream === LogStream.STDERR ? err : out).write(`${time}${chunk.text}\n`);
 }

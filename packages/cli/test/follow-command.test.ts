@@ -23,7 +23,10 @@ let gateway: StandIn;
 const subscribeCalls: Record<string, number> = {};
 
 const end = (state: Dispatch_State, exitCode?: number) => create(SubscribeLogsResponseSchema, { runEnd: create(RunEndSchema, { state, exitCode }) });
-const line = (seq: number) => create(SubscribeLogsResponseSchema, { chunks: [create(LogChunkSchema, { seq: BigInt(seq), stream: LogStream.STDOUT, text: `line ${seq}` })] });
+const line = (seq: number) =>
+  create(SubscribeLogsResponseSchema, {
+    chunks: [create(LogChunkSchema, { seq: BigInt(seq), stream: LogStream.STDOUT, text: `line ${seq}`, time: { seconds: BigInt(1_800_000_000 + seq), nanos: 5_000_000 } })],
+  });
 /** Resolves when `signal` aborts (the client went away). */
 const aborted = (signal: AbortSignal) => new Promise<void>((resolve) => signal.addEventListener("abort", () => resolve(), { once: true }));
 
@@ -89,6 +92,16 @@ async function outpost(argv: string[], extra: Partial<CliIo> = {}) {
   const code = await runCli(argv, { out, err, env, ...extra });
   return { code, out: out.text, err: err.text };
 }
+
+describe("--timestamps", () => {
+  it("puts the time each line was read before it, and nothing else changes", async () => {
+    const stamped = await outpost(["logs", "QUEUED", "--follow", "--timestamps"]);
+    expect(stamped.code, stamped.err).toBe(0);
+    expect(stamped.out).toBe("2027-01-15T08:00:01.005Z line 1\n");
+    const plain = await outpost(["logs", "QUEUED", "--follow"]);
+    expect(plain.out).toBe("line 1\n");
+  });
+});
 
 describe("the exit code of a followed run", () => {
   it("is the agent's own exit code only when the run FAILED with one (capped at 125)", async () => {

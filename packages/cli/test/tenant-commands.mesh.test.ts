@@ -67,6 +67,15 @@ describe("outpost dispatch / get / list / logs / cancel / key against the real m
     const tail = await outpost("logs", id, "--after", "2");
     expect(tail.code, tail.err).toBe(0);
     expect(tail.out).toBe(logs.out.split("\n").slice(2).join("\n"));
+    // --timestamps: the same lines, each after the time the executor read it (a moment ago, in order).
+    const stamped = await outpost("logs", id, "-t");
+    expect(stamped.code, stamped.err).toBe(0);
+    const rows = stamped.out.trimEnd().split("\n").map((l) => /^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (.*)$/.exec(l));
+    expect(rows.every(Boolean), stamped.out).toBe(true);
+    expect(rows.map((m) => m![2]).join("\n")).toBe(logs.out.trimEnd());
+    const times = rows.map((m) => Date.parse(m![1]!));
+    expect(times).toEqual([...times].sort((a, b) => a - b));
+    expect(Date.now() - times[0]!).toBeLessThan(10 * 60_000);
   });
 
   it("cancel stops a run; the CLI reports it and get shows CANCELLED", async () => {
