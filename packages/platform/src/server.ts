@@ -6,6 +6,7 @@
  * On shutdown: health turns NOT_SERVING, the listener stops accepting, long waits and streams
  * are told to wrap up (the drain signal), in-flight calls finish, then connections close.
  */
+import { X509Certificate } from "node:crypto";
 import { setMaxListeners } from "node:events";
 import http from "node:http";
 import http2 from "node:http2";
@@ -25,7 +26,7 @@ import { audienceOf, identityKey, type Identity, type SigningKeys } from "./iden
 import type { Logger } from "./logger.ts";
 import { observeCallEnd } from "./call-end.ts";
 import { maskedInternalMessage, unauthenticated, unsupportedConnectVersion } from "./errors.ts";
-import { TLS_RELOAD_CHECK_MS, type TlsFiles } from "./tls.ts";
+import { certificatesOf, chainStillTrusted, TLS_RELOAD_CHECK_MS, type TlsFiles } from "./tls.ts";
 import { applyRuntimeFixes } from "./runtime.ts";
 import { leanUnaryPath, STRICT_JSON_OPTIONS } from "./lean-unary.ts";
 import { isBodyBudgetStop, type BodyBudget, type BodyCharge } from "./body-budget.ts";
@@ -308,6 +309,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   // HTTP/1 connections and how many answers each has pending, so shutdown closes each one once
   // its answers are written (Node's closeAllConnections would cut answers still being sent).
   const h1Connections = new Map<net.Socket, number>();
+  /** HTTP/1 connections to close once their answers are written (retire). */
+  const retiring = new WeakSet<net.Socket>();
+  /** Each HTTP/2 connection's session, to end it gracefully (retire). */
+  const sessionOf = new WeakMap<net.Socket, http2.ServerHttp2Session>();
   const answering = (socket: net.Socket, res: http.ServerResponse) => {
     if (!h1Connections.has(socket)) return;
     h1Connections.set(socket, h1Connections.get(socket)! + 1);
@@ -315,7 +320,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       const open = h1Connections.get(socket);
       if (open === undefined) return;
       h1Connections.set(socket, open - 1);
-      if (open === 1 && drain.signal.aborted) socket.end();
+      if (open === 1 && (drain.signal.aborted || retiring.has(socket))) socket.end();
     });
   };
   const headersTimeout = options.headersTimeoutMs ?? HEADERS_TIMEOUT_MS;
@@ -432,14 +437,32 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         h1Connections.set(socket, 0);
         socket.once("close", () => h1Connections.delete(socket));
       }
-      (protocol === "h2" ? h2 : h1).emit("connection", socket);
+      if (protocol === "h1") return h1.emit("connection", socket);
+      // The session is made, and announced, while the server takes the connection.
+      const remember = (session: http2.ServerHttp2Session) => sessionOf.set(socket, session);
+      h2.once("session", remember);
+      h2.emit("connection", socket);
+      h2.off("session", remember);
     });
     socket.on("error", () => socket.destroy());
   };
   // Under TLS the decrypted bytes are sniffed the same way (a client that negotiated "h2" by
   // ALPN sends the preface; HTTP/2 without ALPN is refused by Node's HTTP/2 server, as RFC 9113
   // asks). A handshake gets as long as a cleartext connection's first bytes.
-  const secure = options.tls && tlsListener(options.tls, firstBytesTimeoutMs, route, logger);
+  /**
+   * Ends a connection whose peer may no longer call (tlsListener): HTTP/2 with GOAWAY (calls on
+   * it finish, the client opens a new connection for the next: a new handshake), HTTP/1 once its
+   * answers are written.
+   */
+  const retire = (socket: net.Socket) => {
+    const session = sessionOf.get(socket);
+    if (session) return session.close();
+    const open = h1Connections.get(socket);
+    if (open === undefined) socket.destroy();
+    else if (open === 0) socket.end();
+    else retiring.add(socket);
+  };
+  const secure = options.tls && tlsListener(options.tls, firstBytesTimeoutMs, route, retire, logger);
   const tcp = secure ? secure.server : net.createServer({ noDelay: true }, route);
 
   await new Promise<void>((resolve, reject) => {
@@ -635,9 +658,11 @@ function protocolOf(head: Buffer): "h1" | "h2" | undefined {
  * handshake cannot tell a probe from an RPC): RPCs then check it (identityReader). A handshake
  * must be done within `handshakeTimeoutMs` of the connection, however its bytes trickle in (Node's
  * own handshake timeout is an idle timeout, and only reports: it closes nothing). Renewed files
- * are loaded for new connections as they appear (tls.ts).
+ * are loaded for new connections as they appear (tls.ts). Under mutual TLS the peers of open
+ * connections are checked again at each look at the files: a connection whose client
+ * certificate has expired, or no longer leads to a CA of the bundle (one taken out), is retired.
  */
-function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket: net.Socket) => void, logger: Logger) {
+function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket: net.Socket) => void, retire: (socket: net.Socket) => void, logger: Logger) {
   const server = tls.createServer({
     ...files.current(),
     requestCert: files.mutual,
@@ -659,6 +684,8 @@ function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket
       if (handshaking.get(peer)?.socket === socket) handshaking.delete(peer);
     });
   });
+  /** Connections whose client certificate the handshake accepted: checked again at each look. */
+  const certified = new Set<tls.TLSSocket>();
   server.on("secureConnection", (socket: tls.TLSSocket) => {
     const peer = peerOf(socket);
     const pending = handshaking.get(peer);
@@ -666,8 +693,23 @@ function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket
       clearTimeout(pending.deadline);
       handshaking.delete(peer);
     }
+    if (socket.authorized) {
+      certified.add(socket);
+      socket.once("close", () => certified.delete(socket));
+    }
     route(socket);
   });
+  const recheckPeers = (material: ReturnType<TlsFiles["current"]>) => {
+    if (certified.size === 0) return;
+    const cas = certificatesOf(material.ca);
+    for (const socket of certified) {
+      const chain = peerChainOf(socket);
+      if (chainStillTrusted(chain, cas)) continue;
+      certified.delete(socket);
+      logger.info({ peer: chain[0]?.subject, validTo: chain[0]?.validTo }, "closing a connection whose client certificate is no longer trusted (expired, or its CA left the bundle)");
+      retire(socket);
+    }
+  };
   // A failed handshake (a cleartext client, a wrong protocol, no common cipher) is the client's
   // problem: logged at debug, and the connection closed.
   server.on("tlsClientError", (err, socket) => {
@@ -693,6 +735,7 @@ function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket
       lastProblem = outcome.problem;
       logger.warn({ problem: outcome.problem }, "TLS files changed but do not load; still serving the previous certificate");
     }
+    if (files.mutual) recheckPeers(material);
   }, TLS_RELOAD_CHECK_MS);
   timer.unref();
   return {
@@ -703,6 +746,19 @@ function tlsListener(files: TlsFiles, handshakeTimeoutMs: number, route: (socket
       for (const { socket } of handshaking.values()) socket.destroy();
     },
   };
+}
+
+/** A TLS peer's certificate and the chain it sent, as X509Certificates (leaf first). */
+function peerChainOf(socket: tls.TLSSocket): X509Certificate[] {
+  const chain: X509Certificate[] = [];
+  let cert: tls.DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
+  const seen = new Set<string>();
+  while (cert?.raw && !seen.has(cert.fingerprint256) && chain.length < 10) {
+    seen.add(cert.fingerprint256);
+    chain.push(new X509Certificate(cert.raw));
+    cert = cert.issuerCertificate;
+  }
+  return chain;
 }
 
 /**

@@ -196,6 +196,37 @@ function readMaterial(paths: { cert?: string; key?: string; ca?: string }, names
   return material;
 }
 
+/** The certificates of a PEM bundle (a CA file may hold several, while CAs change). */
+export function certificatesOf(pem: Buffer | undefined): X509Certificate[] {
+  if (pem === undefined) return [];
+  const blocks = pem.toString("latin1").match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
+  return blocks.flatMap((block) => {
+    try {
+      return [new X509Certificate(block)];
+    } catch {
+      return [];
+    }
+  });
+}
+
+/**
+ * Whether a peer's chain (its certificate first, then what it sent with it) still leads, through
+ * certificates valid at `now`, to one of `cas`: what a handshake checked, checked again for a
+ * connection that outlives its peer's certificate or a CA taken out of the bundle.
+ */
+export function chainStillTrusted(chain: readonly X509Certificate[], cas: readonly X509Certificate[], now = Date.now()): boolean {
+  const valid = (c: X509Certificate) => Date.parse(c.validFrom) <= now && now <= Date.parse(c.validTo);
+  const issues = (issuer: X509Certificate, subject: X509Certificate) => subject.checkIssued(issuer) && subject.verify(issuer.publicKey);
+  let current = chain[0];
+  for (let depth = 0; current !== undefined && depth < 8; depth++) {
+    if (!valid(current)) return false;
+    const subject: X509Certificate = current;
+    if (cas.some((ca) => valid(ca) && issues(ca, subject))) return true;
+    current = chain.find((c) => c !== subject && c.fingerprint256 !== subject.fingerprint256 && issues(c, subject));
+  }
+  return false;
+}
+
 /** Whether `url` is an https:// URL (the scheme in any case, as URL parsing takes it). */
 export function isHttpsUrl(url: string): boolean {
   return URL.canParse(url) && new URL(url).protocol === "https:";

@@ -13,7 +13,18 @@ import path from "node:path";
 import tls from "node:tls";
 import { Code, createClient, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
-import { ConfigError, errorInfoOf, internalClient, internalTlsOf, publicTlsOf, TLS_RELOAD_CHECK_MS, TlsFiles, type RunningServer } from "@outpost/platform";
+import {
+  certificatesOf,
+  chainStillTrusted,
+  ConfigError,
+  errorInfoOf,
+  internalClient,
+  internalTlsOf,
+  publicTlsOf,
+  TLS_RELOAD_CHECK_MS,
+  TlsFiles,
+  type RunningServer,
+} from "@outpost/platform";
 import { Health, HealthCheckResponse_ServingStatus as Status } from "@outpost/proto/grpc/health/v1/health_pb.js";
 import { LogService } from "@outpost/proto/outpost/telemetry/v1/log_service_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -255,6 +266,35 @@ describe("internal TLS", () => {
     await closed;
     expect(performance.now() - started).toBeLessThan(5000);
   }, 30_000);
+
+  it("closes the open connections of a peer whose CA is taken out of the bundle: its next call needs a new handshake, which fails", async () => {
+    // The server trusts both CAs at first; the client's certificate is the other CA's.
+    const bundle = path.join(dir, "bundle.crt");
+    writeFileSync(bundle, Buffer.concat([readFileSync(certs.ca), readFileSync(other.ca)]));
+    const bundled = await startTestServer({ signingKeys: keysOf("telemetry"), tls: new TlsFiles({ ...certs.certs.telemetry!, ca: bundle }) });
+    try {
+      const client = internalClient(LogService, { baseUrl: bundled.url, ...caller, tls: new TlsFiles({ ...other.certs.dispatcher, ca: certs.ca }) });
+      expect((await client.getLogs({ dispatchId: "while-trusted" })).chunks[0]?.text).toBe("while-trusted");
+      writeFileSync(bundle, readFileSync(certs.ca));
+      await sleep(TLS_RELOAD_CHECK_MS + 1500);
+      const err = await errorOf(client.getLogs({ dispatchId: "after" }));
+      expect(err.code).toBe(Code.Unauthenticated);
+      expect(errorInfoOf(err)?.reason).toBe("CLIENT_CERTIFICATE_REQUIRED");
+    } finally {
+      await bundled.close();
+    }
+  }, 30_000);
+
+  it("judges a peer's chain as a handshake would: issued by a CA of the bundle, every link valid now", () => {
+    const x509 = (file: string) => new X509Certificate(readFileSync(file));
+    const leaf = x509(certs.certs.dispatcher!.cert);
+    expect(chainStillTrusted([leaf], certificatesOf(readFileSync(certs.ca)))).toBe(true);
+    expect(chainStillTrusted([leaf], certificatesOf(Buffer.concat([readFileSync(other.ca), readFileSync(certs.ca)])))).toBe(true);
+    expect(chainStillTrusted([leaf], certificatesOf(readFileSync(other.ca)))).toBe(false);
+    expect(chainStillTrusted([], certificatesOf(readFileSync(certs.ca)))).toBe(false);
+    // 825 days on, the leaf has expired.
+    expect(chainStillTrusted([leaf], certificatesOf(readFileSync(certs.ca)), Date.now() + 900 * 86_400_000)).toBe(false);
+  });
 
   it("will not ask for client certificates it would not check: mutual TLS needs signing keys", async () => {
     await expect(startTestServer({ tls: serverFiles })).rejects.toThrow(/mutual TLS needs signing keys/);
