@@ -436,8 +436,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       if (protocol === "h1") {
         h1Connections.set(socket, 0);
         socket.once("close", () => h1Connections.delete(socket));
+        h1.emit("connection", socket);
+        return;
       }
-      if (protocol === "h1") return h1.emit("connection", socket);
       // The session is made, and announced, while the server takes the connection.
       const remember = (session: http2.ServerHttp2Session) => sessionOf.set(socket, session);
       h2.once("session", remember);
