@@ -116,14 +116,20 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
     expect(await second.stop()).toBe(0);
   });
 
-  it("a run whose lease the dispatcher gave up meanwhile is stopped on restart, not taken up", async () => {
-    const id = `${PREFIX}-gone`;
+  /** An executor `id` that is killed (-9) while a long run of it is RUNNING. */
+  async function killedMidRun(id: string) {
     const first = start(id);
     await first.port();
-    const running = demoLease({ task: "long sleep=60", executorId: id });
-    dispatcher.enqueue(running);
-    await until("RUNNING", () => dispatcher.reportsFor(running.dispatch!.id).some((r) => r.state === Dispatch_State.RUNNING));
+    const lease = demoLease({ task: "long sleep=60", executorId: id });
+    dispatcher.enqueue(lease);
+    await until("RUNNING", () => dispatcher.reportsFor(lease.dispatch!.id).some((r) => r.state === Dispatch_State.RUNNING));
     await first.kill9();
+    return { first, lease };
+  }
+
+  it("a run whose lease the dispatcher gave up meanwhile is stopped on restart, not taken up", async () => {
+    const id = `${PREFIX}-gone`;
+    const { first, lease: running } = await killedMidRun(id);
     dispatcher.leases.delete(running.leaseId); // its lease expired while no executor heartbeated
     const second = start(id, {}, first.dataDir);
     await until("the container to go", () => labelled(id) === "");
@@ -134,12 +140,7 @@ describe.skipIf(!engineAvailable)("executor lifecycle against Docker", () => {
 
   it("settles from labels alone when the dispatcher has no ListExecutorLeases", async () => {
     const id = `${PREFIX}-nolist`;
-    const first = start(id);
-    await first.port();
-    const lease = demoLease({ task: "long sleep=60", executorId: id });
-    dispatcher.enqueue(lease);
-    await until("RUNNING", () => dispatcher.reportsFor(lease.dispatch!.id).some((r) => r.state === Dispatch_State.RUNNING));
-    await first.kill9();
+    const { first, lease } = await killedMidRun(id);
     dispatcher.contractC = false;
     try {
       const second = start(id, {}, first.dataDir);
